@@ -1,0 +1,355 @@
+//! The ABI shared by portguard's kernel programs and its userspace agent.
+//!
+//! Everything here is plain `#[repr(C)]` data made of fixed-width integers (no
+//! `bool`, no implicit padding), with its size pinned by a `const` assertion, so
+//! both sides agree on layout by construction. This crate must stay `no_std` and
+//! must not depend on aya except behind the `user` feature.
+//!
+//! # How the kernel decides (read this before changing anything below)
+//!
+//! Maps, all sized by userspace before load:
+//!
+//! - [`MAP_STATE`] (array, 1 entry): [`State`]. `generation` (0 or 1) says which
+//!   half of the double-buffered policy tables is live. A reload writes the whole
+//!   new policy into the *other* half, then flips `generation` with one map
+//!   update, so a concurrent `bind()` sees the old policy or the new one, never a
+//!   mix. The dead half is only rewritten at the next reload.
+//! - [`MAP_CGROUPS`] (hash): [`CgroupKey`] `{cgroup_id, generation}` ->
+//!   [`CgroupValue`]. Only cgroups that carry a policy themselves are present.
+//!   A cgroup is governed by its nearest ancestor-or-self present here. The
+//!   kernel walks the caller's cgroup ancestry from the root down to the
+//!   generation's `State::max_level` (at most [`MAX_CGROUP_DEPTH`] levels) and keeps the
+//!   deepest hit. No hit: the cgroup is ungoverned and everything is allowed.
+//! - [`MAP_POLICIES`] (array): [`PolicyRecord`], indexed by
+//!   `CgroupValue::policy_index` (userspace puts generation-0 records in the
+//!   lower half and generation-1 records in the upper half).
+//! - [`MAP_PORTSETS`] (hash): [`PortChunkKey`] `{set_id, chunk}` ->
+//!   [`PortChunk`]: a 512-port slice of a 65,536-bit port set. Absent chunk = all
+//!   512 ports of that slice are outside the set. Set id [`EMPTY_SET`] (0) never
+//!   has chunks, so it is the empty set: a zero-filled record allows nothing.
+//!   Sets are content-addressed by userspace: identical sets (across policies and
+//!   across generations) share one id and one copy of their chunks.
+//!
+//! A decision is therefore a bounded number of map lookups (one per cgroup
+//! level plus one policy record plus one or two chunk lookups), whatever the
+//! number of policies, cgroups, rules, ports or ranges.
+//!
+//! # Port sets
+//!
+//! Ports are in host byte order. Bit `p` of a set means port `p` is allowed.
+//! Bit 0 is never a real port: it means "ephemeral", i.e. a `bind()` to port 0
+//! may keep whatever port the kernel chose (policy keyword `ephemeral`).
+//! A record holds [`SET_SLOTS`] set ids, one per (direction, protocol, family,
+//! address class); see [`set_slot`]. The loopback-class set of a family is
+//! always a superset of the any-address set (userspace unions them), so the
+//! kernel picks exactly one set per check.
+//!
+//! Examples (policy YAML -> bits):
+//! - `bind: [{ports: [8080]}]`: bit 8080 set in all eight bind sets.
+//! - `bind: [{ports: [53], protocol: udp, family: ipv4, address: loopback}]`:
+//!   bit 53 set only in the (bind, udp, ipv4, loopback) set.
+//! - `bind: []`: `bind_restricted = 1` and every bind set is [`EMPTY_SET`]:
+//!   every bind, including port 0, is denied.
+//! - no `bind:` key: `bind_restricted = 0`: binds are not checked at all.
+#![no_std]
+
+/// Map names. Userspace looks maps up only through these.
+pub const MAP_STATE: &str = "PORTGUARD_STATE";
+pub const MAP_CGROUPS: &str = "PORTGUARD_CGROUPS";
+pub const MAP_POLICIES: &str = "PORTGUARD_POLICIES";
+pub const MAP_PORTSETS: &str = "PORTGUARD_PORTSETS";
+pub const MAP_EVENTS: &str = "PORTGUARD_EVENTS";
+pub const MAP_COUNTERS: &str = "PORTGUARD_COUNTERS";
+pub const MAP_SOCKETS: &str = "PORTGUARD_SOCKETS";
+
+/// Program names (the Rust function names in portguard-ebpf) and the
+/// [`Hook`] each one reports.
+pub const PROGRAMS: [(&str, Hook); 8] = [
+    ("portguard_bind4", Hook::Bind4),
+    ("portguard_bind6", Hook::Bind6),
+    ("portguard_post_bind4", Hook::PostBind4),
+    ("portguard_post_bind6", Hook::PostBind6),
+    ("portguard_connect4", Hook::Connect4),
+    ("portguard_connect6", Hook::Connect6),
+    ("portguard_sendmsg4", Hook::Sendmsg4),
+    ("portguard_sendmsg6", Hook::Sendmsg6),
+];
+
+/// Deepest cgroup level the kernel walks (the cgroup2 root is level 0).
+/// Userspace refuses policies on cgroups deeper than this, so a policy can
+/// never silently fail to match.
+pub const MAX_CGROUP_DEPTH: u32 = 32;
+
+/// Set id of the empty port set. Never has chunks.
+pub const EMPTY_SET: u32 = 0;
+
+/// Ports per [`PortChunk`].
+pub const PORTS_PER_CHUNK: u32 = 512;
+/// Chunks per full 65,536-port set.
+pub const CHUNKS_PER_SET: u32 = 65536 / PORTS_PER_CHUNK;
+
+/// Number of port-set ids in a [`PolicyRecord`].
+pub const SET_SLOTS: usize = 16;
+
+/// Direction of a check. `Connect` covers `connect()` and unconnected UDP
+/// `sendmsg()`/`sendto()`; the port and address are the destination's.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    Bind = 0,
+    Connect = 1,
+}
+
+/// Protocol classes a rule can name. Anything else (SCTP, raw, ...) never
+/// matches a rule, so in a restricted direction it is denied.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proto {
+    Tcp = 0,
+    Udp = 1,
+}
+
+/// Address families a rule can name. An IPv4-mapped IPv6 address
+/// (`::ffff:a.b.c.d`) is judged as [`Family::Ipv4`].
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    Ipv4 = 0,
+    Ipv6 = 1,
+}
+
+/// Address classes. `Loopback` is 127.0.0.0/8, `::1` and `::ffff:127.0.0.0/104`.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AddrClass {
+    Any = 0,
+    Loopback = 1,
+}
+
+/// Index into [`PolicyRecord::sets`] for one (direction, protocol, family,
+/// address class). NB: userspace's compiler and the kernel both use only this.
+#[inline(always)]
+pub const fn set_slot(dir: Direction, proto: Proto, family: Family, addr: AddrClass) -> usize {
+    (dir as usize) * 8 + (proto as usize) * 4 + (family as usize) * 2 + (addr as usize)
+}
+
+/// [`MAP_STATE`] value.
+///
+/// Per-generation fields are indexed by generation. A reload first writes the
+/// new generation's fields (leaving `generation` unchanged), then flips
+/// `generation` in a second update that rewrites the same values, so a reader
+/// that sees a torn copy still pairs a generation with that generation's bounds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct State {
+    /// Live generation: 0 or 1.
+    pub generation: u32,
+    pub _pad: u32,
+    /// Deepest cgroup level holding a policy, per generation; the ancestor walk
+    /// stops there.
+    pub max_level: [u32; 2],
+    /// Number of governed cgroups, per generation. 0: the kernel allows
+    /// everything without walking the ancestry.
+    pub cgroups: [u32; 2],
+}
+const _: () = assert!(size_of::<State>() == 24);
+
+/// [`MAP_CGROUPS`] key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CgroupKey {
+    /// cgroup v2 id (the inode number of its directory).
+    pub cgroup_id: u64,
+    /// Generation this entry belongs to (0 or 1).
+    pub generation: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<CgroupKey>() == 16);
+
+/// [`MAP_CGROUPS`] value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CgroupValue {
+    /// Absolute index into [`MAP_POLICIES`].
+    pub policy_index: u32,
+}
+const _: () = assert!(size_of::<CgroupValue>() == 4);
+
+/// Policy modes.
+pub const MODE_ENFORCE: u8 = 0;
+/// Allow, but report what would have been denied (verdict `audit`).
+pub const MODE_AUDIT: u8 = 1;
+
+/// [`MAP_POLICIES`] value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyRecord {
+    /// Stable id of the policy for this agent's lifetime; events carry it and
+    /// userspace maps it back to the policy name.
+    pub policy_id: u32,
+    /// [`MODE_ENFORCE`] or [`MODE_AUDIT`].
+    pub mode: u8,
+    /// 1: binds are checked against the bind sets; 0: binds are unrestricted.
+    pub bind_restricted: u8,
+    /// 1: connects/sends are checked against the connect sets; 0: unrestricted.
+    pub connect_restricted: u8,
+    pub _pad: u8,
+    /// Port-set ids, indexed by [`set_slot`].
+    pub sets: [u32; SET_SLOTS],
+}
+const _: () = assert!(size_of::<PolicyRecord>() == 72);
+
+/// [`MAP_PORTSETS`] key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PortChunkKey {
+    pub set_id: u32,
+    /// `port / PORTS_PER_CHUNK`.
+    pub chunk: u32,
+}
+const _: () = assert!(size_of::<PortChunkKey>() == 8);
+
+/// [`MAP_PORTSETS`] value: bit `p % 512` of word `(p % 512) / 64`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PortChunk {
+    pub bits: [u64; 8],
+}
+const _: () = assert!(size_of::<PortChunk>() == 64);
+
+impl PortChunk {
+    #[inline(always)]
+    pub const fn contains(&self, port: u16) -> bool {
+        let bit = (port as u32) % PORTS_PER_CHUNK;
+        (self.bits[(bit / 64) as usize] >> (bit % 64)) & 1 == 1
+    }
+}
+
+/// [`MAP_SOCKETS`] (socket-local storage) value, written by bind6 so that
+/// post_bind6 knows whether a bind to `[::]` was dual-stack.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketState {
+    /// 1: the socket was bound to the IPv6 unspecified address without
+    /// `IPV6_V6ONLY`, so it also accepts IPv4.
+    pub dual_stack: u32,
+}
+
+/// Which hook produced an event. NB: the agent's `hook` event field and the
+/// README's hook table use [`Hook::name`]; keep them in step.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    Bind4 = 1,
+    Bind6 = 2,
+    PostBind4 = 3,
+    PostBind6 = 4,
+    Connect4 = 5,
+    Connect6 = 6,
+    Sendmsg4 = 7,
+    Sendmsg6 = 8,
+}
+
+impl Hook {
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => Self::Bind4,
+            2 => Self::Bind6,
+            3 => Self::PostBind4,
+            4 => Self::PostBind6,
+            5 => Self::Connect4,
+            6 => Self::Connect6,
+            7 => Self::Sendmsg4,
+            8 => Self::Sendmsg6,
+            _ => return None,
+        })
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Bind4 => "bind4",
+            Self::Bind6 => "bind6",
+            Self::PostBind4 => "post_bind4",
+            Self::PostBind6 => "post_bind6",
+            Self::Connect4 => "connect4",
+            Self::Connect6 => "connect6",
+            Self::Sendmsg4 => "sendmsg4",
+            Self::Sendmsg6 => "sendmsg6",
+        }
+    }
+}
+
+/// Event verdicts.
+pub const VERDICT_DENY: u8 = 1;
+/// Audit mode: the operation was allowed but the policy would have denied it.
+pub const VERDICT_AUDIT: u8 = 2;
+
+/// [`Event::flags`]: the address was IPv4-mapped IPv6 and was judged as IPv4.
+pub const EVENT_F_V4_MAPPED: u8 = 1;
+/// [`Event::flags`]: a dual-stack bind to `[::]`, judged against both families.
+pub const EVENT_F_DUAL_STACK: u8 = 2;
+
+/// Ring-buffer record for a denied (or audited) operation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// `bpf_ktime_get_boot_ns()`; userspace converts it to wall-clock time.
+    pub boot_ns: u64,
+    /// cgroup of the calling task.
+    pub cgroup_id: u64,
+    /// cgroup whose policy decided (the caller's cgroup or an ancestor).
+    pub policy_cgroup_id: u64,
+    /// `bpf_get_current_pid_tgid()`: tgid (pid) in the upper 32 bits, tid below.
+    pub pid_tgid: u64,
+    /// `bpf_get_current_uid_gid()`: gid in the upper 32 bits, uid below.
+    pub uid_gid: u64,
+    /// [`PolicyRecord::policy_id`].
+    pub policy_id: u32,
+    /// Address judged, as 16 bytes in network order. IPv4 addresses (including
+    /// the IPv4 of a mapped address) are stored in the first 4 bytes.
+    pub addr: [u8; 16],
+    /// Port judged, host order (the chosen port for post_bind).
+    pub port: u16,
+    /// [`Hook`] as u8.
+    pub hook: u8,
+    /// [`VERDICT_DENY`] or [`VERDICT_AUDIT`].
+    pub verdict: u8,
+    /// [`Family`] the address was judged as.
+    pub family: u8,
+    /// IP protocol number of the socket (6 = TCP, 17 = UDP, ...).
+    pub protocol: u8,
+    /// `EVENT_F_*` bits.
+    pub flags: u8,
+    pub _pad: u8,
+    /// `bpf_get_current_comm()`.
+    pub comm: [u8; 16],
+    pub _reserved: u32,
+}
+const _: () = assert!(size_of::<Event>() == 88);
+
+/// Indices into [`MAP_COUNTERS`] (a per-CPU array of u64). NB: the agent's
+/// counter names follow this order; keep them in step.
+pub const COUNTER_ALLOWED: u32 = 0;
+/// Operations denied in enforce mode.
+pub const COUNTER_DENIED: u32 = 1;
+/// Operations allowed in audit mode that enforce mode would have denied.
+pub const COUNTER_AUDITED: u32 = 2;
+/// Events that could not be queued because the ring buffer was full.
+pub const COUNTER_EVENTS_LOST: u32 = 3;
+pub const COUNTERS: u32 = 4;
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: all of these are #[repr(C)], made only of integers, with no
+    // padding (sizes asserted above), so any bit pattern is valid.
+    unsafe impl aya::Pod for super::State {}
+    unsafe impl aya::Pod for super::CgroupKey {}
+    unsafe impl aya::Pod for super::CgroupValue {}
+    unsafe impl aya::Pod for super::PolicyRecord {}
+    unsafe impl aya::Pod for super::PortChunkKey {}
+    unsafe impl aya::Pod for super::PortChunk {}
+    unsafe impl aya::Pod for super::Event {}
+}

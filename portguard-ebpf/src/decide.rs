@@ -1,0 +1,218 @@
+//! The one decision every hook funnels into: find the governing policy of the
+//! calling task's cgroup, test the port against one (or, for a dual-stack
+//! bind, two) port sets, count, and report a denial on the ring buffer.
+//!
+//! Return values are only ever [`ALLOW`] (1) or [`DENY`] (0). A bind hook
+//! returning anything else (3) would make the kernel skip its
+//! CAP_NET_BIND_SERVICE check, and no hook here ever writes the address.
+
+use aya_ebpf::helpers::{
+    bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+    generated::{bpf_get_current_ancestor_cgroup_id, bpf_ktime_get_boot_ns},
+};
+use portguard_common::{
+    AddrClass, COUNTER_ALLOWED, COUNTER_AUDITED, COUNTER_DENIED, COUNTER_EVENTS_LOST, CgroupKey,
+    Direction, EMPTY_SET, Event, Family, Hook, IPPROTO_TCP, IPPROTO_UDP, MAX_CGROUP_DEPTH,
+    MODE_AUDIT, PORTS_PER_CHUNK, PolicyRecord, PortChunkKey, Proto, VERDICT_AUDIT, VERDICT_DENY,
+    set_slot,
+};
+
+use crate::maps::{
+    PORTGUARD_CGROUPS, PORTGUARD_COUNTERS, PORTGUARD_EVENTS, PORTGUARD_POLICIES,
+    PORTGUARD_PORTSETS, PORTGUARD_STATE,
+};
+
+pub const ALLOW: i32 = 1;
+pub const DENY: i32 = 0;
+
+/// One operation to judge, as extracted by a hook.
+pub struct Query {
+    pub hook: Hook,
+    pub dir: Direction,
+    /// Raw IP protocol of the socket.
+    pub protocol: u8,
+    pub family: Family,
+    pub addr_class: AddrClass,
+    /// Host byte order.
+    pub port: u16,
+    /// Network-order address bytes (IPv4 in the first four).
+    pub addr: [u8; 16],
+    /// Dual-stack `[::]` bind: the port must also be allowed for IPv4 on any
+    /// address.
+    pub dual_stack: bool,
+    /// post_bind: the policy's "ephemeral" bit (port 0) also allows the port.
+    pub ephemeral_ok: bool,
+    /// `EVENT_F_*` bits for the event.
+    pub flags: u8,
+}
+
+struct Governing {
+    cgroup_id: u64,
+    record: *const PolicyRecord,
+}
+
+/// Nearest ancestor-or-self of the caller's cgroup with a policy in the live
+/// generation. Cost: at most `max_level + 1` hash lookups, bounded by
+/// MAX_CGROUP_DEPTH; independent of the number of policies.
+#[inline(always)]
+fn governing() -> Option<Governing> {
+    let state = PORTGUARD_STATE.get(0)?;
+    // Read the generation once; every lookup below uses the same one, so the
+    // whole decision sees one consistent policy set.
+    // SAFETY: `state` points into a live array element.
+    let generation = unsafe { core::ptr::read_volatile(&state.generation) } & 1;
+    let g = generation as usize;
+    let cgroups = state.cgroups[g & 1];
+    if cgroups == 0 {
+        return None;
+    }
+    let max_level = state.max_level[g & 1];
+    let mut found_id = 0u64;
+    let mut found_index = 0u32;
+    let mut found = false;
+    let mut level = 0u32;
+    while level < MAX_CGROUP_DEPTH {
+        if level > max_level {
+            break;
+        }
+        // SAFETY: plain helper call; returns 0 past the task's own level.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+        if id == 0 {
+            break;
+        }
+        let key = CgroupKey {
+            cgroup_id: id,
+            generation,
+            _pad: 0,
+        };
+        // SAFETY: value is plain data; we copy it out immediately.
+        if let Some(v) = unsafe { PORTGUARD_CGROUPS.get(&key) } {
+            found_id = id;
+            found_index = v.policy_index;
+            found = true;
+        }
+        level += 1;
+    }
+    if !found {
+        return None;
+    }
+    let record = PORTGUARD_POLICIES.get_ptr(found_index)?;
+    Some(Governing {
+        cgroup_id: found_id,
+        record,
+    })
+}
+
+#[inline(always)]
+fn set_contains(set_id: u32, port: u16) -> bool {
+    if set_id == EMPTY_SET {
+        return false;
+    }
+    let key = PortChunkKey {
+        set_id,
+        chunk: (port as u32) / PORTS_PER_CHUNK,
+    };
+    // SAFETY: plain data, read once.
+    match unsafe { PORTGUARD_PORTSETS.get(&key) } {
+        Some(chunk) => chunk.contains(port),
+        None => false,
+    }
+}
+
+#[inline(always)]
+fn slot_allows(record: &PolicyRecord, slot: usize, port: u16, ephemeral_ok: bool) -> bool {
+    let Some(&set_id) = record.sets.get(slot) else {
+        return false;
+    };
+    set_contains(set_id, port) || (ephemeral_ok && set_contains(set_id, 0))
+}
+
+#[inline(always)]
+fn count(index: u32) {
+    if let Some(p) = PORTGUARD_COUNTERS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, only this CPU writes it while we run.
+        unsafe { *p += 1 };
+    }
+}
+
+/// Judge `q`. Returns [`ALLOW`] or [`DENY`], nothing else.
+#[inline(always)]
+pub fn decide(q: &Query) -> i32 {
+    let Some(gov) = governing() else {
+        return ALLOW;
+    };
+    // SAFETY: pointer into a live array element, plain data.
+    let record = unsafe { &*gov.record };
+    let restricted = match q.dir {
+        Direction::Bind => record.bind_restricted,
+        Direction::Connect => record.connect_restricted,
+    };
+    if restricted == 0 {
+        return ALLOW;
+    }
+    let proto = match q.protocol {
+        IPPROTO_TCP => Some(Proto::Tcp),
+        IPPROTO_UDP => Some(Proto::Udp),
+        _ => None,
+    };
+    let allowed = match proto {
+        // Protocols no rule can name are outside every allowed set.
+        None => false,
+        Some(proto) => {
+            let slot = set_slot(q.dir, proto, q.family, q.addr_class);
+            let mut ok = slot_allows(record, slot, q.port, q.ephemeral_ok);
+            if ok && q.dual_stack {
+                let v4 = set_slot(q.dir, proto, Family::Ipv4, AddrClass::Any);
+                ok = slot_allows(record, v4, q.port, q.ephemeral_ok);
+            }
+            ok
+        }
+    };
+    if allowed {
+        count(COUNTER_ALLOWED);
+        return ALLOW;
+    }
+    if record.mode == MODE_AUDIT {
+        count(COUNTER_AUDITED);
+        report(q, &gov, record, VERDICT_AUDIT);
+        return ALLOW;
+    }
+    count(COUNTER_DENIED);
+    report(q, &gov, record, VERDICT_DENY);
+    DENY
+}
+
+/// Queue an event; when the ring buffer is full, count the loss instead.
+#[inline(always)]
+fn report(q: &Query, gov: &Governing, record: &PolicyRecord, verdict: u8) {
+    let Some(mut entry) = PORTGUARD_EVENTS.reserve::<Event>(0) else {
+        count(COUNTER_EVENTS_LOST);
+        return;
+    };
+    // SAFETY: helper calls with no preconditions.
+    let (boot_ns, cgroup_id) = unsafe {
+        (
+            bpf_ktime_get_boot_ns(),
+            aya_ebpf::helpers::generated::bpf_get_current_cgroup_id(),
+        )
+    };
+    entry.write(Event {
+        boot_ns,
+        cgroup_id,
+        policy_cgroup_id: gov.cgroup_id,
+        pid_tgid: bpf_get_current_pid_tgid(),
+        uid_gid: bpf_get_current_uid_gid(),
+        policy_id: record.policy_id,
+        addr: q.addr,
+        port: q.port,
+        hook: q.hook as u8,
+        verdict,
+        family: q.family as u8,
+        protocol: q.protocol,
+        flags: q.flags,
+        _pad: 0,
+        comm: bpf_get_current_comm().unwrap_or([0u8; 16]),
+        _reserved: 0,
+    });
+    entry.submit(0);
+}

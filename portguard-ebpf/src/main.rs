@@ -1,0 +1,355 @@
+//! portguard's kernel programs: one entry point per cgroup hook, each of which
+//! only extracts (protocol, family, address, port) from its context and calls
+//! [`decide::decide`]. All programs are attached once, on the cgroup2 root,
+//! and look the caller's governing policy up by cgroup id.
+//!
+//! | program                | hook                 | judges                               |
+//! |------------------------|----------------------|--------------------------------------|
+//! | `portguard_bind4/6`    | `cgroup/bind4/6`     | explicit `bind()` to a non-zero port |
+//! | `portguard_post_bind4/6` | `cgroup/post_bind4/6` | the port actually bound (port 0 binds) |
+//! | `portguard_connect4/6` | `cgroup/connect4/6`  | `connect()` destination (TCP, UDP)   |
+//! | `portguard_sendmsg4/6` | `cgroup/sendmsg4/6`  | unconnected UDP `sendto()` destination |
+#![no_std]
+#![no_main]
+
+mod decide;
+mod maps;
+
+use core::{ffi::c_void, ptr::read_volatile};
+
+use aya_ebpf::{
+    helpers::generated::{bpf_getsockopt, bpf_sk_storage_get},
+    macros::{cgroup_sock, cgroup_sock_addr},
+    programs::{SockAddrContext, SockContext},
+};
+use decide::{ALLOW, Query, decide};
+use portguard_common::{
+    AddrClass, Direction, EVENT_F_DUAL_STACK, EVENT_F_V4_MAPPED, Family, Hook, SocketState,
+};
+
+use crate::maps::PORTGUARD_SOCKETS;
+
+const SOL_IPV6: i32 = 41;
+const IPV6_V6ONLY: i32 = 26;
+
+// Context fields are read one at a time with volatile loads: the verifier only
+// accepts 4-byte loads of `user_ip6[i]` and friends, and LLVM would otherwise
+// merge adjacent loads into one 8-byte load ("invalid bpf_context access").
+// Use inside an `unsafe` block: `$e` must be a field of the context pointer
+// the kernel passed in.
+macro_rules! rd {
+    ($e:expr) => {
+        read_volatile(core::ptr::addr_of!($e))
+    };
+}
+
+/// What an IPv6 address means for policy.
+struct V6 {
+    family: Family,
+    class: AddrClass,
+    addr: [u8; 16],
+    flags: u8,
+    unspecified: bool,
+}
+
+#[inline(always)]
+fn v4_bytes(ip_be: u32) -> [u8; 16] {
+    let b = ip_be.to_ne_bytes();
+    let mut addr = [0u8; 16];
+    addr[0] = b[0];
+    addr[1] = b[1];
+    addr[2] = b[2];
+    addr[3] = b[3];
+    addr
+}
+
+#[inline(always)]
+fn v4_class(ip_be: u32, unspecified_is_loopback: bool) -> AddrClass {
+    let b = ip_be.to_ne_bytes();
+    if b[0] == 127 || (unspecified_is_loopback && ip_be == 0) {
+        AddrClass::Loopback
+    } else {
+        AddrClass::Any
+    }
+}
+
+/// Classify an IPv6 address given as four network-order words. An IPv4-mapped
+/// address (`::ffff:a.b.c.d`) is judged as IPv4, so an IPv4 rule holds for the
+/// mapped form too. For connect/sendmsg the unspecified address means "this
+/// host" and counts as loopback.
+#[inline(always)]
+fn classify6(w: [u32; 4], unspecified_is_loopback: bool) -> V6 {
+    let mut addr = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let b = w[i].to_ne_bytes();
+        addr[i * 4] = b[0];
+        addr[i * 4 + 1] = b[1];
+        addr[i * 4 + 2] = b[2];
+        addr[i * 4 + 3] = b[3];
+        i += 1;
+    }
+    if w[0] == 0 && w[1] == 0 && u32::from_be(w[2]) == 0xffff {
+        return V6 {
+            family: Family::Ipv4,
+            class: v4_class(w[3], unspecified_is_loopback),
+            addr: v4_bytes(w[3]),
+            flags: EVENT_F_V4_MAPPED,
+            unspecified: false,
+        };
+    }
+    let zero_prefix = w[0] == 0 && w[1] == 0 && w[2] == 0;
+    let unspecified = zero_prefix && w[3] == 0;
+    let loopback = zero_prefix && u32::from_be(w[3]) == 1;
+    V6 {
+        family: Family::Ipv6,
+        class: if loopback || (unspecified && unspecified_is_loopback) {
+            AddrClass::Loopback
+        } else {
+            AddrClass::Any
+        },
+        addr,
+        flags: 0,
+        unspecified,
+    }
+}
+
+#[inline(always)]
+fn user_ip6(ctx: &SockAddrContext) -> [u32; 4] {
+    let sa = ctx.sock_addr;
+    // SAFETY: reading fields of the context struct.
+    unsafe {
+        [
+            rd!((*sa).user_ip6[0]),
+            rd!((*sa).user_ip6[1]),
+            rd!((*sa).user_ip6[2]),
+            rd!((*sa).user_ip6[3]),
+        ]
+    }
+}
+
+#[inline(always)]
+fn user_port(ctx: &SockAddrContext) -> u16 {
+    // SAFETY: reading a field of the context struct. `user_port` holds the
+    // port in network byte order in its low 16 bits.
+    u16::from_be(unsafe { rd!((*ctx.sock_addr).user_port) } as u16)
+}
+
+#[inline(always)]
+fn sa_protocol(ctx: &SockAddrContext) -> u8 {
+    // SAFETY: reading a field of the context struct.
+    unsafe { rd!((*ctx.sock_addr).protocol) as u8 }
+}
+
+#[inline(always)]
+fn inet4(ctx: &SockAddrContext, hook: Hook, dir: Direction) -> i32 {
+    let port = user_port(ctx);
+    if dir == Direction::Bind && port == 0 {
+        // bind(port 0): judged by post_bind4 on the port the kernel picks.
+        return ALLOW;
+    }
+    // SAFETY: reading a field of the context struct.
+    let ip = unsafe { rd!((*ctx.sock_addr).user_ip4) };
+    decide(&Query {
+        hook,
+        dir,
+        protocol: sa_protocol(ctx),
+        family: Family::Ipv4,
+        addr_class: v4_class(ip, dir == Direction::Connect),
+        port,
+        addr: v4_bytes(ip),
+        dual_stack: false,
+        ephemeral_ok: false,
+        flags: 0,
+    })
+}
+
+#[inline(always)]
+fn inet6_connect(ctx: &SockAddrContext, hook: Hook) -> i32 {
+    let v6 = classify6(user_ip6(ctx), true);
+    decide(&Query {
+        hook,
+        dir: Direction::Connect,
+        protocol: sa_protocol(ctx),
+        family: v6.family,
+        addr_class: v6.class,
+        port: user_port(ctx),
+        addr: v6.addr,
+        dual_stack: false,
+        ephemeral_ok: false,
+        flags: v6.flags,
+    })
+}
+
+/// bind6 on `[::]`: dual-stack unless the socket has IPV6_V6ONLY. The answer
+/// is also stored on the socket for post_bind6, which cannot call getsockopt.
+#[inline(always)]
+fn bind6_dual_stack(ctx: &SockAddrContext) -> bool {
+    let mut v6only: i32 = 0;
+    // SAFETY: getsockopt on the hook's own (locked) socket into a stack int.
+    let rc = unsafe {
+        bpf_getsockopt(
+            ctx.sock_addr.cast::<c_void>(),
+            SOL_IPV6,
+            IPV6_V6ONLY,
+            core::ptr::from_mut(&mut v6only).cast::<c_void>(),
+            4,
+        )
+    };
+    // If the option cannot be read, assume the wider (dual-stack) exposure.
+    let dual = rc != 0 || v6only == 0;
+    let mut init = SocketState {
+        dual_stack: dual as u32,
+    };
+    // SAFETY: the helper only dereferences the context's own socket.
+    let p = unsafe { PORTGUARD_SOCKETS.get_or_insert_ptr_mut(ctx, Some(&mut init)) };
+    if !p.is_null() {
+        // SAFETY: non-null pointer to this socket's storage.
+        unsafe { (*p).dual_stack = dual as u32 };
+    }
+    dual
+}
+
+#[cgroup_sock_addr(bind4)]
+pub fn portguard_bind4(ctx: SockAddrContext) -> i32 {
+    inet4(&ctx, Hook::Bind4, Direction::Bind)
+}
+
+#[cgroup_sock_addr(bind6)]
+pub fn portguard_bind6(ctx: SockAddrContext) -> i32 {
+    let v6 = classify6(user_ip6(&ctx), false);
+    let dual = v6.unspecified && bind6_dual_stack(&ctx);
+    let port = user_port(&ctx);
+    if port == 0 {
+        // Judged by post_bind6 on the port the kernel picks.
+        return ALLOW;
+    }
+    decide(&Query {
+        hook: Hook::Bind6,
+        dir: Direction::Bind,
+        protocol: sa_protocol(&ctx),
+        family: v6.family,
+        addr_class: v6.class,
+        port,
+        addr: v6.addr,
+        dual_stack: dual,
+        ephemeral_ok: false,
+        flags: v6.flags | if dual { EVENT_F_DUAL_STACK } else { 0 },
+    })
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn portguard_connect4(ctx: SockAddrContext) -> i32 {
+    inet4(&ctx, Hook::Connect4, Direction::Connect)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn portguard_connect6(ctx: SockAddrContext) -> i32 {
+    inet6_connect(&ctx, Hook::Connect6)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn portguard_sendmsg4(ctx: SockAddrContext) -> i32 {
+    inet4(&ctx, Hook::Sendmsg4, Direction::Connect)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn portguard_sendmsg6(ctx: SockAddrContext) -> i32 {
+    inet6_connect(&ctx, Hook::Sendmsg6)
+}
+
+/// post_bind runs after the port is chosen, for every inet bind() that got
+/// that far: it judges the real port of a bind(port 0). An explicit port was
+/// already allowed by bind4/6, so re-judging it gives the same answer; the
+/// "ephemeral" bit additionally allows whatever port the kernel chose.
+#[cgroup_sock(post_bind4)]
+pub fn portguard_post_bind4(ctx: SockContext) -> i32 {
+    let sk = ctx.sock;
+    // SAFETY: reading fields of the context struct. `src_port` is host order.
+    let (port, ip, protocol) = unsafe {
+        (
+            rd!((*sk).src_port) as u16,
+            rd!((*sk).src_ip4),
+            rd!((*sk).protocol) as u8,
+        )
+    };
+    if port == 0 {
+        // IP_BIND_ADDRESS_NO_PORT: no port taken yet; the port is picked at
+        // connect() time as an outbound source port.
+        return ALLOW;
+    }
+    decide(&Query {
+        hook: Hook::PostBind4,
+        dir: Direction::Bind,
+        protocol,
+        family: Family::Ipv4,
+        addr_class: v4_class(ip, false),
+        port,
+        addr: v4_bytes(ip),
+        dual_stack: false,
+        ephemeral_ok: true,
+        flags: 0,
+    })
+}
+
+#[cgroup_sock(post_bind6)]
+pub fn portguard_post_bind6(ctx: SockContext) -> i32 {
+    let sk = ctx.sock;
+    // SAFETY: reading fields of the context struct.
+    let (port, w, protocol) = unsafe {
+        (
+            rd!((*sk).src_port) as u16,
+            [
+                rd!((*sk).src_ip6[0]),
+                rd!((*sk).src_ip6[1]),
+                rd!((*sk).src_ip6[2]),
+                rd!((*sk).src_ip6[3]),
+            ],
+            rd!((*sk).protocol) as u8,
+        )
+    };
+    if port == 0 {
+        return ALLOW;
+    }
+    let v6 = classify6(w, false);
+    let dual = v6.unspecified && {
+        // SAFETY: cgroup/sock programs pass their context (the socket) as the
+        // storage owner; the map pointer is the map definition's address.
+        let p = unsafe {
+            bpf_sk_storage_get(
+                core::ptr::from_ref(&PORTGUARD_SOCKETS)
+                    .cast_mut()
+                    .cast::<c_void>(),
+                sk.cast::<c_void>(),
+                core::ptr::null_mut(),
+                0,
+            )
+        }
+        .cast::<SocketState>();
+        // No record (bind6 did not run for this socket): assume dual-stack.
+        // SAFETY: non-null pointer to this socket's storage.
+        p.is_null() || unsafe { (*p).dual_stack != 0 }
+    };
+    decide(&Query {
+        hook: Hook::PostBind6,
+        dir: Direction::Bind,
+        protocol,
+        family: v6.family,
+        addr_class: v6.class,
+        port,
+        addr: v6.addr,
+        dual_stack: dual,
+        ephemeral_ok: true,
+        flags: v6.flags | if dual { EVENT_F_DUAL_STACK } else { 0 },
+    })
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

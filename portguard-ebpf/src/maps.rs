@@ -1,0 +1,46 @@
+//! Every map the kernel programs use, in one place. Sizes here are
+//! placeholders: the agent sets each map's `max_entries` before load
+//! (see portguard/src/loader.rs). Names are the `MAP_*` constants of
+//! portguard-common.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    btf_maps::SkStorage,
+    macros::{btf_map, map},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
+};
+use portguard_common::{
+    CgroupKey, CgroupValue, PolicyRecord, PortChunk, PortChunkKey, SocketState, State,
+};
+
+/// Live generation and per-generation walk bounds.
+#[map(name = "PORTGUARD_STATE")]
+pub static PORTGUARD_STATE: Array<State> = Array::with_max_entries(1, 0);
+
+/// (cgroup id, generation) -> policy index. Not preallocated: memory follows
+/// the number of governed cgroups, not the configured maximum.
+#[map(name = "PORTGUARD_CGROUPS")]
+pub static PORTGUARD_CGROUPS: HashMap<CgroupKey, CgroupValue> =
+    HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
+
+/// Policy records, both generations.
+#[map(name = "PORTGUARD_POLICIES")]
+pub static PORTGUARD_POLICIES: Array<PolicyRecord> = Array::with_max_entries(1, 0);
+
+/// (set id, chunk) -> 512-port bitmap slice. Shared by every policy (and
+/// both generations) holding the same set.
+#[map(name = "PORTGUARD_PORTSETS")]
+pub static PORTGUARD_PORTSETS: HashMap<PortChunkKey, PortChunk> =
+    HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
+
+/// Denial/audit events for the agent.
+#[map(name = "PORTGUARD_EVENTS")]
+pub static PORTGUARD_EVENTS: RingBuf = RingBuf::with_byte_size(4096, 0);
+
+/// Per-CPU decision counters, indexed by `COUNTER_*`.
+#[map(name = "PORTGUARD_COUNTERS")]
+pub static PORTGUARD_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(4, 0);
+
+/// Per-socket state carried from bind6 to post_bind6 (dual-stack flag).
+#[btf_map]
+pub static PORTGUARD_SOCKETS: SkStorage<SocketState> = SkStorage::new();

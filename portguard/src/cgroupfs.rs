@@ -1,0 +1,233 @@
+//! The cgroup v2 filesystem: where it is mounted, and how cgroup paths map to
+//! the ids the kernel programs see (a cgroup's id is the inode number of its
+//! directory).
+
+use std::{
+    collections::HashMap,
+    ffi::CString,
+    io,
+    os::unix::{ffi::OsStrExt as _, fs::MetadataExt as _},
+    path::{Path, PathBuf},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("cannot read /proc/mounts: {0}")]
+    Mounts(#[source] io::Error),
+    #[error(
+        "no cgroup2 filesystem is mounted (checked /proc/mounts); portguard needs cgroup v2 \
+         (mount it with `mount -t cgroup2 none /sys/fs/cgroup/unified` on a hybrid host)"
+    )]
+    NoCgroup2,
+    #[error("cannot stat cgroup {path}: {source}")]
+    Stat {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} is not a cgroup directory")]
+    NotADirectory { path: PathBuf },
+}
+
+/// Decode the octal escapes (`\040` for space, ...) of a /proc/mounts field.
+fn unescape_mount_field(s: &str) -> PathBuf {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    PathBuf::from(std::ffi::OsStr::from_bytes(&out))
+}
+
+/// First cgroup2 mount point listed in `mounts` (the text of /proc/mounts).
+pub fn cgroup2_mount_in(mounts: &str) -> Option<PathBuf> {
+    mounts.lines().find_map(|line| {
+        let mut f = line.split_whitespace();
+        let (_dev, mnt, fstype) = (f.next()?, f.next()?, f.next()?);
+        (fstype == "cgroup2").then(|| unescape_mount_field(mnt))
+    })
+}
+
+/// The cgroup2 mount point of this host, from /proc/mounts. Never assumes
+/// /sys/fs/cgroup: hybrid hosts mount it at /sys/fs/cgroup/unified.
+pub fn cgroup2_mount() -> Result<PathBuf, CgroupError> {
+    let mounts = std::fs::read_to_string("/proc/mounts").map_err(CgroupError::Mounts)?;
+    cgroup2_mount_in(&mounts).ok_or(CgroupError::NoCgroup2)
+}
+
+/// A cgroup2 hierarchy rooted at a mount point.
+#[derive(Clone, Debug)]
+pub struct Hierarchy {
+    root: PathBuf,
+    /// id -> path cache for event reporting. cgroup ids are never reused
+    /// while the system runs, so entries never go stale.
+    names: HashMap<u64, String>,
+}
+
+/// Maximum entries kept in the id -> path cache.
+const NAME_CACHE: usize = 16384;
+
+impl Hierarchy {
+    pub fn new(root: PathBuf) -> Self {
+        Self {
+            root,
+            names: HashMap::new(),
+        }
+    }
+
+    pub fn discover() -> Result<Self, CgroupError> {
+        Ok(Self::new(cgroup2_mount()?))
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Filesystem path of a policy cgroup path (`/a/b`).
+    pub fn fs_path(&self, cgroup: &str) -> PathBuf {
+        let rel = cgroup.trim_start_matches('/');
+        if rel.is_empty() {
+            self.root.clone()
+        } else {
+            self.root.join(rel)
+        }
+    }
+
+    /// The id and level of a cgroup, or `Ok(None)` if it does not exist.
+    pub fn resolve(&self, cgroup: &str) -> Result<Option<(u64, u32)>, CgroupError> {
+        let path = self.fs_path(cgroup);
+        match std::fs::metadata(&path) {
+            Ok(m) if m.is_dir() => {
+                let level = cgroup.split('/').filter(|s| !s.is_empty()).count() as u32;
+                Ok(Some((m.ino(), level)))
+            }
+            Ok(_) => Err(CgroupError::NotADirectory { path }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(CgroupError::Stat { path, source }),
+        }
+    }
+
+    /// The path (relative to the mount, starting with `/`) of the cgroup with
+    /// id `id`, or `None` if it no longer exists.
+    pub fn path_of(&mut self, id: u64) -> Option<String> {
+        if let Some(p) = self.names.get(&id) {
+            return Some(p.clone());
+        }
+        let p = self.lookup_by_handle(id)?;
+        if self.names.len() >= NAME_CACHE {
+            self.names.clear();
+        }
+        self.names.insert(id, p.clone());
+        Some(p)
+    }
+
+    /// Remember a known (id, path) pair, e.g. from resolving a policy.
+    pub fn remember(&mut self, id: u64, path: &str) {
+        if self.names.len() < NAME_CACHE {
+            self.names.insert(id, path.to_owned());
+        }
+    }
+
+    /// cgroupfs (kernfs) exports its inodes as file handles whose payload is
+    /// the 64-bit cgroup id, so `open_by_handle_at` turns an id into an open
+    /// directory and /proc/self/fd/N into its path. Needs CAP_DAC_READ_SEARCH.
+    fn lookup_by_handle(&self, id: u64) -> Option<String> {
+        #[repr(C)]
+        struct Handle {
+            bytes: u32,
+            kind: i32,
+            id: u64,
+        }
+        // FILEID_KERNFS from include/linux/exportfs.h.
+        const FILEID_KERNFS: i32 = 0xfe;
+        let root = CString::new(self.root.as_os_str().as_bytes()).ok()?;
+        // SAFETY: plain syscalls on valid, NUL-terminated inputs; every fd
+        // opened here is closed before returning.
+        unsafe {
+            let mount_fd = libc::open(root.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY);
+            if mount_fd < 0 {
+                return None;
+            }
+            let mut h = Handle {
+                bytes: 8,
+                kind: FILEID_KERNFS,
+                id,
+            };
+            let fd = libc::open_by_handle_at(
+                mount_fd,
+                std::ptr::from_mut(&mut h).cast::<libc::file_handle>(),
+                libc::O_RDONLY | libc::O_DIRECTORY,
+            );
+            libc::close(mount_fd);
+            if fd < 0 {
+                return None;
+            }
+            let link = std::fs::read_link(format!("/proc/self/fd/{fd}"));
+            libc::close(fd);
+            let full = link.ok()?;
+            let rel = full.strip_prefix(&self.root).ok()?;
+            Some(format!("/{}", rel.to_string_lossy()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_cgroup2_mount_in_hybrid_mode() {
+        let mounts = "tmpfs /sys/fs/cgroup tmpfs rw 0 0\n\
+                      cgroup /sys/fs/cgroup/memory cgroup rw,memory 0 0\n\
+                      cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0\n";
+        assert_eq!(
+            cgroup2_mount_in(mounts),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(cgroup2_mount_in("proc /proc proc rw 0 0\n"), None);
+    }
+
+    #[test]
+    fn unescapes_mount_points() {
+        let mounts = "none /mnt/my\\040cgroups cgroup2 rw 0 0\n";
+        assert_eq!(
+            cgroup2_mount_in(mounts),
+            Some(PathBuf::from("/mnt/my cgroups"))
+        );
+    }
+
+    #[test]
+    fn fs_paths() {
+        let h = Hierarchy::new(PathBuf::from("/cg"));
+        assert_eq!(h.fs_path("/"), PathBuf::from("/cg"));
+        assert_eq!(h.fs_path("/a/b"), PathBuf::from("/cg/a/b"));
+    }
+
+    #[test]
+    fn resolve_uses_inode_and_depth() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("a/b")).unwrap();
+        let h = Hierarchy::new(dir.path().to_owned());
+        let (id, level) = h.resolve("/a/b").unwrap().unwrap();
+        assert_eq!(
+            id,
+            std::fs::metadata(dir.path().join("a/b")).unwrap().ino()
+        );
+        assert_eq!(level, 2);
+        assert_eq!(h.resolve("/").unwrap().unwrap().1, 0);
+        assert_eq!(h.resolve("/missing").unwrap(), None);
+        std::fs::write(dir.path().join("file"), "").unwrap();
+        assert!(h.resolve("/file").is_err());
+    }
+}

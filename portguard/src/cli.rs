@@ -1,0 +1,161 @@
+//! Command-line interface. Doc comments here are the `--help` text.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::{
+    cgroupfs::Hierarchy,
+    check::check,
+    daemon::{self, RunOptions},
+    rules_map::Capacity,
+};
+
+/// Kernel-enforced port policy for cgroups.
+///
+/// portguard attaches cgroup eBPF programs (bind, post_bind, connect, sendmsg;
+/// IPv4 and IPv6) to the cgroup2 root and keeps the processes of each governed
+/// cgroup (a container, a pod, a systemd service, any cgroup and everything
+/// below it) from binding, and optionally connecting to, ports outside the
+/// policy's allowed set. Every denial is reported as a JSON line.
+///
+/// Agent logs go to standard error; set RUST_LOG (e.g. RUST_LOG=debug) to
+/// change their level.
+#[derive(Debug, Parser)]
+#[command(name = "portguard", version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    Run(RunArgs),
+    Check(CheckArgs),
+}
+
+/// Enforce a policy file until stopped (needs root: CAP_BPF, CAP_NET_ADMIN,
+/// CAP_SYS_ADMIN).
+///
+/// Loads the kernel programs, writes the policy into their maps, attaches
+/// them to the cgroup2 root (found in /proc/mounts) and streams denial events
+/// as JSON lines to standard output or --log. SIGHUP, or a change of the
+/// policy file, reloads it: the new policy replaces the old one atomically,
+/// or, if it is invalid, the old one stays in force and the error is logged.
+/// SIGTERM or SIGINT detaches the programs and exits; enforcement stops.
+///
+/// Supports systemd `Type=notify-reload` (READY=1, RELOADING=1, STATUS=).
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Policy file (YAML) to enforce; see the README's policy reference.
+    #[arg(short, long, value_name = "FILE")]
+    pub policy: PathBuf,
+
+    /// Append events (one JSON object per line) to FILE, created with mode
+    /// 0600, instead of writing them to standard output.
+    #[arg(long, value_name = "FILE")]
+    pub log: Option<PathBuf>,
+
+    /// Do not reload when the policy file changes (SIGHUP still reloads).
+    #[arg(long)]
+    pub no_watch: bool,
+
+    /// Most governed cgroups the kernel maps hold (fixed at start; a policy
+    /// needing more is rejected whole).
+    #[arg(long, value_name = "N", default_value_t = 16384)]
+    pub max_cgroups: u32,
+
+    /// Most policies the kernel maps hold (fixed at start).
+    #[arg(long, value_name = "N", default_value_t = 4096)]
+    pub max_policies: u32,
+
+    /// Most 512-port chunks of distinct port sets the kernel maps hold
+    /// (fixed at start). Identical port sets are stored once; a set uses one
+    /// chunk per 512-port block it touches.
+    #[arg(long, value_name = "N", default_value_t = 65536)]
+    pub max_port_chunks: u32,
+
+    /// Event ring buffer size in bytes (a power of two, at least 4096).
+    /// Events that do not fit are counted by the kernel and reported as
+    /// {"lost": N} lines.
+    #[arg(long, value_name = "BYTES", default_value_t = 1 << 20)]
+    pub ring_buffer_size: u32,
+
+    /// How often to check the kernel's lost-event counter (e.g. 1s, 500ms).
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub lost_report_interval: Duration,
+
+    /// How often to re-resolve policy cgroups as a safety net besides
+    /// inotify (e.g. 5s).
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub rescan_interval: Duration,
+}
+
+/// Validate a policy file without loading anything into the kernel.
+///
+/// Prints every error as FILE:LINE:COLUMN: FIELD: MESSAGE, and warnings (for
+/// example a cgroup that does not exist yet, which is governed as soon as it
+/// appears). Exits 0 when the file is valid, 1 otherwise.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Policy file (YAML) to validate.
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+}
+
+impl Cli {
+    pub fn execute(self) -> anyhow::Result<ExitCode> {
+        match self.command {
+            Command::Run(a) => {
+                daemon::run(RunOptions {
+                    policy: a.policy,
+                    log: a.log,
+                    capacity: Capacity {
+                        cgroups: a.max_cgroups,
+                        policies: a.max_policies,
+                        chunks: a.max_port_chunks,
+                    },
+                    ring_buffer_bytes: a.ring_buffer_size,
+                    watch: !a.no_watch,
+                    lost_interval: a.lost_report_interval,
+                    rescan_interval: a.rescan_interval,
+                })?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Check(a) => {
+                let hierarchy = Hierarchy::discover().ok();
+                let report = check(&a.file, hierarchy.as_ref())?;
+                let f = a.file.display();
+                for d in &report.errors {
+                    println!("{f}:{}:{}: error: {}{}", d.line, d.column, field(&d.field), d.message);
+                }
+                for d in &report.warnings {
+                    println!("{f}:{}:{}: warning: {}{}", d.line, d.column, field(&d.field), d.message);
+                }
+                if hierarchy.is_none() {
+                    println!("{f}: note: no cgroup2 mount found; cgroup paths were not checked");
+                }
+                let n = report.file.as_ref().map_or(0, |p| p.policies.len());
+                println!(
+                    "{f}: {}: {n} policies, {} errors, {} warnings",
+                    if report.ok() { "ok" } else { "invalid" },
+                    report.errors.len(),
+                    report.warnings.len()
+                );
+                Ok(if report.ok() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                })
+            }
+        }
+    }
+}
+
+fn field(f: &str) -> String {
+    if f.is_empty() {
+        String::new()
+    } else {
+        format!("{f}: ")
+    }
+}

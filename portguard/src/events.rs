@@ -1,0 +1,358 @@
+//! Raw ring-buffer records -> typed [`EventRecord`]s -> one JSON object per
+//! line. Consumers never see raw bytes.
+//!
+//! Event fields (a contract with users; add fields, never rename):
+//! `time`, `verdict` (`deny` | `audit`), `hook`, `policy`, `cgroup`,
+//! `cgroup_id`, `pid`, `tid`, `uid`, `comm`, `family`, `protocol`, `address`,
+//! `port`; plus `gid`, `policy_cgroup` (the cgroup whose policy decided, the
+//! caller's own or an ancestor's), `policy_cgroup_id`, and `v4_mapped` /
+//! `dual_stack` when they apply. Lost events are reported as
+//! `{"time":..., "lost": N, "lost_total": M}`.
+
+use std::{
+    collections::HashMap,
+    io::{self, Write},
+    net::{Ipv4Addr, Ipv6Addr},
+    time::{Duration, SystemTime},
+};
+
+use portguard_common::{
+    EVENT_F_DUAL_STACK, EVENT_F_V4_MAPPED, Event, Family, Hook, IPPROTO_TCP, IPPROTO_UDP,
+    VERDICT_AUDIT, VERDICT_DENY,
+};
+use serde::Serialize;
+
+use crate::cgroupfs::Hierarchy;
+
+/// A denial (or audit) as users see it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct EventRecord {
+    pub time: String,
+    pub verdict: &'static str,
+    pub hook: &'static str,
+    pub policy: Option<String>,
+    pub cgroup: Option<String>,
+    pub cgroup_id: u64,
+    pub pid: u32,
+    pub tid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub comm: String,
+    pub family: &'static str,
+    pub protocol: String,
+    pub address: String,
+    pub port: u16,
+    pub policy_cgroup: Option<String>,
+    pub policy_cgroup_id: u64,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub v4_mapped: bool,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub dual_stack: bool,
+}
+
+/// A report of events the kernel could not queue.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct LostRecord {
+    pub time: String,
+    /// Events lost since the previous report.
+    pub lost: u64,
+    /// Events lost since the agent started.
+    pub lost_total: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("event record is {len} bytes, expected {expected}")]
+    Size { len: usize, expected: usize },
+    #[error("event record has unknown hook {hook}")]
+    Hook { hook: u8 },
+}
+
+/// Decode one ring-buffer record.
+pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
+    let expected = size_of::<Event>();
+    if bytes.len() < expected {
+        return Err(DecodeError::Size {
+            len: bytes.len(),
+            expected,
+        });
+    }
+    // SAFETY: length checked; Event is plain data valid for any bit pattern.
+    let ev = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Event>()) };
+    if Hook::from_u8(ev.hook).is_none() {
+        return Err(DecodeError::Hook { hook: ev.hook });
+    }
+    Ok(ev)
+}
+
+/// CLOCK_BOOTTIME now, in ns.
+fn boottime_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime with a valid out pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Wall-clock time of a `bpf_ktime_get_boot_ns()` stamp.
+pub fn wall_time(boot_ns: u64) -> SystemTime {
+    let now_boot = boottime_ns();
+    let now = SystemTime::now();
+    if boot_ns <= now_boot {
+        now - Duration::from_nanos(now_boot - boot_ns)
+    } else {
+        now + Duration::from_nanos(boot_ns - now_boot)
+    }
+}
+
+pub fn format_time(t: SystemTime) -> String {
+    humantime::format_rfc3339_nanos(t).to_string()
+}
+
+fn protocol_name(p: u8) -> String {
+    match p {
+        IPPROTO_TCP => "tcp".to_owned(),
+        IPPROTO_UDP => "udp".to_owned(),
+        other => other.to_string(),
+    }
+}
+
+fn comm(raw: &[u8; 16]) -> String {
+    let end = raw.iter().position(|b| *b == 0).unwrap_or(raw.len());
+    String::from_utf8_lossy(&raw[..end]).into_owned()
+}
+
+/// What the agent knows about policy ids.
+#[derive(Clone, Debug, Default)]
+pub struct PolicyNames {
+    names: HashMap<u32, String>,
+}
+
+impl PolicyNames {
+    pub fn insert(&mut self, id: u32, name: &str) {
+        self.names.insert(id, name.to_owned());
+    }
+    pub fn get(&self, id: u32) -> Option<&str> {
+        self.names.get(&id).map(String::as_str)
+    }
+}
+
+/// Turn a raw event into the user-facing record.
+pub fn enrich(ev: &Event, names: &PolicyNames, cgroups: &mut Hierarchy) -> EventRecord {
+    let hook = Hook::from_u8(ev.hook).map_or("unknown", Hook::name);
+    let v4_mapped = ev.flags & EVENT_F_V4_MAPPED != 0;
+    let family = if ev.family == Family::Ipv4 as u8 {
+        "ipv4"
+    } else {
+        "ipv6"
+    };
+    let address = if ev.family == Family::Ipv4 as u8 {
+        let v4 = Ipv4Addr::new(ev.addr[0], ev.addr[1], ev.addr[2], ev.addr[3]);
+        if v4_mapped {
+            // Show the address as the program passed it.
+            v4.to_ipv6_mapped().to_string()
+        } else {
+            v4.to_string()
+        }
+    } else {
+        Ipv6Addr::from(ev.addr).to_string()
+    };
+    EventRecord {
+        time: format_time(wall_time(ev.boot_ns)),
+        verdict: match ev.verdict {
+            VERDICT_DENY => "deny",
+            VERDICT_AUDIT => "audit",
+            _ => "unknown",
+        },
+        hook,
+        policy: names.get(ev.policy_id).map(str::to_owned),
+        cgroup: cgroups.path_of(ev.cgroup_id),
+        cgroup_id: ev.cgroup_id,
+        pid: (ev.pid_tgid >> 32) as u32,
+        tid: ev.pid_tgid as u32,
+        uid: ev.uid_gid as u32,
+        gid: (ev.uid_gid >> 32) as u32,
+        comm: comm(&ev.comm),
+        family,
+        protocol: protocol_name(ev.protocol),
+        address,
+        port: ev.port,
+        policy_cgroup: cgroups.path_of(ev.policy_cgroup_id),
+        policy_cgroup_id: ev.policy_cgroup_id,
+        v4_mapped,
+        dual_stack: ev.flags & EVENT_F_DUAL_STACK != 0,
+    }
+}
+
+/// Where event lines go: stdout or an append-only file.
+pub struct EventWriter {
+    out: Box<dyn Write + Send>,
+    /// Lines that could not be written since the last successful write.
+    pub failed: u64,
+}
+
+impl EventWriter {
+    pub fn stdout() -> Self {
+        Self {
+            out: Box::new(io::BufWriter::new(io::stdout())),
+            failed: 0,
+        }
+    }
+
+    pub fn file(path: &std::path::Path) -> io::Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)?;
+        Ok(Self {
+            out: Box::new(io::BufWriter::new(f)),
+            failed: 0,
+        })
+    }
+
+    #[cfg(test)]
+    pub fn memory(buf: std::sync::Arc<std::sync::Mutex<Vec<u8>>>) -> Self {
+        struct Shared(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl Write for Shared {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        Self {
+            out: Box::new(Shared(buf)),
+            failed: 0,
+        }
+    }
+
+    /// Write one JSON line. Errors are counted and returned.
+    pub fn line<T: Serialize>(&mut self, record: &T) -> io::Result<()> {
+        let res = serde_json::to_writer(&mut self.out, record)
+            .map_err(io::Error::other)
+            .and_then(|()| self.out.write_all(b"\n"));
+        if res.is_err() {
+            self.failed += 1;
+        }
+        res
+    }
+
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use portguard_common::{EVENT_F_V4_MAPPED, IPPROTO_UDP};
+
+    use super::*;
+
+    fn raw() -> Event {
+        let mut comm = [0u8; 16];
+        comm[..2].copy_from_slice(b"nc");
+        Event {
+            boot_ns: boottime_ns(),
+            cgroup_id: 42,
+            policy_cgroup_id: 41,
+            pid_tgid: (100u64 << 32) | 101,
+            uid_gid: (5u64 << 32) | 1000,
+            policy_id: 7,
+            addr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            port: 8080,
+            hook: Hook::Bind6 as u8,
+            verdict: VERDICT_DENY,
+            family: Family::Ipv4 as u8,
+            protocol: IPPROTO_UDP,
+            flags: EVENT_F_V4_MAPPED,
+            _pad: 0,
+            comm,
+            _reserved: 0,
+        }
+    }
+
+    #[test]
+    fn decodes_and_enriches_with_the_contract_fields() {
+        let ev = raw();
+        // SAFETY: viewing a plain-data struct as bytes.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(std::ptr::from_ref(&ev).cast::<u8>(), size_of::<Event>())
+        };
+        let ev = decode(bytes).unwrap();
+        let mut names = PolicyNames::default();
+        names.insert(7, "web");
+        let mut h = Hierarchy::new(PathBuf::from("/nonexistent"));
+        h.remember(42, "/demo/web/child");
+        h.remember(41, "/demo/web");
+        let r = enrich(&ev, &names, &mut h);
+        let v: serde_json::Value = serde_json::to_value(&r).unwrap();
+        for key in [
+            "time", "verdict", "hook", "policy", "cgroup", "cgroup_id", "pid", "tid", "uid",
+            "comm", "family", "protocol", "address", "port",
+        ] {
+            assert!(v.get(key).is_some(), "missing {key}: {v}");
+        }
+        assert_eq!(v["verdict"], "deny");
+        assert_eq!(v["hook"], "bind6");
+        assert_eq!(v["policy"], "web");
+        assert_eq!(v["cgroup"], "/demo/web/child");
+        assert_eq!(v["policy_cgroup"], "/demo/web");
+        assert_eq!(v["pid"], 100);
+        assert_eq!(v["tid"], 101);
+        assert_eq!(v["uid"], 1000);
+        assert_eq!(v["gid"], 5);
+        assert_eq!(v["comm"], "nc");
+        assert_eq!(v["family"], "ipv4");
+        assert_eq!(v["protocol"], "udp");
+        assert_eq!(v["address"], "::ffff:127.0.0.1");
+        assert_eq!(v["port"], 8080);
+        assert_eq!(v["v4_mapped"], true);
+        assert!(v.get("dual_stack").is_none());
+        // Time is now-ish.
+        let t = humantime::parse_rfc3339(v["time"].as_str().unwrap()).unwrap();
+        let age = SystemTime::now().duration_since(t).unwrap_or_default();
+        assert!(age < Duration::from_secs(5), "{age:?}");
+    }
+
+    #[test]
+    fn short_or_corrupt_records_are_rejected() {
+        assert!(matches!(decode(&[0u8; 10]), Err(DecodeError::Size { .. })));
+        let mut ev = raw();
+        ev.hook = 99;
+        // SAFETY: viewing a plain-data struct as bytes.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(std::ptr::from_ref(&ev).cast::<u8>(), size_of::<Event>())
+        };
+        assert!(matches!(decode(bytes), Err(DecodeError::Hook { hook: 99 })));
+    }
+
+    #[test]
+    fn writer_emits_one_line_per_record() {
+        let buf = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut w = EventWriter::memory(buf.clone());
+        w.line(&LostRecord {
+            time: "t".into(),
+            lost: 3,
+            lost_total: 5,
+        })
+        .unwrap();
+        w.line(&LostRecord {
+            time: "u".into(),
+            lost: 1,
+            lost_total: 6,
+        })
+        .unwrap();
+        let text = String::from_utf8(buf.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0], r#"{"time":"t","lost":3,"lost_total":5}"#);
+    }
+}

@@ -1,0 +1,14 @@
+//! portguard: a host-level port binding enforcer.
+//!
+//! Layering (dependencies point one way):
+//! `cli`/`daemon` -> `loader`/`events`/`rules_map` -> `policy` -> portguard-common.
+//! The `policy` module is pure and never imports aya.
+
+pub mod cgroupfs;
+pub mod check;
+pub mod cli;
+pub mod daemon;
+pub mod events;
+pub mod loader;
+pub mod policy;
+pub mod rules_map;

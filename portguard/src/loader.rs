@@ -1,0 +1,365 @@
+//! Thin aya layer: load the kernel object with maps sized for this host,
+//! attach every hook to the cgroup2 root, and expose the maps as a
+//! [`RuleSink`], the event ring buffer and the counters.
+//!
+//! Order matters and is the caller's: load, apply the first policy into the
+//! maps, and only then [`Loaded::attach`], so no hook ever runs on half-written
+//! state. Dropping [`Loaded`] detaches every program (aya links are fds).
+
+use std::{fs::File, path::Path};
+
+use aya::{
+    Ebpf, EbpfError, EbpfLoader,
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf},
+    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError},
+};
+use log::{debug, info, warn};
+use portguard_common::{
+    COUNTER_ALLOWED, COUNTER_AUDITED, COUNTER_DENIED, COUNTER_EVENTS_LOST, CgroupKey, CgroupValue,
+    Hook, MAP_CGROUPS, MAP_COUNTERS, MAP_EVENTS, MAP_POLICIES, MAP_PORTSETS, MAP_STATE,
+    PROGRAMS, PolicyRecord, PortChunk, PortChunkKey, State,
+};
+
+use crate::rules_map::{Capacity, RuleSink, SinkError};
+
+/// The kernel object, built by build.rs from portguard-ebpf.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portguard"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoaderError {
+    #[error("loading the kernel object failed: {0}")]
+    Load(#[source] EbpfError),
+    #[error("the kernel object has no program {name}")]
+    MissingProgram { name: &'static str },
+    #[error("the kernel object has no map {name}")]
+    MissingMap { name: &'static str },
+    #[error(
+        "the kernel rejected program {name} (hook cgroup/{hook}); this kernel cannot enforce \
+         with it: {source}"
+    )]
+    ProgramLoad {
+        name: &'static str,
+        hook: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("cannot attach {name} to cgroup/{hook} on {cgroup}: {source}")]
+    Attach {
+        name: &'static str,
+        hook: &'static str,
+        cgroup: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("cannot open cgroup {path}: {source}")]
+    OpenCgroup {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("ring buffer size {bytes} is invalid: it must be a power of two and at least 4096")]
+    RingBufferSize { bytes: u32 },
+}
+
+/// Sizes chosen at load time.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOptions {
+    pub capacity: Capacity,
+    /// Event ring buffer size in bytes (power of two, >= page size).
+    pub ring_buffer_bytes: u32,
+}
+
+/// The kernel counters, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub allowed: u64,
+    pub denied: u64,
+    pub audited: u64,
+    pub events_lost: u64,
+}
+
+/// Loaded programs and the maps they share.
+pub struct Loaded {
+    ebpf: Ebpf,
+    pub maps: KernelMaps,
+    events: Option<RingBuf<MapData>>,
+    attached: Vec<Hook>,
+}
+
+/// The policy maps, as a [`RuleSink`].
+pub struct KernelMaps {
+    state: Array<MapData, State>,
+    cgroups: HashMap<MapData, CgroupKey, CgroupValue>,
+    policies: Array<MapData, PolicyRecord>,
+    portsets: HashMap<MapData, PortChunkKey, PortChunk>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+/// Try to lift RLIMIT_MEMLOCK for kernels that still charge BPF memory to it
+/// (before 5.11). Newer kernels charge memcg instead, so failing here (no
+/// CAP_SYS_RESOURCE, e.g. in some containers) only matters on old kernels.
+/// See https://lwn.net/Articles/837122/.
+fn bump_memlock_rlimit() {
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit with a valid struct.
+    let ret = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
+    if ret != 0 {
+        warn!(
+            "loader: could not raise RLIMIT_MEMLOCK ({}); fine on kernels >= 5.11, which charge \
+             BPF memory to the memory cgroup",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+fn take<T>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    conv: impl FnOnce(aya::maps::Map) -> Result<T, MapError>,
+) -> Result<T, LoaderError> {
+    let map = ebpf
+        .take_map(name)
+        .ok_or(LoaderError::MissingMap { name })?;
+    conv(map).map_err(|source| LoaderError::Map { name, source })
+}
+
+impl Loaded {
+    /// Load the object and its programs (nothing is attached yet).
+    pub fn load(opts: &LoadOptions) -> Result<Self, LoaderError> {
+        let rb = opts.ring_buffer_bytes;
+        if rb < 4096 || !rb.is_power_of_two() {
+            return Err(LoaderError::RingBufferSize { bytes: rb });
+        }
+        bump_memlock_rlimit();
+        let caps = opts.capacity;
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(MAP_CGROUPS, caps.cgroup_map_entries().max(1))
+            .map_max_entries(MAP_POLICIES, caps.policy_map_entries().max(1))
+            .map_max_entries(MAP_PORTSETS, caps.chunks.max(1))
+            .map_max_entries(MAP_EVENTS, rb)
+            .load(OBJECT)
+            .map_err(LoaderError::Load)?;
+        for (name, hook) in PROGRAMS {
+            let prog = ebpf
+                .program_mut(name)
+                .ok_or(LoaderError::MissingProgram { name })?;
+            let res = match hook {
+                Hook::PostBind4 | Hook::PostBind6 => {
+                    let p: &mut CgroupSock = prog.try_into().map_err(|source| {
+                        LoaderError::ProgramLoad {
+                            name,
+                            hook: hook.name(),
+                            source,
+                        }
+                    })?;
+                    p.load()
+                }
+                _ => {
+                    let p: &mut CgroupSockAddr = prog.try_into().map_err(|source| {
+                        LoaderError::ProgramLoad {
+                            name,
+                            hook: hook.name(),
+                            source,
+                        }
+                    })?;
+                    p.load()
+                }
+            };
+            res.map_err(|source| LoaderError::ProgramLoad {
+                name,
+                hook: hook.name(),
+                source,
+            })?;
+            debug!("loader: loaded {name}");
+        }
+        let maps = KernelMaps {
+            state: take(&mut ebpf, MAP_STATE, Array::try_from)?,
+            cgroups: take(&mut ebpf, MAP_CGROUPS, HashMap::try_from)?,
+            policies: take(&mut ebpf, MAP_POLICIES, Array::try_from)?,
+            portsets: take(&mut ebpf, MAP_PORTSETS, HashMap::try_from)?,
+            counters: take(&mut ebpf, MAP_COUNTERS, PerCpuArray::try_from)?,
+        };
+        let events = take(&mut ebpf, MAP_EVENTS, RingBuf::try_from)?;
+        Ok(Self {
+            ebpf,
+            maps,
+            events: Some(events),
+            attached: Vec::new(),
+        })
+    }
+
+    /// Attach every program to `cgroup` (the cgroup2 root). All or nothing:
+    /// on error, the programs attached so far are detached again.
+    pub fn attach(&mut self, cgroup: &Path) -> Result<(), LoaderError> {
+        let file = File::open(cgroup).map_err(|source| LoaderError::OpenCgroup {
+            path: cgroup.display().to_string(),
+            source,
+        })?;
+        let mut links = Vec::new();
+        for (name, hook) in PROGRAMS {
+            let prog = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(LoaderError::MissingProgram { name })?;
+            let attach_err = |source| LoaderError::Attach {
+                name,
+                hook: hook.name(),
+                cgroup: cgroup.display().to_string(),
+                source,
+            };
+            // `Single` through bpf_link_create coexists with other programs
+            // on the same cgroup (the kernel treats links as multi-attach).
+            let res = match hook {
+                Hook::PostBind4 | Hook::PostBind6 => {
+                    let p: &mut CgroupSock = prog.try_into().map_err(attach_err)?;
+                    p.attach(&file, CgroupAttachMode::Single)
+                        .map(|id| LinkId::Sock(name, id))
+                }
+                _ => {
+                    let p: &mut CgroupSockAddr = prog.try_into().map_err(attach_err)?;
+                    p.attach(&file, CgroupAttachMode::Single)
+                        .map(|id| LinkId::SockAddr(name, id))
+                }
+            };
+            match res {
+                Ok(id) => links.push(id),
+                Err(source) => {
+                    self.detach_links(links);
+                    return Err(attach_err(source));
+                }
+            }
+            self.attached.push(hook);
+        }
+        info!(
+            "loader: attached {} programs to {}",
+            self.attached.len(),
+            cgroup.display()
+        );
+        Ok(())
+    }
+
+    fn detach_links(&mut self, links: Vec<LinkId>) {
+        for link in links {
+            let res = match link {
+                LinkId::Sock(name, id) => self
+                    .ebpf
+                    .program_mut(name)
+                    .and_then(|p| <&mut CgroupSock>::try_from(p).ok())
+                    .map(|p| p.detach(id)),
+                LinkId::SockAddr(name, id) => self
+                    .ebpf
+                    .program_mut(name)
+                    .and_then(|p| <&mut CgroupSockAddr>::try_from(p).ok())
+                    .map(|p| p.detach(id)),
+            };
+            if let Some(Err(e)) = res {
+                warn!("loader: detaching after a failed attach: {e}");
+            }
+        }
+        self.attached.clear();
+    }
+
+    /// Hooks attached so far.
+    pub fn attached(&self) -> &[Hook] {
+        &self.attached
+    }
+
+    /// The event ring buffer (can be taken once).
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.events.take()
+    }
+}
+
+enum LinkId {
+    Sock(&'static str, aya::programs::cgroup_sock::CgroupSockLinkId),
+    SockAddr(
+        &'static str,
+        aya::programs::cgroup_sock_addr::CgroupSockAddrLinkId,
+    ),
+}
+
+fn map_err(map: &'static str) -> impl FnOnce(MapError) -> SinkError {
+    move |source| match &source {
+        MapError::SyscallError(e)
+            if matches!(e.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOMEM)) =>
+        {
+            SinkError::Full { map }
+        }
+        _ => SinkError::Map { map, source },
+    }
+}
+
+fn is_not_found(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(e) => e.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
+impl KernelMaps {
+    /// Sum the per-CPU counters.
+    pub fn counters(&self) -> Result<Counters, MapError> {
+        let sum = |i: u32| -> Result<u64, MapError> {
+            Ok(self.counters.get(&i, 0)?.iter().copied().sum())
+        };
+        Ok(Counters {
+            allowed: sum(COUNTER_ALLOWED)?,
+            denied: sum(COUNTER_DENIED)?,
+            audited: sum(COUNTER_AUDITED)?,
+            events_lost: sum(COUNTER_EVENTS_LOST)?,
+        })
+    }
+
+    /// The live state, as the kernel sees it.
+    pub fn state(&self) -> Result<State, MapError> {
+        self.state.get(&0, 0)
+    }
+}
+
+impl RuleSink for KernelMaps {
+    fn put_chunk(&mut self, key: PortChunkKey, chunk: &PortChunk) -> Result<(), SinkError> {
+        self.portsets
+            .insert(key, chunk, 0)
+            .map_err(map_err(MAP_PORTSETS))
+    }
+
+    fn del_chunk(&mut self, key: PortChunkKey) -> Result<(), SinkError> {
+        match self.portsets.remove(&key) {
+            Err(e) if !is_not_found(&e) => Err(map_err(MAP_PORTSETS)(e)),
+            _ => Ok(()),
+        }
+    }
+
+    fn put_policy(&mut self, index: u32, record: &PolicyRecord) -> Result<(), SinkError> {
+        self.policies
+            .set(index, record, 0)
+            .map_err(map_err(MAP_POLICIES))
+    }
+
+    fn put_cgroup(&mut self, key: CgroupKey, value: CgroupValue) -> Result<(), SinkError> {
+        self.cgroups
+            .insert(key, value, 0)
+            .map_err(map_err(MAP_CGROUPS))
+    }
+
+    fn del_cgroup(&mut self, key: CgroupKey) -> Result<(), SinkError> {
+        match self.cgroups.remove(&key) {
+            Err(e) if !is_not_found(&e) => Err(map_err(MAP_CGROUPS)(e)),
+            _ => Ok(()),
+        }
+    }
+
+    fn put_state(&mut self, state: &State) -> Result<(), SinkError> {
+        self.state.set(0, state, 0).map_err(map_err(MAP_STATE))
+    }
+}

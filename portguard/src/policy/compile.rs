@@ -1,0 +1,137 @@
+//! [`Policy`] -> port sets, one per (direction, protocol, family, address
+//! class), in the layout of [`portguard_common::set_slot`].
+
+use portguard_common::{AddrClass, Direction, Family, Proto, set_slot};
+
+use super::{AddressSel, FamilySel, Mode, Policy, PortSet, PortSpec, ProtocolSel, Rule};
+
+/// The eight sets of one direction, indexed like the kernel's record
+/// (`set_slot(dir, ..) - dir * 8`). The loopback-class set of a (protocol,
+/// family) always includes its any-address set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirectionSets(pub [PortSet; 8]);
+
+/// A policy reduced to what the kernel needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CompiledPolicy {
+    pub name: String,
+    pub cgroup: String,
+    pub mode: Mode,
+    /// `None`: unrestricted.
+    pub bind: Option<DirectionSets>,
+    /// `None`: unrestricted.
+    pub connect: Option<DirectionSets>,
+}
+
+const PROTOS: [Proto; 2] = [Proto::Tcp, Proto::Udp];
+const FAMILIES: [Family; 2] = [Family::Ipv4, Family::Ipv6];
+
+fn local_slot(proto: Proto, family: Family, addr: AddrClass) -> usize {
+    set_slot(Direction::Bind, proto, family, addr)
+}
+
+fn compile_rules(rules: &[Rule]) -> DirectionSets {
+    let mut sets: [PortSet; 8] = Default::default();
+    for rule in rules {
+        let mut ports = PortSet::default();
+        for p in &rule.ports {
+            match *p {
+                PortSpec::Port(n) => ports.insert(n),
+                PortSpec::Range(a, b) => ports.insert_range(a, b),
+                PortSpec::Ephemeral => ports.insert(PortSet::EPHEMERAL),
+            }
+        }
+        for proto in PROTOS {
+            let proto_ok = match rule.protocol {
+                ProtocolSel::Any => true,
+                ProtocolSel::Tcp => proto == Proto::Tcp,
+                ProtocolSel::Udp => proto == Proto::Udp,
+            };
+            for family in FAMILIES {
+                let family_ok = match rule.family {
+                    FamilySel::Any => true,
+                    FamilySel::Ipv4 => family == Family::Ipv4,
+                    FamilySel::Ipv6 => family == Family::Ipv6,
+                };
+                if !(proto_ok && family_ok) {
+                    continue;
+                }
+                sets[local_slot(proto, family, AddrClass::Loopback)].union_with(&ports);
+                if rule.address == AddressSel::Any {
+                    sets[local_slot(proto, family, AddrClass::Any)].union_with(&ports);
+                }
+            }
+        }
+    }
+    DirectionSets(sets)
+}
+
+/// Compile one validated policy.
+pub fn compile(policy: &Policy) -> CompiledPolicy {
+    CompiledPolicy {
+        name: policy.name.clone(),
+        cgroup: policy.cgroup.clone(),
+        mode: policy.mode,
+        bind: policy.bind.as_deref().map(compile_rules),
+        connect: policy.connect.as_deref().map(compile_rules),
+    }
+}
+
+impl DirectionSets {
+    pub fn get(&self, proto: Proto, family: Family, addr: AddrClass) -> &PortSet {
+        &self.0[local_slot(proto, family, addr)]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::parse_policy_str;
+
+    fn one(text: &str) -> CompiledPolicy {
+        let f = parse_policy_str(text).unwrap();
+        compile(&f.policies[0])
+    }
+
+    #[test]
+    fn loopback_rule_only_fills_loopback_sets() {
+        let c = one("policies: [{name: a, cgroup: /a, bind: [{ports: [8080], protocol: tcp, family: ipv4, address: loopback}]}]");
+        let b = c.bind.unwrap();
+        assert!(b.get(Proto::Tcp, Family::Ipv4, AddrClass::Loopback).contains(8080));
+        assert!(!b.get(Proto::Tcp, Family::Ipv4, AddrClass::Any).contains(8080));
+        assert!(!b.get(Proto::Tcp, Family::Ipv6, AddrClass::Loopback).contains(8080));
+        assert!(!b.get(Proto::Udp, Family::Ipv4, AddrClass::Loopback).contains(8080));
+        assert!(c.connect.is_none());
+    }
+
+    #[test]
+    fn any_address_rule_fills_both_classes_and_rules_union() {
+        let c = one("policies: [{name: a, cgroup: /a, connect: [{ports: [\"10-12\"], protocol: udp}, {ports: [53], family: ipv6}]}]");
+        let s = c.connect.unwrap();
+        for fam in FAMILIES {
+            for addr in [AddrClass::Any, AddrClass::Loopback] {
+                assert!(s.get(Proto::Udp, fam, addr).contains(10));
+                assert!(s.get(Proto::Udp, fam, addr).contains(12));
+                assert!(!s.get(Proto::Udp, fam, addr).contains(13));
+                assert!(!s.get(Proto::Tcp, fam, addr).contains(10));
+            }
+        }
+        assert!(s.get(Proto::Tcp, Family::Ipv6, AddrClass::Any).contains(53));
+        assert!(!s.get(Proto::Tcp, Family::Ipv4, AddrClass::Any).contains(53));
+    }
+
+    #[test]
+    fn empty_rule_list_is_restricted_with_empty_sets() {
+        let c = one("policies: [{name: a, cgroup: /a, bind: []}]");
+        let b = c.bind.unwrap();
+        assert!(b.0.iter().all(PortSet::is_empty));
+    }
+
+    #[test]
+    fn ephemeral_is_bit_zero() {
+        let c = one("policies: [{name: a, cgroup: /a, bind: [{ports: [ephemeral], protocol: udp}]}]");
+        let b = c.bind.unwrap();
+        assert!(b.get(Proto::Udp, Family::Ipv4, AddrClass::Any).contains(PortSet::EPHEMERAL));
+        assert!(!b.get(Proto::Tcp, Family::Ipv4, AddrClass::Any).contains(PortSet::EPHEMERAL));
+    }
+}

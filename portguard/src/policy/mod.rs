@@ -1,0 +1,188 @@
+//! The policy model: parsing, validation and compilation of policy files.
+//!
+//! This layer is pure: it reads text and produces data. It never touches the
+//! kernel, the filesystem beyond reading the policy file, or aya. Everything
+//! here is unit-tested without root.
+//!
+//! # Policy file grammar (the user-facing contract; keep these names)
+//!
+//! ```yaml
+//! policies:
+//!   - name: web                     # unique
+//!     cgroup: /portguard-demo/web   # path under the cgroup2 mount
+//!     mode: enforce                 # enforce | audit   (default enforce)
+//!     bind:                         # absent: binds unrestricted; [] : every bind denied
+//!       - ports: [8080, "9000-9099"]
+//!         protocol: tcp             # tcp | udp | any   (default any)
+//!         family: any               # ipv4 | ipv6 | any (default any)
+//!         address: loopback         # loopback | any    (default any)
+//!     connect:                      # absent: connects unrestricted; same rule shape
+//!       - ports: [5432]
+//! ```
+//!
+//! - `ports` items: a port `1`..`65535` (number or string), a range `"a-b"`
+//!   (inclusive, `a <= b`), or `ephemeral` (bind rules only): a `bind()` to
+//!   port 0 may keep whichever port the kernel picks. Without `ephemeral`, a
+//!   port-0 bind is allowed only if the picked port is itself allowed.
+//! - `address: loopback` (bind): the ports may be bound only on 127.0.0.0/8,
+//!   `::1` or `::ffff:127.0.0.0/104`. For connect rules it restricts the
+//!   destination to those addresses (and the unspecified address, which
+//!   connects to this host).
+//! - An IPv4 rule also covers the IPv4-mapped IPv6 form of the address. A bind
+//!   to `[::]` on a dual-stack socket (no `IPV6_V6ONLY`) exposes the port on
+//!   IPv4 too, so it needs the port allowed for both families.
+//! - Rules of one direction are a union: an operation is allowed when any rule
+//!   allows it.
+
+pub mod compile;
+pub mod parse;
+pub mod portset;
+pub mod yaml;
+
+use std::{fmt, path::PathBuf};
+
+pub use compile::{CompiledPolicy, DirectionSets, compile};
+pub use parse::{parse_policy_file, parse_policy_str};
+pub use portset::PortSet;
+
+/// A whole policy file.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PolicyFile {
+    pub policies: Vec<Policy>,
+}
+
+/// One `policies:` entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    pub name: String,
+    /// Normalised absolute path under the cgroup2 mount (`/a/b`, or `/`).
+    pub cgroup: String,
+    pub mode: Mode,
+    /// `None`: binds unrestricted. `Some([])`: every bind denied.
+    pub bind: Option<Vec<Rule>>,
+    /// `None`: connects unrestricted. `Some([])`: every connect denied.
+    pub connect: Option<Vec<Rule>>,
+    /// Line of the policy's entry in the file.
+    pub line: usize,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mode {
+    #[default]
+    Enforce,
+    /// Allow, but report what enforce mode would deny.
+    Audit,
+}
+
+impl Mode {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Enforce => "enforce",
+            Self::Audit => "audit",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    pub ports: Vec<PortSpec>,
+    pub protocol: ProtocolSel,
+    pub family: FamilySel,
+    pub address: AddressSel,
+    pub line: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PortSpec {
+    Port(u16),
+    /// Inclusive.
+    Range(u16, u16),
+    /// The port the kernel picks for a bind to port 0.
+    Ephemeral,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ProtocolSel {
+    Tcp,
+    Udp,
+    #[default]
+    Any,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FamilySel {
+    Ipv4,
+    Ipv6,
+    #[default]
+    Any,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AddressSel {
+    Loopback,
+    #[default]
+    Any,
+}
+
+/// One problem found in a policy file, with where it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Diagnostic {
+    pub line: usize,
+    pub column: usize,
+    /// Path of the offending field, e.g. `policies[0].bind[1].ports[2]`.
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "{}:{}: {}", self.line, self.column, self.message)
+        } else {
+            write!(
+                f,
+                "{}:{}: {}: {}",
+                self.line, self.column, self.field, self.message
+            )
+        }
+    }
+}
+
+/// A policy file that could not be used. Lists every problem found.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("cannot read policy file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}", format_invalid(path, diagnostics))]
+    Invalid {
+        path: PathBuf,
+        diagnostics: Vec<Diagnostic>,
+    },
+}
+
+fn format_invalid(path: &std::path::Path, diagnostics: &[Diagnostic]) -> String {
+    let n = diagnostics.len();
+    let mut s = format!(
+        "invalid policy file {} ({n} error{}):",
+        path.display(),
+        if n == 1 { "" } else { "s" }
+    );
+    for d in diagnostics {
+        s.push_str(&format!("\n  {}:{d}", path.display()));
+    }
+    s
+}
+
+impl PolicyError {
+    /// The individual problems (empty for read errors).
+    pub fn diagnostics(&self) -> &[Diagnostic] {
+        match self {
+            Self::Read { .. } => &[],
+            Self::Invalid { diagnostics, .. } => diagnostics,
+        }
+    }
+}

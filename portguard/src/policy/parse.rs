@@ -1,0 +1,748 @@
+//! Policy file text -> [`PolicyFile`], reporting every problem at once with
+//! its line, column and field path.
+
+use std::{collections::HashMap, path::Path};
+
+use portguard_common::MAX_CGROUP_DEPTH;
+
+use super::{
+    AddressSel, Diagnostic, FamilySel, Mode, Policy, PolicyError, PolicyFile, PortSpec,
+    ProtocolSel, Rule,
+    yaml::{self, Kind, Node},
+};
+
+/// Largest policy file accepted. Far above any real policy; keeps a hostile
+/// or mistaken input from exhausting memory.
+pub const MAX_POLICY_FILE_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Read and validate a policy file.
+pub fn parse_policy_file(path: &Path) -> Result<PolicyFile, PolicyError> {
+    let read_err = |source| PolicyError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(read_err)?;
+    if meta.len() > MAX_POLICY_FILE_BYTES {
+        return Err(PolicyError::Invalid {
+            path: path.to_owned(),
+            diagnostics: vec![Diagnostic {
+                line: 1,
+                column: 1,
+                field: String::new(),
+                message: format!(
+                    "file is {} bytes; policy files are limited to {MAX_POLICY_FILE_BYTES} bytes",
+                    meta.len()
+                ),
+            }],
+        });
+    }
+    let text = std::fs::read_to_string(path).map_err(read_err)?;
+    parse_policy_str(&text).map_err(|diagnostics| PolicyError::Invalid {
+        path: path.to_owned(),
+        diagnostics,
+    })
+}
+
+/// Validate policy text. On failure, returns every problem found.
+pub fn parse_policy_str(text: &str) -> Result<PolicyFile, Vec<Diagnostic>> {
+    let root = match yaml::parse(text) {
+        Ok(Some(root)) => root,
+        Ok(None) => {
+            return Err(vec![Diagnostic {
+                line: 1,
+                column: 1,
+                field: String::new(),
+                message: "policy file is empty; expected a mapping with a `policies:` list"
+                    .to_owned(),
+            }]);
+        }
+        Err(e) => {
+            return Err(vec![Diagnostic {
+                line: e.pos.line,
+                column: e.pos.column,
+                field: String::new(),
+                message: format!("YAML syntax error: {}", e.message),
+            }]);
+        }
+    };
+    let mut cx = Cx::default();
+    let file = cx.file(&root);
+    if cx.diags.is_empty() {
+        Ok(file)
+    } else {
+        cx.diags.sort_by_key(|d| (d.line, d.column));
+        Err(cx.diags)
+    }
+}
+
+#[derive(Default)]
+struct Cx {
+    diags: Vec<Diagnostic>,
+}
+
+const TOP_KEYS: &[&str] = &["policies"];
+const POLICY_KEYS: &[&str] = &["name", "cgroup", "mode", "bind", "connect"];
+const RULE_KEYS: &[&str] = &["ports", "protocol", "family", "address"];
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    Bind,
+    Connect,
+}
+
+impl Cx {
+    fn err(&mut self, node: &Node, field: &str, message: impl Into<String>) {
+        self.diags.push(Diagnostic {
+            line: node.pos.line,
+            column: node.pos.column,
+            field: field.to_owned(),
+            message: message.into(),
+        });
+    }
+
+    /// Entries of a mapping node, or an error. Unknown keys are reported.
+    fn mapping<'n>(
+        &mut self,
+        node: &'n Node,
+        field: &str,
+        known: &[&str],
+    ) -> Option<Vec<(&'n str, &'n Node, &'n Node)>> {
+        let Kind::Map(entries) = &node.kind else {
+            self.err(
+                node,
+                field,
+                format!("expected a mapping, found {}", node.type_name()),
+            );
+            return None;
+        };
+        let mut out = Vec::new();
+        for (k, v) in entries {
+            let Kind::Scalar { text, .. } = &k.kind else {
+                self.err(k, field, "mapping keys must be plain strings");
+                continue;
+            };
+            if !known.contains(&text.as_str()) {
+                let path = join(field, text);
+                self.err(
+                    k,
+                    &path,
+                    format!(
+                        "unknown key `{text}` (expected one of: {})",
+                        known.join(", ")
+                    ),
+                );
+                continue;
+            }
+            out.push((text.as_str(), k, v));
+        }
+        Some(out)
+    }
+
+    fn string(&mut self, node: &Node, field: &str) -> Option<String> {
+        match &node.kind {
+            Kind::Scalar { text, .. } if !node.is_null() => Some(text.clone()),
+            _ => {
+                self.err(
+                    node,
+                    field,
+                    format!("expected a string, found {}", node.type_name()),
+                );
+                None
+            }
+        }
+    }
+
+    fn choice<T: Copy>(&mut self, node: &Node, field: &str, options: &[(&str, T)]) -> Option<T> {
+        let text = self.string(node, field)?;
+        if let Some((_, v)) = options.iter().find(|(name, _)| *name == text) {
+            return Some(*v);
+        }
+        let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
+        self.err(
+            node,
+            field,
+            format!("unknown value `{text}` (expected one of: {})", names.join(", ")),
+        );
+        None
+    }
+
+    fn file(&mut self, root: &Node) -> PolicyFile {
+        let mut file = PolicyFile::default();
+        let Some(entries) = self.mapping(root, "", TOP_KEYS) else {
+            return file;
+        };
+        let Some((_, _, list)) = entries.iter().find(|(k, _, _)| *k == "policies") else {
+            self.err(root, "", "missing key `policies` (a list of policies)");
+            return file;
+        };
+        let Kind::Seq(items) = &list.kind else {
+            self.err(
+                list,
+                "policies",
+                format!(
+                    "expected a list of policies, found {}{}",
+                    list.type_name(),
+                    if list.is_null() {
+                        "; write `policies: []` for none"
+                    } else {
+                        ""
+                    }
+                ),
+            );
+            return file;
+        };
+        // Duplicates are checked on the raw values, so a duplicate is reported
+        // even when one of the two policies has other errors.
+        let mut names: HashMap<String, usize> = HashMap::new();
+        let mut cgroups: HashMap<String, (usize, String)> = HashMap::new();
+        for (i, item) in items.iter().enumerate() {
+            let field = format!("policies[{i}]");
+            let policy = self.policy(item, &field);
+            let mut duplicate = false;
+            if let Some((name, node)) = peek_scalar(item, "name") {
+                if let Some(first) = names.get(&name) {
+                    self.err(
+                        node,
+                        &join(&field, "name"),
+                        format!("duplicate policy name `{name}` (first used on line {first})"),
+                    );
+                    duplicate = true;
+                } else {
+                    names.insert(name, item.pos.line);
+                }
+            }
+            if let Some((raw, node)) = peek_scalar(item, "cgroup")
+                && let Ok(cg) = normalize_cgroup(&raw)
+            {
+                let name = peek_scalar(item, "name").map(|(n, _)| n).unwrap_or_default();
+                if let Some((first, other)) = cgroups.get(&cg) {
+                    self.err(
+                        node,
+                        &join(&field, "cgroup"),
+                        format!(
+                            "cgroup `{cg}` already has policy `{other}` (line {first}); \
+                             one cgroup takes one policy"
+                        ),
+                    );
+                    duplicate = true;
+                } else {
+                    cgroups.insert(cg, (item.pos.line, name));
+                }
+            }
+            if let Some(p) = policy
+                && !duplicate
+            {
+                file.policies.push(p);
+            }
+        }
+        file
+    }
+
+    fn policy(&mut self, node: &Node, field: &str) -> Option<Policy> {
+        let entries = self.mapping(node, field, POLICY_KEYS)?;
+        let before = self.diags.len();
+        let mut name = None;
+        let mut cgroup = None;
+        let mut mode = Mode::Enforce;
+        let mut bind = None;
+        let mut connect = None;
+        for (key, _k, v) in &entries {
+            let f = join(field, key);
+            match *key {
+                "name" => name = self.name(v, &f),
+                "cgroup" => cgroup = self.cgroup(v, &f),
+                "mode" => {
+                    if let Some(m) = self.choice(
+                        v,
+                        &f,
+                        &[("enforce", Mode::Enforce), ("audit", Mode::Audit)],
+                    ) {
+                        mode = m;
+                    }
+                }
+                "bind" => bind = self.rules(v, &f, Dir::Bind),
+                "connect" => connect = self.rules(v, &f, Dir::Connect),
+                _ => {}
+            }
+        }
+        if !entries.iter().any(|(k, _, _)| *k == "name") {
+            self.err(node, field, "missing key `name`");
+        }
+        if !entries.iter().any(|(k, _, _)| *k == "cgroup") {
+            self.err(
+                node,
+                field,
+                "missing key `cgroup` (the cgroup path the policy governs, e.g. /system.slice/web.service)",
+            );
+        }
+        if self.diags.len() != before {
+            return None;
+        }
+        Some(Policy {
+            name: name?,
+            cgroup: cgroup?,
+            mode,
+            bind,
+            connect,
+            line: node.pos.line,
+        })
+    }
+
+    fn name(&mut self, node: &Node, field: &str) -> Option<String> {
+        let name = self.string(node, field)?;
+        let ok = !name.is_empty()
+            && name.len() <= 253
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '/'));
+        if !ok {
+            self.err(
+                node,
+                field,
+                format!(
+                    "invalid policy name `{name}`: use 1-253 characters from A-Z a-z 0-9 - _ . : /"
+                ),
+            );
+            return None;
+        }
+        Some(name)
+    }
+
+    fn cgroup(&mut self, node: &Node, field: &str) -> Option<String> {
+        let raw = self.string(node, field)?;
+        match normalize_cgroup(&raw) {
+            Ok(p) => Some(p),
+            Err(msg) => {
+                self.err(node, field, format!("invalid cgroup path `{raw}`: {msg}"));
+                None
+            }
+        }
+    }
+
+    fn rules(&mut self, node: &Node, field: &str, dir: Dir) -> Option<Vec<Rule>> {
+        let Kind::Seq(items) = &node.kind else {
+            let hint = if node.is_null() {
+                "; write `[]` to deny everything, or remove the key to leave it unrestricted"
+            } else {
+                ""
+            };
+            self.err(
+                node,
+                field,
+                format!("expected a list of rules, found {}{hint}", node.type_name()),
+            );
+            return None;
+        };
+        let mut rules = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            if let Some(r) = self.rule(item, &format!("{field}[{i}]"), dir) {
+                rules.push(r);
+            }
+        }
+        Some(rules)
+    }
+
+    fn rule(&mut self, node: &Node, field: &str, dir: Dir) -> Option<Rule> {
+        let entries = self.mapping(node, field, RULE_KEYS)?;
+        let before = self.diags.len();
+        let mut rule = Rule {
+            ports: Vec::new(),
+            protocol: ProtocolSel::Any,
+            family: FamilySel::Any,
+            address: AddressSel::Any,
+            line: node.pos.line,
+        };
+        let mut has_ports = false;
+        for (key, _k, v) in &entries {
+            let f = join(field, key);
+            match *key {
+                "ports" => {
+                    has_ports = true;
+                    rule.ports = self.ports(v, &f, dir);
+                }
+                "protocol" => {
+                    rule.protocol = self
+                        .choice(
+                            v,
+                            &f,
+                            &[
+                                ("tcp", ProtocolSel::Tcp),
+                                ("udp", ProtocolSel::Udp),
+                                ("any", ProtocolSel::Any),
+                            ],
+                        )
+                        .unwrap_or_default();
+                }
+                "family" => {
+                    rule.family = self
+                        .choice(
+                            v,
+                            &f,
+                            &[
+                                ("ipv4", FamilySel::Ipv4),
+                                ("ipv6", FamilySel::Ipv6),
+                                ("any", FamilySel::Any),
+                            ],
+                        )
+                        .unwrap_or_default();
+                }
+                "address" => {
+                    rule.address = self
+                        .choice(
+                            v,
+                            &f,
+                            &[("loopback", AddressSel::Loopback), ("any", AddressSel::Any)],
+                        )
+                        .unwrap_or_default();
+                }
+                _ => {}
+            }
+        }
+        if !has_ports {
+            self.err(node, field, "missing key `ports`");
+        }
+        (self.diags.len() == before).then_some(rule)
+    }
+
+    fn ports(&mut self, node: &Node, field: &str, dir: Dir) -> Vec<PortSpec> {
+        let Kind::Seq(items) = &node.kind else {
+            self.err(
+                node,
+                field,
+                format!(
+                    "expected a list of ports, e.g. [8080, \"9000-9099\"], found {}",
+                    node.type_name()
+                ),
+            );
+            return Vec::new();
+        };
+        if items.is_empty() {
+            self.err(
+                node,
+                field,
+                "empty port list; a rule must allow at least one port (to deny everything, \
+                 write `bind: []` or `connect: []`)",
+            );
+        }
+        let mut out = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let f = format!("{field}[{i}]");
+            match parse_port_item(item) {
+                Ok(PortSpec::Ephemeral) if dir == Dir::Connect => self.err(
+                    item,
+                    &f,
+                    "`ephemeral` applies to bind rules only (it allows the port the kernel \
+                     picks for a bind to port 0)",
+                ),
+                Ok(p) => out.push(p),
+                Err(msg) => self.err(item, &f, msg),
+            }
+        }
+        out
+    }
+}
+
+/// The scalar value of `key` in a mapping node, if present.
+fn peek_scalar<'n>(node: &'n Node, key: &str) -> Option<(String, &'n Node)> {
+    let Kind::Map(entries) = &node.kind else {
+        return None;
+    };
+    entries.iter().find_map(|(k, v)| match (&k.kind, &v.kind) {
+        (Kind::Scalar { text: kt, .. }, Kind::Scalar { text, .. }) if kt == key => {
+            Some((text.clone(), v))
+        }
+        _ => None,
+    })
+}
+
+fn join(field: &str, key: &str) -> String {
+    if field.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{field}.{key}")
+    }
+}
+
+fn parse_port_number(s: &str) -> Result<u16, String> {
+    let s = s.trim();
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("`{s}` is not a port number"));
+    }
+    match s.parse::<u32>() {
+        Ok(n) if (1..=65535).contains(&n) => Ok(n as u16),
+        Ok(0) => Err(
+            "port 0 is not a port; to allow binds to port 0 (kernel-chosen ports), use `ephemeral`"
+                .to_owned(),
+        ),
+        _ => Err(format!("port {s} is out of range (1-65535)")),
+    }
+}
+
+fn parse_port_item(node: &Node) -> Result<PortSpec, String> {
+    let Kind::Scalar { text, plain } = &node.kind else {
+        return Err(format!(
+            "expected a port, a range \"a-b\" or `ephemeral`, found {}",
+            node.type_name()
+        ));
+    };
+    let t = text.trim();
+    if t == "ephemeral" {
+        return Ok(PortSpec::Ephemeral);
+    }
+    if *plain && node.is_null() {
+        return Err("expected a port, found null".to_owned());
+    }
+    if let Some((a, b)) = t.split_once('-') {
+        let lo = parse_port_number(a).map_err(|e| format!("in range `{t}`: {e}"))?;
+        let hi = parse_port_number(b).map_err(|e| format!("in range `{t}`: {e}"))?;
+        if lo > hi {
+            return Err(format!(
+                "inverted range `{t}`: the first port must not exceed the second"
+            ));
+        }
+        return Ok(if lo == hi {
+            PortSpec::Port(lo)
+        } else {
+            PortSpec::Range(lo, hi)
+        });
+    }
+    parse_port_number(t)
+        .map(PortSpec::Port)
+        .map_err(|e| format!("{e}; expected a port 1-65535, a range \"a-b\" or `ephemeral`"))
+}
+
+/// `/a/b` (or `/`) from user input; rejects relative paths, `.`/`..`, empty
+/// components and paths deeper than the kernel's ancestor walk.
+pub fn normalize_cgroup(raw: &str) -> Result<String, String> {
+    if !raw.starts_with('/') {
+        return Err("must be an absolute path under the cgroup2 mount, e.g. /system.slice/web.service".to_owned());
+    }
+    if raw.contains('\0') {
+        return Err("contains a NUL byte".to_owned());
+    }
+    let trimmed = raw.trim_end_matches('/');
+    if trimmed.is_empty() {
+        return Ok("/".to_owned());
+    }
+    let parts: Vec<&str> = trimmed[1..].split('/').collect();
+    for part in &parts {
+        match *part {
+            "" => return Err("empty path component (`//`)".to_owned()),
+            "." | ".." => return Err("`.` and `..` are not allowed".to_owned()),
+            _ => {}
+        }
+    }
+    if parts.len() as u32 >= MAX_CGROUP_DEPTH {
+        return Err(format!(
+            "{} levels deep; portguard supports cgroups up to {} levels below the root",
+            parts.len(),
+            MAX_CGROUP_DEPTH - 1
+        ));
+    }
+    Ok(trimmed.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(text: &str) -> PolicyFile {
+        parse_policy_str(text).unwrap_or_else(|d| panic!("unexpected errors: {d:#?}"))
+    }
+
+    fn errs(text: &str) -> Vec<Diagnostic> {
+        parse_policy_str(text).expect_err("expected errors")
+    }
+
+    const ISSUE_EXAMPLE: &str = r#"
+policies:
+  - name: web                     # unique
+    cgroup: /portguard-demo/web   # path under the cgroup2 mount
+    mode: enforce
+    bind:
+      - ports: [8080, "9000-9099"]
+        protocol: tcp
+        family: any
+        address: loopback
+    connect:
+      - ports: [5432]
+"#;
+
+    #[test]
+    fn parses_the_documented_example() {
+        let f = ok(ISSUE_EXAMPLE);
+        assert_eq!(f.policies.len(), 1);
+        let p = &f.policies[0];
+        assert_eq!(p.name, "web");
+        assert_eq!(p.cgroup, "/portguard-demo/web");
+        assert_eq!(p.mode, Mode::Enforce);
+        let bind = p.bind.as_ref().unwrap();
+        assert_eq!(
+            bind[0].ports,
+            vec![PortSpec::Port(8080), PortSpec::Range(9000, 9099)]
+        );
+        assert_eq!(bind[0].protocol, ProtocolSel::Tcp);
+        assert_eq!(bind[0].address, AddressSel::Loopback);
+        let connect = p.connect.as_ref().unwrap();
+        assert_eq!(connect[0].ports, vec![PortSpec::Port(5432)]);
+        assert_eq!(connect[0].protocol, ProtocolSel::Any);
+        assert_eq!(connect[0].family, FamilySel::Any);
+        assert_eq!(connect[0].address, AddressSel::Any);
+    }
+
+    #[test]
+    fn absent_and_empty_directions_differ() {
+        let f = ok("policies:\n  - name: a\n    cgroup: /a\n    bind: []\n");
+        assert_eq!(f.policies[0].bind, Some(vec![]));
+        assert_eq!(f.policies[0].connect, None);
+    }
+
+    #[test]
+    fn null_direction_is_an_error_not_a_guess() {
+        let d = errs("policies:\n  - name: a\n    cgroup: /a\n    bind:\n");
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].field, "policies[0].bind");
+        assert!(d[0].message.contains("`[]`"), "{}", d[0].message);
+    }
+
+    #[test]
+    fn mode_defaults_to_enforce_and_audit_parses() {
+        let f = ok("policies:\n  - {name: a, cgroup: /a, mode: audit}\n  - {name: b, cgroup: /b}\n");
+        assert_eq!(f.policies[0].mode, Mode::Audit);
+        assert_eq!(f.policies[1].mode, Mode::Enforce);
+    }
+
+    #[test]
+    fn every_error_is_listed_with_line_and_field() {
+        let text = r#"policies:
+  - name: a
+    cgroup: /a
+    colour: blue
+    bind:
+      - ports: [0, 70000, "9100-9000", "http", ephemeral]
+        protocol: sctp
+  - name: a
+    cgroup: /a/
+  - name: c
+    cgroup: relative/path
+    mode: strict
+    connect:
+      - ports: [ephemeral]
+        addres: loopback
+"#;
+        let d = errs(text);
+        let find = |field: &str| {
+            d.iter()
+                .find(|x| x.field == field)
+                .unwrap_or_else(|| panic!("no diagnostic for {field}: {d:#?}"))
+        };
+        let unknown = find("policies[0].colour");
+        assert_eq!((unknown.line, unknown.column), (4, 5));
+        assert!(unknown.message.contains("unknown key `colour`"));
+        assert!(find("policies[0].bind[0].ports[0]").message.contains("ephemeral"));
+        assert!(find("policies[0].bind[0].ports[1]").message.contains("out of range"));
+        assert!(find("policies[0].bind[0].ports[2]").message.contains("inverted"));
+        assert!(find("policies[0].bind[0].ports[3]").message.contains("not a port"));
+        let proto = find("policies[0].bind[0].protocol");
+        assert_eq!(proto.line, 7);
+        assert!(proto.message.contains("unknown value `sctp`"));
+        assert!(find("policies[2].cgroup").message.contains("absolute"));
+        // The second `a` duplicates both the name and the cgroup of the first,
+        // even though the first has errors of its own.
+        assert!(find("policies[1].name").message.contains("duplicate policy name `a`"));
+        assert!(find("policies[1].cgroup").message.contains("already has policy `a`"));
+        assert!(find("policies[2].mode").message.contains("enforce, audit"));
+        assert!(find("policies[2].connect[0].ports[0]").message.contains("bind rules only"));
+        assert!(find("policies[2].connect[0].addres").message.contains("unknown key"));
+        // ephemeral in a bind rule is fine: no diagnostic for ports[4].
+        assert!(!d.iter().any(|x| x.field == "policies[0].bind[0].ports[4]"));
+        // Sorted by position.
+        assert!(d.windows(2).all(|w| (w[0].line, w[0].column) <= (w[1].line, w[1].column)));
+    }
+
+    #[test]
+    fn duplicate_names_are_reported_once_valid_policies_are_known() {
+        let d = errs("policies:\n  - {name: a, cgroup: /a}\n  - {name: a, cgroup: /b}\n");
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].line, 3);
+        assert_eq!(d[0].field, "policies[1].name");
+        assert!(d[0].message.contains("duplicate policy name `a`"));
+        assert!(d[0].message.contains("line 2"));
+    }
+
+    #[test]
+    fn one_policy_per_cgroup() {
+        let d = errs("policies:\n  - {name: a, cgroup: /x}\n  - {name: b, cgroup: /x/}\n");
+        assert_eq!(d.len(), 1);
+        assert!(d[0].message.contains("already has policy `a`"), "{}", d[0].message);
+    }
+
+    #[test]
+    fn missing_keys() {
+        let d = errs("policies:\n  - mode: audit\n");
+        assert!(d.iter().any(|x| x.message.contains("missing key `name`")));
+        assert!(d.iter().any(|x| x.message.contains("missing key `cgroup`")));
+        let d = errs("policies:\n  - {name: a, cgroup: /a, bind: [{protocol: tcp}]}\n");
+        assert!(d[0].message.contains("missing key `ports`"));
+        let d = errs("other: 1\n");
+        assert!(d.iter().any(|x| x.message.contains("unknown key `other`")));
+        assert!(d.iter().any(|x| x.message.contains("missing key `policies`")));
+    }
+
+    #[test]
+    fn empty_file_and_syntax_errors() {
+        assert!(errs("")[0].message.contains("empty"));
+        let d = errs("policies:\n  - name: [\n");
+        assert!(d[0].message.starts_with("YAML syntax error"));
+    }
+
+    #[test]
+    fn empty_port_list_is_an_error() {
+        let d = errs("policies:\n  - {name: a, cgroup: /a, bind: [{ports: []}]}\n");
+        assert!(d[0].message.contains("empty port list"));
+    }
+
+    #[test]
+    fn quoted_and_plain_ports_and_ranges() {
+        let f = ok("policies:\n  - {name: a, cgroup: /a, bind: [{ports: [\"80\", 443, 1-1024, \" 5 - 6 \", \"7-7\"]}]}\n");
+        assert_eq!(
+            f.policies[0].bind.as_ref().unwrap()[0].ports,
+            vec![
+                PortSpec::Port(80),
+                PortSpec::Port(443),
+                PortSpec::Range(1, 1024),
+                PortSpec::Range(5, 6),
+                PortSpec::Port(7),
+            ]
+        );
+    }
+
+    #[test]
+    fn range_edges() {
+        assert!(errs("policies: [{name: a, cgroup: /a, bind: [{ports: [\"1-65536\"]}]}]").len() == 1);
+        assert!(errs("policies: [{name: a, cgroup: /a, bind: [{ports: [\"0-10\"]}]}]").len() == 1);
+        assert!(errs("policies: [{name: a, cgroup: /a, bind: [{ports: [-1]}]}]").len() == 1);
+        assert!(errs("policies: [{name: a, cgroup: /a, bind: [{ports: [1.5]}]}]").len() == 1);
+        ok("policies: [{name: a, cgroup: /a, bind: [{ports: [\"1-65535\", 65535, 1]}]}]");
+    }
+
+    #[test]
+    fn cgroup_paths_are_normalised_and_checked() {
+        assert_eq!(normalize_cgroup("/a/b/").unwrap(), "/a/b");
+        assert_eq!(normalize_cgroup("/").unwrap(), "/");
+        assert!(normalize_cgroup("a/b").is_err());
+        assert!(normalize_cgroup("/a//b").is_err());
+        assert!(normalize_cgroup("/a/../b").is_err());
+        let deep = "/x".repeat(31);
+        assert!(normalize_cgroup(&deep).is_ok());
+        let too_deep = "/x".repeat(32);
+        assert!(normalize_cgroup(&too_deep).unwrap_err().contains("levels"));
+    }
+
+    #[test]
+    fn policies_must_be_a_list() {
+        let d = errs("policies:\n");
+        assert!(d[0].message.contains("`policies: []`"));
+        ok("policies: []\n");
+    }
+}

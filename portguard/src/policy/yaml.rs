@@ -1,0 +1,283 @@
+//! A small YAML tree that remembers where each node came from, built from
+//! saphyr-parser's event stream. Scalars keep their raw text and whether they
+//! were quoted, so the policy layer decides what `8080` vs `"8080"` mean, and
+//! duplicate mapping keys are reported instead of silently overwritten.
+
+use std::collections::HashMap;
+
+use saphyr_parser::{Event, Parser, ScalarStyle, Span};
+
+/// 1-based position in the source text.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pos {
+    pub line: usize,
+    pub column: usize,
+}
+
+impl Pos {
+    fn from_span(span: &Span) -> Self {
+        Self {
+            line: span.start.line(),
+            column: span.start.col() + 1,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// A scalar: raw text, and whether it was written plain (unquoted).
+    Scalar { text: String, plain: bool },
+    Seq(Vec<Node>),
+    Map(Vec<(Node, Node)>),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Node {
+    pub pos: Pos,
+    pub kind: Kind,
+}
+
+impl Node {
+    /// A plain `~`, `null`, `Null`, `NULL` or empty scalar.
+    pub fn is_null(&self) -> bool {
+        matches!(&self.kind, Kind::Scalar { text, plain: true }
+            if matches!(text.as_str(), "" | "~" | "null" | "Null" | "NULL"))
+    }
+
+    /// Short description of the node's type for error messages.
+    pub fn type_name(&self) -> &'static str {
+        match &self.kind {
+            _ if self.is_null() => "null",
+            Kind::Scalar { .. } => "a scalar",
+            Kind::Seq(_) => "a list",
+            Kind::Map(_) => "a mapping",
+        }
+    }
+}
+
+/// A syntax error with its position.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyntaxError {
+    pub pos: Pos,
+    pub message: String,
+}
+
+enum Frame {
+    Seq {
+        pos: Pos,
+        anchor: usize,
+        items: Vec<Node>,
+    },
+    Map {
+        pos: Pos,
+        anchor: usize,
+        entries: Vec<(Node, Node)>,
+        pending_key: Option<Node>,
+    },
+}
+
+/// Parse one YAML document. An empty input yields `Ok(None)`.
+pub fn parse(text: &str) -> Result<Option<Node>, SyntaxError> {
+    let mut parser = Parser::new_from_str(text);
+    let mut stack: Vec<Frame> = Vec::new();
+    let mut anchors: HashMap<usize, Node> = HashMap::new();
+    let mut root: Option<Node> = None;
+    let mut documents = 0usize;
+    let mut duplicate: Option<SyntaxError> = None;
+
+    for ev in &mut parser {
+        let (ev, span) = ev.map_err(|e| SyntaxError {
+            pos: Pos {
+                line: e.marker().line(),
+                column: e.marker().col() + 1,
+            },
+            message: e.info().to_owned(),
+        })?;
+        let pos = Pos::from_span(&span);
+        let finished: Option<(Node, usize)> = match ev {
+            Event::StreamStart | Event::StreamEnd | Event::Nothing | Event::DocumentEnd => None,
+            Event::DocumentStart(_) => {
+                documents += 1;
+                if documents > 1 {
+                    return Err(SyntaxError {
+                        pos,
+                        message: "a policy file holds one YAML document; found a second `---`"
+                            .to_owned(),
+                    });
+                }
+                None
+            }
+            Event::Alias(id) => {
+                let node = anchors.get(&id).cloned().ok_or_else(|| SyntaxError {
+                    pos,
+                    message: "alias refers to an unknown anchor".to_owned(),
+                })?;
+                Some((node, 0))
+            }
+            Event::Scalar(value, style, anchor, _tag) => Some((
+                Node {
+                    pos,
+                    kind: Kind::Scalar {
+                        text: value.into_owned(),
+                        plain: style == ScalarStyle::Plain,
+                    },
+                },
+                anchor,
+            )),
+            Event::SequenceStart(anchor, _) => {
+                stack.push(Frame::Seq {
+                    pos,
+                    anchor,
+                    items: Vec::new(),
+                });
+                None
+            }
+            Event::MappingStart(anchor, _) => {
+                stack.push(Frame::Map {
+                    pos,
+                    anchor,
+                    entries: Vec::new(),
+                    pending_key: None,
+                });
+                None
+            }
+            Event::SequenceEnd => match stack.pop() {
+                Some(Frame::Seq { pos, anchor, items }) => Some((
+                    Node {
+                        pos,
+                        kind: Kind::Seq(items),
+                    },
+                    anchor,
+                )),
+                _ => unreachable_frame(pos)?,
+            },
+            Event::MappingEnd => match stack.pop() {
+                Some(Frame::Map {
+                    pos,
+                    anchor,
+                    entries,
+                    ..
+                }) => Some((
+                    Node {
+                        pos,
+                        kind: Kind::Map(entries),
+                    },
+                    anchor,
+                )),
+                _ => unreachable_frame(pos)?,
+            },
+        };
+        let Some((node, anchor)) = finished else {
+            continue;
+        };
+        if anchor != 0 {
+            anchors.insert(anchor, node.clone());
+        }
+        match stack.last_mut() {
+            None => root = Some(node),
+            Some(Frame::Seq { items, .. }) => items.push(node),
+            Some(Frame::Map {
+                entries,
+                pending_key,
+                ..
+            }) => match pending_key.take() {
+                None => *pending_key = Some(node),
+                Some(key) => {
+                    if duplicate.is_none()
+                        && let Some((first, _)) = entries.iter().find(|(k, _)| k.kind == key.kind)
+                    {
+                        duplicate = Some(SyntaxError {
+                            pos: key.pos,
+                            message: format!(
+                                "duplicate key {} (first given on line {})",
+                                describe_key(&key),
+                                first.pos.line
+                            ),
+                        });
+                    }
+                    entries.push((key, node));
+                }
+            },
+        }
+    }
+    if let Some(e) = duplicate {
+        return Err(e);
+    }
+    Ok(root)
+}
+
+fn describe_key(key: &Node) -> String {
+    match &key.kind {
+        Kind::Scalar { text, .. } => format!("`{text}`"),
+        _ => key.type_name().to_owned(),
+    }
+}
+
+fn unreachable_frame<T>(pos: Pos) -> Result<T, SyntaxError> {
+    Err(SyntaxError {
+        pos,
+        message: "unbalanced YAML structure".to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scalar(n: &Node) -> (&str, bool) {
+        match &n.kind {
+            Kind::Scalar { text, plain } => (text.as_str(), *plain),
+            other => panic!("not a scalar: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn positions_are_one_based() {
+        let root = parse("a:\n  - 1\n  - \"x\"\n").unwrap().unwrap();
+        let Kind::Map(entries) = &root.kind else {
+            panic!()
+        };
+        let (k, v) = &entries[0];
+        assert_eq!(k.pos, Pos { line: 1, column: 1 });
+        let Kind::Seq(items) = &v.kind else { panic!() };
+        assert_eq!(items[1].pos, Pos { line: 3, column: 5 });
+        assert_eq!(scalar(&items[0]), ("1", true));
+        assert_eq!(scalar(&items[1]), ("x", false));
+    }
+
+    #[test]
+    fn duplicate_keys_are_errors() {
+        let e = parse("a: 1\nb: 2\na: 3\n").unwrap_err();
+        assert_eq!(e.pos.line, 3);
+        assert!(e.message.contains("duplicate key `a`"), "{}", e.message);
+        assert!(e.message.contains("line 1"), "{}", e.message);
+    }
+
+    #[test]
+    fn aliases_copy_the_anchored_node() {
+        let root = parse("x: &p [1, 2]\ny: *p\n").unwrap().unwrap();
+        let Kind::Map(entries) = &root.kind else {
+            panic!()
+        };
+        assert_eq!(entries[0].1.kind, entries[1].1.kind);
+    }
+
+    #[test]
+    fn syntax_errors_have_positions() {
+        let e = parse("a: [1, 2\nb: 3\n").unwrap_err();
+        assert!(e.pos.line >= 1);
+        assert!(!e.message.is_empty());
+    }
+
+    #[test]
+    fn empty_input_is_none() {
+        assert_eq!(parse("").unwrap(), None);
+        assert_eq!(parse("# only a comment\n").unwrap(), None);
+    }
+
+    #[test]
+    fn second_document_is_an_error() {
+        let e = parse("a: 1\n---\nb: 2\n").unwrap_err();
+        assert!(e.message.contains("one YAML document"), "{}", e.message);
+    }
+}

@@ -1,0 +1,808 @@
+//! Writes compiled policies into the kernel maps, whole or not at all.
+//!
+//! [`Applier`] mirrors what the kernel maps hold and turns a new policy set
+//! into map writes through the narrow [`RuleSink`] trait, so the update logic
+//! (generations, set sharing, capacity checks, partial failures) is unit-tested
+//! with [`fake::FakeMaps`] and no kernel. The aya-backed sink lives in
+//! `loader.rs`.
+//!
+//! An apply:
+//! 1. plans every record, set and cgroup entry and checks capacity before
+//!    writing anything (a full map is an error naming the flag to raise);
+//! 2. waits until [`GRACE`] has passed since the previous flip, so no
+//!    program still running on the generation about to be reused can see it
+//!    change under it;
+//! 3. clears the dead generation and the port sets only it used;
+//! 4. writes new port sets (content-addressed: a set already in the kernel is
+//!    reused, whichever policy or generation it came from), records and
+//!    cgroup entries into the dead generation;
+//! 5. flips `State::generation` with one map update.
+//!
+//! A failure in steps 3-4 leaves the live generation untouched (enforcement
+//! continues on the old policy) and is tracked, so the next apply cleans up.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use portguard_common::{
+    CHUNKS_PER_SET, CgroupKey, CgroupValue, EMPTY_SET, MAX_CGROUP_DEPTH, MODE_AUDIT, MODE_ENFORCE,
+    PolicyRecord, PortChunk, PortChunkKey, SET_SLOTS, State,
+};
+
+use crate::policy::{CompiledPolicy, DirectionSets, Mode, PortSet};
+
+/// Minimum time between a flip and the next rewrite of the generation it
+/// retired. BPF programs run in microseconds; this is a wide margin for a
+/// preempted one.
+pub const GRACE: Duration = Duration::from_millis(50);
+
+/// Map capacities, fixed at load time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    /// Governed cgroups per generation.
+    pub cgroups: u32,
+    /// Policies per generation.
+    pub policies: u32,
+    /// 512-port chunks across all port sets.
+    pub chunks: u32,
+}
+
+impl Capacity {
+    /// `max_entries` of each map for these capacities.
+    pub const fn cgroup_map_entries(&self) -> u32 {
+        self.cgroups * 2
+    }
+    pub const fn policy_map_entries(&self) -> u32 {
+        self.policies * 2
+    }
+}
+
+/// A cgroup a policy applies to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResolvedCgroup {
+    pub id: u64,
+    /// Depth below the cgroup2 root (the root is level 0).
+    pub level: u32,
+}
+
+/// One policy to apply and where.
+#[derive(Clone, Debug)]
+pub struct Target<'a> {
+    /// Stable id reported in events.
+    pub policy_id: u32,
+    pub policy: &'a CompiledPolicy,
+    /// Empty when the policy's cgroup does not exist (yet).
+    pub cgroups: Vec<ResolvedCgroup>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("map {map} is full")]
+    Full { map: &'static str },
+    #[error("updating map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(
+        "policy needs {needed} {what} but the kernel maps hold at most {max}; \
+         restart the agent with a larger {flag}"
+    )]
+    Capacity {
+        what: &'static str,
+        needed: usize,
+        max: u32,
+        flag: &'static str,
+    },
+    #[error("cgroup id {cgroup_id} is claimed by both policy id {first} and {second}")]
+    DuplicateCgroup {
+        cgroup_id: u64,
+        first: u32,
+        second: u32,
+    },
+    #[error("cgroup id {cgroup_id} is {level} levels deep; the kernel walks at most {max}")]
+    TooDeep { cgroup_id: u64, level: u32, max: u32 },
+    #[error("writing the new policy generation failed (the previous policy stays in force): {0}")]
+    Sink(#[from] SinkError),
+}
+
+/// The kernel map writes an apply needs.
+pub trait RuleSink {
+    fn put_chunk(&mut self, key: PortChunkKey, chunk: &PortChunk) -> Result<(), SinkError>;
+    fn del_chunk(&mut self, key: PortChunkKey) -> Result<(), SinkError>;
+    fn put_policy(&mut self, index: u32, record: &PolicyRecord) -> Result<(), SinkError>;
+    fn put_cgroup(&mut self, key: CgroupKey, value: CgroupValue) -> Result<(), SinkError>;
+    fn del_cgroup(&mut self, key: CgroupKey) -> Result<(), SinkError>;
+    fn put_state(&mut self, state: &State) -> Result<(), SinkError>;
+}
+
+struct SetEntry {
+    content: Arc<PortSet>,
+    chunks: Vec<u32>,
+}
+
+/// What an apply did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    pub generation: u32,
+    pub policies: usize,
+    pub cgroups: usize,
+    pub sets_written: usize,
+    pub sets_deleted: usize,
+    /// Distinct port sets and chunks live after the apply (both generations).
+    pub sets_total: usize,
+    pub chunks_total: usize,
+}
+
+/// Userspace mirror of the kernel maps.
+pub struct Applier {
+    caps: Capacity,
+    state: State,
+    /// Cgroup keys present in the kernel, per generation.
+    gen_cgroups: [HashSet<CgroupKey>; 2],
+    /// Set ids referenced by each generation's records.
+    gen_sets: [HashSet<u32>; 2],
+    sets: HashMap<u32, SetEntry>,
+    by_content: HashMap<Arc<PortSet>, u32>,
+    next_set_id: u32,
+    last_flip: Option<Instant>,
+}
+
+impl Applier {
+    /// A mirror of freshly created (all-zero) maps: generation 0 live, empty.
+    pub fn new(caps: Capacity) -> Self {
+        Self {
+            caps,
+            state: State::default(),
+            gen_cgroups: Default::default(),
+            gen_sets: Default::default(),
+            sets: HashMap::new(),
+            by_content: HashMap::new(),
+            next_set_id: EMPTY_SET + 1,
+            last_flip: None,
+        }
+    }
+
+    pub const fn capacity(&self) -> Capacity {
+        self.caps
+    }
+
+    pub const fn live_generation(&self) -> u32 {
+        self.state.generation
+    }
+
+    pub fn chunks_in_use(&self) -> usize {
+        self.sets.values().map(|s| s.chunks.len()).sum()
+    }
+
+    /// Replace the live policy set with `targets`, atomically.
+    pub fn apply<S: RuleSink>(
+        &mut self,
+        sink: &mut S,
+        targets: &[Target<'_>],
+    ) -> Result<ApplyReport, ApplyError> {
+        let live = (self.state.generation & 1) as usize;
+        let gen_ = 1 - live;
+
+        // 1. Plan.
+        if targets.len() > self.caps.policies as usize {
+            return Err(ApplyError::Capacity {
+                what: "policies",
+                needed: targets.len(),
+                max: self.caps.policies,
+                flag: "--max-policies",
+            });
+        }
+        let mut planned: HashMap<Arc<PortSet>, u32> = HashMap::new();
+        let mut new_sets: Vec<(u32, Arc<PortSet>)> = Vec::new();
+        let mut next_id = self.next_set_id;
+        let mut gen_set_ids: HashSet<u32> = HashSet::new();
+        let mut records = Vec::with_capacity(targets.len());
+        let mut cgroups: Vec<(CgroupKey, CgroupValue)> = Vec::new();
+        let mut seen_cgroups: HashMap<u64, u32> = HashMap::new();
+        let mut max_level = 0u32;
+
+        let mut set_id_for = |set: &PortSet, gen_set_ids: &mut HashSet<u32>| -> u32 {
+            if set.is_empty() {
+                return EMPTY_SET;
+            }
+            let id = if let Some(&id) = self.by_content.get(set) {
+                id
+            } else if let Some(&id) = planned.get(set) {
+                id
+            } else {
+                let id = next_id;
+                next_id += 1;
+                let content = Arc::new(set.clone());
+                planned.insert(Arc::clone(&content), id);
+                new_sets.push((id, content));
+                id
+            };
+            gen_set_ids.insert(id);
+            id
+        };
+
+        for (i, t) in targets.iter().enumerate() {
+            let mut rec = PolicyRecord {
+                policy_id: t.policy_id,
+                mode: match t.policy.mode {
+                    Mode::Enforce => MODE_ENFORCE,
+                    Mode::Audit => MODE_AUDIT,
+                },
+                bind_restricted: u8::from(t.policy.bind.is_some()),
+                connect_restricted: u8::from(t.policy.connect.is_some()),
+                _pad: 0,
+                sets: [EMPTY_SET; SET_SLOTS],
+            };
+            let dirs: [(usize, Option<&DirectionSets>); 2] =
+                [(0, t.policy.bind.as_ref()), (8, t.policy.connect.as_ref())];
+            for (base, sets) in dirs {
+                if let Some(sets) = sets {
+                    for (j, set) in sets.0.iter().enumerate() {
+                        rec.sets[base + j] = set_id_for(set, &mut gen_set_ids);
+                    }
+                }
+            }
+            records.push(rec);
+            let index = gen_ as u32 * self.caps.policies + i as u32;
+            for cg in &t.cgroups {
+                if cg.level >= MAX_CGROUP_DEPTH {
+                    return Err(ApplyError::TooDeep {
+                        cgroup_id: cg.id,
+                        level: cg.level,
+                        max: MAX_CGROUP_DEPTH - 1,
+                    });
+                }
+                if let Some(&first) = seen_cgroups.get(&cg.id) {
+                    return Err(ApplyError::DuplicateCgroup {
+                        cgroup_id: cg.id,
+                        first,
+                        second: t.policy_id,
+                    });
+                }
+                seen_cgroups.insert(cg.id, t.policy_id);
+                max_level = max_level.max(cg.level);
+                cgroups.push((
+                    CgroupKey {
+                        cgroup_id: cg.id,
+                        generation: gen_ as u32,
+                        _pad: 0,
+                    },
+                    CgroupValue {
+                        policy_index: index,
+                    },
+                ));
+            }
+        }
+        if cgroups.len() > self.caps.cgroups as usize {
+            return Err(ApplyError::Capacity {
+                what: "governed cgroups",
+                needed: cgroups.len(),
+                max: self.caps.cgroups,
+                flag: "--max-cgroups",
+            });
+        }
+        // Chunks alive once the dead generation is replaced: the live
+        // generation's sets plus this one's.
+        let keep: HashSet<u32> = self.gen_sets[live].union(&gen_set_ids).copied().collect();
+        let planned_chunks: HashMap<u32, Vec<(u32, PortChunk)>> = new_sets
+            .iter()
+            .map(|(id, content)| (*id, content.chunks()))
+            .collect();
+        let chunks_needed: usize = keep
+            .iter()
+            .map(|id| {
+                self.sets.get(id).map_or_else(
+                    || planned_chunks.get(id).map_or(0, Vec::len),
+                    |s| s.chunks.len(),
+                )
+            })
+            .sum();
+        if chunks_needed > self.caps.chunks as usize {
+            return Err(ApplyError::Capacity {
+                what: "port-set chunks (512 ports each)",
+                needed: chunks_needed,
+                max: self.caps.chunks,
+                flag: "--max-port-chunks",
+            });
+        }
+
+        // 2. Grace period since the last flip.
+        if let Some(t) = self.last_flip {
+            let since = t.elapsed();
+            if since < GRACE {
+                std::thread::sleep(GRACE - since);
+            }
+        }
+
+        // 3. Clear the dead generation.
+        let dead_keys: Vec<CgroupKey> = self.gen_cgroups[gen_].iter().copied().collect();
+        for key in dead_keys {
+            sink.del_cgroup(key)?;
+            self.gen_cgroups[gen_].remove(&key);
+        }
+        self.gen_sets[gen_].clear();
+        let mut sets_deleted = 0;
+        let doomed: Vec<u32> = self
+            .sets
+            .keys()
+            .filter(|id| !keep.contains(id))
+            .copied()
+            .collect();
+        for id in doomed {
+            self.delete_set(sink, id)?;
+            sets_deleted += 1;
+        }
+
+        // 4. Write sets, records, cgroups into the dead generation. Sets are
+        // tracked as soon as their first chunk may exist, so a failure is
+        // cleaned up by the next apply.
+        self.gen_sets[gen_] = gen_set_ids;
+        let sets_written = new_sets.len();
+        for (id, content) in new_sets {
+            let chunks = planned_chunks.get(&id).cloned().unwrap_or_default();
+            self.sets.insert(
+                id,
+                SetEntry {
+                    content: Arc::clone(&content),
+                    chunks: chunks.iter().map(|(c, _)| *c).collect(),
+                },
+            );
+            self.next_set_id = self.next_set_id.max(id + 1);
+            for (c, chunk) in &chunks {
+                sink.put_chunk(
+                    PortChunkKey {
+                        set_id: id,
+                        chunk: *c,
+                    },
+                    chunk,
+                )?;
+            }
+            // Only a completely written set may be shared by later applies.
+            self.by_content.insert(content, id);
+        }
+        for (i, rec) in records.iter().enumerate() {
+            sink.put_policy(gen_ as u32 * self.caps.policies + i as u32, rec)?;
+        }
+        for (key, value) in &cgroups {
+            self.gen_cgroups[gen_].insert(*key);
+            sink.put_cgroup(*key, *value)?;
+        }
+
+        // 5. Publish: bounds for the new generation first, then the flip.
+        let mut state = self.state;
+        state.max_level[gen_] = max_level;
+        state.cgroups[gen_] = cgroups.len() as u32;
+        sink.put_state(&state)?;
+        state.generation = gen_ as u32;
+        sink.put_state(&state)?;
+        self.state = state;
+        self.last_flip = Some(Instant::now());
+
+        Ok(ApplyReport {
+            generation: gen_ as u32,
+            policies: targets.len(),
+            cgroups: cgroups.len(),
+            sets_written,
+            sets_deleted,
+            sets_total: self.sets.len(),
+            chunks_total: self.chunks_in_use(),
+        })
+    }
+
+    fn delete_set<S: RuleSink>(&mut self, sink: &mut S, id: u32) -> Result<(), SinkError> {
+        let Some(entry) = self.sets.get_mut(&id) else {
+            return Ok(());
+        };
+        while let Some(&c) = entry.chunks.last() {
+            sink.del_chunk(PortChunkKey { set_id: id, chunk: c })?;
+            entry.chunks.pop();
+        }
+        if let Some(entry) = self.sets.remove(&id)
+            && self.by_content.get(&entry.content) == Some(&id)
+        {
+            self.by_content.remove(&entry.content);
+        }
+        Ok(())
+    }
+}
+
+const _: () = assert!(CHUNKS_PER_SET == 128);
+
+#[cfg(test)]
+pub mod fake {
+    //! In-memory stand-in for the kernel maps, with the kernel's lookup
+    //! algorithm re-stated so tests can ask "what would the kernel decide".
+
+    use std::collections::HashMap;
+
+    use portguard_common::{
+        AddrClass, CgroupKey, CgroupValue, Direction, EMPTY_SET, Family, MODE_AUDIT,
+        PORTS_PER_CHUNK, PolicyRecord, PortChunk, PortChunkKey, Proto, State, set_slot,
+    };
+
+    use super::{RuleSink, SinkError};
+
+    #[derive(Default)]
+    pub struct FakeMaps {
+        pub state: State,
+        pub cgroups: HashMap<CgroupKey, CgroupValue>,
+        pub policies: HashMap<u32, PolicyRecord>,
+        pub chunks: HashMap<PortChunkKey, PortChunk>,
+        /// Fail the n-th write from now (0 = the next one).
+        pub fail_at: Option<usize>,
+        pub writes: usize,
+        pub max_cgroup_entries: Option<usize>,
+    }
+
+    #[derive(Debug, PartialEq, Eq)]
+    pub enum Verdict {
+        Ungoverned,
+        Allow,
+        Deny,
+        Audit,
+    }
+
+    impl FakeMaps {
+        fn tick(&mut self, map: &'static str) -> Result<(), SinkError> {
+            if let Some(n) = self.fail_at {
+                if n == 0 {
+                    self.fail_at = None;
+                    return Err(SinkError::Full { map });
+                }
+                self.fail_at = Some(n - 1);
+            }
+            self.writes += 1;
+            Ok(())
+        }
+
+        fn contains(&self, set: u32, port: u16) -> bool {
+            set != EMPTY_SET
+                && self
+                    .chunks
+                    .get(&PortChunkKey {
+                        set_id: set,
+                        chunk: u32::from(port) / PORTS_PER_CHUNK,
+                    })
+                    .is_some_and(|c| c.contains(port))
+        }
+
+        /// The kernel's decision for a task whose cgroup ancestry (root first)
+        /// is `ancestry`.
+        #[expect(clippy::too_many_arguments, reason = "mirrors the kernel query")]
+        pub fn decide(
+            &self,
+            ancestry: &[u64],
+            dir: Direction,
+            proto: Proto,
+            family: Family,
+            addr: AddrClass,
+            port: u16,
+            ephemeral_ok: bool,
+        ) -> Verdict {
+            let g = self.state.generation;
+            if self.state.cgroups[g as usize] == 0 {
+                return Verdict::Ungoverned;
+            }
+            let mut found = None;
+            for (level, id) in ancestry.iter().enumerate() {
+                if level as u32 > self.state.max_level[g as usize] {
+                    break;
+                }
+                if let Some(v) = self.cgroups.get(&CgroupKey {
+                    cgroup_id: *id,
+                    generation: g,
+                    _pad: 0,
+                }) {
+                    found = Some(v.policy_index);
+                }
+            }
+            let Some(index) = found else {
+                return Verdict::Ungoverned;
+            };
+            let rec = self.policies[&index];
+            let restricted = match dir {
+                Direction::Bind => rec.bind_restricted,
+                Direction::Connect => rec.connect_restricted,
+            };
+            if restricted == 0 {
+                return Verdict::Allow;
+            }
+            let set = rec.sets[set_slot(dir, proto, family, addr)];
+            if self.contains(set, port) || (ephemeral_ok && self.contains(set, 0)) {
+                Verdict::Allow
+            } else if rec.mode == MODE_AUDIT {
+                Verdict::Audit
+            } else {
+                Verdict::Deny
+            }
+        }
+    }
+
+    impl RuleSink for FakeMaps {
+        fn put_chunk(&mut self, key: PortChunkKey, chunk: &PortChunk) -> Result<(), SinkError> {
+            self.tick("chunks")?;
+            self.chunks.insert(key, *chunk);
+            Ok(())
+        }
+        fn del_chunk(&mut self, key: PortChunkKey) -> Result<(), SinkError> {
+            self.tick("chunks")?;
+            self.chunks.remove(&key);
+            Ok(())
+        }
+        fn put_policy(&mut self, index: u32, record: &PolicyRecord) -> Result<(), SinkError> {
+            self.tick("policies")?;
+            self.policies.insert(index, *record);
+            Ok(())
+        }
+        fn put_cgroup(&mut self, key: CgroupKey, value: CgroupValue) -> Result<(), SinkError> {
+            self.tick("cgroups")?;
+            if self
+                .max_cgroup_entries
+                .is_some_and(|m| self.cgroups.len() >= m && !self.cgroups.contains_key(&key))
+            {
+                return Err(SinkError::Full { map: "cgroups" });
+            }
+            self.cgroups.insert(key, value);
+            Ok(())
+        }
+        fn del_cgroup(&mut self, key: CgroupKey) -> Result<(), SinkError> {
+            self.tick("cgroups")?;
+            self.cgroups.remove(&key);
+            Ok(())
+        }
+        fn put_state(&mut self, state: &State) -> Result<(), SinkError> {
+            self.tick("state")?;
+            self.state = *state;
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use portguard_common::{AddrClass, Direction, Family, Proto};
+
+    use super::{fake::*, *};
+    use crate::policy::{compile, parse_policy_str};
+
+    fn compiled(text: &str) -> Vec<CompiledPolicy> {
+        parse_policy_str(text)
+            .unwrap()
+            .policies
+            .iter()
+            .map(compile)
+            .collect()
+    }
+
+    const CAPS: Capacity = Capacity {
+        cgroups: 64,
+        policies: 16,
+        chunks: 256,
+    };
+
+    fn targets<'a>(policies: &'a [CompiledPolicy], ids: &[(u64, u32)]) -> Vec<Target<'a>> {
+        policies
+            .iter()
+            .zip(ids)
+            .enumerate()
+            .map(|(i, (p, (id, level)))| Target {
+                policy_id: i as u32 + 1,
+                policy: p,
+                cgroups: vec![ResolvedCgroup {
+                    id: *id,
+                    level: *level,
+                }],
+            })
+            .collect()
+    }
+
+    fn bind(m: &FakeMaps, ancestry: &[u64], port: u16) -> Verdict {
+        m.decide(
+            ancestry,
+            Direction::Bind,
+            Proto::Tcp,
+            Family::Ipv4,
+            AddrClass::Any,
+            port,
+            false,
+        )
+    }
+
+    const TWO: &str = "policies:
+  - {name: parent, cgroup: /p, bind: [{ports: [\"9000-9099\"]}]}
+  - {name: child, cgroup: /p/c, bind: [{ports: [22]}], mode: audit}
+  - {name: sealed, cgroup: /s, bind: []}
+";
+
+    #[test]
+    fn nearest_ancestor_wins_and_ungoverned_is_untouched() {
+        let p = compiled(TWO);
+        let mut m = FakeMaps::default();
+        let mut a = Applier::new(CAPS);
+        a.apply(&mut m, &targets(&p, &[(10, 1), (11, 2), (20, 1)]))
+            .unwrap();
+        // /p/x (id 12) inherits /p.
+        assert_eq!(bind(&m, &[1, 10, 12], 9000), Verdict::Allow);
+        assert_eq!(bind(&m, &[1, 10, 12], 9099), Verdict::Allow);
+        assert_eq!(bind(&m, &[1, 10, 12], 9100), Verdict::Deny);
+        assert_eq!(bind(&m, &[1, 10, 12], 8999), Verdict::Deny);
+        // /p/c has its own (audit) policy: nearest wins.
+        assert_eq!(bind(&m, &[1, 10, 11], 22), Verdict::Allow);
+        assert_eq!(bind(&m, &[1, 10, 11], 9000), Verdict::Audit);
+        // `bind: []` denies everything, including the ephemeral pseudo-port.
+        assert_eq!(bind(&m, &[1, 20], 1), Verdict::Deny);
+        assert_eq!(
+            m.decide(
+                &[1, 20],
+                Direction::Bind,
+                Proto::Udp,
+                Family::Ipv6,
+                AddrClass::Loopback,
+                40000,
+                true
+            ),
+            Verdict::Deny
+        );
+        // Unrestricted connect.
+        assert_eq!(
+            m.decide(
+                &[1, 20],
+                Direction::Connect,
+                Proto::Tcp,
+                Family::Ipv4,
+                AddrClass::Any,
+                1,
+                false
+            ),
+            Verdict::Allow
+        );
+        // A sibling is untouched.
+        assert_eq!(bind(&m, &[1, 30], 1), Verdict::Ungoverned);
+    }
+
+    #[test]
+    fn identical_sets_are_shared() {
+        let text = (0..10)
+            .map(|i| format!("  - {{name: p{i}, cgroup: /c{i}, bind: [{{ports: [80, 443]}}]}}\n"))
+            .collect::<String>();
+        let p = compiled(&format!("policies:\n{text}"));
+        let ids: Vec<(u64, u32)> = (0..10).map(|i| (100 + i, 1)).collect();
+        let mut m = FakeMaps::default();
+        let mut a = Applier::new(CAPS);
+        let r = a.apply(&mut m, &targets(&p, &ids)).unwrap();
+        // Ten policies, one set (ports 80 and 443 share chunk 0).
+        assert_eq!(r.sets_total, 1);
+        assert_eq!(m.chunks.len(), 1);
+        // Reapplying the same policy writes no sets.
+        let r = a.apply(&mut m, &targets(&p, &ids)).unwrap();
+        assert_eq!(r.sets_written, 0);
+        assert_eq!(m.chunks.len(), 1);
+    }
+
+    #[test]
+    fn reload_flips_generation_and_garbage_collects() {
+        let p1 = compiled("policies: [{name: a, cgroup: /a, bind: [{ports: [1000]}]}]");
+        let p2 = compiled("policies: [{name: a, cgroup: /a, bind: [{ports: [2000]}]}]");
+        let p3 = compiled("policies: [{name: a, cgroup: /a, bind: [{ports: [3000]}]}]");
+        let mut m = FakeMaps::default();
+        let mut a = Applier::new(CAPS);
+        assert_eq!(m.state.generation, 0);
+        a.apply(&mut m, &targets(&p1, &[(5, 1)])).unwrap();
+        assert_eq!(m.state.generation, 1);
+        assert_eq!(bind(&m, &[1, 5], 1000), Verdict::Allow);
+        a.apply(&mut m, &targets(&p2, &[(5, 1)])).unwrap();
+        assert_eq!(m.state.generation, 0);
+        assert_eq!(bind(&m, &[1, 5], 1000), Verdict::Deny);
+        assert_eq!(bind(&m, &[1, 5], 2000), Verdict::Allow);
+        // p1's set is still held by the dead generation until the next apply.
+        assert_eq!(m.chunks.len(), 2);
+        a.apply(&mut m, &targets(&p3, &[(5, 1)])).unwrap();
+        assert_eq!(m.chunks.len(), 2, "p1's set collected, p2 kept for the dead generation");
+        assert_eq!(m.cgroups.len(), 2, "one entry per generation");
+        // Clearing every policy ungoverns everything.
+        a.apply(&mut m, &[]).unwrap();
+        assert_eq!(bind(&m, &[1, 5], 1), Verdict::Ungoverned);
+    }
+
+    #[test]
+    fn failed_apply_leaves_the_live_policy_and_is_cleaned_up_later() {
+        let p1 = compiled("policies: [{name: a, cgroup: /a, bind: [{ports: [1000]}]}]");
+        let p2 = compiled(
+            "policies: [{name: a, cgroup: /a, bind: [{ports: [2000, 30000]}]}, {name: b, cgroup: /b, bind: []}]",
+        );
+        let mut a = Applier::new(CAPS);
+        let mut m = FakeMaps::default();
+        a.apply(&mut m, &targets(&p1, &[(5, 1)])).unwrap();
+        // Fail at every possible write of the second apply in turn.
+        for fail_at in 0..10 {
+            let mut m2 = FakeMaps {
+                state: m.state,
+                cgroups: m.cgroups.clone(),
+                policies: m.policies.clone(),
+                chunks: m.chunks.clone(),
+                ..FakeMaps::default()
+            };
+            let mut a2 = Applier::new(CAPS);
+            a2.apply(&mut FakeMaps::default(), &targets(&p1, &[(5, 1)]))
+                .unwrap();
+            m2.fail_at = Some(fail_at);
+            let before = m2.state.generation;
+            if a2
+                .apply(&mut m2, &targets(&p2, &[(5, 1), (6, 1)]))
+                .is_err()
+            {
+                assert_eq!(m2.state.generation, before, "fail_at={fail_at}");
+                assert_eq!(bind(&m2, &[1, 5], 1000), Verdict::Allow, "old policy in force");
+                assert_eq!(bind(&m2, &[1, 6], 1), Verdict::Ungoverned);
+                // The next apply succeeds and leaves no debris.
+                a2.apply(&mut m2, &targets(&p2, &[(5, 1), (6, 1)])).unwrap();
+                assert_eq!(bind(&m2, &[1, 5], 2000), Verdict::Allow);
+                assert_eq!(bind(&m2, &[1, 5], 30000), Verdict::Allow, "set fully written");
+                assert_eq!(bind(&m2, &[1, 6], 1), Verdict::Deny);
+                a2.apply(&mut m2, &targets(&p2, &[(5, 1), (6, 1)])).unwrap();
+                assert_eq!(m2.cgroups.len(), 4);
+                assert_eq!(m2.chunks.len(), 2, "only p2's two-chunk set remains");
+            }
+        }
+    }
+
+    #[test]
+    fn capacity_is_checked_before_any_write() {
+        let p = compiled(
+            "policies: [{name: a, cgroup: /a, bind: [{ports: [\"1-65535\"]}]}, {name: b, cgroup: /b, bind: [{ports: [\"1-60000\"]}]}]",
+        );
+        let mut m = FakeMaps::default();
+        let mut a = Applier::new(Capacity {
+            cgroups: 64,
+            policies: 16,
+            chunks: 200,
+        });
+        let e = a.apply(&mut m, &targets(&p, &[(5, 1), (6, 1)])).unwrap_err();
+        assert!(e.to_string().contains("--max-port-chunks"), "{e}");
+        assert_eq!(m.writes, 0);
+        let mut a = Applier::new(Capacity {
+            cgroups: 1,
+            policies: 16,
+            chunks: 1000,
+        });
+        let e = a.apply(&mut m, &targets(&p, &[(5, 1), (6, 1)])).unwrap_err();
+        assert!(e.to_string().contains("--max-cgroups"), "{e}");
+        let mut a = Applier::new(Capacity {
+            cgroups: 10,
+            policies: 1,
+            chunks: 1000,
+        });
+        let e = a.apply(&mut m, &targets(&p, &[(5, 1), (6, 1)])).unwrap_err();
+        assert!(e.to_string().contains("--max-policies"), "{e}");
+        assert_eq!(m.writes, 0);
+    }
+
+    #[test]
+    fn walk_is_bounded_by_the_deepest_policy() {
+        let p = compiled("policies: [{name: a, cgroup: /a/b/c, bind: []}]");
+        let mut m = FakeMaps::default();
+        let mut a = Applier::new(CAPS);
+        a.apply(&mut m, &targets(&p, &[(7, 3)])).unwrap();
+        assert_eq!(m.state.max_level[1], 3);
+        assert_eq!(bind(&m, &[1, 2, 3, 7, 8, 9], 1), Verdict::Deny);
+    }
+
+    #[test]
+    fn duplicate_cgroup_ids_are_rejected() {
+        let p = compiled("policies: [{name: a, cgroup: /a, bind: []}, {name: b, cgroup: /b, bind: []}]");
+        let mut m = FakeMaps::default();
+        let e = Applier::new(CAPS)
+            .apply(&mut m, &targets(&p, &[(7, 1), (7, 1)]))
+            .unwrap_err();
+        assert!(matches!(e, ApplyError::DuplicateCgroup { cgroup_id: 7, .. }));
+    }
+}

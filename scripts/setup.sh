@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Idempotent host set-up for building and testing portguard.
+#
+# Installs only what is missing:
+#   - Debian packages: LLVM dev libraries matching the nightly rustc's LLVM major
+#     (needed to build bpf-linker), plus the tools the integration tests use
+#     (iproute2 for network namespaces, runc + busybox-static for real containers).
+#   - the nightly toolchain's rust-src component (for -Z build-std=core).
+#   - bpf-linker, built against that same LLVM major, into ~/.cargo/bin (cached
+#     across runs: skipped when `bpf-linker --version` already works and reports
+#     the right LLVM major).
+#   - a bpffs mount at /sys/fs/bpf when none is mounted (needs root).
+#
+# Safe to run any number of times; prints what it does.
+set -euo pipefail
+
+log() { printf 'setup: %s\n' "$*" >&2; }
+
+SUDO=""
+if [ "$(id -u)" != 0 ]; then
+  if command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else
+    log "not root and no sudo: package installs and bpffs mount will be skipped"; SUDO="false"; fi
+fi
+
+export PATH="$HOME/.cargo/bin:$PATH"
+
+command -v rustup >/dev/null 2>&1 || { log "rustup not found; install it from https://rustup.rs"; exit 1; }
+
+# 1. nightly toolchain + rust-src. Never `rustup update`: a newer nightly may bump
+#    LLVM past what bpf-linker supports.
+if ! rustup toolchain list | grep -q '^nightly'; then
+  log "installing nightly toolchain"
+  rustup toolchain install nightly --profile minimal
+fi
+if ! rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^rust-src'; then
+  log "adding rust-src to nightly"
+  rustup component add rust-src --toolchain nightly
+fi
+
+# 2. LLVM major of the nightly rustc decides which llvm-N-dev and bpf-linker feature we need.
+LLVM_MAJOR="$(rustc +nightly -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')"
+[ -n "$LLVM_MAJOR" ] || { log "cannot read LLVM version from rustc +nightly -vV"; exit 1; }
+log "nightly rustc uses LLVM $LLVM_MAJOR"
+
+want_pkgs=(iproute2 runc busybox-static jq)
+need_linker=1
+if command -v bpf-linker >/dev/null 2>&1 && bpf-linker --version >/dev/null 2>&1; then
+  # bpf-linker links LLVM dynamically or statically; check the LLVM it was built for.
+  if bpf-linker --version 2>&1 | grep -q "LLVM $LLVM_MAJOR" \
+     || [ "$(cat "$HOME/.cargo/.bpf-linker-llvm" 2>/dev/null)" = "$LLVM_MAJOR" ]; then
+    need_linker=0
+  fi
+fi
+if [ "$need_linker" = 1 ]; then
+  want_pkgs+=("llvm-${LLVM_MAJOR}-dev" "libpolly-${LLVM_MAJOR}-dev" zlib1g-dev libzstd-dev)
+fi
+
+missing=()
+for p in "${want_pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  log "installing Debian packages: ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if [ "$need_linker" = 1 ]; then
+  log "building bpf-linker for LLVM $LLVM_MAJOR (about a minute)"
+  LLVM_PREFIX="/usr/lib/llvm-${LLVM_MAJOR}" cargo install --locked --force bpf-linker \
+    --no-default-features --features "llvm-${LLVM_MAJOR}"
+  echo "$LLVM_MAJOR" > "$HOME/.cargo/.bpf-linker-llvm"
+else
+  log "bpf-linker present: $(bpf-linker --version 2>&1 | head -1)"
+fi
+
+# 3. bpffs (the agent pins nothing yet, but bpftool and later features expect it).
+if [ "$SUDO" != false ] && ! grep -q ' /sys/fs/bpf bpf ' /proc/mounts; then
+  log "mounting bpffs at /sys/fs/bpf"
+  $SUDO mount -t bpf bpf /sys/fs/bpf || log "warning: could not mount bpffs"
+fi
+# securityfs lets us read the active LSM list (/sys/kernel/security/lsm).
+if [ "$SUDO" != false ] && ! grep -q ' /sys/kernel/security securityfs ' /proc/mounts; then
+  $SUDO mount -t securityfs securityfs /sys/kernel/security 2>/dev/null || true
+fi
+
+log "done"
