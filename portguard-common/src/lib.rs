@@ -62,6 +62,17 @@ pub const MAP_EVENTS: &str = "PORTGUARD_EVENTS";
 pub const MAP_COUNTERS: &str = "PORTGUARD_COUNTERS";
 pub const MAP_SOCKETS: &str = "PORTGUARD_SOCKETS";
 
+/// Name of the kernel programs' global holding the bit offset of
+/// `skc_ipv6only` in `struct sock` (from the running kernel's BTF), or
+/// [`V6ONLY_UNKNOWN`]. bind6 reads the bit to tell a dual-stack `[::]` bind
+/// from an IPv6-only one (bpf_getsockopt cannot read IPV6_V6ONLY).
+pub const GLOBAL_V6ONLY_BIT: &str = "PORTGUARD_V6ONLY_BIT";
+/// The offset is unknown: every bind to `[::]` is judged as dual-stack.
+pub const V6ONLY_UNKNOWN: u32 = u32::MAX;
+/// bind6 copies this many leading bytes of `struct sock`; the bit must lie
+/// inside them.
+pub const SOCK_PREFIX_BYTES: u32 = 32;
+
 /// Program names (the Rust function names in portguard-ebpf) and the
 /// [`Hook`] each one reports.
 pub const PROGRAMS: [(&str, Hook); 8] = [

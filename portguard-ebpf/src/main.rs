@@ -18,19 +18,17 @@ mod maps;
 use core::{ffi::c_void, ptr::read_volatile};
 
 use aya_ebpf::{
-    helpers::generated::{bpf_getsockopt, bpf_sk_storage_get},
+    helpers::generated::{bpf_probe_read_kernel, bpf_sk_storage_get},
     macros::{cgroup_sock, cgroup_sock_addr},
     programs::{SockAddrContext, SockContext},
 };
 use decide::{ALLOW, Query, decide};
 use portguard_common::{
-    AddrClass, Direction, EVENT_F_DUAL_STACK, EVENT_F_V4_MAPPED, Family, Hook, SocketState,
+    AddrClass, Direction, EVENT_F_DUAL_STACK, EVENT_F_V4_MAPPED, Family, Hook, SOCK_PREFIX_BYTES,
+    SocketState, V6ONLY_UNKNOWN,
 };
 
 use crate::maps::PORTGUARD_SOCKETS;
-
-const SOL_IPV6: i32 = 41;
-const IPV6_V6ONLY: i32 = 26;
 
 // Context fields are read one at a time with volatile loads: the verifier only
 // accepts 4-byte loads of `user_ip6[i]` and friends, and LLVM would otherwise
@@ -181,23 +179,46 @@ fn inet6_connect(ctx: &SockAddrContext, hook: Hook) -> i32 {
     })
 }
 
-/// bind6 on `[::]`: dual-stack unless the socket has IPV6_V6ONLY. The answer
-/// is also stored on the socket for post_bind6, which cannot call getsockopt.
+/// Set by the agent before load: bit offset of `skc_ipv6only` in
+/// `struct sock`, from the running kernel's BTF (see portguard-common).
+#[unsafe(no_mangle)]
+static PORTGUARD_V6ONLY_BIT: u32 = V6ONLY_UNKNOWN;
+
+/// Whether the socket has IPV6_V6ONLY. `bpf_getsockopt` only serves a few
+/// SOL_IPV6 options (not this one), so read the `skc_ipv6only` bit of the
+/// socket: copy the first bytes of `struct sock` (no arithmetic on the socket
+/// pointer, which the verifier forbids) and pick the bit. Unknown: `None`.
 #[inline(always)]
-fn bind6_dual_stack(ctx: &SockAddrContext) -> bool {
-    let mut v6only: i32 = 0;
-    // SAFETY: getsockopt on the hook's own (locked) socket into a stack int.
+fn v6only(ctx: &SockAddrContext) -> Option<bool> {
+    // SAFETY: a global the loader may patch; read as a plain value.
+    let bit = unsafe { read_volatile(&PORTGUARD_V6ONLY_BIT) };
+    if bit >= SOCK_PREFIX_BYTES * 8 {
+        return None;
+    }
+    // SAFETY: reading the context's socket pointer.
+    let sk = unsafe { rd!((*ctx.sock_addr).__bindgen_anon_1.sk) };
+    let mut prefix = [0u8; SOCK_PREFIX_BYTES as usize];
+    // SAFETY: the helper copies kernel memory into our stack buffer.
     let rc = unsafe {
-        bpf_getsockopt(
-            ctx.sock_addr.cast::<c_void>(),
-            SOL_IPV6,
-            IPV6_V6ONLY,
-            core::ptr::from_mut(&mut v6only).cast::<c_void>(),
-            4,
+        bpf_probe_read_kernel(
+            prefix.as_mut_ptr().cast::<c_void>(),
+            SOCK_PREFIX_BYTES,
+            sk.cast::<c_void>(),
         )
     };
-    // If the option cannot be read, assume the wider (dual-stack) exposure.
-    let dual = rc != 0 || v6only == 0;
+    if rc != 0 {
+        return None;
+    }
+    let byte = prefix[((bit / 8) & (SOCK_PREFIX_BYTES - 1)) as usize];
+    Some((byte >> (bit % 8)) & 1 == 1)
+}
+
+/// bind6 on `[::]`: dual-stack unless the socket has IPV6_V6ONLY (assumed
+/// dual-stack, the wider exposure, when that cannot be read). The answer is
+/// also stored on the socket for post_bind6, which runs on the same bind().
+#[inline(always)]
+fn bind6_dual_stack(ctx: &SockAddrContext) -> bool {
+    let dual = v6only(ctx) != Some(true);
     let mut init = SocketState {
         dual_stack: dual as u32,
     };

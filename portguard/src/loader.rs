@@ -15,12 +15,15 @@ use aya::{
 };
 use log::{debug, info, warn};
 use portguard_common::{
-    COUNTER_ALLOWED, COUNTER_AUDITED, COUNTER_DENIED, COUNTER_EVENTS_LOST, CgroupKey, CgroupValue,
+    COUNTER_ALLOWED, COUNTER_AUDITED, GLOBAL_V6ONLY_BIT, V6ONLY_UNKNOWN, COUNTER_DENIED, COUNTER_EVENTS_LOST, CgroupKey, CgroupValue,
     Hook, MAP_CGROUPS, MAP_COUNTERS, MAP_EVENTS, MAP_POLICIES, MAP_PORTSETS, MAP_STATE,
     PROGRAMS, PolicyRecord, PortChunk, PortChunkKey, State,
 };
 
-use crate::rules_map::{Capacity, RuleSink, SinkError};
+use crate::{
+    kernel_btf::{VMLINUX_BTF, ipv6only_bit_offset},
+    rules_map::{Capacity, RuleSink, SinkError},
+};
 
 /// The kernel object, built by build.rs from portguard-ebpf.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portguard"));
@@ -141,7 +144,21 @@ impl Loaded {
         }
         bump_memlock_rlimit();
         let caps = opts.capacity;
+        let v6only_bit = match ipv6only_bit_offset(Path::new(VMLINUX_BTF)) {
+            Ok(bit) => {
+                debug!("loader: skc_ipv6only is bit {bit} of struct sock");
+                bit
+            }
+            Err(e) => {
+                warn!(
+                    "loader: {e}; binds to [::] will be judged as dual-stack (the port must be \
+                     allowed for IPv4 and IPv6) even on IPV6_V6ONLY sockets"
+                );
+                V6ONLY_UNKNOWN
+            }
+        };
         let mut ebpf = EbpfLoader::new()
+            .override_global(GLOBAL_V6ONLY_BIT, &v6only_bit, true)
             .map_max_entries(MAP_CGROUPS, caps.cgroup_map_entries().max(1))
             .map_max_entries(MAP_POLICIES, caps.policy_map_entries().max(1))
             .map_max_entries(MAP_PORTSETS, caps.chunks.max(1))

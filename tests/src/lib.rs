@@ -1,1 +1,513 @@
+//! Fixtures for portguard's privileged integration tests.
+//!
+//! Every test follows the same shape:
+//! 1. create real cgroups under the cgroup2 mount ([`Cgroup`], removed on drop,
+//!    processes inside killed first);
+//! 2. start the real agent binary on a policy naming them ([`Agent`]; it
+//!    attaches to the cgroup2 root; dropped = SIGTERM, programs detached);
+//! 3. run `pgprobe` inside a cgroup, in its own network namespace so that ports
+//!    never collide with the host or other tests ([`Probe`]), and assert the
+//!    kernel's answer (success, EPERM, ...);
+//! 4. assert the JSON event the agent logged for each denial.
+//!
+//! Several agents may run at once (tests run in parallel): each one only
+//! governs the cgroups its own policy names, so they do not interfere.
+//!
+//! The agent binary is taken from `$PORTGUARD_BIN`, else from the cargo
+//! target directory next to this test binary; `cargo xtask integration-test`
+//! builds it first.
 
+use std::{
+    io::{BufRead as _, BufReader},
+    os::unix::net::UnixDatagram,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicUsize, Ordering},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// The cgroup2 mount point of this host.
+pub fn cgroup2_root() -> PathBuf {
+    portguard::cgroupfs::cgroup2_mount().expect("these tests need a cgroup2 mount")
+}
+
+/// True when running as root (the tests need CAP_BPF, CAP_SYS_ADMIN, ...).
+pub fn is_root() -> bool {
+    // SAFETY: plain syscall.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A real cgroup, removed (with everything running in it) on drop.
+#[derive(Debug)]
+pub struct Cgroup {
+    /// Filesystem path.
+    pub fs: PathBuf,
+    /// Path as a policy names it (`/a/b`).
+    pub rel: String,
+    created: bool,
+}
+
+impl Cgroup {
+    /// A fresh top-level cgroup `/pgtest-<tag>-<pid>-<n>`.
+    pub fn new(tag: &str) -> Self {
+        let mut cg = Self::planned(tag);
+        cg.create();
+        cg.created = true;
+        cg
+    }
+
+    /// The path of a fresh top-level cgroup, not created yet (for "appears
+    /// later" tests). Removed on drop if it was created by then.
+    pub fn planned(tag: &str) -> Self {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let rel = format!("/pgtest-{tag}-{}-{n}", std::process::id());
+        Self {
+            fs: cgroup2_root().join(&rel[1..]),
+            rel,
+            created: false,
+        }
+    }
+
+    /// A child cgroup (created now). Dropping the parent also removes it.
+    pub fn child(&self, name: &str) -> Self {
+        let c = Self {
+            fs: self.fs.join(name),
+            rel: format!("{}/{name}", self.rel),
+            created: true,
+        };
+        c.create();
+        c
+    }
+
+    /// A child path, not created yet.
+    pub fn planned_child(&self, name: &str) -> Self {
+        Self {
+            fs: self.fs.join(name),
+            rel: format!("{}/{name}", self.rel),
+            created: false,
+        }
+    }
+
+    pub fn create(&self) {
+        std::fs::create_dir_all(&self.fs)
+            .unwrap_or_else(|e| panic!("creating cgroup {}: {e}", self.fs.display()));
+    }
+
+    /// The cgroup id (inode number).
+    pub fn id(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::metadata(&self.fs).unwrap().ino()
+    }
+}
+
+/// Kill everything in `dir`'s subtree and remove it, deepest first.
+fn remove_cgroup_tree(dir: &Path) {
+    if !dir.exists() {
+        return;
+    }
+    let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let populated = std::fs::read_to_string(dir.join("cgroup.events"))
+            .map(|s| s.contains("populated 1"))
+            .unwrap_or(false);
+        if !populated || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+    for _ in 0..200 {
+        match std::fs::remove_dir(dir) {
+            Ok(()) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+    eprintln!("warning: could not remove cgroup {}", dir.display());
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        // Children created with `child()` are removed with their parent; a
+        // planned cgroup is removed if something created it meanwhile.
+        if self.created || self.fs.exists() {
+            remove_cgroup_tree(&self.fs);
+        }
+    }
+}
+
+fn target_dir_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test-binary>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary is in target/<profile>/deps");
+    profile_dir.join(name)
+}
+
+/// The agent binary under test.
+pub fn agent_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("PORTGUARD_BIN") {
+        return PathBuf::from(p);
+    }
+    let p = target_dir_binary("portguard");
+    assert!(
+        p.exists(),
+        "agent binary {} not found: build it first (cargo build -p portguard), or run \
+         `cargo xtask integration-test`, or set PORTGUARD_BIN",
+        p.display()
+    );
+    p
+}
+
+/// The probe binary (built by cargo next to the integration test binary).
+pub fn probe_bin() -> PathBuf {
+    let p = target_dir_binary("pgprobe");
+    assert!(p.exists(), "{} not found: build the tests crate's binaries", p.display());
+    p
+}
+
+/// A running agent. Dropping it sends SIGTERM (programs detach) and waits.
+pub struct Agent {
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub policy: PathBuf,
+    pub log: PathBuf,
+    stderr: PathBuf,
+    notify: UnixDatagram,
+}
+
+/// Default timeout for the agent to become ready or answer a reload.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default timeout for an expected event to be logged.
+pub const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Agent {
+    /// Start the agent on `policy` (YAML text) and wait until it enforces.
+    pub fn start(policy: &str) -> Self {
+        Self::start_with(policy, &[])
+    }
+
+    /// Like [`Agent::start`] with extra `portguard run` arguments.
+    pub fn start_with(policy: &str, extra: &[&str]) -> Self {
+        Self::try_start(policy, extra).unwrap_or_else(|e| panic!("agent failed to start:\n{e}"))
+    }
+
+    /// Start and wait for READY=1; on failure return the agent's stderr.
+    pub fn try_start(policy: &str, extra: &[&str]) -> Result<Self, String> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let policy_path = dir.path().join("policy.yaml");
+        std::fs::write(&policy_path, policy).expect("writing policy");
+        let log = dir.path().join("events.jsonl");
+        let stderr = dir.path().join("agent.stderr");
+        let sock = dir.path().join("notify.sock");
+        let notify = UnixDatagram::bind(&sock).expect("binding notify socket");
+        let mut args: Vec<String> = vec![
+            "run".into(),
+            "--policy".into(),
+            policy_path.display().to_string(),
+            "--log".into(),
+            log.display().to_string(),
+            "--lost-report-interval".into(),
+            "200ms".into(),
+        ];
+        if !extra.contains(&"--watch") {
+            args.push("--no-watch".into());
+        }
+        args.extend(
+            extra
+                .iter()
+                .filter(|a| **a != "--watch")
+                .map(|s| (*s).to_owned()),
+        );
+        let child = Command::new(agent_bin())
+            .args(&args)
+            .env("NOTIFY_SOCKET", &sock)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
+            .spawn()
+            .expect("spawning the agent");
+        let mut agent = Self {
+            child: Some(child),
+            dir,
+            policy: policy_path,
+            log,
+            stderr,
+            notify,
+        };
+        match agent.wait_notify("READY=1", READY_TIMEOUT) {
+            Ok(_) => Ok(agent),
+            Err(e) => Err(format!("{e}\n--- agent stderr ---\n{}", agent.stderr())),
+        }
+    }
+
+    /// The agent's log output so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map_or(0, |c| c.id() as i32)
+    }
+
+    /// Wait for an sd_notify datagram containing `needle`; returns it.
+    fn wait_notify(&mut self, needle: &str, timeout: Duration) -> Result<String, String> {
+        let deadline = Instant::now() + timeout;
+        self.notify
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("set_read_timeout");
+        let mut buf = vec![0u8; 4096];
+        loop {
+            if let Ok(n) = self.notify.recv(&mut buf) {
+                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                if msg.contains(needle) {
+                    return Ok(msg);
+                }
+                continue;
+            }
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                return Err(format!("agent exited with {status} before {needle}"));
+            }
+            if Instant::now() > deadline {
+                return Err(format!("timed out waiting for {needle}"));
+            }
+        }
+    }
+
+    /// Replace the policy file and send SIGHUP; wait until the agent answers
+    /// and return its STATUS line.
+    pub fn reload(&mut self, policy: &str) -> String {
+        let tmp = self.dir.path().join("policy.yaml.new");
+        std::fs::write(&tmp, policy).expect("writing policy");
+        std::fs::rename(&tmp, &self.policy).expect("replacing policy");
+        self.signal(libc::SIGHUP);
+        self.wait_notify("RELOADING=1", READY_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{e}\n{}", self.stderr()));
+        self.wait_notify("READY=1", READY_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{e}\n{}", self.stderr()))
+    }
+
+    /// Wait for the next READY=1 (e.g. after a file-change reload).
+    pub fn wait_ready(&mut self, timeout: Duration) -> String {
+        self.wait_notify("READY=1", timeout)
+            .unwrap_or_else(|e| panic!("{e}\n{}", self.stderr()))
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    /// Every JSON line logged so far.
+    pub fn events(&self) -> Vec<Value> {
+        let Ok(f) = std::fs::File::open(&self.log) else {
+            return Vec::new();
+        };
+        BufReader::new(f)
+            .lines()
+            .map_while(Result::ok)
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                serde_json::from_str(&l).unwrap_or_else(|e| panic!("bad event line {l:?}: {e}"))
+            })
+            .collect()
+    }
+
+    /// Wait for an event matching every `(field, value)` pair.
+    pub fn wait_event(&self, want: &[(&str, Value)]) -> Value {
+        let deadline = Instant::now() + EVENT_TIMEOUT;
+        loop {
+            if let Some(e) = self.events().into_iter().find(|e| matches(e, want)) {
+                return e;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no event matching {want:?}; events: {:#?}\n--- agent stderr ---\n{}",
+                self.events(),
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Events matching `want`, after giving the agent `settle` to log them.
+    pub fn events_matching(&self, want: &[(&str, Value)], settle: Duration) -> Vec<Value> {
+        std::thread::sleep(settle);
+        self.events()
+            .into_iter()
+            .filter(|e| matches(e, want))
+            .collect()
+    }
+
+    /// Stop the agent with SIGTERM and return its exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        self.signal(libc::SIGTERM);
+        let mut child = self.child.take().expect("agent already stopped");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(s)) = child.try_wait() {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return child.wait().expect("wait");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.stop();
+        }
+    }
+}
+
+/// True when `e` has every `(field, value)` of `want`.
+pub fn matches(e: &Value, want: &[(&str, Value)]) -> bool {
+    want.iter().all(|(k, v)| e.get(*k) == Some(v))
+}
+
+/// The result line of one pgprobe operation.
+#[derive(Clone, Debug, serde::Deserialize)]
+pub struct ProbeResult {
+    pub op: String,
+    pub ok: bool,
+    #[serde(default)]
+    pub errno: i32,
+    #[serde(default)]
+    pub error: String,
+    #[serde(default)]
+    pub port: u16,
+    pub pid: u32,
+    pub tid: u32,
+}
+
+impl ProbeResult {
+    #[track_caller]
+    pub fn assert_ok(&self) -> &Self {
+        assert!(self.ok, "expected success, got {self:?}");
+        self
+    }
+
+    #[track_caller]
+    pub fn assert_eperm(&self) -> &Self {
+        assert!(
+            !self.ok && self.errno == libc::EPERM,
+            "expected EPERM, got {self:?}"
+        );
+        self
+    }
+}
+
+/// Builder for a pgprobe run.
+#[derive(Clone, Debug, Default)]
+pub struct Probe {
+    args: Vec<String>,
+    no_netns: bool,
+}
+
+impl Probe {
+    /// A probe that runs inside `cg`.
+    pub fn in_cgroup(cg: &Cgroup) -> Self {
+        Self {
+            args: vec!["--cgroup".into(), cg.fs.display().to_string()],
+            no_netns: false,
+        }
+    }
+
+    /// A listener (`tcp:127.0.0.1:5432`, `udp:[::1]:53`) set up before the
+    /// probe joins its cgroup.
+    pub fn listen(mut self, spec: &str) -> Self {
+        self.args.extend(["--listen".into(), spec.into()]);
+        self
+    }
+
+    pub fn uid(mut self, uid: u32) -> Self {
+        self.args.extend(["--uid".into(), uid.to_string()]);
+        self
+    }
+
+    /// Run the operation in a forked child.
+    pub fn fork(mut self) -> Self {
+        self.args.push("--fork".into());
+        self
+    }
+
+    /// Run the operation in a second thread.
+    pub fn thread(mut self) -> Self {
+        self.args.push("--thread".into());
+        self
+    }
+
+    fn command(&self, op: &[&str]) -> Command {
+        let mut c = Command::new(probe_bin());
+        if !self.no_netns {
+            c.arg("--netns");
+        }
+        c.args(&self.args).args(op);
+        c
+    }
+
+    /// Run one operation and return its result.
+    #[track_caller]
+    pub fn run(&self, op: &[&str]) -> ProbeResult {
+        let out = self.command(op).output().expect("running pgprobe");
+        assert!(
+            out.status.success(),
+            "pgprobe {op:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text.lines().last().unwrap_or_default();
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("bad pgprobe output {text:?}: {e}"))
+    }
+
+    /// Start the operation repeatedly (`repeat` times, `interval_ms` apart);
+    /// results stream on the child's stdout.
+    pub fn spawn_loop(&self, op: &[&str], repeat: usize, interval_ms: u64) -> Child {
+        let mut c = self.command(&[]);
+        c.args([
+            "--repeat",
+            &repeat.to_string(),
+            "--interval-ms",
+            &interval_ms.to_string(),
+        ]);
+        c.args(op)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawning pgprobe loop")
+    }
+}
+
+/// Skip (return early with a message) unless running as root. CI runs as
+/// root, so there these tests never skip.
+#[macro_export]
+macro_rules! require_root {
+    () => {
+        if !$crate::is_root() {
+            eprintln!("skipping: needs root (CAP_BPF, CAP_SYS_ADMIN) to load and attach programs");
+            return;
+        }
+    };
+}

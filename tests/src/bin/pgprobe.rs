@@ -1,0 +1,336 @@
+//! pgprobe: performs socket operations from inside a cgroup and prints one
+//! JSON line per operation, so tests can assert the kernel's answer.
+//!
+//! ```text
+//! pgprobe [--netns] [--listen tcp|udp:ADDR:PORT]... [--cgroup DIR] [--uid N]
+//!         [--fork | --thread] [--repeat N --interval-ms MS] OP ARGS...
+//! OP:  bind tcp|udp ADDR PORT [v6only]
+//!      connect tcp|udp ADDR PORT
+//!      sendto ADDR PORT            (unconnected UDP)
+//! ```
+//! Setup order: new network namespace with loopback up (--netns), listeners
+//! (created before joining the cgroup, so they are not governed), join the
+//! cgroup (--cgroup), drop to uid (--uid), then run OP in this process, a
+//! forked child (--fork) or a second thread (--thread).
+//! Output: `{"op":..,"ok":true,"port":P,"pid":..,"tid":..}` or
+//! `{"op":..,"ok":false,"errno":E,"error":"..",..}`.
+
+use std::{
+    io::Write as _,
+    net::{IpAddr, SocketAddr},
+    process::exit,
+};
+
+fn die(msg: &str) -> ! {
+    eprintln!("pgprobe: {msg}");
+    exit(2)
+}
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+fn errno_name(e: i32) -> &'static str {
+    match e {
+        libc::EPERM => "EPERM",
+        libc::EACCES => "EACCES",
+        libc::EADDRINUSE => "EADDRINUSE",
+        libc::EADDRNOTAVAIL => "EADDRNOTAVAIL",
+        libc::ECONNREFUSED => "ECONNREFUSED",
+        libc::EINVAL => "EINVAL",
+        libc::ENETUNREACH => "ENETUNREACH",
+        _ => "other",
+    }
+}
+
+/// A sockaddr for `addr:port`.
+fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: zeroed sockaddr_storage is valid; we fill the family-specific part.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            // SAFETY: sockaddr_storage is large enough and suitably aligned.
+            let sin = unsafe { &mut *std::ptr::from_mut(&mut ss).cast::<libc::sockaddr_in>() };
+            sin.sin_family = libc::AF_INET as u16;
+            sin.sin_port = a.port().to_be();
+            sin.sin_addr.s_addr = u32::from_ne_bytes(a.ip().octets());
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            // SAFETY: as above.
+            let sin6 = unsafe { &mut *std::ptr::from_mut(&mut ss).cast::<libc::sockaddr_in6>() };
+            sin6.sin6_family = libc::AF_INET6 as u16;
+            sin6.sin6_port = a.port().to_be();
+            sin6.sin6_addr.s6_addr = a.ip().octets();
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (ss, len as libc::socklen_t)
+}
+
+fn parse_addr(ip: &str, port: &str) -> SocketAddr {
+    let ip: IpAddr = ip
+        .trim_matches(|c| c == '[' || c == ']')
+        .parse()
+        .unwrap_or_else(|_| die(&format!("bad address {ip}")));
+    let port: u16 = port
+        .parse()
+        .unwrap_or_else(|_| die(&format!("bad port {port}")));
+    SocketAddr::new(ip, port)
+}
+
+fn socket(proto: &str, addr: &SocketAddr) -> i32 {
+    let family = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    let ty = match proto {
+        "tcp" => libc::SOCK_STREAM,
+        "udp" => libc::SOCK_DGRAM,
+        _ => die(&format!("bad protocol {proto}")),
+    };
+    // SAFETY: plain syscall.
+    let fd = unsafe { libc::socket(family, ty, 0) };
+    if fd < 0 {
+        die(&format!("socket: errno {}", errno()));
+    }
+    fd
+}
+
+fn set_v6only(fd: i32, on: bool) {
+    let v: libc::c_int = i32::from(on);
+    // SAFETY: plain syscall with a valid int.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_IPV6,
+            libc::IPV6_V6ONLY,
+            std::ptr::from_ref(&v).cast(),
+            4,
+        )
+    };
+}
+
+fn local_port(fd: i32) -> u16 {
+    // SAFETY: getsockname into a zeroed storage.
+    unsafe {
+        let mut ss: libc::sockaddr_storage = std::mem::zeroed();
+        let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        libc::getsockname(fd, std::ptr::from_mut(&mut ss).cast(), &mut len);
+        if i32::from(ss.ss_family) == libc::AF_INET {
+            u16::from_be((*std::ptr::from_ref(&ss).cast::<libc::sockaddr_in>()).sin_port)
+        } else {
+            u16::from_be((*std::ptr::from_ref(&ss).cast::<libc::sockaddr_in6>()).sin6_port)
+        }
+    }
+}
+
+fn gettid() -> i64 {
+    // SAFETY: plain syscall.
+    unsafe { libc::syscall(libc::SYS_gettid) }
+}
+
+/// Run one operation; returns the JSON result line.
+fn run_op(op: &[String]) -> String {
+    let get = |i: usize| -> &str {
+        op.get(i)
+            .map(String::as_str)
+            .unwrap_or_else(|| die("missing operation argument"))
+    };
+    let kind = get(0);
+    let (fd, rc, e) = match kind {
+        "bind" => {
+            let addr = parse_addr(get(2), get(3));
+            let fd = socket(get(1), &addr);
+            if addr.is_ipv6() {
+                set_v6only(fd, op.get(4).is_some_and(|s| s == "v6only"));
+            }
+            let (ss, len) = sockaddr(&addr);
+            // SAFETY: valid fd and sockaddr.
+            let rc = unsafe { libc::bind(fd, std::ptr::from_ref(&ss).cast(), len) };
+            (fd, rc, errno())
+        }
+        "connect" => {
+            let addr = parse_addr(get(2), get(3));
+            let fd = socket(get(1), &addr);
+            let (ss, len) = sockaddr(&addr);
+            // SAFETY: valid fd and sockaddr.
+            let rc = unsafe { libc::connect(fd, std::ptr::from_ref(&ss).cast(), len) };
+            (fd, rc, errno())
+        }
+        "sendto" => {
+            let addr = parse_addr(get(1), get(2));
+            let fd = socket("udp", &addr);
+            let (ss, len) = sockaddr(&addr);
+            let msg = b"portguard";
+            // SAFETY: valid fd, buffer and sockaddr.
+            let rc = unsafe {
+                libc::sendto(
+                    fd,
+                    msg.as_ptr().cast(),
+                    msg.len(),
+                    0,
+                    std::ptr::from_ref(&ss).cast(),
+                    len,
+                )
+            } as i32;
+            (fd, rc.min(0), errno())
+        }
+        other => die(&format!("unknown operation {other}")),
+    };
+    // SAFETY: plain syscalls.
+    let (pid, tid) = (unsafe { libc::getpid() }, gettid());
+    let line = if rc == 0 {
+        format!(
+            r#"{{"op":"{kind}","ok":true,"port":{},"pid":{pid},"tid":{tid}}}"#,
+            local_port(fd)
+        )
+    } else {
+        format!(
+            r#"{{"op":"{kind}","ok":false,"errno":{e},"error":"{}","pid":{pid},"tid":{tid}}}"#,
+            errno_name(e)
+        )
+    };
+    // SAFETY: closing our own fd.
+    unsafe { libc::close(fd) };
+    line
+}
+
+fn emit(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn loopback_up() {
+    // SAFETY: ioctl on a throwaway socket with a zeroed, NUL-terminated ifreq.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        for (i, b) in b"lo".iter().enumerate() {
+            ifr.ifr_name[i] = *b as libc::c_char;
+        }
+        if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut ifr) < 0 {
+            die("SIOCGIFFLAGS lo");
+        }
+        ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as i16;
+        if libc::ioctl(fd, libc::SIOCSIFFLAGS, &ifr) < 0 {
+            die("SIOCSIFFLAGS lo");
+        }
+        libc::close(fd);
+    }
+}
+
+fn listen_on(spec: &str) -> i32 {
+    // tcp:ADDR:PORT, where ADDR may be [v6].
+    let (proto, rest) = spec.split_once(':').unwrap_or_else(|| die("bad --listen"));
+    let (ip, port) = rest.rsplit_once(':').unwrap_or_else(|| die("bad --listen"));
+    let addr = parse_addr(ip, port);
+    let fd = socket(proto, &addr);
+    let one: libc::c_int = 1;
+    let (ss, len) = sockaddr(&addr);
+    // SAFETY: valid fd and sockaddr.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            std::ptr::from_ref(&one).cast(),
+            4,
+        );
+        if libc::bind(fd, std::ptr::from_ref(&ss).cast(), len) != 0 {
+            die(&format!("listener bind {spec}: errno {}", errno()));
+        }
+        if proto == "tcp" && libc::listen(fd, 16) != 0 {
+            die(&format!("listen {spec}: errno {}", errno()));
+        }
+    }
+    fd
+}
+
+fn main() {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let mut cgroup = None;
+    let mut uid = None;
+    let mut mode = "self";
+    let mut repeat = 1usize;
+    let mut interval_ms = 0u64;
+    let mut listeners = Vec::new();
+    let mut netns = false;
+    while let Some(a) = args.first().cloned() {
+        if !a.starts_with("--") {
+            break;
+        }
+        args.remove(0);
+        let mut val = || {
+            if args.is_empty() {
+                die(&format!("{a} needs a value"));
+            }
+            args.remove(0)
+        };
+        match a.as_str() {
+            "--netns" => netns = true,
+            "--cgroup" => cgroup = Some(val()),
+            "--uid" => uid = Some(val().parse::<u32>().unwrap_or_else(|_| die("bad --uid"))),
+            "--listen" => listeners.push(val()),
+            "--fork" => mode = "fork",
+            "--thread" => mode = "thread",
+            "--repeat" => repeat = val().parse().unwrap_or_else(|_| die("bad --repeat")),
+            "--interval-ms" => {
+                interval_ms = val().parse().unwrap_or_else(|_| die("bad --interval-ms"));
+            }
+            other => die(&format!("unknown option {other}")),
+        }
+    }
+    if netns {
+        // SAFETY: plain syscall.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            die(&format!("unshare(CLONE_NEWNET): errno {}", errno()));
+        }
+        loopback_up();
+    }
+    let _listeners: Vec<i32> = listeners.iter().map(|s| listen_on(s)).collect();
+    if let Some(dir) = &cgroup {
+        let procs = format!("{dir}/cgroup.procs");
+        std::fs::write(&procs, "0").unwrap_or_else(|e| die(&format!("joining {procs}: {e}")));
+    }
+    if let Some(uid) = uid {
+        // SAFETY: plain syscalls.
+        if unsafe { libc::setgid(uid) } != 0 || unsafe { libc::setuid(uid) } != 0 {
+            die(&format!("setuid({uid}): errno {}", errno()));
+        }
+    }
+    let op = args;
+    for i in 0..repeat {
+        if i > 0 && interval_ms > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(interval_ms));
+        }
+        match mode {
+            "self" => emit(&run_op(&op)),
+            "thread" => {
+                let op = op.clone();
+                let line = std::thread::spawn(move || run_op(&op))
+                    .join()
+                    .unwrap_or_else(|_| die("thread panicked"));
+                emit(&line);
+            }
+            "fork" => {
+                // SAFETY: the child only runs run_op and _exit; single-threaded here.
+                let pid = unsafe { libc::fork() };
+                if pid < 0 {
+                    die("fork failed");
+                }
+                if pid == 0 {
+                    emit(&run_op(&op));
+                    // SAFETY: terminating the child without running parent destructors.
+                    unsafe { libc::_exit(0) };
+                }
+                let mut status = 0;
+                // SAFETY: waiting for our own child.
+                unsafe { libc::waitpid(pid, &mut status, 0) };
+            }
+            _ => unreachable!(),
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! Which cgroups a policy governs: descendants (existing or created later),
+//! not siblings; the nearest policy wins; forks and threads are covered; a
+//! policy cgroup created (or recreated) after the agent started is governed.
+
+use std::time::{Duration, Instant};
+
+use portguard_tests::{Agent, Cgroup, Probe, require_root};
+use serde_json::json;
+
+#[test]
+fn child_cgroups_inherit_and_siblings_are_untouched() {
+    require_root!();
+    let parent = Cgroup::new("parent");
+    let existing = parent.child("existing");
+    let sibling = Cgroup::new("sibling");
+    let agent = Agent::start(&format!(
+        "policies:\n  - {{name: parent, cgroup: {}, bind: [{{ports: [8080]}}]}}\n",
+        parent.rel
+    ));
+    // A child that existed before the agent started.
+    let p = Probe::in_cgroup(&existing);
+    p.run(&["bind", "tcp", "127.0.0.1", "8080"]).assert_ok();
+    let r = p.run(&["bind", "tcp", "127.0.0.1", "8081"]);
+    r.assert_eperm();
+    let e = agent.wait_event(&[("pid", json!(r.pid))]);
+    assert_eq!(e["cgroup"], existing.rel);
+    assert_eq!(e["cgroup_id"], existing.id());
+    assert_eq!(e["policy_cgroup"], parent.rel);
+    assert_eq!(e["policy"], "parent");
+
+    // A grandchild created after the agent started (a container started
+    // later) is covered from its first instruction: no agent involvement.
+    let late = parent.child("late");
+    let deeper = late.child("deeper");
+    Probe::in_cgroup(&deeper)
+        .run(&["bind", "udp", "::1", "9999", "v6only"])
+        .assert_eperm();
+
+    // A sibling of the governed cgroup is untouched, and nothing is logged.
+    let s = Probe::in_cgroup(&sibling);
+    let r = s.run(&["bind", "tcp", "0.0.0.0", "8081"]);
+    r.assert_ok();
+    s.run(&["bind", "udp", "::", "0"]).assert_ok();
+    assert!(
+        agent
+            .events_matching(&[("pid", json!(r.pid))], Duration::from_millis(300))
+            .is_empty()
+    );
+}
+
+#[test]
+fn the_nearest_policy_wins() {
+    require_root!();
+    let parent = Cgroup::new("nearest");
+    let own = parent.child("own");
+    let other = parent.child("other");
+    let agent = Agent::start(&format!(
+        "policies:\n  - {{name: outer, cgroup: {}, bind: [{{ports: [8080]}}]}}\n  - {{name: inner, cgroup: {}, bind: [{{ports: [9090]}}]}}\n",
+        parent.rel, own.rel
+    ));
+    let p = Probe::in_cgroup(&own);
+    p.run(&["bind", "tcp", "127.0.0.1", "9090"]).assert_ok();
+    let r = p.run(&["bind", "tcp", "127.0.0.1", "8080"]);
+    r.assert_eperm();
+    let e = agent.wait_event(&[("pid", json!(r.pid))]);
+    assert_eq!(e["policy"], "inner");
+    assert_eq!(e["policy_cgroup"], own.rel);
+    let p = Probe::in_cgroup(&other);
+    p.run(&["bind", "tcp", "127.0.0.1", "8080"]).assert_ok();
+    let r = p.run(&["bind", "tcp", "127.0.0.1", "9090"]);
+    r.assert_eperm();
+    assert_eq!(agent.wait_event(&[("pid", json!(r.pid))])["policy"], "outer");
+}
+
+#[test]
+fn forked_children_and_second_threads_are_covered() {
+    require_root!();
+    let cg = Cgroup::new("forks");
+    let agent = Agent::start(&format!(
+        "policies:\n  - {{name: f, cgroup: {}, bind: [{{ports: [8080]}}], connect: [{{ports: [5000]}}]}}\n",
+        cg.rel
+    ));
+    let forked = Probe::in_cgroup(&cg).fork();
+    let r = forked.run(&["bind", "tcp", "127.0.0.1", "8081"]);
+    r.assert_eperm();
+    forked.run(&["bind", "tcp", "127.0.0.1", "8080"]).assert_ok();
+    let e = agent.wait_event(&[("pid", json!(r.pid)), ("port", json!(8081))]);
+    assert_eq!(e["tid"], r.tid);
+
+    let threaded = Probe::in_cgroup(&cg)
+        .thread()
+        .listen("tcp:127.0.0.1:5001");
+    let r = threaded.run(&["connect", "tcp", "127.0.0.1", "5001"]);
+    r.assert_eperm();
+    assert_ne!(r.pid, r.tid, "the operation ran on a second thread");
+    let e = agent.wait_event(&[("tid", json!(r.tid))]);
+    assert_eq!(e["pid"], r.pid);
+    assert_eq!(e["hook"], "connect4");
+    threaded
+        .run(&["bind", "udp", "::1", "8081", "v6only"])
+        .assert_eperm();
+}
+
+/// Wait until a bind of `port` in `cg` is denied; returns how long it took.
+fn wait_governed(cg: &Cgroup, port: &str) -> Duration {
+    let start = Instant::now();
+    loop {
+        let r = Probe::in_cgroup(cg).run(&["bind", "tcp", "127.0.0.1", port]);
+        if !r.ok {
+            r.assert_eperm();
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "cgroup {} never became governed",
+            cg.rel
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_policy_cgroup_created_later_is_governed_when_it_appears() {
+    require_root!();
+    let parent = Cgroup::new("appears");
+    let svc = parent.planned_child("svc");
+    // A long rescan interval: only inotify can make this fast.
+    let agent = Agent::start_with(
+        &format!(
+            "policies:\n  - {{name: later, cgroup: {}, bind: [{{ports: [8080]}}]}}\n",
+            svc.rel
+        ),
+        &["--rescan-interval", "1h"],
+    );
+    assert!(
+        agent.stderr().contains("does not exist yet"),
+        "{}",
+        agent.stderr()
+    );
+    svc.create();
+    let took = wait_governed(&svc, "8081");
+    eprintln!("cgroup governed {took:?} after it was created");
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    let first_id = svc.id();
+    agent.wait_event(&[("cgroup_id", json!(first_id))]);
+
+    // A service restart removes and recreates its cgroup (a new id): still governed.
+    std::fs::remove_dir(&svc.fs).unwrap();
+    svc.create();
+    assert_ne!(svc.id(), first_id);
+    let took = wait_governed(&svc, "8082");
+    eprintln!("recreated cgroup governed {took:?} after it was created");
+    agent.wait_event(&[("cgroup_id", json!(svc.id())), ("port", json!(8082))]);
+}

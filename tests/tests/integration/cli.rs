@@ -1,0 +1,106 @@
+//! The command line: `check`, `--help`, and `run` refusing bad input before
+//! touching the kernel. These need no root.
+
+use std::process::Command;
+
+use portguard_tests::agent_bin;
+
+fn portguard(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(agent_bin()).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_accepts_the_bundled_example() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/policy.yaml");
+    let (code, out, _) = portguard(&["check", example]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(": ok: "), "{out}");
+}
+
+#[test]
+fn check_lists_every_error_with_file_line_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("bad.yaml");
+    std::fs::write(
+        &f,
+        "policies:\n  - name: a\n    cgroup: /a\n    bind:\n      - ports: [0, 70000, \"10-5\"]\n        protocol: sctp\n  - name: a\n    cgroup: /b\n    mode: strict\n    colour: red\n",
+    )
+    .unwrap();
+    let (code, out, _) = portguard(&["check", f.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    let path = f.display().to_string();
+    for needle in [
+        format!("{path}:5:17: error: policies[0].bind[0].ports[0]:"),
+        format!("{path}:5:20: error: policies[0].bind[0].ports[1]: port 70000 is out of range"),
+        format!("{path}:5:27: error: policies[0].bind[0].ports[2]: inverted range"),
+        format!("{path}:6:19: error: policies[0].bind[0].protocol: unknown value `sctp`"),
+        format!("{path}:7:11: error: policies[1].name: duplicate policy name `a`"),
+        format!("{path}:9:11: error: policies[1].mode: unknown value `strict`"),
+        format!("{path}:10:5: error: policies[1].colour: unknown key `colour`"),
+    ] {
+        assert!(out.contains(&needle), "missing {needle:?} in:\n{out}");
+    }
+    assert!(out.contains("invalid: 0 policies, 7 errors"), "{out}");
+}
+
+#[test]
+fn check_warns_about_cgroups_that_do_not_exist_yet() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("p.yaml");
+    std::fs::write(
+        &f,
+        "policies:\n  - {name: a, cgroup: /portguard-no-such-cgroup/x, bind: []}\n",
+    )
+    .unwrap();
+    let (code, out, _) = portguard(&["check", f.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("warning: policies[0].cgroup: cgroup /portguard-no-such-cgroup/x does not exist"),
+        "{out}"
+    );
+}
+
+#[test]
+fn run_refuses_an_invalid_policy_before_loading_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("bad.yaml");
+    std::fs::write(&f, "policies:\n  - {name: a, cgroup: /a, bind: [{ports: [99999]}]}\n")
+        .unwrap();
+    let (code, _, err) = portguard(&["run", "--policy", f.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("bad.yaml:2:"), "{err}");
+    assert!(err.contains("out of range"), "{err}");
+    assert!(!err.contains("attached"), "nothing was attached: {err}");
+    let (code, _, err) = portguard(&["run", "--policy", "/nonexistent/policy.yaml"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("/nonexistent/policy.yaml"), "{err}");
+}
+
+#[test]
+fn help_explains_every_option() {
+    let (code, out, _) = portguard(&["--help"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("run") && out.contains("check"), "{out}");
+    let (_, run, _) = portguard(&["run", "--help"]);
+    for opt in [
+        "--policy",
+        "--log",
+        "--no-watch",
+        "--max-cgroups",
+        "--max-policies",
+        "--max-port-chunks",
+        "--ring-buffer-size",
+        "--lost-report-interval",
+        "--rescan-interval",
+        "SIGHUP",
+    ] {
+        assert!(run.contains(opt), "run --help lacks {opt}:\n{run}");
+    }
+    let (_, check, _) = portguard(&["check", "--help"]);
+    assert!(check.contains("Exits 0"), "{check}");
+}

@@ -1,0 +1,24 @@
+//! portguard's privileged integration tests. See `portguard_tests` (src/lib.rs)
+//! for the shape every test follows. One file per behaviour:
+//!
+//! - `bind`: TCP/UDP, IPv4/IPv6, IPv4-mapped IPv6, loopback-only ports,
+//!   dual-stack `[::]`, range edges, port 0 and `ephemeral`, `bind: []`, and
+//!   that an allowed bind still gets the kernel's CAP_NET_BIND_SERVICE check.
+//! - `cgroups`: inheritance by child cgroups (existing and created later),
+//!   untouched siblings, nearest policy wins, forked processes and threads, a
+//!   policy cgroup that appears (or is recreated) after the agent started.
+//! - `connect`: connect4/6, IPv4-mapped destinations, UDP connect, unconnected
+//!   UDP sendto (sendmsg4/6), loopback-only destinations.
+//! - `audit`: audit mode allows and reports.
+//! - `reload`: tighten and loosen under a running workload, invalid reloads,
+//!   reload on file change.
+//! - `events`: every event field, and lost events counted and reported.
+//! - `cli`: `check`, `--help`, and `run` refusing bad input.
+
+mod audit;
+mod bind;
+mod cgroups;
+mod cli;
+mod connect;
+mod events;
+mod reload;
