@@ -86,7 +86,7 @@ fn governing() -> Option<Governing> {
             _pad: 0,
         };
         // SAFETY: value is plain data; we copy it out immediately.
-        if let Some(v) = unsafe { PORTGUARD_CGROUPS.get(&key) } {
+        if let Some(v) = unsafe { PORTGUARD_CGROUPS.get(key) } {
             found_id = id;
             found_index = v.policy_index;
             found = true;
@@ -113,7 +113,7 @@ fn set_contains(set_id: u32, port: u16) -> bool {
         chunk: (port as u32) / PORTS_PER_CHUNK,
     };
     // SAFETY: plain data, read once.
-    match unsafe { PORTGUARD_PORTSETS.get(&key) } {
+    match unsafe { PORTGUARD_PORTSETS.get(key) } {
         Some(chunk) => chunk.contains(port),
         None => false,
     }

@@ -220,10 +220,7 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("a/b")).unwrap();
         let h = Hierarchy::new(dir.path().to_owned());
         let (id, level) = h.resolve("/a/b").unwrap().unwrap();
-        assert_eq!(
-            id,
-            std::fs::metadata(dir.path().join("a/b")).unwrap().ino()
-        );
+        assert_eq!(id, std::fs::metadata(dir.path().join("a/b")).unwrap().ino());
         assert_eq!(level, 2);
         assert_eq!(h.resolve("/").unwrap().unwrap().1, 0);
         assert_eq!(h.resolve("/missing").unwrap(), None);

@@ -127,10 +127,22 @@ impl Cli {
                 let report = check(&a.file, hierarchy.as_ref())?;
                 let f = a.file.display();
                 for d in &report.errors {
-                    println!("{f}:{}:{}: error: {}{}", d.line, d.column, field(&d.field), d.message);
+                    println!(
+                        "{f}:{}:{}: error: {}{}",
+                        d.line,
+                        d.column,
+                        field(&d.field),
+                        d.message
+                    );
                 }
                 for d in &report.warnings {
-                    println!("{f}:{}:{}: warning: {}{}", d.line, d.column, field(&d.field), d.message);
+                    println!(
+                        "{f}:{}:{}: warning: {}{}",
+                        d.line,
+                        d.column,
+                        field(&d.field),
+                        d.message
+                    );
                 }
                 if hierarchy.is_none() {
                     println!("{f}: note: no cgroup2 mount found; cgroup paths were not checked");

@@ -34,7 +34,7 @@ use crate::{
     events::{self, EventWriter, LostRecord, PolicyNames},
     loader::{LoadOptions, Loaded},
     policy::{CompiledPolicy, compile, parse_policy_file},
-    rules_map::{ApplyReport, Applier, Capacity, ResolvedCgroup, Target},
+    rules_map::{Applier, ApplyReport, Capacity, ResolvedCgroup, Target},
 };
 
 /// Options of `portguard run`.
@@ -185,7 +185,9 @@ impl Agent {
                 let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
             }
             Err(e) => {
-                error!("daemon: reload on {why} rejected; the previous policy stays in force: {e:#}");
+                error!(
+                    "daemon: reload on {why} rejected; the previous policy stays in force: {e:#}"
+                );
                 let status = format!(
                     "reload failed; previous policy ({} policies) still enforced",
                     self.policies.len()

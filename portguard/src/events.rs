@@ -295,8 +295,20 @@ mod tests {
         let r = enrich(&ev, &names, &mut h);
         let v: serde_json::Value = serde_json::to_value(&r).unwrap();
         for key in [
-            "time", "verdict", "hook", "policy", "cgroup", "cgroup_id", "pid", "tid", "uid",
-            "comm", "family", "protocol", "address", "port",
+            "time",
+            "verdict",
+            "hook",
+            "policy",
+            "cgroup",
+            "cgroup_id",
+            "pid",
+            "tid",
+            "uid",
+            "comm",
+            "family",
+            "protocol",
+            "address",
+            "port",
         ] {
             assert!(v.get(key).is_some(), "missing {key}: {v}");
         }

@@ -15,9 +15,9 @@ use aya::{
 };
 use log::{debug, info, warn};
 use portguard_common::{
-    COUNTER_ALLOWED, COUNTER_AUDITED, GLOBAL_V6ONLY_BIT, V6ONLY_UNKNOWN, COUNTER_DENIED, COUNTER_EVENTS_LOST, CgroupKey, CgroupValue,
-    Hook, MAP_CGROUPS, MAP_COUNTERS, MAP_EVENTS, MAP_POLICIES, MAP_PORTSETS, MAP_STATE,
-    PROGRAMS, PolicyRecord, PortChunk, PortChunkKey, State,
+    COUNTER_ALLOWED, COUNTER_AUDITED, COUNTER_DENIED, COUNTER_EVENTS_LOST, CgroupKey, CgroupValue,
+    GLOBAL_V6ONLY_BIT, Hook, MAP_CGROUPS, MAP_COUNTERS, MAP_EVENTS, MAP_POLICIES, MAP_PORTSETS,
+    MAP_STATE, PROGRAMS, PolicyRecord, PortChunk, PortChunkKey, State, V6ONLY_UNKNOWN,
 };
 
 use crate::{
@@ -31,7 +31,7 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/po
 #[derive(Debug, thiserror::Error)]
 pub enum LoaderError {
     #[error("loading the kernel object failed: {0}")]
-    Load(#[source] EbpfError),
+    Load(#[source] Box<EbpfError>),
     #[error("the kernel object has no program {name}")]
     MissingProgram { name: &'static str },
     #[error("the kernel object has no map {name}")]
@@ -44,7 +44,7 @@ pub enum LoaderError {
         name: &'static str,
         hook: &'static str,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error("cannot attach {name} to cgroup/{hook} on {cgroup}: {source}")]
     Attach {
@@ -52,7 +52,7 @@ pub enum LoaderError {
         hook: &'static str,
         cgroup: String,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error("cannot open cgroup {path}: {source}")]
     OpenCgroup {
@@ -164,38 +164,27 @@ impl Loaded {
             .map_max_entries(MAP_PORTSETS, caps.chunks.max(1))
             .map_max_entries(MAP_EVENTS, rb)
             .load(OBJECT)
-            .map_err(LoaderError::Load)?;
+            .map_err(|e| LoaderError::Load(Box::new(e)))?;
         for (name, hook) in PROGRAMS {
             let prog = ebpf
                 .program_mut(name)
                 .ok_or(LoaderError::MissingProgram { name })?;
+            let load_err = |source: ProgramError| LoaderError::ProgramLoad {
+                name,
+                hook: hook.name(),
+                source: Box::new(source),
+            };
             let res = match hook {
                 Hook::PostBind4 | Hook::PostBind6 => {
-                    let p: &mut CgroupSock = prog.try_into().map_err(|source| {
-                        LoaderError::ProgramLoad {
-                            name,
-                            hook: hook.name(),
-                            source,
-                        }
-                    })?;
+                    let p: &mut CgroupSock = prog.try_into().map_err(load_err)?;
                     p.load()
                 }
                 _ => {
-                    let p: &mut CgroupSockAddr = prog.try_into().map_err(|source| {
-                        LoaderError::ProgramLoad {
-                            name,
-                            hook: hook.name(),
-                            source,
-                        }
-                    })?;
+                    let p: &mut CgroupSockAddr = prog.try_into().map_err(load_err)?;
                     p.load()
                 }
             };
-            res.map_err(|source| LoaderError::ProgramLoad {
-                name,
-                hook: hook.name(),
-                source,
-            })?;
+            res.map_err(load_err)?;
             debug!("loader: loaded {name}");
         }
         let maps = KernelMaps {
@@ -227,11 +216,11 @@ impl Loaded {
                 .ebpf
                 .program_mut(name)
                 .ok_or(LoaderError::MissingProgram { name })?;
-            let attach_err = |source| LoaderError::Attach {
+            let attach_err = |source: ProgramError| LoaderError::Attach {
                 name,
                 hook: hook.name(),
                 cgroup: cgroup.display().to_string(),
-                source,
+                source: Box::new(source),
             };
             // `Single` through bpf_link_create coexists with other programs
             // on the same cgroup (the kernel treats links as multi-attach).

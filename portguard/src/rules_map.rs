@@ -109,7 +109,11 @@ pub enum ApplyError {
         second: u32,
     },
     #[error("cgroup id {cgroup_id} is {level} levels deep; the kernel walks at most {max}")]
-    TooDeep { cgroup_id: u64, level: u32, max: u32 },
+    TooDeep {
+        cgroup_id: u64,
+        level: u32,
+        max: u32,
+    },
     #[error("writing the new policy generation failed (the previous policy stays in force): {0}")]
     Sink(#[from] SinkError),
 }
@@ -403,7 +407,10 @@ impl Applier {
             return Ok(());
         };
         while let Some(&c) = entry.chunks.last() {
-            sink.del_chunk(PortChunkKey { set_id: id, chunk: c })?;
+            sink.del_chunk(PortChunkKey {
+                set_id: id,
+                chunk: c,
+            })?;
             entry.chunks.pop();
         }
         if let Some(entry) = self.sets.remove(&id)
@@ -706,7 +713,11 @@ mod tests {
         // p1's set is still held by the dead generation until the next apply.
         assert_eq!(m.chunks.len(), 2);
         a.apply(&mut m, &targets(&p3, &[(5, 1)])).unwrap();
-        assert_eq!(m.chunks.len(), 2, "p1's set collected, p2 kept for the dead generation");
+        assert_eq!(
+            m.chunks.len(),
+            2,
+            "p1's set collected, p2 kept for the dead generation"
+        );
         assert_eq!(m.cgroups.len(), 2, "one entry per generation");
         // Clearing every policy ungoverns everything.
         a.apply(&mut m, &[]).unwrap();
@@ -736,17 +747,22 @@ mod tests {
                 .unwrap();
             m2.fail_at = Some(fail_at);
             let before = m2.state.generation;
-            if a2
-                .apply(&mut m2, &targets(&p2, &[(5, 1), (6, 1)]))
-                .is_err()
-            {
+            if a2.apply(&mut m2, &targets(&p2, &[(5, 1), (6, 1)])).is_err() {
                 assert_eq!(m2.state.generation, before, "fail_at={fail_at}");
-                assert_eq!(bind(&m2, &[1, 5], 1000), Verdict::Allow, "old policy in force");
+                assert_eq!(
+                    bind(&m2, &[1, 5], 1000),
+                    Verdict::Allow,
+                    "old policy in force"
+                );
                 assert_eq!(bind(&m2, &[1, 6], 1), Verdict::Ungoverned);
                 // The next apply succeeds and leaves no debris.
                 a2.apply(&mut m2, &targets(&p2, &[(5, 1), (6, 1)])).unwrap();
                 assert_eq!(bind(&m2, &[1, 5], 2000), Verdict::Allow);
-                assert_eq!(bind(&m2, &[1, 5], 30000), Verdict::Allow, "set fully written");
+                assert_eq!(
+                    bind(&m2, &[1, 5], 30000),
+                    Verdict::Allow,
+                    "set fully written"
+                );
                 assert_eq!(bind(&m2, &[1, 6], 1), Verdict::Deny);
                 a2.apply(&mut m2, &targets(&p2, &[(5, 1), (6, 1)])).unwrap();
                 assert_eq!(m2.cgroups.len(), 4);
@@ -766,7 +782,9 @@ mod tests {
             policies: 16,
             chunks: 200,
         });
-        let e = a.apply(&mut m, &targets(&p, &[(5, 1), (6, 1)])).unwrap_err();
+        let e = a
+            .apply(&mut m, &targets(&p, &[(5, 1), (6, 1)]))
+            .unwrap_err();
         assert!(e.to_string().contains("--max-port-chunks"), "{e}");
         assert_eq!(m.writes, 0);
         let mut a = Applier::new(Capacity {
@@ -774,14 +792,18 @@ mod tests {
             policies: 16,
             chunks: 1000,
         });
-        let e = a.apply(&mut m, &targets(&p, &[(5, 1), (6, 1)])).unwrap_err();
+        let e = a
+            .apply(&mut m, &targets(&p, &[(5, 1), (6, 1)]))
+            .unwrap_err();
         assert!(e.to_string().contains("--max-cgroups"), "{e}");
         let mut a = Applier::new(Capacity {
             cgroups: 10,
             policies: 1,
             chunks: 1000,
         });
-        let e = a.apply(&mut m, &targets(&p, &[(5, 1), (6, 1)])).unwrap_err();
+        let e = a
+            .apply(&mut m, &targets(&p, &[(5, 1), (6, 1)]))
+            .unwrap_err();
         assert!(e.to_string().contains("--max-policies"), "{e}");
         assert_eq!(m.writes, 0);
     }
@@ -798,11 +820,16 @@ mod tests {
 
     #[test]
     fn duplicate_cgroup_ids_are_rejected() {
-        let p = compiled("policies: [{name: a, cgroup: /a, bind: []}, {name: b, cgroup: /b, bind: []}]");
+        let p = compiled(
+            "policies: [{name: a, cgroup: /a, bind: []}, {name: b, cgroup: /b, bind: []}]",
+        );
         let mut m = FakeMaps::default();
         let e = Applier::new(CAPS)
             .apply(&mut m, &targets(&p, &[(7, 1), (7, 1)]))
             .unwrap_err();
-        assert!(matches!(e, ApplyError::DuplicateCgroup { cgroup_id: 7, .. }));
+        assert!(matches!(
+            e,
+            ApplyError::DuplicateCgroup { cgroup_id: 7, .. }
+        ));
     }
 }

@@ -175,7 +175,11 @@ pub fn agent_bin() -> PathBuf {
 /// The probe binary (built by cargo next to the integration test binary).
 pub fn probe_bin() -> PathBuf {
     let p = target_dir_binary("pgprobe");
-    assert!(p.exists(), "{} not found: build the tests crate's binaries", p.display());
+    assert!(
+        p.exists(),
+        "{} not found: build the tests crate's binaries",
+        p.display()
+    );
     p
 }
 

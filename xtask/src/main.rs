@@ -1,1 +1,154 @@
-fn main() {}
+//! Build and test orchestration for portguard (not builds of the kernel
+//! object: portguard/build.rs does that). Run `cargo xtask --help`.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "xtask", about = "portguard build and test orchestration")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// The whole suite, as CI runs it: formatting, clippy (userspace and
+    /// kernel crates), unit tests, then the privileged integration tests.
+    Test {
+        /// Skip the privileged integration tests (for non-root development
+        /// machines; CI runs as root and must not use this).
+        #[arg(long)]
+        skip_privileged: bool,
+    },
+    /// Lints: rustfmt --check and clippy -D warnings on every crate.
+    Lint,
+    /// Unit tests of the default members (no root needed).
+    Unit,
+    /// Build the agent and run the privileged integration tests (needs root).
+    IntegrationTest {
+        /// Arguments passed to the test harness (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+}
+
+fn root_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
+}
+
+/// Run a command in the workspace root; error if it fails.
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    cmd.current_dir(root_dir());
+    eprintln!("xtask: running {cmd:?}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("failed to start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+fn lint() -> anyhow::Result<()> {
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    // Userspace crates. The kernel crate is excluded here: built for the host
+    // it trips on a duplicate panic_impl; it is linted for its real target.
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "portguard-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    run(Command::new("rustup").args([
+        "run",
+        "nightly",
+        "cargo",
+        "clippy",
+        "-p",
+        "portguard-ebpf",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--target-dir",
+        "target/ebpf-lint",
+        "--",
+        "-D",
+        "warnings",
+    ]))
+}
+
+fn unit() -> anyhow::Result<()> {
+    run(cargo().args(["test"]))
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+        s.lines()
+            .find(|l| l.starts_with("Uid:"))
+            .and_then(|l| l.split_whitespace().nth(2))
+            == Some("0")
+    })
+}
+
+fn integration(args: &[String]) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!(
+            "the integration tests load BPF programs and create cgroups: run them as root \
+             (CI runs as root), or pass --skip-privileged to `cargo xtask test`"
+        );
+    }
+    run(cargo().args(["build", "-p", "portguard"]))?;
+    let bin = root_dir().join("target/debug/portguard");
+    // Tests share the host's cgroup tree but use unique cgroups and their own
+    // network namespaces, so two at a time is safe on a 2-core machine.
+    let mut cmd = cargo();
+    cmd.args(["test", "-p", "portguard-tests", "--", "--test-threads=2"])
+        .args(args)
+        .env("PORTGUARD_BIN", bin);
+    if std::env::var_os("RUST_LOG").is_none() {
+        cmd.env("RUST_LOG", "debug");
+    }
+    run(&mut cmd)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let res = match cli.command {
+        Cmd::Test { skip_privileged } => lint().and_then(|()| unit()).and_then(|()| {
+            if skip_privileged {
+                eprintln!("xtask: --skip-privileged: NOT running the integration tests");
+                Ok(())
+            } else {
+                integration(&[])
+            }
+        }),
+        Cmd::Lint => lint(),
+        Cmd::Unit => unit(),
+        Cmd::IntegrationTest { args } => integration(&args),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

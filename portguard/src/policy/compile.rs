@@ -95,18 +95,34 @@ mod tests {
 
     #[test]
     fn loopback_rule_only_fills_loopback_sets() {
-        let c = one("policies: [{name: a, cgroup: /a, bind: [{ports: [8080], protocol: tcp, family: ipv4, address: loopback}]}]");
+        let c = one(
+            "policies: [{name: a, cgroup: /a, bind: [{ports: [8080], protocol: tcp, family: ipv4, address: loopback}]}]",
+        );
         let b = c.bind.unwrap();
-        assert!(b.get(Proto::Tcp, Family::Ipv4, AddrClass::Loopback).contains(8080));
-        assert!(!b.get(Proto::Tcp, Family::Ipv4, AddrClass::Any).contains(8080));
-        assert!(!b.get(Proto::Tcp, Family::Ipv6, AddrClass::Loopback).contains(8080));
-        assert!(!b.get(Proto::Udp, Family::Ipv4, AddrClass::Loopback).contains(8080));
+        assert!(
+            b.get(Proto::Tcp, Family::Ipv4, AddrClass::Loopback)
+                .contains(8080)
+        );
+        assert!(
+            !b.get(Proto::Tcp, Family::Ipv4, AddrClass::Any)
+                .contains(8080)
+        );
+        assert!(
+            !b.get(Proto::Tcp, Family::Ipv6, AddrClass::Loopback)
+                .contains(8080)
+        );
+        assert!(
+            !b.get(Proto::Udp, Family::Ipv4, AddrClass::Loopback)
+                .contains(8080)
+        );
         assert!(c.connect.is_none());
     }
 
     #[test]
     fn any_address_rule_fills_both_classes_and_rules_union() {
-        let c = one("policies: [{name: a, cgroup: /a, connect: [{ports: [\"10-12\"], protocol: udp}, {ports: [53], family: ipv6}]}]");
+        let c = one(
+            "policies: [{name: a, cgroup: /a, connect: [{ports: [\"10-12\"], protocol: udp}, {ports: [53], family: ipv6}]}]",
+        );
         let s = c.connect.unwrap();
         for fam in FAMILIES {
             for addr in [AddrClass::Any, AddrClass::Loopback] {
@@ -129,9 +145,16 @@ mod tests {
 
     #[test]
     fn ephemeral_is_bit_zero() {
-        let c = one("policies: [{name: a, cgroup: /a, bind: [{ports: [ephemeral], protocol: udp}]}]");
+        let c =
+            one("policies: [{name: a, cgroup: /a, bind: [{ports: [ephemeral], protocol: udp}]}]");
         let b = c.bind.unwrap();
-        assert!(b.get(Proto::Udp, Family::Ipv4, AddrClass::Any).contains(PortSet::EPHEMERAL));
-        assert!(!b.get(Proto::Tcp, Family::Ipv4, AddrClass::Any).contains(PortSet::EPHEMERAL));
+        assert!(
+            b.get(Proto::Udp, Family::Ipv4, AddrClass::Any)
+                .contains(PortSet::EPHEMERAL)
+        );
+        assert!(
+            !b.get(Proto::Tcp, Family::Ipv4, AddrClass::Any)
+                .contains(PortSet::EPHEMERAL)
+        );
     }
 }

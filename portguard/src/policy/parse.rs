@@ -161,7 +161,10 @@ impl Cx {
         self.err(
             node,
             field,
-            format!("unknown value `{text}` (expected one of: {})", names.join(", ")),
+            format!(
+                "unknown value `{text}` (expected one of: {})",
+                names.join(", ")
+            ),
         );
         None
     }
@@ -214,7 +217,9 @@ impl Cx {
             if let Some((raw, node)) = peek_scalar(item, "cgroup")
                 && let Ok(cg) = normalize_cgroup(&raw)
             {
-                let name = peek_scalar(item, "name").map(|(n, _)| n).unwrap_or_default();
+                let name = peek_scalar(item, "name")
+                    .map(|(n, _)| n)
+                    .unwrap_or_default();
                 if let Some((first, other)) = cgroups.get(&cg) {
                     self.err(
                         node,
@@ -252,11 +257,9 @@ impl Cx {
                 "name" => name = self.name(v, &f),
                 "cgroup" => cgroup = self.cgroup(v, &f),
                 "mode" => {
-                    if let Some(m) = self.choice(
-                        v,
-                        &f,
-                        &[("enforce", Mode::Enforce), ("audit", Mode::Audit)],
-                    ) {
+                    if let Some(m) =
+                        self.choice(v, &f, &[("enforce", Mode::Enforce), ("audit", Mode::Audit)])
+                    {
                         mode = m;
                     }
                 }
@@ -515,7 +518,10 @@ fn parse_port_item(node: &Node) -> Result<PortSpec, String> {
 /// components and paths deeper than the kernel's ancestor walk.
 pub fn normalize_cgroup(raw: &str) -> Result<String, String> {
     if !raw.starts_with('/') {
-        return Err("must be an absolute path under the cgroup2 mount, e.g. /system.slice/web.service".to_owned());
+        return Err(
+            "must be an absolute path under the cgroup2 mount, e.g. /system.slice/web.service"
+                .to_owned(),
+        );
     }
     if raw.contains('\0') {
         return Err("contains a NUL byte".to_owned());
@@ -607,7 +613,8 @@ policies:
 
     #[test]
     fn mode_defaults_to_enforce_and_audit_parses() {
-        let f = ok("policies:\n  - {name: a, cgroup: /a, mode: audit}\n  - {name: b, cgroup: /b}\n");
+        let f =
+            ok("policies:\n  - {name: a, cgroup: /a, mode: audit}\n  - {name: b, cgroup: /b}\n");
         assert_eq!(f.policies[0].mode, Mode::Audit);
         assert_eq!(f.policies[1].mode, Mode::Enforce);
     }
@@ -639,25 +646,60 @@ policies:
         let unknown = find("policies[0].colour");
         assert_eq!((unknown.line, unknown.column), (4, 5));
         assert!(unknown.message.contains("unknown key `colour`"));
-        assert!(find("policies[0].bind[0].ports[0]").message.contains("ephemeral"));
-        assert!(find("policies[0].bind[0].ports[1]").message.contains("out of range"));
-        assert!(find("policies[0].bind[0].ports[2]").message.contains("inverted"));
-        assert!(find("policies[0].bind[0].ports[3]").message.contains("not a port"));
+        assert!(
+            find("policies[0].bind[0].ports[0]")
+                .message
+                .contains("ephemeral")
+        );
+        assert!(
+            find("policies[0].bind[0].ports[1]")
+                .message
+                .contains("out of range")
+        );
+        assert!(
+            find("policies[0].bind[0].ports[2]")
+                .message
+                .contains("inverted")
+        );
+        assert!(
+            find("policies[0].bind[0].ports[3]")
+                .message
+                .contains("not a port")
+        );
         let proto = find("policies[0].bind[0].protocol");
         assert_eq!(proto.line, 7);
         assert!(proto.message.contains("unknown value `sctp`"));
         assert!(find("policies[2].cgroup").message.contains("absolute"));
         // The second `a` duplicates both the name and the cgroup of the first,
         // even though the first has errors of its own.
-        assert!(find("policies[1].name").message.contains("duplicate policy name `a`"));
-        assert!(find("policies[1].cgroup").message.contains("already has policy `a`"));
+        assert!(
+            find("policies[1].name")
+                .message
+                .contains("duplicate policy name `a`")
+        );
+        assert!(
+            find("policies[1].cgroup")
+                .message
+                .contains("already has policy `a`")
+        );
         assert!(find("policies[2].mode").message.contains("enforce, audit"));
-        assert!(find("policies[2].connect[0].ports[0]").message.contains("bind rules only"));
-        assert!(find("policies[2].connect[0].addres").message.contains("unknown key"));
+        assert!(
+            find("policies[2].connect[0].ports[0]")
+                .message
+                .contains("bind rules only")
+        );
+        assert!(
+            find("policies[2].connect[0].addres")
+                .message
+                .contains("unknown key")
+        );
         // ephemeral in a bind rule is fine: no diagnostic for ports[4].
         assert!(!d.iter().any(|x| x.field == "policies[0].bind[0].ports[4]"));
         // Sorted by position.
-        assert!(d.windows(2).all(|w| (w[0].line, w[0].column) <= (w[1].line, w[1].column)));
+        assert!(
+            d.windows(2)
+                .all(|w| (w[0].line, w[0].column) <= (w[1].line, w[1].column))
+        );
     }
 
     #[test]
@@ -674,7 +716,11 @@ policies:
     fn one_policy_per_cgroup() {
         let d = errs("policies:\n  - {name: a, cgroup: /x}\n  - {name: b, cgroup: /x/}\n");
         assert_eq!(d.len(), 1);
-        assert!(d[0].message.contains("already has policy `a`"), "{}", d[0].message);
+        assert!(
+            d[0].message.contains("already has policy `a`"),
+            "{}",
+            d[0].message
+        );
     }
 
     #[test]
@@ -686,7 +732,10 @@ policies:
         assert!(d[0].message.contains("missing key `ports`"));
         let d = errs("other: 1\n");
         assert!(d.iter().any(|x| x.message.contains("unknown key `other`")));
-        assert!(d.iter().any(|x| x.message.contains("missing key `policies`")));
+        assert!(
+            d.iter()
+                .any(|x| x.message.contains("missing key `policies`"))
+        );
     }
 
     #[test]
@@ -704,7 +753,9 @@ policies:
 
     #[test]
     fn quoted_and_plain_ports_and_ranges() {
-        let f = ok("policies:\n  - {name: a, cgroup: /a, bind: [{ports: [\"80\", 443, 1-1024, \" 5 - 6 \", \"7-7\"]}]}\n");
+        let f = ok(
+            "policies:\n  - {name: a, cgroup: /a, bind: [{ports: [\"80\", 443, 1-1024, \" 5 - 6 \", \"7-7\"]}]}\n",
+        );
         assert_eq!(
             f.policies[0].bind.as_ref().unwrap()[0].ports,
             vec![
@@ -719,7 +770,9 @@ policies:
 
     #[test]
     fn range_edges() {
-        assert!(errs("policies: [{name: a, cgroup: /a, bind: [{ports: [\"1-65536\"]}]}]").len() == 1);
+        assert!(
+            errs("policies: [{name: a, cgroup: /a, bind: [{ports: [\"1-65536\"]}]}]").len() == 1
+        );
         assert!(errs("policies: [{name: a, cgroup: /a, bind: [{ports: [\"0-10\"]}]}]").len() == 1);
         assert!(errs("policies: [{name: a, cgroup: /a, bind: [{ports: [-1]}]}]").len() == 1);
         assert!(errs("policies: [{name: a, cgroup: /a, bind: [{ports: [1.5]}]}]").len() == 1);

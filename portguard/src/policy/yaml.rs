@@ -26,7 +26,10 @@ impl Pos {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Kind {
     /// A scalar: raw text, and whether it was written plain (unquoted).
-    Scalar { text: String, plain: bool },
+    Scalar {
+        text: String,
+        plain: bool,
+    },
     Seq(Vec<Node>),
     Map(Vec<(Node, Node)>),
 }

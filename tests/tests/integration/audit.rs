@@ -35,11 +35,17 @@ fn audit_mode_allows_and_reports() {
     r.assert_ok();
     assert!(
         agent
-            .events_matching(&[("pid", json!(r.pid))], std::time::Duration::from_millis(300))
+            .events_matching(
+                &[("pid", json!(r.pid))],
+                std::time::Duration::from_millis(300)
+            )
             .is_empty()
     );
     // The same rules in enforce mode deny.
     let r = Probe::in_cgroup(&enforced).run(&["bind", "tcp", "0.0.0.0", "9000"]);
     r.assert_eperm();
-    assert_eq!(agent.wait_event(&[("pid", json!(r.pid))])["verdict"], "deny");
+    assert_eq!(
+        agent.wait_event(&[("pid", json!(r.pid))])["verdict"],
+        "deny"
+    );
 }

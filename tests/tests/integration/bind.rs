@@ -4,7 +4,10 @@ use portguard_tests::{Agent, Cgroup, Probe, require_root};
 use serde_json::json;
 
 fn policy(cg: &Cgroup, bind: &str) -> String {
-    format!("policies:\n  - name: svc\n    cgroup: {}\n    bind: {bind}\n", cg.rel)
+    format!(
+        "policies:\n  - name: svc\n    cgroup: {}\n    bind: {bind}\n",
+        cg.rel
+    )
 }
 
 #[test]
@@ -45,7 +48,10 @@ fn tcp_and_udp_ipv4_with_range_edges() {
     // Allowed binds are not logged.
     assert!(
         agent
-            .events_matching(&[("port", json!(9000))], std::time::Duration::from_millis(200))
+            .events_matching(
+                &[("port", json!(9000))],
+                std::time::Duration::from_millis(200)
+            )
             .is_empty()
     );
 }
@@ -70,7 +76,8 @@ fn ipv6_and_family_restricted_rules() {
     assert_eq!(e["pid"], r.pid);
     // An IPv4-only rule does not allow the port on IPv6, and vice versa.
     p.run(&["bind", "tcp", "127.0.0.1", "7000"]).assert_ok();
-    p.run(&["bind", "tcp", "::1", "7000", "v6only"]).assert_eperm();
+    p.run(&["bind", "tcp", "::1", "7000", "v6only"])
+        .assert_eperm();
     p.run(&["bind", "tcp", "::1", "7001", "v6only"]).assert_ok();
     p.run(&["bind", "tcp", "127.0.0.1", "7001"]).assert_eperm();
     agent.wait_event(&[("port", json!(7000)), ("hook", json!("bind6"))]);
@@ -87,7 +94,8 @@ fn ipv4_mapped_ipv6_is_judged_as_ipv4() {
     ));
     let p = Probe::in_cgroup(&cg);
     // The IPv4 loopback rule holds for the mapped form of 127.0.0.1 ...
-    p.run(&["bind", "tcp", "::ffff:127.0.0.1", "7000"]).assert_ok();
+    p.run(&["bind", "tcp", "::ffff:127.0.0.1", "7000"])
+        .assert_ok();
     // ... but the mapped unspecified address is not loopback.
     let r = p.run(&["bind", "tcp", "::ffff:0.0.0.0", "7000"]);
     r.assert_eperm();
@@ -117,7 +125,8 @@ fn loopback_only_ports() {
     p.run(&["bind", "tcp", "::1", "6000", "v6only"]).assert_ok();
     let any4 = p.run(&["bind", "tcp", "0.0.0.0", "6000"]);
     any4.assert_eperm();
-    p.run(&["bind", "tcp", "::", "6000", "v6only"]).assert_eperm();
+    p.run(&["bind", "tcp", "::", "6000", "v6only"])
+        .assert_eperm();
     p.run(&["bind", "tcp", "::", "6000"]).assert_eperm();
     // Judged before the kernel's own address checks: a non-local address is
     // EPERM here, not EADDRNOTAVAIL.
@@ -171,7 +180,10 @@ fn port_zero_is_judged_on_the_chosen_port() {
     let e = agent.wait_event(&[("pid", json!(r4.pid))]);
     assert_eq!(e["hook"], "post_bind4");
     let chosen = e["port"].as_u64().unwrap();
-    assert!(chosen >= 1024, "the event carries the chosen port, got {chosen}");
+    assert!(
+        chosen >= 1024,
+        "the event carries the chosen port, got {chosen}"
+    );
     let e = agent.wait_event(&[("pid", json!(r6.pid))]);
     assert_eq!(e["hook"], "post_bind6");
     assert_eq!(e["protocol"], "udp");
@@ -231,7 +243,9 @@ fn allowed_bind_keeps_the_privileged_port_check() {
         !r.ok && r.errno == libc::EACCES,
         "an unprivileged bind to port 80 must fail with EACCES, got {r:?}"
     );
-    nobody.run(&["bind", "tcp", "127.0.0.1", "8080"]).assert_ok();
+    nobody
+        .run(&["bind", "tcp", "127.0.0.1", "8080"])
+        .assert_ok();
     nobody
         .run(&["bind", "tcp", "127.0.0.1", "8081"])
         .assert_eperm();

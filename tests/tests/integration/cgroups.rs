@@ -69,7 +69,10 @@ fn the_nearest_policy_wins() {
     p.run(&["bind", "tcp", "127.0.0.1", "8080"]).assert_ok();
     let r = p.run(&["bind", "tcp", "127.0.0.1", "9090"]);
     r.assert_eperm();
-    assert_eq!(agent.wait_event(&[("pid", json!(r.pid))])["policy"], "outer");
+    assert_eq!(
+        agent.wait_event(&[("pid", json!(r.pid))])["policy"],
+        "outer"
+    );
 }
 
 #[test]
@@ -83,13 +86,13 @@ fn forked_children_and_second_threads_are_covered() {
     let forked = Probe::in_cgroup(&cg).fork();
     let r = forked.run(&["bind", "tcp", "127.0.0.1", "8081"]);
     r.assert_eperm();
-    forked.run(&["bind", "tcp", "127.0.0.1", "8080"]).assert_ok();
+    forked
+        .run(&["bind", "tcp", "127.0.0.1", "8080"])
+        .assert_ok();
     let e = agent.wait_event(&[("pid", json!(r.pid)), ("port", json!(8081))]);
     assert_eq!(e["tid"], r.tid);
 
-    let threaded = Probe::in_cgroup(&cg)
-        .thread()
-        .listen("tcp:127.0.0.1:5001");
+    let threaded = Probe::in_cgroup(&cg).thread().listen("tcp:127.0.0.1:5001");
     let r = threaded.run(&["connect", "tcp", "127.0.0.1", "5001"]);
     r.assert_eperm();
     assert_ne!(r.pid, r.tid, "the operation ran on a second thread");

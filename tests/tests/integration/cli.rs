@@ -60,7 +60,9 @@ fn check_warns_about_cgroups_that_do_not_exist_yet() {
     let (code, out, _) = portguard(&["check", f.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}");
     assert!(
-        out.contains("warning: policies[0].cgroup: cgroup /portguard-no-such-cgroup/x does not exist"),
+        out.contains(
+            "warning: policies[0].cgroup: cgroup /portguard-no-such-cgroup/x does not exist"
+        ),
         "{out}"
     );
 }
@@ -69,8 +71,11 @@ fn check_warns_about_cgroups_that_do_not_exist_yet() {
 fn run_refuses_an_invalid_policy_before_loading_anything() {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("bad.yaml");
-    std::fs::write(&f, "policies:\n  - {name: a, cgroup: /a, bind: [{ports: [99999]}]}\n")
-        .unwrap();
+    std::fs::write(
+        &f,
+        "policies:\n  - {name: a, cgroup: /a, bind: [{ports: [99999]}]}\n",
+    )
+    .unwrap();
     let (code, _, err) = portguard(&["run", "--policy", f.to_str().unwrap()]);
     assert_eq!(code, 1);
     assert!(err.contains("bad.yaml:2:"), "{err}");

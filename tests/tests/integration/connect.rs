@@ -59,7 +59,10 @@ fn udp_connect_and_unconnected_sendto() {
     p.run(&["sendto", "::1", "53"]).assert_ok();
     let r = p.run(&["connect", "udp", "127.0.0.1", "54"]);
     r.assert_eperm();
-    assert_eq!(agent.wait_event(&[("pid", json!(r.pid))])["hook"], "connect4");
+    assert_eq!(
+        agent.wait_event(&[("pid", json!(r.pid))])["hook"],
+        "connect4"
+    );
     let r = p.run(&["sendto", "127.0.0.1", "54"]);
     r.assert_eperm();
     let e = agent.wait_event(&[("pid", json!(r.pid))]);
@@ -68,7 +71,10 @@ fn udp_connect_and_unconnected_sendto() {
     assert_eq!(e["port"], 54);
     let r = p.run(&["sendto", "::1", "54"]);
     r.assert_eperm();
-    assert_eq!(agent.wait_event(&[("pid", json!(r.pid))])["hook"], "sendmsg6");
+    assert_eq!(
+        agent.wait_event(&[("pid", json!(r.pid))])["hook"],
+        "sendmsg6"
+    );
     // The rule is UDP only.
     let listener = Probe::in_cgroup(&cg).listen("tcp:127.0.0.1:53");
     listener
@@ -93,7 +99,10 @@ fn loopback_only_destinations() {
         "192.0.2.1"
     );
     p.run(&["sendto", "2001:db8::1", "53"]).assert_eperm();
-    agent.wait_event(&[("hook", json!("sendmsg6")), ("address", json!("2001:db8::1"))]);
+    agent.wait_event(&[
+        ("hook", json!("sendmsg6")),
+        ("address", json!("2001:db8::1")),
+    ]);
 }
 
 #[test]
@@ -102,7 +111,8 @@ fn empty_connect_list_denies_every_destination() {
     let cg = Cgroup::new("noconnect");
     let agent = start(&cg, "[]");
     let p = Probe::in_cgroup(&cg).listen("tcp:127.0.0.1:5000");
-    p.run(&["connect", "tcp", "127.0.0.1", "5000"]).assert_eperm();
+    p.run(&["connect", "tcp", "127.0.0.1", "5000"])
+        .assert_eperm();
     p.run(&["sendto", "127.0.0.1", "5000"]).assert_eperm();
     let r = p.run(&["connect", "udp", "::1", "5000"]);
     r.assert_eperm();

@@ -27,7 +27,10 @@ fn events_that_do_not_fit_are_counted_and_reported() {
         .lines()
         .filter(|l| l.contains(r#""error":"EPERM""#))
         .count();
-    assert_eq!(denied, N, "every bind was denied while the agent was stopped");
+    assert_eq!(
+        denied, N,
+        "every bind was denied while the agent was stopped"
+    );
     agent.signal(libc::SIGCONT);
 
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -54,14 +57,21 @@ fn events_that_do_not_fit_are_counted_and_reported() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(lost_total > 0, "a 4 KiB ring cannot hold {N} events");
-    assert!(delivered > 0, "the queued events were delivered after SIGCONT");
+    assert!(
+        delivered > 0,
+        "the queued events were delivered after SIGCONT"
+    );
     let lost = agent
         .events()
         .into_iter()
         .find(|e| e.get("lost").is_some())
         .unwrap();
     assert!(lost["time"].is_string());
-    assert!(agent.stderr().contains("the kernel dropped"), "{}", agent.stderr());
+    assert!(
+        agent.stderr().contains("the kernel dropped"),
+        "{}",
+        agent.stderr()
+    );
 }
 
 /// SIGTERM detaches every program: the cgroup is unrestricted afterwards

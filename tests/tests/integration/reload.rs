@@ -10,7 +10,10 @@ use std::{
 use portguard_tests::{Agent, Cgroup, Probe, ProbeResult, require_root};
 
 fn policy(cg: &Cgroup, bind: &str) -> String {
-    format!("policies:\n  - name: svc\n    cgroup: {}\n    bind: {bind}\n", cg.rel)
+    format!(
+        "policies:\n  - name: svc\n    cgroup: {}\n    bind: {bind}\n",
+        cg.rel
+    )
 }
 
 /// Collects a looping probe's results as they arrive.
@@ -72,7 +75,10 @@ fn reload_tightens_then_loosens_under_a_running_workload() {
     require_root!();
     let cg = Cgroup::new("reload");
     let mut agent = Agent::start(&policy(&cg, "[{ports: [8080]}]"));
-    let l = Loop::start(&Probe::in_cgroup(&cg), &["bind", "tcp", "127.0.0.1", "8080"]);
+    let l = Loop::start(
+        &Probe::in_cgroup(&cg),
+        &["bind", "tcp", "127.0.0.1", "8080"],
+    );
     l.wait_more(5);
     assert!(l.outcomes_since(0).iter().all(|ok| *ok), "allowed before");
 
@@ -107,7 +113,10 @@ fn an_invalid_reload_keeps_the_previous_policy() {
     let err = agent.stderr();
     assert!(err.contains("previous policy stays in force"), "{err}");
     assert!(err.contains("inverted range"), "{err}");
-    assert!(err.contains("policy.yaml:4:"), "error names file and line: {err}");
+    assert!(
+        err.contains("policy.yaml:4:"),
+        "error names file and line: {err}"
+    );
     let p = Probe::in_cgroup(&cg);
     p.run(&["bind", "tcp", "127.0.0.1", "8080"]).assert_ok();
     p.run(&["bind", "tcp", "127.0.0.1", "9050"]).assert_eperm();
@@ -134,7 +143,11 @@ fn a_reload_that_does_not_fit_the_maps_is_rejected_whole() {
         a.rel, b.rel
     ));
     assert!(status.contains("reload failed"), "{status}");
-    assert!(agent.stderr().contains("--max-cgroups"), "{}", agent.stderr());
+    assert!(
+        agent.stderr().contains("--max-cgroups"),
+        "{}",
+        agent.stderr()
+    );
     // Nothing of the new policy applied: `a` keeps 8080, `b` stays ungoverned.
     let p = Probe::in_cgroup(&a);
     p.run(&["bind", "tcp", "127.0.0.1", "8080"]).assert_ok();
