@@ -33,14 +33,11 @@ fn local_slot(proto: Proto, family: Family, addr: AddrClass) -> usize {
 fn compile_rules(rules: &[Rule]) -> DirectionSets {
     let mut sets: [PortSet; 8] = Default::default();
     for rule in rules {
-        let mut ports = PortSet::default();
-        for p in &rule.ports {
-            match *p {
-                PortSpec::Port(n) => ports.insert(n),
-                PortSpec::Range(a, b) => ports.insert_range(a, b),
-                PortSpec::Ephemeral => ports.insert(PortSet::EPHEMERAL),
-            }
-        }
+        let ports = PortSet::from_ranges(rule.ports.iter().map(|p| match *p {
+            PortSpec::Port(n) => (n, n),
+            PortSpec::Range(a, b) => (a, b),
+            PortSpec::Ephemeral => (PortSet::EPHEMERAL, PortSet::EPHEMERAL),
+        }));
         for proto in PROTOS {
             let proto_ok = match rule.protocol {
                 ProtocolSel::Any => true,

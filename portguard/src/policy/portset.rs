@@ -1,22 +1,22 @@
-//! A set of ports as a 65,536-bit bitmap. Bit 0 stands for "ephemeral" (a
-//! bind to port 0 may keep the port the kernel picks); see portguard-common.
+//! A set of ports, kept as canonical (sorted, merged) inclusive ranges so
+//! that thousands of policies cost kilobytes, not 8 KiB bitmaps each; the
+//! kernel's bitmap chunks are produced only for distinct sets.
+//! Port 0 stands for "ephemeral" (a bind to port 0 may keep the port the
+//! kernel picks); see portguard-common.
 
-use portguard_common::{CHUNKS_PER_SET, PORTS_PER_CHUNK, PortChunk};
+use std::collections::BTreeMap;
 
-const WORDS: usize = 65536 / 64;
+use portguard_common::{PORTS_PER_CHUNK, PortChunk};
 
-#[derive(Clone, PartialEq, Eq, Hash)]
-pub struct PortSet(Box<[u64; WORDS]>);
-
-impl Default for PortSet {
-    fn default() -> Self {
-        Self(Box::new([0; WORDS]))
-    }
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
+pub struct PortSet {
+    /// Sorted, non-overlapping, non-adjacent inclusive ranges.
+    ranges: Vec<(u16, u16)>,
 }
 
 impl std::fmt::Debug for PortSet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_list().entries(self.ranges()).finish()
+        f.debug_list().entries(&self.ranges).finish()
     }
 }
 
@@ -24,64 +24,83 @@ impl PortSet {
     /// The "ephemeral" pseudo-port.
     pub const EPHEMERAL: u16 = 0;
 
+    /// Build from any ranges (`lo <= hi`), in any order, overlapping or not.
+    pub fn from_ranges(ranges: impl IntoIterator<Item = (u16, u16)>) -> Self {
+        let mut v: Vec<(u16, u16)> = ranges.into_iter().filter(|(a, b)| a <= b).collect();
+        v.sort_unstable();
+        let mut out: Vec<(u16, u16)> = Vec::with_capacity(v.len());
+        for (a, b) in v {
+            match out.last_mut() {
+                Some(last) if u32::from(a) <= u32::from(last.1) + 1 => last.1 = last.1.max(b),
+                _ => out.push((a, b)),
+            }
+        }
+        Self { ranges: out }
+    }
+
     pub fn insert(&mut self, port: u16) {
-        self.0[port as usize / 64] |= 1 << (port % 64);
+        self.insert_range(port, port);
     }
 
     /// Insert `lo..=hi`.
     pub fn insert_range(&mut self, lo: u16, hi: u16) {
-        for p in lo..=hi {
-            self.insert(p);
-        }
+        let mut all = std::mem::take(&mut self.ranges);
+        all.push((lo, hi));
+        *self = Self::from_ranges(all);
     }
 
     pub fn union_with(&mut self, other: &Self) {
-        for (a, b) in self.0.iter_mut().zip(other.0.iter()) {
-            *a |= *b;
+        if other.ranges.is_empty() {
+            return;
         }
+        let mut all = std::mem::take(&mut self.ranges);
+        all.extend_from_slice(&other.ranges);
+        *self = Self::from_ranges(all);
     }
 
     pub fn contains(&self, port: u16) -> bool {
-        (self.0[port as usize / 64] >> (port % 64)) & 1 == 1
+        let i = self.ranges.partition_point(|(_, hi)| *hi < port);
+        self.ranges.get(i).is_some_and(|(lo, _)| *lo <= port)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.iter().all(|w| *w == 0)
+        self.ranges.is_empty()
     }
 
-    /// Maximal runs of set bits, as inclusive ranges (port 0 = ephemeral).
-    pub fn ranges(&self) -> Vec<(u16, u16)> {
-        let mut out = Vec::new();
-        let mut start: Option<u32> = None;
-        for p in 0..=65536u32 {
-            let set = p < 65536 && self.contains(p as u16);
-            match (set, start) {
-                (true, None) => start = Some(p),
-                (false, Some(s)) => {
-                    out.push((s as u16, (p - 1) as u16));
-                    start = None;
-                }
-                _ => {}
+    /// The canonical ranges (port 0 = ephemeral).
+    pub fn ranges(&self) -> &[(u16, u16)] {
+        &self.ranges
+    }
+
+    /// Number of ports in the set (counting the ephemeral pseudo-port).
+    pub fn len(&self) -> u32 {
+        self.ranges
+            .iter()
+            .map(|(a, b)| u32::from(*b) - u32::from(*a) + 1)
+            .sum()
+    }
+
+    /// Non-empty 512-port chunks, as the kernel stores them, by chunk index.
+    pub fn chunks(&self) -> Vec<(u32, PortChunk)> {
+        let mut chunks: BTreeMap<u32, PortChunk> = BTreeMap::new();
+        for &(lo, hi) in &self.ranges {
+            let (lo, hi) = (u32::from(lo), u32::from(hi));
+            // Fill word by word: a bit run within one 64-port word at a time.
+            let mut p = lo;
+            while p <= hi {
+                let word_end = (p | 63).min(hi);
+                let n = word_end - p + 1;
+                let mask = if n == 64 {
+                    u64::MAX
+                } else {
+                    ((1u64 << n) - 1) << (p % 64)
+                };
+                let chunk = chunks.entry(p / PORTS_PER_CHUNK).or_default();
+                chunk.bits[((p % PORTS_PER_CHUNK) / 64) as usize] |= mask;
+                p = word_end + 1;
             }
         }
-        out
-    }
-
-    /// Non-empty 512-port chunks, as the kernel stores them.
-    pub fn chunks(&self) -> Vec<(u32, PortChunk)> {
-        let words_per_chunk = (PORTS_PER_CHUNK / 64) as usize;
-        (0..CHUNKS_PER_SET)
-            .filter_map(|c| {
-                let start = c as usize * words_per_chunk;
-                let words = &self.0[start..start + words_per_chunk];
-                if words.iter().all(|w| *w == 0) {
-                    return None;
-                }
-                let mut chunk = PortChunk::default();
-                chunk.bits.copy_from_slice(words);
-                Some((c, chunk))
-            })
-            .collect()
+        chunks.into_iter().collect()
     }
 }
 
@@ -90,30 +109,40 @@ mod tests {
     use super::*;
 
     #[test]
+    fn ranges_are_canonical() {
+        let s = PortSet::from_ranges([(10, 20), (5, 9), (30, 30), (15, 25), (31, 40)]);
+        assert_eq!(s.ranges(), &[(5, 25), (30, 40)]);
+        assert_eq!(s, PortSet::from_ranges([(30, 40), (5, 25)]));
+        assert_eq!(s.len(), 21 + 11);
+        assert!(s.contains(5) && s.contains(25) && !s.contains(26) && s.contains(40));
+        assert!(!s.contains(4) && !s.contains(41));
+        let mut t = PortSet::default();
+        t.insert(65535);
+        t.insert_range(0, 0);
+        assert_eq!(t.ranges(), &[(0, 0), (65535, 65535)]);
+    }
+
+    #[test]
     fn chunks_match_the_kernel_bit_layout() {
         let mut s = PortSet::default();
         s.insert(8080);
         s.insert_range(9000, 9099);
+        s.insert_range(1000, 1200);
         s.insert(PortSet::EPHEMERAL);
+        s.insert_range(65500, 65535);
         let chunks = s.chunks();
-        // 0 and 8080/9000.. live in chunks 0, 15 and 17.
         let ids: Vec<u32> = chunks.iter().map(|(c, _)| *c).collect();
-        assert_eq!(ids, vec![0, 15, 17]);
+        assert_eq!(ids, vec![0, 1, 2, 15, 17, 127]);
         for (c, chunk) in &chunks {
             for bit in 0..PORTS_PER_CHUNK {
                 let port = (c * PORTS_PER_CHUNK + bit) as u16;
                 assert_eq!(chunk.contains(port), s.contains(port), "port {port}");
             }
         }
-        assert!(!s.contains(8999) && s.contains(9000) && s.contains(9099) && !s.contains(9100));
-    }
-
-    #[test]
-    fn ranges_roundtrip() {
-        let mut s = PortSet::default();
-        s.insert_range(1, 3);
-        s.insert(65535);
-        assert_eq!(s.ranges(), vec![(1, 3), (65535, 65535)]);
         assert!(PortSet::default().chunks().is_empty());
+        let full = PortSet::from_ranges([(0, 65535)]);
+        let chunks = full.chunks();
+        assert_eq!(chunks.len(), 128);
+        assert!(chunks.iter().all(|(_, c)| c.bits == [u64::MAX; 8]));
     }
 }
