@@ -66,7 +66,7 @@ pub struct RunArgs {
     pub max_cgroups: u32,
 
     /// Most policies the kernel maps hold (fixed at start).
-    #[arg(long, value_name = "N", default_value_t = 4096)]
+    #[arg(long, value_name = "N", default_value_t = 16384)]
     pub max_policies: u32,
 
     /// Most 512-port chunks of distinct port sets the kernel maps hold

@@ -123,6 +123,12 @@ impl Agent {
             })
             .collect();
         let report = self.applier.apply(&mut self.loaded.maps, &targets)?;
+        // Per-policy lines for small policy sets; large ones get the summary.
+        let level = if policies.len() <= 50 {
+            log::Level::Info
+        } else {
+            log::Level::Debug
+        };
         for (p, r) in policies.iter().zip(&resolved) {
             let before = self
                 .policies
@@ -132,20 +138,29 @@ impl Agent {
             match (r, before) {
                 (Some((id, _)), b) if b.map(|x| x.0) != Some(*id) => {
                     self.hierarchy.remember(*id, &p.cgroup);
-                    info!(
+                    log::log!(
+                        level,
                         "daemon: policy `{}` ({}) governs cgroup {} (id {id})",
                         p.name,
                         p.mode.as_str(),
                         p.cgroup
                     );
                 }
-                (None, Some(_)) => warn!(
+                (None, Some(_)) => log::log!(
+                    if level == log::Level::Info {
+                        log::Level::Warn
+                    } else {
+                        level
+                    },
                     "daemon: policy `{}`: cgroup {} disappeared; it will be governed again when it reappears",
-                    p.name, p.cgroup
+                    p.name,
+                    p.cgroup
                 ),
-                (None, None) if !self.policies.iter().any(|q| q.name == p.name) => info!(
+                (None, None) if !self.policies.iter().any(|q| q.name == p.name) => log::log!(
+                    level,
                     "daemon: policy `{}`: cgroup {} does not exist yet; it will be governed as soon as it appears",
-                    p.name, p.cgroup
+                    p.name,
+                    p.cgroup
                 ),
                 _ => {}
             }
@@ -156,6 +171,7 @@ impl Agent {
     }
 
     fn reload(&mut self, why: &str) {
+        let started = Instant::now();
         let _ = sd_notify::notify(&[
             NotifyState::Reloading,
             NotifyState::monotonic_usec_now().unwrap_or(NotifyState::MonotonicUsec(0)),
@@ -174,13 +190,14 @@ impl Agent {
                     report.policies, report.generation
                 );
                 info!(
-                    "daemon: reloaded {} on {why}: {} policies, {} governed cgroups, {} port sets ({} written, {} freed)",
+                    "daemon: reloaded {} on {why}: {} policies, {} governed cgroups, {} port sets ({} written, {} freed) in {:.1} ms",
                     self.policy_path.display(),
                     report.policies,
                     report.cgroups,
                     report.sets_total,
                     report.sets_written,
-                    report.sets_deleted
+                    report.sets_deleted,
+                    started.elapsed().as_secs_f64() * 1e3
                 );
                 let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
             }
@@ -382,10 +399,19 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
         registry: Registry::default(),
         names: PolicyNames::default(),
     };
+    let started = Instant::now();
     let resolved = agent.resolve(&policies);
     let report = agent
         .apply(policies, resolved)
         .context("applying the policy to the kernel maps")?;
+    info!(
+        "daemon: applied {} policies ({} governed cgroups, {} port sets in {} chunks) in {:.1} ms",
+        report.policies,
+        report.cgroups,
+        report.sets_total,
+        report.chunks_total,
+        started.elapsed().as_secs_f64() * 1e3
+    );
     let root = agent.hierarchy.root().to_owned();
     agent.loaded.attach(&root)?;
     let hooks: Vec<&str> = agent.loaded.attached().iter().map(|h| h.name()).collect();

@@ -30,6 +30,17 @@ enum Cmd {
     Lint,
     /// Unit tests of the default members (no root needed).
     Unit,
+    /// Benchmarks (needs root): builds in release mode, measures overhead
+    /// against a baseline from the same run, and regenerates
+    /// docs/benchmarks.md.
+    Bench {
+        /// Fewer rounds and a shorter storm (under 2 minutes).
+        #[arg(long)]
+        quick: bool,
+        /// Where to write the report.
+        #[arg(long, default_value = "docs/benchmarks.md")]
+        out: PathBuf,
+    },
     /// Build the agent and run the privileged integration tests (needs root).
     IntegrationTest {
         /// Arguments passed to the test harness (e.g. a test name filter).
@@ -129,6 +140,30 @@ fn integration(args: &[String]) -> anyhow::Result<()> {
     run(&mut cmd)
 }
 
+fn bench(quick: bool, out: &Path) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("the benchmark loads BPF programs and creates cgroups: run it as root");
+    }
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "portguard",
+        "-p",
+        "portguard-tests",
+        "--bins",
+    ]))?;
+    let release = root_dir().join("target/release");
+    let mut cmd = Command::new(release.join("portguard-bench"));
+    cmd.arg("--out").arg(root_dir().join(out));
+    if quick {
+        cmd.arg("--quick");
+    }
+    cmd.env("PORTGUARD_BIN", release.join("portguard"))
+        .env("RUST_LOG", "info");
+    run(&mut cmd)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.command {
@@ -142,6 +177,7 @@ fn main() -> ExitCode {
         }),
         Cmd::Lint => lint(),
         Cmd::Unit => unit(),
+        Cmd::Bench { quick, out } => bench(quick, &out),
         Cmd::IntegrationTest { args } => integration(&args),
     };
     match res {
