@@ -17,9 +17,9 @@
 //! - [`MAP_CGROUPS`] (hash): [`CgroupKey`] `{cgroup_id, generation}` ->
 //!   [`CgroupValue`]. Only cgroups that carry a policy themselves are present.
 //!   A cgroup is governed by its nearest ancestor-or-self present here. The
-//!   kernel walks the caller's cgroup ancestry from the root down to the
-//!   generation's `State::max_level` (at most [`MAX_CGROUP_DEPTH`] levels) and keeps the
-//!   deepest hit. No hit: the cgroup is ungoverned and everything is allowed.
+//!   kernel walks the caller's cgroup ancestry from the generation's
+//!   `State::min_level` down to its `State::max_level` (at most
+//!   [`MAX_CGROUP_DEPTH`] levels) and keeps the deepest hit. No hit: the cgroup is ungoverned and everything is allowed.
 //! - [`MAP_POLICIES`] (array): [`PolicyRecord`], indexed by
 //!   `CgroupValue::policy_index` (userspace puts generation-0 records in the
 //!   lower half and generation-1 records in the upper half).
@@ -156,14 +156,17 @@ pub struct State {
     /// Live generation: 0 or 1.
     pub generation: u32,
     pub _pad: u32,
-    /// Deepest cgroup level holding a policy, per generation; the ancestor walk
-    /// stops there.
+    /// Shallowest cgroup level holding a policy, per generation; the ancestor
+    /// walk starts there.
+    pub min_level: [u32; 2],
+    /// Deepest cgroup level holding a policy, per generation; the ancestor
+    /// walk stops there.
     pub max_level: [u32; 2],
     /// Number of governed cgroups, per generation. 0: the kernel allows
     /// everything without walking the ancestry.
     pub cgroups: [u32; 2],
 }
-const _: () = assert!(size_of::<State>() == 24);
+const _: () = assert!(size_of::<State>() == 32);
 
 /// [`MAP_CGROUPS`] key.
 #[repr(C)]
@@ -236,12 +239,16 @@ impl PortChunk {
     }
 }
 
-/// [`MAP_SOCKETS`] (socket-local storage) value, written by bind6 so that
-/// post_bind6 knows whether a bind to `[::]` was dual-stack.
+/// [`MAP_SOCKETS`] (socket-local storage) value. bind4/bind6 create it only
+/// for a bind to port 0, which post_bind4/post_bind6 must judge on the port
+/// the kernel picks; post_bind allows every other bind at the cost of one
+/// storage lookup (bind4/bind6 already judged the explicit port).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SocketState {
-    /// 1: the socket was bound to the IPv6 unspecified address without
+    /// 1: the last bind() on this socket asked for port 0; post_bind judges it.
+    pub port0_pending: u32,
+    /// 1: that bind was to the IPv6 unspecified address without
     /// `IPV6_V6ONLY`, so it also accepts IPv4.
     pub dual_stack: u32,
 }

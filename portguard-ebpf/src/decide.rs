@@ -26,6 +26,7 @@ pub const ALLOW: i32 = 1;
 pub const DENY: i32 = 0;
 
 /// One operation to judge, as extracted by a hook.
+#[derive(Clone, Copy)]
 pub struct Query {
     pub hook: Hook,
     pub dir: Direction,
@@ -70,7 +71,8 @@ fn governing() -> Option<Governing> {
     let mut found_id = 0u64;
     let mut found_index = 0u32;
     let mut found = false;
-    let mut level = 0u32;
+    // Levels above the shallowest governed cgroup cannot hold a policy.
+    let mut level = state.min_level[g & 1];
     while level < MAX_CGROUP_DEPTH {
         if level > max_level {
             break;

@@ -142,13 +142,9 @@ fn sa_protocol(ctx: &SockAddrContext) -> u8 {
 #[inline(always)]
 fn inet4(ctx: &SockAddrContext, hook: Hook, dir: Direction) -> i32 {
     let port = user_port(ctx);
-    if dir == Direction::Bind && port == 0 {
-        // bind(port 0): judged by post_bind4 on the port the kernel picks.
-        return ALLOW;
-    }
     // SAFETY: reading a field of the context struct.
     let ip = unsafe { rd!((*ctx.sock_addr).user_ip4) };
-    decide(&Query {
+    let q = Query {
         hook,
         dir,
         protocol: sa_protocol(ctx),
@@ -159,7 +155,17 @@ fn inet4(ctx: &SockAddrContext, hook: Hook, dir: Direction) -> i32 {
         dual_stack: false,
         ephemeral_ok: false,
         flags: 0,
-    })
+    };
+    if dir == Direction::Bind {
+        // bind(port 0) is judged by post_bind4 on the port the kernel picks.
+        if !mark_port0(ctx, port == 0, false) {
+            return port0_fallback(q);
+        }
+        if port == 0 {
+            return ALLOW;
+        }
+    }
+    decide(&q)
 }
 
 #[inline(always)]
@@ -213,22 +219,48 @@ fn v6only(ctx: &SockAddrContext) -> Option<bool> {
     Some((byte >> (bit % 8)) & 1 == 1)
 }
 
-/// bind6 on `[::]`: dual-stack unless the socket has IPV6_V6ONLY (assumed
-/// dual-stack, the wider exposure, when that cannot be read). The answer is
-/// also stored on the socket for post_bind6, which runs on the same bind().
+/// Record on the socket whether post_bind has to judge this bind: yes for a
+/// bind to port 0 (the kernel picks the port after bind4/bind6 ran), no for
+/// an explicit port (judged here; clears a flag left by an earlier, failed
+/// port-0 bind on the same socket). Storage is only created for port 0.
+/// Returns false if the flag could not be stored.
 #[inline(always)]
-fn bind6_dual_stack(ctx: &SockAddrContext) -> bool {
-    let dual = v6only(ctx) != Some(true);
-    let mut init = SocketState {
-        dual_stack: dual as u32,
-    };
-    // SAFETY: the helper only dereferences the context's own socket.
-    let p = unsafe { PORTGUARD_SOCKETS.get_or_insert_ptr_mut(ctx, Some(&mut init)) };
-    if !p.is_null() {
+fn mark_port0(ctx: &SockAddrContext, port0: bool, dual_stack: bool) -> bool {
+    if port0 {
+        let mut init = SocketState {
+            port0_pending: 1,
+            dual_stack: dual_stack as u32,
+        };
+        // SAFETY: the helper only dereferences the context's own socket.
+        let p = unsafe { PORTGUARD_SOCKETS.get_or_insert_ptr_mut(ctx, Some(&mut init)) };
+        if p.is_null() {
+            return false;
+        }
         // SAFETY: non-null pointer to this socket's storage.
-        unsafe { (*p).dual_stack = dual as u32 };
+        unsafe {
+            (*p).port0_pending = 1;
+            (*p).dual_stack = dual_stack as u32;
+        }
+    } else {
+        // SAFETY: as above; no storage is created.
+        let p = unsafe { PORTGUARD_SOCKETS.get_ptr_mut(ctx) };
+        if !p.is_null() {
+            // SAFETY: non-null pointer to this socket's storage.
+            unsafe { (*p).port0_pending = 0 };
+        }
     }
-    dual
+    true
+}
+
+/// A bind to port 0 whose flag could not be stored (no memory for socket
+/// storage): post_bind would not judge it, so decide now, without the port:
+/// allowed only where the policy allows any kernel-chosen port (`ephemeral`).
+#[inline(always)]
+fn port0_fallback(q: Query) -> i32 {
+    decide(&Query {
+        ephemeral_ok: true,
+        ..q
+    })
 }
 
 #[cgroup_sock_addr(bind4)]
@@ -239,13 +271,11 @@ pub fn portguard_bind4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(bind6)]
 pub fn portguard_bind6(ctx: SockAddrContext) -> i32 {
     let v6 = classify6(user_ip6(&ctx), false);
-    let dual = v6.unspecified && bind6_dual_stack(&ctx);
+    // `[::]` is dual-stack unless the socket has IPV6_V6ONLY (assumed
+    // dual-stack, the wider exposure, when that cannot be read).
+    let dual = v6.unspecified && v6only(&ctx) != Some(true);
     let port = user_port(&ctx);
-    if port == 0 {
-        // Judged by post_bind6 on the port the kernel picks.
-        return ALLOW;
-    }
-    decide(&Query {
+    let q = Query {
         hook: Hook::Bind6,
         dir: Direction::Bind,
         protocol: sa_protocol(&ctx),
@@ -256,7 +286,15 @@ pub fn portguard_bind6(ctx: SockAddrContext) -> i32 {
         dual_stack: dual,
         ephemeral_ok: false,
         flags: v6.flags | if dual { EVENT_F_DUAL_STACK } else { 0 },
-    })
+    };
+    // bind(port 0) is judged by post_bind6 on the port the kernel picks.
+    if !mark_port0(&ctx, port == 0, dual) {
+        return port0_fallback(q);
+    }
+    if port == 0 {
+        return ALLOW;
+    }
+    decide(&q)
 }
 
 #[cgroup_sock_addr(connect4)]
@@ -279,26 +317,57 @@ pub fn portguard_sendmsg6(ctx: SockAddrContext) -> i32 {
     inet6_connect(&ctx, Hook::Sendmsg6)
 }
 
+/// The socket storage of a cgroup/sock program's socket (its context).
+#[inline(always)]
+fn sock_state(sk: *mut aya_ebpf::bindings::bpf_sock) -> *mut SocketState {
+    // SAFETY: cgroup/sock programs pass their context (the socket) as the
+    // storage owner; the map pointer is the map definition's address.
+    unsafe {
+        bpf_sk_storage_get(
+            core::ptr::from_ref(&PORTGUARD_SOCKETS)
+                .cast_mut()
+                .cast::<c_void>(),
+            sk.cast::<c_void>(),
+            core::ptr::null_mut(),
+            0,
+        )
+    }
+    .cast::<SocketState>()
+}
+
+/// If this bind asked for port 0 (flagged by bind4/bind6), clear the flag and
+/// return `Some(dual_stack)`; otherwise bind4/bind6 already judged it: `None`.
+#[inline(always)]
+fn take_port0(sk: *mut aya_ebpf::bindings::bpf_sock) -> Option<bool> {
+    let st = sock_state(sk);
+    if st.is_null() {
+        return None;
+    }
+    // SAFETY: non-null pointer to this socket's storage.
+    unsafe {
+        if (*st).port0_pending == 0 {
+            return None;
+        }
+        (*st).port0_pending = 0;
+        Some((*st).dual_stack != 0)
+    }
+}
+
 /// post_bind runs after the port is chosen, for every inet bind() that got
-/// that far: it judges the real port of a bind(port 0). An explicit port was
-/// already allowed by bind4/6, so re-judging it gives the same answer; the
-/// "ephemeral" bit additionally allows whatever port the kernel chose.
+/// that far. Only binds to port 0 (flagged by bind4) are judged here, on the
+/// port the kernel picked; the "ephemeral" bit allows any picked port.
 #[cgroup_sock(post_bind4)]
 pub fn portguard_post_bind4(ctx: SockContext) -> i32 {
     let sk = ctx.sock;
     // SAFETY: reading fields of the context struct. `src_port` is host order.
-    let (port, ip, protocol) = unsafe {
-        (
-            rd!((*sk).src_port) as u16,
-            rd!((*sk).src_ip4),
-            rd!((*sk).protocol) as u8,
-        )
-    };
-    if port == 0 {
-        // IP_BIND_ADDRESS_NO_PORT: no port taken yet; the port is picked at
+    let port = unsafe { rd!((*sk).src_port) } as u16;
+    if port == 0 || take_port0(sk).is_none() {
+        // port 0 here: IP_BIND_ADDRESS_NO_PORT, the port is picked at
         // connect() time as an outbound source port.
         return ALLOW;
     }
+    // SAFETY: reading fields of the context struct.
+    let (ip, protocol) = unsafe { (rd!((*sk).src_ip4), rd!((*sk).protocol) as u8) };
     decide(&Query {
         hook: Hook::PostBind4,
         dir: Direction::Bind,
@@ -316,10 +385,17 @@ pub fn portguard_post_bind4(ctx: SockContext) -> i32 {
 #[cgroup_sock(post_bind6)]
 pub fn portguard_post_bind6(ctx: SockContext) -> i32 {
     let sk = ctx.sock;
+    // SAFETY: reading a field of the context struct.
+    let port = unsafe { rd!((*sk).src_port) } as u16;
+    if port == 0 {
+        return ALLOW;
+    }
+    let Some(dual_flag) = take_port0(sk) else {
+        return ALLOW;
+    };
     // SAFETY: reading fields of the context struct.
-    let (port, w, protocol) = unsafe {
+    let (w, protocol) = unsafe {
         (
-            rd!((*sk).src_port) as u16,
             [
                 rd!((*sk).src_ip6[0]),
                 rd!((*sk).src_ip6[1]),
@@ -329,28 +405,8 @@ pub fn portguard_post_bind6(ctx: SockContext) -> i32 {
             rd!((*sk).protocol) as u8,
         )
     };
-    if port == 0 {
-        return ALLOW;
-    }
     let v6 = classify6(w, false);
-    let dual = v6.unspecified && {
-        // SAFETY: cgroup/sock programs pass their context (the socket) as the
-        // storage owner; the map pointer is the map definition's address.
-        let p = unsafe {
-            bpf_sk_storage_get(
-                core::ptr::from_ref(&PORTGUARD_SOCKETS)
-                    .cast_mut()
-                    .cast::<c_void>(),
-                sk.cast::<c_void>(),
-                core::ptr::null_mut(),
-                0,
-            )
-        }
-        .cast::<SocketState>();
-        // No record (bind6 did not run for this socket): assume dual-stack.
-        // SAFETY: non-null pointer to this socket's storage.
-        p.is_null() || unsafe { (*p).dual_stack != 0 }
-    };
+    let dual = v6.unspecified && dual_flag;
     decide(&Query {
         hook: Hook::PostBind6,
         dir: Direction::Bind,

@@ -85,6 +85,13 @@ pub struct RunArgs {
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
     pub lost_report_interval: Duration,
 
+    /// Attach the programs to this cgroup (a path under the cgroup2 mount)
+    /// instead of the cgroup2 root. Processes outside it run no portguard
+    /// code at all; every policy must govern a cgroup at or below it (e.g.
+    /// /kubepods.slice on a Kubernetes node).
+    #[arg(long, value_name = "PATH", default_value = "/", value_parser = parse_cgroup_arg)]
+    pub attach_cgroup: String,
+
     /// How often to re-resolve policy cgroups as a safety net besides
     /// inotify (e.g. 5s).
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
@@ -119,6 +126,7 @@ impl Cli {
                     watch: !a.no_watch,
                     lost_interval: a.lost_report_interval,
                     rescan_interval: a.rescan_interval,
+                    attach_cgroup: a.attach_cgroup,
                 })?;
                 Ok(ExitCode::SUCCESS)
             }
@@ -162,6 +170,10 @@ impl Cli {
             }
         }
     }
+}
+
+fn parse_cgroup_arg(s: &str) -> Result<String, String> {
+    crate::policy::parse::normalize_cgroup(s)
 }
 
 fn field(f: &str) -> String {

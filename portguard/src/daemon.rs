@@ -29,11 +29,16 @@ use tokio::{
     signal::unix::{SignalKind, signal},
 };
 
+use rustc_hash::FxHashMap;
+
 use crate::{
     cgroupfs::Hierarchy,
     events::{self, EventWriter, LostRecord, PolicyNames},
     loader::{LoadOptions, Loaded},
-    policy::{CompiledPolicy, compile, parse_policy_file},
+    policy::{
+        CompiledPolicy, ParsedPolicy, PolicyError, Reparse, compile, compile_all,
+        parse_policy_text, read_policy_file, reparse_policy_text,
+    },
     rules_map::{Applier, ApplyReport, Capacity, ResolvedCgroup, Target},
 };
 
@@ -50,6 +55,35 @@ pub struct RunOptions {
     pub lost_interval: Duration,
     /// How often to re-resolve policy cgroups even without inotify events.
     pub rescan_interval: Duration,
+    /// Where to attach the programs (a normalised cgroup path; `/` = the
+    /// whole host). Every policy must govern a cgroup at or below it.
+    pub attach_cgroup: String,
+}
+
+/// True when `cgroup` is `scope` or below it.
+fn within(cgroup: &str, scope: &str) -> bool {
+    scope == "/"
+        || cgroup == scope
+        || cgroup
+            .strip_prefix(scope)
+            .is_some_and(|r| r.starts_with('/'))
+}
+
+/// Policies outside the attach point could never be enforced: refuse them.
+fn check_scope(policies: &[CompiledPolicy], scope: &str) -> anyhow::Result<()> {
+    let outside: Vec<String> = policies
+        .iter()
+        .filter(|p| !within(&p.cgroup, scope))
+        .map(|p| format!("`{}` ({})", p.name, p.cgroup))
+        .collect();
+    if outside.is_empty() {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "the programs are attached at {scope} (--attach-cgroup), so these policies could not be \
+         enforced: {}",
+        outside.join(", ")
+    )
 }
 
 /// Stable small ids for policy names (events carry the id).
@@ -74,6 +108,7 @@ type Resolution = Vec<Option<(u64, u32)>>;
 
 struct Agent {
     policy_path: PathBuf,
+    attach_cgroup: String,
     hierarchy: Hierarchy,
     applier: Applier,
     loaded: Loaded,
@@ -81,20 +116,40 @@ struct Agent {
     resolved: Resolution,
     registry: Registry,
     names: PolicyNames,
+    /// cgroup path -> (id, level) as last seen; emptied on every inotify
+    /// event about watched cgroup directories and refreshed by each rescan,
+    /// so a reload only stat()s paths it has not seen.
+    resolve_cache: FxHashMap<String, Option<(u64, u32)>>,
+    /// The policy file as last applied (for incremental reloads).
+    parsed: Option<ParsedPolicy>,
+    /// The last reload re-parsed one entry; confirm with a full parse.
+    verify_pending: bool,
 }
 
 impl Agent {
-    fn resolve(&self, policies: &[CompiledPolicy]) -> Resolution {
-        policies
-            .iter()
-            .map(|p| match self.hierarchy.resolve(&p.cgroup) {
+    /// Resolve each policy's cgroup. `fresh`: stat every path (rescans);
+    /// otherwise reuse what the cache knows (reloads).
+    fn resolve(&mut self, policies: &[CompiledPolicy], fresh: bool) -> Resolution {
+        if fresh {
+            self.resolve_cache.clear();
+        }
+        let mut out = Vec::with_capacity(policies.len());
+        for p in policies {
+            if let Some(r) = self.resolve_cache.get(&p.cgroup) {
+                out.push(*r);
+                continue;
+            }
+            let r = match self.hierarchy.resolve(&p.cgroup) {
                 Ok(r) => r,
                 Err(e) => {
                     warn!("daemon: policy `{}`: {e}; treating it as absent", p.name);
                     None
                 }
-            })
-            .collect()
+            };
+            self.resolve_cache.insert(p.cgroup.clone(), r);
+            out.push(r);
+        }
+        out
     }
 
     /// Apply `policies` with `resolved` cgroups; on success they become current.
@@ -106,7 +161,9 @@ impl Agent {
         let mut ids = Vec::with_capacity(policies.len());
         for p in &policies {
             let id = self.registry.id(&p.name);
-            self.names.insert(id, &p.name);
+            if self.names.get(id).is_none() {
+                self.names.insert(id, &p.name);
+            }
             ids.push(id);
         }
         let targets: Vec<Target<'_>> = policies
@@ -129,14 +186,16 @@ impl Agent {
         } else {
             log::Level::Debug
         };
+        let previous: HashMap<&str, Option<u64>> = self
+            .policies
+            .iter()
+            .zip(&self.resolved)
+            .map(|(q, r)| (q.name.as_str(), r.map(|x| x.0)))
+            .collect();
         for (p, r) in policies.iter().zip(&resolved) {
-            let before = self
-                .policies
-                .iter()
-                .position(|q| q.name == p.name)
-                .and_then(|i| self.resolved.get(i).copied().flatten());
+            let before = previous.get(p.name.as_str()).copied();
             match (r, before) {
-                (Some((id, _)), b) if b.map(|x| x.0) != Some(*id) => {
+                (Some((id, _)), b) if b.flatten() != Some(*id) => {
                     self.hierarchy.remember(*id, &p.cgroup);
                     log::log!(
                         level,
@@ -146,7 +205,7 @@ impl Agent {
                         p.cgroup
                     );
                 }
-                (None, Some(_)) => log::log!(
+                (None, Some(Some(_))) => log::log!(
                     if level == log::Level::Info {
                         log::Level::Warn
                     } else {
@@ -156,7 +215,7 @@ impl Agent {
                     p.name,
                     p.cgroup
                 ),
-                (None, None) if !self.policies.iter().any(|q| q.name == p.name) => log::log!(
+                (None, None) => log::log!(
                     level,
                     "daemon: policy `{}`: cgroup {} does not exist yet; it will be governed as soon as it appears",
                     p.name,
@@ -170,36 +229,43 @@ impl Agent {
         Ok(report)
     }
 
+    /// Read, validate and apply the policy file; on any error the previous
+    /// policy stays in force.
     fn reload(&mut self, why: &str) {
         let started = Instant::now();
         let _ = sd_notify::notify(&[
             NotifyState::Reloading,
             NotifyState::monotonic_usec_now().unwrap_or(NotifyState::MonotonicUsec(0)),
         ]);
-        let result = parse_policy_file(&self.policy_path)
-            .map_err(anyhow::Error::from)
-            .and_then(|file| {
-                let policies: Vec<CompiledPolicy> = file.policies.iter().map(compile).collect();
-                let resolved = self.resolve(&policies);
-                self.apply(policies, resolved).map_err(anyhow::Error::from)
-            });
+        let result = self.reload_inner(started);
         match result {
-            Ok(report) => {
+            Ok((report, how)) => {
                 let status = format!(
                     "enforcing {} policies (generation {}, reloaded on {why})",
                     report.policies, report.generation
                 );
+                let how = match how {
+                    Reparse::Unchanged => "file unchanged".to_owned(),
+                    Reparse::Entry { index } => format!(
+                        "only policy `{}` changed",
+                        self.policies.get(index).map_or("?", |p| p.name.as_str())
+                    ),
+                    Reparse::Full => "full parse".to_owned(),
+                };
                 info!(
-                    "daemon: reloaded {} on {why}: {} policies, {} governed cgroups, {} port sets ({} written, {} freed) in {:.1} ms",
+                    "daemon: reloaded {} on {why} ({how}): {} policies, {} governed cgroups, {} port sets ({} written, {} freed), {} records and {} cgroup entries written, in {:.1} ms",
                     self.policy_path.display(),
                     report.policies,
                     report.cgroups,
                     report.sets_total,
                     report.sets_written,
                     report.sets_deleted,
+                    report.records_written,
+                    report.cgroups_written,
                     started.elapsed().as_secs_f64() * 1e3
                 );
                 let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+                release_free_memory();
             }
             Err(e) => {
                 error!(
@@ -214,13 +280,86 @@ impl Agent {
         }
     }
 
+    fn reload_inner(&mut self, started: Instant) -> anyhow::Result<(ApplyReport, Reparse)> {
+        let text = read_policy_file(&self.policy_path)?;
+        let invalid = |diagnostics| PolicyError::Invalid {
+            path: self.policy_path.clone(),
+            diagnostics,
+        };
+        let (parsed, how) = match &self.parsed {
+            Some(prev) => reparse_policy_text(prev, text).map_err(invalid)?,
+            None => (parse_policy_text(text).map_err(invalid)?, Reparse::Full),
+        };
+        let parse_done = started.elapsed();
+        let policies = match how {
+            // Reuse the compiled form of every untouched policy.
+            Reparse::Entry { index } if self.policies.len() == parsed.file.policies.len() => {
+                let mut p = self.policies.clone();
+                p[index] = compile(&parsed.file.policies[index]);
+                p
+            }
+            _ => compile_all(&parsed.file.policies),
+        };
+        check_scope(&policies, &self.attach_cgroup)?;
+        let compiled = started.elapsed();
+        let resolved = self.resolve(&policies, how == Reparse::Unchanged);
+        let resolved_at = started.elapsed();
+        let report = self.apply(policies, resolved)?;
+        debug!(
+            "daemon: reload phases ({how:?}): parse {:?}, compile {:?}, resolve {:?}, apply {:?}",
+            parse_done,
+            compiled - parse_done,
+            resolved_at - compiled,
+            started.elapsed() - resolved_at
+        );
+        self.verify_pending = matches!(how, Reparse::Entry { .. });
+        self.parsed = Some(parsed);
+        Ok((report, how))
+    }
+
+    /// After a reload that re-parsed a single entry, parse the whole text
+    /// again and make sure the result is the same; if not (a bug), enforce the
+    /// full parse's result and say so.
+    fn verify(&mut self) {
+        self.verify_pending = false;
+        let Some(parsed) = &self.parsed else {
+            return;
+        };
+        let started = Instant::now();
+        match parse_policy_text(parsed.text().to_owned()) {
+            Ok(full) if full.file == parsed.file => debug!(
+                "daemon: incremental reload verified by a full parse in {:?}",
+                started.elapsed()
+            ),
+            Ok(full) => {
+                warn!(
+                    "daemon: the incremental reload disagreed with a full parse of {}; applying the full parse",
+                    self.policy_path.display()
+                );
+                let policies = compile_all(&full.file.policies);
+                let resolved = self.resolve(&policies, true);
+                match self.apply(policies, resolved) {
+                    Ok(_) => self.parsed = Some(full),
+                    Err(e) => error!("daemon: applying the full parse failed: {e}"),
+                }
+            }
+            Err(d) => error!(
+                "daemon: the incremental reload accepted {} but a full parse rejects it ({} errors); \
+                 keeping the applied policy",
+                self.policy_path.display(),
+                d.len()
+            ),
+        }
+    }
+
     fn rescan(&mut self) {
-        let policies = self.policies.clone();
-        let resolved = self.resolve(&policies);
+        let policies = std::mem::take(&mut self.policies);
+        let resolved = self.resolve(&policies, true);
+        self.policies = policies;
         if resolved == self.resolved {
             return;
         }
-        match self.apply(policies, resolved) {
+        match self.apply(self.policies.clone(), resolved) {
             Ok(r) => debug!(
                 "daemon: cgroups changed; generation {} now governs {} cgroups",
                 r.generation, r.cgroups
@@ -232,13 +371,18 @@ impl Agent {
     /// Directories to watch so that each policy cgroup's appearance,
     /// disappearance or re-creation is noticed.
     fn cgroup_watch_dirs(&self) -> HashSet<PathBuf> {
+        // Many policies share a parent (e.g. every pod under one QoS slice):
+        // look each distinct parent up once.
+        let parents: HashSet<PathBuf> = self
+            .policies
+            .iter()
+            .map(|p| self.hierarchy.fs_path(&p.cgroup))
+            .filter(|p| p != self.hierarchy.root())
+            .filter_map(|p| p.parent().map(Path::to_path_buf))
+            .collect();
         let mut dirs = HashSet::new();
-        for p in &self.policies {
-            let path = self.hierarchy.fs_path(&p.cgroup);
-            if path == self.hierarchy.root() {
-                continue;
-            }
-            let mut dir = path.parent().map(Path::to_path_buf);
+        for parent in parents {
+            let mut dir = Some(parent);
             while let Some(d) = dir {
                 if d.is_dir() {
                     dirs.insert(d);
@@ -361,6 +505,14 @@ impl Watcher {
     }
 }
 
+/// Parsing the kernel's BTF (twice: aya for relocations, us for one field
+/// offset) and large policy files leaves freed heap that glibc keeps; hand it
+/// back so the agent's resident size reflects what it actually holds.
+fn release_free_memory() {
+    // SAFETY: malloc_trim only releases free heap pages.
+    unsafe { libc::malloc_trim(0) };
+}
+
 fn notify_status(status: &str) {
     let _ = sd_notify::notify(&[NotifyState::Status(status)]);
 }
@@ -368,9 +520,23 @@ fn notify_status(status: &str) {
 /// Run the agent until SIGTERM/SIGINT.
 pub fn run(opts: RunOptions) -> anyhow::Result<()> {
     // Validate the policy before touching the kernel.
-    let file = parse_policy_file(&opts.policy)?;
-    let policies: Vec<CompiledPolicy> = file.policies.iter().map(compile).collect();
+    let parsed = parse_policy_text(read_policy_file(&opts.policy)?).map_err(|diagnostics| {
+        PolicyError::Invalid {
+            path: opts.policy.clone(),
+            diagnostics,
+        }
+    })?;
+    let policies = compile_all(&parsed.file.policies);
+    check_scope(&policies, &opts.attach_cgroup)?;
     let hierarchy = Hierarchy::discover()?;
+    let attach_path = hierarchy.fs_path(&opts.attach_cgroup);
+    if !attach_path.is_dir() {
+        anyhow::bail!(
+            "--attach-cgroup {}: no such cgroup ({} does not exist)",
+            opts.attach_cgroup,
+            attach_path.display()
+        );
+    }
     info!(
         "daemon: cgroup2 mounted at {}; {} policies in {}",
         hierarchy.root().display(),
@@ -391,6 +557,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
         .context("event ring buffer already taken")?;
     let mut agent = Agent {
         policy_path: opts.policy.clone(),
+        attach_cgroup: opts.attach_cgroup.clone(),
         hierarchy,
         applier: Applier::new(opts.capacity),
         loaded,
@@ -398,22 +565,31 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
         resolved: Vec::new(),
         registry: Registry::default(),
         names: PolicyNames::default(),
+        resolve_cache: FxHashMap::default(),
+        parsed: Some(parsed),
+        verify_pending: false,
     };
     let started = Instant::now();
-    let resolved = agent.resolve(&policies);
+    let resolved = agent.resolve(&policies, true);
     let report = agent
+        .apply(policies.clone(), resolved.clone())
+        .context("applying the policy to the kernel maps")?;
+    // Fill the standby generation too (nothing is attached yet, so no grace
+    // period applies): reloads then only ever write what changed.
+    agent.applier.unattached();
+    agent
         .apply(policies, resolved)
         .context("applying the policy to the kernel maps")?;
     info!(
-        "daemon: applied {} policies ({} governed cgroups, {} port sets in {} chunks) in {:.1} ms",
+        "daemon: applied {} policies ({} governed cgroups, {} port sets in {} chunks) to both generations in {:.1} ms",
         report.policies,
         report.cgroups,
         report.sets_total,
         report.chunks_total,
         started.elapsed().as_secs_f64() * 1e3
     );
-    let root = agent.hierarchy.root().to_owned();
-    agent.loaded.attach(&root)?;
+    agent.loaded.attach(&attach_path)?;
+    release_free_memory();
     let hooks: Vec<&str> = agent.loaded.attached().iter().map(|h| h.name()).collect();
     info!(
         "daemon: enforcing {} policies ({} governed cgroups) with hooks {}",
@@ -448,8 +624,11 @@ async fn serve(
     let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    let mut lost_tick = tokio::time::interval(opts.lost_interval);
-    let mut rescan_tick = tokio::time::interval(opts.rescan_interval);
+    // First ticks one period from now: start-up has just resolved everything.
+    let now = tokio::time::Instant::now();
+    let mut lost_tick = tokio::time::interval_at(now + opts.lost_interval, opts.lost_interval);
+    let mut rescan_tick =
+        tokio::time::interval_at(now + opts.rescan_interval, opts.rescan_interval);
     let mut lost_seen = 0u64;
     let mut pending_reload: Option<Instant> = None;
     let mut pending_rescan: Option<Instant> = None;
@@ -497,7 +676,11 @@ async fn serve(
                 let mut guard = guard.context("polling inotify")?;
                 guard.clear_ready();
                 drop(guard);
-                for change in watcher.drain() {
+                let changes = watcher.drain();
+                if changes.iter().any(|c| matches!(c, Change::Cgroups)) {
+                    agent.resolve_cache.clear();
+                }
+                for change in changes {
                     let now = Instant::now();
                     match change {
                         // Editors write in several steps: wait for quiet.
@@ -519,7 +702,9 @@ async fn serve(
                     pending_rescan = None;
                     agent.rescan();
                 }
-                watcher.set_dirs(&agent.cgroup_watch_dirs());
+                if deadline.is_some() {
+                    watcher.set_dirs(&agent.cgroup_watch_dirs());
+                }
             }
             _ = rescan_tick.tick() => {
                 agent.rescan();
@@ -528,6 +713,9 @@ async fn serve(
             _ = lost_tick.tick() => {
                 report_lost(agent, &mut writer, &mut lost_seen);
             }
+        }
+        if agent.verify_pending {
+            agent.verify();
         }
     }
     // Whatever is still queued, and a final loss report.
@@ -575,5 +763,19 @@ fn report_lost(agent: &Agent, writer: &mut EventWriter, seen: &mut u64) {
         }
         Ok(_) => {}
         Err(e) => warn!("daemon: reading counters: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod scope_tests {
+    use super::within;
+
+    #[test]
+    fn scope() {
+        assert!(within("/a/b", "/"));
+        assert!(within("/a/b", "/a"));
+        assert!(within("/a", "/a"));
+        assert!(!within("/ab", "/a"));
+        assert!(!within("/", "/a"));
     }
 }

@@ -299,9 +299,20 @@ impl Agent {
     /// Replace the policy file and send SIGHUP; wait until the agent answers
     /// and return its STATUS line.
     pub fn reload(&mut self, policy: &str) -> String {
+        self.write_policy(policy);
+        self.hup_and_wait()
+    }
+
+    /// Replace the policy file atomically (rename), without signalling.
+    pub fn write_policy(&self, policy: &str) {
         let tmp = self.dir.path().join("policy.yaml.new");
         std::fs::write(&tmp, policy).expect("writing policy");
         std::fs::rename(&tmp, &self.policy).expect("replacing policy");
+    }
+
+    /// Send SIGHUP and wait for RELOADING=1 then READY=1; returns READY's
+    /// message (with STATUS).
+    pub fn hup_and_wait(&mut self) -> String {
         self.signal(libc::SIGHUP);
         self.wait_notify("RELOADING=1", READY_TIMEOUT)
             .unwrap_or_else(|e| panic!("{e}\n{}", self.stderr()));
@@ -403,6 +414,9 @@ pub struct ProbeResult {
     pub error: String,
     #[serde(default)]
     pub port: u16,
+    /// `rebind`: errno of the first bind (0 if it succeeded).
+    #[serde(default)]
+    pub first_errno: i32,
     pub pid: u32,
     pub tid: u32,
 }

@@ -1,15 +1,19 @@
 //! [`Policy`] -> port sets, one per (direction, protocol, family, address
 //! class), in the layout of [`portguard_common::set_slot`].
 
+use std::sync::Arc;
+
 use portguard_common::{AddrClass, Direction, Family, Proto, set_slot};
+use rustc_hash::FxHashMap;
 
 use super::{AddressSel, FamilySel, Mode, Policy, PortSet, PortSpec, ProtocolSel, Rule};
 
 /// The eight sets of one direction, indexed like the kernel's record
 /// (`set_slot(dir, ..) - dir * 8`). The loopback-class set of a (protocol,
-/// family) always includes its any-address set.
+/// family) always includes its any-address set. Shared (`Arc`) between
+/// policies with identical rules.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DirectionSets(pub [PortSet; 8]);
+pub struct DirectionSets(pub Arc<[PortSet; 8]>);
 
 /// A policy reduced to what the kernel needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -60,7 +64,7 @@ fn compile_rules(rules: &[Rule]) -> DirectionSets {
             }
         }
     }
-    DirectionSets(sets)
+    DirectionSets(Arc::new(sets))
 }
 
 /// Compile one validated policy.
@@ -72,6 +76,38 @@ pub fn compile(policy: &Policy) -> CompiledPolicy {
         bind: policy.bind.as_deref().map(compile_rules),
         connect: policy.connect.as_deref().map(compile_rules),
     }
+}
+
+/// What a rule list compiles from (a rule's line does not matter).
+type RulesKey = Vec<(Vec<PortSpec>, ProtocolSel, FamilySel, AddressSel)>;
+
+fn rules_key(rules: &[Rule]) -> RulesKey {
+    rules
+        .iter()
+        .map(|r| (r.ports.clone(), r.protocol, r.family, r.address))
+        .collect()
+}
+
+/// Compile many policies; identical rule lists are compiled once and their
+/// sets shared, so thousands of policies built from a few templates cost
+/// little time and memory.
+pub fn compile_all(policies: &[Policy]) -> Vec<CompiledPolicy> {
+    let mut memo: FxHashMap<RulesKey, DirectionSets> = FxHashMap::default();
+    let mut get = |rules: &[Rule]| -> DirectionSets {
+        memo.entry(rules_key(rules))
+            .or_insert_with(|| compile_rules(rules))
+            .clone()
+    };
+    policies
+        .iter()
+        .map(|p| CompiledPolicy {
+            name: p.name.clone(),
+            cgroup: p.cgroup.clone(),
+            mode: p.mode,
+            bind: p.bind.as_deref().map(&mut get),
+            connect: p.connect.as_deref().map(&mut get),
+        })
+        .collect()
 }
 
 impl DirectionSets {
@@ -138,6 +174,24 @@ mod tests {
         let c = one("policies: [{name: a, cgroup: /a, bind: []}]");
         let b = c.bind.unwrap();
         assert!(b.0.iter().all(PortSet::is_empty));
+    }
+
+    #[test]
+    fn compile_all_shares_identical_rules_and_matches_compile() {
+        let f = parse_policy_str(
+            "policies:\n  - {name: a, cgroup: /a, bind: [{ports: [80]}]}\n  - {name: b, cgroup: /b, bind: [{ports: [80]}], connect: []}\n  - {name: c, cgroup: /c, bind: [{ports: [81]}]}\n",
+        )
+        .unwrap();
+        let all = compile_all(&f.policies);
+        for (p, c) in f.policies.iter().zip(&all) {
+            assert_eq!(&compile(p), c);
+        }
+        let (a, b) = (all[0].bind.as_ref().unwrap(), all[1].bind.as_ref().unwrap());
+        assert!(
+            Arc::ptr_eq(&a.0, &b.0),
+            "identical rules share one compiled set"
+        );
+        assert!(!Arc::ptr_eq(&a.0, &all[2].bind.as_ref().unwrap().0));
     }
 
     #[test]

@@ -41,8 +41,11 @@ pub mod yaml;
 
 use std::{fmt, path::PathBuf};
 
-pub use compile::{CompiledPolicy, DirectionSets, compile};
-pub use parse::{parse_policy_file, parse_policy_str};
+pub use compile::{CompiledPolicy, DirectionSets, compile, compile_all};
+pub use parse::{
+    ParsedPolicy, Reparse, parse_policy_file, parse_policy_str, parse_policy_text,
+    read_policy_file, reparse_policy_text,
+};
 pub use portset::PortSet;
 
 /// A whole policy file.
@@ -92,7 +95,7 @@ pub struct Rule {
     pub line: usize,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum PortSpec {
     Port(u16),
     /// Inclusive.
@@ -101,7 +104,7 @@ pub enum PortSpec {
     Ephemeral,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum ProtocolSel {
     Tcp,
     Udp,
@@ -109,7 +112,7 @@ pub enum ProtocolSel {
     Any,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum FamilySel {
     Ipv4,
     Ipv6,
@@ -117,7 +120,7 @@ pub enum FamilySel {
     Any,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum AddressSel {
     Loopback,
     #[default]

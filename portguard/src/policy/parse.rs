@@ -15,8 +15,8 @@ use super::{
 /// or mistaken input from exhausting memory.
 pub const MAX_POLICY_FILE_BYTES: u64 = 16 * 1024 * 1024;
 
-/// Read and validate a policy file.
-pub fn parse_policy_file(path: &Path) -> Result<PolicyFile, PolicyError> {
+/// Read a policy file's text (bounded size).
+pub fn read_policy_file(path: &Path) -> Result<String, PolicyError> {
     let read_err = |source| PolicyError::Read {
         path: path.to_owned(),
         source,
@@ -36,7 +36,12 @@ pub fn parse_policy_file(path: &Path) -> Result<PolicyFile, PolicyError> {
             }],
         });
     }
-    let text = std::fs::read_to_string(path).map_err(read_err)?;
+    std::fs::read_to_string(path).map_err(read_err)
+}
+
+/// Read and validate a policy file.
+pub fn parse_policy_file(path: &Path) -> Result<PolicyFile, PolicyError> {
+    let text = read_policy_file(path)?;
     parse_policy_str(&text).map_err(|diagnostics| PolicyError::Invalid {
         path: path.to_owned(),
         diagnostics,
@@ -45,34 +50,247 @@ pub fn parse_policy_file(path: &Path) -> Result<PolicyFile, PolicyError> {
 
 /// Validate policy text. On failure, returns every problem found.
 pub fn parse_policy_str(text: &str) -> Result<PolicyFile, Vec<Diagnostic>> {
-    let root = match yaml::parse(text) {
-        Ok(Some(root)) => root,
-        Ok(None) => {
-            return Err(vec![Diagnostic {
-                line: 1,
-                column: 1,
-                field: String::new(),
-                message: "policy file is empty; expected a mapping with a `policies:` list"
-                    .to_owned(),
-            }]);
-        }
-        Err(e) => {
-            return Err(vec![Diagnostic {
-                line: e.pos.line,
-                column: e.pos.column,
-                field: String::new(),
-                message: format!("YAML syntax error: {}", e.message),
-            }]);
-        }
-    };
-    let mut cx = Cx::default();
-    let file = cx.file(&root);
-    if cx.diags.is_empty() {
-        Ok(file)
-    } else {
-        cx.diags.sort_by_key(|d| (d.line, d.column));
-        Err(cx.diags)
+    parse_policy_text(text.to_owned()).map(|p| p.file)
+}
+
+/// A validated policy file, with what is needed to re-parse only the entry
+/// an edit touched (see [`reparse_policy_text`]).
+#[derive(Clone, Debug)]
+pub struct ParsedPolicy {
+    pub file: PolicyFile,
+    text: String,
+    /// Per policy: byte offset of the start of the line holding its `-`.
+    item_lines: Vec<usize>,
+    /// Per policy: byte offset of the entry itself (after `- `).
+    item_nodes: Vec<usize>,
+    /// The layout allows incremental re-parsing: ASCII text, a block list of
+    /// policies each starting on its own `- ` line, no anchors/aliases/tags.
+    incremental: bool,
+}
+
+/// How [`reparse_policy_text`] produced its result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reparse {
+    /// The text did not change.
+    Unchanged,
+    /// Only policy `index` changed; only it was parsed.
+    Entry { index: usize },
+    /// The whole text was parsed.
+    Full,
+}
+
+fn diagnostics_for_empty_or_syntax(
+    parsed: Result<(Option<Node>, yaml::ParseInfo), yaml::SyntaxError>,
+) -> Result<(Node, yaml::ParseInfo), Vec<Diagnostic>> {
+    match parsed {
+        Ok((Some(root), info)) => Ok((root, info)),
+        Ok((None, _)) => Err(vec![Diagnostic {
+            line: 1,
+            column: 1,
+            field: String::new(),
+            message: "policy file is empty; expected a mapping with a `policies:` list".to_owned(),
+        }]),
+        Err(e) => Err(vec![Diagnostic {
+            line: e.pos.line,
+            column: e.pos.column,
+            field: String::new(),
+            message: format!("YAML syntax error: {}", e.message),
+        }]),
     }
+}
+
+/// Parse and validate a whole policy text.
+pub fn parse_policy_text(text: String) -> Result<ParsedPolicy, Vec<Diagnostic>> {
+    let (root, info) = diagnostics_for_empty_or_syntax(yaml::parse_with_info(&text))?;
+    let mut cx = Cx::default();
+    let (file, items) = cx.file(&root);
+    if !cx.diags.is_empty() {
+        cx.diags.sort_by_key(|d| (d.line, d.column));
+        return Err(cx.diags);
+    }
+    let mut parsed = ParsedPolicy {
+        file,
+        text,
+        item_lines: Vec::new(),
+        item_nodes: Vec::new(),
+        incremental: false,
+    };
+    parsed.incremental = !info.non_local && root.pos.column == 1 && parsed.index_items(&items);
+    Ok(parsed)
+}
+
+impl ParsedPolicy {
+    /// The text this was parsed from.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// Record where each entry starts; false if the layout does not allow
+    /// incremental re-parsing.
+    fn index_items(&mut self, items: &[yaml::Pos]) -> bool {
+        if !self.text.is_ascii() || items.len() != self.file.policies.len() {
+            return false;
+        }
+        let line_starts: Vec<usize> = std::iter::once(0)
+            .chain(self.text.match_indices('\n').map(|(i, _)| i + 1))
+            .collect();
+        let mut dash_col = None;
+        for pos in items {
+            let Some(&ls) = line_starts.get(pos.line - 1) else {
+                return false;
+            };
+            let node = ls + pos.column - 1;
+            let Some(prefix) = self.text.get(ls..node) else {
+                return false;
+            };
+            // `<spaces>-<spaces>` and nothing else before the entry.
+            let trimmed = prefix.trim_start_matches(' ');
+            let indent = prefix.len() - trimmed.len();
+            if !trimmed.starts_with('-')
+                || !trimmed[1..].chars().all(|c| c == ' ')
+                || trimmed.len() < 2
+            {
+                return false;
+            }
+            if *dash_col.get_or_insert(indent) != indent {
+                return false;
+            }
+            self.item_lines.push(ls);
+            self.item_nodes.push(node);
+        }
+        true
+    }
+}
+
+/// Re-parse after an edit. When the text differs from `prev` only inside one
+/// policy entry, only that entry is parsed and validated (with positions in
+/// the whole file); otherwise the whole text is. Callers should confirm an
+/// `Entry` result with a full [`parse_policy_text`] when they can afford it.
+pub fn reparse_policy_text(
+    prev: &ParsedPolicy,
+    text: String,
+) -> Result<(ParsedPolicy, Reparse), Vec<Diagnostic>> {
+    if text == prev.text {
+        return Ok((prev.clone(), Reparse::Unchanged));
+    }
+    if let Some(p) = reparse_entry(prev, &text) {
+        return p.map(|(parsed, index)| (parsed, Reparse::Entry { index }));
+    }
+    parse_policy_text(text).map(|p| (p, Reparse::Full))
+}
+
+/// The single-entry path; `None` when it does not apply.
+fn reparse_entry(
+    prev: &ParsedPolicy,
+    text: &str,
+) -> Option<Result<(ParsedPolicy, usize), Vec<Diagnostic>>> {
+    if !prev.incremental || !text.is_ascii() || prev.item_nodes.is_empty() {
+        return None;
+    }
+    let (old, new) = (prev.text.as_bytes(), text.as_bytes());
+    let max = old.len().min(new.len());
+    let prefix = old.iter().zip(new).take_while(|(a, b)| a == b).count();
+    let suffix = old
+        .iter()
+        .rev()
+        .zip(new.iter().rev())
+        .take(max - prefix)
+        .take_while(|(a, b)| a == b)
+        .count();
+    let old_end = old.len() - suffix;
+    // The entry whose text the change starts in (strictly after its `- `).
+    let k = prev
+        .item_nodes
+        .partition_point(|&n| n <= prefix)
+        .checked_sub(1)?;
+    let region_end_old = prev.item_lines.get(k + 1).copied().unwrap_or(old.len());
+    if old_end > region_end_old {
+        return None;
+    }
+    let delta = new.len() as isize - old.len() as isize;
+    let region_end_new = (region_end_old as isize + delta) as usize;
+    let start = prev.item_lines[k];
+    if region_end_new < prev.item_nodes[k]
+        || (region_end_new < new.len() && new[region_end_new - 1] != b'\n')
+    {
+        return None;
+    }
+    // Parse the entry in the same indentation context as in the file: as the
+    // only item of a top-level `policies:` list (indentation rules of flow
+    // and block content depend on the enclosing block levels).
+    let doc = format!("policies:\n{}", &text[start..region_end_new]);
+    let (root, info) = match yaml::parse_with_info(&doc) {
+        Ok((Some(root), info)) => (root, info),
+        // Let the full parse report errors against the whole file.
+        _ => return None,
+    };
+    if info.non_local {
+        return None;
+    }
+    let Kind::Map(top) = root.kind else {
+        return None;
+    };
+    let [(_, list)] = top.as_slice() else {
+        return None;
+    };
+    let Kind::Seq(items) = &list.kind else {
+        return None;
+    };
+    let [node] = items.as_slice() else {
+        return None;
+    };
+    if !matches!(node.kind, Kind::Map(_)) {
+        return None;
+    }
+    let mut node = node.clone();
+    // The entry is on line 2 of `doc`.
+    let first_line = prev.file.policies[k].line;
+    node.shift_lines(first_line - 2);
+    // A name or cgroup clashing with another entry (judged on the raw
+    // values, as the full parse does): let the full parse report it.
+    let name = peek_scalar(&node, "name").map(|(n, _)| n);
+    let cgroup = peek_scalar(&node, "cgroup").and_then(|(c, _)| normalize_cgroup(&c).ok());
+    if prev.file.policies.iter().enumerate().any(|(i, p)| {
+        i != k
+            && (name.as_deref() == Some(p.name.as_str())
+                || cgroup.as_deref() == Some(p.cgroup.as_str()))
+    }) {
+        return None;
+    }
+    let mut cx = Cx::default();
+    let policy = cx.policy(&node, &format!("policies[{k}]"));
+    if !cx.diags.is_empty() {
+        cx.diags.sort_by_key(|d| (d.line, d.column));
+        return Some(Err(cx.diags));
+    }
+    let policy = policy?;
+    let lines_old = old[prefix..old_end].iter().filter(|b| **b == b'\n').count() as isize;
+    let lines_new = new[prefix..new.len() - suffix]
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count() as isize;
+    let line_delta = lines_new - lines_old;
+    let shift = |v: usize, d: isize| (v as isize + d) as usize;
+    let mut file = prev.file.clone();
+    file.policies[k] = policy;
+    for p in &mut file.policies[k + 1..] {
+        p.line = shift(p.line, line_delta);
+        for r in p.bind.iter_mut().chain(p.connect.iter_mut()).flatten() {
+            r.line = shift(r.line, line_delta);
+        }
+    }
+    let mut parsed = ParsedPolicy {
+        file,
+        text: text.to_owned(),
+        item_lines: prev.item_lines.clone(),
+        item_nodes: prev.item_nodes.clone(),
+        incremental: true,
+    };
+    for i in k + 1..parsed.item_lines.len() {
+        parsed.item_lines[i] = shift(parsed.item_lines[i], delta);
+        parsed.item_nodes[i] = shift(parsed.item_nodes[i], delta);
+    }
+    Some(Ok((parsed, k)))
 }
 
 #[derive(Default)]
@@ -169,14 +387,16 @@ impl Cx {
         None
     }
 
-    fn file(&mut self, root: &Node) -> PolicyFile {
+    /// The policies, and the position of each accepted entry.
+    fn file(&mut self, root: &Node) -> (PolicyFile, Vec<yaml::Pos>) {
         let mut file = PolicyFile::default();
+        let mut positions = Vec::new();
         let Some(entries) = self.mapping(root, "", TOP_KEYS) else {
-            return file;
+            return (file, positions);
         };
         let Some((_, _, list)) = entries.iter().find(|(k, _, _)| *k == "policies") else {
             self.err(root, "", "missing key `policies` (a list of policies)");
-            return file;
+            return (file, positions);
         };
         let Kind::Seq(items) = &list.kind else {
             self.err(
@@ -192,7 +412,7 @@ impl Cx {
                     }
                 ),
             );
-            return file;
+            return (file, positions);
         };
         // Duplicates are checked on the raw values, so a duplicate is reported
         // even when one of the two policies has other errors.
@@ -238,9 +458,10 @@ impl Cx {
                 && !duplicate
             {
                 file.policies.push(p);
+                positions.push(item.pos);
             }
         }
-        file
+        (file, positions)
     }
 
     fn policy(&mut self, node: &Node, field: &str) -> Option<Policy> {
@@ -790,6 +1011,125 @@ policies:
         assert!(normalize_cgroup(&deep).is_ok());
         let too_deep = "/x".repeat(32);
         assert!(normalize_cgroup(&too_deep).unwrap_err().contains("levels"));
+    }
+
+    fn sample(n: usize) -> String {
+        let mut s = String::from("# header comment\npolicies:\n");
+        for i in 0..n {
+            if i % 3 == 0 {
+                s.push_str(&format!(
+                    "  - name: p{i}\n    cgroup: /c{i}\n    bind:\n      - ports: [{}, \"9000-9099\"]\n        protocol: tcp\n    # trailing comment {i}\n",
+                    1000 + i
+                ));
+            } else {
+                s.push_str(&format!(
+                    "  - {{name: p{i}, cgroup: /c{i}, bind: [{{ports: [{}]}}], connect: []}}\n",
+                    1000 + i
+                ));
+            }
+        }
+        s
+    }
+
+    #[test]
+    fn an_edited_entry_is_reparsed_alone_and_matches_a_full_parse() {
+        let text = sample(9);
+        let prev = parse_policy_text(text.clone()).unwrap();
+        // Change one port in a flow entry and in a block entry.
+        for (from, to) in [("1004]", "2004]"), ("1003, ", "3003, 3004, ")] {
+            let new = text.replacen(from, to, 1);
+            let (p, how) = reparse_policy_text(&prev, new.clone()).unwrap();
+            assert!(matches!(how, Reparse::Entry { .. }), "{how:?}");
+            assert_eq!(p.file, parse_policy_str(&new).unwrap());
+        }
+        // Lines added inside an entry shift the lines of later entries.
+        let new = text.replacen(
+            "        protocol: tcp\n",
+            "        protocol: tcp\n        family: ipv4\n\n",
+            1,
+        );
+        let (p, how) = reparse_policy_text(&prev, new.clone()).unwrap();
+        assert_eq!(how, Reparse::Entry { index: 0 });
+        assert_eq!(p.file, parse_policy_str(&new).unwrap());
+        // An invalid edit is reported at its position in the whole file.
+        let new = text.replacen("1004]", "99999]", 1);
+        let e = reparse_policy_text(&prev, new.clone()).unwrap_err();
+        assert_eq!(e, parse_policy_str(&new).unwrap_err());
+        assert_eq!(e[0].field, "policies[4].bind[0].ports[0]");
+        // A new entry, or a name clash, takes the full path.
+        let new = format!("{text}  - {{name: extra, cgroup: /extra}}\n");
+        assert_eq!(reparse_policy_text(&prev, new).unwrap().1, Reparse::Full);
+        let new = text.replacen("name: p4,", "name: p5,", 1);
+        let e = reparse_policy_text(&prev, new).unwrap_err();
+        assert!(e[0].message.contains("duplicate policy name"), "{e:?}");
+        assert_eq!(
+            reparse_policy_text(&prev, text).unwrap().1,
+            Reparse::Unchanged
+        );
+    }
+
+    /// Random edits: whatever path is taken, the result equals a full parse.
+    #[test]
+    fn reparse_always_agrees_with_a_full_parse() {
+        let base = sample(12);
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut rnd = |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        let pieces = [
+            "",
+            "\n",
+            " ",
+            "-",
+            "  - ",
+            "{",
+            "}",
+            "[",
+            "]",
+            ",",
+            ":",
+            "#",
+            "\"",
+            "'",
+            "7",
+            "80",
+            "name: q",
+            "ports: [1]",
+            "\n    mode: audit",
+            "\n  - {name: z, cgroup: /z}",
+            "&a",
+            "*a",
+        ];
+        let mut prev = parse_policy_text(base.clone()).unwrap();
+        let mut agreed = (0, 0);
+        for _ in 0..20000 {
+            let mut new = prev.text.clone();
+            let at = rnd(new.len() + 1);
+            let del = rnd(4).min(new.len() - at);
+            new.replace_range(at..at + del, pieces[rnd(pieces.len())]);
+            let full = parse_policy_str(&new);
+            match (reparse_policy_text(&prev, new.clone()), full) {
+                (Ok((p, how)), Ok(f)) => {
+                    assert_eq!(p.file, f, "{how:?} after editing at {at}:\n{new}");
+                    if matches!(how, Reparse::Entry { .. }) {
+                        agreed.0 += 1;
+                    }
+                    prev = p;
+                }
+                (Err(a), Err(b)) => {
+                    assert_eq!(a, b, "errors differ for:\n{new}");
+                    agreed.1 += 1;
+                }
+                (a, b) => panic!("disagree for:\n{new}\nreparse {a:?}\nfull {b:?}"),
+            }
+            if rnd(20) == 0 {
+                prev = parse_policy_text(base.clone()).unwrap();
+            }
+        }
+        assert!(agreed.0 > 500, "the entry path was exercised: {agreed:?}");
     }
 
     #[test]

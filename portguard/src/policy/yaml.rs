@@ -81,6 +81,20 @@ enum Frame {
 
 /// Parse one YAML document. An empty input yields `Ok(None)`.
 pub fn parse(text: &str) -> Result<Option<Node>, SyntaxError> {
+    parse_with_info(text).map(|(root, _)| root)
+}
+
+/// What the document used beyond plain nodes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ParseInfo {
+    /// Anchors, aliases or tags appeared: text-local reasoning (incremental
+    /// re-parsing) does not hold.
+    pub non_local: bool,
+}
+
+/// [`parse`], also telling whether anchors, aliases or tags were used.
+pub fn parse_with_info(text: &str) -> Result<(Option<Node>, ParseInfo), SyntaxError> {
+    let mut info = ParseInfo::default();
     let mut parser = Parser::new_from_str(text);
     let mut stack: Vec<Frame> = Vec::new();
     let mut anchors: HashMap<usize, Node> = HashMap::new();
@@ -111,23 +125,28 @@ pub fn parse(text: &str) -> Result<Option<Node>, SyntaxError> {
                 None
             }
             Event::Alias(id) => {
+                info.non_local = true;
                 let node = anchors.get(&id).cloned().ok_or_else(|| SyntaxError {
                     pos,
                     message: "alias refers to an unknown anchor".to_owned(),
                 })?;
                 Some((node, 0))
             }
-            Event::Scalar(value, style, anchor, _tag) => Some((
+            Event::Scalar(value, style, anchor, tag) => Some((
                 Node {
                     pos,
                     kind: Kind::Scalar {
                         text: value.into_owned(),
-                        plain: style == ScalarStyle::Plain,
+                        plain: {
+                            info.non_local |= tag.is_some();
+                            style == ScalarStyle::Plain
+                        },
                     },
                 },
                 anchor,
             )),
-            Event::SequenceStart(anchor, _) => {
+            Event::SequenceStart(anchor, tag) => {
+                info.non_local |= tag.is_some();
                 stack.push(Frame::Seq {
                     pos,
                     anchor,
@@ -135,7 +154,8 @@ pub fn parse(text: &str) -> Result<Option<Node>, SyntaxError> {
                 });
                 None
             }
-            Event::MappingStart(anchor, _) => {
+            Event::MappingStart(anchor, tag) => {
+                info.non_local |= tag.is_some();
                 stack.push(Frame::Map {
                     pos,
                     anchor,
@@ -174,6 +194,9 @@ pub fn parse(text: &str) -> Result<Option<Node>, SyntaxError> {
             continue;
         };
         if anchor != 0 {
+            info.non_local = true;
+        }
+        if anchor != 0 {
             anchors.insert(anchor, node.clone());
         }
         match stack.last_mut() {
@@ -206,7 +229,22 @@ pub fn parse(text: &str) -> Result<Option<Node>, SyntaxError> {
     if let Some(e) = duplicate {
         return Err(e);
     }
-    Ok(root)
+    Ok((root, info))
+}
+
+impl Node {
+    /// Shift every position by `lines` (for a node parsed from a slice).
+    pub fn shift_lines(&mut self, lines: usize) {
+        self.pos.line += lines;
+        match &mut self.kind {
+            Kind::Scalar { .. } => {}
+            Kind::Seq(items) => items.iter_mut().for_each(|n| n.shift_lines(lines)),
+            Kind::Map(entries) => entries.iter_mut().for_each(|(k, v)| {
+                k.shift_lines(lines);
+                v.shift_lines(lines);
+            }),
+        }
+    }
 }
 
 fn describe_key(key: &Node) -> String {
@@ -282,5 +320,30 @@ mod tests {
     fn second_document_is_an_error() {
         let e = parse("a: 1\n---\nb: 2\n").unwrap_err();
         assert!(e.message.contains("one YAML document"), "{}", e.message);
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    #[test]
+    #[ignore = "manual timing aid"]
+    fn time_parse() {
+        let text = std::fs::read_to_string("/tmp/rl.yaml").unwrap();
+        let t = std::time::Instant::now();
+        let mut n = 0;
+        for ev in saphyr_parser::Parser::new_from_str(&text) {
+            ev.unwrap();
+            n += 1;
+        }
+        eprintln!("raw events: {n} in {:?}", t.elapsed());
+        let t = std::time::Instant::now();
+        let _ = super::parse(&text).unwrap();
+        eprintln!("tree: {:?}", t.elapsed());
+        let t = std::time::Instant::now();
+        let f = crate::policy::parse_policy_str(&text).unwrap();
+        eprintln!("validated: {:?}", t.elapsed());
+        let t = std::time::Instant::now();
+        let c: Vec<_> = f.policies.iter().map(crate::policy::compile).collect();
+        eprintln!("compiled {}: {:?}", c.len(), t.elapsed());
     }
 }

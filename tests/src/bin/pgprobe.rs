@@ -7,6 +7,8 @@
 //! OP:  bind tcp|udp ADDR PORT [v6only]
 //!      connect tcp|udp ADDR PORT
 //!      sendto ADDR PORT            (unconnected UDP)
+//!      rebind tcp|udp ADDR PORT1 PORT2   bind PORT1; if that fails, bind PORT2
+//!                                  on the same socket (reports both)
 //! ```
 //! Setup order: new network namespace with loopback up (--netns), listeners
 //! (created before joining the cgroup, so they are not governed), join the
@@ -139,7 +141,28 @@ fn run_op(op: &[String]) -> String {
             .unwrap_or_else(|| die("missing operation argument"))
     };
     let kind = get(0);
+    let mut first_errno = 0;
     let (fd, rc, e) = match kind {
+        "rebind" => {
+            let a1 = parse_addr(get(2), get(3));
+            let a2 = parse_addr(get(2), get(4));
+            let fd = socket(get(1), &a1);
+            if a1.is_ipv6() {
+                set_v6only(fd, true);
+            }
+            let (ss, len) = sockaddr(&a1);
+            // SAFETY: valid fd and sockaddr.
+            let rc = unsafe { libc::bind(fd, std::ptr::from_ref(&ss).cast(), len) };
+            if rc == 0 {
+                (fd, rc, 0)
+            } else {
+                first_errno = errno();
+                let (ss, len) = sockaddr(&a2);
+                // SAFETY: valid fd and sockaddr.
+                let rc = unsafe { libc::bind(fd, std::ptr::from_ref(&ss).cast(), len) };
+                (fd, rc, errno())
+            }
+        }
         "bind" => {
             let addr = parse_addr(get(2), get(3));
             let fd = socket(get(1), &addr);
@@ -183,12 +206,12 @@ fn run_op(op: &[String]) -> String {
     let (pid, tid) = (unsafe { libc::getpid() }, gettid());
     let line = if rc == 0 {
         format!(
-            r#"{{"op":"{kind}","ok":true,"port":{},"pid":{pid},"tid":{tid}}}"#,
+            r#"{{"op":"{kind}","ok":true,"port":{},"first_errno":{first_errno},"pid":{pid},"tid":{tid}}}"#,
             local_port(fd)
         )
     } else {
         format!(
-            r#"{{"op":"{kind}","ok":false,"errno":{e},"error":"{}","pid":{pid},"tid":{tid}}}"#,
+            r#"{{"op":"{kind}","ok":false,"errno":{e},"error":"{}","first_errno":{first_errno},"pid":{pid},"tid":{tid}}}"#,
             errno_name(e)
         )
     };

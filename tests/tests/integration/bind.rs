@@ -205,6 +205,42 @@ fn port_zero_is_judged_on_the_chosen_port() {
     p.run(&["bind", "udp", "::", "0"]).assert_ok();
 }
 
+/// post_bind judges a socket only when its last bind() asked for port 0
+/// (bind4/bind6 flag it). A socket whose port-0 bind was denied can be bound
+/// to an allowed explicit port, and a socket whose explicit bind was denied
+/// is judged again on a later port-0 bind.
+#[test]
+fn rebinding_a_socket_is_judged_each_time() {
+    require_root!();
+    let fixed = Cgroup::new("rebind-fixed");
+    let eph = Cgroup::new("rebind-eph");
+    let agent = Agent::start(&format!(
+        "policies:\n  - {{name: fixed, cgroup: {}, bind: [{{ports: [8080]}}]}}\n  - {{name: eph, cgroup: {}, bind: [{{ports: [ephemeral]}}]}}\n",
+        fixed.rel, eph.rel
+    ));
+    let p = Probe::in_cgroup(&fixed);
+    for addr in ["127.0.0.1", "::1"] {
+        // Port 0 denied (the picked port is not 8080), then 8080 allowed.
+        let r = p.run(&["rebind", "tcp", addr, "0", "8080"]);
+        assert_eq!(r.first_errno, libc::EPERM, "{r:?}");
+        r.assert_ok();
+        assert_eq!(r.port, 8080);
+        // Port 0 denied, then a denied explicit port: denied by bind4/6.
+        let r = p.run(&["rebind", "udp", addr, "0", "8081"]);
+        assert_eq!(r.first_errno, libc::EPERM, "{r:?}");
+        r.assert_eperm();
+    }
+    agent.wait_event(&[("port", json!(8081)), ("hook", json!("bind6"))]);
+    let p = Probe::in_cgroup(&eph);
+    for addr in ["127.0.0.1", "::1"] {
+        // Explicit port denied, then port 0 allowed by `ephemeral`.
+        let r = p.run(&["rebind", "tcp", addr, "8080", "0"]);
+        assert_eq!(r.first_errno, libc::EPERM, "{r:?}");
+        r.assert_ok();
+        assert!(r.port >= 1024, "{r:?}");
+    }
+}
+
 #[test]
 fn empty_bind_list_denies_every_bind() {
     require_root!();

@@ -155,3 +155,44 @@ fn a_policy_cgroup_created_later_is_governed_when_it_appears() {
     eprintln!("recreated cgroup governed {took:?} after it was created");
     agent.wait_event(&[("cgroup_id", json!(svc.id())), ("port", json!(8082))]);
 }
+
+#[test]
+fn programs_can_be_attached_to_a_subtree_only() {
+    require_root!();
+    let scope = Cgroup::new("scope");
+    let inside = scope.child("svc");
+    let outside = Cgroup::new("outside");
+    let agent = Agent::start_with(
+        &format!(
+            "policies:\n  - {{name: svc, cgroup: {}, bind: [{{ports: [8080]}}]}}\n",
+            inside.rel
+        ),
+        &["--attach-cgroup", &scope.rel],
+    );
+    assert!(
+        agent
+            .stderr()
+            .contains(&format!("attached 8 programs to {}", scope.fs.display())),
+        "{}",
+        agent.stderr()
+    );
+    let r = Probe::in_cgroup(&inside).run(&["bind", "tcp", "127.0.0.1", "8081"]);
+    r.assert_eperm();
+    agent.wait_event(&[("pid", json!(r.pid))]);
+    drop(agent);
+    // A policy outside the attach point could never be enforced: refused.
+    let err = match Agent::try_start(
+        &format!(
+            "policies:\n  - {{name: out, cgroup: {}, bind: []}}\n",
+            outside.rel
+        ),
+        &["--attach-cgroup", &scope.rel],
+    ) {
+        Ok(_) => panic!("the agent accepted a policy outside its attach point"),
+        Err(e) => e,
+    };
+    assert!(
+        err.contains("could not be enforced") && err.contains("`out`"),
+        "{err}"
+    );
+}
