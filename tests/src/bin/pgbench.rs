@@ -84,13 +84,23 @@ fn once(op: &str, sin: &libc::sockaddr_in) -> i32 {
     }
 }
 
-fn timed(op: &str, sin: &libc::sockaddr_in, iters: u64, want: i32) -> f64 {
+/// Times `iters` operations. An allowed bind that fails with EADDRINUSE is
+/// retried and counted in `anomalies` (a rare kernel-side occurrence, seen
+/// about once in ten million binds on this VM with or without programs);
+/// any other unexpected answer aborts.
+fn timed(op: &str, sin: &libc::sockaddr_in, iters: u64, want: i32, anomalies: &mut u64) -> f64 {
     let start = Instant::now();
-    for _ in 0..iters {
+    let mut done = 0;
+    while done < iters {
         let e = once(op, sin);
         if e != want {
+            if want == 0 && e == libc::EADDRINUSE && *anomalies < 100 {
+                *anomalies += 1;
+                continue;
+            }
             die(&format!("{op}: expected errno {want}, got {e}"));
         }
+        done += 1;
     }
     start.elapsed().as_nanos() as f64 / iters as f64
 }
@@ -190,8 +200,11 @@ fn main() {
         return;
     }
     let want = if op == "denied" { libc::EPERM } else { 0 };
-    timed(&op, &sin, warmup, want);
-    let mut samples: Vec<f64> = (0..reps).map(|_| timed(&op, &sin, iters, want)).collect();
+    let mut anomalies = 0;
+    timed(&op, &sin, warmup, want, &mut anomalies);
+    let mut samples: Vec<f64> = (0..reps)
+        .map(|_| timed(&op, &sin, iters, want, &mut anomalies))
+        .collect();
     let list = samples
         .iter()
         .map(|s| format!("{s:.1}"))
@@ -199,5 +212,7 @@ fn main() {
         .join(",");
     samples.sort_by(f64::total_cmp);
     let median = samples[samples.len() / 2];
-    println!(r#"{{"op":"{op}","iters":{iters},"reps":[{list}],"median_ns":{median:.1}}}"#);
+    println!(
+        r#"{{"op":"{op}","iters":{iters},"reps":[{list}],"median_ns":{median:.1},"anomalies":{anomalies}}}"#
+    );
 }
