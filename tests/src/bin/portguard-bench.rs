@@ -492,6 +492,17 @@ fn overhead(
     ));
     let _ = writeln!(
         report,
+        "\nWhat an allowed explicit bind costs in portguard: two programs run. `bind4` reads the \
+         live generation (array), then for each cgroup level from the shallowest to the deepest \
+         governed level one `bpf_get_current_ancestor_cgroup_id` and one hash lookup, then the \
+         policy record (array), one port-set chunk lookup (hash) and a per-CPU counter; \
+         `post_bind4` only looks up the socket's storage (it judges port-0 binds, which bind4 \
+         flags). None of this depends on the number of policies, cgroups or ranges, which is why \
+         the 1-policy, 10,000-cgroup and 1,000-range rows agree within noise. Landlock checks \
+         one rule tree inside its LSM hook, without program dispatch."
+    );
+    let _ = writeln!(
+        report,
         "\nportguard (1 policy) against Landlock directly, in back-to-back pairs: median \
          ratio {direct:.3} over {} pairs (below 1: portguard faster).",
         vs_landlock.len()
