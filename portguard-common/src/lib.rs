@@ -73,9 +73,36 @@ pub const V6ONLY_UNKNOWN: u32 = u32::MAX;
 /// inside them.
 pub const SOCK_PREFIX_BYTES: u32 = 32;
 
-/// Program names (the Rust function names in portguard-ebpf) and the
+/// Name of the kernel programs' global holding [`SockOffsets`] for the
+/// running kernel (from its BTF), used by the LSM hooks to read sockets.
+pub const GLOBAL_SOCK_OFFSETS: &str = "PORTGUARD_SOCK_OFFSETS";
+
+/// Byte offsets of the socket fields the LSM hooks read, from the running
+/// kernel's BTF. `valid == 0`: unknown (the LSM programs are not loaded).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockOffsets {
+    pub valid: u32,
+    /// `struct socket`: `sk`.
+    pub socket_sk: u32,
+    /// `struct sock_common` (first member of `struct sock`): `skc_family` (u16).
+    pub skc_family: u32,
+    /// `skc_num` (u16, local port, host order).
+    pub skc_num: u32,
+    /// `skc_rcv_saddr` (u32, local IPv4 address, network order).
+    pub skc_rcv_saddr: u32,
+    /// `skc_v6_rcv_saddr` (16 bytes).
+    pub skc_v6_rcv_saddr: u32,
+    /// `struct sock`: `sk_protocol` (u16).
+    pub sk_protocol: u32,
+    /// Bit offset of `skc_ipv6only`.
+    pub ipv6only_bit: u32,
+}
+const _: () = assert!(size_of::<SockOffsets>() == 32);
+
+/// cgroup programs (the Rust function names in portguard-ebpf) and the
 /// [`Hook`] each one reports.
-pub const PROGRAMS: [(&str, Hook); 8] = [
+pub const PROGRAMS: [(&str, Hook); 9] = [
     ("portguard_bind4", Hook::Bind4),
     ("portguard_bind6", Hook::Bind6),
     ("portguard_post_bind4", Hook::PostBind4),
@@ -84,6 +111,20 @@ pub const PROGRAMS: [(&str, Hook); 8] = [
     ("portguard_connect6", Hook::Connect6),
     ("portguard_sendmsg4", Hook::Sendmsg4),
     ("portguard_sendmsg6", Hook::Sendmsg6),
+    ("portguard_sock_create", Hook::SockCreate),
+];
+
+/// Fallback for `listen()` checks where the BPF LSM is unusable: a
+/// `sock_ops` program that judges every new TCP listener after the fact
+/// (`BPF_SOCK_OPS_TCP_LISTEN_CB`) and reports violations; it cannot deny.
+pub const SOCK_OPS_PROGRAM: &str = "portguard_sock_ops";
+
+/// BPF LSM programs (cgroup-scoped, `lsm_cgroup`): the kernel LSM hook each
+/// attaches to and the [`Hook`] it reports. They need the BPF LSM to be
+/// active and kernel BTF; without them, `listen()`/`accept()` are not checked.
+pub const LSM_PROGRAMS: [(&str, &str, Hook); 2] = [
+    ("portguard_listen", "socket_listen", Hook::Listen),
+    ("portguard_accept", "socket_accept", Hook::Accept),
 ];
 
 /// Deepest cgroup level the kernel walks (the cgroup2 root is level 0).
@@ -189,6 +230,21 @@ pub struct CgroupValue {
 }
 const _: () = assert!(size_of::<CgroupValue>() == 4);
 
+/// [`PolicyRecord::allow_sockets`]: raw IP sockets (`SOCK_RAW`).
+pub const SOCK_ALLOW_RAW: u8 = 1;
+/// SCTP sockets (own bind: `sctp_bind`).
+pub const SOCK_ALLOW_SCTP: u8 = 2;
+/// L2TP/IP sockets (own bind: `l2tp_ip_bind`).
+pub const SOCK_ALLOW_L2TP: u8 = 4;
+
+/// [`Event::sock_kind`] values for `sock_create` events.
+pub const SOCK_KIND_RAW: u8 = 1;
+pub const SOCK_KIND_SCTP: u8 = 2;
+pub const SOCK_KIND_L2TP: u8 = 3;
+
+pub const IPPROTO_SCTP: u8 = 132;
+pub const IPPROTO_L2TP: u8 = 115;
+
 /// Policy modes.
 pub const MODE_ENFORCE: u8 = 0;
 /// Allow, but report what would have been denied (verdict `audit`).
@@ -207,7 +263,10 @@ pub struct PolicyRecord {
     pub bind_restricted: u8,
     /// 1: connects/sends are checked against the connect sets; 0: unrestricted.
     pub connect_restricted: u8,
-    pub _pad: u8,
+    /// `SOCK_ALLOW_*` bits: socket kinds with their own bind (which the bind
+    /// hooks never see) that this policy lets its cgroups create. Only
+    /// consulted when binds or connects are restricted.
+    pub allow_sockets: u8,
     /// Port-set ids, indexed by [`set_slot`].
     pub sets: [u32; SET_SLOTS],
 }
@@ -266,6 +325,9 @@ pub enum Hook {
     Connect6 = 6,
     Sendmsg4 = 7,
     Sendmsg6 = 8,
+    Listen = 9,
+    Accept = 10,
+    SockCreate = 11,
 }
 
 impl Hook {
@@ -279,6 +341,9 @@ impl Hook {
             6 => Self::Connect6,
             7 => Self::Sendmsg4,
             8 => Self::Sendmsg6,
+            9 => Self::Listen,
+            10 => Self::Accept,
+            11 => Self::SockCreate,
             _ => return None,
         })
     }
@@ -293,6 +358,9 @@ impl Hook {
             Self::Connect6 => "connect6",
             Self::Sendmsg4 => "sendmsg4",
             Self::Sendmsg6 => "sendmsg6",
+            Self::Listen => "listen",
+            Self::Accept => "accept",
+            Self::SockCreate => "sock_create",
         }
     }
 }
@@ -301,11 +369,17 @@ impl Hook {
 pub const VERDICT_DENY: u8 = 1;
 /// Audit mode: the operation was allowed but the policy would have denied it.
 pub const VERDICT_AUDIT: u8 = 2;
+/// Enforce mode, but the hook cannot deny (a `sock_ops` callback after the
+/// fact, used for `listen()` when the BPF LSM is unusable): reported only.
+pub const VERDICT_REPORTED: u8 = 3;
 
 /// [`Event::flags`]: the address was IPv4-mapped IPv6 and was judged as IPv4.
 pub const EVENT_F_V4_MAPPED: u8 = 1;
 /// [`Event::flags`]: a dual-stack bind to `[::]`, judged against both families.
 pub const EVENT_F_DUAL_STACK: u8 = 2;
+/// [`Event::flags`]: `listen()` on an unbound socket (the kernel would pick
+/// the port): judged as the "ephemeral" pseudo-port.
+pub const EVENT_F_AUTOBIND: u8 = 4;
 
 /// Ring-buffer record for a denied (or audited) operation.
 #[repr(C)]
@@ -338,7 +412,8 @@ pub struct Event {
     pub protocol: u8,
     /// `EVENT_F_*` bits.
     pub flags: u8,
-    pub _pad: u8,
+    /// `SOCK_KIND_*` for `sock_create` events, else 0.
+    pub sock_kind: u8,
     /// `bpf_get_current_comm()`.
     pub comm: [u8; 16],
     pub _reserved: u32,
@@ -354,7 +429,9 @@ pub const COUNTER_DENIED: u32 = 1;
 pub const COUNTER_AUDITED: u32 = 2;
 /// Events that could not be queued because the ring buffer was full.
 pub const COUNTER_EVENTS_LOST: u32 = 3;
-pub const COUNTERS: u32 = 4;
+/// Violations that could only be reported (see [`VERDICT_REPORTED`]).
+pub const COUNTER_REPORTED: u32 = 4;
+pub const COUNTERS: u32 = 5;
 
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
@@ -370,4 +447,5 @@ mod user {
     unsafe impl aya::Pod for super::PortChunkKey {}
     unsafe impl aya::Pod for super::PortChunk {}
     unsafe impl aya::Pod for super::Event {}
+    unsafe impl aya::Pod for super::SockOffsets {}
 }

@@ -11,10 +11,10 @@ use aya_ebpf::helpers::{
     generated::{bpf_get_current_ancestor_cgroup_id, bpf_ktime_get_boot_ns},
 };
 use portguard_common::{
-    AddrClass, COUNTER_ALLOWED, COUNTER_AUDITED, COUNTER_DENIED, COUNTER_EVENTS_LOST, CgroupKey,
-    Direction, EMPTY_SET, Event, Family, Hook, IPPROTO_TCP, IPPROTO_UDP, MAX_CGROUP_DEPTH,
-    MODE_AUDIT, PORTS_PER_CHUNK, PolicyRecord, PortChunkKey, Proto, VERDICT_AUDIT, VERDICT_DENY,
-    set_slot,
+    AddrClass, COUNTER_ALLOWED, COUNTER_AUDITED, COUNTER_DENIED, COUNTER_EVENTS_LOST,
+    COUNTER_REPORTED, CgroupKey, Direction, EMPTY_SET, Event, Family, Hook, IPPROTO_TCP,
+    IPPROTO_UDP, MAX_CGROUP_DEPTH, MODE_AUDIT, PORTS_PER_CHUNK, PolicyRecord, PortChunkKey, Proto,
+    VERDICT_AUDIT, VERDICT_DENY, VERDICT_REPORTED, set_slot,
 };
 
 use crate::maps::{
@@ -45,6 +45,9 @@ pub struct Query {
     pub ephemeral_ok: bool,
     /// `EVENT_F_*` bits for the event.
     pub flags: u8,
+    /// The hook cannot deny (it runs after the fact): a violation in enforce
+    /// mode is reported with [`VERDICT_REPORTED`] instead.
+    pub report_only: bool,
 }
 
 struct Governing {
@@ -137,6 +140,31 @@ fn count(index: u32) {
     }
 }
 
+/// Judge the creation of a socket of a kind with its own bind (raw, SCTP,
+/// L2TP/IP): denied in a cgroup whose policy restricts binds or connects,
+/// unless the policy's `allow_sockets` names the kind.
+#[inline(always)]
+pub fn decide_socket_kind(q: &Query, kind: u8, allow_bit: u8) -> i32 {
+    let Some(gov) = governing() else {
+        return ALLOW;
+    };
+    // SAFETY: pointer into a live array element, plain data.
+    let record = unsafe { &*gov.record };
+    if (record.bind_restricted == 0 && record.connect_restricted == 0)
+        || record.allow_sockets & allow_bit != 0
+    {
+        return ALLOW;
+    }
+    if record.mode == MODE_AUDIT {
+        count(COUNTER_AUDITED);
+        report_kind(&q, &gov, record, VERDICT_AUDIT, kind);
+        return ALLOW;
+    }
+    count(COUNTER_DENIED);
+    report_kind(&q, &gov, record, VERDICT_DENY, kind);
+    DENY
+}
+
 /// Judge `q`. Returns [`ALLOW`] or [`DENY`], nothing else.
 #[inline(always)]
 pub fn decide(q: &Query) -> i32 {
@@ -179,14 +207,24 @@ pub fn decide(q: &Query) -> i32 {
         report(q, &gov, record, VERDICT_AUDIT);
         return ALLOW;
     }
+    if q.report_only {
+        count(COUNTER_REPORTED);
+        report(q, &gov, record, VERDICT_REPORTED);
+        return ALLOW;
+    }
     count(COUNTER_DENIED);
     report(q, &gov, record, VERDICT_DENY);
     DENY
 }
 
-/// Queue an event; when the ring buffer is full, count the loss instead.
 #[inline(always)]
 fn report(q: &Query, gov: &Governing, record: &PolicyRecord, verdict: u8) {
+    report_kind(q, gov, record, verdict, 0);
+}
+
+/// Queue an event; when the ring buffer is full, count the loss instead.
+#[inline(always)]
+fn report_kind(q: &Query, gov: &Governing, record: &PolicyRecord, verdict: u8, sock_kind: u8) {
     let Some(mut entry) = PORTGUARD_EVENTS.reserve::<Event>(0) else {
         count(COUNTER_EVENTS_LOST);
         return;
@@ -212,7 +250,7 @@ fn report(q: &Query, gov: &Governing, record: &PolicyRecord, verdict: u8) {
         family: q.family as u8,
         protocol: q.protocol,
         flags: q.flags,
-        _pad: 0,
+        sock_kind,
         comm: bpf_get_current_comm().unwrap_or([0u8; 16]),
         _reserved: 0,
     });

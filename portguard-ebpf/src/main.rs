@@ -14,6 +14,7 @@
 
 mod decide;
 mod maps;
+mod sockets;
 
 use core::{ffi::c_void, ptr::read_volatile};
 
@@ -42,16 +43,16 @@ macro_rules! rd {
 }
 
 /// What an IPv6 address means for policy.
-struct V6 {
-    family: Family,
-    class: AddrClass,
-    addr: [u8; 16],
-    flags: u8,
-    unspecified: bool,
+pub(crate) struct V6 {
+    pub(crate) family: Family,
+    pub(crate) class: AddrClass,
+    pub(crate) addr: [u8; 16],
+    pub(crate) flags: u8,
+    pub(crate) unspecified: bool,
 }
 
 #[inline(always)]
-fn v4_bytes(ip_be: u32) -> [u8; 16] {
+pub(crate) fn v4_bytes(ip_be: u32) -> [u8; 16] {
     let b = ip_be.to_ne_bytes();
     let mut addr = [0u8; 16];
     addr[0] = b[0];
@@ -62,7 +63,7 @@ fn v4_bytes(ip_be: u32) -> [u8; 16] {
 }
 
 #[inline(always)]
-fn v4_class(ip_be: u32, unspecified_is_loopback: bool) -> AddrClass {
+pub(crate) fn v4_class(ip_be: u32, unspecified_is_loopback: bool) -> AddrClass {
     let b = ip_be.to_ne_bytes();
     if b[0] == 127 || (unspecified_is_loopback && ip_be == 0) {
         AddrClass::Loopback
@@ -76,7 +77,7 @@ fn v4_class(ip_be: u32, unspecified_is_loopback: bool) -> AddrClass {
 /// mapped form too. For connect/sendmsg the unspecified address means "this
 /// host" and counts as loopback.
 #[inline(always)]
-fn classify6(w: [u32; 4], unspecified_is_loopback: bool) -> V6 {
+pub(crate) fn classify6(w: [u32; 4], unspecified_is_loopback: bool) -> V6 {
     let mut addr = [0u8; 16];
     let mut i = 0;
     while i < 4 {
@@ -155,6 +156,7 @@ fn inet4(ctx: &SockAddrContext, hook: Hook, dir: Direction) -> i32 {
         dual_stack: false,
         ephemeral_ok: false,
         flags: 0,
+        report_only: false,
     };
     if dir == Direction::Bind {
         // bind(port 0) is judged by post_bind4 on the port the kernel picks.
@@ -182,6 +184,7 @@ fn inet6_connect(ctx: &SockAddrContext, hook: Hook) -> i32 {
         dual_stack: false,
         ephemeral_ok: false,
         flags: v6.flags,
+        report_only: false,
     })
 }
 
@@ -196,21 +199,24 @@ static PORTGUARD_V6ONLY_BIT: u32 = V6ONLY_UNKNOWN;
 /// pointer, which the verifier forbids) and pick the bit. Unknown: `None`.
 #[inline(always)]
 fn v6only(ctx: &SockAddrContext) -> Option<bool> {
-    // SAFETY: a global the loader may patch; read as a plain value.
-    let bit = unsafe { read_volatile(&PORTGUARD_V6ONLY_BIT) };
-    if bit >= SOCK_PREFIX_BYTES * 8 {
-        return None;
-    }
     // SAFETY: reading the context's socket pointer.
     let sk = unsafe { rd!((*ctx.sock_addr).__bindgen_anon_1.sk) };
+    sk_v6only(sk.cast::<c_void>())
+}
+
+/// The `skc_ipv6only` bit of a kernel socket, read without arithmetic on the
+/// socket pointer. `None` when unknown.
+#[inline(always)]
+pub(crate) fn sk_v6only(sk: *const c_void) -> Option<bool> {
+    // SAFETY: a global the loader may patch; read as a plain value.
+    let bit = unsafe { read_volatile(&PORTGUARD_V6ONLY_BIT) };
+    if bit >= SOCK_PREFIX_BYTES * 8 || sk.is_null() {
+        return None;
+    }
     let mut prefix = [0u8; SOCK_PREFIX_BYTES as usize];
     // SAFETY: the helper copies kernel memory into our stack buffer.
     let rc = unsafe {
-        bpf_probe_read_kernel(
-            prefix.as_mut_ptr().cast::<c_void>(),
-            SOCK_PREFIX_BYTES,
-            sk.cast::<c_void>(),
-        )
+        bpf_probe_read_kernel(prefix.as_mut_ptr().cast::<c_void>(), SOCK_PREFIX_BYTES, sk)
     };
     if rc != 0 {
         return None;
@@ -219,10 +225,9 @@ fn v6only(ctx: &SockAddrContext) -> Option<bool> {
     Some((byte >> (bit % 8)) & 1 == 1)
 }
 
-/// Record on the socket whether post_bind has to judge this bind: yes for a
-/// bind to port 0 (the kernel picks the port after bind4/bind6 ran), no for
-/// an explicit port (judged here; clears a flag left by an earlier, failed
-/// port-0 bind on the same socket). Storage is only created for port 0.
+/// Record on the socket that post_bind has to judge this bind: a bind to
+/// port 0 (the kernel picks the port after bind4/bind6 ran). Storage is only
+/// created for port 0.
 /// Returns false if the flag could not be stored.
 #[inline(always)]
 fn mark_port0(ctx: &SockAddrContext, port0: bool, dual_stack: bool) -> bool {
@@ -241,14 +246,11 @@ fn mark_port0(ctx: &SockAddrContext, port0: bool, dual_stack: bool) -> bool {
             (*p).port0_pending = 1;
             (*p).dual_stack = dual_stack as u32;
         }
-    } else {
-        // SAFETY: as above; no storage is created.
-        let p = unsafe { PORTGUARD_SOCKETS.get_ptr_mut(ctx) };
-        if !p.is_null() {
-            // SAFETY: non-null pointer to this socket's storage.
-            unsafe { (*p).port0_pending = 0 };
-        }
     }
+    // An explicit port leaves storage alone: if a flag is left over from an
+    // earlier port-0 bind on this socket that failed before post_bind ran,
+    // post_bind only re-judges the (already allowed) port. Not touching
+    // storage here keeps the common bind path free of a helper call.
     true
 }
 
@@ -286,6 +288,7 @@ pub fn portguard_bind6(ctx: SockAddrContext) -> i32 {
         dual_stack: dual,
         ephemeral_ok: false,
         flags: v6.flags | if dual { EVENT_F_DUAL_STACK } else { 0 },
+        report_only: false,
     };
     // bind(port 0) is judged by post_bind6 on the port the kernel picks.
     if !mark_port0(&ctx, port == 0, dual) {
@@ -379,6 +382,7 @@ pub fn portguard_post_bind4(ctx: SockContext) -> i32 {
         dual_stack: false,
         ephemeral_ok: true,
         flags: 0,
+        report_only: false,
     })
 }
 
@@ -418,6 +422,7 @@ pub fn portguard_post_bind6(ctx: SockContext) -> i32 {
         dual_stack: dual,
         ephemeral_ok: true,
         flags: v6.flags | if dual { EVENT_F_DUAL_STACK } else { 0 },
+        report_only: false,
     })
 }
 

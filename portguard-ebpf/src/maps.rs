@@ -39,7 +39,8 @@ pub static PORTGUARD_EVENTS: RingBuf = RingBuf::with_byte_size(4096, 0);
 
 /// Per-CPU decision counters, indexed by `COUNTER_*`.
 #[map(name = "PORTGUARD_COUNTERS")]
-pub static PORTGUARD_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(4, 0);
+pub static PORTGUARD_COUNTERS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(portguard_common::COUNTERS, 0);
 
 /// Per-socket state carried from bind6 to post_bind6 (dual-stack flag).
 #[btf_map]

@@ -92,6 +92,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH", default_value = "/", value_parser = parse_cgroup_arg)]
     pub attach_cgroup: String,
 
+    /// Exit with an error instead of a warning when the BPF LSM checks of
+    /// listen() and accept() cannot be loaded (BPF LSM not active, or no
+    /// kernel BTF).
+    #[arg(long)]
+    pub require_lsm: bool,
+
     /// How often to re-resolve policy cgroups as a safety net besides
     /// inotify (e.g. 5s).
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
@@ -127,6 +133,7 @@ impl Cli {
                     lost_interval: a.lost_report_interval,
                     rescan_interval: a.rescan_interval,
                     attach_cgroup: a.attach_cgroup,
+                    require_lsm: a.require_lsm,
                 })?;
                 Ok(ExitCode::SUCCESS)
             }

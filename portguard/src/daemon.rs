@@ -34,7 +34,7 @@ use rustc_hash::FxHashMap;
 use crate::{
     cgroupfs::Hierarchy,
     events::{self, EventWriter, LostRecord, PolicyNames},
-    loader::{LoadOptions, Loaded},
+    loader::{ListenCheck, LoadOptions, Loaded},
     policy::{
         CompiledPolicy, ParsedPolicy, PolicyError, Reparse, compile, compile_all,
         parse_policy_text, read_policy_file, reparse_policy_text,
@@ -58,6 +58,8 @@ pub struct RunOptions {
     /// Where to attach the programs (a normalised cgroup path; `/` = the
     /// whole host). Every policy must govern a cgroup at or below it.
     pub attach_cgroup: String,
+    /// Refuse to run without the BPF LSM checks (listen/accept).
+    pub require_lsm: bool,
 }
 
 /// True when `cgroup` is `scope` or below it.
@@ -589,6 +591,25 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64() * 1e3
     );
     agent.loaded.attach(&attach_path)?;
+    match agent.loaded.listen_check() {
+        ListenCheck::Denied => info!(
+            "daemon: listen() and accept() are enforced (BPF LSM): an unbound listen() or a \
+             socket bound outside the policy is denied"
+        ),
+        ListenCheck::Reported { why } | ListenCheck::Unchecked { why } if opts.require_lsm => {
+            anyhow::bail!("--require-lsm: listen()/accept() cannot be denied on this host: {why}");
+        }
+        ListenCheck::Reported { why } => warn!(
+            "daemon: listen() is REPORTED, not denied: {why}. A listener on a port outside the \
+             policy (including an unbound listen() that the kernel autobinds) is reported with \
+             verdict \"reported\"; accept() is not checked. Binds, connects, sends and socket \
+             creation are enforced."
+        ),
+        ListenCheck::Unchecked { why } => warn!(
+            "daemon: listen() and accept() are NOT checked: {why}. Binds, connects, sends and \
+             socket creation are enforced."
+        ),
+    }
     release_free_memory();
     let hooks: Vec<&str> = agent.loaded.attached().iter().map(|h| h.name()).collect();
     info!(

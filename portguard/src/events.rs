@@ -17,8 +17,9 @@ use std::{
 };
 
 use portguard_common::{
-    EVENT_F_DUAL_STACK, EVENT_F_V4_MAPPED, Event, Family, Hook, IPPROTO_TCP, IPPROTO_UDP,
-    VERDICT_AUDIT, VERDICT_DENY,
+    EVENT_F_AUTOBIND, EVENT_F_DUAL_STACK, EVENT_F_V4_MAPPED, Event, Family, Hook, IPPROTO_TCP,
+    IPPROTO_UDP, SOCK_KIND_L2TP, SOCK_KIND_RAW, SOCK_KIND_SCTP, VERDICT_AUDIT, VERDICT_DENY,
+    VERDICT_REPORTED,
 };
 use serde::Serialize;
 
@@ -48,6 +49,12 @@ pub struct EventRecord {
     pub v4_mapped: bool,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub dual_stack: bool,
+    /// `listen()` on an unbound socket (port 0: the kernel would pick it).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub autobind: bool,
+    /// `sock_create` events: the socket kind (`raw`, `sctp`, `l2tp`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub socket: Option<&'static str>,
 }
 
 /// A report of events the kernel could not queue.
@@ -115,6 +122,9 @@ fn protocol_name(p: u8) -> String {
     match p {
         IPPROTO_TCP => "tcp".to_owned(),
         IPPROTO_UDP => "udp".to_owned(),
+        1 => "icmp".to_owned(),
+        58 => "icmpv6".to_owned(),
+        255 => "raw".to_owned(),
         other => other.to_string(),
     }
 }
@@ -164,6 +174,7 @@ pub fn enrich(ev: &Event, names: &PolicyNames, cgroups: &mut Hierarchy) -> Event
         verdict: match ev.verdict {
             VERDICT_DENY => "deny",
             VERDICT_AUDIT => "audit",
+            VERDICT_REPORTED => "reported",
             _ => "unknown",
         },
         hook,
@@ -183,6 +194,13 @@ pub fn enrich(ev: &Event, names: &PolicyNames, cgroups: &mut Hierarchy) -> Event
         policy_cgroup_id: ev.policy_cgroup_id,
         v4_mapped,
         dual_stack: ev.flags & EVENT_F_DUAL_STACK != 0,
+        autobind: ev.flags & EVENT_F_AUTOBIND != 0,
+        socket: match ev.sock_kind {
+            SOCK_KIND_RAW => Some("raw"),
+            SOCK_KIND_SCTP => Some("sctp"),
+            SOCK_KIND_L2TP => Some("l2tp"),
+            _ => None,
+        },
     }
 }
 
@@ -273,7 +291,7 @@ mod tests {
             family: Family::Ipv4 as u8,
             protocol: IPPROTO_UDP,
             flags: EVENT_F_V4_MAPPED,
-            _pad: 0,
+            sock_kind: 0,
             comm,
             _reserved: 0,
         }

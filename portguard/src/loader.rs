@@ -9,19 +9,20 @@
 use std::{fs::File, path::Path};
 
 use aya::{
-    Ebpf, EbpfError, EbpfLoader,
+    Btf, Ebpf, EbpfError, EbpfLoader,
     maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf},
-    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError},
+    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, LsmCgroup, ProgramError, SockOps},
 };
 use log::{debug, info, warn};
 use portguard_common::{
     COUNTER_ALLOWED, COUNTER_AUDITED, COUNTER_DENIED, COUNTER_EVENTS_LOST, CgroupKey, CgroupValue,
-    GLOBAL_V6ONLY_BIT, Hook, MAP_CGROUPS, MAP_COUNTERS, MAP_EVENTS, MAP_POLICIES, MAP_PORTSETS,
-    MAP_STATE, PROGRAMS, PolicyRecord, PortChunk, PortChunkKey, State, V6ONLY_UNKNOWN,
+    GLOBAL_SOCK_OFFSETS, GLOBAL_V6ONLY_BIT, Hook, LSM_PROGRAMS, MAP_CGROUPS, MAP_COUNTERS,
+    MAP_EVENTS, MAP_POLICIES, MAP_PORTSETS, MAP_STATE, PROGRAMS, PolicyRecord, PortChunk,
+    PortChunkKey, SOCK_OPS_PROGRAM, SockOffsets, State, V6ONLY_UNKNOWN,
 };
 
 use crate::{
-    kernel_btf::{VMLINUX_BTF, ipv6only_bit_offset},
+    kernel_btf::{VMLINUX_BTF, ipv6only_bit_offset, sock_offsets},
     rules_map::{Capacity, RuleSink, SinkError},
 };
 
@@ -93,6 +94,62 @@ pub struct Loaded {
     pub maps: KernelMaps,
     events: Option<RingBuf<MapData>>,
     attached: Vec<Hook>,
+    /// Why the BPF LSM checks (listen/accept) are not loaded, if they are not.
+    lsm_unavailable: Option<String>,
+    /// The sock_ops listen reporter is loaded (fallback without the LSM).
+    sock_ops_loaded: bool,
+}
+
+/// How `listen()` is checked on this host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenCheck {
+    /// BPF LSM `socket_listen`/`socket_accept`: violations are denied.
+    Denied,
+    /// `sock_ops` after the fact: violations are reported, not denied.
+    Reported { why: String },
+    /// Not checked at all.
+    Unchecked { why: String },
+}
+
+pub const LSM_LIST: &str = "/sys/kernel/security/lsm";
+
+/// Whether the BPF LSM is active (listed in /sys/kernel/security/lsm).
+/// Mounts securityfs if it is not mounted yet.
+pub fn bpf_lsm_active() -> Result<(), String> {
+    let read = || std::fs::read_to_string(LSM_LIST);
+    let list = match read() {
+        Ok(l) => l,
+        Err(_) => {
+            // SAFETY: mount(2) with static, NUL-terminated strings.
+            let rc = unsafe {
+                libc::mount(
+                    c"securityfs".as_ptr(),
+                    c"/sys/kernel/security".as_ptr(),
+                    c"securityfs".as_ptr(),
+                    0,
+                    std::ptr::null(),
+                )
+            };
+            if rc != 0 {
+                debug!(
+                    "loader: mounting securityfs: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+            read().map_err(|e| {
+                format!("cannot read {LSM_LIST} ({e}), so the BPF LSM cannot be confirmed")
+            })?
+        }
+    };
+    if list.trim().split(',').any(|l| l == "bpf") {
+        Ok(())
+    } else {
+        Err(format!(
+            "the BPF LSM is not active (active LSMs: {}); boot with `lsm={},bpf` to enable it",
+            list.trim(),
+            list.trim()
+        ))
+    }
 }
 
 /// The policy maps, as a [`RuleSink`].
@@ -157,8 +214,16 @@ impl Loaded {
                 V6ONLY_UNKNOWN
             }
         };
+        let offsets = match sock_offsets(Path::new(VMLINUX_BTF)) {
+            Ok(o) => o,
+            Err(e) => {
+                warn!("loader: {e}");
+                SockOffsets::default()
+            }
+        };
         let mut ebpf = EbpfLoader::new()
             .override_global(GLOBAL_V6ONLY_BIT, &v6only_bit, true)
+            .override_global(GLOBAL_SOCK_OFFSETS, &offsets, true)
             .map_max_entries(MAP_CGROUPS, caps.cgroup_map_entries().max(1))
             .map_max_entries(MAP_POLICIES, caps.policy_map_entries().max(1))
             .map_max_entries(MAP_PORTSETS, caps.chunks.max(1))
@@ -175,7 +240,7 @@ impl Loaded {
                 source: Box::new(source),
             };
             let res = match hook {
-                Hook::PostBind4 | Hook::PostBind6 => {
+                Hook::PostBind4 | Hook::PostBind6 | Hook::SockCreate => {
                     let p: &mut CgroupSock = prog.try_into().map_err(load_err)?;
                     p.load()
                 }
@@ -195,12 +260,71 @@ impl Loaded {
             counters: take(&mut ebpf, MAP_COUNTERS, PerCpuArray::try_from)?,
         };
         let events = take(&mut ebpf, MAP_EVENTS, RingBuf::try_from)?;
+        let lsm_unavailable = if offsets.valid == 0 {
+            Some("kernel BTF lacks the socket layout the checks read".to_owned())
+        } else {
+            bpf_lsm_active()
+                .and_then(|()| Self::load_lsm(&mut ebpf))
+                .err()
+        };
+        let mut sock_ops_loaded = false;
+        if let Some(why) = &lsm_unavailable {
+            debug!("loader: BPF LSM unusable ({why}); loading the sock_ops listen reporter");
+            match ebpf
+                .program_mut(SOCK_OPS_PROGRAM)
+                .ok_or(LoaderError::MissingProgram {
+                    name: SOCK_OPS_PROGRAM,
+                })
+                .and_then(|p| {
+                    let p: &mut SockOps =
+                        p.try_into().map_err(|source| LoaderError::ProgramLoad {
+                            name: SOCK_OPS_PROGRAM,
+                            hook: "sock_ops",
+                            source: Box::new(source),
+                        })?;
+                    p.load().map_err(|source| LoaderError::ProgramLoad {
+                        name: SOCK_OPS_PROGRAM,
+                        hook: "sock_ops",
+                        source: Box::new(source),
+                    })
+                }) {
+                Ok(()) => sock_ops_loaded = true,
+                Err(e) => warn!("loader: {e}"),
+            }
+        }
         Ok(Self {
             ebpf,
             maps,
             events: Some(events),
             attached: Vec::new(),
+            lsm_unavailable,
+            sock_ops_loaded,
         })
+    }
+
+    /// How `listen()` is checked (after [`Loaded::attach`]).
+    pub fn listen_check(&self) -> ListenCheck {
+        match &self.lsm_unavailable {
+            None => ListenCheck::Denied,
+            Some(why) if self.attached.contains(&Hook::Listen) => {
+                ListenCheck::Reported { why: why.clone() }
+            }
+            Some(why) => ListenCheck::Unchecked { why: why.clone() },
+        }
+    }
+
+    fn load_lsm(ebpf: &mut Ebpf) -> Result<(), String> {
+        let btf = Btf::from_sys_fs().map_err(|e| format!("reading kernel BTF: {e}"))?;
+        for (name, lsm_hook, _) in LSM_PROGRAMS {
+            let prog = ebpf
+                .program_mut(name)
+                .ok_or_else(|| format!("the kernel object has no program {name}"))?;
+            let p: &mut LsmCgroup = prog.try_into().map_err(|e| format!("{name}: {e}"))?;
+            p.load(lsm_hook, &btf)
+                .map_err(|e| format!("the kernel rejected {name} (lsm_cgroup/{lsm_hook}): {e}"))?;
+            debug!("loader: loaded {name}");
+        }
+        Ok(())
     }
 
     /// Attach every program to `cgroup` (the cgroup2 root). All or nothing:
@@ -225,7 +349,7 @@ impl Loaded {
             // `Single` through bpf_link_create coexists with other programs
             // on the same cgroup (the kernel treats links as multi-attach).
             let res = match hook {
-                Hook::PostBind4 | Hook::PostBind6 => {
+                Hook::PostBind4 | Hook::PostBind6 | Hook::SockCreate => {
                     let p: &mut CgroupSock = prog.try_into().map_err(attach_err)?;
                     p.attach(&file, CgroupAttachMode::Single)
                         .map(|id| LinkId::Sock(name, id))
@@ -244,6 +368,60 @@ impl Loaded {
                 }
             }
             self.attached.push(hook);
+        }
+        if self.lsm_unavailable.is_none() {
+            for (name, lsm_hook, hook) in LSM_PROGRAMS {
+                let res = self
+                    .ebpf
+                    .program_mut(name)
+                    .ok_or(LoaderError::MissingProgram { name })
+                    .and_then(|prog| {
+                        let p: &mut LsmCgroup =
+                            prog.try_into().map_err(|source: ProgramError| {
+                                LoaderError::Attach {
+                                    name,
+                                    hook: lsm_hook,
+                                    cgroup: cgroup.display().to_string(),
+                                    source: Box::new(source),
+                                }
+                            })?;
+                        p.attach(&file).map_err(|source| LoaderError::Attach {
+                            name,
+                            hook: lsm_hook,
+                            cgroup: cgroup.display().to_string(),
+                            source: Box::new(source),
+                        })
+                    });
+                match res {
+                    Ok(_) => self.attached.push(hook),
+                    Err(e) => {
+                        self.lsm_unavailable = Some(e.to_string());
+                        break;
+                    }
+                }
+            }
+        } else if self.sock_ops_loaded {
+            let res = self
+                .ebpf
+                .program_mut(SOCK_OPS_PROGRAM)
+                .ok_or(LoaderError::MissingProgram {
+                    name: SOCK_OPS_PROGRAM,
+                })
+                .and_then(|prog| {
+                    let attach_err = |source: ProgramError| LoaderError::Attach {
+                        name: SOCK_OPS_PROGRAM,
+                        hook: "sock_ops",
+                        cgroup: cgroup.display().to_string(),
+                        source: Box::new(source),
+                    };
+                    let p: &mut SockOps = prog.try_into().map_err(attach_err)?;
+                    p.attach(&file, CgroupAttachMode::Single)
+                        .map_err(attach_err)
+                });
+            match res {
+                Ok(_) => self.attached.push(Hook::Listen),
+                Err(e) => warn!("loader: {e}"),
+            }
         }
         info!(
             "loader: attached {} programs to {}",

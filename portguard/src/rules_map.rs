@@ -305,7 +305,7 @@ impl Applier {
                 },
                 bind_restricted: u8::from(t.policy.bind.is_some()),
                 connect_restricted: u8::from(t.policy.connect.is_some()),
-                _pad: 0,
+                allow_sockets: t.policy.allow_sockets,
                 sets: [EMPTY_SET; SET_SLOTS],
             };
             let dirs: [(usize, Option<&DirectionSets>); 2] =

@@ -3,10 +3,14 @@
 
 use std::sync::Arc;
 
-use portguard_common::{AddrClass, Direction, Family, Proto, set_slot};
+use portguard_common::{
+    AddrClass, Direction, Family, Proto, SOCK_ALLOW_L2TP, SOCK_ALLOW_RAW, SOCK_ALLOW_SCTP, set_slot,
+};
 use rustc_hash::FxHashMap;
 
-use super::{AddressSel, FamilySel, Mode, Policy, PortSet, PortSpec, ProtocolSel, Rule};
+use super::{
+    AddressSel, FamilySel, Mode, Policy, PortSet, PortSpec, ProtocolSel, Rule, SocketKind,
+};
 
 /// The eight sets of one direction, indexed like the kernel's record
 /// (`set_slot(dir, ..) - dir * 8`). The loopback-class set of a (protocol,
@@ -25,6 +29,18 @@ pub struct CompiledPolicy {
     pub bind: Option<DirectionSets>,
     /// `None`: unrestricted.
     pub connect: Option<DirectionSets>,
+    /// `SOCK_ALLOW_*` bits.
+    pub allow_sockets: u8,
+}
+
+fn socket_bits(kinds: &[SocketKind]) -> u8 {
+    kinds.iter().fold(0, |bits, k| {
+        bits | match k {
+            SocketKind::Raw => SOCK_ALLOW_RAW,
+            SocketKind::Sctp => SOCK_ALLOW_SCTP,
+            SocketKind::L2tp => SOCK_ALLOW_L2TP,
+        }
+    })
 }
 
 const PROTOS: [Proto; 2] = [Proto::Tcp, Proto::Udp];
@@ -75,6 +91,7 @@ pub fn compile(policy: &Policy) -> CompiledPolicy {
         mode: policy.mode,
         bind: policy.bind.as_deref().map(compile_rules),
         connect: policy.connect.as_deref().map(compile_rules),
+        allow_sockets: socket_bits(&policy.allow_sockets),
     }
 }
 
@@ -106,6 +123,7 @@ pub fn compile_all(policies: &[Policy]) -> Vec<CompiledPolicy> {
             mode: p.mode,
             bind: p.bind.as_deref().map(&mut get),
             connect: p.connect.as_deref().map(&mut get),
+            allow_sockets: socket_bits(&p.allow_sockets),
         })
         .collect()
 }

@@ -18,7 +18,12 @@
 //!         address: loopback         # loopback | any    (default any)
 //!     connect:                      # absent: connects unrestricted; same rule shape
 //!       - ports: [5432]
+//!     allow_sockets: [raw]          # raw | sctp | l2tp (default none)
 //! ```
+//!
+//! - `allow_sockets`: sockets whose protocol has its own bind (raw IP, SCTP,
+//!   L2TP/IP) bypass the bind hooks, so a cgroup whose policy restricts binds
+//!   or connects may not create them unless listed here.
 //!
 //! - `ports` items: a port `1`..`65535` (number or string), a range `"a-b"`
 //!   (inclusive, `a <= b`), or `ephemeral` (bind rules only): a `bind()` to
@@ -65,6 +70,9 @@ pub struct Policy {
     pub bind: Option<Vec<Rule>>,
     /// `None`: connects unrestricted. `Some([])`: every connect denied.
     pub connect: Option<Vec<Rule>>,
+    /// Socket kinds with their own bind this policy lets its cgroups create
+    /// (denied otherwise when binds or connects are restricted).
+    pub allow_sockets: Vec<SocketKind>,
     /// Line of the policy's entry in the file.
     pub line: usize,
 }
@@ -82,6 +90,27 @@ impl Mode {
         match self {
             Self::Enforce => "enforce",
             Self::Audit => "audit",
+        }
+    }
+}
+
+/// Sockets whose protocol has its own bind, which the bind hooks never see.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SocketKind {
+    /// `SOCK_RAW` IPv4/IPv6 sockets.
+    Raw,
+    /// SCTP sockets.
+    Sctp,
+    /// L2TP/IP sockets.
+    L2tp,
+}
+
+impl SocketKind {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Raw => "raw",
+            Self::Sctp => "sctp",
+            Self::L2tp => "l2tp",
         }
     }
 }

@@ -7,7 +7,7 @@ use portguard_common::MAX_CGROUP_DEPTH;
 
 use super::{
     AddressSel, Diagnostic, FamilySel, Mode, Policy, PolicyError, PolicyFile, PortSpec,
-    ProtocolSel, Rule,
+    ProtocolSel, Rule, SocketKind,
     yaml::{self, Kind, Node},
 };
 
@@ -299,7 +299,7 @@ struct Cx {
 }
 
 const TOP_KEYS: &[&str] = &["policies"];
-const POLICY_KEYS: &[&str] = &["name", "cgroup", "mode", "bind", "connect"];
+const POLICY_KEYS: &[&str] = &["name", "cgroup", "mode", "bind", "connect", "allow_sockets"];
 const RULE_KEYS: &[&str] = &["ports", "protocol", "family", "address"];
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -472,6 +472,7 @@ impl Cx {
         let mut mode = Mode::Enforce;
         let mut bind = None;
         let mut connect = None;
+        let mut allow_sockets = Vec::new();
         for (key, _k, v) in &entries {
             let f = join(field, key);
             match *key {
@@ -486,6 +487,7 @@ impl Cx {
                 }
                 "bind" => bind = self.rules(v, &f, Dir::Bind),
                 "connect" => connect = self.rules(v, &f, Dir::Connect),
+                "allow_sockets" => allow_sockets = self.socket_kinds(v, &f),
                 _ => {}
             }
         }
@@ -508,8 +510,39 @@ impl Cx {
             mode,
             bind,
             connect,
+            allow_sockets,
             line: node.pos.line,
         })
+    }
+
+    fn socket_kinds(&mut self, node: &Node, field: &str) -> Vec<SocketKind> {
+        let Kind::Seq(items) = &node.kind else {
+            self.err(
+                node,
+                field,
+                format!(
+                    "expected a list such as [raw, sctp], found {}",
+                    node.type_name()
+                ),
+            );
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            if let Some(k) = self.choice(
+                item,
+                &format!("{field}[{i}]"),
+                &[
+                    ("raw", SocketKind::Raw),
+                    ("sctp", SocketKind::Sctp),
+                    ("l2tp", SocketKind::L2tp),
+                ],
+            ) && !out.contains(&k)
+            {
+                out.push(k);
+            }
+        }
+        out
     }
 
     fn name(&mut self, node: &Node, field: &str) -> Option<String> {
@@ -964,6 +997,23 @@ policies:
         assert!(errs("")[0].message.contains("empty"));
         let d = errs("policies:\n  - name: [\n");
         assert!(d[0].message.starts_with("YAML syntax error"));
+    }
+
+    #[test]
+    fn allow_sockets() {
+        let f = ok("policies: [{name: a, cgroup: /a, bind: [], allow_sockets: [raw, sctp, raw]}]");
+        assert_eq!(
+            f.policies[0].allow_sockets,
+            vec![SocketKind::Raw, SocketKind::Sctp]
+        );
+        assert!(
+            ok("policies: [{name: a, cgroup: /a}]").policies[0]
+                .allow_sockets
+                .is_empty()
+        );
+        let d = errs("policies: [{name: a, cgroup: /a, allow_sockets: [packet]}]");
+        assert!(d[0].message.contains("unknown value `packet`"), "{d:?}");
+        assert_eq!(d[0].field, "policies[0].allow_sockets[0]");
     }
 
     #[test]

@@ -373,7 +373,13 @@ fn overhead(
             for _ in 0..pairs {
                 if s == Setup::OnePolicy {
                     let p = min(&measure_once(&cg, s, "bind", iters, reps));
-                    let l = min(&measure_once(&base_cg, Setup::Landlock, "bind", iters, reps));
+                    let l = min(&measure_once(
+                        &base_cg,
+                        Setup::Landlock,
+                        "bind",
+                        iters,
+                        reps,
+                    ));
                     vs_landlock.push(p / l);
                 }
                 let sb = min(&measure_once(&cg, s, "bind", iters, reps));
