@@ -261,6 +261,20 @@ impl Agent {
         }
     }
 
+    /// How this agent checks `listen()`: true = denied (BPF LSM), false =
+    /// reported after the fact (the BPF LSM is unusable on this host).
+    pub fn listen_denied(&self) -> bool {
+        let log = self.stderr();
+        if log.contains("listen() and accept() are enforced") {
+            return true;
+        }
+        assert!(
+            log.contains("listen() is REPORTED"),
+            "the agent neither enforces nor reports listen():\n{log}"
+        );
+        false
+    }
+
     /// The agent's log output so far.
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
@@ -452,6 +466,18 @@ impl Probe {
             args: vec!["--cgroup".into(), cg.fs.display().to_string()],
             no_netns: false,
         }
+    }
+
+    /// A probe that stays outside any test cgroup (for `handoff`).
+    pub fn outside() -> Self {
+        Self::default()
+    }
+
+    /// A UDP responder (`udp:127.0.0.1:5300`), in its own process outside
+    /// the cgroup, that answers one datagram.
+    pub fn echo(mut self, spec: &str) -> Self {
+        self.args.extend(["--echo".into(), spec.into()]);
+        self
     }
 
     /// A listener (`tcp:127.0.0.1:5432`, `udp:[::1]:53`) set up before the

@@ -131,9 +131,18 @@ fn integration(args: &[String]) -> anyhow::Result<()> {
     // Tests share the host's cgroup tree but use unique cgroups and their own
     // network namespaces, so two at a time is safe on a 2-core machine.
     let mut cmd = cargo();
-    cmd.args(["test", "-p", "portguard-tests", "--", "--test-threads=2"])
-        .args(args)
-        .env("PORTGUARD_BIN", bin);
+    // --show-output: a test that skips part of its work says why, and CI
+    // logs should show it.
+    cmd.args([
+        "test",
+        "-p",
+        "portguard-tests",
+        "--",
+        "--test-threads=2",
+        "--show-output",
+    ])
+    .args(args)
+    .env("PORTGUARD_BIN", bin);
     if std::env::var_os("RUST_LOG").is_none() {
         cmd.env("RUST_LOG", "debug");
     }

@@ -9,6 +9,19 @@
 //!      sendto ADDR PORT            (unconnected UDP)
 //!      rebind tcp|udp ADDR PORT1 PORT2   bind PORT1; if that fails, bind PORT2
 //!                                  on the same socket (reports both)
+//!      listen tcp|mptcp ADDR PORT  bind, then listen
+//!      listen-unbound tcp|mptcp 4|6  listen without bind (kernel autobind)
+//!      uring-bind tcp|udp ADDR PORT     bind through io_uring (IORING_OP_BIND)
+//!      uring-listen-unbound 4|6          listen through io_uring (IORING_OP_LISTEN)
+//!      socket raw4|raw6|sctp|l2tp        create a socket
+//!      sendrecv ADDR PORT          unconnected UDP sendto, then wait for a reply
+//!      handoff bind|listen tcp ADDR PORT CGROUP
+//!                                  this process (outside CGROUP) creates the
+//!                                  socket (and, for `listen`, binds PORT); a
+//!                                  child in CGROUP receives it over a unix
+//!                                  socket (SCM_RIGHTS) and binds / listens
+//!      premove tcp|udp ADDR PORT CGROUP  create the socket, then move into
+//!                                  CGROUP, then bind
 //! ```
 //! Setup order: new network namespace with loopback up (--netns), listeners
 //! (created before joining the cgroup, so they are not governed), join the
@@ -41,6 +54,9 @@ fn errno_name(e: i32) -> &'static str {
         libc::ECONNREFUSED => "ECONNREFUSED",
         libc::EINVAL => "EINVAL",
         libc::ENETUNREACH => "ENETUNREACH",
+        libc::EPROTONOSUPPORT => "EPROTONOSUPPORT",
+        libc::ESOCKTNOSUPPORT => "ESOCKTNOSUPPORT",
+        libc::EAFNOSUPPORT => "EAFNOSUPPORT",
         _ => "other",
     }
 }
@@ -87,13 +103,14 @@ fn socket(proto: &str, addr: &SocketAddr) -> i32 {
     } else {
         libc::AF_INET6
     };
-    let ty = match proto {
-        "tcp" => libc::SOCK_STREAM,
-        "udp" => libc::SOCK_DGRAM,
+    let (ty, p) = match proto {
+        "tcp" => (libc::SOCK_STREAM, 0),
+        "mptcp" => (libc::SOCK_STREAM, 262),
+        "udp" => (libc::SOCK_DGRAM, 0),
         _ => die(&format!("bad protocol {proto}")),
     };
     // SAFETY: plain syscall.
-    let fd = unsafe { libc::socket(family, ty, 0) };
+    let fd = unsafe { libc::socket(family, ty, p) };
     if fd < 0 {
         die(&format!("socket: errno {}", errno()));
     }
@@ -200,6 +217,111 @@ fn run_op(op: &[String]) -> String {
             } as i32;
             (fd, rc.min(0), errno())
         }
+        "listen" => {
+            let addr = parse_addr(get(2), get(3));
+            let fd = socket(get(1), &addr);
+            if addr.is_ipv6() {
+                set_v6only(fd, true);
+            }
+            let (ss, len) = sockaddr(&addr);
+            // SAFETY: valid fd and sockaddr.
+            let mut rc = unsafe { libc::bind(fd, std::ptr::from_ref(&ss).cast(), len) };
+            if rc == 0 {
+                // SAFETY: listen on our own socket.
+                rc = unsafe { libc::listen(fd, 8) };
+            }
+            (fd, rc, errno())
+        }
+        "listen-unbound" => {
+            let addr = parse_addr(if get(2) == "6" { "::" } else { "0.0.0.0" }, "0");
+            let fd = socket(get(1), &addr);
+            // SAFETY: listen on our own socket.
+            let rc = unsafe { libc::listen(fd, 8) };
+            (fd, rc, errno())
+        }
+        "uring-bind" => {
+            let addr = parse_addr(get(2), get(3));
+            let fd = socket(get(1), &addr);
+            if addr.is_ipv6() {
+                set_v6only(fd, true);
+            }
+            let (ss, len) = sockaddr(&addr);
+            let e = uring(
+                io_uring::opcode::Bind::new(
+                    io_uring::types::Fd(fd),
+                    std::ptr::from_ref(&ss).cast(),
+                    len,
+                )
+                .build(),
+            );
+            (fd, if e == 0 { 0 } else { -1 }, e)
+        }
+        "uring-listen-unbound" => {
+            let addr = parse_addr(if get(1) == "6" { "::" } else { "0.0.0.0" }, "0");
+            let fd = socket("tcp", &addr);
+            let e = uring(io_uring::opcode::Listen::new(io_uring::types::Fd(fd), 8).build());
+            (fd, if e == 0 { 0 } else { -1 }, e)
+        }
+        "socket" => {
+            let (family, ty, proto) = match get(1) {
+                "raw4" => (libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP),
+                "raw6" => (libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_ICMPV6),
+                "sctp" => (libc::AF_INET, libc::SOCK_STREAM, 132),
+                "l2tp" => (libc::AF_INET, libc::SOCK_DGRAM, 115),
+                other => die(&format!("unknown socket kind {other}")),
+            };
+            // SAFETY: plain syscall.
+            let fd = unsafe { libc::socket(family, ty, proto) };
+            (fd, fd.min(0), errno())
+        }
+        "sendrecv" => {
+            let addr = parse_addr(get(1), get(2));
+            let fd = socket("udp", &addr);
+            let (ss, len) = sockaddr(&addr);
+            let msg = b"ping";
+            // SAFETY: valid fd, buffer and sockaddr.
+            let rc = unsafe {
+                libc::sendto(
+                    fd,
+                    msg.as_ptr().cast(),
+                    msg.len(),
+                    0,
+                    std::ptr::from_ref(&ss).cast(),
+                    len,
+                )
+            } as i32;
+            if rc < 0 {
+                (fd, -1, errno())
+            } else {
+                let tv = libc::timeval {
+                    tv_sec: 3,
+                    tv_usec: 0,
+                };
+                let mut buf = [0u8; 64];
+                // SAFETY: plain syscalls on our own socket.
+                let n = unsafe {
+                    libc::setsockopt(
+                        fd,
+                        libc::SOL_SOCKET,
+                        libc::SO_RCVTIMEO,
+                        std::ptr::from_ref(&tv).cast(),
+                        size_of::<libc::timeval>() as u32,
+                    );
+                    libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0)
+                };
+                (fd, if n > 0 { 0 } else { -1 }, errno())
+            }
+        }
+        "premove" => {
+            let addr = parse_addr(get(2), get(3));
+            let fd = socket(get(1), &addr);
+            join_cgroup(get(4));
+            let (ss, len) = sockaddr(&addr);
+            // SAFETY: valid fd and sockaddr.
+            let rc = unsafe { libc::bind(fd, std::ptr::from_ref(&ss).cast(), len) };
+            (fd, rc, errno())
+        }
+        "handoff" => return handoff(op),
         other => die(&format!("unknown operation {other}")),
     };
     // SAFETY: plain syscalls.
@@ -220,7 +342,136 @@ fn run_op(op: &[String]) -> String {
     line
 }
 
+fn join_cgroup(dir: &str) {
+    let procs = format!("{dir}/cgroup.procs");
+    std::fs::write(&procs, "0").unwrap_or_else(|e| die(&format!("joining {procs}: {e}")));
+}
+
+/// Submit one io_uring operation and return its errno (0 on success).
+fn uring(entry: io_uring::squeue::Entry) -> i32 {
+    let mut ring = io_uring::IoUring::new(4).unwrap_or_else(|e| die(&format!("io_uring: {e}")));
+    // SAFETY: the entry's pointers outlive the submission (we wait for it).
+    unsafe {
+        ring.submission()
+            .push(&entry)
+            .unwrap_or_else(|_| die("io_uring queue full"));
+    }
+    ring.submit_and_wait(1)
+        .unwrap_or_else(|e| die(&format!("io_uring submit: {e}")));
+    let cqe = ring
+        .completion()
+        .next()
+        .unwrap_or_else(|| die("no completion"));
+    if cqe.result() == -libc::EINVAL {
+        die("io_uring: operation not supported by this kernel");
+    }
+    (-cqe.result()).max(0)
+}
+
+/// `handoff bind|listen tcp ADDR PORT CGROUP`: see the module docs.
+fn handoff(op: &[String]) -> String {
+    let arg = |i: usize| {
+        op.get(i)
+            .map(String::as_str)
+            .unwrap_or_else(|| die("handoff args"))
+    };
+    let (action, proto, cgroup) = (arg(1), arg(2), arg(5));
+    let addr = parse_addr(arg(3), arg(4));
+    let mut sv = [0i32; 2];
+    // SAFETY: plain syscalls; the child only uses async-signal-safe calls
+    // plus our own helpers before printing and exiting.
+    unsafe {
+        if libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, sv.as_mut_ptr()) != 0 {
+            die("socketpair");
+        }
+        let pid = libc::fork();
+        if pid == 0 {
+            libc::close(sv[0]);
+            join_cgroup(cgroup);
+            // Receive the socket.
+            let mut byte = [0u8; 1];
+            let mut iov = libc::iovec {
+                iov_base: byte.as_mut_ptr().cast(),
+                iov_len: 1,
+            };
+            let mut cbuf = [0u8; 64];
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = cbuf.as_mut_ptr().cast();
+            msg.msg_controllen = cbuf.len();
+            if libc::recvmsg(sv[1], &mut msg, 0) < 0 {
+                die("recvmsg");
+            }
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            if cmsg.is_null() {
+                die("no SCM_RIGHTS");
+            }
+            let fd = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>());
+            let (rc, e) = if action == "bind" {
+                let (ss, len) = sockaddr(&addr);
+                let rc = libc::bind(fd, std::ptr::from_ref(&ss).cast(), len);
+                (rc, errno())
+            } else {
+                let rc = libc::listen(fd, 8);
+                (rc, errno())
+            };
+            let (pid, tid) = (libc::getpid(), gettid());
+            let line = if rc == 0 {
+                format!(
+                    r#"{{"op":"handoff","ok":true,"port":{},"pid":{pid},"tid":{tid}}}"#,
+                    local_port(fd)
+                )
+            } else {
+                format!(
+                    r#"{{"op":"handoff","ok":false,"errno":{e},"error":"{}","pid":{pid},"tid":{tid}}}"#,
+                    errno_name(e)
+                )
+            };
+            emit(&line);
+            libc::_exit(0);
+        }
+        libc::close(sv[1]);
+        let fd = socket(proto, &addr);
+        if action == "listen" {
+            let (ss, len) = sockaddr(&addr);
+            if libc::bind(fd, std::ptr::from_ref(&ss).cast(), len) != 0 {
+                die(&format!(
+                    "handoff: the sender's bind failed: errno {}",
+                    errno()
+                ));
+            }
+        }
+        // Send it with SCM_RIGHTS.
+        let mut byte = [b'x'];
+        let mut iov = libc::iovec {
+            iov_base: byte.as_mut_ptr().cast(),
+            iov_len: 1,
+        };
+        let mut cbuf = [0u8; 64];
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        msg.msg_controllen = libc::CMSG_SPACE(size_of::<i32>() as u32) as usize;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<i32>() as u32) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>(), fd);
+        if libc::sendmsg(sv[0], &msg, 0) < 0 {
+            die("sendmsg");
+        }
+        let mut status = 0;
+        libc::waitpid(pid, &mut status, 0);
+    }
+    String::new()
+}
+
 fn emit(line: &str) {
+    if line.is_empty() {
+        return;
+    }
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}");
     let _ = out.flush();
@@ -280,6 +531,7 @@ fn main() {
     let mut repeat = 1usize;
     let mut interval_ms = 0u64;
     let mut listeners = Vec::new();
+    let mut echoes: Vec<String> = Vec::new();
     let mut netns = false;
     while let Some(a) = args.first().cloned() {
         if !a.starts_with("--") {
@@ -297,6 +549,7 @@ fn main() {
             "--cgroup" => cgroup = Some(val()),
             "--uid" => uid = Some(val().parse::<u32>().unwrap_or_else(|_| die("bad --uid"))),
             "--listen" => listeners.push(val()),
+            "--echo" => echoes.push(val()),
             "--fork" => mode = "fork",
             "--thread" => mode = "thread",
             "--repeat" => repeat = val().parse().unwrap_or_else(|_| die("bad --repeat")),
@@ -314,9 +567,41 @@ fn main() {
         loopback_up();
     }
     let _listeners: Vec<i32> = listeners.iter().map(|s| listen_on(s)).collect();
+    for spec in &echoes {
+        // A UDP responder in its own process, outside the cgroup: answers one
+        // datagram, then exits.
+        let fd = listen_on(spec);
+        // SAFETY: the child only does recvfrom/sendto/_exit.
+        unsafe {
+            if libc::fork() == 0 {
+                let mut buf = [0u8; 64];
+                let mut from: libc::sockaddr_storage = std::mem::zeroed();
+                let mut flen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+                let n = libc::recvfrom(
+                    fd,
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    0,
+                    std::ptr::from_mut(&mut from).cast(),
+                    &mut flen,
+                );
+                if n > 0 {
+                    libc::sendto(
+                        fd,
+                        buf.as_ptr().cast(),
+                        n as usize,
+                        0,
+                        std::ptr::from_ref(&from).cast(),
+                        flen,
+                    );
+                }
+                libc::_exit(0);
+            }
+            libc::close(fd);
+        }
+    }
     if let Some(dir) = &cgroup {
-        let procs = format!("{dir}/cgroup.procs");
-        std::fs::write(&procs, "0").unwrap_or_else(|e| die(&format!("joining {procs}: {e}")));
+        join_cgroup(dir);
     }
     if let Some(uid) = uid {
         // SAFETY: plain syscalls.

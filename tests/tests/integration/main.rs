@@ -17,6 +17,7 @@
 
 mod audit;
 mod bind;
+mod bypass;
 mod cgroups;
 mod cli;
 mod connect;
