@@ -157,11 +157,11 @@ pub fn decide_socket_kind(q: &Query, kind: u8, allow_bit: u8) -> i32 {
     }
     if record.mode == MODE_AUDIT {
         count(COUNTER_AUDITED);
-        report_kind(&q, &gov, record, VERDICT_AUDIT, kind);
+        report_kind(q, &gov, record, VERDICT_AUDIT, kind);
         return ALLOW;
     }
     count(COUNTER_DENIED);
-    report_kind(&q, &gov, record, VERDICT_DENY, kind);
+    report_kind(q, &gov, record, VERDICT_DENY, kind);
     DENY
 }
 

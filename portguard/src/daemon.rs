@@ -34,9 +34,10 @@ use rustc_hash::FxHashMap;
 use crate::{
     cgroupfs::Hierarchy,
     events::{self, EventWriter, LostRecord, PolicyNames},
+    inventory,
     loader::{ListenCheck, LoadOptions, Loaded},
     policy::{
-        CompiledPolicy, ParsedPolicy, PolicyError, Reparse, compile, compile_all,
+        CompiledPolicy, ParsedPolicy, PolicyError, Reparse, classify, compile, compile_all,
         parse_policy_text, read_policy_file, reparse_policy_text,
     },
     rules_map::{Applier, ApplyReport, Capacity, ResolvedCgroup, Target},
@@ -126,6 +127,8 @@ struct Agent {
     parsed: Option<ParsedPolicy>,
     /// The last reload re-parsed one entry; confirm with a full parse.
     verify_pending: bool,
+    /// The governed set changed: list pre-existing sockets again.
+    inventory_pending: bool,
 }
 
 impl Agent {
@@ -228,7 +231,137 @@ impl Agent {
         }
         self.policies = policies;
         self.resolved = resolved;
+        self.inventory_pending = true;
         Ok(report)
+    }
+
+    /// Report every socket held by a governed process that its policy would
+    /// not have allowed (bound before portguard governed it).
+    fn inventory(&mut self, writer: &mut EventWriter) {
+        self.inventory_pending = false;
+        let started = Instant::now();
+        let by_path: FxHashMap<&str, usize> = self
+            .policies
+            .iter()
+            .zip(&self.resolved)
+            .enumerate()
+            .filter(|(_, (_, r))| r.is_some())
+            .map(|(i, (p, _))| (p.cgroup.as_str(), i))
+            .collect();
+        if by_path.is_empty() {
+            return;
+        }
+        // Nearest ancestor-or-self with a policy, by path.
+        let governing = |cg: &str| -> Option<usize> {
+            let mut path = cg;
+            loop {
+                if let Some(i) = by_path.get(path) {
+                    return Some(*i);
+                }
+                if path == "/" || path.is_empty() {
+                    return None;
+                }
+                path = match path.rfind('/') {
+                    Some(0) => "/",
+                    Some(i) => &path[..i],
+                    None => return None,
+                };
+            }
+        };
+        let holders = inventory::holders(|cg| governing(cg).is_some());
+        let netns = inventory::sockets_by_netns(&holders);
+        let index: FxHashMap<(u64, u32), &inventory::DiagSocket> = netns
+            .iter()
+            .flat_map(|(ns, s)| s.sockets.iter().map(move |d| ((*ns, d.inode), d)))
+            .collect();
+        let mut seen = HashSet::new();
+        let (mut checked, mut violations) = (0usize, 0usize);
+        let mut holders = holders;
+        holders.sort_by_key(|h| h.pid);
+        for h in &holders {
+            let Some(pi) = governing(&h.cgroup) else {
+                continue;
+            };
+            let policy = &self.policies[pi];
+            let ephemeral = netns
+                .get(&h.netns.0)
+                .map_or((32768, 60999), |n| n.ephemeral);
+            for inode in &h.inodes {
+                let Ok(inode32) = u32::try_from(*inode) else {
+                    continue;
+                };
+                let Some(d) = index.get(&(h.netns.0, inode32)) else {
+                    continue;
+                };
+                if !seen.insert((h.netns.0, inode32)) || d.connected {
+                    continue;
+                }
+                let proto = if d.protocol == portguard_common::IPPROTO_TCP {
+                    portguard_common::Proto::Tcp
+                } else {
+                    // An unconnected UDP socket on an ephemeral port is most
+                    // likely a client that autobound by sending.
+                    if (ephemeral.0..=ephemeral.1).contains(&d.port) {
+                        continue;
+                    }
+                    portguard_common::Proto::Udp
+                };
+                checked += 1;
+                let view = classify(d.local);
+                let dual = view.unspecified_v6 && !d.v6only;
+                if policy.allows_bound(proto, view, d.port, dual, true) {
+                    continue;
+                }
+                violations += 1;
+                let cgroup_id = std::fs::metadata(self.hierarchy.fs_path(&h.cgroup))
+                    .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+                    .unwrap_or(0);
+                let policy_cgroup_id = self.resolved[pi].map_or(0, |r| r.0);
+                let _ = writer.line(&events::EventRecord {
+                    time: events::format_time(std::time::SystemTime::now()),
+                    verdict: "preexisting",
+                    hook: "inventory",
+                    policy: Some(policy.name.clone()),
+                    cgroup: Some(h.cgroup.clone()),
+                    cgroup_id,
+                    pid: h.pid,
+                    tid: h.pid,
+                    uid: h.uid,
+                    gid: h.gid,
+                    comm: h.comm.clone(),
+                    family: match view.family {
+                        portguard_common::Family::Ipv4 => "ipv4",
+                        portguard_common::Family::Ipv6 => "ipv6",
+                    },
+                    protocol: if proto == portguard_common::Proto::Tcp {
+                        "tcp".to_owned()
+                    } else {
+                        "udp".to_owned()
+                    },
+                    address: d.local.to_string(),
+                    port: d.port,
+                    policy_cgroup: Some(policy.cgroup.clone()),
+                    policy_cgroup_id,
+                    v4_mapped: view.v4_mapped,
+                    dual_stack: dual,
+                    autobind: false,
+                    socket: None,
+                    socket_inode: Some(*inode),
+                });
+            }
+        }
+        let _ = writer.flush();
+        let msg = format!(
+            "daemon: inventory: {checked} listening/bound sockets in {} governed processes checked, \
+             {violations} break their policy (reported as \"preexisting\") in {:?}",
+            holders.len(),
+            started.elapsed()
+        );
+        if violations > 0 {
+            warn!("{msg}");
+        } else {
+            info!("{msg}");
+        }
     }
 
     /// Read, validate and apply the policy file; on any error the previous
@@ -570,6 +703,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
         resolve_cache: FxHashMap::default(),
         parsed: Some(parsed),
         verify_pending: false,
+        inventory_pending: false,
     };
     let started = Instant::now();
     let resolved = agent.resolve(&policies, true);
@@ -657,6 +791,8 @@ async fn serve(
 
     let status = format!("enforcing {} policies", agent.policies.len());
     let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+    // Sockets bound before we governed them.
+    agent.inventory(&mut writer);
     debug!("daemon: ring buffer fd {}", rb.get_ref().as_raw_fd());
 
     loop {
@@ -737,6 +873,9 @@ async fn serve(
         }
         if agent.verify_pending {
             agent.verify();
+        }
+        if agent.inventory_pending {
+            agent.inventory(&mut writer);
         }
     }
     // Whatever is still queued, and a final loss report.

@@ -55,6 +55,9 @@ pub struct EventRecord {
     /// `sock_create` events: the socket kind (`raw`, `sctp`, `l2tp`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub socket: Option<&'static str>,
+    /// `preexisting` events: the socket's inode (as in /proc/<pid>/fd).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub socket_inode: Option<u64>,
 }
 
 /// A report of events the kernel could not queue.
@@ -201,6 +204,7 @@ pub fn enrich(ev: &Event, names: &PolicyNames, cgroups: &mut Hierarchy) -> Event
             SOCK_KIND_L2TP => Some("l2tp"),
             _ => None,
         },
+        socket_inode: None,
     }
 }
 

@@ -9,6 +9,7 @@ pub mod check;
 pub mod cli;
 pub mod daemon;
 pub mod events;
+pub mod inventory;
 pub mod kernel_btf;
 pub mod loader;
 pub mod policy;

@@ -1021,7 +1021,7 @@ mod timing {
         let mut m = FakeMaps::default();
         let mut a = Applier::new(caps);
         for i in 0..4 {
-            let t = std::time::Instant::now();
+            let t = Instant::now();
             let r = a.apply(&mut m, &targets).unwrap();
             eprintln!("apply {i}: {:?} {r:?}", t.elapsed());
             std::thread::sleep(GRACE);

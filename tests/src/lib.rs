@@ -527,6 +527,21 @@ impl Probe {
         serde_json::from_str(line).unwrap_or_else(|e| panic!("bad pgprobe output {text:?}: {e}"))
     }
 
+    /// Run `hold ...`: the operation's result, and a guard that kills the
+    /// process (which keeps its socket until then).
+    pub fn hold(&self, op: &[&str]) -> (ProbeResult, Held) {
+        let mut c = self.command(op);
+        let mut child = c.stdout(Stdio::piped()).spawn().expect("spawning pgprobe");
+        let out = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(out)
+            .read_line(&mut line)
+            .expect("reading pgprobe");
+        let r = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("bad pgprobe output {line:?}: {e}"));
+        (r, Held(child))
+    }
+
     /// Start the operation repeatedly (`repeat` times, `interval_ms` apart);
     /// results stream on the child's stdout.
     pub fn spawn_loop(&self, op: &[&str], repeat: usize, interval_ms: u64) -> Child {
@@ -541,6 +556,16 @@ impl Probe {
             .stdout(Stdio::piped())
             .spawn()
             .expect("spawning pgprobe loop")
+    }
+}
+
+/// A process holding a socket; killed on drop.
+pub struct Held(Child);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 

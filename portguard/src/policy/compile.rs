@@ -128,6 +128,71 @@ pub fn compile_all(policies: &[Policy]) -> Vec<CompiledPolicy> {
         .collect()
 }
 
+/// How the kernel programs see a local address: the family it is judged as
+/// (an IPv4-mapped IPv6 address is IPv4), loopback or not, and whether it is
+/// the IPv6 unspecified address (dual-stack unless IPV6_V6ONLY).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AddrView {
+    pub family: Family,
+    pub class: AddrClass,
+    pub unspecified_v6: bool,
+    pub v4_mapped: bool,
+}
+
+pub fn classify(addr: std::net::IpAddr) -> AddrView {
+    use std::net::IpAddr;
+    let v4 = |a: std::net::Ipv4Addr, mapped: bool| AddrView {
+        family: Family::Ipv4,
+        class: if a.octets()[0] == 127 {
+            AddrClass::Loopback
+        } else {
+            AddrClass::Any
+        },
+        unspecified_v6: false,
+        v4_mapped: mapped,
+    };
+    match addr {
+        IpAddr::V4(a) => v4(a, false),
+        IpAddr::V6(a) => match a.to_ipv4_mapped() {
+            Some(m) => v4(m, true),
+            None => AddrView {
+                family: Family::Ipv6,
+                class: if a.is_loopback() {
+                    AddrClass::Loopback
+                } else {
+                    AddrClass::Any
+                },
+                unspecified_v6: a.is_unspecified(),
+                v4_mapped: false,
+            },
+        },
+    }
+}
+
+impl CompiledPolicy {
+    /// Whether this policy lets a socket hold `port` on `addr` (the kernel's
+    /// bind decision, restated). `dual_stack`: an IPv6 socket on `[::]`
+    /// without IPV6_V6ONLY, which also needs the port for IPv4.
+    /// `ephemeral_ok`: the policy's `ephemeral` also allows the port.
+    pub fn allows_bound(
+        &self,
+        proto: Proto,
+        view: AddrView,
+        port: u16,
+        dual_stack: bool,
+        ephemeral_ok: bool,
+    ) -> bool {
+        let Some(sets) = &self.bind else {
+            return true;
+        };
+        let ok = |set: &PortSet| {
+            set.contains(port) || (ephemeral_ok && set.contains(PortSet::EPHEMERAL))
+        };
+        ok(sets.get(proto, view.family, view.class))
+            && (!dual_stack || ok(sets.get(proto, Family::Ipv4, AddrClass::Any)))
+    }
+}
+
 impl DirectionSets {
     pub fn get(&self, proto: Proto, family: Family, addr: AddrClass) -> &PortSet {
         &self.0[local_slot(proto, family, addr)]
@@ -210,6 +275,31 @@ mod tests {
             "identical rules share one compiled set"
         );
         assert!(!Arc::ptr_eq(&a.0, &all[2].bind.as_ref().unwrap().0));
+    }
+
+    #[test]
+    fn userspace_judgement_matches_the_kernel_rules() {
+        let c = one(
+            "policies: [{name: a, cgroup: /a, bind: [{ports: [80], family: ipv6}, {ports: [53], address: loopback}, {ports: [ephemeral], protocol: udp}]}]",
+        );
+        let at = |s: &str| classify(s.parse().unwrap());
+        assert!(c.allows_bound(Proto::Tcp, at("::"), 80, false, false));
+        assert!(
+            !c.allows_bound(Proto::Tcp, at("::"), 80, true, false),
+            "dual-stack needs IPv4 too"
+        );
+        assert!(!c.allows_bound(Proto::Tcp, at("0.0.0.0"), 80, false, false));
+        assert!(
+            !c.allows_bound(Proto::Tcp, at("::ffff:0.0.0.0"), 80, false, false),
+            "mapped is IPv4"
+        );
+        assert!(c.allows_bound(Proto::Udp, at("127.0.0.1"), 53, false, false));
+        assert!(c.allows_bound(Proto::Udp, at("::ffff:127.0.0.1"), 53, false, false));
+        assert!(!c.allows_bound(Proto::Udp, at("10.0.0.1"), 53, false, false));
+        assert!(c.allows_bound(Proto::Udp, at("10.0.0.1"), 40000, false, true));
+        assert!(!c.allows_bound(Proto::Tcp, at("10.0.0.1"), 40000, false, true));
+        let open = one("policies: [{name: a, cgroup: /a}]");
+        assert!(open.allows_bound(Proto::Tcp, at("0.0.0.0"), 1, false, false));
     }
 
     #[test]

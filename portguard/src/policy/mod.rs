@@ -46,7 +46,7 @@ pub mod yaml;
 
 use std::{fmt, path::PathBuf};
 
-pub use compile::{CompiledPolicy, DirectionSets, compile, compile_all};
+pub use compile::{AddrView, CompiledPolicy, DirectionSets, classify, compile, compile_all};
 pub use parse::{
     ParsedPolicy, Reparse, parse_policy_file, parse_policy_str, parse_policy_text,
     read_policy_file, reparse_policy_text,

@@ -22,6 +22,8 @@
 //!                                  socket (SCM_RIGHTS) and binds / listens
 //!      premove tcp|udp ADDR PORT CGROUP  create the socket, then move into
 //!                                  CGROUP, then bind
+//!      hold tcp|udp ADDR PORT      bind (and listen, for TCP), print the
+//!                                  result, then keep the socket until killed
 //! ```
 //! Setup order: new network namespace with loopback up (--netns), listeners
 //! (created before joining the cgroup, so they are not governed), join the
@@ -322,6 +324,32 @@ fn run_op(op: &[String]) -> String {
             (fd, rc, errno())
         }
         "handoff" => return handoff(op),
+        "hold" => {
+            let addr = parse_addr(get(2), get(3));
+            let fd = socket(get(1), &addr);
+            if addr.is_ipv6() {
+                set_v6only(fd, op.get(4).is_some_and(|s| s == "v6only"));
+            }
+            let (ss, len) = sockaddr(&addr);
+            // SAFETY: valid fd and sockaddr; listen on our own socket.
+            let mut rc = unsafe { libc::bind(fd, std::ptr::from_ref(&ss).cast(), len) };
+            if rc == 0 && get(1) == "tcp" {
+                // SAFETY: as above.
+                rc = unsafe { libc::listen(fd, 8) };
+            }
+            let e = errno();
+            // SAFETY: plain syscalls.
+            let (pid, tid) = (unsafe { libc::getpid() }, gettid());
+            emit(&format!(
+                r#"{{"op":"hold","ok":{},"errno":{e},"port":{},"pid":{pid},"tid":{tid}}}"#,
+                rc == 0,
+                local_port(fd)
+            ));
+            loop {
+                // SAFETY: waiting for a signal.
+                unsafe { libc::pause() };
+            }
+        }
         other => die(&format!("unknown operation {other}")),
     };
     // SAFETY: plain syscalls.

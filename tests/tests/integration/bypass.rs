@@ -261,3 +261,54 @@ fn implicit_source_ports_of_outbound_traffic() {
         "sendmsg4"
     );
 }
+
+/// Sockets bound before the agent started (or before a reload made the
+/// policy stricter) were never judged by a hook: the agent lists the sockets
+/// of every governed process, in their own network namespaces, and reports
+/// each one that breaks its policy with verdict "preexisting".
+#[test]
+fn sockets_bound_before_the_agent_started_are_reported() {
+    require_root!();
+    let cg = Cgroup::new("preexisting");
+    let p = Probe::in_cgroup(&cg);
+    // No agent yet: these binds are not judged by anyone.
+    let (bad_tcp, _h1) = p.hold(&["hold", "tcp", "0.0.0.0", "9999"]);
+    let (bad_udp, _h2) = p.hold(&["hold", "udp", "::", "5353", "v6only"]);
+    let (good, _h3) = p.hold(&["hold", "tcp", "127.0.0.1", "8080"]);
+    for r in [&bad_tcp, &bad_udp, &good] {
+        r.assert_ok();
+    }
+    let mut agent = start(&cg, "    bind: [{ports: [8080]}]\n");
+    let e = agent.wait_event(&[
+        ("pid", json!(bad_tcp.pid)),
+        ("verdict", json!("preexisting")),
+    ]);
+    assert_eq!(e["port"], 9999);
+    assert_eq!(e["protocol"], "tcp");
+    assert_eq!(e["address"], "0.0.0.0");
+    assert_eq!(e["hook"], "inventory");
+    assert_eq!(e["policy"], "svc");
+    assert_eq!(e["cgroup"], cg.rel);
+    assert_eq!(e["comm"], "pgprobe");
+    assert!(e["socket_inode"].as_u64().is_some_and(|i| i > 0));
+    let e = agent.wait_event(&[
+        ("pid", json!(bad_udp.pid)),
+        ("verdict", json!("preexisting")),
+    ]);
+    assert_eq!(e["port"], 5353);
+    assert_eq!(e["protocol"], "udp");
+    assert_eq!(e["family"], "ipv6");
+    assert!(
+        agent
+            .events_matching(&[("pid", json!(good.pid))], Duration::from_millis(300))
+            .is_empty(),
+        "an allowed socket is not reported"
+    );
+    // A reload that no longer allows 8080 reports the held listener.
+    agent.reload(&format!(
+        "policies:\n  - name: svc\n    cgroup: {}\n    bind: [{{ports: [7000]}}]\n",
+        cg.rel
+    ));
+    let e = agent.wait_event(&[("pid", json!(good.pid)), ("verdict", json!("preexisting"))]);
+    assert_eq!(e["port"], 8080);
+}

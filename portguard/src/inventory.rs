@@ -1,0 +1,294 @@
+//! Sockets that were bound before portguard governed them (bound before the
+//! agent started, or before a reload brought their cgroup under a policy):
+//! no hook ever judged them. At start and on every reload the agent lists
+//! them and reports each one that breaks its policy (verdict `preexisting`).
+//!
+//! How: every process is mapped to its governing policy through
+//! `/proc/<pid>/cgroup` (nearest ancestor-or-self with a policy, as the kernel
+//! does); its sockets are the `socket:[inode]` links in `/proc/<pid>/fd`.
+//! Sockets live in network namespaces, so for each namespace the governed
+//! processes use, a thread enters it (setns) and dumps its TCP listeners and
+//! bound UDP sockets with sock_diag (NETLINK_SOCK_DIAG), inode included.
+//! What is judged: TCP listeners, and unconnected UDP sockets with a local
+//! port (a UDP socket a client autobound by sending is skipped when its port
+//! is in the namespace's ephemeral range). A policy's `ephemeral` allows any
+//! kernel-chosen port, as it does at listen time.
+
+use std::{
+    collections::HashMap,
+    fs, io,
+    net::IpAddr,
+    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
+    path::{Path, PathBuf},
+};
+
+use netlink_packet_core::{
+    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+};
+use netlink_packet_sock_diag::{
+    SockDiagMessage,
+    constants::{AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP},
+    inet::{ExtensionFlags, InetRequest, SocketId, StateFlags, nlas::Nla},
+};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
+
+/// One socket as sock_diag reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiagSocket {
+    pub inode: u32,
+    pub protocol: u8,
+    pub local: IpAddr,
+    pub port: u16,
+    pub v6only: bool,
+    /// UDP with a connected peer (a client), or any TCP listener: false.
+    pub connected: bool,
+}
+
+/// A namespace's sockets plus its ephemeral port range.
+#[derive(Clone, Debug, Default)]
+pub struct NetnsSockets {
+    pub sockets: Vec<DiagSocket>,
+    pub ephemeral: (u16, u16),
+}
+
+fn dump_family(family: u8, protocol: u8, states: StateFlags) -> io::Result<Vec<DiagSocket>> {
+    let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    let mut hdr = NetlinkHeader::default();
+    hdr.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    let mut packet = NetlinkMessage::new(
+        hdr,
+        SockDiagMessage::InetRequest(InetRequest {
+            family,
+            protocol,
+            extensions: ExtensionFlags::empty(),
+            states,
+            socket_id: if family == AF_INET {
+                SocketId::new_v4()
+            } else {
+                SocketId::new_v6()
+            },
+        })
+        .into(),
+    );
+    packet.finalize();
+    let mut buf = vec![0; packet.buffer_len()];
+    packet.serialize(&mut buf);
+    socket.send(&buf, 0)?;
+    let mut out = Vec::new();
+    let mut rx = vec![0u8; 1 << 16];
+    loop {
+        let n = socket.recv(&mut &mut rx[..], 0)?;
+        if n == 0 {
+            return Ok(out);
+        }
+        let mut off = 0;
+        while off < n {
+            let msg = <NetlinkMessage<SockDiagMessage>>::deserialize(&rx[off..n])
+                .map_err(io::Error::other)?;
+            let len = msg.header.length as usize;
+            match msg.payload {
+                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
+                    let h = &r.header;
+                    let v6only = r.nlas.iter().any(|n| matches!(n, Nla::SkV6Only(true)));
+                    let peer = h.socket_id.destination_port != 0;
+                    out.push(DiagSocket {
+                        inode: h.inode,
+                        protocol,
+                        local: h.socket_id.source_address,
+                        port: h.socket_id.source_port,
+                        v6only,
+                        connected: protocol == IPPROTO_UDP && peer,
+                    });
+                }
+                NetlinkPayload::Done(_) => return Ok(out),
+                NetlinkPayload::Error(e) => return Err(io::Error::other(format!("{e:?}"))),
+                _ => {}
+            }
+            if len == 0 {
+                break;
+            }
+            off += len;
+        }
+    }
+}
+
+fn ephemeral_range() -> (u16, u16) {
+    fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().filter_map(|v| v.parse::<u16>().ok());
+            Some((it.next()?, it.next()?))
+        })
+        .unwrap_or((32768, 60999))
+}
+
+/// TCP listeners and UDP sockets of the current network namespace.
+pub fn dump_current() -> io::Result<NetnsSockets> {
+    let mut sockets = Vec::new();
+    for family in [AF_INET, AF_INET6] {
+        sockets.extend(dump_family(family, IPPROTO_TCP, StateFlags::LISTEN)?);
+        sockets.extend(dump_family(family, IPPROTO_UDP, StateFlags::all())?);
+    }
+    sockets.retain(|s| s.port != 0);
+    Ok(NetnsSockets {
+        sockets,
+        ephemeral: ephemeral_range(),
+    })
+}
+
+/// [`dump_current`] inside the network namespace at `ns` (a
+/// `/proc/<pid>/ns/net` path), from a thread that enters it.
+pub fn dump_netns(ns: &Path) -> io::Result<NetnsSockets> {
+    let file = fs::File::open(ns)?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: setns on this (scoped, short-lived) thread only.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            dump_current()
+        })
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("sock_diag thread panicked")))
+    })
+}
+
+/// A process that holds sockets, with what identifies it in an event.
+#[derive(Clone, Debug)]
+pub struct Holder {
+    pub pid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub comm: String,
+    /// cgroup path under the cgroup2 mount.
+    pub cgroup: String,
+    /// Socket inodes from /proc/<pid>/fd.
+    pub inodes: Vec<u64>,
+    /// Network namespace inode and a path to open it.
+    pub netns: (u64, PathBuf),
+}
+
+fn cgroup_of(pid: u32) -> Option<String> {
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(str::to_owned)
+}
+
+fn socket_inodes(pid: u32) -> Vec<u64> {
+    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| fs::read_link(e.path()).ok())
+        .filter_map(|t| {
+            t.to_str()?
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+fn ids(pid: u32) -> (u32, u32) {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("Uid:"), field("Gid:"))
+}
+
+/// Processes whose cgroup `governed` says is governed, with their sockets.
+pub fn holders(governed: impl Fn(&str) -> bool) -> Vec<Holder> {
+    let Ok(proc) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in proc.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Some(cgroup) = cgroup_of(pid) else {
+            continue;
+        };
+        if !governed(&cgroup) {
+            continue;
+        }
+        let inodes = socket_inodes(pid);
+        if inodes.is_empty() {
+            continue;
+        }
+        let ns = PathBuf::from(format!("/proc/{pid}/ns/net"));
+        let Ok(meta) = fs::metadata(&ns) else {
+            continue;
+        };
+        let (uid, gid) = ids(pid);
+        out.push(Holder {
+            pid,
+            uid,
+            gid,
+            comm: fs::read_to_string(format!("/proc/{pid}/comm"))
+                .unwrap_or_default()
+                .trim()
+                .to_owned(),
+            cgroup,
+            inodes,
+            netns: (meta.ino(), ns),
+        });
+    }
+    out
+}
+
+/// For each network namespace the holders use, its sockets (namespaces that
+/// cannot be read are skipped with a message).
+pub fn sockets_by_netns(holders: &[Holder]) -> HashMap<u64, NetnsSockets> {
+    let mut out = HashMap::new();
+    for h in holders {
+        if out.contains_key(&h.netns.0) {
+            continue;
+        }
+        match dump_netns(&h.netns.1) {
+            Ok(s) => {
+                out.insert(h.netns.0, s);
+            }
+            Err(e) => log::warn!(
+                "inventory: cannot list the sockets of network namespace {} (via pid {}): {e}",
+                h.netns.0,
+                h.pid
+            ),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Needs no privilege: sock_diag dumps of one's own namespace work for
+    /// any user. Finds a listener this test opens.
+    #[test]
+    fn finds_a_listener_of_this_process() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let s = dump_current().unwrap();
+        let found = s
+            .sockets
+            .iter()
+            .find(|d| d.port == port && d.protocol == IPPROTO_TCP)
+            .expect("listener listed");
+        assert_eq!(found.local, "127.0.0.1".parse::<IpAddr>().unwrap());
+        assert!(found.inode != 0);
+        let me = socket_inodes(std::process::id());
+        assert!(me.contains(&u64::from(found.inode)), "{me:?}");
+        assert!(s.ephemeral.0 > 0 && s.ephemeral.0 < s.ephemeral.1);
+    }
+}
