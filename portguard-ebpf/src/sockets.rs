@@ -118,6 +118,25 @@ fn kread<T: Copy>(addr: u64, zero: T) -> Option<T> {
     (rc == 0).then_some(v)
 }
 
+/// The bound local address of a listening socket, IPv4.
+#[inline(always)]
+fn set_local_v4(q: &mut Query, ip: u32) {
+    q.addr_class = v4_class(ip, false);
+    q.addr = v4_bytes(ip);
+}
+
+/// The bound local address of a listening socket, IPv6 (an IPv4-mapped
+/// address is judged as IPv4; `[::]` without IPV6_V6ONLY is dual-stack).
+#[inline(always)]
+fn set_local_v6(q: &mut Query, w: [u32; 4], v6only: bool) {
+    let v6 = classify6(w, false);
+    q.family = v6.family;
+    q.addr_class = v6.class;
+    q.addr = v6.addr;
+    q.flags = v6.flags;
+    q.dual_stack = v6.unspecified && !v6only;
+}
+
 /// Judge a socket that is about to listen, or whose connection is about to
 /// be accepted, against the caller's bind policy.
 #[inline(always)]
@@ -178,17 +197,13 @@ fn judge_listening(socket: *const c_void, hook: Hook) -> i32 {
             q.dual_stack = !v6only;
         }
     } else if family == AF_INET {
-        let ip = kread::<u32>(sk + u64::from(off.skc_rcv_saddr), 0).unwrap_or(0);
-        q.addr_class = v4_class(ip, false);
-        q.addr = v4_bytes(ip);
+        set_local_v4(
+            &mut q,
+            kread::<u32>(sk + u64::from(off.skc_rcv_saddr), 0).unwrap_or(0),
+        );
     } else {
         let w = kread::<[u32; 4]>(sk + u64::from(off.skc_v6_rcv_saddr), [0; 4]).unwrap_or([0; 4]);
-        let v6 = classify6(w, false);
-        q.family = v6.family;
-        q.addr_class = v6.class;
-        q.addr = v6.addr;
-        q.flags = v6.flags;
-        q.dual_stack = v6.unspecified && !v6only;
+        set_local_v6(&mut q, w, v6only);
     }
     if q.dual_stack {
         q.flags |= EVENT_F_DUAL_STACK;
@@ -244,8 +259,7 @@ pub fn portguard_sock_ops(ctx: SockOpsContext) -> u32 {
         report_only: true,
     };
     if family == u32::from(AF_INET) {
-        q.addr_class = v4_class(ip4, false);
-        q.addr = v4_bytes(ip4);
+        set_local_v4(&mut q, ip4);
     } else if family == u32::from(AF_INET6) {
         // SAFETY: as above.
         let w = unsafe {
@@ -256,12 +270,7 @@ pub fn portguard_sock_ops(ctx: SockOpsContext) -> u32 {
                 read_volatile(core::ptr::addr_of!((*ops).local_ip6[3])),
             ]
         };
-        let v6 = classify6(w, false);
-        q.family = v6.family;
-        q.addr_class = v6.class;
-        q.addr = v6.addr;
-        q.flags = v6.flags;
-        q.dual_stack = v6.unspecified && sk_v6only(sk.cast::<c_void>()) != Some(true);
+        set_local_v6(&mut q, w, sk_v6only(sk.cast::<c_void>()) == Some(true));
         if q.dual_stack {
             q.flags |= EVENT_F_DUAL_STACK;
         }

@@ -159,19 +159,3 @@ mod tests {
         assert!(o.sk_protocol > 100, "{o:?}");
     }
 }
-
-#[cfg(test)]
-mod probe_ids {
-    #[test]
-    #[ignore = "manual probe"]
-    fn print_lsm_ids() {
-        let btf = btf_rs::Btf::from_file(super::VMLINUX_BTF).unwrap();
-        for n in [
-            "bpf_lsm_socket_listen",
-            "bpf_lsm_socket_accept",
-            "tcp_v4_connect",
-        ] {
-            eprintln!("{n} = {:?}", btf.resolve_ids_by_name(n).unwrap());
-        }
-    }
-}

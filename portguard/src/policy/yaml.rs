@@ -322,28 +322,3 @@ mod tests {
         assert!(e.message.contains("one YAML document"), "{}", e.message);
     }
 }
-
-#[cfg(test)]
-mod timing {
-    #[test]
-    #[ignore = "manual timing aid"]
-    fn time_parse() {
-        let text = std::fs::read_to_string("/tmp/rl.yaml").unwrap();
-        let t = std::time::Instant::now();
-        let mut n = 0;
-        for ev in saphyr_parser::Parser::new_from_str(&text) {
-            ev.unwrap();
-            n += 1;
-        }
-        eprintln!("raw events: {n} in {:?}", t.elapsed());
-        let t = std::time::Instant::now();
-        let _ = super::parse(&text).unwrap();
-        eprintln!("tree: {:?}", t.elapsed());
-        let t = std::time::Instant::now();
-        let f = crate::policy::parse_policy_str(&text).unwrap();
-        eprintln!("validated: {:?}", t.elapsed());
-        let t = std::time::Instant::now();
-        let c: Vec<_> = f.policies.iter().map(crate::policy::compile).collect();
-        eprintln!("compiled {}: {:?}", c.len(), t.elapsed());
-    }
-}

@@ -147,6 +147,29 @@ fn local_port(fd: i32) -> u16 {
     }
 }
 
+/// `bind(fd, addr)`; returns the syscall's result.
+fn bind_to(fd: i32, addr: &SocketAddr) -> i32 {
+    let (ss, len) = sockaddr(addr);
+    // SAFETY: valid fd and sockaddr.
+    unsafe { libc::bind(fd, std::ptr::from_ref(&ss).cast(), len) }
+}
+
+/// `sendto(fd, msg, addr)`; returns the syscall's result.
+fn send_to(fd: i32, msg: &[u8], addr: &SocketAddr) -> isize {
+    let (ss, len) = sockaddr(addr);
+    // SAFETY: valid fd, buffer and sockaddr.
+    unsafe {
+        libc::sendto(
+            fd,
+            msg.as_ptr().cast(),
+            msg.len(),
+            0,
+            std::ptr::from_ref(&ss).cast(),
+            len,
+        )
+    }
+}
+
 fn gettid() -> i64 {
     // SAFETY: plain syscall.
     unsafe { libc::syscall(libc::SYS_gettid) }
@@ -169,16 +192,12 @@ fn run_op(op: &[String]) -> String {
             if a1.is_ipv6() {
                 set_v6only(fd, true);
             }
-            let (ss, len) = sockaddr(&a1);
-            // SAFETY: valid fd and sockaddr.
-            let rc = unsafe { libc::bind(fd, std::ptr::from_ref(&ss).cast(), len) };
+            let rc = bind_to(fd, &a1);
             if rc == 0 {
                 (fd, rc, 0)
             } else {
                 first_errno = errno();
-                let (ss, len) = sockaddr(&a2);
-                // SAFETY: valid fd and sockaddr.
-                let rc = unsafe { libc::bind(fd, std::ptr::from_ref(&ss).cast(), len) };
+                let rc = bind_to(fd, &a2);
                 (fd, rc, errno())
             }
         }
@@ -188,9 +207,7 @@ fn run_op(op: &[String]) -> String {
             if addr.is_ipv6() {
                 set_v6only(fd, op.get(4).is_some_and(|s| s == "v6only"));
             }
-            let (ss, len) = sockaddr(&addr);
-            // SAFETY: valid fd and sockaddr.
-            let rc = unsafe { libc::bind(fd, std::ptr::from_ref(&ss).cast(), len) };
+            let rc = bind_to(fd, &addr);
             (fd, rc, errno())
         }
         "connect" => {
@@ -204,19 +221,7 @@ fn run_op(op: &[String]) -> String {
         "sendto" => {
             let addr = parse_addr(get(1), get(2));
             let fd = socket("udp", &addr);
-            let (ss, len) = sockaddr(&addr);
-            let msg = b"portguard";
-            // SAFETY: valid fd, buffer and sockaddr.
-            let rc = unsafe {
-                libc::sendto(
-                    fd,
-                    msg.as_ptr().cast(),
-                    msg.len(),
-                    0,
-                    std::ptr::from_ref(&ss).cast(),
-                    len,
-                )
-            } as i32;
+            let rc = send_to(fd, b"portguard", &addr) as i32;
             (fd, rc.min(0), errno())
         }
         "listen" => {
@@ -225,9 +230,7 @@ fn run_op(op: &[String]) -> String {
             if addr.is_ipv6() {
                 set_v6only(fd, true);
             }
-            let (ss, len) = sockaddr(&addr);
-            // SAFETY: valid fd and sockaddr.
-            let mut rc = unsafe { libc::bind(fd, std::ptr::from_ref(&ss).cast(), len) };
+            let mut rc = bind_to(fd, &addr);
             if rc == 0 {
                 // SAFETY: listen on our own socket.
                 rc = unsafe { libc::listen(fd, 8) };
@@ -279,19 +282,7 @@ fn run_op(op: &[String]) -> String {
         "sendrecv" => {
             let addr = parse_addr(get(1), get(2));
             let fd = socket("udp", &addr);
-            let (ss, len) = sockaddr(&addr);
-            let msg = b"ping";
-            // SAFETY: valid fd, buffer and sockaddr.
-            let rc = unsafe {
-                libc::sendto(
-                    fd,
-                    msg.as_ptr().cast(),
-                    msg.len(),
-                    0,
-                    std::ptr::from_ref(&ss).cast(),
-                    len,
-                )
-            } as i32;
+            let rc = send_to(fd, b"ping", &addr) as i32;
             if rc < 0 {
                 (fd, -1, errno())
             } else {
@@ -318,9 +309,7 @@ fn run_op(op: &[String]) -> String {
             let addr = parse_addr(get(2), get(3));
             let fd = socket(get(1), &addr);
             join_cgroup(get(4));
-            let (ss, len) = sockaddr(&addr);
-            // SAFETY: valid fd and sockaddr.
-            let rc = unsafe { libc::bind(fd, std::ptr::from_ref(&ss).cast(), len) };
+            let rc = bind_to(fd, &addr);
             (fd, rc, errno())
         }
         "handoff" => return handoff(op),

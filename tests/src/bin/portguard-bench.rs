@@ -382,26 +382,18 @@ fn overhead(
                     ));
                     vs_landlock.push(p / l);
                 }
-                let sb = min(&measure_once(&cg, s, "bind", iters, reps));
-                let bb = min(&measure_once(
-                    &base_cg,
-                    Setup::Baseline,
-                    "bind",
-                    iters,
-                    reps,
-                ));
+                // The setup, then its baseline right after.
+                let pair = |op: &str| {
+                    let setup = min(&measure_once(&cg, s, op, iters, reps));
+                    let base = min(&measure_once(&base_cg, Setup::Baseline, op, iters, reps));
+                    (setup, base)
+                };
+                let (sb, bb) = pair("bind");
                 bind[i].push(sb);
                 bind[b].push(bb);
                 bind_ratio[i].push(sb / bb);
                 if s != Setup::Landlock {
-                    let sc = min(&measure_once(&cg, s, "connect", iters, reps));
-                    let bc = min(&measure_once(
-                        &base_cg,
-                        Setup::Baseline,
-                        "connect",
-                        iters,
-                        reps,
-                    ));
+                    let (sc, bc) = pair("connect");
                     connect[i].push(sc);
                     connect[b].push(bc);
                     connect_ratio[i].push(sc / bc);
