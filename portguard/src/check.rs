@@ -40,7 +40,10 @@ pub fn check(path: &Path, hierarchy: Option<&Hierarchy>) -> Result<CheckReport, 
     let mut warnings = Vec::new();
     for (i, p) in file.policies.iter().enumerate() {
         let field = format!("policies[{i}].cgroup");
-        if p.cgroup == "/" {
+        let Some(cgroup) = p.selector.cgroup_path() else {
+            continue;
+        };
+        if cgroup == "/" {
             warnings.push(Diagnostic {
                 line: p.line,
                 column: 1,
@@ -53,7 +56,7 @@ pub fn check(path: &Path, hierarchy: Option<&Hierarchy>) -> Result<CheckReport, 
             });
         }
         if let Some(h) = hierarchy {
-            match h.resolve(&p.cgroup) {
+            match h.resolve(cgroup) {
                 Ok(Some(_)) => {}
                 Ok(None) => warnings.push(Diagnostic {
                     line: p.line,
@@ -62,7 +65,7 @@ pub fn check(path: &Path, hierarchy: Option<&Hierarchy>) -> Result<CheckReport, 
                     message: format!(
                         "cgroup {} does not exist (yet) under {}; policy `{}` will govern it as \
                          soon as it appears",
-                        p.cgroup,
+                        cgroup,
                         h.root().display(),
                         p.name
                     ),

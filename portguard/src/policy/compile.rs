@@ -9,7 +9,7 @@ use portguard_common::{
 use rustc_hash::FxHashMap;
 
 use super::{
-    AddressSel, FamilySel, Mode, Policy, PortSet, PortSpec, ProtocolSel, Rule, SocketKind,
+    AddressSel, FamilySel, Mode, Policy, PortSet, PortSpec, ProtocolSel, Rule, Selector, SocketKind,
 };
 
 /// The eight sets of one direction, indexed like the kernel's record
@@ -23,7 +23,7 @@ pub struct DirectionSets(pub Arc<[PortSet; 8]>);
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CompiledPolicy {
     pub name: String,
-    pub cgroup: String,
+    pub selector: Selector,
     pub mode: Mode,
     /// `None`: unrestricted.
     pub bind: Option<DirectionSets>,
@@ -87,7 +87,7 @@ fn compile_rules(rules: &[Rule]) -> DirectionSets {
 pub fn compile(policy: &Policy) -> CompiledPolicy {
     CompiledPolicy {
         name: policy.name.clone(),
-        cgroup: policy.cgroup.clone(),
+        selector: policy.selector.clone(),
         mode: policy.mode,
         bind: policy.bind.as_deref().map(compile_rules),
         connect: policy.connect.as_deref().map(compile_rules),
@@ -119,7 +119,7 @@ pub fn compile_all(policies: &[Policy]) -> Vec<CompiledPolicy> {
         .iter()
         .map(|p| CompiledPolicy {
             name: p.name.clone(),
-            cgroup: p.cgroup.clone(),
+            selector: p.selector.clone(),
             mode: p.mode,
             bind: p.bind.as_deref().map(&mut get),
             connect: p.connect.as_deref().map(&mut get),

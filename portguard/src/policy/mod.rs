@@ -9,7 +9,9 @@
 //! ```yaml
 //! policies:
 //!   - name: web                     # unique
-//!     cgroup: /portguard-demo/web   # path under the cgroup2 mount
+//!     cgroup: /portguard-demo/web   # path under the cgroup2 mount; or instead:
+//!     # pods: {namespace: payments, labels: {app: web}, container: server}
+//!     # unit: nginx.service
 //!     mode: enforce                 # enforce | audit   (default enforce)
 //!     bind:                         # absent: binds unrestricted; [] : every bind denied
 //!       - ports: [8080, "9000-9099"]
@@ -59,12 +61,101 @@ pub struct PolicyFile {
     pub policies: Vec<Policy>,
 }
 
+/// Which cgroups a policy governs: exactly one kind per policy.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Selector {
+    /// A cgroup path: normalised absolute path under the cgroup2 mount.
+    Cgroup(String),
+    /// Kubernetes pods on this node (resolved through the CRI runtime).
+    Pods(PodSelector),
+    /// A systemd unit (its cgroup, wherever it is in the hierarchy).
+    Unit(String),
+}
+
+/// `pods:` selector. Empty fields match everything.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PodSelector {
+    /// Exact namespace or a glob (`team-*`).
+    pub namespace: Option<String>,
+    /// Every label must match exactly.
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Only this container of each matching pod (else the whole pod).
+    pub container: Option<String>,
+}
+
+impl PodSelector {
+    pub fn matches_pod(
+        &self,
+        namespace: &str,
+        labels: &std::collections::BTreeMap<String, String>,
+    ) -> bool {
+        let ns_ok = self
+            .namespace
+            .as_deref()
+            .is_none_or(|pat| glob::Pattern::new(pat).is_ok_and(|g| g.matches(namespace)));
+        ns_ok && self.labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+    }
+}
+
+impl Selector {
+    /// The cgroup path of a `cgroup:` selector.
+    pub fn cgroup_path(&self) -> Option<&str> {
+        match self {
+            Self::Cgroup(p) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// Higher wins when several policies select the same cgroup: an explicit
+    /// cgroup path, then a unit, then pod selectors, the more constrained the
+    /// higher (a container name, an exact namespace over a glob, each label).
+    pub fn specificity(&self) -> u32 {
+        match self {
+            Self::Cgroup(_) => 1000,
+            Self::Unit(_) => 900,
+            Self::Pods(p) => {
+                let ns = match p.namespace.as_deref() {
+                    None => 0,
+                    Some(n) if n.contains(['*', '?', '[']) => 20,
+                    Some(_) => 40,
+                };
+                100 + if p.container.is_some() { 400 } else { 0 } + ns + p.labels.len() as u32
+            }
+        }
+    }
+
+    /// Human description for messages.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Cgroup(p) => format!("cgroup {p}"),
+            Self::Unit(u) => format!("unit {u}"),
+            Self::Pods(p) => {
+                let mut parts = Vec::new();
+                if let Some(n) = &p.namespace {
+                    parts.push(format!("namespace {n}"));
+                }
+                for (k, v) in &p.labels {
+                    parts.push(format!("{k}={v}"));
+                }
+                if let Some(c) = &p.container {
+                    parts.push(format!("container {c}"));
+                }
+                if parts.is_empty() {
+                    "every pod".to_owned()
+                } else {
+                    format!("pods with {}", parts.join(", "))
+                }
+            }
+        }
+    }
+}
+
 /// One `policies:` entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Policy {
     pub name: String,
-    /// Normalised absolute path under the cgroup2 mount (`/a/b`, or `/`).
-    pub cgroup: String,
+    /// Which cgroups the policy governs.
+    pub selector: Selector,
     pub mode: Mode,
     /// `None`: binds unrestricted. `Some([])`: every bind denied.
     pub bind: Option<Vec<Rule>>,

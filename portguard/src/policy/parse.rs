@@ -6,8 +6,8 @@ use std::{collections::HashMap, path::Path};
 use portguard_common::MAX_CGROUP_DEPTH;
 
 use super::{
-    AddressSel, Diagnostic, FamilySel, Mode, Policy, PolicyError, PolicyFile, PortSpec,
-    ProtocolSel, Rule, SocketKind,
+    AddressSel, Diagnostic, FamilySel, Mode, PodSelector, Policy, PolicyError, PolicyFile,
+    PortSpec, ProtocolSel, Rule, Selector, SocketKind,
     yaml::{self, Kind, Node},
 };
 
@@ -253,7 +253,7 @@ fn reparse_entry(
     if prev.file.policies.iter().enumerate().any(|(i, p)| {
         i != k
             && (name.as_deref() == Some(p.name.as_str())
-                || cgroup.as_deref() == Some(p.cgroup.as_str()))
+                || cgroup.as_deref() == p.selector.cgroup_path())
     }) {
         return None;
     }
@@ -264,6 +264,15 @@ fn reparse_entry(
         return Some(Err(cx.diags));
     }
     let policy = policy?;
+    if prev
+        .file
+        .policies
+        .iter()
+        .enumerate()
+        .any(|(i, p)| i != k && p.selector == policy.selector)
+    {
+        return None;
+    }
     let lines_old = old[prefix..old_end].iter().filter(|b| **b == b'\n').count() as isize;
     let lines_new = new[prefix..new.len() - suffix]
         .iter()
@@ -299,7 +308,17 @@ struct Cx {
 }
 
 const TOP_KEYS: &[&str] = &["policies"];
-const POLICY_KEYS: &[&str] = &["name", "cgroup", "mode", "bind", "connect", "allow_sockets"];
+const POLICY_KEYS: &[&str] = &[
+    "name",
+    "cgroup",
+    "pods",
+    "unit",
+    "mode",
+    "bind",
+    "connect",
+    "allow_sockets",
+];
+const POD_KEYS: &[&str] = &["namespace", "labels", "container"];
 const RULE_KEYS: &[&str] = &["ports", "protocol", "family", "address"];
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -454,6 +473,24 @@ impl Cx {
                     cgroups.insert(cg, (item.pos.line, name));
                 }
             }
+            if let Some(p) = &policy
+                && !matches!(p.selector, Selector::Cgroup(_))
+                && let Some(other) = file.policies.iter().find(|o| o.selector == p.selector)
+            {
+                self.err(
+                    item,
+                    &field,
+                    format!(
+                        "policy `{}` selects the same as `{}` (line {}): {}; make one of them more \
+                         specific, a cgroup can take only one policy",
+                        p.name,
+                        other.name,
+                        other.line,
+                        p.selector.describe()
+                    ),
+                );
+                duplicate = true;
+            }
             if let Some(p) = policy
                 && !duplicate
             {
@@ -468,7 +505,7 @@ impl Cx {
         let entries = self.mapping(node, field, POLICY_KEYS)?;
         let before = self.diags.len();
         let mut name = None;
-        let mut cgroup = None;
+        let mut selectors: Vec<Selector> = Vec::new();
         let mut mode = Mode::Enforce;
         let mut bind = None;
         let mut connect = None;
@@ -477,7 +514,9 @@ impl Cx {
             let f = join(field, key);
             match *key {
                 "name" => name = self.name(v, &f),
-                "cgroup" => cgroup = self.cgroup(v, &f),
+                "cgroup" => selectors.extend(self.cgroup(v, &f).map(Selector::Cgroup)),
+                "pods" => selectors.extend(self.pods(v, &f).map(Selector::Pods)),
+                "unit" => selectors.extend(self.unit(v, &f).map(Selector::Unit)),
                 "mode" => {
                     if let Some(m) =
                         self.choice(v, &f, &[("enforce", Mode::Enforce), ("audit", Mode::Audit)])
@@ -494,19 +533,35 @@ impl Cx {
         if !entries.iter().any(|(k, _, _)| *k == "name") {
             self.err(node, field, "missing key `name`");
         }
-        if !entries.iter().any(|(k, _, _)| *k == "cgroup") {
+        let given: Vec<&str> = entries
+            .iter()
+            .map(|(k, _, _)| *k)
+            .filter(|k| matches!(*k, "cgroup" | "pods" | "unit"))
+            .collect();
+        if given.is_empty() {
             self.err(
                 node,
                 field,
-                "missing key `cgroup` (the cgroup path the policy governs, e.g. /system.slice/web.service)",
+                "missing key `cgroup` (the cgroup path the policy governs, e.g. /system.slice/web.service), \
+                 or a `pods:` or `unit:` selector instead",
+            );
+        } else if given.len() > 1 {
+            self.err(
+                node,
+                field,
+                format!(
+                    "a policy takes exactly one of `cgroup`, `pods` or `unit`; found {}",
+                    given.join(" and ")
+                ),
             );
         }
         if self.diags.len() != before {
             return None;
         }
+        let [selector] = <[Selector; 1]>::try_from(selectors).ok()?;
         Some(Policy {
             name: name?,
-            cgroup: cgroup?,
+            selector,
             mode,
             bind,
             connect,
@@ -574,6 +629,71 @@ impl Cx {
                 None
             }
         }
+    }
+
+    fn unit(&mut self, node: &Node, field: &str) -> Option<String> {
+        let unit = self.string(node, field)?;
+        let ok = unit.contains('.')
+            && !unit.contains('/')
+            && unit.chars().all(|c| {
+                c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@' | ':' | '\\')
+            });
+        if !ok {
+            self.err(
+                node,
+                field,
+                format!(
+                    "invalid unit name `{unit}`: expected a systemd unit such as nginx.service"
+                ),
+            );
+            return None;
+        }
+        Some(unit)
+    }
+
+    fn pods(&mut self, node: &Node, field: &str) -> Option<PodSelector> {
+        let entries = self.mapping(node, field, POD_KEYS)?;
+        let before = self.diags.len();
+        let mut sel = PodSelector::default();
+        for (key, _k, v) in &entries {
+            let f = join(field, key);
+            match *key {
+                "namespace" => {
+                    if let Some(ns) = self.string(v, &f) {
+                        if let Err(e) = glob::Pattern::new(&ns) {
+                            self.err(v, &f, format!("invalid namespace pattern `{ns}`: {e}"));
+                        } else {
+                            sel.namespace = Some(ns);
+                        }
+                    }
+                }
+                "labels" => {
+                    let Kind::Map(labels) = &v.kind else {
+                        self.err(
+                            v,
+                            &f,
+                            format!(
+                                "expected a mapping such as {{app: web}}, found {}",
+                                v.type_name()
+                            ),
+                        );
+                        continue;
+                    };
+                    for (lk, lv) in labels {
+                        let (Kind::Scalar { text: k, .. }, Kind::Scalar { text: val, .. }) =
+                            (&lk.kind, &lv.kind)
+                        else {
+                            self.err(lk, &f, "label keys and values must be strings");
+                            continue;
+                        };
+                        sel.labels.insert(k.clone(), val.clone());
+                    }
+                }
+                "container" => sel.container = self.string(v, &f),
+                _ => {}
+            }
+        }
+        (self.diags.len() == before).then_some(sel)
     }
 
     fn rules(&mut self, node: &Node, field: &str, dir: Dir) -> Option<Vec<Rule>> {
@@ -834,7 +954,7 @@ policies:
         assert_eq!(f.policies.len(), 1);
         let p = &f.policies[0];
         assert_eq!(p.name, "web");
-        assert_eq!(p.cgroup, "/portguard-demo/web");
+        assert_eq!(p.selector, Selector::Cgroup("/portguard-demo/web".into()));
         assert_eq!(p.mode, Mode::Enforce);
         let bind = p.bind.as_ref().unwrap();
         assert_eq!(
