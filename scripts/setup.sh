@@ -3,8 +3,10 @@
 #
 # Installs only what is missing:
 #   - Debian packages: LLVM dev libraries matching the nightly rustc's LLVM major
-#     (needed to build bpf-linker), plus the tools the integration tests use
-#     (iproute2 for network namespaces, runc + busybox-static for real containers).
+#     (needed to build bpf-linker), protobuf-compiler (the CRI client's protos),
+#     plus what the integration tests use: iproute2, containerd + runc +
+#     CNI plugins + busybox-static for real containers.
+#   - kubernetes-validate (PyPI), which validates deploy/ manifests offline.
 #   - the nightly toolchain's rust-src component (for -Z build-std=core).
 #   - bpf-linker, built against that same LLVM major, into ~/.cargo/bin (cached
 #     across runs: skipped when `bpf-linker --version` already works and reports
@@ -42,7 +44,7 @@ LLVM_MAJOR="$(rustc +nightly -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')"
 [ -n "$LLVM_MAJOR" ] || { log "cannot read LLVM version from rustc +nightly -vV"; exit 1; }
 log "nightly rustc uses LLVM $LLVM_MAJOR"
 
-want_pkgs=(iproute2 runc busybox-static jq)
+want_pkgs=(iproute2 runc busybox-static jq protobuf-compiler containerd containernetworking-plugins)
 need_linker=1
 if command -v bpf-linker >/dev/null 2>&1 && bpf-linker --version >/dev/null 2>&1; then
   # bpf-linker links LLVM dynamically or statically; check the LLVM it was built for.
@@ -72,6 +74,12 @@ if [ "$need_linker" = 1 ]; then
   echo "$LLVM_MAJOR" > "$HOME/.cargo/.bpf-linker-llvm"
 else
   log "bpf-linker present: $(bpf-linker --version 2>&1 | head -1)"
+fi
+
+# kubernetes-validate validates the Kubernetes manifests offline in the tests.
+if ! python3 -c 'import kubernetes_validate' >/dev/null 2>&1; then
+  log "installing kubernetes-validate (PyPI)"
+  python3 -m pip install --quiet kubernetes-validate
 fi
 
 # 3. bpffs (the agent pins nothing yet, but bpftool and later features expect it).

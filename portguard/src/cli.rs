@@ -92,6 +92,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH", default_value = "/", value_parser = parse_cgroup_arg)]
     pub attach_cgroup: String,
 
+    /// The node's CRI runtime socket, used to resolve `pods:` selectors and to
+    /// name the pod and container in events (containerd:
+    /// /run/containerd/containerd.sock, CRI-O: /var/run/crio/crio.sock).
+    #[arg(long, value_name = "PATH", default_value = crate::cri::DEFAULT_SOCKET)]
+    pub cri_socket: PathBuf,
+
     /// Exit with an error instead of a warning when the BPF LSM checks of
     /// listen() and accept() cannot be loaded (BPF LSM not active, or no
     /// kernel BTF).
@@ -134,6 +140,7 @@ impl Cli {
                     rescan_interval: a.rescan_interval,
                     attach_cgroup: a.attach_cgroup,
                     require_lsm: a.require_lsm,
+                    cri_socket: a.cri_socket,
                 })?;
                 Ok(ExitCode::SUCCESS)
             }

@@ -33,13 +33,15 @@ use rustc_hash::FxHashMap;
 
 use crate::{
     cgroupfs::Hierarchy,
+    cri,
     events::{self, EventWriter, LostRecord, PolicyNames},
     inventory,
     loader::{ListenCheck, LoadOptions, Loaded},
     policy::{
-        CompiledPolicy, ParsedPolicy, PolicyError, Reparse, classify, compile, compile_all,
-        parse_policy_text, read_policy_file, reparse_policy_text,
+        CompiledPolicy, ParsedPolicy, PolicyError, Reparse, Selector, classify, compile,
+        compile_all, parse_policy_text, read_policy_file, reparse_policy_text,
     },
+    resolve::{self, Governed, Resolution, TreeIndex},
     rules_map::{Applier, ApplyReport, Capacity, ResolvedCgroup, Target},
 };
 
@@ -61,7 +63,16 @@ pub struct RunOptions {
     pub attach_cgroup: String,
     /// Refuse to run without the BPF LSM checks (listen/accept).
     pub require_lsm: bool,
+    /// The CRI runtime's socket (for `pods:` policies and event identities).
+    pub cri_socket: PathBuf,
 }
+
+/// Name of the built-in policy holding pod cgroups the runtime has not
+/// identified yet (see `Agent::identifying_policy`).
+pub const IDENTIFYING: &str = "portguard:identifying";
+
+/// How long a pod cgroup may stay unidentified before it is released.
+const IDENTIFY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// True when `cgroup` is `scope` or below it.
 fn within(cgroup: &str, scope: &str) -> bool {
@@ -76,8 +87,10 @@ fn within(cgroup: &str, scope: &str) -> bool {
 fn check_scope(policies: &[CompiledPolicy], scope: &str) -> anyhow::Result<()> {
     let outside: Vec<String> = policies
         .iter()
-        .filter(|p| !within(&p.cgroup, scope))
-        .map(|p| format!("`{}` ({})", p.name, p.cgroup))
+        .filter_map(|p| {
+            let path = p.selector.cgroup_path()?;
+            (!within(path, scope)).then(|| format!("`{}` ({path})", p.name))
+        })
         .collect();
     if outside.is_empty() {
         return Ok(());
@@ -107,8 +120,6 @@ impl Registry {
     }
 }
 
-type Resolution = Vec<Option<(u64, u32)>>;
-
 struct Agent {
     policy_path: PathBuf,
     attach_cgroup: String,
@@ -123,6 +134,21 @@ struct Agent {
     /// event about watched cgroup directories and refreshed by each rescan,
     /// so a reload only stat()s paths it has not seen.
     resolve_cache: FxHashMap<String, Option<(u64, u32)>>,
+    /// Where pods, containers and units are (for `pods:`/`unit:` policies).
+    tree: Option<TreeIndex>,
+    /// The CRI runtime's last answer (kept when it stops answering).
+    cri: Option<cri::Snapshot>,
+    /// Ties already logged (each once).
+    ties_logged: HashSet<String>,
+    /// Pod cgroups the runtime cannot identify yet (their sandbox is being
+    /// created), governed by the built-in `portguard:identifying` policy.
+    quarantine: Vec<Governed>,
+    /// When each unidentified pod cgroup was first seen (uid -> time).
+    unidentified_since: HashMap<String, Instant>,
+    /// The quarantine the last `resolve` computed, applied by `apply`.
+    next_quarantine: Vec<Governed>,
+    /// When inotify last reported a cgroup directory change (for timing).
+    last_cgroup_event: Option<Instant>,
     /// The policy file as last applied (for incremental reloads).
     parsed: Option<ParsedPolicy>,
     /// The last reload re-parsed one entry; confirm with a full parse.
@@ -132,29 +158,135 @@ struct Agent {
 }
 
 impl Agent {
-    /// Resolve each policy's cgroup. `fresh`: stat every path (rescans);
-    /// otherwise reuse what the cache knows (reloads).
+    fn needs_tree(policies: &[CompiledPolicy]) -> bool {
+        policies
+            .iter()
+            .any(|p| !matches!(p.selector, Selector::Cgroup(_)))
+    }
+
+    /// Index the parts of the cgroup tree the selectors need: the kubelet's
+    /// pod hierarchies for `pods:`, the whole tree only for `unit:`.
+    fn scan_tree(&self, policies: &[CompiledPolicy]) -> TreeIndex {
+        let root = self.hierarchy.root();
+        if policies
+            .iter()
+            .any(|p| matches!(p.selector, Selector::Unit(_)))
+        {
+            return TreeIndex::scan(root, &["/"], 16);
+        }
+        TreeIndex::scan(root, &["/kubepods", "/kubepods.slice"], 4)
+    }
+
+    /// A pod selector's policy cannot be chosen before the runtime lists the
+    /// pod's labels, which happens only once its sandbox exists. Meanwhile its
+    /// cgroup (holding at most the pause process) is governed by this
+    /// built-in policy that allows no bind and no connect, so no container can
+    /// start ahead of its policy.
+    fn identifying_policy() -> CompiledPolicy {
+        compile(&crate::policy::Policy {
+            name: IDENTIFYING.to_owned(),
+            selector: Selector::Cgroup("/".to_owned()),
+            mode: crate::policy::Mode::Enforce,
+            bind: Some(Vec::new()),
+            connect: Some(Vec::new()),
+            allow_sockets: Vec::new(),
+            line: 0,
+        })
+    }
+
+    /// Pod cgroups to hold in quarantine: unknown to the runtime, governed
+    /// by no policy, first seen less than [`IDENTIFY_TIMEOUT`] ago. Only while
+    /// the runtime answers (a wrong --cri-socket must not block every pod).
+    fn compute_quarantine(&mut self, resolved: &Resolution) -> Vec<Governed> {
+        let (Some(tree), Some(cri)) = (&self.tree, &self.cri) else {
+            self.unidentified_since.clear();
+            return Vec::new();
+        };
+        let unknown = tree.unknown_pods(cri);
+        self.unidentified_since
+            .retain(|uid, _| unknown.contains(uid));
+        let governed: HashSet<u64> = resolved.iter().flatten().map(|g| g.id).collect();
+        let mut out = Vec::new();
+        for uid in unknown {
+            let since = *self
+                .unidentified_since
+                .entry(uid.clone())
+                .or_insert_with(Instant::now);
+            if since.elapsed() > IDENTIFY_TIMEOUT {
+                continue;
+            }
+            let Some(path) = tree.pods.get(&uid) else {
+                continue;
+            };
+            if let Ok(Some((id, level))) = self.hierarchy.resolve(path)
+                && !governed.contains(&id)
+            {
+                out.push(Governed {
+                    path: path.clone(),
+                    id,
+                    level,
+                });
+            }
+        }
+        out
+    }
+
+    fn needs_cri(policies: &[CompiledPolicy]) -> bool {
+        policies
+            .iter()
+            .any(|p| matches!(p.selector, Selector::Pods(_)))
+    }
+
+    /// Resolve each policy's cgroups. `fresh`: stat every path and re-index
+    /// the tree (rescans); otherwise reuse what is known (reloads).
     fn resolve(&mut self, policies: &[CompiledPolicy], fresh: bool) -> Resolution {
         if fresh {
             self.resolve_cache.clear();
         }
-        let mut out = Vec::with_capacity(policies.len());
-        for p in policies {
-            if let Some(r) = self.resolve_cache.get(&p.cgroup) {
-                out.push(*r);
-                continue;
-            }
-            let r = match self.hierarchy.resolve(&p.cgroup) {
-                Ok(r) => r,
-                Err(e) => {
-                    warn!("daemon: policy `{}`: {e}; treating it as absent", p.name);
-                    None
-                }
-            };
-            self.resolve_cache.insert(p.cgroup.clone(), r);
-            out.push(r);
+        if Self::needs_tree(policies) && (fresh || self.tree.is_none()) {
+            self.tree = Some(self.scan_tree(policies));
         }
-        out
+        let empty = TreeIndex::default();
+        let tree = self.tree.as_ref().unwrap_or(&empty);
+        let hierarchy = &self.hierarchy;
+        let cache = &mut self.resolve_cache;
+        let mut stat = |path: &str| -> Option<(u64, u32)> {
+            if let Some(r) = cache.get(path) {
+                return *r;
+            }
+            let r = hierarchy.resolve(path).unwrap_or_else(|e| {
+                warn!("daemon: {e}; treating it as absent");
+                None
+            });
+            cache.insert(path.to_owned(), r);
+            r
+        };
+        let (mut resolved, ties) = resolve::resolve(policies, tree, self.cri.as_ref(), &mut stat);
+        for t in ties {
+            if self.ties_logged.insert(t.clone()) {
+                error!("daemon: {t}");
+            }
+        }
+        self.next_quarantine = if Self::needs_cri(policies) {
+            self.compute_quarantine(&resolved)
+        } else {
+            Vec::new()
+        };
+        // Pod and unit selectors may find cgroups outside --attach-cgroup,
+        // where the programs do not run: say so and leave them out.
+        for (p, govs) in policies.iter().zip(&mut resolved) {
+            govs.retain(|g| {
+                let ok = within(&g.path, &self.attach_cgroup);
+                if !ok {
+                    warn!(
+                        "daemon: policy `{}` selects {}, outside --attach-cgroup {}: not enforced there",
+                        p.name, g.path, self.attach_cgroup
+                    );
+                }
+                ok
+            });
+        }
+        resolved
     }
 
     /// Apply `policies` with `resolved` cgroups; on success they become current.
@@ -171,7 +303,9 @@ impl Agent {
             }
             ids.push(id);
         }
-        let targets: Vec<Target<'_>> = policies
+        let identifying = Self::identifying_policy();
+        let quarantine = std::mem::take(&mut self.next_quarantine);
+        let mut targets: Vec<Target<'_>> = policies
             .iter()
             .zip(&resolved)
             .zip(&ids)
@@ -179,52 +313,111 @@ impl Agent {
                 policy_id: *id,
                 policy: p,
                 cgroups: r
-                    .map(|(id, level)| ResolvedCgroup { id, level })
-                    .into_iter()
+                    .iter()
+                    .map(|g| ResolvedCgroup {
+                        id: g.id,
+                        level: g.level,
+                    })
                     .collect(),
             })
             .collect();
-        let report = self.applier.apply(&mut self.loaded.maps, &targets)?;
+        if !quarantine.is_empty() {
+            let id = self.registry.id(IDENTIFYING);
+            if self.names.get(id).is_none() {
+                self.names.insert(id, IDENTIFYING);
+            }
+            targets.push(Target {
+                policy_id: id,
+                policy: &identifying,
+                cgroups: quarantine
+                    .iter()
+                    .map(|g| ResolvedCgroup {
+                        id: g.id,
+                        level: g.level,
+                    })
+                    .collect(),
+            });
+        }
+        let report = match self.applier.apply(&mut self.loaded.maps, &targets) {
+            Ok(r) => r,
+            Err(e) => {
+                self.next_quarantine = quarantine;
+                return Err(e);
+            }
+        };
+        for g in &quarantine {
+            if !self.quarantine.iter().any(|q| q.id == g.id) {
+                let age = self.last_cgroup_event.map(|t| t.elapsed());
+                info!(
+                    "daemon: pod cgroup {} held by `{IDENTIFYING}` until the runtime lists its pod \
+                     ({} after the cgroup change was noticed)",
+                    g.path,
+                    age.map_or("?".to_owned(), |a| format!(
+                        "{:.1} ms",
+                        a.as_secs_f64() * 1e3
+                    ))
+                );
+            }
+            self.hierarchy.remember(g.id, &g.path);
+        }
+        for g in &self.quarantine {
+            if !quarantine.iter().any(|q| q.id == g.id) {
+                let age = self.last_cgroup_event.map(|t| t.elapsed());
+                info!(
+                    "daemon: pod cgroup {} identified by the runtime; released from \
+                     `{IDENTIFYING}` to its policy, if any ({} after the last cgroup change)",
+                    g.path,
+                    age.map_or("?".to_owned(), |a| format!(
+                        "{:.1} ms",
+                        a.as_secs_f64() * 1e3
+                    ))
+                );
+            }
+        }
+        self.quarantine = quarantine;
         // Per-policy lines for small policy sets; large ones get the summary.
         let level = if policies.len() <= 50 {
             log::Level::Info
         } else {
             log::Level::Debug
         };
-        let previous: HashMap<&str, Option<u64>> = self
+        let previous: HashMap<&str, &Vec<Governed>> = self
             .policies
             .iter()
             .zip(&self.resolved)
-            .map(|(q, r)| (q.name.as_str(), r.map(|x| x.0)))
+            .map(|(q, r)| (q.name.as_str(), r))
             .collect();
         for (p, r) in policies.iter().zip(&resolved) {
-            let before = previous.get(p.name.as_str()).copied();
-            match (r, before) {
-                (Some((id, _)), b) if b.flatten() != Some(*id) => {
-                    self.hierarchy.remember(*id, &p.cgroup);
+            let before = previous.get(p.name.as_str());
+            for g in r {
+                self.hierarchy.remember(g.id, &g.path);
+                if before.is_none_or(|b| !b.iter().any(|x| x.id == g.id)) {
                     log::log!(
                         level,
-                        "daemon: policy `{}` ({}) governs cgroup {} (id {id})",
+                        "daemon: policy `{}` ({}) governs cgroup {} (id {})",
                         p.name,
                         p.mode.as_str(),
-                        p.cgroup
+                        g.path,
+                        g.id
                     );
                 }
-                (None, Some(Some(_))) => log::log!(
+            }
+            match (r.is_empty(), before) {
+                (true, Some(b)) if !b.is_empty() => log::log!(
                     if level == log::Level::Info {
                         log::Level::Warn
                     } else {
                         level
                     },
-                    "daemon: policy `{}`: cgroup {} disappeared; it will be governed again when it reappears",
+                    "daemon: policy `{}` ({}) governs no cgroup any more; it applies again when one appears",
                     p.name,
-                    p.cgroup
+                    p.selector.describe()
                 ),
-                (None, None) => log::log!(
+                (true, None) => log::log!(
                     level,
-                    "daemon: policy `{}`: cgroup {} does not exist yet; it will be governed as soon as it appears",
+                    "daemon: policy `{}`: {} does not exist yet; it will be governed as soon as it appears",
                     p.name,
-                    p.cgroup
+                    p.selector.describe()
                 ),
                 _ => {}
             }
@@ -240,23 +433,21 @@ impl Agent {
     fn inventory(&mut self, writer: &mut EventWriter) {
         self.inventory_pending = false;
         let started = Instant::now();
-        let by_path: FxHashMap<&str, usize> = self
-            .policies
+        let by_path: FxHashMap<&str, (usize, &Governed)> = self
+            .resolved
             .iter()
-            .zip(&self.resolved)
             .enumerate()
-            .filter(|(_, (_, r))| r.is_some())
-            .map(|(i, (p, _))| (p.cgroup.as_str(), i))
+            .flat_map(|(i, govs)| govs.iter().map(move |g| (g.path.as_str(), (i, g))))
             .collect();
         if by_path.is_empty() {
             return;
         }
         // Nearest ancestor-or-self with a policy, by path.
-        let governing = |cg: &str| -> Option<usize> {
+        let governing = |cg: &str| -> Option<(usize, &Governed)> {
             let mut path = cg;
             loop {
-                if let Some(i) = by_path.get(path) {
-                    return Some(*i);
+                if let Some(found) = by_path.get(path) {
+                    return Some(*found);
                 }
                 if path == "/" || path.is_empty() {
                     return None;
@@ -279,7 +470,7 @@ impl Agent {
         let mut holders = holders;
         holders.sort_by_key(|h| h.pid);
         for h in &holders {
-            let Some(pi) = governing(&h.cgroup) else {
+            let Some((pi, gov)) = governing(&h.cgroup) else {
                 continue;
             };
             let policy = &self.policies[pi];
@@ -316,7 +507,7 @@ impl Agent {
                 let cgroup_id = std::fs::metadata(self.hierarchy.fs_path(&h.cgroup))
                     .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
                     .unwrap_or(0);
-                let policy_cgroup_id = self.resolved[pi].map_or(0, |r| r.0);
+                let policy_cgroup_id = gov.id;
                 let _ = writer.line(&events::EventRecord {
                     time: events::format_time(std::time::SystemTime::now()),
                     verdict: "preexisting",
@@ -340,13 +531,14 @@ impl Agent {
                     },
                     address: d.local.to_string(),
                     port: d.port,
-                    policy_cgroup: Some(policy.cgroup.clone()),
+                    policy_cgroup: Some(gov.path.clone()),
                     policy_cgroup_id,
                     v4_mapped: view.v4_mapped,
                     dual_stack: dual,
                     autobind: false,
                     socket: None,
                     socket_inode: Some(*inode),
+                    identity: events::WorkloadIdentity::of(&h.cgroup, self.cri.as_ref()),
                 });
             }
         }
@@ -491,7 +683,7 @@ impl Agent {
         let policies = std::mem::take(&mut self.policies);
         let resolved = self.resolve(&policies, true);
         self.policies = policies;
-        if resolved == self.resolved {
+        if resolved == self.resolved && self.next_quarantine == self.quarantine {
             return;
         }
         match self.apply(self.policies.clone(), resolved) {
@@ -506,15 +698,62 @@ impl Agent {
     /// Directories to watch so that each policy cgroup's appearance,
     /// disappearance or re-creation is noticed.
     fn cgroup_watch_dirs(&self) -> HashSet<PathBuf> {
-        // Many policies share a parent (e.g. every pod under one QoS slice):
-        // look each distinct parent up once.
-        let parents: HashSet<PathBuf> = self
-            .policies
-            .iter()
-            .map(|p| self.hierarchy.fs_path(&p.cgroup))
-            .filter(|p| p != self.hierarchy.root())
-            .filter_map(|p| p.parent().map(Path::to_path_buf))
-            .collect();
+        let root = self.hierarchy.root();
+        // Directories whose children matter: the parent of each `cgroup:`
+        // path (it may appear, vanish, be recreated), the kubelet's QoS
+        // levels for `pods:` (new pods), pod cgroups for `container:`
+        // selectors (new containers), and the units' parents.
+        let mut parents: HashSet<PathBuf> = HashSet::new();
+        for (p, govs) in self.policies.iter().zip(&self.resolved) {
+            match &p.selector {
+                Selector::Cgroup(path) => {
+                    let fs = self.hierarchy.fs_path(path);
+                    if fs != root
+                        && let Some(parent) = fs.parent()
+                    {
+                        parents.insert(parent.to_path_buf());
+                    }
+                }
+                Selector::Pods(sel) => {
+                    for d in [
+                        "/kubepods",
+                        "/kubepods/besteffort",
+                        "/kubepods/burstable",
+                        "/kubepods.slice",
+                        "/kubepods.slice/kubepods-besteffort.slice",
+                        "/kubepods.slice/kubepods-burstable.slice",
+                    ] {
+                        parents.insert(self.hierarchy.fs_path(d).join("x"));
+                    }
+                    // New containers of governed pods (to learn their names
+                    // early), and of every pod for `container:` selectors.
+                    parents.extend(
+                        govs.iter()
+                            .map(|g| self.hierarchy.fs_path(&g.path).join("x")),
+                    );
+                    if sel.container.is_some()
+                        && let Some(tree) = &self.tree
+                    {
+                        parents.extend(
+                            tree.pods
+                                .values()
+                                .map(|p| self.hierarchy.fs_path(p).join("x")),
+                        );
+                    }
+                }
+                Selector::Unit(_) => {
+                    parents.insert(self.hierarchy.fs_path("/system.slice"));
+                    parents.extend(govs.iter().filter_map(|g| {
+                        self.hierarchy
+                            .fs_path(&g.path)
+                            .parent()
+                            .map(Path::to_path_buf)
+                    }));
+                }
+            }
+        }
+        // Each wanted directory, or its nearest existing ancestor (whose
+        // new child may be on the way to it).
         let mut dirs = HashSet::new();
         for parent in parents {
             let mut dir = Some(parent);
@@ -523,7 +762,7 @@ impl Agent {
                     dirs.insert(d);
                     break;
                 }
-                if d == self.hierarchy.root() {
+                if d == root {
                     break;
                 }
                 dir = d.parent().map(Path::to_path_buf);
@@ -591,6 +830,7 @@ impl Watcher {
             if self.dirs.contains_key(d) {
                 continue;
             }
+            debug!("daemon: watching {}", d.display());
             match watches.add(
                 d,
                 WatchMask::CREATE
@@ -623,6 +863,7 @@ impl Watcher {
             let mut any = false;
             for ev in events {
                 any = true;
+                debug!("daemon: inotify {:?} {:?}", ev.mask, ev.name);
                 if Some(&ev.wd) == self.file_wd.as_ref() {
                     if ev.name.is_some() && ev.name.map(std::ffi::OsStr::to_owned) == self.file_name
                     {
@@ -701,10 +942,42 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
         registry: Registry::default(),
         names: PolicyNames::default(),
         resolve_cache: FxHashMap::default(),
+        tree: None,
+        cri: None,
+        ties_logged: HashSet::new(),
+        quarantine: Vec::new(),
+        unidentified_since: HashMap::new(),
+        next_quarantine: Vec::new(),
+        last_cgroup_event: None,
         parsed: Some(parsed),
         verify_pending: false,
         inventory_pending: false,
     };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("building the tokio runtime")?;
+    if Agent::needs_cri(&policies) {
+        match rt.block_on(async {
+            let mut c = cri::connect(&opts.cri_socket).await?;
+            cri::snapshot(&mut c, &opts.cri_socket).await
+        }) {
+            Ok(snap) => {
+                info!(
+                    "daemon: CRI runtime at {}: {} pods, {} containers",
+                    opts.cri_socket.display(),
+                    snap.pods.len(),
+                    snap.containers.len()
+                );
+                agent.cri = Some(snap);
+            }
+            Err(e) => warn!(
+                "daemon: {e}; `pods:` policies govern nothing until the runtime answers (retried on \
+                 every cgroup change and every --rescan-interval); events carry cgroup-path \
+                 identities only"
+            ),
+        }
+    }
     let started = Instant::now();
     let resolved = agent.resolve(&policies, true);
     let report = agent
@@ -753,10 +1026,6 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
         hooks.join(", ")
     );
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("building the tokio runtime")?;
     let result = rt.block_on(serve(&mut agent, events, writer, &opts));
     info!("daemon: detaching programs; enforcement stops");
     let _ = sd_notify::notify(&[NotifyState::Stopping]);
@@ -787,6 +1056,14 @@ async fn serve(
     let mut lost_seen = 0u64;
     let mut pending_reload: Option<Instant> = None;
     let mut pending_rescan: Option<Instant> = None;
+    // CRI refresh: when due, since when a pod cgroup exists that the runtime
+    // does not list yet, and the event that started the wait (for timing).
+    let mut cri_due: Option<Instant> = None;
+    let mut cri_miss_since: Option<Instant> = None;
+    let mut cri_link = CriLink {
+        client: None,
+        last_event_refresh: None,
+    };
     let mut write_error_logged = false;
 
     let status = format!("enforcing {} policies", agent.policies.len());
@@ -796,10 +1073,10 @@ async fn serve(
     debug!("daemon: ring buffer fd {}", rb.get_ref().as_raw_fd());
 
     loop {
-        let deadline = match (pending_reload, pending_rescan) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let deadline = [pending_reload, pending_rescan, cri_due]
+            .into_iter()
+            .flatten()
+            .min();
         let sleep = async {
             match deadline {
                 Some(d) => tokio::time::sleep_until(d.into()).await,
@@ -809,7 +1086,7 @@ async fn serve(
         tokio::select! {
             guard = rb.readable_mut() => {
                 let mut guard = guard.context("polling the ring buffer")?;
-                let n = drain_events(guard.get_inner_mut(), agent, &mut writer);
+                let n = drain_events(guard.get_inner_mut(), agent, &mut writer, &mut cri_link, &opts.cri_socket).await;
                 guard.clear_ready();
                 if n > 0 {
                     match writer.flush() {
@@ -836,6 +1113,12 @@ async fn serve(
                 let changes = watcher.drain();
                 if changes.iter().any(|c| matches!(c, Change::Cgroups)) {
                     agent.resolve_cache.clear();
+                    agent.last_cgroup_event = Some(Instant::now());
+                    if Agent::needs_cri(&agent.policies) {
+                        // A new pod or container cgroup: ask the runtime now.
+                        cri_due = Some(Instant::now());
+                        cri_miss_since.get_or_insert_with(Instant::now);
+                    }
                 }
                 for change in changes {
                     let now = Instant::now();
@@ -850,6 +1133,37 @@ async fn serve(
             }
             () = sleep => {
                 let now = Instant::now();
+                if cri_due.is_some_and(|d| d <= now) {
+                    cri_due = None;
+                    let t = Instant::now();
+                    refresh_cri(agent, &mut cri_link.client, &opts.cri_socket).await;
+                    let asked = t.elapsed();
+                    agent.rescan();
+                    debug!(
+                        "daemon: CRI refresh took {asked:?} ({} pods), rescan {:?}",
+                        agent.cri.as_ref().map_or(0, |c| c.pods.len()),
+                        t.elapsed() - asked
+                    );
+                    let waiting = agent
+                        .tree
+                        .as_ref()
+                        .zip(agent.cri.as_ref())
+                        .map_or(0, |(t, c)| t.unknown_pods(c).len());
+                    match cri_miss_since {
+                        // A pod cgroup the runtime does not list yet: its
+                        // sandbox is being created; ask again shortly.
+                        Some(since) if waiting > 0 && since.elapsed() < Duration::from_secs(10) => {
+                            cri_due = Some(Instant::now() + Duration::from_millis(10));
+                        }
+                        Some(since) => {
+                            debug!("daemon: pod cgroups settled {:?} after the first change", since.elapsed());
+                            cri_miss_since = None;
+                        }
+                        None => {}
+                    }
+                    watcher.set_dirs(&agent.cgroup_watch_dirs());
+                    continue;
+                }
                 if pending_reload.is_some_and(|d| d <= now) {
                     pending_reload = None;
                     pending_rescan = None;
@@ -864,6 +1178,9 @@ async fn serve(
                 }
             }
             _ = rescan_tick.tick() => {
+                if Agent::needs_cri(&agent.policies) {
+                    cri_due = Some(Instant::now());
+                }
                 agent.rescan();
                 watcher.set_dirs(&agent.cgroup_watch_dirs());
             }
@@ -879,27 +1196,103 @@ async fn serve(
         }
     }
     // Whatever is still queued, and a final loss report.
-    drain_events(rb.get_mut(), agent, &mut writer);
+    drain_events(
+        rb.get_mut(),
+        agent,
+        &mut writer,
+        &mut cri_link,
+        &opts.cri_socket,
+    )
+    .await;
     report_lost(agent, &mut writer, &mut lost_seen);
     writer.flush().context("flushing the event log")?;
     Ok(())
 }
 
-fn drain_events(
+/// Ask the CRI runtime for its pods and containers; keep the last answer
+/// when it does not reply.
+async fn refresh_cri(
+    agent: &mut Agent,
+    client: &mut Option<
+        k8s_cri::v1::runtime_service_client::RuntimeServiceClient<tonic::transport::Channel>,
+    >,
+    socket: &Path,
+) {
+    if client.is_none() {
+        match cri::connect(socket).await {
+            Ok(c) => *client = Some(c),
+            Err(e) => {
+                debug!("daemon: {e}");
+                return;
+            }
+        }
+    }
+    let Some(c) = client.as_mut() else {
+        return;
+    };
+    match cri::snapshot(c, socket).await {
+        Ok(s) => {
+            if agent.cri.is_none() {
+                info!("daemon: CRI runtime at {} answers", socket.display());
+            }
+            agent.cri = Some(s);
+        }
+        Err(e) => {
+            warn!("daemon: {e}; keeping its last answer");
+            *client = None;
+        }
+    }
+}
+
+/// The CRI client and when it was last asked because of an unknown name.
+struct CriLink {
+    client: Option<
+        k8s_cri::v1::runtime_service_client::RuntimeServiceClient<tonic::transport::Channel>,
+    >,
+    last_event_refresh: Option<Instant>,
+}
+
+async fn drain_events(
     rb: &mut aya::maps::RingBuf<aya::maps::MapData>,
     agent: &mut Agent,
     writer: &mut EventWriter,
+    cri_link: &mut CriLink,
+    cri_socket: &Path,
 ) -> usize {
-    let mut n = 0;
+    let mut records = Vec::new();
     while let Some(item) = rb.next() {
-        n += 1;
         match events::decode(&item) {
-            Ok(ev) => {
-                let record = events::enrich(&ev, &agent.names, &mut agent.hierarchy);
-                let _ = writer.line(&record);
-            }
+            Ok(ev) => records.push(events::enrich(&ev, &agent.names, &mut agent.hierarchy)),
             Err(e) => warn!("daemon: skipping a malformed event: {e}"),
         }
+    }
+    // Name pods and containers the runtime's last snapshot does not know
+    // yet (started since): ask it again, at most every 100 ms.
+    if agent.cri.is_some() || Agent::needs_cri(&agent.policies) {
+        let unknown = records.iter().any(|r| {
+            r.cgroup.as_deref().is_some_and(|p| {
+                let id = events::WorkloadIdentity::of(p, agent.cri.as_ref());
+                (id.k8s_pod_uid.is_some() && id.k8s_pod.is_none())
+                    || (id.container_id.is_some()
+                        && id.container_name.is_none()
+                        && id.k8s_pod_uid.is_some())
+            })
+        });
+        if unknown
+            && cri_link
+                .last_event_refresh
+                .is_none_or(|t| t.elapsed() > Duration::from_millis(100))
+        {
+            cri_link.last_event_refresh = Some(Instant::now());
+            refresh_cri(agent, &mut cri_link.client, cri_socket).await;
+        }
+    }
+    let n = records.len();
+    for mut record in records {
+        if let Some(path) = &record.cgroup {
+            record.identity = events::WorkloadIdentity::of(path, agent.cri.as_ref());
+        }
+        let _ = writer.line(&record);
     }
     n
 }

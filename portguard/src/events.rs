@@ -58,6 +58,62 @@ pub struct EventRecord {
     /// `preexisting` events: the socket's inode (as in /proc/<pid>/fd).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub socket_inode: Option<u64>,
+    /// Who the caller is: pod, container or unit, when known.
+    #[serde(flatten)]
+    pub identity: WorkloadIdentity,
+}
+
+/// Kubernetes or systemd identity of the caller's cgroup. Fields are left
+/// out when unknown.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct WorkloadIdentity {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub k8s_namespace: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub k8s_pod: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub k8s_pod_uid: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+    /// `cri` when names came from the CRI runtime; `cgroup-path` when only
+    /// the cgroup path was available (pod uid, container id, unit).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity_source: Option<&'static str>,
+}
+
+impl WorkloadIdentity {
+    /// What the cgroup path says, completed by the runtime's snapshot.
+    pub fn of(path: &str, cri: Option<&crate::cri::Snapshot>) -> Self {
+        let id = crate::identity::parse(path);
+        if id.pod_uid.is_none() && id.container_id.is_none() && id.unit.is_none() {
+            return Self::default();
+        }
+        let pod = id
+            .pod_uid
+            .as_deref()
+            .and_then(|uid| cri.and_then(|c| c.pod_by_uid(uid)));
+        let container = id
+            .container_id
+            .as_deref()
+            .and_then(|cid| cri.and_then(|c| c.container(cid)));
+        Self {
+            k8s_namespace: pod.map(|p| p.namespace.clone()),
+            k8s_pod: pod.map(|p| p.name.clone()),
+            k8s_pod_uid: id.pod_uid.clone(),
+            container_name: container.map(|c| c.name.clone()),
+            container_id: id.container_id.clone(),
+            unit: id.unit.clone(),
+            identity_source: Some(if pod.is_some() || container.is_some() {
+                "cri"
+            } else {
+                "cgroup-path"
+            }),
+        }
+    }
 }
 
 /// A report of events the kernel could not queue.
@@ -205,6 +261,7 @@ pub fn enrich(ev: &Event, names: &PolicyNames, cgroups: &mut Hierarchy) -> Event
             _ => None,
         },
         socket_inode: None,
+        identity: WorkloadIdentity::default(),
     }
 }
 

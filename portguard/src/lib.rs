@@ -7,10 +7,13 @@
 pub mod cgroupfs;
 pub mod check;
 pub mod cli;
+pub mod cri;
 pub mod daemon;
 pub mod events;
+pub mod identity;
 pub mod inventory;
 pub mod kernel_btf;
 pub mod loader;
 pub mod policy;
+pub mod resolve;
 pub mod rules_map;
