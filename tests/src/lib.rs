@@ -28,6 +28,8 @@ use std::{
 
 use serde_json::Value;
 
+pub mod containerd;
+
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 /// The cgroup2 mount point of this host.
@@ -70,6 +72,17 @@ impl Cgroup {
             rel,
             created: false,
         }
+    }
+
+    /// A cgroup at an arbitrary path (created now, removed on drop).
+    pub fn existing(fs: PathBuf, rel: &str) -> Self {
+        let c = Self {
+            fs,
+            rel: rel.to_owned(),
+            created: true,
+        };
+        c.create();
+        c
     }
 
     /// A child cgroup (created now). Dropping the parent also removes it.

@@ -21,5 +21,6 @@ mod bypass;
 mod cgroups;
 mod cli;
 mod connect;
+mod cri;
 mod events;
 mod reload;
