@@ -742,7 +742,16 @@ impl Agent {
                     }
                 }
                 Selector::Unit(_) => {
-                    parents.insert(self.hierarchy.fs_path("/system.slice"));
+                    // Units start in slices: the root's children and every
+                    // slice (system.slice, user.slice/user-1000.slice, ...).
+                    parents.insert(root.join("x"));
+                    if let Some(tree) = &self.tree {
+                        parents.extend(
+                            tree.slices
+                                .iter()
+                                .map(|s| self.hierarchy.fs_path(s).join("x")),
+                        );
+                    }
                     parents.extend(govs.iter().filter_map(|g| {
                         self.hierarchy
                             .fs_path(&g.path)

@@ -45,6 +45,8 @@ pub struct TreeIndex {
     pub containers: HashMap<String, String>,
     /// Unit name -> its cgroup paths.
     pub units: HashMap<String, Vec<String>>,
+    /// systemd slices outside Kubernetes (where units start).
+    pub slices: Vec<String>,
 }
 
 impl TreeIndex {
@@ -53,6 +55,9 @@ impl TreeIndex {
         let mut idx = Self::default();
         for path in paths {
             let id = identity::parse(path);
+            if path.ends_with(".slice") && !path.starts_with("/kubepods") {
+                idx.slices.push(path.to_owned());
+            }
             if let Some(cid) = id.container_id {
                 idx.containers.entry(cid).or_insert_with(|| path.to_owned());
             } else if let Some(uid) = id.pod_uid {
@@ -209,6 +214,8 @@ mod tests {
             format!("/kubepods/burstable/pod{U2}"),
             "/system.slice".to_owned(),
             "/system.slice/nginx.service".to_owned(),
+            "/user.slice/user-1000.slice".to_owned(),
+            "/kubepods.slice".to_owned(),
         ];
         let tree = TreeIndex::from_paths(paths.iter().map(String::as_str));
         let pod = |uid: &str, ns: &str, app: &str| Pod {
@@ -266,6 +273,11 @@ mod tests {
         assert_eq!(
             tree.units["nginx.service"],
             vec!["/system.slice/nginx.service"]
+        );
+        // Slices where units may start; the kubelet's are not unit homes.
+        assert_eq!(
+            tree.slices,
+            vec!["/system.slice", "/user.slice/user-1000.slice"]
         );
         assert!(tree.unknown_pods(&cri).is_empty());
         let mut fewer = cri.clone();

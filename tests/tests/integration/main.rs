@@ -14,6 +14,8 @@
 //!   reload on file change.
 //! - `events`: every event field, and lost events counted and reported.
 //! - `cli`: `check`, `--help`, and `run` refusing bad input.
+//! - `cri`: `pods:` selectors against a private containerd through the CRI.
+//! - `units`: `unit:` selectors on a bare host.
 
 mod audit;
 mod bind;
@@ -24,3 +26,4 @@ mod connect;
 mod cri;
 mod events;
 mod reload;
+mod units;
