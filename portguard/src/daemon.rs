@@ -874,7 +874,12 @@ impl Watcher {
                 any = true;
                 debug!("daemon: inotify {:?} {:?}", ev.mask, ev.name);
                 if Some(&ev.wd) == self.file_wd.as_ref() {
-                    if ev.name.is_some() && ev.name.map(std::ffi::OsStr::to_owned) == self.file_name
+                    // The file itself, or a Kubernetes ConfigMap/Secret
+                    // volume's `..data` symlink, which the kubelet swaps
+                    // (rename) on every update while `policy.yaml ->
+                    // ..data/policy.yaml` stays as it is.
+                    if let Some(name) = ev.name
+                        && (Some(name) == self.file_name.as_deref() || name == "..data")
                     {
                         out.push(Change::PolicyFile);
                     }

@@ -227,6 +227,22 @@ impl Agent {
         let dir = tempfile::tempdir().expect("tempdir");
         let policy_path = dir.path().join("policy.yaml");
         std::fs::write(&policy_path, policy).expect("writing policy");
+        Self::try_start_in(dir, policy_path, extra)
+    }
+
+    /// Start on an existing policy file (e.g. a ConfigMap volume's symlink)
+    /// and wait until it enforces.
+    pub fn start_on_file(policy_path: &Path, extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Self::try_start_in(dir, policy_path.to_owned(), extra)
+            .unwrap_or_else(|e| panic!("agent failed to start:\n{e}"))
+    }
+
+    fn try_start_in(
+        dir: tempfile::TempDir,
+        policy_path: PathBuf,
+        extra: &[&str],
+    ) -> Result<Self, String> {
         let log = dir.path().join("events.jsonl");
         let stderr = dir.path().join("agent.stderr");
         let sock = dir.path().join("notify.sock");

@@ -173,3 +173,66 @@ fn a_changed_policy_file_is_reloaded() {
     p.run(&["bind", "tcp", "127.0.0.1", "8080"]).assert_eperm();
     assert!(agent.stderr().contains("reloaded"), "{}", agent.stderr());
 }
+
+/// A Kubernetes ConfigMap volume, laid out and updated the way the kubelet's
+/// AtomicWriter does it: `policy.yaml -> ..data/policy.yaml`,
+/// `..data -> ..<timestamp>`; an update writes a new timestamped directory
+/// and renames a `..data_tmp` symlink over `..data`. The file the agent was
+/// given never changes itself; the swap must still reload it.
+struct ConfigMapVolume {
+    dir: tempfile::TempDir,
+    version: u32,
+}
+
+impl ConfigMapVolume {
+    fn new(policy: &str) -> Self {
+        let mut v = Self {
+            dir: tempfile::tempdir().unwrap(),
+            version: 0,
+        };
+        v.update(policy);
+        std::os::unix::fs::symlink("..data/policy.yaml", v.dir.path().join("policy.yaml")).unwrap();
+        v
+    }
+
+    fn update(&mut self, policy: &str) {
+        let root = self.dir.path();
+        self.version += 1;
+        let ts = format!(
+            "..2026_11_22_00_00_0{}.{}",
+            self.version,
+            std::process::id()
+        );
+        std::fs::create_dir(root.join(&ts)).unwrap();
+        std::fs::write(root.join(&ts).join("policy.yaml"), policy).unwrap();
+        let old = std::fs::read_link(root.join("..data")).ok();
+        std::os::unix::fs::symlink(&ts, root.join("..data_tmp")).unwrap();
+        std::fs::rename(root.join("..data_tmp"), root.join("..data")).unwrap();
+        if let Some(old) = old {
+            std::fs::remove_dir_all(root.join(old)).unwrap();
+        }
+    }
+
+    fn policy_path(&self) -> std::path::PathBuf {
+        self.dir.path().join("policy.yaml")
+    }
+}
+
+#[test]
+fn a_configmap_update_is_reloaded() {
+    require_root!();
+    let cg = Cgroup::new("configmap");
+    let mut volume = ConfigMapVolume::new(&policy(&cg, "[{ports: [8080]}]"));
+    let mut agent = Agent::start_on_file(&volume.policy_path(), &["--watch"]);
+    let p = Probe::in_cgroup(&cg);
+    p.run(&["bind", "tcp", "127.0.0.1", "9090"]).assert_eperm();
+    volume.update(&policy(&cg, "[{ports: [9090]}]"));
+    agent.wait_ready(Duration::from_secs(10));
+    p.run(&["bind", "tcp", "127.0.0.1", "9090"]).assert_ok();
+    p.run(&["bind", "tcp", "127.0.0.1", "8080"]).assert_eperm();
+    // A second update works too (the watch survives the swap).
+    volume.update(&policy(&cg, "[{ports: [7070]}]"));
+    agent.wait_ready(Duration::from_secs(10));
+    p.run(&["bind", "tcp", "127.0.0.1", "7070"]).assert_ok();
+    p.run(&["bind", "tcp", "127.0.0.1", "9090"]).assert_eperm();
+}
