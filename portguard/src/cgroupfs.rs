@@ -27,6 +27,16 @@ pub enum CgroupError {
     },
     #[error("{path} is not a cgroup directory")]
     NotADirectory { path: PathBuf },
+    #[error("{path} is not a cgroup2 mount (cannot stat it, or it holds another filesystem)")]
+    NotCgroup2 { path: PathBuf },
+    #[error(
+        "the cgroup2 mount at {path} shows a subtree, not the whole hierarchy (a cgroup \
+         namespace, as inside a container, or a bind mount of a child cgroup); portguard must see \
+         every cgroup: in a container, mount the host's cgroup2 (a hostPath volume of \
+         /sys/fs/cgroup, or /sys/fs/cgroup/unified on a hybrid host) and pass that path with \
+         --cgroup-root"
+    )]
+    NotHierarchyRoot { path: PathBuf },
 }
 
 /// Decode the octal escapes (`\040` for space, ...) of a /proc/mounts field.
@@ -50,20 +60,58 @@ fn unescape_mount_field(s: &str) -> PathBuf {
     PathBuf::from(std::ffi::OsStr::from_bytes(&out))
 }
 
-/// First cgroup2 mount point listed in `mounts` (the text of /proc/mounts).
-pub fn cgroup2_mount_in(mounts: &str) -> Option<PathBuf> {
-    mounts.lines().find_map(|line| {
-        let mut f = line.split_whitespace();
-        let (_dev, mnt, fstype) = (f.next()?, f.next()?, f.next()?);
-        (fstype == "cgroup2").then(|| unescape_mount_field(mnt))
-    })
+/// Every cgroup2 mount point listed in `mounts` (the text of /proc/mounts),
+/// in order.
+pub fn cgroup2_mounts_in(mounts: &str) -> Vec<PathBuf> {
+    mounts
+        .lines()
+        .filter_map(|line| {
+            let mut f = line.split_whitespace();
+            let (_dev, mnt, fstype) = (f.next()?, f.next()?, f.next()?);
+            (fstype == "cgroup2").then(|| unescape_mount_field(mnt))
+        })
+        .collect()
 }
 
-/// The cgroup2 mount point of this host, from /proc/mounts. Never assumes
-/// /sys/fs/cgroup: hybrid hosts mount it at /sys/fs/cgroup/unified.
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+/// Check that `path` is a cgroup2 filesystem seen from the hierarchy's root
+/// (not from inside a cgroup namespace or through a bind mount of a child):
+/// only the root cgroup lacks `cgroup.type`.
+pub fn check_hierarchy_root(path: &Path) -> Result<(), CgroupError> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| CgroupError::NotCgroup2 { path: path.into() })?;
+    // SAFETY: statfs writes into the zeroed struct we pass.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c is a valid NUL-terminated path.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0
+        || i64::from(st.f_type) != CGROUP2_SUPER_MAGIC
+    {
+        return Err(CgroupError::NotCgroup2 { path: path.into() });
+    }
+    if path.join("cgroup.type").exists() {
+        return Err(CgroupError::NotHierarchyRoot { path: path.into() });
+    }
+    Ok(())
+}
+
+/// The cgroup2 mount point of this host, from /proc/mounts: the first one
+/// that shows the whole hierarchy. Never assumes /sys/fs/cgroup: hybrid
+/// hosts mount it at /sys/fs/cgroup/unified, and a container sees its own
+/// cgroup namespace there and the host's tree wherever it was mounted.
 pub fn cgroup2_mount() -> Result<PathBuf, CgroupError> {
     let mounts = std::fs::read_to_string("/proc/mounts").map_err(CgroupError::Mounts)?;
-    cgroup2_mount_in(&mounts).ok_or(CgroupError::NoCgroup2)
+    let all = cgroup2_mounts_in(&mounts);
+    let mut first_err = None;
+    for m in all {
+        match check_hierarchy_root(&m) {
+            Ok(()) => return Ok(m),
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    Err(first_err.unwrap_or(CgroupError::NoCgroup2))
 }
 
 /// A cgroup2 hierarchy rooted at a mount point.
@@ -88,6 +136,13 @@ impl Hierarchy {
 
     pub fn discover() -> Result<Self, CgroupError> {
         Ok(Self::new(cgroup2_mount()?))
+    }
+
+    /// The hierarchy mounted at `root` (`--cgroup-root`), checked to be a
+    /// cgroup2 mount of the whole tree.
+    pub fn at(root: PathBuf) -> Result<Self, CgroupError> {
+        check_hierarchy_root(&root)?;
+        Ok(Self::new(root))
     }
 
     pub fn root(&self) -> &Path {
@@ -187,24 +242,57 @@ mod tests {
     use super::*;
 
     #[test]
-    fn finds_the_cgroup2_mount_in_hybrid_mode() {
+    fn finds_the_cgroup2_mounts_in_hybrid_mode_and_in_containers() {
         let mounts = "tmpfs /sys/fs/cgroup tmpfs rw 0 0\n\
                       cgroup /sys/fs/cgroup/memory cgroup rw,memory 0 0\n\
                       cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0\n";
         assert_eq!(
-            cgroup2_mount_in(mounts),
-            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+            cgroup2_mounts_in(mounts),
+            vec![PathBuf::from("/sys/fs/cgroup/unified")]
         );
-        assert_eq!(cgroup2_mount_in("proc /proc proc rw 0 0\n"), None);
+        assert!(cgroup2_mounts_in("proc /proc proc rw 0 0\n").is_empty());
+        // A DaemonSet pod: its own cgroup namespace, then the host's tree.
+        let pod = "cgroup /sys/fs/cgroup cgroup2 ro,nosuid 0 0\n\
+                   cgroup2 /host/sys/fs/cgroup cgroup2 rw,nosuid 0 0\n";
+        assert_eq!(
+            cgroup2_mounts_in(pod),
+            vec![
+                PathBuf::from("/sys/fs/cgroup"),
+                PathBuf::from("/host/sys/fs/cgroup")
+            ]
+        );
     }
 
     #[test]
     fn unescapes_mount_points() {
         let mounts = "none /mnt/my\\040cgroups cgroup2 rw 0 0\n";
         assert_eq!(
-            cgroup2_mount_in(mounts),
-            Some(PathBuf::from("/mnt/my cgroups"))
+            cgroup2_mounts_in(mounts),
+            vec![PathBuf::from("/mnt/my cgroups")]
         );
+    }
+
+    #[test]
+    fn only_a_cgroup2_hierarchy_root_is_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            check_hierarchy_root(dir.path()),
+            Err(CgroupError::NotCgroup2 { .. })
+        ));
+        // On a host with cgroup2: the mount passes, a child cgroup does not.
+        if let Ok(root) = cgroup2_mount() {
+            check_hierarchy_root(&root).unwrap();
+            let child = std::fs::read_dir(&root)
+                .unwrap()
+                .flatten()
+                .find(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path());
+            if let Some(child) = child {
+                let err = check_hierarchy_root(&child).unwrap_err();
+                assert!(matches!(err, CgroupError::NotHierarchyRoot { .. }), "{err}");
+                assert!(err.to_string().contains("--cgroup-root"), "{err}");
+            }
+        }
     }
 
     #[test]

@@ -104,6 +104,20 @@ pub struct RunArgs {
     #[arg(long)]
     pub require_lsm: bool,
 
+    /// Serve liveness (GET /healthz) and readiness (GET /readyz) probes over
+    /// HTTP on this address (e.g. 0.0.0.0:9976 in a pod, 127.0.0.1:9976 on a
+    /// host). The socket is bound before any program is attached, so the
+    /// agent's own policy never blocks it. Off by default.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub health_listen: Option<std::net::SocketAddr>,
+
+    /// Path of the host's cgroup2 mount, when /proc/mounts does not show it
+    /// first: inside a container (a DaemonSet pod sees its own cgroup
+    /// namespace; mount the host's /sys/fs/cgroup and name it here). By
+    /// default the first cgroup2 mount that shows the whole hierarchy is used.
+    #[arg(long, value_name = "PATH", env = "PORTGUARD_CGROUP_ROOT")]
+    pub cgroup_root: Option<PathBuf>,
+
     /// How often to re-resolve policy cgroups as a safety net besides
     /// inotify (e.g. 5s).
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
@@ -141,6 +155,8 @@ impl Cli {
                     attach_cgroup: a.attach_cgroup,
                     require_lsm: a.require_lsm,
                     cri_socket: a.cri_socket,
+                    health_listen: a.health_listen,
+                    cgroup_root: a.cgroup_root,
                 })?;
                 Ok(ExitCode::SUCCESS)
             }

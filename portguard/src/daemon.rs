@@ -35,6 +35,7 @@ use crate::{
     cgroupfs::Hierarchy,
     cri,
     events::{self, EventWriter, LostRecord, PolicyNames},
+    health::Health,
     inventory,
     loader::{ListenCheck, LoadOptions, Loaded},
     policy::{
@@ -65,11 +66,20 @@ pub struct RunOptions {
     pub require_lsm: bool,
     /// The CRI runtime's socket (for `pods:` policies and event identities).
     pub cri_socket: PathBuf,
+    /// Where to serve /healthz and /readyz.
+    pub health_listen: Option<std::net::SocketAddr>,
+    /// The host's cgroup2 mount, when discovery from /proc/mounts is not
+    /// wanted (a container).
+    pub cgroup_root: Option<PathBuf>,
 }
 
 /// Name of the built-in policy holding pod cgroups the runtime has not
 /// identified yet (see `Agent::identifying_policy`).
 pub const IDENTIFYING: &str = "portguard:identifying";
+
+/// /healthz fails when the main loop has not turned for this long (or three
+/// lost-report intervals, if longer).
+const HEALTH_STALE_AFTER: Duration = Duration::from_secs(30);
 
 /// How long a pod cgroup may stay unidentified before it is released.
 const IDENTIFY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -155,6 +165,8 @@ struct Agent {
     verify_pending: bool,
     /// The governed set changed: list pre-existing sockets again.
     inventory_pending: bool,
+    /// What /healthz and /readyz report.
+    health: std::sync::Arc<Health>,
 }
 
 impl Agent {
@@ -592,6 +604,7 @@ impl Agent {
                     started.elapsed().as_secs_f64() * 1e3
                 );
                 let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+                self.health.set_ready(&status);
                 release_free_memory();
             }
             Err(e) => {
@@ -603,6 +616,7 @@ impl Agent {
                     self.policies.len()
                 );
                 let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+                self.health.set_ready(&status);
             }
         }
     }
@@ -918,7 +932,10 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
     })?;
     let policies = compile_all(&parsed.file.policies);
     check_scope(&policies, &opts.attach_cgroup)?;
-    let hierarchy = Hierarchy::discover()?;
+    let hierarchy = match &opts.cgroup_root {
+        Some(root) => Hierarchy::at(root.clone()).context("--cgroup-root")?,
+        None => Hierarchy::discover()?,
+    };
     let attach_path = hierarchy.fs_path(&opts.attach_cgroup);
     if !attach_path.is_dir() {
         anyhow::bail!(
@@ -937,6 +954,22 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
         Some(p) => EventWriter::file(p)
             .with_context(|| format!("cannot open event log {}", p.display()))?,
         None => EventWriter::stdout(),
+    };
+    // Bound before anything is attached: a bad address fails here, and the
+    // agent's own policy (if it governs the agent) never blocks it.
+    let health_socket = match opts.health_listen {
+        Some(addr) => {
+            let l = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("--health-listen {addr}: cannot listen"))?;
+            l.set_nonblocking(true)
+                .context("--health-listen: set_nonblocking")?;
+            info!(
+                "daemon: serving /healthz and /readyz on http://{}",
+                l.local_addr()?
+            );
+            Some(l)
+        }
+        None => None,
     };
     let mut loaded = Loaded::load(&LoadOptions {
         capacity: opts.capacity,
@@ -966,6 +999,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
         parsed: Some(parsed),
         verify_pending: false,
         inventory_pending: false,
+        health: Health::new(HEALTH_STALE_AFTER.max(opts.lost_interval * 3)),
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -1040,7 +1074,18 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
         hooks.join(", ")
     );
 
-    let result = rt.block_on(serve(&mut agent, events, writer, &opts));
+    let health = agent.health.clone();
+    if let Some(l) = health_socket {
+        let h = health.clone();
+        let _guard = rt.enter();
+        let listener = tokio::net::TcpListener::from_std(l).context("--health-listen")?;
+        rt.spawn(async move {
+            if let Err(e) = crate::health::serve(listener, h).await {
+                error!("daemon: health endpoint stopped: {e}");
+            }
+        });
+    }
+    let result = rt.block_on(serve(&mut agent, events, writer, &opts, &health));
     info!("daemon: detaching programs; enforcement stops");
     let _ = sd_notify::notify(&[NotifyState::Stopping]);
     drop(agent);
@@ -1052,6 +1097,7 @@ async fn serve(
     events: aya::maps::RingBuf<aya::maps::MapData>,
     mut writer: EventWriter,
     opts: &RunOptions,
+    health: &Health,
 ) -> anyhow::Result<()> {
     // SAFETY: the RingBuf owns its map fd for as long as the AsyncFd owns it.
     let mut rb = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
@@ -1082,11 +1128,13 @@ async fn serve(
 
     let status = format!("enforcing {} policies", agent.policies.len());
     let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+    health.set_ready(&status);
     // Sockets bound before we governed them.
     agent.inventory(&mut writer);
     debug!("daemon: ring buffer fd {}", rb.get_ref().as_raw_fd());
 
     loop {
+        health.beat();
         let deadline = [pending_reload, pending_rescan, cri_due]
             .into_iter()
             .flatten()

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod cri;
 pub mod daemon;
 pub mod events;
+pub mod health;
 pub mod identity;
 pub mod inventory;
 pub mod kernel_btf;

@@ -102,6 +102,11 @@ fn help_explains_every_option() {
         "--ring-buffer-size",
         "--lost-report-interval",
         "--rescan-interval",
+        "--attach-cgroup",
+        "--cri-socket",
+        "--health-listen",
+        "--cgroup-root",
+        "--require-lsm",
         "SIGHUP",
     ] {
         assert!(run.contains(opt), "run --help lacks {opt}:\n{run}");

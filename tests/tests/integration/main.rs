@@ -24,6 +24,7 @@ mod cgroups;
 mod cli;
 mod connect;
 mod cri;
+mod deploy;
 mod events;
 mod reload;
 mod units;
