@@ -955,6 +955,23 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
             .with_context(|| format!("cannot open event log {}", p.display()))?,
         None => EventWriter::stdout(),
     };
+    match crate::caps::Caps::effective() {
+        Ok(caps) => {
+            let (errors, warnings) = crate::caps::assess(caps);
+            for w in &warnings {
+                warn!("daemon: without {w}");
+            }
+            if !errors.is_empty() {
+                anyhow::bail!(
+                    "portguard run lacks {} (effective capabilities {:#x}); run it as root or, in a \
+                     container, grant the capabilities listed in the README",
+                    errors.join(", "),
+                    caps.0
+                );
+            }
+        }
+        Err(e) => warn!("daemon: cannot read this process's capabilities: {e}"),
+    }
     // Bound before anything is attached: a bad address fails here, and the
     // agent's own policy (if it governs the agent) never blocks it.
     let health_socket = match opts.health_listen {

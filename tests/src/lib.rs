@@ -227,14 +227,32 @@ impl Agent {
         let dir = tempfile::tempdir().expect("tempdir");
         let policy_path = dir.path().join("policy.yaml");
         std::fs::write(&policy_path, policy).expect("writing policy");
-        Self::try_start_in(dir, policy_path, extra)
+        Self::try_start_in(dir, policy_path, extra, &[])
+    }
+
+    /// Like [`Agent::start_with`], with the agent's capabilities limited to
+    /// `caps` (setpriv's syntax: `+bpf,+net_admin`), as a Kubernetes
+    /// `securityContext.capabilities` list would.
+    pub fn start_with_caps(policy: &str, extra: &[&str], caps: &str) -> Result<Self, String> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let policy_path = dir.path().join("policy.yaml");
+        std::fs::write(&policy_path, policy).expect("writing policy");
+        let wrapper = [
+            "setpriv".to_owned(),
+            "--bounding-set".to_owned(),
+            format!("-all,{caps}"),
+            "--inh-caps".to_owned(),
+            "-all".to_owned(),
+            "--".to_owned(),
+        ];
+        Self::try_start_in(dir, policy_path, extra, &wrapper)
     }
 
     /// Start on an existing policy file (e.g. a ConfigMap volume's symlink)
     /// and wait until it enforces.
     pub fn start_on_file(policy_path: &Path, extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        Self::try_start_in(dir, policy_path.to_owned(), extra)
+        Self::try_start_in(dir, policy_path.to_owned(), extra, &[])
             .unwrap_or_else(|e| panic!("agent failed to start:\n{e}"))
     }
 
@@ -242,6 +260,7 @@ impl Agent {
         dir: tempfile::TempDir,
         policy_path: PathBuf,
         extra: &[&str],
+        wrapper: &[String],
     ) -> Result<Self, String> {
         let log = dir.path().join("events.jsonl");
         let stderr = dir.path().join("agent.stderr");
@@ -265,7 +284,15 @@ impl Agent {
                 .filter(|a| **a != "--watch")
                 .map(|s| (*s).to_owned()),
         );
-        let child = Command::new(agent_bin())
+        let mut command = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(agent_bin());
+                c
+            }
+            None => Command::new(agent_bin()),
+        };
+        let child = command
             .args(&args)
             .env("NOTIFY_SOCKET", &sock)
             .env(

@@ -182,3 +182,66 @@ fn a_partial_view_of_the_cgroup_tree_is_refused() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("is not a cgroup2 mount"), "{err}");
 }
+
+/// The capabilities the README and the DaemonSet name as the minimum, and
+/// what each is for (see deploy/kubernetes/portguard.yaml).
+const MINIMAL_CAPS: &str = "+bpf,+perfmon,+net_admin,+sys_admin,+sys_ptrace,+dac_read_search";
+
+#[test]
+fn the_documented_capabilities_are_enough() {
+    require_root!();
+    let cg = Cgroup::new("caps");
+    // A socket bound before the agent starts, by another user, in its own
+    // network namespace: listing it needs setns (CAP_SYS_ADMIN) into a
+    // namespace reached through a process of another user (CAP_SYS_PTRACE).
+    let (held, _h) = Probe::in_cgroup(&cg)
+        .uid(65534)
+        .hold(&["hold", "tcp", "0.0.0.0", "9999"]);
+    held.assert_ok();
+    let agent = Agent::start_with_caps(
+        &format!(
+            "policies:\n  - {{name: caps, cgroup: {}, bind: [{{ports: [8080]}}]}}\n",
+            cg.rel
+        ),
+        &[],
+        MINIMAL_CAPS,
+    )
+    .unwrap_or_else(|e| panic!("the agent needs more than {MINIMAL_CAPS}:\n{e}"));
+    let e = agent.wait_event(&[("pid", json!(held.pid)), ("verdict", json!("preexisting"))]);
+    assert_eq!(e["uid"], 65534);
+    // A cgroup created after the agent started: its path comes from the
+    // cgroup id (open_by_handle_at: CAP_DAC_READ_SEARCH).
+    let late = cg.child("late");
+    let r = Probe::in_cgroup(&late).run(&["bind", "udp", "::", "9090"]);
+    r.assert_eperm();
+    let e = agent.wait_event(&[("pid", json!(r.pid))]);
+    assert_eq!(e["cgroup"], late.rel);
+    assert!(
+        !agent.stderr().contains("without CAP_"),
+        "no capability warning: {}",
+        agent.stderr()
+    );
+}
+
+#[test]
+fn too_few_capabilities_fail_with_a_clear_error() {
+    require_root!();
+    let cg = Cgroup::new("fewcaps");
+    let err = match Agent::start_with_caps(
+        &format!(
+            "policies:\n  - {{name: few, cgroup: {}, bind: []}}\n",
+            cg.rel
+        ),
+        &[],
+        "+bpf,+net_admin",
+    ) {
+        Ok(_) => panic!("the agent started without CAP_PERFMON/CAP_SYS_ADMIN"),
+        Err(e) => e,
+    };
+    assert!(err.contains("exited"), "{err}");
+    assert!(err.contains("CAP_PERFMON"), "names what is missing: {err}");
+    // Nothing stays attached: a bind in the cgroup is not judged.
+    Probe::in_cgroup(&cg)
+        .run(&["bind", "tcp", "127.0.0.1", "8080"])
+        .assert_ok();
+}
