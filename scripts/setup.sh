@@ -5,7 +5,8 @@
 #   - Debian packages: LLVM dev libraries matching the nightly rustc's LLVM major
 #     (needed to build bpf-linker), protobuf-compiler (the CRI client's protos),
 #     plus what the integration tests use: iproute2, containerd + runc +
-#     CNI plugins + busybox-static for real containers.
+#     CNI plugins + busybox-static for real containers, systemd (systemd-analyze
+#     verifies the unit file), util-linux (setpriv limits capabilities).
 #   - kubernetes-validate (PyPI), which validates deploy/ manifests offline.
 #   - the nightly toolchain's rust-src component (for -Z build-std=core).
 #   - bpf-linker, built against that same LLVM major, into ~/.cargo/bin (cached
@@ -44,7 +45,7 @@ LLVM_MAJOR="$(rustc +nightly -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')"
 [ -n "$LLVM_MAJOR" ] || { log "cannot read LLVM version from rustc +nightly -vV"; exit 1; }
 log "nightly rustc uses LLVM $LLVM_MAJOR"
 
-want_pkgs=(iproute2 runc busybox-static jq protobuf-compiler containerd containernetworking-plugins)
+want_pkgs=(iproute2 runc busybox-static jq protobuf-compiler containerd containernetworking-plugins systemd util-linux)
 need_linker=1
 if command -v bpf-linker >/dev/null 2>&1 && bpf-linker --version >/dev/null 2>&1; then
   # bpf-linker links LLVM dynamically or statically; check the LLVM it was built for.

@@ -84,9 +84,11 @@ pub fn check_hierarchy_root(path: &Path) -> Result<(), CgroupError> {
     // SAFETY: statfs writes into the zeroed struct we pass.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: c is a valid NUL-terminated path.
-    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0
-        || i64::from(st.f_type) != CGROUP2_SUPER_MAGIC
-    {
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    // f_type is an i64 on x86_64 and a narrower integer elsewhere.
+    #[allow(clippy::useless_conversion)]
+    let fs_type = i64::from(st.f_type);
+    if rc != 0 || fs_type != CGROUP2_SUPER_MAGIC {
         return Err(CgroupError::NotCgroup2 { path: path.into() });
     }
     if path.join("cgroup.type").exists() {

@@ -37,6 +37,11 @@ pub fn cgroup2_root() -> PathBuf {
     portguard::cgroupfs::cgroup2_mount().expect("these tests need a cgroup2 mount")
 }
 
+/// The capabilities the README, the DaemonSet and the systemd unit name as
+/// the agent's minimum (setpriv's syntax). `deploy` tests that they suffice,
+/// `manifests` that the deployment files grant exactly these.
+pub const MINIMAL_CAPS: &str = "+bpf,+perfmon,+net_admin,+sys_admin,+sys_ptrace,+dac_read_search";
+
 /// True when running as root (the tests need CAP_BPF, CAP_SYS_ADMIN, ...).
 pub fn is_root() -> bool {
     // SAFETY: plain syscall.

@@ -10,7 +10,7 @@ use std::{
     process::Command,
 };
 
-use portguard_tests::{Agent, Cgroup, Probe, agent_bin, cgroup2_root, require_root};
+use portguard_tests::{Agent, Cgroup, MINIMAL_CAPS, Probe, agent_bin, cgroup2_root, require_root};
 use serde_json::json;
 
 /// GET `path` from `port` on loopback: (status code, body).
@@ -182,10 +182,6 @@ fn a_partial_view_of_the_cgroup_tree_is_refused() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("is not a cgroup2 mount"), "{err}");
 }
-
-/// The capabilities the README and the DaemonSet name as the minimum, and
-/// what each is for (see deploy/kubernetes/portguard.yaml).
-const MINIMAL_CAPS: &str = "+bpf,+perfmon,+net_admin,+sys_admin,+sys_ptrace,+dac_read_search";
 
 #[test]
 fn the_documented_capabilities_are_enough() {

@@ -26,5 +26,6 @@ mod connect;
 mod cri;
 mod deploy;
 mod events;
+mod manifests;
 mod reload;
 mod units;
