@@ -16,11 +16,10 @@ use std::{
 
 use portguard::cri::api::{
     ContainerConfig, ContainerMetadata, CreateContainerRequest, ExecSyncRequest, ImageSpec,
-    LinuxPodSandboxConfig, PodSandboxConfig, PodSandboxMetadata, RemovePodSandboxRequest,
-    RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
-    runtime_service_client::RuntimeServiceClient,
+    LinuxPodSandboxConfig, LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption,
+    PodSandboxConfig, PodSandboxMetadata, RemovePodSandboxRequest, RunPodSandboxRequest,
+    StartContainerRequest, StopPodSandboxRequest, runtime_service_client::RuntimeServiceClient,
 };
-use sha2::{Digest as _, Sha256};
 use tonic::transport::Channel;
 
 pub const BUSYBOX: &str = "docker.io/library/portguard-test:latest";
@@ -53,81 +52,18 @@ fn which(bin: &str) -> Option<PathBuf> {
         .find(|p| p.exists())
 }
 
-fn sha(data: &[u8]) -> String {
-    format!("sha256:{:x}", Sha256::digest(data))
-}
-
 /// An OCI image archive holding busybox (with its applet links), `pgprobe`
 /// and the shared libraries it needs; the default command sleeps.
 fn build_image(name: &str, out: &Path, pgprobe: &Path) {
-    let mut layer = tar::Builder::new(Vec::new());
-    let mut add_file = |path: &str, src: &Path, mode: u32| {
-        let data = std::fs::read(src).unwrap_or_else(|e| panic!("reading {}: {e}", src.display()));
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(mode);
-        h.set_cksum();
-        layer.append_data(&mut h, path, data.as_slice()).unwrap();
-    };
-    add_file("bin/busybox", Path::new("/bin/busybox"), 0o755);
-    add_file("pgprobe", pgprobe, 0o755);
-    for lib in [
-        "/lib/x86_64-linux-gnu/libc.so.6",
-        "/lib/x86_64-linux-gnu/libgcc_s.so.1",
-        "/lib64/ld-linux-x86-64.so.2",
-    ] {
-        add_file(lib.trim_start_matches('/'), Path::new(lib), 0o755);
-    }
+    let mut img = xtask::oci::Image::new(&[], &["/bin/sleep", "3600"], &["PATH=/bin"]);
+    img.file("/bin/busybox", Path::new("/bin/busybox"), 0o755)
+        .and_then(|i| i.file("/pgprobe", pgprobe, 0o755))
+        .and_then(|i| i.glibc())
+        .expect("building the test image");
     for applet in ["sh", "sleep", "cat", "echo", "true"] {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Symlink);
-        h.set_size(0);
-        h.set_mode(0o777);
-        layer
-            .append_link(&mut h, format!("bin/{applet}"), "busybox")
-            .unwrap();
+        img.symlink(&format!("/bin/{applet}"), "busybox").unwrap();
     }
-    let layer = layer.into_inner().unwrap();
-    let layer_digest = sha(&layer);
-    let config = serde_json::to_vec(&serde_json::json!({
-        "architecture": "amd64", "os": "linux",
-        "config": {"Cmd": ["/bin/sleep", "3600"], "Env": ["PATH=/bin"]},
-        "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
-    }))
-    .unwrap();
-    let manifest = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha(&config), "size": config.len()},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest, "size": layer.len()}],
-    }))
-    .unwrap();
-    let index = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2,
-        "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": sha(&manifest), "size": manifest.len(),
-            "annotations": {"io.containerd.image.name": name, "org.opencontainers.image.ref.name": name.rsplit(':').next().unwrap()},
-        }],
-    }))
-    .unwrap();
-    let mut archive = tar::Builder::new(std::fs::File::create(out).unwrap());
-    let mut add = |path: String, data: &[u8]| {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        h.set_cksum();
-        archive.append_data(&mut h, path, data).unwrap();
-    };
-    add("oci-layout".into(), br#"{"imageLayoutVersion":"1.0.0"}"#);
-    add("index.json".into(), &index);
-    for blob in [&layer, &config, &manifest] {
-        add(
-            format!("blobs/sha256/{}", &sha(blob)["sha256:".len()..]),
-            blob,
-        );
-    }
-    archive.finish().unwrap();
+    img.write(name, out).expect("writing the test image");
 }
 
 /// A running private containerd.
@@ -138,6 +74,8 @@ pub struct Containerd {
     bridge: String,
     cni_net: String,
     pods: Vec<String>,
+    /// Each sandbox's config (CreateContainer repeats it).
+    sandboxes: HashMap<String, PodSandboxConfig>,
     cgroups: Vec<PathBuf>,
     rt: tokio::runtime::Runtime,
 }
@@ -205,6 +143,7 @@ state = "{state}"
             bridge,
             cni_net,
             pods: Vec::new(),
+            sandboxes: HashMap::new(),
             cgroups: Vec::new(),
             rt: tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -224,16 +163,7 @@ state = "{state}"
         for (name, file) in [(BUSYBOX, "image.tar"), (PAUSE, "pause.tar")] {
             let path = c.dir.path().join(file);
             build_image(name, &path, pgprobe);
-            let out = Command::new("ctr")
-                .args(["--address", &c.socket.display().to_string(), "-n", "k8s.io"])
-                .args(["images", "import", &path.display().to_string()])
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "ctr import {name}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            c.import(&path);
         }
         c
     }
@@ -255,6 +185,18 @@ state = "{state}"
         namespace: &str,
         name: &str,
         labels: &[(&str, &str)],
+    ) -> (String, String, String) {
+        self.run_pod_with(namespace, name, labels, false)
+    }
+
+    /// [`Containerd::run_pod`], in the node's PID namespace if `host_pid`
+    /// (a pod spec's `hostPID: true`).
+    pub fn run_pod_with(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+        host_pid: bool,
     ) -> (String, String, String) {
         let n = SEQ.fetch_add(1, Ordering::SeqCst);
         let uid = format!(
@@ -284,6 +226,13 @@ state = "{state}"
                 .collect::<HashMap<_, _>>(),
             linux: Some(LinuxPodSandboxConfig {
                 cgroup_parent: parent.clone(),
+                security_context: host_pid.then(|| LinuxSandboxSecurityContext {
+                    namespace_options: Some(NamespaceOption {
+                        pid: NamespaceMode::Node.into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
                 ..Default::default()
             }),
             ..Default::default()
@@ -292,48 +241,22 @@ state = "{state}"
         let id = self
             .rt
             .block_on(client.run_pod_sandbox(RunPodSandboxRequest {
-                config: Some(config),
+                config: Some(config.clone()),
                 runtime_handler: String::new(),
             }))
             .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", self.log()))
             .into_inner()
             .pod_sandbox_id;
         self.pods.push(id.clone());
+        self.sandboxes.insert(id.clone(), config);
         self.cgroups
             .push(portguard::cgroupfs::cgroup2_mount().unwrap().join(&parent));
         (id, uid, format!("/{parent}"))
     }
 
-    /// Create and start a container in a pod. Returns its id.
-    pub fn run_container(
-        &mut self,
-        sandbox: &str,
-        pod_uid: &str,
-        namespace: &str,
-        pod: &str,
-        name: &str,
-    ) -> String {
-        let mut client = self.client();
-        let sandbox_config = PodSandboxConfig {
-            metadata: Some(PodSandboxMetadata {
-                name: pod.into(),
-                uid: pod_uid.into(),
-                namespace: namespace.into(),
-                attempt: 0,
-            }),
-            log_directory: self
-                .dir
-                .path()
-                .join("logs")
-                .join(pod_uid)
-                .display()
-                .to_string(),
-            linux: Some(LinuxPodSandboxConfig {
-                cgroup_parent: format!("kubepods/besteffort/pod{pod_uid}"),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
+    /// Create and start a test container (busybox and pgprobe, sleeping)
+    /// named `name` in a pod. Returns its id.
+    pub fn run_container(&mut self, sandbox: &str, name: &str) -> String {
         let config = ContainerConfig {
             metadata: Some(ContainerMetadata {
                 name: name.into(),
@@ -347,6 +270,17 @@ state = "{state}"
             log_path: format!("{name}.log"),
             ..Default::default()
         };
+        self.start_container(sandbox, config)
+    }
+
+    /// Create and start a container from `config` in a pod. Returns its id.
+    pub fn start_container(&mut self, sandbox: &str, config: ContainerConfig) -> String {
+        let sandbox_config = self
+            .sandboxes
+            .get(sandbox)
+            .cloned()
+            .unwrap_or_else(|| panic!("no sandbox {sandbox} from this fixture"));
+        let mut client = self.client();
         let id = self
             .rt
             .block_on(client.create_container(CreateContainerRequest {
@@ -363,6 +297,33 @@ state = "{state}"
             }))
             .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", self.log()));
         id
+    }
+
+    /// Import an OCI image archive into the CRI's image store.
+    pub fn import(&self, archive: &Path) {
+        let out = Command::new("ctr")
+            .args([
+                "--address",
+                &self.socket.display().to_string(),
+                "-n",
+                "k8s.io",
+            ])
+            .args(["images", "import", &archive.display().to_string()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ctr import {}: {}",
+            archive.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The log file of container `name` in sandbox `sandbox`, in the CRI
+    /// format (`TIME STREAM TAG LINE`), as `kubectl logs` reads it.
+    pub fn container_log(&self, sandbox: &str, name: &str) -> String {
+        let dir = &self.sandboxes[sandbox].log_directory;
+        std::fs::read_to_string(Path::new(dir).join(format!("{name}.log"))).unwrap_or_default()
     }
 
     /// Run `pgprobe ARGS` inside a container; returns its JSON result.

@@ -41,6 +41,18 @@ enum Cmd {
         #[arg(long, default_value = "docs/benchmarks.md")]
         out: PathBuf,
     },
+    /// Build the agent (release) and package it as an OCI image archive for
+    /// the DaemonSet: import it on a node with `ctr -n k8s.io images import
+    /// FILE`, or push it with `skopeo copy oci-archive:FILE docker://REPO`.
+    Image {
+        /// Image name; the DaemonSet's `portguard:0.1.0` is this one after
+        /// the runtime's normalisation.
+        #[arg(long, default_value = concat!("docker.io/library/portguard:", env!("CARGO_PKG_VERSION")))]
+        name: String,
+        /// Where to write the archive.
+        #[arg(long, default_value = "target/portguard-image.tar")]
+        out: PathBuf,
+    },
     /// Build the agent and run the privileged integration tests (needs root).
     IntegrationTest {
         /// Arguments passed to the test harness (e.g. a test name filter).
@@ -173,6 +185,18 @@ fn bench(quick: bool, out: &Path) -> anyhow::Result<()> {
     run(&mut cmd)
 }
 
+fn image(name: &str, out: &Path) -> anyhow::Result<()> {
+    run(cargo().args(["build", "--release", "-p", "portguard"]))?;
+    let out = root_dir().join(out);
+    xtask::oci::agent_image(&root_dir().join("target/release/portguard"), name, &out)?;
+    eprintln!(
+        "xtask: wrote {} ({name}, {:.1} MiB)",
+        out.display(),
+        std::fs::metadata(&out)?.len() as f64 / (1 << 20) as f64
+    );
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.command {
@@ -187,6 +211,7 @@ fn main() -> ExitCode {
         Cmd::Lint => lint(),
         Cmd::Unit => unit(),
         Cmd::Bench { quick, out } => bench(quick, &out),
+        Cmd::Image { name, out } => image(&name, &out),
         Cmd::IntegrationTest { args } => integration(&args),
     };
     match res {

@@ -1,15 +1,28 @@
 //! End to end with real parts: a private containerd (CRI plugin, runc, CNI
 //! bridge) running pods like the kubelet does, and the agent selecting pods
-//! by label through that runtime's CRI socket.
+//! by label through that runtime's CRI socket; then the agent itself running
+//! as the DaemonSet's pod (its image, arguments, volumes, capabilities and
+//! seccomp profile, translated the way the kubelet does) on the shipped
+//! ConfigMap policy.
 
-use std::time::{Duration, Instant};
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
 
+use portguard::cri::api::{
+    Capability, ContainerConfig, ContainerMetadata, ImageSpec, Int64Value, KeyValue,
+    LinuxContainerConfig, LinuxContainerResources, LinuxContainerSecurityContext, Mount,
+    NamespaceMode, NamespaceOption, SecurityProfile, security_profile::ProfileType,
+};
 use portguard_tests::{
-    Agent,
+    Agent, ConfigMapVolume, agent_bin, cgroup2_root,
     containerd::{Containerd, unavailable},
     probe_bin, require_root,
 };
-use serde_json::json;
+use serde_json::{Value, json};
+
+use crate::manifests::{deploy_dir, yaml_docs};
 
 #[test]
 fn pods_selected_by_label_through_a_real_cri_runtime() {
@@ -20,9 +33,9 @@ fn pods_selected_by_label_through_a_real_cri_runtime() {
     let mut ctrd = Containerd::start(&probe_bin());
     // Two pods before the agent starts: one selected by label, one not.
     let (web_sb, web_uid, web_cg) = ctrd.run_pod("payments", "web-0", &[("app", "web")]);
-    let web_ctr = ctrd.run_container(&web_sb, &web_uid, "payments", "web-0", "server");
-    let (db_sb, db_uid, _) = ctrd.run_pod("payments", "db-0", &[("app", "db")]);
-    let db_ctr = ctrd.run_container(&db_sb, &db_uid, "payments", "db-0", "server");
+    let web_ctr = ctrd.run_container(&web_sb, "server");
+    let (db_sb, _, _) = ctrd.run_pod("payments", "db-0", &[("app", "db")]);
+    let db_ctr = ctrd.run_container(&db_sb, "server");
 
     let agent = Agent::start_with(
         "policies:\n  - name: web\n    pods: {namespace: payments, labels: {app: web}}\n    bind: [{ports: [8080]}]\n",
@@ -57,7 +70,7 @@ fn pods_selected_by_label_through_a_real_cri_runtime() {
 
     // A container added to the selected pod after the agent started is
     // governed from its first bind (it inherits the pod-level cgroup).
-    let late = ctrd.run_container(&web_sb, &web_uid, "payments", "web-0", "late");
+    let late = ctrd.run_container(&web_sb, "late");
     let r = ctrd.probe(&late, &["bind", "udp", "0.0.0.0", "9999"]);
     assert_eq!(r["error"], "EPERM", "{r}");
     let e = agent.wait_event(&[("port", json!(9999)), ("container_name", json!("late"))]);
@@ -69,7 +82,7 @@ fn pods_selected_by_label_through_a_real_cri_runtime() {
     let (new_sb, new_uid, new_cg) = ctrd.run_pod("payments", "web-1", &[("app", "web")]);
     let sandbox_ms = t0.elapsed();
     eprintln!("RunPodSandbox returned after {sandbox_ms:?}");
-    let new_ctr = ctrd.run_container(&new_sb, &new_uid, "payments", "web-1", "server");
+    let new_ctr = ctrd.run_container(&new_sb, "server");
     eprintln!("container started after {:?}", t0.elapsed());
     let r = ctrd.probe(&new_ctr, &["bind", "tcp", "127.0.0.1", "8081"]);
     if r["error"] != "EPERM" {
@@ -127,4 +140,306 @@ fn pods_selected_by_label_through_a_real_cri_runtime() {
     assert_eq!(e["k8s_pod_uid"], ghost_uid);
     assert_eq!(e["identity_source"], "cgroup-path");
     drop(ghost);
+}
+
+/// "256Mi" -> bytes (the quantities the DaemonSet uses).
+fn quantity_bytes(q: &str) -> i64 {
+    let (n, unit) = q.split_at(q.find(|c: char| !c.is_ascii_digit()).unwrap_or(q.len()));
+    let n: i64 = n.parse().unwrap_or_else(|_| panic!("quantity {q}"));
+    n * match unit {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        other => panic!("unit {other} in {q}"),
+    }
+}
+
+fn profile(v: &Value) -> Option<SecurityProfile> {
+    let t = v["type"].as_str()?;
+    Some(SecurityProfile {
+        profile_type: match t {
+            "RuntimeDefault" => ProfileType::RuntimeDefault,
+            "Unconfined" => ProfileType::Unconfined,
+            other => panic!("profile type {other}"),
+        }
+        .into(),
+        localhost_ref: String::new(),
+    })
+}
+
+/// The DaemonSet's container as the kubelet hands it to the runtime: its
+/// image, arguments, environment, volumes (with `host` mapping a hostPath to
+/// where this host has it), resources and security context.
+fn kubelet_container_config(pod: &Value, host: &dyn Fn(&Value) -> String) -> ContainerConfig {
+    let c = &pod["containers"][0];
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| a.iter().map(|s| s.as_str().unwrap().to_owned()).collect())
+            .unwrap_or_default()
+    };
+    let volumes = pod["volumes"].as_array().unwrap();
+    let mounts = c["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            let v = volumes.iter().find(|v| v["name"] == m["name"]).unwrap();
+            Mount {
+                container_path: m["mountPath"].as_str().unwrap().to_owned(),
+                host_path: host(v),
+                readonly: m["readOnly"].as_bool().unwrap_or(false),
+                ..Default::default()
+            }
+        })
+        .collect();
+    let sc = &c["securityContext"];
+    let host_pid = pod["hostPID"] == true;
+    ContainerConfig {
+        metadata: Some(ContainerMetadata {
+            name: c["name"].as_str().unwrap().to_owned(),
+            attempt: 0,
+        }),
+        image: Some(ImageSpec {
+            image: c["image"].as_str().unwrap().to_owned(),
+            ..Default::default()
+        }),
+        args: strings(&c["args"]),
+        envs: c["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| KeyValue {
+                key: e["name"].as_str().unwrap().to_owned(),
+                value: e["value"].as_str().unwrap().to_owned(),
+            })
+            .collect(),
+        mounts,
+        log_path: format!("{}.log", c["name"].as_str().unwrap()),
+        linux: Some(LinuxContainerConfig {
+            resources: Some(LinuxContainerResources {
+                memory_limit_in_bytes: quantity_bytes(
+                    c["resources"]["limits"]["memory"].as_str().unwrap(),
+                ),
+                ..Default::default()
+            }),
+            security_context: Some(LinuxContainerSecurityContext {
+                capabilities: Some(Capability {
+                    add_capabilities: strings(&sc["capabilities"]["add"]),
+                    drop_capabilities: strings(&sc["capabilities"]["drop"]),
+                    ..Default::default()
+                }),
+                privileged: sc["privileged"] == true,
+                namespace_options: Some(NamespaceOption {
+                    pid: if host_pid {
+                        NamespaceMode::Node
+                    } else {
+                        NamespaceMode::Container
+                    }
+                    .into(),
+                    ..Default::default()
+                }),
+                run_as_user: sc["runAsUser"].as_i64().map(|value| Int64Value { value }),
+                readonly_rootfs: sc["readOnlyRootFilesystem"] == true,
+                seccomp: profile(&sc["seccompProfile"]),
+                apparmor: profile(&sc["appArmorProfile"]),
+                ..Default::default()
+            }),
+        }),
+        ..Default::default()
+    }
+}
+
+/// GET http://127.0.0.1:PORT/PATH inside the network namespace of `pid`
+/// (the way the kubelet's probe reaches the pod IP).
+fn probe_in_netns(pid: u32, port: u16, path: &str) -> Option<(u16, String)> {
+    let script = format!(
+        "import urllib.request, urllib.error\n\
+         try:\n    r = urllib.request.urlopen('http://127.0.0.1:{port}{path}', timeout=2)\n    print(r.status); print(r.read().decode())\n\
+         except urllib.error.HTTPError as e:\n    print(e.code); print(e.read().decode())\n"
+    );
+    let out = Command::new("nsenter")
+        .args(["-t", &pid.to_string(), "-n", "python3", "-c", &script])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (code, body) = text.split_once('\n')?;
+    Some((code.trim().parse().ok()?, body.to_owned()))
+}
+
+/// JSON lines a container wrote to standard output, from its CRI log.
+fn stdout_json(log: &str) -> Vec<Value> {
+    log.lines()
+        .filter_map(|l| {
+            let mut f = l.splitn(4, ' ');
+            let (_time, stream, _tag, line) = (f.next()?, f.next()?, f.next()?, f.next()?);
+            (stream == "stdout").then(|| serde_json::from_str(line).ok())?
+        })
+        .collect()
+}
+
+#[test]
+fn the_daemonset_runs_the_agent_through_the_cri() {
+    require_root!();
+    if let Some(why) = unavailable() {
+        panic!("the CRI end-to-end test needs containerd here: {why}");
+    }
+    let dir = deploy_dir().join("kubernetes");
+    let ds = yaml_docs(&dir.join("daemonset.yaml")).remove(0);
+    let cm = yaml_docs(&dir.join("configmap.yaml")).remove(0);
+    let pod_spec = &ds["spec"]["template"]["spec"];
+    let policy = cm["data"]["policy.yaml"].as_str().unwrap().to_owned();
+
+    let mut ctrd = Containerd::start(&probe_bin());
+    // The agent's image, made the way `cargo xtask image` makes it, from the
+    // binary under test; the DaemonSet names it `portguard:0.1.0`.
+    let archive = ctrd.dir.path().join("portguard-image.tar");
+    xtask::oci::agent_image(&agent_bin(), "docker.io/library/portguard:0.1.0", &archive).unwrap();
+    ctrd.import(&archive);
+
+    // The ConfigMap, mounted the kubelet's way.
+    let mut volume = ConfigMapVolume::new(&policy);
+    let volume_dir = volume.dir.path().display().to_string();
+    let cgroup2 = cgroup2_root().display().to_string();
+    let socket = ctrd.socket.display().to_string();
+    let host = |v: &Value| -> String {
+        if v.get("configMap").is_some() {
+            return volume_dir.clone();
+        }
+        match v["hostPath"]["path"].as_str().unwrap() {
+            // This host is hybrid: its cgroup2 tree is not /sys/fs/cgroup
+            // (the manifest's comment says to change the path on such hosts).
+            "/sys/fs/cgroup" => cgroup2.clone(),
+            // The private containerd of this test.
+            "/run/containerd/containerd.sock" => socket.clone(),
+            p => p.to_owned(),
+        }
+    };
+    let config = kubelet_container_config(pod_spec, &host);
+    let labels: Vec<(String, String)> = ds["spec"]["template"]["metadata"]["labels"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()))
+        .collect();
+    let labels: Vec<(&str, &str)> = labels
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let (agent_sb, _, agent_cg) = ctrd.run_pod_with(
+        ds["metadata"]["namespace"].as_str().unwrap(),
+        "portguard-node1",
+        &labels,
+        pod_spec["hostPID"] == true,
+    );
+    let agent_ctr = ctrd.start_container(&agent_sb, config);
+    let agent_log = |ctrd: &Containerd| ctrd.container_log(&agent_sb, "agent");
+
+    // Readiness, probed like the kubelet: GET /readyz on the pod's address.
+    let port: u16 = pod_spec["containers"][0]["ports"][0]["containerPort"]
+        .as_u64()
+        .unwrap() as u16;
+    let procs = cgroup2_root()
+        .join(agent_cg.trim_start_matches('/'))
+        .join(&agent_ctr)
+        .join("cgroup.procs");
+    let started = Instant::now();
+    let pid = loop {
+        let pid = std::fs::read_to_string(&procs)
+            .ok()
+            .and_then(|s| s.lines().next().and_then(|l| l.parse::<u32>().ok()));
+        if let Some(pid) = pid
+            && probe_in_netns(pid, port, "/readyz").is_some_and(|(code, _)| code == 200)
+        {
+            break pid;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the agent pod never became ready:\n{}",
+            agent_log(&ctrd)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!(
+        "agent pod ready {:?} after its container started",
+        started.elapsed()
+    );
+    let log = agent_log(&ctrd);
+    assert!(log.contains("enforcing 4 policies"), "{log}");
+    assert!(
+        !log.contains("without CAP_"),
+        "the pod's capabilities are the full documented set:\n{log}"
+    );
+    let (code, body) = probe_in_netns(pid, port, "/healthz").unwrap();
+    assert_eq!(code, 200, "{body}");
+
+    // Workloads under the shipped policy.
+    let (web_sb, _, _) = ctrd.run_pod("payments", "web-0", &[("app", "web")]);
+    let web = ctrd.run_container(&web_sb, "server");
+    let (db_sb, _, _) = ctrd.run_pod("payments", "db-0", &[("app", "db")]);
+    let postgres = ctrd.run_container(&db_sb, "postgres");
+    let sidecar = ctrd.run_container(&db_sb, "metrics");
+    let (team_sb, _, _) = ctrd.run_pod("team-a", "api-0", &[("app", "api")]);
+    let team = ctrd.run_container(&team_sb, "api");
+
+    let bind = |ctr: &str, addr: &str, port: &str| ctrd.probe(ctr, &["bind", "tcp", addr, port]);
+    assert_eq!(bind(&web, "0.0.0.0", "8080")["ok"], true);
+    assert_eq!(bind(&web, "0.0.0.0", "8081")["error"], "EPERM");
+    assert_eq!(
+        bind(&web, "0.0.0.0", "9090")["error"],
+        "EPERM",
+        "metrics stay on loopback"
+    );
+    assert_eq!(bind(&web, "127.0.0.1", "9090")["ok"], true);
+    assert_eq!(bind(&postgres, "0.0.0.0", "5432")["ok"], true);
+    assert_eq!(bind(&postgres, "0.0.0.0", "5433")["error"], "EPERM");
+    // The sidecar is not `postgres`: the namespace-wide policy governs it.
+    assert_eq!(bind(&sidecar, "0.0.0.0", "5432")["error"], "EPERM");
+    assert_eq!(bind(&sidecar, "127.0.0.1", "9000")["ok"], true);
+    // Audit mode: allowed, reported.
+    assert_eq!(bind(&team, "0.0.0.0", "7000")["ok"], true);
+
+    // The denials, as `kubectl logs` shows them, name pod and container.
+    let find = |want: &[(&str, Value)]| -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(e) = stdout_json(&agent_log(&ctrd))
+                .into_iter()
+                .find(|e| want.iter().all(|(k, v)| &e[*k] == v))
+            {
+                return e;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no event {want:?} in the agent's log:\n{}",
+                agent_log(&ctrd)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let e = find(&[("port", json!(8081)), ("k8s_pod", json!("web-0"))]);
+    assert_eq!(e["verdict"], "deny");
+    assert_eq!(e["policy"], "payments-web");
+    assert_eq!(e["k8s_namespace"], "payments");
+    assert_eq!(e["container_name"], "server");
+    assert_eq!(e["container_id"], web);
+    let e = find(&[("port", json!(5432)), ("container_name", json!("metrics"))]);
+    assert_eq!(e["policy"], "payments-default");
+    assert_eq!(e["k8s_pod"], "db-0");
+    let e = find(&[("port", json!(7000)), ("k8s_namespace", json!("team-a"))]);
+    assert_eq!(e["verdict"], "audit");
+    assert_eq!(e["policy"], "teams-audit");
+
+    // Editing the ConfigMap reloads the policy in the running pod.
+    volume.update(&policy.replace("- ports: [8080]", "- ports: [8080, 8081]"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while bind(&web, "0.0.0.0", "8081")["ok"] != true {
+        assert!(
+            Instant::now() < deadline,
+            "the ConfigMap change was not applied:\n{}",
+            agent_log(&ctrd)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(agent_log(&ctrd).contains("reloaded"));
 }

@@ -16,13 +16,13 @@ use portguard::cli::{Cli, Command as Sub, RunArgs};
 use portguard_tests::{MINIMAL_CAPS, agent_bin};
 use serde_json::Value;
 
-fn deploy_dir() -> PathBuf {
+pub fn deploy_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
 }
 
 /// Every YAML document of `path`, as JSON (through PyYAML, which
 /// kubernetes-validate brings).
-fn yaml_docs(path: &Path) -> Vec<Value> {
+pub fn yaml_docs(path: &Path) -> Vec<Value> {
     let out = Command::new("python3")
         .args([
             "-c",

@@ -1,0 +1,3 @@
+//! Helpers shared by `cargo xtask` and the integration tests.
+
+pub mod oci;
