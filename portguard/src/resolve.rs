@@ -330,13 +330,14 @@ mod tests {
         // Two different one-label selectors that both match pod U1.
         let (tree, mut cri) = fixture();
         cri.pods[0].labels.insert("tier".into(), "front".into());
-        let policies = compile_all(
-            &parse_policy_str(
-                "policies:\n  - {name: one, pods: {labels: {app: web}}, bind: []}\n  - {name: two, pods: {labels: {tier: front}}, bind: []}\n",
-            )
-            .unwrap()
-            .policies,
-        );
+        // The parser rejects such a file (a tie); the agent still settles a
+        // tie deterministically should one ever reach it.
+        let parse = |t: &str| parse_policy_str(t).unwrap().policies;
+        let mut both = parse("policies:\n  - {name: one, pods: {labels: {app: web}}, bind: []}\n");
+        both.extend(parse(
+            "policies:\n  - {name: two, pods: {labels: {tier: front}}, bind: []}\n",
+        ));
+        let policies = compile_all(&both);
         let mut stat = |p: &str| Some((p.len() as u64, 3));
         let (r, ties) = resolve(&policies, &tree, Some(&cri), &mut stat);
         assert_eq!(r[0].len(), 1);

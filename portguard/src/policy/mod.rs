@@ -97,7 +97,56 @@ impl PodSelector {
     }
 }
 
+impl PodSelector {
+    /// False only when no pod (or container) can match both selectors: a
+    /// label both require with different values, namespaces that cannot be
+    /// the same, or different container names.
+    pub fn may_overlap(&self, other: &Self) -> bool {
+        let is_glob = |n: &str| n.contains(['*', '?', '[']);
+        let ns_disjoint = match (self.namespace.as_deref(), other.namespace.as_deref()) {
+            (Some(a), Some(b)) => match (is_glob(a), is_glob(b)) {
+                (false, false) => a != b,
+                (true, false) => !glob::Pattern::new(a).is_ok_and(|g| g.matches(b)),
+                (false, true) => !glob::Pattern::new(b).is_ok_and(|g| g.matches(a)),
+                // Two patterns are disjoint when their literal prefixes (or
+                // suffixes) differ: `team-*` and `ops-*` never meet.
+                (true, true) => {
+                    let wild = |c: char| matches!(c, '*' | '?' | '[' | ']');
+                    let prefix = |n: &'_ str| n[..n.find(wild).unwrap_or(n.len())].to_owned();
+                    let suffix = |n: &'_ str| n[n.rfind(wild).map_or(0, |i| i + 1)..].to_owned();
+                    let (pa, pb, sa, sb) = (prefix(a), prefix(b), suffix(a), suffix(b));
+                    !(pa.starts_with(&pb) || pb.starts_with(&pa))
+                        || !(sa.ends_with(&sb) || sb.ends_with(&sa))
+                }
+            },
+            _ => false,
+        };
+        let labels_disjoint = self
+            .labels
+            .iter()
+            .any(|(k, v)| other.labels.get(k).is_some_and(|w| w != v));
+        let containers_disjoint = matches!(
+            (&self.container, &other.container),
+            (Some(a), Some(b)) if a != b
+        );
+        !(ns_disjoint || labels_disjoint || containers_disjoint)
+    }
+}
+
 impl Selector {
+    /// When two policies would be equally specific for one cgroup they could
+    /// both select, that is a tie: which policy applies must not depend on
+    /// file order. Distinct `cgroup:` paths and distinct units never tie.
+    pub fn may_tie(&self, other: &Self) -> bool {
+        if self.specificity() != other.specificity() {
+            return false;
+        }
+        match (self, other) {
+            (Self::Pods(a), Self::Pods(b)) => a.may_overlap(b),
+            (a, b) => a == b,
+        }
+    }
+
     /// The cgroup path of a `cgroup:` selector.
     pub fn cgroup_path(&self) -> Option<&str> {
         match self {

@@ -475,11 +475,12 @@ impl Cx {
             }
             if let Some(p) = &policy
                 && !matches!(p.selector, Selector::Cgroup(_))
-                && let Some(other) = file.policies.iter().find(|o| o.selector == p.selector)
+                && let Some(other) = file
+                    .policies
+                    .iter()
+                    .find(|o| o.selector.may_tie(&p.selector))
             {
-                self.err(
-                    item,
-                    &field,
+                let msg = if other.selector == p.selector {
                     format!(
                         "policy `{}` selects the same as `{}` (line {}): {}; make one of them more \
                          specific, a cgroup can take only one policy",
@@ -487,8 +488,21 @@ impl Cx {
                         other.name,
                         other.line,
                         p.selector.describe()
-                    ),
-                );
+                    )
+                } else {
+                    format!(
+                        "policy `{}` ({}) and `{}` (line {}: {}) are equally specific and can \
+                         select the same pod: a tie; make one more specific (a label, an exact \
+                         namespace or a container) or make them exclusive (one label key with \
+                         different values)",
+                        p.name,
+                        p.selector.describe(),
+                        other.name,
+                        other.line,
+                        other.selector.describe()
+                    )
+                };
+                self.err(item, &field, msg);
                 duplicate = true;
             }
             if let Some(p) = policy
@@ -1300,6 +1314,88 @@ policies:
             }
         }
         assert!(agreed.0 > 500, "the entry path was exercised: {agreed:?}");
+    }
+
+    #[test]
+    fn pod_and_unit_selectors_parse() {
+        let f = ok("policies:
+  - name: web
+    pods: {namespace: 'team-*', labels: {app: web, tier: front}, container: server}
+    bind: []
+  - name: every
+    pods: {}
+    bind: []
+  - {name: nginx, unit: nginx.service, bind: []}
+");
+        let Selector::Pods(p) = &f.policies[0].selector else {
+            panic!("{:?}", f.policies[0].selector)
+        };
+        assert_eq!(p.namespace.as_deref(), Some("team-*"));
+        assert_eq!(p.labels.len(), 2);
+        assert_eq!(p.container.as_deref(), Some("server"));
+        assert_eq!(
+            f.policies[1].selector,
+            Selector::Pods(PodSelector::default())
+        );
+        assert_eq!(
+            f.policies[2].selector,
+            Selector::Unit("nginx.service".into())
+        );
+    }
+
+    #[test]
+    fn selector_errors_name_the_field() {
+        let d = errs("policies:\n  - {name: a, cgroup: /a, unit: a.service, bind: []}\n");
+        assert!(
+            d[0].message
+                .contains("exactly one of `cgroup`, `pods` or `unit`"),
+            "{d:?}"
+        );
+        let d = errs("policies:\n  - {name: a, unit: nginx, bind: []}\n");
+        assert_eq!(d[0].field, "policies[0].unit");
+        assert!(d[0].message.contains("invalid unit name `nginx`"), "{d:?}");
+        let d = errs("policies:\n  - {name: a, pods: {namespace: '[x'}, bind: []}\n");
+        assert_eq!(d[0].field, "policies[0].pods.namespace");
+        let d = errs("policies:\n  - {name: a, pods: {labels: [app]}, bind: []}\n");
+        assert_eq!(d[0].field, "policies[0].pods.labels");
+        let d = errs("policies:\n  - {name: a, pods: {nmespace: x}, bind: []}\n");
+        assert!(d[0].message.contains("nmespace"), "{d:?}");
+    }
+
+    #[test]
+    fn identical_and_equally_specific_overlapping_selectors_are_ties() {
+        // Identical.
+        let d = errs(
+            "policies:\n  - {name: a, unit: x.service, bind: []}\n  - {name: b, unit: x.service, bind: []}\n",
+        );
+        assert!(d[0].message.contains("selects the same as `a`"), "{d:?}");
+        // Different labels, equally specific, both may match one pod.
+        let d = errs(
+            "policies:\n  - {name: a, pods: {labels: {app: web}}, bind: []}\n  - {name: b, pods: {labels: {tier: front}}, bind: []}\n",
+        );
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].line, 3);
+        assert!(d[0].message.contains("equally specific"), "{d:?}");
+        assert!(d[0].message.contains("`a` (line 2"), "{d:?}");
+        // Two namespace globs that could overlap.
+        assert!(!errs(
+            "policies:\n  - {name: a, pods: {namespace: 'team-*'}, bind: []}\n  - {name: b, pods: {namespace: '*-a'}, bind: []}\n",
+        )
+        .is_empty());
+        // Exclusive: one label key with different values, different exact
+        // namespaces, a glob that cannot match the other namespace, or
+        // different containers.
+        for text in [
+            "policies:\n  - {name: a, pods: {labels: {app: web}}, bind: []}\n  - {name: b, pods: {labels: {app: db}}, bind: []}\n",
+            "policies:\n  - {name: a, pods: {namespace: x}, bind: []}\n  - {name: b, pods: {namespace: y}, bind: []}\n",
+            "policies:\n  - {name: a, pods: {namespace: 'team-*'}, bind: []}\n  - {name: b, pods: {namespace: 'ops-*'}, bind: []}\n",
+            "policies:\n  - {name: a, pods: {container: x}, bind: []}\n  - {name: b, pods: {container: y}, bind: []}\n",
+            // Different specificity: the more specific one wins, no tie.
+            "policies:\n  - {name: a, pods: {labels: {app: web}}, bind: []}\n  - {name: b, pods: {namespace: x}, bind: []}\n",
+            "policies:\n  - {name: a, unit: x.service, bind: []}\n  - {name: b, unit: y.service, bind: []}\n",
+        ] {
+            ok(text);
+        }
     }
 
     #[test]
