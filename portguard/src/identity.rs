@@ -12,7 +12,8 @@
 //!   (`crio-conmon-<id>.scope` is CRI-O's monitor, not the container);
 //! - podman: `libpod-<id>.scope` (systemd) or `/libpod_parent/libpod-<id>`
 //!   (cgroupfs); Docker outside Kubernetes: `docker-<id>.scope` or
-//!   `/docker/<id>`;
+//!   `/docker/<id>`; plain runc: `runc-<id>.scope` (systemd) or `/<id>`
+//!   (cgroupfs, at the top of the tree);
 //! - systemd units: the deepest component ending in `.service`, `.scope`,
 //!   `.socket` or `.mount` that is not one of the above.
 
@@ -73,6 +74,7 @@ fn container_component(c: &str) -> Option<(String, &'static str)> {
             ("crio-", "crio"),
             ("docker-", "docker"),
             ("libpod-", "podman"),
+            ("runc-", "runc"),
         ] {
             if let Some(id) = s.strip_prefix(prefix)
                 && is_container_id(id)
@@ -114,9 +116,12 @@ pub fn parse(path: &str) -> CgroupIdentity {
         }
         if let Some((cid, rt)) = container_component(c) {
             // Bare ids only count under a known container parent
-            // (/docker/<id>, /libpod_parent/...), not anywhere.
+            // (/docker/<id>, /libpod_parent/...) or at the top (plain `runc
+            // run` with the cgroupfs driver puts a container at /<id>), not
+            // anywhere.
+            let bare = rt == "runc" && !c.ends_with(".scope");
             let parent_ok =
-                rt != "runc" || i > 0 && matches!(parts[i - 1], "docker" | "libpod_parent" | "lxc");
+                !bare || i == 0 || matches!(parts[i - 1], "docker" | "libpod_parent" | "lxc");
             if parent_ok {
                 id.container_id = Some(cid);
                 id.runtime = Some(if parts.get(i.wrapping_sub(1)) == Some(&"docker") {
@@ -235,6 +240,18 @@ mod tests {
         assert_eq!(
             (id.container_id.as_deref(), id.runtime),
             (Some(CID), Some("docker"))
+        );
+        // Plain runc: systemd driver (`system.slice:runc:<id>`) and
+        // cgroupfs driver (`/<id>`).
+        let id = parse(&format!("/system.slice/runc-{CID}.scope"));
+        assert_eq!(
+            (id.container_id.as_deref(), id.runtime, id.unit),
+            (Some(CID), Some("runc"), None)
+        );
+        let id = parse(&format!("/{CID}"));
+        assert_eq!(
+            (id.container_id.as_deref(), id.runtime),
+            (Some(CID), Some("runc"))
         );
         let id = parse("/system.slice/nginx.service");
         assert_eq!(id.unit.as_deref(), Some("nginx.service"));
