@@ -96,7 +96,10 @@ fn pods_selected_by_label_through_a_real_cri_runtime() {
         r["error"], "EPERM",
         "the new pod's first bind is judged: {r}"
     );
-    agent.wait_event(&[("port", json!(8081)), ("k8s_pod", json!("web-1"))]);
+    // Judged by the pod's own policy, not by the hold: the pod was
+    // identified before its first container started.
+    let e = agent.wait_event(&[("port", json!(8081)), ("k8s_pod", json!("web-1"))]);
+    assert_eq!(e["policy"], "web", "{e}");
     // How long after the pod cgroup appeared did the agent govern it?
     let log = agent.stderr();
     let line = log
