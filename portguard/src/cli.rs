@@ -81,6 +81,13 @@ pub struct RunArgs {
     #[arg(long, value_name = "BYTES", default_value_t = 1 << 20)]
     pub ring_buffer_size: u32,
 
+    /// Flood control: identical decisions (same policy, cgroup, hook,
+    /// verdict, protocol, family, address and port) within this window are
+    /// written as one line with `count`, `first_seen` and `last_seen`; the
+    /// first of them is written at once. 0 writes every decision.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub aggregate_window: Duration,
+
     /// How often to check the kernel's lost-event counter (e.g. 1s, 500ms).
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
     pub lost_report_interval: Duration,
@@ -155,6 +162,7 @@ impl Cli {
                     attach_cgroup: a.attach_cgroup,
                     require_lsm: a.require_lsm,
                     cri_socket: a.cri_socket,
+                    aggregate_window: a.aggregate_window,
                     health_listen: a.health_listen,
                     cgroup_root: a.cgroup_root,
                 })?;

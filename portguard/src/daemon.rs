@@ -66,6 +66,9 @@ pub struct RunOptions {
     pub require_lsm: bool,
     /// The CRI runtime's socket (for `pods:` policies and event identities).
     pub cri_socket: PathBuf,
+    /// Identical decisions within this window are written as one line
+    /// (zero: every decision is written).
+    pub aggregate_window: Duration,
     /// Where to serve /healthz and /readyz.
     pub health_listen: Option<std::net::SocketAddr>,
     /// The host's cgroup2 mount, when discovery from /proc/mounts is not
@@ -80,6 +83,9 @@ pub const IDENTIFYING: &str = "portguard:identifying";
 /// /healthz fails when the main loop has not turned for this long (or three
 /// lost-report intervals, if longer).
 const HEALTH_STALE_AFTER: Duration = Duration::from_secs(30);
+
+/// Most kinds of decision the aggregator tracks at once.
+const AGGREGATE_KINDS: usize = 65536;
 
 /// How long a pod cgroup may stay unidentified before it is released.
 const IDENTIFY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -167,6 +173,10 @@ struct Agent {
     inventory_pending: bool,
     /// What /healthz and /readyz report.
     health: std::sync::Arc<Health>,
+    /// The host name events carry.
+    host: String,
+    /// Flood control for event lines.
+    aggregator: crate::aggregate::Aggregator,
 }
 
 impl Agent {
@@ -520,11 +530,14 @@ impl Agent {
                     .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
                     .unwrap_or(0);
                 let policy_cgroup_id = gov.id;
-                let _ = writer.line(&events::EventRecord {
+                let record = events::EventRecord {
+                    schema_version: events::SCHEMA_VERSION,
                     time: events::format_time(std::time::SystemTime::now()),
+                    host: self.host.clone(),
                     verdict: "preexisting",
                     hook: "inventory",
                     policy: Some(policy.name.clone()),
+                    rule: None,
                     cgroup: Some(h.cgroup.clone()),
                     cgroup_id,
                     pid: h.pid,
@@ -551,7 +564,11 @@ impl Agent {
                     socket: None,
                     socket_inode: Some(*inode),
                     identity: events::WorkloadIdentity::of(&h.cgroup, self.cri.as_ref()),
-                });
+                    count: 1,
+                    first_seen: None,
+                    last_seen: None,
+                };
+                self.write_records(writer, vec![record]);
             }
         }
         let _ = writer.flush();
@@ -690,6 +707,30 @@ impl Agent {
                 self.policy_path.display(),
                 d.len()
             ),
+        }
+    }
+
+    /// Which part of its policy decided `rec` (the `rule` field).
+    fn rule_for(&self, rec: &events::EventRecord) -> Option<String> {
+        let name = rec.policy.as_deref()?;
+        if name == IDENTIFYING {
+            return Some(IDENTIFYING.to_owned());
+        }
+        let policy = self
+            .parsed
+            .as_ref()?
+            .file
+            .policies
+            .iter()
+            .find(|p| p.name == name)?;
+        Some(crate::policy::explain::deciding_rule(policy, &rec.judged()))
+    }
+
+    /// Write event lines, each with its `rule`.
+    fn write_records(&self, writer: &mut EventWriter, records: Vec<events::EventRecord>) {
+        for mut r in records {
+            r.rule = self.rule_for(&r);
+            let _ = writer.line(&r);
         }
     }
 
@@ -1017,6 +1058,8 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
         verify_pending: false,
         inventory_pending: false,
         health: Health::new(HEALTH_STALE_AFTER.max(opts.lost_interval * 3)),
+        host: events::host_name(),
+        aggregator: crate::aggregate::Aggregator::new(opts.aggregate_window, AGGREGATE_KINDS),
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -1152,10 +1195,15 @@ async fn serve(
 
     loop {
         health.beat();
-        let deadline = [pending_reload, pending_rescan, cri_due]
-            .into_iter()
-            .flatten()
-            .min();
+        let deadline = [
+            pending_reload,
+            pending_rescan,
+            cri_due,
+            agent.aggregator.next_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         let sleep = async {
             match deadline {
                 Some(d) => tokio::time::sleep_until(d.into()).await,
@@ -1212,6 +1260,11 @@ async fn serve(
             }
             () = sleep => {
                 let now = Instant::now();
+                let closed = agent.aggregator.expire(now);
+                if !closed.is_empty() {
+                    agent.write_records(&mut writer, closed);
+                    let _ = writer.flush();
+                }
                 if cri_due.is_some_and(|d| d <= now) {
                     cri_due = None;
                     let t = Instant::now();
@@ -1283,6 +1336,8 @@ async fn serve(
         &opts.cri_socket,
     )
     .await;
+    let pending = agent.aggregator.drain();
+    agent.write_records(&mut writer, pending);
     report_lost(agent, &mut writer, &mut lost_seen);
     writer.flush().context("flushing the event log")?;
     Ok(())
@@ -1341,7 +1396,12 @@ async fn drain_events(
     let mut records = Vec::new();
     while let Some(item) = rb.next() {
         match events::decode(&item) {
-            Ok(ev) => records.push(events::enrich(&ev, &agent.names, &mut agent.hierarchy)),
+            Ok(ev) => records.push(events::enrich(
+                &ev,
+                &agent.names,
+                &mut agent.hierarchy,
+                &agent.host,
+            )),
             Err(e) => warn!("daemon: skipping a malformed event: {e}"),
         }
     }
@@ -1367,12 +1427,15 @@ async fn drain_events(
         }
     }
     let n = records.len();
+    let now = Instant::now();
+    let mut out = agent.aggregator.expire(now);
     for mut record in records {
         if let Some(path) = &record.cgroup {
             record.identity = events::WorkloadIdentity::of(path, agent.cri.as_ref());
         }
-        let _ = writer.line(&record);
+        out.extend(agent.aggregator.push(record, now));
     }
+    agent.write_records(writer, out);
     n
 }
 
@@ -1387,6 +1450,8 @@ fn report_lost(agent: &Agent, writer: &mut EventWriter, seen: &mut u64) {
             );
             notify_status(&format!("{} events lost in total", c.events_lost));
             let _ = writer.line(&LostRecord {
+                schema_version: events::SCHEMA_VERSION,
+                host: agent.host.clone(),
                 time: events::format_time(std::time::SystemTime::now()),
                 lost,
                 lost_total: c.events_lost,

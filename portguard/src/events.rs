@@ -25,13 +25,23 @@ use serde::Serialize;
 
 use crate::cgroupfs::Hierarchy;
 
+/// Version of the event schema (docs/events.md, docs/event.schema.json).
+/// Raised only when a field changes meaning; new fields do not raise it.
+pub const SCHEMA_VERSION: u32 = 1;
+
 /// A denial (or audit) as users see it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct EventRecord {
+    pub schema_version: u32,
     pub time: String,
+    /// The node or host the agent runs on.
+    pub host: String,
     pub verdict: &'static str,
     pub hook: &'static str,
     pub policy: Option<String>,
+    /// Which part of the policy decided (see `policy::explain`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
     pub cgroup: Option<String>,
     pub cgroup_id: u64,
     pub pid: u32,
@@ -61,6 +71,63 @@ pub struct EventRecord {
     /// Who the caller is: pod, container or unit, when known.
     #[serde(flatten)]
     pub identity: WorkloadIdentity,
+    /// How many identical decisions this line stands for (1, or the size
+    /// of an aggregate; see `aggregate`).
+    pub count: u64,
+    /// Aggregates only: when the first and the last of them happened.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_seen: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<String>,
+}
+
+impl EventRecord {
+    /// What the kernel judged, for [`crate::policy::explain::deciding_rule`].
+    pub fn judged(&self) -> crate::policy::explain::Judged {
+        use crate::policy::explain::{Dir, Judged};
+        let loopback = self
+            .address
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|a| match a {
+                std::net::IpAddr::V4(v4) => v4.is_loopback(),
+                std::net::IpAddr::V6(v6) => {
+                    v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+                }
+            });
+        Judged {
+            dir: match self.hook {
+                "sock_create" => Dir::Socket,
+                "connect4" | "connect6" | "sendmsg4" | "sendmsg6" => Dir::Connect,
+                _ => Dir::Bind,
+            },
+            tcp: match self.protocol.as_str() {
+                "tcp" => Some(true),
+                "udp" => Some(false),
+                _ => None,
+            },
+            ipv6: self.family == "ipv6",
+            loopback,
+            port: self.port,
+            ephemeral: self.autobind || self.hook.starts_with("post_bind"),
+            dual_stack: self.dual_stack,
+        }
+    }
+}
+
+/// The host name events carry: `$PORTGUARD_HOST_NAME`, else `$NODE_NAME`
+/// (a DaemonSet sets it from `spec.nodeName`; a pod's own host name is the
+/// pod's), else the kernel's host name.
+pub fn host_name() -> String {
+    for var in ["PORTGUARD_HOST_NAME", "NODE_NAME"] {
+        if let Ok(v) = std::env::var(var)
+            && !v.is_empty()
+        {
+            return v;
+        }
+    }
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
 }
 
 /// Kubernetes or systemd identity of the caller's cgroup. Fields are left
@@ -119,7 +186,9 @@ impl WorkloadIdentity {
 /// A report of events the kernel could not queue.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct LostRecord {
+    pub schema_version: u32,
     pub time: String,
+    pub host: String,
     /// Events lost since the previous report.
     pub lost: u64,
     /// Events lost since the agent started.
@@ -209,7 +278,7 @@ impl PolicyNames {
 }
 
 /// Turn a raw event into the user-facing record.
-pub fn enrich(ev: &Event, names: &PolicyNames, cgroups: &mut Hierarchy) -> EventRecord {
+pub fn enrich(ev: &Event, names: &PolicyNames, cgroups: &mut Hierarchy, host: &str) -> EventRecord {
     let hook = Hook::from_u8(ev.hook).map_or("unknown", Hook::name);
     let v4_mapped = ev.flags & EVENT_F_V4_MAPPED != 0;
     let family = if ev.family == Family::Ipv4 as u8 {
@@ -229,7 +298,9 @@ pub fn enrich(ev: &Event, names: &PolicyNames, cgroups: &mut Hierarchy) -> Event
         Ipv6Addr::from(ev.addr).to_string()
     };
     EventRecord {
+        schema_version: SCHEMA_VERSION,
         time: format_time(wall_time(ev.boot_ns)),
+        host: host.to_owned(),
         verdict: match ev.verdict {
             VERDICT_DENY => "deny",
             VERDICT_AUDIT => "audit",
@@ -238,6 +309,7 @@ pub fn enrich(ev: &Event, names: &PolicyNames, cgroups: &mut Hierarchy) -> Event
         },
         hook,
         policy: names.get(ev.policy_id).map(str::to_owned),
+        rule: None,
         cgroup: cgroups.path_of(ev.cgroup_id),
         cgroup_id: ev.cgroup_id,
         pid: (ev.pid_tgid >> 32) as u32,
@@ -262,6 +334,9 @@ pub fn enrich(ev: &Event, names: &PolicyNames, cgroups: &mut Hierarchy) -> Event
         },
         socket_inode: None,
         identity: WorkloadIdentity::default(),
+        count: 1,
+        first_seen: None,
+        last_seen: None,
     }
 }
 
@@ -371,7 +446,7 @@ mod tests {
         let mut h = Hierarchy::new(PathBuf::from("/nonexistent"));
         h.remember(42, "/demo/web/child");
         h.remember(41, "/demo/web");
-        let r = enrich(&ev, &names, &mut h);
+        let r = enrich(&ev, &names, &mut h, "node-1");
         let v: serde_json::Value = serde_json::to_value(&r).unwrap();
         for key in [
             "time",
@@ -391,6 +466,10 @@ mod tests {
         ] {
             assert!(v.get(key).is_some(), "missing {key}: {v}");
         }
+        assert_eq!(v["schema_version"], SCHEMA_VERSION);
+        assert_eq!(v["host"], "node-1");
+        assert_eq!(v["count"], 1);
+        assert!(v.get("first_seen").is_none());
         assert_eq!(v["verdict"], "deny");
         assert_eq!(v["hook"], "bind6");
         assert_eq!(v["policy"], "web");
@@ -430,13 +509,17 @@ mod tests {
         let buf = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let mut w = EventWriter::memory(buf.clone());
         w.line(&LostRecord {
+            schema_version: 1,
             time: "t".into(),
+            host: "h".into(),
             lost: 3,
             lost_total: 5,
         })
         .unwrap();
         w.line(&LostRecord {
+            schema_version: 1,
             time: "u".into(),
+            host: "h".into(),
             lost: 1,
             lost_total: 6,
         })
@@ -444,6 +527,9 @@ mod tests {
         let text = String::from_utf8(buf.lock().unwrap().clone()).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 2);
-        assert_eq!(lines[0], r#"{"time":"t","lost":3,"lost_total":5}"#);
+        assert_eq!(
+            lines[0],
+            r#"{"schema_version":1,"time":"t","host":"h","lost":3,"lost_total":5}"#
+        );
     }
 }

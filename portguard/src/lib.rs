@@ -4,6 +4,7 @@
 //! `cli`/`daemon` -> `loader`/`events`/`rules_map` -> `policy` -> portguard-common.
 //! The `policy` module is pure and never imports aya.
 
+pub mod aggregate;
 pub mod caps;
 pub mod cgroupfs;
 pub mod check;

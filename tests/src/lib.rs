@@ -191,6 +191,17 @@ pub fn agent_bin() -> PathBuf {
 }
 
 /// The probe binary (built by cargo next to the integration test binary).
+/// The storm/benchmark loop binary (`pgbench`).
+pub fn pgbench_bin() -> PathBuf {
+    let p = target_dir_binary("pgbench");
+    assert!(
+        p.exists(),
+        "{} not found: build the tests crate's binaries",
+        p.display()
+    );
+    p
+}
+
 pub fn probe_bin() -> PathBuf {
     let p = target_dir_binary("pgprobe");
     assert!(
@@ -282,6 +293,11 @@ impl Agent {
         ];
         if !extra.contains(&"--watch") {
             args.push("--no-watch".into());
+        }
+        // Tests that are not about flood control see every decision as its
+        // own line; the `aggregate` tests pass their own window.
+        if !extra.contains(&"--aggregate-window") {
+            args.extend(["--aggregate-window".into(), "0".into()]);
         }
         args.extend(
             extra

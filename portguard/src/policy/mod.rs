@@ -42,6 +42,7 @@
 //!   allows it.
 
 pub mod compile;
+pub mod explain;
 pub mod parse;
 pub mod portset;
 pub mod yaml;

@@ -6,8 +6,10 @@
 //! OP: bind     socket(TCP) + bind(127.0.0.1:P) + close, must succeed
 //!     connect  socket(UDP) + connect(127.0.0.1:P) + close, must succeed
 //!     denied   socket(TCP) + bind(127.0.0.1:P) + close, must fail with EPERM
-//!     storm    bind(127.0.0.1:P) on one socket for S seconds, as fast as
-//!              possible; every call must fail with EPERM
+//!     storm    bind(127.0.0.1:P) on one socket for S seconds (or exactly
+//!              --count N times), as fast as possible; every call must fail
+//!              with EPERM. With --distinct-at K --distinct-port Q, one
+//!              bind to port Q (also denied) after the K-th denial.
 //! ```
 //! It runs in its own network namespace (loopback up), joins `--cgroup`,
 //! optionally restricts itself with Landlock (TCP bind allowed only on
@@ -135,6 +137,8 @@ fn main() {
     let mut warmup = 20_000u64;
     let mut reps = 7usize;
     let mut seconds = 10.0f64;
+    let mut count: Option<u64> = None;
+    let mut distinct: Option<(u64, u16)> = None;
     let mut op = None;
     let mut cpu: Option<usize> = None;
     while !args.is_empty() {
@@ -154,6 +158,15 @@ fn main() {
             "--warmup" => warmup = val().parse().unwrap_or_else(|_| die("bad --warmup")),
             "--reps" => reps = val().parse().unwrap_or_else(|_| die("bad --reps")),
             "--seconds" => seconds = val().parse().unwrap_or_else(|_| die("bad --seconds")),
+            "--count" => count = Some(val().parse().unwrap_or_else(|_| die("bad --count"))),
+            "--distinct-at" => {
+                let k = val().parse().unwrap_or_else(|_| die("bad --distinct-at"));
+                distinct = Some((k, distinct.map_or(0, |d: (u64, u16)| d.1)));
+            }
+            "--distinct-port" => {
+                let q = val().parse().unwrap_or_else(|_| die("bad --distinct-port"));
+                distinct = Some((distinct.map_or(0, |d: (u64, u16)| d.0), q));
+            }
             s if !s.starts_with("--") && op.is_none() => op = Some(s.to_owned()),
             other => die(&format!("unknown argument {other}")),
         }
@@ -184,14 +197,33 @@ fn main() {
         let p = std::ptr::from_ref(&sin).cast::<libc::sockaddr>();
         let start = Instant::now();
         let mut n = 0u64;
-        while start.elapsed().as_secs_f64() < seconds {
-            for _ in 0..1000 {
-                // SAFETY: bind on our own socket.
-                if unsafe { libc::bind(fd, p, SIN_LEN) } == 0 || errno() != libc::EPERM {
-                    die("storm: a bind was not denied with EPERM");
+        let deny = |p: *const libc::sockaddr| {
+            // SAFETY: bind on our own socket.
+            if unsafe { libc::bind(fd, p, SIN_LEN) } == 0 || errno() != libc::EPERM {
+                die("storm: a bind was not denied with EPERM");
+            }
+        };
+        let other = distinct.map(|(k, q)| (k, addr(q)));
+        match count {
+            Some(total) => {
+                while n < total {
+                    deny(p);
+                    n += 1;
+                    if let Some((k, sin)) = &other
+                        && n == *k
+                    {
+                        deny(std::ptr::from_ref(sin).cast::<libc::sockaddr>());
+                    }
                 }
             }
-            n += 1000;
+            None => {
+                while start.elapsed().as_secs_f64() < seconds {
+                    for _ in 0..1000 {
+                        deny(p);
+                    }
+                    n += 1000;
+                }
+            }
         }
         let elapsed = start.elapsed().as_secs_f64();
         // SAFETY: closing our own socket.

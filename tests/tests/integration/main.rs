@@ -9,6 +9,7 @@
 //!   policy cgroup that appears (or is recreated) after the agent started.
 //! - `connect`: connect4/6, IPv4-mapped destinations, UDP connect, unconnected
 //!   UDP sendto (sendmsg4/6), loopback-only destinations.
+//! - `aggregate`: flood control (a storm becomes a few lines; counts add up).
 //! - `audit`: audit mode allows and reports.
 //! - `reload`: tighten and loosen under a running workload, invalid reloads,
 //!   reload on file change.
@@ -17,6 +18,7 @@
 //! - `cri`: `pods:` selectors against a private containerd through the CRI.
 //! - `units`: `unit:` selectors on a bare host.
 
+mod aggregate;
 mod audit;
 mod bind;
 mod bypass;
