@@ -703,3 +703,49 @@ impl ConfigMapVolume {
         self.dir.path().join("policy.yaml")
     }
 }
+
+/// docs/event.schema.json.
+pub fn event_schema_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/event.schema.json")
+}
+
+/// Validate event lines against the published JSON Schema (with Python's
+/// `jsonschema`, which kubernetes-validate brings). Returns one message per
+/// invalid line.
+pub fn schema_errors(events: &[Value]) -> Vec<String> {
+    let script = r#"
+import json, sys
+from jsonschema import Draft202012Validator
+schema = json.load(open(sys.argv[1]))
+Draft202012Validator.check_schema(schema)
+v = Draft202012Validator(schema)
+errors = []
+for i, line in enumerate(json.load(sys.stdin)):
+    for e in v.iter_errors(line):
+        errors.append(f"line {i}: {e.message} at {list(e.absolute_path)}; context: {[c.message for c in e.context][:6]}: {json.dumps(line)}")
+print(json.dumps(errors))
+"#;
+    let mut child = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(event_schema_path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 (run scripts/setup.sh)");
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin
+            .write_all(serde_json::to_string(events).unwrap().as_bytes())
+            .unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "schema validation failed to run: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}

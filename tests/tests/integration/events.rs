@@ -3,6 +3,7 @@
 use std::time::{Duration, Instant};
 
 use portguard_tests::{Agent, Cgroup, Probe, require_root};
+use serde_json::Value;
 use serde_json::json;
 
 /// With the agent stopped (SIGSTOP) and a one-page ring buffer, a burst of
@@ -90,4 +91,102 @@ fn stopping_the_agent_detaches_enforcement() {
     assert!(status.success(), "clean exit on SIGTERM: {status}");
     assert!(agent.stderr().contains("detaching programs"));
     p.run(&["bind", "tcp", "127.0.0.1", "8080"]).assert_ok();
+}
+
+/// Every kind of line the agent writes validates against the published
+/// schema (docs/event.schema.json): denials of each hook, audit, reported
+/// listeners, pre-existing sockets, socket creation, a unit's identity, an
+/// aggregate and a loss report. The schema forbids fields it does not
+/// document, so a new field must be documented to pass.
+#[test]
+fn every_kind_of_event_matches_the_published_schema() {
+    require_root!();
+    let pid = std::process::id();
+    let slice = Cgroup::existing(
+        portguard_tests::cgroup2_root().join(format!("pgtest-schema-{pid}.slice")),
+        &format!("/pgtest-schema-{pid}.slice"),
+    );
+    let unit = slice.child(&format!("pgschema-{pid}.service"));
+    let audited = Cgroup::new("schema-audit");
+    // Bound before the agent starts: reported as pre-existing.
+    let (held, _h) = Probe::in_cgroup(&unit).hold(&["hold", "tcp", "0.0.0.0", "9999"]);
+    held.assert_ok();
+    let mut agent = Agent::start_with(
+        &format!(
+            "policies:\n  - name: unit\n    unit: pgschema-{pid}.service\n    bind:\n      - {{ports: [8080]}}\n      - {{ports: [9000], address: loopback}}\n    connect: [{{ports: [53]}}]\n  - {{name: audited, cgroup: {}, mode: audit, bind: []}}\n",
+            audited.rel
+        ),
+        &["--aggregate-window", "1s", "--ring-buffer-size", "4096"],
+    );
+    agent.wait_event(&[("verdict", json!("preexisting"))]);
+    let p = Probe::in_cgroup(&unit);
+    for op in [
+        &["bind", "tcp", "127.0.0.1", "8081"][..],
+        &["bind", "tcp", "0.0.0.0", "9000"],
+        &["bind", "udp", "::", "8081"],
+        &["bind", "tcp", "::ffff:127.0.0.1", "8082"],
+        &["bind", "udp", "127.0.0.1", "0"],
+        &["connect", "tcp", "127.0.0.1", "80"],
+        &["connect", "udp", "::1", "443"],
+        &["sendto", "127.0.0.1", "5353"],
+        &["socket", "raw4"],
+    ] {
+        p.run(op).assert_eperm();
+    }
+    // listen() on an unbound socket: denied, or reported where the BPF LSM
+    // is unusable.
+    let r = p.run(&["listen-unbound", "tcp", "4"]);
+    if agent.listen_denied() {
+        r.assert_eperm();
+    }
+    Probe::in_cgroup(&audited)
+        .run(&["bind", "tcp", "127.0.0.1", "7000"])
+        .assert_ok();
+    // An aggregate: the same denial three times within the window.
+    for _ in 0..3 {
+        p.run(&["bind", "tcp", "127.0.0.1", "8085"]).assert_eperm();
+    }
+    // A loss report: a stopped agent and more events than the ring holds.
+    agent.signal(libc::SIGSTOP);
+    let child = p.spawn_loop(&["bind", "tcp", "127.0.0.1", "8086"], 200, 0);
+    child.wait_with_output().unwrap();
+    agent.signal(libc::SIGCONT);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(agent.stop().success());
+
+    let events = agent.events();
+    let errors = portguard_tests::schema_errors(&events);
+    assert!(errors.is_empty(), "{}", errors.join("\n"));
+    // The kinds this test meant to produce are all there.
+    let has = |k: &str, v: Value| events.iter().any(|e| e.get(k) == Some(&v));
+    for (k, v) in [
+        ("hook", json!("bind4")),
+        ("hook", json!("bind6")),
+        ("hook", json!("post_bind4")),
+        ("hook", json!("connect4")),
+        ("hook", json!("connect6")),
+        ("hook", json!("sendmsg4")),
+        ("hook", json!("sock_create")),
+        ("hook", json!("listen")),
+        ("hook", json!("inventory")),
+        ("verdict", json!("audit")),
+        ("rule", json!("bind")),
+        ("rule", json!("bind[1].address")),
+        ("rule", json!("connect")),
+        ("rule", json!("allow_sockets")),
+        ("rule", json!("bind[]")),
+        ("unit", json!(format!("pgschema-{pid}.service"))),
+        ("v4_mapped", json!(true)),
+        ("dual_stack", json!(true)),
+        ("count", json!(2)),
+    ] {
+        assert!(has(k, v.clone()), "no event with {k} = {v}: {events:#?}");
+    }
+    assert!(
+        events.iter().any(|e| e.get("lost").is_some()),
+        "no loss report"
+    );
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    assert!(events.iter().all(|e| e["host"] == host.trim()));
+    assert!(events.iter().all(|e| e["schema_version"] == 1));
 }
