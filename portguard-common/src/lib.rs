@@ -60,6 +60,7 @@ pub const MAP_POLICIES: &str = "PORTGUARD_POLICIES";
 pub const MAP_PORTSETS: &str = "PORTGUARD_PORTSETS";
 pub const MAP_EVENTS: &str = "PORTGUARD_EVENTS";
 pub const MAP_COUNTERS: &str = "PORTGUARD_COUNTERS";
+pub const MAP_POLICY_COUNTERS: &str = "PORTGUARD_POLICY_COUNTERS";
 pub const MAP_SOCKETS: &str = "PORTGUARD_SOCKETS";
 
 /// Name of the kernel programs' global holding the bit offset of
@@ -269,8 +270,11 @@ pub struct PolicyRecord {
     pub allow_sockets: u8,
     /// Port-set ids, indexed by [`set_slot`].
     pub sets: [u32; SET_SLOTS],
+    /// The record's slot (stable while the policy exists): its row in
+    /// [`MAP_POLICY_COUNTERS`].
+    pub slot: u32,
 }
-const _: () = assert!(size_of::<PolicyRecord>() == 72);
+const _: () = assert!(size_of::<PolicyRecord>() == 76);
 
 /// [`MAP_PORTSETS`] key.
 #[repr(C)]
@@ -420,18 +424,33 @@ pub struct Event {
 }
 const _: () = assert!(size_of::<Event>() == 88);
 
-/// Indices into [`MAP_COUNTERS`] (a per-CPU array of u64). NB: the agent's
-/// counter names follow this order; keep them in step.
-pub const COUNTER_ALLOWED: u32 = 0;
-/// Operations denied in enforce mode.
-pub const COUNTER_DENIED: u32 = 1;
-/// Operations allowed in audit mode that enforce mode would have denied.
-pub const COUNTER_AUDITED: u32 = 2;
+/// Decision kinds counted in [`MAP_COUNTERS`] and [`MAP_POLICY_COUNTERS`].
+pub const DECISION_ALLOW: u32 = 0;
+/// Denied in enforce mode.
+pub const DECISION_DENY: u32 = 1;
+/// Allowed in audit mode, but enforce mode would have denied it.
+pub const DECISION_AUDIT: u32 = 2;
+/// A violation that could only be reported (see [`VERDICT_REPORTED`]).
+pub const DECISION_REPORTED: u32 = 3;
+pub const DECISIONS: u32 = 4;
+/// Hook values are 1..=HOOKS.
+pub const HOOKS: u32 = 11;
+
+/// [`MAP_COUNTERS`] (a per-CPU array of u64): decisions of every governed
+/// operation by hook and kind, at `hook * DECISIONS + kind` (row 0 unused),
+/// then the events the ring buffer could not take.
+pub const fn hook_counter(hook: u32, kind: u32) -> u32 {
+    hook * DECISIONS + kind
+}
 /// Events that could not be queued because the ring buffer was full.
-pub const COUNTER_EVENTS_LOST: u32 = 3;
-/// Violations that could only be reported (see [`VERDICT_REPORTED`]).
-pub const COUNTER_REPORTED: u32 = 4;
-pub const COUNTERS: u32 = 5;
+pub const COUNTER_EVENTS_LOST: u32 = (HOOKS + 1) * DECISIONS;
+pub const COUNTERS: u32 = COUNTER_EVENTS_LOST + 1;
+
+/// [`MAP_POLICY_COUNTERS`] (a per-CPU array of u64, `DECISIONS` per policy
+/// slot): decisions by policy and kind, at `slot * DECISIONS + kind`.
+pub const fn policy_counter(slot: u32, kind: u32) -> u32 {
+    slot * DECISIONS + kind
+}
 
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;

@@ -11,15 +11,15 @@ use aya_ebpf::helpers::{
     generated::{bpf_get_current_ancestor_cgroup_id, bpf_ktime_get_boot_ns},
 };
 use portguard_common::{
-    AddrClass, COUNTER_ALLOWED, COUNTER_AUDITED, COUNTER_DENIED, COUNTER_EVENTS_LOST,
-    COUNTER_REPORTED, CgroupKey, Direction, EMPTY_SET, Event, Family, Hook, IPPROTO_TCP,
-    IPPROTO_UDP, MAX_CGROUP_DEPTH, MODE_AUDIT, PORTS_PER_CHUNK, PolicyRecord, PortChunkKey, Proto,
-    VERDICT_AUDIT, VERDICT_DENY, VERDICT_REPORTED, set_slot,
+    AddrClass, COUNTER_EVENTS_LOST, CgroupKey, DECISION_ALLOW, DECISION_AUDIT, DECISION_DENY,
+    DECISION_REPORTED, Direction, EMPTY_SET, Event, Family, Hook, IPPROTO_TCP, IPPROTO_UDP,
+    MAX_CGROUP_DEPTH, MODE_AUDIT, PORTS_PER_CHUNK, PolicyRecord, PortChunkKey, Proto,
+    VERDICT_AUDIT, VERDICT_DENY, VERDICT_REPORTED, hook_counter, policy_counter, set_slot,
 };
 
 use crate::maps::{
     PORTGUARD_CGROUPS, PORTGUARD_COUNTERS, PORTGUARD_EVENTS, PORTGUARD_POLICIES,
-    PORTGUARD_PORTSETS, PORTGUARD_STATE,
+    PORTGUARD_POLICY_COUNTERS, PORTGUARD_PORTSETS, PORTGUARD_STATE,
 };
 
 pub const ALLOW: i32 = 1;
@@ -140,6 +140,16 @@ fn count(index: u32) {
     }
 }
 
+/// Count a decision by hook and kind, and by policy and kind.
+#[inline(always)]
+fn count_decision(q: &Query, record: &PolicyRecord, kind: u32) {
+    count(hook_counter(q.hook as u32, kind));
+    if let Some(p) = PORTGUARD_POLICY_COUNTERS.get_ptr_mut(policy_counter(record.slot, kind)) {
+        // SAFETY: per-CPU slot, only this CPU writes it while we run.
+        unsafe { *p += 1 };
+    }
+}
+
 /// Judge the creation of a socket of a kind with its own bind (raw, SCTP,
 /// L2TP/IP): denied in a cgroup whose policy restricts binds or connects,
 /// unless the policy's `allow_sockets` names the kind.
@@ -156,11 +166,11 @@ pub fn decide_socket_kind(q: &Query, kind: u8, allow_bit: u8) -> i32 {
         return ALLOW;
     }
     if record.mode == MODE_AUDIT {
-        count(COUNTER_AUDITED);
+        count_decision(q, record, DECISION_AUDIT);
         report_kind(q, &gov, record, VERDICT_AUDIT, kind);
         return ALLOW;
     }
-    count(COUNTER_DENIED);
+    count_decision(q, record, DECISION_DENY);
     report_kind(q, &gov, record, VERDICT_DENY, kind);
     DENY
 }
@@ -199,20 +209,20 @@ pub fn decide(q: &Query) -> i32 {
         }
     };
     if allowed {
-        count(COUNTER_ALLOWED);
+        count_decision(q, record, DECISION_ALLOW);
         return ALLOW;
     }
     if record.mode == MODE_AUDIT {
-        count(COUNTER_AUDITED);
+        count_decision(q, record, DECISION_AUDIT);
         report(q, &gov, record, VERDICT_AUDIT);
         return ALLOW;
     }
     if q.report_only {
-        count(COUNTER_REPORTED);
+        count_decision(q, record, DECISION_REPORTED);
         report(q, &gov, record, VERDICT_REPORTED);
         return ALLOW;
     }
-    count(COUNTER_DENIED);
+    count_decision(q, record, DECISION_DENY);
     report(q, &gov, record, VERDICT_DENY);
     DENY
 }

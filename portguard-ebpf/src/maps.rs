@@ -37,10 +37,16 @@ pub static PORTGUARD_PORTSETS: HashMap<PortChunkKey, PortChunk> =
 #[map(name = "PORTGUARD_EVENTS")]
 pub static PORTGUARD_EVENTS: RingBuf = RingBuf::with_byte_size(4096, 0);
 
-/// Per-CPU decision counters, indexed by `COUNTER_*`.
+/// Per-CPU decision counters by hook and kind, then lost events (see
+/// `portguard_common::hook_counter`).
 #[map(name = "PORTGUARD_COUNTERS")]
 pub static PORTGUARD_COUNTERS: PerCpuArray<u64> =
     PerCpuArray::with_max_entries(portguard_common::COUNTERS, 0);
+
+/// Per-CPU decision counters by policy slot and kind (see
+/// `portguard_common::policy_counter`); sized by the agent.
+#[map(name = "PORTGUARD_POLICY_COUNTERS")]
+pub static PORTGUARD_POLICY_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per-socket state carried from bind6 to post_bind6 (dual-stack flag).
 #[btf_map]

@@ -30,7 +30,7 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     Check(CheckArgs),
 }
 
@@ -118,6 +118,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "ADDR:PORT")]
     pub health_listen: Option<std::net::SocketAddr>,
 
+    /// Serve Prometheus metrics (GET /metrics) on this address, or `off`.
+    /// Loopback by default: exposing it on every interface (0.0.0.0:9620,
+    /// as in a pod) must be asked for.
+    #[arg(long, value_name = "ADDR:PORT|off", default_value = "127.0.0.1:9620", value_parser = parse_metrics_addr)]
+    pub metrics_addr: MetricsAddr,
+
     /// Path of the host's cgroup2 mount, when /proc/mounts does not show it
     /// first: inside a container (a DaemonSet pod sees its own cgroup
     /// namespace; mount the host's /sys/fs/cgroup and name it here). By
@@ -164,6 +170,7 @@ impl Cli {
                     cri_socket: a.cri_socket,
                     aggregate_window: a.aggregate_window,
                     health_listen: a.health_listen,
+                    metrics_addr: a.metrics_addr.0,
                     cgroup_root: a.cgroup_root,
                 })?;
                 Ok(ExitCode::SUCCESS)
@@ -220,4 +227,17 @@ fn field(f: &str) -> String {
     } else {
         format!("{f}: ")
     }
+}
+
+/// `--metrics-addr`: an address, or `off`.
+#[derive(Clone, Copy, Debug)]
+pub struct MetricsAddr(pub Option<std::net::SocketAddr>);
+
+fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {
+    if s == "off" {
+        return Ok(MetricsAddr(None));
+    }
+    s.parse()
+        .map(|a| MetricsAddr(Some(a)))
+        .map_err(|e| format!("expected ADDR:PORT (e.g. 127.0.0.1:9620) or `off`: {e}"))
 }

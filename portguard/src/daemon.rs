@@ -71,6 +71,8 @@ pub struct RunOptions {
     pub aggregate_window: Duration,
     /// Where to serve /healthz and /readyz.
     pub health_listen: Option<std::net::SocketAddr>,
+    /// Where to serve /metrics (`None`: off).
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// The host's cgroup2 mount, when discovery from /proc/mounts is not
     /// wanted (a container).
     pub cgroup_root: Option<PathBuf>,
@@ -177,6 +179,13 @@ struct Agent {
     host: String,
     /// Flood control for event lines.
     aggregator: crate::aggregate::Aggregator,
+    /// Map capacities (for occupancy).
+    capacity: Capacity,
+    /// What /metrics and `status` report besides the kernel counters.
+    shared: std::sync::Arc<crate::metrics::Shared>,
+    /// Owner of each policy record slot and the slot's counters when it
+    /// took it (a slot freed by a removed policy keeps its kernel counts).
+    slot_owners: HashMap<u32, (String, crate::loader::Decisions)>,
 }
 
 impl Agent {
@@ -447,7 +456,76 @@ impl Agent {
         self.policies = policies;
         self.resolved = resolved;
         self.inventory_pending = true;
+        self.publish_facts(&report, &ids);
         Ok(report)
+    }
+
+    /// Refresh what /metrics and `status` report after an apply.
+    fn publish_facts(&mut self, report: &ApplyReport, ids: &[u32]) {
+        let counters = self.shared.counters.clone();
+        let mut policies = Vec::with_capacity(self.policies.len() + 1);
+        let mut entries: Vec<(&CompiledPolicy, u32, Vec<String>)> = self
+            .policies
+            .iter()
+            .zip(ids)
+            .zip(&self.resolved)
+            .map(|((p, id), r)| (p, *id, r.iter().map(|g| g.path.clone()).collect()))
+            .collect();
+        let identifying = Self::identifying_policy();
+        if !self.quarantine.is_empty()
+            && let Some(&id) = self.registry.ids.get(IDENTIFYING)
+        {
+            entries.push((
+                &identifying,
+                id,
+                self.quarantine.iter().map(|g| g.path.clone()).collect(),
+            ));
+        }
+        for (p, id, cgroups) in entries {
+            let Some(slot) = self.applier.slot_of(id) else {
+                continue;
+            };
+            let baseline = match self.slot_owners.get(&slot) {
+                Some((name, b)) if *name == p.name => *b,
+                _ => {
+                    let b = counters.by_slot(slot).unwrap_or_default();
+                    self.slot_owners.insert(slot, (p.name.clone(), b));
+                    b
+                }
+            };
+            policies.push(crate::metrics::PolicyFacts {
+                name: p.name.clone(),
+                slot,
+                baseline,
+                mode: p.mode.as_str(),
+                selector: p.selector.describe(),
+                cgroups,
+            });
+        }
+        let caps = self.capacity;
+        let maps = vec![
+            crate::metrics::MapUse {
+                name: "policies",
+                entries: policies.len() as u64,
+                capacity: u64::from(caps.policies),
+            },
+            crate::metrics::MapUse {
+                name: "cgroups",
+                entries: report.cgroups as u64,
+                capacity: u64::from(caps.cgroups),
+            },
+            crate::metrics::MapUse {
+                name: "port_chunks",
+                entries: report.chunks_total as u64,
+                capacity: u64::from(caps.chunks),
+            },
+        ];
+        let governed = report.cgroups;
+        self.shared.update(|f| {
+            f.policies = policies;
+            f.governed_cgroups = governed;
+            f.maps = maps;
+        });
     }
 
     /// Report every socket held by a governed process that its policy would
@@ -622,6 +700,10 @@ impl Agent {
                 );
                 let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
                 self.health.set_ready(&status);
+                self.shared.update(|f| {
+                    f.reloads_ok += 1;
+                    f.status.clone_from(&status);
+                });
                 release_free_memory();
             }
             Err(e) => {
@@ -634,6 +716,10 @@ impl Agent {
                 );
                 let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
                 self.health.set_ready(&status);
+                self.shared.update(|f| {
+                    f.reloads_failed += 1;
+                    f.status.clone_from(&status);
+                });
             }
         }
     }
@@ -728,10 +814,21 @@ impl Agent {
 
     /// Write event lines, each with its `rule`.
     fn write_records(&self, writer: &mut EventWriter, records: Vec<events::EventRecord>) {
+        if records.is_empty() {
+            return;
+        }
+        let mut written = 0;
         for mut r in records {
             r.rule = self.rule_for(&r);
-            let _ = writer.line(&r);
+            if writer.line(&r).is_ok() {
+                written += 1;
+            }
         }
+        let aggregated = self.aggregator.aggregated;
+        self.shared.update(|f| {
+            f.events_written += written;
+            f.events_aggregated = aggregated;
+        });
     }
 
     fn rescan(&mut self) {
@@ -1029,6 +1126,17 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let metrics_socket = match opts.metrics_addr {
+        Some(addr) => {
+            let l = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("--metrics-addr {addr}: cannot listen"))?;
+            l.set_nonblocking(true)
+                .context("--metrics-addr: set_nonblocking")?;
+            info!("daemon: serving /metrics on http://{}", l.local_addr()?);
+            Some(l)
+        }
+        None => None,
+    };
     let mut loaded = Loaded::load(&LoadOptions {
         capacity: opts.capacity,
         ring_buffer_bytes: opts.ring_buffer_bytes,
@@ -1036,6 +1144,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
     let events = loaded
         .take_events()
         .context("event ring buffer already taken")?;
+    let counter_maps = loaded.maps.counters.clone();
     let mut agent = Agent {
         policy_path: opts.policy.clone(),
         attach_cgroup: opts.attach_cgroup.clone(),
@@ -1059,6 +1168,16 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
         inventory_pending: false,
         health: Health::new(HEALTH_STALE_AFTER.max(opts.lost_interval * 3)),
         host: events::host_name(),
+        capacity: opts.capacity,
+        shared: std::sync::Arc::new(crate::metrics::Shared {
+            counters: counter_maps,
+            facts: std::sync::Mutex::new(crate::metrics::Facts {
+                attach_cgroup: opts.attach_cgroup.clone(),
+                status: "starting".into(),
+                ..Default::default()
+            }),
+        }),
+        slot_owners: HashMap::new(),
         aggregator: crate::aggregate::Aggregator::new(opts.aggregate_window, AGGREGATE_KINDS),
     };
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -1126,14 +1245,33 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
         ),
     }
     release_free_memory();
-    let hooks: Vec<&str> = agent.loaded.attached().iter().map(|h| h.name()).collect();
+    let hooks: Vec<&'static str> = agent.loaded.attached().iter().map(|h| h.name()).collect();
     info!(
         "daemon: enforcing {} policies ({} governed cgroups) with hooks {}",
         report.policies,
         report.cgroups,
         hooks.join(", ")
     );
+    let listen_mode = match agent.loaded.listen_check() {
+        ListenCheck::Denied => "denied (BPF LSM)".to_owned(),
+        ListenCheck::Reported { why } => format!("reported, not denied: {why}"),
+        ListenCheck::Unchecked { why } => format!("not checked: {why}"),
+    };
+    agent.shared.update(|f| {
+        f.hooks = hooks;
+        f.listen_mode = listen_mode;
+    });
 
+    if let Some(l) = metrics_socket {
+        let shared = agent.shared.clone();
+        let _guard = rt.enter();
+        let listener = tokio::net::TcpListener::from_std(l).context("--metrics-addr")?;
+        rt.spawn(async move {
+            if let Err(e) = crate::metrics::serve(listener, shared).await {
+                error!("daemon: metrics endpoint stopped: {e}");
+            }
+        });
+    }
     let health = agent.health.clone();
     if let Some(l) = health_socket {
         let h = health.clone();

@@ -17,6 +17,7 @@ pub mod identity;
 pub mod inventory;
 pub mod kernel_btf;
 pub mod loader;
+pub mod metrics;
 pub mod policy;
 pub mod resolve;
 pub mod rules_map;

@@ -15,10 +15,11 @@ use aya::{
 };
 use log::{debug, info, warn};
 use portguard_common::{
-    COUNTER_ALLOWED, COUNTER_AUDITED, COUNTER_DENIED, COUNTER_EVENTS_LOST, CgroupKey, CgroupValue,
-    GLOBAL_SOCK_OFFSETS, GLOBAL_V6ONLY_BIT, Hook, LSM_PROGRAMS, MAP_CGROUPS, MAP_COUNTERS,
-    MAP_EVENTS, MAP_POLICIES, MAP_PORTSETS, MAP_STATE, PROGRAMS, PolicyRecord, PortChunk,
-    PortChunkKey, SOCK_OPS_PROGRAM, SockOffsets, State, V6ONLY_UNKNOWN,
+    COUNTER_EVENTS_LOST, CgroupKey, CgroupValue, DECISION_ALLOW, DECISION_AUDIT, DECISION_DENY,
+    DECISION_REPORTED, DECISIONS, GLOBAL_SOCK_OFFSETS, GLOBAL_V6ONLY_BIT, HOOKS, Hook,
+    LSM_PROGRAMS, MAP_CGROUPS, MAP_COUNTERS, MAP_EVENTS, MAP_POLICIES, MAP_POLICY_COUNTERS,
+    MAP_PORTSETS, MAP_STATE, PROGRAMS, PolicyRecord, PortChunk, PortChunkKey, SOCK_OPS_PROGRAM,
+    SockOffsets, State, V6ONLY_UNKNOWN, hook_counter, policy_counter,
 };
 
 use crate::{
@@ -85,7 +86,68 @@ pub struct Counters {
     pub allowed: u64,
     pub denied: u64,
     pub audited: u64,
+    pub reported: u64,
     pub events_lost: u64,
+}
+
+/// Decisions of one kind each: allowed, denied, audited, reported (the
+/// `DECISION_*` order).
+pub type Decisions = [u64; DECISIONS as usize];
+
+/// The kernel's counter maps. Shared (read-only) between the agent and the
+/// metrics and status endpoints; reads take no lock.
+pub struct CounterMaps {
+    hooks: PerCpuArray<MapData, u64>,
+    policies: PerCpuArray<MapData, u64>,
+}
+
+impl CounterMaps {
+    fn sum(map: &PerCpuArray<MapData, u64>, i: u32) -> Result<u64, MapError> {
+        Ok(map.get(&i, 0)?.iter().copied().sum())
+    }
+
+    /// Decisions by hook (every hook, in `Hook` order).
+    pub fn by_hook(&self) -> Result<Vec<(Hook, Decisions)>, MapError> {
+        (1..=HOOKS as u8)
+            .filter_map(Hook::from_u8)
+            .map(|h| {
+                let mut d = Decisions::default();
+                for (k, v) in d.iter_mut().enumerate() {
+                    *v = Self::sum(&self.hooks, hook_counter(h as u32, k as u32))?;
+                }
+                Ok((h, d))
+            })
+            .collect()
+    }
+
+    /// Decisions of the policy in record slot `slot` (since the slot was
+    /// created; see the agent's baselines for slots that changed hands).
+    pub fn by_slot(&self, slot: u32) -> Result<Decisions, MapError> {
+        let mut d = Decisions::default();
+        for (k, v) in d.iter_mut().enumerate() {
+            *v = Self::sum(&self.policies, policy_counter(slot, k as u32))?;
+        }
+        Ok(d)
+    }
+
+    pub fn events_lost(&self) -> Result<u64, MapError> {
+        Self::sum(&self.hooks, COUNTER_EVENTS_LOST)
+    }
+
+    /// Totals over every hook.
+    pub fn totals(&self) -> Result<Counters, MapError> {
+        let mut c = Counters {
+            events_lost: self.events_lost()?,
+            ..Counters::default()
+        };
+        for (_, d) in self.by_hook()? {
+            c.allowed += d[DECISION_ALLOW as usize];
+            c.denied += d[DECISION_DENY as usize];
+            c.audited += d[DECISION_AUDIT as usize];
+            c.reported += d[DECISION_REPORTED as usize];
+        }
+        Ok(c)
+    }
 }
 
 /// Loaded programs and the maps they share.
@@ -158,7 +220,7 @@ pub struct KernelMaps {
     cgroups: HashMap<MapData, CgroupKey, CgroupValue>,
     policies: Array<MapData, PolicyRecord>,
     portsets: HashMap<MapData, PortChunkKey, PortChunk>,
-    counters: PerCpuArray<MapData, u64>,
+    pub counters: std::sync::Arc<CounterMaps>,
 }
 
 /// Try to lift RLIMIT_MEMLOCK for kernels that still charge BPF memory to it
@@ -227,6 +289,7 @@ impl Loaded {
             .map_max_entries(MAP_CGROUPS, caps.cgroup_map_entries().max(1))
             .map_max_entries(MAP_POLICIES, caps.policy_map_entries().max(1))
             .map_max_entries(MAP_PORTSETS, caps.chunks.max(1))
+            .map_max_entries(MAP_POLICY_COUNTERS, caps.policies.max(1) * DECISIONS)
             .map_max_entries(MAP_EVENTS, rb)
             .load(OBJECT)
             .map_err(|e| LoaderError::Load(Box::new(e)))?;
@@ -257,7 +320,10 @@ impl Loaded {
             cgroups: take(&mut ebpf, MAP_CGROUPS, HashMap::try_from)?,
             policies: take(&mut ebpf, MAP_POLICIES, Array::try_from)?,
             portsets: take(&mut ebpf, MAP_PORTSETS, HashMap::try_from)?,
-            counters: take(&mut ebpf, MAP_COUNTERS, PerCpuArray::try_from)?,
+            counters: std::sync::Arc::new(CounterMaps {
+                hooks: take(&mut ebpf, MAP_COUNTERS, PerCpuArray::try_from)?,
+                policies: take(&mut ebpf, MAP_POLICY_COUNTERS, PerCpuArray::try_from)?,
+            }),
         };
         let events = take(&mut ebpf, MAP_EVENTS, RingBuf::try_from)?;
         let lsm_unavailable = if offsets.valid == 0 {
@@ -493,15 +559,7 @@ fn is_not_found(e: &MapError) -> bool {
 impl KernelMaps {
     /// Sum the per-CPU counters.
     pub fn counters(&self) -> Result<Counters, MapError> {
-        let sum = |i: u32| -> Result<u64, MapError> {
-            Ok(self.counters.get(&i, 0)?.iter().copied().sum())
-        };
-        Ok(Counters {
-            allowed: sum(COUNTER_ALLOWED)?,
-            denied: sum(COUNTER_DENIED)?,
-            audited: sum(COUNTER_AUDITED)?,
-            events_lost: sum(COUNTER_EVENTS_LOST)?,
-        })
+        self.counters.totals()
     }
 
     /// The live state, as the kernel sees it.

@@ -208,6 +208,11 @@ impl Applier {
         self.sets.values().map(|s| s.chunks.len()).sum()
     }
 
+    /// The record slot of a policy id, while the policy exists.
+    pub fn slot_of(&self, policy_id: u32) -> Option<u32> {
+        self.slots.get(&policy_id).copied()
+    }
+
     /// Slots for `targets`: kept for policies that already have one, the
     /// lowest free ones for new policies.
     fn assign_slots(&self, targets: &[Target<'_>]) -> HashMap<u32, u32> {
@@ -307,6 +312,7 @@ impl Applier {
                 connect_restricted: u8::from(t.policy.connect.is_some()),
                 allow_sockets: t.policy.allow_sockets,
                 sets: [EMPTY_SET; SET_SLOTS],
+                slot,
             };
             let dirs: [(usize, Option<&DirectionSets>); 2] =
                 [(0, t.policy.bind.as_ref()), (8, t.policy.connect.as_ref())];

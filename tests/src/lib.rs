@@ -299,6 +299,11 @@ impl Agent {
         if !extra.contains(&"--aggregate-window") {
             args.extend(["--aggregate-window".into(), "0".into()]);
         }
+        // Agents run side by side: each serves its metrics on a port of its
+        // own (see `Agent::metrics_port`).
+        if !extra.contains(&"--metrics-addr") {
+            args.extend(["--metrics-addr".into(), "127.0.0.1:0".into()]);
+        }
         args.extend(
             extra
                 .iter()
@@ -355,6 +360,22 @@ impl Agent {
     /// The agent's log output so far.
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// The port the agent serves /metrics on (from its log).
+    pub fn metrics_port(&self) -> u16 {
+        let log = self.stderr();
+        log.lines()
+            .find_map(|l| {
+                l.split("serving /metrics on http://")
+                    .nth(1)?
+                    .rsplit(':')
+                    .next()?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or_else(|| panic!("the agent does not serve /metrics:\n{log}"))
     }
 
     pub fn pid(&self) -> i32 {

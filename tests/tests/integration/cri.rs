@@ -145,6 +145,9 @@ fn pods_selected_by_label_through_a_real_cri_runtime() {
     drop(ghost);
 }
 
+/// The node name the DaemonSet test's "kubelet" runs on.
+const NODE: &str = "node1";
+
 /// "256Mi" -> bytes (the quantities the DaemonSet uses).
 fn quantity_bytes(q: &str) -> i64 {
     let (n, unit) = q.split_at(q.find(|c: char| !c.is_ascii_digit()).unwrap_or(q.len()));
@@ -214,7 +217,12 @@ fn kubelet_container_config(pod: &Value, host: &dyn Fn(&Value) -> String) -> Con
             .iter()
             .map(|e| KeyValue {
                 key: e["name"].as_str().unwrap().to_owned(),
-                value: e["value"].as_str().unwrap().to_owned(),
+                value: match e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+                    // The kubelet fills in the pod's node.
+                    Some("spec.nodeName") => NODE.to_owned(),
+                    Some(other) => panic!("env fieldRef {other}"),
+                    None => e["value"].as_str().unwrap().to_owned(),
+                },
             })
             .collect(),
         mounts,
@@ -426,6 +434,23 @@ fn the_daemonset_runs_the_agent_through_the_cri() {
     assert_eq!(e["k8s_namespace"], "payments");
     assert_eq!(e["container_name"], "server");
     assert_eq!(e["container_id"], web);
+    assert_eq!(e["host"], NODE, "events name the node (NODE_NAME)");
+    assert_eq!(e["rule"], "bind");
+    let e = find(&[("port", json!(9090)), ("k8s_pod", json!("web-0"))]);
+    assert_eq!(
+        e["rule"], "bind[1].address",
+        "an internal port exposed: {e}"
+    );
+    // The pod's metrics, scraped on its address as Prometheus would.
+    let (code, text) = probe_in_netns(pid, 9620, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    let deny = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(r#"portguard_decisions_total{policy="payments-web",verdict="deny"} "#)
+        })
+        .unwrap_or_else(|| panic!("no payments-web denials in /metrics:\n{text}"));
+    assert_eq!(deny.trim(), "2", "8081 and 9090 on 0.0.0.0");
     let e = find(&[("port", json!(5432)), ("container_name", json!("metrics"))]);
     assert_eq!(e["policy"], "payments-default");
     assert_eq!(e["k8s_pod"], "db-0");
@@ -445,4 +470,7 @@ fn the_daemonset_runs_the_agent_through_the_cri() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(agent_log(&ctrd).contains("reloaded"));
+    let events = stdout_json(&agent_log(&ctrd));
+    let errors = portguard_tests::schema_errors(&events);
+    assert!(errors.is_empty(), "{}", errors.join("\n"));
 }

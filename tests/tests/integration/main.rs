@@ -14,6 +14,7 @@
 //! - `reload`: tighten and loosen under a running workload, invalid reloads,
 //!   reload on file change.
 //! - `events`: every event field, and lost events counted and reported.
+//! - `metrics`: /metrics counters follow real decisions.
 //! - `cli`: `check`, `--help`, and `run` refusing bad input.
 //! - `cri`: `pods:` selectors against a private containerd through the CRI.
 //! - `units`: `unit:` selectors on a bare host.
@@ -29,5 +30,6 @@ mod cri;
 mod deploy;
 mod events;
 mod manifests;
+mod metrics;
 mod reload;
 mod units;

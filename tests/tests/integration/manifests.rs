@@ -65,7 +65,7 @@ fn run_args(argv: &[String]) -> RunArgs {
     match Cli::try_parse_from(&argv) {
         Ok(Cli {
             command: Sub::Run(a),
-        }) => a,
+        }) => *a,
         Ok(other) => panic!("{argv:?} is not `portguard run`: {other:?}"),
         Err(e) => panic!("{argv:?} does not parse: {e}"),
     }
@@ -209,6 +209,28 @@ fn kubernetes_manifests_validate_and_agree_with_the_agent() {
         .expect("a port named health");
     assert_eq!(port["containerPort"], health.port());
     assert!(health.ip().is_unspecified(), "kubelet probes the pod IP");
+    // Metrics on the pod's address, on the port named `metrics`.
+    let metrics = args.metrics_addr.0.expect("--metrics-addr");
+    let mport = c["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "metrics")
+        .expect("a port named metrics");
+    assert_eq!(mport["containerPort"], metrics.port());
+    assert_eq!(
+        ds["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"],
+        metrics.port().to_string()
+    );
+    assert!(
+        c["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == "NODE_NAME"
+                && e["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"),
+        "events carry the node name"
+    );
     for (probe, path) in [
         ("startupProbe", "/readyz"),
         ("readinessProbe", "/readyz"),

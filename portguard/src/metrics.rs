@@ -1,0 +1,328 @@
+//! Prometheus metrics (`--metrics-addr`, default 127.0.0.1:9620), with the
+//! `prometheus-client` crate.
+//!
+//! Decision counters come from the kernel's per-CPU maps, read at scrape
+//! time (never re-counted here); the agent only adds what it alone knows:
+//! aggregation, reloads, governed cgroups and map occupancy.
+//!
+//! | metric | labels |
+//! |---|---|
+//! | `portguard_decisions_total` | `policy`, `verdict` (allow, deny, audit, reported) |
+//! | `portguard_hook_decisions_total` | `hook`, `verdict` |
+//! | `portguard_events_lost_total` | |
+//! | `portguard_events_aggregated_total` | |
+//! | `portguard_events_written_total` | |
+//! | `portguard_policy_reloads_total` | `result` (ok, failed) |
+//! | `portguard_policies` | |
+//! | `portguard_governed_cgroups` | |
+//! | `portguard_map_entries`, `portguard_map_capacity` | `map` |
+
+use std::sync::{Arc, Mutex};
+
+use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+use crate::loader::{CounterMaps, Decisions};
+
+/// Verdict label of each `DECISION_*` kind.
+pub const VERDICTS: [&str; 4] = ["allow", "deny", "audit", "reported"];
+
+/// One policy as the metrics and status see it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PolicyFacts {
+    pub name: String,
+    /// Its record slot (row of the kernel's policy counters).
+    pub slot: u32,
+    /// The slot's counters when this policy took it (a slot freed by a
+    /// removed policy keeps its kernel counts).
+    pub baseline: Decisions,
+    pub mode: &'static str,
+    /// Selector, as `check` describes it.
+    pub selector: String,
+    /// cgroups this policy governs now (path; pod/unit when known).
+    pub cgroups: Vec<String>,
+}
+
+/// Map occupancy.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapUse {
+    pub name: &'static str,
+    pub entries: u64,
+    pub capacity: u64,
+}
+
+/// What the agent knows beyond the kernel counters. Updated by the agent,
+/// read by the endpoints.
+#[derive(Clone, Debug, Default)]
+pub struct Facts {
+    pub policies: Vec<PolicyFacts>,
+    pub governed_cgroups: usize,
+    pub reloads_ok: u64,
+    pub reloads_failed: u64,
+    pub events_aggregated: u64,
+    pub events_written: u64,
+    pub maps: Vec<MapUse>,
+    /// Where the programs are attached, and which.
+    pub attach_cgroup: String,
+    pub hooks: Vec<&'static str>,
+    /// How listen()/accept() are checked.
+    pub listen_mode: String,
+    pub status: String,
+}
+
+/// Facts and the kernel counters, shared with the endpoints.
+pub struct Shared {
+    pub counters: Arc<CounterMaps>,
+    pub facts: Mutex<Facts>,
+}
+
+impl Shared {
+    pub fn facts(&self) -> Facts {
+        self.facts.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn update(&self, f: impl FnOnce(&mut Facts)) {
+        f(&mut self.facts.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+}
+
+/// Counters since a policy took its slot.
+pub fn since(now: Decisions, baseline: Decisions) -> Decisions {
+    let mut d = Decisions::default();
+    for i in 0..d.len() {
+        d[i] = now[i].saturating_sub(baseline[i]);
+    }
+    d
+}
+
+/// Kernel counters read at scrape time.
+#[derive(Clone, Debug, Default)]
+pub struct KernelReading {
+    pub by_hook: Vec<(&'static str, Decisions)>,
+    /// Per policy (same order as `Facts::policies`), since it took its slot.
+    pub by_policy: Vec<Decisions>,
+    pub events_lost: u64,
+}
+
+impl KernelReading {
+    pub fn read(counters: &CounterMaps, facts: &Facts) -> Result<Self, aya::maps::MapError> {
+        Ok(Self {
+            by_hook: counters
+                .by_hook()?
+                .into_iter()
+                .map(|(h, d)| (h.name(), d))
+                .collect(),
+            by_policy: facts
+                .policies
+                .iter()
+                .map(|p| counters.by_slot(p.slot).map(|d| since(d, p.baseline)))
+                .collect::<Result<_, _>>()?,
+            events_lost: counters.events_lost()?,
+        })
+    }
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+/// The exposition text for `facts` and `kernel`.
+pub fn render(facts: &Facts, kernel: &KernelReading) -> String {
+    let mut reg = Registry::default();
+    let decisions = Family::<Labels, Counter>::default();
+    for (p, d) in facts.policies.iter().zip(&kernel.by_policy) {
+        for (v, n) in VERDICTS.iter().zip(d) {
+            decisions
+                .get_or_create(&vec![
+                    ("policy", p.name.clone()),
+                    ("verdict", (*v).to_owned()),
+                ])
+                .inc_by(*n);
+        }
+    }
+    reg.register(
+        "portguard_decisions",
+        "Governed operations decided, by policy and verdict (kernel counters)",
+        decisions,
+    );
+    let hooks = Family::<Labels, Counter>::default();
+    for (h, d) in &kernel.by_hook {
+        for (v, n) in VERDICTS.iter().zip(d) {
+            hooks
+                .get_or_create(&vec![
+                    ("hook", (*h).to_owned()),
+                    ("verdict", (*v).to_owned()),
+                ])
+                .inc_by(*n);
+        }
+    }
+    reg.register(
+        "portguard_hook_decisions",
+        "Governed operations decided, by hook and verdict (kernel counters)",
+        hooks,
+    );
+    let counter = |reg: &mut Registry, name: &str, help: &str, v: u64| {
+        let c = Counter::<u64>::default();
+        c.inc_by(v);
+        reg.register(name, help, c);
+    };
+    counter(
+        &mut reg,
+        "portguard_events_lost",
+        "Events the kernel could not queue (ring buffer full)",
+        kernel.events_lost,
+    );
+    counter(
+        &mut reg,
+        "portguard_events_aggregated",
+        "Decisions folded into an aggregate line instead of a line of their own",
+        facts.events_aggregated,
+    );
+    counter(
+        &mut reg,
+        "portguard_events_written",
+        "Event lines written (decisions, aggregates, pre-existing sockets)",
+        facts.events_written,
+    );
+    let reloads = Family::<Labels, Counter>::default();
+    reloads
+        .get_or_create(&vec![("result", "ok".to_owned())])
+        .inc_by(facts.reloads_ok);
+    reloads
+        .get_or_create(&vec![("result", "failed".to_owned())])
+        .inc_by(facts.reloads_failed);
+    reg.register(
+        "portguard_policy_reloads",
+        "Policy reloads (SIGHUP or file change), applied or rejected",
+        reloads,
+    );
+    let gauge = |reg: &mut Registry, name: &str, help: &str, v: i64| {
+        let g = Gauge::<i64>::default();
+        g.set(v);
+        reg.register(name, help, g);
+    };
+    gauge(
+        &mut reg,
+        "portguard_policies",
+        "Policies in force",
+        facts.policies.len() as i64,
+    );
+    gauge(
+        &mut reg,
+        "portguard_governed_cgroups",
+        "cgroups with a policy of their own (descendants inherit it)",
+        facts.governed_cgroups as i64,
+    );
+    let entries = Family::<Labels, Gauge>::default();
+    let capacity = Family::<Labels, Gauge>::default();
+    for m in &facts.maps {
+        entries
+            .get_or_create(&vec![("map", m.name.to_owned())])
+            .set(m.entries as i64);
+        capacity
+            .get_or_create(&vec![("map", m.name.to_owned())])
+            .set(m.capacity as i64);
+    }
+    reg.register(
+        "portguard_map_entries",
+        "Entries in use per kernel map",
+        entries,
+    );
+    reg.register(
+        "portguard_map_capacity",
+        "Capacity of each kernel map (--max-* flags)",
+        capacity,
+    );
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = encode(&mut out, &reg);
+    out
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    let facts = shared.facts();
+    match KernelReading::read(&shared.counters, &facts) {
+        Ok(k) => (
+            StatusCode::OK,
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            render(&facts, &k),
+        ),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; charset=utf-8",
+            )],
+            format!("reading the kernel counters: {e}\n"),
+        ),
+    }
+}
+
+/// Serve GET /metrics on `listener` until the task is dropped.
+pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(shared);
+    axum::serve(listener, app).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_kernel_and_agent_numbers_with_labels() {
+        let facts = Facts {
+            policies: vec![PolicyFacts {
+                name: "web".into(),
+                slot: 3,
+                baseline: [0; 4],
+                mode: "enforce",
+                ..PolicyFacts::default()
+            }],
+            governed_cgroups: 2,
+            reloads_ok: 1,
+            reloads_failed: 2,
+            events_aggregated: 99,
+            events_written: 5,
+            maps: vec![MapUse {
+                name: "cgroups",
+                entries: 4,
+                capacity: 32768,
+            }],
+            ..Facts::default()
+        };
+        let kernel = KernelReading {
+            by_hook: vec![("bind4", [10, 3, 0, 0])],
+            by_policy: vec![[10, 3, 0, 0]],
+            events_lost: 7,
+        };
+        let text = render(&facts, &kernel);
+        for line in [
+            r#"portguard_decisions_total{policy="web",verdict="deny"} 3"#,
+            r#"portguard_decisions_total{policy="web",verdict="allow"} 10"#,
+            r#"portguard_hook_decisions_total{hook="bind4",verdict="deny"} 3"#,
+            "portguard_events_lost_total 7",
+            "portguard_events_aggregated_total 99",
+            r#"portguard_policy_reloads_total{result="failed"} 2"#,
+            "portguard_policies 1",
+            "portguard_governed_cgroups 2",
+            r#"portguard_map_entries{map="cgroups"} 4"#,
+            r#"portguard_map_capacity{map="cgroups"} 32768"#,
+            "# EOF",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line}:\n{text}");
+        }
+    }
+
+    #[test]
+    fn a_reused_slot_starts_from_its_baseline() {
+        assert_eq!(since([10, 5, 0, 1], [4, 5, 0, 0]), [6, 0, 0, 1]);
+        assert_eq!(since([1, 0, 0, 0], [4, 0, 0, 0]), [0, 0, 0, 0]);
+    }
+}
