@@ -32,6 +32,7 @@ pub struct Cli {
 pub enum Command {
     Run(Box<RunArgs>),
     Check(CheckArgs),
+    Learn(LearnArgs),
 }
 
 /// Enforce a policy file until stopped (needs root: CAP_BPF, CAP_NET_ADMIN,
@@ -149,6 +150,45 @@ pub struct CheckArgs {
     pub file: PathBuf,
 }
 
+/// Watch a workload and write the policy that allows what it does.
+///
+/// Runs the agent with one audit-mode policy on the workload (nothing is
+/// denied; needs the same privileges as `run`), records every bind,
+/// connect and send, and sockets it already holds, for --duration, then
+/// writes the smallest policy that would have allowed exactly that, with
+/// comments giving counts and first-seen times. `portguard check` accepts
+/// it; review it, and roll it out in audit mode first if the window may
+/// have missed something (a nightly job, a failover port).
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("workload").required(true).args(["cgroup", "pods", "unit"])))]
+pub struct LearnArgs {
+    /// The workload: a cgroup path under the cgroup2 mount.
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: Option<String>,
+    /// The workload: Kubernetes pods, as
+    /// "namespace=NS,LABEL=VALUE,...,container=NAME" (every part optional).
+    #[arg(long, value_name = "SELECTOR")]
+    pub pods: Option<String>,
+    /// The workload: a systemd unit (nginx.service).
+    #[arg(long, value_name = "UNIT")]
+    pub unit: Option<String>,
+    /// How long to watch (e.g. 10m, 1h).
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Where to write the policy (`-`: standard output).
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    /// Name of the policy written.
+    #[arg(long, value_name = "NAME", default_value = "learned")]
+    pub name: String,
+    /// The node's CRI runtime socket (for --pods).
+    #[arg(long, value_name = "PATH", default_value = crate::cri::DEFAULT_SOCKET)]
+    pub cri_socket: PathBuf,
+    /// The host's cgroup2 mount, if not the first one in /proc/mounts.
+    #[arg(long, value_name = "PATH", env = "PORTGUARD_CGROUP_ROOT")]
+    pub cgroup_root: Option<PathBuf>,
+}
+
 impl Cli {
     pub fn execute(self) -> anyhow::Result<ExitCode> {
         match self.command {
@@ -172,7 +212,35 @@ impl Cli {
                     health_listen: a.health_listen,
                     metrics_addr: a.metrics_addr.0,
                     cgroup_root: a.cgroup_root,
+                    stop_after: None,
                 })?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Learn(a) => {
+                let selector = match (a.cgroup, a.pods, a.unit) {
+                    (Some(c), None, None) => crate::policy::Selector::Cgroup(
+                        crate::policy::normalize_cgroup(&c)
+                            .map_err(|e| anyhow::anyhow!("--cgroup {c}: {e}"))?,
+                    ),
+                    (None, Some(p), None) => crate::policy::Selector::Pods(
+                        crate::learn::parse_pods(&p)
+                            .map_err(|e| anyhow::anyhow!("--pods {p}: {e}"))?,
+                    ),
+                    (None, None, Some(u)) => crate::policy::Selector::Unit(u),
+                    _ => anyhow::bail!("give exactly one of --cgroup, --pods or --unit"),
+                };
+                let n = crate::learn::run(&crate::learn::LearnOptions {
+                    selector,
+                    name: a.name,
+                    duration: a.duration,
+                    out: a.out.clone(),
+                    cri_socket: a.cri_socket,
+                    cgroup_root: a.cgroup_root,
+                })?;
+                eprintln!(
+                    "portguard learn: {n} observations; policy written to {}",
+                    a.out.display()
+                );
                 Ok(ExitCode::SUCCESS)
             }
             Command::Check(a) => {

@@ -76,6 +76,8 @@ pub struct RunOptions {
     /// The host's cgroup2 mount, when discovery from /proc/mounts is not
     /// wanted (a container).
     pub cgroup_root: Option<PathBuf>,
+    /// Stop by itself after this long (`portguard learn`).
+    pub stop_after: Option<Duration>,
 }
 
 /// Name of the built-in policy holding pod cgroups the runtime has not
@@ -1324,6 +1326,7 @@ async fn serve(
     };
     let mut write_error_logged = false;
 
+    let stop_at = opts.stop_after.map(|d| Instant::now() + d);
     let status = format!("enforcing {} policies", agent.policies.len());
     let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
     health.set_ready(&status);
@@ -1338,6 +1341,7 @@ async fn serve(
             pending_rescan,
             cri_due,
             agent.aggregator.next_deadline(),
+            stop_at,
         ]
         .into_iter()
         .flatten()
@@ -1398,6 +1402,10 @@ async fn serve(
             }
             () = sleep => {
                 let now = Instant::now();
+                if stop_at.is_some_and(|t| t <= now) {
+                    info!("daemon: the requested time is up");
+                    break;
+                }
                 let closed = agent.aggregator.expire(now);
                 if !closed.is_empty() {
                     agent.write_records(&mut writer, closed);

@@ -16,6 +16,7 @@ pub mod health;
 pub mod identity;
 pub mod inventory;
 pub mod kernel_btf;
+pub mod learn;
 pub mod loader;
 pub mod metrics;
 pub mod policy;

@@ -51,8 +51,8 @@ use std::{fmt, path::PathBuf};
 
 pub use compile::{AddrView, CompiledPolicy, DirectionSets, classify, compile, compile_all};
 pub use parse::{
-    ParsedPolicy, Reparse, parse_policy_file, parse_policy_str, parse_policy_text,
-    read_policy_file, reparse_policy_text,
+    ParsedPolicy, Reparse, normalize_cgroup, parse_policy_file, parse_policy_str,
+    parse_policy_text, read_policy_file, reparse_policy_text,
 };
 pub use portset::PortSet;
 

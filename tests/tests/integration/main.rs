@@ -14,6 +14,7 @@
 //! - `reload`: tighten and loosen under a running workload, invalid reloads,
 //!   reload on file change.
 //! - `events`: every event field, and lost events counted and reported.
+//! - `learn`: `portguard learn` writes a policy that allows exactly what it saw.
 //! - `metrics`: /metrics counters follow real decisions.
 //! - `cli`: `check`, `--help`, and `run` refusing bad input.
 //! - `cri`: `pods:` selectors against a private containerd through the CRI.
@@ -29,6 +30,7 @@ mod connect;
 mod cri;
 mod deploy;
 mod events;
+mod learn;
 mod manifests;
 mod metrics;
 mod reload;
