@@ -163,7 +163,9 @@ fn rules_yaml(dir: &str, uses: &BTreeMap<(bool, Option<u16>), PortUse>, out: &mu
         return;
     }
     // Ports with the same protocol, families and address class share a rule.
-    let mut rules: BTreeMap<(bool, String, bool), Vec<(Option<u16>, &PortUse)>> = BTreeMap::new();
+    // (tcp, family, loopback only) -> ports.
+    type RuleKey = (bool, String, bool);
+    let mut rules: BTreeMap<RuleKey, Vec<(Option<u16>, &PortUse)>> = BTreeMap::new();
     for ((tcp, port), u) in uses {
         let family = match (u.families.contains(&4), u.families.contains(&6)) {
             (true, true) => "any",
