@@ -33,6 +33,8 @@ pub enum Command {
     Run(Box<RunArgs>),
     Check(CheckArgs),
     Learn(LearnArgs),
+    Status(StatusArgs),
+    Events(crate::query::EventsArgs),
 }
 
 /// Enforce a policy file until stopped (needs root: CAP_BPF, CAP_NET_ADMIN,
@@ -125,6 +127,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "ADDR:PORT|off", default_value = "127.0.0.1:9620", value_parser = parse_metrics_addr)]
     pub metrics_addr: MetricsAddr,
 
+    /// Answer `portguard status` on this unix socket (mode 0600: root
+    /// only), or `off`.
+    #[arg(long, value_name = "PATH|off", default_value = crate::status::DEFAULT_SOCKET, value_parser = crate::status::parse_socket_arg)]
+    pub status_socket: crate::status::SocketArg,
+
     /// Path of the host's cgroup2 mount, when /proc/mounts does not show it
     /// first: inside a container (a DaemonSet pod sees its own cgroup
     /// namespace; mount the host's /sys/fs/cgroup and name it here). By
@@ -189,6 +196,22 @@ pub struct LearnArgs {
     pub cgroup_root: Option<PathBuf>,
 }
 
+/// Show what the running agent enforces: programs, policies with their
+/// decision counters, governed cgroups with their pod, container or unit,
+/// events written, aggregated and lost, reloads and map occupancy.
+///
+/// Asks the agent over its status socket (root only). Exits 1 if no agent
+/// answers.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The agent's --status-socket.
+    #[arg(long, value_name = "PATH", default_value = crate::status::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Print the agent's JSON document instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
 impl Cli {
     pub fn execute(self) -> anyhow::Result<ExitCode> {
         match self.command {
@@ -211,11 +234,22 @@ impl Cli {
                     aggregate_window: a.aggregate_window,
                     health_listen: a.health_listen,
                     metrics_addr: a.metrics_addr.0,
+                    status_socket: a.status_socket.0,
                     cgroup_root: a.cgroup_root,
                     stop_after: None,
                 })?;
                 Ok(ExitCode::SUCCESS)
             }
+            Command::Status(a) => {
+                let doc = crate::status::fetch(&a.socket)?;
+                if a.json {
+                    println!("{}", serde_json::to_string_pretty(&doc)?);
+                } else {
+                    print!("{}", crate::status::render(&doc));
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Events(a) => crate::query::run(&a),
             Command::Learn(a) => {
                 let selector = match (a.cgroup, a.pods, a.unit) {
                     (Some(c), None, None) => crate::policy::Selector::Cgroup(

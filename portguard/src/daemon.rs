@@ -73,6 +73,8 @@ pub struct RunOptions {
     pub health_listen: Option<std::net::SocketAddr>,
     /// Where to serve /metrics (`None`: off).
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Where to answer `portguard status` (`None`: off).
+    pub status_socket: Option<PathBuf>,
     /// The host's cgroup2 mount, when discovery from /proc/mounts is not
     /// wanted (a container).
     pub cgroup_root: Option<PathBuf>,
@@ -466,22 +468,25 @@ impl Agent {
     fn publish_facts(&mut self, report: &ApplyReport, ids: &[u32]) {
         let counters = self.shared.counters.clone();
         let mut policies = Vec::with_capacity(self.policies.len() + 1);
-        let mut entries: Vec<(&CompiledPolicy, u32, Vec<String>)> = self
+        let cri = self.cri.as_ref();
+        let who = |g: &Governed| (g.path.clone(), events::WorkloadIdentity::of(&g.path, cri));
+        type Entry<'a> = (
+            &'a CompiledPolicy,
+            u32,
+            Vec<(String, events::WorkloadIdentity)>,
+        );
+        let mut entries: Vec<Entry<'_>> = self
             .policies
             .iter()
             .zip(ids)
             .zip(&self.resolved)
-            .map(|((p, id), r)| (p, *id, r.iter().map(|g| g.path.clone()).collect()))
+            .map(|((p, id), r)| (p, *id, r.iter().map(who).collect()))
             .collect();
         let identifying = Self::identifying_policy();
         if !self.quarantine.is_empty()
             && let Some(&id) = self.registry.ids.get(IDENTIFYING)
         {
-            entries.push((
-                &identifying,
-                id,
-                self.quarantine.iter().map(|g| g.path.clone()).collect(),
-            ));
+            entries.push((&identifying, id, self.quarantine.iter().map(who).collect()));
         }
         for (p, id, cgroups) in entries {
             let Some(slot) = self.applier.slot_of(id) else {
@@ -1139,6 +1144,14 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let status_socket = match &opts.status_socket {
+        Some(p) => {
+            let l = crate::status::bind(p)?;
+            info!("daemon: answering `portguard status` on {}", p.display());
+            Some(l)
+        }
+        None => None,
+    };
     let mut loaded = Loaded::load(&LoadOptions {
         capacity: opts.capacity,
         ring_buffer_bytes: opts.ring_buffer_bytes,
@@ -1176,6 +1189,8 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
             facts: std::sync::Mutex::new(crate::metrics::Facts {
                 attach_cgroup: opts.attach_cgroup.clone(),
                 status: "starting".into(),
+                host: events::host_name(),
+                started: events::format_time(std::time::SystemTime::now()),
                 ..Default::default()
             }),
         }),
@@ -1264,6 +1279,12 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
         f.listen_mode = listen_mode;
     });
 
+    if let Some(l) = status_socket {
+        let shared = agent.shared.clone();
+        let _guard = rt.enter();
+        let listener = tokio::net::UnixListener::from_std(l).context("--status-socket")?;
+        rt.spawn(crate::status::serve(listener, shared));
+    }
     if let Some(l) = metrics_socket {
         let shared = agent.shared.clone();
         let _guard = rt.enter();
@@ -1286,6 +1307,9 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
         });
     }
     let result = rt.block_on(serve(&mut agent, events, writer, &opts, &health));
+    if let Some(p) = &opts.status_socket {
+        let _ = std::fs::remove_file(p);
+    }
     info!("daemon: detaching programs; enforcement stops");
     let _ = sd_notify::notify(&[NotifyState::Stopping]);
     drop(agent);
@@ -1330,6 +1354,7 @@ async fn serve(
     let status = format!("enforcing {} policies", agent.policies.len());
     let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
     health.set_ready(&status);
+    agent.shared.update(|f| f.status.clone_from(&status));
     // Sockets bound before we governed them.
     agent.inventory(&mut writer);
     debug!("daemon: ring buffer fd {}", rb.get_ref().as_raw_fd());

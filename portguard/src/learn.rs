@@ -328,6 +328,7 @@ pub fn run(opts: &LearnOptions) -> anyhow::Result<usize> {
         aggregate_window: Duration::from_secs(1),
         health_listen: None,
         metrics_addr: None,
+        status_socket: None,
         cgroup_root: opts.cgroup_root.clone(),
         stop_after: Some(opts.duration),
     })?;

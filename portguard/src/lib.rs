@@ -20,5 +20,7 @@ pub mod learn;
 pub mod loader;
 pub mod metrics;
 pub mod policy;
+pub mod query;
 pub mod resolve;
 pub mod rules_map;
+pub mod status;

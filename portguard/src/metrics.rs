@@ -43,8 +43,8 @@ pub struct PolicyFacts {
     pub mode: &'static str,
     /// Selector, as `check` describes it.
     pub selector: String,
-    /// cgroups this policy governs now (path; pod/unit when known).
-    pub cgroups: Vec<String>,
+    /// cgroups this policy governs now, with who they are when known.
+    pub cgroups: Vec<(String, crate::events::WorkloadIdentity)>,
 }
 
 /// Map occupancy.
@@ -72,6 +72,8 @@ pub struct Facts {
     /// How listen()/accept() are checked.
     pub listen_mode: String,
     pub status: String,
+    pub host: String,
+    pub started: String,
 }
 
 /// Facts and the kernel counters, shared with the endpoints.

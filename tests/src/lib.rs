@@ -304,6 +304,12 @@ impl Agent {
         if !extra.contains(&"--metrics-addr") {
             args.extend(["--metrics-addr".into(), "127.0.0.1:0".into()]);
         }
+        if !extra.contains(&"--status-socket") {
+            args.extend([
+                "--status-socket".into(),
+                dir.path().join("status.sock").display().to_string(),
+            ]);
+        }
         args.extend(
             extra
                 .iter()
@@ -360,6 +366,11 @@ impl Agent {
     /// The agent's log output so far.
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// The agent's `portguard status` socket.
+    pub fn status_socket(&self) -> PathBuf {
+        self.dir.path().join("status.sock")
     }
 
     /// The port the agent serves /metrics on (from its log).

@@ -313,9 +313,14 @@ fn the_daemonset_runs_the_agent_through_the_cri() {
     let volume_dir = volume.dir.path().display().to_string();
     let cgroup2 = cgroup2_root().display().to_string();
     let socket = ctrd.socket.display().to_string();
+    let empty_dir = tempfile::tempdir().unwrap();
+    let empty_dir_path = empty_dir.path().display().to_string();
     let host = |v: &Value| -> String {
         if v.get("configMap").is_some() {
             return volume_dir.clone();
+        }
+        if v.get("emptyDir").is_some() {
+            return empty_dir_path.clone();
         }
         match v["hostPath"]["path"].as_str().unwrap() {
             // This host is hybrid: its cgroup2 tree is not /sys/fs/cgroup
@@ -383,6 +388,20 @@ fn the_daemonset_runs_the_agent_through_the_cri() {
     );
     let (code, body) = probe_in_netns(pid, port, "/healthz").unwrap();
     assert_eq!(code, 200, "{body}");
+    // `kubectl exec ... portguard status`: the socket is in the emptyDir.
+    let status = Command::new(agent_bin())
+        .args(["status", "--json", "--socket"])
+        .arg(empty_dir.path().join("status.sock"))
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let doc: Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(doc["host"], NODE);
+    assert_eq!(doc["policies"].as_array().unwrap().len(), 4);
 
     // Workloads under the shipped policy.
     let (web_sb, _, _) = ctrd.run_pod("payments", "web-0", &[("app", "web")]);

@@ -18,6 +18,7 @@
 //! - `metrics`: /metrics counters follow real decisions.
 //! - `cli`: `check`, `--help`, and `run` refusing bad input.
 //! - `cri`: `pods:` selectors against a private containerd through the CRI.
+//! - `status`: `portguard status` and `portguard events`.
 //! - `units`: `unit:` selectors on a bare host.
 
 mod aggregate;
@@ -34,4 +35,5 @@ mod learn;
 mod manifests;
 mod metrics;
 mod reload;
+mod status;
 mod units;

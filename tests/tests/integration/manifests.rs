@@ -195,6 +195,11 @@ fn kubernetes_manifests_validate_and_agree_with_the_agent() {
     let v = volume_for(&args.cri_socket);
     assert_eq!(v["hostPath"]["type"], "Socket");
     assert_eq!(v["hostPath"]["path"], args.cri_socket.to_str().unwrap());
+    let status = args.status_socket.0.as_deref().expect("--status-socket");
+    assert!(
+        volume_for(status).get("emptyDir").is_some(),
+        "the status socket lives in a writable emptyDir (read-only root)"
+    );
     for path in ["/sys/fs/bpf", "/sys/kernel/security"] {
         assert_eq!(volume_for(Path::new(path))["hostPath"]["path"], path);
     }

@@ -1,0 +1,502 @@
+//! `portguard events`: read an event log (a file, or standard input such as
+//! `kubectl logs -f`), filter it, and show it as a table, as JSON lines, or
+//! as a summary of the most denied (workload, port) pairs. Lines that are
+//! not events (agent log lines mixed in) are skipped.
+//!
+//! The filters and the summary are pure functions over parsed lines.
+
+use std::{
+    collections::HashMap,
+    io::{BufRead as _, Write as _},
+    path::PathBuf,
+    process::ExitCode,
+    time::{Duration, SystemTime},
+};
+
+use anyhow::Context as _;
+use clap::Args;
+use serde_json::{Value, json};
+
+/// Read an event log and show what matters.
+///
+/// Reads FILE (or standard input with `-`, e.g. `kubectl logs -f ... |
+/// portguard events -`), keeps the decision lines that match every filter,
+/// and prints them as a table (default), as JSON lines (--json), or, with
+/// --summary, the most denied (workload, port) pairs with their counts
+/// (aggregated lines count as many decisions as they stand for).
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    /// Event log (JSON lines) to read; `-` for standard input.
+    #[arg(value_name = "FILE", default_value = "-")]
+    pub file: PathBuf,
+    /// Keep reading as the file grows (follows rotation), like `tail -f`.
+    #[arg(long, short)]
+    pub follow: bool,
+    /// Only decisions at or after this time: RFC 3339, or a duration ago
+    /// (`1h`, `30m`).
+    #[arg(long, value_name = "TIME|DURATION", value_parser = parse_when)]
+    pub since: Option<SystemTime>,
+    /// Only decisions at or before this time (same forms as --since).
+    #[arg(long, value_name = "TIME|DURATION", value_parser = parse_when)]
+    pub until: Option<SystemTime>,
+    /// Only this policy.
+    #[arg(long, value_name = "NAME")]
+    pub policy: Option<String>,
+    /// Only this Kubernetes pod (name).
+    #[arg(long, value_name = "NAME")]
+    pub pod: Option<String>,
+    /// Only this Kubernetes namespace.
+    #[arg(long, value_name = "NS")]
+    pub namespace: Option<String>,
+    /// Only this systemd unit.
+    #[arg(long, value_name = "UNIT")]
+    pub unit: Option<String>,
+    /// Only this port.
+    #[arg(long, value_name = "PORT")]
+    pub port: Option<u16>,
+    /// Only this verdict: deny, audit, reported or preexisting.
+    #[arg(long, value_name = "VERDICT", value_parser = ["deny", "audit", "reported", "preexisting"])]
+    pub verdict: Option<String>,
+    /// Show the most frequent (workload, port) pairs instead of the events.
+    #[arg(long)]
+    pub summary: bool,
+    /// With --summary: how many pairs.
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    pub top: usize,
+    /// JSON lines instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_when(s: &str) -> Result<SystemTime, String> {
+    if let Ok(t) = humantime::parse_rfc3339_weak(s) {
+        return Ok(t);
+    }
+    humantime::parse_duration(s)
+        .map(|d| SystemTime::now() - d)
+        .map_err(|_| format!("`{s}`: expected an RFC 3339 time or a duration such as 30m"))
+}
+
+fn time_of(v: &Value, key: &str) -> Option<SystemTime> {
+    humantime::parse_rfc3339_weak(v[key].as_str()?).ok()
+}
+
+/// The filters of `portguard events`.
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    pub since: Option<SystemTime>,
+    pub until: Option<SystemTime>,
+    pub policy: Option<String>,
+    pub pod: Option<String>,
+    pub namespace: Option<String>,
+    pub unit: Option<String>,
+    pub port: Option<u16>,
+    pub verdict: Option<String>,
+}
+
+impl Filter {
+    /// True for a decision line matching every filter. An aggregate
+    /// matches a time range its first_seen..last_seen span overlaps.
+    pub fn matches(&self, e: &Value) -> bool {
+        if e.get("verdict").is_none() {
+            return false;
+        }
+        let eq = |key: &str, want: &Option<String>| {
+            want.as_deref().is_none_or(|w| e[key].as_str() == Some(w))
+        };
+        if !(eq("policy", &self.policy)
+            && eq("k8s_pod", &self.pod)
+            && eq("k8s_namespace", &self.namespace)
+            && eq("unit", &self.unit)
+            && eq("verdict", &self.verdict))
+        {
+            return false;
+        }
+        if self
+            .port
+            .is_some_and(|p| e["port"].as_u64() != Some(u64::from(p)))
+        {
+            return false;
+        }
+        let first = time_of(e, "first_seen").or_else(|| time_of(e, "time"));
+        let last = time_of(e, "last_seen").or(first);
+        if let (Some(since), Some(last)) = (self.since, last)
+            && last < since
+        {
+            return false;
+        }
+        if let (Some(until), Some(first)) = (self.until, first)
+            && first > until
+        {
+            return false;
+        }
+        true
+    }
+}
+
+/// Who made a decision, in a few words.
+pub fn workload(e: &Value) -> String {
+    if let Some(pod) = e["k8s_pod"].as_str() {
+        let ns = e["k8s_namespace"].as_str().unwrap_or("?");
+        return match e["container_name"].as_str() {
+            Some(c) => format!("{ns}/{pod}/{c}"),
+            None => format!("{ns}/{pod}"),
+        };
+    }
+    if let Some(u) = e["unit"].as_str() {
+        return u.to_owned();
+    }
+    e["cgroup"].as_str().unwrap_or("?").to_owned()
+}
+
+/// One row of the summary.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PairCount {
+    pub workload: String,
+    pub port: u64,
+    pub protocol: String,
+    pub verdict: String,
+    pub count: u64,
+    pub first_seen: String,
+    pub last_seen: String,
+    pub policies: Vec<String>,
+}
+
+/// The most frequent (workload, port) pairs among `events`, biggest first.
+pub fn summarize(events: &[Value], top: usize) -> Vec<PairCount> {
+    let mut by: HashMap<(String, u64, String, String), PairCount> = HashMap::new();
+    for e in events {
+        let key = (
+            workload(e),
+            e["port"].as_u64().unwrap_or(0),
+            e["protocol"].as_str().unwrap_or("?").to_owned(),
+            e["verdict"].as_str().unwrap_or("?").to_owned(),
+        );
+        let first = e["first_seen"]
+            .as_str()
+            .or_else(|| e["time"].as_str())
+            .unwrap_or_default()
+            .to_owned();
+        let last = e["last_seen"]
+            .as_str()
+            .or_else(|| e["time"].as_str())
+            .unwrap_or_default()
+            .to_owned();
+        let p = by.entry(key.clone()).or_insert_with(|| PairCount {
+            workload: key.0,
+            port: key.1,
+            protocol: key.2,
+            verdict: key.3,
+            count: 0,
+            first_seen: first.clone(),
+            last_seen: last.clone(),
+            policies: Vec::new(),
+        });
+        p.count += e["count"].as_u64().unwrap_or(1);
+        if first < p.first_seen {
+            p.first_seen = first;
+        }
+        if last > p.last_seen {
+            p.last_seen = last;
+        }
+        if let Some(pol) = e["policy"].as_str()
+            && !p.policies.iter().any(|x| x == pol)
+        {
+            p.policies.push(pol.to_owned());
+        }
+    }
+    let mut out: Vec<PairCount> = by.into_values().collect();
+    out.sort_by(|a, b| {
+        b.count
+            .cmp(&a.count)
+            .then_with(|| a.workload.cmp(&b.workload))
+            .then(a.port.cmp(&b.port))
+    });
+    out.truncate(top);
+    out
+}
+
+fn table_row(e: &Value) -> String {
+    let s = |k: &str| e[k].as_str().unwrap_or("-").to_owned();
+    let addr = s("address");
+    let addr = if addr.contains(':') {
+        format!("[{addr}]")
+    } else {
+        addr
+    };
+    format!(
+        "{}\t{}\t{}\t{}\t{}\t{}:{}\t{}\t{}",
+        e["first_seen"].as_str().unwrap_or(&s("time")),
+        s("verdict"),
+        s("policy"),
+        workload(e),
+        s("protocol"),
+        addr,
+        e["port"].as_u64().unwrap_or(0),
+        e["count"].as_u64().unwrap_or(1),
+        s("rule"),
+    )
+}
+
+const HEADER: &str = "TIME\tVERDICT\tPOLICY\tWORKLOAD\tPROTO\tADDRESS:PORT\tCOUNT\tRULE";
+
+/// Render events as a table.
+pub fn render_table(events: &[Value]) -> String {
+    let mut w = tabwriter::TabWriter::new(Vec::new()).padding(2);
+    let _ = writeln!(w, "{HEADER}");
+    for e in events {
+        let _ = writeln!(w, "{}", table_row(e));
+    }
+    String::from_utf8_lossy(&w.into_inner().unwrap_or_default()).into_owned()
+}
+
+/// Render a summary as a table.
+pub fn render_summary(rows: &[PairCount]) -> String {
+    let mut w = tabwriter::TabWriter::new(Vec::new()).padding(2);
+    let _ = writeln!(
+        w,
+        "COUNT\tVERDICT\tWORKLOAD\tPORT\tPOLICY\tFIRST SEEN\tLAST SEEN"
+    );
+    for r in rows {
+        let _ = writeln!(
+            w,
+            "{}\t{}\t{}\t{}/{}\t{}\t{}\t{}",
+            r.count,
+            r.verdict,
+            r.workload,
+            r.port,
+            r.protocol,
+            r.policies.join(","),
+            r.first_seen,
+            r.last_seen
+        );
+    }
+    String::from_utf8_lossy(&w.into_inner().unwrap_or_default()).into_owned()
+}
+
+fn summary_json(r: &PairCount) -> Value {
+    json!({
+        "workload": r.workload, "port": r.port, "protocol": r.protocol,
+        "verdict": r.verdict, "count": r.count, "policies": r.policies,
+        "first_seen": r.first_seen, "last_seen": r.last_seen,
+    })
+}
+
+/// `portguard events`.
+pub fn run(a: &EventsArgs) -> anyhow::Result<ExitCode> {
+    let filter = Filter {
+        since: a.since,
+        until: a.until,
+        policy: a.policy.clone(),
+        pod: a.pod.clone(),
+        namespace: a.namespace.clone(),
+        unit: a.unit.clone(),
+        port: a.port,
+        verdict: a.verdict.clone(),
+    };
+    let stdin = a.file.as_os_str() == "-";
+    let mut out = std::io::stdout().lock();
+    if a.follow && !a.summary {
+        if !a.json {
+            writeln!(out, "{}", HEADER.replace('\t', "  "))?;
+        }
+        let mut emit = |e: Value| -> std::io::Result<()> {
+            if filter.matches(&e) {
+                if a.json {
+                    writeln!(out, "{e}")?;
+                } else {
+                    writeln!(out, "{}", table_row(&e).replace('\t', "  "))?;
+                }
+                out.flush()?;
+            }
+            Ok(())
+        };
+        return if stdin {
+            for line in std::io::stdin().lock().lines() {
+                if let Ok(e) = serde_json::from_str(&line?) {
+                    emit(e)?;
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        } else {
+            follow_file(&a.file, &mut emit)
+        };
+    }
+    let text = if stdin {
+        std::io::read_to_string(std::io::stdin()).context("reading standard input")?
+    } else {
+        std::fs::read_to_string(&a.file).with_context(|| format!("reading {}", a.file.display()))?
+    };
+    let events: Vec<Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|e| filter.matches(e))
+        .collect();
+    if a.summary {
+        let rows = summarize(&events, a.top);
+        if a.json {
+            for r in &rows {
+                writeln!(out, "{}", summary_json(r))?;
+            }
+        } else {
+            write!(out, "{}", render_summary(&rows))?;
+        }
+    } else if a.json {
+        for e in &events {
+            writeln!(out, "{e}")?;
+        }
+    } else {
+        write!(out, "{}", render_table(&events))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Print lines appended to `path` forever, reopening it when it is rotated
+/// (replaced or truncated).
+fn follow_file(
+    path: &std::path::Path,
+    emit: &mut dyn FnMut(Value) -> std::io::Result<()>,
+) -> anyhow::Result<ExitCode> {
+    use std::{
+        io::{Seek as _, SeekFrom},
+        os::unix::fs::MetadataExt as _,
+    };
+    let open = || std::fs::File::open(path).with_context(|| format!("opening {}", path.display()));
+    let mut file = std::io::BufReader::new(open()?);
+    let mut ino = file.get_ref().metadata()?.ino();
+    let mut pos = 0u64;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = file.read_line(&mut line)?;
+        if n > 0 && line.ends_with('\n') {
+            pos += n as u64;
+            if let Ok(e) = serde_json::from_str(&line) {
+                emit(e)?;
+            }
+            continue;
+        }
+        // A partial line: read it again once it is complete.
+        if n > 0 {
+            file.seek(SeekFrom::Start(pos))?;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+        if let Ok(m) = std::fs::metadata(path)
+            && (m.ino() != ino || m.len() < pos)
+        {
+            file = std::io::BufReader::new(open()?);
+            ino = m.ino();
+            pos = 0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(verdict: &str, pod: &str, port: u16, time: &str, count: u64) -> Value {
+        json!({"schema_version": 1, "time": time, "verdict": verdict, "policy": "web",
+               "k8s_namespace": "payments", "k8s_pod": pod, "container_name": "server",
+               "protocol": "tcp", "address": "0.0.0.0", "port": port, "count": count,
+               "rule": "bind"})
+    }
+
+    #[test]
+    fn filters_by_every_field_and_time() {
+        let t = |s: &str| humantime::parse_rfc3339_weak(s).unwrap();
+        let e = ev("deny", "web-0", 8081, "2026-11-22T01:00:00Z", 1);
+        assert!(Filter::default().matches(&e));
+        assert!(!Filter::default().matches(&json!({"lost": 3})));
+        let f = |f: Filter| f.matches(&e);
+        assert!(f(Filter {
+            port: Some(8081),
+            ..Default::default()
+        }));
+        assert!(!f(Filter {
+            port: Some(80),
+            ..Default::default()
+        }));
+        assert!(f(Filter {
+            pod: Some("web-0".into()),
+            ..Default::default()
+        }));
+        assert!(!f(Filter {
+            namespace: Some("x".into()),
+            ..Default::default()
+        }));
+        assert!(!f(Filter {
+            verdict: Some("audit".into()),
+            ..Default::default()
+        }));
+        assert!(!f(Filter {
+            policy: Some("db".into()),
+            ..Default::default()
+        }));
+        assert!(!f(Filter {
+            unit: Some("nginx.service".into()),
+            ..Default::default()
+        }));
+        assert!(f(Filter {
+            since: Some(t("2026-11-22T00:59:00Z")),
+            ..Default::default()
+        }));
+        assert!(!f(Filter {
+            since: Some(t("2026-11-22T01:01:00Z")),
+            ..Default::default()
+        }));
+        assert!(!f(Filter {
+            until: Some(t("2026-11-22T00:59:00Z")),
+            ..Default::default()
+        }));
+        // An aggregate spanning 01:00..01:10 overlaps a 01:05.. window.
+        let mut agg = ev("deny", "web-0", 8081, "2026-11-22T01:00:00Z", 50);
+        agg["first_seen"] = json!("2026-11-22T01:00:00Z");
+        agg["last_seen"] = json!("2026-11-22T01:10:00Z");
+        assert!(
+            Filter {
+                since: Some(t("2026-11-22T01:05:00Z")),
+                ..Default::default()
+            }
+            .matches(&agg)
+        );
+    }
+
+    #[test]
+    fn summary_sums_counts_per_workload_and_port() {
+        let events = [
+            ev("deny", "web-0", 8081, "2026-11-22T01:00:00Z", 1),
+            ev("deny", "web-0", 8081, "2026-11-22T01:00:10Z", 99),
+            ev("deny", "web-1", 8081, "2026-11-22T01:00:05Z", 7),
+            ev("deny", "web-0", 9090, "2026-11-22T01:00:01Z", 1),
+        ];
+        let rows = summarize(&events, 2);
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].workload, "payments/web-0/server");
+        assert_eq!((rows[0].port, rows[0].count), (8081, 100));
+        assert_eq!(rows[0].first_seen, "2026-11-22T01:00:00Z");
+        assert_eq!(rows[0].last_seen, "2026-11-22T01:00:10Z");
+        assert_eq!(
+            (rows[1].workload.as_str(), rows[1].count),
+            ("payments/web-1/server", 7)
+        );
+        let text = render_summary(&rows);
+        assert!(text.lines().nth(1).unwrap().starts_with("100  "), "{text}");
+        let table = render_table(&events);
+        assert!(table.contains("0.0.0.0:8081"), "{table}");
+        assert_eq!(table.lines().count(), 5);
+    }
+
+    #[test]
+    fn workloads_are_named_by_pod_unit_or_cgroup() {
+        assert_eq!(
+            workload(&json!({"unit": "nginx.service", "cgroup": "/x"})),
+            "nginx.service"
+        );
+        assert_eq!(workload(&json!({"cgroup": "/x"})), "/x");
+        assert_eq!(
+            workload(&json!({"k8s_namespace": "a", "k8s_pod": "p"})),
+            "a/p"
+        );
+    }
+}

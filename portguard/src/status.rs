@@ -1,0 +1,320 @@
+//! `portguard status`: what the running agent enforces, from its unix
+//! socket (`--status-socket`, default /run/portguard/status.sock, mode 0600:
+//! root only). The agent answers every connection with one JSON document
+//! and closes it; `portguard status` prints it as tables, or as is with
+//! `--json`.
+
+use std::{
+    io::{Read as _, Write as _},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use serde_json::{Value, json};
+
+use crate::metrics::{KernelReading, Shared, VERDICTS};
+
+pub const DEFAULT_SOCKET: &str = "/run/portguard/status.sock";
+
+/// The status document for the agent's current facts and counters.
+pub fn document(shared: &Shared) -> Value {
+    let facts = shared.facts();
+    let kernel = KernelReading::read(&shared.counters, &facts);
+    let (kernel, kernel_error) = match kernel {
+        Ok(k) => (k, None),
+        Err(e) => (KernelReading::default(), Some(e.to_string())),
+    };
+    let policies: Vec<Value> = facts
+        .policies
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let d = kernel.by_policy.get(i).copied().unwrap_or_default();
+            let decisions: serde_json::Map<String, Value> = VERDICTS
+                .iter()
+                .zip(d)
+                .map(|(v, n)| ((*v).to_owned(), json!(n)))
+                .collect();
+            json!({
+                "name": p.name,
+                "mode": p.mode,
+                "selector": p.selector,
+                "decisions": decisions,
+                "cgroups": p.cgroups.iter().map(|(path, id)| {
+                    let mut v = serde_json::to_value(id).unwrap_or_else(|_| json!({}));
+                    v["path"] = json!(path);
+                    v
+                }).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "host": facts.host,
+        "pid": std::process::id(),
+        "started": facts.started,
+        "status": facts.status,
+        "attach_cgroup": facts.attach_cgroup,
+        "hooks": facts.hooks,
+        "listen": facts.listen_mode,
+        "events": {
+            "written": facts.events_written,
+            "aggregated": facts.events_aggregated,
+            "lost": kernel.events_lost,
+        },
+        "reloads": {"ok": facts.reloads_ok, "failed": facts.reloads_failed},
+        "governed_cgroups": facts.governed_cgroups,
+        "maps": facts.maps.iter().map(|m| json!({
+            "name": m.name, "entries": m.entries, "capacity": m.capacity,
+        })).collect::<Vec<_>>(),
+        "policies": policies,
+        "kernel_error": kernel_error,
+    })
+}
+
+/// Bind the status socket: mode 0600 in a directory created 0700. A socket
+/// file left by a dead agent is replaced; one a live agent answers on is an
+/// error.
+pub fn bind(path: &Path) -> anyhow::Result<std::os::unix::net::UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    if let Some(dir) = path.parent()
+        && !dir.exists()
+    {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("--status-socket: creating {}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!(
+                "--status-socket {}: another portguard agent is answering there; give this one \
+                 another path, or `off`",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("--status-socket: removing stale {}", path.display()))?;
+    }
+    let l = std::os::unix::net::UnixListener::bind(path)
+        .with_context(|| format!("--status-socket {}: cannot listen", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("--status-socket: chmod 0600 {}", path.display()))?;
+    l.set_nonblocking(true)
+        .context("--status-socket: set_nonblocking")?;
+    Ok(l)
+}
+
+/// Answer each connection with the status document.
+pub async fn serve(listener: tokio::net::UnixListener, shared: Arc<Shared>) {
+    use tokio::io::AsyncWriteExt as _;
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let mut text = document(&shared).to_string();
+        text.push('\n');
+        let _ =
+            tokio::time::timeout(Duration::from_secs(5), stream.write_all(text.as_bytes())).await;
+    }
+}
+
+/// Ask the agent at `socket` for its status.
+pub fn fetch(socket: &Path) -> anyhow::Result<Value> {
+    let mut s = std::os::unix::net::UnixStream::connect(socket).with_context(|| {
+        format!(
+            "cannot reach the agent at {}: is `portguard run` running (with this \
+             --status-socket)? The socket is root's only.",
+            socket.display()
+        )
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let _ = s.flush();
+    let mut text = String::new();
+    s.read_to_string(&mut text)
+        .with_context(|| format!("reading {}", socket.display()))?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("the agent at {} answered {text:?}", socket.display()))
+}
+
+fn tw() -> tabwriter::TabWriter<Vec<u8>> {
+    tabwriter::TabWriter::new(Vec::new()).padding(2)
+}
+
+fn finish(w: tabwriter::TabWriter<Vec<u8>>) -> String {
+    String::from_utf8_lossy(&w.into_inner().unwrap_or_default()).into_owned()
+}
+
+/// Who a governed cgroup is, in a few words.
+fn workload(c: &Value) -> String {
+    if let Some(pod) = c["k8s_pod"].as_str() {
+        let ns = c["k8s_namespace"].as_str().unwrap_or("?");
+        return match c["container_name"].as_str() {
+            Some(ctr) => format!("{ns}/{pod} ({ctr})"),
+            None => format!("{ns}/{pod}"),
+        };
+    }
+    if let Some(uid) = c["k8s_pod_uid"].as_str() {
+        return format!("pod {uid}");
+    }
+    if let Some(u) = c["unit"].as_str() {
+        return u.to_owned();
+    }
+    if let Some(id) = c["container_id"].as_str() {
+        return format!("container {}", &id[..id.len().min(12)]);
+    }
+    "-".into()
+}
+
+/// The human view of a status document.
+pub fn render(doc: &Value) -> String {
+    let s = |v: &Value| v.as_str().unwrap_or("-").to_owned();
+    let n = |v: &Value| v.as_u64().unwrap_or(0);
+    let mut out = format!(
+        "portguard {} on {}, pid {}, since {}: {}\n",
+        s(&doc["version"]),
+        s(&doc["host"]),
+        n(&doc["pid"]),
+        s(&doc["started"]),
+        s(&doc["status"]),
+    );
+    let hooks: Vec<String> = doc["hooks"]
+        .as_array()
+        .map(|a| a.iter().map(s).collect())
+        .unwrap_or_default();
+    out += &format!(
+        "programs: {} attached at {}\nlisten(): {}\n",
+        hooks.join(", "),
+        s(&doc["attach_cgroup"]),
+        s(&doc["listen"])
+    );
+    out += &format!(
+        "events: {} written, {} aggregated, {} lost in the kernel; reloads: {} ok, {} failed\n",
+        n(&doc["events"]["written"]),
+        n(&doc["events"]["aggregated"]),
+        n(&doc["events"]["lost"]),
+        n(&doc["reloads"]["ok"]),
+        n(&doc["reloads"]["failed"]),
+    );
+    let maps: Vec<String> = doc["maps"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|m| {
+                    format!(
+                        "{} {}/{}",
+                        s(&m["name"]),
+                        n(&m["entries"]),
+                        n(&m["capacity"])
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out += &format!("maps: {}\n", maps.join(", "));
+    if let Some(e) = doc["kernel_error"].as_str() {
+        out += &format!("WARNING: reading the kernel counters failed: {e}\n");
+    }
+    let empty = Vec::new();
+    let policies = doc["policies"].as_array().unwrap_or(&empty);
+    let mut w = tw();
+    let _ = writeln!(
+        w,
+        "\nPOLICY\tMODE\tSELECTOR\tCGROUPS\tALLOWED\tDENIED\tAUDITED\tREPORTED"
+    );
+    for p in policies {
+        let d = &p["decisions"];
+        let _ = writeln!(
+            w,
+            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+            s(&p["name"]),
+            s(&p["mode"]),
+            s(&p["selector"]),
+            p["cgroups"].as_array().map_or(0, Vec::len),
+            n(&d["allow"]),
+            n(&d["deny"]),
+            n(&d["audit"]),
+            n(&d["reported"]),
+        );
+    }
+    out += &finish(w);
+    let mut w = tw();
+    let _ = writeln!(w, "\nGOVERNED CGROUP\tPOLICY\tWORKLOAD");
+    let mut any = false;
+    for p in policies {
+        for c in p["cgroups"].as_array().unwrap_or(&empty) {
+            any = true;
+            let _ = writeln!(w, "{}\t{}\t{}", s(&c["path"]), s(&p["name"]), workload(c));
+        }
+    }
+    if any {
+        out += &finish(w);
+    } else {
+        out += "\n(no cgroup is governed right now)\n";
+    }
+    out
+}
+
+/// `--status-socket`: a path, or `off`.
+#[derive(Clone, Debug)]
+pub struct SocketArg(pub Option<PathBuf>);
+
+pub fn parse_socket_arg(s: &str) -> Result<SocketArg, String> {
+    Ok(SocketArg((s != "off").then(|| PathBuf::from(s))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_tables_from_a_document() {
+        let doc = json!({
+            "version": "0.1.0", "host": "node-1", "pid": 42, "started": "t0",
+            "status": "enforcing 1 policies", "attach_cgroup": "/",
+            "hooks": ["bind4", "bind6"], "listen": "denied (BPF LSM)",
+            "events": {"written": 5, "aggregated": 100, "lost": 0},
+            "reloads": {"ok": 2, "failed": 1}, "governed_cgroups": 1,
+            "maps": [{"name": "policies", "entries": 1, "capacity": 16384}],
+            "policies": [{
+                "name": "payments-web", "mode": "enforce",
+                "selector": "pods with namespace payments, app=web",
+                "decisions": {"allow": 10, "deny": 3, "audit": 0, "reported": 0},
+                "cgroups": [{"path": "/kubepods/besteffort/podX", "k8s_namespace": "payments",
+                             "k8s_pod": "web-0", "k8s_pod_uid": "X"}],
+            }],
+        });
+        let text = render(&doc);
+        assert!(
+            text.starts_with("portguard 0.1.0 on node-1, pid 42"),
+            "{text}"
+        );
+        assert!(text.contains("reloads: 2 ok, 1 failed"), "{text}");
+        assert!(text.contains("maps: policies 1/16384"), "{text}");
+        let row = text
+            .lines()
+            .find(|l| l.starts_with("payments-web"))
+            .unwrap_or_else(|| panic!("{text}"));
+        let cols: Vec<&str> = row.split("  ").filter(|c| !c.trim().is_empty()).collect();
+        assert_eq!(cols.last().map(|c| c.trim()), Some("0"), "{row}");
+        assert!(row.contains(" 10 ") && row.contains(" 3 "), "{row}");
+        assert!(
+            text.lines().any(
+                |l| l.starts_with("/kubepods/besteffort/podX") && l.ends_with("payments/web-0")
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn off_disables_the_socket() {
+        assert!(parse_socket_arg("off").unwrap().0.is_none());
+        assert_eq!(
+            parse_socket_arg("/tmp/x.sock").unwrap().0,
+            Some(PathBuf::from("/tmp/x.sock"))
+        );
+    }
+}
