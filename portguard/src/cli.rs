@@ -55,9 +55,20 @@ pub struct RunArgs {
     pub policy: PathBuf,
 
     /// Append events (one JSON object per line) to FILE, created with mode
-    /// 0600, instead of writing them to standard output.
-    #[arg(long, value_name = "FILE")]
+    /// 0600, instead of writing them to standard output; or `journald` for
+    /// native journal entries (the JSON as MESSAGE, each field as
+    /// PORTGUARD_<FIELD>). Under systemd, when standard output is the
+    /// journal, events go to it natively by default.
+    #[arg(long, value_name = "FILE|journald")]
     pub log: Option<PathBuf>,
+
+    /// Rotate the --log file when it reaches this many bytes (0: never).
+    #[arg(long, value_name = "BYTES", default_value_t = 100 << 20)]
+    pub log_max_size: u64,
+
+    /// Rotated --log files to keep (FILE.1 is the newest).
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    pub log_max_files: u32,
 
     /// Do not reload when the policy file changes (SIGHUP still reloads).
     #[arg(long)]
@@ -219,6 +230,10 @@ impl Cli {
                 daemon::run(RunOptions {
                     policy: a.policy,
                     log: a.log,
+                    log_rotation: crate::events::Rotation {
+                        max_bytes: a.log_max_size,
+                        keep: a.log_max_files,
+                    },
                     capacity: Capacity {
                         cgroups: a.max_cgroups,
                         policies: a.max_policies,

@@ -50,7 +50,9 @@ use crate::{
 #[derive(Clone, Debug)]
 pub struct RunOptions {
     pub policy: PathBuf,
+    /// A file, `journald`, or standard output (`None`).
     pub log: Option<PathBuf>,
+    pub log_rotation: events::Rotation,
     pub capacity: Capacity,
     pub ring_buffer_bytes: u32,
     /// Reload when the policy file changes (SIGHUP always reloads).
@@ -1096,8 +1098,16 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
         opts.policy.display()
     );
     let writer = match &opts.log {
-        Some(p) => EventWriter::file(p)
+        Some(p) if p.as_os_str() == "journald" => EventWriter::journald(),
+        Some(p) => EventWriter::file(p, opts.log_rotation)
             .with_context(|| format!("cannot open event log {}", p.display()))?,
+        None if EventWriter::stdout_is_journal() => {
+            info!(
+                "daemon: standard output is the journal: events go to it natively \
+                 (journalctl -t portguard PORTGUARD_VERDICT=deny)"
+            );
+            EventWriter::journald()
+        }
         None => EventWriter::stdout(),
     };
     match crate::caps::Caps::effective() {

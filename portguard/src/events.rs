@@ -22,6 +22,7 @@ use portguard_common::{
     VERDICT_REPORTED,
 };
 use serde::Serialize;
+use serde_json::Value;
 
 use crate::cgroupfs::Hierarchy;
 
@@ -340,32 +341,92 @@ pub fn enrich(ev: &Event, names: &PolicyNames, cgroups: &mut Hierarchy, host: &s
     }
 }
 
-/// Where event lines go: stdout or an append-only file.
+/// Size-based rotation of an event log file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rotation {
+    /// Rotate once the file reaches this many bytes (0: never).
+    pub max_bytes: u64,
+    /// Rotated files kept (`FILE.1` newest .. `FILE.N`).
+    pub keep: u32,
+}
+
+enum Sink {
+    Stream(Box<dyn Write + Send>),
+    File {
+        path: std::path::PathBuf,
+        out: io::BufWriter<std::fs::File>,
+        size: u64,
+        rotation: Rotation,
+    },
+    /// systemd's journal, natively: one entry per line, the JSON as
+    /// MESSAGE, and each top-level field as PORTGUARD_<FIELD>.
+    Journald,
+}
+
+/// Where event lines go: stdout, an append-only file (rotated by size), or
+/// the journal. Exactly one line (or journal entry) per record.
 pub struct EventWriter {
-    out: Box<dyn Write + Send>,
+    sink: Sink,
     /// Lines that could not be written since the last successful write.
     pub failed: u64,
+}
+
+fn open_log(path: &std::path::Path) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+}
+
+/// `FILE.n`.
+fn rotated(path: &std::path::Path, n: u32) -> std::path::PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(format!(".{n}"));
+    p.into()
+}
+
+/// journald field name for a JSON key: `k8s_pod` -> `PORTGUARD_K8S_POD`.
+pub fn journal_field(key: &str) -> String {
+    format!("PORTGUARD_{}", key.to_ascii_uppercase())
 }
 
 impl EventWriter {
     pub fn stdout() -> Self {
         Self {
-            out: Box::new(io::BufWriter::new(io::stdout())),
+            sink: Sink::Stream(Box::new(io::BufWriter::new(io::stdout()))),
             failed: 0,
         }
     }
 
-    pub fn file(path: &std::path::Path) -> io::Result<Self> {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(path)?;
+    pub fn file(path: &std::path::Path, rotation: Rotation) -> io::Result<Self> {
+        let f = open_log(path)?;
+        let size = f.metadata()?.len();
         Ok(Self {
-            out: Box::new(io::BufWriter::new(f)),
+            sink: Sink::File {
+                path: path.to_owned(),
+                out: io::BufWriter::new(f),
+                size,
+                rotation,
+            },
             failed: 0,
         })
+    }
+
+    pub fn journald() -> Self {
+        Self {
+            sink: Sink::Journald,
+            failed: 0,
+        }
+    }
+
+    /// True when systemd connected standard output to the journal (so
+    /// native journal entries are the better way to write there).
+    pub fn stdout_is_journal() -> bool {
+        use libsystemd::logging::JournalStream;
+        JournalStream::from_env()
+            .is_ok_and(|env| JournalStream::from_fd(io::stdout()).is_ok_and(|o| o == env))
     }
 
     #[cfg(test)]
@@ -381,24 +442,85 @@ impl EventWriter {
             }
         }
         Self {
-            out: Box::new(Shared(buf)),
+            sink: Sink::Stream(Box::new(Shared(buf))),
             failed: 0,
         }
     }
 
     /// Write one JSON line. Errors are counted and returned.
     pub fn line<T: Serialize>(&mut self, record: &T) -> io::Result<()> {
-        let res = serde_json::to_writer(&mut self.out, record)
-            .map_err(io::Error::other)
-            .and_then(|()| self.out.write_all(b"\n"));
+        let res = self.write_line(record);
         if res.is_err() {
             self.failed += 1;
         }
         res
     }
 
+    fn write_line<T: Serialize>(&mut self, record: &T) -> io::Result<()> {
+        let mut text = serde_json::to_vec(record).map_err(io::Error::other)?;
+        match &mut self.sink {
+            Sink::Stream(out) => {
+                text.push(b'\n');
+                out.write_all(&text)
+            }
+            Sink::File {
+                path,
+                out,
+                size,
+                rotation,
+            } => {
+                text.push(b'\n');
+                out.write_all(&text)?;
+                *size += text.len() as u64;
+                if rotation.max_bytes > 0 && *size >= rotation.max_bytes {
+                    out.flush()?;
+                    for n in (1..rotation.keep).rev() {
+                        let from = rotated(path, n);
+                        if from.exists() {
+                            std::fs::rename(&from, rotated(path, n + 1))?;
+                        }
+                    }
+                    if rotation.keep > 0 {
+                        std::fs::rename(&*path, rotated(path, 1))?;
+                    } else {
+                        std::fs::remove_file(&*path)?;
+                    }
+                    *out = io::BufWriter::new(open_log(path)?);
+                    *size = 0;
+                }
+                Ok(())
+            }
+            Sink::Journald => {
+                use libsystemd::logging::{Priority, journal_send};
+                let value = serde_json::to_value(record).map_err(io::Error::other)?;
+                let msg = String::from_utf8_lossy(&text).into_owned();
+                let priority = match value["verdict"].as_str() {
+                    Some("deny") | None => Priority::Warning,
+                    Some(_) => Priority::Notice,
+                };
+                let mut vars: Vec<(String, String)> =
+                    vec![("SYSLOG_IDENTIFIER".into(), "portguard".into())];
+                if let Some(obj) = value.as_object() {
+                    for (k, v) in obj {
+                        let v = match v {
+                            Value::String(s) => s.clone(),
+                            Value::Null => continue,
+                            other => other.to_string(),
+                        };
+                        vars.push((journal_field(k), v));
+                    }
+                }
+                journal_send(priority, &msg, vars.into_iter()).map_err(io::Error::other)
+            }
+        }
+    }
+
     pub fn flush(&mut self) -> io::Result<()> {
-        self.out.flush()
+        match &mut self.sink {
+            Sink::Stream(out) => out.flush(),
+            Sink::File { out, .. } => out.flush(),
+            Sink::Journald => Ok(()),
+        }
     }
 }
 
@@ -502,6 +624,66 @@ mod tests {
             std::slice::from_raw_parts(std::ptr::from_ref(&ev).cast::<u8>(), size_of::<Event>())
         };
         assert!(matches!(decode(bytes), Err(DecodeError::Hook { hook: 99 })));
+    }
+
+    #[test]
+    fn the_log_file_rotates_by_size_and_keeps_n_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let mut w = EventWriter::file(
+            &path,
+            Rotation {
+                max_bytes: 200,
+                keep: 2,
+            },
+        )
+        .unwrap();
+        let rec = |i: u64| LostRecord {
+            schema_version: 1,
+            time: "t".into(),
+            host: "h".into(),
+            lost: i,
+            lost_total: i,
+        };
+        // Each line is about 65 bytes: 4 lines per file before rotating.
+        for i in 1..=20 {
+            w.line(&rec(i)).unwrap();
+        }
+        w.flush().unwrap();
+        let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
+        let current = read(&path);
+        let one = read(&rotated(&path, 1));
+        let two = read(&rotated(&path, 2));
+        assert!(
+            !rotated(&path, 3).exists(),
+            "only two rotated files are kept"
+        );
+        for text in [&one, &two] {
+            assert!(text.len() >= 200 && text.len() < 200 + 80, "{text}");
+            for l in text.lines() {
+                serde_json::from_str::<Value>(l).expect("whole lines only");
+            }
+        }
+        // The newest lines are in the current file, the ones before in .1.
+        assert!(
+            current.lines().last().unwrap().contains(r#""lost":20"#),
+            "{current}"
+        );
+        let first_of_one: Value = serde_json::from_str(one.lines().next().unwrap()).unwrap();
+        let last_of_two: Value = serde_json::from_str(two.lines().last().unwrap()).unwrap();
+        assert_eq!(
+            first_of_one["lost"].as_u64().unwrap(),
+            last_of_two["lost"].as_u64().unwrap() + 1
+        );
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+
+    #[test]
+    fn journal_field_names() {
+        assert_eq!(journal_field("k8s_pod"), "PORTGUARD_K8S_POD");
+        assert_eq!(journal_field("verdict"), "PORTGUARD_VERDICT");
     }
 
     #[test]

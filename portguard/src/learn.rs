@@ -313,6 +313,10 @@ pub fn run(opts: &LearnOptions) -> anyhow::Result<usize> {
     crate::daemon::run(crate::daemon::RunOptions {
         policy: policy_path,
         log: Some(log.clone()),
+        log_rotation: crate::events::Rotation {
+            max_bytes: 0,
+            keep: 0,
+        },
         capacity: crate::rules_map::Capacity {
             cgroups: 4096,
             policies: 16,

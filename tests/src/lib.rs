@@ -264,6 +264,16 @@ impl Agent {
         Self::try_start_in(dir, policy_path, extra, &wrapper)
     }
 
+    /// Like [`Agent::start_with`], run through `wrapper` (a command that
+    /// ends by exec'ing its arguments: the agent and its arguments).
+    pub fn start_wrapped(policy: &str, extra: &[&str], wrapper: &[String]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let policy_path = dir.path().join("policy.yaml");
+        std::fs::write(&policy_path, policy).expect("writing policy");
+        Self::try_start_in(dir, policy_path, extra, wrapper)
+            .unwrap_or_else(|e| panic!("agent failed to start:\n{e}"))
+    }
+
     /// Start on an existing policy file (e.g. a ConfigMap volume's symlink)
     /// and wait until it enforces.
     pub fn start_on_file(policy_path: &Path, extra: &[&str]) -> Self {
@@ -286,11 +296,12 @@ impl Agent {
             "run".into(),
             "--policy".into(),
             policy_path.display().to_string(),
-            "--log".into(),
-            log.display().to_string(),
             "--lost-report-interval".into(),
             "200ms".into(),
         ];
+        if !extra.contains(&"--log") {
+            args.extend(["--log".into(), log.display().to_string()]);
+        }
         if !extra.contains(&"--watch") {
             args.push("--no-watch".into());
         }

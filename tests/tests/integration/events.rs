@@ -190,3 +190,77 @@ fn every_kind_of_event_matches_the_published_schema() {
     assert!(events.iter().all(|e| e["host"] == host.trim()));
     assert!(events.iter().all(|e| e["schema_version"] == 1));
 }
+
+/// `--log journald`: one native journal entry per event, with the JSON as
+/// MESSAGE and each field as PORTGUARD_<FIELD>. No journald runs on the
+/// test machines, so the agent runs in a private mount namespace whose
+/// /run/systemd/journal/socket is a datagram socket this test reads: the
+/// same socket and protocol journald serves.
+#[test]
+fn events_go_to_journald_natively() {
+    require_root!();
+    let cg = Cgroup::new("journald");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("journal.jsonl");
+    let listener = r#"
+import ctypes, json, os, socket, sys
+ctypes.CDLL(None).prctl(1, 15)  # PR_SET_PDEATHSIG: go when the agent goes
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.bind(sys.argv[1])
+with open(sys.argv[2], "a") as out:
+    while True:
+        data = s.recv(1 << 20).decode()
+        entry = dict(l.split("=", 1) for l in data.splitlines() if "=" in l)
+        out.write(json.dumps(entry) + "\n")
+        out.flush()
+"#;
+    let script = format!(
+        "set -e; mount -t tmpfs tmpfs /run; mkdir -p /run/systemd/journal; \
+         python3 -c '{listener}' /run/systemd/journal/socket {out} & \
+         while [ ! -S /run/systemd/journal/socket ]; do sleep 0.05; done; exec \"$@\"",
+        out = out.display()
+    );
+    let wrapper: Vec<String> = ["unshare", "-m", "--propagation", "private", "sh", "-c"]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .chain([script, "sh".to_owned()])
+        .collect();
+    let mut agent = Agent::start_wrapped(
+        &format!(
+            "policies:\n  - {{name: jd, cgroup: {}, bind: [{{ports: [8080]}}]}}\n",
+            cg.rel
+        ),
+        &["--log", "journald"],
+        &wrapper,
+    );
+    let r = Probe::in_cgroup(&cg).run(&["bind", "tcp", "127.0.0.1", "8081"]);
+    r.assert_eperm();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let entry = loop {
+        let text = std::fs::read_to_string(&out).unwrap_or_default();
+        if let Some(e) = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|e| e["PORTGUARD_PID"] == r.pid.to_string())
+        {
+            break e;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no journal entry for pid {}: {text}\n{}",
+            r.pid,
+            agent.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(entry["SYSLOG_IDENTIFIER"], "portguard");
+    assert_eq!(entry["PRIORITY"], "4", "a denial is a warning");
+    assert_eq!(entry["PORTGUARD_VERDICT"], "deny");
+    assert_eq!(entry["PORTGUARD_POLICY"], "jd");
+    assert_eq!(entry["PORTGUARD_PORT"], "8081");
+    assert_eq!(entry["PORTGUARD_CGROUP"], cg.rel);
+    let msg: Value = serde_json::from_str(entry["MESSAGE"].as_str().unwrap()).unwrap();
+    assert_eq!(msg["port"], 8081);
+    assert!(portguard_tests::schema_errors(&[msg]).is_empty());
+    assert!(agent.stop().success());
+}
