@@ -569,7 +569,7 @@ mod tests {
         h.remember(42, "/demo/web/child");
         h.remember(41, "/demo/web");
         let r = enrich(&ev, &names, &mut h, "node-1");
-        let v: serde_json::Value = serde_json::to_value(&r).unwrap();
+        let v: Value = serde_json::to_value(&r).unwrap();
         for key in [
             "time",
             "verdict",

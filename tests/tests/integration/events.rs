@@ -236,12 +236,13 @@ with open(sys.argv[2], "a") as out:
     let r = Probe::in_cgroup(&cg).run(&["bind", "tcp", "127.0.0.1", "8081"]);
     r.assert_eperm();
     let deadline = Instant::now() + Duration::from_secs(10);
+    let pid = r.pid.to_string();
     let entry = loop {
         let text = std::fs::read_to_string(&out).unwrap_or_default();
         if let Some(e) = text
             .lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .find(|e| e["PORTGUARD_PID"] == r.pid.to_string())
+            .find(|e| e["PORTGUARD_PID"].as_str() == Some(pid.as_str()))
         {
             break e;
         }
