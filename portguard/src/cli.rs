@@ -19,6 +19,10 @@ use crate::{
 /// below it) from binding, and optionally connecting to, ports outside the
 /// policy's allowed set. Every denial is reported as a JSON line.
 ///
+/// `run` enforces; `check` validates a policy file; `status` shows what the
+/// running agent enforces; `events` reads and summarises the event log;
+/// `learn` watches a workload and writes its policy.
+///
 /// Agent logs go to standard error; set RUST_LOG (e.g. RUST_LOG=debug) to
 /// change their level.
 #[derive(Debug, Parser)]
@@ -37,8 +41,8 @@ pub enum Command {
     Events(crate::query::EventsArgs),
 }
 
-/// Enforce a policy file until stopped (needs root: CAP_BPF, CAP_NET_ADMIN,
-/// CAP_SYS_ADMIN).
+/// Enforce a policy file until stopped (needs root, or CAP_BPF, CAP_PERFMON,
+/// CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH).
 ///
 /// Loads the kernel programs, writes the policy into their maps, attaches
 /// them to the cgroup2 root (found in /proc/mounts) and streams denial events
@@ -46,6 +50,11 @@ pub enum Command {
 /// policy file, reloads it: the new policy replaces the old one atomically,
 /// or, if it is invalid, the old one stays in force and the error is logged.
 /// SIGTERM or SIGINT detaches the programs and exits; enforcement stops.
+///
+/// Also serves Prometheus metrics (--metrics-addr, loopback by default), a
+/// status socket for `portguard status`, and optional health probes.
+/// Identical denials within --aggregate-window are written as one line with
+/// a count.
 ///
 /// Supports systemd `Type=notify-reload` (READY=1, RELOADING=1, STATUS=).
 #[derive(Debug, Args)]

@@ -92,6 +92,9 @@ pub const IDENTIFYING: &str = "portguard:identifying";
 /// lost-report intervals, if longer).
 const HEALTH_STALE_AFTER: Duration = Duration::from_secs(30);
 
+/// Most ring-buffer records handled per turn of the main loop.
+const DRAIN_BATCH: usize = 4096;
+
 /// Most kinds of decision the aggregator tracks at once.
 const AGGREGATE_KINDS: usize = 65536;
 
@@ -1390,8 +1393,10 @@ async fn serve(
         tokio::select! {
             guard = rb.readable_mut() => {
                 let mut guard = guard.context("polling the ring buffer")?;
-                let n = drain_events(guard.get_inner_mut(), agent, &mut writer, &mut cri_link, &opts.cri_socket).await;
-                guard.clear_ready();
+                let (n, more) = drain_events(guard.get_inner_mut(), agent, &mut writer, &mut cri_link, &opts.cri_socket).await;
+                if !more {
+                    guard.clear_ready();
+                }
                 if n > 0 {
                     match writer.flush() {
                         Ok(()) => write_error_logged = false,
@@ -1509,14 +1514,16 @@ async fn serve(
         }
     }
     // Whatever is still queued, and a final loss report.
-    drain_events(
+    while drain_events(
         rb.get_mut(),
         agent,
         &mut writer,
         &mut cri_link,
         &opts.cri_socket,
     )
-    .await;
+    .await
+    .1
+    {}
     let pending = agent.aggregator.drain();
     agent.write_records(&mut writer, pending);
     report_lost(agent, &mut writer, &mut lost_seen);
@@ -1573,9 +1580,20 @@ async fn drain_events(
     writer: &mut EventWriter,
     cri_link: &mut CriLink,
     cri_socket: &Path,
-) -> usize {
+) -> (usize, bool) {
     let mut records = Vec::new();
-    while let Some(item) = rb.next() {
+    let mut more = false;
+    loop {
+        if records.len() >= DRAIN_BATCH {
+            // A storm refills the ring as fast as it drains: write what we
+            // have and come back (the ring stays readable), so that memory
+            // stays bounded, lines keep flowing and the loop keeps turning.
+            more = true;
+            break;
+        }
+        let Some(item) = rb.next() else {
+            break;
+        };
         match events::decode(&item) {
             Ok(ev) => records.push(events::enrich(
                 &ev,
@@ -1617,7 +1635,7 @@ async fn drain_events(
         out.extend(agent.aggregator.push(record, now));
     }
     agent.write_records(writer, out);
-    n
+    (n, more)
 }
 
 fn report_lost(agent: &Agent, writer: &mut EventWriter, seen: &mut u64) {

@@ -560,10 +560,11 @@ fn denied_and_storm(
     drop(agent);
 
     // Storm: as many denials as one process can make, the agent writing
-    // every event to its log file (flood control off, to measure the
-    // pipeline; with it, a storm is a handful of lines).
+    // every event to its log file (flood control and log rotation off, to
+    // measure the pipeline; with flood control, a storm is a handful of
+    // lines).
     let secs = if opts.quick { 3.0 } else { 10.0 };
-    let agent = start_agent(&policy, &["--aggregate-window", "0"]);
+    let agent = start_agent(&policy, &["--aggregate-window", "0", "--log-max-size", "0"]);
     let pid = agent.pid();
     let cpu0 = cpu_ticks(pid);
     let t0 = Instant::now();

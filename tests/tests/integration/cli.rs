@@ -107,10 +107,48 @@ fn help_explains_every_option() {
         "--health-listen",
         "--cgroup-root",
         "--require-lsm",
+        "--aggregate-window",
+        "--metrics-addr",
+        "--status-socket",
+        "--log-max-size",
+        "--log-max-files",
+        "journald",
         "SIGHUP",
     ] {
         assert!(run.contains(opt), "run --help lacks {opt}:\n{run}");
     }
+    for (sub, opts) in [
+        ("status", &["--socket", "--json"][..]),
+        (
+            "events",
+            &[
+                "--follow",
+                "--since",
+                "--until",
+                "--policy",
+                "--pod",
+                "--namespace",
+                "--port",
+                "--verdict",
+                "--summary",
+                "--json",
+            ][..],
+        ),
+        (
+            "learn",
+            &["--cgroup", "--pods", "--unit", "--duration", "--out"][..],
+        ),
+    ] {
+        let (code, help, _) = portguard(&[sub, "--help"]);
+        assert_eq!(code, 0);
+        for opt in opts {
+            assert!(help.contains(opt), "{sub} --help lacks {opt}:\n{help}");
+        }
+    }
+    assert!(
+        out.contains("learn") && out.contains("status") && out.contains("events"),
+        "{out}"
+    );
     let (_, check, _) = portguard(&["check", "--help"]);
     assert!(check.contains("Exits 0"), "{check}");
 }
