@@ -1071,8 +1071,29 @@ fn notify_status(status: &str) {
     let _ = sd_notify::notify(&[NotifyState::Status(status)]);
 }
 
+/// The signals the agent handles, registered before anything else.
+struct Signals {
+    hup: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
 /// Run the agent until SIGTERM/SIGINT.
 pub fn run(opts: RunOptions) -> anyhow::Result<()> {
+    // Signal handlers first: a SIGHUP during start-up must not kill the
+    // agent (its default action); it is handled once the agent serves.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("building the tokio runtime")?;
+    let signals = {
+        let _guard = rt.enter();
+        Signals {
+            hup: signal(SignalKind::hangup()).context("SIGHUP handler")?,
+            term: signal(SignalKind::terminate()).context("SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("SIGINT handler")?,
+        }
+    };
     // Validate the policy before touching the kernel.
     let parsed = parse_policy_text(read_policy_file(&opts.policy)?).map_err(|diagnostics| {
         PolicyError::Invalid {
@@ -1210,10 +1231,6 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
         slot_owners: HashMap::new(),
         aggregator: crate::aggregate::Aggregator::new(opts.aggregate_window, AGGREGATE_KINDS),
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("building the tokio runtime")?;
     if Agent::needs_cri(&policies) {
         match rt.block_on(async {
             let mut c = cri::connect(&opts.cri_socket).await?;
@@ -1246,6 +1263,9 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
     agent
         .apply(policies, resolved)
         .context("applying the policy to the kernel maps")?;
+    // Still nothing attached: no program can be reading the old generation,
+    // so the first reload need not wait out a grace period.
+    agent.applier.unattached();
     info!(
         "daemon: applied {} policies ({} governed cgroups, {} port sets in {} chunks) to both generations in {:.1} ms",
         report.policies,
@@ -1319,7 +1339,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
             }
         });
     }
-    let result = rt.block_on(serve(&mut agent, events, writer, &opts, &health));
+    let result = rt.block_on(serve(&mut agent, events, writer, &opts, &health, signals));
     if let Some(p) = &opts.status_socket {
         let _ = std::fs::remove_file(p);
     }
@@ -1335,16 +1355,19 @@ async fn serve(
     mut writer: EventWriter,
     opts: &RunOptions,
     health: &Health,
+    signals: Signals,
 ) -> anyhow::Result<()> {
+    let Signals {
+        mut hup,
+        mut term,
+        mut int,
+    } = signals;
     // SAFETY: the RingBuf owns its map fd for as long as the AsyncFd owns it.
     let mut rb = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
         .map_err(|e| e.into_parts().1)
         .context("registering the ring buffer with tokio")?;
     let mut watcher = Watcher::new(&opts.policy, opts.watch)?;
     watcher.set_dirs(&agent.cgroup_watch_dirs());
-    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
-    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     // First ticks one period from now: start-up has just resolved everything.
     let now = tokio::time::Instant::now();
     let mut lost_tick = tokio::time::interval_at(now + opts.lost_interval, opts.lost_interval);
