@@ -45,7 +45,7 @@ LLVM_MAJOR="$(rustc +nightly -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')"
 [ -n "$LLVM_MAJOR" ] || { log "cannot read LLVM version from rustc +nightly -vV"; exit 1; }
 log "nightly rustc uses LLVM $LLVM_MAJOR"
 
-want_pkgs=(iproute2 runc busybox-static jq protobuf-compiler containerd containernetworking-plugins systemd util-linux)
+want_pkgs=(iproute2 runc busybox-static jq protobuf-compiler containerd containernetworking-plugins systemd util-linux bpftool)
 need_linker=1
 if command -v bpf-linker >/dev/null 2>&1 && bpf-linker --version >/dev/null 2>&1; then
   # bpf-linker links LLVM dynamically or statically; check the LLVM it was built for.

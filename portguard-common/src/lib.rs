@@ -62,6 +62,65 @@ pub const MAP_EVENTS: &str = "PORTGUARD_EVENTS";
 pub const MAP_COUNTERS: &str = "PORTGUARD_COUNTERS";
 pub const MAP_POLICY_COUNTERS: &str = "PORTGUARD_POLICY_COUNTERS";
 pub const MAP_SOCKETS: &str = "PORTGUARD_SOCKETS";
+/// Userspace-only maps, pinned with the rest so a restarted or upgraded
+/// agent knows what it adopts: the version stamp ([`AgentStamp`]) and the
+/// policy names events refer to ([`PolicyName`]).
+pub const MAP_AGENT: &str = "PORTGUARD_AGENT";
+pub const MAP_NAMES: &str = "PORTGUARD_NAMES";
+
+/// Every map, in the order `portguard uninstall` lists them.
+pub const MAPS: [&str; 10] = [
+    MAP_STATE,
+    MAP_CGROUPS,
+    MAP_POLICIES,
+    MAP_PORTSETS,
+    MAP_EVENTS,
+    MAP_COUNTERS,
+    MAP_POLICY_COUNTERS,
+    MAP_SOCKETS,
+    MAP_AGENT,
+    MAP_NAMES,
+];
+
+/// Version of every map's key and value layout. Bump it whenever a map
+/// type in this file changes meaning or size: an agent that finds pinned
+/// maps with another layout version rebuilds them instead of reusing them.
+pub const LAYOUT_VERSION: u32 = 1;
+/// [`AgentStamp::magic`].
+pub const STAMP_MAGIC: u64 = u64::from_le_bytes(*b"PGSTAMP1");
+
+/// [`MAP_AGENT`] value (one entry): what the pinned state was made by.
+/// Only userspace reads and writes it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AgentStamp {
+    pub magic: u64,
+    /// [`LAYOUT_VERSION`] of the agent that created the maps.
+    pub layout: u32,
+    /// pid of the agent that wrote the stamp last.
+    pub pid: u32,
+    /// SHA-256 of the kernel object the attached programs came from.
+    pub object_sha256: [u8; 32],
+    /// Kernel lost-event count the agent had reported when it wrote this.
+    pub lost_reported: u64,
+    /// Wall-clock time of that write (ms since the Unix epoch): the agent was
+    /// alive then. A successor reports events lost since.
+    pub alive_unix_ms: u64,
+}
+const _: () = assert!(size_of::<AgentStamp>() == 64);
+
+/// Longest policy name the kernel-side name map holds.
+pub const POLICY_NAME_MAX: usize = 248;
+
+/// [`MAP_NAMES`] value: the name of a policy id (key: `policy_id`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PolicyName {
+    pub len: u32,
+    pub _pad: u32,
+    pub bytes: [u8; POLICY_NAME_MAX],
+}
+const _: () = assert!(size_of::<PolicyName>() == 256);
 
 /// Name of the kernel programs' global holding the bit offset of
 /// `skc_ipv6only` in `struct sock` (from the running kernel's BTF), or
@@ -467,4 +526,6 @@ mod user {
     unsafe impl aya::Pod for super::PortChunk {}
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::SockOffsets {}
+    unsafe impl aya::Pod for super::AgentStamp {}
+    unsafe impl aya::Pod for super::PolicyName {}
 }

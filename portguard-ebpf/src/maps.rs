@@ -10,7 +10,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use portguard_common::{
-    CgroupKey, CgroupValue, PolicyRecord, PortChunk, PortChunkKey, SocketState, State,
+    AgentStamp, CgroupKey, CgroupValue, PolicyName, PolicyRecord, PortChunk, PortChunkKey,
+    SocketState, State,
 };
 
 /// Live generation and per-generation walk bounds.
@@ -51,3 +52,14 @@ pub static PORTGUARD_POLICY_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_e
 /// Per-socket state carried from bind6 to post_bind6 (dual-stack flag).
 #[btf_map]
 pub static PORTGUARD_SOCKETS: SkStorage<SocketState> = SkStorage::new();
+
+/// The version stamp of the pinned state (userspace only; see
+/// `portguard_common::AgentStamp`).
+#[map(name = "PORTGUARD_AGENT")]
+pub static PORTGUARD_AGENT: Array<AgentStamp> = Array::with_max_entries(1, 0);
+
+/// Policy id -> name, so events queued before an agent restart can still be
+/// named (userspace only; sized by the agent).
+#[map(name = "PORTGUARD_NAMES")]
+pub static PORTGUARD_NAMES: HashMap<u32, PolicyName> =
+    HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);

@@ -21,7 +21,8 @@ use crate::{
 ///
 /// `run` enforces; `check` validates a policy file; `status` shows what the
 /// running agent enforces; `events` reads and summarises the event log;
-/// `learn` watches a workload and writes its policy.
+/// `learn` watches a workload and writes its policy; `uninstall` removes the
+/// pinned programs, links and maps that keep enforcing after the agent stops.
 ///
 /// Agent logs go to standard error; set RUST_LOG (e.g. RUST_LOG=debug) to
 /// change their level.
@@ -39,6 +40,7 @@ pub enum Command {
     Learn(LearnArgs),
     Status(StatusArgs),
     Events(crate::query::EventsArgs),
+    Uninstall(UninstallArgs),
 }
 
 /// Enforce a policy file until stopped (needs root, or CAP_BPF, CAP_PERFMON,
@@ -49,7 +51,13 @@ pub enum Command {
 /// as JSON lines to standard output or --log. SIGHUP, or a change of the
 /// policy file, reloads it: the new policy replaces the old one atomically,
 /// or, if it is invalid, the old one stays in force and the error is logged.
-/// SIGTERM or SIGINT detaches the programs and exits; enforcement stops.
+///
+/// Programs, links and maps are pinned in --pin-dir, so enforcement goes on
+/// when the agent exits, crashes or is killed; the next `run` adopts the
+/// pinned state without detaching anything (an upgraded agent switches each
+/// link to its new program in place). `portguard uninstall` removes it all.
+/// With `--pin-dir none`, SIGTERM or SIGINT detaches the programs and
+/// enforcement stops with the agent.
 ///
 /// Also serves Prometheus metrics (--metrics-addr, loopback by default), a
 /// status socket for `portguard status`, and optional health probes.
@@ -163,6 +171,49 @@ pub struct RunArgs {
     /// inotify (e.g. 5s).
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
     pub rescan_interval: Duration,
+
+    /// bpffs directory (created 0700) where programs, links and maps are
+    /// pinned so enforcement survives the agent, or `none` to pin nothing
+    /// (enforcement then ends when the agent exits). bpffs is mounted at
+    /// /sys/fs/bpf if it is not. One agent per directory.
+    #[arg(long, value_name = "DIR|none", default_value = crate::pins::DEFAULT_PIN_DIR, value_parser = parse_pin_dir)]
+    pub pin_dir: PinDirArg,
+
+    /// Load this kernel object instead of the built-in one (testing
+    /// upgrades over pinned state).
+    #[arg(long, value_name = "FILE", hide = true)]
+    pub kernel_object: Option<PathBuf>,
+}
+
+/// `--pin-dir`: a directory, or `none`.
+#[derive(Clone, Debug)]
+pub struct PinDirArg(pub Option<PathBuf>);
+
+fn parse_pin_dir(s: &str) -> Result<PinDirArg, String> {
+    if s == "none" {
+        return Ok(PinDirArg(None));
+    }
+    let p = PathBuf::from(s);
+    if !p.is_absolute() {
+        return Err(format!("{s}: give an absolute path on bpffs, or `none`"));
+    }
+    Ok(PinDirArg(Some(p)))
+}
+
+/// Remove everything portguard pinned: links first (enforcement stops),
+/// then programs and maps, then the directory if nothing else is in it.
+///
+/// Touches only the names portguard creates in --pin-dir; anything else
+/// there is listed and left alone. Refuses while an agent runs on that
+/// directory (stop it first). Exits 1 on error.
+#[derive(Debug, Args)]
+pub struct UninstallArgs {
+    /// The agent's --pin-dir.
+    #[arg(long, value_name = "DIR", default_value = crate::pins::DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+    /// List what would be removed (with kernel ids) and remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 /// Validate a policy file without loading anything into the kernel.
@@ -261,6 +312,8 @@ impl Cli {
                     status_socket: a.status_socket.0,
                     cgroup_root: a.cgroup_root,
                     stop_after: None,
+                    pin_dir: a.pin_dir.0,
+                    kernel_object: a.kernel_object,
                 })?;
                 Ok(ExitCode::SUCCESS)
             }
@@ -274,6 +327,32 @@ impl Cli {
                 Ok(ExitCode::SUCCESS)
             }
             Command::Events(a) => crate::query::run(&a),
+            Command::Uninstall(a) => {
+                use std::io::Write as _;
+                let (ours, foreign) = crate::pins::uninstall(&a.pin_dir, a.dry_run)?;
+                let verb = if a.dry_run { "would remove" } else { "removed" };
+                // A closed pipe (`| head`) is not an error worth a panic.
+                let mut out = std::io::stdout().lock();
+                for p in &ours {
+                    let id = p.id.map_or(String::new(), |i| format!(" id {i}"));
+                    let detail = if p.detail.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", p.detail)
+                    };
+                    let _ = writeln!(out, "{verb} {}{id}{detail}: {}", p.kind, p.path.display());
+                }
+                for f in &foreign {
+                    let _ = writeln!(out, "left alone (not portguard's): {}", f.display());
+                }
+                let _ = writeln!(
+                    out,
+                    "{verb} {} pinned objects from {}",
+                    ours.len(),
+                    a.pin_dir.display()
+                );
+                Ok(ExitCode::SUCCESS)
+            }
             Command::Learn(a) => {
                 let selector = match (a.cgroup, a.pods, a.unit) {
                     (Some(c), None, None) => crate::policy::Selector::Cgroup(

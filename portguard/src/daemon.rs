@@ -38,6 +38,7 @@ use crate::{
     health::Health,
     inventory,
     loader::{ListenCheck, LoadOptions, Loaded},
+    pins::PinDir,
     policy::{
         CompiledPolicy, ParsedPolicy, PolicyError, Reparse, Selector, classify, compile,
         compile_all, parse_policy_text, read_policy_file, reparse_policy_text,
@@ -82,6 +83,11 @@ pub struct RunOptions {
     pub cgroup_root: Option<PathBuf>,
     /// Stop by itself after this long (`portguard learn`).
     pub stop_after: Option<Duration>,
+    /// bpffs directory to pin programs, links and maps in (`None`: nothing
+    /// pinned; enforcement ends with the agent).
+    pub pin_dir: Option<PathBuf>,
+    /// Load this kernel object instead of the built-in one (upgrade tests).
+    pub kernel_object: Option<PathBuf>,
 }
 
 /// Name of the built-in policy holding pod cgroups the runtime has not
@@ -137,6 +143,13 @@ struct Registry {
 }
 
 impl Registry {
+    /// Continue a previous agent's numbering (ids in pinned maps and in
+    /// events still queued keep their names).
+    fn seed(&mut self, id: u32, name: &str) {
+        self.ids.entry(name.to_owned()).or_insert(id);
+        self.next = self.next.max(id);
+    }
+
     fn id(&mut self, name: &str) -> u32 {
         if let Some(id) = self.ids.get(name) {
             return *id;
@@ -157,6 +170,10 @@ struct Agent {
     resolved: Resolution,
     registry: Registry,
     names: PolicyNames,
+    name_map_full: bool,
+    /// The kernel's lost-event count already reported (at start: by the
+    /// previous agent, when the counters were adopted).
+    lost_seen: u64,
     /// cgroup path -> (id, level) as last seen; emptied on every inotify
     /// event about watched cgroup directories and refreshed by each rescan,
     /// so a reload only stat()s paths it has not seen.
@@ -329,6 +346,20 @@ impl Agent {
         resolved
     }
 
+    /// Keep a policy id's name in the kernel too, so an agent that adopts
+    /// the pinned state can name events queued before it started.
+    fn record_name(&mut self, id: u32, name: &str) {
+        if let Err(e) = self.loaded.maps.put_name(id, name)
+            && !self.name_map_full
+        {
+            self.name_map_full = true;
+            warn!(
+                "daemon: cannot record policy name `{name}` in the kernel ({e}); events queued \
+                 across an agent restart may carry a policy id without its name"
+            );
+        }
+    }
+
     /// Apply `policies` with `resolved` cgroups; on success they become current.
     fn apply(
         &mut self,
@@ -340,6 +371,7 @@ impl Agent {
             let id = self.registry.id(&p.name);
             if self.names.get(id).is_none() {
                 self.names.insert(id, &p.name);
+                self.record_name(id, &p.name);
             }
             ids.push(id);
         }
@@ -365,6 +397,7 @@ impl Agent {
             let id = self.registry.id(IDENTIFYING);
             if self.names.get(id).is_none() {
                 self.names.insert(id, IDENTIFYING);
+                self.record_name(id, IDENTIFYING);
             }
             targets.push(Target {
                 policy_id: id,
@@ -1121,7 +1154,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
         policies.len(),
         opts.policy.display()
     );
-    let writer = match &opts.log {
+    let mut writer = match &opts.log {
         Some(p) if p.as_os_str() == "journald" => EventWriter::journald(),
         Some(p) => EventWriter::file(p, opts.log_rotation)
             .with_context(|| format!("cannot open event log {}", p.display()))?,
@@ -1186,10 +1219,27 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let mut loaded = Loaded::load(&LoadOptions {
-        capacity: opts.capacity,
-        ring_buffer_bytes: opts.ring_buffer_bytes,
-    })?;
+    let pins = match &opts.pin_dir {
+        Some(dir) => Some(PinDir::open(dir)?),
+        None => None,
+    };
+    let object = match &opts.kernel_object {
+        Some(p) => {
+            Some(std::fs::read(p).with_context(|| format!("--kernel-object {}", p.display()))?)
+        }
+        None => None,
+    };
+    let mut loaded = Loaded::load(
+        &LoadOptions {
+            capacity: opts.capacity,
+            ring_buffer_bytes: opts.ring_buffer_bytes,
+            object,
+        },
+        pins.as_ref(),
+    )?;
+    if let Some(p) = &pins {
+        describe_adoption(p, &loaded.adoption);
+    }
     let events = loaded
         .take_events()
         .context("event ring buffer already taken")?;
@@ -1204,6 +1254,8 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
         resolved: Vec::new(),
         registry: Registry::default(),
         names: PolicyNames::default(),
+        name_map_full: false,
+        lost_seen: 0,
         resolve_cache: FxHashMap::default(),
         tree: None,
         cri: None,
@@ -1252,20 +1304,41 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
             ),
         }
     }
+    // Name ids as the previous agent did (its events may still be queued).
+    for (id, name) in agent.loaded.maps.names() {
+        agent.registry.seed(id, &name);
+        agent.names.insert(id, &name);
+    }
+    // Programs of a previous agent may be running on the adopted maps: the
+    // applier continues from what they hold, and flips generations with the
+    // usual grace periods; fresh maps are read by nothing yet.
+    let adopted = agent.loaded.adoption.policy_maps_reused;
+    if adopted {
+        agent.applier = agent
+            .loaded
+            .maps
+            .read_back(opts.capacity)
+            .context("reading back the pinned policy maps")?;
+    }
     let started = Instant::now();
     let resolved = agent.resolve(&policies, true);
     let report = agent
         .apply(policies.clone(), resolved.clone())
         .context("applying the policy to the kernel maps")?;
-    // Fill the standby generation too (nothing is attached yet, so no grace
-    // period applies): reloads then only ever write what changed.
-    agent.applier.unattached();
+    // Fill the standby generation too (with fresh maps nothing reads them
+    // yet, so no grace period applies): reloads then only ever write what
+    // changed.
+    if !adopted {
+        agent.applier.unattached();
+    }
     agent
         .apply(policies, resolved)
         .context("applying the policy to the kernel maps")?;
-    // Still nothing attached: no program can be reading the old generation,
-    // so the first reload need not wait out a grace period.
-    agent.applier.unattached();
+    // With fresh maps still nothing is attached: no program can be reading
+    // the old generation, so the first reload need not wait.
+    if !adopted {
+        agent.applier.unattached();
+    }
     info!(
         "daemon: applied {} policies ({} governed cgroups, {} port sets in {} chunks) to both generations in {:.1} ms",
         report.policies,
@@ -1274,7 +1347,23 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
         report.chunks_total,
         started.elapsed().as_secs_f64() * 1e3
     );
-    agent.loaded.attach(&attach_path)?;
+    match &pins {
+        Some(p) => {
+            agent.loaded.attach_pinned(&attach_path, p)?;
+            // The previous programs' ring, if it was replaced: what they
+            // queued is read before it goes.
+            if let Some(mut old) = agent.loaded.replaced_events(p) {
+                let n = drain_replaced(&mut old, &mut agent, &mut writer);
+                info!("daemon: read {n} events queued in the replaced ring buffer");
+            }
+            agent.loaded.drop_replaced_maps(p);
+            report_restart_losses(&mut agent, &mut writer);
+        }
+        None => agent.loaded.attach(&attach_path)?,
+    }
+    if let Err(e) = agent.loaded.write_stamp(agent.lost_seen) {
+        warn!("daemon: writing the version stamp: {e}");
+    }
     match agent.loaded.listen_check() {
         ListenCheck::Denied => info!(
             "daemon: listen() and accept() are enforced (BPF LSM): an unbound listen() or a \
@@ -1343,7 +1432,15 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
     if let Some(p) = &opts.status_socket {
         let _ = std::fs::remove_file(p);
     }
-    info!("daemon: detaching programs; enforcement stops");
+    if let Some(p) = &pins {
+        info!(
+            "daemon: stopped; enforcement continues through the links pinned in {} (the next \
+             `portguard run` adopts them; `portguard uninstall` removes them)",
+            p.root().display()
+        );
+    } else {
+        info!("daemon: detaching programs; enforcement stops (--pin-dir none)");
+    }
     let _ = sd_notify::notify(&[NotifyState::Stopping]);
     drop(agent);
     result
@@ -1373,7 +1470,7 @@ async fn serve(
     let mut lost_tick = tokio::time::interval_at(now + opts.lost_interval, opts.lost_interval);
     let mut rescan_tick =
         tokio::time::interval_at(now + opts.rescan_interval, opts.rescan_interval);
-    let mut lost_seen = 0u64;
+    let mut lost_seen = agent.lost_seen;
     let mut pending_reload: Option<Instant> = None;
     let mut pending_rescan: Option<Instant> = None;
     // CRI refresh: when due, since when a pod cgroup exists that the runtime
@@ -1527,6 +1624,9 @@ async fn serve(
             }
             _ = lost_tick.tick() => {
                 report_lost(agent, &mut writer, &mut lost_seen);
+                if let Err(e) = agent.loaded.write_stamp(lost_seen) {
+                    warn!("daemon: writing the version stamp: {e}");
+                }
             }
         }
         if agent.verify_pending {
@@ -1677,12 +1777,128 @@ fn report_lost(agent: &Agent, writer: &mut EventWriter, seen: &mut u64) {
                 time: events::format_time(std::time::SystemTime::now()),
                 lost,
                 lost_total: c.events_lost,
+                since: None,
+                until: None,
+                agent_restarted: false,
             });
             let _ = writer.flush();
         }
         Ok(_) => {}
         Err(e) => warn!("daemon: reading counters: {e}"),
     }
+}
+
+/// Say what was found in the pin directory and what will happen to it.
+fn describe_adoption(pins: &PinDir, a: &crate::loader::Adoption) {
+    let Some(prev) = a.previous else {
+        info!(
+            "daemon: no pinned state in {}: installing (programs, links and maps are pinned \
+             there and keep enforcing if the agent stops)",
+            pins.root().display()
+        );
+        return;
+    };
+    let hex = |b: &[u8; 32]| {
+        b[..6]
+            .iter()
+            .map(|x| format!("{x:02x}"))
+            .collect::<String>()
+    };
+    let programs = if a.same_object() {
+        format!("same kernel programs ({})", hex(&a.object_sha256))
+    } else {
+        format!(
+            "kernel programs changed ({} -> {}): each link is switched to the new program in \
+             place",
+            hex(&prev.object_sha256),
+            hex(&a.object_sha256)
+        )
+    };
+    let maps = if a.replaced.is_empty() && a.policy_maps_reused {
+        "every map reused".to_owned()
+    } else if a.replaced.is_empty() {
+        "the policy maps were missing: created and filled before any link switches to them"
+            .to_owned()
+    } else {
+        format!(
+            "maps rebuilt because their layout or size changed: {} (filled before any link \
+             switches to them)",
+            a.replaced.join(", ")
+        )
+    };
+    info!(
+        "daemon: adopting the pinned state in {} left by agent pid {}, without detaching: {programs}; {maps}",
+        pins.root().display(),
+        prev.pid
+    );
+}
+
+/// Read a replaced ring buffer to the end (events decoded as current ones).
+fn drain_replaced(
+    rb: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    agent: &mut Agent,
+    writer: &mut EventWriter,
+) -> usize {
+    let mut records = Vec::new();
+    while let Some(item) = rb.next() {
+        match events::decode(&item) {
+            Ok(ev) => records.push(events::enrich(
+                &ev,
+                &agent.names,
+                &mut agent.hierarchy,
+                &agent.host,
+            )),
+            Err(e) => warn!("daemon: skipping a malformed event from the replaced ring: {e}"),
+        }
+    }
+    let n = records.len();
+    let now = Instant::now();
+    let mut out = Vec::new();
+    for mut record in records {
+        if let Some(path) = &record.cgroup {
+            record.identity = events::WorkloadIdentity::of(path, agent.cri.as_ref());
+        }
+        out.extend(agent.aggregator.push(record, now));
+    }
+    agent.write_records(writer, out);
+    n
+}
+
+/// Events the kernel dropped while no agent was reading: the adopted
+/// counter against what the previous agent had reported, with the period.
+fn report_restart_losses(agent: &mut Agent, writer: &mut EventWriter) {
+    let a = &agent.loaded.adoption;
+    let Some(prev) = a.previous else {
+        return;
+    };
+    if a.replaced.contains(&portguard_common::MAP_COUNTERS) {
+        return;
+    }
+    let Ok(now_lost) = agent.loaded.maps.counters.events_lost() else {
+        return;
+    };
+    agent.lost_seen = now_lost;
+    if now_lost <= prev.lost_reported {
+        return;
+    }
+    let lost = now_lost - prev.lost_reported;
+    let since = std::time::UNIX_EPOCH + Duration::from_millis(prev.alive_unix_ms);
+    let until = std::time::SystemTime::now();
+    warn!(
+        "daemon: the kernel dropped {lost} events while no agent was reading (since {})",
+        events::format_time(since)
+    );
+    let _ = writer.line(&LostRecord {
+        schema_version: events::SCHEMA_VERSION,
+        host: agent.host.clone(),
+        time: events::format_time(until),
+        lost,
+        lost_total: now_lost,
+        since: Some(events::format_time(since)),
+        until: Some(events::format_time(until)),
+        agent_restarted: true,
+    });
+    let _ = writer.flush();
 }
 
 #[cfg(test)]

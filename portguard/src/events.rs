@@ -192,8 +192,19 @@ pub struct LostRecord {
     pub host: String,
     /// Events lost since the previous report.
     pub lost: u64,
-    /// Events lost since the agent started.
+    /// Events lost since the programs were installed (the kernel counter
+    /// survives agent restarts when the state is pinned).
     pub lost_total: u64,
+    /// The period the loss happened in: since the previous report (or the
+    /// last time the previous agent was known alive) until this one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub until: Option<String>,
+    /// The loss happened while no agent was reading (reported by the agent
+    /// that adopted the pinned state).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub agent_restarted: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -644,6 +655,9 @@ mod tests {
             host: "h".into(),
             lost: i,
             lost_total: i,
+            since: None,
+            until: None,
+            agent_restarted: false,
         };
         // Each line is about 65 bytes: 4 lines per file before rotating.
         for i in 1..=20 {
@@ -696,6 +710,9 @@ mod tests {
             host: "h".into(),
             lost: 3,
             lost_total: 5,
+            since: None,
+            until: None,
+            agent_restarted: false,
         })
         .unwrap();
         w.line(&LostRecord {
@@ -704,6 +721,9 @@ mod tests {
             host: "h".into(),
             lost: 1,
             lost_total: 6,
+            since: None,
+            until: None,
+            agent_restarted: false,
         })
         .unwrap();
         let text = String::from_utf8(buf.lock().unwrap().clone()).unwrap();

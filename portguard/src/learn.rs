@@ -335,6 +335,8 @@ pub fn run(opts: &LearnOptions) -> anyhow::Result<usize> {
         status_socket: None,
         cgroup_root: opts.cgroup_root.clone(),
         stop_after: Some(opts.duration),
+        pin_dir: None,
+        kernel_object: None,
     })?;
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     let events: Vec<Value> = text

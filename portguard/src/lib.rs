@@ -5,6 +5,7 @@
 //! The `policy` module is pure and never imports aya.
 
 pub mod aggregate;
+pub mod bpfsys;
 pub mod caps;
 pub mod cgroupfs;
 pub mod check;
@@ -19,6 +20,7 @@ pub mod kernel_btf;
 pub mod learn;
 pub mod loader;
 pub mod metrics;
+pub mod pins;
 pub mod policy;
 pub mod query;
 pub mod resolve;

@@ -6,25 +6,37 @@
 //! maps, and only then [`Loaded::attach`], so no hook ever runs on half-written
 //! state. Dropping [`Loaded`] detaches every program (aya links are fds).
 
-use std::{fs::File, path::Path};
+use std::{
+    fs::File,
+    os::{fd::AsFd, unix::fs::MetadataExt},
+    path::Path,
+};
 
 use aya::{
     Btf, Ebpf, EbpfError, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf},
-    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, LsmCgroup, ProgramError, SockOps},
+    maps::{Array, HashMap, Map, MapData, MapError, MapInfo, PerCpuArray, RingBuf},
+    programs::{
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, LsmCgroup, ProgramError, SockOps,
+        links::{FdLink, LinkError},
+    },
 };
 use log::{debug, info, warn};
 use portguard_common::{
-    COUNTER_EVENTS_LOST, CgroupKey, CgroupValue, DECISION_ALLOW, DECISION_AUDIT, DECISION_DENY,
-    DECISION_REPORTED, DECISIONS, GLOBAL_SOCK_OFFSETS, GLOBAL_V6ONLY_BIT, HOOKS, Hook,
-    LSM_PROGRAMS, MAP_CGROUPS, MAP_COUNTERS, MAP_EVENTS, MAP_POLICIES, MAP_POLICY_COUNTERS,
-    MAP_PORTSETS, MAP_STATE, PROGRAMS, PolicyRecord, PortChunk, PortChunkKey, SOCK_OPS_PROGRAM,
-    SockOffsets, State, V6ONLY_UNKNOWN, hook_counter, policy_counter,
+    AgentStamp, COUNTER_EVENTS_LOST, COUNTERS, CgroupKey, CgroupValue, DECISION_ALLOW,
+    DECISION_AUDIT, DECISION_DENY, DECISION_REPORTED, DECISIONS, GLOBAL_SOCK_OFFSETS,
+    GLOBAL_V6ONLY_BIT, HOOKS, Hook, LAYOUT_VERSION, LSM_PROGRAMS, MAP_AGENT, MAP_CGROUPS,
+    MAP_COUNTERS, MAP_EVENTS, MAP_NAMES, MAP_POLICIES, MAP_POLICY_COUNTERS, MAP_PORTSETS,
+    MAP_SOCKETS, MAP_STATE, MAPS, POLICY_NAME_MAX, PROGRAMS, PolicyName, PolicyRecord, PortChunk,
+    PortChunkKey, SOCK_OPS_PROGRAM, STAMP_MAGIC, SockOffsets, SocketState, State, V6ONLY_UNKNOWN,
+    hook_counter, policy_counter,
 };
+use sha2::Digest;
 
 use crate::{
+    bpfsys::{self, attach_type},
     kernel_btf::{VMLINUX_BTF, ipv6only_bit_offset, sock_offsets},
-    rules_map::{Capacity, RuleSink, SinkError},
+    pins::{PinDir, program_names},
+    rules_map::{Applier, Capacity, RuleSink, SinkError},
 };
 
 /// The kernel object, built by build.rs from portguard-ebpf.
@@ -70,14 +82,131 @@ pub enum LoaderError {
     },
     #[error("ring buffer size {bytes} is invalid: it must be a power of two and at least 4096")]
     RingBufferSize { bytes: u32 },
+    #[error("the link of {name} cannot be kept as a file descriptor: {source}")]
+    Link {
+        name: &'static str,
+        #[source]
+        source: LinkError,
+    },
+    #[error("pinned state in {dir}: {what}")]
+    Pin {
+        dir: String,
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Sizes chosen at load time.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct LoadOptions {
     pub capacity: Capacity,
     /// Event ring buffer size in bytes (power of two, >= page size).
     pub ring_buffer_bytes: u32,
+    /// A kernel object to load instead of the built-in one (testing
+    /// upgrades: `--kernel-object`).
+    pub object: Option<Vec<u8>>,
+}
+
+/// Entries of the policy-name map for `caps`: every policy of both
+/// generations plus room for names that come and go between reloads.
+pub const fn name_map_entries(caps: Capacity) -> u32 {
+    caps.policies * 2 + 64
+}
+
+/// (key size, value size, max_entries) each map must have for `opts`.
+fn expected_shape(name: &str, opts: &LoadOptions) -> (u32, u32, u32) {
+    let caps = opts.capacity;
+    let sz = |n: usize| n as u32;
+    match name {
+        MAP_STATE => (4, sz(size_of::<State>()), 1),
+        MAP_CGROUPS => (
+            sz(size_of::<CgroupKey>()),
+            sz(size_of::<CgroupValue>()),
+            caps.cgroup_map_entries().max(1),
+        ),
+        MAP_POLICIES => (
+            4,
+            sz(size_of::<PolicyRecord>()),
+            caps.policy_map_entries().max(1),
+        ),
+        MAP_PORTSETS => (
+            sz(size_of::<PortChunkKey>()),
+            sz(size_of::<PortChunk>()),
+            caps.chunks.max(1),
+        ),
+        MAP_EVENTS => (0, 0, opts.ring_buffer_bytes),
+        MAP_COUNTERS => (4, 8, COUNTERS),
+        MAP_POLICY_COUNTERS => (4, 8, caps.policies.max(1) * DECISIONS),
+        MAP_SOCKETS => (4, sz(size_of::<SocketState>()), 0),
+        MAP_AGENT => (4, sz(size_of::<AgentStamp>()), 1),
+        MAP_NAMES => (4, sz(size_of::<PolicyName>()), name_map_entries(caps)),
+        _ => (0, 0, 0),
+    }
+}
+
+/// The maps whose contents must stay consistent with each other: reused
+/// together or rebuilt together.
+const POLICY_MAPS: [&str; 4] = [MAP_STATE, MAP_CGROUPS, MAP_POLICIES, MAP_PORTSETS];
+
+/// What the loader found pinned and decided about it.
+#[derive(Clone, Debug, Default)]
+pub struct Adoption {
+    /// The version stamp of the state found (None: no pinned state).
+    pub previous: Option<AgentStamp>,
+    /// The policy maps (state, cgroups, records, port sets) are the pinned
+    /// ones: the agent continues from what they hold.
+    pub policy_maps_reused: bool,
+    /// Pinned maps whose layout or size differ: rebuilt, the old ones kept
+    /// aside until every link runs the new programs.
+    pub replaced: Vec<&'static str>,
+    /// SHA-256 of the kernel object being loaded.
+    pub object_sha256: [u8; 32],
+}
+
+impl Adoption {
+    /// Same programs as the pinned ones.
+    pub fn same_object(&self) -> bool {
+        self.previous
+            .is_some_and(|s| s.object_sha256 == self.object_sha256)
+    }
+}
+
+/// How each program came to be attached (see [`Loaded::attach_pinned`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AttachReport {
+    /// Pinned links switched to the new program in place (`BPF_LINK_UPDATE`).
+    pub updated: Vec<&'static str>,
+    /// New links (nothing was pinned for them).
+    pub created: Vec<&'static str>,
+    /// Pinned links that were attached elsewhere or defunct, replaced.
+    pub repaired: Vec<(&'static str, String)>,
+    /// Pinned links of programs this agent does not attach, removed.
+    pub removed: Vec<String>,
+}
+
+/// The expected `bpf_attach_type` of each program.
+fn expected_attach_type(name: &str) -> u32 {
+    match name {
+        "portguard_bind4" => attach_type::INET4_BIND,
+        "portguard_bind6" => attach_type::INET6_BIND,
+        "portguard_post_bind4" => attach_type::INET4_POST_BIND,
+        "portguard_post_bind6" => attach_type::INET6_POST_BIND,
+        "portguard_connect4" => attach_type::INET4_CONNECT,
+        "portguard_connect6" => attach_type::INET6_CONNECT,
+        "portguard_sendmsg4" => attach_type::UDP4_SENDMSG,
+        "portguard_sendmsg6" => attach_type::UDP6_SENDMSG,
+        "portguard_sock_create" => attach_type::INET_SOCK_CREATE,
+        SOCK_OPS_PROGRAM => attach_type::SOCK_OPS,
+        _ => attach_type::LSM_CGROUP,
+    }
+}
+
+/// Read the version stamp pinned at `path`.
+pub fn read_stamp(path: &Path) -> Option<AgentStamp> {
+    let data = MapData::from_pin(path).ok()?;
+    let map: Array<MapData, AgentStamp> = Array::try_from(Map::Array(data)).ok()?;
+    map.get(&0, 0).ok().filter(|s| s.magic == STAMP_MAGIC)
 }
 
 /// The kernel counters, summed over CPUs.
@@ -155,6 +284,10 @@ pub struct Loaded {
     ebpf: Ebpf,
     pub maps: KernelMaps,
     events: Option<RingBuf<MapData>>,
+    stamp: Array<MapData, AgentStamp>,
+    pub adoption: Adoption,
+    /// Links this process owns (unpinned runs: they end with it).
+    links: Vec<FdLink>,
     attached: Vec<Hook>,
     /// Why the BPF LSM checks (listen/accept) are not loaded, if they are not.
     lsm_unavailable: Option<String>,
@@ -216,6 +349,7 @@ pub fn bpf_lsm_active() -> Result<(), String> {
 
 /// The policy maps, as a [`RuleSink`].
 pub struct KernelMaps {
+    names: HashMap<MapData, u32, PolicyName>,
     state: Array<MapData, State>,
     cgroups: HashMap<MapData, CgroupKey, CgroupValue>,
     policies: Array<MapData, PolicyRecord>,
@@ -246,7 +380,7 @@ fn bump_memlock_rlimit() {
 fn take<T>(
     ebpf: &mut Ebpf,
     name: &'static str,
-    conv: impl FnOnce(aya::maps::Map) -> Result<T, MapError>,
+    conv: impl FnOnce(Map) -> Result<T, MapError>,
 ) -> Result<T, LoaderError> {
     let map = ebpf
         .take_map(name)
@@ -255,8 +389,11 @@ fn take<T>(
 }
 
 impl Loaded {
-    /// Load the object and its programs (nothing is attached yet).
-    pub fn load(opts: &LoadOptions) -> Result<Self, LoaderError> {
+    /// Load the object and its programs (nothing is attached yet). With
+    /// `pins`, maps pinned there by a previous agent are reused when their
+    /// layout and size match (the policy maps only all together); the
+    /// others are moved aside and rebuilt (see [`Adoption`]).
+    pub fn load(opts: &LoadOptions, pins: Option<&PinDir>) -> Result<Self, LoaderError> {
         let rb = opts.ring_buffer_bytes;
         if rb < 4096 || !rb.is_power_of_two() {
             return Err(LoaderError::RingBufferSize { bytes: rb });
@@ -283,16 +420,75 @@ impl Loaded {
                 SockOffsets::default()
             }
         };
-        let mut ebpf = EbpfLoader::new()
+        let object: &[u8] = opts.object.as_deref().unwrap_or(OBJECT);
+        let mut adoption = Adoption {
+            object_sha256: sha2::Sha256::digest(object).into(),
+            ..Adoption::default()
+        };
+        let mut loader = EbpfLoader::new();
+        loader
             .override_global(GLOBAL_V6ONLY_BIT, &v6only_bit, true)
             .override_global(GLOBAL_SOCK_OFFSETS, &offsets, true)
             .map_max_entries(MAP_CGROUPS, caps.cgroup_map_entries().max(1))
             .map_max_entries(MAP_POLICIES, caps.policy_map_entries().max(1))
             .map_max_entries(MAP_PORTSETS, caps.chunks.max(1))
             .map_max_entries(MAP_POLICY_COUNTERS, caps.policies.max(1) * DECISIONS)
-            .map_max_entries(MAP_EVENTS, rb)
-            .load(OBJECT)
-            .map_err(|e| LoaderError::Load(Box::new(e)))?;
+            .map_max_entries(MAP_NAMES, name_map_entries(caps))
+            .map_max_entries(MAP_EVENTS, rb);
+        if let Some(pins) = pins {
+            adoption.previous = read_stamp(&pins.map(MAP_AGENT));
+            let layout_ok = adoption
+                .previous
+                .is_some_and(|s| s.layout == LAYOUT_VERSION);
+            // None: nothing pinned under that name.
+            let fits = |name: &str| -> Option<bool> {
+                let path = pins.map(name);
+                if !path.exists() {
+                    return None;
+                }
+                let shape = MapInfo::from_pin(&path)
+                    .map(|i| (i.key_size(), i.value_size(), i.max_entries()))
+                    .ok();
+                Some(layout_ok && shape == Some(expected_shape(name, opts)))
+            };
+            let policy_maps_fit = POLICY_MAPS.iter().all(|m| fits(m) == Some(true));
+            adoption.policy_maps_reused = policy_maps_fit;
+            for name in MAPS {
+                let reuse =
+                    fits(name).map(|ok| ok && (policy_maps_fit || !POLICY_MAPS.contains(&name)));
+                if reuse == Some(false) {
+                    // Programs still attached keep using the old map; its
+                    // pin waits aside until they are replaced.
+                    crate::pins::move_pin(&pins.map(name), &pins.old_map(name)).map_err(
+                        |source| LoaderError::Pin {
+                            dir: pins.root().display().to_string(),
+                            what: format!("moving the incompatible map {name} aside"),
+                            source,
+                        },
+                    )?;
+                    adoption.replaced.push(name);
+                }
+                // Reused when pinned there, created and pinned otherwise.
+                loader.map_pin_path(name, pins.map(name));
+            }
+        }
+        let mut ebpf = match loader.load(object) {
+            Ok(e) => e,
+            Err(e) => {
+                // Put the pinned state back as it was: the previous programs
+                // still run on the maps moved aside.
+                if let Some(pins) = pins {
+                    for name in &adoption.replaced {
+                        let _ = std::fs::remove_file(pins.map(name));
+                        if let Err(e) = crate::pins::move_pin(&pins.old_map(name), &pins.map(name))
+                        {
+                            warn!("loader: restoring the pinned map {name}: {e}");
+                        }
+                    }
+                }
+                return Err(LoaderError::Load(Box::new(e)));
+            }
+        };
         for (name, hook) in PROGRAMS {
             let prog = ebpf
                 .program_mut(name)
@@ -316,6 +512,7 @@ impl Loaded {
             debug!("loader: loaded {name}");
         }
         let maps = KernelMaps {
+            names: take(&mut ebpf, MAP_NAMES, HashMap::try_from)?,
             state: take(&mut ebpf, MAP_STATE, Array::try_from)?,
             cgroups: take(&mut ebpf, MAP_CGROUPS, HashMap::try_from)?,
             policies: take(&mut ebpf, MAP_POLICIES, Array::try_from)?,
@@ -326,6 +523,7 @@ impl Loaded {
             }),
         };
         let events = take(&mut ebpf, MAP_EVENTS, RingBuf::try_from)?;
+        let stamp = take(&mut ebpf, MAP_AGENT, Array::try_from)?;
         let lsm_unavailable = if offsets.valid == 0 {
             Some("kernel BTF lacks the socket layout the checks read".to_owned())
         } else {
@@ -362,6 +560,9 @@ impl Loaded {
             ebpf,
             maps,
             events: Some(events),
+            stamp,
+            adoption,
+            links: Vec::new(),
             attached: Vec::new(),
             lsm_unavailable,
             sock_ops_loaded,
@@ -393,100 +594,94 @@ impl Loaded {
         Ok(())
     }
 
-    /// Attach every program to `cgroup` (the cgroup2 root). All or nothing:
-    /// on error, the programs attached so far are detached again.
+    /// The programs to attach, in order: every cgroup hook, then the LSM
+    /// checks or (without the BPF LSM) the sock_ops listen reporter.
+    fn wanted(&self) -> Vec<(&'static str, Kind, Hook)> {
+        let mut v: Vec<(&'static str, Kind, Hook)> = PROGRAMS
+            .iter()
+            .map(|&(name, hook)| {
+                let kind = match hook {
+                    Hook::PostBind4 | Hook::PostBind6 | Hook::SockCreate => Kind::Sock,
+                    _ => Kind::SockAddr,
+                };
+                (name, kind, hook)
+            })
+            .collect();
+        if self.lsm_unavailable.is_none() {
+            v.extend(LSM_PROGRAMS.iter().map(|&(n, _, h)| (n, Kind::Lsm, h)));
+        } else if self.sock_ops_loaded {
+            v.push((SOCK_OPS_PROGRAM, Kind::SockOps, Hook::Listen));
+        }
+        v
+    }
+
+    /// Attach one program to `file` with a new link.
+    fn attach_new(
+        &mut self,
+        name: &'static str,
+        kind: Kind,
+        file: &File,
+        cgroup: &Path,
+    ) -> Result<FdLink, LoaderError> {
+        let prog = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(LoaderError::MissingProgram { name })?;
+        let err = |source: ProgramError| LoaderError::Attach {
+            name,
+            hook: kind.hook_name(name),
+            cgroup: cgroup.display().to_string(),
+            source: Box::new(source),
+        };
+        let link_err = |source: LinkError| LoaderError::Link { name, source };
+        // `Single` through bpf_link_create coexists with other programs on
+        // the same cgroup (the kernel treats links as multi-attach).
+        match kind {
+            Kind::Sock => {
+                let p: &mut CgroupSock = prog.try_into().map_err(err)?;
+                let id = p.attach(file, CgroupAttachMode::Single).map_err(err)?;
+                FdLink::try_from(p.take_link(id).map_err(err)?).map_err(link_err)
+            }
+            Kind::SockAddr => {
+                let p: &mut CgroupSockAddr = prog.try_into().map_err(err)?;
+                let id = p.attach(file, CgroupAttachMode::Single).map_err(err)?;
+                FdLink::try_from(p.take_link(id).map_err(err)?).map_err(link_err)
+            }
+            Kind::SockOps => {
+                let p: &mut SockOps = prog.try_into().map_err(err)?;
+                let id = p.attach(file, CgroupAttachMode::Single).map_err(err)?;
+                FdLink::try_from(p.take_link(id).map_err(err)?).map_err(link_err)
+            }
+            Kind::Lsm => {
+                let p: &mut LsmCgroup = prog.try_into().map_err(err)?;
+                let id = p.attach(file).map_err(err)?;
+                Ok(p.take_link(id).map_err(err)?.into())
+            }
+        }
+    }
+
+    /// Attach every program to `cgroup` (the cgroup2 root), owned by this
+    /// process: they detach when it exits. All or nothing: on error, the
+    /// programs attached so far are detached again.
     pub fn attach(&mut self, cgroup: &Path) -> Result<(), LoaderError> {
         let file = File::open(cgroup).map_err(|source| LoaderError::OpenCgroup {
             path: cgroup.display().to_string(),
             source,
         })?;
-        let mut links = Vec::new();
-        for (name, hook) in PROGRAMS {
-            let prog = self
-                .ebpf
-                .program_mut(name)
-                .ok_or(LoaderError::MissingProgram { name })?;
-            let attach_err = |source: ProgramError| LoaderError::Attach {
-                name,
-                hook: hook.name(),
-                cgroup: cgroup.display().to_string(),
-                source: Box::new(source),
-            };
-            // `Single` through bpf_link_create coexists with other programs
-            // on the same cgroup (the kernel treats links as multi-attach).
-            let res = match hook {
-                Hook::PostBind4 | Hook::PostBind6 | Hook::SockCreate => {
-                    let p: &mut CgroupSock = prog.try_into().map_err(attach_err)?;
-                    p.attach(&file, CgroupAttachMode::Single)
-                        .map(|id| LinkId::Sock(name, id))
+        for (name, kind, hook) in self.wanted() {
+            match self.attach_new(name, kind, &file, cgroup) {
+                Ok(link) => {
+                    self.links.push(link);
+                    self.attached.push(hook);
                 }
-                _ => {
-                    let p: &mut CgroupSockAddr = prog.try_into().map_err(attach_err)?;
-                    p.attach(&file, CgroupAttachMode::Single)
-                        .map(|id| LinkId::SockAddr(name, id))
+                Err(e) if kind == Kind::Lsm || kind == Kind::SockOps => {
+                    self.note_listen_failure(kind, &e);
                 }
-            };
-            match res {
-                Ok(id) => links.push(id),
-                Err(source) => {
-                    self.detach_links(links);
-                    return Err(attach_err(source));
+                Err(e) => {
+                    self.links.clear();
+                    self.attached.clear();
+                    return Err(e);
                 }
-            }
-            self.attached.push(hook);
-        }
-        if self.lsm_unavailable.is_none() {
-            for (name, lsm_hook, hook) in LSM_PROGRAMS {
-                let res = self
-                    .ebpf
-                    .program_mut(name)
-                    .ok_or(LoaderError::MissingProgram { name })
-                    .and_then(|prog| {
-                        let p: &mut LsmCgroup =
-                            prog.try_into().map_err(|source: ProgramError| {
-                                LoaderError::Attach {
-                                    name,
-                                    hook: lsm_hook,
-                                    cgroup: cgroup.display().to_string(),
-                                    source: Box::new(source),
-                                }
-                            })?;
-                        p.attach(&file).map_err(|source| LoaderError::Attach {
-                            name,
-                            hook: lsm_hook,
-                            cgroup: cgroup.display().to_string(),
-                            source: Box::new(source),
-                        })
-                    });
-                match res {
-                    Ok(_) => self.attached.push(hook),
-                    Err(e) => {
-                        self.lsm_unavailable = Some(e.to_string());
-                        break;
-                    }
-                }
-            }
-        } else if self.sock_ops_loaded {
-            let res = self
-                .ebpf
-                .program_mut(SOCK_OPS_PROGRAM)
-                .ok_or(LoaderError::MissingProgram {
-                    name: SOCK_OPS_PROGRAM,
-                })
-                .and_then(|prog| {
-                    let attach_err = |source: ProgramError| LoaderError::Attach {
-                        name: SOCK_OPS_PROGRAM,
-                        hook: "sock_ops",
-                        cgroup: cgroup.display().to_string(),
-                        source: Box::new(source),
-                    };
-                    let p: &mut SockOps = prog.try_into().map_err(attach_err)?;
-                    p.attach(&file, CgroupAttachMode::Single)
-                        .map_err(attach_err)
-                });
-            match res {
-                Ok(_) => self.attached.push(Hook::Listen),
-                Err(e) => warn!("loader: {e}"),
             }
         }
         info!(
@@ -497,25 +692,216 @@ impl Loaded {
         Ok(())
     }
 
-    fn detach_links(&mut self, links: Vec<LinkId>) {
-        for link in links {
-            let res = match link {
-                LinkId::Sock(name, id) => self
-                    .ebpf
-                    .program_mut(name)
-                    .and_then(|p| <&mut CgroupSock>::try_from(p).ok())
-                    .map(|p| p.detach(id)),
-                LinkId::SockAddr(name, id) => self
-                    .ebpf
-                    .program_mut(name)
-                    .and_then(|p| <&mut CgroupSockAddr>::try_from(p).ok())
-                    .map(|p| p.detach(id)),
+    fn note_listen_failure(&mut self, kind: Kind, e: &LoaderError) {
+        if kind == Kind::Lsm {
+            // The other LSM program may be attached: listen() checks are
+            // all or nothing, so say they are unavailable.
+            self.attached
+                .retain(|h| !matches!(h, Hook::Listen | Hook::Accept));
+            self.lsm_unavailable = Some(e.to_string());
+        } else {
+            warn!("loader: {e}");
+        }
+    }
+
+    /// Attach every program to `cgroup` through links pinned in `pins`, so
+    /// they stay attached after the agent exits. A pinned link that is
+    /// attached to `cgroup` with the right hook is switched to the newly
+    /// loaded program in place (`BPF_LINK_UPDATE`: each call runs either the
+    /// old or the new program, never neither); one attached elsewhere or
+    /// defunct (its cgroup removed) is replaced; a missing one is created.
+    /// Programs are pinned beside their links.
+    pub fn attach_pinned(
+        &mut self,
+        cgroup: &Path,
+        pins: &PinDir,
+    ) -> Result<AttachReport, LoaderError> {
+        let pin_err = |what: String| {
+            let dir = pins.root().display().to_string();
+            move |source: std::io::Error| LoaderError::Pin { dir, what, source }
+        };
+        let file = File::open(cgroup).map_err(|source| LoaderError::OpenCgroup {
+            path: cgroup.display().to_string(),
+            source,
+        })?;
+        let cgroup_id = file
+            .metadata()
+            .map_err(|source| LoaderError::OpenCgroup {
+                path: cgroup.display().to_string(),
+                source,
+            })?
+            .ino();
+        let mut report = AttachReport::default();
+        let wanted = self.wanted();
+        for &(name, kind, hook) in &wanted {
+            let path = pins.link(name);
+            let pinned = match bpfsys::obj_get(&path) {
+                Ok(fd) => Some(fd),
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => None,
+                Err(e) => return Err(pin_err(format!("opening {}", path.display()))(e)),
             };
-            if let Some(Err(e)) = res {
-                warn!("loader: detaching after a failed attach: {e}");
+            let mismatch = match &pinned {
+                None => None,
+                Some(fd) => match bpfsys::link_info(fd.as_fd()) {
+                    Ok(i)
+                        if i.link_type == bpfsys::LINK_TYPE_CGROUP
+                            && i.cgroup_id == cgroup_id
+                            && i.attach_type == expected_attach_type(name) =>
+                    {
+                        None
+                    }
+                    Ok(i) if i.cgroup_id == 0 => {
+                        Some("defunct (the cgroup it was attached to is gone)".to_owned())
+                    }
+                    Ok(i) => Some(format!(
+                        "attached to cgroup id {} with attach type {} (expected cgroup id {}                          ({}) and attach type {})",
+                        i.cgroup_id,
+                        i.attach_type,
+                        cgroup_id,
+                        cgroup.display(),
+                        expected_attach_type(name)
+                    )),
+                    Err(e) => Some(format!("unreadable ({e})")),
+                },
+            };
+            match (pinned, mismatch) {
+                (Some(link), None) => {
+                    let prog = self
+                        .ebpf
+                        .program(name)
+                        .ok_or(LoaderError::MissingProgram { name })?;
+                    let prog_fd = prog.fd().map_err(|source| LoaderError::Attach {
+                        name,
+                        hook: kind.hook_name(name),
+                        cgroup: cgroup.display().to_string(),
+                        source: Box::new(source),
+                    })?;
+                    bpfsys::link_update(link.as_fd(), prog_fd.as_fd()).map_err(pin_err(
+                        format!("switching {} to the new program", path.display()),
+                    ))?;
+                    report.updated.push(name);
+                }
+                (old, why) => {
+                    let link = match self.attach_new(name, kind, &file, cgroup) {
+                        Ok(l) => l,
+                        Err(e) if kind == Kind::Lsm || kind == Kind::SockOps => {
+                            self.note_listen_failure(kind, &e);
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    };
+                    if old.is_some() {
+                        // Pin the replacement first, then swap the names:
+                        // the wrong link is detached only once the right one
+                        // runs.
+                        let staged = pins.new_link(name);
+                        let _ = std::fs::remove_file(&staged);
+                        link.pin(&staged).map_err(|e| {
+                            pin_err(format!("pinning {}", staged.display()))(std::io::Error::other(
+                                e.to_string(),
+                            ))
+                        })?;
+                        crate::pins::move_pin(&staged, &path)
+                            .map_err(pin_err(format!("replacing {}", path.display())))?;
+                        let why = why.unwrap_or_default();
+                        warn!(
+                            "loader: pinned link {} was {why}; replaced by a new link on {}",
+                            path.display(),
+                            cgroup.display()
+                        );
+                        report.repaired.push((name, why));
+                    } else {
+                        link.pin(&path).map_err(|e| {
+                            pin_err(format!("pinning {}", path.display()))(std::io::Error::other(
+                                e.to_string(),
+                            ))
+                        })?;
+                        report.created.push(name);
+                    }
+                }
+            }
+            self.attached.push(hook);
+            // The program pin follows the link.
+            let prog_path = pins.prog(name);
+            let _ = std::fs::remove_file(&prog_path);
+            if let Some(p) = self.ebpf.program_mut(name)
+                && let Err(e) = p.pin(&prog_path)
+            {
+                warn!("loader: pinning {}: {e}", prog_path.display());
             }
         }
-        self.attached.clear();
+        // Links of programs this agent does not attach (e.g. the sock_ops
+        // reporter once the BPF LSM works): removing the pin detaches them.
+        for name in program_names() {
+            if wanted.iter().any(|(n, _, _)| *n == name) && self.attached_name(name, &wanted) {
+                continue;
+            }
+            for path in [pins.link(name), pins.prog(name)] {
+                if path.exists() {
+                    std::fs::remove_file(&path)
+                        .map_err(pin_err(format!("removing {}", path.display())))?;
+                    report.removed.push(path.display().to_string());
+                }
+            }
+        }
+        info!(
+            "loader: {} programs attached to {} through links pinned in {} ({} switched in \
+             place, {} new, {} repaired)",
+            self.attached.len(),
+            cgroup.display(),
+            pins.root().display(),
+            report.updated.len(),
+            report.created.len(),
+            report.repaired.len()
+        );
+        Ok(report)
+    }
+
+    fn attached_name(&self, name: &str, wanted: &[(&'static str, Kind, Hook)]) -> bool {
+        wanted
+            .iter()
+            .find(|(n, _, _)| *n == name)
+            .is_some_and(|(_, _, h)| self.attached.contains(h))
+    }
+
+    /// Remove the pins of maps moved aside (by this agent, or by one that
+    /// died mid-upgrade), once every link runs this agent's programs.
+    pub fn drop_replaced_maps(&mut self, pins: &PinDir) {
+        self.adoption.replaced.clear();
+        for name in MAPS {
+            let old = pins.old_map(name);
+            if let Err(e) = std::fs::remove_file(&old)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                warn!("loader: removing {}: {e}", old.display());
+            }
+        }
+    }
+
+    /// The ring buffer a previous agent's programs wrote to, when it was
+    /// replaced (events still queued there are read before it goes).
+    pub fn replaced_events(&self, pins: &PinDir) -> Option<RingBuf<MapData>> {
+        if !self.adoption.replaced.contains(&MAP_EVENTS) {
+            return None;
+        }
+        let data = MapData::from_pin(pins.old_map(MAP_EVENTS)).ok()?;
+        RingBuf::try_from(Map::RingBuf(data)).ok()
+    }
+
+    /// Write the version stamp: these programs, this agent, the lost-event
+    /// count it has reported, now.
+    pub fn write_stamp(&mut self, lost_reported: u64) -> Result<(), MapError> {
+        let stamp = AgentStamp {
+            magic: STAMP_MAGIC,
+            layout: LAYOUT_VERSION,
+            pid: std::process::id(),
+            object_sha256: self.adoption.object_sha256,
+            lost_reported,
+            alive_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+        };
+        self.stamp.set(0, stamp, 0)
     }
 
     /// Hooks attached so far.
@@ -529,12 +915,29 @@ impl Loaded {
     }
 }
 
-enum LinkId {
-    Sock(&'static str, aya::programs::cgroup_sock::CgroupSockLinkId),
-    SockAddr(
-        &'static str,
-        aya::programs::cgroup_sock_addr::CgroupSockAddrLinkId,
-    ),
+/// How a program attaches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Sock,
+    SockAddr,
+    SockOps,
+    Lsm,
+}
+
+impl Kind {
+    fn hook_name(self, name: &str) -> &'static str {
+        match self {
+            Self::SockOps => "sock_ops",
+            Self::Lsm => LSM_PROGRAMS
+                .iter()
+                .find(|(n, _, _)| *n == name)
+                .map_or("lsm_cgroup", |(_, h, _)| h),
+            _ => PROGRAMS
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map_or("cgroup", |(_, h)| h.name()),
+        }
+    }
 }
 
 fn map_err(map: &'static str) -> impl FnOnce(MapError) -> SinkError {
@@ -565,6 +968,57 @@ impl KernelMaps {
     /// The live state, as the kernel sees it.
     pub fn state(&self) -> Result<State, MapError> {
         self.state.get(&0, 0)
+    }
+
+    /// A mirror of what the (adopted) policy maps hold, for the applier to
+    /// continue from.
+    pub fn read_back(&self, caps: Capacity) -> Result<Applier, MapError> {
+        let cgroups = self.cgroups.iter().collect::<Result<Vec<_>, _>>()?;
+        let chunks = self.portsets.iter().collect::<Result<Vec<_>, _>>()?;
+        let state = self.state()?;
+        Ok(Applier::from_kernel(
+            caps,
+            state,
+            cgroups,
+            |i| self.policies.get(&i, 0).ok(),
+            chunks,
+        ))
+    }
+
+    /// Policy names a previous agent recorded (id -> name).
+    pub fn names(&self) -> Vec<(u32, String)> {
+        self.names
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(id, n)| {
+                let len = (n.len as usize).min(POLICY_NAME_MAX);
+                (id, String::from_utf8_lossy(&n.bytes[..len]).into_owned())
+            })
+            .collect()
+    }
+
+    /// Record the name of a policy id (longer names are cut; events from
+    /// before a restart then carry the cut name).
+    pub fn put_name(&mut self, id: u32, name: &str) -> Result<(), SinkError> {
+        let mut v = PolicyName {
+            len: 0,
+            _pad: 0,
+            bytes: [0; POLICY_NAME_MAX],
+        };
+        let mut len = name.len().min(POLICY_NAME_MAX);
+        while !name.is_char_boundary(len) {
+            len -= 1;
+        }
+        v.bytes[..len].copy_from_slice(&name.as_bytes()[..len]);
+        v.len = len as u32;
+        self.names.insert(id, v, 0).map_err(map_err(MAP_NAMES))
+    }
+
+    pub fn del_name(&mut self, id: u32) -> Result<(), SinkError> {
+        match self.names.remove(&id) {
+            Err(e) if !is_not_found(&e) => Err(map_err(MAP_NAMES)(e)),
+            _ => Ok(()),
+        }
     }
 }
 

@@ -189,6 +189,69 @@ impl Applier {
         }
     }
 
+    /// A mirror of maps another agent filled (pinned state adopted after a
+    /// restart): the live generation, the cgroup entries and records of both
+    /// generations, and the port sets, as read back from the kernel. Only
+    /// records some cgroup entry points at are mirrored (no program can
+    /// reach the others), so the next apply rewrites whatever it needs and
+    /// frees the sets neither generation uses. The grace period starts now:
+    /// the previous agent may have flipped an instant ago.
+    pub fn from_kernel(
+        caps: Capacity,
+        state: State,
+        cgroups: impl IntoIterator<Item = (CgroupKey, CgroupValue)>,
+        record_at: impl Fn(u32) -> Option<PolicyRecord>,
+        chunks: impl IntoIterator<Item = (PortChunkKey, PortChunk)>,
+    ) -> Self {
+        let mut a = Self::new(caps);
+        a.state = state;
+        for (key, value) in cgroups {
+            let g = (key.generation & 1) as usize;
+            a.gen_cgroups[g].insert(key, value);
+            let index = value.policy_index;
+            let slot = index % caps.policies.max(1);
+            if index / caps.policies.max(1) != g as u32 || a.gen_records[g].contains_key(&slot) {
+                continue;
+            }
+            if let Some(rec) = record_at(index) {
+                for &set in &rec.sets {
+                    if set != EMPTY_SET {
+                        a.gen_sets[g].insert(set);
+                    }
+                }
+                a.gen_records[g].insert(slot, rec);
+            }
+        }
+        let live = (a.state.generation & 1) as usize;
+        for (slot, rec) in &a.gen_records[live] {
+            a.slots.insert(rec.policy_id, *slot);
+        }
+        let mut by_set: HashMap<u32, Vec<(u32, PortChunk)>> = HashMap::default();
+        for (key, chunk) in chunks {
+            by_set
+                .entry(key.set_id)
+                .or_default()
+                .push((key.chunk, chunk));
+        }
+        for (id, mut chunks) in by_set {
+            chunks.sort_unstable_by_key(|(c, _)| *c);
+            let content = Arc::new(PortSet::from_chunks(&chunks));
+            a.next_set_id = a.next_set_id.max(id + 1);
+            // Two ids with one content (cannot happen through `apply`): keep
+            // one for sharing; the other is freed once unused.
+            a.by_content.entry(Arc::clone(&content)).or_insert(id);
+            a.sets.insert(
+                id,
+                SetEntry {
+                    content,
+                    chunks: chunks.iter().map(|(c, _)| *c).collect(),
+                },
+            );
+        }
+        a.last_flip = Some(Instant::now());
+        a
+    }
+
     pub const fn capacity(&self) -> Capacity {
         self.caps
     }
@@ -778,6 +841,56 @@ mod tests {
         );
         // A sibling is untouched.
         assert_eq!(bind(&m, &[1, 30], 1), Verdict::Ungoverned);
+    }
+
+    #[test]
+    fn a_mirror_read_back_from_the_kernel_continues_where_the_last_one_stopped() {
+        let p = compiled(TWO);
+        let mut m = FakeMaps::default();
+        let mut a = Applier::new(CAPS);
+        let t = targets(&p, &[(10, 1), (11, 2), (20, 1)]);
+        a.apply(&mut m, &t).unwrap();
+        a.unattached();
+        a.apply(&mut m, &t).unwrap();
+        let read_back = |m: &FakeMaps| {
+            Applier::from_kernel(
+                CAPS,
+                m.state,
+                m.cgroups.iter().map(|(k, v)| (*k, *v)),
+                |i| m.policies.get(&i).copied(),
+                m.chunks.iter().map(|(k, c)| (*k, *c)),
+            )
+        };
+        // The same policy again: nothing to write but the flip.
+        let mut b = read_back(&m);
+        assert_eq!(b.live_generation(), a.live_generation());
+        let before = m.writes;
+        let r = b.apply(&mut m, &t).unwrap();
+        assert_eq!(
+            (r.sets_written, r.records_written, r.cgroups_written),
+            (0, 0, 0)
+        );
+        assert_eq!(m.writes - before, 2, "only the state is written");
+        assert_eq!(bind(&m, &[1, 10, 12], 9000), Verdict::Allow);
+        assert_eq!(bind(&m, &[1, 10, 12], 9100), Verdict::Deny);
+        // A changed policy through the adopted mirror: the new rules hold in
+        // the new generation, the old sets are freed once no generation uses
+        // them, and the kernel decides exactly as a fresh agent's maps would.
+        let q = compiled("policies:\n  - {name: p, cgroup: /p, bind: [{ports: [7000]}]}\n");
+        let tq = targets(&q, &[(10, 1)]);
+        let mut c = read_back(&m);
+        c.apply(&mut m, &tq).unwrap();
+        assert_eq!(bind(&m, &[1, 10, 12], 7000), Verdict::Allow);
+        assert_eq!(bind(&m, &[1, 10, 12], 9000), Verdict::Deny);
+        assert_eq!(bind(&m, &[1, 20], 1), Verdict::Ungoverned);
+        c.apply(&mut m, &tq).unwrap();
+        let mut fresh = FakeMaps::default();
+        let mut f = Applier::new(CAPS);
+        f.apply(&mut fresh, &tq).unwrap();
+        assert_eq!(m.chunks.len(), fresh.chunks.len(), "stale sets are freed");
+        for port in [1, 6999, 7000, 7001, 9000] {
+            assert_eq!(bind(&m, &[1, 10], port), bind(&fresh, &[1, 10], port));
+        }
     }
 
     #[test]

@@ -23,6 +23,7 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicUsize, Ordering},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -212,10 +213,17 @@ pub fn probe_bin() -> PathBuf {
     p
 }
 
-/// A running agent. Dropping it sends SIGTERM (programs detach) and waits.
+/// Parent of every test agent's `--pin-dir` (on bpffs).
+pub const TEST_PIN_ROOT: &str = "/sys/fs/bpf/portguard-tests";
+
+/// A running agent. Its programs, links and maps are pinned in a directory
+/// of its own ([`Agent::pin_dir`]); dropping it sends SIGTERM, waits, and
+/// runs `portguard uninstall` on that directory, so nothing stays attached.
 pub struct Agent {
     child: Option<Child>,
     pub dir: tempfile::TempDir,
+    /// `--pin-dir` (None: `--pin-dir none`).
+    pub pin_dir: Option<PathBuf>,
     pub policy: PathBuf,
     pub log: PathBuf,
     stderr: PathBuf,
@@ -315,6 +323,23 @@ impl Agent {
         if !extra.contains(&"--metrics-addr") {
             args.extend(["--metrics-addr".into(), "127.0.0.1:0".into()]);
         }
+        // Every agent pins in a directory of its own (agents run side by
+        // side), removed again on drop.
+        let pin_dir = if let Some(i) = extra.iter().position(|a| *a == "--pin-dir") {
+            extra
+                .get(i + 1)
+                .filter(|d| **d != "none")
+                .map(PathBuf::from)
+        } else {
+            std::fs::create_dir_all(TEST_PIN_ROOT).expect("creating the test pin root");
+            let name = dir
+                .path()
+                .file_name()
+                .map_or_else(|| "agent".into(), |n| n.to_string_lossy().replace('.', "_"));
+            let p = PathBuf::from(TEST_PIN_ROOT).join(name);
+            args.extend(["--pin-dir".into(), p.display().to_string()]);
+            Some(p)
+        };
         if !extra.contains(&"--status-socket") {
             args.extend([
                 "--status-socket".into(),
@@ -349,6 +374,7 @@ impl Agent {
         let mut agent = Self {
             child: Some(child),
             dir,
+            pin_dir,
             policy: policy_path,
             log,
             stderr,
@@ -506,6 +532,14 @@ impl Agent {
             .collect()
     }
 
+    /// Kill the agent with SIGKILL (no clean-up of any kind) and reap it.
+    pub fn kill9(&mut self) {
+        self.signal(libc::SIGKILL);
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+        }
+    }
+
     /// Stop the agent with SIGTERM and return its exit status.
     pub fn stop(&mut self) -> std::process::ExitStatus {
         self.signal(libc::SIGTERM);
@@ -529,7 +563,37 @@ impl Drop for Agent {
         if self.child.is_some() {
             let _ = self.stop();
         }
+        if let Some(p) = &self.pin_dir
+            && p.exists()
+        {
+            uninstall(p);
+        }
     }
+}
+
+/// `portguard uninstall --pin-dir DIR`; panics (outside a panic) if it fails
+/// for another reason than an agent still holding the directory.
+pub fn uninstall(dir: &Path) -> String {
+    let out = Command::new(agent_bin())
+        .args(["uninstall", "--pin-dir"])
+        .arg(dir)
+        .output()
+        .expect("running portguard uninstall");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success()
+        && !text.contains("another portguard agent is running")
+        && !std::thread::panicking()
+    {
+        panic!(
+            "portguard uninstall --pin-dir {} failed:\n{text}",
+            dir.display()
+        );
+    }
+    text
 }
 
 /// True when `e` has every `(field, value)` of `want`.
@@ -791,4 +855,70 @@ print(json.dumps(errors))
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Collects a looping probe's results as they arrive.
+pub struct Loop {
+    child: Child,
+    results: Arc<Mutex<Vec<ProbeResult>>>,
+}
+
+impl Loop {
+    /// Run `op` until dropped, `interval_ms` apart (0: back to back).
+    pub fn start(p: &Probe, op: &[&str], interval_ms: u64) -> Self {
+        let mut child = p.spawn_loop(op, 100_000_000, interval_ms);
+        let out = child.stdout.take().unwrap();
+        let results = Arc::new(Mutex::new(Vec::new()));
+        let r2 = Arc::clone(&results);
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if let Ok(r) = serde_json::from_str::<ProbeResult>(&line) {
+                    r2.lock().unwrap().push(r);
+                }
+            }
+        });
+        Self { child, results }
+    }
+
+    pub fn len(&self) -> usize {
+        self.results.lock().unwrap().len()
+    }
+
+    /// Wait until `n` more results have arrived.
+    pub fn wait_more(&self, n: usize) {
+        let target = self.len() + n;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.len() < target {
+            assert!(Instant::now() < deadline, "loop probe stalled");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    pub fn outcomes_since(&self, from: usize) -> Vec<bool> {
+        self.results.lock().unwrap()[from..]
+            .iter()
+            .map(|r| {
+                assert!(r.ok || r.errno == libc::EPERM, "unexpected result {r:?}");
+                r.ok
+            })
+            .collect()
+    }
+}
+
+impl Loop {
+    /// Stop the loop and return every result.
+    pub fn finish(mut self) -> Vec<ProbeResult> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // Let the reader thread take the last lines.
+        std::thread::sleep(Duration::from_millis(50));
+        self.results.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -140,6 +140,7 @@ fn integration(args: &[String]) -> anyhow::Result<()> {
     }
     run(cargo().args(["build", "-p", "portguard"]))?;
     let bin = root_dir().join("target/debug/portguard");
+    let variant = build_variant_object()?;
     // Tests share the host's cgroup tree but use unique cgroups and their own
     // network namespaces, so two at a time is safe on a 2-core machine.
     let mut cmd = cargo();
@@ -154,11 +155,49 @@ fn integration(args: &[String]) -> anyhow::Result<()> {
         "--show-output",
     ])
     .args(args)
-    .env("PORTGUARD_BIN", bin);
+    .env("PORTGUARD_BIN", bin)
+    .env("PORTGUARD_VARIANT_OBJECT", variant);
     if std::env::var_os("RUST_LOG").is_none() {
         cmd.env("RUST_LOG", "debug");
     }
     run(&mut cmd)
+}
+
+/// The kernel programs built with the `upgrade-test-variant` feature (same
+/// decisions, different instructions), for the tests that upgrade pinned
+/// programs in place. Built the way aya-build builds the real object.
+fn build_variant_object() -> anyhow::Result<PathBuf> {
+    let target_dir = root_dir().join("target/ebpf-variant");
+    let mut cmd = Command::new("rustup");
+    cmd.args([
+        "run",
+        "nightly",
+        "cargo",
+        "build",
+        "-p",
+        "portguard-ebpf",
+        "--bins",
+        "--release",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--features",
+        "upgrade-test-variant",
+        "--target-dir",
+    ])
+    .arg(&target_dir)
+    .env(
+        "CARGO_ENCODED_RUSTFLAGS",
+        format!(
+            "--cfg=bpf_target_arch=\"{}\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf",
+            std::env::consts::ARCH
+        ),
+    )
+    .env_remove("RUSTC")
+    .env_remove("RUSTC_WORKSPACE_WRAPPER");
+    run(&mut cmd)?;
+    Ok(target_dir.join("bpfel-unknown-none/release/portguard"))
 }
 
 fn bench(quick: bool, out: &Path) -> anyhow::Result<()> {

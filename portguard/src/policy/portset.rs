@@ -102,6 +102,27 @@ impl PortSet {
         }
         chunks.into_iter().collect()
     }
+
+    /// The set whose kernel chunks are `chunks` (the inverse of
+    /// [`PortSet::chunks`]), e.g. read back from pinned maps.
+    pub fn from_chunks(chunks: &[(u32, PortChunk)]) -> Self {
+        let mut ranges: Vec<(u16, u16)> = Vec::new();
+        for (c, chunk) in chunks {
+            for bit in 0..PORTS_PER_CHUNK {
+                let port = c * PORTS_PER_CHUNK + bit;
+                let Ok(port) = u16::try_from(port) else {
+                    break;
+                };
+                if chunk.contains(port) {
+                    match ranges.last_mut() {
+                        Some(last) if u32::from(last.1) + 1 == u32::from(port) => last.1 = port,
+                        _ => ranges.push((port, port)),
+                    }
+                }
+            }
+        }
+        Self::from_ranges(ranges)
+    }
 }
 
 #[cfg(test)]
@@ -144,5 +165,8 @@ mod tests {
         let chunks = full.chunks();
         assert_eq!(chunks.len(), 128);
         assert!(chunks.iter().all(|(_, c)| c.bits == [u64::MAX; 8]));
+        assert_eq!(PortSet::from_chunks(&chunks), full);
+        assert_eq!(PortSet::from_chunks(&s.chunks()), s);
+        assert_eq!(PortSet::from_chunks(&[]), PortSet::default());
     }
 }

@@ -1,73 +1,15 @@
 //! Reloads: applied whole while a workload keeps trying, rejected whole when
 //! invalid, triggered by SIGHUP or by a change of the file.
 
-use std::{
-    io::{BufRead as _, BufReader},
-    sync::{Arc, Mutex},
-    time::{Duration, Instant},
-};
+use std::time::Duration;
 
-use portguard_tests::{Agent, Cgroup, ConfigMapVolume, Probe, ProbeResult, require_root};
+use portguard_tests::{Agent, Cgroup, ConfigMapVolume, Loop, Probe, require_root};
 
 fn policy(cg: &Cgroup, bind: &str) -> String {
     format!(
         "policies:\n  - name: svc\n    cgroup: {}\n    bind: {bind}\n",
         cg.rel
     )
-}
-
-/// Collects a looping probe's results as they arrive.
-struct Loop {
-    child: std::process::Child,
-    results: Arc<Mutex<Vec<ProbeResult>>>,
-}
-
-impl Loop {
-    fn start(p: &Probe, op: &[&str]) -> Self {
-        let mut child = p.spawn_loop(op, 100_000, 10);
-        let out = child.stdout.take().unwrap();
-        let results = Arc::new(Mutex::new(Vec::new()));
-        let r2 = Arc::clone(&results);
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if let Ok(r) = serde_json::from_str::<ProbeResult>(&line) {
-                    r2.lock().unwrap().push(r);
-                }
-            }
-        });
-        Self { child, results }
-    }
-
-    fn len(&self) -> usize {
-        self.results.lock().unwrap().len()
-    }
-
-    /// Wait until `n` more results have arrived.
-    fn wait_more(&self, n: usize) {
-        let target = self.len() + n;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while self.len() < target {
-            assert!(Instant::now() < deadline, "loop probe stalled");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    fn outcomes_since(&self, from: usize) -> Vec<bool> {
-        self.results.lock().unwrap()[from..]
-            .iter()
-            .map(|r| {
-                assert!(r.ok || r.errno == libc::EPERM, "unexpected result {r:?}");
-                r.ok
-            })
-            .collect()
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[test]
@@ -78,6 +20,7 @@ fn reload_tightens_then_loosens_under_a_running_workload() {
     let l = Loop::start(
         &Probe::in_cgroup(&cg),
         &["bind", "tcp", "127.0.0.1", "8080"],
+        10,
     );
     l.wait_more(5);
     assert!(l.outcomes_since(0).iter().all(|ok| *ok), "allowed before");

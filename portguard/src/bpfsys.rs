@@ -1,0 +1,154 @@
+//! The four bpf(2) commands aya 0.14 does not expose publicly: getting a
+//! pinned object, pinning a raw fd, a link's cgroup and attach type
+//! (`BPF_OBJ_GET_INFO_BY_FD` on a link) and `BPF_LINK_UPDATE`. Everything
+//! else goes through aya. Layouts are the kernel's stable uapi
+//! (`include/uapi/linux/bpf.h`).
+
+use std::{
+    ffi::CString,
+    io,
+    os::{
+        fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+        unix::ffi::OsStrExt,
+    },
+    path::Path,
+};
+
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+/// `BPF_LINK_TYPE_CGROUP`.
+pub const LINK_TYPE_CGROUP: u32 = 3;
+
+/// `enum bpf_attach_type` values portguard uses.
+pub mod attach_type {
+    pub const INET_SOCK_CREATE: u32 = 2;
+    pub const SOCK_OPS: u32 = 3;
+    pub const INET4_BIND: u32 = 8;
+    pub const INET6_BIND: u32 = 9;
+    pub const INET4_CONNECT: u32 = 10;
+    pub const INET6_CONNECT: u32 = 11;
+    pub const INET4_POST_BIND: u32 = 12;
+    pub const INET6_POST_BIND: u32 = 13;
+    pub const UDP4_SENDMSG: u32 = 14;
+    pub const UDP6_SENDMSG: u32 = 15;
+    pub const LSM_CGROUP: u32 = 43;
+}
+
+/// The zero-filled `union bpf_attr` every command takes (128 bytes covers
+/// every member used here; the kernel accepts a shorter attr when the tail
+/// it does not know is zero).
+#[repr(C, align(8))]
+struct Attr([u8; 128]);
+
+impl Attr {
+    const fn new() -> Self {
+        Self([0; 128])
+    }
+    fn put_u32(&mut self, off: usize, v: u32) {
+        self.0[off..off + 4].copy_from_slice(&v.to_ne_bytes());
+    }
+    fn put_u64(&mut self, off: usize, v: u64) {
+        self.0[off..off + 8].copy_from_slice(&v.to_ne_bytes());
+    }
+}
+
+fn sys_bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a valid, writable bpf_attr of the size passed.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.0.as_mut_ptr(),
+            size_of::<Attr>() as libc::c_uint,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn c_path(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
+}
+
+/// `BPF_OBJ_GET`: open the object pinned at `path`.
+pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let p = c_path(path)?;
+    let mut attr = Attr::new();
+    attr.put_u64(0, p.as_ptr() as u64);
+    let fd = sys_bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: BPF_OBJ_GET returned a new fd we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `BPF_OBJ_PIN`: pin `fd` at `path` (which must not exist).
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    let p = c_path(path)?;
+    let mut attr = Attr::new();
+    attr.put_u64(0, p.as_ptr() as u64);
+    attr.put_u32(8, fd.as_raw_fd() as u32);
+    sys_bpf(BPF_OBJ_PIN, &mut attr).map(drop)
+}
+
+/// What the kernel says about a link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkInfo {
+    pub link_type: u32,
+    pub id: u32,
+    pub prog_id: u32,
+    /// For cgroup links: the cgroup it is attached to, 0 once that cgroup is
+    /// gone (the link is then defunct).
+    pub cgroup_id: u64,
+    pub attach_type: u32,
+}
+
+/// `BPF_OBJ_GET_INFO_BY_FD` on a link.
+pub fn link_info(fd: BorrowedFd<'_>) -> io::Result<LinkInfo> {
+    // struct bpf_link_info: type, id, prog_id, then an 8-aligned union
+    // whose `cgroup` member is { u64 cgroup_id; u32 attach_type; }.
+    #[repr(C, align(8))]
+    struct Info([u8; 64]);
+    let mut info = Info([0; 64]);
+    let mut attr = Attr::new();
+    attr.put_u32(0, fd.as_raw_fd() as u32);
+    attr.put_u32(4, size_of::<Info>() as u32);
+    attr.put_u64(8, info.0.as_mut_ptr() as u64);
+    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    let u32_at = |o: usize| u32::from_ne_bytes(info.0[o..o + 4].try_into().unwrap_or([0; 4]));
+    let u64_at = |o: usize| u64::from_ne_bytes(info.0[o..o + 8].try_into().unwrap_or([0; 8]));
+    Ok(LinkInfo {
+        link_type: u32_at(0),
+        id: u32_at(4),
+        prog_id: u32_at(8),
+        cgroup_id: u64_at(16),
+        attach_type: u32_at(24),
+    })
+}
+
+/// `BPF_LINK_UPDATE`: make `link` run `new_prog` from the next hook
+/// invocation on, atomically (the kernel swaps one pointer; every call runs
+/// either the old or the new program).
+pub fn link_update(link: BorrowedFd<'_>, new_prog: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = Attr::new();
+    attr.put_u32(0, link.as_raw_fd() as u32);
+    attr.put_u32(4, new_prog.as_raw_fd() as u32);
+    sys_bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
+}
+
+/// Whether `path` is on a bpffs mount.
+pub fn is_bpffs(path: &Path) -> io::Result<bool> {
+    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+    let p = c_path(path)?;
+    // SAFETY: statfs into a zeroed struct with a valid path.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::statfs(p.as_ptr(), &mut st) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_type as i64 == BPF_FS_MAGIC)
+}
