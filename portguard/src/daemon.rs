@@ -1517,6 +1517,7 @@ async fn serve(
                 if !more {
                     guard.clear_ready();
                 }
+                drop(guard);
                 if n > 0 {
                     match writer.flush() {
                         Ok(()) => write_error_logged = false,
@@ -1526,6 +1527,13 @@ async fn serve(
                         }
                         Err(_) => {}
                     }
+                }
+                if more {
+                    // The ring stays readable through a storm: let the
+                    // runtime poll its drivers (signals, timers, sockets)
+                    // before the next batch, or SIGTERM would wait for the
+                    // storm to end.
+                    tokio::task::yield_now().await;
                 }
             }
             _ = hup.recv() => {
@@ -1636,17 +1644,26 @@ async fn serve(
             agent.inventory(&mut writer);
         }
     }
-    // Whatever is still queued, and a final loss report.
-    while drain_events(
-        rb.get_mut(),
-        agent,
-        &mut writer,
-        &mut cri_link,
-        &opts.cri_socket,
-    )
-    .await
-    .1
-    {}
+    // What was queued when the stop came (at most a ring's worth: a storm
+    // refills it as fast as it drains; with pinning the rest waits in the
+    // ring for the next agent), and a final loss report.
+    let ring_records =
+        opts.ring_buffer_bytes as usize / (size_of::<portguard_common::Event>() + 8) + DRAIN_BATCH;
+    let mut drained = 0;
+    loop {
+        let (n, more) = drain_events(
+            rb.get_mut(),
+            agent,
+            &mut writer,
+            &mut cri_link,
+            &opts.cri_socket,
+        )
+        .await;
+        drained += n;
+        if !more || drained >= ring_records {
+            break;
+        }
+    }
     let pending = agent.aggregator.drain();
     agent.write_records(&mut writer, pending);
     report_lost(agent, &mut writer, &mut lost_seen);

@@ -880,15 +880,15 @@ impl Loop {
         Self { child, results }
     }
 
-    pub fn len(&self) -> usize {
+    pub fn count(&self) -> usize {
         self.results.lock().unwrap().len()
     }
 
     /// Wait until `n` more results have arrived.
     pub fn wait_more(&self, n: usize) {
-        let target = self.len() + n;
+        let target = self.count() + n;
         let deadline = Instant::now() + Duration::from_secs(20);
-        while self.len() < target {
+        while self.count() < target {
             assert!(Instant::now() < deadline, "loop probe stalled");
             std::thread::sleep(Duration::from_millis(5));
         }

@@ -75,24 +75,6 @@ fn events_that_do_not_fit_are_counted_and_reported() {
     );
 }
 
-/// SIGTERM detaches every program: the cgroup is unrestricted afterwards
-/// (persisting enforcement across agent restarts is the reliability issue).
-#[test]
-fn stopping_the_agent_detaches_enforcement() {
-    require_root!();
-    let cg = Cgroup::new("detach");
-    let mut agent = Agent::start(&format!(
-        "policies:\n  - {{name: d, cgroup: {}, bind: []}}\n",
-        cg.rel
-    ));
-    let p = Probe::in_cgroup(&cg);
-    p.run(&["bind", "tcp", "127.0.0.1", "8080"]).assert_eperm();
-    let status = agent.stop();
-    assert!(status.success(), "clean exit on SIGTERM: {status}");
-    assert!(agent.stderr().contains("detaching programs"));
-    p.run(&["bind", "tcp", "127.0.0.1", "8080"]).assert_ok();
-}
-
 /// Every kind of line the agent writes validates against the published
 /// schema (docs/event.schema.json): denials of each hook, audit, reported
 /// listeners, pre-existing sockets, socket creation, a unit's identity, an

@@ -16,6 +16,8 @@
 //! - `events`: every event field, and lost events counted and reported.
 //! - `learn`: `portguard learn` writes a policy that allows exactly what it saw.
 //! - `metrics`: /metrics counters follow real decisions.
+//! - `pinning`: enforcement survives SIGKILL and upgrades (pinned programs,
+//!   links and maps, adopted without detaching); `uninstall`.
 //! - `cli`: `check`, `--help`, and `run` refusing bad input.
 //! - `cri`: `pods:` selectors against a private containerd through the CRI.
 //! - `status`: `portguard status` and `portguard events`.
@@ -34,6 +36,7 @@ mod events;
 mod learn;
 mod manifests;
 mod metrics;
+mod pinning;
 mod reload;
 mod status;
 mod units;

@@ -28,13 +28,13 @@ fn reload_tightens_then_loosens_under_a_running_workload() {
     let status = agent.reload(&policy(&cg, "[{ports: [9090]}]"));
     assert!(status.contains("enforcing 1 policies"), "{status}");
     // Every attempt that starts after the reload is acknowledged is denied.
-    let mark = l.len() + 1;
+    let mark = l.count() + 1;
     l.wait_more(10);
     let after_tighten = l.outcomes_since(mark);
     assert!(after_tighten.iter().all(|ok| !ok), "{after_tighten:?}");
 
     agent.reload(&policy(&cg, "[{ports: [8080, 9090]}]"));
-    let mark2 = l.len() + 1;
+    let mark2 = l.count() + 1;
     l.wait_more(10);
     let after_loosen = l.outcomes_since(mark2);
     assert!(after_loosen.iter().all(|ok| *ok), "{after_loosen:?}");

@@ -1,0 +1,351 @@
+//! Enforcement that outlives the agent: pinned programs, links and maps
+//! survive SIGKILL, a restarted agent adopts them without detaching and reads
+//! the events queued meanwhile, an upgraded agent switches programs in place
+//! (and rebuilds maps whose size changed) while binds keep being judged,
+//! a pinned link attached to the wrong cgroup is repaired, and `uninstall`
+//! removes every kernel object.
+
+use std::{path::Path, process::Command, time::Duration};
+
+use portguard_tests::{Agent, Cgroup, EVENT_TIMEOUT, Loop, Probe, require_root, uninstall};
+use serde_json::{Value, json};
+
+fn policy(cg: &Cgroup) -> String {
+    format!(
+        "policies:\n  - name: pinned\n    cgroup: {}\n    bind: [{{ports: [8080]}}]\n",
+        cg.rel
+    )
+}
+
+/// `bpftool -j ARGS` as JSON.
+fn bpftool(args: &[&str]) -> Value {
+    let out = Command::new("bpftool")
+        .arg("-j")
+        .args(args)
+        .output()
+        .expect("running bpftool (scripts/setup.sh installs it)");
+    assert!(
+        out.status.success(),
+        "bpftool {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+}
+
+fn pinned_prog(dir: &Path, name: &str) -> Value {
+    bpftool(&[
+        "prog",
+        "show",
+        "pinned",
+        dir.join("progs").join(name).to_str().unwrap(),
+    ])
+}
+
+fn pinned_link(dir: &Path, name: &str) -> Value {
+    bpftool(&[
+        "link",
+        "show",
+        "pinned",
+        dir.join("links").join(name).to_str().unwrap(),
+    ])
+}
+
+/// Every result of a loop: all EPERM (`want_ok == false`) or all allowed.
+fn assert_all(results: &[portguard_tests::ProbeResult], want_ok: bool, what: &str) {
+    assert!(!results.is_empty(), "{what}: the loop made no attempt");
+    let wrong: Vec<_> = results
+        .iter()
+        .filter(|r| r.ok != want_ok || (!r.ok && r.errno != libc::EPERM))
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "{what}: {} of {} attempts got the wrong answer, e.g. {:?}",
+        wrong.len(),
+        results.len(),
+        wrong.first()
+    );
+}
+
+/// Without pinning (`--pin-dir none`), SIGTERM detaches every program.
+#[test]
+fn without_pinning_stopping_the_agent_detaches_enforcement() {
+    require_root!();
+    let cg = Cgroup::new("detach");
+    let mut agent = Agent::start_with(&policy(&cg), &["--pin-dir", "none"]);
+    let p = Probe::in_cgroup(&cg);
+    p.run(&["bind", "tcp", "127.0.0.1", "8081"]).assert_eperm();
+    let status = agent.stop();
+    assert!(status.success(), "clean exit on SIGTERM: {status}");
+    assert!(agent.stderr().contains("detaching programs"));
+    p.run(&["bind", "tcp", "127.0.0.1", "8081"]).assert_ok();
+}
+
+/// SIGKILL the agent while a process keeps binding a denied port: every
+/// attempt stays denied. A second process denies itself 50 times while no
+/// agent runs; the restarted agent adopts the pinned state (no detach) and
+/// logs those 50 denials from the ring buffer, named by policy, or reports
+/// what the kernel dropped as `lost` with the period.
+#[test]
+fn kill9_keeps_enforcing_and_the_restarted_agent_reads_the_gap() {
+    require_root!();
+    let cg = Cgroup::new("kill9");
+    let mut a = Agent::start(&policy(&cg));
+    let dir = a.pin_dir.clone().expect("the fixture pins");
+    let p = Probe::in_cgroup(&cg);
+    let l = Loop::start(&p, &["bind", "tcp", "127.0.0.1", "8081"], 2);
+    l.wait_more(20);
+    a.kill9();
+    let killed_at = l.count();
+    l.wait_more(100);
+    // Only while no agent runs: 50 UDP binds of another port.
+    let gap = p.spawn_loop(&["bind", "udp", "127.0.0.1", "8082"], 50, 1);
+    let out = gap.wait_with_output().expect("gap loop");
+    let gap_results: Vec<portguard_tests::ProbeResult> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("probe line"))
+        .collect();
+    assert_eq!(gap_results.len(), 50);
+    assert_all(&gap_results, false, "binds while no agent runs");
+
+    let b = Agent::start_with(&policy(&cg), &["--pin-dir", dir.to_str().unwrap()]);
+    let log = b.stderr();
+    assert!(
+        log.contains("adopting the pinned state") && log.contains("same kernel programs"),
+        "{log}"
+    );
+    assert!(log.contains("switched in place"), "{log}");
+    l.wait_more(50);
+    let results = l.finish();
+    assert!(results.len() > killed_at + 100);
+    assert_all(&results, false, "binds before, during and after the gap");
+
+    // The gap's events, read by the new agent from the pinned ring buffer.
+    let deadline = std::time::Instant::now() + EVENT_TIMEOUT;
+    let (seen, lost) = loop {
+        let events = b.events();
+        let seen = events
+            .iter()
+            .filter(|e| {
+                e["port"] == json!(8082)
+                    && e["verdict"] == json!("deny")
+                    && e["protocol"] == json!("udp")
+            })
+            .count();
+        let lost: u64 = events
+            .iter()
+            .filter(|e| e["agent_restarted"] == json!(true))
+            .map(|e| e["lost"].as_u64().unwrap_or(0))
+            .sum();
+        if seen as u64 + lost >= 50 || std::time::Instant::now() > deadline {
+            break (seen, lost);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(
+        seen as u64 + lost,
+        50,
+        "every denial made while no agent ran is logged or counted lost ({seen} logged, {lost} \
+         lost)\n{}",
+        b.stderr()
+    );
+    let e = b.wait_event(&[("port", json!(8082)), ("verdict", json!("deny"))]);
+    assert_eq!(
+        e["policy"],
+        json!("pinned"),
+        "named by the previous agent's id: {e}"
+    );
+    assert_eq!(e["hook"], json!("bind4"));
+    // Denials of the looping process from the gap are there too.
+    let gap_8081 = b
+        .events()
+        .into_iter()
+        .filter(|e| e["port"] == json!(8081))
+        .count();
+    assert!(gap_8081 > 0, "the looping process's gap denials are read");
+}
+
+/// A restarted agent whose kernel object changed switches every pinned link
+/// to the new program in place, and one whose map sizes changed rebuilds
+/// the maps before switching, while a denied and an allowed bind loop run
+/// back to back throughout: no denied bind gets through, no allowed one is
+/// denied.
+#[test]
+fn upgrades_switch_programs_in_place_with_no_bind_slipping_through() {
+    require_root!();
+    let variant = std::env::var("PORTGUARD_VARIANT_OBJECT").expect(
+        "PORTGUARD_VARIANT_OBJECT is not set: run the tests through `cargo xtask \
+         integration-test`, which builds the changed kernel object",
+    );
+    let cg = Cgroup::new("upgrade");
+    let mut a = Agent::start(&policy(&cg));
+    let dir = a.pin_dir.clone().unwrap();
+    let d = dir.to_str().unwrap();
+    let p = Probe::in_cgroup(&cg);
+    let denied = Loop::start(&p, &["bind", "tcp", "127.0.0.1", "8081"], 0);
+    let allowed = Loop::start(&p, &["bind", "tcp", "127.0.0.1", "8080"], 0);
+    denied.wait_more(100);
+    allowed.wait_more(100);
+    let tag_before = pinned_prog(&dir, "portguard_bind4")["tag"].clone();
+    let link_before = pinned_link(&dir, "portguard_bind4");
+
+    // 1. New kernel programs, same maps: stopped cleanly, then upgraded.
+    let st = a.stop();
+    assert!(st.success(), "{st}\n{}", a.stderr());
+    denied.wait_more(100);
+    let mut b = Agent::start_with(&policy(&cg), &["--pin-dir", d, "--kernel-object", &variant]);
+    let log = b.stderr();
+    assert!(log.contains("kernel programs changed"), "{log}");
+    assert!(log.contains("every map reused"), "{log}");
+    let tag_after = pinned_prog(&dir, "portguard_bind4")["tag"].clone();
+    assert_ne!(
+        tag_before, tag_after,
+        "bind4 runs different instructions now"
+    );
+    let link_after = pinned_link(&dir, "portguard_bind4");
+    assert_eq!(
+        link_before["id"], link_after["id"],
+        "the same link, switched in place"
+    );
+    assert_eq!(
+        link_after["prog_id"],
+        pinned_prog(&dir, "portguard_bind4")["id"],
+        "the link runs the new program"
+    );
+    denied.wait_more(200);
+    allowed.wait_more(200);
+
+    // 2. Killed, then back to the built-in programs with larger maps: the
+    // policy maps are rebuilt and filled before any link switches.
+    b.kill9();
+    let c = Agent::start_with(&policy(&cg), &["--pin-dir", d, "--max-cgroups", "4096"]);
+    let log = c.stderr();
+    assert!(log.contains("maps rebuilt"), "{log}");
+    assert!(log.contains("PORTGUARD_CGROUPS"), "{log}");
+    assert_eq!(
+        pinned_link(&dir, "portguard_bind4")["id"],
+        link_before["id"],
+        "still the same link"
+    );
+    denied.wait_more(200);
+    allowed.wait_more(200);
+    let d_results = denied.finish();
+    let a_results = allowed.finish();
+    assert_all(&d_results, false, "the denied port through both upgrades");
+    assert_all(&a_results, true, "the allowed port through both upgrades");
+    eprintln!(
+        "upgrade: {} denied and {} allowed binds judged across two switches",
+        d_results.len(),
+        a_results.len()
+    );
+    c.wait_event(&[("port", json!(8081)), ("verdict", json!("deny"))]);
+}
+
+/// A pinned link attached to another cgroup than the one the agent attaches
+/// to is found (by the kernel's link info, not the pin's existence) and
+/// replaced; enforcement holds in the new scope.
+#[test]
+fn a_pinned_link_on_the_wrong_cgroup_is_repaired() {
+    require_root!();
+    let scope = Cgroup::new("repair");
+    let work = scope.child("w");
+    let mut a = Agent::start_with(&policy(&work), &["--attach-cgroup", &scope.rel]);
+    let dir = a.pin_dir.clone().unwrap();
+    assert_eq!(
+        pinned_link(&dir, "portguard_bind4")["cgroup_id"],
+        json!(scope.id())
+    );
+    a.kill9();
+    let b = Agent::start_with(&policy(&work), &["--pin-dir", dir.to_str().unwrap()]);
+    let log = b.stderr();
+    assert!(
+        log.contains(&format!("attached to cgroup id {}", scope.id())) && log.contains("replaced"),
+        "{log}"
+    );
+    // cgroup id 1: the cgroup2 root.
+    assert_eq!(pinned_link(&dir, "portguard_bind4")["cgroup_id"], json!(1));
+    Probe::in_cgroup(&work)
+        .run(&["bind", "tcp", "127.0.0.1", "8081"])
+        .assert_eperm();
+    Probe::in_cgroup(&work)
+        .run(&["bind", "tcp", "127.0.0.1", "8080"])
+        .assert_ok();
+}
+
+/// Objects named in `portguard uninstall --dry-run` output: (kind, id).
+fn listed_ids(text: &str) -> Vec<(String, u64)> {
+    text.lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            let (kind, id) = match (w.next(), w.next(), w.next(), w.next(), w.next()) {
+                (Some("would"), Some("remove"), Some(kind), Some("id"), Some(id)) => (kind, id),
+                _ => return None,
+            };
+            Some((kind.to_owned(), id.trim_end_matches(':').parse().ok()?))
+        })
+        .collect()
+}
+
+/// `uninstall` refuses while the agent runs, `--dry-run` lists every object
+/// with its id and removes nothing, and the real run leaves none of them in
+/// the kernel (bpftool) and the cgroup unrestricted.
+#[test]
+fn uninstall_removes_every_kernel_object() {
+    require_root!();
+    let cg = Cgroup::new("uninstall");
+    let mut a = Agent::start(&policy(&cg));
+    let dir = a.pin_dir.clone().unwrap();
+    let p = Probe::in_cgroup(&cg);
+    let refused = uninstall(&dir);
+    assert!(
+        refused.contains("another portguard agent is running"),
+        "{refused}"
+    );
+    assert!(a.stop().success());
+    // Stopped: still enforcing.
+    p.run(&["bind", "tcp", "127.0.0.1", "8081"]).assert_eperm();
+
+    let out = Command::new(portguard_tests::agent_bin())
+        .args(["uninstall", "--dry-run", "--pin-dir", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let ids = listed_ids(&text);
+    let count = |k: &str| ids.iter().filter(|(kind, _)| kind == k).count();
+    assert!(count("link") >= 9 && count("program") >= 9, "{text}");
+    assert_eq!(count("map"), 10, "{text}");
+    p.run(&["bind", "tcp", "127.0.0.1", "8081"]).assert_eperm();
+
+    let done = uninstall(&dir);
+    assert!(
+        done.contains(&format!("removed {} pinned objects", ids.len())),
+        "{done}"
+    );
+    assert!(!dir.exists(), "the pin directory is removed");
+    p.run(&["bind", "tcp", "127.0.0.1", "8081"]).assert_ok();
+    // The kernel frees programs and maps once unreferenced (asynchronously).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let alive: Vec<(String, u64)> = ids
+            .iter()
+            .filter(|(kind, id)| {
+                let list = match kind.as_str() {
+                    "link" => bpftool(&["link", "show"]),
+                    "program" => bpftool(&["prog", "show"]),
+                    _ => bpftool(&["map", "show"]),
+                };
+                list.as_array()
+                    .is_some_and(|l| l.iter().any(|o| o["id"] == json!(id)))
+            })
+            .cloned()
+            .collect();
+        if alive.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still in the kernel after uninstall: {alive:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
