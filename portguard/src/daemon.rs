@@ -712,7 +712,7 @@ impl Agent {
     /// policy stays in force.
     fn reload(&mut self, why: &str) {
         let started = Instant::now();
-        let _ = sd_notify::notify(&[
+        sd_notify(&[
             NotifyState::Reloading,
             NotifyState::monotonic_usec_now().unwrap_or(NotifyState::MonotonicUsec(0)),
         ]);
@@ -743,7 +743,7 @@ impl Agent {
                     report.cgroups_written,
                     started.elapsed().as_secs_f64() * 1e3
                 );
-                let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+                sd_notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
                 self.health.set_ready(&status);
                 self.shared.update(|f| {
                     f.reloads_ok += 1;
@@ -759,7 +759,7 @@ impl Agent {
                     "reload failed; previous policy ({} policies) still enforced",
                     self.policies.len()
                 );
-                let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+                sd_notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
                 self.health.set_ready(&status);
                 self.shared.update(|f| {
                     f.reloads_failed += 1;
@@ -1101,7 +1101,37 @@ fn release_free_memory() {
 }
 
 fn notify_status(status: &str) {
-    let _ = sd_notify::notify(&[NotifyState::Status(status)]);
+    sd_notify(&[NotifyState::Status(status)]);
+}
+
+/// Tell the service manager (`$NOTIFY_SOCKET`) about `states`, never
+/// blocking: sd_notify::notify waits when the receiver's queue is full (its
+/// default length is 10 datagrams), and an agent must not stall on its
+/// supervisor. A notification that does not fit is dropped.
+fn sd_notify(states: &[NotifyState<'_>]) {
+    use std::{fmt::Write as _, os::linux::net::SocketAddrExt as _, os::unix::net::UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let mut msg = String::new();
+    for s in states {
+        let _ = writeln!(msg, "{s}");
+    }
+    let Ok(sock) = UnixDatagram::unbound() else {
+        return;
+    };
+    if sock.set_nonblocking(true).is_err() {
+        return;
+    }
+    let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+    let res = match bytes.strip_prefix(b"@") {
+        Some(name) => std::os::unix::net::SocketAddr::from_abstract_name(name)
+            .and_then(|a| sock.send_to_addr(msg.as_bytes(), &a)),
+        None => sock.send_to(msg.as_bytes(), &path),
+    };
+    if let Err(e) = res {
+        debug!("daemon: sd_notify {msg:?}: {e}");
+    }
 }
 
 /// The signals the agent handles, registered before anything else.
@@ -1441,7 +1471,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
     } else {
         info!("daemon: detaching programs; enforcement stops (--pin-dir none)");
     }
-    let _ = sd_notify::notify(&[NotifyState::Stopping]);
+    sd_notify(&[NotifyState::Stopping]);
     drop(agent);
     result
 }
@@ -1485,7 +1515,7 @@ async fn serve(
 
     let stop_at = opts.stop_after.map(|d| Instant::now() + d);
     let status = format!("enforcing {} policies", agent.policies.len());
-    let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+    sd_notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
     health.set_ready(&status);
     agent.shared.update(|f| f.status.clone_from(&status));
     // Sockets bound before we governed them.
@@ -1787,7 +1817,14 @@ fn report_lost(agent: &Agent, writer: &mut EventWriter, seen: &mut u64) {
                 "daemon: the kernel dropped {lost} events (ring buffer full; {} in total)",
                 c.events_lost
             );
-            notify_status(&format!("{} events lost in total", c.events_lost));
+            // At most every 10 s: a supervisor's queue is small.
+            static LAST: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
+            if let Ok(mut last) = LAST.lock()
+                && last.is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+            {
+                *last = Some(Instant::now());
+                notify_status(&format!("{} events lost in total", c.events_lost));
+            }
             let _ = writer.line(&LostRecord {
                 schema_version: events::SCHEMA_VERSION,
                 host: agent.host.clone(),

@@ -473,6 +473,12 @@ impl Agent {
     /// Send SIGHUP and wait for RELOADING=1 then READY=1; returns READY's
     /// message (with STATUS).
     pub fn hup_and_wait(&mut self) -> String {
+        // Older notifications (STATUS lines) must not fill the queue the
+        // agent's RELOADING=1 and READY=1 go to.
+        let _ = self.notify.set_nonblocking(true);
+        let mut buf = [0u8; 4096];
+        while self.notify.recv(&mut buf).is_ok() {}
+        let _ = self.notify.set_nonblocking(false);
         self.signal(libc::SIGHUP);
         self.wait_notify("RELOADING=1", READY_TIMEOUT)
             .unwrap_or_else(|e| panic!("{e}\n{}", self.stderr()));
@@ -568,6 +574,31 @@ impl Drop for Agent {
         {
             uninstall(p);
         }
+    }
+}
+
+/// A directory on bpffs standing in for a node's /sys/fs/bpf (a DaemonSet's
+/// hostPath): whatever an agent pins below it is uninstalled on drop.
+pub struct TestBpffs {
+    pub path: PathBuf,
+}
+
+impl TestBpffs {
+    pub fn new(tag: &str) -> Self {
+        let path = PathBuf::from(TEST_PIN_ROOT).join(format!("{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&path).expect("creating a test bpffs directory");
+        Self { path }
+    }
+}
+
+impl Drop for TestBpffs {
+    fn drop(&mut self) {
+        if let Ok(entries) = std::fs::read_dir(&self.path) {
+            for e in entries.flatten() {
+                uninstall(&e.path());
+            }
+        }
+        let _ = std::fs::remove_dir(&self.path);
     }
 }
 

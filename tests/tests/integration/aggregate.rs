@@ -114,7 +114,8 @@ fn lines_keep_flowing_during_a_storm() {
     let denials = serde_json::from_slice::<Value>(&out.stdout).unwrap()["denials"]
         .as_u64()
         .unwrap();
-    assert!(agent.stop().success());
+    let st = agent.stop();
+    assert!(st.success(), "{st}\n{}", agent.stderr());
     let events = agent.events();
     let written: u64 = events.iter().filter_map(|e| e["count"].as_u64()).sum();
     let lost = events

@@ -172,7 +172,7 @@ fn programs_can_be_attached_to_a_subtree_only() {
     assert!(
         agent
             .stderr()
-            .contains(&format!(" programs to {}\n", scope.fs.display())),
+            .contains(&format!(" programs attached to {} ", scope.fs.display())),
         "{}",
         agent.stderr()
     );

@@ -16,7 +16,7 @@ use portguard::cri::api::{
     NamespaceMode, NamespaceOption, SecurityProfile, security_profile::ProfileType,
 };
 use portguard_tests::{
-    Agent, ConfigMapVolume, agent_bin, cgroup2_root,
+    Agent, ConfigMapVolume, TestBpffs, agent_bin, cgroup2_root,
     containerd::{Containerd, unavailable},
     probe_bin, require_root,
 };
@@ -301,6 +301,8 @@ fn the_daemonset_runs_the_agent_through_the_cri() {
     let pod_spec = &ds["spec"]["template"]["spec"];
     let policy = cm["data"]["policy.yaml"].as_str().unwrap().to_owned();
 
+    // The node's bpffs (dropped after the pod: its pins are uninstalled).
+    let node_bpffs = TestBpffs::new("cri-node");
     let mut ctrd = Containerd::start(&probe_bin());
     // The agent's image, made the way `cargo xtask image` makes it, from the
     // binary under test; the DaemonSet names it `portguard:0.1.0`.
@@ -328,6 +330,9 @@ fn the_daemonset_runs_the_agent_through_the_cri() {
             "/sys/fs/cgroup" => cgroup2.clone(),
             // The private containerd of this test.
             "/run/containerd/containerd.sock" => socket.clone(),
+            // A bpffs directory of the test's own, so the agent's pins do not
+            // land in the host's /sys/fs/bpf/portguard.
+            "/sys/fs/bpf" => node_bpffs.path.display().to_string(),
             p => p.to_owned(),
         }
     };
@@ -388,6 +393,13 @@ fn the_daemonset_runs_the_agent_through_the_cri() {
     );
     let (code, body) = probe_in_netns(pid, port, "/healthz").unwrap();
     assert_eq!(code, 200, "{body}");
+    // Pinned on the node's bpffs (through the hostPath), so enforcement
+    // outlives the pod.
+    let pins = node_bpffs.path.join("portguard");
+    assert!(
+        pins.join("links/portguard_bind4").exists() && pins.join("maps/PORTGUARD_STATE").exists(),
+        "the pod pins its links and maps on the node's bpffs:\n{log}"
+    );
     // `kubectl exec ... portguard status`: the socket is in the emptyDir.
     let status = Command::new(agent_bin())
         .args(["status", "--json", "--socket"])

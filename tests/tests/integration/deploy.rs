@@ -90,7 +90,14 @@ fn run_briefly(extra: &[&str], cg: &Cgroup) -> (i32, String, String) {
     )
     .unwrap();
     let out = Command::new(agent_bin())
-        .args(["run", "--no-watch", "--policy", policy.to_str().unwrap()])
+        .args([
+            "run",
+            "--no-watch",
+            "--pin-dir",
+            "none",
+            "--policy",
+            policy.to_str().unwrap(),
+        ])
         .args(extra)
         .env("RUST_LOG", "info")
         .output()

@@ -192,6 +192,12 @@ fn kubernetes_manifests_validate_and_agree_with_the_agent() {
     assert_eq!(args.policy.file_name().unwrap(), "policy.yaml");
     let root = args.cgroup_root.as_deref().expect("--cgroup-root");
     assert_eq!(volume_for(root)["hostPath"]["path"], "/sys/fs/cgroup");
+    let pins = args.pin_dir.0.as_deref().expect("--pin-dir");
+    assert_eq!(
+        volume_for(pins)["hostPath"]["path"],
+        "/sys/fs/bpf",
+        "pins live on the node's bpffs, so they outlive the pod"
+    );
     let v = volume_for(&args.cri_socket);
     assert_eq!(v["hostPath"]["type"], "Socket");
     assert_eq!(v["hostPath"]["path"], args.cri_socket.to_str().unwrap());
