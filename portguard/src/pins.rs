@@ -56,6 +56,12 @@ pub enum PinError {
          agents must not manage one set of programs)"
     )]
     Busy { path: PathBuf },
+    #[error(
+        "{path} is not a directory of this user (it is owned by uid {owner}, or is not a \
+         directory): refusing to pin there, since its owner could replace or remove the pins; \
+         remove it or choose another --pin-dir"
+    )]
+    NotOurs { path: PathBuf, owner: u32 },
 }
 
 fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> PinError {
@@ -94,6 +100,19 @@ impl PinDir {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(io_err("creating", &dir)(e)),
+            }
+        }
+        // bpffs at /sys/fs/bpf is usually world-writable (sticky): another
+        // user could have made the directory first, to own the pins.
+        // SAFETY: geteuid cannot fail.
+        let uid = unsafe { libc::geteuid() };
+        for dir in [root.to_owned(), root.join("links"), root.join("progs"), root.join("maps")] {
+            let md = std::fs::symlink_metadata(&dir).map_err(io_err("inspecting", &dir))?;
+            if !md.is_dir() || std::os::unix::fs::MetadataExt::uid(&md) != uid {
+                return Err(PinError::NotOurs {
+                    path: dir,
+                    owner: std::os::unix::fs::MetadataExt::uid(&md),
+                });
             }
         }
         // Whatever created it, the directory is root's alone.

@@ -13,7 +13,7 @@ use super::{
 
 /// Largest policy file accepted. Far above any real policy; keeps a hostile
 /// or mistaken input from exhausting memory.
-pub const MAX_POLICY_FILE_BYTES: u64 = 16 * 1024 * 1024;
+pub const MAX_POLICY_FILE_BYTES: u64 = 8 * 1024 * 1024;
 
 /// Read a policy file's text (bounded size).
 pub fn read_policy_file(path: &Path) -> Result<String, PolicyError> {
@@ -21,8 +21,16 @@ pub fn read_policy_file(path: &Path) -> Result<String, PolicyError> {
         path: path.to_owned(),
         source,
     };
-    let meta = std::fs::metadata(path).map_err(read_err)?;
-    if meta.len() > MAX_POLICY_FILE_BYTES {
+    // Read at most one byte more than allowed: the size is judged on what
+    // was read (a file growing meanwhile, a FIFO or /dev/zero included).
+    use std::io::Read as _;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .map_err(read_err)?
+        .take(MAX_POLICY_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_err)?;
+    if bytes.len() as u64 > MAX_POLICY_FILE_BYTES {
         return Err(PolicyError::Invalid {
             path: path.to_owned(),
             diagnostics: vec![Diagnostic {
@@ -30,13 +38,17 @@ pub fn read_policy_file(path: &Path) -> Result<String, PolicyError> {
                 column: 1,
                 field: String::new(),
                 message: format!(
-                    "file is {} bytes; policy files are limited to {MAX_POLICY_FILE_BYTES} bytes",
-                    meta.len()
+                    "file is larger than {MAX_POLICY_FILE_BYTES} bytes, the limit for policy files"
                 ),
             }],
         });
     }
-    std::fs::read_to_string(path).map_err(read_err)
+    String::from_utf8(bytes).map_err(|e| {
+        read_err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("not UTF-8 text (byte {})", e.utf8_error().valid_up_to()),
+        ))
+    })
 }
 
 /// Read and validate a policy file.

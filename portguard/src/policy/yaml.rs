@@ -79,6 +79,35 @@ enum Frame {
     },
 }
 
+/// Most nodes a policy document may hold, counting every node an alias
+/// repeats (so a few kilobytes of nested aliases, the "billion laughs",
+/// cannot exhaust memory): about 40,000 one-rule policies, in about 100 MiB.
+pub const MAX_NODES: usize = 500_000;
+
+/// Nodes in `node`'s tree, or `None` if more than `budget`.
+fn size_within(node: &Node, budget: usize) -> Option<usize> {
+    let mut n = 1usize;
+    let mut check = |child: &Node, n: &mut usize| -> Option<()> {
+        *n += size_within(child, budget.checked_sub(*n)?)?;
+        (*n <= budget).then_some(())
+    };
+    match &node.kind {
+        Kind::Scalar { .. } => {}
+        Kind::Seq(items) => {
+            for i in items {
+                check(i, &mut n)?;
+            }
+        }
+        Kind::Map(entries) => {
+            for (k, v) in entries {
+                check(k, &mut n)?;
+                check(v, &mut n)?;
+            }
+        }
+    }
+    (n <= budget).then_some(n)
+}
+
 /// Parse one YAML document. An empty input yields `Ok(None)`.
 pub fn parse(text: &str) -> Result<Option<Node>, SyntaxError> {
     parse_with_info(text).map(|(root, _)| root)
@@ -101,6 +130,14 @@ pub fn parse_with_info(text: &str) -> Result<(Option<Node>, ParseInfo), SyntaxEr
     let mut root: Option<Node> = None;
     let mut documents = 0usize;
     let mut duplicate: Option<SyntaxError> = None;
+    let mut nodes = 0usize;
+    let too_many = |pos: Pos| SyntaxError {
+        pos,
+        message: format!(
+            "the document has more than {MAX_NODES} YAML nodes (counting what aliases repeat); \
+             policy files are limited to that"
+        ),
+    };
 
     for ev in &mut parser {
         let (ev, span) = ev.map_err(|e| SyntaxError {
@@ -111,6 +148,12 @@ pub fn parse_with_info(text: &str) -> Result<(Option<Node>, ParseInfo), SyntaxEr
             message: e.info().to_owned(),
         })?;
         let pos = Pos::from_span(&span);
+        if matches!(
+            ev,
+            Event::Scalar(..) | Event::SequenceStart(..) | Event::MappingStart(..)
+        ) {
+            nodes += 1;
+        }
         let finished: Option<(Node, usize)> = match ev {
             Event::StreamStart | Event::StreamEnd | Event::Nothing | Event::DocumentEnd => None,
             Event::DocumentStart(_) => {
@@ -126,11 +169,19 @@ pub fn parse_with_info(text: &str) -> Result<(Option<Node>, ParseInfo), SyntaxEr
             }
             Event::Alias(id) => {
                 info.non_local = true;
-                let node = anchors.get(&id).cloned().ok_or_else(|| SyntaxError {
+                let anchored = anchors.get(&id).ok_or_else(|| SyntaxError {
                     pos,
                     message: "alias refers to an unknown anchor".to_owned(),
                 })?;
-                Some((node, 0))
+                // Count before copying.
+                let size = size_within(anchored, MAX_NODES - nodes).ok_or_else(|| too_many(pos))?;
+                nodes += size;
+                Some((anchored.clone(), 0))
+            }
+            Event::Scalar(..) | Event::SequenceStart(..) | Event::MappingStart(..)
+                if nodes > MAX_NODES =>
+            {
+                return Err(too_many(pos));
             }
             Event::Scalar(value, style, anchor, tag) => Some((
                 Node {
@@ -270,6 +321,27 @@ mod tests {
             Kind::Scalar { text, plain } => (text.as_str(), *plain),
             other => panic!("not a scalar: {other:?}"),
         }
+    }
+
+    #[test]
+    fn alias_bombs_and_huge_documents_are_refused_within_the_node_budget() {
+        // "Billion laughs": each level repeats the previous one ten times.
+        let mut doc = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..10 {
+            let refs = vec![format!("*a{}", i - 1); 10].join(", ");
+            doc.push_str(&format!("a{i}: &a{i} [{refs}]\n"));
+        }
+        let err = parse(&doc).unwrap_err();
+        assert!(err.message.contains("YAML nodes"), "{err:?}");
+        // Plain size: one node past the budget.
+        let big = format!("[{}]", vec!["1"; MAX_NODES].join(","));
+        assert!(parse(&big).unwrap_err().message.contains("YAML nodes"));
+        let fits = format!("[{}]", vec!["1"; MAX_NODES - 1].join(","));
+        assert!(parse(&fits).is_ok());
+        // Aliases within the budget still work.
+        let ok = parse("a: &x [1, 2]\nb: *x\n").unwrap().unwrap();
+        let Kind::Map(entries) = &ok.kind else { panic!() };
+        assert_eq!(entries[0].1, entries[1].1);
     }
 
     #[test]
