@@ -77,13 +77,20 @@ else
   log "bpf-linker present: $(bpf-linker --version 2>&1 | head -1)"
 fi
 
+# cargo-fuzz runs the policy fuzz target in the test suite (cached in
+# ~/.cargo/bin like bpf-linker).
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  log "installing cargo-fuzz (about two minutes)"
+  cargo install --locked cargo-fuzz
+fi
+
 # kubernetes-validate validates the Kubernetes manifests offline in the tests.
 if ! python3 -c 'import kubernetes_validate' >/dev/null 2>&1; then
   log "installing kubernetes-validate (PyPI)"
   python3 -m pip install --quiet kubernetes-validate
 fi
 
-# 3. bpffs (the agent pins nothing yet, but bpftool and later features expect it).
+# 3. bpffs (the agent pins its programs, links and maps there).
 if [ "$SUDO" != false ] && ! grep -q ' /sys/fs/bpf bpf ' /proc/mounts; then
   log "mounting bpffs at /sys/fs/bpf"
   $SUDO mount -t bpf bpf /sys/fs/bpf || log "warning: could not mount bpffs"

@@ -106,7 +106,12 @@ impl PinDir {
         // user could have made the directory first, to own the pins.
         // SAFETY: geteuid cannot fail.
         let uid = unsafe { libc::geteuid() };
-        for dir in [root.to_owned(), root.join("links"), root.join("progs"), root.join("maps")] {
+        for dir in [
+            root.to_owned(),
+            root.join("links"),
+            root.join("progs"),
+            root.join("maps"),
+        ] {
             let md = std::fs::symlink_metadata(&dir).map_err(io_err("inspecting", &dir))?;
             if !md.is_dir() || std::os::unix::fs::MetadataExt::uid(&md) != uid {
                 return Err(PinError::NotOurs {

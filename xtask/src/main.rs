@@ -19,7 +19,8 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// The whole suite, as CI runs it: formatting, clippy (userspace and
-    /// kernel crates), unit tests, then the privileged integration tests.
+    /// kernel crates), unit tests, the privileged integration tests, then
+    /// 60 s of fuzzing the policy pipeline.
     Test {
         /// Skip the privileged integration tests (for non-root development
         /// machines; CI runs as root and must not use this).
@@ -52,6 +53,15 @@ enum Cmd {
         /// Where to write the archive.
         #[arg(long, default_value = "target/portguard-image.tar")]
         out: PathBuf,
+    },
+    /// Fuzz the policy parser, compiler and map writer (cargo-fuzz,
+    /// nightly) for a while, starting from the committed corpus
+    /// (fuzz/corpus/policy). A crash fails the run and leaves its input in
+    /// fuzz/artifacts/policy.
+    Fuzz {
+        /// How long to fuzz.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
     },
     /// Build the agent and run the privileged integration tests (needs root).
     IntegrationTest {
@@ -200,6 +210,39 @@ fn build_variant_object() -> anyhow::Result<PathBuf> {
     Ok(target_dir.join("bpfel-unknown-none/release/portguard"))
 }
 
+fn fuzz(seconds: u64) -> anyhow::Result<()> {
+    let fuzz_dir = root_dir().join("fuzz");
+    // New inputs go to a scratch corpus; the committed one is only read.
+    let scratch = fuzz_dir.join("target/corpus-scratch");
+    std::fs::create_dir_all(&scratch)?;
+    let mut cmd = Command::new("rustup");
+    cmd.args(["run", "nightly", "cargo", "fuzz", "run", "policy"])
+        .arg(&scratch)
+        .arg(fuzz_dir.join("corpus/policy"))
+        .args([
+            "--",
+            &format!("-max_total_time={seconds}"),
+            "-rss_limit_mb=2048",
+            "-max_len=8192",
+            "-print_final_stats=1",
+        ])
+        // The fuzz build never loads kernel programs (see portguard/build.rs).
+        .env("AYA_BUILD_SKIP", "1")
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .current_dir(&fuzz_dir);
+    eprintln!("xtask: fuzzing the policy pipeline for {seconds} s");
+    let status = cmd
+        .status()
+        .context("starting cargo fuzz (run ./scripts/setup.sh)")?;
+    if !status.success() {
+        bail!(
+            "the policy fuzz target failed ({status}); the crashing input is in fuzz/artifacts/policy"
+        );
+    }
+    Ok(())
+}
+
 fn bench(quick: bool, out: &Path) -> anyhow::Result<()> {
     if !is_root() {
         bail!("the benchmark loads BPF programs and creates cgroups: run it as root");
@@ -239,19 +282,23 @@ fn image(name: &str, out: &Path) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.command {
-        Cmd::Test { skip_privileged } => lint().and_then(|()| unit()).and_then(|()| {
-            if skip_privileged {
-                eprintln!("xtask: --skip-privileged: NOT running the integration tests");
-                Ok(())
-            } else {
-                integration(&[])
-            }
-        }),
+        Cmd::Test { skip_privileged } => lint()
+            .and_then(|()| unit())
+            .and_then(|()| {
+                if skip_privileged {
+                    eprintln!("xtask: --skip-privileged: NOT running the integration tests");
+                    Ok(())
+                } else {
+                    integration(&[])
+                }
+            })
+            .and_then(|()| fuzz(60)),
         Cmd::Lint => lint(),
         Cmd::Unit => unit(),
         Cmd::Bench { quick, out } => bench(quick, &out),
         Cmd::Image { name, out } => image(&name, &out),
         Cmd::IntegrationTest { args } => integration(&args),
+        Cmd::Fuzz { seconds } => fuzz(seconds),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -87,7 +87,7 @@ pub const MAX_NODES: usize = 500_000;
 /// Nodes in `node`'s tree, or `None` if more than `budget`.
 fn size_within(node: &Node, budget: usize) -> Option<usize> {
     let mut n = 1usize;
-    let mut check = |child: &Node, n: &mut usize| -> Option<()> {
+    let check = |child: &Node, n: &mut usize| -> Option<()> {
         *n += size_within(child, budget.checked_sub(*n)?)?;
         (*n <= budget).then_some(())
     };
@@ -340,7 +340,9 @@ mod tests {
         assert!(parse(&fits).is_ok());
         // Aliases within the budget still work.
         let ok = parse("a: &x [1, 2]\nb: *x\n").unwrap().unwrap();
-        let Kind::Map(entries) = &ok.kind else { panic!() };
+        let Kind::Map(entries) = &ok.kind else {
+            panic!()
+        };
         assert_eq!(entries[0].1, entries[1].1);
     }
 
