@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what is missing (idempotent), build portguard in release mode, create
 # the example cgroups and run the agent on the bundled example policy.
-# Run as root. Stop with Ctrl-C (the programs detach).
+# Run as root. Stop with Ctrl-C: this demo pins nothing (--pin-dir none), so
+# the programs detach; a deployed agent pins them and keeps enforcing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
@@ -24,6 +25,6 @@ In another root shell, put a shell into the example "web" cgroup and try it:
   python3 -m http.server 8080 --bind 0.0.0.0     # allowed
   python3 -m http.server 8081                    # Permission denied, and an event
 
-Stop with Ctrl-C.
+Stop with Ctrl-C (the demo pins nothing: enforcement stops with the agent).
 MSG
-exec ./target/release/portguard run --policy examples/policy.yaml "$@"
+exec ./target/release/portguard run --policy examples/policy.yaml --pin-dir none "$@"

@@ -179,6 +179,14 @@ pub struct RunArgs {
     #[arg(long, value_name = "DIR|none", default_value = crate::pins::DEFAULT_PIN_DIR, value_parser = parse_pin_dir)]
     pub pin_dir: PinDirArg,
 
+    /// When a policy cannot be applied (a map is full, a cgroup is deeper
+    /// than the kernel walks, a map write fails), deny every bind in the
+    /// cgroups it governs (stand-in policies named `portguard:fail-closed:
+    /// NAME`) instead of keeping the previous policy in force, or, at start,
+    /// exiting with an error. Invalid policy files are still rejected whole.
+    #[arg(long)]
+    pub fail_closed: bool,
+
     /// Load this kernel object instead of the built-in one (testing
     /// upgrades over pinned state).
     #[arg(long, value_name = "FILE", hide = true)]
@@ -314,6 +322,7 @@ impl Cli {
                     stop_after: None,
                     pin_dir: a.pin_dir.0,
                     kernel_object: a.kernel_object,
+                    fail_closed: a.fail_closed,
                 })?;
                 Ok(ExitCode::SUCCESS)
             }

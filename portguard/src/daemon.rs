@@ -88,7 +88,14 @@ pub struct RunOptions {
     pub pin_dir: Option<PathBuf>,
     /// Load this kernel object instead of the built-in one (upgrade tests).
     pub kernel_object: Option<PathBuf>,
+    /// When a policy cannot be applied (maps full, a cgroup too deep, a map
+    /// write failing), deny every bind in the cgroups it governs instead of
+    /// keeping the previous policy (or, at start, exiting).
+    pub fail_closed: bool,
 }
+
+/// Prefix of the stand-in policies `--fail-closed` applies.
+pub const FAIL_CLOSED: &str = "portguard:fail-closed";
 
 /// Name of the built-in policy holding pod cgroups the runtime has not
 /// identified yet (see `Agent::identifying_policy`).
@@ -98,8 +105,10 @@ pub const IDENTIFYING: &str = "portguard:identifying";
 /// lost-report intervals, if longer).
 const HEALTH_STALE_AFTER: Duration = Duration::from_secs(30);
 
-/// Most ring-buffer records handled per turn of the main loop.
+/// Most ring-buffer records handled per turn of the main loop, and the
+/// longest a turn reads for: signals, reloads and timers wait at most that.
 const DRAIN_BATCH: usize = 4096;
+const DRAIN_BATCH_TIME: Duration = Duration::from_millis(5);
 
 /// Most kinds of decision the aggregator tracks at once.
 const AGGREGATE_KINDS: usize = 65536;
@@ -171,6 +180,8 @@ struct Agent {
     registry: Registry,
     names: PolicyNames,
     name_map_full: bool,
+    quiesce_warned: bool,
+    fail_closed: bool,
     /// The kernel's lost-event count already reported (at start: by the
     /// previous agent, when the counters were adopted).
     lost_seen: u64,
@@ -249,6 +260,48 @@ impl Agent {
             allow_sockets: Vec::new(),
             line: 0,
         })
+    }
+
+    /// `--fail-closed` stand-ins for `policies`: same selectors, every bind
+    /// denied, connects as the policy says. They need no port sets, so they
+    /// fit where the real ones did not (unless the cgroups themselves do not).
+    fn fail_closed_policies(policies: &[CompiledPolicy]) -> Vec<CompiledPolicy> {
+        let deny = Self::identifying_policy();
+        policies
+            .iter()
+            .map(|p| CompiledPolicy {
+                name: format!("{FAIL_CLOSED}:{}", p.name),
+                selector: p.selector.clone(),
+                mode: crate::policy::Mode::Enforce,
+                bind: deny.bind.clone(),
+                connect: None,
+                allow_sockets: 0,
+            })
+            .collect()
+    }
+
+    /// Apply the `--fail-closed` stand-ins after `err` kept `policies` out.
+    fn apply_fail_closed(
+        &mut self,
+        policies: &[CompiledPolicy],
+        err: &dyn std::fmt::Display,
+    ) -> anyhow::Result<ApplyReport> {
+        let fallback = Self::fail_closed_policies(policies);
+        let mut resolved = self.resolve(&fallback, true);
+        // Cgroups deeper than the kernel walks cannot be governed at all.
+        for govs in &mut resolved {
+            govs.retain(|g| g.level < portguard_common::MAX_CGROUP_DEPTH);
+        }
+        let report = self
+            .apply(fallback, resolved)
+            .context("--fail-closed: even denying every bind does not fit")?;
+        error!(
+            "daemon: FAIL-CLOSED: the policy could not be applied ({err}); every bind in the {} \
+             cgroups it governs is DENIED (policies `{FAIL_CLOSED}:<name>`) until a policy that \
+             fits is loaded",
+            report.cgroups
+        );
+        Ok(report)
     }
 
     /// Pod cgroups to hold in quarantine: unknown to the runtime, governed
@@ -418,6 +471,14 @@ impl Agent {
                 return Err(e);
             }
         };
+        if self.applier.quiesce_unavailable && !self.quiesce_warned {
+            self.quiesce_warned = true;
+            warn!(
+                "daemon: membarrier(MEMBARRIER_CMD_GLOBAL) is unavailable (nohz_full?): reloads \
+                 wait a fixed {} ms for running programs instead of an RCU grace period",
+                crate::rules_map::GRACE.as_millis()
+            );
+        }
         for g in &quarantine {
             if !self.quarantine.iter().any(|q| q.id == g.id) {
                 let age = self.last_cgroup_event.map(|t| t.elapsed());
@@ -751,6 +812,24 @@ impl Agent {
                 });
                 release_free_memory();
             }
+            Err(e)
+                if self
+                    .policies
+                    .iter()
+                    .any(|p| p.name.starts_with(FAIL_CLOSED)) =>
+            {
+                error!("daemon: reload on {why} could not be applied: {e:#}");
+                let status = format!(
+                    "reload failed; FAIL-CLOSED: binds denied in the cgroups of {} policies",
+                    self.policies.len()
+                );
+                sd_notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+                self.health.set_ready(&status);
+                self.shared.update(|f| {
+                    f.reloads_failed += 1;
+                    f.status.clone_from(&status);
+                });
+            }
             Err(e) => {
                 error!(
                     "daemon: reload on {why} rejected; the previous policy stays in force: {e:#}"
@@ -793,7 +872,17 @@ impl Agent {
         let compiled = started.elapsed();
         let resolved = self.resolve(&policies, how == Reparse::Unchanged);
         let resolved_at = started.elapsed();
-        let report = self.apply(policies, resolved)?;
+        let report = match self.apply(policies.clone(), resolved) {
+            Ok(r) => r,
+            Err(e) if self.fail_closed => {
+                self.apply_fail_closed(&policies, &e)?;
+                self.parsed = Some(parsed);
+                return Err(anyhow::anyhow!(
+                    "{e}; --fail-closed: every bind in the cgroups the policy governs is denied"
+                ));
+            }
+            Err(e) => return Err(e.into()),
+        };
         debug!(
             "daemon: reload phases ({how:?}): parse {:?}, compile {:?}, resolve {:?}, apply {:?}",
             parse_done,
@@ -1285,6 +1374,8 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
         registry: Registry::default(),
         names: PolicyNames::default(),
         name_map_full: false,
+        quiesce_warned: false,
+        fail_closed: opts.fail_closed,
         lost_seen: 0,
         resolve_cache: FxHashMap::default(),
         tree: None,
@@ -1351,10 +1442,18 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
             .context("reading back the pinned policy maps")?;
     }
     let started = Instant::now();
-    let resolved = agent.resolve(&policies, true);
-    let report = agent
-        .apply(policies.clone(), resolved.clone())
-        .context("applying the policy to the kernel maps")?;
+    let mut resolved = agent.resolve(&policies, true);
+    let mut policies = policies;
+    let report = match agent.apply(policies.clone(), resolved.clone()) {
+        Ok(r) => r,
+        Err(e) if opts.fail_closed => {
+            let r = agent.apply_fail_closed(&policies, &e)?;
+            policies = agent.policies.clone();
+            resolved = agent.resolved.clone();
+            r
+        }
+        Err(e) => return Err(e).context("applying the policy to the kernel maps"),
+    };
     // Fill the standby generation too (with fresh maps nothing reads them
     // yet, so no grace period applies): reloads then only ever write what
     // changed.
@@ -1514,7 +1613,18 @@ async fn serve(
     let mut write_error_logged = false;
 
     let stop_at = opts.stop_after.map(|d| Instant::now() + d);
-    let status = format!("enforcing {} policies", agent.policies.len());
+    let status = if agent
+        .policies
+        .iter()
+        .any(|p| p.name.starts_with(FAIL_CLOSED))
+    {
+        format!(
+            "FAIL-CLOSED: the policy could not be applied; binds denied in {} policies' cgroups",
+            agent.policies.len()
+        )
+    } else {
+        format!("enforcing {} policies", agent.policies.len())
+    };
     sd_notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
     health.set_ready(&status);
     agent.shared.update(|f| f.status.clone_from(&status));
@@ -1541,31 +1651,7 @@ async fn serve(
             }
         };
         tokio::select! {
-            guard = rb.readable_mut() => {
-                let mut guard = guard.context("polling the ring buffer")?;
-                let (n, more) = drain_events(guard.get_inner_mut(), agent, &mut writer, &mut cri_link, &opts.cri_socket).await;
-                if !more {
-                    guard.clear_ready();
-                }
-                drop(guard);
-                if n > 0 {
-                    match writer.flush() {
-                        Ok(()) => write_error_logged = false,
-                        Err(e) if !write_error_logged => {
-                            error!("daemon: cannot write events: {e}; {} events dropped so far", writer.failed);
-                            write_error_logged = true;
-                        }
-                        Err(_) => {}
-                    }
-                }
-                if more {
-                    // The ring stays readable through a storm: let the
-                    // runtime poll its drivers (signals, timers, sockets)
-                    // before the next batch, or SIGTERM would wait for the
-                    // storm to end.
-                    tokio::task::yield_now().await;
-                }
-            }
+            biased;
             _ = hup.recv() => {
                 info!("daemon: SIGHUP: reloading {}", agent.policy_path.display());
                 agent.reload("SIGHUP");
@@ -1666,6 +1752,33 @@ async fn serve(
                     warn!("daemon: writing the version stamp: {e}");
                 }
             }
+            // Last, and `biased`: signals, timers and cgroup changes are
+            // never starved by a ring buffer that a storm keeps readable.
+            guard = rb.readable_mut() => {
+                let mut guard = guard.context("polling the ring buffer")?;
+                let (n, more) = drain_events(guard.get_inner_mut(), agent, &mut writer, &mut cri_link, &opts.cri_socket).await;
+                if !more {
+                    guard.clear_ready();
+                }
+                drop(guard);
+                if n > 0 {
+                    match writer.flush() {
+                        Ok(()) => write_error_logged = false,
+                        Err(e) if !write_error_logged => {
+                            error!("daemon: cannot write events: {e}; {} events dropped so far", writer.failed);
+                            write_error_logged = true;
+                        }
+                        Err(_) => {}
+                    }
+                }
+                if more {
+                    // The ring stays readable through a storm: let the
+                    // runtime poll its drivers (signals, timers, sockets)
+                    // before the next batch, or SIGTERM would wait for the
+                    // storm to end.
+                    tokio::task::yield_now().await;
+                }
+            }
         }
         if agent.verify_pending {
             agent.verify();
@@ -1753,8 +1866,11 @@ async fn drain_events(
 ) -> (usize, bool) {
     let mut records = Vec::new();
     let mut more = false;
+    let started = Instant::now();
     loop {
-        if records.len() >= DRAIN_BATCH {
+        if records.len() >= DRAIN_BATCH
+            || (records.len() % 64 == 63 && started.elapsed() >= DRAIN_BATCH_TIME)
+        {
             // A storm refills the ring as fast as it drains: write what we
             // have and come back (the ring stays readable), so that memory
             // stays bounded, lines keep flowing and the loop keeps turning.

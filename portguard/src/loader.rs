@@ -1058,4 +1058,21 @@ impl RuleSink for KernelMaps {
     fn put_state(&mut self, state: &State) -> Result<(), SinkError> {
         self.state.set(0, state, 0).map_err(map_err(MAP_STATE))
     }
+
+    /// `membarrier(MEMBARRIER_CMD_GLOBAL)` is `synchronize_rcu()`: cgroup
+    /// programs run under `rcu_read_lock()`, so when it returns every
+    /// program that started before has finished, even one preempted for a
+    /// long time on a busy host.
+    fn wait_for_readers(&mut self) -> bool {
+        const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+        // SAFETY: membarrier takes no pointers.
+        let r = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
+        if r != 0 {
+            debug!(
+                "loader: membarrier(MEMBARRIER_CMD_GLOBAL): {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        r == 0
+    }
 }

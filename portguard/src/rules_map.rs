@@ -9,9 +9,11 @@
 //! An apply:
 //! 1. plans every record, set and cgroup entry and checks capacity before
 //!    writing anything (a full map is an error naming the flag to raise);
-//! 2. waits until [`GRACE`] has passed since the previous flip, so no
-//!    program still running on the generation about to be reused can see it
-//!    change under it;
+//! 2. waits until no program can still be running on the generation about
+//!    to be reused: [`RuleSink::wait_for_readers`] (an RCU grace period:
+//!    cgroup programs run inside an RCU read-side section, so after one no
+//!    program that read the old `generation` is still running, however long
+//!    it was preempted), and at least [`GRACE`] since the previous flip;
 //! 3. brings the dead generation from what it holds (the policy before the
 //!    live one) to the new policy, writing only the difference: cgroup entries
 //!    and records that are already right are left alone, so a reload that
@@ -131,6 +133,11 @@ pub trait RuleSink {
     fn put_cgroup(&mut self, key: CgroupKey, value: CgroupValue) -> Result<(), SinkError>;
     fn del_cgroup(&mut self, key: CgroupKey) -> Result<(), SinkError>;
     fn put_state(&mut self, state: &State) -> Result<(), SinkError>;
+    /// Return once every program that was running when called has finished
+    /// (false: cannot tell; the applier then relies on [`GRACE`] alone).
+    fn wait_for_readers(&mut self) -> bool {
+        false
+    }
 }
 
 struct SetEntry {
@@ -170,6 +177,10 @@ pub struct Applier {
     /// Record slot of each policy id; stable while the policy exists.
     slots: HashMap<u32, u32>,
     last_flip: Option<Instant>,
+    /// An RCU grace period has passed since `last_flip`.
+    readers_quiesced: bool,
+    /// The sink could not wait for readers (reported once by the agent).
+    pub quiesce_unavailable: bool,
 }
 
 impl Applier {
@@ -186,6 +197,8 @@ impl Applier {
             next_set_id: EMPTY_SET + 1,
             slots: HashMap::default(),
             last_flip: None,
+            readers_quiesced: false,
+            quiesce_unavailable: false,
         }
     }
 
@@ -463,12 +476,19 @@ impl Applier {
             });
         }
 
-        // 2. Grace period since the last flip.
+        // 2. Grace period since the last flip: every program that could have
+        // read the retired generation has finished.
         if let Some(t) = self.last_flip {
             let since = t.elapsed();
             if since < GRACE {
                 std::thread::sleep(GRACE - since);
             }
+            if !self.readers_quiesced && !sink.wait_for_readers() {
+                // No RCU barrier here: GRACE alone (a program preempted for
+                // longer could still see the generation change).
+                self.quiesce_unavailable = true;
+            }
+            self.readers_quiesced = true;
         }
 
         // 3. Bring the dead generation to the plan, writing only differences.
@@ -551,6 +571,7 @@ impl Applier {
         sink.put_state(&state)?;
         self.state = state;
         self.last_flip = Some(Instant::now());
+        self.readers_quiesced = false;
         self.slots = slots;
 
         Ok(ApplyReport {

@@ -114,6 +114,9 @@ fn help_explains_every_option() {
         "--log-max-files",
         "journald",
         "SIGHUP",
+        "--pin-dir",
+        "--fail-closed",
+        "uninstall",
     ] {
         assert!(run.contains(opt), "run --help lacks {opt}:\n{run}");
     }
@@ -138,6 +141,7 @@ fn help_explains_every_option() {
             "learn",
             &["--cgroup", "--pods", "--unit", "--duration", "--out"][..],
         ),
+        ("uninstall", &["--pin-dir", "--dry-run"][..]),
     ] {
         let (code, help, _) = portguard(&[sub, "--help"]);
         assert_eq!(code, 0);
@@ -146,7 +150,10 @@ fn help_explains_every_option() {
         }
     }
     assert!(
-        out.contains("learn") && out.contains("status") && out.contains("events"),
+        out.contains("learn")
+            && out.contains("status")
+            && out.contains("events")
+            && out.contains("uninstall"),
         "{out}"
     );
     let (_, check, _) = portguard(&["check", "--help"]);

@@ -14,6 +14,8 @@
 //! - `reload`: tighten and loosen under a running workload, invalid reloads,
 //!   reload on file change.
 //! - `events`: every event field, and lost events counted and reported.
+//! - `hostile`: oversized and alias-bomb policies refused in bounded memory;
+//!   unprivileged users kept away from pins, socket and log.
 //! - `learn`: `portguard learn` writes a policy that allows exactly what it saw.
 //! - `metrics`: /metrics counters follow real decisions.
 //! - `pinning`: enforcement survives SIGKILL and upgrades (pinned programs,
@@ -33,6 +35,7 @@ mod connect;
 mod cri;
 mod deploy;
 mod events;
+mod hostile;
 mod learn;
 mod manifests;
 mod metrics;
