@@ -44,7 +44,7 @@ pub enum PinError {
          (enforcement then stops with the agent)"
     )]
     NotBpffs { path: PathBuf },
-    #[error("{what} {path}: {source}")]
+    #[error("{what} {path}")]
     Io {
         what: &'static str,
         path: PathBuf,

@@ -13,28 +13,26 @@ use std::{
 use portguard_tests::{Agent, Cgroup, Probe, agent_bin, require_root};
 
 /// Run `portguard ARGS` and return (exit code, output, peak RSS in KiB).
+/// Measured by a small Python parent: a child's `ru_maxrss` also counts the
+/// memory of whatever exec'd it, and this test process is large.
 fn portguard_rss(args: &[&str]) -> (i32, String, i64) {
-    let child = Command::new(agent_bin())
+    let script = "import resource, subprocess, sys\n\
+                  p = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n\
+                  sys.stdout.write(p.stdout + p.stderr)\n\
+                  print('MAXRSS', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n\
+                  sys.exit(p.returncode)\n";
+    let out = Command::new("python3")
+        .args(["-c", script])
+        .arg(agent_bin())
         .args(args)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
+        .output()
         .unwrap();
-    let pid = child.id() as i32;
-    let out = {
-        use std::io::Read as _;
-        let mut child = child;
-        let mut s = String::new();
-        child.stdout.take().unwrap().read_to_string(&mut s).unwrap();
-        child.stderr.take().unwrap().read_to_string(&mut s).unwrap();
-        s
-    };
-    let mut status = 0;
-    // SAFETY: an all-zero rusage is valid; wait4 on our own child.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
-    assert_eq!(r, pid, "wait4");
-    (libc::WEXITSTATUS(status), out, ru.ru_maxrss)
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let rss = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MAXRSS ")?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no MAXRSS in {text}"));
+    (out.status.code().unwrap_or(-1), text, rss)
 }
 
 /// A policy whose aliases expand ten levels deep (10^10 rules from 1 KiB).
