@@ -164,6 +164,42 @@ fn kill9_keeps_enforcing_and_the_restarted_agent_reads_the_gap() {
     assert!(gap_8081 > 0, "the looping process's gap denials are read");
 }
 
+/// With a ring buffer too small for what happens while no agent runs, the
+/// adopting agent reads what was queued and reports the rest as one `lost`
+/// line with the period (`since` = the previous agent's last sign of life,
+/// `until` = now): queued + lost = the denials made meanwhile, exactly. The
+/// line matches the published schema.
+#[test]
+fn events_dropped_while_no_agent_runs_are_reported_with_the_period() {
+    require_root!();
+    let cg = Cgroup::new("gaplost");
+    let small = ["--ring-buffer-size", "4096"];
+    let mut a = Agent::start_with(&policy(&cg), &small);
+    let dir = a.pin_dir.clone().unwrap();
+    a.kill9();
+    let killed = std::time::SystemTime::now();
+    let p = Probe::in_cgroup(&cg);
+    let gap = p.spawn_loop(&["bind", "udp", "127.0.0.1", "8083"], 300, 0);
+    let out = gap.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 300);
+    let b = Agent::start_with(
+        &policy(&cg),
+        &["--pin-dir", dir.to_str().unwrap(), small[0], small[1]],
+    );
+    let report = b.wait_event(&[("agent_restarted", json!(true))]);
+    let lost = report["lost"].as_u64().unwrap();
+    let read = b
+        .events_matching(&[("port", json!(8083))], Duration::from_millis(500))
+        .len() as u64;
+    assert!(lost > 0, "a 4 KiB ring cannot hold 300 events: {report}");
+    assert_eq!(read + lost, 300, "queued ({read}) + lost ({lost}) = denials: {report}");
+    let since = humantime::parse_rfc3339(report["since"].as_str().unwrap()).unwrap();
+    let until = humantime::parse_rfc3339(report["until"].as_str().unwrap()).unwrap();
+    assert!(since <= killed && killed <= until, "{report}");
+    let errors = portguard_tests::schema_errors(&[report]);
+    assert!(errors.is_empty(), "{errors:?}");
+}
+
 /// A restarted agent whose kernel object changed switches every pinned link
 /// to the new program in place, and one whose map sizes changed rebuilds
 /// the maps before switching, while a denied and an allowed bind loop run
