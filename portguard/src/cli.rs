@@ -279,8 +279,9 @@ pub struct LearnArgs {
 /// decision counters, governed cgroups with their pod, container or unit,
 /// events written, aggregated and lost, reloads and map occupancy.
 ///
-/// Asks the agent over its status socket (root only). Exits 1 if no agent
-/// answers.
+/// Asks the agent over its status socket (root only). When no agent
+/// answers but pinned state exists (--pin-dir), shows what the pinned
+/// programs still enforce, from the kernel maps. Exits 1 if neither.
 #[derive(Debug, Args)]
 pub struct StatusArgs {
     /// The agent's --status-socket.
@@ -289,6 +290,10 @@ pub struct StatusArgs {
     /// Print the agent's JSON document instead of tables.
     #[arg(long)]
     pub json: bool,
+    /// When no agent answers, read what is still enforced from the pinned
+    /// programs and maps in this directory (the agent's --pin-dir).
+    #[arg(long, value_name = "DIR", default_value = crate::pins::DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
 }
 
 impl Cli {
@@ -327,7 +332,15 @@ impl Cli {
                 Ok(ExitCode::SUCCESS)
             }
             Command::Status(a) => {
-                let doc = crate::status::fetch(&a.socket)?;
+                let doc = match crate::status::fetch(&a.socket) {
+                    Ok(doc) => doc,
+                    // No agent: say what the pinned programs still enforce.
+                    Err(e) if a.pin_dir.exists() => {
+                        eprintln!("portguard status: {e:#}; reading the pinned state instead");
+                        crate::status::pinned_document(&a.pin_dir)?
+                    }
+                    Err(e) => return Err(e),
+                };
                 if a.json {
                     println!("{}", serde_json::to_string_pretty(&doc)?);
                 } else {

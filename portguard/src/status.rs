@@ -169,6 +169,78 @@ fn workload(c: &Value) -> String {
     "-".into()
 }
 
+/// A status document from pinned state alone (no agent answers): what the
+/// kernel still enforces.
+pub fn pinned_document(pins: &Path) -> anyhow::Result<Value> {
+    let view = crate::loader::read_pinned(pins)
+        .map_err(|e| anyhow::anyhow!("reading the pinned state in {}: {e}", pins.display()))?;
+    let mut hierarchy = crate::cgroupfs::Hierarchy::discover().ok();
+    let mut path_of = |id: u64| -> String {
+        hierarchy
+            .as_mut()
+            .and_then(|h| h.path_of(id))
+            .unwrap_or_else(|| format!("cgroup id {id}"))
+    };
+    let attach: Vec<String> = {
+        let mut ids: Vec<u64> = view.links.iter().map(|l| l.3).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids.into_iter()
+            .map(|id| {
+                if id == 0 {
+                    "(defunct)".to_owned()
+                } else {
+                    path_of(id)
+                }
+            })
+            .collect()
+    };
+    let alive = view.stamp.map_or("-".to_owned(), |s| {
+        crate::events::format_time(std::time::UNIX_EPOCH + Duration::from_millis(s.alive_unix_ms))
+    });
+    let policies: Vec<Value> = view
+        .policies
+        .iter()
+        .map(|(id, name, mode, _slot, d)| {
+            let decisions: serde_json::Map<String, Value> = VERDICTS
+                .iter()
+                .zip(d)
+                .map(|(v, n)| ((*v).to_owned(), json!(n)))
+                .collect();
+            json!({
+                "name": name,
+                "mode": if *mode == portguard_common::MODE_AUDIT { "audit" } else { "enforce" },
+                "selector": "-",
+                "decisions": decisions,
+                "cgroups": view.cgroups.iter().filter(|(_, p)| p == id)
+                    .map(|(c, _)| json!({"path": path_of(*c), "cgroup_id": c}))
+                    .collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    Ok(json!({
+        "version": "-",
+        "host": crate::events::host_name(),
+        "pid": view.stamp.map_or(0, |s| s.pid),
+        "started": "-",
+        "status": format!(
+            "NO AGENT ANSWERS; the pinned programs in {} enforce the last policy applied \
+             (the agent was last alive at {alive})",
+            pins.display()
+        ),
+        "attach_cgroup": attach.join(", "),
+        "hooks": view.links.iter().map(|l| l.0.trim_start_matches("portguard_").to_owned()).collect::<Vec<_>>(),
+        "listen": "-",
+        "events": {"written": 0, "aggregated": 0, "lost": view.events_lost},
+        "reloads": {"ok": 0, "failed": 0},
+        "governed_cgroups": view.cgroups.len(),
+        "maps": [],
+        "policies": policies,
+        "kernel_error": null,
+        "agent_running": false,
+    }))
+}
+
 /// The human view of a status document.
 pub fn render(doc: &Value) -> String {
     let s = |v: &Value| v.as_str().unwrap_or("-").to_owned();

@@ -107,6 +107,35 @@ fn kill9_keeps_enforcing_and_the_restarted_agent_reads_the_gap() {
     assert_eq!(gap_results.len(), 50);
     assert_all(&gap_results, false, "binds while no agent runs");
 
+    // No agent: `portguard status` reads what the pinned maps enforce.
+    let out = Command::new(portguard_tests::agent_bin())
+        .args(["status", "--json", "--socket"])
+        .arg(a.status_socket())
+        .args(["--pin-dir", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["agent_running"], json!(false), "{doc}");
+    assert_eq!(doc["policies"][0]["name"], json!("pinned"), "{doc}");
+    assert_eq!(
+        doc["policies"][0]["cgroups"][0]["path"],
+        json!(cg.rel),
+        "{doc}"
+    );
+    assert!(
+        doc["policies"][0]["decisions"]["deny"].as_u64().unwrap() > 100,
+        "{doc}"
+    );
+    assert!(
+        doc["hooks"].as_array().unwrap().contains(&json!("bind4")),
+        "{doc}"
+    );
+
     let b = Agent::start_with(&policy(&cg), &["--pin-dir", dir.to_str().unwrap()]);
     let log = b.stderr();
     assert!(
@@ -192,7 +221,11 @@ fn events_dropped_while_no_agent_runs_are_reported_with_the_period() {
         .events_matching(&[("port", json!(8083))], Duration::from_millis(500))
         .len() as u64;
     assert!(lost > 0, "a 4 KiB ring cannot hold 300 events: {report}");
-    assert_eq!(read + lost, 300, "queued ({read}) + lost ({lost}) = denials: {report}");
+    assert_eq!(
+        read + lost,
+        300,
+        "queued ({read}) + lost ({lost}) = denials: {report}"
+    );
     let since = humantime::parse_rfc3339(report["since"].as_str().unwrap()).unwrap();
     let until = humantime::parse_rfc3339(report["until"].as_str().unwrap()).unwrap();
     assert!(since <= killed && killed <= until, "{report}");
