@@ -812,32 +812,26 @@ impl Agent {
                 });
                 release_free_memory();
             }
-            Err(e)
-                if self
+            Err(e) => {
+                let status = if self
                     .policies
                     .iter()
-                    .any(|p| p.name.starts_with(FAIL_CLOSED)) =>
-            {
-                error!("daemon: reload on {why} could not be applied: {e:#}");
-                let status = format!(
-                    "reload failed; FAIL-CLOSED: binds denied in the cgroups of {} policies",
-                    self.policies.len()
-                );
-                sd_notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
-                self.health.set_ready(&status);
-                self.shared.update(|f| {
-                    f.reloads_failed += 1;
-                    f.status.clone_from(&status);
-                });
-            }
-            Err(e) => {
-                error!(
-                    "daemon: reload on {why} rejected; the previous policy stays in force: {e:#}"
-                );
-                let status = format!(
-                    "reload failed; previous policy ({} policies) still enforced",
-                    self.policies.len()
-                );
+                    .any(|p| p.name.starts_with(FAIL_CLOSED))
+                {
+                    error!("daemon: reload on {why} could not be applied: {e:#}");
+                    format!(
+                        "reload failed; FAIL-CLOSED: binds denied in the cgroups of {} policies",
+                        self.policies.len()
+                    )
+                } else {
+                    error!(
+                        "daemon: reload on {why} rejected; the previous policy stays in force: {e:#}"
+                    );
+                    format!(
+                        "reload failed; previous policy ({} policies) still enforced",
+                        self.policies.len()
+                    )
+                };
                 sd_notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
                 self.health.set_ready(&status);
                 self.shared.update(|f| {

@@ -18,6 +18,15 @@ use crate::metrics::{KernelReading, Shared, VERDICTS};
 
 pub const DEFAULT_SOCKET: &str = "/run/portguard/status.sock";
 
+/// Kernel decision counts by verdict name.
+fn decisions_json(d: &crate::loader::Decisions) -> serde_json::Map<String, Value> {
+    VERDICTS
+        .iter()
+        .zip(d)
+        .map(|(v, n)| ((*v).to_owned(), json!(n)))
+        .collect()
+}
+
 /// The status document for the agent's current facts and counters.
 pub fn document(shared: &Shared) -> Value {
     let facts = shared.facts();
@@ -31,12 +40,7 @@ pub fn document(shared: &Shared) -> Value {
         .iter()
         .enumerate()
         .map(|(i, p)| {
-            let d = kernel.by_policy.get(i).copied().unwrap_or_default();
-            let decisions: serde_json::Map<String, Value> = VERDICTS
-                .iter()
-                .zip(d)
-                .map(|(v, n)| ((*v).to_owned(), json!(n)))
-                .collect();
+            let decisions = decisions_json(&kernel.by_policy.get(i).copied().unwrap_or_default());
             json!({
                 "name": p.name,
                 "mode": p.mode,
@@ -202,16 +206,11 @@ pub fn pinned_document(pins: &Path) -> anyhow::Result<Value> {
         .policies
         .iter()
         .map(|(id, name, mode, _slot, d)| {
-            let decisions: serde_json::Map<String, Value> = VERDICTS
-                .iter()
-                .zip(d)
-                .map(|(v, n)| ((*v).to_owned(), json!(n)))
-                .collect();
             json!({
                 "name": name,
                 "mode": if *mode == portguard_common::MODE_AUDIT { "audit" } else { "enforce" },
                 "selector": "-",
-                "decisions": decisions,
+                "decisions": decisions_json(d),
                 "cgroups": view.cgroups.iter().filter(|(_, p)| p == id)
                     .map(|(c, _)| json!({"path": path_of(*c), "cgroup_id": c}))
                     .collect::<Vec<_>>(),
