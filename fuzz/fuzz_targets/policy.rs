@@ -13,7 +13,7 @@ use std::collections::HashMap;
 
 use libfuzzer_sys::fuzz_target;
 use portguard::{
-    policy::{compile_all, parse_policy_text, reparse_policy_text},
+    policy::{apply_reserved, compile_all, parse_policy_text, reparse_policy_text},
     rules_map::{Applier, Capacity, ResolvedCgroup, RuleSink, SinkError, Target},
 };
 use portguard_common::{
@@ -85,7 +85,8 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let policies = &parsed.file.policies;
-    let compiled = compile_all(policies);
+    let mut compiled = compile_all(policies);
+    apply_reserved(&mut compiled, &parsed.file.reserved);
     assert_eq!(compiled.len(), policies.len());
     let caps = Capacity {
         cgroups: 64,

@@ -39,6 +39,35 @@ pub fn check(path: &Path, hierarchy: Option<&Hierarchy>) -> Result<CheckReport, 
     };
     let mut warnings = Vec::new();
     for (i, p) in file.policies.iter().enumerate() {
+        // A reserved port the policy allows: the kernel denies it anyway.
+        if let Some(allowed) = crate::policy::bind_ports(p) {
+            let clash = allowed.intersection(&file.reserved);
+            if !clash.is_empty() {
+                let list: Vec<String> = clash
+                    .ranges()
+                    .iter()
+                    .take(8)
+                    .map(|&(a, b)| {
+                        if a == b {
+                            a.to_string()
+                        } else {
+                            format!("{a}-{b}")
+                        }
+                    })
+                    .collect();
+                warnings.push(Diagnostic {
+                    line: p.line,
+                    column: 1,
+                    field: format!("policies[{i}].bind"),
+                    message: format!(
+                        "policy `{}` allows reserved port(s) {}: the kernel denies them to every \
+                         governed workload (see `reserved:`)",
+                        p.name,
+                        list.join(", ")
+                    ),
+                });
+            }
+        }
         let field = format!("policies[{i}].cgroup");
         let Some(cgroup) = p.selector.cgroup_path() else {
             continue;

@@ -857,10 +857,17 @@ impl Agent {
             // Reuse the compiled form of every untouched policy.
             Reparse::Entry { index } if self.policies.len() == parsed.file.policies.len() => {
                 let mut p = self.policies.clone();
-                p[index] = compile(&parsed.file.policies[index]);
+                let mut one = [compile(&parsed.file.policies[index])];
+                crate::policy::apply_reserved(&mut one, &parsed.file.reserved);
+                let [one] = one;
+                p[index] = one;
                 p
             }
-            _ => compile_all(&parsed.file.policies),
+            _ => {
+                let mut p = compile_all(&parsed.file.policies);
+                crate::policy::apply_reserved(&mut p, &parsed.file.reserved);
+                p
+            }
         };
         check_scope(&policies, &self.attach_cgroup)?;
         let compiled = started.elapsed();
@@ -908,7 +915,8 @@ impl Agent {
                     "daemon: the incremental reload disagreed with a full parse of {}; applying the full parse",
                     self.policy_path.display()
                 );
-                let policies = compile_all(&full.file.policies);
+                let mut policies = compile_all(&full.file.policies);
+                crate::policy::apply_reserved(&mut policies, &full.file.reserved);
                 let resolved = self.resolve(&policies, true);
                 match self.apply(policies, resolved) {
                     Ok(_) => self.parsed = Some(full),
@@ -930,13 +938,15 @@ impl Agent {
         if name == IDENTIFYING {
             return Some(IDENTIFYING.to_owned());
         }
-        let policy = self
-            .parsed
-            .as_ref()?
-            .file
-            .policies
-            .iter()
-            .find(|p| p.name == name)?;
+        let file = &self.parsed.as_ref()?.file;
+        let policy = file.policies.iter().find(|p| p.name == name)?;
+        if rec.verdict != "allow"
+            && rec.hook.contains("bind")
+            && file.reserved.contains(rec.port)
+            && crate::policy::bind_ports(policy).is_none_or(|b| b.contains(rec.port))
+        {
+            return Some("reserved".to_owned());
+        }
         Some(crate::policy::explain::deciding_rule(policy, &rec.judged()))
     }
 
@@ -1247,7 +1257,8 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
             diagnostics,
         }
     })?;
-    let policies = compile_all(&parsed.file.policies);
+    let mut policies = compile_all(&parsed.file.policies);
+    crate::policy::apply_reserved(&mut policies, &parsed.file.reserved);
     check_scope(&policies, &opts.attach_cgroup)?;
     let hierarchy = match &opts.cgroup_root {
         Some(root) => Hierarchy::at(root.clone()).context("--cgroup-root")?,
@@ -1437,7 +1448,6 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
     }
     let started = Instant::now();
     let mut resolved = agent.resolve(&policies, true);
-    let mut policies = policies;
     let report = match agent.apply(policies.clone(), resolved.clone()) {
         Ok(r) => r,
         Err(e) if opts.fail_closed => {

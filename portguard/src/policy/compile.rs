@@ -128,6 +128,48 @@ pub fn compile_all(policies: &[Policy]) -> Vec<CompiledPolicy> {
         .collect()
 }
 
+/// Take the file's `reserved:` ports out of every policy's bind sets; a
+/// policy without `bind:` gets every port but those. The kernel then denies
+/// reserved ports to every governed workload, whatever its policy allows
+/// (an `audit` policy reports them instead). Shared sets stay shared.
+pub fn apply_reserved(policies: &mut [CompiledPolicy], reserved: &PortSet) {
+    if reserved.is_empty() {
+        return;
+    }
+    let all = PortSet::from_ranges([(0, 65535)]).difference(reserved);
+    let all_but = DirectionSets(Arc::new(std::array::from_fn(|_| all.clone())));
+    let mut memo: FxHashMap<usize, DirectionSets> = FxHashMap::default();
+    for p in policies {
+        p.bind = Some(match &p.bind {
+            None => all_but.clone(),
+            Some(d) => memo
+                .entry(Arc::as_ptr(&d.0) as usize)
+                .or_insert_with(|| {
+                    DirectionSets(Arc::new(std::array::from_fn(|i| {
+                        d.0[i].difference(reserved)
+                    })))
+                })
+                .clone(),
+        });
+    }
+}
+
+/// Every port a policy's bind rules allow (any protocol, family, address).
+pub fn bind_ports(policy: &Policy) -> Option<PortSet> {
+    let rules = policy.bind.as_deref()?;
+    let mut set = PortSet::default();
+    for r in rules {
+        for p in &r.ports {
+            match *p {
+                PortSpec::Port(n) => set.insert(n),
+                PortSpec::Range(a, b) => set.insert_range(a, b),
+                PortSpec::Ephemeral => {}
+            }
+        }
+    }
+    Some(set)
+}
+
 /// How the kernel programs see a local address: the family it is judged as
 /// (an IPv4-mapped IPv6 address is IPv4), loopback or not, and whether it is
 /// the IPv6 unspecified address (dual-stack unless IPV6_V6ONLY).
@@ -201,6 +243,43 @@ impl DirectionSets {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn reserved_ports_leave_every_bind_set() {
+        use super::super::parse_policy_str;
+        let f = parse_policy_str(
+            "reserved: [22, \"10250-10259\"]\npolicies:\n  - {name: a, cgroup: /a, bind: [{ports: [22, 80, \"10000-10300\"]}]}\n  - {name: b, cgroup: /b, connect: [{ports: [22]}]}\n",
+        )
+        .unwrap();
+        let mut c = compile_all(&f.policies);
+        apply_reserved(&mut c, &f.reserved);
+        let any = |p: &CompiledPolicy, port: u16| {
+            let b = p.bind.as_ref().unwrap();
+            b.0.iter().all(|s| s.contains(port))
+        };
+        let none = |p: &CompiledPolicy, port: u16| {
+            let b = p.bind.as_ref().unwrap();
+            b.0.iter().all(|s| !s.contains(port))
+        };
+        assert!(any(&c[0], 80) && any(&c[0], 10249) && any(&c[0], 10260));
+        assert!(none(&c[0], 22) && none(&c[0], 10250) && none(&c[0], 10259));
+        // No `bind:` key: every port but the reserved ones (and port 0).
+        assert!(any(&c[1], 0) && any(&c[1], 80) && any(&c[1], 65535));
+        assert!(none(&c[1], 22) && none(&c[1], 10255));
+        // Connect rules are untouched.
+        assert!(
+            c[1].connect
+                .as_ref()
+                .unwrap()
+                .0
+                .iter()
+                .all(|s| s.contains(22))
+        );
+        // Nothing reserved: nothing changes.
+        let mut d = compile_all(&f.policies);
+        apply_reserved(&mut d, &PortSet::default());
+        assert!(d[1].bind.is_none());
+    }
+
     use super::*;
     use crate::policy::parse_policy_str;
 

@@ -49,7 +49,10 @@ pub mod yaml;
 
 use std::{fmt, path::PathBuf};
 
-pub use compile::{AddrView, CompiledPolicy, DirectionSets, classify, compile, compile_all};
+pub use compile::{
+    AddrView, CompiledPolicy, DirectionSets, apply_reserved, bind_ports, classify, compile,
+    compile_all,
+};
 pub use parse::{
     ParsedPolicy, Reparse, normalize_cgroup, parse_policy_file, parse_policy_str,
     parse_policy_text, read_policy_file, reparse_policy_text,
@@ -60,7 +63,24 @@ pub use portset::PortSet;
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PolicyFile {
     pub policies: Vec<Policy>,
+    /// `reserved:` ports no governed workload may bind, whatever its policy
+    /// says (see [`compile::apply_reserved`]). Empty without the key.
+    pub reserved: PortSet,
 }
+
+/// The built-in infrastructure ports `reserved: [infrastructure]` stands
+/// for: SSH, etcd client and peer, the Kubernetes API server, the kubelet
+/// (and its read-only port), kube-proxy's health port, the controller
+/// manager, the scheduler and the Prometheus node exporter.
+pub const INFRASTRUCTURE_PORTS: &[(u16, u16)] = &[
+    (22, 22),
+    (2379, 2380),
+    (6443, 6443),
+    (9100, 9100),
+    (10250, 10250),
+    (10255, 10257),
+    (10259, 10259),
+];
 
 /// Which cgroups a policy governs: exactly one kind per policy.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

@@ -6,8 +6,8 @@ use std::{collections::HashMap, path::Path};
 use portguard_common::MAX_CGROUP_DEPTH;
 
 use super::{
-    AddressSel, Diagnostic, FamilySel, Mode, PodSelector, Policy, PolicyError, PolicyFile,
-    PortSpec, ProtocolSel, Rule, Selector, SocketKind,
+    AddressSel, Diagnostic, FamilySel, INFRASTRUCTURE_PORTS, Mode, PodSelector, Policy,
+    PolicyError, PolicyFile, PortSet, PortSpec, ProtocolSel, Rule, Selector, SocketKind,
     yaml::{self, Kind, Node},
 };
 
@@ -319,7 +319,7 @@ struct Cx {
     diags: Vec<Diagnostic>,
 }
 
-const TOP_KEYS: &[&str] = &["policies"];
+const TOP_KEYS: &[&str] = &["policies", "reserved"];
 const POLICY_KEYS: &[&str] = &[
     "name",
     "cgroup",
@@ -425,6 +425,9 @@ impl Cx {
         let Some(entries) = self.mapping(root, "", TOP_KEYS) else {
             return (file, positions);
         };
+        if let Some((_, _, node)) = entries.iter().find(|(k, _, _)| *k == "reserved") {
+            file.reserved = self.reserved(node);
+        }
         let Some((_, _, list)) = entries.iter().find(|(k, _, _)| *k == "policies") else {
             self.err(root, "", "missing key `policies` (a list of policies)");
             return (file, positions);
@@ -807,6 +810,44 @@ impl Cx {
         (self.diags.len() == before).then_some(rule)
     }
 
+    /// `reserved: [infrastructure, 7000, "8000-8099"]`.
+    fn reserved(&mut self, node: &Node) -> PortSet {
+        let mut set = PortSet::default();
+        let Kind::Seq(items) = &node.kind else {
+            self.err(
+                node,
+                "reserved",
+                format!(
+                    "expected a list of ports, ranges or `infrastructure`, e.g. \
+                     [infrastructure, 7000], found {}",
+                    node.type_name()
+                ),
+            );
+            return set;
+        };
+        for (i, item) in items.iter().enumerate() {
+            let f = format!("reserved[{i}]");
+            if matches!(&item.kind, Kind::Scalar { text, plain: true } if text == "infrastructure")
+            {
+                for &(a, b) in INFRASTRUCTURE_PORTS {
+                    set.insert_range(a, b);
+                }
+                continue;
+            }
+            match parse_port_item(item) {
+                Ok(PortSpec::Port(p)) => set.insert(p),
+                Ok(PortSpec::Range(a, b)) => set.insert_range(a, b),
+                Ok(PortSpec::Ephemeral) => self.err(
+                    item,
+                    &f,
+                    "`ephemeral` cannot be reserved (kernel-chosen ports are not planned)",
+                ),
+                Err(msg) => self.err(item, &f, msg),
+            }
+        }
+        set
+    }
+
     fn ports(&mut self, node: &Node, field: &str, dir: Dir) -> Vec<PortSpec> {
         let Kind::Seq(items) = &node.kind else {
             self.err(
@@ -958,6 +999,31 @@ mod tests {
 
     fn errs(text: &str) -> Vec<Diagnostic> {
         parse_policy_str(text).expect_err("expected errors")
+    }
+
+    #[test]
+    fn reserved_ports_and_the_infrastructure_list() {
+        let f = ok("reserved: [infrastructure, 7000, \"8000-8009\"]\npolicies: []\n");
+        for p in [
+            22, 2379, 2380, 6443, 9100, 10250, 10255, 10256, 10257, 10259, 7000, 8005,
+        ] {
+            assert!(f.reserved.contains(p), "{p}");
+        }
+        for p in [21, 2378, 2381, 10258, 7001, 8010] {
+            assert!(!f.reserved.contains(p), "{p}");
+        }
+        // Overriding the built-in list: just do not name it.
+        let f = ok("reserved: [7000]\npolicies: []\n");
+        assert!(f.reserved.contains(7000) && !f.reserved.contains(22));
+        assert!(ok("policies: []\n").reserved.is_empty());
+        let d = errs("reserved: [ephemeral, 0, kubelet]\npolicies: []\n");
+        assert_eq!(d.len(), 3, "{d:#?}");
+        assert!(d.iter().all(|x| x.field.starts_with("reserved[")), "{d:#?}");
+        assert!(
+            errs("reserved: 22\npolicies: []\n")[0]
+                .message
+                .contains("infrastructure")
+        );
     }
 
     const ISSUE_EXAMPLE: &str = r#"

@@ -80,6 +80,37 @@ impl PortSet {
             .sum()
     }
 
+    /// The ports of `self` not in `other`.
+    pub fn difference(&self, other: &Self) -> Self {
+        let mut out = Vec::new();
+        for &(lo, hi) in &self.ranges {
+            let mut start = u32::from(lo);
+            let end = u32::from(hi);
+            for &(olo, ohi) in &other.ranges {
+                let (olo, ohi) = (u32::from(olo), u32::from(ohi));
+                if ohi < start || olo > end {
+                    continue;
+                }
+                if olo > start {
+                    out.push((start as u16, (olo - 1) as u16));
+                }
+                start = ohi + 1;
+                if start > end {
+                    break;
+                }
+            }
+            if start <= end {
+                out.push((start as u16, end as u16));
+            }
+        }
+        Self::from_ranges(out)
+    }
+
+    /// The ports in both.
+    pub fn intersection(&self, other: &Self) -> Self {
+        self.difference(&self.difference(other))
+    }
+
     /// Non-empty 512-port chunks, as the kernel stores them, by chunk index.
     pub fn chunks(&self) -> Vec<(u32, PortChunk)> {
         let mut chunks: BTreeMap<u32, PortChunk> = BTreeMap::new();
@@ -141,6 +172,27 @@ mod tests {
         t.insert(65535);
         t.insert_range(0, 0);
         assert_eq!(t.ranges(), &[(0, 0), (65535, 65535)]);
+    }
+
+    #[test]
+    fn difference_and_intersection() {
+        let a = PortSet::from_ranges([(0, 100), (200, 300), (65535, 65535)]);
+        let b = PortSet::from_ranges([(0, 0), (50, 60), (250, 400), (65535, 65535)]);
+        assert_eq!(a.difference(&b).ranges(), &[(1, 49), (61, 100), (200, 249)]);
+        assert_eq!(
+            a.intersection(&b).ranges(),
+            &[(0, 0), (50, 60), (250, 300), (65535, 65535)]
+        );
+        assert_eq!(a.difference(&PortSet::default()), a);
+        assert!(a.difference(&PortSet::from_ranges([(0, 65535)])).is_empty());
+        for p in [
+            0u16, 1, 49, 50, 61, 100, 199, 200, 249, 250, 300, 301, 65535,
+        ] {
+            assert_eq!(
+                a.difference(&b).contains(p),
+                a.contains(p) && !b.contains(p)
+            );
+        }
     }
 
     #[test]

@@ -18,6 +18,7 @@
 //!   unprivileged users kept away from pins, socket and log.
 //! - `learn`: `portguard learn` writes a policy that allows exactly what it saw.
 //! - `metrics`: /metrics counters follow real decisions.
+//! - `plan`: `reserved:` ports denied whatever a policy allows; `check` warns.
 //! - `pinning`: enforcement survives SIGKILL and upgrades (pinned programs,
 //!   links and maps, adopted without detaching); `uninstall`.
 //! - `cli`: `check`, `--help`, and `run` refusing bad input.
@@ -40,6 +41,7 @@ mod learn;
 mod manifests;
 mod metrics;
 mod pinning;
+mod plan;
 mod reload;
 mod status;
 mod units;
