@@ -66,6 +66,9 @@ pub struct PolicyFile {
     /// `reserved:` ports no governed workload may bind, whatever its policy
     /// says (see [`compile::apply_reserved`]). Empty without the key.
     pub reserved: PortSet,
+    /// `ranges:` named port ranges (`app: "3000-3999"`), usable by name in
+    /// `ports:` and `reserved:` lists.
+    pub ranges: std::collections::BTreeMap<String, (u16, u16)>,
 }
 
 /// The built-in infrastructure ports `reserved: [infrastructure]` stands

@@ -269,7 +269,10 @@ fn reparse_entry(
     }) {
         return None;
     }
-    let mut cx = Cx::default();
+    let mut cx = Cx {
+        ranges: prev.file.ranges.clone(),
+        ..Cx::default()
+    };
     let policy = cx.policy(&node, &format!("policies[{k}]"));
     if !cx.diags.is_empty() {
         cx.diags.sort_by_key(|d| (d.line, d.column));
@@ -317,9 +320,11 @@ fn reparse_entry(
 #[derive(Default)]
 struct Cx {
     diags: Vec<Diagnostic>,
+    /// The file's named ranges, known before any port list is read.
+    ranges: std::collections::BTreeMap<String, (u16, u16)>,
 }
 
-const TOP_KEYS: &[&str] = &["policies", "reserved"];
+const TOP_KEYS: &[&str] = &["policies", "ranges", "reserved"];
 const POLICY_KEYS: &[&str] = &[
     "name",
     "cgroup",
@@ -425,6 +430,10 @@ impl Cx {
         let Some(entries) = self.mapping(root, "", TOP_KEYS) else {
             return (file, positions);
         };
+        if let Some((_, _, node)) = entries.iter().find(|(k, _, _)| *k == "ranges") {
+            self.named_ranges(node);
+            file.ranges = self.ranges.clone();
+        }
         if let Some((_, _, node)) = entries.iter().find(|(k, _, _)| *k == "reserved") {
             file.reserved = self.reserved(node);
         }
@@ -810,6 +819,54 @@ impl Cx {
         (self.diags.len() == before).then_some(rule)
     }
 
+    /// `ranges: {app: "3000-3999", db: "4000-4999", admin: 9000}`.
+    fn named_ranges(&mut self, node: &Node) {
+        let Kind::Map(entries) = &node.kind else {
+            self.err(
+                node,
+                "ranges",
+                format!(
+                    "expected a mapping of names to port ranges, e.g. {{app: \"3000-3999\"}}, \
+                     found {}",
+                    node.type_name()
+                ),
+            );
+            return;
+        };
+        for (k, v) in entries {
+            let Kind::Scalar { text: name, .. } = &k.kind else {
+                self.err(k, "ranges", "a range name must be a string");
+                continue;
+            };
+            let f = join("ranges", name);
+            let valid = name.starts_with(|c: char| c.is_ascii_alphabetic())
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+            if !valid || matches!(name.as_str(), "ephemeral" | "infrastructure") {
+                self.err(
+                    k,
+                    &f,
+                    format!(
+                        "`{name}` cannot name a range: use a letter then letters, digits, `-` or \
+                         `_` (not `ephemeral` or `infrastructure`)"
+                    ),
+                );
+                continue;
+            }
+            match parse_port_item(v, &Default::default()) {
+                Ok(PortSpec::Port(p)) => {
+                    self.ranges.insert(name.clone(), (p, p));
+                }
+                Ok(PortSpec::Range(a, b)) => {
+                    self.ranges.insert(name.clone(), (a, b));
+                }
+                Ok(PortSpec::Ephemeral) => self.err(v, &f, "a named range cannot be `ephemeral`"),
+                Err(msg) => self.err(v, &f, msg),
+            }
+        }
+    }
+
     /// `reserved: [infrastructure, 7000, "8000-8099"]`.
     fn reserved(&mut self, node: &Node) -> PortSet {
         let mut set = PortSet::default();
@@ -834,7 +891,7 @@ impl Cx {
                 }
                 continue;
             }
-            match parse_port_item(item) {
+            match parse_port_item(item, &self.ranges) {
                 Ok(PortSpec::Port(p)) => set.insert(p),
                 Ok(PortSpec::Range(a, b)) => set.insert_range(a, b),
                 Ok(PortSpec::Ephemeral) => self.err(
@@ -871,7 +928,7 @@ impl Cx {
         let mut out = Vec::new();
         for (i, item) in items.iter().enumerate() {
             let f = format!("{field}[{i}]");
-            match parse_port_item(item) {
+            match parse_port_item(item, &self.ranges) {
                 Ok(PortSpec::Ephemeral) if dir == Dir::Connect => self.err(
                     item,
                     &f,
@@ -922,7 +979,10 @@ fn parse_port_number(s: &str) -> Result<u16, String> {
     }
 }
 
-fn parse_port_item(node: &Node) -> Result<PortSpec, String> {
+fn parse_port_item(
+    node: &Node,
+    ranges: &std::collections::BTreeMap<String, (u16, u16)>,
+) -> Result<PortSpec, String> {
     let Kind::Scalar { text, plain } = &node.kind else {
         return Err(format!(
             "expected a port, a range \"a-b\" or `ephemeral`, found {}",
@@ -932,6 +992,20 @@ fn parse_port_item(node: &Node) -> Result<PortSpec, String> {
     let t = text.trim();
     if t == "ephemeral" {
         return Ok(PortSpec::Ephemeral);
+    }
+    if t.starts_with(|c: char| c.is_ascii_alphabetic()) {
+        return match ranges.get(t) {
+            Some(&(a, b)) if a == b => Ok(PortSpec::Port(a)),
+            Some(&(a, b)) => Ok(PortSpec::Range(a, b)),
+            None if ranges.is_empty() => Err(format!(
+                "`{t}` is not a port, a range \"a-b\" or `ephemeral` (named ranges are defined \
+                 under the top-level `ranges:` key)"
+            )),
+            None => Err(format!(
+                "unknown range name `{t}` (defined: {})",
+                ranges.keys().cloned().collect::<Vec<_>>().join(", ")
+            )),
+        };
     }
     if *plain && node.is_null() {
         return Err("expected a port, found null".to_owned());
@@ -999,6 +1073,61 @@ mod tests {
 
     fn errs(text: &str) -> Vec<Diagnostic> {
         parse_policy_str(text).expect_err("expected errors")
+    }
+
+    #[test]
+    fn named_ranges_are_usable_in_rules_and_reserved() {
+        let f = ok(
+            "ranges: {app: \"3000-3999\", db: \"4000-4999\", admin: 9000}\nreserved: [db]\npolicies:\n  - {name: a, cgroup: /a, bind: [{ports: [app, admin, 8080]}]}\n",
+        );
+        let ports = &f.policies[0].bind.as_ref().unwrap()[0].ports;
+        assert_eq!(
+            ports,
+            &[
+                PortSpec::Range(3000, 3999),
+                PortSpec::Port(9000),
+                PortSpec::Port(8080)
+            ]
+        );
+        assert!(
+            f.reserved.contains(4000) && f.reserved.contains(4999) && !f.reserved.contains(3999)
+        );
+        assert_eq!(f.ranges.get("app"), Some(&(3000, 3999)));
+        // Order of the top-level keys does not matter.
+        let g =
+            ok("policies:\n  - {name: a, cgroup: /a, bind: [{ports: [app]}]}\nranges: {app: 7}\n");
+        assert_eq!(
+            g.policies[0].bind.as_ref().unwrap()[0].ports,
+            [PortSpec::Port(7)]
+        );
+        let d = errs(
+            "ranges: {app: \"4000-3000\", 9lives: 1, ephemeral: 2, ok: 5}\npolicies:\n  - {name: a, cgroup: /a, bind: [{ports: [web]}]}\n",
+        );
+        assert_eq!(d.len(), 4, "{d:#?}");
+        assert!(
+            d.iter()
+                .any(|x| x.field == "ranges.app" && x.message.contains("inverted"))
+        );
+        assert!(d.iter().any(|x| x.field == "ranges.9lives"));
+        assert!(d.iter().any(|x| x.field == "ranges.ephemeral"));
+        assert!(
+            d.iter()
+                .any(|x| x.message.contains("unknown range name `web` (defined: ok)"))
+        );
+    }
+
+    #[test]
+    fn an_entry_reparsed_alone_resolves_named_ranges() {
+        let a = "ranges: {app: \"3000-3999\", db: 5432}\npolicies:\n  - name: a\n    cgroup: /a\n    bind: [{ports: [app]}]\n  - name: b\n    cgroup: /b\n    bind: [{ports: [8080]}]\n";
+        let b = a.replace("ports: [8080]", "ports: [db, app]");
+        let prev = parse_policy_text(a.to_owned()).unwrap();
+        let (re, how) = reparse_policy_text(&prev, b.clone()).unwrap();
+        assert_eq!(how, Reparse::Entry { index: 1 });
+        assert_eq!(re.file, parse_policy_text(b).unwrap().file);
+        assert_eq!(
+            re.file.policies[1].bind.as_ref().unwrap()[0].ports,
+            [PortSpec::Port(5432), PortSpec::Range(3000, 3999)]
+        );
     }
 
     #[test]

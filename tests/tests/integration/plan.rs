@@ -1,4 +1,5 @@
-//! The port plan in the policy file: `reserved:` ports (the built-in
+//! The port plan in the policy file: named `ranges:` usable in rules, and
+//! `reserved:` ports (the built-in
 //! infrastructure list and the file's own) are denied by the kernel to every
 //! governed workload whatever its policy allows, and `check` warns about a
 //! policy that allows one.
@@ -14,7 +15,7 @@ fn reserved_ports_are_denied_whatever_the_policy_allows() {
     let api = Cgroup::new("reserved-api");
     let free = Cgroup::new("reserved-free");
     let text = format!(
-        "reserved: [infrastructure, 7000]\npolicies:\n  - {{name: api, cgroup: {}, bind: [{{ports: [8080, 7000, 10250]}}]}}\n  - {{name: free, cgroup: {}, connect: [{{ports: [443]}}]}}\n",
+        "ranges: {{app: \"3000-3099\", db: \"4000-4099\"}}\nreserved: [infrastructure, 7000, db]\npolicies:\n  - {{name: api, cgroup: {}, bind: [{{ports: [8080, app, 7000, 10250, 4001]}}]}}\n  - {{name: free, cgroup: {}, connect: [{{ports: [443]}}]}}\n",
         api.rel, free.rel
     );
     // `check` accepts the file and warns about `api`, with line and ports.
@@ -30,7 +31,7 @@ fn reserved_ports_are_denied_whatever_the_policy_allows() {
     assert!(out.status.success(), "{report}");
     assert!(
         report.contains(
-            ":3:1: warning: policies[0].bind: policy `api` allows reserved port(s) 7000, 10250"
+            ":4:1: warning: policies[0].bind: policy `api` allows reserved port(s) 4001, 7000, 10250"
         ),
         "{report}"
     );
@@ -39,6 +40,11 @@ fn reserved_ports_are_denied_whatever_the_policy_allows() {
     let agent = Agent::start(&text);
     let p = Probe::in_cgroup(&api);
     p.run(&["bind", "tcp", "127.0.0.1", "8080"]).assert_ok();
+    // A named range (`app`) in a rule.
+    p.run(&["bind", "tcp", "127.0.0.1", "3050"]).assert_ok();
+    p.run(&["bind", "tcp", "127.0.0.1", "3100"]).assert_eperm();
+    // A reserved named range (`db`), though the rule lists 4001.
+    p.run(&["bind", "tcp", "127.0.0.1", "4001"]).assert_eperm();
     // Allowed by the policy, reserved by the plan: denied, over IPv4, IPv6,
     // TCP and UDP, and from a forked child.
     p.run(&["bind", "tcp", "127.0.0.1", "7000"]).assert_eperm();
