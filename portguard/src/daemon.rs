@@ -280,6 +280,13 @@ impl Agent {
             .collect()
     }
 
+    /// The `--fail-closed` stand-ins are in force.
+    fn failed_closed(&self) -> bool {
+        self.policies
+            .iter()
+            .any(|p| p.name.starts_with(FAIL_CLOSED))
+    }
+
     /// Apply the `--fail-closed` stand-ins after `err` kept `policies` out.
     fn apply_fail_closed(
         &mut self,
@@ -813,11 +820,7 @@ impl Agent {
                 release_free_memory();
             }
             Err(e) => {
-                let status = if self
-                    .policies
-                    .iter()
-                    .any(|p| p.name.starts_with(FAIL_CLOSED))
-                {
+                let status = if self.failed_closed() {
                     error!("daemon: reload on {why} could not be applied: {e:#}");
                     format!(
                         "reload failed; FAIL-CLOSED: binds denied in the cgroups of {} policies",
@@ -948,6 +951,37 @@ impl Agent {
             return Some("reserved".to_owned());
         }
         Some(crate::policy::explain::deciding_rule(policy, &rec.judged()))
+    }
+
+    /// Decode and enrich one ring-buffer record (`from` says where it was
+    /// read, for the warning about a malformed one).
+    fn record_of(&mut self, bytes: &[u8], from: &str) -> Option<events::EventRecord> {
+        match events::decode(bytes) {
+            Ok(ev) => Some(events::enrich(
+                &ev,
+                &self.names,
+                &mut self.hierarchy,
+                &self.host,
+            )),
+            Err(e) => {
+                warn!("daemon: skipping a malformed event{from}: {e}");
+                None
+            }
+        }
+    }
+
+    /// Name the workload of each record, pass them through flood control
+    /// (with whatever aggregates expired) and write what comes out.
+    fn publish(&mut self, writer: &mut EventWriter, records: Vec<events::EventRecord>) {
+        let now = Instant::now();
+        let mut out = self.aggregator.expire(now);
+        for mut record in records {
+            if let Some(path) = &record.cgroup {
+                record.identity = events::WorkloadIdentity::of(path, self.cri.as_ref());
+            }
+            out.extend(self.aggregator.push(record, now));
+        }
+        self.write_records(writer, out);
     }
 
     /// Write event lines, each with its `rule`.
@@ -1617,11 +1651,7 @@ async fn serve(
     let mut write_error_logged = false;
 
     let stop_at = opts.stop_after.map(|d| Instant::now() + d);
-    let status = if agent
-        .policies
-        .iter()
-        .any(|p| p.name.starts_with(FAIL_CLOSED))
-    {
+    let status = if agent.failed_closed() {
         format!(
             "FAIL-CLOSED: the policy could not be applied; binds denied in {} policies' cgroups",
             agent.policies.len()
@@ -1884,15 +1914,7 @@ async fn drain_events(
         let Some(item) = rb.next() else {
             break;
         };
-        match events::decode(&item) {
-            Ok(ev) => records.push(events::enrich(
-                &ev,
-                &agent.names,
-                &mut agent.hierarchy,
-                &agent.host,
-            )),
-            Err(e) => warn!("daemon: skipping a malformed event: {e}"),
-        }
+        records.extend(agent.record_of(&item, ""));
     }
     // Name pods and containers the runtime's last snapshot does not know
     // yet (started since): ask it again, at most every 100 ms.
@@ -1916,15 +1938,7 @@ async fn drain_events(
         }
     }
     let n = records.len();
-    let now = Instant::now();
-    let mut out = agent.aggregator.expire(now);
-    for mut record in records {
-        if let Some(path) = &record.cgroup {
-            record.identity = events::WorkloadIdentity::of(path, agent.cri.as_ref());
-        }
-        out.extend(agent.aggregator.push(record, now));
-    }
-    agent.write_records(writer, out);
+    agent.publish(writer, records);
     (n, more)
 }
 
@@ -2015,26 +2029,10 @@ fn drain_replaced(
 ) -> usize {
     let mut records = Vec::new();
     while let Some(item) = rb.next() {
-        match events::decode(&item) {
-            Ok(ev) => records.push(events::enrich(
-                &ev,
-                &agent.names,
-                &mut agent.hierarchy,
-                &agent.host,
-            )),
-            Err(e) => warn!("daemon: skipping a malformed event from the replaced ring: {e}"),
-        }
+        records.extend(agent.record_of(&item, " from the replaced ring"));
     }
     let n = records.len();
-    let now = Instant::now();
-    let mut out = Vec::new();
-    for mut record in records {
-        if let Some(path) = &record.cgroup {
-            record.identity = events::WorkloadIdentity::of(path, agent.cri.as_ref());
-        }
-        out.extend(agent.aggregator.push(record, now));
-    }
-    agent.write_records(writer, out);
+    agent.publish(writer, records);
     n
 }
 

@@ -202,6 +202,12 @@ fn expected_attach_type(name: &str) -> u32 {
     }
 }
 
+/// The text of a [`PolicyName`] map value.
+fn name_text(n: &PolicyName) -> String {
+    let len = (n.len as usize).min(POLICY_NAME_MAX);
+    String::from_utf8_lossy(&n.bytes[..len]).into_owned()
+}
+
 /// Read the version stamp pinned at `path`.
 pub fn read_stamp(path: &Path) -> Option<AgentStamp> {
     let data = MapData::from_pin(path).ok()?;
@@ -399,7 +405,6 @@ impl Loaded {
             return Err(LoaderError::RingBufferSize { bytes: rb });
         }
         bump_memlock_rlimit();
-        let caps = opts.capacity;
         let v6only_bit = match ipv6only_bit_offset(Path::new(VMLINUX_BTF)) {
             Ok(bit) => {
                 debug!("loader: skc_ipv6only is bit {bit} of struct sock");
@@ -428,13 +433,18 @@ impl Loaded {
         let mut loader = EbpfLoader::new();
         loader
             .override_global(GLOBAL_V6ONLY_BIT, &v6only_bit, true)
-            .override_global(GLOBAL_SOCK_OFFSETS, &offsets, true)
-            .map_max_entries(MAP_CGROUPS, caps.cgroup_map_entries().max(1))
-            .map_max_entries(MAP_POLICIES, caps.policy_map_entries().max(1))
-            .map_max_entries(MAP_PORTSETS, caps.chunks.max(1))
-            .map_max_entries(MAP_POLICY_COUNTERS, caps.policies.max(1) * DECISIONS)
-            .map_max_entries(MAP_NAMES, name_map_entries(caps))
-            .map_max_entries(MAP_EVENTS, rb);
+            .override_global(GLOBAL_SOCK_OFFSETS, &offsets, true);
+        // Sized from the same shapes that decide whether a pinned map fits.
+        for name in [
+            MAP_CGROUPS,
+            MAP_POLICIES,
+            MAP_PORTSETS,
+            MAP_POLICY_COUNTERS,
+            MAP_NAMES,
+            MAP_EVENTS,
+        ] {
+            loader.map_max_entries(name, expected_shape(name, opts).2);
+        }
         if let Some(pins) = pins {
             adoption.previous = read_stamp(&pins.map(MAP_AGENT));
             let layout_ok = adoption
@@ -833,7 +843,7 @@ impl Loaded {
         // Links of programs this agent does not attach (e.g. the sock_ops
         // reporter once the BPF LSM works): removing the pin detaches them.
         for name in program_names() {
-            if wanted.iter().any(|(n, _, _)| *n == name) && self.attached_name(name, &wanted) {
+            if self.attached_name(name, &wanted) {
                 continue;
             }
             for path in [pins.link(name), pins.prog(name)] {
@@ -990,10 +1000,7 @@ impl KernelMaps {
         self.names
             .iter()
             .filter_map(Result::ok)
-            .map(|(id, n)| {
-                let len = (n.len as usize).min(POLICY_NAME_MAX);
-                (id, String::from_utf8_lossy(&n.bytes[..len]).into_owned())
-            })
+            .map(|(id, n)| (id, name_text(&n)))
             .collect()
     }
 
@@ -1140,13 +1147,9 @@ pub fn read_pinned(pins: &Path) -> Result<PinnedView, String> {
         };
         view.cgroups.push((k.cgroup_id, rec.policy_id));
         if seen.insert(rec.policy_id) {
-            let name = names.get(&rec.policy_id, 0).map_or_else(
-                |_| format!("policy #{}", rec.policy_id),
-                |n| {
-                    let len = (n.len as usize).min(POLICY_NAME_MAX);
-                    String::from_utf8_lossy(&n.bytes[..len]).into_owned()
-                },
-            );
+            let name = names
+                .get(&rec.policy_id, 0)
+                .map_or_else(|_| format!("policy #{}", rec.policy_id), |n| name_text(&n));
             let decisions = counters.by_slot(rec.slot).unwrap_or_default();
             view.policies
                 .push((rec.policy_id, name, rec.mode, rec.slot, decisions));

@@ -90,6 +90,11 @@ impl PinDir {
     /// /sys/fs/bpf when `root` is below it and nothing is mounted there yet.
     pub fn open(root: &Path) -> Result<Self, PinError> {
         ensure_bpffs(root)?;
+        // bpffs at /sys/fs/bpf is usually world-writable (sticky): another
+        // user could have made a directory first, to own the pins. Each one
+        // is checked before anything is made inside it.
+        // SAFETY: geteuid cannot fail.
+        let uid = unsafe { libc::geteuid() };
         for dir in [
             root.to_owned(),
             root.join("links"),
@@ -101,23 +106,10 @@ impl PinDir {
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(io_err("creating", &dir)(e)),
             }
-        }
-        // bpffs at /sys/fs/bpf is usually world-writable (sticky): another
-        // user could have made the directory first, to own the pins.
-        // SAFETY: geteuid cannot fail.
-        let uid = unsafe { libc::geteuid() };
-        for dir in [
-            root.to_owned(),
-            root.join("links"),
-            root.join("progs"),
-            root.join("maps"),
-        ] {
             let md = std::fs::symlink_metadata(&dir).map_err(io_err("inspecting", &dir))?;
-            if !md.is_dir() || std::os::unix::fs::MetadataExt::uid(&md) != uid {
-                return Err(PinError::NotOurs {
-                    path: dir,
-                    owner: std::os::unix::fs::MetadataExt::uid(&md),
-                });
+            let owner = std::os::unix::fs::MetadataExt::uid(&md);
+            if !md.is_dir() || owner != uid {
+                return Err(PinError::NotOurs { path: dir, owner });
             }
         }
         // Whatever created it, the directory is root's alone.

@@ -602,6 +602,16 @@ impl Drop for TestBpffs {
     }
 }
 
+/// Run `portguard ARGS` to completion: (exit code, stdout, stderr).
+pub fn portguard(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(agent_bin()).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// `portguard uninstall --pin-dir DIR`; panics (outside a panic) if it fails
 /// for another reason than an agent still holding the directory.
 pub fn uninstall(dir: &Path) -> String {

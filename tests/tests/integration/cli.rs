@@ -1,18 +1,7 @@
 //! The command line: `check`, `--help`, and `run` refusing bad input before
 //! touching the kernel. These need no root.
 
-use std::process::Command;
-
-use portguard_tests::agent_bin;
-
-fn portguard(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(agent_bin()).args(args).output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use portguard_tests::portguard;
 
 #[test]
 fn check_accepts_the_bundled_example() {

@@ -3,17 +3,8 @@
 
 use std::{os::unix::fs::PermissionsExt as _, process::Command};
 
-use portguard_tests::{Agent, Cgroup, Probe, agent_bin, cgroup2_root, require_root};
+use portguard_tests::{Agent, Cgroup, Probe, agent_bin, cgroup2_root, portguard, require_root};
 use serde_json::Value;
-
-fn portguard(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(agent_bin()).args(args).output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 #[test]
 fn status_and_events_show_what_is_enforced_and_what_was_denied() {
