@@ -1,12 +1,19 @@
-//! `portguard check`: validate a policy file without loading anything.
+//! `portguard check`: validate a policy file without loading anything, and
+//! hold deployment manifests against its port plan ([`crate::manifest`]).
 //! Reports every error, plus warnings (a cgroup that does not exist yet, a
 //! policy on the root cgroup). Reading /proc/mounts and stat()ing cgroup
-//! directories is all it does beyond reading the file.
+//! directories is all it does beyond reading the files: no cluster, no
+//! network.
 
 use std::path::Path;
 
 use crate::{
     cgroupfs::Hierarchy,
+    manifest::{
+        self, Check, Finding, Loc, Origin, Severity,
+        analyze::analyze,
+        report::{Report, Summary},
+    },
     policy::{Diagnostic, PolicyError, PolicyFile, parse_policy_file},
 };
 
@@ -22,6 +29,81 @@ impl CheckReport {
     pub fn ok(&self) -> bool {
         self.errors.is_empty()
     }
+}
+
+/// What `portguard check` looks at.
+pub struct PlanCheck<'a> {
+    pub policy: &'a Path,
+    /// `--manifests` paths (files or directories); empty: the policy only.
+    pub manifests: &'a [std::path::PathBuf],
+    /// Namespace of Kubernetes objects that name none.
+    pub namespace: &'a str,
+    pub hierarchy: Option<&'a Hierarchy>,
+}
+
+/// Check the policy file and, with manifests, hold them against its port
+/// plan. `Err` only when the policy file or a manifest path cannot be read.
+pub fn check_plan(c: &PlanCheck<'_>) -> anyhow::Result<Report> {
+    let report = check(c.policy, c.hierarchy)?;
+    let file = c.policy.display().to_string();
+    let to_finding = |d: &Diagnostic, kind: Check, severity: Severity| Finding {
+        check: kind,
+        severity,
+        loc: Loc {
+            file: file.clone(),
+            line: d.line,
+            column: d.column,
+        },
+        message: if d.field.is_empty() {
+            d.message.clone()
+        } else {
+            format!("{}: {}", d.field, d.message)
+        },
+        related: Vec::new(),
+    };
+    let mut out = Report {
+        summary: Summary {
+            policy_file: file.clone(),
+            policies: report.file.as_ref().map_or(0, |f| f.policies.len()),
+            policy_valid: report.ok(),
+            manifests_checked: !c.manifests.is_empty(),
+            ..Summary::default()
+        },
+        findings: Vec::new(),
+        cgroups_checked: c.hierarchy.is_some(),
+    };
+    out.findings.extend(
+        report
+            .errors
+            .iter()
+            .map(|d| to_finding(d, Check::PolicyInvalid, Severity::Error)),
+    );
+    out.findings.extend(
+        report
+            .warnings
+            .iter()
+            .map(|d| to_finding(d, Check::PolicyWarning, Severity::Warning)),
+    );
+    if c.manifests.is_empty() {
+        return Ok(out);
+    }
+    let m = manifest::load(c.manifests, c.namespace)?;
+    let s = &mut out.summary;
+    s.files = m.files;
+    s.services = m.services.len();
+    let count = |o: Origin| m.units.iter().filter(|u| u.origin == o).count();
+    s.containers = count(Origin::Kubernetes);
+    s.compose_services = count(Origin::Compose);
+    s.dockerfiles = count(Origin::Dockerfile);
+    out.findings.extend(m.findings.iter().cloned());
+    // Without a valid plan there is nothing to hold the manifests against;
+    // problems reading them are still reported.
+    if let Some(plan) = &report.file {
+        let a = analyze(plan, &file, &m);
+        out.summary.governed_containers = a.governed;
+        out.findings.extend(a.findings);
+    }
+    Ok(out)
 }
 
 /// Validate `path`. `Err` only when the file cannot be read at all.

@@ -6,7 +6,6 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::{
     cgroupfs::Hierarchy,
-    check::check,
     daemon::{self, RunOptions},
     rules_map::Capacity,
 };
@@ -224,16 +223,68 @@ pub struct UninstallArgs {
     pub dry_run: bool,
 }
 
-/// Validate a policy file without loading anything into the kernel.
+/// Validate a policy file, and check deployment manifests against its port
+/// plan, without loading anything into the kernel.
 ///
-/// Prints every error as FILE:LINE:COLUMN: FIELD: MESSAGE, and warnings (for
-/// example a cgroup that does not exist yet, which is governed as soon as it
-/// appears). Exits 0 when the file is valid, 1 otherwise.
+/// Prints every policy error as FILE:LINE:COLUMN: error: FIELD: MESSAGE, and
+/// warnings (for example a cgroup that does not exist yet, which is governed
+/// as soon as it appears, or a policy that allows a reserved port).
+///
+/// With --manifests, reads Kubernetes YAML (Pods, Deployments, StatefulSets,
+/// DaemonSets, ReplicaSets, Jobs, CronJobs and Services), docker-compose
+/// files and Dockerfiles (files, or directories searched for *.yaml, *.yml,
+/// *.json, Dockerfile*, *.Dockerfile, Containerfile), matches each container
+/// to its policy by the agent's `pods:` selectors, and reports, each with
+/// file and line:
+///
+///   port-not-allowed       a declared port the governing policy does not allow
+///   host-port-conflict     a hostPort / hostNetwork / published port claimed twice
+///   reserved-port          a declared port in the plan's `reserved:` ports
+///   target-port-unmatched  a Service targetPort no selected container declares
+///   port-mismatch          one service, different ports in its Dockerfile,
+///                          compose file and Kubernetes manifests
+///
+/// plus manifest-invalid, manifest-unresolved (a ${VAR} without a default)
+/// and service-selects-nothing. No cluster or network is needed.
+///
+/// Exits 0 when there is no error (warnings allowed), 1 otherwise; with
+/// --warn-only, manifest findings never fail the run (an invalid policy file
+/// still does).
 #[derive(Debug, Args)]
 pub struct CheckArgs {
-    /// Policy file (YAML) to validate.
-    #[arg(value_name = "FILE")]
-    pub file: PathBuf,
+    /// Policy file (YAML) to validate; or give it with --policy.
+    #[arg(
+        value_name = "FILE",
+        required_unless_present = "policy",
+        conflicts_with = "policy"
+    )]
+    pub file: Option<PathBuf>,
+    /// Policy file (YAML): the port plan to hold the manifests against.
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+    /// Kubernetes manifests, compose files, Dockerfiles, or directories of
+    /// them.
+    #[arg(long, value_name = "PATH", num_args = 1..)]
+    pub manifests: Vec<PathBuf>,
+    /// Namespace of Kubernetes objects whose metadata names none (as
+    /// `kubectl apply -n`).
+    #[arg(long, value_name = "NS", default_value = "default")]
+    pub namespace: String,
+    /// Output: `human` (FILE:LINE:COLUMN lines), `json`, or `sarif` (SARIF
+    /// 2.1.0, for GitHub code scanning and other code-scanning UIs).
+    #[arg(long, value_enum, default_value_t = CheckFormat::Human)]
+    pub format: CheckFormat,
+    /// Report manifest findings but exit 0 (a first rollout). An invalid
+    /// policy file still exits 1.
+    #[arg(long)]
+    pub warn_only: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum CheckFormat {
+    Human,
+    Json,
+    Sarif,
 }
 
 /// Watch a workload and write the policy that allows what it does.
@@ -404,40 +455,29 @@ impl Cli {
             }
             Command::Check(a) => {
                 let hierarchy = Hierarchy::discover().ok();
-                let report = check(&a.file, hierarchy.as_ref())?;
-                let f = a.file.display();
-                for d in &report.errors {
-                    println!(
-                        "{f}:{}:{}: error: {}{}",
-                        d.line,
-                        d.column,
-                        field(&d.field),
-                        d.message
-                    );
-                }
-                for d in &report.warnings {
-                    println!(
-                        "{f}:{}:{}: warning: {}{}",
-                        d.line,
-                        d.column,
-                        field(&d.field),
-                        d.message
-                    );
-                }
-                if hierarchy.is_none() {
-                    println!("{f}: note: no cgroup2 mount found; cgroup paths were not checked");
-                }
-                let n = report.file.as_ref().map_or(0, |p| p.policies.len());
-                println!(
-                    "{f}: {}: {n} policies, {} errors, {} warnings",
-                    if report.ok() { "ok" } else { "invalid" },
-                    report.errors.len(),
-                    report.warnings.len()
+                let policy = a.policy.as_ref().or(a.file.as_ref()).ok_or_else(|| {
+                    anyhow::anyhow!("check: give the policy file (FILE or --policy FILE)")
+                })?;
+                let report = crate::check::check_plan(&crate::check::PlanCheck {
+                    policy,
+                    manifests: &a.manifests,
+                    namespace: &a.namespace,
+                    hierarchy: hierarchy.as_ref(),
+                })?;
+                use crate::manifest::report;
+                print!(
+                    "{}",
+                    match a.format {
+                        CheckFormat::Human => report::human(&report),
+                        CheckFormat::Json => report::json(&report),
+                        CheckFormat::Sarif => report::sarif(&report),
+                    }
                 );
-                Ok(if report.ok() {
-                    ExitCode::SUCCESS
-                } else {
+                let failed = !report.summary.policy_valid || (report.errors() > 0 && !a.warn_only);
+                Ok(if failed {
                     ExitCode::FAILURE
+                } else {
+                    ExitCode::SUCCESS
                 })
             }
         }
@@ -446,14 +486,6 @@ impl Cli {
 
 fn parse_cgroup_arg(s: &str) -> Result<String, String> {
     crate::policy::parse::normalize_cgroup(s)
-}
-
-fn field(f: &str) -> String {
-    if f.is_empty() {
-        String::new()
-    } else {
-        format!("{f}: ")
-    }
 }
 
 /// `--metrics-addr`: an address, or `off`.

@@ -2,7 +2,7 @@
 //!
 //! Layering (dependencies point one way):
 //! `cli`/`daemon` -> `loader`/`events`/`rules_map` -> `policy` -> portguard-common.
-//! The `policy` module is pure and never imports aya.
+//! The `policy` and `manifest` modules are pure and never import aya.
 
 pub mod aggregate;
 pub mod bpfsys;
@@ -19,6 +19,7 @@ pub mod inventory;
 pub mod kernel_btf;
 pub mod learn;
 pub mod loader;
+pub mod manifest;
 pub mod metrics;
 pub mod pins;
 pub mod policy;

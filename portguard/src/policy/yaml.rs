@@ -123,6 +123,18 @@ pub struct ParseInfo {
 
 /// [`parse`], also telling whether anchors, aliases or tags were used.
 pub fn parse_with_info(text: &str) -> Result<(Option<Node>, ParseInfo), SyntaxError> {
+    parse_inner(text, false).map(|(mut docs, info)| (docs.pop(), info))
+}
+
+/// Parse a stream of YAML documents separated by `---` (Kubernetes
+/// manifests). Empty documents are skipped; anchors are per document; the
+/// node budget covers the whole stream.
+pub fn parse_stream(text: &str) -> Result<Vec<Node>, SyntaxError> {
+    parse_inner(text, true).map(|(docs, _)| docs)
+}
+
+fn parse_inner(text: &str, multi: bool) -> Result<(Vec<Node>, ParseInfo), SyntaxError> {
+    let mut docs: Vec<Node> = Vec::new();
     let mut info = ParseInfo::default();
     let mut parser = Parser::new_from_str(text);
     let mut stack: Vec<Frame> = Vec::new();
@@ -155,10 +167,17 @@ pub fn parse_with_info(text: &str) -> Result<(Option<Node>, ParseInfo), SyntaxEr
             nodes += 1;
         }
         let finished: Option<(Node, usize)> = match ev {
-            Event::StreamStart | Event::StreamEnd | Event::Nothing | Event::DocumentEnd => None,
+            Event::StreamStart | Event::StreamEnd | Event::Nothing => None,
+            Event::DocumentEnd => {
+                if let Some(doc) = root.take().filter(|d| !d.is_null()) {
+                    docs.push(doc);
+                }
+                None
+            }
             Event::DocumentStart(_) => {
                 documents += 1;
-                if documents > 1 {
+                anchors.clear();
+                if documents > 1 && !multi {
                     return Err(SyntaxError {
                         pos,
                         message: "a policy file holds one YAML document; found a second `---`"
@@ -280,7 +299,10 @@ pub fn parse_with_info(text: &str) -> Result<(Option<Node>, ParseInfo), SyntaxEr
     if let Some(e) = duplicate {
         return Err(e);
     }
-    Ok((root, info))
+    if let Some(doc) = root.filter(|d| !d.is_null()) {
+        docs.push(doc);
+    }
+    Ok((docs, info))
 }
 
 impl Node {
@@ -388,6 +410,18 @@ mod tests {
     fn empty_input_is_none() {
         assert_eq!(parse("").unwrap(), None);
         assert_eq!(parse("# only a comment\n").unwrap(), None);
+    }
+
+    #[test]
+    fn streams_hold_many_documents_with_their_own_lines() {
+        let docs = parse_stream("---\na: 1\n---\n# nothing\n---\nb: &x 2\nc: *x\n...\n---\nd: 3\n")
+            .unwrap();
+        assert_eq!(docs.len(), 3);
+        assert_eq!(docs[1].pos.line, 6);
+        assert_eq!(docs[2].pos.line, 10);
+        // Anchors do not leak from one document into the next.
+        assert!(parse_stream("a: &x 1\n---\nb: *x\n").is_err());
+        assert!(parse_stream("").unwrap().is_empty());
     }
 
     #[test]

@@ -1,0 +1,712 @@
+//! Hold what the manifests declare against the port plan.
+//!
+//! - Each Kubernetes container is matched to its policy by the agent's own
+//!   rule: among the `pods:` selectors matching its namespace, pod labels and
+//!   container name, the most specific wins, ties going to the first in the
+//!   file (`cgroup:` and `unit:` policies name host paths no manifest shows).
+//! - Declarations of one service in different files are tied together: the
+//!   same image repository; a compose service that builds a Dockerfile; a
+//!   compose service named like a Kubernetes container; a Dockerfile whose
+//!   name (its directory, or `Dockerfile.NAME`) is a container's name or its
+//!   image's last path segment. A compose service or Dockerfile is held
+//!   against the policies of the Kubernetes containers of its service.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use portguard_common::{AddrClass, Family, Proto as KProto};
+
+use super::{
+    Check, Finding, HostClaim, Loc, Manifests, Origin, PortDecl, Proto, Severity, Target, Unit,
+    image_name, image_repository,
+};
+use crate::policy::{
+    CompiledPolicy, INFRASTRUCTURE_PORTS, Mode, PolicyFile, PortSet, Selector, SocketKind,
+    compile_all,
+};
+
+/// What each infrastructure port is, for messages.
+fn infrastructure_name(port: u16) -> Option<&'static str> {
+    Some(match port {
+        22 => "SSH",
+        2379 | 2380 => "etcd",
+        6443 => "the Kubernetes API server",
+        9100 => "the node exporter",
+        10250 => "the kubelet",
+        10255 => "the kubelet's read-only port",
+        10256 => "kube-proxy's health check",
+        10257 => "the controller manager",
+        10259 => "the scheduler",
+        _ => return None,
+    })
+}
+
+/// `8080`, `3000-3999` or `22 (SSH)`, up to eight, for messages.
+pub fn describe_set(set: &PortSet) -> String {
+    let mut parts: Vec<String> = set
+        .ranges()
+        .iter()
+        .take(8)
+        .map(|&(a, b)| {
+            if a == PortSet::EPHEMERAL && b == PortSet::EPHEMERAL {
+                "ephemeral".to_owned()
+            } else if a == b {
+                a.to_string()
+            } else {
+                format!("{a}-{b}")
+            }
+        })
+        .collect();
+    if set.ranges().len() > 8 {
+        parts.push("…".to_owned());
+    }
+    if parts.is_empty() {
+        "nothing".to_owned()
+    } else {
+        parts.join(", ")
+    }
+}
+
+fn range_set(lo: u16, hi: u16) -> PortSet {
+    PortSet::from_ranges([(lo, hi)])
+}
+
+/// Union-find over unit indexes.
+struct Groups(Vec<usize>);
+
+impl Groups {
+    fn find(&mut self, i: usize) -> usize {
+        let mut r = i;
+        while self.0[r] != r {
+            r = self.0[r];
+        }
+        let mut j = i;
+        while self.0[j] != r {
+            let next = self.0[j];
+            self.0[j] = r;
+            j = next;
+        }
+        r
+    }
+
+    fn join(&mut self, a: usize, b: usize) {
+        let (ra, rb) = (self.find(a), self.find(b));
+        if ra != rb {
+            self.0[ra.max(rb)] = ra.min(rb);
+        }
+    }
+}
+
+/// Tie declarations of one service together (see the module docs).
+fn group(units: &[Unit]) -> Vec<usize> {
+    let mut g = Groups((0..units.len()).collect());
+    let mut by_key: BTreeMap<(u8, String), usize> = BTreeMap::new();
+    let mut link =
+        |g: &mut Groups, kind: u8, key: String, i: usize| match by_key.get(&(kind, key.clone())) {
+            Some(&j) => g.join(i, j),
+            None => {
+                by_key.insert((kind, key), i);
+            }
+        };
+    // Keys: 0 image repository, 1 Dockerfile path, 2 name.
+    for (i, u) in units.iter().enumerate() {
+        if let Some(img) = &u.image {
+            link(&mut g, 0, image_repository(img), i);
+        }
+        if let Some(df) = &u.dockerfile {
+            link(&mut g, 1, df.display().to_string(), i);
+        }
+    }
+    // Names join across origins only: two Kubernetes containers both called
+    // `app` are not the same service.
+    let mut names: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for (i, u) in units.iter().enumerate() {
+        let mut keys = vec![u.container.clone()];
+        if u.origin == Origin::Kubernetes
+            && let Some(img) = &u.image
+        {
+            keys.push(image_name(img));
+        }
+        for k in keys.into_iter().filter(|k| !k.is_empty()) {
+            names.entry(k).or_default().push(i);
+        }
+    }
+    for members in names.values() {
+        for &a in members {
+            for &b in members {
+                let (ua, ub) = (&units[a], &units[b]);
+                let joins = match (ua.origin, ub.origin) {
+                    (Origin::Compose, Origin::Kubernetes) => ua.container == ub.container,
+                    (Origin::Dockerfile, Origin::Kubernetes | Origin::Compose) => true,
+                    _ => false,
+                };
+                if joins {
+                    g.join(a, b);
+                }
+            }
+        }
+    }
+    (0..units.len()).map(|i| g.find(i)).collect()
+}
+
+/// The policy governing a Kubernetes container, by the agent's rule.
+fn governing(policies: &[CompiledPolicy], u: &Unit) -> Option<usize> {
+    let mut best: Option<(u32, usize)> = None;
+    for (i, p) in policies.iter().enumerate() {
+        let Selector::Pods(sel) = &p.selector else {
+            continue;
+        };
+        if !sel.matches_pod(&u.workload.namespace, &u.labels)
+            || sel.container.as_ref().is_some_and(|c| *c != u.container)
+        {
+            continue;
+        }
+        let spec = p.selector.specificity();
+        if best.is_none_or(|(s, _)| spec > s) {
+            best = Some((spec, i));
+        }
+    }
+    best.map(|(_, i)| i)
+}
+
+/// Why `policy` does not let the container bind `d`, if it does not.
+fn refusal(policy: &CompiledPolicy, allow_sctp: bool, d: &PortDecl) -> Option<String> {
+    let sets = policy.bind.as_ref()?;
+    let want = range_set(d.lo, d.hi);
+    let proto = match d.proto {
+        Proto::Tcp => KProto::Tcp,
+        Proto::Udp => KProto::Udp,
+        Proto::Sctp => {
+            return (!allow_sctp).then(|| {
+                "SCTP sockets are not allowed by it (`allow_sockets` lacks sctp)".to_owned()
+            });
+        }
+    };
+    let covered = |class| {
+        [Family::Ipv4, Family::Ipv6]
+            .iter()
+            .any(|&f| want.difference(sets.get(proto, f, class)).is_empty())
+    };
+    if covered(AddrClass::Any) {
+        return None;
+    }
+    let mut allowed = sets.get(proto, Family::Ipv4, AddrClass::Any).clone();
+    allowed.union_with(sets.get(proto, Family::Ipv6, AddrClass::Any));
+    if covered(AddrClass::Loopback) {
+        return Some(format!(
+            "it allows {} only on loopback (`address: loopback`), and a declared port is \
+             reached on the pod's or host's address",
+            d.describe()
+        ));
+    }
+    Some(format!(
+        "it allows {} binds on {}",
+        d.proto.as_str(),
+        describe_set(&allowed)
+    ))
+}
+
+pub struct Analysis {
+    pub findings: Vec<Finding>,
+    /// Kubernetes containers governed by a policy, and not.
+    pub governed: usize,
+    pub ungoverned: usize,
+}
+
+/// Every finding about `m` under `plan`, in file and line order.
+pub fn analyze(plan: &PolicyFile, policy_file: &str, m: &Manifests) -> Analysis {
+    let policies = compile_all(&plan.policies);
+    let mut out: Vec<Finding> = Vec::new();
+    let units = &m.units;
+    let groups = group(units);
+    let owner: Vec<Option<usize>> = units
+        .iter()
+        .map(|u| match u.origin {
+            Origin::Kubernetes => governing(&policies, u),
+            _ => None,
+        })
+        .collect();
+    let kube_units = units
+        .iter()
+        .filter(|u| u.origin == Origin::Kubernetes)
+        .count();
+    let governed = owner.iter().flatten().count();
+
+    // A declared port in the reserved set; else one a governing policy
+    // does not allow.
+    for (i, u) in units.iter().enumerate() {
+        let judges: Vec<(usize, Option<usize>)> = match u.origin {
+            Origin::Kubernetes => owner[i].map(|p| (p, None)).into_iter().collect(),
+            _ => {
+                let mut seen = BTreeSet::new();
+                (0..units.len())
+                    .filter(|&j| groups[j] == groups[i])
+                    .filter_map(|j| owner[j].map(|p| (p, Some(j))))
+                    .filter(|(p, _)| seen.insert(*p))
+                    .collect()
+            }
+        };
+        for d in &u.ports {
+            let clash = range_set(d.lo, d.hi).intersection(&plan.reserved);
+            if !clash.is_empty() {
+                out.push(reserved(
+                    &clash,
+                    &d.loc,
+                    &format!("{} of {}", d.describe(), u.describe()),
+                ));
+            }
+            if let Some(h) = d.host.as_ref().filter(|h| !h.same_as_container) {
+                let clash = range_set(h.lo, h.hi).intersection(&plan.reserved);
+                if !clash.is_empty() {
+                    out.push(reserved(
+                        &clash,
+                        &h.loc,
+                        &format!("host port of {}", u.describe()),
+                    ));
+                }
+            }
+            if !clash.is_empty() {
+                continue;
+            }
+            for &(p, via) in &judges {
+                let policy = &policies[p];
+                let allow_sctp = plan.policies[p].allow_sockets.contains(&SocketKind::Sctp);
+                let Some(why) = refusal(policy, allow_sctp, d) else {
+                    continue;
+                };
+                let whose = match via {
+                    None => String::new(),
+                    Some(j) => format!(
+                        ", which governs the same service in Kubernetes ({})",
+                        units[j].describe()
+                    ),
+                };
+                let mut f = Finding::new(
+                    Check::PortNotAllowed,
+                    d.loc.clone(),
+                    format!(
+                        "{} declares {}, which policy `{}`{whose} does not allow: {why}",
+                        capitalize(&u.describe()),
+                        d.describe(),
+                        policy.name,
+                    ),
+                );
+                if policy.mode == Mode::Audit {
+                    f.severity = Severity::Warning;
+                    f.message
+                        .push_str(" (the policy is in audit mode: reported, not denied)");
+                }
+                f.related.push((
+                    Loc {
+                        file: policy_file.to_owned(),
+                        line: plan.policies[p].line,
+                        column: 1,
+                    },
+                    format!("policy `{}`", policy.name),
+                ));
+                out.push(f);
+            }
+        }
+    }
+
+    host_conflicts(units, &mut out);
+    services(m, &mut out);
+    mismatches(units, &groups, &mut out);
+
+    out.sort_by(|a, b| (&a.loc, a.check).cmp(&(&b.loc, b.check)));
+    Analysis {
+        findings: out,
+        governed,
+        ungoverned: kube_units - governed,
+    }
+}
+
+fn capitalize(s: &str) -> String {
+    let mut c = s.chars();
+    c.next()
+        .map(|f| f.to_uppercase().chain(c).collect())
+        .unwrap_or_default()
+}
+
+fn reserved(clash: &PortSet, loc: &Loc, what: &str) -> Finding {
+    let names: BTreeSet<&str> = clash
+        .ranges()
+        .iter()
+        .flat_map(|&(a, b)| {
+            INFRASTRUCTURE_PORTS
+                .iter()
+                .filter(move |&&(x, y)| x <= b && a <= y)
+        })
+        .filter_map(|&(x, _)| infrastructure_name(x))
+        .collect();
+    let why = if names.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", names.into_iter().collect::<Vec<_>>().join(", "))
+    };
+    Finding::new(
+        Check::ReservedPort,
+        loc.clone(),
+        format!(
+            "{what} uses reserved port(s) {}{why}: the plan keeps them for infrastructure, and \
+             the kernel denies them to every governed workload",
+            describe_set(clash)
+        ),
+    )
+}
+
+/// Two claims on one host port (same protocol, overlapping addresses) by
+/// different workloads in one scope.
+fn host_conflicts(units: &[Unit], out: &mut Vec<Finding>) {
+    let mut claims: Vec<(&Unit, &PortDecl, &HostClaim)> = units
+        .iter()
+        .flat_map(|u| {
+            u.ports
+                .iter()
+                .filter_map(move |d| d.host.as_ref().map(|h| (u, d, h)))
+        })
+        .collect();
+    claims.sort_by(|a, b| a.2.loc.cmp(&b.2.loc));
+    let mut reported: BTreeSet<Loc> = BTreeSet::new();
+    for (j, &(uj, dj, hj)) in claims.iter().enumerate() {
+        for &(ui, di, hi) in &claims[..j] {
+            let same_addr = match (&hi.ip, &hj.ip) {
+                (Some(a), Some(b)) => a == b,
+                _ => true,
+            };
+            if ui.scope != uj.scope
+                || ui.workload == uj.workload
+                || di.proto != dj.proto
+                || !same_addr
+                || hi.hi < hj.lo
+                || hj.hi < hi.lo
+                || !reported.insert(hj.loc.clone())
+            {
+                continue;
+            }
+            let port = range_set(hi.lo.max(hj.lo), hi.hi.min(hj.hi));
+            let how = |u: &Unit, h: &HostClaim| {
+                if h.same_as_container {
+                    "host network"
+                } else if u.origin == Origin::Compose {
+                    "published port"
+                } else {
+                    "hostPort"
+                }
+            };
+            let mut f = Finding::new(
+                Check::HostPortConflict,
+                hj.loc.clone(),
+                format!(
+                    "host port {}/{} ({}) of {} is already claimed by {} ({}, {}) in {}",
+                    describe_set(&port),
+                    dj.proto.as_str(),
+                    how(uj, hj),
+                    uj.describe(),
+                    ui.describe(),
+                    how(ui, hi),
+                    hi.loc,
+                    uj.scope
+                ),
+            );
+            f.related.push((
+                hi.loc.clone(),
+                format!("first claimed by {}", ui.describe()),
+            ));
+            out.push(f);
+        }
+    }
+}
+
+/// Each Service port must reach a declared container port of a selected pod.
+fn services(m: &Manifests, out: &mut Vec<Finding>) {
+    for s in &m.services {
+        let selected: Vec<&Unit> = m
+            .units
+            .iter()
+            .filter(|u| {
+                u.origin == Origin::Kubernetes
+                    && u.workload.namespace == s.namespace
+                    && s.selector.iter().all(|(k, v)| u.labels.get(k) == Some(v))
+            })
+            .collect();
+        if selected.is_empty() {
+            out.push(Finding::new(
+                Check::ServiceSelectsNothing,
+                s.loc.clone(),
+                format!(
+                    "Service {}/{} selects {} but no workload in these manifests has those pod \
+                     labels; its targetPorts were not checked",
+                    s.namespace,
+                    s.name,
+                    s.selector
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
+            ));
+            continue;
+        }
+        for sp in &s.ports {
+            let matches = |d: &PortDecl| {
+                d.proto == sp.proto
+                    && match &sp.target {
+                        Target::Number(n) => d.lo <= *n && *n <= d.hi,
+                        Target::Name(n) => d.name.as_deref() == Some(n),
+                    }
+            };
+            if selected.iter().any(|u| u.ports.iter().any(matches)) {
+                continue;
+            }
+            let target = match &sp.target {
+                Target::Number(n) => n.to_string(),
+                Target::Name(n) => format!("`{n}`"),
+            };
+            let declared: Vec<String> = selected
+                .iter()
+                .flat_map(|u| &u.ports)
+                .map(|d| match &d.name {
+                    Some(n) => format!("{} ({n})", d.describe()),
+                    None => d.describe(),
+                })
+                .collect();
+            let mut f = Finding::new(
+                Check::TargetPortUnmatched,
+                sp.loc.clone(),
+                format!(
+                    "Service {}/{} port {} targets {}/{}, which no container of the pods it \
+                     selects declares (they declare {})",
+                    s.namespace,
+                    s.name,
+                    sp.port,
+                    target,
+                    sp.proto.as_str(),
+                    if declared.is_empty() {
+                        "no ports".to_owned()
+                    } else {
+                        declared.join(", ")
+                    }
+                ),
+            );
+            for u in selected.iter().take(4) {
+                f.related
+                    .push((u.loc.clone(), format!("selected: {}", u.describe())));
+            }
+            out.push(f);
+        }
+    }
+}
+
+/// A port one kind of file declares for a service and no other kind does.
+fn mismatches(units: &[Unit], groups: &[usize], out: &mut Vec<Finding>) {
+    let mut members: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for (i, g) in groups.iter().enumerate() {
+        members.entry(*g).or_default().push(i);
+    }
+    for ids in members.values() {
+        // Ports per origin (only origins that declare any).
+        let mut by_origin: BTreeMap<Origin, BTreeMap<Proto, PortSet>> = BTreeMap::new();
+        let mut first: BTreeMap<Origin, (Loc, String)> = BTreeMap::new();
+        for &i in ids {
+            let u = &units[i];
+            for d in &u.ports {
+                by_origin
+                    .entry(u.origin)
+                    .or_default()
+                    .entry(d.proto)
+                    .or_default()
+                    .insert_range(d.lo, d.hi);
+            }
+            if !u.ports.is_empty() {
+                first
+                    .entry(u.origin)
+                    .or_insert_with(|| (u.ports[0].loc.clone(), u.describe()));
+            }
+        }
+        if by_origin.len() < 2 {
+            continue;
+        }
+        for &i in ids {
+            let u = &units[i];
+            for d in &u.ports {
+                let mut elsewhere = PortSet::default();
+                let mut others = Vec::new();
+                for (o, sets) in &by_origin {
+                    if *o == u.origin {
+                        continue;
+                    }
+                    if let Some(s) = sets.get(&d.proto) {
+                        elsewhere.union_with(s);
+                    }
+                    let all: Vec<String> = sets
+                        .iter()
+                        .map(|(p, s)| format!("{}/{}", describe_set(s), p.as_str()))
+                        .collect();
+                    others.push((*o, all.join(", ")));
+                }
+                if !range_set(d.lo, d.hi).intersection(&elsewhere).is_empty() {
+                    continue;
+                }
+                let mut f = Finding::new(
+                    Check::PortMismatch,
+                    d.loc.clone(),
+                    format!(
+                        "{} declares {}, which the same service's other files do not: {}",
+                        capitalize(&u.describe()),
+                        d.describe(),
+                        others
+                            .iter()
+                            .map(|(o, ports)| format!("{} declares {ports}", o.as_str()))
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    ),
+                );
+                for (o, _) in &others {
+                    if let Some((loc, who)) = first.get(o) {
+                        f.related
+                            .push((loc.clone(), format!("{}: {who}", o.as_str())));
+                    }
+                }
+                out.push(f);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{manifest::Manifests, policy::parse_policy_str};
+
+    fn units(yaml: &str) -> Manifests {
+        let mut m = Manifests::default();
+        for doc in crate::policy::yaml::parse_stream(yaml).unwrap() {
+            super::super::kube::read("k.yaml", &doc, "default", &mut m);
+        }
+        m
+    }
+
+    fn deployment(name: &str, labels: &str, containers: &str) -> String {
+        format!(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n  template:\n    metadata: {{labels: {labels}}}\n    spec:\n      containers: {containers}\n---\n"
+        )
+    }
+
+    #[test]
+    fn the_most_specific_policy_judges_each_container() {
+        let plan = parse_policy_str(
+            "policies:\n  - {name: pod, pods: {namespace: shop, labels: {app: api}}, bind: [{ports: [3000]}]}\n  - {name: side, pods: {namespace: shop, labels: {app: api}, container: envoy}, bind: [{ports: [8443]}, {ports: [9901], address: loopback}]}\n  - {name: audit, mode: audit, pods: {namespace: shop, labels: {app: batch}}, bind: [{ports: [1]}]}\n",
+        )
+        .unwrap();
+        let m = units(
+            &(deployment(
+                "api",
+                "{app: api}",
+                "[{name: api, ports: [{containerPort: 3000}, {containerPort: 8443}]}, {name: envoy, ports: [{containerPort: 8443}, {containerPort: 3000}, {containerPort: 9901}]}]",
+            ) + &deployment(
+                "batch",
+                "{app: batch}",
+                "[{name: b, ports: [{containerPort: 2}]}]",
+            ) + &deployment(
+                "free",
+                "{app: free}",
+                "[{name: f, ports: [{containerPort: 2}]}]",
+            )),
+        );
+        let a = analyze(&plan, "p.yaml", &m);
+        let got: Vec<_> = a
+            .findings
+            .iter()
+            .map(|f| (f.check, f.loc.line, f.severity))
+            .collect();
+        // api's 8443 (pod policy), envoy's 3000 (container policy) and 9901
+        // (loopback only), batch's 2 (audit: a warning); `free` is ungoverned.
+        let lines: Vec<usize> = m
+            .units
+            .iter()
+            .flat_map(|u| &u.ports)
+            .map(|d| d.loc.line)
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (Check::PortNotAllowed, lines[1], Severity::Error),
+                (Check::PortNotAllowed, lines[3], Severity::Error),
+                (Check::PortNotAllowed, lines[4], Severity::Error),
+                (Check::PortNotAllowed, lines[5], Severity::Warning),
+            ],
+            "{:#?}",
+            a.findings
+        );
+        assert!(
+            a.findings[2].message.contains("only on loopback"),
+            "{}",
+            a.findings[2].message
+        );
+        assert!(
+            a.findings[1].message.contains("policy `side`"),
+            "{}",
+            a.findings[1].message
+        );
+        assert_eq!((a.governed, a.ungoverned), (3, 1));
+    }
+
+    #[test]
+    fn host_ports_conflict_across_workloads_and_protocols_matter() {
+        let plan = parse_policy_str("policies: []\n").unwrap_or_default();
+        let m = units(
+            &(deployment(
+                "a",
+                "{app: a}",
+                "[{name: a, ports: [{containerPort: 80, hostPort: 8080}, {containerPort: 53, hostPort: 53, protocol: UDP}]}]",
+            ) + &deployment(
+                "b",
+                "{app: b}",
+                "[{name: b, ports: [{containerPort: 81, hostPort: 8080}, {containerPort: 53, hostPort: 53}, {containerPort: 9, hostPort: 8081, hostIP: 10.0.0.1}]}]",
+            ) + &deployment(
+                "c",
+                "{app: c}",
+                "[{name: c, ports: [{containerPort: 9, hostPort: 8081, hostIP: 10.0.0.2}]}]",
+            )),
+        );
+        let a = analyze(&plan, "p.yaml", &m);
+        assert_eq!(a.findings.len(), 1, "{:#?}", a.findings);
+        let f = &a.findings[0];
+        assert_eq!(f.check, Check::HostPortConflict);
+        assert!(f.message.contains("Deployment shop/a"), "{}", f.message);
+        assert_eq!(
+            f.related[0].0.line,
+            m.units[0].ports[0].host.as_ref().unwrap().loc.line
+        );
+    }
+
+    #[test]
+    fn reserved_ports_name_what_they_are_for() {
+        let plan = parse_policy_str(
+            "reserved: [infrastructure]\npolicies:\n  - {name: p, pods: {labels: {app: a}}, bind: [{ports: [10250]}]}\n",
+        )
+        .unwrap();
+        let mut m = units(&deployment(
+            "a",
+            "{app: a}",
+            "[{name: a, ports: [{containerPort: 10250}, {containerPort: 80, hostPort: 22}]}]",
+        ));
+        m.units[0].workload.namespace = "default".into();
+        let a = analyze(&plan, "p.yaml", &m);
+        let got: Vec<_> = a.findings.iter().map(|f| f.check).collect();
+        // 10250: reserved only (not also "not allowed"); hostPort 22:
+        // reserved; containerPort 80: not allowed.
+        assert_eq!(
+            got,
+            [
+                Check::ReservedPort,
+                Check::PortNotAllowed,
+                Check::ReservedPort
+            ],
+            "{:#?}",
+            a.findings
+        );
+        assert!(a.findings[0].message.contains("the kubelet"));
+        assert!(a.findings[2].message.contains("SSH"));
+    }
+}

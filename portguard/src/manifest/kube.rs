@@ -1,0 +1,297 @@
+//! Kubernetes objects: the pod templates of Pods, Deployments, StatefulSets,
+//! DaemonSets, ReplicaSets, ReplicationControllers, Jobs and CronJobs
+//! (containers and init containers, which include native sidecars), and
+//! Services. `List` objects are read item by item; other kinds are ignored.
+
+use super::{
+    Check, Finding, HostClaim, Loc, Manifests, Origin, PortDecl, Proto, Service, ServicePort,
+    Target, Unit, WorkloadId, entries, get, items, path, port_number, string_map, text,
+};
+use crate::policy::yaml::Node;
+
+/// Host ports of pods collide across the whole cluster.
+pub const CLUSTER_SCOPE: &str = "the cluster";
+
+pub fn read(file: &str, doc: &Node, default_ns: &str, m: &mut Manifests) {
+    let Some(kind) = get(doc, "kind").and_then(text) else {
+        return;
+    };
+    if kind == "List" {
+        for item in items(get(doc, "items")) {
+            read(file, item, default_ns, m);
+        }
+        return;
+    }
+    let name = path(doc, &["metadata", "name"])
+        .and_then(text)
+        .unwrap_or("(unnamed)")
+        .to_owned();
+    let namespace = path(doc, &["metadata", "namespace"])
+        .and_then(text)
+        .unwrap_or(default_ns)
+        .to_owned();
+    let template: &[&str] = match kind {
+        "Pod" => &[],
+        "Deployment"
+        | "StatefulSet"
+        | "DaemonSet"
+        | "ReplicaSet"
+        | "ReplicationController"
+        | "Job" => &["spec", "template"],
+        "CronJob" => &["spec", "jobTemplate", "spec", "template"],
+        "Service" => {
+            service(file, doc, name, namespace, m);
+            return;
+        }
+        _ => return,
+    };
+    let Some(pod) = path(doc, template) else {
+        return;
+    };
+    let labels = string_map(path(pod, &["metadata", "labels"]));
+    let Some(spec) = get(pod, "spec") else {
+        return;
+    };
+    let host_network = get(spec, "hostNetwork").and_then(text) == Some("true");
+    let workload = WorkloadId {
+        kind: kind.to_owned(),
+        namespace,
+        name,
+    };
+    for list in ["initContainers", "containers"] {
+        for c in items(get(spec, list)) {
+            let container = get(c, "name").and_then(text).unwrap_or("").to_owned();
+            let ports = container_ports(file, c, host_network, m);
+            m.units.push(Unit {
+                origin: Origin::Kubernetes,
+                workload: workload.clone(),
+                container,
+                labels: labels.clone(),
+                image: get(c, "image").and_then(text).map(str::to_owned),
+                dockerfile: None,
+                host_network,
+                ports,
+                loc: Loc::at(file, c),
+                scope: CLUSTER_SCOPE.to_owned(),
+            });
+        }
+    }
+}
+
+fn invalid(m: &mut Manifests, file: &str, node: &Node, msg: String) {
+    m.findings.push(Finding::new(
+        Check::ManifestInvalid,
+        Loc::at(file, node),
+        msg,
+    ));
+}
+
+fn protocol(file: &str, node: Option<&Node>, m: &mut Manifests) -> Option<Proto> {
+    let Some(n) = node else {
+        return Some(Proto::Tcp);
+    };
+    match text(n).and_then(Proto::parse) {
+        Some(p) => Some(p),
+        None => {
+            invalid(
+                m,
+                file,
+                n,
+                format!(
+                    "protocol: expected TCP, UDP or SCTP, found {}",
+                    text(n).unwrap_or(n.type_name())
+                ),
+            );
+            None
+        }
+    }
+}
+
+fn number(file: &str, node: &Node, field: &str, m: &mut Manifests) -> Option<u16> {
+    match text(node).map(port_number) {
+        Some(Ok(p)) => Some(p),
+        Some(Err(e)) => {
+            invalid(m, file, node, format!("{field}: {e}"));
+            None
+        }
+        None => {
+            invalid(
+                m,
+                file,
+                node,
+                format!(
+                    "{field}: expected a port number, found {}",
+                    node.type_name()
+                ),
+            );
+            None
+        }
+    }
+}
+
+fn container_ports(file: &str, c: &Node, host_network: bool, m: &mut Manifests) -> Vec<PortDecl> {
+    let mut out = Vec::new();
+    for p in items(get(c, "ports")) {
+        let Some(cp_node) = get(p, "containerPort") else {
+            invalid(
+                m,
+                file,
+                p,
+                "ports: an entry without containerPort".to_owned(),
+            );
+            continue;
+        };
+        let Some(port) = number(file, cp_node, "containerPort", m) else {
+            continue;
+        };
+        let Some(proto) = protocol(file, get(p, "protocol"), m) else {
+            continue;
+        };
+        let loc = Loc::at(file, cp_node);
+        let ip = get(p, "hostIP")
+            .and_then(text)
+            .filter(|ip| !matches!(*ip, "0.0.0.0" | "::" | ""))
+            .map(str::to_owned);
+        let host = match get(p, "hostPort") {
+            Some(h) => number(file, h, "hostPort", m).map(|hp| HostClaim {
+                lo: hp,
+                hi: hp,
+                ip,
+                loc: Loc::at(file, h),
+                same_as_container: host_network && hp == port,
+            }),
+            None if host_network => Some(HostClaim {
+                lo: port,
+                hi: port,
+                ip,
+                loc: loc.clone(),
+                same_as_container: true,
+            }),
+            None => None,
+        };
+        out.push(PortDecl {
+            lo: port,
+            hi: port,
+            proto,
+            name: get(p, "name").and_then(text).map(str::to_owned),
+            loc,
+            host,
+        });
+    }
+    out
+}
+
+fn service(file: &str, doc: &Node, name: String, namespace: String, m: &mut Manifests) {
+    let Some(spec) = get(doc, "spec") else {
+        return;
+    };
+    if get(spec, "type").and_then(text) == Some("ExternalName") {
+        return;
+    }
+    let selector = string_map(get(spec, "selector"));
+    let mut ports = Vec::new();
+    for p in items(get(spec, "ports")) {
+        let Some(port_node) = get(p, "port") else {
+            invalid(m, file, p, "ports: an entry without port".to_owned());
+            continue;
+        };
+        let Some(port) = number(file, port_node, "port", m) else {
+            continue;
+        };
+        let Some(proto) = protocol(file, get(p, "protocol"), m) else {
+            continue;
+        };
+        let (target, loc) = match get(p, "targetPort") {
+            None => (Target::Number(port), Loc::at(file, port_node)),
+            Some(t) => {
+                let Some(s) = text(t) else {
+                    invalid(
+                        m,
+                        file,
+                        t,
+                        "targetPort: expected a number or a port name".to_owned(),
+                    );
+                    continue;
+                };
+                if s.bytes().all(|b| b.is_ascii_digit()) {
+                    let Some(n) = number(file, t, "targetPort", m) else {
+                        continue;
+                    };
+                    (Target::Number(n), Loc::at(file, t))
+                } else {
+                    (Target::Name(s.to_owned()), Loc::at(file, t))
+                }
+            }
+        };
+        ports.push(ServicePort {
+            port,
+            target,
+            proto,
+            loc,
+        });
+    }
+    // A Service without a selector has hand-made endpoints: nothing to match.
+    if selector.is_empty() || entries(get(spec, "selector")).is_empty() {
+        return;
+    }
+    m.services.push(Service {
+        namespace,
+        name,
+        selector,
+        ports,
+        loc: Loc::at(file, doc),
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Manifests {
+        let mut m = Manifests::default();
+        for doc in crate::policy::yaml::parse_stream(text).unwrap() {
+            read("k.yaml", &doc, "default", &mut m);
+        }
+        m
+    }
+
+    #[test]
+    fn workloads_containers_sidecars_and_host_ports() {
+        let m = load(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: api, namespace: shop}\nspec:\n  template:\n    metadata: {labels: {app: api}}\n    spec:\n      initContainers:\n        - name: proxy\n          restartPolicy: Always\n          ports: [{containerPort: 8443, name: https}]\n      containers:\n        - name: api\n          image: reg/api:1\n          ports:\n            - containerPort: 3000\n              hostPort: 80\n            - {containerPort: \"53\", protocol: UDP}\n---\napiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: agent}\nspec:\n  template:\n    spec:\n      hostNetwork: true\n      containers: [{name: a, ports: [{containerPort: 9200}]}]\n",
+        );
+        assert!(m.findings.is_empty(), "{:?}", m.findings);
+        assert_eq!(m.units.len(), 3);
+        let proxy = &m.units[0];
+        assert_eq!(proxy.container, "proxy");
+        assert_eq!(proxy.ports[0].name.as_deref(), Some("https"));
+        let api = &m.units[1];
+        assert_eq!(api.workload.namespace, "shop");
+        assert_eq!(api.labels["app"], "api");
+        assert_eq!(api.ports[0].loc.line, 16);
+        let host = api.ports[0].host.as_ref().unwrap();
+        assert_eq!(
+            (host.lo, host.loc.line, host.same_as_container),
+            (80, 17, false)
+        );
+        assert_eq!(api.ports[1].proto, Proto::Udp);
+        let agent = &m.units[2];
+        assert_eq!(agent.workload.namespace, "default");
+        let h = agent.ports[0].host.as_ref().unwrap();
+        assert!(h.same_as_container && h.lo == 9200);
+    }
+
+    #[test]
+    fn services_and_bad_values() {
+        let m = load(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec:\n  selector: {app: api}\n  ports:\n    - {port: 80, targetPort: http}\n    - {port: 9090}\n    - {port: 70000}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: ext}\nspec: {ports: [{port: 80}]}\n",
+        );
+        assert_eq!(m.services.len(), 1);
+        let s = &m.services[0];
+        assert_eq!(s.ports[0].target, Target::Name("http".into()));
+        assert_eq!(s.ports[1].target, Target::Number(9090));
+        assert_eq!(m.findings.len(), 1);
+        assert_eq!(m.findings[0].loc.line, 9);
+        assert!(m.findings[0].message.contains("70000"), "{:?}", m.findings);
+    }
+}
