@@ -251,7 +251,8 @@ pub fn analyze(plan: &PolicyFile, policy_file: &str, m: &Manifests) -> Analysis 
                 out.push(reserved(
                     &clash,
                     &d.loc,
-                    &format!("{} of {}", d.describe(), u.describe()),
+                    &format!("{} declares {}", capitalize(&u.describe()), d.describe()),
+                    true,
                 ));
             }
             if let Some(h) = d.host.as_ref().filter(|h| !h.same_as_container) {
@@ -260,7 +261,13 @@ pub fn analyze(plan: &PolicyFile, policy_file: &str, m: &Manifests) -> Analysis 
                     out.push(reserved(
                         &clash,
                         &h.loc,
-                        &format!("host port of {}", u.describe()),
+                        &format!(
+                            "{} takes host port {}/{}",
+                            capitalize(&u.describe()),
+                            describe_set(&range_set(h.lo, h.hi)),
+                            d.proto.as_str()
+                        ),
+                        false,
                     ));
                 }
             }
@@ -327,16 +334,12 @@ fn capitalize(s: &str) -> String {
         .unwrap_or_default()
 }
 
-fn reserved(clash: &PortSet, loc: &Loc, what: &str) -> Finding {
-    let names: BTreeSet<&str> = clash
-        .ranges()
+fn reserved(clash: &PortSet, loc: &Loc, what: &str, bound_inside: bool) -> Finding {
+    let names: BTreeSet<&str> = INFRASTRUCTURE_PORTS
         .iter()
-        .flat_map(|&(a, b)| {
-            INFRASTRUCTURE_PORTS
-                .iter()
-                .filter(move |&&(x, y)| x <= b && a <= y)
-        })
-        .filter_map(|&(x, _)| infrastructure_name(x))
+        .flat_map(|&(x, y)| x..=y)
+        .filter(|&p| clash.contains(p))
+        .filter_map(infrastructure_name)
         .collect();
     let why = if names.is_empty() {
         String::new()
@@ -347,17 +350,22 @@ fn reserved(clash: &PortSet, loc: &Loc, what: &str) -> Finding {
         Check::ReservedPort,
         loc.clone(),
         format!(
-            "{what} uses reserved port(s) {}{why}: the plan keeps them for infrastructure, and \
-             the kernel denies them to every governed workload",
-            describe_set(clash)
+            "{what}, which the plan reserves (`reserved:`): {}{why}{}",
+            describe_set(clash),
+            if bound_inside {
+                "; the kernel denies reserved ports to every governed workload"
+            } else {
+                ""
+            }
         ),
     )
 }
 
-/// Two claims on one host port (same protocol, overlapping addresses) by
-/// different workloads in one scope.
+/// Claims on one host port (same protocol, overlapping addresses) by
+/// different workloads in one scope. Each claim gets a finding naming the
+/// others, so whichever file changed, its line is annotated.
 fn host_conflicts(units: &[Unit], out: &mut Vec<Finding>) {
-    let mut claims: Vec<(&Unit, &PortDecl, &HostClaim)> = units
+    let claims: Vec<(&Unit, &PortDecl, &HostClaim)> = units
         .iter()
         .flat_map(|u| {
             u.ports
@@ -365,55 +373,60 @@ fn host_conflicts(units: &[Unit], out: &mut Vec<Finding>) {
                 .filter_map(move |d| d.host.as_ref().map(|h| (u, d, h)))
         })
         .collect();
-    claims.sort_by(|a, b| a.2.loc.cmp(&b.2.loc));
-    let mut reported: BTreeSet<Loc> = BTreeSet::new();
-    for (j, &(uj, dj, hj)) in claims.iter().enumerate() {
-        for &(ui, di, hi) in &claims[..j] {
-            let same_addr = match (&hi.ip, &hj.ip) {
-                (Some(a), Some(b)) => a == b,
-                _ => true,
-            };
-            if ui.scope != uj.scope
-                || ui.workload == uj.workload
-                || di.proto != dj.proto
-                || !same_addr
-                || hi.hi < hj.lo
-                || hj.hi < hi.lo
-                || !reported.insert(hj.loc.clone())
-            {
-                continue;
-            }
-            let port = range_set(hi.lo.max(hj.lo), hi.hi.min(hj.hi));
-            let how = |u: &Unit, h: &HostClaim| {
-                if h.same_as_container {
-                    "host network"
-                } else if u.origin == Origin::Compose {
-                    "published port"
-                } else {
-                    "hostPort"
-                }
-            };
-            let mut f = Finding::new(
-                Check::HostPortConflict,
-                hj.loc.clone(),
-                format!(
-                    "host port {}/{} ({}) of {} is already claimed by {} ({}, {}) in {}",
-                    describe_set(&port),
-                    dj.proto.as_str(),
-                    how(uj, hj),
-                    uj.describe(),
-                    ui.describe(),
-                    how(ui, hi),
-                    hi.loc,
-                    uj.scope
-                ),
-            );
-            f.related.push((
-                hi.loc.clone(),
-                format!("first claimed by {}", ui.describe()),
-            ));
-            out.push(f);
+    let how = |u: &Unit, h: &HostClaim| {
+        if h.same_as_container {
+            "host network"
+        } else if u.origin == Origin::Compose {
+            "published port"
+        } else {
+            "hostPort"
         }
+    };
+    for &(uj, dj, hj) in &claims {
+        let others: Vec<_> = claims
+            .iter()
+            .filter(|&&(ui, di, hi)| {
+                let same_addr = match (&hi.ip, &hj.ip) {
+                    (Some(a), Some(b)) => a == b,
+                    _ => true,
+                };
+                ui.scope == uj.scope
+                    && ui.workload != uj.workload
+                    && di.proto == dj.proto
+                    && same_addr
+                    && hi.lo <= hj.hi
+                    && hj.lo <= hi.hi
+            })
+            .collect();
+        if others.is_empty() {
+            continue;
+        }
+        let mut overlap = PortSet::default();
+        for &&(_, _, hi) in &others {
+            overlap.insert_range(hi.lo.max(hj.lo), hi.hi.min(hj.hi));
+        }
+        let names: Vec<String> = others
+            .iter()
+            .map(|&&(ui, _, hi)| format!("{} ({}, {})", ui.describe(), how(ui, hi), hi.loc))
+            .collect();
+        let mut f = Finding::new(
+            Check::HostPortConflict,
+            hj.loc.clone(),
+            format!(
+                "host port {}/{} ({}) of {} is also claimed by {} in {}",
+                describe_set(&overlap),
+                dj.proto.as_str(),
+                how(uj, hj),
+                uj.describe(),
+                names.join(", "),
+                uj.scope
+            ),
+        );
+        for &&(ui, _, hi) in &others {
+            f.related
+                .push((hi.loc.clone(), format!("also claimed by {}", ui.describe())));
+        }
+        out.push(f);
     }
 }
 
@@ -540,7 +553,7 @@ fn mismatches(units: &[Unit], groups: &[usize], out: &mut Vec<Finding>) {
                     }
                     let all: Vec<String> = sets
                         .iter()
-                        .map(|(p, s)| format!("{}/{}", describe_set(s), p.as_str()))
+                        .map(|(p, s)| format!("{} {}", p.as_str(), describe_set(s)))
                         .collect();
                     others.push((*o, all.join(", ")));
                 }
@@ -670,14 +683,17 @@ mod tests {
             )),
         );
         let a = analyze(&plan, "p.yaml", &m);
-        assert_eq!(a.findings.len(), 1, "{:#?}", a.findings);
-        let f = &a.findings[0];
-        assert_eq!(f.check, Check::HostPortConflict);
-        assert!(f.message.contains("Deployment shop/a"), "{}", f.message);
-        assert_eq!(
-            f.related[0].0.line,
-            m.units[0].ports[0].host.as_ref().unwrap().loc.line
+        // 8080/tcp of a and b, each side annotated; 53 differs in protocol,
+        // 8081 in host address.
+        assert_eq!(a.findings.len(), 2, "{:#?}", a.findings);
+        let (fa, fb) = (&a.findings[0], &a.findings[1]);
+        let (ha, hb) = (
+            m.units[0].ports[0].host.as_ref().unwrap(),
+            m.units[1].ports[0].host.as_ref().unwrap(),
         );
+        assert_eq!((fa.check, &fa.loc, &fa.related[0].0), (Check::HostPortConflict, &ha.loc, &hb.loc));
+        assert_eq!((fb.check, &fb.loc, &fb.related[0].0), (Check::HostPortConflict, &hb.loc, &ha.loc));
+        assert!(fb.message.contains("also claimed by container `a` of Deployment shop/a"), "{}", fb.message);
     }
 
     #[test]

@@ -58,6 +58,14 @@ fn parse_short(s: &str) -> Result<ShortPort, String> {
 
 /// The Dockerfile a `build:` value builds, relative to the compose file.
 fn dockerfile_of(compose_dir: &Path, build: &Node) -> Option<PathBuf> {
+    build_path(build).map(|rel| {
+        let p = compose_dir.join(rel);
+        std::fs::canonicalize(&p).unwrap_or(p)
+    })
+}
+
+/// `build:`'s Dockerfile relative to the compose file's directory.
+fn build_path(build: &Node) -> Option<PathBuf> {
     let (context, dockerfile) = match text(build) {
         Some(ctx) => (ctx, "Dockerfile"),
         None => (
@@ -71,8 +79,7 @@ fn dockerfile_of(compose_dir: &Path, build: &Node) -> Option<PathBuf> {
     if context.contains("://") || context.starts_with("git@") {
         return None;
     }
-    let p = compose_dir.join(context).join(dockerfile);
-    Some(std::fs::canonicalize(&p).unwrap_or(p))
+    Some(Path::new(context).join(dockerfile))
 }
 
 pub fn read(path: &Path, file: &str, doc: &Node, m: &mut Manifests) {
@@ -120,6 +127,11 @@ pub fn read(path: &Path, file: &str, doc: &Node, m: &mut Manifests) {
                 ),
                 Err(e) => invalid(m, file, item, format!("expose: {e}")),
             }
+        }
+        if let Some(rel) = get(svc, "build").and_then(build_path) {
+            let shown_dir = Path::new(file).parent().and_then(Path::to_str).unwrap_or("");
+            m.built
+                .push((dir.join(&rel), super::shown_join(shown_dir, &rel)));
         }
         m.units.push(Unit {
             origin: Origin::Compose,

@@ -213,6 +213,9 @@ pub struct Manifests {
     pub findings: Vec<Finding>,
     /// Files read.
     pub files: usize,
+    /// Dockerfiles compose services build (path to read, path to show), read
+    /// after the files named when not among them.
+    built: Vec<(PathBuf, String)>,
 }
 
 /// How bad a finding is.
@@ -413,8 +416,15 @@ pub fn load(paths: &[PathBuf], namespace: &str) -> anyhow::Result<Manifests> {
         }
     }
     let mut m = Manifests::default();
-    for (path, explicit) in files {
-        let shown = path.display().to_string();
+    let mut read: std::collections::HashSet<PathBuf> = std::collections::HashSet::new();
+    let mut queue: std::collections::VecDeque<(PathBuf, Option<String>, bool)> =
+        files.into_iter().map(|(p, e)| (p, None, e)).collect();
+    while let Some((path, shown, explicit)) = queue.pop_front() {
+        // Each file once, however it was reached.
+        if !read.insert(std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone())) {
+            continue;
+        }
+        let shown = shown.unwrap_or_else(|| path.display().to_string());
         let text = match read_limited(&path) {
             Ok(t) => t,
             Err(e) => {
@@ -449,8 +459,34 @@ pub fn load(paths: &[PathBuf], namespace: &str) -> anyhow::Result<Manifests> {
             f.severity = Severity::Warning;
             m.findings.push(f);
         }
+        // The Dockerfiles compose services build are part of the service.
+        for (p, shown) in std::mem::take(&mut m.built) {
+            if p.is_file() {
+                queue.push_back((p, Some(shown), false));
+            }
+        }
     }
     Ok(m)
+}
+
+/// `dir/rel` as a user would write it (`./` and `x/..` folded), for showing.
+fn shown_join(dir: &str, rel: &Path) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let joined = Path::new(dir).join(rel);
+    for c in joined.components() {
+        match c {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir
+                if parts.last().is_some_and(|p| p != ".." && p != "/") =>
+            {
+                parts.pop();
+            }
+            std::path::Component::RootDir => parts.push("/".to_owned()),
+            c => parts.push(c.as_os_str().to_string_lossy().into_owned()),
+        }
+    }
+    let s = parts.join("/");
+    s.strip_prefix("//").map(|r| format!("/{r}")).unwrap_or(s)
 }
 
 fn read_limited(path: &Path) -> std::io::Result<String> {
@@ -657,6 +693,31 @@ mod tests {
         assert_eq!(interpolate("a$$b").unwrap(), "a$b");
         assert_eq!(interpolate("${PORT}").unwrap_err(), "PORT");
         assert_eq!(interpolate("$PORT:80").unwrap_err(), "PORT");
+    }
+
+    #[test]
+    fn shown_paths_read_like_the_user_wrote_them() {
+        assert_eq!(shown_join("", Path::new("./api/Dockerfile")), "api/Dockerfile");
+        assert_eq!(shown_join("ci", Path::new("../api/Dockerfile")), "api/Dockerfile");
+        assert_eq!(shown_join("/x/y", Path::new("./Dockerfile")), "/x/y/Dockerfile");
+        assert_eq!(shown_join("..", Path::new("../Dockerfile")), "../../Dockerfile");
+    }
+
+    #[test]
+    fn dockerfiles_compose_builds_are_read_once() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("api")).unwrap();
+        std::fs::write(dir.path().join("api/Dockerfile"), "FROM x\nEXPOSE 3000\n").unwrap();
+        let compose = dir.path().join("compose.yaml");
+        std::fs::write(&compose, "services:\n  api: {build: ./api, ports: [\"3000\"]}\n").unwrap();
+        let m = load(&[compose.clone()], "default").unwrap();
+        assert_eq!(m.files, 2);
+        let df = m.units.iter().find(|u| u.origin == Origin::Dockerfile).unwrap();
+        assert_eq!(df.ports[0].loc.file, format!("{}/api/Dockerfile", dir.path().display()));
+        // Named as well, or found in a directory: still read once.
+        let m = load(&[compose, dir.path().to_owned()], "default").unwrap();
+        assert_eq!(m.files, 2);
+        assert_eq!(m.units.len(), 2);
     }
 
     #[test]
