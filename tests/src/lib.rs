@@ -861,22 +861,29 @@ pub fn event_schema_path() -> PathBuf {
 /// `jsonschema`, which kubernetes-validate brings). Returns one message per
 /// invalid line.
 pub fn schema_errors(events: &[Value]) -> Vec<String> {
+    json_schema_errors(&event_schema_path(), events)
+}
+
+/// Validate each of `docs` against the JSON Schema at `schema` (the draft
+/// its `$schema` names). Returns one message per error.
+pub fn json_schema_errors(schema: &Path, docs: &[Value]) -> Vec<String> {
     let script = r#"
 import json, sys
-from jsonschema import Draft202012Validator
+from jsonschema.validators import validator_for
 schema = json.load(open(sys.argv[1]))
-Draft202012Validator.check_schema(schema)
-v = Draft202012Validator(schema)
+cls = validator_for(schema)
+cls.check_schema(schema)
+v = cls(schema)
 errors = []
 for i, line in enumerate(json.load(sys.stdin)):
     for e in v.iter_errors(line):
-        errors.append(f"line {i}: {e.message} at {list(e.absolute_path)}; context: {[c.message for c in e.context][:6]}: {json.dumps(line)}")
+        errors.append(f"line {i}: {e.message} at {list(e.absolute_path)}; context: {[c.message for c in e.context][:6]}: {json.dumps(line)[:2000]}")
 print(json.dumps(errors))
 "#;
     let mut child = Command::new("python3")
         .arg("-c")
         .arg(script)
-        .arg(event_schema_path())
+        .arg(schema)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -886,7 +893,7 @@ print(json.dumps(errors))
         use std::io::Write as _;
         let mut stdin = child.stdin.take().expect("stdin");
         stdin
-            .write_all(serde_json::to_string(events).unwrap().as_bytes())
+            .write_all(serde_json::to_string(docs).unwrap().as_bytes())
             .unwrap();
     }
     let out = child.wait_with_output().unwrap();

@@ -691,9 +691,20 @@ mod tests {
             m.units[0].ports[0].host.as_ref().unwrap(),
             m.units[1].ports[0].host.as_ref().unwrap(),
         );
-        assert_eq!((fa.check, &fa.loc, &fa.related[0].0), (Check::HostPortConflict, &ha.loc, &hb.loc));
-        assert_eq!((fb.check, &fb.loc, &fb.related[0].0), (Check::HostPortConflict, &hb.loc, &ha.loc));
-        assert!(fb.message.contains("also claimed by container `a` of Deployment shop/a"), "{}", fb.message);
+        assert_eq!(
+            (fa.check, &fa.loc, &fa.related[0].0),
+            (Check::HostPortConflict, &ha.loc, &hb.loc)
+        );
+        assert_eq!(
+            (fb.check, &fb.loc, &fb.related[0].0),
+            (Check::HostPortConflict, &hb.loc, &ha.loc)
+        );
+        assert!(
+            fb.message
+                .contains("also claimed by container `a` of Deployment shop/a"),
+            "{}",
+            fb.message
+        );
     }
 
     #[test]

@@ -129,7 +129,10 @@ pub fn read(path: &Path, file: &str, doc: &Node, m: &mut Manifests) {
             }
         }
         if let Some(rel) = get(svc, "build").and_then(build_path) {
-            let shown_dir = Path::new(file).parent().and_then(Path::to_str).unwrap_or("");
+            let shown_dir = Path::new(file)
+                .parent()
+                .and_then(Path::to_str)
+                .unwrap_or("");
             m.built
                 .push((dir.join(&rel), super::shown_join(shown_dir, &rel)));
         }

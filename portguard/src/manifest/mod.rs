@@ -697,10 +697,22 @@ mod tests {
 
     #[test]
     fn shown_paths_read_like_the_user_wrote_them() {
-        assert_eq!(shown_join("", Path::new("./api/Dockerfile")), "api/Dockerfile");
-        assert_eq!(shown_join("ci", Path::new("../api/Dockerfile")), "api/Dockerfile");
-        assert_eq!(shown_join("/x/y", Path::new("./Dockerfile")), "/x/y/Dockerfile");
-        assert_eq!(shown_join("..", Path::new("../Dockerfile")), "../../Dockerfile");
+        assert_eq!(
+            shown_join("", Path::new("./api/Dockerfile")),
+            "api/Dockerfile"
+        );
+        assert_eq!(
+            shown_join("ci", Path::new("../api/Dockerfile")),
+            "api/Dockerfile"
+        );
+        assert_eq!(
+            shown_join("/x/y", Path::new("./Dockerfile")),
+            "/x/y/Dockerfile"
+        );
+        assert_eq!(
+            shown_join("..", Path::new("../Dockerfile")),
+            "../../Dockerfile"
+        );
     }
 
     #[test]
@@ -709,11 +721,22 @@ mod tests {
         std::fs::create_dir(dir.path().join("api")).unwrap();
         std::fs::write(dir.path().join("api/Dockerfile"), "FROM x\nEXPOSE 3000\n").unwrap();
         let compose = dir.path().join("compose.yaml");
-        std::fs::write(&compose, "services:\n  api: {build: ./api, ports: [\"3000\"]}\n").unwrap();
-        let m = load(&[compose.clone()], "default").unwrap();
+        std::fs::write(
+            &compose,
+            "services:\n  api: {build: ./api, ports: [\"3000\"]}\n",
+        )
+        .unwrap();
+        let m = load(std::slice::from_ref(&compose), "default").unwrap();
         assert_eq!(m.files, 2);
-        let df = m.units.iter().find(|u| u.origin == Origin::Dockerfile).unwrap();
-        assert_eq!(df.ports[0].loc.file, format!("{}/api/Dockerfile", dir.path().display()));
+        let df = m
+            .units
+            .iter()
+            .find(|u| u.origin == Origin::Dockerfile)
+            .unwrap();
+        assert_eq!(
+            df.ports[0].loc.file,
+            format!("{}/api/Dockerfile", dir.path().display())
+        );
         // Named as well, or found in a directory: still read once.
         let m = load(&[compose, dir.path().to_owned()], "default").unwrap();
         assert_eq!(m.files, 2);

@@ -2,12 +2,18 @@
 //! `reserved:` ports (the built-in
 //! infrastructure list and the file's own) are denied by the kernel to every
 //! governed workload whatever its policy allows, and `check` warns about a
-//! policy that allows one.
+//! policy that allows one. `check --manifests` holds Kubernetes manifests,
+//! compose files and Dockerfiles against the plan, offline (no root, no
+//! cluster, no network).
 
-use std::process::Command;
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use portguard_tests::{Agent, Cgroup, Probe, agent_bin, require_root};
-use serde_json::json;
+use serde_json::{Value, json};
 
 #[test]
 fn reserved_ports_are_denied_whatever_the_policy_allows() {
@@ -68,4 +74,238 @@ fn reserved_ports_are_denied_whatever_the_policy_allows() {
         .assert_ok();
     let errors = portguard_tests::schema_errors(&[e]);
     assert!(errors.is_empty(), "{errors:?}");
+}
+
+fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+/// `portguard check --policy policy.yaml --manifests k8s/ compose.yaml
+/// ARGS`, run in `dir` as a CI job would: exit code and standard output.
+fn check_plan(dir: &Path, args: &[&str]) -> (i32, String) {
+    let out = Command::new(agent_bin())
+        .current_dir(dir)
+        .args([
+            "check",
+            "--policy",
+            "policy.yaml",
+            "--manifests",
+            "k8s/",
+            "compose.yaml",
+        ])
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), stdout)
+}
+
+/// (rule, file, line) of every finding the fixture plants: a `planted:
+/// RULE` comment on the line, or `planted (next line): RULE` above it.
+fn planted(dir: &Path) -> BTreeSet<(String, String, usize)> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeSet<(String, String, usize)>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(root, &p, out);
+                continue;
+            }
+            let rel = p.strip_prefix(root).unwrap().display().to_string();
+            for (i, line) in std::fs::read_to_string(&p).unwrap().lines().enumerate() {
+                for (marker, shift) in [("planted: ", 1), ("planted (next line): ", 2)] {
+                    if let Some((_, rest)) = line.split_once(marker) {
+                        let rule = rest.split_whitespace().next().unwrap().to_owned();
+                        out.insert((rule, rel.clone(), i + shift));
+                    }
+                }
+            }
+        }
+    }
+    let mut out = BTreeSet::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+fn findings(doc: &Value) -> BTreeSet<(String, String, usize)> {
+    doc["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["rule"].as_str().unwrap().to_owned(),
+                f["file"].as_str().unwrap().to_owned(),
+                f["line"].as_u64().unwrap() as usize,
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn check_reports_each_planted_error_at_its_file_and_line() {
+    let dir = fixture("fixtures/plan-broken");
+    let want = planted(&dir);
+    let kinds: BTreeSet<&str> = want.iter().map(|(r, _, _)| r.as_str()).collect();
+    assert_eq!(
+        kinds,
+        BTreeSet::from([
+            "host-port-conflict",
+            "port-mismatch",
+            "port-not-allowed",
+            "reserved-port",
+            "target-port-unmatched"
+        ]),
+        "the fixture plants one of each kind: {want:?}"
+    );
+    // The files are of every kind the issue names.
+    let files: BTreeSet<&str> = want.iter().map(|(_, f, _)| f.as_str()).collect();
+    assert!(files.contains("api/Dockerfile") && files.contains("k8s/db.yaml"));
+
+    // JSON: exactly the planted findings, all errors, exit 1.
+    let (code, out) = check_plan(&dir, &["--format", "json"]);
+    let doc: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(findings(&doc), want, "{out}");
+    assert_eq!(doc["errors"], json!(want.len()), "{out}");
+    assert_eq!(doc["ok"], json!(false));
+    let by_rule = |rule: &str| {
+        doc["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["rule"] == json!(rule))
+            .unwrap()
+            .clone()
+    };
+    // The sidecar is judged by its own policy, which keeps 9901 on loopback.
+    let f = by_rule("port-not-allowed");
+    let msg = f["message"].as_str().unwrap();
+    assert!(
+        msg.contains("`envoy`")
+            && msg.contains("shop-api-proxy")
+            && msg.contains("only on loopback"),
+        "{msg}"
+    );
+    assert_eq!(f["related"][0]["file"], json!("policy.yaml"));
+    let msg = by_rule("reserved-port")["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        msg.contains("9100") && msg.contains("node exporter"),
+        "{msg}"
+    );
+    let msg = by_rule("port-mismatch")["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        msg.contains("9091") && msg.contains("compose declares tcp 3000, 9090"),
+        "{msg}"
+    );
+
+    // Human: FILE:LINE:COLUMN: error: ... [rule], one line per finding.
+    let (code, out) = check_plan(&dir, &[]);
+    assert_eq!(code, 1, "{out}");
+    for (rule, file, line) in &want {
+        let prefix = format!("{file}:{line}:");
+        assert!(
+            out.lines().any(|l| l.starts_with(&prefix)
+                && l.contains(": error: ")
+                && l.ends_with(&format!("[{rule}]"))),
+            "no `{prefix} ... error ... [{rule}]` in:\n{out}"
+        );
+    }
+    assert!(
+        out.contains(&format!("{} errors, 0 warnings", want.len())),
+        "{out}"
+    );
+
+    // --warn-only: the same report, exit 0.
+    let (code, out) = check_plan(&dir, &["--format", "json", "--warn-only"]);
+    assert_eq!(code, 0, "{out}");
+    let doc: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(findings(&doc), want);
+
+    // SARIF: valid against the SARIF 2.1.0 schema, one result per finding,
+    // relative URIs (as code scanning resolves them against the checkout).
+    let (code, out) = check_plan(&dir, &["--format", "sarif"]);
+    assert_eq!(code, 1, "{out}");
+    let sarif: Value = serde_json::from_str(&out).unwrap();
+    let errors = portguard_tests::json_schema_errors(
+        &fixture("fixtures/sarif-schema-2.1.0.json"),
+        std::slice::from_ref(&sarif),
+    );
+    assert!(errors.is_empty(), "{errors:#?}");
+    assert_eq!(sarif["version"], json!("2.1.0"));
+    let run = &sarif["runs"][0];
+    assert_eq!(run["tool"]["driver"]["name"], json!("portguard"));
+    let rules: Vec<&str> = run["tool"]["driver"]["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    let got: BTreeSet<(String, String, usize)> = run["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let rule = r["ruleId"].as_str().unwrap().to_owned();
+            assert_eq!(rules[r["ruleIndex"].as_u64().unwrap() as usize], rule);
+            assert_eq!(r["level"], json!("error"));
+            let loc = &r["locations"][0]["physicalLocation"];
+            (
+                rule,
+                loc["artifactLocation"]["uri"].as_str().unwrap().to_owned(),
+                loc["region"]["startLine"].as_u64().unwrap() as usize,
+            )
+        })
+        .collect();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn check_finds_nothing_in_the_clean_plan() {
+    let dir = fixture("../examples/plan");
+    assert!(planted(&dir).is_empty());
+    let (code, out) = check_plan(&dir, &["--format", "json"]);
+    assert_eq!(code, 0, "{out}");
+    let doc: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(doc["findings"], json!([]), "{out}");
+    // Everything was read and matched: five containers (a sidecar among
+    // them) each governed by a policy, both Services, both compose services
+    // and the Dockerfile compose builds.
+    let s = &doc["summary"];
+    assert_eq!(
+        (
+            &s["files"],
+            &s["containers"],
+            &s["governed_containers"],
+            &s["services"],
+            &s["compose_services"],
+            &s["dockerfiles"]
+        ),
+        (
+            &json!(5),
+            &json!(5),
+            &json!(5),
+            &json!(2),
+            &json!(2),
+            &json!(1)
+        ),
+        "{out}"
+    );
+    let (code, out) = check_plan(&dir, &["--format", "sarif"]);
+    assert_eq!(code, 0, "{out}");
+    let sarif: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(sarif["runs"][0]["results"], json!([]));
+    let (code, out) = check_plan(&dir, &[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("manifests: ok: 5 files"), "{out}");
 }
