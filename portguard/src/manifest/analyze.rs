@@ -130,17 +130,30 @@ fn group(units: &[Unit]) -> Vec<usize> {
             names.entry(k).or_default().push(i);
         }
     }
-    for members in names.values() {
-        for &a in members {
-            for &b in members {
-                let (ua, ub) = (&units[a], &units[b]);
-                let joins = match (ua.origin, ub.origin) {
-                    (Origin::Compose, Origin::Kubernetes) => ua.container == ub.container,
-                    (Origin::Dockerfile, Origin::Kubernetes | Origin::Compose) => true,
-                    _ => false,
-                };
-                if joins {
-                    g.join(a, b);
+    // Linear per name: the pairwise rules, joined through one member.
+    for (name, members) in &names {
+        let of = |o: Origin| {
+            members
+                .iter()
+                .copied()
+                .filter(move |&i| units[i].origin == o)
+        };
+        let compose: Vec<usize> = of(Origin::Compose).collect();
+        let dockerfiles: Vec<usize> = of(Origin::Dockerfile).collect();
+        // A compose service joins the Kubernetes containers of its name.
+        if let Some(&c) = compose.first() {
+            for k in of(Origin::Kubernetes).filter(|&k| units[k].container == *name) {
+                g.join(c, k);
+            }
+            compose.iter().for_each(|&o| g.join(c, o));
+        }
+        // A Dockerfile joins every compose service or container of its name
+        // (or whose image has its name).
+        if let Some(&d) = dockerfiles.first() {
+            let others: Vec<usize> = of(Origin::Kubernetes).chain(of(Origin::Compose)).collect();
+            if !others.is_empty() {
+                for o in others.into_iter().chain(dockerfiles.iter().copied()) {
+                    g.join(d, o);
                 }
             }
         }
@@ -735,5 +748,134 @@ mod tests {
         );
         assert!(a.findings[0].message.contains("the kubelet"));
         assert!(a.findings[2].message.contains("SSH"));
+    }
+
+    /// Write `files` under a temp dir and load them all.
+    fn load_files(files: &[(&str, &str)]) -> (tempfile::TempDir, Manifests) {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            let p = dir.path().join(name);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, text).unwrap();
+        }
+        let m = crate::manifest::load(&[dir.path().to_owned()], "default").unwrap();
+        (dir, m)
+    }
+
+    #[test]
+    fn one_service_across_files_and_only_real_differences_are_mismatches() {
+        let k8s = deployment(
+            "api",
+            "{app: api}",
+            "[{name: api, image: \"reg.example/shop/api:1\", ports: [{containerPort: 3000}, {containerPort: 9090}]}]",
+        ) + &deployment(
+            "other",
+            "{app: other}",
+            "[{name: worker, image: \"reg.example/shop/worker:1\", ports: [{containerPort: 5000}]}]",
+        );
+        let (_d, m) = load_files(&[
+            ("k8s/all.yaml", &k8s),
+            // Joined by build, image and name; `expose` missing: the
+            // compose service declares 3000 only, not compared as missing.
+            (
+                "compose.yaml",
+                "services:\n  api:\n    build: ./api\n    image: reg.example/shop/api:dev\n    ports: [\"8080:3000\"]\n  worker:\n    image: reg.example/shop/worker:dev\n",
+            ),
+            ("api/Dockerfile", "FROM x\nEXPOSE 3000 9090 7777\n"),
+        ]);
+        let g = group(&m.units);
+        let idx = |o: Origin, c: &str| {
+            m.units
+                .iter()
+                .position(|u| u.origin == o && u.container == c)
+                .unwrap()
+        };
+        let api = g[idx(Origin::Kubernetes, "api")];
+        assert_eq!(g[idx(Origin::Compose, "api")], api);
+        assert_eq!(g[idx(Origin::Dockerfile, "api")], api);
+        assert_ne!(g[idx(Origin::Kubernetes, "worker")], api);
+        assert_eq!(
+            g[idx(Origin::Compose, "worker")],
+            g[idx(Origin::Kubernetes, "worker")]
+        );
+        let plan = parse_policy_str("policies: []\n").unwrap();
+        let a = analyze(&plan, "p.yaml", &m);
+        let got: Vec<_> = a
+            .findings
+            .iter()
+            .map(|f| {
+                (
+                    f.check,
+                    f.loc.file.rsplit('/').next().unwrap().to_owned(),
+                    f.loc.line,
+                )
+            })
+            .collect();
+        // Only 7777, which only the Dockerfile declares; the worker's
+        // compose service declares nothing and is not compared.
+        assert_eq!(
+            got,
+            [(Check::PortMismatch, "Dockerfile".to_owned(), 2)],
+            "{:#?}",
+            a.findings
+        );
+        assert_eq!(a.findings[0].related.len(), 2);
+    }
+
+    #[test]
+    fn compose_host_ports_collide_within_a_file_only() {
+        let (_d, m) = load_files(&[
+            (
+                "a/compose.yaml",
+                "services:\n  x: {image: x, ports: [\"8080:80\"]}\n  y: {image: y, ports: [\"8080:81\", \"127.0.0.1:9000:9000\"]}\n  z: {image: z, ports: [\"127.0.0.2:9000:9000\", \"8080:80/udp\"]}\n",
+            ),
+            (
+                "b/compose.yaml",
+                "services:\n  x2: {image: q, ports: [\"8080:80\"]}\n",
+            ),
+        ]);
+        let plan = parse_policy_str("policies: []\n").unwrap();
+        let a = analyze(&plan, "p.yaml", &m);
+        let got: Vec<_> = a.findings.iter().map(|f| (f.check, f.loc.line)).collect();
+        assert_eq!(
+            got,
+            [(Check::HostPortConflict, 2), (Check::HostPortConflict, 3)],
+            "{:#?}",
+            a.findings
+        );
+        assert!(
+            a.findings[0].message.contains("published port"),
+            "{}",
+            a.findings[0].message
+        );
+    }
+
+    #[test]
+    fn service_targets_by_number_and_name() {
+        let k8s = deployment(
+            "api",
+            "{app: api, tier: web}",
+            "[{name: api, ports: [{containerPort: 3000, name: http}, {containerPort: 53, protocol: UDP}]}]",
+        ) + "apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: shop}\nspec:\n  selector: {app: api}\n  ports:\n    - {port: 80, targetPort: http}\n    - {port: 3000}\n    - {port: 81, targetPort: https}\n    - {port: 53, protocol: UDP}\n    - {port: 54, targetPort: 53}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: lost, namespace: other}\nspec: {selector: {app: api}, ports: [{port: 1}]}\n";
+        let m = units(&k8s);
+        let plan = parse_policy_str("policies: []\n").unwrap();
+        let a = analyze(&plan, "p.yaml", &m);
+        let got: Vec<_> = a
+            .findings
+            .iter()
+            .map(|f| (f.check, f.severity, f.loc.line))
+            .collect();
+        // `https` names no port; 54 -> 53/tcp, but 53 is declared UDP; the
+        // Service in another namespace selects nothing (a warning).
+        assert_eq!(
+            got,
+            [
+                (Check::TargetPortUnmatched, Severity::Error, 18),
+                (Check::TargetPortUnmatched, Severity::Error, 20),
+                (Check::ServiceSelectsNothing, Severity::Warning, 22),
+            ],
+            "{:#?}",
+            a.findings
+        );
     }
 }
