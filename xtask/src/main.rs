@@ -20,7 +20,7 @@ struct Cli {
 enum Cmd {
     /// The whole suite, as CI runs it: formatting, clippy (userspace and
     /// kernel crates), unit tests, the privileged integration tests, then
-    /// 60 s of fuzzing the policy pipeline.
+    /// 60 s of fuzzing each fuzz target.
     Test {
         /// Skip the privileged integration tests (for non-root development
         /// machines; CI runs as root and must not use this).
@@ -54,14 +54,18 @@ enum Cmd {
         #[arg(long, default_value = "target/portguard-image.tar")]
         out: PathBuf,
     },
-    /// Fuzz the policy parser, compiler and map writer (cargo-fuzz,
-    /// nightly) for a while, starting from the committed corpus
-    /// (fuzz/corpus/policy). A crash fails the run and leaves its input in
-    /// fuzz/artifacts/policy.
+    /// Fuzz (cargo-fuzz, nightly) the policy parser, compiler and map
+    /// writer (`policy`), and the manifest readers and analysis of `check
+    /// --manifests` (`manifest`), each for a while, starting from the
+    /// committed corpus (fuzz/corpus/TARGET). A crash fails the run and
+    /// leaves its input in fuzz/artifacts/TARGET.
     Fuzz {
-        /// How long to fuzz.
+        /// How long to fuzz each target.
         #[arg(long, default_value_t = 60)]
         seconds: u64,
+        /// Only this target (`policy` or `manifest`).
+        #[arg(long)]
+        target: Option<String>,
     },
     /// Build the agent and run the privileged integration tests (needs root).
     IntegrationTest {
@@ -210,15 +214,29 @@ fn build_variant_object() -> anyhow::Result<PathBuf> {
     Ok(target_dir.join("bpfel-unknown-none/release/portguard"))
 }
 
-fn fuzz(seconds: u64) -> anyhow::Result<()> {
+/// The cargo-fuzz targets: the policy pipeline, and what `check
+/// --manifests` does with a file.
+const FUZZ_TARGETS: [&str; 2] = ["policy", "manifest"];
+
+fn fuzz(seconds: u64, only: Option<&str>) -> anyhow::Result<()> {
+    for target in FUZZ_TARGETS
+        .iter()
+        .filter(|t| only.is_none_or(|o| o == **t))
+    {
+        fuzz_one(target, seconds)?;
+    }
+    Ok(())
+}
+
+fn fuzz_one(target: &str, seconds: u64) -> anyhow::Result<()> {
     let fuzz_dir = root_dir().join("fuzz");
     // New inputs go to a scratch corpus; the committed one is only read.
-    let scratch = fuzz_dir.join("target/corpus-scratch");
+    let scratch = fuzz_dir.join("target/corpus-scratch").join(target);
     std::fs::create_dir_all(&scratch)?;
     let mut cmd = Command::new("rustup");
-    cmd.args(["run", "nightly", "cargo", "fuzz", "run", "policy"])
+    cmd.args(["run", "nightly", "cargo", "fuzz", "run", target])
         .arg(&scratch)
-        .arg(fuzz_dir.join("corpus/policy"))
+        .arg(fuzz_dir.join("corpus").join(target))
         .args([
             "--",
             &format!("-max_total_time={seconds}"),
@@ -231,13 +249,13 @@ fn fuzz(seconds: u64) -> anyhow::Result<()> {
         .env_remove("RUSTC")
         .env_remove("RUSTC_WORKSPACE_WRAPPER")
         .current_dir(&fuzz_dir);
-    eprintln!("xtask: fuzzing the policy pipeline for {seconds} s");
+    eprintln!("xtask: fuzzing `{target}` for {seconds} s");
     let status = cmd
         .status()
         .context("starting cargo fuzz (run ./scripts/setup.sh)")?;
     if !status.success() {
         bail!(
-            "the policy fuzz target failed ({status}); the crashing input is in fuzz/artifacts/policy"
+            "the {target} fuzz target failed ({status}); the crashing input is in fuzz/artifacts/{target}"
         );
     }
     Ok(())
@@ -292,13 +310,13 @@ fn main() -> ExitCode {
                     integration(&[])
                 }
             })
-            .and_then(|()| fuzz(60)),
+            .and_then(|()| fuzz(60, None)),
         Cmd::Lint => lint(),
         Cmd::Unit => unit(),
         Cmd::Bench { quick, out } => bench(quick, &out),
         Cmd::Image { name, out } => image(&name, &out),
         Cmd::IntegrationTest { args } => integration(&args),
-        Cmd::Fuzz { seconds } => fuzz(seconds),
+        Cmd::Fuzz { seconds, target } => fuzz(seconds, target.as_deref()),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -442,10 +442,7 @@ pub fn load(paths: &[PathBuf], namespace: &str) -> anyhow::Result<Manifests> {
         };
         m.files += 1;
         let before = m.units.len() + m.services.len();
-        match file_kind(&path).unwrap_or(FileKind::Yaml) {
-            FileKind::Dockerfile => dockerfile::read(&path, &shown, &text, &mut m),
-            FileKind::Yaml => read_yaml(&path, &shown, &text, namespace, &mut m),
-        }
+        read_into(&path, &shown, &text, namespace, &mut m);
         if explicit && m.units.len() + m.services.len() == before {
             let mut f = Finding::new(
                 Check::ManifestUnresolved,
@@ -487,6 +484,24 @@ fn shown_join(dir: &str, rel: &Path) -> String {
     }
     let s = parts.join("/");
     s.strip_prefix("//").map(|r| format!("/{r}")).unwrap_or(s)
+}
+
+/// Read one file's text, as what its name says it is (a Dockerfile, else
+/// YAML), showing it as `shown`.
+fn read_into(path: &Path, shown: &str, text: &str, namespace: &str, m: &mut Manifests) {
+    match file_kind(path).unwrap_or(FileKind::Yaml) {
+        FileKind::Dockerfile => dockerfile::read(path, shown, text, m),
+        FileKind::Yaml => read_yaml(path, shown, text, namespace, m),
+    }
+}
+
+/// [`load`] for one text already in memory (tests and fuzzing): `path`
+/// decides the kind and anchors relative `build:` paths.
+pub fn read_text(path: &Path, text: &str, namespace: &str) -> Manifests {
+    let mut m = Manifests::default();
+    read_into(path, &path.display().to_string(), text, namespace, &mut m);
+    m.built.clear();
+    m
 }
 
 fn read_limited(path: &Path) -> std::io::Result<String> {
