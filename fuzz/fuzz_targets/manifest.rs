@@ -23,7 +23,11 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let text = String::from_utf8_lossy(rest);
-    let name = if kind % 2 == 0 { "k8s.yaml" } else { "Dockerfile" };
+    let name = if kind % 2 == 0 {
+        "k8s.yaml"
+    } else {
+        "Dockerfile"
+    };
     let m = read_text(Path::new(name), &text, "shop");
     let plan = parse_policy_str(PLAN).expect("the plan parses");
     let a = analyze(&plan, "policy.yaml", &m);

@@ -147,7 +147,7 @@ fn parse_inner(text: &str, multi: bool) -> Result<(Vec<Node>, ParseInfo), Syntax
         pos,
         message: format!(
             "the document has more than {MAX_NODES} YAML nodes (counting what aliases repeat); \
-             policy files are limited to that"
+             policy files and manifests are limited to that"
         ),
     };
 
