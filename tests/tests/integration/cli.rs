@@ -148,3 +148,74 @@ fn help_explains_every_option() {
     let (_, check, _) = portguard(&["check", "--help"]);
     assert!(check.contains("Exits 0"), "{check}");
 }
+
+#[test]
+fn check_manifests_refuses_bad_input_clearly() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/policy.yaml");
+    // A manifest path that does not exist: exit 1, naming it.
+    let (code, _, err) = portguard(&[
+        "check",
+        "--policy",
+        example,
+        "--manifests",
+        "/nonexistent/k8s",
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("--manifests /nonexistent/k8s"), "{err}");
+    // No policy file at all: a usage error.
+    let (code, _, err) = portguard(&["check", "--manifests", "/tmp"]);
+    assert_eq!(code, 2, "{err}");
+    // A manifest that is not YAML is an error at its line, even with
+    // --warn-only the report says so (and the run passes).
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("chart.yaml");
+    std::fs::write(
+        &f,
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {{ .Release.Name }}\n  labels: [\n",
+    )
+    .unwrap();
+    let (code, out, _) = portguard(&["check", example, "--manifests", f.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    let want = format!("{}:", f.display());
+    assert!(
+        out.lines().any(|l| l.starts_with(&want)
+            && l.contains("error: YAML:")
+            && l.ends_with("[manifest-invalid]")),
+        "{out}"
+    );
+    let (code, out, _) = portguard(&[
+        "check",
+        example,
+        "--manifests",
+        f.to_str().unwrap(),
+        "--warn-only",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("[manifest-invalid]"), "{out}");
+    // An invalid policy fails even with --warn-only.
+    let bad = dir.path().join("bad-policy.yaml");
+    std::fs::write(&bad, "policies: [{name: a}]\n").unwrap();
+    let (code, out, _) = portguard(&[
+        "check",
+        "--policy",
+        bad.to_str().unwrap(),
+        "--manifests",
+        dir.path().to_str().unwrap(),
+        "--warn-only",
+    ]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("[policy-invalid]"), "{out}");
+    // --help names every finding and format.
+    let (_, help, _) = portguard(&["check", "--help"]);
+    for word in [
+        "port-not-allowed",
+        "host-port-conflict",
+        "reserved-port",
+        "target-port-unmatched",
+        "port-mismatch",
+        "sarif",
+        "--warn-only",
+    ] {
+        assert!(help.contains(word), "{word} missing from:\n{help}");
+    }
+}
