@@ -119,13 +119,12 @@ pub fn read(path: &Path, file: &str, doc: &Node, m: &mut Manifests) {
                         same_as_container: true,
                     }),
                 }),
-                Ok(_) => invalid(
-                    m,
+                Ok(_) => m.invalid(
                     file,
                     item,
                     format!("expose: `{s}` is a container port, not HOST:CONTAINER"),
                 ),
-                Err(e) => invalid(m, file, item, format!("expose: {e}")),
+                Err(e) => m.invalid(file, item, format!("expose: {e}")),
             }
         }
         if let Some(rel) = get(svc, "build").and_then(build_path) {
@@ -155,20 +154,11 @@ pub fn read(path: &Path, file: &str, doc: &Node, m: &mut Manifests) {
     }
 }
 
-fn invalid(m: &mut Manifests, file: &str, node: &Node, msg: String) {
-    m.findings.push(Finding::new(
-        Check::ManifestInvalid,
-        Loc::at(file, node),
-        msg,
-    ));
-}
-
 /// A scalar port value with `${VAR:-default}` interpolated; a variable
 /// without a default is reported, not guessed.
 fn scalar_port(file: &str, node: &Node, field: &str, m: &mut Manifests) -> Option<String> {
     let Some(raw) = text(node) else {
-        invalid(
-            m,
+        m.invalid(
             file,
             node,
             format!("{field}: expected a port, found {}", node.type_name()),
@@ -196,7 +186,7 @@ fn port_item(file: &str, item: &Node, host_network: bool, m: &mut Manifests) -> 
         let container = match port_range(&t) {
             Ok(c) => c,
             Err(e) => {
-                invalid(m, file, target, format!("ports.target: {e}"));
+                m.invalid(file, target, format!("ports.target: {e}"));
                 return None;
             }
         };
@@ -205,7 +195,7 @@ fn port_item(file: &str, item: &Node, host_network: bool, m: &mut Manifests) -> 
             Some(p) => match Proto::parse(p) {
                 Some(p) => p,
                 None => {
-                    invalid(m, file, item, format!("ports.protocol: unknown `{p}`"));
+                    m.invalid(file, item, format!("ports.protocol: unknown `{p}`"));
                     return None;
                 }
             },
@@ -226,7 +216,7 @@ fn port_item(file: &str, item: &Node, host_network: bool, m: &mut Manifests) -> 
                         same_as_container: false,
                     }),
                     Err(e) => {
-                        invalid(m, file, p, format!("ports.published: {e}"));
+                        m.invalid(file, p, format!("ports.published: {e}"));
                         return None;
                     }
                 }
@@ -279,7 +269,7 @@ fn port_item(file: &str, item: &Node, host_network: bool, m: &mut Manifests) -> 
             })
         }
         Err(e) => {
-            invalid(m, file, item, format!("ports: {e}"));
+            m.invalid(file, item, format!("ports: {e}"));
             None
         }
     }

@@ -4,8 +4,8 @@
 //! Services. `List` objects are read item by item; other kinds are ignored.
 
 use super::{
-    Check, Finding, HostClaim, Loc, Manifests, Origin, PortDecl, Proto, Service, ServicePort,
-    Target, Unit, WorkloadId, entries, get, items, path, port_number, string_map, text,
+    HostClaim, Loc, Manifests, Origin, PortDecl, Proto, Service, ServicePort, Target, Unit,
+    WorkloadId, entries, get, items, path, port_number, string_map, text,
 };
 use crate::policy::yaml::Node;
 
@@ -78,14 +78,6 @@ pub fn read(file: &str, doc: &Node, default_ns: &str, m: &mut Manifests) {
     }
 }
 
-fn invalid(m: &mut Manifests, file: &str, node: &Node, msg: String) {
-    m.findings.push(Finding::new(
-        Check::ManifestInvalid,
-        Loc::at(file, node),
-        msg,
-    ));
-}
-
 fn protocol(file: &str, node: Option<&Node>, m: &mut Manifests) -> Option<Proto> {
     let Some(n) = node else {
         return Some(Proto::Tcp);
@@ -93,8 +85,7 @@ fn protocol(file: &str, node: Option<&Node>, m: &mut Manifests) -> Option<Proto>
     match text(n).and_then(Proto::parse) {
         Some(p) => Some(p),
         None => {
-            invalid(
-                m,
+            m.invalid(
                 file,
                 n,
                 format!(
@@ -111,12 +102,11 @@ fn number(file: &str, node: &Node, field: &str, m: &mut Manifests) -> Option<u16
     match text(node).map(port_number) {
         Some(Ok(p)) => Some(p),
         Some(Err(e)) => {
-            invalid(m, file, node, format!("{field}: {e}"));
+            m.invalid(file, node, format!("{field}: {e}"));
             None
         }
         None => {
-            invalid(
-                m,
+            m.invalid(
                 file,
                 node,
                 format!(
@@ -133,12 +123,7 @@ fn container_ports(file: &str, c: &Node, host_network: bool, m: &mut Manifests) 
     let mut out = Vec::new();
     for p in items(get(c, "ports")) {
         let Some(cp_node) = get(p, "containerPort") else {
-            invalid(
-                m,
-                file,
-                p,
-                "ports: an entry without containerPort".to_owned(),
-            );
+            m.invalid(file, p, "ports: an entry without containerPort".to_owned());
             continue;
         };
         let Some(port) = number(file, cp_node, "containerPort", m) else {
@@ -192,7 +177,7 @@ fn service(file: &str, doc: &Node, name: String, namespace: String, m: &mut Mani
     let mut ports = Vec::new();
     for p in items(get(spec, "ports")) {
         let Some(port_node) = get(p, "port") else {
-            invalid(m, file, p, "ports: an entry without port".to_owned());
+            m.invalid(file, p, "ports: an entry without port".to_owned());
             continue;
         };
         let Some(port) = number(file, port_node, "port", m) else {
@@ -205,8 +190,7 @@ fn service(file: &str, doc: &Node, name: String, namespace: String, m: &mut Mani
             None => (Target::Number(port), Loc::at(file, port_node)),
             Some(t) => {
                 let Some(s) = text(t) else {
-                    invalid(
-                        m,
+                    m.invalid(
                         file,
                         t,
                         "targetPort: expected a number or a port name".to_owned(),

@@ -218,6 +218,17 @@ pub struct Manifests {
     built: Vec<(PathBuf, String)>,
 }
 
+impl Manifests {
+    /// A `manifest-invalid` finding at `node`.
+    fn invalid(&mut self, file: &str, node: &Node, msg: String) {
+        self.findings.push(Finding::new(
+            Check::ManifestInvalid,
+            Loc::at(file, node),
+            msg,
+        ));
+    }
+}
+
 /// How bad a finding is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Severity {
