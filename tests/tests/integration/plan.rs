@@ -309,3 +309,36 @@ fn check_finds_nothing_in_the_clean_plan() {
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("manifests: ok: 5 files"), "{out}");
 }
+
+#[test]
+fn check_needs_no_network_and_no_cluster() {
+    require_root!();
+    // In a network namespace of its own (only a down loopback), with no
+    // kubeconfig and no home: the same report as anywhere else.
+    let dir = fixture("fixtures/plan-broken");
+    let (_, expected) = check_plan(&dir, &["--format", "json"]);
+    let out = Command::new("unshare")
+        .arg("--net")
+        .arg("--")
+        .arg(agent_bin())
+        .current_dir(&dir)
+        .env("KUBECONFIG", "/nonexistent/kubeconfig")
+        .env("HOME", "/nonexistent")
+        .args([
+            "check",
+            "--policy",
+            "policy.yaml",
+            "--manifests",
+            "k8s/",
+            "compose.yaml",
+            "--format",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let got: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let want: Value = serde_json::from_str(&expected).unwrap();
+    assert_eq!(findings(&got), findings(&want));
+    assert_eq!(findings(&got).len(), planted(&dir).len());
+}
