@@ -18,7 +18,8 @@ use crate::{
 /// below it) from binding, and optionally connecting to, ports outside the
 /// policy's allowed set. Every denial is reported as a JSON line.
 ///
-/// `run` enforces; `check` validates a policy file; `status` shows what the
+/// `run` enforces; `check` validates a policy file (and, with --manifests,
+/// holds deployment manifests against it); `status` shows what the
 /// running agent enforces; `events` reads and summarises the event log;
 /// `learn` watches a workload and writes its policy; `uninstall` removes the
 /// pinned programs, links and maps that keep enforcing after the agent stops.
@@ -237,10 +238,13 @@ pub struct UninstallArgs {
 /// to its policy by the agent's `pods:` selectors, and reports, each with
 /// file and line:
 ///
-///   port-not-allowed       a declared port the governing policy does not allow
-///   host-port-conflict     a hostPort / hostNetwork / published port claimed twice
+///   port-not-allowed       a declared port the governing policy does not
+///                          allow (or allows on loopback only)
+///   host-port-conflict     a hostPort, hostNetwork or published port
+///                          claimed by two workloads
 ///   reserved-port          a declared port in the plan's `reserved:` ports
-///   target-port-unmatched  a Service targetPort no selected container declares
+///   target-port-unmatched  a Service targetPort no selected container
+///                          declares
 ///   port-mismatch          one service, different ports in its Dockerfile,
 ///                          compose file and Kubernetes manifests
 ///
@@ -251,6 +255,7 @@ pub struct UninstallArgs {
 /// --warn-only, manifest findings never fail the run (an invalid policy file
 /// still does).
 #[derive(Debug, Args)]
+#[command(verbatim_doc_comment)]
 pub struct CheckArgs {
     /// Policy file (YAML) to validate; or give it with --policy.
     #[arg(
