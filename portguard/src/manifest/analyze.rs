@@ -878,4 +878,99 @@ mod tests {
             a.findings
         );
     }
+
+    /// `governing` picks, for every container of the manifests, the policy
+    /// the agent ends up enforcing on it: the agent's resolver run on the
+    /// same pods, then the kernel's rule (the container's own cgroup's
+    /// policy, else its pod cgroup's).
+    #[test]
+    fn the_policy_chosen_is_the_one_the_agent_enforces() {
+        use std::collections::HashMap;
+
+        use crate::{
+            cri::{Container, Pod, Snapshot},
+            resolve::{TreeIndex, resolve},
+        };
+        let plan = parse_policy_str(
+            "policies:\n  - {name: all, pods: {}, bind: []}\n  - {name: shop, pods: {namespace: shop}, bind: []}\n  - {name: glob, pods: {namespace: \"sh*\", labels: {app: api}}, bind: []}\n  - {name: api, pods: {namespace: shop, labels: {app: api}}, bind: []}\n  - {name: two-labels, pods: {labels: {app: api, tier: web}}, bind: []}\n  - {name: envoy, pods: {labels: {app: api}, container: envoy}, bind: []}\n  - {name: envoy-shop, pods: {namespace: shop, container: envoy}, bind: []}\n  - {name: db, pods: {namespace: data, labels: {app: db}}, bind: []}\n",
+        )
+        .unwrap();
+        let policies = compile_all(&plan.policies);
+        let m = units(
+            &(deployment(
+                "api",
+                "{app: api, tier: web}",
+                "[{name: api}, {name: envoy}]",
+            ) + &deployment(
+                "api2",
+                "{app: api}",
+                "[{name: api}, {name: envoy}, {name: log}]",
+            ) + &deployment("other", "{app: other}", "[{name: envoy}, {name: x}]")
+                + "apiVersion: v1\nkind: Pod\nmetadata: {name: db, namespace: data, labels: {app: db}}\nspec: {containers: [{name: pg}, {name: envoy}]}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: free, namespace: kube-system}\nspec: {containers: [{name: c}]}\n"),
+        );
+        // The pods and containers as the CRI runtime and the cgroup tree
+        // would show them.
+        let mut pods: Vec<Pod> = Vec::new();
+        let mut containers = Vec::new();
+        let mut paths = vec!["/kubepods".to_owned()];
+        let mut cgroup_of = Vec::new();
+        for (n, u) in m.units.iter().enumerate() {
+            let key = format!("{}/{}", u.workload.namespace, u.workload.name);
+            let p = match pods.iter().position(|p| p.name == key) {
+                Some(p) => p,
+                None => {
+                    let uid = format!("{:08x}-0000-0000-0000-000000000000", pods.len() + 1);
+                    paths.push(format!("/kubepods/pod{uid}"));
+                    pods.push(Pod {
+                        sandbox_id: format!("sb-{uid}"),
+                        uid,
+                        name: key,
+                        namespace: u.workload.namespace.clone(),
+                        labels: u.labels.clone(),
+                        ready: true,
+                    });
+                    pods.len() - 1
+                }
+            };
+            let id = format!("{:064x}", n + 1);
+            let pod_path = format!("/kubepods/pod{}", pods[p].uid);
+            paths.push(format!("{pod_path}/{id}"));
+            cgroup_of.push((pod_path.clone(), format!("{pod_path}/{id}")));
+            containers.push(Container {
+                id,
+                sandbox_id: pods[p].sandbox_id.clone(),
+                name: u.container.clone(),
+            });
+        }
+        let tree = TreeIndex::from_paths(paths.iter().map(String::as_str));
+        let cri = Snapshot { pods, containers };
+        let mut ids: HashMap<String, u64> = HashMap::new();
+        let mut stat = |p: &str| {
+            let next = ids.len() as u64 + 1;
+            Some((
+                *ids.entry(p.to_owned()).or_insert(next),
+                p.matches('/').count() as u32,
+            ))
+        };
+        let (resolution, _) = resolve(&policies, &tree, Some(&cri), &mut stat);
+        let owner_of = |path: &str| {
+            resolution
+                .iter()
+                .position(|g| g.iter().any(|g| g.path == path))
+        };
+        let mut seen = BTreeSet::new();
+        for (u, (pod_path, container_path)) in m.units.iter().zip(&cgroup_of) {
+            let agent = owner_of(container_path).or_else(|| owner_of(pod_path));
+            let ours = governing(&policies, u);
+            assert_eq!(
+                ours.map(|i| &policies[i].name),
+                agent.map(|i| &policies[i].name),
+                "{}",
+                u.describe()
+            );
+            seen.insert(ours.map(|i| policies[i].name.clone()));
+        }
+        // The cases are not all one answer.
+        assert!(seen.len() >= 5, "{seen:?}");
+    }
 }

@@ -224,7 +224,7 @@ pub fn read(path: &Path, file: &str, text: &str, m: &mut Manifests) {
                         (_, None) => m.findings.push(Finding::new(
                             Check::ManifestInvalid,
                             loc,
-                            format!("EXPOSE {value}: the protocol must be tcp or udp"),
+                            format!("EXPOSE {value}: the protocol must be tcp, udp or sctp"),
                         )),
                     }
                 }
