@@ -13,15 +13,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use portguard_common::{AddrClass, Family, Proto as KProto};
+use portguard_common::{AddrClass, Family, Proto as KProto, SOCK_ALLOW_SCTP};
 
 use super::{
     Check, Finding, HostClaim, Loc, Manifests, Origin, PortDecl, Proto, Severity, Target, Unit,
     image_name, image_repository,
 };
 use crate::policy::{
-    CompiledPolicy, INFRASTRUCTURE_PORTS, Mode, PolicyFile, PortSet, Selector, SocketKind,
-    compile_all,
+    CompiledPolicy, INFRASTRUCTURE_PORTS, Mode, PolicyFile, PortSet, Selector, compile_all,
 };
 
 /// What each infrastructure port is, for messages.
@@ -182,14 +181,14 @@ fn governing(policies: &[CompiledPolicy], u: &Unit) -> Option<usize> {
 }
 
 /// Why `policy` does not let the container bind `d`, if it does not.
-fn refusal(policy: &CompiledPolicy, allow_sctp: bool, d: &PortDecl) -> Option<String> {
+fn refusal(policy: &CompiledPolicy, d: &PortDecl) -> Option<String> {
     let sets = policy.bind.as_ref()?;
     let want = range_set(d.lo, d.hi);
     let proto = match d.proto {
         Proto::Tcp => KProto::Tcp,
         Proto::Udp => KProto::Udp,
         Proto::Sctp => {
-            return (!allow_sctp).then(|| {
+            return (policy.allow_sockets & SOCK_ALLOW_SCTP == 0).then(|| {
                 "SCTP sockets are not allowed by it (`allow_sockets` lacks sctp)".to_owned()
             });
         }
@@ -202,8 +201,6 @@ fn refusal(policy: &CompiledPolicy, allow_sctp: bool, d: &PortDecl) -> Option<St
     if covered(AddrClass::Any) {
         return None;
     }
-    let mut allowed = sets.get(proto, Family::Ipv4, AddrClass::Any).clone();
-    allowed.union_with(sets.get(proto, Family::Ipv6, AddrClass::Any));
     if covered(AddrClass::Loopback) {
         return Some(format!(
             "it allows {} only on loopback (`address: loopback`), and a declared port is \
@@ -211,6 +208,8 @@ fn refusal(policy: &CompiledPolicy, allow_sctp: bool, d: &PortDecl) -> Option<St
             d.describe()
         ));
     }
+    let mut allowed = sets.get(proto, Family::Ipv4, AddrClass::Any).clone();
+    allowed.union_with(sets.get(proto, Family::Ipv6, AddrClass::Any));
     Some(format!(
         "it allows {} binds on {}",
         d.proto.as_str(),
@@ -220,9 +219,8 @@ fn refusal(policy: &CompiledPolicy, allow_sctp: bool, d: &PortDecl) -> Option<St
 
 pub struct Analysis {
     pub findings: Vec<Finding>,
-    /// Kubernetes containers governed by a policy, and not.
+    /// Kubernetes containers governed by a policy.
     pub governed: usize,
-    pub ungoverned: usize,
 }
 
 /// Every finding about `m` under `plan`, in file and line order.
@@ -238,25 +236,26 @@ pub fn analyze(plan: &PolicyFile, policy_file: &str, m: &Manifests) -> Analysis 
             _ => None,
         })
         .collect();
-    let kube_units = units
-        .iter()
-        .filter(|u| u.origin == Origin::Kubernetes)
-        .count();
     let governed = owner.iter().flatten().count();
+    // Per service, the policies of its Kubernetes containers (each with the
+    // first container it governs): what judges its compose services and
+    // Dockerfiles.
+    let mut group_judges: BTreeMap<usize, Vec<(usize, Option<usize>)>> = BTreeMap::new();
+    for (j, p) in owner.iter().enumerate() {
+        if let Some(p) = *p {
+            let judges = group_judges.entry(groups[j]).or_default();
+            if judges.iter().all(|&(q, _)| q != p) {
+                judges.push((p, Some(j)));
+            }
+        }
+    }
 
     // A declared port in the reserved set; else one a governing policy
     // does not allow.
     for (i, u) in units.iter().enumerate() {
         let judges: Vec<(usize, Option<usize>)> = match u.origin {
             Origin::Kubernetes => owner[i].map(|p| (p, None)).into_iter().collect(),
-            _ => {
-                let mut seen = BTreeSet::new();
-                (0..units.len())
-                    .filter(|&j| groups[j] == groups[i])
-                    .filter_map(|j| owner[j].map(|p| (p, Some(j))))
-                    .filter(|(p, _)| seen.insert(*p))
-                    .collect()
-            }
+            _ => group_judges.get(&groups[i]).cloned().unwrap_or_default(),
         };
         for d in &u.ports {
             let clash = range_set(d.lo, d.hi).intersection(&plan.reserved);
@@ -289,8 +288,7 @@ pub fn analyze(plan: &PolicyFile, policy_file: &str, m: &Manifests) -> Analysis 
             }
             for &(p, via) in &judges {
                 let policy = &policies[p];
-                let allow_sctp = plan.policies[p].allow_sockets.contains(&SocketKind::Sctp);
-                let Some(why) = refusal(policy, allow_sctp, d) else {
+                let Some(why) = refusal(policy, d) else {
                     continue;
                 };
                 let whose = match via {
@@ -336,7 +334,6 @@ pub fn analyze(plan: &PolicyFile, policy_file: &str, m: &Manifests) -> Analysis 
     Analysis {
         findings: out,
         governed,
-        ungoverned: kube_units - governed,
     }
 }
 
@@ -552,23 +549,30 @@ fn mismatches(units: &[Unit], groups: &[usize], out: &mut Vec<Finding>) {
         if by_origin.len() < 2 {
             continue;
         }
+        // What each kind of file declares, for messages.
+        let declared: BTreeMap<Origin, String> = by_origin
+            .iter()
+            .map(|(o, sets)| {
+                let all: Vec<String> = sets
+                    .iter()
+                    .map(|(p, s)| format!("{} {}", p.as_str(), describe_set(s)))
+                    .collect();
+                (*o, all.join(", "))
+            })
+            .collect();
         for &i in ids {
             let u = &units[i];
+            let others: Vec<Origin> = by_origin
+                .keys()
+                .copied()
+                .filter(|o| *o != u.origin)
+                .collect();
             for d in &u.ports {
                 let mut elsewhere = PortSet::default();
-                let mut others = Vec::new();
-                for (o, sets) in &by_origin {
-                    if *o == u.origin {
-                        continue;
-                    }
-                    if let Some(s) = sets.get(&d.proto) {
+                for o in &others {
+                    if let Some(s) = by_origin[o].get(&d.proto) {
                         elsewhere.union_with(s);
                     }
-                    let all: Vec<String> = sets
-                        .iter()
-                        .map(|(p, s)| format!("{} {}", p.as_str(), describe_set(s)))
-                        .collect();
-                    others.push((*o, all.join(", ")));
                 }
                 if !range_set(d.lo, d.hi).intersection(&elsewhere).is_empty() {
                     continue;
@@ -582,12 +586,12 @@ fn mismatches(units: &[Unit], groups: &[usize], out: &mut Vec<Finding>) {
                         d.describe(),
                         others
                             .iter()
-                            .map(|(o, ports)| format!("{} declares {ports}", o.as_str()))
+                            .map(|o| format!("{} declares {}", o.as_str(), declared[o]))
                             .collect::<Vec<_>>()
                             .join("; ")
                     ),
                 );
-                for (o, _) in &others {
+                for o in &others {
                     if let Some((loc, who)) = first.get(o) {
                         f.related
                             .push((loc.clone(), format!("{}: {who}", o.as_str())));
@@ -674,7 +678,8 @@ mod tests {
             "{}",
             a.findings[1].message
         );
-        assert_eq!((a.governed, a.ungoverned), (3, 1));
+        // `free` is the fourth container.
+        assert_eq!((a.governed, m.units.len()), (3, 4));
     }
 
     #[test]

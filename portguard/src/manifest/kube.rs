@@ -5,7 +5,7 @@
 
 use super::{
     HostClaim, Loc, Manifests, Origin, PortDecl, Proto, Service, ServicePort, Target, Unit,
-    WorkloadId, entries, get, items, path, port_number, string_map, text,
+    WorkloadId, get, items, path, port_number, string_map, text,
 };
 use crate::policy::yaml::Node;
 
@@ -119,17 +119,27 @@ fn number(file: &str, node: &Node, field: &str, m: &mut Manifests) -> Option<u16
     }
 }
 
+/// A `ports:` entry's required `key` (`containerPort`, `port`): its node, its
+/// value and the entry's protocol; `None` (reported) when either is bad.
+fn port_entry<'n>(
+    file: &str,
+    p: &'n Node,
+    key: &str,
+    m: &mut Manifests,
+) -> Option<(&'n Node, u16, Proto)> {
+    let Some(node) = get(p, key) else {
+        m.invalid(file, p, format!("ports: an entry without {key}"));
+        return None;
+    };
+    let port = number(file, node, key, m)?;
+    let proto = protocol(file, get(p, "protocol"), m)?;
+    Some((node, port, proto))
+}
+
 fn container_ports(file: &str, c: &Node, host_network: bool, m: &mut Manifests) -> Vec<PortDecl> {
     let mut out = Vec::new();
     for p in items(get(c, "ports")) {
-        let Some(cp_node) = get(p, "containerPort") else {
-            m.invalid(file, p, "ports: an entry without containerPort".to_owned());
-            continue;
-        };
-        let Some(port) = number(file, cp_node, "containerPort", m) else {
-            continue;
-        };
-        let Some(proto) = protocol(file, get(p, "protocol"), m) else {
+        let Some((cp_node, port, proto)) = port_entry(file, p, "containerPort", m) else {
             continue;
         };
         let loc = Loc::at(file, cp_node);
@@ -176,14 +186,7 @@ fn service(file: &str, doc: &Node, name: String, namespace: String, m: &mut Mani
     let selector = string_map(get(spec, "selector"));
     let mut ports = Vec::new();
     for p in items(get(spec, "ports")) {
-        let Some(port_node) = get(p, "port") else {
-            m.invalid(file, p, "ports: an entry without port".to_owned());
-            continue;
-        };
-        let Some(port) = number(file, port_node, "port", m) else {
-            continue;
-        };
-        let Some(proto) = protocol(file, get(p, "protocol"), m) else {
+        let Some((port_node, port, proto)) = port_entry(file, p, "port", m) else {
             continue;
         };
         let (target, loc) = match get(p, "targetPort") {
@@ -215,7 +218,7 @@ fn service(file: &str, doc: &Node, name: String, namespace: String, m: &mut Mani
         });
     }
     // A Service without a selector has hand-made endpoints: nothing to match.
-    if selector.is_empty() || entries(get(spec, "selector")).is_empty() {
+    if selector.is_empty() {
         return;
     }
     m.services.push(Service {
