@@ -80,19 +80,22 @@ fn fixture(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
 
+/// The README's CI command, run in a fixture directory.
+const CHECK_PLAN: [&str; 6] = [
+    "check",
+    "--policy",
+    "policy.yaml",
+    "--manifests",
+    "k8s/",
+    "compose.yaml",
+];
+
 /// `portguard check --policy policy.yaml --manifests k8s/ compose.yaml
 /// ARGS`, run in `dir` as a CI job would: exit code and standard output.
 fn check_plan(dir: &Path, args: &[&str]) -> (i32, String) {
     let out = Command::new(agent_bin())
         .current_dir(dir)
-        .args([
-            "check",
-            "--policy",
-            "policy.yaml",
-            "--manifests",
-            "k8s/",
-            "compose.yaml",
-        ])
+        .args(CHECK_PLAN)
         .args(args)
         .output()
         .unwrap();
@@ -324,16 +327,8 @@ fn check_needs_no_network_and_no_cluster() {
         .current_dir(&dir)
         .env("KUBECONFIG", "/nonexistent/kubeconfig")
         .env("HOME", "/nonexistent")
-        .args([
-            "check",
-            "--policy",
-            "policy.yaml",
-            "--manifests",
-            "k8s/",
-            "compose.yaml",
-            "--format",
-            "json",
-        ])
+        .args(CHECK_PLAN)
+        .args(["--format", "json"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "{out:?}");
