@@ -1,3 +1,4 @@
 //! Helpers shared by `cargo xtask` and the integration tests.
 
+pub mod fuzz;
 pub mod oci;

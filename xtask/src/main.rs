@@ -20,7 +20,9 @@ struct Cli {
 enum Cmd {
     /// The whole suite, as CI runs it: formatting, clippy (userspace and
     /// kernel crates), unit tests, the privileged integration tests, then
-    /// 60 s of fuzzing each fuzz target.
+    /// the deterministic fuzzing pass of each fuzz target: every committed
+    /// corpus input replayed, and a fixed-seed, fixed-count mutation pass
+    /// (about 60 s each). The same commit does the same work every time.
     Test {
         /// Skip the privileged integration tests (for non-root development
         /// machines; CI runs as root and must not use this).
@@ -54,15 +56,34 @@ enum Cmd {
         #[arg(long, default_value = "target/portguard-image.tar")]
         out: PathBuf,
     },
-    /// Fuzz (cargo-fuzz, nightly) the policy parser, compiler and map
-    /// writer (`policy`), and the manifest readers and analysis of `check
-    /// --manifests` (`manifest`), each for a while, starting from the
-    /// committed corpus (fuzz/corpus/TARGET). A crash fails the run and
-    /// leaves its input in fuzz/artifacts/TARGET.
+    /// Exploratory fuzzing (cargo-fuzz, nightly) of the policy parser,
+    /// compiler and map writer (`policy`), and of the manifest readers and
+    /// analysis of `check --manifests` (`manifest`): a random seed, a time
+    /// box, starting from the committed corpus (fuzz/corpus/TARGET). Run it
+    /// before a release and after changing a parser. New inputs go to
+    /// fuzz/target/corpus-scratch/TARGET (fold them in with `cargo xtask
+    /// fuzz-cmin`); a crash fails the run and leaves its input in
+    /// fuzz/artifacts/TARGET: fix it, and commit the input to the corpus
+    /// with a unit test. The test suite's pass is `cargo xtask fuzz-ci`.
     Fuzz {
         /// How long to fuzz each target.
-        #[arg(long, default_value_t = 60)]
+        #[arg(long, default_value_t = 600)]
         seconds: u64,
+        /// Only this target (`policy` or `manifest`).
+        #[arg(long)]
+        target: Option<String>,
+        /// Fuzzing processes per target (libFuzzer's -fork=N when above 1).
+        #[arg(long, default_value_t = 1)]
+        jobs: u32,
+    },
+    /// The test suite's deterministic fuzzing on its own: each target's
+    /// committed corpus replayed, then its fixed-seed, fixed-count
+    /// mutation pass.
+    FuzzCi,
+    /// Merge the exploratory runs' new inputs into the committed corpus and
+    /// minimise it (libFuzzer -merge=1, as `cargo fuzz cmin`). Hand-named
+    /// regression inputs (e.g. issue-13-past-the-end) are kept as they are.
+    FuzzCmin {
         /// Only this target (`policy` or `manifest`).
         #[arg(long)]
         target: Option<String>,
@@ -214,53 +235,6 @@ fn build_variant_object() -> anyhow::Result<PathBuf> {
     Ok(target_dir.join("bpfel-unknown-none/release/portguard"))
 }
 
-/// The cargo-fuzz targets: the policy pipeline, and what `check
-/// --manifests` does with a file.
-const FUZZ_TARGETS: [&str; 2] = ["policy", "manifest"];
-
-fn fuzz(seconds: u64, only: Option<&str>) -> anyhow::Result<()> {
-    for target in FUZZ_TARGETS
-        .iter()
-        .filter(|t| only.is_none_or(|o| o == **t))
-    {
-        fuzz_one(target, seconds)?;
-    }
-    Ok(())
-}
-
-fn fuzz_one(target: &str, seconds: u64) -> anyhow::Result<()> {
-    let fuzz_dir = root_dir().join("fuzz");
-    // New inputs go to a scratch corpus; the committed one is only read.
-    let scratch = fuzz_dir.join("target/corpus-scratch").join(target);
-    std::fs::create_dir_all(&scratch)?;
-    let mut cmd = Command::new("rustup");
-    cmd.args(["run", "nightly", "cargo", "fuzz", "run", target])
-        .arg(&scratch)
-        .arg(fuzz_dir.join("corpus").join(target))
-        .args([
-            "--",
-            &format!("-max_total_time={seconds}"),
-            "-rss_limit_mb=2048",
-            "-max_len=8192",
-            "-print_final_stats=1",
-        ])
-        // The fuzz build never loads kernel programs (see portguard/build.rs).
-        .env("AYA_BUILD_SKIP", "1")
-        .env_remove("RUSTC")
-        .env_remove("RUSTC_WORKSPACE_WRAPPER")
-        .current_dir(&fuzz_dir);
-    eprintln!("xtask: fuzzing `{target}` for {seconds} s");
-    let status = cmd
-        .status()
-        .context("starting cargo fuzz (run ./scripts/setup.sh)")?;
-    if !status.success() {
-        bail!(
-            "the {target} fuzz target failed ({status}); the crashing input is in fuzz/artifacts/{target}"
-        );
-    }
-    Ok(())
-}
-
 fn bench(quick: bool, out: &Path) -> anyhow::Result<()> {
     if !is_root() {
         bail!("the benchmark loads BPF programs and creates cgroups: run it as root");
@@ -310,13 +284,19 @@ fn main() -> ExitCode {
                     integration(&[])
                 }
             })
-            .and_then(|()| fuzz(60, None)),
+            .and_then(|()| xtask::fuzz::ci(&root_dir())),
         Cmd::Lint => lint(),
         Cmd::Unit => unit(),
         Cmd::Bench { quick, out } => bench(quick, &out),
         Cmd::Image { name, out } => image(&name, &out),
         Cmd::IntegrationTest { args } => integration(&args),
-        Cmd::Fuzz { seconds, target } => fuzz(seconds, target.as_deref()),
+        Cmd::Fuzz {
+            seconds,
+            target,
+            jobs,
+        } => xtask::fuzz::explore(&root_dir(), seconds, target.as_deref(), jobs),
+        Cmd::FuzzCi => xtask::fuzz::ci(&root_dir()),
+        Cmd::FuzzCmin { target } => xtask::fuzz::cmin(&root_dir(), target.as_deref()),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -693,6 +693,28 @@ fn interpolate(s: &str) -> Result<String, String> {
 mod tests {
     use super::*;
 
+    /// Issue 13: a manifest whose YAML error the parser placed past its
+    /// last line (fuzz/corpus/manifest/issue-13-past-the-end).
+    #[test]
+    fn a_yaml_error_at_the_end_is_reported_on_the_last_line() {
+        let text = crate::policy::yaml::tests::PAST_THE_END;
+        assert_eq!(text.matches(['\r', '\n']).count(), 5, "six lines");
+        let m = read_text(Path::new("k8s.yaml"), text, "shop");
+        let [f] = &m.findings[..] else {
+            panic!("one finding: {:?}", m.findings)
+        };
+        assert_eq!(f.check, Check::ManifestInvalid);
+        assert_eq!((f.loc.file.as_str(), f.loc.line), ("k8s.yaml", 6), "{f:?}");
+        // The corpus holds the same input, as the fuzzer read it (its first
+        // byte, 0, picks the YAML reader).
+        let corpus = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../fuzz/corpus/manifest/issue-13-past-the-end"
+        ))
+        .unwrap();
+        assert_eq!(corpus.split_first(), Some((&0u8, text.as_bytes())));
+    }
+
     #[test]
     fn image_repositories_drop_tags_and_digests_and_expand_hub_names() {
         assert_eq!(

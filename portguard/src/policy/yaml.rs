@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use saphyr_parser::{Event, Parser, ScalarStyle, Span};
+use saphyr_parser::{Event, Parser, ScalarStyle};
 
 /// 1-based position in the source text.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -14,11 +14,47 @@ pub struct Pos {
     pub column: usize,
 }
 
-impl Pos {
-    fn from_span(span: &Span) -> Self {
-        Self {
-            line: span.start.line(),
-            column: span.start.col() + 1,
+/// Where each line of a text starts, with lines ended the way YAML ends them
+/// (LF, CR and CRLF each end one). Positions are computed from the text
+/// itself, never taken from the parser's own line counter: at the end of the
+/// input saphyr's scanner reads past the last character (it pads the input
+/// with blanks and counts line breaks there), so its marks can name a line
+/// the file does not have.
+struct Lines {
+    /// Character index of the first character of each line.
+    starts: Vec<usize>,
+    /// Characters in the text.
+    len: usize,
+}
+
+impl Lines {
+    fn new(text: &str) -> Self {
+        let mut starts = vec![0];
+        let mut len = 0;
+        let mut chars = text.chars().peekable();
+        while let Some(c) = chars.next() {
+            len += 1;
+            if c == '\r' && chars.peek() == Some(&'\n') {
+                chars.next();
+                len += 1;
+            }
+            if c == '\r' || c == '\n' {
+                starts.push(len);
+            }
+        }
+        Self { starts, len }
+    }
+
+    /// The 1-based line and column of the character at `index` (counted in
+    /// characters, as the parser's marks are). An index at or past the end
+    /// names the end of the last line: the last character, which is that
+    /// line's break when the text ends with one.
+    fn pos(&self, index: usize) -> Pos {
+        let index = index.min(self.len.saturating_sub(1));
+        let line = self.starts.partition_point(|&s| s <= index);
+        Pos {
+            line,
+            column: index - self.starts[line - 1] + 1,
         }
     }
 }
@@ -137,6 +173,7 @@ fn parse_inner(text: &str, multi: bool) -> Result<(Vec<Node>, ParseInfo), Syntax
     let mut docs: Vec<Node> = Vec::new();
     let mut info = ParseInfo::default();
     let mut parser = Parser::new_from_str(text);
+    let lines = Lines::new(text);
     let mut stack: Vec<Frame> = Vec::new();
     let mut anchors: HashMap<usize, Node> = HashMap::new();
     let mut root: Option<Node> = None;
@@ -153,13 +190,10 @@ fn parse_inner(text: &str, multi: bool) -> Result<(Vec<Node>, ParseInfo), Syntax
 
     for ev in &mut parser {
         let (ev, span) = ev.map_err(|e| SyntaxError {
-            pos: Pos {
-                line: e.marker().line(),
-                column: e.marker().col() + 1,
-            },
+            pos: lines.pos(e.marker().index()),
             message: e.info().to_owned(),
         })?;
-        let pos = Pos::from_span(&span);
+        let pos = lines.pos(span.start.index());
         if matches!(
             ev,
             Event::Scalar(..) | Event::SequenceStart(..) | Event::MappingStart(..)
@@ -335,7 +369,7 @@ fn unreachable_frame<T>(pos: Pos) -> Result<T, SyntaxError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn scalar(n: &Node) -> (&str, bool) {
@@ -397,6 +431,50 @@ mod tests {
             panic!()
         };
         assert_eq!(entries[0].1.kind, entries[1].1.kind);
+    }
+
+    /// The fuzz input of issue 13 (tabs and a lone CR): saphyr's scanner
+    /// reports "simple key expected" at line 7 of this 6-line text.
+    pub(crate) const PAST_THE_END: &str = "services:\n  a:\n    network000-801\t\t\t\t\t\t\t\t\t\t\t\r\t\t\t\t#\t\t\t\t\t\t\t\t\t\t\tetadata:\n  name\t\t\t: api\n  namesp\t*ace";
+
+    #[test]
+    fn syntax_errors_at_the_end_point_at_the_last_line() {
+        let e = parse(PAST_THE_END).unwrap_err();
+        assert_eq!(e.message, "simple key expected");
+        assert_eq!(
+            e.pos,
+            Pos {
+                line: 6,
+                column: 13
+            },
+            "the last character of line 6"
+        );
+        // The same error after a final line break still names the last line,
+        // with any line ending.
+        for end in ["\n", "\r\n", "\r"] {
+            let e = parse(&format!("{PAST_THE_END}{end}")).unwrap_err();
+            assert_eq!(e.pos.line, 6, "ending {end:?}: {e:?}");
+        }
+        // An unterminated flow sequence, reported at the end of the input.
+        let e = parse("a: [1,\r\n  2\r\n").unwrap_err();
+        assert_eq!(e.pos.line, 2, "{e:?}");
+    }
+
+    #[test]
+    fn positions_count_cr_lf_and_crlf_and_characters() {
+        let text = "a: 1\rb: 2\r\nc: 3\nd: é\ne: 5\n";
+        let Some(Node {
+            kind: Kind::Map(entries),
+            ..
+        }) = parse(text).unwrap()
+        else {
+            panic!("a map")
+        };
+        let lines: Vec<usize> = entries.iter().map(|(k, _)| k.pos.line).collect();
+        assert_eq!(lines, [1, 2, 3, 4, 5]);
+        // Columns count characters, not bytes.
+        let e = parse("k: \"é\" x\n").unwrap_err();
+        assert_eq!(e.pos, Pos { line: 1, column: 8 }, "{e:?}");
     }
 
     #[test]
