@@ -85,7 +85,7 @@ pub const MAPS: [&str; 10] = [
 /// Version of every map's key and value layout. Bump it whenever a map
 /// type in this file changes meaning or size: an agent that finds pinned
 /// maps with another layout version rebuilds them instead of reusing them.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 /// [`AgentStamp::magic`].
 pub const STAMP_MAGIC: u64 = u64::from_le_bytes(*b"PGSTAMP1");
 
@@ -161,7 +161,7 @@ pub struct SockOffsets {
 const _: () = assert!(size_of::<SockOffsets>() == 32);
 
 /// cgroup programs (the Rust function names in portguard-ebpf) and the
-/// [`Hook`] each one reports.
+/// [`Hook`] each one reports. The packet guard is [`GUARD_PROGRAM`].
 pub const PROGRAMS: [(&str, Hook); 9] = [
     ("portguard_bind4", Hook::Bind4),
     ("portguard_bind6", Hook::Bind6),
@@ -175,9 +175,17 @@ pub const PROGRAMS: [(&str, Hook); 9] = [
 ];
 
 /// Fallback for `listen()` checks where the BPF LSM is unusable: a
-/// `sock_ops` program that judges every new TCP listener after the fact
-/// (`BPF_SOCK_OPS_TCP_LISTEN_CB`) and reports violations; it cannot deny.
+/// `sock_ops` program that judges every new TCP listener right after
+/// `listen()` (`BPF_SOCK_OPS_TCP_LISTEN_CB`). It cannot make listen() fail;
+/// a listener on a port its policy does not allow is cut off
+/// ([`GUARD_CUT`], verdict [`VERDICT_CUT_OFF`]).
 pub const SOCK_OPS_PROGRAM: &str = "portguard_sock_ops";
+
+/// The packet guard (`cgroup_skb/ingress`, attached on the cgroup2 root
+/// like the rest): drops every packet addressed to a socket marked
+/// [`GUARD_CUT`]. One socket-storage lookup per packet; none for a socket
+/// without storage.
+pub const GUARD_PROGRAM: &str = "portguard_ingress";
 
 /// BPF LSM programs (cgroup-scoped, `lsm_cgroup`): the kernel LSM hook each
 /// attaches to and the [`Hook`] it reports. They need the BPF LSM to be
@@ -266,8 +274,32 @@ pub struct State {
     /// Number of governed cgroups, per generation. 0: the kernel allows
     /// everything without walking the ancestry.
     pub cgroups: [u32; 2],
+    /// The host's ephemeral port range (`net.ipv4.ip_local_port_range` of
+    /// the initial network namespace), `low << 16 | high`, written by the
+    /// agent at start and whenever it changes. A port the kernel chose for a
+    /// socket counts as `ephemeral` only inside it: a workload that owns its
+    /// network namespace can narrow its own range onto any port it likes.
+    /// 0: unknown (the kernel assumes [`DEFAULT_EPHEMERAL`]).
+    pub ephemeral: u32,
+    pub _pad2: u32,
 }
-const _: () = assert!(size_of::<State>() == 32);
+const _: () = assert!(size_of::<State>() == 40);
+
+/// Linux's default `ip_local_port_range`, packed as in [`State::ephemeral`].
+pub const DEFAULT_EPHEMERAL: u32 = (32768 << 16) | 60999;
+
+/// Whether `port` lies in a packed ephemeral range ([`State::ephemeral`];
+/// 0 stands for [`DEFAULT_EPHEMERAL`]).
+#[inline(always)]
+pub const fn in_ephemeral_range(packed: u32, port: u16) -> bool {
+    let packed = if packed == 0 {
+        DEFAULT_EPHEMERAL
+    } else {
+        packed
+    };
+    let (lo, hi) = ((packed >> 16) as u16, packed as u16);
+    port != 0 && lo <= port && port <= hi
+}
 
 /// [`MAP_CGROUPS`] key.
 #[repr(C)]
@@ -301,6 +333,54 @@ pub const SOCK_ALLOW_L2TP: u8 = 4;
 pub const SOCK_KIND_RAW: u8 = 1;
 pub const SOCK_KIND_SCTP: u8 = 2;
 pub const SOCK_KIND_L2TP: u8 = 3;
+/// An IPv4/IPv6 socket of a protocol portguard does not know (SMC, DCCP, a
+/// protocol added after this was written): it may take ports without any
+/// hook portguard sees, so a restricted cgroup cannot create it.
+pub const SOCK_KIND_OTHER: u8 = 4;
+
+pub const SOCK_STREAM: u32 = 1;
+pub const SOCK_DGRAM: u32 = 2;
+pub const SOCK_RAW: u32 = 3;
+pub const IPPROTO_ICMP: u32 = 1;
+pub const IPPROTO_ICMPV6: u32 = 58;
+pub const IPPROTO_UDPLITE: u32 = 136;
+pub const IPPROTO_MPTCP: u32 = 262;
+
+/// What a restricted cgroup may create, by (type, protocol) of an IPv4 or
+/// IPv6 socket. An allow-list: what is not known is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SocketClass {
+    /// TCP, MPTCP, UDP, UDP-Lite (whose binds, listens and sends the port
+    /// hooks judge) and ICMP echo ("ping") sockets (which have no port).
+    Judged,
+    /// A kind with its own bind that the port hooks never see, allowed only
+    /// by the policy's `allow_sockets` bit: (`SOCK_KIND_*`, `SOCK_ALLOW_*`).
+    OwnBind(u8, u8),
+    /// Anything else ([`SOCK_KIND_OTHER`]): refused in a restricted cgroup.
+    Unknown,
+}
+
+/// Classify an IPv4/IPv6 socket by its type (without `SOCK_NONBLOCK` and
+/// `SOCK_CLOEXEC`, as the kernel stores it) and protocol (0 is the type's
+/// default: TCP for streams, UDP for datagrams).
+#[inline(always)]
+pub const fn classify_socket(ty: u32, protocol: u32) -> SocketClass {
+    match (ty, protocol) {
+        (SOCK_RAW, _) => SocketClass::OwnBind(SOCK_KIND_RAW, SOCK_ALLOW_RAW),
+        (SOCK_STREAM | SOCK_SEQPACKET, p) if p == IPPROTO_SCTP as u32 => {
+            SocketClass::OwnBind(SOCK_KIND_SCTP, SOCK_ALLOW_SCTP)
+        }
+        (SOCK_DGRAM, p) if p == IPPROTO_L2TP as u32 => {
+            SocketClass::OwnBind(SOCK_KIND_L2TP, SOCK_ALLOW_L2TP)
+        }
+        (SOCK_STREAM, 0 | IPPROTO_MPTCP) => SocketClass::Judged,
+        (SOCK_STREAM, p) if p == IPPROTO_TCP as u32 => SocketClass::Judged,
+        (SOCK_DGRAM, 0 | IPPROTO_UDPLITE | IPPROTO_ICMP | IPPROTO_ICMPV6) => SocketClass::Judged,
+        (SOCK_DGRAM, p) if p == IPPROTO_UDP as u32 => SocketClass::Judged,
+        _ => SocketClass::Unknown,
+    }
+}
+pub const SOCK_SEQPACKET: u32 = 5;
 
 pub const IPPROTO_SCTP: u8 = 132;
 pub const IPPROTO_L2TP: u8 = 115;
@@ -361,19 +441,47 @@ impl PortChunk {
     }
 }
 
-/// [`MAP_SOCKETS`] (socket-local storage) value. bind4/bind6 create it only
+/// [`MAP_SOCKETS`] (socket-local storage) value. bind4/bind6 create it
 /// for a bind to port 0, which post_bind4/post_bind6 must judge on the port
 /// the kernel picks; post_bind allows every other bind at the cost of one
-/// storage lookup (bind4/bind6 already judged the explicit port).
+/// storage lookup (bind4/bind6 already judged the explicit port). The
+/// listen reporter and the UDP send hooks create it for a socket they cut
+/// off ([`GUARD_CUT`]), which the packet guard then reads.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SocketState {
     /// 1: the last bind() on this socket asked for port 0; post_bind judges it.
     pub port0_pending: u32,
-    /// 1: that bind was to the IPv6 unspecified address without
-    /// `IPV6_V6ONLY`, so it also accepts IPv4.
+    /// Unused since layout 2 (post_bind6 reads `IPV6_V6ONLY` from the
+    /// socket, where the bind is final); kept so the layout only grows.
     pub dual_stack: u32,
+    /// [`GUARD_OPEN`] or [`GUARD_CUT`]: what the packet guard does with
+    /// traffic addressed to this socket.
+    pub guard: u32,
+    pub _pad: u32,
 }
+const _: () = assert!(size_of::<SocketState>() == 16);
+
+/// [`SocketState::guard`]: traffic to the socket flows.
+pub const GUARD_OPEN: u32 = 0;
+/// The socket took a port its governing policy does not allow, at a hook
+/// that cannot deny (listen() without the BPF LSM, a UDP autobind): the
+/// packet guard (`cgroup_skb/ingress`) drops every packet addressed to it,
+/// and the agent destroys it.
+pub const GUARD_CUT: u32 = 1;
+
+/// Name of the kernel programs' global holding the byte offset of
+/// `sk_userlocks` in `struct sock` (from the running kernel's BTF), or
+/// [`USERLOCKS_UNKNOWN`]. Its `SOCK_BINDPORT_LOCK` bit is set by a bind()
+/// that named its port, never by a bind to port 0 or an autobind: it tells a
+/// port the kernel chose (which `ephemeral` may allow) from one someone
+/// asked for.
+pub const GLOBAL_USERLOCKS: &str = "PORTGUARD_USERLOCKS_OFFSET";
+/// Unknown offset: every bound port counts as asked for (the stricter
+/// reading: `ephemeral` allows only what post_bind judged).
+pub const USERLOCKS_UNKNOWN: u32 = u32::MAX;
+/// `SOCK_BINDPORT_LOCK` (include/net/sock.h).
+pub const SOCK_BINDPORT_LOCK: u8 = 8;
 
 /// Which hook produced an event. NB: the agent's `hook` event field and the
 /// README's hook table use [`Hook::name`]; keep them in step.
@@ -391,6 +499,10 @@ pub enum Hook {
     Listen = 9,
     Accept = 10,
     SockCreate = 11,
+    /// The packet guard ([`GUARD_PROGRAM`]). It makes no decision of its
+    /// own and writes no event: it drops traffic to sockets a hook cut off
+    /// (counted at [`COUNTER_GUARD_DROPS`]).
+    Ingress = 12,
 }
 
 impl Hook {
@@ -407,6 +519,7 @@ impl Hook {
             9 => Self::Listen,
             10 => Self::Accept,
             11 => Self::SockCreate,
+            12 => Self::Ingress,
             _ => return None,
         })
     }
@@ -424,6 +537,7 @@ impl Hook {
             Self::Listen => "listen",
             Self::Accept => "accept",
             Self::SockCreate => "sock_create",
+            Self::Ingress => "ingress",
         }
     }
 }
@@ -432,9 +546,13 @@ impl Hook {
 pub const VERDICT_DENY: u8 = 1;
 /// Audit mode: the operation was allowed but the policy would have denied it.
 pub const VERDICT_AUDIT: u8 = 2;
-/// Enforce mode, but the hook cannot deny (a `sock_ops` callback after the
-/// fact, used for `listen()` when the BPF LSM is unusable): reported only.
+/// Enforce mode, but the hook cannot deny: reported only. Agents before
+/// layout 2 used it for `listen()` without the BPF LSM; since then such a
+/// listener is cut off ([`VERDICT_CUT_OFF`]). Kept for old event logs.
 pub const VERDICT_REPORTED: u8 = 3;
+/// Enforce mode, at a hook that cannot make the call fail (`listen()`
+/// without the BPF LSM): the socket is cut off instead ([`GUARD_CUT`]).
+pub const VERDICT_CUT_OFF: u8 = 4;
 
 /// [`Event::flags`]: the address was IPv4-mapped IPv6 and was judged as IPv4.
 pub const EVENT_F_V4_MAPPED: u8 = 1;
@@ -480,20 +598,25 @@ pub struct Event {
     /// `bpf_get_current_comm()`.
     pub comm: [u8; 16],
     pub _reserved: u32,
+    /// The socket's cookie (`bpf_get_socket_cookie`) where the hook has the
+    /// socket and the agent may act on it (cut-off sockets), else 0.
+    pub sock_cookie: u64,
 }
-const _: () = assert!(size_of::<Event>() == 88);
+const _: () = assert!(size_of::<Event>() == 96);
 
 /// Decision kinds counted in [`MAP_COUNTERS`] and [`MAP_POLICY_COUNTERS`].
 pub const DECISION_ALLOW: u32 = 0;
-/// Denied in enforce mode.
+/// Denied in enforce mode (the call failed, or its socket was cut off).
 pub const DECISION_DENY: u32 = 1;
 /// Allowed in audit mode, but enforce mode would have denied it.
 pub const DECISION_AUDIT: u32 = 2;
 /// A violation that could only be reported (see [`VERDICT_REPORTED`]).
+/// Cut-off sockets ([`VERDICT_CUT_OFF`]) count as [`DECISION_DENY`]: the
+/// policy was enforced.
 pub const DECISION_REPORTED: u32 = 3;
 pub const DECISIONS: u32 = 4;
 /// Hook values are 1..=HOOKS.
-pub const HOOKS: u32 = 11;
+pub const HOOKS: u32 = 12;
 
 /// [`MAP_COUNTERS`] (a per-CPU array of u64): decisions of every governed
 /// operation by hook and kind, at `hook * DECISIONS + kind` (row 0 unused),
@@ -503,7 +626,9 @@ pub const fn hook_counter(hook: u32, kind: u32) -> u32 {
 }
 /// Events that could not be queued because the ring buffer was full.
 pub const COUNTER_EVENTS_LOST: u32 = (HOOKS + 1) * DECISIONS;
-pub const COUNTERS: u32 = COUNTER_EVENTS_LOST + 1;
+/// Packets the packet guard dropped (addressed to a cut-off socket).
+pub const COUNTER_GUARD_DROPS: u32 = COUNTER_EVENTS_LOST + 1;
+pub const COUNTERS: u32 = COUNTER_GUARD_DROPS + 1;
 
 /// [`MAP_POLICY_COUNTERS`] (a per-CPU array of u64, `DECISIONS` per policy
 /// slot): decisions by policy and kind, at `slot * DECISIONS + kind`.
@@ -528,4 +653,74 @@ mod user {
     unsafe impl aya::Pod for super::SockOffsets {}
     unsafe impl aya::Pod for super::AgentStamp {}
     unsafe impl aya::Pod for super::PolicyName {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sockets_are_allow_listed_and_the_unknown_is_refused() {
+        use SocketClass::*;
+        // What the port hooks judge.
+        for (ty, p) in [
+            (SOCK_STREAM, 0),
+            (SOCK_STREAM, 6),
+            (SOCK_STREAM, IPPROTO_MPTCP),
+            (SOCK_DGRAM, 0),
+            (SOCK_DGRAM, 17),
+            (SOCK_DGRAM, IPPROTO_UDPLITE),
+            (SOCK_DGRAM, IPPROTO_ICMP),
+            (SOCK_DGRAM, IPPROTO_ICMPV6),
+        ] {
+            assert_eq!(classify_socket(ty, p), Judged, "{ty}/{p}");
+        }
+        // Own binds, behind allow_sockets.
+        assert_eq!(
+            classify_socket(SOCK_RAW, 255),
+            OwnBind(SOCK_KIND_RAW, SOCK_ALLOW_RAW)
+        );
+        for ty in [SOCK_STREAM, SOCK_SEQPACKET] {
+            assert_eq!(
+                classify_socket(ty, 132),
+                OwnBind(SOCK_KIND_SCTP, SOCK_ALLOW_SCTP)
+            );
+        }
+        assert_eq!(
+            classify_socket(SOCK_DGRAM, 115),
+            OwnBind(SOCK_KIND_L2TP, SOCK_ALLOW_L2TP)
+        );
+        // SMC over IPPROTO_SMC (256) autobinds a TCP port inside the kernel;
+        // DCCP (type 6, protocol 33) has its own listen; anything new is
+        // unknown: all refused.
+        for (ty, p) in [
+            (SOCK_STREAM, 256),
+            (6, 33),
+            (SOCK_DGRAM, 33),
+            (SOCK_STREAM, 17),
+            (SOCK_DGRAM, 6),
+            (SOCK_SEQPACKET, 0),
+            (10, 0),
+            (SOCK_STREAM, 263),
+        ] {
+            assert_eq!(classify_socket(ty, p), Unknown, "{ty}/{p}");
+        }
+    }
+
+    #[test]
+    fn ephemeral_means_the_hosts_range() {
+        assert!(in_ephemeral_range(0, 32768));
+        assert!(in_ephemeral_range(0, 60999));
+        assert!(!in_ephemeral_range(0, 61000));
+        assert!(!in_ephemeral_range(0, 8081));
+        let narrow = (40000 << 16) | 40010;
+        assert!(in_ephemeral_range(narrow, 40000));
+        assert!(in_ephemeral_range(narrow, 40010));
+        assert!(!in_ephemeral_range(narrow, 39999));
+        assert!(!in_ephemeral_range(narrow, 40011));
+        assert!(
+            !in_ephemeral_range((1 << 16) | 10, 0),
+            "port 0 is never a port"
+        );
+    }
 }

@@ -12,9 +12,9 @@ use aya_ebpf::helpers::{
 };
 use portguard_common::{
     AddrClass, COUNTER_EVENTS_LOST, CgroupKey, DECISION_ALLOW, DECISION_AUDIT, DECISION_DENY,
-    DECISION_REPORTED, Direction, EMPTY_SET, Event, Family, Hook, IPPROTO_TCP, IPPROTO_UDP,
-    MAX_CGROUP_DEPTH, MODE_AUDIT, PORTS_PER_CHUNK, PolicyRecord, PortChunkKey, Proto,
-    VERDICT_AUDIT, VERDICT_DENY, VERDICT_REPORTED, hook_counter, policy_counter, set_slot,
+    Direction, EMPTY_SET, Event, Family, Hook, IPPROTO_TCP, IPPROTO_UDP, MAX_CGROUP_DEPTH,
+    MODE_AUDIT, PORTS_PER_CHUNK, PolicyRecord, PortChunkKey, Proto, VERDICT_AUDIT, VERDICT_CUT_OFF,
+    VERDICT_DENY, hook_counter, in_ephemeral_range, policy_counter, set_slot,
 };
 
 use crate::maps::{
@@ -41,18 +41,36 @@ pub struct Query {
     /// Dual-stack `[::]` bind: the port must also be allowed for IPv4 on any
     /// address.
     pub dual_stack: bool,
-    /// post_bind: the policy's "ephemeral" bit (port 0) also allows the port.
+    /// The kernel chose this port for the socket (a bind to port 0, an
+    /// autobind): the policy's "ephemeral" bit (port 0) also allows it, if
+    /// it lies in the host's ephemeral range. Never set for a port someone
+    /// asked for.
     pub ephemeral_ok: bool,
     /// `EVENT_F_*` bits for the event.
     pub flags: u8,
-    /// The hook cannot deny (it runs after the fact): a violation in enforce
-    /// mode is reported with [`VERDICT_REPORTED`] instead.
-    pub report_only: bool,
+    /// The hook cannot make the call fail (it runs after the fact): a
+    /// violation in enforce mode cuts the socket off instead (the caller
+    /// marks it on [`DENY`]), reported with [`VERDICT_CUT_OFF`].
+    pub cut_off: bool,
+    /// The socket's cookie, for the agent to act on a cut-off socket.
+    pub cookie: u64,
 }
 
 struct Governing {
     cgroup_id: u64,
     record: *const PolicyRecord,
+    /// The host's ephemeral range (`State::ephemeral`).
+    ephemeral: u32,
+}
+
+/// The host's ephemeral port range, packed (`State::ephemeral`).
+#[inline(always)]
+pub fn host_ephemeral() -> u32 {
+    match PORTGUARD_STATE.get(0) {
+        // SAFETY: `s` points into a live array element.
+        Some(s) => unsafe { core::ptr::read_volatile(&s.ephemeral) },
+        None => 0,
+    }
 }
 
 /// Nearest ancestor-or-self of the caller's cgroup with a policy in the live
@@ -105,6 +123,8 @@ fn governing() -> Option<Governing> {
     Some(Governing {
         cgroup_id: found_id,
         record,
+        // SAFETY: `state` points into a live array element.
+        ephemeral: unsafe { core::ptr::read_volatile(&state.ephemeral) },
     })
 }
 
@@ -124,16 +144,19 @@ fn set_contains(set_id: u32, port: u16) -> bool {
     }
 }
 
+/// Whether the set in `slot` allows `port`: named in it, or chosen by the
+/// kernel inside the host's ephemeral range where the set has `ephemeral`.
 #[inline(always)]
-fn slot_allows(record: &PolicyRecord, slot: usize, port: u16, ephemeral_ok: bool) -> bool {
+fn slot_allows(record: &PolicyRecord, slot: usize, q: &Query, ephemeral: u32) -> bool {
     let Some(&set_id) = record.sets.get(slot) else {
         return false;
     };
-    set_contains(set_id, port) || (ephemeral_ok && set_contains(set_id, 0))
+    set_contains(set_id, q.port)
+        || (q.ephemeral_ok && in_ephemeral_range(ephemeral, q.port) && set_contains(set_id, 0))
 }
 
 #[inline(always)]
-fn count(index: u32) {
+pub fn count(index: u32) {
     if let Some(p) = PORTGUARD_COUNTERS.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, only this CPU writes it while we run.
         unsafe { *p += 1 };
@@ -205,10 +228,10 @@ pub fn decide(q: &Query) -> i32 {
         None => false,
         Some(proto) => {
             let slot = set_slot(q.dir, proto, q.family, q.addr_class);
-            let mut ok = slot_allows(record, slot, q.port, q.ephemeral_ok);
+            let mut ok = slot_allows(record, slot, q, gov.ephemeral);
             if ok && q.dual_stack {
                 let v4 = set_slot(q.dir, proto, Family::Ipv4, AddrClass::Any);
-                ok = slot_allows(record, v4, q.port, q.ephemeral_ok);
+                ok = slot_allows(record, v4, q, gov.ephemeral);
             }
             ok
         }
@@ -222,13 +245,17 @@ pub fn decide(q: &Query) -> i32 {
         report(q, &gov, record, VERDICT_AUDIT);
         return ALLOW;
     }
-    if q.report_only {
-        count_decision(q, record, DECISION_REPORTED);
-        report(q, &gov, record, VERDICT_REPORTED);
-        return ALLOW;
-    }
     count_decision(q, record, DECISION_DENY);
-    report(q, &gov, record, VERDICT_DENY);
+    report(
+        q,
+        &gov,
+        record,
+        if q.cut_off {
+            VERDICT_CUT_OFF
+        } else {
+            VERDICT_DENY
+        },
+    );
     DENY
 }
 
@@ -268,6 +295,7 @@ fn report_kind(q: &Query, gov: &Governing, record: &PolicyRecord, verdict: u8, s
         sock_kind,
         comm: bpf_get_current_comm().unwrap_or([0u8; 16]),
         _reserved: 0,
+        sock_cookie: q.cookie,
     });
     entry.submit(0);
 }

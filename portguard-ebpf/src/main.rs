@@ -8,7 +8,10 @@
 //! | `portguard_bind4/6`    | `cgroup/bind4/6`     | explicit `bind()` to a non-zero port |
 //! | `portguard_post_bind4/6` | `cgroup/post_bind4/6` | the port actually bound (port 0 binds) |
 //! | `portguard_connect4/6` | `cgroup/connect4/6`  | `connect()` destination (TCP, UDP)   |
-//! | `portguard_sendmsg4/6` | `cgroup/sendmsg4/6`  | unconnected UDP `sendto()` destination |
+//! | `portguard_sendmsg4/6` | `cgroup/sendmsg4/6`  | unconnected UDP `sendto()` destination, and the port the kernel autobound the socket to |
+//! | `portguard_sock_create` | `cgroup/sock_create` | socket kinds with their own bind, and unknown protocols |
+//! | `portguard_sock_ops`   | `sockops` (listen)   | a new listener's port, where the BPF LSM is unusable: cut off if not allowed |
+//! | `portguard_ingress`    | `cgroup_skb/ingress` | the packet guard: drops traffic to cut-off sockets |
 #![no_std]
 #![no_main]
 
@@ -23,7 +26,7 @@ use aya_ebpf::{
     macros::{cgroup_sock, cgroup_sock_addr},
     programs::{SockAddrContext, SockContext},
 };
-use decide::{ALLOW, Query, decide};
+use decide::{ALLOW, DENY, Query, decide};
 use portguard_common::{
     AddrClass, Direction, EVENT_F_DUAL_STACK, EVENT_F_V4_MAPPED, Family, Hook, SOCK_PREFIX_BYTES,
     SocketState, V6ONLY_UNKNOWN,
@@ -156,11 +159,12 @@ fn inet4(ctx: &SockAddrContext, hook: Hook, dir: Direction) -> i32 {
         dual_stack: false,
         ephemeral_ok: false,
         flags: 0,
-        report_only: false,
+        cut_off: false,
+        cookie: 0,
     };
     if dir == Direction::Bind {
         // bind(port 0) is judged by post_bind4 on the port the kernel picks.
-        if !mark_port0(ctx, port == 0, false) {
+        if !mark_port0(ctx, port == 0) {
             return port0_fallback(q);
         }
         if port == 0 {
@@ -184,7 +188,8 @@ fn inet6_connect(ctx: &SockAddrContext, hook: Hook) -> i32 {
         dual_stack: false,
         ephemeral_ok: false,
         flags: v6.flags,
-        report_only: false,
+        cut_off: false,
+        cookie: 0,
     })
 }
 
@@ -230,11 +235,11 @@ pub(crate) fn sk_v6only(sk: *const c_void) -> Option<bool> {
 /// created for port 0.
 /// Returns false if the flag could not be stored.
 #[inline(always)]
-fn mark_port0(ctx: &SockAddrContext, port0: bool, dual_stack: bool) -> bool {
+fn mark_port0(ctx: &SockAddrContext, port0: bool) -> bool {
     if port0 {
         let mut init = SocketState {
             port0_pending: 1,
-            dual_stack: dual_stack as u32,
+            ..SocketState::default()
         };
         // SAFETY: the helper only dereferences the context's own socket.
         let p = unsafe { PORTGUARD_SOCKETS.get_or_insert_ptr_mut(ctx, Some(&mut init)) };
@@ -244,7 +249,6 @@ fn mark_port0(ctx: &SockAddrContext, port0: bool, dual_stack: bool) -> bool {
         // SAFETY: non-null pointer to this socket's storage.
         unsafe {
             (*p).port0_pending = 1;
-            (*p).dual_stack = dual_stack as u32;
         }
     }
     // An explicit port leaves storage alone: if a flag is left over from an
@@ -288,10 +292,11 @@ pub fn portguard_bind6(ctx: SockAddrContext) -> i32 {
         dual_stack: dual,
         ephemeral_ok: false,
         flags: v6.flags | if dual { EVENT_F_DUAL_STACK } else { 0 },
-        report_only: false,
+        cut_off: false,
+        cookie: 0,
     };
     // bind(port 0) is judged by post_bind6 on the port the kernel picks.
-    if !mark_port0(&ctx, port == 0, dual) {
+    if !mark_port0(&ctx, port == 0) {
         return port0_fallback(q);
     }
     if port == 0 {
@@ -312,12 +317,18 @@ pub fn portguard_connect6(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn portguard_sendmsg4(ctx: SockAddrContext) -> i32 {
-    inet4(&ctx, Hook::Sendmsg4, Direction::Connect)
+    if inet4(&ctx, Hook::Sendmsg4, Direction::Connect) == DENY {
+        return DENY;
+    }
+    sockets::judge_send_port(&ctx, Hook::Sendmsg4)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn portguard_sendmsg6(ctx: SockAddrContext) -> i32 {
-    inet6_connect(&ctx, Hook::Sendmsg6)
+    if inet6_connect(&ctx, Hook::Sendmsg6) == DENY {
+        return DENY;
+    }
+    sockets::judge_send_port(&ctx, Hook::Sendmsg6)
 }
 
 /// The socket storage of a cgroup/sock program's socket (its context).
@@ -339,20 +350,20 @@ fn sock_state(sk: *mut aya_ebpf::bindings::bpf_sock) -> *mut SocketState {
 }
 
 /// If this bind asked for port 0 (flagged by bind4/bind6), clear the flag and
-/// return `Some(dual_stack)`; otherwise bind4/bind6 already judged it: `None`.
+/// return true; otherwise bind4/bind6 already judged the port: false.
 #[inline(always)]
-fn take_port0(sk: *mut aya_ebpf::bindings::bpf_sock) -> Option<bool> {
+fn take_port0(sk: *mut aya_ebpf::bindings::bpf_sock) -> bool {
     let st = sock_state(sk);
     if st.is_null() {
-        return None;
+        return false;
     }
     // SAFETY: non-null pointer to this socket's storage.
     unsafe {
         if (*st).port0_pending == 0 {
-            return None;
+            return false;
         }
         (*st).port0_pending = 0;
-        Some((*st).dual_stack != 0)
+        true
     }
 }
 
@@ -364,7 +375,7 @@ pub fn portguard_post_bind4(ctx: SockContext) -> i32 {
     let sk = ctx.sock;
     // SAFETY: reading fields of the context struct. `src_port` is host order.
     let port = unsafe { rd!((*sk).src_port) } as u16;
-    if port == 0 || take_port0(sk).is_none() {
+    if port == 0 || !take_port0(sk) {
         // port 0 here: IP_BIND_ADDRESS_NO_PORT, the port is picked at
         // connect() time as an outbound source port.
         return ALLOW;
@@ -380,12 +391,20 @@ pub fn portguard_post_bind4(ctx: SockContext) -> i32 {
         port,
         addr: v4_bytes(ip),
         dual_stack: false,
+        // The kernel chose this port (a bind to port 0).
         ephemeral_ok: true,
         flags: 0,
-        report_only: false,
+        cut_off: false,
+        cookie: 0,
     })
 }
 
+/// post_bind6 judges binds to port 0 on the port the kernel picked, and
+/// every bind to `[::]` whose socket ends up dual-stack: bind6 judged the
+/// `IPV6_V6ONLY` it saw, but the kernel drops the socket lock between bind6
+/// and the bind itself, so another thread can clear the flag in between.
+/// Here the bind is final (the lock is held, and the flag cannot change once
+/// the socket is bound), so the flag is read from the socket.
 #[cgroup_sock(post_bind6)]
 pub fn portguard_post_bind6(ctx: SockContext) -> i32 {
     let sk = ctx.sock;
@@ -394,23 +413,26 @@ pub fn portguard_post_bind6(ctx: SockContext) -> i32 {
     if port == 0 {
         return ALLOW;
     }
-    let Some(dual_flag) = take_port0(sk) else {
-        return ALLOW;
-    };
+    let port0 = take_port0(sk);
     // SAFETY: reading fields of the context struct.
-    let (w, protocol) = unsafe {
-        (
-            [
-                rd!((*sk).src_ip6[0]),
-                rd!((*sk).src_ip6[1]),
-                rd!((*sk).src_ip6[2]),
-                rd!((*sk).src_ip6[3]),
-            ],
-            rd!((*sk).protocol) as u8,
-        )
+    let w = unsafe {
+        [
+            rd!((*sk).src_ip6[0]),
+            rd!((*sk).src_ip6[1]),
+            rd!((*sk).src_ip6[2]),
+            rd!((*sk).src_ip6[3]),
+        ]
     };
     let v6 = classify6(w, false);
-    let dual = v6.unspecified && dual_flag;
+    // The socket's own flag, now final (unknown: dual-stack, the wider
+    // exposure).
+    let dual = v6.unspecified && sk_v6only(sk.cast::<c_void>()) != Some(true);
+    if !port0 && !dual {
+        // An explicit port bind6 judged, on a socket that is what bind6 saw.
+        return ALLOW;
+    }
+    // SAFETY: reading a field of the context struct.
+    let protocol = unsafe { rd!((*sk).protocol) } as u8;
     decide(&Query {
         hook: Hook::PostBind6,
         dir: Direction::Bind,
@@ -420,9 +442,11 @@ pub fn portguard_post_bind6(ctx: SockContext) -> i32 {
         port,
         addr: v6.addr,
         dual_stack: dual,
-        ephemeral_ok: true,
+        // Only a port-0 bind's port was chosen by the kernel.
+        ephemeral_ok: port0,
         flags: v6.flags | if dual { EVENT_F_DUAL_STACK } else { 0 },
-        report_only: false,
+        cut_off: false,
+        cookie: 0,
     })
 }
 

@@ -1,7 +1,10 @@
 //! Paths to a port that the bind hooks never see:
 //!
 //! - `cgroup/sock_create`: sockets with their own bind (raw IP, SCTP,
-//!   L2TP/IP) cannot be created in a restricted cgroup unless allowed.
+//!   L2TP/IP) cannot be created in a restricted cgroup unless allowed, and
+//!   sockets of a protocol portguard does not know (SMC over IPPROTO_SMC,
+//!   DCCP, anything newer) cannot be created there at all: an allow-list
+//!   ([`portguard_common::classify_socket`]).
 //! - BPF LSM (`lsm_cgroup`) `socket_listen`: `listen()` on an unbound TCP
 //!   socket makes the kernel pick a port without any bind hook; it is judged
 //!   as the "ephemeral" pseudo-port. A socket bound by someone else (passed
@@ -10,6 +13,21 @@
 //! - `socket_accept`: the same check on the listening socket, so a governed
 //!   process cannot serve connections on a port its policy does not allow
 //!   whoever created, bound or listened on the socket.
+//! - Without the BPF LSM (many distributions; this CI host): `sock_ops`
+//!   judges each new listener right after `listen()`, in the listening
+//!   task's context, and cuts off one on a port its policy does not allow:
+//!   the socket is marked in socket storage ([`GUARD_CUT`]), the packet guard
+//!   (`cgroup_skb/ingress`, [`portguard_ingress`]) drops every packet
+//!   addressed to it, and the agent destroys it (sock_diag `SOCK_DESTROY`).
+//! - UDP autobind: a send on an unbound UDP socket takes a port from the
+//!   sender's network namespace's range, which a workload owning its netns
+//!   can narrow onto any port. [`judge_send_port`] judges a kernel-chosen
+//!   port outside the host's range as a bind: denied sends cut the socket off.
+//!
+//! "The kernel chose this port" is read from the socket itself: a bind()
+//! that named its port sets `SOCK_BINDPORT_LOCK` in `sk_userlocks`; a bind
+//! to port 0 and an autobind never do. `ephemeral` allows only such ports,
+//! and only inside the host's (initial netns) ephemeral range.
 //!
 //! The LSM hooks receive kernel `struct socket` pointers. Fields are read
 //! with `bpf_probe_read_kernel` at offsets the agent takes from the running
@@ -19,29 +37,101 @@
 use core::{ffi::c_void, ptr::read_volatile};
 
 use aya_ebpf::{
-    bindings::BPF_SOCK_OPS_TCP_LISTEN_CB,
-    helpers::generated::bpf_probe_read_kernel,
-    macros::{cgroup_sock, lsm_cgroup, sock_ops},
-    programs::{LsmContext, SockContext, SockOpsContext},
+    bindings::{BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_TCP_LISTEN_CB, bpf_sock},
+    helpers::generated::{
+        bpf_get_socket_cookie, bpf_probe_read_kernel, bpf_sk_fullsock, bpf_sk_storage_get,
+    },
+    macros::{cgroup_skb, cgroup_sock, lsm_cgroup, sock_ops},
+    programs::{LsmContext, SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use portguard_common::{
-    AddrClass, Direction, EVENT_F_AUTOBIND, EVENT_F_DUAL_STACK, Family, Hook, IPPROTO_L2TP,
-    IPPROTO_SCTP, IPPROTO_TCP, SOCK_ALLOW_L2TP, SOCK_ALLOW_RAW, SOCK_ALLOW_SCTP, SOCK_KIND_L2TP,
-    SOCK_KIND_RAW, SOCK_KIND_SCTP, SockOffsets,
+    AddrClass, COUNTER_GUARD_DROPS, Direction, EVENT_F_AUTOBIND, EVENT_F_DUAL_STACK, Family,
+    GUARD_CUT, Hook, IPPROTO_TCP, SOCK_BINDPORT_LOCK, SOCK_KIND_OTHER, SockOffsets, SocketClass,
+    SocketState, USERLOCKS_UNKNOWN, classify_socket, in_ephemeral_range,
 };
 
 use crate::{
     classify6,
-    decide::{ALLOW, Query, decide, decide_socket_kind},
+    decide::{ALLOW, DENY, Query, count, decide, decide_socket_kind, host_ephemeral},
+    maps::PORTGUARD_SOCKETS,
     sk_v6only, v4_bytes, v4_class,
 };
 
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
-const SOCK_DGRAM: u32 = 2;
-const SOCK_RAW: u32 = 3;
 /// MPTCP sockets listen through their TCP subflows; judge them as TCP.
 const IPPROTO_MPTCP: u16 = 262;
+
+/// Set by the agent before load: byte offset of `sk_userlocks` in `struct
+/// sock`, from the running kernel's BTF (see portguard-common).
+#[unsafe(no_mangle)]
+static PORTGUARD_USERLOCKS_OFFSET: u32 = USERLOCKS_UNKNOWN;
+
+/// The address of a kernel socket as a plain number. The verifier forbids
+/// arithmetic on socket pointers, so the pointer is copied through the
+/// stack by the helper, which yields a scalar.
+#[inline(always)]
+fn sk_address(sk: *const c_void) -> Option<u64> {
+    let mut addr = 0u64;
+    // SAFETY: copies our own stack slot holding the pointer.
+    let rc = unsafe {
+        bpf_probe_read_kernel(
+            core::ptr::from_mut(&mut addr).cast::<c_void>(),
+            8,
+            core::ptr::from_ref(&sk).cast::<c_void>(),
+        )
+    };
+    (rc == 0 && addr != 0).then_some(addr)
+}
+
+/// Whether the kernel chose the socket's port (a bind to port 0 or an
+/// autobind), rather than a bind() that named it. Unknown: false (the port
+/// counts as asked for, so `ephemeral` cannot allow it).
+#[inline(always)]
+pub(crate) fn kernel_chose_port(sk: *const c_void) -> bool {
+    sk_address(sk).is_some_and(kernel_chose_port_at)
+}
+
+/// [`kernel_chose_port`] for a socket known by its address.
+#[inline(always)]
+fn kernel_chose_port_at(addr: u64) -> bool {
+    // SAFETY: a global the loader may patch; read as a plain value.
+    let off = unsafe { read_volatile(&PORTGUARD_USERLOCKS_OFFSET) };
+    if off == USERLOCKS_UNKNOWN || off >= 4096 {
+        return false;
+    }
+    kread::<u8>(addr + u64::from(off), SOCK_BINDPORT_LOCK)
+        .is_some_and(|locks| locks & SOCK_BINDPORT_LOCK == 0)
+}
+
+/// Mark `sk` cut off: the packet guard drops what is addressed to it.
+/// Returns false if the mark could not be stored (no memory).
+#[inline(always)]
+fn cut_off(sk: *mut bpf_sock) -> bool {
+    let mut init = SocketState {
+        guard: GUARD_CUT,
+        ..SocketState::default()
+    };
+    // SAFETY: the helper only dereferences the socket it is given, which
+    // the kernel passed to this program.
+    let st = unsafe {
+        bpf_sk_storage_get(
+            core::ptr::from_ref(&PORTGUARD_SOCKETS)
+                .cast_mut()
+                .cast::<c_void>(),
+            sk.cast::<c_void>(),
+            core::ptr::from_mut(&mut init).cast::<c_void>(),
+            BPF_SK_STORAGE_GET_F_CREATE.into(),
+        )
+    }
+    .cast::<SocketState>();
+    if st.is_null() {
+        return false;
+    }
+    // SAFETY: non-null pointer to this socket's storage.
+    unsafe { (*st).guard = GUARD_CUT };
+    true
+}
 
 /// Set by the agent before load (see portguard-common).
 #[unsafe(no_mangle)]
@@ -70,14 +160,11 @@ pub fn portguard_sock_create(ctx: SockContext) -> i32 {
     if family != u32::from(AF_INET) && family != u32::from(AF_INET6) {
         return ALLOW;
     }
-    let (kind, bit) = if ty == SOCK_RAW {
-        (SOCK_KIND_RAW, SOCK_ALLOW_RAW)
-    } else if protocol == u32::from(IPPROTO_SCTP) {
-        (SOCK_KIND_SCTP, SOCK_ALLOW_SCTP)
-    } else if protocol == u32::from(IPPROTO_L2TP) && ty == SOCK_DGRAM {
-        (SOCK_KIND_L2TP, SOCK_ALLOW_L2TP)
-    } else {
-        return ALLOW;
+    let (kind, bit) = match classify_socket(ty, protocol) {
+        SocketClass::Judged => return ALLOW,
+        SocketClass::OwnBind(kind, bit) => (kind, bit),
+        // No allow_sockets bit can allow it.
+        SocketClass::Unknown => (SOCK_KIND_OTHER, 0),
     };
     decide_socket_kind(
         &Query {
@@ -95,7 +182,8 @@ pub fn portguard_sock_create(ctx: SockContext) -> i32 {
             dual_stack: false,
             ephemeral_ok: false,
             flags: 0,
-            report_only: false,
+            cut_off: false,
+            cookie: 0,
         },
         kind,
         bit,
@@ -163,11 +251,35 @@ fn judge_listening(socket: *const c_void, hook: Hook) -> i32 {
     if family != AF_INET && family != AF_INET6 {
         return ALLOW;
     }
-    let Some(protocol) = kread::<u16>(sk + u64::from(off.sk_protocol), 0) else {
-        return ALLOW;
-    };
+    // Unreadable: judged as TCP (the listener portguard knows).
+    let protocol = kread::<u16>(sk + u64::from(off.sk_protocol), 0).unwrap_or(6);
     if protocol != u16::from(IPPROTO_TCP) && protocol != IPPROTO_MPTCP {
-        return ALLOW;
+        // A listener of another protocol (SCTP, SMC, DCCP, ...): only what
+        // its socket kind allows (allow_sockets), and nothing unknown.
+        let stream = 1;
+        let (kind, bit) = match classify_socket(stream, u32::from(protocol)) {
+            SocketClass::OwnBind(kind, bit) => (kind, bit),
+            _ => (SOCK_KIND_OTHER, 0),
+        };
+        let q = Query {
+            hook,
+            dir: Direction::Bind,
+            protocol: protocol as u8,
+            family: if family == AF_INET {
+                Family::Ipv4
+            } else {
+                Family::Ipv6
+            },
+            addr_class: AddrClass::Any,
+            port: 0,
+            addr: [0; 16],
+            dual_stack: false,
+            ephemeral_ok: false,
+            flags: 0,
+            cut_off: false,
+            cookie: 0,
+        };
+        return decide_socket_kind(&q, kind, bit);
     }
     let port = kread::<u16>(sk + u64::from(off.skc_num), 0).unwrap_or(0);
     let v6only = kread::<u8>(sk + u64::from(off.ipv6only_bit / 8), 0)
@@ -181,15 +293,16 @@ fn judge_listening(socket: *const c_void, hook: Hook) -> i32 {
         port,
         addr: [0; 16],
         dual_stack: false,
-        // A bound port may have been picked by the kernel (bind to port 0):
-        // a policy allowing `ephemeral` accepts any bound port here.
-        ephemeral_ok: true,
+        // `ephemeral` allows a bound port only if the kernel chose it.
+        ephemeral_ok: kernel_chose_port_at(sk),
         flags: 0,
-        report_only: false,
+        cut_off: false,
+        cookie: 0,
     };
     if port == 0 {
         // Unbound: listen() autobinds to the wildcard address on a port the
-        // kernel picks. Only `ephemeral` allows that.
+        // kernel picks, not known yet. Only `ephemeral` allows that (port 0
+        // is its bit).
         q.ephemeral_ok = false;
         q.flags = EVENT_F_AUTOBIND;
         if family == AF_INET6 {
@@ -225,9 +338,12 @@ pub fn portguard_accept(ctx: LsmContext) -> i32 {
 
 /// Where the BPF LSM is unusable: judge each new TCP listener right after
 /// `listen()` made it one (`BPF_SOCK_OPS_TCP_LISTEN_CB`, called in the
-/// listening task's context), against the caller's bind policy. It cannot
-/// deny; a violation is reported (verdict `reported`). The port is the one
-/// bound, whether chosen by the caller or by the kernel's autobind.
+/// listening task's context, under the socket lock), against the caller's
+/// bind policy. It cannot make listen() fail: a listener on a port the
+/// policy does not allow is cut off (verdict `cut_off`): the packet guard
+/// drops every packet addressed to it from now on, and the agent destroys
+/// it. The port is the one bound, whether chosen by the caller or by the
+/// kernel's autobind; `ephemeral` allows it only if the kernel chose it.
 #[sock_ops]
 pub fn portguard_sock_ops(ctx: SockOpsContext) -> u32 {
     if ctx.op() != BPF_SOCK_OPS_TCP_LISTEN_CB {
@@ -243,7 +359,11 @@ pub fn portguard_sock_ops(ctx: SockOpsContext) -> u32 {
             read_volatile(core::ptr::addr_of!((*ops).__bindgen_anon_2.sk)),
         )
     };
+    if sk.is_null() {
+        return 1;
+    }
     let port = port as u16;
+    let kernel_chose = kernel_chose_port(sk.cast::<c_void>());
     let mut q = Query {
         hook: Hook::Listen,
         dir: Direction::Bind,
@@ -253,10 +373,11 @@ pub fn portguard_sock_ops(ctx: SockOpsContext) -> u32 {
         port,
         addr: [0; 16],
         dual_stack: false,
-        // The policy's `ephemeral` allows any kernel-chosen listening port.
-        ephemeral_ok: true,
-        flags: 0,
-        report_only: true,
+        ephemeral_ok: kernel_chose,
+        flags: if kernel_chose { EVENT_F_AUTOBIND } else { 0 },
+        cut_off: true,
+        // SAFETY: the helper reads the context's socket.
+        cookie: unsafe { bpf_get_socket_cookie(ops.cast::<c_void>()) },
     };
     if family == u32::from(AF_INET) {
         set_local_v4(&mut q, ip4);
@@ -270,13 +391,127 @@ pub fn portguard_sock_ops(ctx: SockOpsContext) -> u32 {
                 read_volatile(core::ptr::addr_of!((*ops).local_ip6[3])),
             ]
         };
+        let flags = q.flags;
         set_local_v6(&mut q, w, sk_v6only(sk.cast::<c_void>()) == Some(true));
+        q.flags |= flags;
         if q.dual_stack {
             q.flags |= EVENT_F_DUAL_STACK;
         }
     } else {
         return 1;
     }
-    decide(&q);
+    if decide(&q) == DENY {
+        // If no memory is left for the mark, the agent still destroys the
+        // socket on the event.
+        cut_off(sk);
+    }
+    1
+}
+
+/// A UDP send from a socket whose port the kernel chose outside the host's
+/// ephemeral range: the sender's network namespace has its own range (a pod
+/// may set `net.ipv4.ip_local_port_range`), so the autobind may have taken
+/// any port. Judge that port as a bind; a denied one fails the send and
+/// cuts the socket off, so it cannot receive on the port either. A client
+/// port inside the host's range, or a port someone bound explicitly (which
+/// bind4/bind6 judged), costs one array lookup and no more.
+#[inline(always)]
+pub fn judge_send_port(ctx: &SockAddrContext, hook: Hook) -> i32 {
+    // SAFETY: reading the context's socket pointer.
+    let sk = unsafe { read_volatile(core::ptr::addr_of!((*ctx.sock_addr).__bindgen_anon_1.sk)) };
+    if sk.is_null() {
+        return ALLOW;
+    }
+    // SAFETY: reading fields of the socket the context points at.
+    let (port, family, protocol) = unsafe {
+        (
+            read_volatile(core::ptr::addr_of!((*sk).src_port)) as u16,
+            read_volatile(core::ptr::addr_of!((*sk).family)),
+            read_volatile(core::ptr::addr_of!((*sk).protocol)) as u8,
+        )
+    };
+    if port == 0
+        || in_ephemeral_range(host_ephemeral(), port)
+        || !kernel_chose_port(sk.cast::<c_void>())
+    {
+        return ALLOW;
+    }
+    let mut q = Query {
+        hook,
+        dir: Direction::Bind,
+        protocol,
+        family: Family::Ipv4,
+        addr_class: AddrClass::Any,
+        port,
+        addr: [0; 16],
+        dual_stack: false,
+        // Outside the host's range: `ephemeral` cannot allow it anyway.
+        ephemeral_ok: false,
+        flags: EVENT_F_AUTOBIND,
+        cut_off: false,
+        // SAFETY: the helper reads the context's socket.
+        cookie: unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast::<c_void>()) },
+    };
+    if family == u32::from(AF_INET) {
+        // SAFETY: as above.
+        set_local_v4(&mut q, unsafe {
+            read_volatile(core::ptr::addr_of!((*sk).src_ip4))
+        });
+    } else {
+        // SAFETY: as above.
+        let w = unsafe {
+            [
+                read_volatile(core::ptr::addr_of!((*sk).src_ip6[0])),
+                read_volatile(core::ptr::addr_of!((*sk).src_ip6[1])),
+                read_volatile(core::ptr::addr_of!((*sk).src_ip6[2])),
+                read_volatile(core::ptr::addr_of!((*sk).src_ip6[3])),
+            ]
+        };
+        set_local_v6(&mut q, w, sk_v6only(sk.cast::<c_void>()) == Some(true));
+        q.flags |= EVENT_F_AUTOBIND;
+        if q.dual_stack {
+            q.flags |= EVENT_F_DUAL_STACK;
+        }
+    }
+    if decide(&q) == DENY {
+        cut_off(sk);
+        return DENY;
+    }
+    ALLOW
+}
+
+/// The packet guard: drop every packet addressed to a socket marked cut
+/// off. cgroup_skb ingress runs from `sk_filter` for the receiving socket:
+/// for a TCP SYN that is the listener, for UDP the bound socket. A socket
+/// without storage (almost all of them) costs the lookup's miss.
+#[cgroup_skb(ingress)]
+pub fn portguard_ingress(ctx: SkBuffContext) -> i32 {
+    let skb = ctx.skb.skb;
+    // SAFETY: reading a field of the context struct.
+    let sk = unsafe { read_volatile(core::ptr::addr_of!((*skb).__bindgen_anon_2.sk)) };
+    if sk.is_null() {
+        return 1;
+    }
+    // SAFETY: plain helper calls on the packet's socket.
+    let st = unsafe {
+        let full = bpf_sk_fullsock(sk);
+        if full.is_null() {
+            return 1;
+        }
+        bpf_sk_storage_get(
+            core::ptr::from_ref(&PORTGUARD_SOCKETS)
+                .cast_mut()
+                .cast::<c_void>(),
+            full.cast::<c_void>(),
+            core::ptr::null_mut(),
+            0,
+        )
+    }
+    .cast::<SocketState>();
+    // SAFETY: non-null pointer to the socket's storage.
+    if !st.is_null() && unsafe { read_volatile(&(*st).guard) } == GUARD_CUT {
+        count(COUNTER_GUARD_DROPS);
+        return 0;
+    }
     1
 }

@@ -189,6 +189,7 @@ mod tests {
             autobind: false,
             socket: None,
             socket_inode: None,
+            action: None,
             identity: WorkloadIdentity::default(),
             count: 1,
             first_seen: None,

@@ -23,6 +23,7 @@ pub const LINK_TYPE_CGROUP: u32 = 3;
 
 /// `enum bpf_attach_type` values portguard uses.
 pub mod attach_type {
+    pub const INET_INGRESS: u32 = 0;
     pub const INET_SOCK_CREATE: u32 = 2;
     pub const SOCK_OPS: u32 = 3;
     pub const INET4_BIND: u32 = 8;

@@ -754,6 +754,7 @@ impl Agent {
                     autobind: false,
                     socket: None,
                     socket_inode: Some(*inode),
+                    action: None,
                     identity: events::WorkloadIdentity::of(&h.cgroup, self.cri.as_ref()),
                     count: 1,
                     first_seen: None,
@@ -953,16 +954,42 @@ impl Agent {
         Some(crate::policy::explain::deciding_rule(policy, &rec.judged()))
     }
 
+    /// Publish the host's ephemeral port range (what `ephemeral` allows,
+    /// and what a UDP autobind must stay inside) when it changed: at start,
+    /// then on every rescan. `start`: say where it came from.
+    fn sync_ephemeral(&mut self, start: bool) {
+        let ((lo, hi), fallback) = inventory::host_ephemeral_range();
+        if let Some(why) = &fallback {
+            if start {
+                warn!(
+                    "daemon: the host's ip_local_port_range could not be read ({why}); using \
+                     {lo}-{hi}"
+                );
+            } else {
+                debug!("daemon: host ip_local_port_range: {why}; using {lo}-{hi}");
+            }
+        }
+        match self.applier.set_ephemeral(&mut self.loaded.maps, (lo, hi)) {
+            Ok(true) => info!(
+                "daemon: host ephemeral port range {lo}-{hi}: `ephemeral` allows kernel-chosen \
+                 ports there, and a UDP autobind outside it is judged as a bind"
+            ),
+            Ok(false) => {}
+            Err(e) => warn!("daemon: publishing the ephemeral port range: {e}"),
+        }
+    }
+
     /// Decode and enrich one ring-buffer record (`from` says where it was
     /// read, for the warning about a malformed one).
     fn record_of(&mut self, bytes: &[u8], from: &str) -> Option<events::EventRecord> {
         match events::decode(bytes) {
-            Ok(ev) => Some(events::enrich(
-                &ev,
-                &self.names,
-                &mut self.hierarchy,
-                &self.host,
-            )),
+            Ok(ev) => {
+                let mut record = events::enrich(&ev, &self.names, &mut self.hierarchy, &self.host);
+                if ev.verdict == portguard_common::VERDICT_CUT_OFF {
+                    record.action = Some(end_cut_off_socket(&ev));
+                }
+                Some(record)
+            }
             Err(e) => {
                 warn!("daemon: skipping a malformed event{from}: {e}");
                 None
@@ -1269,6 +1296,50 @@ struct Signals {
 }
 
 /// Run the agent until SIGTERM/SIGINT.
+/// A socket the kernel cut off (a listener, or a UDP socket the kernel
+/// autobound, on a port its policy does not allow; the packet guard already
+/// drops its traffic): end it with sock_diag SOCK_DESTROY in the network
+/// namespace of the task that made it so, so its owner sees the failure
+/// instead of a silent black hole. Returns the event's `action`.
+fn end_cut_off_socket(ev: &portguard_common::Event) -> &'static str {
+    use portguard_common::{EVENT_F_V4_MAPPED, Family};
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let (pid, tid) = ((ev.pid_tgid >> 32) as u32, ev.pid_tgid as u32);
+    let mapped = ev.flags & EVENT_F_V4_MAPPED != 0;
+    let v4 = Ipv4Addr::new(ev.addr[0], ev.addr[1], ev.addr[2], ev.addr[3]);
+    let (family, local) = if ev.family == Family::Ipv6 as u8 {
+        (libc::AF_INET6 as u8, IpAddr::V6(Ipv6Addr::from(ev.addr)))
+    } else if mapped {
+        (libc::AF_INET6 as u8, IpAddr::V6(v4.to_ipv6_mapped()))
+    } else {
+        (libc::AF_INET as u8, IpAddr::V4(v4))
+    };
+    let mut errors = Vec::new();
+    for ns in [
+        format!("/proc/{pid}/task/{tid}/ns/net"),
+        format!("/proc/{pid}/ns/net"),
+    ] {
+        match inventory::destroy(
+            Path::new(&ns),
+            family,
+            ev.protocol,
+            local,
+            ev.port,
+            ev.sock_cookie,
+        ) {
+            Ok(()) => return "destroyed",
+            Err(e) => errors.push(format!("{ns}: {e}")),
+        }
+    }
+    warn!(
+        "daemon: could not destroy the cut-off socket on port {} of pid {pid} ({}); the packet \
+         guard drops its traffic",
+        ev.port,
+        errors.join("; ")
+    );
+    "dropped"
+}
+
 pub fn run(opts: RunOptions) -> anyhow::Result<()> {
     // Signal handlers first: a SIGHUP during start-up must not kill the
     // agent (its default action); it is handled once the agent serves.
@@ -1514,6 +1585,10 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
         report.chunks_total,
         started.elapsed().as_secs_f64() * 1e3
     );
+    agent.sync_ephemeral(true);
+    if let Some(why) = crate::kernel_btf::port0_unenforced(crate::kernel_btf::running_release()) {
+        warn!("daemon: bind(port 0) is NOT fully enforced: {why}");
+    }
     match &pins {
         Some(p) => {
             agent.loaded.attach_pinned(&attach_path, p)?;
@@ -1540,10 +1615,11 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
             anyhow::bail!("--require-lsm: listen()/accept() cannot be denied on this host: {why}");
         }
         ListenCheck::Reported { why } => warn!(
-            "daemon: listen() is REPORTED, not denied: {why}. A listener on a port outside the \
-             policy (including an unbound listen() that the kernel autobinds) is reported with \
-             verdict \"reported\"; accept() is not checked. Binds, connects, sends and socket \
-             creation are enforced."
+            "daemon: listen() cannot be denied here ({why}): a listener on a port outside the \
+             policy (including an unbound listen() that the kernel autobinds, and a socket bound \
+             elsewhere and handed in) is CUT OFF instead: the packet guard drops every packet \
+             addressed to it and the agent destroys it (verdict \"cut_off\"). Binds, connects, \
+             sends and socket creation are denied."
         ),
         ListenCheck::Unchecked { why } => warn!(
             "daemon: listen() and accept() are NOT checked: {why}. Binds, connects, sends and \
@@ -1560,7 +1636,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
     );
     let listen_mode = match agent.loaded.listen_check() {
         ListenCheck::Denied => "denied (BPF LSM)".to_owned(),
-        ListenCheck::Reported { why } => format!("reported, not denied: {why}"),
+        ListenCheck::Reported { why } => format!("cut off, not denied: {why}"),
         ListenCheck::Unchecked { why } => format!("not checked: {why}"),
     };
     agent.shared.update(|f| {
@@ -1778,6 +1854,7 @@ async fn serve(
                     cri_due = Some(Instant::now());
                 }
                 agent.rescan();
+                agent.sync_ephemeral(false);
                 watcher.set_dirs(&agent.cgroup_watch_dirs());
             }
             _ = lost_tick.tick() => {

@@ -18,8 +18,8 @@ use std::{
 
 use portguard_common::{
     EVENT_F_AUTOBIND, EVENT_F_DUAL_STACK, EVENT_F_V4_MAPPED, Event, Family, Hook, IPPROTO_TCP,
-    IPPROTO_UDP, SOCK_KIND_L2TP, SOCK_KIND_RAW, SOCK_KIND_SCTP, VERDICT_AUDIT, VERDICT_DENY,
-    VERDICT_REPORTED,
+    IPPROTO_UDP, SOCK_KIND_L2TP, SOCK_KIND_OTHER, SOCK_KIND_RAW, SOCK_KIND_SCTP, VERDICT_AUDIT,
+    VERDICT_CUT_OFF, VERDICT_DENY, VERDICT_REPORTED,
 };
 use serde::Serialize;
 use serde_json::Value;
@@ -69,6 +69,12 @@ pub struct EventRecord {
     /// `preexisting` events: the socket's inode (as in /proc/<pid>/fd).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub socket_inode: Option<u64>,
+    /// `cut_off` events: what was done to the socket: `destroyed` (the
+    /// agent ended it with sock_diag SOCK_DESTROY; the packet guard drops
+    /// its traffic meanwhile) or `dropped` (the agent could not end it, the
+    /// packet guard drops every packet addressed to it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub action: Option<&'static str>,
     /// Who the caller is: pod, container or unit, when known.
     #[serde(flatten)]
     pub identity: WorkloadIdentity,
@@ -317,6 +323,7 @@ pub fn enrich(ev: &Event, names: &PolicyNames, cgroups: &mut Hierarchy, host: &s
             VERDICT_DENY => "deny",
             VERDICT_AUDIT => "audit",
             VERDICT_REPORTED => "reported",
+            VERDICT_CUT_OFF => "cut_off",
             _ => "unknown",
         },
         hook,
@@ -342,9 +349,11 @@ pub fn enrich(ev: &Event, names: &PolicyNames, cgroups: &mut Hierarchy, host: &s
             SOCK_KIND_RAW => Some("raw"),
             SOCK_KIND_SCTP => Some("sctp"),
             SOCK_KIND_L2TP => Some("l2tp"),
+            SOCK_KIND_OTHER => Some("other"),
             _ => None,
         },
         socket_inode: None,
+        action: None,
         identity: WorkloadIdentity::default(),
         count: 1,
         first_seen: None,
@@ -563,6 +572,7 @@ mod tests {
             sock_kind: 0,
             comm,
             _reserved: 0,
+            sock_cookie: 0,
         }
     }
 

@@ -11,8 +11,9 @@
 //! bound UDP sockets with sock_diag (NETLINK_SOCK_DIAG), inode included.
 //! What is judged: TCP listeners, and unconnected UDP sockets with a local
 //! port (a UDP socket a client autobound by sending is skipped when its port
-//! is in the namespace's ephemeral range). A policy's `ephemeral` allows any
-//! kernel-chosen port, as it does at listen time.
+//! is in the host's ephemeral range, not its namespace's, which the
+//! workload may set). A policy's `ephemeral` allows any port in the host's
+//! ephemeral range, as it does at listen time.
 
 use std::{
     collections::HashMap,
@@ -114,14 +115,131 @@ fn dump_family(family: u8, protocol: u8, states: StateFlags) -> io::Result<Vec<D
     }
 }
 
-fn ephemeral_range() -> (u16, u16) {
-    fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| {
-            let mut it = s.split_whitespace().filter_map(|v| v.parse::<u16>().ok());
-            Some((it.next()?, it.next()?))
+/// Linux's default `ip_local_port_range`.
+pub const DEFAULT_EPHEMERAL: (u16, u16) = (32768, 60999);
+
+/// `net.ipv4.ip_local_port_range` of the calling thread's network namespace.
+fn ephemeral_range() -> io::Result<(u16, u16)> {
+    let s = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")?;
+    let mut it = s.split_whitespace().map(str::parse::<u16>);
+    match (it.next(), it.next()) {
+        (Some(Ok(lo)), Some(Ok(hi))) if lo <= hi => Ok((lo, hi)),
+        _ => Err(io::Error::other(format!(
+            "unreadable ip_local_port_range {:?}",
+            s.trim()
+        ))),
+    }
+}
+
+/// The host's ephemeral port range: `ip_local_port_range` of the initial
+/// network namespace (pid 1's), which no workload can change. That is what
+/// `ephemeral` means: a workload owning its network namespace may narrow its
+/// own range onto any port. Read from a thread that enters pid 1's network
+/// namespace (the DaemonSet shares the host's pids, not its network); where
+/// that cannot be entered, the agent's own namespace's, with the reason.
+pub fn host_ephemeral_range() -> ((u16, u16), Option<String>) {
+    let own = |why: String| match ephemeral_range() {
+        Ok(r) => (r, Some(why)),
+        Err(e) => (
+            DEFAULT_EPHEMERAL,
+            Some(format!("{why}; own namespace: {e}")),
+        ),
+    };
+    let Ok(file) = fs::File::open("/proc/1/ns/net") else {
+        return own("cannot open /proc/1/ns/net".into());
+    };
+    let r = std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: setns on this (scoped, short-lived) thread only.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            ephemeral_range()
         })
-        .unwrap_or((32768, 60999))
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("thread panicked")))
+    });
+    match r {
+        Ok(range) => (range, None),
+        Err(e) => own(format!("reading pid 1's network namespace: {e}")),
+    }
+}
+
+/// End one socket with sock_diag `SOCK_DESTROY` (what `ss -K` does): a
+/// listener stops listening (connections waiting in its queue are reset),
+/// the process's next call on it fails. Done from a thread inside the
+/// network namespace at `ns`; the socket is found by its local address and
+/// port and must carry `cookie` (so no other socket is ever hit). The
+/// kernel refuses (EINVAL) to destroy the TCP subflow an MPTCP listener
+/// listens through.
+pub fn destroy(
+    ns: &Path,
+    family: u8,
+    protocol: u8,
+    local: IpAddr,
+    port: u16,
+    cookie: u64,
+) -> io::Result<()> {
+    let file = fs::File::open(ns)?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: setns on this (scoped, short-lived) thread only.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                let e = io::Error::last_os_error();
+                return Err(io::Error::new(e.kind(), format!("entering it: {e}")));
+            }
+            destroy_here(family, protocol, local, port, cookie)
+                .map_err(|e| io::Error::new(e.kind(), format!("SOCK_DESTROY: {e}")))
+        })
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("sock_diag thread panicked")))
+    })
+}
+
+fn destroy_here(family: u8, protocol: u8, local: IpAddr, port: u16, cookie: u64) -> io::Result<()> {
+    use netlink_packet_core::NLM_F_ACK;
+    use netlink_packet_sock_diag::SockDiagDestroy;
+    let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    let mut id = if family == AF_INET {
+        SocketId::new_v4()
+    } else {
+        SocketId::new_v6()
+    };
+    id.source_address = local;
+    id.source_port = port;
+    id.cookie = cookie.to_ne_bytes();
+    let mut hdr = NetlinkHeader::default();
+    hdr.flags = NLM_F_REQUEST | NLM_F_ACK;
+    let mut packet = NetlinkMessage::new(
+        hdr,
+        NetlinkPayload::InnerMessage(SockDiagDestroy::new(SockDiagMessage::InetRequest(
+            InetRequest {
+                family,
+                protocol,
+                extensions: ExtensionFlags::empty(),
+                states: StateFlags::all(),
+                socket_id: id,
+            },
+        ))),
+    );
+    packet.finalize();
+    let mut buf = vec![0; packet.buffer_len()];
+    packet.serialize(&mut buf);
+    socket.send(&buf, 0)?;
+    let mut rx = vec![0u8; 8192];
+    let n = socket.recv(&mut &mut rx[..], 0)?;
+    let msg = <NetlinkMessage<SockDiagMessage>>::deserialize(&rx[..n]).map_err(io::Error::other)?;
+    match msg.payload {
+        NetlinkPayload::Error(e) => match e.code {
+            None => Ok(()),
+            Some(code) => Err(io::Error::from_raw_os_error(-code.get())),
+        },
+        other => Err(io::Error::other(format!(
+            "unexpected sock_diag answer {other:?}"
+        ))),
+    }
 }
 
 /// TCP listeners and UDP sockets of the current network namespace.
@@ -134,7 +252,9 @@ pub fn dump_current() -> io::Result<NetnsSockets> {
     sockets.retain(|s| s.port != 0);
     Ok(NetnsSockets {
         sockets,
-        ephemeral: ephemeral_range(),
+        // Client sockets are told apart by the host's range, not the one
+        // the namespace's owner set.
+        ephemeral: host_ephemeral_range().0,
     })
 }
 
@@ -272,6 +392,40 @@ pub fn sockets_by_netns(holders: &[Holder]) -> HashMap<u64, NetnsSockets> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// SOCK_DESTROY needs CAP_NET_ADMIN: run as root (CI is), skipped
+    /// otherwise. Ends a listener of this process found by port and cookie;
+    /// a wrong cookie ends nothing.
+    #[test]
+    fn destroys_a_listener_by_port_and_cookie() {
+        if !crate::caps::Caps::effective().is_ok_and(|c| c.0 & (1 << 12) != 0) {
+            eprintln!("skipping: SOCK_DESTROY needs CAP_NET_ADMIN");
+            return;
+        }
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let mut cookie = 0u64;
+        let mut len = 8 as libc::socklen_t;
+        // SAFETY: getsockopt into a local u64.
+        let rc = unsafe {
+            libc::getsockopt(
+                l.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_COOKIE,
+                std::ptr::from_mut(&mut cookie).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0);
+        let local: IpAddr = "127.0.0.1".parse().unwrap();
+        let e = destroy_here(AF_INET, IPPROTO_TCP, local, port, cookie ^ 1).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{e}");
+        destroy_here(AF_INET, IPPROTO_TCP, local, port, cookie).unwrap();
+        // The listener is gone: accept() fails at once.
+        l.set_nonblocking(true).unwrap();
+        let e = l.accept().unwrap_err();
+        assert_ne!(e.kind(), io::ErrorKind::WouldBlock, "{e}");
+    }
 
     /// Needs no privilege: sock_diag dumps of one's own namespace work for
     /// any user. Finds a listener this test opens.

@@ -1,4 +1,5 @@
-//! Facts about the running kernel read from its BTF (/sys/kernel/btf/vmlinux).
+//! Facts about the running kernel: struct layouts read from its BTF
+//! (/sys/kernel/btf/vmlinux), and its release.
 
 use std::path::Path;
 
@@ -133,9 +134,75 @@ pub fn sock_offsets(path: &Path) -> Result<SockOffsets, BtfLookupError> {
     })
 }
 
+/// Byte offset of `sk_userlocks` (a `u8`) in `struct sock`: its
+/// `SOCK_BINDPORT_LOCK` bit tells a port a bind() named from one the kernel
+/// chose.
+pub fn userlocks_offset(path: &Path) -> Result<u32, BtfLookupError> {
+    let btf = btf_rs::Btf::from_file(path).map_err(|e| BtfLookupError::Read {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let sock = struct_named(&btf, "sock").ok_or(BtfLookupError::NotFound)?;
+    match member_bits(&btf, &sock, "sk_userlocks") {
+        // A byte of its own (kernels since 5.x), or a bitfield starting on
+        // a byte (older ones keep it in a 4-bit field at the byte's start).
+        Some((bits, None | Some(0 | 4 | 8))) if bits % 8 == 0 => Ok(bits / 8),
+        _ => Err(BtfLookupError::Member {
+            member: "sk_userlocks".to_owned(),
+        }),
+    }
+}
+
+/// `(major, minor)` of a kernel release string (`6.18.44-fc-v782`).
+pub fn parse_release(release: &str) -> Option<(u32, u32)> {
+    let mut it = release.trim().split(['.', '-', '+']);
+    let major = it.next()?.parse().ok()?;
+    let minor = it.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+/// The running kernel's `(major, minor)`.
+pub fn running_release() -> Option<(u32, u32)> {
+    parse_release(&std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?)
+}
+
+/// Why a bind to port 0 is not enforced on this kernel, if it is not:
+/// before 5.17 ("bpf: handle return value of post_bind{4,6}") a denial from
+/// post_bind4/post_bind6 fails the bind() call but leaves the socket bound
+/// to the port the kernel chose.
+pub fn port0_unenforced(release: Option<(u32, u32)>) -> Option<String> {
+    match release {
+        Some(r) if r >= (5, 17) => None,
+        Some((major, minor)) => Some(format!(
+            "kernel {major}.{minor} is older than 5.17: a denied bind(port 0) fails with EPERM but \
+             leaves the socket bound to the port the kernel chose (fixed upstream by \"bpf: handle \
+             return value of post_bind{{4,6}}\"); listen() on it is still cut off, a UDP socket \
+             keeps receiving on it. Upgrade the kernel for port-0 enforcement"
+        )),
+        None => Some(
+            "the kernel release is unreadable: port-0 enforcement (kernel 5.17+) is not claimed"
+                .to_owned(),
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn releases_are_read_and_port0_is_claimed_from_5_17() {
+        assert_eq!(parse_release("6.18.44-fc-v782\n"), Some((6, 18)));
+        assert_eq!(parse_release("5.15.0-91-generic"), Some((5, 15)));
+        assert_eq!(parse_release("5.17+"), Some((5, 17)));
+        assert_eq!(parse_release("garbage"), None);
+        assert!(port0_unenforced(Some((5, 17))).is_none());
+        assert!(port0_unenforced(Some((6, 1))).is_none());
+        let why = port0_unenforced(Some((5, 15))).unwrap();
+        assert!(why.contains("5.15") && why.contains("5.17"), "{why}");
+        assert!(port0_unenforced(None).is_some());
+        assert!(running_release().is_some());
+    }
 
     /// Runs against this machine's kernel when it exposes BTF.
     #[test]
@@ -157,5 +224,7 @@ mod tests {
         assert_eq!(o.skc_family, 16, "{o:?}");
         assert!(o.socket_sk > 0 && o.socket_sk < 56, "{o:?}");
         assert!(o.sk_protocol > 100, "{o:?}");
+        let locks = userlocks_offset(path).unwrap();
+        assert!(locks > 100 && locks < 4096, "sk_userlocks at {locks}");
     }
 }

@@ -16,25 +16,27 @@ use aya::{
     Btf, Ebpf, EbpfError, EbpfLoader,
     maps::{Array, HashMap, Map, MapData, MapError, MapInfo, PerCpuArray, RingBuf},
     programs::{
-        CgroupAttachMode, CgroupSock, CgroupSockAddr, LsmCgroup, ProgramError, SockOps,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, LsmCgroup,
+        ProgramError, SockOps,
         links::{FdLink, LinkError},
     },
 };
 use log::{debug, info, warn};
 use portguard_common::{
-    AgentStamp, COUNTER_EVENTS_LOST, COUNTERS, CgroupKey, CgroupValue, DECISION_ALLOW,
-    DECISION_AUDIT, DECISION_DENY, DECISION_REPORTED, DECISIONS, GLOBAL_SOCK_OFFSETS,
-    GLOBAL_V6ONLY_BIT, HOOKS, Hook, LAYOUT_VERSION, LSM_PROGRAMS, MAP_AGENT, MAP_CGROUPS,
-    MAP_COUNTERS, MAP_EVENTS, MAP_NAMES, MAP_POLICIES, MAP_POLICY_COUNTERS, MAP_PORTSETS,
-    MAP_SOCKETS, MAP_STATE, MAPS, POLICY_NAME_MAX, PROGRAMS, PolicyName, PolicyRecord, PortChunk,
-    PortChunkKey, SOCK_OPS_PROGRAM, STAMP_MAGIC, SockOffsets, SocketState, State, V6ONLY_UNKNOWN,
-    hook_counter, policy_counter,
+    AgentStamp, COUNTER_EVENTS_LOST, COUNTER_GUARD_DROPS, COUNTERS, CgroupKey, CgroupValue,
+    DECISION_ALLOW, DECISION_AUDIT, DECISION_DENY, DECISION_REPORTED, DECISIONS,
+    GLOBAL_SOCK_OFFSETS, GLOBAL_USERLOCKS, GLOBAL_V6ONLY_BIT, GUARD_PROGRAM, HOOKS, Hook,
+    LAYOUT_VERSION, LSM_PROGRAMS, MAP_AGENT, MAP_CGROUPS, MAP_COUNTERS, MAP_EVENTS, MAP_NAMES,
+    MAP_POLICIES, MAP_POLICY_COUNTERS, MAP_PORTSETS, MAP_SOCKETS, MAP_STATE, MAPS, POLICY_NAME_MAX,
+    PROGRAMS, PolicyName, PolicyRecord, PortChunk, PortChunkKey, SOCK_OPS_PROGRAM, STAMP_MAGIC,
+    SockOffsets, SocketState, State, USERLOCKS_UNKNOWN, V6ONLY_UNKNOWN, hook_counter,
+    policy_counter,
 };
 use sha2::Digest;
 
 use crate::{
     bpfsys::{self, attach_type},
-    kernel_btf::{VMLINUX_BTF, ipv6only_bit_offset, sock_offsets},
+    kernel_btf::{VMLINUX_BTF, ipv6only_bit_offset, sock_offsets, userlocks_offset},
     pins::{PinDir, program_names},
     rules_map::{Applier, Capacity, RuleSink, SinkError},
 };
@@ -198,6 +200,7 @@ fn expected_attach_type(name: &str) -> u32 {
         "portguard_sendmsg6" => attach_type::UDP6_SENDMSG,
         "portguard_sock_create" => attach_type::INET_SOCK_CREATE,
         SOCK_OPS_PROGRAM => attach_type::SOCK_OPS,
+        GUARD_PROGRAM => attach_type::INET_INGRESS,
         _ => attach_type::LSM_CGROUP,
     }
 }
@@ -269,6 +272,11 @@ impl CounterMaps {
         Self::sum(&self.hooks, COUNTER_EVENTS_LOST)
     }
 
+    /// Packets the packet guard dropped.
+    pub fn guard_drops(&self) -> Result<u64, MapError> {
+        Self::sum(&self.hooks, COUNTER_GUARD_DROPS)
+    }
+
     /// Totals over every hook.
     pub fn totals(&self) -> Result<Counters, MapError> {
         let mut c = Counters {
@@ -306,7 +314,8 @@ pub struct Loaded {
 pub enum ListenCheck {
     /// BPF LSM `socket_listen`/`socket_accept`: violations are denied.
     Denied,
-    /// `sock_ops` after the fact: violations are reported, not denied.
+    /// `sock_ops` right after listen(): a violating listener is cut off
+    /// (packet guard, SOCK_DESTROY), not denied.
     Reported { why: String },
     /// Not checked at all.
     Unchecked { why: String },
@@ -418,6 +427,16 @@ impl Loaded {
                 V6ONLY_UNKNOWN
             }
         };
+        let userlocks = match userlocks_offset(Path::new(VMLINUX_BTF)) {
+            Ok(off) => off,
+            Err(e) => {
+                warn!(
+                    "loader: {e}; `ephemeral` will not allow ports the kernel picks at listen() \
+                     or by UDP autobind (only bind(port 0), judged when it happens)"
+                );
+                USERLOCKS_UNKNOWN
+            }
+        };
         let offsets = match sock_offsets(Path::new(VMLINUX_BTF)) {
             Ok(o) => o,
             Err(e) => {
@@ -433,7 +452,8 @@ impl Loaded {
         let mut loader = EbpfLoader::new();
         loader
             .override_global(GLOBAL_V6ONLY_BIT, &v6only_bit, true)
-            .override_global(GLOBAL_SOCK_OFFSETS, &offsets, true);
+            .override_global(GLOBAL_SOCK_OFFSETS, &offsets, true)
+            .override_global(GLOBAL_USERLOCKS, &userlocks, true);
         // Sized from the same shapes that decide whether a pinned map fits.
         for name in [
             MAP_CGROUPS,
@@ -519,6 +539,20 @@ impl Loaded {
                 }
             };
             res.map_err(load_err)?;
+            debug!("loader: loaded {name}");
+        }
+        {
+            let name = GUARD_PROGRAM;
+            let load_err = |source: ProgramError| LoaderError::ProgramLoad {
+                name,
+                hook: "cgroup_skb/ingress",
+                source: Box::new(source),
+            };
+            let prog = ebpf
+                .program_mut(name)
+                .ok_or(LoaderError::MissingProgram { name })?;
+            let p: &mut CgroupSkb = prog.try_into().map_err(load_err)?;
+            p.load().map_err(load_err)?;
             debug!("loader: loaded {name}");
         }
         let maps = KernelMaps {
@@ -617,6 +651,9 @@ impl Loaded {
                 (name, kind, hook)
             })
             .collect();
+        // The packet guard: what a hook that cannot deny cut off gets no
+        // traffic (UDP autobinds everywhere, listeners without the LSM).
+        v.push((GUARD_PROGRAM, Kind::Skb, Hook::Ingress));
         if self.lsm_unavailable.is_none() {
             v.extend(LSM_PROGRAMS.iter().map(|&(n, _, h)| (n, Kind::Lsm, h)));
         } else if self.sock_ops_loaded {
@@ -660,6 +697,13 @@ impl Loaded {
             Kind::SockOps => {
                 let p: &mut SockOps = prog.try_into().map_err(err)?;
                 let id = p.attach(file, CgroupAttachMode::Single).map_err(err)?;
+                FdLink::try_from(p.take_link(id).map_err(err)?).map_err(link_err)
+            }
+            Kind::Skb => {
+                let p: &mut CgroupSkb = prog.try_into().map_err(err)?;
+                let id = p
+                    .attach(file, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)
+                    .map_err(err)?;
                 FdLink::try_from(p.take_link(id).map_err(err)?).map_err(link_err)
             }
             Kind::Lsm => {
@@ -932,12 +976,14 @@ enum Kind {
     SockAddr,
     SockOps,
     Lsm,
+    Skb,
 }
 
 impl Kind {
     fn hook_name(self, name: &str) -> &'static str {
         match self {
             Self::SockOps => "sock_ops",
+            Self::Skb => "cgroup_skb/ingress",
             Self::Lsm => LSM_PROGRAMS
                 .iter()
                 .find(|(n, _, _)| *n == name)

@@ -10,6 +10,7 @@
 //! | `portguard_decisions_total` | `policy`, `verdict` (allow, deny, audit, reported) |
 //! | `portguard_hook_decisions_total` | `hook`, `verdict` |
 //! | `portguard_events_lost_total` | |
+//! | `portguard_guard_dropped_packets_total` | |
 //! | `portguard_events_aggregated_total` | |
 //! | `portguard_events_written_total` | |
 //! | `portguard_policy_reloads_total` | `result` (ok, failed) |
@@ -108,6 +109,8 @@ pub struct KernelReading {
     /// Per policy (same order as `Facts::policies`), since it took its slot.
     pub by_policy: Vec<Decisions>,
     pub events_lost: u64,
+    /// Packets the packet guard dropped (addressed to cut-off sockets).
+    pub guard_drops: u64,
 }
 
 impl KernelReading {
@@ -124,6 +127,7 @@ impl KernelReading {
                 .map(|p| counters.by_slot(p.slot).map(|d| since(d, p.baseline)))
                 .collect::<Result<_, _>>()?,
             events_lost: counters.events_lost()?,
+            guard_drops: counters.guard_drops()?,
         })
     }
 }
@@ -175,6 +179,13 @@ pub fn render(facts: &Facts, kernel: &KernelReading) -> String {
         "portguard_events_lost",
         "Events the kernel could not queue (ring buffer full)",
         kernel.events_lost,
+    );
+    counter(
+        &mut reg,
+        "portguard_guard_dropped_packets",
+        "Packets the packet guard dropped: addressed to a socket cut off for a port its policy \
+         does not allow (kernel counter)",
+        kernel.guard_drops,
     );
     counter(
         &mut reg,
@@ -303,6 +314,7 @@ mod tests {
             by_hook: vec![("bind4", [10, 3, 0, 0])],
             by_policy: vec![[10, 3, 0, 0]],
             events_lost: 7,
+            guard_drops: 5,
         };
         let text = render(&facts, &kernel);
         for line in [
@@ -310,6 +322,7 @@ mod tests {
             r#"portguard_decisions_total{policy="web",verdict="allow"} 10"#,
             r#"portguard_hook_decisions_total{hook="bind4",verdict="deny"} 3"#,
             "portguard_events_lost_total 7",
+            "portguard_guard_dropped_packets_total 5",
             "portguard_events_aggregated_total 99",
             r#"portguard_policy_reloads_total{result="failed"} 2"#,
             "portguard_policies 1",

@@ -280,6 +280,25 @@ impl Applier {
         self.last_flip = None;
     }
 
+    /// Publish the host's ephemeral port range (`State::ephemeral`, packed
+    /// `low << 16 | high`) if it changed: one state write, the generation
+    /// unchanged. Returns whether it wrote.
+    pub fn set_ephemeral<S: RuleSink>(
+        &mut self,
+        sink: &mut S,
+        (low, high): (u16, u16),
+    ) -> Result<bool, SinkError> {
+        let packed = (u32::from(low) << 16) | u32::from(high);
+        if self.state.ephemeral == packed {
+            return Ok(false);
+        }
+        let mut state = self.state;
+        state.ephemeral = packed;
+        sink.put_state(&state)?;
+        self.state = state;
+        Ok(true)
+    }
+
     pub fn chunks_in_use(&self) -> usize {
         self.sets.values().map(|s| s.chunks.len()).sum()
     }

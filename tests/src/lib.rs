@@ -394,8 +394,8 @@ impl Agent {
             return true;
         }
         assert!(
-            log.contains("listen() is REPORTED"),
-            "the agent neither enforces nor reports listen():\n{log}"
+            log.contains("is CUT OFF instead"),
+            "the agent neither denies listen() nor cuts listeners off:\n{log}"
         );
         false
     }
@@ -658,6 +658,23 @@ pub struct ProbeResult {
     pub first_errno: i32,
     pub pid: u32,
     pub tid: u32,
+    /// With [`Probe::serve`]: whether a loopback client's connection to the
+    /// listener was accepted, and what the client's connect() got.
+    #[serde(default)]
+    pub served: Option<bool>,
+    #[serde(default)]
+    pub client: Option<String>,
+    /// `autobind-udp`: whether a datagram sent to the autobound port arrived.
+    #[serde(default)]
+    pub received: Option<bool>,
+    /// `v6only-race`: binds that succeeded, how many of them dual-stack, and
+    /// how many were refused.
+    #[serde(default)]
+    pub bound: u32,
+    #[serde(default)]
+    pub dual: u32,
+    #[serde(default)]
+    pub eperm: u32,
 }
 
 impl ProbeResult {
@@ -693,6 +710,21 @@ impl Probe {
         }
     }
 
+    /// Run in the test's own network namespace instead of a private one
+    /// (for a listener the test itself connects to over loopback).
+    pub fn host_netns(mut self) -> Self {
+        self.no_netns = true;
+        self
+    }
+
+    /// Set the probe's private network namespace's
+    /// `net.ipv4.ip_local_port_range`, as a pod may.
+    pub fn port_range(mut self, low: u16, high: u16) -> Self {
+        self.args
+            .extend(["--port-range".into(), low.to_string(), high.to_string()]);
+        self
+    }
+
     /// A probe that stays outside any test cgroup (for `handoff`).
     pub fn outside() -> Self {
         Self::default()
@@ -714,6 +746,13 @@ impl Probe {
 
     pub fn uid(mut self, uid: u32) -> Self {
         self.args.extend(["--uid".into(), uid.to_string()]);
+        self
+    }
+
+    /// After an operation that leaves a TCP listener, try to be served on
+    /// it by a loopback client (see [`ProbeResult::served`]).
+    pub fn serve(mut self) -> Self {
+        self.args.push("--serve".into());
         self
     }
 

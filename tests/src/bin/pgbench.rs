@@ -6,6 +6,10 @@
 //! OP: bind     socket(TCP) + bind(127.0.0.1:P) + close, must succeed
 //!     connect  socket(UDP) + connect(127.0.0.1:P) + close, must succeed
 //!     denied   socket(TCP) + bind(127.0.0.1:P) + close, must fail with EPERM
+//!     rr       TCP request/response over loopback (netperf's TCP_RR): a
+//!              listener on 127.0.0.1:P, one connection, a thread echoing;
+//!              one transaction = 1 byte written and 1 byte read back. Every
+//!              packet passes the receive path (and the packet guard).
 //!     storm    bind(127.0.0.1:P) on one socket for S seconds (or exactly
 //!              --count N times), as fast as possible; every call must fail
 //!              with EPERM. With --distinct-at K --distinct-port Q, one
@@ -84,6 +88,64 @@ fn once(op: &str, sin: &libc::sockaddr_in) -> i32 {
             _ => die("unknown op"),
         }
     }
+}
+
+/// An established loopback TCP connection to a listener on `sin`, with a
+/// thread echoing every byte: (client fd, echo thread).
+fn rr_pair(sin: &libc::sockaddr_in) -> (i32, std::thread::JoinHandle<()>) {
+    let p = std::ptr::from_ref(sin).cast::<libc::sockaddr>();
+    let one: libc::c_int = 1;
+    // SAFETY: plain syscalls on sockets we own.
+    unsafe {
+        let l = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        if libc::bind(l, p, SIN_LEN) != 0 || libc::listen(l, 1) != 0 {
+            die(&format!("rr: listener: errno {}", errno()));
+        }
+        let c = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        if libc::connect(c, p, SIN_LEN) != 0 {
+            die(&format!("rr: connect: errno {}", errno()));
+        }
+        let s = libc::accept(l, std::ptr::null_mut(), std::ptr::null_mut());
+        if s < 0 {
+            die(&format!("rr: accept: errno {}", errno()));
+        }
+        libc::close(l);
+        for fd in [c, s] {
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_NODELAY,
+                std::ptr::from_ref(&one).cast(),
+                4,
+            );
+        }
+        let echo = std::thread::spawn(move || {
+            let mut b = [0u8; 1];
+            // SAFETY: our own connected socket; ends when the client closes.
+            while libc::read(s, b.as_mut_ptr().cast(), 1) == 1 {
+                libc::write(s, b.as_ptr().cast(), 1);
+            }
+            libc::close(s);
+        });
+        (c, echo)
+    }
+}
+
+/// Times `iters` request/response transactions on `c`.
+fn timed_rr(c: i32, iters: u64) -> f64 {
+    let mut b = [7u8; 1];
+    let start = Instant::now();
+    for _ in 0..iters {
+        // SAFETY: our own connected socket.
+        unsafe {
+            if libc::write(c, b.as_ptr().cast(), 1) != 1
+                || libc::read(c, b.as_mut_ptr().cast(), 1) != 1
+            {
+                die(&format!("rr: transaction failed: errno {}", errno()));
+            }
+        }
+    }
+    start.elapsed().as_nanos() as f64 / iters as f64
 }
 
 /// Times `iters` operations. An allowed bind that fails with EADDRINUSE is
@@ -233,10 +295,20 @@ fn main() {
     }
     let want = if op == "denied" { libc::EPERM } else { 0 };
     let mut anomalies = 0;
-    timed(&op, &sin, warmup, want, &mut anomalies);
-    let mut samples: Vec<f64> = (0..reps)
-        .map(|_| timed(&op, &sin, iters, want, &mut anomalies))
-        .collect();
+    let mut samples: Vec<f64> = if op == "rr" {
+        let (c, echo) = rr_pair(&sin);
+        timed_rr(c, warmup);
+        let s = (0..reps).map(|_| timed_rr(c, iters)).collect();
+        // SAFETY: closing our own socket ends the echo thread.
+        unsafe { libc::close(c) };
+        let _ = echo.join();
+        s
+    } else {
+        timed(&op, &sin, warmup, want, &mut anomalies);
+        (0..reps)
+            .map(|_| timed(&op, &sin, iters, want, &mut anomalies))
+            .collect()
+    };
     let list = samples
         .iter()
         .map(|s| format!("{s:.1}"))

@@ -3,14 +3,15 @@
 //!
 //! ```text
 //! pgprobe [--netns] [--listen tcp|udp:ADDR:PORT]... [--cgroup DIR] [--uid N]
-//!         [--fork | --thread] [--repeat N --interval-ms MS] OP ARGS...
+//!         [--fork | --thread] [--repeat N --interval-ms MS] [--serve] OP ARGS...
 //! OP:  bind tcp|udp ADDR PORT [v6only]
 //!      connect tcp|udp ADDR PORT
 //!      sendto ADDR PORT            (unconnected UDP)
 //!      rebind tcp|udp ADDR PORT1 PORT2   bind PORT1; if that fails, bind PORT2
 //!                                  on the same socket (reports both)
 //!      listen tcp|mptcp ADDR PORT  bind, then listen
-//!      listen-unbound tcp|mptcp 4|6  listen without bind (kernel autobind)
+//!      listen-unbound tcp|mptcp 4|6 [v6only]  listen without bind (kernel
+//!                                  autobind; IPv6 is dual-stack unless v6only)
 //!      uring-bind tcp|udp ADDR PORT     bind through io_uring (IORING_OP_BIND)
 //!      uring-listen-unbound 4|6          listen through io_uring (IORING_OP_LISTEN)
 //!      socket raw4|raw6|sctp|l2tp        create a socket
@@ -24,6 +25,16 @@
 //!                                  CGROUP, then bind
 //!      hold tcp|udp ADDR PORT      bind (and listen, for TCP), print the
 //!                                  result, then keep the socket until killed
+//!      autobind-udp ADDR PORT      unconnected UDP sendto from an unbound
+//!                                  socket (the kernel autobinds it), then a
+//!                                  second socket sends to the port it got:
+//!                                  `"received"` says whether it arrived
+//!      v6only-race PORT N          N times: an IPv6 TCP socket with
+//!                                  IPV6_V6ONLY binds [::]:PORT while a second
+//!                                  thread clears IPV6_V6ONLY on it; prints
+//!                                  how many binds succeeded dual-stack
+//! `--port-range LO HI` (with --netns): set the new namespace's
+//! net.ipv4.ip_local_port_range, as a pod may.
 //! ```
 //! Setup order: new network namespace with loopback up (--netns), listeners
 //! (created before joining the cgroup, so they are not governed), join the
@@ -31,12 +42,115 @@
 //! forked child (--fork) or a second thread (--thread).
 //! Output: `{"op":..,"ok":true,"port":P,"pid":..,"tid":..}` or
 //! `{"op":..,"ok":false,"errno":E,"error":"..",..}`.
+//! `--serve`: after an operation that left a TCP listener, try to be served
+//! on it as a client would: connect to its port over loopback (IPv4 and,
+//! for an IPv6 socket, IPv6 too), and accept within 1.5 s. Adds
+//! `"served":true|false` and `"client":"ok"|"ECONNREFUSED"|"timeout"|..`.
 
 use std::{
     io::Write as _,
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     process::exit,
+    sync::atomic::{AtomicBool, Ordering},
 };
+
+/// `--serve`: see the module docs.
+static SERVE: AtomicBool = AtomicBool::new(false);
+
+/// Wait up to `ms` for `events` on `fd`.
+fn poll_for(fd: i32, events: i16, ms: i32) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&mut p, 1, ms) > 0 && p.revents & events != 0 }
+}
+
+/// Try to be served on listener `fd`: see `--serve`.
+fn serve_check(fd: i32) -> (bool, String) {
+    // SAFETY: getsockname into a zeroed sockaddr_storage.
+    let (family, port, bound) = unsafe {
+        let mut ss: libc::sockaddr_storage = std::mem::zeroed();
+        let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        libc::getsockname(fd, std::ptr::from_mut(&mut ss).cast(), &mut len);
+        if i32::from(ss.ss_family) == libc::AF_INET {
+            let sin = &*std::ptr::from_ref(&ss).cast::<libc::sockaddr_in>();
+            let ip = Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes());
+            (libc::AF_INET, u16::from_be(sin.sin_port), IpAddr::V4(ip))
+        } else {
+            let sin6 = &*std::ptr::from_ref(&ss).cast::<libc::sockaddr_in6>();
+            let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+            (libc::AF_INET6, u16::from_be(sin6.sin6_port), IpAddr::V6(ip))
+        }
+    };
+    let mut targets = Vec::new();
+    match bound {
+        IpAddr::V4(ip) if ip.is_unspecified() => targets.push(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            targets.push(IpAddr::V6(Ipv6Addr::LOCALHOST));
+            targets.push(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        }
+        ip => targets.push(ip),
+    }
+    let _ = family;
+    let mut client = String::from("none");
+    let mut clients = Vec::new();
+    for t in targets {
+        let addr = SocketAddr::new(t, port);
+        let c = socket("tcp", &addr);
+        // SAFETY: plain syscalls on our own sockets.
+        unsafe {
+            libc::fcntl(c, libc::F_SETFL, libc::O_NONBLOCK);
+            let (ss, len) = sockaddr(&addr);
+            let rc = libc::connect(c, std::ptr::from_ref(&ss).cast(), len);
+            let e = errno();
+            client = if rc == 0 {
+                "ok".into()
+            } else if e != libc::EINPROGRESS {
+                errno_name(e).into()
+            } else if !poll_for(c, libc::POLLOUT, 1500) {
+                "timeout".into()
+            } else {
+                let mut err: libc::c_int = 0;
+                let mut l = 4 as libc::socklen_t;
+                libc::getsockopt(
+                    c,
+                    libc::SOL_SOCKET,
+                    libc::SO_ERROR,
+                    std::ptr::from_mut(&mut err).cast(),
+                    &mut l,
+                );
+                if err == 0 {
+                    "ok".into()
+                } else {
+                    errno_name(err).into()
+                }
+            };
+        }
+        clients.push(c);
+        if client == "ok" {
+            break;
+        }
+    }
+    // SAFETY: plain syscalls on our own sockets.
+    let served = unsafe {
+        libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK);
+        poll_for(fd, libc::POLLIN, 1500) && {
+            let a = libc::accept(fd, std::ptr::null_mut(), std::ptr::null_mut());
+            if a >= 0 {
+                libc::close(a);
+            }
+            a >= 0
+        }
+    };
+    for c in clients {
+        // SAFETY: closing our own fds.
+        unsafe { libc::close(c) };
+    }
+    (served, client)
+}
 
 fn die(msg: &str) -> ! {
     eprintln!("pgprobe: {msg}");
@@ -240,6 +354,9 @@ fn run_op(op: &[String]) -> String {
         "listen-unbound" => {
             let addr = parse_addr(if get(2) == "6" { "::" } else { "0.0.0.0" }, "0");
             let fd = socket(get(1), &addr);
+            if addr.is_ipv6() {
+                set_v6only(fd, op.get(3).is_some_and(|s| s == "v6only"));
+            }
             // SAFETY: listen on our own socket.
             let rc = unsafe { libc::listen(fd, 8) };
             (fd, rc, errno())
@@ -313,6 +430,13 @@ fn run_op(op: &[String]) -> String {
             (fd, rc, errno())
         }
         "handoff" => return handoff(op),
+        "autobind-udp" => return autobind_udp(&parse_addr(get(1), get(2))),
+        "v6only-race" => {
+            return v6only_race(
+                get(1).parse().unwrap_or_else(|_| die("bad port")),
+                get(2).parse().unwrap_or_else(|_| die("bad count")),
+            );
+        }
         "hold" => {
             let addr = parse_addr(get(2), get(3));
             let fd = socket(get(1), &addr);
@@ -344,8 +468,14 @@ fn run_op(op: &[String]) -> String {
     // SAFETY: plain syscalls.
     let (pid, tid) = (unsafe { libc::getpid() }, gettid());
     let line = if rc == 0 {
+        let served = if SERVE.load(Ordering::Relaxed) {
+            let (served, client) = serve_check(fd);
+            format!(r#","served":{served},"client":"{client}""#)
+        } else {
+            String::new()
+        };
         format!(
-            r#"{{"op":"{kind}","ok":true,"port":{},"first_errno":{first_errno},"pid":{pid},"tid":{tid}}}"#,
+            r#"{{"op":"{kind}","ok":true,"port":{},"first_errno":{first_errno},"pid":{pid},"tid":{tid}{served}}}"#,
             local_port(fd)
         )
     } else {
@@ -357,6 +487,111 @@ fn run_op(op: &[String]) -> String {
     // SAFETY: closing our own fd.
     unsafe { libc::close(fd) };
     line
+}
+
+/// `autobind-udp ADDR PORT`: see the module docs.
+fn autobind_udp(dest: &SocketAddr) -> String {
+    let fd = socket("udp", dest);
+    let rc = send_to(fd, b"portguard", dest);
+    let e = errno();
+    let port = local_port(fd);
+    let mut received = false;
+    if port != 0 {
+        let me = SocketAddr::new(
+            if dest.is_ipv4() {
+                IpAddr::V4(Ipv4Addr::LOCALHOST)
+            } else {
+                IpAddr::V6(Ipv6Addr::LOCALHOST)
+            },
+            port,
+        );
+        let other = socket("udp", &me);
+        send_to(other, b"hello", &me);
+        let mut buf = [0u8; 16];
+        // SAFETY: plain syscalls on our own sockets.
+        unsafe {
+            received = poll_for(fd, libc::POLLIN, 1000)
+                && libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) > 0;
+            libc::close(other);
+        }
+    }
+    // SAFETY: plain syscalls.
+    let (pid, tid) = (unsafe { libc::getpid() }, gettid());
+    // SAFETY: closing our own fd.
+    unsafe { libc::close(fd) };
+    format!(
+        r#"{{"op":"autobind-udp","ok":{},"errno":{},"error":"{}","port":{port},"received":{received},"pid":{pid},"tid":{tid}}}"#,
+        rc >= 0,
+        if rc >= 0 { 0 } else { e },
+        if rc >= 0 { "" } else { errno_name(e) },
+    )
+}
+
+/// `v6only-race PORT N`: see the module docs.
+fn v6only_race(port: u16, n: u32) -> String {
+    use std::sync::atomic::AtomicI32;
+    static CURRENT: AtomicI32 = AtomicI32::new(-1);
+    static DONE: AtomicBool = AtomicBool::new(false);
+    let flipper = std::thread::spawn(|| {
+        let zero: libc::c_int = 0;
+        while !DONE.load(Ordering::Relaxed) {
+            let fd = CURRENT.load(Ordering::Relaxed);
+            if fd >= 0 {
+                // SAFETY: setsockopt on a fd that is either ours or closed
+                // (EBADF, harmless); the main thread reuses numbers only for
+                // its own sockets.
+                unsafe {
+                    libc::setsockopt(
+                        fd,
+                        libc::IPPROTO_IPV6,
+                        libc::IPV6_V6ONLY,
+                        std::ptr::from_ref(&zero).cast(),
+                        4,
+                    );
+                }
+            }
+        }
+    });
+    let addr = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port);
+    let (mut bound, mut dual, mut eperm) = (0u32, 0u32, 0u32);
+    for _ in 0..n {
+        let fd = socket("tcp", &addr);
+        set_v6only(fd, true);
+        CURRENT.store(fd, Ordering::Relaxed);
+        let (ss, len) = sockaddr(&addr);
+        // SAFETY: valid fd and sockaddr.
+        let rc = unsafe { libc::bind(fd, std::ptr::from_ref(&ss).cast(), len) };
+        if rc == 0 {
+            bound += 1;
+            let mut v: libc::c_int = 1;
+            let mut l = 4 as libc::socklen_t;
+            // SAFETY: getsockopt into a local int.
+            unsafe {
+                libc::getsockopt(
+                    fd,
+                    libc::IPPROTO_IPV6,
+                    libc::IPV6_V6ONLY,
+                    std::ptr::from_mut(&mut v).cast(),
+                    &mut l,
+                );
+            }
+            if v == 0 {
+                dual += 1;
+            }
+        } else if errno() == libc::EPERM {
+            eperm += 1;
+        }
+        CURRENT.store(-1, Ordering::Relaxed);
+        // SAFETY: closing our own fd.
+        unsafe { libc::close(fd) };
+    }
+    DONE.store(true, Ordering::Relaxed);
+    let _ = flipper.join();
+    // SAFETY: plain syscalls.
+    let (pid, tid) = (unsafe { libc::getpid() }, gettid());
+    format!(
+        r#"{{"op":"v6only-race","ok":true,"tries":{n},"bound":{bound},"dual":{dual},"eperm":{eperm},"pid":{pid},"tid":{tid}}}"#
+    )
 }
 
 fn join_cgroup(dir: &str) {
@@ -435,8 +670,14 @@ fn handoff(op: &[String]) -> String {
             };
             let (pid, tid) = (libc::getpid(), gettid());
             let line = if rc == 0 {
+                let served = if action == "listen" && SERVE.load(Ordering::Relaxed) {
+                    let (served, client) = serve_check(fd);
+                    format!(r#","served":{served},"client":"{client}""#)
+                } else {
+                    String::new()
+                };
                 format!(
-                    r#"{{"op":"handoff","ok":true,"port":{},"pid":{pid},"tid":{tid}}}"#,
+                    r#"{{"op":"handoff","ok":true,"port":{},"pid":{pid},"tid":{tid}{served}}}"#,
                     local_port(fd)
                 )
             } else {
@@ -550,6 +791,7 @@ fn main() {
     let mut listeners = Vec::new();
     let mut echoes: Vec<String> = Vec::new();
     let mut netns = false;
+    let mut port_range: Option<String> = None;
     while let Some(a) = args.first().cloned() {
         if !a.starts_with("--") {
             break;
@@ -563,11 +805,13 @@ fn main() {
         };
         match a.as_str() {
             "--netns" => netns = true,
+            "--port-range" => port_range = Some(format!("{} {}", val(), val())),
             "--cgroup" => cgroup = Some(val()),
             "--uid" => uid = Some(val().parse::<u32>().unwrap_or_else(|_| die("bad --uid"))),
             "--listen" => listeners.push(val()),
             "--echo" => echoes.push(val()),
             "--fork" => mode = "fork",
+            "--serve" => SERVE.store(true, Ordering::Relaxed),
             "--thread" => mode = "thread",
             "--repeat" => repeat = val().parse().unwrap_or_else(|_| die("bad --repeat")),
             "--interval-ms" => {
@@ -582,6 +826,10 @@ fn main() {
             die(&format!("unshare(CLONE_NEWNET): errno {}", errno()));
         }
         loopback_up();
+        if let Some(r) = &port_range {
+            std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", r)
+                .unwrap_or_else(|e| die(&format!("ip_local_port_range {r}: {e}")));
+        }
     }
     let _listeners: Vec<i32> = listeners.iter().map(|s| listen_on(s)).collect();
     for spec in &echoes {

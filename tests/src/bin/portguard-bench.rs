@@ -512,6 +512,109 @@ fn overhead(
     report.push('\n');
 }
 
+/// pgbench `rr` in `cg`: ns per request/response transaction, per rep.
+fn measure_rr(cg: &Path, iters: u64, reps: usize) -> Vec<f64> {
+    let (iters, warmup, reps) = (iters.to_string(), (iters / 5).to_string(), reps.to_string());
+    let v = pgbench(
+        cg,
+        &[
+            "rr", "--port", "8080", "--iters", &iters, "--warmup", &warmup, "--reps", &reps,
+        ],
+    );
+    v["reps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
+/// The packet guard (`cgroup_skb/ingress`) runs for every packet received:
+/// its cost on a TCP request/response loop over loopback (netperf's
+/// TCP_RR), on a governed socket and on an ungoverned one with the programs
+/// attached at the cgroup2 root as deployed, each in pairs with the
+/// no-program baseline.
+fn packet_guard(
+    fx: &Fixture,
+    opts: &Opts,
+    report: &mut String,
+    verdicts: &mut Vec<(String, bool, String)>,
+) {
+    let (pairs, iters, reps) = if opts.quick {
+        (3, 5_000, 3)
+    } else {
+        (12, 20_000, 5)
+    };
+    let med = |v: &[f64]| median(&mut v.to_vec());
+    let (one, plain) = (fx.cgroup(Setup::OnePolicy), fx.cgroup(Setup::Baseline));
+    // Governed: the programs on the setup's subtree; the baseline process,
+    // outside it, runs none.
+    eprintln!("bench: packet guard, governed socket");
+    let agent = start_agent(
+        &fx.policy(Setup::OnePolicy),
+        &["--attach-cgroup", &fx.attach_point(Setup::OnePolicy)],
+    );
+    let (mut gov, mut gov_base, mut gov_ratio) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..pairs {
+        let g = min(&measure_rr(&one, iters, reps));
+        let b = min(&measure_rr(&plain, iters, reps));
+        gov.push(g);
+        gov_base.push(b);
+        gov_ratio.push(g / b);
+    }
+    let pid = agent.pid();
+    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1").expect("enabling bpf_stats");
+    let t0 = fdinfo_sum(pid, "prog_type:", "run_time_ns:");
+    measure_rr(&one, iters, 1);
+    let t1 = fdinfo_sum(pid, "prog_type:", "run_time_ns:");
+    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0");
+    // warm-up (iters / 5) plus the timed run, two receiving sockets each.
+    let prog_ns = (t1 - t0) as f64 / (iters + iters / 5) as f64;
+    drop(agent);
+    // Ungoverned: the programs at the root, as deployed; the baseline is the
+    // same process with no agent at all, measured right after.
+    eprintln!("bench: packet guard, ungoverned socket, programs on the root");
+    let (mut ung, mut ung_base, mut ung_ratio) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..pairs {
+        let agent = start_agent(&fx.policy(Setup::OnePolicy), &[]);
+        let u = min(&measure_rr(&plain, iters, reps));
+        drop(agent);
+        let b = min(&measure_rr(&plain, iters, reps));
+        ung.push(u);
+        ung_base.push(b);
+        ung_ratio.push(u / b);
+    }
+    let (g, u) = (med(&gov_ratio), med(&ung_ratio));
+    verdicts.push((
+        "request/response on a governed socket (packet guard) <= 1.05x baseline".into(),
+        g <= 1.05,
+        format!("{g:.3}x"),
+    ));
+    verdicts.push((
+        "request/response on an ungoverned socket, programs on the root <= 1.01x baseline".into(),
+        u <= 1.01,
+        format!("{u:.3}x"),
+    ));
+    let _ = writeln!(
+        report,
+        "## 2. The packet guard (per packet)
+
+         A TCP request/response loop over loopback (netperf's TCP_RR: 1 byte each way,          `TCP_NODELAY`, one connection, an echo thread), {pairs} pairs of the setup and the          no-program baseline right after; each measurement is the fastest of {reps} runs of          {iters} transactions. Every packet received runs `portguard_ingress`, which looks up          the receiving socket's storage and drops the packet only if a hook cut the socket off.
+
+         | socket | ns/transaction | baseline ns | ratio (median of pairs) |
+|---|---:|---:|---:|
+         | governed (programs on its subtree) | {:.0} | {:.0} | {g:.3} |
+         | ungoverned (programs on the cgroup2 root, as deployed) | {:.0} | {:.0} | {u:.3} |
+
+         Programs' own run time on the governed socket: {prog_ns:.0} ns per transaction          (kernel.bpf_stats_enabled, one extra run; a transaction delivers two data packets, and          their ACKs ride on them).
+",
+        med(&gov),
+        med(&gov_base),
+        med(&ung),
+        med(&ung_base),
+    );
+}
+
 fn denied_and_storm(
     fx: &Fixture,
     opts: &Opts,
@@ -609,7 +712,7 @@ fn denied_and_storm(
 
     let _ = writeln!(
         report,
-        "## 2. Denied path and denial storm\n\n\
+        "## 3. Denied path and denial storm\n\n\
          | measurement | value |\n|---|---:|\n\
          | allowed bind, same policy (ns/op) | {allowed_ns:.0} |\n\
          | denied bind with its event (ns/op) | {denied_ns:.0} |\n\
@@ -645,7 +748,7 @@ fn scale(
     let _ = opts;
     let _ = writeln!(
         report,
-        "## 3. Policy application at scale\n\n\
+        "## 4. Policy application at scale\n\n\
          One policy per cgroup (`bind` and `connect` each allowing 8080 and one port from \
          1,000 distinct values). \"start-up apply\" is resolving the cgroups and writing the \
          maps (agent log); \"ready\" is from process start to READY=1, including program load; \
@@ -751,6 +854,7 @@ fn main() {
     let mut body = String::new();
     let mut verdicts = Vec::new();
     overhead(&fx, &opts, &mut body, &mut verdicts);
+    packet_guard(&fx, &opts, &mut body, &mut verdicts);
     denied_and_storm(&fx, &opts, &mut body, &mut verdicts);
     scale(&fx, &opts, &mut body, &mut verdicts);
     drop(fx);

@@ -16,7 +16,8 @@ fn start(cg: &Cgroup, body: &str) -> Agent {
 /// listen() on an unbound TCP socket: the kernel autobinds an ephemeral port
 /// without any bind hook. Denied where the BPF LSM is usable; on hosts where
 /// it is not (this CI host's kernel refuses BTF-attached programs), the
-/// sock_ops fallback reports it. Either way an event names the port.
+/// listener is cut off (see `guard` for what a client gets). Either way an
+/// event names the port.
 #[test]
 fn listen_on_an_unbound_socket() {
     require_root!();
@@ -36,11 +37,11 @@ fn listen_on_an_unbound_socket() {
             r.assert_ok();
         }
         let e = agent.wait_event(&[("pid", json!(r.pid)), ("hook", json!("listen"))]);
-        assert_eq!(e["verdict"], if denied { "deny" } else { "reported" });
+        assert_eq!(e["verdict"], if denied { "deny" } else { "cut_off" });
         assert_eq!(e["protocol"], "tcp");
         assert_eq!(e["family"], if fam == "4" { "ipv4" } else { "ipv6" });
         if !denied {
-            // Reported after the fact: the event carries the port the kernel picked.
+            // Cut off after the fact: the event carries the port the kernel picked.
             assert_eq!(e["port"], r.port);
             assert!(r.port >= 1024);
         }
@@ -84,7 +85,7 @@ fn io_uring_bind_and_listen() {
         r.assert_ok();
     }
     let e = agent.wait_event(&[("pid", json!(r.pid)), ("hook", json!("listen"))]);
-    assert_eq!(e["verdict"], if denied { "deny" } else { "reported" });
+    assert_eq!(e["verdict"], if denied { "deny" } else { "cut_off" });
 }
 
 /// Sockets whose protocol has its own bind never reach the bind hooks: a
@@ -188,7 +189,7 @@ fn a_socket_passed_in_is_judged_by_the_receivers_policy() {
 
 /// A socket bound outside (by a process the policy does not govern) and
 /// handed in: the receiver's listen() is judged on the bound port. Denied with
-/// the BPF LSM, reported with the sock_ops fallback.
+/// the BPF LSM, cut off without it.
 #[test]
 fn listening_on_a_socket_bound_elsewhere_is_judged() {
     require_root!();
@@ -205,7 +206,7 @@ fn listening_on_a_socket_bound_elsewhere_is_judged() {
     let e = agent.wait_event(&[("pid", json!(r.pid))]);
     assert_eq!(e["hook"], "listen");
     assert_eq!(e["port"], 9999);
-    assert_eq!(e["verdict"], if denied { "deny" } else { "reported" });
+    assert_eq!(e["verdict"], if denied { "deny" } else { "cut_off" });
     // The allowed port passes silently.
     let r = Probe::outside().run(&["handoff", "listen", "tcp", "127.0.0.1", "8080", &dir]);
     r.assert_ok();

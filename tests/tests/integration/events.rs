@@ -115,10 +115,13 @@ fn every_kind_of_event_matches_the_published_schema() {
     ] {
         p.run(op).assert_eperm();
     }
-    // listen() on an unbound socket: denied, or reported where the BPF LSM
-    // is unusable.
-    let r = p.run(&["listen-unbound", "tcp", "4"]);
-    if agent.listen_denied() {
+    // listen() on an unbound socket: denied, or cut off (and destroyed)
+    // where the BPF LSM is unusable.
+    let cut_off = !agent.listen_denied();
+    let r = p.clone().serve().run(&["listen-unbound", "tcp", "4"]);
+    if cut_off {
+        assert_eq!(r.served, Some(false), "{r:?}");
+    } else {
         r.assert_eperm();
     }
     Probe::in_cgroup(&audited)
@@ -141,6 +144,10 @@ fn every_kind_of_event_matches_the_published_schema() {
     assert!(errors.is_empty(), "{}", errors.join("\n"));
     // The kinds this test meant to produce are all there.
     let has = |k: &str, v: Value| events.iter().any(|e| e.get(k) == Some(&v));
+    if cut_off {
+        assert!(has("verdict", json!("cut_off")), "{events:#?}");
+        assert!(has("action", json!("destroyed")), "{events:#?}");
+    }
     for (k, v) in [
         ("hook", json!("bind4")),
         ("hook", json!("bind6")),

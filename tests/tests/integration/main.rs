@@ -14,6 +14,9 @@
 //! - `reload`: tighten and loosen under a running workload, invalid reloads,
 //!   reload on file change.
 //! - `events`: every event field, and lost events counted and reported.
+//! - `guard`: no governed socket serves on a port outside its policy, with or
+//!   without the BPF LSM (unbound listeners, handed-in sockets, UDP autobind
+//!   in a narrowed range, the IPV6_V6ONLY race, listeners through reloads).
 //! - `hostile`: oversized and alias-bomb policies refused in bounded memory;
 //!   unprivileged users kept away from pins, socket and log.
 //! - `learn`: `portguard learn` writes a policy that allows exactly what it saw.
@@ -36,6 +39,7 @@ mod connect;
 mod cri;
 mod deploy;
 mod events;
+mod guard;
 mod hostile;
 mod learn;
 mod manifests;
