@@ -25,9 +25,10 @@
 //!                                  CGROUP, then bind
 //!      hold tcp|udp ADDR PORT      bind (and listen, for TCP), print the
 //!                                  result, then keep the socket until killed
-//!      autobind-udp ADDR PORT      unconnected UDP sendto from an unbound
+//!      autobind-udp ADDR PORT FROM  unconnected UDP sendto from an unbound
 //!                                  socket (the kernel autobinds it), then a
-//!                                  second socket sends to the port it got:
+//!                                  second socket, bound to loopback port
+//!                                  FROM, sends to the port it got:
 //!                                  `"received"` says whether it arrived
 //!      v6only-race PORT N          N times: an IPv6 TCP socket with
 //!                                  IPV6_V6ONLY binds [::]:PORT while a second
@@ -430,7 +431,12 @@ fn run_op(op: &[String]) -> String {
             (fd, rc, errno())
         }
         "handoff" => return handoff(op),
-        "autobind-udp" => return autobind_udp(&parse_addr(get(1), get(2))),
+        "autobind-udp" => {
+            return autobind_udp(
+                &parse_addr(get(1), get(2)),
+                get(3).parse().unwrap_or_else(|_| die("bad FROM port")),
+            );
+        }
         "v6only-race" => {
             return v6only_race(
                 get(1).parse().unwrap_or_else(|_| die("bad port")),
@@ -490,7 +496,7 @@ fn run_op(op: &[String]) -> String {
 }
 
 /// `autobind-udp ADDR PORT`: see the module docs.
-fn autobind_udp(dest: &SocketAddr) -> String {
+fn autobind_udp(dest: &SocketAddr, from: u16) -> String {
     let fd = socket("udp", dest);
     let rc = send_to(fd, b"portguard", dest);
     let e = errno();
@@ -506,7 +512,22 @@ fn autobind_udp(dest: &SocketAddr) -> String {
             port,
         );
         let other = socket("udp", &me);
-        send_to(other, b"hello", &me);
+        // Bound explicitly: in a namespace whose range was narrowed to the
+        // one port the first socket took, an autobind would find none.
+        let (ss, len) = sockaddr(&SocketAddr::new(me.ip(), from));
+        // SAFETY: valid fd and sockaddr.
+        if unsafe { libc::bind(other, std::ptr::from_ref(&ss).cast(), len) } != 0 {
+            die(&format!(
+                "autobind-udp: binding the sender to {from}: errno {}",
+                errno()
+            ));
+        }
+        if send_to(other, b"hello", &me) < 0 {
+            die(&format!(
+                "autobind-udp: the second send failed: errno {}",
+                errno()
+            ));
+        }
         let mut buf = [0u8; 16];
         // SAFETY: plain syscalls on our own sockets.
         unsafe {

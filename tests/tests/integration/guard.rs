@@ -159,8 +159,10 @@ fn ephemeral_never_allows_a_port_someone_asked_for() {
 /// A workload that owns its network namespace narrows
 /// `net.ipv4.ip_local_port_range` onto a port its policy does not allow,
 /// then sends from an unbound UDP socket: the autobind takes that port. The
-/// send is denied and the socket gets nothing on the port. A client in the
-/// same namespace with the default range keeps working.
+/// send is denied and the socket gets nothing on the port (a datagram from
+/// an allowed port in the same namespace is dropped by the packet guard). A
+/// client in a namespace with the default range keeps working: its send
+/// goes out and the datagram sent back to its port arrives.
 #[test]
 fn a_udp_autobind_inside_a_narrowed_range_is_denied() {
     require_root!();
@@ -170,9 +172,10 @@ fn a_udp_autobind_inside_a_narrowed_range_is_denied() {
         cg.rel
     ));
     for dest in ["127.0.0.1", "::1"] {
-        let r = Probe::in_cgroup(&cg)
-            .port_range(8081, 8081)
-            .run(&["autobind-udp", dest, "9"]);
+        let r =
+            Probe::in_cgroup(&cg)
+                .port_range(8081, 8081)
+                .run(&["autobind-udp", dest, "9", "8080"]);
         assert_eq!(r.port, 8081, "the autobind took the narrowed range: {r:?}");
         r.assert_eperm();
         assert_eq!(r.received, Some(false), "{r:?}");
@@ -188,7 +191,7 @@ fn a_udp_autobind_inside_a_narrowed_range_is_denied() {
         assert_eq!(e["autobind"], true);
     }
     // The host's range: a client's send and its reply work, silently.
-    let r = Probe::in_cgroup(&cg).run(&["autobind-udp", "127.0.0.1", "9"]);
+    let r = Probe::in_cgroup(&cg).run(&["autobind-udp", "127.0.0.1", "9", "8080"]);
     r.assert_ok();
     assert_eq!(r.received, Some(true), "{r:?}");
     assert!(
