@@ -54,8 +54,8 @@ pub struct EventsArgs {
     /// Only this port.
     #[arg(long, value_name = "PORT")]
     pub port: Option<u16>,
-    /// Only this verdict: deny, audit, reported or preexisting.
-    #[arg(long, value_name = "VERDICT", value_parser = ["deny", "audit", "reported", "preexisting"])]
+    /// Only this verdict: deny, audit, cut_off, reported or preexisting.
+    #[arg(long, value_name = "VERDICT", value_parser = ["deny", "audit", "cut_off", "reported", "preexisting"])]
     pub verdict: Option<String>,
     /// Show the most frequent (workload, port) pairs instead of the events.
     #[arg(long)]

@@ -5,8 +5,9 @@
 //!
 //! - [`ci`]: for each target, replay every committed corpus input, then a
 //!   mutation pass from a fixed seed for a fixed number of runs, starting
-//!   from a fresh scratch directory. The same commit does the same work and
-//!   gives the same answer on every machine; nothing is timed.
+//!   from a fresh scratch directory. Nothing is timed: the same commit
+//!   replays the same inputs and runs the same number of mutants from the
+//!   same seed every time (see [`CI_PASS`] for what still varies).
 //! - [`explore`]: a random seed, a time box, optionally several jobs; new
 //!   inputs go to a scratch corpus (`fuzz/target/corpus-scratch/TARGET`).
 //! - [`cmin`]: merge the scratch corpus into the committed one and minimise
@@ -25,12 +26,20 @@ use anyhow::{Context as _, bail};
 /// --manifests` does with a file.
 pub const TARGETS: [&str; 2] = ["policy", "manifest"];
 
-/// The deterministic mutation pass of each target: its seed and its number
-/// of runs, sized to about 60 s on the 2-core CI machine (measured with
-/// `-print_final_stats=1`: policy about 5,500 exec/s, manifest about 2,600
-/// exec/s, corpus replay included). Change the seed only on purpose: a new
-/// seed explores different inputs, so it is a new test.
-const CI_PASS: [(&str, u64, u64); 2] = [("policy", 1, 330_000), ("manifest", 1, 160_000)];
+/// The fixed-seed mutation pass of each target: its seed and its number of
+/// runs (loading the committed corpus counts), sized to about 60 s on the
+/// 2-core CI machine from the committed corpora (measured with
+/// `-print_final_stats=1`: policy about 3,900 exec/s, manifest about 820).
+/// Change the seed only on purpose: a new seed explores different inputs,
+/// so it is a new test; after `fuzz-cmin`, re-measure the counts.
+///
+/// The pass executes the same number of inputs from the same seed on every
+/// run, but it is not bit-for-bit reproducible: which mutants count as new
+/// coverage (and so seed later mutations) varies by a few percent between
+/// runs of one binary, with fixed hash seeds, ASLR off, CMP tracing off or
+/// without ASan alike (measured on the CI machine). The corpus replay is
+/// exact.
+const CI_PASS: [(&str, u64, u64); 2] = [("policy", 1, 240_000), ("manifest", 1, 50_000)];
 
 /// Flags every run shares: inputs up to 8 KiB, 2 GiB of memory.
 const COMMON: [&str; 2] = ["-rss_limit_mb=2048", "-print_final_stats=1"];
