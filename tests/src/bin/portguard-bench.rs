@@ -597,17 +597,19 @@ fn packet_guard(
     ));
     let _ = writeln!(
         report,
-        "## 2. The packet guard (per packet)
-
-         A TCP request/response loop over loopback (netperf's TCP_RR: 1 byte each way,          `TCP_NODELAY`, one connection, an echo thread), {pairs} pairs of the setup and the          no-program baseline right after; each measurement is the fastest of {reps} runs of          {iters} transactions. Every packet received runs `portguard_ingress`, which looks up          the receiving socket's storage and drops the packet only if a hook cut the socket off.
-
-         | socket | ns/transaction | baseline ns | ratio (median of pairs) |
-|---|---:|---:|---:|
-         | governed (programs on its subtree) | {:.0} | {:.0} | {g:.3} |
-         | ungoverned (programs on the cgroup2 root, as deployed) | {:.0} | {:.0} | {u:.3} |
-
-         Programs' own run time on the governed socket: {prog_ns:.0} ns per transaction          (kernel.bpf_stats_enabled, one extra run; a transaction delivers two data packets, and          their ACKs ride on them).
-",
+        "## 2. The packet guard (per packet)\n\n\
+         A TCP request/response loop over loopback (netperf's TCP_RR: 1 byte each way, \
+         `TCP_NODELAY`, one connection, an echo thread), {pairs} pairs of the setup and the \
+         no-program baseline right after; each measurement is the fastest of {reps} runs of \
+         {iters} transactions. Every packet received runs `portguard_ingress`, which looks up \
+         the receiving socket's storage and drops the packet only if a hook cut the socket \
+         off.\n\n\
+         | socket | ns/transaction | baseline ns | ratio (median of pairs) |\n|---|---:|---:|---:|\n\
+         | governed (programs on its subtree) | {:.0} | {:.0} | {g:.3} |\n\
+         | ungoverned (programs on the cgroup2 root, as deployed) | {:.0} | {:.0} | {u:.3} |\n\n\
+         Programs' own run time on the governed socket: {prog_ns:.0} ns per transaction \
+         (kernel.bpf_stats_enabled, one extra run; a transaction delivers two data packets, and \
+         their ACKs ride on them).\n",
         med(&gov),
         med(&gov_base),
         med(&ung),
