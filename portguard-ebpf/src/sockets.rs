@@ -167,27 +167,29 @@ pub fn portguard_sock_create(ctx: SockContext) -> i32 {
         SocketClass::Unknown => (SOCK_KIND_OTHER, 0),
     };
     decide_socket_kind(
-        &Query {
-            hook: Hook::SockCreate,
-            dir: Direction::Bind,
-            protocol: protocol as u8,
-            family: if family == u32::from(AF_INET) {
-                Family::Ipv4
-            } else {
-                Family::Ipv6
-            },
-            addr_class: AddrClass::Any,
-            port: 0,
-            addr: [0; 16],
-            dual_stack: false,
-            ephemeral_ok: false,
-            flags: 0,
-            cut_off: false,
-            cookie: 0,
-        },
+        &kind_query(Hook::SockCreate, protocol, family == u32::from(AF_INET)),
         kind,
         bit,
     )
+}
+
+/// The query for judging a socket's kind (no address or port).
+#[inline(always)]
+fn kind_query(hook: Hook, protocol: u32, v4: bool) -> Query {
+    Query {
+        hook,
+        dir: Direction::Bind,
+        protocol: protocol as u8,
+        family: if v4 { Family::Ipv4 } else { Family::Ipv6 },
+        addr_class: AddrClass::Any,
+        port: 0,
+        addr: [0; 16],
+        dual_stack: false,
+        ephemeral_ok: false,
+        flags: 0,
+        cut_off: false,
+        cookie: 0,
+    }
 }
 
 /// Copy a `T` from kernel address `addr`.
@@ -261,25 +263,11 @@ fn judge_listening(socket: *const c_void, hook: Hook) -> i32 {
             SocketClass::OwnBind(kind, bit) => (kind, bit),
             _ => (SOCK_KIND_OTHER, 0),
         };
-        let q = Query {
-            hook,
-            dir: Direction::Bind,
-            protocol: protocol as u8,
-            family: if family == AF_INET {
-                Family::Ipv4
-            } else {
-                Family::Ipv6
-            },
-            addr_class: AddrClass::Any,
-            port: 0,
-            addr: [0; 16],
-            dual_stack: false,
-            ephemeral_ok: false,
-            flags: 0,
-            cut_off: false,
-            cookie: 0,
-        };
-        return decide_socket_kind(&q, kind, bit);
+        return decide_socket_kind(
+            &kind_query(hook, u32::from(protocol), family == AF_INET),
+            kind,
+            bit,
+        );
     }
     let port = kread::<u16>(sk + u64::from(off.skc_num), 0).unwrap_or(0);
     let v6only = kread::<u8>(sk + u64::from(off.ipv6only_bit / 8), 0)

@@ -145,24 +145,29 @@ pub fn host_ephemeral_range() -> ((u16, u16), Option<String>) {
             Some(format!("{why}; own namespace: {e}")),
         ),
     };
-    let Ok(file) = fs::File::open("/proc/1/ns/net") else {
-        return own("cannot open /proc/1/ns/net".into());
-    };
-    let r = std::thread::scope(|s| {
-        s.spawn(|| {
-            // SAFETY: setns on this (scoped, short-lived) thread only.
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            ephemeral_range()
-        })
-        .join()
-        .unwrap_or_else(|_| Err(io::Error::other("thread panicked")))
-    });
-    match r {
+    match in_netns(Path::new("/proc/1/ns/net"), ephemeral_range) {
         Ok(range) => (range, None),
         Err(e) => own(format!("reading pid 1's network namespace: {e}")),
     }
+}
+
+/// Run `f` on a short-lived thread inside the network namespace at `ns` (a
+/// `/proc/<pid>/ns/net` path): sock_diag and `/proc/sys/net` answer for the
+/// namespace of the thread that asks.
+fn in_netns<T: Send>(ns: &Path, f: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
+    let file = fs::File::open(ns)?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: setns on this (scoped, short-lived) thread only.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                let e = io::Error::last_os_error();
+                return Err(io::Error::new(e.kind(), format!("entering it: {e}")));
+            }
+            f()
+        })
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("network namespace thread panicked")))
+    })
 }
 
 /// End one socket with sock_diag `SOCK_DESTROY` (what `ss -K` does): a
@@ -180,19 +185,9 @@ pub fn destroy(
     port: u16,
     cookie: u64,
 ) -> io::Result<()> {
-    let file = fs::File::open(ns)?;
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            // SAFETY: setns on this (scoped, short-lived) thread only.
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                let e = io::Error::last_os_error();
-                return Err(io::Error::new(e.kind(), format!("entering it: {e}")));
-            }
-            destroy_here(family, protocol, local, port, cookie)
-                .map_err(|e| io::Error::new(e.kind(), format!("SOCK_DESTROY: {e}")))
-        })
-        .join()
-        .unwrap_or_else(|_| Err(io::Error::other("sock_diag thread panicked")))
+    in_netns(ns, || {
+        destroy_here(family, protocol, local, port, cookie)
+            .map_err(|e| io::Error::new(e.kind(), format!("SOCK_DESTROY: {e}")))
     })
 }
 
@@ -261,18 +256,7 @@ pub fn dump_current() -> io::Result<NetnsSockets> {
 /// [`dump_current`] inside the network namespace at `ns` (a
 /// `/proc/<pid>/ns/net` path), from a thread that enters it.
 pub fn dump_netns(ns: &Path) -> io::Result<NetnsSockets> {
-    let file = fs::File::open(ns)?;
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            // SAFETY: setns on this (scoped, short-lived) thread only.
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            dump_current()
-        })
-        .join()
-        .unwrap_or_else(|_| Err(io::Error::other("sock_diag thread panicked")))
-    })
+    in_netns(ns, dump_current)
 }
 
 /// A process that holds sockets, with what identifies it in an event.
