@@ -331,9 +331,10 @@ pub fn portguard_sendmsg6(ctx: SockAddrContext) -> i32 {
     sockets::judge_send_port(&ctx, Hook::Sendmsg6)
 }
 
-/// The socket storage of a cgroup/sock program's socket (its context).
+/// The socket storage of a full socket (a cgroup/sock program's context,
+/// or the packet guard's `bpf_sk_fullsock`), without creating it.
 #[inline(always)]
-fn sock_state(sk: *mut aya_ebpf::bindings::bpf_sock) -> *mut SocketState {
+pub(crate) fn sock_state(sk: *mut aya_ebpf::bindings::bpf_sock) -> *mut SocketState {
     // SAFETY: cgroup/sock programs pass their context (the socket) as the
     // storage owner; the map pointer is the map definition's address.
     unsafe {

@@ -481,21 +481,12 @@ pub fn portguard_ingress(ctx: SkBuffContext) -> i32 {
         return 1;
     }
     // SAFETY: plain helper calls on the packet's socket.
-    let st = unsafe {
-        let full = bpf_sk_fullsock(sk);
-        if full.is_null() {
-            return 1;
-        }
-        bpf_sk_storage_get(
-            core::ptr::from_ref(&PORTGUARD_SOCKETS)
-                .cast_mut()
-                .cast::<c_void>(),
-            full.cast::<c_void>(),
-            core::ptr::null_mut(),
-            0,
-        )
+    // SAFETY: a helper call on the packet's socket.
+    let full = unsafe { bpf_sk_fullsock(sk) };
+    if full.is_null() {
+        return 1;
     }
-    .cast::<SocketState>();
+    let st = crate::sock_state(full);
     // SAFETY: non-null pointer to the socket's storage.
     if !st.is_null() && unsafe { read_volatile(&(*st).guard) } == GUARD_CUT {
         count(COUNTER_GUARD_DROPS);

@@ -26,12 +26,11 @@ pub enum BtfLookupError {
 /// `struct sock_common __sk_common`, so offsets in sock_common are offsets in
 /// sock).
 pub fn ipv6only_bit_offset(path: &Path) -> Result<u32, BtfLookupError> {
-    let read_err = |e: btf_rs::Error| BtfLookupError::Read {
-        path: path.display().to_string(),
-        reason: e.to_string(),
-    };
-    let btf = btf_rs::Btf::from_file(path).map_err(read_err)?;
-    for ty in btf.resolve_types_by_name("sock_common").map_err(read_err)? {
+    let btf = read_btf(path)?;
+    let types = btf
+        .resolve_types_by_name("sock_common")
+        .map_err(|e| read_error(path, &e))?;
+    for ty in types {
         let btf_rs::Type::Struct(s) = ty else {
             continue;
         };
@@ -50,6 +49,18 @@ pub fn ipv6only_bit_offset(path: &Path) -> Result<u32, BtfLookupError> {
         }
     }
     Err(BtfLookupError::NotFound)
+}
+
+fn read_error(path: &Path, e: &btf_rs::Error) -> BtfLookupError {
+    BtfLookupError::Read {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    }
+}
+
+/// The kernel BTF at `path`.
+fn read_btf(path: &Path) -> Result<btf_rs::Btf, BtfLookupError> {
+    btf_rs::Btf::from_file(path).map_err(|e| read_error(path, &e))
 }
 
 /// Bit offset (and bitfield size) of `name` in the struct or union `ty`,
@@ -93,10 +104,7 @@ fn struct_named(btf: &btf_rs::Btf, name: &str) -> Option<btf_rs::Type> {
 
 /// Offsets of the socket fields the LSM programs read, from kernel BTF.
 pub fn sock_offsets(path: &Path) -> Result<SockOffsets, BtfLookupError> {
-    let btf = btf_rs::Btf::from_file(path).map_err(|e| BtfLookupError::Read {
-        path: path.display().to_string(),
-        reason: e.to_string(),
-    })?;
+    let btf = read_btf(path)?;
     let socket = struct_named(&btf, "socket").ok_or(BtfLookupError::NotFound)?;
     let common = struct_named(&btf, "sock_common").ok_or(BtfLookupError::NotFound)?;
     let sock = struct_named(&btf, "sock").ok_or(BtfLookupError::NotFound)?;
@@ -138,10 +146,7 @@ pub fn sock_offsets(path: &Path) -> Result<SockOffsets, BtfLookupError> {
 /// `SOCK_BINDPORT_LOCK` bit tells a port a bind() named from one the kernel
 /// chose.
 pub fn userlocks_offset(path: &Path) -> Result<u32, BtfLookupError> {
-    let btf = btf_rs::Btf::from_file(path).map_err(|e| BtfLookupError::Read {
-        path: path.display().to_string(),
-        reason: e.to_string(),
-    })?;
+    let btf = read_btf(path)?;
     let sock = struct_named(&btf, "sock").ok_or(BtfLookupError::NotFound)?;
     match member_bits(&btf, &sock, "sk_userlocks") {
         // A byte of its own (kernels since 5.x), or a bitfield starting on

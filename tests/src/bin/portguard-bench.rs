@@ -298,6 +298,11 @@ fn measure_once(cg: &Path, setup: Setup, op: &str, iters: u64, reps: usize) -> V
         let mut a = ANOMALIES.lock().unwrap();
         a.push((format!("{} ({op})", setup.label()), n));
     }
+    reps_of(&v)
+}
+
+/// pgbench's per-repetition ns/op.
+fn reps_of(v: &Value) -> Vec<f64> {
     v["reps"]
         .as_array()
         .unwrap()
@@ -306,11 +311,20 @@ fn measure_once(cg: &Path, setup: Setup, op: &str, iters: u64, reps: usize) -> V
         .collect()
 }
 
-/// Kernel program time per operation: bpf_stats over one extra run.
-fn program_ns_per_op(agent: &Agent, cg: &Path, op: &str, iters: u64) -> f64 {
+/// The agent's programs' own run time (ns, kernel.bpf_stats_enabled) while
+/// `run` runs.
+fn program_ns(agent: &Agent, run: impl FnOnce()) -> u64 {
     let pid = agent.pid();
     std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1").expect("enabling bpf_stats");
     let t0 = fdinfo_sum(pid, "prog_type:", "run_time_ns:");
+    run();
+    let t1 = fdinfo_sum(pid, "prog_type:", "run_time_ns:");
+    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0");
+    t1 - t0
+}
+
+/// Kernel program time per operation: bpf_stats over one extra run.
+fn program_ns_per_op(agent: &Agent, cg: &Path, op: &str, iters: u64) -> f64 {
     let args = [
         op,
         "--port",
@@ -322,10 +336,10 @@ fn program_ns_per_op(agent: &Agent, cg: &Path, op: &str, iters: u64) -> f64 {
         "--reps",
         "1",
     ];
-    pgbench(cg, &args);
-    let t1 = fdinfo_sum(pid, "prog_type:", "run_time_ns:");
-    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0");
-    (t1 - t0) as f64 / iters as f64
+    program_ns(agent, || {
+        pgbench(cg, &args);
+    }) as f64
+        / iters as f64
 }
 
 fn min(v: &[f64]) -> f64 {
@@ -521,12 +535,7 @@ fn measure_rr(cg: &Path, iters: u64, reps: usize) -> Vec<f64> {
             "rr", "--port", "8080", "--iters", &iters, "--warmup", &warmup, "--reps", &reps,
         ],
     );
-    v["reps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
+    reps_of(&v)
 }
 
 /// The packet guard (`cgroup_skb/ingress`) runs for every packet received:
@@ -562,14 +571,11 @@ fn packet_guard(
         gov_base.push(b);
         gov_ratio.push(g / b);
     }
-    let pid = agent.pid();
-    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1").expect("enabling bpf_stats");
-    let t0 = fdinfo_sum(pid, "prog_type:", "run_time_ns:");
-    measure_rr(&one, iters, 1);
-    let t1 = fdinfo_sum(pid, "prog_type:", "run_time_ns:");
-    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0");
     // warm-up (iters / 5) plus the timed run, two receiving sockets each.
-    let prog_ns = (t1 - t0) as f64 / (iters + iters / 5) as f64;
+    let prog_ns = program_ns(&agent, || {
+        measure_rr(&one, iters, 1);
+    }) as f64
+        / (iters + iters / 5) as f64;
     drop(agent);
     // Ungoverned: the programs at the root, as deployed; the baseline is the
     // same process with no agent at all, measured right after.
