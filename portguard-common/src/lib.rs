@@ -85,7 +85,7 @@ pub const MAPS: [&str; 10] = [
 /// Version of every map's key and value layout. Bump it whenever a map
 /// type in this file changes meaning or size: an agent that finds pinned
 /// maps with another layout version rebuilds them instead of reusing them.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 /// [`AgentStamp::magic`].
 pub const STAMP_MAGIC: u64 = u64::from_le_bytes(*b"PGSTAMP1");
 
@@ -177,15 +177,36 @@ pub const PROGRAMS: [(&str, Hook); 9] = [
 /// Fallback for `listen()` checks where the BPF LSM is unusable: a
 /// `sock_ops` program that judges every new TCP listener right after
 /// `listen()` (`BPF_SOCK_OPS_TCP_LISTEN_CB`). It cannot make listen() fail;
-/// a listener on a port its policy does not allow is cut off
-/// ([`GUARD_CUT`], verdict [`VERDICT_CUT_OFF`]).
+/// a listener on a port its policy does not allow is cut off: fenced
+/// ([`FENCE_IFINDEX`]) and reported with [`VERDICT_CUT_OFF`].
 pub const SOCK_OPS_PROGRAM: &str = "portguard_sock_ops";
 
-/// The packet guard (`cgroup_skb/ingress`, attached on the cgroup2 root
-/// like the rest): drops every packet addressed to a socket marked
-/// [`GUARD_CUT`]. One socket-storage lookup per packet; none for a socket
-/// without storage.
+/// The fence's keeper (`cgroup/setsockopt`, attached on the cgroup2 root
+/// like the rest, so it runs for every socket whoever created it): refuses
+/// `SO_BINDTODEVICE` and `SO_BINDTOIFINDEX` on a fenced socket, so its
+/// process cannot bind it back to a real device. Any other option costs one
+/// comparison.
+pub const FENCE_PROGRAM: &str = "portguard_setsockopt";
+
+/// The packet guard (`cgroup_skb/ingress`): drops every packet addressed to
+/// a socket marked [`GUARD_CUT`]. Not attached in normal operation (it
+/// would cost every packet on the host): the agent attaches it to the
+/// cgroup2 root only while a cut-off socket exists that neither the fence
+/// nor `SOCK_DESTROY` could end, and detaches it when that socket is gone.
 pub const GUARD_PROGRAM: &str = "portguard_ingress";
+
+/// The fence: the interface index a cut-off socket is bound to
+/// (`SO_BINDTOIFINDEX`, set by the kernel program that cut it off). No
+/// interface has it, so the kernel's socket lookup never matches the
+/// socket again: a SYN to a fenced listener gets a reset, a datagram to a
+/// fenced UDP socket an ICMP port unreachable. It costs nothing per packet,
+/// holds for every socket whichever cgroup created it, and outlives the
+/// agent. Interface indexes are allocated from 1 upwards.
+pub const FENCE_IFINDEX: i32 = i32::MAX;
+/// `SOL_SOCKET`, `SO_BINDTODEVICE` and `SO_BINDTOIFINDEX` (asm-generic).
+pub const SOL_SOCKET: i32 = 1;
+pub const SO_BINDTODEVICE: i32 = 25;
+pub const SO_BINDTOIFINDEX: i32 = 62;
 
 /// BPF LSM programs (cgroup-scoped, `lsm_cgroup`): the kernel LSM hook each
 /// attaches to and the [`Hook`] it reports. They need the BPF LSM to be
@@ -446,7 +467,7 @@ impl PortChunk {
 /// the kernel picks; post_bind allows every other bind at the cost of one
 /// storage lookup (bind4/bind6 already judged the explicit port). The
 /// listen reporter and the UDP send hooks create it for a socket they cut
-/// off ([`GUARD_CUT`]), which the packet guard then reads.
+/// off ([`GUARD_CUT`]), which the packet guard reads where it is attached.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SocketState {
@@ -465,9 +486,10 @@ const _: () = assert!(size_of::<SocketState>() == 16);
 /// [`SocketState::guard`]: traffic to the socket flows.
 pub const GUARD_OPEN: u32 = 0;
 /// The socket took a port its governing policy does not allow, at a hook
-/// that cannot deny (listen() without the BPF LSM, a UDP autobind): the
-/// packet guard (`cgroup_skb/ingress`) drops every packet addressed to it,
-/// and the agent destroys it.
+/// that cannot deny (listen() without the BPF LSM, a UDP autobind): it is
+/// fenced ([`FENCE_IFINDEX`]) and the agent destroys it; where neither
+/// holds, the packet guard (`cgroup_skb/ingress`) drops what is addressed
+/// to it.
 pub const GUARD_CUT: u32 = 1;
 
 /// Name of the kernel programs' global holding the byte offset of
@@ -503,6 +525,9 @@ pub enum Hook {
     /// own and writes no event: it drops traffic to sockets a hook cut off
     /// (counted at [`COUNTER_GUARD_DROPS`]).
     Ingress = 12,
+    /// The fence's keeper ([`FENCE_PROGRAM`]): a refused attempt to bind a
+    /// fenced socket back to a device.
+    Setsockopt = 13,
 }
 
 impl Hook {
@@ -520,6 +545,7 @@ impl Hook {
             10 => Self::Accept,
             11 => Self::SockCreate,
             12 => Self::Ingress,
+            13 => Self::Setsockopt,
             _ => return None,
         })
     }
@@ -538,6 +564,7 @@ impl Hook {
             Self::Accept => "accept",
             Self::SockCreate => "sock_create",
             Self::Ingress => "ingress",
+            Self::Setsockopt => "setsockopt",
         }
     }
 }
@@ -551,7 +578,8 @@ pub const VERDICT_AUDIT: u8 = 2;
 /// listener is cut off ([`VERDICT_CUT_OFF`]). Kept for old event logs.
 pub const VERDICT_REPORTED: u8 = 3;
 /// Enforce mode, at a hook that cannot make the call fail (`listen()`
-/// without the BPF LSM): the socket is cut off instead ([`GUARD_CUT`]).
+/// without the BPF LSM): the socket is cut off instead (fenced,
+/// [`FENCE_IFINDEX`]).
 pub const VERDICT_CUT_OFF: u8 = 4;
 
 /// [`Event::flags`]: the address was IPv4-mapped IPv6 and was judged as IPv4.
@@ -616,7 +644,7 @@ pub const DECISION_AUDIT: u32 = 2;
 pub const DECISION_REPORTED: u32 = 3;
 pub const DECISIONS: u32 = 4;
 /// Hook values are 1..=HOOKS.
-pub const HOOKS: u32 = 12;
+pub const HOOKS: u32 = 13;
 
 /// [`MAP_COUNTERS`] (a per-CPU array of u64): decisions of every governed
 /// operation by hook and kind, at `hook * DECISIONS + kind` (row 0 unused),
@@ -628,7 +656,10 @@ pub const fn hook_counter(hook: u32, kind: u32) -> u32 {
 pub const COUNTER_EVENTS_LOST: u32 = (HOOKS + 1) * DECISIONS;
 /// Packets the packet guard dropped (addressed to a cut-off socket).
 pub const COUNTER_GUARD_DROPS: u32 = COUNTER_EVENTS_LOST + 1;
-pub const COUNTERS: u32 = COUNTER_GUARD_DROPS + 1;
+/// Cut-off sockets the kernel would not fence (`bpf_setsockopt` failed: the
+/// socket was bound to a device by a process without `CAP_NET_RAW`).
+pub const COUNTER_FENCE_FAILED: u32 = COUNTER_GUARD_DROPS + 1;
+pub const COUNTERS: u32 = COUNTER_FENCE_FAILED + 1;
 
 /// [`MAP_POLICY_COUNTERS`] (a per-CPU array of u64, `DECISIONS` per policy
 /// slot): decisions by policy and kind, at `slot * DECISIONS + kind`.

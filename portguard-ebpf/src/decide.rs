@@ -259,6 +259,26 @@ pub fn decide(q: &Query) -> i32 {
     DENY
 }
 
+/// Count and report a refused attempt to undo a cut-off (the fence's
+/// keeper). The refusal holds whoever asks; the event is written when the
+/// caller is governed (its policy names who it was).
+#[inline(always)]
+pub fn refuse(q: &Query) {
+    count(hook_counter(q.hook as u32, DECISION_DENY));
+    let Some(gov) = governing() else {
+        return;
+    };
+    // SAFETY: pointer into a live array element, plain data.
+    let record = unsafe { &*gov.record };
+    if let Some(p) =
+        PORTGUARD_POLICY_COUNTERS.get_ptr_mut(policy_counter(record.slot, DECISION_DENY))
+    {
+        // SAFETY: per-CPU slot, only this CPU writes it while we run.
+        unsafe { *p += 1 };
+    }
+    report(q, &gov, record, VERDICT_DENY);
+}
+
 #[inline(always)]
 fn report(q: &Query, gov: &Governing, record: &PolicyRecord, verdict: u8) {
     report_kind(q, gov, record, verdict, 0);

@@ -10,8 +10,9 @@
 //! | `portguard_connect4/6` | `cgroup/connect4/6`  | `connect()` destination (TCP, UDP)   |
 //! | `portguard_sendmsg4/6` | `cgroup/sendmsg4/6`  | unconnected UDP `sendto()` destination, and the port the kernel autobound the socket to |
 //! | `portguard_sock_create` | `cgroup/sock_create` | socket kinds with their own bind, and unknown protocols |
-//! | `portguard_sock_ops`   | `sockops` (listen)   | a new listener's port, where the BPF LSM is unusable: cut off if not allowed |
-//! | `portguard_ingress`    | `cgroup_skb/ingress` | the packet guard: drops traffic to cut-off sockets |
+//! | `portguard_sock_ops`   | `sockops` (listen)   | a new listener's port, where the BPF LSM is unusable: cut off (fenced) if not allowed |
+//! | `portguard_setsockopt` | `cgroup/setsockopt`  | keeps the fence: no rebinding a cut-off socket to a device |
+//! | `portguard_ingress`    | `cgroup_skb/ingress` | the packet guard, attached only while a cut-off socket is neither fenced nor destroyed |
 #![no_std]
 #![no_main]
 

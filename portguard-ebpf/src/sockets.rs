@@ -16,13 +16,19 @@
 //! - Without the BPF LSM (many distributions; this CI host): `sock_ops`
 //!   judges each new listener right after `listen()`, in the listening
 //!   task's context, and cuts off one on a port its policy does not allow:
-//!   the socket is marked in socket storage ([`GUARD_CUT`]), the packet guard
-//!   (`cgroup_skb/ingress`, [`portguard_ingress`]) drops every packet
-//!   addressed to it, and the agent destroys it (sock_diag `SOCK_DESTROY`).
+//!   it is fenced ([`fence`]: bound to an interface index no interface has,
+//!   so the kernel's socket lookup never finds it again; a client gets a
+//!   reset), marked in socket storage ([`GUARD_CUT`]), and the agent
+//!   destroys it (sock_diag `SOCK_DESTROY`).
+//! - The fence is kept by [`portguard_setsockopt`]: the process cannot bind
+//!   a fenced socket back to a real device.
 //! - UDP autobind: a send on an unbound UDP socket takes a port from the
 //!   sender's network namespace's range, which a workload owning its netns
 //!   can narrow onto any port. [`judge_send_port`] judges a kernel-chosen
 //!   port outside the host's range as a bind: denied sends cut the socket off.
+//! - Where neither the fence nor `SOCK_DESTROY` can end a cut-off socket, the
+//!   agent attaches the packet guard ([`portguard_ingress`]) until it is
+//!   gone: it drops every packet addressed to a socket marked [`GUARD_CUT`].
 //!
 //! "The kernel chose this port" is read from the socket itself: a bind()
 //! that named its port sets `SOCK_BINDPORT_LOCK` in `sk_userlocks`; a bind
@@ -39,20 +45,24 @@ use core::{ffi::c_void, ptr::read_volatile};
 use aya_ebpf::{
     bindings::{BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_TCP_LISTEN_CB, bpf_sock},
     helpers::generated::{
-        bpf_get_socket_cookie, bpf_probe_read_kernel, bpf_sk_fullsock, bpf_sk_storage_get,
+        bpf_get_socket_cookie, bpf_probe_read_kernel, bpf_setsockopt, bpf_sk_fullsock,
+        bpf_sk_storage_get,
     },
-    macros::{cgroup_skb, cgroup_sock, lsm_cgroup, sock_ops},
-    programs::{LsmContext, SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
+    macros::{cgroup_skb, cgroup_sock, cgroup_sockopt, lsm_cgroup, sock_ops},
+    programs::{
+        LsmContext, SkBuffContext, SockAddrContext, SockContext, SockOpsContext, SockoptContext,
+    },
 };
 use portguard_common::{
-    AddrClass, COUNTER_GUARD_DROPS, Direction, EVENT_F_AUTOBIND, EVENT_F_DUAL_STACK, Family,
-    GUARD_CUT, Hook, IPPROTO_TCP, SOCK_BINDPORT_LOCK, SOCK_KIND_OTHER, SockOffsets, SocketClass,
+    AddrClass, COUNTER_FENCE_FAILED, COUNTER_GUARD_DROPS, Direction, EVENT_F_AUTOBIND,
+    EVENT_F_DUAL_STACK, FENCE_IFINDEX, Family, GUARD_CUT, Hook, IPPROTO_TCP, SO_BINDTODEVICE,
+    SO_BINDTOIFINDEX, SOCK_BINDPORT_LOCK, SOCK_KIND_OTHER, SOL_SOCKET, SockOffsets, SocketClass,
     SocketState, USERLOCKS_UNKNOWN, classify_socket, in_ephemeral_range,
 };
 
 use crate::{
     classify6,
-    decide::{ALLOW, DENY, Query, count, decide, decide_socket_kind, host_ephemeral},
+    decide::{ALLOW, DENY, Query, count, decide, decide_socket_kind, host_ephemeral, refuse},
     maps::PORTGUARD_SOCKETS,
     sk_v6only, v4_bytes, v4_class,
 };
@@ -61,6 +71,8 @@ const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 /// MPTCP sockets listen through their TCP subflows; judge them as TCP.
 const IPPROTO_MPTCP: u16 = 262;
+/// `TCP_LISTEN` (`bpf_sock::state`).
+const TCP_LISTEN: u32 = 10;
 
 /// Set by the agent before load: byte offset of `sk_userlocks` in `struct
 /// sock`, from the running kernel's BTF (see portguard-common).
@@ -131,6 +143,31 @@ fn cut_off(sk: *mut bpf_sock) -> bool {
     // SAFETY: non-null pointer to this socket's storage.
     unsafe { (*st).guard = GUARD_CUT };
     true
+}
+
+/// Fence a cut-off socket: bind it to [`FENCE_IFINDEX`], an interface index
+/// no interface has, so the kernel's socket lookup (for a SYN, a datagram)
+/// never matches it again. `ctx` is the program's context (`bpf_setsockopt`
+/// acts on its socket, which the caller holds locked). The kernel refuses
+/// (and the failure is counted) when a process without `CAP_NET_RAW` had
+/// bound the socket to a device itself; the agent then ends the socket.
+#[inline(always)]
+fn fence(ctx: *mut c_void) -> bool {
+    let mut ifindex = FENCE_IFINDEX;
+    // SAFETY: the helper copies four bytes from our stack slot.
+    let rc = unsafe {
+        bpf_setsockopt(
+            ctx,
+            SOL_SOCKET,
+            SO_BINDTOIFINDEX,
+            core::ptr::from_mut(&mut ifindex).cast::<c_void>(),
+            4,
+        )
+    };
+    if rc != 0 {
+        count(COUNTER_FENCE_FAILED);
+    }
+    rc == 0
 }
 
 /// Set by the agent before load (see portguard-common).
@@ -389,8 +426,9 @@ pub fn portguard_sock_ops(ctx: SockOpsContext) -> u32 {
         return 1;
     }
     if decide(&q) == DENY {
-        // If no memory is left for the mark, the agent still destroys the
-        // socket on the event.
+        // If the fence or the mark fails, the agent still ends the socket
+        // on the event.
+        fence(ops.cast::<c_void>());
         cut_off(sk);
     }
     1
@@ -462,16 +500,110 @@ pub fn judge_send_port(ctx: &SockAddrContext, hook: Hook) -> i32 {
         }
     }
     if decide(&q) == DENY {
+        fence(ctx.sock_addr.cast::<c_void>());
         cut_off(sk);
         return DENY;
     }
     ALLOW
 }
 
+/// Keep the fence: refuse `SO_BINDTODEVICE` and `SO_BINDTOIFINDEX` on a
+/// fenced socket (EPERM), whoever asks, and report the attempt. An MPTCP
+/// listener is fenced through its TCP subflow, which this hook never sees
+/// (the MPTCP socket passes the option down itself): a device change on an
+/// MPTCP listener is judged as its listen() was, on its port, and refused
+/// where that port is not allowed. Runs for every `setsockopt()` on the
+/// host (cgroup sockopt programs are selected by the socket's cgroup, and a
+/// fenced socket may have been created anywhere); any other option costs
+/// two comparisons.
+#[cgroup_sockopt(setsockopt)]
+pub fn portguard_setsockopt(ctx: SockoptContext) -> i32 {
+    let so = ctx.sockopt;
+    // SAFETY: reading fields of the context struct.
+    let (level, optname) = unsafe {
+        (
+            read_volatile(core::ptr::addr_of!((*so).level)),
+            read_volatile(core::ptr::addr_of!((*so).optname)),
+        )
+    };
+    if level != SOL_SOCKET || (optname != SO_BINDTODEVICE && optname != SO_BINDTOIFINDEX) {
+        return 1;
+    }
+    // SAFETY: as above.
+    let sk = unsafe { read_volatile(core::ptr::addr_of!((*so).__bindgen_anon_1.sk)) };
+    if sk.is_null() {
+        return 1;
+    }
+    // SAFETY: reading fields of the socket the context points at.
+    let (dev, port, family, protocol, state) = unsafe {
+        (
+            read_volatile(core::ptr::addr_of!((*sk).bound_dev_if)),
+            read_volatile(core::ptr::addr_of!((*sk).src_port)) as u16,
+            read_volatile(core::ptr::addr_of!((*sk).family)),
+            read_volatile(core::ptr::addr_of!((*sk).protocol)),
+            read_volatile(core::ptr::addr_of!((*sk).state)),
+        )
+    };
+    let fenced = dev == FENCE_IFINDEX as u32;
+    let mptcp_listener = protocol == u32::from(IPPROTO_MPTCP) && state == TCP_LISTEN;
+    if !fenced && !mptcp_listener {
+        return 1;
+    }
+    let kernel_chose = mptcp_listener && kernel_chose_port(sk.cast::<c_void>());
+    let mut q = Query {
+        hook: Hook::Setsockopt,
+        dir: Direction::Bind,
+        // Judged as the listener it is (MPTCP listens through TCP).
+        protocol: if mptcp_listener {
+            IPPROTO_TCP
+        } else {
+            protocol as u8
+        },
+        family: Family::Ipv4,
+        addr_class: AddrClass::Any,
+        port,
+        addr: [0; 16],
+        dual_stack: false,
+        ephemeral_ok: kernel_chose,
+        flags: if kernel_chose { EVENT_F_AUTOBIND } else { 0 },
+        cut_off: false,
+        cookie: 0,
+    };
+    if family == u32::from(AF_INET) {
+        // SAFETY: as above.
+        set_local_v4(&mut q, unsafe {
+            read_volatile(core::ptr::addr_of!((*sk).src_ip4))
+        });
+    } else {
+        // SAFETY: as above.
+        let w = unsafe {
+            [
+                read_volatile(core::ptr::addr_of!((*sk).src_ip6[0])),
+                read_volatile(core::ptr::addr_of!((*sk).src_ip6[1])),
+                read_volatile(core::ptr::addr_of!((*sk).src_ip6[2])),
+                read_volatile(core::ptr::addr_of!((*sk).src_ip6[3])),
+            ]
+        };
+        let flags = q.flags;
+        set_local_v6(&mut q, w, sk_v6only(sk.cast::<c_void>()) == Some(true));
+        q.flags |= flags;
+        if q.dual_stack {
+            q.flags |= EVENT_F_DUAL_STACK;
+        }
+    }
+    if fenced {
+        refuse(&q);
+        return 0;
+    }
+    decide(&q)
+}
+
 /// The packet guard: drop every packet addressed to a socket marked cut
 /// off. cgroup_skb ingress runs from `sk_filter` for the receiving socket:
 /// for a TCP SYN that is the listener, for UDP the bound socket. A socket
-/// without storage (almost all of them) costs the lookup's miss.
+/// without storage (almost all of them) costs the lookup's miss. Attached
+/// by the agent only while a cut-off socket is neither fenced nor
+/// destroyed.
 #[cgroup_skb(ingress)]
 pub fn portguard_ingress(ctx: SkBuffContext) -> i32 {
     let skb = ctx.skb.skb;
@@ -480,7 +612,6 @@ pub fn portguard_ingress(ctx: SkBuffContext) -> i32 {
     if sk.is_null() {
         return 1;
     }
-    // SAFETY: plain helper calls on the packet's socket.
     // SAFETY: a helper call on the packet's socket.
     let full = unsafe { bpf_sk_fullsock(sk) };
     if full.is_null() {

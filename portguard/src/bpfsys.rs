@@ -17,6 +17,7 @@ use std::{
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 /// `BPF_LINK_TYPE_CGROUP`.
 pub const LINK_TYPE_CGROUP: u32 = 3;
@@ -34,6 +35,7 @@ pub mod attach_type {
     pub const INET6_POST_BIND: u32 = 13;
     pub const UDP4_SENDMSG: u32 = 14;
     pub const UDP6_SENDMSG: u32 = 15;
+    pub const SETSOCKOPT: u32 = 22;
     pub const LSM_CGROUP: u32 = 43;
 }
 
@@ -129,6 +131,23 @@ pub fn link_info(fd: BorrowedFd<'_>) -> io::Result<LinkInfo> {
         cgroup_id: u64_at(16),
         attach_type: u32_at(24),
     })
+}
+
+/// `BPF_LINK_CREATE`: attach `prog` to the cgroup open as `cgroup` with
+/// `attach_type`, through a new link (multi-attach: it coexists with other
+/// programs on the cgroup). The link lives as long as the fd, or its pin.
+pub fn link_create(
+    prog: BorrowedFd<'_>,
+    cgroup: BorrowedFd<'_>,
+    attach_type: u32,
+) -> io::Result<OwnedFd> {
+    let mut attr = Attr::new();
+    attr.put_u32(0, prog.as_raw_fd() as u32);
+    attr.put_u32(4, cgroup.as_raw_fd() as u32);
+    attr.put_u32(8, attach_type);
+    let fd = sys_bpf(BPF_LINK_CREATE, &mut attr)?;
+    // SAFETY: BPF_LINK_CREATE returned a new fd we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// `BPF_LINK_UPDATE`: make `link` run `new_prog` from the next hook

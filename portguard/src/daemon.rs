@@ -223,6 +223,11 @@ struct Agent {
     /// Owner of each policy record slot and the slot's counters when it
     /// took it (a slot freed by a removed policy keeps its kernel counts).
     slot_owners: HashMap<u32, (String, crate::loader::Decisions)>,
+    /// Cut-off sockets neither fenced nor destroyed.
+    unended: Vec<Unended>,
+    /// The packet guard's link on the cgroup2 root, while `unended` is not
+    /// empty (see [`portguard_common::GUARD_PROGRAM`]).
+    packet_guard: Option<crate::loader::ProgLink>,
 }
 
 impl Agent {
@@ -985,8 +990,8 @@ impl Agent {
         match events::decode(bytes) {
             Ok(ev) => {
                 let mut record = events::enrich(&ev, &self.names, &mut self.hierarchy, &self.host);
-                if ev.verdict == portguard_common::VERDICT_CUT_OFF {
-                    record.action = Some(end_cut_off_socket(&ev));
+                if must_end(&ev) {
+                    record.action = Some(self.end_cut_off_socket(&ev));
                 }
                 Some(record)
             }
@@ -1028,6 +1033,74 @@ impl Agent {
             f.events_written += written;
             f.events_aggregated = aggregated;
         });
+    }
+
+    /// End the socket a `cut_off` event names, and say what was done:
+    /// `destroyed`, `fenced` (the kernel would not destroy it, the fence
+    /// holds it), `closed` (already gone), or `dropped` (neither fenced nor
+    /// destroyable: the packet guard is attached until it is gone).
+    fn end_cut_off_socket(&mut self, ev: &portguard_common::Event) -> &'static str {
+        let pid = (ev.pid_tgid >> 32) as u32;
+        let family = event_socket_family(ev);
+        let ns = match event_netns(ev) {
+            Ok(ns) => ns,
+            Err(e) => {
+                // The task is gone; so is its network namespace, unless
+                // another process shares it.
+                debug!("daemon: the cut-off socket's task is gone ({e})");
+                return "closed";
+            }
+        };
+        match inventory::end(&ns, family, ev.protocol, ev.port, ev.sock_cookie) {
+            Ok(inventory::Ended::Destroyed) => "destroyed",
+            Ok(inventory::Ended::Fenced) => "fenced",
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => "closed",
+            Err(e) => {
+                warn!(
+                    "daemon: the cut-off socket on port {} of pid {pid} is neither fenced nor \
+                     destroyable ({e}); the packet guard drops its traffic until it is gone",
+                    ev.port
+                );
+                self.unended.push(Unended {
+                    ns,
+                    family,
+                    protocol: ev.protocol,
+                    port: ev.port,
+                    cookie: ev.sock_cookie,
+                });
+                if self.packet_guard.is_none() {
+                    let root = self.hierarchy.fs_path(&self.attach_cgroup);
+                    match self.loaded.attach_packet_guard(&root) {
+                        Ok(link) => {
+                            info!("daemon: packet guard attached to {}", root.display());
+                            self.packet_guard = Some(link);
+                        }
+                        Err(e) => {
+                            error!("daemon: cannot attach the packet guard: {e}");
+                            return "failed";
+                        }
+                    }
+                }
+                "dropped"
+            }
+        }
+    }
+
+    /// Forget unended cut-off sockets that are gone; detach the packet
+    /// guard with the last one.
+    fn sweep_unended(&mut self) {
+        if self.unended.is_empty() {
+            return;
+        }
+        self.unended.retain(|u| {
+            !matches!(
+                inventory::find(&u.ns, u.family, u.protocol, u.port, u.cookie),
+                Ok(None)
+            )
+        });
+        if self.unended.is_empty() && self.packet_guard.take().is_some() {
+            info!("daemon: the last unended cut-off socket is gone: packet guard detached");
+        }
     }
 
     fn rescan(&mut self) {
@@ -1295,51 +1368,57 @@ struct Signals {
     int: tokio::signal::unix::Signal,
 }
 
-/// Run the agent until SIGTERM/SIGINT.
-/// A socket the kernel cut off (a listener, or a UDP socket the kernel
-/// autobound, on a port its policy does not allow; the packet guard already
-/// drops its traffic): end it with sock_diag SOCK_DESTROY in the network
-/// namespace of the task that made it so, so its owner sees the failure
-/// instead of a silent black hole. Returns the event's `action`.
-fn end_cut_off_socket(ev: &portguard_common::Event) -> &'static str {
-    use portguard_common::{EVENT_F_V4_MAPPED, Family};
-    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+/// The network namespace of the task an event names (its thread's, else
+/// its process's), opened.
+fn event_netns(ev: &portguard_common::Event) -> Result<std::fs::File, String> {
     let (pid, tid) = ((ev.pid_tgid >> 32) as u32, ev.pid_tgid as u32);
-    let mapped = ev.flags & EVENT_F_V4_MAPPED != 0;
-    let v4 = Ipv4Addr::new(ev.addr[0], ev.addr[1], ev.addr[2], ev.addr[3]);
-    let (family, local) = if ev.family == Family::Ipv6 as u8 {
-        (libc::AF_INET6 as u8, IpAddr::V6(Ipv6Addr::from(ev.addr)))
-    } else if mapped {
-        (libc::AF_INET6 as u8, IpAddr::V6(v4.to_ipv6_mapped()))
-    } else {
-        (libc::AF_INET as u8, IpAddr::V4(v4))
-    };
     let mut errors = Vec::new();
     for ns in [
         format!("/proc/{pid}/task/{tid}/ns/net"),
         format!("/proc/{pid}/ns/net"),
     ] {
-        match inventory::destroy(
-            Path::new(&ns),
-            family,
-            ev.protocol,
-            local,
-            ev.port,
-            ev.sock_cookie,
-        ) {
-            Ok(()) => return "destroyed",
+        match std::fs::File::open(&ns) {
+            Ok(f) => return Ok(f),
             Err(e) => errors.push(format!("{ns}: {e}")),
         }
     }
-    warn!(
-        "daemon: could not destroy the cut-off socket on port {} of pid {pid} ({}); the packet \
-         guard drops its traffic",
-        ev.port,
-        errors.join("; ")
-    );
-    "dropped"
+    Err(errors.join("; "))
 }
 
+/// The sock_diag family of the socket an event names (a v4-mapped address
+/// belongs to an IPv6 socket).
+fn event_socket_family(ev: &portguard_common::Event) -> u8 {
+    use portguard_common::{EVENT_F_V4_MAPPED, Family};
+    if ev.family == Family::Ipv6 as u8 || ev.flags & EVENT_F_V4_MAPPED != 0 {
+        libc::AF_INET6 as u8
+    } else {
+        libc::AF_INET as u8
+    }
+}
+
+/// Whether the agent must end the socket an event names: one a hook that
+/// cannot deny cut off (a listener without the BPF LSM), or a UDP socket
+/// whose autobind a send hook refused (the port stays taken).
+fn must_end(ev: &portguard_common::Event) -> bool {
+    use portguard_common::{EVENT_F_AUTOBIND, VERDICT_CUT_OFF, VERDICT_DENY};
+    ev.sock_cookie != 0
+        && (ev.verdict == VERDICT_CUT_OFF
+            || (ev.verdict == VERDICT_DENY && ev.flags & EVENT_F_AUTOBIND != 0))
+}
+
+/// A cut-off socket that is neither fenced nor destroyed (the kernel would
+/// not fence it: a process without `CAP_NET_RAW` bound it to a device; and
+/// would not destroy it: an MPTCP listener). The packet guard stays
+/// attached until the last one is gone.
+struct Unended {
+    ns: std::fs::File,
+    family: u8,
+    protocol: u8,
+    port: u16,
+    cookie: u64,
+}
+
+/// Run the agent until SIGTERM/SIGINT.
 pub fn run(opts: RunOptions) -> anyhow::Result<()> {
     // Signal handlers first: a SIGHUP during start-up must not kill the
     // agent (its default action); it is handled once the agent serves.
@@ -1512,6 +1591,8 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
             }),
         }),
         slot_owners: HashMap::new(),
+        unended: Vec::new(),
+        packet_guard: None,
         aggregator: crate::aggregate::Aggregator::new(opts.aggregate_window, AGGREGATE_KINDS),
     };
     if Agent::needs_cri(&policies) {
@@ -1617,9 +1698,9 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
         ListenCheck::Reported { why } => warn!(
             "daemon: listen() cannot be denied here ({why}): a listener on a port outside the \
              policy (including an unbound listen() that the kernel autobinds, and a socket bound \
-             elsewhere and handed in) is CUT OFF instead: the packet guard drops every packet \
-             addressed to it and the agent destroys it (verdict \"cut_off\"). Binds, connects, \
-             sends and socket creation are denied."
+             elsewhere and handed in) is CUT OFF instead: the kernel fences it (no packet reaches \
+             it; a client is refused) and the agent destroys it (verdict \"cut_off\"). Binds, \
+             connects, sends and socket creation are denied."
         ),
         ListenCheck::Unchecked { why } => warn!(
             "daemon: listen() and accept() are NOT checked: {why}. Binds, connects, sends and \
@@ -1858,6 +1939,7 @@ async fn serve(
                 watcher.set_dirs(&agent.cgroup_watch_dirs());
             }
             _ = lost_tick.tick() => {
+                agent.sweep_unended();
                 report_lost(agent, &mut writer, &mut lost_seen);
                 if let Err(e) = agent.loaded.write_stamp(lost_seen) {
                     warn!("daemon: writing the version stamp: {e}");

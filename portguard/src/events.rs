@@ -69,10 +69,14 @@ pub struct EventRecord {
     /// `preexisting` events: the socket's inode (as in /proc/<pid>/fd).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub socket_inode: Option<u64>,
-    /// `cut_off` events: what was done to the socket: `destroyed` (the
-    /// agent ended it with sock_diag SOCK_DESTROY; the packet guard drops
-    /// its traffic meanwhile) or `dropped` (the agent could not end it, the
-    /// packet guard drops every packet addressed to it).
+    /// `cut_off` events (and a UDP send denied for its autobound port):
+    /// what was done to the socket: `destroyed` (the agent ended it with
+    /// sock_diag SOCK_DESTROY; fenced until then), `fenced` (the kernel
+    /// would not destroy it, an MPTCP listener; the fence keeps every
+    /// packet from it), `closed` (its process had closed it already),
+    /// `dropped` (neither fenced nor destroyable: the packet guard drops
+    /// every packet addressed to it until it is gone) or `failed` (the
+    /// packet guard could not be attached either; the agent's log says why).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub action: Option<&'static str>,
     /// Who the caller is: pod, container or unit, when known.

@@ -32,6 +32,7 @@ use netlink_packet_sock_diag::{
     inet::{ExtensionFlags, InetRequest, SocketId, StateFlags, nlas::Nla},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
+use portguard_common::FENCE_IFINDEX;
 
 /// One socket as sock_diag reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,6 +44,11 @@ pub struct DiagSocket {
     pub v6only: bool,
     /// UDP with a connected peer (a client), or any TCP listener: false.
     pub connected: bool,
+    /// The socket's cookie (what events name it by).
+    pub cookie: u64,
+    /// The interface it is bound to (`SO_BINDTODEVICE`), 0 for none;
+    /// [`FENCE_IFINDEX`] for a fenced socket.
+    pub interface: u32,
 }
 
 /// A namespace's sockets plus its ephemeral port range.
@@ -101,6 +107,8 @@ fn dump_family(family: u8, protocol: u8, states: StateFlags) -> io::Result<Vec<D
                         port: h.socket_id.source_port,
                         v6only,
                         connected: protocol == IPPROTO_UDP && peer,
+                        cookie: u64::from_ne_bytes(h.socket_id.cookie),
+                        interface: h.socket_id.interface_id,
                     });
                 }
                 NetlinkPayload::Done(_) => return Ok(out),
@@ -155,7 +163,14 @@ pub fn host_ephemeral_range() -> ((u16, u16), Option<String>) {
 /// `/proc/<pid>/ns/net` path): sock_diag and `/proc/sys/net` answer for the
 /// namespace of the thread that asks.
 fn in_netns<T: Send>(ns: &Path, f: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
-    let file = fs::File::open(ns)?;
+    in_netns_file(&fs::File::open(ns)?, f)
+}
+
+/// [`in_netns`] for a namespace already open.
+fn in_netns_file<T: Send>(
+    file: &fs::File,
+    f: impl FnOnce() -> io::Result<T> + Send,
+) -> io::Result<T> {
     std::thread::scope(|s| {
         s.spawn(|| {
             // SAFETY: setns on this (scoped, short-lived) thread only.
@@ -170,28 +185,73 @@ fn in_netns<T: Send>(ns: &Path, f: impl FnOnce() -> io::Result<T> + Send) -> io:
     })
 }
 
-/// End one socket with sock_diag `SOCK_DESTROY` (what `ss -K` does): a
-/// listener stops listening (connections waiting in its queue are reset),
-/// the process's next call on it fails. Done from a thread inside the
-/// network namespace at `ns`; the socket is found by its local address and
-/// port and must carry `cookie` (so no other socket is ever hit). The
-/// kernel refuses (EINVAL) to destroy the TCP subflow an MPTCP listener
-/// listens through.
-pub fn destroy(
-    ns: &Path,
+/// What [`end`] left of a cut-off socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// Destroyed: its process's next call on it fails.
+    Destroyed,
+    /// The kernel would not destroy it (the TCP subflow an MPTCP listener
+    /// listens through), but it is fenced: nothing reaches it.
+    Fenced,
+}
+
+/// The cut-off socket `cookie` on local `port`, in the network namespace
+/// open as `ns`, as sock_diag lists it now; `None` once it is gone.
+pub fn find(
+    ns: &fs::File,
+    family: u8,
+    protocol: u8,
+    port: u16,
+    cookie: u64,
+) -> io::Result<Option<DiagSocket>> {
+    in_netns_file(ns, || find_here(family, protocol, port, cookie))
+}
+
+fn find_here(family: u8, protocol: u8, port: u16, cookie: u64) -> io::Result<Option<DiagSocket>> {
+    let states = if protocol == IPPROTO_UDP {
+        StateFlags::all()
+    } else {
+        StateFlags::LISTEN
+    };
+    Ok(dump_family(family, protocol, states)?
+        .into_iter()
+        .find(|s| s.cookie == cookie && s.port == port))
+}
+
+/// End one cut-off socket with sock_diag `SOCK_DESTROY` (what `ss -K`
+/// does): a listener stops listening (connections waiting in its queue are
+/// reset), the process's next call on it fails. Done from a thread inside
+/// the network namespace open as `ns`. The socket is listed first and found
+/// by its cookie (so no other socket is ever hit), which also gives the
+/// interface it is bound to: the kernel looks a socket up for destruction
+/// as it does for a packet, so a fenced socket is only found under
+/// [`FENCE_IFINDEX`]. The kernel refuses (EINVAL) to destroy the TCP subflow
+/// an MPTCP listener listens through: [`Ended::Fenced`] if the fence holds
+/// it, else that error.
+pub fn end(ns: &fs::File, family: u8, protocol: u8, port: u16, cookie: u64) -> io::Result<Ended> {
+    in_netns_file(ns, || {
+        let s = find_here(family, protocol, port, cookie)?.ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no socket with cookie {cookie} on port {port}"),
+            )
+        })?;
+        match destroy_here(family, protocol, s.local, port, cookie, s.interface) {
+            Ok(()) => Ok(Ended::Destroyed),
+            Err(_) if s.interface == FENCE_IFINDEX as u32 => Ok(Ended::Fenced),
+            Err(e) => Err(io::Error::new(e.kind(), format!("SOCK_DESTROY: {e}"))),
+        }
+    })
+}
+
+fn destroy_here(
     family: u8,
     protocol: u8,
     local: IpAddr,
     port: u16,
     cookie: u64,
+    interface: u32,
 ) -> io::Result<()> {
-    in_netns(ns, || {
-        destroy_here(family, protocol, local, port, cookie)
-            .map_err(|e| io::Error::new(e.kind(), format!("SOCK_DESTROY: {e}")))
-    })
-}
-
-fn destroy_here(family: u8, protocol: u8, local: IpAddr, port: u16, cookie: u64) -> io::Result<()> {
     use netlink_packet_core::NLM_F_ACK;
     use netlink_packet_sock_diag::SockDiagDestroy;
     let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
@@ -205,6 +265,7 @@ fn destroy_here(family: u8, protocol: u8, local: IpAddr, port: u16, cookie: u64)
     id.source_address = local;
     id.source_port = port;
     id.cookie = cookie.to_ne_bytes();
+    id.interface_id = interface;
     let mut hdr = NetlinkHeader::default();
     hdr.flags = NLM_F_REQUEST | NLM_F_ACK;
     let mut packet = NetlinkMessage::new(
@@ -377,23 +438,13 @@ pub fn sockets_by_netns(holders: &[Holder]) -> HashMap<u64, NetnsSockets> {
 mod tests {
     use super::*;
 
-    /// SOCK_DESTROY needs CAP_NET_ADMIN: run as root (CI is), skipped
-    /// otherwise. Ends a listener of this process found by port and cookie;
-    /// a wrong cookie ends nothing.
-    #[test]
-    fn destroys_a_listener_by_port_and_cookie() {
-        if !crate::caps::Caps::effective().is_ok_and(|c| c.0 & (1 << 12) != 0) {
-            eprintln!("skipping: SOCK_DESTROY needs CAP_NET_ADMIN");
-            return;
-        }
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
+    fn cookie_of(fd: i32) -> u64 {
         let mut cookie = 0u64;
         let mut len = 8 as libc::socklen_t;
         // SAFETY: getsockopt into a local u64.
         let rc = unsafe {
             libc::getsockopt(
-                l.as_raw_fd(),
+                fd,
                 libc::SOL_SOCKET,
                 libc::SO_COOKIE,
                 std::ptr::from_mut(&mut cookie).cast(),
@@ -401,14 +452,54 @@ mod tests {
             )
         };
         assert_eq!(rc, 0);
-        let local: IpAddr = "127.0.0.1".parse().unwrap();
-        let e = destroy_here(AF_INET, IPPROTO_TCP, local, port, cookie ^ 1).unwrap_err();
-        assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{e}");
-        destroy_here(AF_INET, IPPROTO_TCP, local, port, cookie).unwrap();
-        // The listener is gone: accept() fails at once.
-        l.set_nonblocking(true).unwrap();
-        let e = l.accept().unwrap_err();
-        assert_ne!(e.kind(), io::ErrorKind::WouldBlock, "{e}");
+        cookie
+    }
+
+    /// SOCK_DESTROY needs CAP_NET_ADMIN: run as root (CI is), skipped
+    /// otherwise. Ends a listener of this process found by port and cookie,
+    /// also one bound to a device (the kernel looks it up under that
+    /// device's index, which the listing gives); a wrong cookie ends
+    /// nothing.
+    #[test]
+    fn ends_a_listener_by_port_and_cookie() {
+        if !crate::caps::Caps::effective().is_ok_and(|c| c.0 & (1 << 12) != 0) {
+            eprintln!("skipping: SOCK_DESTROY needs CAP_NET_ADMIN");
+            return;
+        }
+        let ns = fs::File::open("/proc/thread-self/ns/net").unwrap();
+        for device in [0, 1] {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            if device != 0 {
+                // SAFETY: setsockopt on our own socket from a local int.
+                let rc = unsafe {
+                    libc::setsockopt(
+                        l.as_raw_fd(),
+                        libc::SOL_SOCKET,
+                        libc::SO_BINDTOIFINDEX,
+                        std::ptr::from_ref(&device).cast(),
+                        4,
+                    )
+                };
+                assert_eq!(rc, 0);
+            }
+            let port = l.local_addr().unwrap().port();
+            let cookie = cookie_of(l.as_raw_fd());
+            let e = end(&ns, AF_INET, IPPROTO_TCP, port, cookie ^ 1).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::NotFound, "{e}");
+            let found = find(&ns, AF_INET, IPPROTO_TCP, port, cookie)
+                .unwrap()
+                .unwrap();
+            assert_eq!(found.interface, device as u32);
+            assert_eq!(
+                end(&ns, AF_INET, IPPROTO_TCP, port, cookie).unwrap(),
+                Ended::Destroyed
+            );
+            // The listener is gone: accept() fails at once.
+            l.set_nonblocking(true).unwrap();
+            let e = l.accept().unwrap_err();
+            assert_ne!(e.kind(), io::ErrorKind::WouldBlock, "{e}");
+            assert_eq!(find(&ns, AF_INET, IPPROTO_TCP, port, cookie).unwrap(), None);
+        }
     }
 
     /// Needs no privilege: sock_diag dumps of one's own namespace work for
@@ -425,6 +516,8 @@ mod tests {
             .expect("listener listed");
         assert_eq!(found.local, "127.0.0.1".parse::<IpAddr>().unwrap());
         assert!(found.inode != 0);
+        assert_eq!(found.cookie, cookie_of(l.as_raw_fd()));
+        assert_eq!(found.interface, 0);
         let me = socket_inodes(std::process::id());
         assert!(me.contains(&u64::from(found.inode)), "{me:?}");
         assert!(s.ephemeral.0 > 0 && s.ephemeral.0 < s.ephemeral.1);

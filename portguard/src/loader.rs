@@ -16,21 +16,21 @@ use aya::{
     Btf, Ebpf, EbpfError, EbpfLoader,
     maps::{Array, HashMap, Map, MapData, MapError, MapInfo, PerCpuArray, RingBuf},
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, LsmCgroup,
-        ProgramError, SockOps,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
+        CgroupSockopt, LsmCgroup, ProgramError, SockOps,
         links::{FdLink, LinkError},
     },
 };
 use log::{debug, info, warn};
 use portguard_common::{
-    AgentStamp, COUNTER_EVENTS_LOST, COUNTER_GUARD_DROPS, COUNTERS, CgroupKey, CgroupValue,
-    DECISION_ALLOW, DECISION_AUDIT, DECISION_DENY, DECISION_REPORTED, DECISIONS,
-    GLOBAL_SOCK_OFFSETS, GLOBAL_USERLOCKS, GLOBAL_V6ONLY_BIT, GUARD_PROGRAM, HOOKS, Hook,
-    LAYOUT_VERSION, LSM_PROGRAMS, MAP_AGENT, MAP_CGROUPS, MAP_COUNTERS, MAP_EVENTS, MAP_NAMES,
-    MAP_POLICIES, MAP_POLICY_COUNTERS, MAP_PORTSETS, MAP_SOCKETS, MAP_STATE, MAPS, POLICY_NAME_MAX,
-    PROGRAMS, PolicyName, PolicyRecord, PortChunk, PortChunkKey, SOCK_OPS_PROGRAM, STAMP_MAGIC,
-    SockOffsets, SocketState, State, USERLOCKS_UNKNOWN, V6ONLY_UNKNOWN, hook_counter,
-    policy_counter,
+    AgentStamp, COUNTER_EVENTS_LOST, COUNTER_FENCE_FAILED, COUNTER_GUARD_DROPS, COUNTERS,
+    CgroupKey, CgroupValue, DECISION_ALLOW, DECISION_AUDIT, DECISION_DENY, DECISION_REPORTED,
+    DECISIONS, FENCE_PROGRAM, GLOBAL_SOCK_OFFSETS, GLOBAL_USERLOCKS, GLOBAL_V6ONLY_BIT,
+    GUARD_PROGRAM, HOOKS, Hook, LAYOUT_VERSION, LSM_PROGRAMS, MAP_AGENT, MAP_CGROUPS, MAP_COUNTERS,
+    MAP_EVENTS, MAP_NAMES, MAP_POLICIES, MAP_POLICY_COUNTERS, MAP_PORTSETS, MAP_SOCKETS, MAP_STATE,
+    MAPS, POLICY_NAME_MAX, PROGRAMS, PolicyName, PolicyRecord, PortChunk, PortChunkKey,
+    SOCK_OPS_PROGRAM, STAMP_MAGIC, SockOffsets, SocketState, State, USERLOCKS_UNKNOWN,
+    V6ONLY_UNKNOWN, hook_counter, policy_counter,
 };
 use sha2::Digest;
 
@@ -201,6 +201,7 @@ fn expected_attach_type(name: &str) -> u32 {
         "portguard_sock_create" => attach_type::INET_SOCK_CREATE,
         SOCK_OPS_PROGRAM => attach_type::SOCK_OPS,
         GUARD_PROGRAM => attach_type::INET_INGRESS,
+        FENCE_PROGRAM => attach_type::SETSOCKOPT,
         _ => attach_type::LSM_CGROUP,
     }
 }
@@ -277,6 +278,11 @@ impl CounterMaps {
         Self::sum(&self.hooks, COUNTER_GUARD_DROPS)
     }
 
+    /// Cut-off sockets the kernel would not fence.
+    pub fn fence_failures(&self) -> Result<u64, MapError> {
+        Self::sum(&self.hooks, COUNTER_FENCE_FAILED)
+    }
+
     /// Totals over every hook.
     pub fn totals(&self) -> Result<Counters, MapError> {
         let mut c = Counters {
@@ -301,7 +307,7 @@ pub struct Loaded {
     stamp: Array<MapData, AgentStamp>,
     pub adoption: Adoption,
     /// Links this process owns (unpinned runs: they end with it).
-    links: Vec<FdLink>,
+    links: Vec<ProgLink>,
     attached: Vec<Hook>,
     /// Why the BPF LSM checks (listen/accept) are not loaded, if they are not.
     lsm_unavailable: Option<String>,
@@ -315,7 +321,7 @@ pub enum ListenCheck {
     /// BPF LSM `socket_listen`/`socket_accept`: violations are denied.
     Denied,
     /// `sock_ops` right after listen(): a violating listener is cut off
-    /// (packet guard, SOCK_DESTROY), not denied.
+    /// (fenced, SOCK_DESTROY), not denied.
     Reported { why: String },
     /// Not checked at all.
     Unchecked { why: String },
@@ -555,6 +561,20 @@ impl Loaded {
             p.load().map_err(load_err)?;
             debug!("loader: loaded {name}");
         }
+        {
+            let name = FENCE_PROGRAM;
+            let load_err = |source: ProgramError| LoaderError::ProgramLoad {
+                name,
+                hook: "cgroup/setsockopt",
+                source: Box::new(source),
+            };
+            let prog = ebpf
+                .program_mut(name)
+                .ok_or(LoaderError::MissingProgram { name })?;
+            let p: &mut CgroupSockopt = prog.try_into().map_err(load_err)?;
+            p.load().map_err(load_err)?;
+            debug!("loader: loaded {name}");
+        }
         let maps = KernelMaps {
             names: take(&mut ebpf, MAP_NAMES, HashMap::try_from)?,
             state: take(&mut ebpf, MAP_STATE, Array::try_from)?,
@@ -651,9 +671,9 @@ impl Loaded {
                 (name, kind, hook)
             })
             .collect();
-        // The packet guard: what a hook that cannot deny cut off gets no
-        // traffic (UDP autobinds everywhere, listeners without the LSM).
-        v.push((GUARD_PROGRAM, Kind::Skb, Hook::Ingress));
+        // The fence's keeper: a socket a hook that cannot deny cut off (UDP
+        // autobinds everywhere, listeners without the LSM) stays fenced.
+        v.push((FENCE_PROGRAM, Kind::Sockopt, Hook::Setsockopt));
         if self.lsm_unavailable.is_none() {
             v.extend(LSM_PROGRAMS.iter().map(|&(n, _, h)| (n, Kind::Lsm, h)));
         } else if self.sock_ops_loaded {
@@ -669,7 +689,7 @@ impl Loaded {
         kind: Kind,
         file: &File,
         cgroup: &Path,
-    ) -> Result<FdLink, LoaderError> {
+    ) -> Result<ProgLink, LoaderError> {
         let prog = self
             .ebpf
             .program_mut(name)
@@ -687,29 +707,51 @@ impl Loaded {
             Kind::Sock => {
                 let p: &mut CgroupSock = prog.try_into().map_err(err)?;
                 let id = p.attach(file, CgroupAttachMode::Single).map_err(err)?;
-                FdLink::try_from(p.take_link(id).map_err(err)?).map_err(link_err)
+                FdLink::try_from(p.take_link(id).map_err(err)?)
+                    .map(ProgLink::Aya)
+                    .map_err(link_err)
             }
             Kind::SockAddr => {
                 let p: &mut CgroupSockAddr = prog.try_into().map_err(err)?;
                 let id = p.attach(file, CgroupAttachMode::Single).map_err(err)?;
-                FdLink::try_from(p.take_link(id).map_err(err)?).map_err(link_err)
+                FdLink::try_from(p.take_link(id).map_err(err)?)
+                    .map(ProgLink::Aya)
+                    .map_err(link_err)
             }
             Kind::SockOps => {
                 let p: &mut SockOps = prog.try_into().map_err(err)?;
                 let id = p.attach(file, CgroupAttachMode::Single).map_err(err)?;
-                FdLink::try_from(p.take_link(id).map_err(err)?).map_err(link_err)
+                FdLink::try_from(p.take_link(id).map_err(err)?)
+                    .map(ProgLink::Aya)
+                    .map_err(link_err)
             }
             Kind::Skb => {
                 let p: &mut CgroupSkb = prog.try_into().map_err(err)?;
                 let id = p
                     .attach(file, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)
                     .map_err(err)?;
-                FdLink::try_from(p.take_link(id).map_err(err)?).map_err(link_err)
+                FdLink::try_from(p.take_link(id).map_err(err)?)
+                    .map(ProgLink::Aya)
+                    .map_err(link_err)
+            }
+            Kind::Sockopt => {
+                // aya 0.14 cannot turn a cgroup sockopt link into an FdLink
+                // (to pin it): the link is made here.
+                let p: &mut CgroupSockopt = prog.try_into().map_err(err)?;
+                let fd = p.fd().map_err(err)?;
+                bpfsys::link_create(fd.as_fd(), file.as_fd(), expected_attach_type(name))
+                    .map(ProgLink::Own)
+                    .map_err(|e| {
+                        err(ProgramError::SyscallError(aya::sys::SyscallError {
+                            call: "bpf_link_create",
+                            io_error: e,
+                        }))
+                    })
             }
             Kind::Lsm => {
                 let p: &mut LsmCgroup = prog.try_into().map_err(err)?;
                 let id = p.attach(file).map_err(err)?;
-                Ok(p.take_link(id).map_err(err)?.into())
+                Ok(ProgLink::Aya(p.take_link(id).map_err(err)?.into()))
             }
         }
     }
@@ -744,6 +786,18 @@ impl Loaded {
             cgroup.display()
         );
         Ok(())
+    }
+
+    /// Attach the packet guard ([`GUARD_PROGRAM`]) to `cgroup` (the cgroup2
+    /// root). It stays attached while the returned link lives, and is
+    /// never pinned: it is only needed while this agent tracks a cut-off
+    /// socket the fence and `SOCK_DESTROY` could not end.
+    pub fn attach_packet_guard(&mut self, cgroup: &Path) -> Result<ProgLink, LoaderError> {
+        let file = File::open(cgroup).map_err(|source| LoaderError::OpenCgroup {
+            path: cgroup.display().to_string(),
+            source,
+        })?;
+        self.attach_new(GUARD_PROGRAM, Kind::Skb, &file, cgroup)
     }
 
     fn note_listen_failure(&mut self, kind: Kind, e: &LoaderError) {
@@ -852,7 +906,7 @@ impl Loaded {
                         let _ = std::fs::remove_file(&staged);
                         link.pin(&staged).map_err(|e| {
                             pin_err(format!("pinning {}", staged.display()))(std::io::Error::other(
-                                e.to_string(),
+                                e,
                             ))
                         })?;
                         crate::pins::move_pin(&staged, &path)
@@ -866,9 +920,7 @@ impl Loaded {
                         report.repaired.push((name, why));
                     } else {
                         link.pin(&path).map_err(|e| {
-                            pin_err(format!("pinning {}", path.display()))(std::io::Error::other(
-                                e.to_string(),
-                            ))
+                            pin_err(format!("pinning {}", path.display()))(std::io::Error::other(e))
                         })?;
                         report.created.push(name);
                     }
@@ -969,6 +1021,24 @@ impl Loaded {
     }
 }
 
+/// A program's link to a cgroup: it detaches when dropped, unless pinned.
+#[derive(Debug)]
+pub enum ProgLink {
+    Aya(FdLink),
+    /// Made with [`bpfsys::link_create`].
+    Own(std::os::fd::OwnedFd),
+}
+
+impl ProgLink {
+    /// Pin the link at `path`: it stays attached after the agent exits.
+    fn pin(self, path: &Path) -> Result<(), String> {
+        match self {
+            Self::Aya(l) => l.pin(path).map(drop).map_err(|e| e.to_string()),
+            Self::Own(fd) => bpfsys::obj_pin(fd.as_fd(), path).map_err(|e| e.to_string()),
+        }
+    }
+}
+
 /// How a program attaches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
@@ -977,6 +1047,7 @@ enum Kind {
     SockOps,
     Lsm,
     Skb,
+    Sockopt,
 }
 
 impl Kind {
@@ -984,6 +1055,7 @@ impl Kind {
         match self {
             Self::SockOps => "sock_ops",
             Self::Skb => "cgroup_skb/ingress",
+            Self::Sockopt => "cgroup/setsockopt",
             Self::Lsm => LSM_PROGRAMS
                 .iter()
                 .find(|(n, _, _)| *n == name)

@@ -11,6 +11,7 @@
 //! | `portguard_hook_decisions_total` | `hook`, `verdict` |
 //! | `portguard_events_lost_total` | |
 //! | `portguard_guard_dropped_packets_total` | |
+//! | `portguard_fence_failures_total` | |
 //! | `portguard_events_aggregated_total` | |
 //! | `portguard_events_written_total` | |
 //! | `portguard_policy_reloads_total` | `result` (ok, failed) |
@@ -111,6 +112,8 @@ pub struct KernelReading {
     pub events_lost: u64,
     /// Packets the packet guard dropped (addressed to cut-off sockets).
     pub guard_drops: u64,
+    /// Cut-off sockets the kernel would not fence.
+    pub fence_failures: u64,
 }
 
 impl KernelReading {
@@ -128,6 +131,7 @@ impl KernelReading {
                 .collect::<Result<_, _>>()?,
             events_lost: counters.events_lost()?,
             guard_drops: counters.guard_drops()?,
+            fence_failures: counters.fence_failures()?,
         })
     }
 }
@@ -183,9 +187,16 @@ pub fn render(facts: &Facts, kernel: &KernelReading) -> String {
     counter(
         &mut reg,
         "portguard_guard_dropped_packets",
-        "Packets the packet guard dropped: addressed to a socket cut off for a port its policy \
-         does not allow (kernel counter)",
+        "Packets the packet guard dropped: addressed to a cut-off socket that neither the fence \
+         nor SOCK_DESTROY could end (kernel counter; the guard is attached only while one exists)",
         kernel.guard_drops,
+    );
+    counter(
+        &mut reg,
+        "portguard_fence_failures",
+        "Cut-off sockets the kernel would not fence: a process without CAP_NET_RAW had bound \
+         them to a device (kernel counter; the agent destroys them)",
+        kernel.fence_failures,
     );
     counter(
         &mut reg,
@@ -315,6 +326,7 @@ mod tests {
             by_policy: vec![[10, 3, 0, 0]],
             events_lost: 7,
             guard_drops: 5,
+            fence_failures: 6,
         };
         let text = render(&facts, &kernel);
         for line in [
@@ -323,6 +335,7 @@ mod tests {
             r#"portguard_hook_decisions_total{hook="bind4",verdict="deny"} 3"#,
             "portguard_events_lost_total 7",
             "portguard_guard_dropped_packets_total 5",
+            "portguard_fence_failures_total 6",
             "portguard_events_aggregated_total 99",
             r#"portguard_policy_reloads_total{result="failed"} 2"#,
             "portguard_policies 1",

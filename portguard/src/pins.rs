@@ -22,7 +22,9 @@ use std::{
 };
 
 use log::{info, warn};
-use portguard_common::{GUARD_PROGRAM, LSM_PROGRAMS, MAPS, PROGRAMS, SOCK_OPS_PROGRAM};
+use portguard_common::{
+    FENCE_PROGRAM, GUARD_PROGRAM, LSM_PROGRAMS, MAPS, PROGRAMS, SOCK_OPS_PROGRAM,
+};
 
 use crate::bpfsys;
 
@@ -75,7 +77,7 @@ pub fn program_names() -> impl Iterator<Item = &'static str> {
         .iter()
         .map(|(n, _)| *n)
         .chain(LSM_PROGRAMS.iter().map(|(n, _, _)| *n))
-        .chain([SOCK_OPS_PROGRAM, GUARD_PROGRAM])
+        .chain([SOCK_OPS_PROGRAM, FENCE_PROGRAM, GUARD_PROGRAM])
 }
 
 /// An open, locked pin directory.

@@ -664,6 +664,10 @@ pub struct ProbeResult {
     pub served: Option<bool>,
     #[serde(default)]
     pub client: Option<String>,
+    /// With [`Probe::unfence`]: what `SO_BINDTODEVICE ""` and
+    /// `SO_BINDTOIFINDEX 0` on the listener got ("ok" or an errno name).
+    #[serde(default)]
+    pub unfence: Option<Vec<String>>,
     /// `autobind-udp`: whether a datagram sent to the autobound port arrived.
     #[serde(default)]
     pub received: Option<bool>,
@@ -753,6 +757,28 @@ impl Probe {
     /// it by a loopback client (see [`ProbeResult::served`]).
     pub fn serve(mut self) -> Self {
         self.args.push("--serve".into());
+        self
+    }
+
+    /// After an operation that leaves a TCP listener (and before
+    /// [`Probe::serve`]), try to bind it back to no device, as a tenant
+    /// would to undo the fence (see [`ProbeResult::unfence`]).
+    pub fn unfence(mut self) -> Self {
+        self.args.push("--unfence".into());
+        self
+    }
+
+    /// Like [`Probe::serve`], after waiting `ms` (to see what a client gets
+    /// once the agent has acted on the listener).
+    pub fn serve_after(mut self, ms: u64) -> Self {
+        self.args
+            .extend(["--serve".into(), "--serve-after-ms".into(), ms.to_string()]);
+        self
+    }
+
+    /// `listen-unbound` binds its socket to `dev` before listen().
+    pub fn bind_device(mut self, dev: &str) -> Self {
+        self.args.extend(["--bind-device".into(), dev.into()]);
         self
     }
 

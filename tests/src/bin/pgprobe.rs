@@ -43,6 +43,15 @@
 //! forked child (--fork) or a second thread (--thread).
 //! Output: `{"op":..,"ok":true,"port":P,"pid":..,"tid":..}` or
 //! `{"op":..,"ok":false,"errno":E,"error":"..",..}`.
+//! `--serve-after-ms MS`: wait MS before the `--serve` check (to see what a
+//! client gets once the agent has acted on the listener).
+//! `--bind-device DEV`: `listen-unbound` binds its socket to DEV
+//! (`SO_BINDTODEVICE`) before listen(); with `--uid`, as a process without
+//! `CAP_NET_RAW`, which then cannot change it.
+//! `--unfence`: after an operation that left a TCP listener, and before
+//! `--serve`, try to bind it back to no device (`SO_BINDTODEVICE ""`, then
+//! `SO_BINDTOIFINDEX 0`), as a tenant would to undo portguard's fence. Adds
+//! `"unfence":["<errno name or ok>","<...>"]`.
 //! `--serve`: after an operation that left a TCP listener, try to be served
 //! on it as a client would: connect to its port over loopback (IPv4 and,
 //! for an IPv6 socket, IPv6 too), and accept within 1.5 s. Adds
@@ -57,6 +66,38 @@ use std::{
 
 /// `--serve`: see the module docs.
 static SERVE: AtomicBool = AtomicBool::new(false);
+/// `--serve-after-ms`: see the module docs.
+static SERVE_AFTER_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// `--unfence`: see the module docs.
+static UNFENCE: AtomicBool = AtomicBool::new(false);
+/// `--bind-device`: see the module docs.
+static BIND_DEVICE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// `--unfence`: try to bind `fd` back to no device, both ways.
+fn unfence(fd: i32) -> String {
+    let zero: libc::c_int = 0;
+    // SAFETY: setsockopt on our own socket with valid buffers.
+    let results = unsafe {
+        [
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_BINDTODEVICE,
+                c"".as_ptr().cast(),
+                0,
+            ),
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_BINDTOIFINDEX,
+                std::ptr::from_ref(&zero).cast(),
+                4,
+            ),
+        ]
+        .map(|rc| if rc == 0 { "ok" } else { errno_name(errno()) })
+    };
+    format!(r#","unfence":["{}","{}"]"#, results[0], results[1])
+}
 
 /// Wait up to `ms` for `events` on `fd`.
 fn poll_for(fd: i32, events: i16, ms: i32) -> bool {
@@ -71,6 +112,9 @@ fn poll_for(fd: i32, events: i16, ms: i32) -> bool {
 
 /// Try to be served on listener `fd`: see `--serve`.
 fn serve_check(fd: i32) -> (bool, String) {
+    std::thread::sleep(std::time::Duration::from_millis(
+        SERVE_AFTER_MS.load(Ordering::Relaxed),
+    ));
     // SAFETY: getsockname into a zeroed sockaddr_storage.
     let (family, port, bound) = unsafe {
         let mut ss: libc::sockaddr_storage = std::mem::zeroed();
@@ -358,6 +402,21 @@ fn run_op(op: &[String]) -> String {
             if addr.is_ipv6() {
                 set_v6only(fd, op.get(3).is_some_and(|s| s == "v6only"));
             }
+            if let Some(dev) = BIND_DEVICE.get() {
+                // SAFETY: setsockopt on our own socket with a valid buffer.
+                let rc = unsafe {
+                    libc::setsockopt(
+                        fd,
+                        libc::SOL_SOCKET,
+                        libc::SO_BINDTODEVICE,
+                        dev.as_ptr().cast(),
+                        dev.len() as libc::socklen_t,
+                    )
+                };
+                if rc != 0 {
+                    die(&format!("SO_BINDTODEVICE {dev}: errno {}", errno()));
+                }
+            }
             // SAFETY: listen on our own socket.
             let rc = unsafe { libc::listen(fd, 8) };
             (fd, rc, errno())
@@ -474,6 +533,11 @@ fn run_op(op: &[String]) -> String {
     // SAFETY: plain syscalls.
     let (pid, tid) = (unsafe { libc::getpid() }, gettid());
     let line = if rc == 0 {
+        let unfenced = if UNFENCE.load(Ordering::Relaxed) {
+            unfence(fd)
+        } else {
+            String::new()
+        };
         let served = if SERVE.load(Ordering::Relaxed) {
             let (served, client) = serve_check(fd);
             format!(r#","served":{served},"client":"{client}""#)
@@ -481,7 +545,7 @@ fn run_op(op: &[String]) -> String {
             String::new()
         };
         format!(
-            r#"{{"op":"{kind}","ok":true,"port":{},"first_errno":{first_errno},"pid":{pid},"tid":{tid}{served}}}"#,
+            r#"{{"op":"{kind}","ok":true,"port":{},"first_errno":{first_errno},"pid":{pid},"tid":{tid}{unfenced}{served}}}"#,
             local_port(fd)
         )
     } else {
@@ -833,6 +897,16 @@ fn main() {
             "--echo" => echoes.push(val()),
             "--fork" => mode = "fork",
             "--serve" => SERVE.store(true, Ordering::Relaxed),
+            "--unfence" => UNFENCE.store(true, Ordering::Relaxed),
+            "--serve-after-ms" => SERVE_AFTER_MS.store(
+                val()
+                    .parse()
+                    .unwrap_or_else(|_| die("bad --serve-after-ms")),
+                Ordering::Relaxed,
+            ),
+            "--bind-device" => {
+                let _ = BIND_DEVICE.set(val());
+            }
             "--thread" => mode = "thread",
             "--repeat" => repeat = val().parse().unwrap_or_else(|_| die("bad --repeat")),
             "--interval-ms" => {

@@ -1,7 +1,10 @@
 //! No governed socket serves on a port outside its policy, with or without
 //! the BPF LSM (issue 14). Where listen() cannot be denied (this CI host's
 //! kernel refuses BTF-attached programs), the listener is cut off: the
-//! packet guard drops what is addressed to it and the agent destroys it.
+//! kernel program fences it (binds it to an interface index no interface
+//! has, so no packet reaches it) and the agent destroys it. Where the fence
+//! cannot be set and the kernel will not destroy the socket, the agent
+//! attaches the packet guard until the socket is gone.
 //! Each test tries the way around as a tenant would and asserts both what a
 //! client gets and the event.
 
@@ -23,7 +26,9 @@ fn only_event(agent: &Agent, r: &ProbeResult, hook: &str) -> Value {
 
 /// What a cut-off listener must look like to a client and in the log:
 /// `action` is what the agent did to it (`destroyed`; the kernel refuses to
-/// destroy the TCP subflow an MPTCP listener listens through: `dropped`).
+/// destroy the TCP subflow an MPTCP listener listens through: `fenced`).
+/// A fenced or destroyed listener refuses the client (a reset), from the
+/// first SYN on.
 #[track_caller]
 fn assert_cut_off(agent: &Agent, denied: bool, r: &ProbeResult, port: Option<u16>, action: &str) {
     if denied {
@@ -49,14 +54,14 @@ fn assert_cut_off(agent: &Agent, denied: bool, r: &ProbeResult, port: Option<u16
         "what the agent did to the socket: {e}\n{}",
         agent.stderr()
     );
-    if action == "destroyed" {
+    if action == "destroyed" || action == "fenced" {
         // Ended, not starved: the client was refused, not left hanging.
         assert_eq!(r.client.as_deref(), Some("ECONNREFUSED"), "{r:?}");
     }
 }
 
-/// The packet guard's drop counter, from /metrics.
-fn guard_drops(agent: &Agent) -> u64 {
+/// A counter from /metrics.
+fn metric(agent: &Agent, name: &str) -> u64 {
     let url = format!("http://127.0.0.1:{}/metrics", agent.metrics_port());
     let body = ureq::get(&url)
         .call()
@@ -65,16 +70,16 @@ fn guard_drops(agent: &Agent) -> u64 {
         .read_to_string()
         .unwrap();
     body.lines()
-        .find_map(|l| l.strip_prefix("portguard_guard_dropped_packets_total "))
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
         .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no guard counter in {body}"))
+        .unwrap_or_else(|| panic!("no {name} in {body}"))
 }
 
 /// An unbound listen(): the kernel autobinds a port no bind hook sees. TCP
 /// and MPTCP (Go's default), IPv4, IPv6-only and dual-stack `[::]`: no
-/// client is ever served, and one event names the port. The MPTCP
-/// listener, which the kernel will not let the agent destroy, is starved
-/// by the packet guard: its client's SYNs are dropped and counted.
+/// client is ever served (each is refused from the first SYN), and one
+/// event names the port. The MPTCP listener, which the kernel will not let
+/// the agent destroy, stays fenced; the packet guard is never needed.
 #[test]
 fn an_unbound_listener_outside_the_policy_serves_no_one() {
     require_root!();
@@ -91,7 +96,7 @@ fn an_unbound_listener_outside_the_policy_serves_no_one() {
             op.extend_from_slice(variant);
             let r = p.run(&op);
             let action = if proto == "mptcp" {
-                "dropped"
+                "fenced"
             } else {
                 "destroyed"
             };
@@ -108,10 +113,114 @@ fn an_unbound_listener_outside_the_policy_serves_no_one() {
         }
     }
     if !denied {
-        assert!(
-            guard_drops(&agent) > 0,
-            "the MPTCP clients' SYNs were dropped"
+        assert_eq!(metric(&agent, "portguard_fence_failures_total"), 0);
+        assert_eq!(
+            metric(&agent, "portguard_guard_dropped_packets_total"),
+            0,
+            "the fence alone kept every client out"
         );
+    }
+}
+
+/// A tenant undoes the fence as it would bind any socket to a device
+/// (`SO_BINDTODEVICE ""`, `SO_BINDTOIFINDEX 0`): both are refused (EPERM),
+/// each with an event, and the listener still serves no one. TCP and MPTCP
+/// (which the agent cannot destroy, so only the fence holds it).
+#[test]
+fn a_tenant_cannot_take_the_fence_down() {
+    require_root!();
+    let cg = Cgroup::new("guard-unfence");
+    let agent = Agent::start(&format!(
+        "policies:\n  - {{name: svc, cgroup: {}, bind: [{{ports: [8080]}}]}}\n",
+        cg.rel
+    ));
+    if agent.listen_denied() {
+        eprintln!("skipped: the BPF LSM denies listen() itself here; no socket is ever fenced");
+        return;
+    }
+    for proto in ["tcp", "mptcp"] {
+        let r = Probe::in_cgroup(&cg)
+            .unfence()
+            .serve()
+            .run(&["listen-unbound", proto, "4"]);
+        r.assert_ok();
+        assert_eq!(
+            r.unfence.as_deref(),
+            Some(&["EPERM".to_owned(), "EPERM".to_owned()][..]),
+            "{proto}: {r:?}"
+        );
+        assert_eq!(r.served, Some(false), "{proto}: {r:?}");
+        assert_eq!(r.client.as_deref(), Some("ECONNREFUSED"), "{proto}: {r:?}");
+        let listen = agent.wait_event(&[("pid", json!(r.pid)), ("hook", json!("listen"))]);
+        assert_eq!(listen["verdict"], "cut_off");
+        let refused = agent.events_matching(
+            &[("pid", json!(r.pid)), ("hook", json!("setsockopt"))],
+            Duration::from_secs(2),
+        );
+        assert_eq!(
+            refused.len(),
+            2,
+            "one event per refused attempt: {refused:#?}"
+        );
+        for e in &refused {
+            assert_eq!(e["verdict"], "deny", "{e}");
+            assert_eq!(e["port"], r.port, "{e}");
+            assert_eq!(e["policy"], "svc", "{e}");
+        }
+    }
+}
+
+/// The fence cannot be set on a socket a process without `CAP_NET_RAW`
+/// bound to a device itself (here: `lo`, as an unprivileged user) before
+/// listen(): the kernel refuses to rebind it. The agent ends it instead, on
+/// the event: a TCP listener is destroyed; an MPTCP listener, which the
+/// kernel will not destroy, gets the packet guard, attached to the root
+/// while it lives and detached once it is gone. What a client gets once the
+/// agent has acted: refused (TCP) or nothing (MPTCP: its SYNs are dropped).
+/// Between listen() and the agent's action (milliseconds), such a listener
+/// is reachable through its device: README, "What portguard enforces".
+#[test]
+fn a_socket_that_cannot_be_fenced_is_ended_by_the_agent() {
+    require_root!();
+    let cg = Cgroup::new("guard-nofence");
+    let agent = Agent::start(&format!(
+        "policies:\n  - {{name: svc, cgroup: {}, bind: [{{ports: [8080]}}]}}\n",
+        cg.rel
+    ));
+    if agent.listen_denied() {
+        eprintln!("skipped: the BPF LSM denies listen() itself here; no socket is ever fenced");
+        return;
+    }
+    for (proto, action, client) in [
+        ("tcp", "destroyed", "ECONNREFUSED"),
+        ("mptcp", "dropped", "timeout"),
+    ] {
+        let r = Probe::in_cgroup(&cg)
+            .uid(65534)
+            .bind_device("lo")
+            .serve_after(1000)
+            .run(&["listen-unbound", proto, "4"]);
+        r.assert_ok();
+        let e = only_event(&agent, &r, "listen");
+        assert_eq!(e["verdict"], "cut_off", "{e}");
+        assert_eq!(e["action"], action, "{proto}: {e}\n{}", agent.stderr());
+        assert_eq!(r.served, Some(false), "{proto}: {r:?}");
+        assert_eq!(r.client.as_deref(), Some(client), "{proto}: {r:?}");
+    }
+    assert_eq!(metric(&agent, "portguard_fence_failures_total"), 2);
+    assert!(
+        metric(&agent, "portguard_guard_dropped_packets_total") > 0,
+        "the MPTCP client's SYNs were dropped"
+    );
+    // The MPTCP listener closed with the probe: the guard goes with it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !agent.stderr().contains("packet guard detached") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the packet guard was never detached:\n{}",
+            agent.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -159,8 +268,9 @@ fn ephemeral_never_allows_a_port_someone_asked_for() {
 /// A workload that owns its network namespace narrows
 /// `net.ipv4.ip_local_port_range` onto a port its policy does not allow,
 /// then sends from an unbound UDP socket: the autobind takes that port. The
-/// send is denied and the socket gets nothing on the port (a datagram from
-/// an allowed port in the same namespace is dropped by the packet guard). A
+/// send is denied and the socket gets nothing on the port (it is fenced: a
+/// datagram from an allowed port in the same namespace finds no socket),
+/// and the agent destroys it. A
 /// client in a namespace with the default range keeps working: its send
 /// goes out and the datagram sent back to its port arrives.
 #[test]
@@ -189,6 +299,12 @@ fn a_udp_autobind_inside_a_narrowed_range_is_denied() {
         assert_eq!(e["port"], 8081);
         assert_eq!(e["protocol"], "udp");
         assert_eq!(e["autobind"], true);
+        // The probe may have closed it first.
+        assert!(
+            e["action"] == "destroyed" || e["action"] == "closed",
+            "{e}\n{}",
+            agent.stderr()
+        );
     }
     // The host's range: a client's send and its reply work, silently.
     let r = Probe::in_cgroup(&cg).run(&["autobind-udp", "127.0.0.1", "9", "8080"]);
