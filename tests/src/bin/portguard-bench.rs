@@ -538,12 +538,13 @@ fn measure_rr(cg: &Path, iters: u64, reps: usize) -> Vec<f64> {
     reps_of(&v)
 }
 
-/// The packet guard (`cgroup_skb/ingress`) runs for every packet received:
-/// its cost on a TCP request/response loop over loopback (netperf's
-/// TCP_RR), on a governed socket and on an ungoverned one with the programs
-/// attached at the cgroup2 root as deployed, each in pairs with the
-/// no-program baseline.
-fn packet_guard(
+/// What cutting off sockets costs on the packet path: a TCP
+/// request/response loop over loopback (netperf's TCP_RR), on a governed
+/// socket and on an ungoverned one with the programs attached at the
+/// cgroup2 root as deployed, each in pairs with the no-program baseline.
+/// Cut-off sockets are fenced in the kernel's socket lookup, so no program
+/// runs per packet; this proves it.
+fn packet_path(
     fx: &Fixture,
     opts: &Opts,
     report: &mut String,
@@ -558,7 +559,7 @@ fn packet_guard(
     let (one, plain) = (fx.cgroup(Setup::OnePolicy), fx.cgroup(Setup::Baseline));
     // Governed: the programs on the setup's subtree; the baseline process,
     // outside it, runs none.
-    eprintln!("bench: packet guard, governed socket");
+    eprintln!("bench: packet path, governed socket");
     let agent = start_agent(
         &fx.policy(Setup::OnePolicy),
         &["--attach-cgroup", &fx.attach_point(Setup::OnePolicy)],
@@ -579,7 +580,7 @@ fn packet_guard(
     drop(agent);
     // Ungoverned: the programs at the root, as deployed; the baseline is the
     // same process with no agent at all, measured right after.
-    eprintln!("bench: packet guard, ungoverned socket, programs on the root");
+    eprintln!("bench: packet path, ungoverned socket, programs on the root");
     let (mut ung, mut ung_base, mut ung_ratio) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..pairs {
         let agent = start_agent(&fx.policy(Setup::OnePolicy), &[]);
@@ -592,7 +593,7 @@ fn packet_guard(
     }
     let (g, u) = (med(&gov_ratio), med(&ung_ratio));
     verdicts.push((
-        "request/response on a governed socket (packet guard) <= 1.05x baseline".into(),
+        "request/response on a governed socket <= 1.05x baseline".into(),
         g <= 1.05,
         format!("{g:.3}x"),
     ));
@@ -603,13 +604,18 @@ fn packet_guard(
     ));
     let _ = writeln!(
         report,
-        "## 2. The packet guard (per packet)\n\n\
+        "## 2. The packet path (per packet)\n\n\
          A TCP request/response loop over loopback (netperf's TCP_RR: 1 byte each way, \
          `TCP_NODELAY`, one connection, an echo thread), {pairs} pairs of the setup and the \
          no-program baseline right after; each measurement is the fastest of {reps} runs of \
-         {iters} transactions. Every packet received runs `portguard_ingress`, which looks up \
-         the receiving socket's storage and drops the packet only if a hook cut the socket \
-         off.\n\n\
+         {iters} transactions. A socket on a port its policy does not allow is cut off by \
+         fencing it (bound to an interface index no interface has, so the kernel's own socket \
+         lookup never matches it): no portguard program runs per packet. `sock_ops` runs at \
+         connection events only (none in this loop's steady state), the `setsockopt` keeper \
+         only on `setsockopt()`. The packet guard (`cgroup_skb/ingress`, one socket-storage \
+         lookup per packet) is attached to the root only while a cut-off socket exists that \
+         is neither fenced nor destroyable (an MPTCP listener bound to a device by a process \
+         without `CAP_NET_RAW`); it is not attached here.\n\n\
          | socket | ns/transaction | baseline ns | ratio (median of pairs) |\n|---|---:|---:|---:|\n\
          | governed (programs on its subtree) | {:.0} | {:.0} | {g:.3} |\n\
          | ungoverned (programs on the cgroup2 root, as deployed) | {:.0} | {:.0} | {u:.3} |\n\n\
@@ -862,7 +868,7 @@ fn main() {
     let mut body = String::new();
     let mut verdicts = Vec::new();
     overhead(&fx, &opts, &mut body, &mut verdicts);
-    packet_guard(&fx, &opts, &mut body, &mut verdicts);
+    packet_path(&fx, &opts, &mut body, &mut verdicts);
     denied_and_storm(&fx, &opts, &mut body, &mut verdicts);
     scale(&fx, &opts, &mut body, &mut verdicts);
     drop(fx);
