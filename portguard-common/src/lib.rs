@@ -259,12 +259,102 @@ pub enum Family {
     Ipv6 = 1,
 }
 
-/// Address classes. `Loopback` is 127.0.0.0/8, `::1` and `::ffff:127.0.0.0/104`.
+/// Address classes. `Loopback` is 127.0.0.0/8, `::1` and `::ffff:127.0.0.0/104`;
+/// for a destination, also the unspecified address (see [`AddrRole`]).
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AddrClass {
     Any = 0,
     Loopback = 1,
+}
+
+/// Which end of a socket an address names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AddrRole {
+    /// The local address a socket binds or listens on. `0.0.0.0` and `::`
+    /// are every address, not loopback.
+    Local,
+    /// A destination (`connect()`, `sendmsg()`): the kernel sends to the
+    /// unspecified address as to this host, so it counts as loopback.
+    Destination,
+}
+
+/// What an address means for policy. The one classifier: the kernel
+/// programs judge with it, and the agent's rule explanations and `learn`
+/// read events with it, so they can never disagree with a decision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AddrView {
+    /// The family it is judged as: an IPv4-mapped IPv6 address is IPv4, so
+    /// an IPv4 rule holds for the mapped form too.
+    pub family: Family,
+    pub class: AddrClass,
+    /// Network-order address bytes as judged (IPv4 in the first four).
+    pub addr: [u8; 16],
+    /// It was IPv4-mapped IPv6 (`::ffff:a.b.c.d`).
+    pub v4_mapped: bool,
+    /// The IPv6 unspecified address `::` (dual-stack unless `IPV6_V6ONLY`).
+    pub unspecified_v6: bool,
+}
+
+/// Classify an IPv4 address given as its four network-order bytes.
+#[inline(always)]
+pub const fn classify_v4(o: [u8; 4], role: AddrRole) -> AddrView {
+    let unspecified = o[0] == 0 && o[1] == 0 && o[2] == 0 && o[3] == 0;
+    let loopback = o[0] == 127 || (unspecified && matches!(role, AddrRole::Destination));
+    AddrView {
+        family: Family::Ipv4,
+        class: if loopback {
+            AddrClass::Loopback
+        } else {
+            AddrClass::Any
+        },
+        addr: [o[0], o[1], o[2], o[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        v4_mapped: false,
+        unspecified_v6: false,
+    }
+}
+
+/// Classify an IPv6 address given as its sixteen network-order bytes. An
+/// IPv4-mapped address is classified as the IPv4 address it maps.
+#[inline(always)]
+pub const fn classify_v6(o: [u8; 16], role: AddrRole) -> AddrView {
+    let zero10 = o[0] == 0
+        && o[1] == 0
+        && o[2] == 0
+        && o[3] == 0
+        && o[4] == 0
+        && o[5] == 0
+        && o[6] == 0
+        && o[7] == 0
+        && o[8] == 0
+        && o[9] == 0;
+    if zero10 && o[10] == 0xff && o[11] == 0xff {
+        let mut v = classify_v4([o[12], o[13], o[14], o[15]], role);
+        v.v4_mapped = true;
+        return v;
+    }
+    let zero15 = zero10 && o[10] == 0 && o[11] == 0 && o[12] == 0 && o[13] == 0 && o[14] == 0;
+    let unspecified = zero15 && o[15] == 0;
+    let loopback = zero15 && o[15] == 1;
+    AddrView {
+        family: Family::Ipv6,
+        class: if loopback || (unspecified && matches!(role, AddrRole::Destination)) {
+            AddrClass::Loopback
+        } else {
+            AddrClass::Any
+        },
+        addr: o,
+        v4_mapped: false,
+        unspecified_v6: unspecified,
+    }
+}
+
+/// [`classify_v4`] or [`classify_v6`] for a `core::net` address.
+pub const fn classify_ip(addr: core::net::IpAddr, role: AddrRole) -> AddrView {
+    match addr {
+        core::net::IpAddr::V4(a) => classify_v4(a.octets(), role),
+        core::net::IpAddr::V6(a) => classify_v6(a.octets(), role),
+    }
 }
 
 /// Index into [`PolicyRecord::sets`] for one (direction, protocol, family,
@@ -508,7 +598,7 @@ pub const SOCK_BINDPORT_LOCK: u8 = 8;
 /// Which hook produced an event. NB: the agent's `hook` event field and the
 /// README's hook table use [`Hook::name`]; keep them in step.
 #[repr(u8)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Hook {
     Bind4 = 1,
     Bind6 = 2,

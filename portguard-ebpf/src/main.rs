@@ -29,8 +29,8 @@ use aya_ebpf::{
 };
 use decide::{ALLOW, DENY, Query, decide};
 use portguard_common::{
-    AddrClass, Direction, EVENT_F_DUAL_STACK, EVENT_F_V4_MAPPED, Family, Hook, SOCK_PREFIX_BYTES,
-    SocketState, V6ONLY_UNKNOWN,
+    AddrClass, AddrRole, Direction, EVENT_F_DUAL_STACK, EVENT_F_V4_MAPPED, Family, Hook,
+    SOCK_PREFIX_BYTES, SocketState, V6ONLY_UNKNOWN, classify_v4, classify_v6,
 };
 
 use crate::maps::PORTGUARD_SOCKETS;
@@ -57,29 +57,31 @@ pub(crate) struct V6 {
 
 #[inline(always)]
 pub(crate) fn v4_bytes(ip_be: u32) -> [u8; 16] {
-    let b = ip_be.to_ne_bytes();
-    let mut addr = [0u8; 16];
-    addr[0] = b[0];
-    addr[1] = b[1];
-    addr[2] = b[2];
-    addr[3] = b[3];
-    addr
+    classify_v4(ip_be.to_ne_bytes(), AddrRole::Local).addr
 }
 
 #[inline(always)]
-pub(crate) fn v4_class(ip_be: u32, unspecified_is_loopback: bool) -> AddrClass {
-    let b = ip_be.to_ne_bytes();
-    if b[0] == 127 || (unspecified_is_loopback && ip_be == 0) {
-        AddrClass::Loopback
+const fn role(unspecified_is_loopback: bool) -> AddrRole {
+    if unspecified_is_loopback {
+        AddrRole::Destination
     } else {
-        AddrClass::Any
+        AddrRole::Local
     }
 }
 
-/// Classify an IPv6 address given as four network-order words. An IPv4-mapped
-/// address (`::ffff:a.b.c.d`) is judged as IPv4, so an IPv4 rule holds for the
-/// mapped form too. For connect/sendmsg the unspecified address means "this
-/// host" and counts as loopback.
+/// Classify an IPv4 address (network order) with the shared classifier
+/// ([`portguard_common::classify_v4`]). For connect/sendmsg the unspecified
+/// address means "this host" and counts as loopback.
+#[inline(always)]
+pub(crate) fn v4_class(ip_be: u32, unspecified_is_loopback: bool) -> AddrClass {
+    classify_v4(ip_be.to_ne_bytes(), role(unspecified_is_loopback)).class
+}
+
+/// Classify an IPv6 address given as four network-order words, with the
+/// shared classifier ([`portguard_common::classify_v6`]): an IPv4-mapped
+/// address (`::ffff:a.b.c.d`) is judged as IPv4, so an IPv4 rule holds for
+/// the mapped form too. For connect/sendmsg the unspecified address means
+/// "this host" and counts as loopback.
 #[inline(always)]
 pub(crate) fn classify6(w: [u32; 4], unspecified_is_loopback: bool) -> V6 {
     let mut addr = [0u8; 16];
@@ -92,28 +94,13 @@ pub(crate) fn classify6(w: [u32; 4], unspecified_is_loopback: bool) -> V6 {
         addr[i * 4 + 3] = b[3];
         i += 1;
     }
-    if w[0] == 0 && w[1] == 0 && u32::from_be(w[2]) == 0xffff {
-        return V6 {
-            family: Family::Ipv4,
-            class: v4_class(w[3], unspecified_is_loopback),
-            addr: v4_bytes(w[3]),
-            flags: EVENT_F_V4_MAPPED,
-            unspecified: false,
-        };
-    }
-    let zero_prefix = w[0] == 0 && w[1] == 0 && w[2] == 0;
-    let unspecified = zero_prefix && w[3] == 0;
-    let loopback = zero_prefix && u32::from_be(w[3]) == 1;
+    let v = classify_v6(addr, role(unspecified_is_loopback));
     V6 {
-        family: Family::Ipv6,
-        class: if loopback || (unspecified && unspecified_is_loopback) {
-            AddrClass::Loopback
-        } else {
-            AddrClass::Any
-        },
-        addr,
-        flags: 0,
-        unspecified,
+        family: v.family,
+        class: v.class,
+        addr: v.addr,
+        flags: if v.v4_mapped { EVENT_F_V4_MAPPED } else { 0 },
+        unspecified: v.unspecified_v6,
     }
 }
 

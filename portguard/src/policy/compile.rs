@@ -170,45 +170,15 @@ pub fn bind_ports(policy: &Policy) -> Option<PortSet> {
     Some(set)
 }
 
-/// How the kernel programs see a local address: the family it is judged as
-/// (an IPv4-mapped IPv6 address is IPv4), loopback or not, and whether it is
-/// the IPv6 unspecified address (dual-stack unless IPV6_V6ONLY).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct AddrView {
-    pub family: Family,
-    pub class: AddrClass,
-    pub unspecified_v6: bool,
-    pub v4_mapped: bool,
-}
+/// How the kernel programs see a local address (the shared classifier,
+/// [`portguard_common::classify_ip`], as a bind judges it): the family it is
+/// judged as (an IPv4-mapped IPv6 address is IPv4), loopback or not, and
+/// whether it is the IPv6 unspecified address (dual-stack unless
+/// IPV6_V6ONLY).
+pub use portguard_common::AddrView;
 
 pub fn classify(addr: std::net::IpAddr) -> AddrView {
-    use std::net::IpAddr;
-    let v4 = |a: std::net::Ipv4Addr, mapped: bool| AddrView {
-        family: Family::Ipv4,
-        class: if a.octets()[0] == 127 {
-            AddrClass::Loopback
-        } else {
-            AddrClass::Any
-        },
-        unspecified_v6: false,
-        v4_mapped: mapped,
-    };
-    match addr {
-        IpAddr::V4(a) => v4(a, false),
-        IpAddr::V6(a) => match a.to_ipv4_mapped() {
-            Some(m) => v4(m, true),
-            None => AddrView {
-                family: Family::Ipv6,
-                class: if a.is_loopback() {
-                    AddrClass::Loopback
-                } else {
-                    AddrClass::Any
-                },
-                unspecified_v6: a.is_unspecified(),
-                v4_mapped: false,
-            },
-        },
-    }
+    portguard_common::classify_ip(addr, portguard_common::AddrRole::Local)
 }
 
 impl CompiledPolicy {

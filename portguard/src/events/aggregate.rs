@@ -25,8 +25,8 @@ use crate::events::EventRecord;
 struct Key {
     policy: Option<String>,
     cgroup_id: u64,
-    hook: &'static str,
-    verdict: &'static str,
+    hook: super::EventHook,
+    verdict: super::Verdict,
     protocol: String,
     family: &'static str,
     address: String,
@@ -160,15 +160,15 @@ impl Aggregator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::{SCHEMA_VERSION, WorkloadIdentity};
+    use crate::events::{EventHook, SCHEMA_VERSION, Verdict, WorkloadIdentity};
 
     fn rec(port: u16, time: &str, pid: u32) -> EventRecord {
         EventRecord {
             schema_version: SCHEMA_VERSION,
             time: time.into(),
             host: "h".into(),
-            verdict: "deny",
-            hook: "bind4",
+            verdict: Verdict::Deny,
+            hook: EventHook::Kernel(portguard_common::Hook::Bind4),
             policy: Some("p".into()),
             rule: None,
             cgroup: Some("/c".into()),
@@ -250,11 +250,11 @@ mod tests {
                 ..base.clone()
             },
             EventRecord {
-                hook: "bind6",
+                hook: EventHook::Kernel(portguard_common::Hook::Bind6),
                 ..base.clone()
             },
             EventRecord {
-                verdict: "audit",
+                verdict: Verdict::Audit,
                 ..base.clone()
             },
             EventRecord {

@@ -8,13 +8,13 @@
 use std::path::Path;
 
 use crate::{
-    cgroupfs::Hierarchy,
     manifest::{
         self, Check, Finding, Loc, Origin, Severity,
         analyze::analyze,
         report::{Report, Summary},
     },
     policy::{Diagnostic, PolicyError, PolicyFile, parse_policy_file},
+    workload::cgroupfs::Hierarchy,
 };
 
 /// Outcome of a check.
@@ -35,7 +35,7 @@ impl CheckReport {
 pub struct PlanCheck<'a> {
     pub policy: &'a Path,
     /// `--manifests` paths (files or directories); empty: the policy only.
-    pub manifests: &'a [std::path::PathBuf],
+    pub manifests: &'a [PathBuf],
     /// Namespace of Kubernetes objects that name none.
     pub namespace: &'a str,
     pub hierarchy: Option<&'a Hierarchy>,
@@ -194,6 +194,110 @@ pub fn check(path: &Path, hierarchy: Option<&Hierarchy>) -> Result<CheckReport, 
         file: Some(file),
         errors: Vec::new(),
         warnings,
+    })
+}
+
+// The verb: its arguments (the `--help` text) and what it does.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::Args;
+
+/// Validate a policy file, and check deployment manifests against its port
+/// plan, without loading anything into the kernel.
+///
+/// Prints every policy error as FILE:LINE:COLUMN: error: FIELD: MESSAGE, and
+/// warnings (for example a cgroup that does not exist yet, which is governed
+/// as soon as it appears, or a policy that allows a reserved port).
+///
+/// With --manifests, reads Kubernetes YAML (Pods, Deployments, StatefulSets,
+/// DaemonSets, ReplicaSets, Jobs, CronJobs and Services), docker-compose
+/// files and Dockerfiles (files, or directories searched for *.yaml, *.yml,
+/// *.json, Dockerfile*, *.Dockerfile, Containerfile), matches each container
+/// to its policy by the agent's `pods:` selectors, and reports, each with
+/// file and line:
+///
+///   port-not-allowed       a declared port the governing policy does not
+///                          allow (or allows on loopback only)
+///   host-port-conflict     a hostPort, hostNetwork or published port
+///                          claimed by two workloads
+///   reserved-port          a declared port in the plan's `reserved:` ports
+///   target-port-unmatched  a Service targetPort no selected container
+///                          declares
+///   port-mismatch          one service, different ports in its Dockerfile,
+///                          compose file and Kubernetes manifests
+///
+/// plus manifest-invalid, manifest-unresolved (a ${VAR} without a default)
+/// and service-selects-nothing. No cluster or network is needed.
+///
+/// Exits 0 when there is no error (warnings allowed), 1 otherwise; with
+/// --warn-only, manifest findings never fail the run (an invalid policy file
+/// still does).
+#[derive(Debug, Args)]
+#[command(verbatim_doc_comment)]
+pub struct CheckArgs {
+    /// Policy file (YAML) to validate; or give it with --policy.
+    #[arg(
+        value_name = "FILE",
+        required_unless_present = "policy",
+        conflicts_with = "policy"
+    )]
+    pub file: Option<PathBuf>,
+    /// Policy file (YAML): the port plan to hold the manifests against.
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+    /// Kubernetes manifests, compose files, Dockerfiles, or directories of
+    /// them.
+    #[arg(long, value_name = "PATH", num_args = 1..)]
+    pub manifests: Vec<PathBuf>,
+    /// Namespace of Kubernetes objects whose metadata names none (as
+    /// `kubectl apply -n`).
+    #[arg(long, value_name = "NS", default_value = "default")]
+    pub namespace: String,
+    /// Output: `human` (FILE:LINE:COLUMN lines), `json`, or `sarif` (SARIF
+    /// 2.1.0, for GitHub code scanning and other code-scanning UIs).
+    #[arg(long, value_enum, default_value_t = CheckFormat::Human)]
+    pub format: CheckFormat,
+    /// Report manifest findings but exit 0 (a first rollout). An invalid
+    /// policy file still exits 1.
+    #[arg(long)]
+    pub warn_only: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum CheckFormat {
+    Human,
+    Json,
+    Sarif,
+}
+
+/// Carry out the verb.
+pub fn execute(a: CheckArgs) -> anyhow::Result<ExitCode> {
+    let hierarchy = Hierarchy::discover().ok();
+    let policy =
+        a.policy.as_ref().or(a.file.as_ref()).ok_or_else(|| {
+            anyhow::anyhow!("check: give the policy file (FILE or --policy FILE)")
+        })?;
+    let report = check_plan(&PlanCheck {
+        policy,
+        manifests: &a.manifests,
+        namespace: &a.namespace,
+        hierarchy: hierarchy.as_ref(),
+    })?;
+    use crate::manifest::report;
+    print!(
+        "{}",
+        match a.format {
+            CheckFormat::Human => report::human(&report),
+            CheckFormat::Json => report::json(&report),
+            CheckFormat::Sarif => report::sarif(&report),
+        }
+    );
+    let failed = !report.summary.policy_valid || (report.errors() > 0 && !a.warn_only);
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     })
 }
 

@@ -26,7 +26,7 @@ use portguard_common::{
     FENCE_PROGRAM, GUARD_PROGRAM, LSM_PROGRAMS, MAPS, PROGRAMS, SOCK_OPS_PROGRAM,
 };
 
-use crate::bpfsys;
+use crate::kernel::bpfsys;
 
 /// Default pin directory.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/portguard";

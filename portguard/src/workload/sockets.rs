@@ -462,7 +462,7 @@ mod tests {
     /// nothing.
     #[test]
     fn ends_a_listener_by_port_and_cookie() {
-        if !crate::caps::Caps::effective().is_ok_and(|c| c.0 & (1 << 12) != 0) {
+        if !crate::kernel::caps::Caps::effective().is_ok_and(|c| c.0 & (1 << 12) != 0) {
             eprintln!("skipping: SOCK_DESTROY needs CAP_NET_ADMIN");
             return;
         }

@@ -14,12 +14,12 @@ use std::{
 use anyhow::Context as _;
 use serde_json::{Value, json};
 
-use crate::metrics::{KernelReading, Shared, VERDICTS};
+use crate::observe::metrics::{KernelReading, Shared, VERDICTS};
 
 pub const DEFAULT_SOCKET: &str = "/run/portguard/status.sock";
 
 /// Kernel decision counts by verdict name.
-fn decisions_json(d: &crate::loader::Decisions) -> serde_json::Map<String, Value> {
+fn decisions_json(d: &crate::kernel::Decisions) -> serde_json::Map<String, Value> {
     VERDICTS
         .iter()
         .zip(d)
@@ -176,9 +176,9 @@ fn workload(c: &Value) -> String {
 /// A status document from pinned state alone (no agent answers): what the
 /// kernel still enforces.
 pub fn pinned_document(pins: &Path) -> anyhow::Result<Value> {
-    let view = crate::loader::read_pinned(pins)
+    let view = crate::kernel::read_pinned(pins)
         .map_err(|e| anyhow::anyhow!("reading the pinned state in {}: {e}", pins.display()))?;
-    let mut hierarchy = crate::cgroupfs::Hierarchy::discover().ok();
+    let mut hierarchy = crate::workload::cgroupfs::Hierarchy::discover().ok();
     let mut path_of = |id: u64| -> String {
         hierarchy
             .as_mut()

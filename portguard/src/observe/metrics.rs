@@ -28,7 +28,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::loader::{CounterMaps, Decisions};
+use crate::kernel::{CounterMaps, Decisions};
 
 /// Verdict label of each `DECISION_*` kind.
 pub const VERDICTS: [&str; 4] = ["allow", "deny", "audit", "reported"];

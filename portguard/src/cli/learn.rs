@@ -74,14 +74,17 @@ pub fn seen(e: &Value) -> Option<Seen> {
     if e["dual_stack"] == true {
         families.extend([4, 6]);
     }
+    // The shared classifier, as the kernel program judged it.
+    let role = if connect {
+        portguard_common::AddrRole::Destination
+    } else {
+        portguard_common::AddrRole::Local
+    };
     let loopback = e["address"]
         .as_str()
         .and_then(|a| a.parse::<std::net::IpAddr>().ok())
-        .is_some_and(|a| match a {
-            std::net::IpAddr::V4(v4) => v4.is_loopback(),
-            std::net::IpAddr::V6(v6) => {
-                v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v| v.is_loopback())
-            }
+        .is_some_and(|a| {
+            portguard_common::classify_ip(a, role).class == portguard_common::AddrClass::Loopback
         });
     let chosen = hook.starts_with("post_bind") || e["autobind"] == true;
     Some(Seen {
@@ -310,14 +313,14 @@ pub fn run(opts: &LearnOptions) -> anyhow::Result<usize> {
         humantime::format_duration(opts.duration)
     );
     let started = crate::events::format_time(std::time::SystemTime::now());
-    crate::daemon::run(crate::daemon::RunOptions {
+    crate::agent::run(crate::agent::RunOptions {
         policy: policy_path,
         log: Some(log.clone()),
         log_rotation: crate::events::Rotation {
             max_bytes: 0,
             keep: 0,
         },
-        capacity: crate::rules_map::Capacity {
+        capacity: crate::apply::Capacity {
             cgroups: 4096,
             policies: 16,
             chunks: 64,
@@ -373,6 +376,79 @@ fn write_out(path: &Path, text: &str) -> anyhow::Result<()> {
         return Ok(());
     }
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+// The verb: its arguments (the `--help` text) and what it does.
+
+use std::process::ExitCode;
+
+use clap::Args;
+
+/// Watch a workload and write the policy that allows what it does.
+///
+/// Runs the agent with one audit-mode policy on the workload (nothing is
+/// denied; needs the same privileges as `run`), records every bind,
+/// connect and send, and sockets it already holds, for --duration, then
+/// writes the smallest policy that would have allowed exactly that, with
+/// comments giving counts and first-seen times. `portguard check` accepts
+/// it; review it, and roll it out in audit mode first if the window may
+/// have missed something (a nightly job, a failover port).
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("workload").required(true).args(["cgroup", "pods", "unit"])))]
+pub struct LearnArgs {
+    /// The workload: a cgroup path under the cgroup2 mount.
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: Option<String>,
+    /// The workload: Kubernetes pods, as
+    /// "namespace=NS,LABEL=VALUE,...,container=NAME" (every part optional).
+    #[arg(long, value_name = "SELECTOR")]
+    pub pods: Option<String>,
+    /// The workload: a systemd unit (nginx.service).
+    #[arg(long, value_name = "UNIT")]
+    pub unit: Option<String>,
+    /// How long to watch (e.g. 10m, 1h).
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Where to write the policy (`-`: standard output).
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    /// Name of the policy written.
+    #[arg(long, value_name = "NAME", default_value = "learned")]
+    pub name: String,
+    /// The node's CRI runtime socket (for --pods).
+    #[arg(long, value_name = "PATH", default_value = crate::workload::cri::DEFAULT_SOCKET)]
+    pub cri_socket: PathBuf,
+    /// The host's cgroup2 mount, if not the first one in /proc/mounts.
+    #[arg(long, value_name = "PATH", env = "PORTGUARD_CGROUP_ROOT")]
+    pub cgroup_root: Option<PathBuf>,
+}
+
+/// Carry out the verb.
+pub fn execute(a: LearnArgs) -> anyhow::Result<ExitCode> {
+    let selector = match (a.cgroup, a.pods, a.unit) {
+        (Some(c), None, None) => Selector::Cgroup(
+            crate::policy::normalize_cgroup(&c)
+                .map_err(|e| anyhow::anyhow!("--cgroup {c}: {e}"))?,
+        ),
+        (None, Some(p), None) => {
+            Selector::Pods(parse_pods(&p).map_err(|e| anyhow::anyhow!("--pods {p}: {e}"))?)
+        }
+        (None, None, Some(u)) => Selector::Unit(u),
+        _ => anyhow::bail!("give exactly one of --cgroup, --pods or --unit"),
+    };
+    let n = run(&LearnOptions {
+        selector,
+        name: a.name,
+        duration: a.duration,
+        out: a.out.clone(),
+        cri_socket: a.cri_socket,
+        cgroup_root: a.cgroup_root,
+    })?;
+    eprintln!(
+        "portguard learn: {n} observations; policy written to {}",
+        a.out.display()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 #[cfg(test)]

@@ -18,9 +18,9 @@
 use std::{collections::HashMap, path::Path};
 
 use crate::{
-    cri::Snapshot,
-    identity,
     policy::{CompiledPolicy, Selector},
+    workload::cri::Snapshot,
+    workload::identity,
 };
 
 /// One cgroup a policy governs.
@@ -195,8 +195,8 @@ mod tests {
 
     use super::*;
     use crate::{
-        cri::{Container, Pod},
         policy::{compile_all, parse_policy_str},
+        workload::cri::{Container, Pod},
     };
 
     const U1: &str = "11111111-1111-1111-1111-111111111111";

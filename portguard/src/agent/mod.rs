@@ -1,0 +1,128 @@
+//! `portguard run`: load, apply, attach, then serve until SIGTERM/SIGINT.
+//!
+//! One single-threaded tokio loop owns everything and handles, in turn:
+//! ring-buffer readiness (events -> JSON lines), SIGHUP and policy-file
+//! changes (reload), cgroup directory changes (a policy's cgroup appearing,
+//! disappearing or being recreated), and a timer that reports events the
+//! kernel had to drop.
+//!
+//! Invariants:
+//! - the first policy is written into the maps before any program is
+//!   attached, so nothing ever runs against half-written state;
+//! - a reload is applied whole (generation flip) or not at all; an invalid
+//!   policy file leaves the previous policy in force and is logged;
+//! - dropping the loaded object on exit detaches every program.
+
+use std::{path::PathBuf, time::Duration};
+
+use crate::{
+    apply::Capacity,
+    events::{self},
+    kernel::pins::PinDir,
+};
+
+mod inventory;
+mod pipeline;
+mod reload;
+mod serve;
+mod start;
+mod state;
+mod watch;
+
+use self::{pipeline::*, serve::*, start::*, state::*, watch::*};
+
+/// Options of `portguard run`.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub policy: PathBuf,
+    /// A file, `journald`, or standard output (`None`).
+    pub log: Option<PathBuf>,
+    pub log_rotation: events::Rotation,
+    pub capacity: Capacity,
+    pub ring_buffer_bytes: u32,
+    /// Reload when the policy file changes (SIGHUP always reloads).
+    pub watch: bool,
+    /// How often to check the kernel's lost-event counter.
+    pub lost_interval: Duration,
+    /// How often to re-resolve policy cgroups even without inotify events.
+    pub rescan_interval: Duration,
+    /// Where to attach the programs (a normalised cgroup path; `/` = the
+    /// whole host). Every policy must govern a cgroup at or below it.
+    pub attach_cgroup: String,
+    /// Refuse to run without the BPF LSM checks (listen/accept).
+    pub require_lsm: bool,
+    /// The CRI runtime's socket (for `pods:` policies and event identities).
+    pub cri_socket: PathBuf,
+    /// Identical decisions within this window are written as one line
+    /// (zero: every decision is written).
+    pub aggregate_window: Duration,
+    /// Where to serve /healthz and /readyz.
+    pub health_listen: Option<std::net::SocketAddr>,
+    /// Where to serve /metrics (`None`: off).
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Where to answer `portguard status` (`None`: off).
+    pub status_socket: Option<PathBuf>,
+    /// The host's cgroup2 mount, when discovery from /proc/mounts is not
+    /// wanted (a container).
+    pub cgroup_root: Option<PathBuf>,
+    /// Stop by itself after this long (`portguard learn`).
+    pub stop_after: Option<Duration>,
+    /// bpffs directory to pin programs, links and maps in (`None`: nothing
+    /// pinned; enforcement ends with the agent).
+    pub pin_dir: Option<PathBuf>,
+    /// Load this kernel object instead of the built-in one (upgrade tests).
+    pub kernel_object: Option<PathBuf>,
+    /// When a policy cannot be applied (maps full, a cgroup too deep, a map
+    /// write failing), deny every bind in the cgroups it governs instead of
+    /// keeping the previous policy (or, at start, exiting).
+    pub fail_closed: bool,
+}
+
+/// Prefix of the stand-in policies `--fail-closed` applies.
+pub const FAIL_CLOSED: &str = "portguard:fail-closed";
+
+/// Name of the built-in policy holding pod cgroups the runtime has not
+/// identified yet (see `Agent::identifying_policy`).
+pub const IDENTIFYING: &str = "portguard:identifying";
+
+/// /healthz fails when the main loop has not turned for this long (or three
+/// lost-report intervals, if longer).
+const HEALTH_STALE_AFTER: Duration = Duration::from_secs(30);
+
+/// Most ring-buffer records handled per turn of the main loop, and the
+/// longest a turn reads for: signals, reloads and timers wait at most that.
+const DRAIN_BATCH: usize = 4096;
+const DRAIN_BATCH_TIME: Duration = Duration::from_millis(5);
+
+/// Most kinds of decision the aggregator tracks at once.
+const AGGREGATE_KINDS: usize = 65536;
+
+/// How long a pod cgroup may stay unidentified before it is released.
+const IDENTIFY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Run the agent until SIGTERM/SIGINT: load the policy, preflight, load the
+/// kernel object, apply, attach, serve, shut down.
+pub fn run(opts: RunOptions) -> anyhow::Result<()> {
+    // Signal handlers first: a SIGHUP during start-up must not kill the
+    // agent (its default action); it is handled once the agent serves.
+    let (rt, signals) = runtime_and_signals()?;
+    // Validate the policy before touching the kernel.
+    let (parsed, policies) = load_policy(&opts)?;
+    let hierarchy = hierarchy(&opts, policies.len())?;
+    let mut writer = event_writer(&opts)?;
+    preflight_capabilities()?;
+    let endpoints = Endpoints::bind(&opts)?;
+    let pins = opts.pin_dir.as_deref().map(PinDir::open).transpose()?;
+    let loaded = load_kernel(&opts, pins.as_ref())?;
+    let (mut agent, events) = Agent::new(&opts, hierarchy, loaded, parsed)?;
+    agent.connect_cri(&rt, &opts, &policies);
+    let report = agent.first_apply(&opts, policies)?;
+    agent.attach(&opts, pins.as_ref(), &mut writer)?;
+    agent.announce(&opts, &report)?;
+    endpoints.spawn(&rt, &agent)?;
+    let health = agent.health.clone();
+    let result = rt.block_on(serve(&mut agent, events, writer, &opts, &health, signals));
+    shut_down(&opts, pins.as_ref());
+    drop(agent);
+    result
+}

@@ -1,0 +1,346 @@
+//! From the ring buffer to the event log: decoding and enriching records,
+//! naming the deciding rule, ending cut-off sockets, flood control, the
+//! writer, and reports of events the kernel had to drop.
+
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use log::{debug, error, info, warn};
+
+use crate::{
+    events::{self, EventWriter, LostRecord},
+    workload::sockets,
+};
+
+use super::*;
+
+impl Agent {
+    /// Which part of its policy decided `rec` (the `rule` field).
+    pub(super) fn rule_for(&self, rec: &events::EventRecord) -> Option<String> {
+        let name = rec.policy.as_deref()?;
+        if name == IDENTIFYING {
+            return Some(IDENTIFYING.to_owned());
+        }
+        let file = &self.parsed.as_ref()?.file;
+        let policy = file.policies.iter().find(|p| p.name == name)?;
+        if rec.hook.is_bind()
+            && file.reserved.contains(rec.port)
+            && crate::policy::bind_ports(policy).is_none_or(|b| b.contains(rec.port))
+        {
+            return Some("reserved".to_owned());
+        }
+        Some(crate::policy::explain::deciding_rule(policy, &rec.judged()))
+    }
+
+    /// Decode and enrich one ring-buffer record (`from` says where it was
+    /// read, for the warning about a malformed one).
+    pub(super) fn record_of(&mut self, bytes: &[u8], from: &str) -> Option<events::EventRecord> {
+        match events::decode(bytes) {
+            Ok(ev) => {
+                let mut record = events::enrich(&ev, &self.names, &mut self.hierarchy, &self.host);
+                if must_end(&ev) {
+                    record.action = Some(self.end_cut_off_socket(&ev));
+                }
+                Some(record)
+            }
+            Err(e) => {
+                warn!("daemon: skipping a malformed event{from}: {e}");
+                None
+            }
+        }
+    }
+
+    /// Name the workload of each record, pass them through flood control
+    /// (with whatever aggregates expired) and write what comes out.
+    pub(super) fn publish(&mut self, writer: &mut EventWriter, records: Vec<events::EventRecord>) {
+        let now = Instant::now();
+        let mut out = self.aggregator.expire(now);
+        for mut record in records {
+            if let Some(path) = &record.cgroup {
+                record.identity = events::WorkloadIdentity::of(path, self.cri.as_ref());
+            }
+            out.extend(self.aggregator.push(record, now));
+        }
+        self.write_records(writer, out);
+    }
+
+    /// Write event lines, each with its `rule`.
+    pub(super) fn write_records(
+        &self,
+        writer: &mut EventWriter,
+        records: Vec<events::EventRecord>,
+    ) {
+        if records.is_empty() {
+            return;
+        }
+        let mut written = 0;
+        for mut r in records {
+            r.rule = self.rule_for(&r);
+            if writer.line(&r).is_ok() {
+                written += 1;
+            }
+        }
+        let aggregated = self.aggregator.aggregated;
+        self.shared.update(|f| {
+            f.events_written += written;
+            f.events_aggregated = aggregated;
+        });
+    }
+
+    /// End the socket a `cut_off` event names, and say what was done:
+    /// `destroyed`, `fenced` (the kernel would not destroy it, the fence
+    /// holds it), `closed` (already gone), or `dropped` (neither fenced nor
+    /// destroyable: the packet guard is attached until it is gone).
+    pub(super) fn end_cut_off_socket(&mut self, ev: &portguard_common::Event) -> &'static str {
+        let pid = (ev.pid_tgid >> 32) as u32;
+        let family = event_socket_family(ev);
+        let ns = match event_netns(ev) {
+            Ok(ns) => ns,
+            Err(e) => {
+                // The task is gone; so is its network namespace, unless
+                // another process shares it.
+                debug!("daemon: the cut-off socket's task is gone ({e})");
+                return "closed";
+            }
+        };
+        match sockets::end(&ns, family, ev.protocol, ev.port, ev.sock_cookie) {
+            Ok(sockets::Ended::Destroyed) => "destroyed",
+            Ok(sockets::Ended::Fenced) => "fenced",
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => "closed",
+            Err(e) => {
+                warn!(
+                    "daemon: the cut-off socket on port {} of pid {pid} is neither fenced nor \
+                     destroyable ({e}); the packet guard drops its traffic until it is gone",
+                    ev.port
+                );
+                self.unended.push(Unended {
+                    ns,
+                    family,
+                    protocol: ev.protocol,
+                    port: ev.port,
+                    cookie: ev.sock_cookie,
+                });
+                if self.packet_guard.is_none() {
+                    let root = self.hierarchy.fs_path(&self.attach_cgroup);
+                    match self.loaded.attach_packet_guard(&root) {
+                        Ok(link) => {
+                            info!("daemon: packet guard attached to {}", root.display());
+                            self.packet_guard = Some(link);
+                        }
+                        Err(e) => {
+                            error!("daemon: cannot attach the packet guard: {e}");
+                            return "failed";
+                        }
+                    }
+                }
+                "dropped"
+            }
+        }
+    }
+
+    /// Forget unended cut-off sockets that are gone; detach the packet
+    /// guard with the last one.
+    pub(super) fn sweep_unended(&mut self) {
+        if self.unended.is_empty() {
+            return;
+        }
+        self.unended.retain(|u| {
+            !matches!(
+                sockets::find(&u.ns, u.family, u.protocol, u.port, u.cookie),
+                Ok(None)
+            )
+        });
+        if self.unended.is_empty() && self.packet_guard.take().is_some() {
+            info!("daemon: the last unended cut-off socket is gone: packet guard detached");
+        }
+    }
+}
+
+/// The network namespace of the task an event names (its thread's, else
+/// its process's), opened.
+pub(super) fn event_netns(ev: &portguard_common::Event) -> Result<std::fs::File, String> {
+    let (pid, tid) = ((ev.pid_tgid >> 32) as u32, ev.pid_tgid as u32);
+    let mut errors = Vec::new();
+    for ns in [
+        format!("/proc/{pid}/task/{tid}/ns/net"),
+        format!("/proc/{pid}/ns/net"),
+    ] {
+        match std::fs::File::open(&ns) {
+            Ok(f) => return Ok(f),
+            Err(e) => errors.push(format!("{ns}: {e}")),
+        }
+    }
+    Err(errors.join("; "))
+}
+
+/// The sock_diag family of the socket an event names (a v4-mapped address
+/// belongs to an IPv6 socket).
+pub(super) fn event_socket_family(ev: &portguard_common::Event) -> u8 {
+    use portguard_common::{EVENT_F_V4_MAPPED, Family};
+    if ev.family == Family::Ipv6 as u8 || ev.flags & EVENT_F_V4_MAPPED != 0 {
+        libc::AF_INET6 as u8
+    } else {
+        libc::AF_INET as u8
+    }
+}
+
+/// Whether the agent must end the socket an event names: one a hook that
+/// cannot deny cut off (a listener without the BPF LSM), or a UDP socket
+/// whose autobind a send hook refused (the port stays taken).
+pub(super) fn must_end(ev: &portguard_common::Event) -> bool {
+    use portguard_common::{EVENT_F_AUTOBIND, VERDICT_CUT_OFF, VERDICT_DENY};
+    ev.sock_cookie != 0
+        && (ev.verdict == VERDICT_CUT_OFF
+            || (ev.verdict == VERDICT_DENY && ev.flags & EVENT_F_AUTOBIND != 0))
+}
+
+/// A cut-off socket that is neither fenced nor destroyed (the kernel would
+/// not fence it: a process without `CAP_NET_RAW` bound it to a device; and
+/// would not destroy it: an MPTCP listener). The packet guard stays
+/// attached until the last one is gone.
+pub(super) struct Unended {
+    pub(super) ns: std::fs::File,
+    pub(super) family: u8,
+    pub(super) protocol: u8,
+    pub(super) port: u16,
+    pub(super) cookie: u64,
+}
+
+pub(super) async fn drain_events(
+    rb: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    agent: &mut Agent,
+    writer: &mut EventWriter,
+    cri_link: &mut CriLink,
+    cri_socket: &Path,
+) -> (usize, bool) {
+    let mut records = Vec::new();
+    let mut more = false;
+    let started = Instant::now();
+    loop {
+        if records.len() >= DRAIN_BATCH
+            || (records.len() % 64 == 63 && started.elapsed() >= DRAIN_BATCH_TIME)
+        {
+            // A storm refills the ring as fast as it drains: write what we
+            // have and come back (the ring stays readable), so that memory
+            // stays bounded, lines keep flowing and the loop keeps turning.
+            more = true;
+            break;
+        }
+        let Some(item) = rb.next() else {
+            break;
+        };
+        records.extend(agent.record_of(&item, ""));
+    }
+    // Name pods and containers the runtime's last snapshot does not know
+    // yet (started since): ask it again, at most every 100 ms.
+    if agent.cri.is_some() || Agent::needs_cri(&agent.policies) {
+        let unknown = records.iter().any(|r| {
+            r.cgroup.as_deref().is_some_and(|p| {
+                let id = events::WorkloadIdentity::of(p, agent.cri.as_ref());
+                (id.k8s_pod_uid.is_some() && id.k8s_pod.is_none())
+                    || (id.container_id.is_some()
+                        && id.container_name.is_none()
+                        && id.k8s_pod_uid.is_some())
+            })
+        });
+        if unknown
+            && cri_link
+                .last_event_refresh
+                .is_none_or(|t| t.elapsed() > Duration::from_millis(100))
+        {
+            cri_link.last_event_refresh = Some(Instant::now());
+            refresh_cri(agent, &mut cri_link.client, cri_socket).await;
+        }
+    }
+    let n = records.len();
+    agent.publish(writer, records);
+    (n, more)
+}
+
+pub(super) fn report_lost(agent: &Agent, writer: &mut EventWriter, seen: &mut u64) {
+    match agent.loaded.maps.counters() {
+        Ok(c) if c.events_lost > *seen => {
+            let lost = c.events_lost - *seen;
+            *seen = c.events_lost;
+            warn!(
+                "daemon: the kernel dropped {lost} events (ring buffer full; {} in total)",
+                c.events_lost
+            );
+            // At most every 10 s: a supervisor's queue is small.
+            static LAST: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
+            if let Ok(mut last) = LAST.lock()
+                && last.is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+            {
+                *last = Some(Instant::now());
+                notify_status(&format!("{} events lost in total", c.events_lost));
+            }
+            let _ = writer.line(&LostRecord {
+                schema_version: events::SCHEMA_VERSION,
+                host: agent.host.clone(),
+                time: events::format_time(std::time::SystemTime::now()),
+                lost,
+                lost_total: c.events_lost,
+                since: None,
+                until: None,
+                agent_restarted: false,
+            });
+            let _ = writer.flush();
+        }
+        Ok(_) => {}
+        Err(e) => warn!("daemon: reading counters: {e}"),
+    }
+}
+
+/// Read a replaced ring buffer to the end (events decoded as current ones).
+pub(super) fn drain_replaced(
+    rb: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    agent: &mut Agent,
+    writer: &mut EventWriter,
+) -> usize {
+    let mut records = Vec::new();
+    while let Some(item) = rb.next() {
+        records.extend(agent.record_of(&item, " from the replaced ring"));
+    }
+    let n = records.len();
+    agent.publish(writer, records);
+    n
+}
+
+/// Events the kernel dropped while no agent was reading: the adopted
+/// counter against what the previous agent had reported, with the period.
+pub(super) fn report_restart_losses(agent: &mut Agent, writer: &mut EventWriter) {
+    let a = &agent.loaded.adoption;
+    let Some(prev) = a.previous else {
+        return;
+    };
+    if a.replaced.contains(&portguard_common::MAP_COUNTERS) {
+        return;
+    }
+    let Ok(now_lost) = agent.loaded.maps.counters.events_lost() else {
+        return;
+    };
+    agent.lost_seen = now_lost;
+    if now_lost <= prev.lost_reported {
+        return;
+    }
+    let lost = now_lost - prev.lost_reported;
+    let since = std::time::UNIX_EPOCH + Duration::from_millis(prev.alive_unix_ms);
+    let until = std::time::SystemTime::now();
+    warn!(
+        "daemon: the kernel dropped {lost} events while no agent was reading (since {})",
+        events::format_time(since)
+    );
+    let _ = writer.line(&LostRecord {
+        schema_version: events::SCHEMA_VERSION,
+        host: agent.host.clone(),
+        time: events::format_time(until),
+        lost,
+        lost_total: now_lost,
+        since: Some(events::format_time(since)),
+        until: Some(events::format_time(until)),
+        agent_restarted: true,
+    });
+    let _ = writer.flush();
+}

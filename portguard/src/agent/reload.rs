@@ -1,0 +1,224 @@
+//! Reloads (SIGHUP, a changed policy file), the full re-parse that
+//! confirms an incremental one, cgroup rescans and the host's ephemeral
+//! port range.
+
+use std::time::Instant;
+
+use log::{debug, error, info, warn};
+use sd_notify::NotifyState;
+
+use crate::{
+    apply::ApplyReport,
+    policy::{
+        PolicyError, Reparse, compile, compile_all, parse_policy_text, read_policy_file,
+        reparse_policy_text,
+    },
+    workload::sockets,
+};
+
+use super::*;
+
+impl Agent {
+    /// Read, validate and apply the policy file; on any error the previous
+    /// policy stays in force.
+    pub(super) fn reload(&mut self, why: &str) {
+        let started = Instant::now();
+        sd_notify(&[
+            NotifyState::Reloading,
+            NotifyState::monotonic_usec_now().unwrap_or(NotifyState::MonotonicUsec(0)),
+        ]);
+        let result = self.reload_inner(started);
+        match result {
+            Ok((report, how)) => {
+                let status = format!(
+                    "enforcing {} policies (generation {}, reloaded on {why})",
+                    report.policies, report.generation
+                );
+                let how = match how {
+                    Reparse::Unchanged => "file unchanged".to_owned(),
+                    Reparse::Entry { index } => format!(
+                        "only policy `{}` changed",
+                        self.policies.get(index).map_or("?", |p| p.name.as_str())
+                    ),
+                    Reparse::Full => "full parse".to_owned(),
+                };
+                info!(
+                    "daemon: reloaded {} on {why} ({how}): {} policies, {} governed cgroups, {} port sets ({} written, {} freed), {} records and {} cgroup entries written, in {:.1} ms",
+                    self.policy_path.display(),
+                    report.policies,
+                    report.cgroups,
+                    report.sets_total,
+                    report.sets_written,
+                    report.sets_deleted,
+                    report.records_written,
+                    report.cgroups_written,
+                    started.elapsed().as_secs_f64() * 1e3
+                );
+                sd_notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+                self.health.set_ready(&status);
+                self.shared.update(|f| {
+                    f.reloads_ok += 1;
+                    f.status.clone_from(&status);
+                });
+                release_free_memory();
+            }
+            Err(e) => {
+                let status = if self.failed_closed() {
+                    error!("daemon: reload on {why} could not be applied: {e:#}");
+                    format!(
+                        "reload failed; FAIL-CLOSED: binds denied in the cgroups of {} policies",
+                        self.policies.len()
+                    )
+                } else {
+                    error!(
+                        "daemon: reload on {why} rejected; the previous policy stays in force: {e:#}"
+                    );
+                    format!(
+                        "reload failed; previous policy ({} policies) still enforced",
+                        self.policies.len()
+                    )
+                };
+                sd_notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+                self.health.set_ready(&status);
+                self.shared.update(|f| {
+                    f.reloads_failed += 1;
+                    f.status.clone_from(&status);
+                });
+            }
+        }
+    }
+
+    pub(super) fn reload_inner(
+        &mut self,
+        started: Instant,
+    ) -> anyhow::Result<(ApplyReport, Reparse)> {
+        let text = read_policy_file(&self.policy_path)?;
+        let invalid = |diagnostics| PolicyError::Invalid {
+            path: self.policy_path.clone(),
+            diagnostics,
+        };
+        let (parsed, how) = match &self.parsed {
+            Some(prev) => reparse_policy_text(prev, text).map_err(invalid)?,
+            None => (parse_policy_text(text).map_err(invalid)?, Reparse::Full),
+        };
+        let parse_done = started.elapsed();
+        let policies = match how {
+            // Reuse the compiled form of every untouched policy.
+            Reparse::Entry { index } if self.policies.len() == parsed.file.policies.len() => {
+                let mut p = self.policies.clone();
+                let mut one = [compile(&parsed.file.policies[index])];
+                crate::policy::apply_reserved(&mut one, &parsed.file.reserved);
+                let [one] = one;
+                p[index] = one;
+                p
+            }
+            _ => {
+                let mut p = compile_all(&parsed.file.policies);
+                crate::policy::apply_reserved(&mut p, &parsed.file.reserved);
+                p
+            }
+        };
+        check_scope(&policies, &self.attach_cgroup)?;
+        let compiled = started.elapsed();
+        let resolved = self.resolve(&policies, how == Reparse::Unchanged);
+        let resolved_at = started.elapsed();
+        let report = match self.apply(policies.clone(), resolved) {
+            Ok(r) => r,
+            Err(e) if self.fail_closed => {
+                self.apply_fail_closed(&policies, &e)?;
+                self.parsed = Some(parsed);
+                return Err(anyhow::anyhow!(
+                    "{e}; --fail-closed: every bind in the cgroups the policy governs is denied"
+                ));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        debug!(
+            "daemon: reload phases ({how:?}): parse {:?}, compile {:?}, resolve {:?}, apply {:?}",
+            parse_done,
+            compiled - parse_done,
+            resolved_at - compiled,
+            started.elapsed() - resolved_at
+        );
+        self.verify_pending = matches!(how, Reparse::Entry { .. });
+        self.parsed = Some(parsed);
+        Ok((report, how))
+    }
+
+    /// After a reload that re-parsed a single entry, parse the whole text
+    /// again and make sure the result is the same; if not (a bug), enforce the
+    /// full parse's result and say so.
+    pub(super) fn verify(&mut self) {
+        self.verify_pending = false;
+        let Some(parsed) = &self.parsed else {
+            return;
+        };
+        let started = Instant::now();
+        match parse_policy_text(parsed.text().to_owned()) {
+            Ok(full) if full.file == parsed.file => debug!(
+                "daemon: incremental reload verified by a full parse in {:?}",
+                started.elapsed()
+            ),
+            Ok(full) => {
+                warn!(
+                    "daemon: the incremental reload disagreed with a full parse of {}; applying the full parse",
+                    self.policy_path.display()
+                );
+                let mut policies = compile_all(&full.file.policies);
+                crate::policy::apply_reserved(&mut policies, &full.file.reserved);
+                let resolved = self.resolve(&policies, true);
+                match self.apply(policies, resolved) {
+                    Ok(_) => self.parsed = Some(full),
+                    Err(e) => error!("daemon: applying the full parse failed: {e}"),
+                }
+            }
+            Err(d) => error!(
+                "daemon: the incremental reload accepted {} but a full parse rejects it ({} errors); \
+                 keeping the applied policy",
+                self.policy_path.display(),
+                d.len()
+            ),
+        }
+    }
+
+    /// Publish the host's ephemeral port range (what `ephemeral` allows,
+    /// and what a UDP autobind must stay inside) when it changed: at start,
+    /// then on every rescan. `start`: say where it came from.
+    pub(super) fn sync_ephemeral(&mut self, start: bool) {
+        let ((lo, hi), fallback) = sockets::host_ephemeral_range();
+        if let Some(why) = &fallback {
+            if start {
+                warn!(
+                    "daemon: the host's ip_local_port_range could not be read ({why}); using \
+                     {lo}-{hi}"
+                );
+            } else {
+                debug!("daemon: host ip_local_port_range: {why}; using {lo}-{hi}");
+            }
+        }
+        match self.applier.set_ephemeral(&mut self.loaded.maps, (lo, hi)) {
+            Ok(true) => info!(
+                "daemon: host ephemeral port range {lo}-{hi}: `ephemeral` allows kernel-chosen \
+                 ports there, and a UDP autobind outside it is judged as a bind"
+            ),
+            Ok(false) => {}
+            Err(e) => warn!("daemon: publishing the ephemeral port range: {e}"),
+        }
+    }
+
+    pub(super) fn rescan(&mut self) {
+        let policies = std::mem::take(&mut self.policies);
+        let resolved = self.resolve(&policies, true);
+        self.policies = policies;
+        if resolved == self.resolved && self.next_quarantine == self.quarantine {
+            return;
+        }
+        match self.apply(self.policies.clone(), resolved) {
+            Ok(r) => debug!(
+                "daemon: cgroups changed; generation {} now governs {} cgroups",
+                r.generation, r.cgroups
+            ),
+            Err(e) => error!("daemon: applying cgroup changes failed: {e}"),
+        }
+    }
+}

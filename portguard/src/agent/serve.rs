@@ -1,0 +1,305 @@
+//! The serve loop: one single-threaded tokio loop handling, in turn,
+//! signals, policy-file and cgroup changes, timers and ring-buffer
+//! readiness; and the CRI runtime link it refreshes.
+
+use std::{
+    os::fd::AsRawFd as _,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use log::{debug, error, info, warn};
+use sd_notify::NotifyState;
+use tokio::io::{Interest, unix::AsyncFd};
+
+use crate::{events::EventWriter, observe::health::Health, workload::cri};
+
+use super::*;
+
+/// The signals the agent handles, registered before anything else.
+pub(super) struct Signals {
+    pub(super) hup: tokio::signal::unix::Signal,
+    pub(super) term: tokio::signal::unix::Signal,
+    pub(super) int: tokio::signal::unix::Signal,
+}
+
+pub(super) async fn serve(
+    agent: &mut Agent,
+    events: aya::maps::RingBuf<aya::maps::MapData>,
+    mut writer: EventWriter,
+    opts: &RunOptions,
+    health: &Health,
+    signals: Signals,
+) -> anyhow::Result<()> {
+    let Signals {
+        mut hup,
+        mut term,
+        mut int,
+    } = signals;
+    // SAFETY: the RingBuf owns its map fd for as long as the AsyncFd owns it.
+    let mut rb = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
+        .context("registering the ring buffer with tokio")?;
+    let mut watcher = Watcher::new(&opts.policy, opts.watch)?;
+    watcher.set_dirs(&agent.cgroup_watch_dirs());
+    // First ticks one period from now: start-up has just resolved everything.
+    let now = tokio::time::Instant::now();
+    let mut lost_tick = tokio::time::interval_at(now + opts.lost_interval, opts.lost_interval);
+    let mut rescan_tick =
+        tokio::time::interval_at(now + opts.rescan_interval, opts.rescan_interval);
+    let mut lost_seen = agent.lost_seen;
+    let mut pending_reload: Option<Instant> = None;
+    let mut pending_rescan: Option<Instant> = None;
+    // CRI refresh: when due, since when a pod cgroup exists that the runtime
+    // does not list yet, and the event that started the wait (for timing).
+    let mut cri_due: Option<Instant> = None;
+    let mut cri_miss_since: Option<Instant> = None;
+    let mut cri_link = CriLink {
+        client: None,
+        last_event_refresh: None,
+    };
+    let mut write_error_logged = false;
+
+    let stop_at = opts.stop_after.map(|d| Instant::now() + d);
+    let status = if agent.failed_closed() {
+        format!(
+            "FAIL-CLOSED: the policy could not be applied; binds denied in {} policies' cgroups",
+            agent.policies.len()
+        )
+    } else {
+        format!("enforcing {} policies", agent.policies.len())
+    };
+    sd_notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+    health.set_ready(&status);
+    agent.shared.update(|f| f.status.clone_from(&status));
+    // Sockets bound before we governed them.
+    agent.inventory(&mut writer);
+    debug!("daemon: ring buffer fd {}", rb.get_ref().as_raw_fd());
+
+    loop {
+        health.beat();
+        let deadline = [
+            pending_reload,
+            pending_rescan,
+            cri_due,
+            agent.aggregator.next_deadline(),
+            stop_at,
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        let sleep = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = hup.recv() => {
+                info!("daemon: SIGHUP: reloading {}", agent.policy_path.display());
+                agent.reload("SIGHUP");
+                watcher.set_dirs(&agent.cgroup_watch_dirs());
+            }
+            _ = term.recv() => { info!("daemon: SIGTERM"); break; }
+            _ = int.recv() => { info!("daemon: SIGINT"); break; }
+            guard = watcher.fd.readable_mut() => {
+                let mut guard = guard.context("polling inotify")?;
+                guard.clear_ready();
+                drop(guard);
+                let changes = watcher.drain();
+                if changes.iter().any(|c| matches!(c, Change::Cgroups)) {
+                    agent.resolve_cache.clear();
+                    agent.last_cgroup_event = Some(Instant::now());
+                    if Agent::needs_cri(&agent.policies) {
+                        // A new pod or container cgroup: ask the runtime now.
+                        cri_due = Some(Instant::now());
+                        cri_miss_since.get_or_insert_with(Instant::now);
+                    }
+                }
+                for change in changes {
+                    let now = Instant::now();
+                    match change {
+                        // Editors write in several steps: wait for quiet.
+                        Change::PolicyFile => pending_reload = Some(now + Duration::from_millis(100)),
+                        Change::Cgroups => {
+                            pending_rescan.get_or_insert(now + Duration::from_millis(5));
+                        }
+                    }
+                }
+            }
+            () = sleep => {
+                let now = Instant::now();
+                if stop_at.is_some_and(|t| t <= now) {
+                    info!("daemon: the requested time is up");
+                    break;
+                }
+                let closed = agent.aggregator.expire(now);
+                if !closed.is_empty() {
+                    agent.write_records(&mut writer, closed);
+                    let _ = writer.flush();
+                }
+                if cri_due.is_some_and(|d| d <= now) {
+                    cri_due = None;
+                    let t = Instant::now();
+                    refresh_cri(agent, &mut cri_link.client, &opts.cri_socket).await;
+                    let asked = t.elapsed();
+                    agent.rescan();
+                    debug!(
+                        "daemon: CRI refresh took {asked:?} ({} pods), rescan {:?}",
+                        agent.cri.as_ref().map_or(0, |c| c.pods.len()),
+                        t.elapsed() - asked
+                    );
+                    let waiting = agent
+                        .tree
+                        .as_ref()
+                        .zip(agent.cri.as_ref())
+                        .map_or(0, |(t, c)| t.unknown_pods(c).len());
+                    match cri_miss_since {
+                        // A pod cgroup the runtime does not list yet: its
+                        // sandbox is being created; ask again shortly.
+                        Some(since) if waiting > 0 && since.elapsed() < Duration::from_secs(10) => {
+                            cri_due = Some(Instant::now() + Duration::from_millis(10));
+                        }
+                        Some(since) => {
+                            debug!("daemon: pod cgroups settled {:?} after the first change", since.elapsed());
+                            cri_miss_since = None;
+                        }
+                        None => {}
+                    }
+                    watcher.set_dirs(&agent.cgroup_watch_dirs());
+                    continue;
+                }
+                if pending_reload.is_some_and(|d| d <= now) {
+                    pending_reload = None;
+                    pending_rescan = None;
+                    info!("daemon: {} changed: reloading", agent.policy_path.display());
+                    agent.reload("file change");
+                } else if pending_rescan.is_some_and(|d| d <= now) {
+                    pending_rescan = None;
+                    agent.rescan();
+                }
+                if deadline.is_some() {
+                    watcher.set_dirs(&agent.cgroup_watch_dirs());
+                }
+            }
+            _ = rescan_tick.tick() => {
+                if Agent::needs_cri(&agent.policies) {
+                    cri_due = Some(Instant::now());
+                }
+                agent.rescan();
+                agent.sync_ephemeral(false);
+                watcher.set_dirs(&agent.cgroup_watch_dirs());
+            }
+            _ = lost_tick.tick() => {
+                agent.sweep_unended();
+                report_lost(agent, &mut writer, &mut lost_seen);
+                if let Err(e) = agent.loaded.write_stamp(lost_seen) {
+                    warn!("daemon: writing the version stamp: {e}");
+                }
+            }
+            // Last, and `biased`: signals, timers and cgroup changes are
+            // never starved by a ring buffer that a storm keeps readable.
+            guard = rb.readable_mut() => {
+                let mut guard = guard.context("polling the ring buffer")?;
+                let (n, more) = drain_events(guard.get_inner_mut(), agent, &mut writer, &mut cri_link, &opts.cri_socket).await;
+                if !more {
+                    guard.clear_ready();
+                }
+                drop(guard);
+                if n > 0 {
+                    match writer.flush() {
+                        Ok(()) => write_error_logged = false,
+                        Err(e) if !write_error_logged => {
+                            error!("daemon: cannot write events: {e}; {} events dropped so far", writer.failed);
+                            write_error_logged = true;
+                        }
+                        Err(_) => {}
+                    }
+                }
+                if more {
+                    // The ring stays readable through a storm: let the
+                    // runtime poll its drivers (signals, timers, sockets)
+                    // before the next batch, or SIGTERM would wait for the
+                    // storm to end.
+                    tokio::task::yield_now().await;
+                }
+            }
+        }
+        if agent.verify_pending {
+            agent.verify();
+        }
+        if agent.inventory_pending {
+            agent.inventory(&mut writer);
+        }
+    }
+    // What was queued when the stop came (at most a ring's worth: a storm
+    // refills it as fast as it drains; with pinning the rest waits in the
+    // ring for the next agent), and a final loss report.
+    let ring_records =
+        opts.ring_buffer_bytes as usize / (size_of::<portguard_common::Event>() + 8) + DRAIN_BATCH;
+    let mut drained = 0;
+    loop {
+        let (n, more) = drain_events(
+            rb.get_mut(),
+            agent,
+            &mut writer,
+            &mut cri_link,
+            &opts.cri_socket,
+        )
+        .await;
+        drained += n;
+        if !more || drained >= ring_records {
+            break;
+        }
+    }
+    let pending = agent.aggregator.drain();
+    agent.write_records(&mut writer, pending);
+    report_lost(agent, &mut writer, &mut lost_seen);
+    writer.flush().context("flushing the event log")?;
+    Ok(())
+}
+
+/// Ask the CRI runtime for its pods and containers; keep the last answer
+/// when it does not reply.
+pub(super) async fn refresh_cri(
+    agent: &mut Agent,
+    client: &mut Option<
+        k8s_cri::v1::runtime_service_client::RuntimeServiceClient<tonic::transport::Channel>,
+    >,
+    socket: &Path,
+) {
+    if client.is_none() {
+        match cri::connect(socket).await {
+            Ok(c) => *client = Some(c),
+            Err(e) => {
+                debug!("daemon: {e}");
+                return;
+            }
+        }
+    }
+    let Some(c) = client.as_mut() else {
+        return;
+    };
+    match cri::snapshot(c, socket).await {
+        Ok(s) => {
+            if agent.cri.is_none() {
+                info!("daemon: CRI runtime at {} answers", socket.display());
+            }
+            agent.cri = Some(s);
+        }
+        Err(e) => {
+            warn!("daemon: {e}; keeping its last answer");
+            *client = None;
+        }
+    }
+}
+
+/// The CRI client and when it was last asked because of an unknown name.
+pub(super) struct CriLink {
+    pub(super) client: Option<
+        k8s_cri::v1::runtime_service_client::RuntimeServiceClient<tonic::transport::Channel>,
+    >,
+    pub(super) last_event_refresh: Option<Instant>,
+}

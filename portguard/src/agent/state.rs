@@ -1,0 +1,531 @@
+//! The agent's state ([`Agent`]) and what changes it: resolving which
+//! cgroups each policy governs, applying the result to the kernel maps
+//! (whole or not at all), the built-in stand-in policies, and publishing
+//! what is enforced to the status snapshot.
+
+use std::{
+    collections::{HashMap, HashSet},
+    path::PathBuf,
+    time::Instant,
+};
+
+use anyhow::Context as _;
+use log::{error, info, warn};
+
+use rustc_hash::FxHashMap;
+
+use crate::{
+    apply::{Applier, ApplyReport, Capacity, ResolvedCgroup, Target},
+    events::{self, PolicyNames},
+    kernel::Loaded,
+    observe::health::Health,
+    policy::{CompiledPolicy, ParsedPolicy, Selector, compile},
+    workload::cgroupfs::Hierarchy,
+    workload::cri,
+    workload::resolve::{self, Governed, Resolution, TreeIndex},
+};
+
+use super::*;
+
+/// Stable small ids for policy names (events carry the id).
+#[derive(Default)]
+pub(super) struct Registry {
+    pub(super) ids: HashMap<String, u32>,
+    pub(super) next: u32,
+}
+
+impl Registry {
+    /// Continue a previous agent's numbering (ids in pinned maps and in
+    /// events still queued keep their names).
+    pub(super) fn seed(&mut self, id: u32, name: &str) {
+        self.ids.entry(name.to_owned()).or_insert(id);
+        self.next = self.next.max(id);
+    }
+
+    pub(super) fn id(&mut self, name: &str) -> u32 {
+        if let Some(id) = self.ids.get(name) {
+            return *id;
+        }
+        self.next += 1;
+        self.ids.insert(name.to_owned(), self.next);
+        self.next
+    }
+}
+
+pub(super) struct Agent {
+    pub(super) policy_path: PathBuf,
+    pub(super) attach_cgroup: String,
+    pub(super) hierarchy: Hierarchy,
+    pub(super) applier: Applier,
+    pub(super) loaded: Loaded,
+    pub(super) policies: Vec<CompiledPolicy>,
+    pub(super) resolved: Resolution,
+    pub(super) registry: Registry,
+    pub(super) names: PolicyNames,
+    pub(super) name_map_full: bool,
+    pub(super) quiesce_warned: bool,
+    pub(super) fail_closed: bool,
+    /// The kernel's lost-event count already reported (at start: by the
+    /// previous agent, when the counters were adopted).
+    pub(super) lost_seen: u64,
+    /// cgroup path -> (id, level) as last seen; emptied on every inotify
+    /// event about watched cgroup directories and refreshed by each rescan,
+    /// so a reload only stat()s paths it has not seen.
+    pub(super) resolve_cache: FxHashMap<String, Option<(u64, u32)>>,
+    /// Where pods, containers and units are (for `pods:`/`unit:` policies).
+    pub(super) tree: Option<TreeIndex>,
+    /// The CRI runtime's last answer (kept when it stops answering).
+    pub(super) cri: Option<cri::Snapshot>,
+    /// Ties already logged (each once).
+    pub(super) ties_logged: HashSet<String>,
+    /// Pod cgroups the runtime cannot identify yet (their sandbox is being
+    /// created), governed by the built-in `portguard:identifying` policy.
+    pub(super) quarantine: Vec<Governed>,
+    /// When each unidentified pod cgroup was first seen (uid -> time).
+    pub(super) unidentified_since: HashMap<String, Instant>,
+    /// The quarantine the last `resolve` computed, applied by `apply`.
+    pub(super) next_quarantine: Vec<Governed>,
+    /// When inotify last reported a cgroup directory change (for timing).
+    pub(super) last_cgroup_event: Option<Instant>,
+    /// The policy file as last applied (for incremental reloads).
+    pub(super) parsed: Option<ParsedPolicy>,
+    /// The last reload re-parsed one entry; confirm with a full parse.
+    pub(super) verify_pending: bool,
+    /// The governed set changed: list pre-existing sockets again.
+    pub(super) inventory_pending: bool,
+    /// What /healthz and /readyz report.
+    pub(super) health: std::sync::Arc<Health>,
+    /// The host name events carry.
+    pub(super) host: String,
+    /// Flood control for event lines.
+    pub(super) aggregator: crate::events::aggregate::Aggregator,
+    /// Map capacities (for occupancy).
+    pub(super) capacity: Capacity,
+    /// What /metrics and `status` report besides the kernel counters.
+    pub(super) shared: std::sync::Arc<crate::observe::metrics::Shared>,
+    /// Owner of each policy record slot and the slot's counters when it
+    /// took it (a slot freed by a removed policy keeps its kernel counts).
+    pub(super) slot_owners: HashMap<u32, (String, crate::kernel::Decisions)>,
+    /// Cut-off sockets neither fenced nor destroyed.
+    pub(super) unended: Vec<Unended>,
+    /// The packet guard's link on the cgroup2 root, while `unended` is not
+    /// empty (see [`portguard_common::GUARD_PROGRAM`]).
+    pub(super) packet_guard: Option<crate::kernel::ProgLink>,
+}
+
+impl Agent {
+    pub(super) fn needs_tree(policies: &[CompiledPolicy]) -> bool {
+        policies
+            .iter()
+            .any(|p| !matches!(p.selector, Selector::Cgroup(_)))
+    }
+
+    /// Index the parts of the cgroup tree the selectors need: the kubelet's
+    /// pod hierarchies for `pods:`, the whole tree only for `unit:`.
+    pub(super) fn scan_tree(&self, policies: &[CompiledPolicy]) -> TreeIndex {
+        let root = self.hierarchy.root();
+        if policies
+            .iter()
+            .any(|p| matches!(p.selector, Selector::Unit(_)))
+        {
+            return TreeIndex::scan(root, &["/"], 16);
+        }
+        TreeIndex::scan(root, &["/kubepods", "/kubepods.slice"], 4)
+    }
+
+    /// A pod selector's policy cannot be chosen before the runtime lists the
+    /// pod's labels, which happens only once its sandbox exists. Meanwhile its
+    /// cgroup (holding at most the pause process) is governed by this
+    /// built-in policy that allows no bind and no connect, so no container can
+    /// start ahead of its policy.
+    pub(super) fn identifying_policy() -> CompiledPolicy {
+        compile(&crate::policy::Policy {
+            name: IDENTIFYING.to_owned(),
+            selector: Selector::Cgroup("/".to_owned()),
+            mode: crate::policy::Mode::Enforce,
+            bind: Some(Vec::new()),
+            connect: Some(Vec::new()),
+            allow_sockets: Vec::new(),
+            line: 0,
+        })
+    }
+
+    /// `--fail-closed` stand-ins for `policies`: same selectors, every bind
+    /// denied, connects as the policy says. They need no port sets, so they
+    /// fit where the real ones did not (unless the cgroups themselves do not).
+    pub(super) fn fail_closed_policies(policies: &[CompiledPolicy]) -> Vec<CompiledPolicy> {
+        let deny = Self::identifying_policy();
+        policies
+            .iter()
+            .map(|p| CompiledPolicy {
+                name: format!("{FAIL_CLOSED}:{}", p.name),
+                selector: p.selector.clone(),
+                mode: crate::policy::Mode::Enforce,
+                bind: deny.bind.clone(),
+                connect: None,
+                allow_sockets: 0,
+            })
+            .collect()
+    }
+
+    /// The `--fail-closed` stand-ins are in force.
+    pub(super) fn failed_closed(&self) -> bool {
+        self.policies
+            .iter()
+            .any(|p| p.name.starts_with(FAIL_CLOSED))
+    }
+
+    /// Apply the `--fail-closed` stand-ins after `err` kept `policies` out.
+    pub(super) fn apply_fail_closed(
+        &mut self,
+        policies: &[CompiledPolicy],
+        err: &dyn std::fmt::Display,
+    ) -> anyhow::Result<ApplyReport> {
+        let fallback = Self::fail_closed_policies(policies);
+        let mut resolved = self.resolve(&fallback, true);
+        // Cgroups deeper than the kernel walks cannot be governed at all.
+        for govs in &mut resolved {
+            govs.retain(|g| g.level < portguard_common::MAX_CGROUP_DEPTH);
+        }
+        let report = self
+            .apply(fallback, resolved)
+            .context("--fail-closed: even denying every bind does not fit")?;
+        error!(
+            "daemon: FAIL-CLOSED: the policy could not be applied ({err}); every bind in the {} \
+             cgroups it governs is DENIED (policies `{FAIL_CLOSED}:<name>`) until a policy that \
+             fits is loaded",
+            report.cgroups
+        );
+        Ok(report)
+    }
+
+    /// Pod cgroups to hold in quarantine: unknown to the runtime, governed
+    /// by no policy, first seen less than [`IDENTIFY_TIMEOUT`] ago. Only while
+    /// the runtime answers (a wrong --cri-socket must not block every pod).
+    pub(super) fn compute_quarantine(&mut self, resolved: &Resolution) -> Vec<Governed> {
+        let (Some(tree), Some(cri)) = (&self.tree, &self.cri) else {
+            self.unidentified_since.clear();
+            return Vec::new();
+        };
+        let unknown = tree.unknown_pods(cri);
+        self.unidentified_since
+            .retain(|uid, _| unknown.contains(uid));
+        let governed: HashSet<u64> = resolved.iter().flatten().map(|g| g.id).collect();
+        let mut out = Vec::new();
+        for uid in unknown {
+            let since = *self
+                .unidentified_since
+                .entry(uid.clone())
+                .or_insert_with(Instant::now);
+            if since.elapsed() > IDENTIFY_TIMEOUT {
+                continue;
+            }
+            let Some(path) = tree.pods.get(&uid) else {
+                continue;
+            };
+            if let Ok(Some((id, level))) = self.hierarchy.resolve(path)
+                && !governed.contains(&id)
+            {
+                out.push(Governed {
+                    path: path.clone(),
+                    id,
+                    level,
+                });
+            }
+        }
+        out
+    }
+
+    pub(super) fn needs_cri(policies: &[CompiledPolicy]) -> bool {
+        policies
+            .iter()
+            .any(|p| matches!(p.selector, Selector::Pods(_)))
+    }
+
+    /// Resolve each policy's cgroups. `fresh`: stat every path and re-index
+    /// the tree (rescans); otherwise reuse what is known (reloads).
+    pub(super) fn resolve(&mut self, policies: &[CompiledPolicy], fresh: bool) -> Resolution {
+        if fresh {
+            self.resolve_cache.clear();
+        }
+        if Self::needs_tree(policies) && (fresh || self.tree.is_none()) {
+            self.tree = Some(self.scan_tree(policies));
+        }
+        let empty = TreeIndex::default();
+        let tree = self.tree.as_ref().unwrap_or(&empty);
+        let hierarchy = &self.hierarchy;
+        let cache = &mut self.resolve_cache;
+        let mut stat = |path: &str| -> Option<(u64, u32)> {
+            if let Some(r) = cache.get(path) {
+                return *r;
+            }
+            let r = hierarchy.resolve(path).unwrap_or_else(|e| {
+                warn!("daemon: {e}; treating it as absent");
+                None
+            });
+            cache.insert(path.to_owned(), r);
+            r
+        };
+        let (mut resolved, ties) = resolve::resolve(policies, tree, self.cri.as_ref(), &mut stat);
+        for t in ties {
+            if self.ties_logged.insert(t.clone()) {
+                error!("daemon: {t}");
+            }
+        }
+        self.next_quarantine = if Self::needs_cri(policies) {
+            self.compute_quarantine(&resolved)
+        } else {
+            Vec::new()
+        };
+        // Pod and unit selectors may find cgroups outside --attach-cgroup,
+        // where the programs do not run: say so and leave them out.
+        for (p, govs) in policies.iter().zip(&mut resolved) {
+            govs.retain(|g| {
+                let ok = within(&g.path, &self.attach_cgroup);
+                if !ok {
+                    warn!(
+                        "daemon: policy `{}` selects {}, outside --attach-cgroup {}: not enforced there",
+                        p.name, g.path, self.attach_cgroup
+                    );
+                }
+                ok
+            });
+        }
+        resolved
+    }
+
+    /// Keep a policy id's name in the kernel too, so an agent that adopts
+    /// the pinned state can name events queued before it started.
+    pub(super) fn record_name(&mut self, id: u32, name: &str) {
+        if let Err(e) = self.loaded.maps.put_name(id, name)
+            && !self.name_map_full
+        {
+            self.name_map_full = true;
+            warn!(
+                "daemon: cannot record policy name `{name}` in the kernel ({e}); events queued \
+                 across an agent restart may carry a policy id without its name"
+            );
+        }
+    }
+
+    /// Apply `policies` with `resolved` cgroups; on success they become current.
+    pub(super) fn apply(
+        &mut self,
+        policies: Vec<CompiledPolicy>,
+        resolved: Resolution,
+    ) -> Result<ApplyReport, crate::apply::ApplyError> {
+        let mut ids = Vec::with_capacity(policies.len());
+        for p in &policies {
+            let id = self.registry.id(&p.name);
+            if self.names.get(id).is_none() {
+                self.names.insert(id, &p.name);
+                self.record_name(id, &p.name);
+            }
+            ids.push(id);
+        }
+        let identifying = Self::identifying_policy();
+        let quarantine = std::mem::take(&mut self.next_quarantine);
+        let mut targets: Vec<Target<'_>> = policies
+            .iter()
+            .zip(&resolved)
+            .zip(&ids)
+            .map(|((p, r), id)| Target {
+                policy_id: *id,
+                policy: p,
+                cgroups: r
+                    .iter()
+                    .map(|g| ResolvedCgroup {
+                        id: g.id,
+                        level: g.level,
+                    })
+                    .collect(),
+            })
+            .collect();
+        if !quarantine.is_empty() {
+            let id = self.registry.id(IDENTIFYING);
+            if self.names.get(id).is_none() {
+                self.names.insert(id, IDENTIFYING);
+                self.record_name(id, IDENTIFYING);
+            }
+            targets.push(Target {
+                policy_id: id,
+                policy: &identifying,
+                cgroups: quarantine
+                    .iter()
+                    .map(|g| ResolvedCgroup {
+                        id: g.id,
+                        level: g.level,
+                    })
+                    .collect(),
+            });
+        }
+        let report = match self.applier.apply(&mut self.loaded.maps, &targets) {
+            Ok(r) => r,
+            Err(e) => {
+                self.next_quarantine = quarantine;
+                return Err(e);
+            }
+        };
+        if self.applier.quiesce_unavailable && !self.quiesce_warned {
+            self.quiesce_warned = true;
+            warn!(
+                "daemon: membarrier(MEMBARRIER_CMD_GLOBAL) is unavailable (nohz_full?): reloads \
+                 wait a fixed {} ms for running programs instead of an RCU grace period",
+                crate::apply::GRACE.as_millis()
+            );
+        }
+        for g in &quarantine {
+            if !self.quarantine.iter().any(|q| q.id == g.id) {
+                let age = self.last_cgroup_event.map(|t| t.elapsed());
+                info!(
+                    "daemon: pod cgroup {} held by `{IDENTIFYING}` until the runtime lists its pod \
+                     ({} after the cgroup change was noticed)",
+                    g.path,
+                    age.map_or("?".to_owned(), |a| format!(
+                        "{:.1} ms",
+                        a.as_secs_f64() * 1e3
+                    ))
+                );
+            }
+            self.hierarchy.remember(g.id, &g.path);
+        }
+        for g in &self.quarantine {
+            if !quarantine.iter().any(|q| q.id == g.id) {
+                let age = self.last_cgroup_event.map(|t| t.elapsed());
+                info!(
+                    "daemon: pod cgroup {} identified by the runtime; released from \
+                     `{IDENTIFYING}` to its policy, if any ({} after the last cgroup change)",
+                    g.path,
+                    age.map_or("?".to_owned(), |a| format!(
+                        "{:.1} ms",
+                        a.as_secs_f64() * 1e3
+                    ))
+                );
+            }
+        }
+        self.quarantine = quarantine;
+        // Per-policy lines for small policy sets; large ones get the summary.
+        let level = if policies.len() <= 50 {
+            log::Level::Info
+        } else {
+            log::Level::Debug
+        };
+        let previous: HashMap<&str, &Vec<Governed>> = self
+            .policies
+            .iter()
+            .zip(&self.resolved)
+            .map(|(q, r)| (q.name.as_str(), r))
+            .collect();
+        for (p, r) in policies.iter().zip(&resolved) {
+            let before = previous.get(p.name.as_str());
+            for g in r {
+                self.hierarchy.remember(g.id, &g.path);
+                if before.is_none_or(|b| !b.iter().any(|x| x.id == g.id)) {
+                    log::log!(
+                        level,
+                        "daemon: policy `{}` ({}) governs cgroup {} (id {})",
+                        p.name,
+                        p.mode.as_str(),
+                        g.path,
+                        g.id
+                    );
+                }
+            }
+            match (r.is_empty(), before) {
+                (true, Some(b)) if !b.is_empty() => log::log!(
+                    if level == log::Level::Info {
+                        log::Level::Warn
+                    } else {
+                        level
+                    },
+                    "daemon: policy `{}` ({}) governs no cgroup any more; it applies again when one appears",
+                    p.name,
+                    p.selector.describe()
+                ),
+                (true, None) => log::log!(
+                    level,
+                    "daemon: policy `{}`: {} does not exist yet; it will be governed as soon as it appears",
+                    p.name,
+                    p.selector.describe()
+                ),
+                _ => {}
+            }
+        }
+        self.policies = policies;
+        self.resolved = resolved;
+        self.inventory_pending = true;
+        self.publish_facts(&report, &ids);
+        Ok(report)
+    }
+
+    /// Refresh what /metrics and `status` report after an apply.
+    pub(super) fn publish_facts(&mut self, report: &ApplyReport, ids: &[u32]) {
+        let counters = self.shared.counters.clone();
+        let mut policies = Vec::with_capacity(self.policies.len() + 1);
+        let cri = self.cri.as_ref();
+        let who = |g: &Governed| (g.path.clone(), events::WorkloadIdentity::of(&g.path, cri));
+        type Entry<'a> = (
+            &'a CompiledPolicy,
+            u32,
+            Vec<(String, events::WorkloadIdentity)>,
+        );
+        let mut entries: Vec<Entry<'_>> = self
+            .policies
+            .iter()
+            .zip(ids)
+            .zip(&self.resolved)
+            .map(|((p, id), r)| (p, *id, r.iter().map(who).collect()))
+            .collect();
+        let identifying = Self::identifying_policy();
+        if !self.quarantine.is_empty()
+            && let Some(&id) = self.registry.ids.get(IDENTIFYING)
+        {
+            entries.push((&identifying, id, self.quarantine.iter().map(who).collect()));
+        }
+        for (p, id, cgroups) in entries {
+            let Some(slot) = self.applier.slot_of(id) else {
+                continue;
+            };
+            let baseline = match self.slot_owners.get(&slot) {
+                Some((name, b)) if *name == p.name => *b,
+                _ => {
+                    let b = counters.by_slot(slot).unwrap_or_default();
+                    self.slot_owners.insert(slot, (p.name.clone(), b));
+                    b
+                }
+            };
+            policies.push(crate::observe::metrics::PolicyFacts {
+                name: p.name.clone(),
+                slot,
+                baseline,
+                mode: p.mode.as_str(),
+                selector: p.selector.describe(),
+                cgroups,
+            });
+        }
+        let caps = self.capacity;
+        let maps = vec![
+            crate::observe::metrics::MapUse {
+                name: "policies",
+                entries: policies.len() as u64,
+                capacity: u64::from(caps.policies),
+            },
+            crate::observe::metrics::MapUse {
+                name: "cgroups",
+                entries: report.cgroups as u64,
+                capacity: u64::from(caps.cgroups),
+            },
+            crate::observe::metrics::MapUse {
+                name: "port_chunks",
+                entries: report.chunks_total as u64,
+                capacity: u64::from(caps.chunks),
+            },
+        ];
+        let governed = report.cgroups;
+        self.shared.update(|f| {
+            f.policies = policies;
+            f.governed_cgroups = governed;
+            f.maps = maps;
+        });
+    }
+}

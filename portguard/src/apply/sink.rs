@@ -1,0 +1,32 @@
+//! The seam between the planner and the kernel: [`RuleSink`], the map writes
+//! an apply makes. `kernel::KernelMaps` implements it over the real maps;
+//! [`super::fake::FakeMaps`] in memory, for the unit tests.
+
+use portguard_common::{CgroupKey, CgroupValue, PolicyRecord, PortChunk, PortChunkKey, State};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("map {map} is full")]
+    Full { map: &'static str },
+    #[error("updating map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+/// The kernel map writes an apply needs.
+pub trait RuleSink {
+    fn put_chunk(&mut self, key: PortChunkKey, chunk: &PortChunk) -> Result<(), SinkError>;
+    fn del_chunk(&mut self, key: PortChunkKey) -> Result<(), SinkError>;
+    fn put_policy(&mut self, index: u32, record: &PolicyRecord) -> Result<(), SinkError>;
+    fn put_cgroup(&mut self, key: CgroupKey, value: CgroupValue) -> Result<(), SinkError>;
+    fn del_cgroup(&mut self, key: CgroupKey) -> Result<(), SinkError>;
+    fn put_state(&mut self, state: &State) -> Result<(), SinkError>;
+    /// Return once every program that was running when called has finished
+    /// (false: cannot tell; the applier then relies on [`GRACE`] alone).
+    fn wait_for_readers(&mut self) -> bool {
+        false
+    }
+}

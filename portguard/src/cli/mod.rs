@@ -1,0 +1,64 @@
+//! Command-line interface. Doc comments here are the `--help` text.
+
+pub mod check;
+pub mod events;
+pub mod learn;
+pub mod run;
+pub mod status;
+pub mod uninstall;
+
+pub use check::{CheckArgs, CheckFormat};
+pub use learn::LearnArgs;
+pub use run::{MetricsAddr, PinDirArg, RunArgs};
+pub use status::StatusArgs;
+pub use uninstall::UninstallArgs;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Kernel-enforced port policy for cgroups.
+///
+/// portguard attaches cgroup eBPF programs (bind, post_bind, connect, sendmsg;
+/// IPv4 and IPv6) to the cgroup2 root and keeps the processes of each governed
+/// cgroup (a container, a pod, a systemd service, any cgroup and everything
+/// below it) from binding, and optionally connecting to, ports outside the
+/// policy's allowed set. Every denial is reported as a JSON line.
+///
+/// `run` enforces; `check` validates a policy file (and, with --manifests,
+/// holds deployment manifests against it); `status` shows what the
+/// running agent enforces; `events` reads and summarises the event log;
+/// `learn` watches a workload and writes its policy; `uninstall` removes the
+/// pinned programs, links and maps that keep enforcing after the agent stops.
+///
+/// Agent logs go to standard error; set RUST_LOG (e.g. RUST_LOG=debug) to
+/// change their level.
+#[derive(Debug, Parser)]
+#[command(name = "portguard", version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    Run(Box<RunArgs>),
+    Check(CheckArgs),
+    Learn(LearnArgs),
+    Status(StatusArgs),
+    Events(events::EventsArgs),
+    Uninstall(UninstallArgs),
+}
+
+impl Cli {
+    pub fn execute(self) -> anyhow::Result<ExitCode> {
+        match self.command {
+            Command::Run(a) => run::execute(a),
+            Command::Check(a) => check::execute(a),
+            Command::Learn(a) => learn::execute(a),
+            Command::Status(a) => status::execute(a),
+            Command::Events(a) => events::run(&a),
+            Command::Uninstall(a) => uninstall::execute(a),
+        }
+    }
+}

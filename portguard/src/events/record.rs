@@ -1,0 +1,282 @@
+//! The event record users read: one JSON line per decision (schema:
+//! docs/events.md, docs/event.schema.json), with who the caller is and what
+//! the kernel judged ([`EventRecord::judged`], for the rule explanation).
+
+use portguard_common::{Hook, VERDICT_AUDIT, VERDICT_CUT_OFF, VERDICT_DENY, VERDICT_REPORTED};
+use serde::Serialize;
+
+/// Version of the event schema (docs/events.md, docs/event.schema.json).
+/// Raised only when a field changes meaning; new fields do not raise it.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// The `verdict` field: what was decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// Enforce mode: the caller got `EPERM`.
+    Deny,
+    /// Audit mode: allowed, but enforce mode would have denied it.
+    Audit,
+    /// Written by agents before the fence where `cut_off` is now.
+    Reported,
+    /// A `listen()` the host cannot deny: the socket was cut off.
+    CutOff,
+    /// A socket bound before its cgroup was governed (the inventory).
+    Preexisting,
+    /// A verdict code this agent does not know (a newer kernel object).
+    Unknown,
+}
+
+impl Verdict {
+    /// The kernel's verdict code ([`Event::verdict`]).
+    pub const fn of_kernel(v: u8) -> Self {
+        match v {
+            VERDICT_DENY => Self::Deny,
+            VERDICT_AUDIT => Self::Audit,
+            VERDICT_REPORTED => Self::Reported,
+            VERDICT_CUT_OFF => Self::CutOff,
+            _ => Self::Unknown,
+        }
+    }
+
+    /// The JSON value.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Deny => "deny",
+            Self::Audit => "audit",
+            Self::Reported => "reported",
+            Self::CutOff => "cut_off",
+            Self::Preexisting => "preexisting",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+/// The `hook` field: where it was decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EventHook {
+    /// A kernel program.
+    Kernel(Hook),
+    /// The agent's inventory of sockets bound before they were governed.
+    Inventory,
+    /// A hook code this agent does not know.
+    Unknown,
+}
+
+impl EventHook {
+    /// The kernel's hook code ([`Event::hook`]).
+    pub const fn of_kernel(v: u8) -> Self {
+        match Hook::from_u8(v) {
+            Some(h) => Self::Kernel(h),
+            None => Self::Unknown,
+        }
+    }
+
+    /// The JSON value.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Kernel(h) => h.name(),
+            Self::Inventory => "inventory",
+            Self::Unknown => "unknown",
+        }
+    }
+
+    /// Which kind of operation the hook judges.
+    pub const fn dir(self) -> crate::policy::explain::Dir {
+        use crate::policy::explain::Dir;
+        match self {
+            Self::Kernel(Hook::SockCreate) => Dir::Socket,
+            Self::Kernel(Hook::Connect4 | Hook::Connect6 | Hook::Sendmsg4 | Hook::Sendmsg6) => {
+                Dir::Connect
+            }
+            _ => Dir::Bind,
+        }
+    }
+
+    /// A hook that judges the port the kernel chose for a bind to port 0.
+    pub const fn judges_chosen_port(self) -> bool {
+        matches!(self, Self::Kernel(Hook::PostBind4 | Hook::PostBind6))
+    }
+
+    /// A hook that judges an explicit or chosen bind port.
+    pub const fn is_bind(self) -> bool {
+        matches!(
+            self,
+            Self::Kernel(Hook::Bind4 | Hook::Bind6 | Hook::PostBind4 | Hook::PostBind6)
+        )
+    }
+}
+
+impl Serialize for EventHook {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+/// A denial (or audit) as users see it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct EventRecord {
+    pub schema_version: u32,
+    pub time: String,
+    /// The node or host the agent runs on.
+    pub host: String,
+    pub verdict: Verdict,
+    pub hook: EventHook,
+    pub policy: Option<String>,
+    /// Which part of the policy decided (see `policy::explain`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    pub cgroup: Option<String>,
+    pub cgroup_id: u64,
+    pub pid: u32,
+    pub tid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub comm: String,
+    pub family: &'static str,
+    pub protocol: String,
+    pub address: String,
+    pub port: u16,
+    pub policy_cgroup: Option<String>,
+    pub policy_cgroup_id: u64,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub v4_mapped: bool,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub dual_stack: bool,
+    /// `listen()` on an unbound socket (port 0: the kernel would pick it).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub autobind: bool,
+    /// `sock_create` events: the socket kind (`raw`, `sctp`, `l2tp`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub socket: Option<&'static str>,
+    /// `preexisting` events: the socket's inode (as in /proc/<pid>/fd).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub socket_inode: Option<u64>,
+    /// `cut_off` events (and a UDP send denied for its autobound port):
+    /// what was done to the socket: `destroyed` (the agent ended it with
+    /// sock_diag SOCK_DESTROY; fenced until then), `fenced` (the kernel
+    /// would not destroy it, an MPTCP listener; the fence keeps every
+    /// packet from it), `closed` (its process had closed it already),
+    /// `dropped` (neither fenced nor destroyable: the packet guard drops
+    /// every packet addressed to it until it is gone) or `failed` (the
+    /// packet guard could not be attached either; the agent's log says why).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub action: Option<&'static str>,
+    /// Who the caller is: pod, container or unit, when known.
+    #[serde(flatten)]
+    pub identity: WorkloadIdentity,
+    /// How many identical decisions this line stands for (1, or the size
+    /// of an aggregate; see `aggregate`).
+    pub count: u64,
+    /// Aggregates only: when the first and the last of them happened.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_seen: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<String>,
+}
+
+impl EventRecord {
+    /// What the kernel judged, for [`crate::policy::explain::deciding_rule`].
+    pub fn judged(&self) -> crate::policy::explain::Judged {
+        use crate::policy::explain::{Dir, Judged};
+        let dir = self.hook.dir();
+        let role = if dir == Dir::Connect {
+            portguard_common::AddrRole::Destination
+        } else {
+            portguard_common::AddrRole::Local
+        };
+        // The shared classifier, as the kernel program judged it.
+        let loopback = self.address.parse::<std::net::IpAddr>().is_ok_and(|a| {
+            portguard_common::classify_ip(a, role).class == portguard_common::AddrClass::Loopback
+        });
+        Judged {
+            dir,
+            tcp: match self.protocol.as_str() {
+                "tcp" => Some(true),
+                "udp" => Some(false),
+                _ => None,
+            },
+            ipv6: self.family == "ipv6",
+            loopback,
+            port: self.port,
+            ephemeral: self.autobind || self.hook.judges_chosen_port(),
+            dual_stack: self.dual_stack,
+        }
+    }
+}
+
+/// Kubernetes or systemd identity of the caller's cgroup. Fields are left
+/// out when unknown.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct WorkloadIdentity {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub k8s_namespace: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub k8s_pod: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub k8s_pod_uid: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+    /// `cri` when names came from the CRI runtime; `cgroup-path` when only
+    /// the cgroup path was available (pod uid, container id, unit).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity_source: Option<&'static str>,
+}
+
+impl WorkloadIdentity {
+    /// What the cgroup path says, completed by the runtime's snapshot.
+    pub fn of(path: &str, cri: Option<&crate::workload::cri::Snapshot>) -> Self {
+        let id = crate::workload::identity::parse(path);
+        if id.pod_uid.is_none() && id.container_id.is_none() && id.unit.is_none() {
+            return Self::default();
+        }
+        let pod = id
+            .pod_uid
+            .as_deref()
+            .and_then(|uid| cri.and_then(|c| c.pod_by_uid(uid)));
+        let container = id
+            .container_id
+            .as_deref()
+            .and_then(|cid| cri.and_then(|c| c.container(cid)));
+        Self {
+            k8s_namespace: pod.map(|p| p.namespace.clone()),
+            k8s_pod: pod.map(|p| p.name.clone()),
+            k8s_pod_uid: id.pod_uid.clone(),
+            container_name: container.map(|c| c.name.clone()),
+            container_id: id.container_id.clone(),
+            unit: id.unit.clone(),
+            identity_source: Some(if pod.is_some() || container.is_some() {
+                "cri"
+            } else {
+                "cgroup-path"
+            }),
+        }
+    }
+}
+
+/// A report of events the kernel could not queue.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct LostRecord {
+    pub schema_version: u32,
+    pub time: String,
+    pub host: String,
+    /// Events lost since the previous report.
+    pub lost: u64,
+    /// Events lost since the programs were installed (the kernel counter
+    /// survives agent restarts when the state is pinned).
+    pub lost_total: u64,
+    /// The period the loss happened in: since the previous report (or the
+    /// last time the previous agent was known alive) until this one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub until: Option<String>,
+    /// The loss happened while no agent was reading (reported by the agent
+    /// that adopted the pinned state).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub agent_restarted: bool,
+}

@@ -1,0 +1,24 @@
+//! The kernel side, and the only module that imports aya: loading the
+//! object and patching its globals from the running kernel's BTF
+//! ([`btf`]), attaching (new links or pinned ones adopted across restarts,
+//! [`pins`]), the maps the planner writes through ([`RuleSink`]), the
+//! counters, the offline view of pinned state, raw `bpf(2)` calls aya does
+//! not offer ([`bpfsys`]) and the capability preflight ([`caps`]).
+
+mod attach;
+pub mod bpfsys;
+pub mod btf;
+pub mod caps;
+mod counters;
+mod loader;
+mod lsm;
+mod maps;
+pub mod pins;
+mod view;
+
+pub use attach::*;
+pub use counters::*;
+pub use loader::*;
+pub use lsm::*;
+pub use maps::*;
+pub use view::*;
