@@ -2,3 +2,4 @@
 
 pub mod fuzz;
 pub mod oci;
+pub mod shape;

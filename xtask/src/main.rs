@@ -122,6 +122,13 @@ fn cargo() -> Command {
 
 fn lint() -> anyhow::Result<()> {
     run(cargo().args(["fmt", "--all", "--check"]))?;
+    let shape = xtask::shape::violations(&root_dir());
+    if !shape.is_empty() {
+        anyhow::bail!(
+            "the crate's shape (xtask/src/shape.rs):\n{}",
+            shape.join("\n")
+        );
+    }
     // Userspace crates. The kernel crate is excluded here: built for the host
     // it trips on a duplicate panic_impl; it is linted for its real target.
     run(cargo().args([

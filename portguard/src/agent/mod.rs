@@ -21,6 +21,7 @@ use crate::{
     kernel::pins::PinDir,
 };
 
+mod endpoints;
 mod inventory;
 mod pipeline;
 mod reload;
@@ -29,7 +30,7 @@ mod start;
 mod state;
 mod watch;
 
-use self::{pipeline::*, serve::*, start::*, state::*, watch::*};
+use self::{endpoints::Endpoints, pipeline::*, serve::*, start::*, state::*, watch::*};
 
 /// Options of `portguard run`.
 #[derive(Clone, Debug)]

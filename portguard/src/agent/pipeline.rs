@@ -209,7 +209,7 @@ pub(super) struct Unended {
 }
 
 pub(super) async fn drain_events(
-    rb: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    rb: &mut crate::kernel::EventRing,
     agent: &mut Agent,
     writer: &mut EventWriter,
     cri_link: &mut CriLink,
@@ -295,7 +295,7 @@ pub(super) fn report_lost(agent: &Agent, writer: &mut EventWriter, seen: &mut u6
 
 /// Read a replaced ring buffer to the end (events decoded as current ones).
 pub(super) fn drain_replaced(
-    rb: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    rb: &mut crate::kernel::EventRing,
     agent: &mut Agent,
     writer: &mut EventWriter,
 ) -> usize {

@@ -26,7 +26,7 @@ pub(super) struct Signals {
 
 pub(super) async fn serve(
     agent: &mut Agent,
-    events: aya::maps::RingBuf<aya::maps::MapData>,
+    events: crate::kernel::EventRing,
     mut writer: EventWriter,
     opts: &RunOptions,
     health: &Health,

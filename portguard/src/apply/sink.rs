@@ -11,8 +11,10 @@ pub enum SinkError {
     #[error("updating map {map}: {source}")]
     Map {
         map: &'static str,
+        /// The kernel's error (an aya `MapError`), boxed so this layer
+        /// stays free of aya.
         #[source]
-        source: aya::maps::MapError,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
 }
 

@@ -36,7 +36,10 @@ pub(super) fn map_err(map: &'static str) -> impl FnOnce(MapError) -> SinkError {
         {
             SinkError::Full { map }
         }
-        _ => SinkError::Map { map, source },
+        _ => SinkError::Map {
+            map,
+            source: Box::new(source),
+        },
     }
 }
 

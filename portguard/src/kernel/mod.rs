@@ -16,6 +16,11 @@ mod maps;
 pub mod pins;
 mod view;
 
+/// The event ring buffer, as the agent drains it.
+pub type EventRing = aya::maps::RingBuf<aya::maps::MapData>;
+/// A kernel map operation's error.
+pub type MapError = aya::maps::MapError;
+
 pub use attach::*;
 pub use counters::*;
 pub use loader::*;

@@ -117,7 +117,7 @@ pub struct KernelReading {
 }
 
 impl KernelReading {
-    pub fn read(counters: &CounterMaps, facts: &Facts) -> Result<Self, aya::maps::MapError> {
+    pub fn read(counters: &CounterMaps, facts: &Facts) -> Result<Self, crate::kernel::MapError> {
         Ok(Self {
             by_hook: counters
                 .by_hook()?
