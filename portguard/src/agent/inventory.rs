@@ -99,13 +99,7 @@ impl Agent {
                     .unwrap_or(0);
                 let policy_cgroup_id = gov.id;
                 let record = events::EventRecord {
-                    schema_version: events::SCHEMA_VERSION,
-                    time: events::format_time(std::time::SystemTime::now()),
-                    host: self.host.clone(),
-                    verdict: events::Verdict::Preexisting,
-                    hook: events::EventHook::Inventory,
                     policy: Some(policy.name.clone()),
-                    rule: None,
                     cgroup: Some(h.cgroup.clone()),
                     cgroup_id,
                     pid: h.pid,
@@ -113,29 +107,26 @@ impl Agent {
                     uid: h.uid,
                     gid: h.gid,
                     comm: h.comm.clone(),
-                    family: match view.family {
-                        portguard_common::Family::Ipv4 => "ipv4",
-                        portguard_common::Family::Ipv6 => "ipv6",
-                    },
-                    protocol: if proto == portguard_common::Proto::Tcp {
-                        "tcp".to_owned()
+                    family: events::family_name(view.family),
+                    protocol: events::protocol_name(if proto == portguard_common::Proto::Tcp {
+                        portguard_common::IPPROTO_TCP
                     } else {
-                        "udp".to_owned()
-                    },
+                        portguard_common::IPPROTO_UDP
+                    }),
                     address: d.local.to_string(),
                     port: d.port,
                     policy_cgroup: Some(gov.path.clone()),
                     policy_cgroup_id,
                     v4_mapped: view.v4_mapped,
                     dual_stack: dual,
-                    autobind: false,
-                    socket: None,
                     socket_inode: Some(*inode),
-                    action: None,
                     identity: events::WorkloadIdentity::of(&h.cgroup, self.cri.as_ref()),
-                    count: 1,
-                    first_seen: None,
-                    last_seen: None,
+                    ..events::EventRecord::new(
+                        events::Verdict::Preexisting,
+                        events::EventHook::Inventory,
+                        events::format_time(std::time::SystemTime::now()),
+                        &self.host,
+                    )
                 };
                 self.write_records(writer, vec![record]);
             }

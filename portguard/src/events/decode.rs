@@ -67,7 +67,8 @@ pub fn format_time(t: SystemTime) -> String {
     humantime::format_rfc3339_nanos(t).to_string()
 }
 
-pub(super) fn protocol_name(p: u8) -> String {
+/// The `protocol` field for an IP protocol number.
+pub fn protocol_name(p: u8) -> String {
     match p {
         IPPROTO_TCP => "tcp".to_owned(),
         IPPROTO_UDP => "udp".to_owned(),
@@ -101,11 +102,11 @@ impl PolicyNames {
 /// Turn a raw event into the user-facing record.
 pub fn enrich(ev: &Event, names: &PolicyNames, cgroups: &mut Hierarchy, host: &str) -> EventRecord {
     let v4_mapped = ev.flags & EVENT_F_V4_MAPPED != 0;
-    let family = if ev.family == Family::Ipv4 as u8 {
-        "ipv4"
+    let family = family_name(if ev.family == Family::Ipv4 as u8 {
+        Family::Ipv4
     } else {
-        "ipv6"
-    };
+        Family::Ipv6
+    });
     let address = if ev.family == Family::Ipv4 as u8 {
         let v4 = Ipv4Addr::new(ev.addr[0], ev.addr[1], ev.addr[2], ev.addr[3]);
         if v4_mapped {
@@ -118,13 +119,7 @@ pub fn enrich(ev: &Event, names: &PolicyNames, cgroups: &mut Hierarchy, host: &s
         Ipv6Addr::from(ev.addr).to_string()
     };
     EventRecord {
-        schema_version: SCHEMA_VERSION,
-        time: format_time(wall_time(ev.boot_ns)),
-        host: host.to_owned(),
-        verdict: Verdict::of_kernel(ev.verdict),
-        hook: EventHook::of_kernel(ev.hook),
         policy: names.get(ev.policy_id).map(str::to_owned),
-        rule: None,
         cgroup: cgroups.path_of(ev.cgroup_id),
         cgroup_id: ev.cgroup_id,
         pid: (ev.pid_tgid >> 32) as u32,
@@ -148,12 +143,12 @@ pub fn enrich(ev: &Event, names: &PolicyNames, cgroups: &mut Hierarchy, host: &s
             SOCK_KIND_OTHER => Some("other"),
             _ => None,
         },
-        socket_inode: None,
-        action: None,
-        identity: WorkloadIdentity::default(),
-        count: 1,
-        first_seen: None,
-        last_seen: None,
+        ..EventRecord::new(
+            Verdict::of_kernel(ev.verdict),
+            EventHook::of_kernel(ev.hook),
+            format_time(wall_time(ev.boot_ns)),
+            host,
+        )
     }
 }
 

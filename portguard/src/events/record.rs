@@ -113,6 +113,14 @@ impl Serialize for EventHook {
     }
 }
 
+/// The `family` field: the family an address was judged as.
+pub const fn family_name(f: portguard_common::Family) -> &'static str {
+    match f {
+        portguard_common::Family::Ipv4 => "ipv4",
+        portguard_common::Family::Ipv6 => "ipv6",
+    }
+}
+
 /// A denial (or audit) as users see it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct EventRecord {
@@ -176,6 +184,44 @@ pub struct EventRecord {
 }
 
 impl EventRecord {
+    /// A record with only what every record has; the rest empty. The
+    /// kernel's events ([`super::enrich`]) and the inventory's
+    /// (`preexisting`) are built from it.
+    pub fn new(verdict: Verdict, hook: EventHook, time: String, host: &str) -> Self {
+        Self {
+            schema_version: SCHEMA_VERSION,
+            time,
+            host: host.to_owned(),
+            verdict,
+            hook,
+            policy: None,
+            rule: None,
+            cgroup: None,
+            cgroup_id: 0,
+            pid: 0,
+            tid: 0,
+            uid: 0,
+            gid: 0,
+            comm: String::new(),
+            family: "ipv4",
+            protocol: String::new(),
+            address: String::new(),
+            port: 0,
+            policy_cgroup: None,
+            policy_cgroup_id: 0,
+            v4_mapped: false,
+            dual_stack: false,
+            autobind: false,
+            socket: None,
+            socket_inode: None,
+            action: None,
+            identity: WorkloadIdentity::default(),
+            count: 1,
+            first_seen: None,
+            last_seen: None,
+        }
+    }
+
     /// What the kernel judged, for [`crate::policy::explain::deciding_rule`].
     pub fn judged(&self) -> crate::policy::explain::Judged {
         use crate::policy::explain::{Dir, Judged};
