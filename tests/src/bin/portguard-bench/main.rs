@@ -5,14 +5,17 @@
 //! (compiled, pinned to CPU 1, in its own network namespace, inside a real
 //! cgroup); the agent is pinned to CPU 0.
 //!
-//! Sections:
+//! Sections (one module each):
 //! 1. per-syscall overhead of an allowed bind and connect, per setup, over
 //!    interleaved rounds (this VM is noisy: setups alternate round by round
 //!    and medians are compared), plus the kernel programs' own run time per
-//!    operation from `kernel.bpf_stats_enabled`;
-//! 2. the denied path and a denial storm (events written, lost, agent CPU);
-//! 3. policy application at scale (start-up apply, single-policy reload,
-//!    kernel map memory, agent RSS).
+//!    operation from `kernel.bpf_stats_enabled` (`overhead`);
+//! 2. the packet path: a TCP request/response loop on a governed socket and
+//!    on an ungoverned one, with the programs on the cgroup2 root (`packet`);
+//! 3. the denied path and a denial storm (events written, lost, agent CPU)
+//!    (`storm`);
+//! 4. policy application at scale (start-up apply, single-policy reload,
+//!    kernel map memory, agent RSS) (`apply`).
 //!
 //! Writes a Markdown report (default docs/benchmarks.md) and prints it.
 
