@@ -386,7 +386,7 @@ impl Drop for Containerd {
             }
         }
         for cg in &self.cgroups {
-            crate::remove_cgroup_tree(cg);
+            crate::cgroups::remove_cgroup_tree(cg);
         }
         let root = portguard::cgroupfs::cgroup2_mount().unwrap();
         for d in ["kubepods/besteffort", "kubepods"] {

@@ -1,0 +1,319 @@
+//! The operations: [`run_op`] runs one and returns its JSON result line
+//! (`bind`, `connect`, `listen`, io_uring's `uring-*`, `hold`, ...), handing
+//! `handoff` and `v6only-race` to their own modules; plus `autobind-udp`.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::atomic::Ordering,
+};
+
+use crate::{
+    BIND_DEVICE, SERVE, UNFENCE,
+    handoff::handoff,
+    race::v6only_race,
+    serve::{serve_check, unfence},
+    setup::join_cgroup,
+    sock::{
+        bind_to, die, emit, errno, errno_name, gettid, local_port, parse_addr, poll_for, send_to,
+        set_v6only, sockaddr, socket,
+    },
+};
+
+/// Run one operation; returns the JSON result line.
+pub(crate) fn run_op(op: &[String]) -> String {
+    let get = |i: usize| -> &str {
+        op.get(i)
+            .map(String::as_str)
+            .unwrap_or_else(|| die("missing operation argument"))
+    };
+    let kind = get(0);
+    let mut first_errno = 0;
+    let (fd, rc, e) = match kind {
+        "rebind" => {
+            let a1 = parse_addr(get(2), get(3));
+            let a2 = parse_addr(get(2), get(4));
+            let fd = socket(get(1), &a1);
+            if a1.is_ipv6() {
+                set_v6only(fd, true);
+            }
+            let rc = bind_to(fd, &a1);
+            if rc == 0 {
+                (fd, rc, 0)
+            } else {
+                first_errno = errno();
+                let rc = bind_to(fd, &a2);
+                (fd, rc, errno())
+            }
+        }
+        "bind" => {
+            let addr = parse_addr(get(2), get(3));
+            let fd = socket(get(1), &addr);
+            if addr.is_ipv6() {
+                set_v6only(fd, op.get(4).is_some_and(|s| s == "v6only"));
+            }
+            let rc = bind_to(fd, &addr);
+            (fd, rc, errno())
+        }
+        "connect" => {
+            let addr = parse_addr(get(2), get(3));
+            let fd = socket(get(1), &addr);
+            let (ss, len) = sockaddr(&addr);
+            // SAFETY: valid fd and sockaddr.
+            let rc = unsafe { libc::connect(fd, std::ptr::from_ref(&ss).cast(), len) };
+            (fd, rc, errno())
+        }
+        "sendto" => {
+            let addr = parse_addr(get(1), get(2));
+            let fd = socket("udp", &addr);
+            let rc = send_to(fd, b"portguard", &addr) as i32;
+            (fd, rc.min(0), errno())
+        }
+        "listen" => {
+            let addr = parse_addr(get(2), get(3));
+            let fd = socket(get(1), &addr);
+            if addr.is_ipv6() {
+                set_v6only(fd, true);
+            }
+            let mut rc = bind_to(fd, &addr);
+            if rc == 0 {
+                // SAFETY: listen on our own socket.
+                rc = unsafe { libc::listen(fd, 8) };
+            }
+            (fd, rc, errno())
+        }
+        "listen-unbound" => {
+            let addr = parse_addr(if get(2) == "6" { "::" } else { "0.0.0.0" }, "0");
+            let fd = socket(get(1), &addr);
+            if addr.is_ipv6() {
+                set_v6only(fd, op.get(3).is_some_and(|s| s == "v6only"));
+            }
+            if let Some(dev) = BIND_DEVICE.get() {
+                // SAFETY: setsockopt on our own socket with a valid buffer.
+                let rc = unsafe {
+                    libc::setsockopt(
+                        fd,
+                        libc::SOL_SOCKET,
+                        libc::SO_BINDTODEVICE,
+                        dev.as_ptr().cast(),
+                        dev.len() as libc::socklen_t,
+                    )
+                };
+                if rc != 0 {
+                    die(&format!("SO_BINDTODEVICE {dev}: errno {}", errno()));
+                }
+            }
+            // SAFETY: listen on our own socket.
+            let rc = unsafe { libc::listen(fd, 8) };
+            (fd, rc, errno())
+        }
+        "uring-bind" => {
+            let addr = parse_addr(get(2), get(3));
+            let fd = socket(get(1), &addr);
+            if addr.is_ipv6() {
+                set_v6only(fd, true);
+            }
+            let (ss, len) = sockaddr(&addr);
+            let e = uring(
+                io_uring::opcode::Bind::new(
+                    io_uring::types::Fd(fd),
+                    std::ptr::from_ref(&ss).cast(),
+                    len,
+                )
+                .build(),
+            );
+            (fd, if e == 0 { 0 } else { -1 }, e)
+        }
+        "uring-listen-unbound" => {
+            let addr = parse_addr(if get(1) == "6" { "::" } else { "0.0.0.0" }, "0");
+            let fd = socket("tcp", &addr);
+            let e = uring(io_uring::opcode::Listen::new(io_uring::types::Fd(fd), 8).build());
+            (fd, if e == 0 { 0 } else { -1 }, e)
+        }
+        "socket" => {
+            let (family, ty, proto) = match get(1) {
+                "raw4" => (libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP),
+                "raw6" => (libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_ICMPV6),
+                "sctp" => (libc::AF_INET, libc::SOCK_STREAM, 132),
+                "l2tp" => (libc::AF_INET, libc::SOCK_DGRAM, 115),
+                other => die(&format!("unknown socket kind {other}")),
+            };
+            // SAFETY: plain syscall.
+            let fd = unsafe { libc::socket(family, ty, proto) };
+            (fd, fd.min(0), errno())
+        }
+        "sendrecv" => {
+            let addr = parse_addr(get(1), get(2));
+            let fd = socket("udp", &addr);
+            let rc = send_to(fd, b"ping", &addr) as i32;
+            if rc < 0 {
+                (fd, -1, errno())
+            } else {
+                let tv = libc::timeval {
+                    tv_sec: 3,
+                    tv_usec: 0,
+                };
+                let mut buf = [0u8; 64];
+                // SAFETY: plain syscalls on our own socket.
+                let n = unsafe {
+                    libc::setsockopt(
+                        fd,
+                        libc::SOL_SOCKET,
+                        libc::SO_RCVTIMEO,
+                        std::ptr::from_ref(&tv).cast(),
+                        size_of::<libc::timeval>() as u32,
+                    );
+                    libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0)
+                };
+                (fd, if n > 0 { 0 } else { -1 }, errno())
+            }
+        }
+        "premove" => {
+            let addr = parse_addr(get(2), get(3));
+            let fd = socket(get(1), &addr);
+            join_cgroup(get(4));
+            let rc = bind_to(fd, &addr);
+            (fd, rc, errno())
+        }
+        "handoff" => return handoff(op),
+        "autobind-udp" => {
+            return autobind_udp(
+                &parse_addr(get(1), get(2)),
+                get(3).parse().unwrap_or_else(|_| die("bad FROM port")),
+            );
+        }
+        "v6only-race" => {
+            return v6only_race(
+                get(1).parse().unwrap_or_else(|_| die("bad port")),
+                get(2).parse().unwrap_or_else(|_| die("bad count")),
+            );
+        }
+        "hold" => {
+            let addr = parse_addr(get(2), get(3));
+            let fd = socket(get(1), &addr);
+            if addr.is_ipv6() {
+                set_v6only(fd, op.get(4).is_some_and(|s| s == "v6only"));
+            }
+            let (ss, len) = sockaddr(&addr);
+            // SAFETY: valid fd and sockaddr; listen on our own socket.
+            let mut rc = unsafe { libc::bind(fd, std::ptr::from_ref(&ss).cast(), len) };
+            if rc == 0 && get(1) == "tcp" {
+                // SAFETY: as above.
+                rc = unsafe { libc::listen(fd, 8) };
+            }
+            let e = errno();
+            // SAFETY: plain syscalls.
+            let (pid, tid) = (unsafe { libc::getpid() }, gettid());
+            emit(&format!(
+                r#"{{"op":"hold","ok":{},"errno":{e},"port":{},"pid":{pid},"tid":{tid}}}"#,
+                rc == 0,
+                local_port(fd)
+            ));
+            loop {
+                // SAFETY: waiting for a signal.
+                unsafe { libc::pause() };
+            }
+        }
+        other => die(&format!("unknown operation {other}")),
+    };
+    // SAFETY: plain syscalls.
+    let (pid, tid) = (unsafe { libc::getpid() }, gettid());
+    let line = if rc == 0 {
+        let unfenced = if UNFENCE.load(Ordering::Relaxed) {
+            unfence(fd)
+        } else {
+            String::new()
+        };
+        let served = if SERVE.load(Ordering::Relaxed) {
+            let (served, client) = serve_check(fd);
+            format!(r#","served":{served},"client":"{client}""#)
+        } else {
+            String::new()
+        };
+        format!(
+            r#"{{"op":"{kind}","ok":true,"port":{},"first_errno":{first_errno},"pid":{pid},"tid":{tid}{unfenced}{served}}}"#,
+            local_port(fd)
+        )
+    } else {
+        format!(
+            r#"{{"op":"{kind}","ok":false,"errno":{e},"error":"{}","first_errno":{first_errno},"pid":{pid},"tid":{tid}}}"#,
+            errno_name(e)
+        )
+    };
+    // SAFETY: closing our own fd.
+    unsafe { libc::close(fd) };
+    line
+}
+
+/// `autobind-udp ADDR PORT`: see the module docs.
+fn autobind_udp(dest: &SocketAddr, from: u16) -> String {
+    let fd = socket("udp", dest);
+    let rc = send_to(fd, b"portguard", dest);
+    let e = errno();
+    let port = local_port(fd);
+    let mut received = false;
+    if port != 0 {
+        let me = SocketAddr::new(
+            if dest.is_ipv4() {
+                IpAddr::V4(Ipv4Addr::LOCALHOST)
+            } else {
+                IpAddr::V6(Ipv6Addr::LOCALHOST)
+            },
+            port,
+        );
+        let other = socket("udp", &me);
+        // Bound explicitly: in a namespace whose range was narrowed to the
+        // one port the first socket took, an autobind would find none.
+        let (ss, len) = sockaddr(&SocketAddr::new(me.ip(), from));
+        // SAFETY: valid fd and sockaddr.
+        if unsafe { libc::bind(other, std::ptr::from_ref(&ss).cast(), len) } != 0 {
+            die(&format!(
+                "autobind-udp: binding the sender to {from}: errno {}",
+                errno()
+            ));
+        }
+        if send_to(other, b"hello", &me) < 0 {
+            die(&format!(
+                "autobind-udp: the second send failed: errno {}",
+                errno()
+            ));
+        }
+        let mut buf = [0u8; 16];
+        // SAFETY: plain syscalls on our own sockets.
+        unsafe {
+            received = poll_for(fd, libc::POLLIN, 1000)
+                && libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) > 0;
+            libc::close(other);
+        }
+    }
+    // SAFETY: plain syscalls.
+    let (pid, tid) = (unsafe { libc::getpid() }, gettid());
+    // SAFETY: closing our own fd.
+    unsafe { libc::close(fd) };
+    format!(
+        r#"{{"op":"autobind-udp","ok":{},"errno":{},"error":"{}","port":{port},"received":{received},"pid":{pid},"tid":{tid}}}"#,
+        rc >= 0,
+        if rc >= 0 { 0 } else { e },
+        if rc >= 0 { "" } else { errno_name(e) },
+    )
+}
+
+/// Submit one io_uring operation and return its errno (0 on success).
+fn uring(entry: io_uring::squeue::Entry) -> i32 {
+    let mut ring = io_uring::IoUring::new(4).unwrap_or_else(|e| die(&format!("io_uring: {e}")));
+    // SAFETY: the entry's pointers outlive the submission (we wait for it).
+    unsafe {
+        ring.submission()
+            .push(&entry)
+            .unwrap_or_else(|_| die("io_uring queue full"));
+    }
+    ring.submit_and_wait(1)
+        .unwrap_or_else(|e| die(&format!("io_uring submit: {e}")));
+    let cqe = ring
+        .completion()
+        .next()
+        .unwrap_or_else(|| die("no completion"));
+    if cqe.result() == -libc::EINVAL {
+        die("io_uring: operation not supported by this kernel");
+    }
+    (-cqe.result()).max(0)
+}

@@ -1,0 +1,216 @@
+//! Report section 1: per-syscall overhead of an allowed bind and connect,
+//! per setup, in pairs with the no-program baseline, against Landlock too.
+
+use std::{fmt::Write as _, path::Path};
+
+use crate::{
+    ANOMALIES, Opts,
+    fixture::{Fixture, Setup, start_agent},
+    runner::{pgbench, program_ns_per_op, reps_of},
+    stats::{median, min},
+};
+
+fn measure_once(cg: &Path, setup: Setup, op: &str, iters: u64, reps: usize) -> Vec<f64> {
+    let mut args = vec![
+        op.to_owned(),
+        "--port".into(),
+        "8080".into(),
+        "--iters".into(),
+        iters.to_string(),
+        "--warmup".into(),
+        (iters / 5).to_string(),
+        "--reps".into(),
+        reps.to_string(),
+    ];
+    if setup == Setup::Landlock {
+        args.extend(["--landlock-bind".into(), "8080".into()]);
+    }
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let v = pgbench(cg, &argv);
+    let n = v["anomalies"].as_u64().unwrap_or(0);
+    if n > 0 {
+        let mut a = ANOMALIES.lock().unwrap();
+        a.push((format!("{} ({op})", setup.label()), n));
+    }
+    reps_of(&v)
+}
+
+pub(crate) fn overhead(
+    fx: &Fixture,
+    opts: &Opts,
+    report: &mut String,
+    verdicts: &mut Vec<(String, bool, String)>,
+) {
+    // This VM's speed drifts by tens of percent over seconds, so every
+    // figure is taken as a pair: the setup, then the baseline right after.
+    // The agent attaches its programs to the setup's subtree only
+    // (--attach-cgroup), so the baseline process, outside it, runs no
+    // program at all while the agent stays up.
+    let (rounds, pairs) = if opts.quick { (1, 3) } else { (4, 6) };
+    let (iters, reps) = if opts.quick { (10_000, 3) } else { (20_000, 5) };
+    let n = Setup::ALL.len();
+    let mut bind: Vec<Vec<f64>> = vec![Vec::new(); n];
+    let mut connect: Vec<Vec<f64>> = vec![Vec::new(); n];
+    let mut bind_ratio: Vec<Vec<f64>> = vec![Vec::new(); n];
+    let mut connect_ratio: Vec<Vec<f64>> = vec![Vec::new(); n];
+    let mut prog_bind: Vec<Vec<f64>> = vec![Vec::new(); n];
+    let mut prog_connect: Vec<Vec<f64>> = vec![Vec::new(); n];
+    let base_cg = fx.cgroup(Setup::Baseline);
+    let b = Setup::Baseline as usize;
+    // portguard (1 policy) / Landlock, measured back to back.
+    let mut vs_landlock: Vec<f64> = Vec::new();
+    for round in 0..rounds {
+        for (i, s) in Setup::ALL.iter().copied().enumerate() {
+            if s == Setup::Baseline {
+                continue;
+            }
+            eprintln!(
+                "bench: overhead round {}/{rounds}: {}",
+                round + 1,
+                s.label()
+            );
+            let cg = fx.cgroup(s);
+            let agent = s
+                .agent()
+                .then(|| start_agent(&fx.policy(s), &["--attach-cgroup", &fx.attach_point(s)]));
+            for _ in 0..pairs {
+                if s == Setup::OnePolicy {
+                    let p = min(&measure_once(&cg, s, "bind", iters, reps));
+                    let l = min(&measure_once(
+                        &base_cg,
+                        Setup::Landlock,
+                        "bind",
+                        iters,
+                        reps,
+                    ));
+                    vs_landlock.push(p / l);
+                }
+                // The setup, then its baseline right after.
+                let pair = |op: &str| {
+                    let setup = min(&measure_once(&cg, s, op, iters, reps));
+                    let base = min(&measure_once(&base_cg, Setup::Baseline, op, iters, reps));
+                    (setup, base)
+                };
+                let (sb, bb) = pair("bind");
+                bind[i].push(sb);
+                bind[b].push(bb);
+                bind_ratio[i].push(sb / bb);
+                if s != Setup::Landlock {
+                    let (sc, bc) = pair("connect");
+                    connect[i].push(sc);
+                    connect[b].push(bc);
+                    connect_ratio[i].push(sc / bc);
+                }
+            }
+            if let Some(a) = &agent {
+                prog_bind[i].push(program_ns_per_op(a, &cg, "bind", iters));
+                prog_connect[i].push(program_ns_per_op(a, &cg, "connect", iters));
+            }
+            drop(agent);
+        }
+    }
+    let med = |v: &[f64]| median(&mut v.to_vec());
+    let fmt_prog = |v: &[f64]| {
+        if v.is_empty() {
+            "-".to_owned()
+        } else {
+            format!("{:.0}", med(v))
+        }
+    };
+    let total_pairs = rounds * pairs;
+    let _ = writeln!(
+        report,
+        "## 1. Per-syscall overhead (allowed operations)\n\n\
+         `bind` = socket(TCP) + bind(127.0.0.1:8080) + close; `connect` = socket(UDP) + \
+         connect(127.0.0.1:8080) + close (UDP, so no handshake or accept queue adds noise; \
+         Landlock restricts TCP only, so it has no connect figure).\n\n\
+         This VM's speed drifts by tens of percent within seconds, so each figure is measured \
+         in pairs: the setup, then immediately the no-program baseline (the agent attaches its \
+         programs to the setup's cgroup subtree with `--attach-cgroup`, so the baseline \
+         process, outside it, runs no program while the agent stays up). {total_pairs} pairs \
+         per setup over {rounds} rounds; each measurement is the fastest of {reps} runs of \
+         {iters} operations (noise only adds time). ns/op is the median of the measurements; \
+         the ratio is the median of the per-pair ratios (setup / its baseline). \
+         \"programs\" = the kernel programs' own run time per operation \
+         (kernel.bpf_stats_enabled, separate runs; stats collection adds a little overhead of \
+         its own).\n\n\
+         | setup | bind ns/op | ratio | programs ns/op | connect ns/op | ratio | programs ns/op |\n\
+         |---|---:|---:|---:|---:|---:|---:|"
+    );
+    for (i, s) in Setup::ALL.iter().enumerate() {
+        let br = if i == b {
+            "1.000".to_owned()
+        } else {
+            format!("{:.3}", med(&bind_ratio[i]))
+        };
+        let (c, cr) = if connect[i].is_empty() {
+            ("-".to_owned(), "-".to_owned())
+        } else if i == b {
+            (format!("{:.0}", med(&connect[i])), "1.000".to_owned())
+        } else {
+            (
+                format!("{:.0}", med(&connect[i])),
+                format!("{:.3}", med(&connect_ratio[i])),
+            )
+        };
+        let _ = writeln!(
+            report,
+            "| {} | {:.0} | {br} | {} | {c} | {cr} | {} |",
+            s.label(),
+            med(&bind[i]),
+            fmt_prog(&prog_bind[i]),
+            fmt_prog(&prog_connect[i])
+        );
+    }
+    let (one, scale, ll) = (
+        Setup::OnePolicy as usize,
+        Setup::Scale10k as usize,
+        Setup::Landlock as usize,
+    );
+    for (op, r) in [("bind", &bind_ratio), ("connect", &connect_ratio)] {
+        let (r10k, r1) = (med(&r[scale]), med(&r[one]));
+        verdicts.push((
+            format!("{op} with 10,000 governed cgroups <= 1.05x the 1-policy figure"),
+            r10k / r1 <= 1.05,
+            format!("{:.3}x ({r10k:.3} / {r1:.3} over the baseline)", r10k / r1),
+        ));
+        verdicts.push((
+            format!("{op} with 10,000 governed cgroups <= 1.10x the no-program baseline"),
+            r10k <= 1.10,
+            format!("{r10k:.3}x"),
+        ));
+    }
+    let (r1, rl) = (med(&bind_ratio[one]), med(&bind_ratio[ll]));
+    let direct = med(&vs_landlock);
+    verdicts.push((
+        "allowed bind not slower than Landlock".into(),
+        direct <= 1.0,
+        format!(
+            "portguard / Landlock = {direct:.3} (median of {} back-to-back pairs); \
+             vs baseline: portguard {r1:.3}x, Landlock {rl:.3}x",
+            vs_landlock.len()
+        ),
+    ));
+    let _ = writeln!(
+        report,
+        "\nWhat an allowed explicit bind costs in portguard: three programs run. `sock_create` \
+         (at `socket()`) reads the socket's family, type and protocol and returns at once for \
+         TCP and UDP; it exists to deny raw/SCTP/L2TP sockets, whose own bind escapes every bind \
+         hook, a bypass Landlock does not address. `bind4` reads the live generation (array), \
+         then for each cgroup level from the shallowest to the deepest governed level one \
+         `bpf_get_current_ancestor_cgroup_id` and one hash lookup, then the policy record \
+         (array), one port-set chunk lookup (hash) and a per-CPU counter; `post_bind4` only \
+         looks up the socket's storage (it judges port-0 binds, which bind4 flags). None of this \
+         depends on the number of policies, cgroups or ranges, which is why the 1-policy, \
+         10,000-cgroup and 1,000-range rows agree within noise. Landlock checks one rule tree \
+         inside its LSM hook, without program dispatch; the three dispatches are why portguard \
+         lands within a few percent of Landlock rather than below it."
+    );
+    let _ = writeln!(
+        report,
+        "\nportguard (1 policy) against Landlock directly, in back-to-back pairs: median \
+         ratio {direct:.3} over {} pairs (below 1: portguard faster).",
+        vs_landlock.len()
+    );
+    report.push('\n');
+}

@@ -1,0 +1,62 @@
+//! JSON Schema validation: event lines against docs/event.schema.json, or
+//! any documents against any schema (Python's `jsonschema`).
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use serde_json::Value;
+
+/// docs/event.schema.json.
+pub fn event_schema_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/event.schema.json")
+}
+
+/// Validate event lines against the published JSON Schema (with Python's
+/// `jsonschema`, which kubernetes-validate brings). Returns one message per
+/// invalid line.
+pub fn schema_errors(events: &[Value]) -> Vec<String> {
+    json_schema_errors(&event_schema_path(), events)
+}
+
+/// Validate each of `docs` against the JSON Schema at `schema` (the draft
+/// its `$schema` names). Returns one message per error.
+pub fn json_schema_errors(schema: &Path, docs: &[Value]) -> Vec<String> {
+    let script = r#"
+import json, sys
+from jsonschema.validators import validator_for
+schema = json.load(open(sys.argv[1]))
+cls = validator_for(schema)
+cls.check_schema(schema)
+v = cls(schema)
+errors = []
+for i, line in enumerate(json.load(sys.stdin)):
+    for e in v.iter_errors(line):
+        errors.append(f"line {i}: {e.message} at {list(e.absolute_path)}; context: {[c.message for c in e.context][:6]}: {json.dumps(line)[:2000]}")
+print(json.dumps(errors))
+"#;
+    let mut child = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(schema)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 (run scripts/setup.sh)");
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin
+            .write_all(serde_json::to_string(docs).unwrap().as_bytes())
+            .unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "schema validation failed to run: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
