@@ -130,7 +130,7 @@ impl Agent {
         {
             return TreeIndex::scan(root, &["/"], 16);
         }
-        TreeIndex::scan(root, &["/kubepods", "/kubepods.slice"], 4)
+        TreeIndex::scan(root, &crate::workload::identity::KUBEPODS_ROOTS, 4)
     }
 
     /// A pod selector's policy cannot be chosen before the runtime lists the

@@ -37,14 +37,7 @@ impl Agent {
                     }
                 }
                 Selector::Pods(sel) => {
-                    for d in [
-                        "/kubepods",
-                        "/kubepods/besteffort",
-                        "/kubepods/burstable",
-                        "/kubepods.slice",
-                        "/kubepods.slice/kubepods-besteffort.slice",
-                        "/kubepods.slice/kubepods-burstable.slice",
-                    ] {
+                    for d in crate::workload::identity::KUBEPODS_PARENTS {
                         parents.insert(self.hierarchy.fs_path(d).join("x"));
                     }
                     // New containers of governed pods (to learn their names

@@ -159,6 +159,21 @@ pub fn pod_cgroup_prefix(path: &str) -> Option<String> {
     None
 }
 
+
+/// The kubelet's pod hierarchies under the cgroup2 root (cgroupfs driver,
+/// systemd driver): where `pods:` selectors look.
+pub const KUBEPODS_ROOTS: [&str; 2] = ["/kubepods", "/kubepods.slice"];
+
+/// The directories new pod cgroups appear in: each pod hierarchy and its
+/// QoS levels (Guaranteed pods sit directly under the hierarchy).
+pub const KUBEPODS_PARENTS: [&str; 6] = [
+    "/kubepods",
+    "/kubepods/besteffort",
+    "/kubepods/burstable",
+    "/kubepods.slice",
+    "/kubepods.slice/kubepods-besteffort.slice",
+    "/kubepods.slice/kubepods-burstable.slice",
+];
 #[cfg(test)]
 mod tests {
     use super::*;
