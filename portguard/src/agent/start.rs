@@ -304,7 +304,6 @@ impl Agent {
             loaded,
             policies: Vec::new(),
             resolved: Vec::new(),
-            registry: Registry::default(),
             names: PolicyNames::default(),
             name_map_full: false,
             quiesce_warned: false,
@@ -344,8 +343,7 @@ impl Agent {
         };
         // Name ids as the previous agent did (its events may still be queued).
         for (id, name) in agent.loaded.maps.names() {
-            agent.registry.seed(id, &name);
-            agent.names.insert(id, &name);
+            agent.names.seed(id, &name);
         }
         Ok((agent, events))
     }

@@ -27,31 +27,6 @@ use crate::{
 
 use super::*;
 
-/// Stable small ids for policy names (events carry the id).
-#[derive(Default)]
-pub(super) struct Registry {
-    pub(super) ids: HashMap<String, u32>,
-    pub(super) next: u32,
-}
-
-impl Registry {
-    /// Continue a previous agent's numbering (ids in pinned maps and in
-    /// events still queued keep their names).
-    pub(super) fn seed(&mut self, id: u32, name: &str) {
-        self.ids.entry(name.to_owned()).or_insert(id);
-        self.next = self.next.max(id);
-    }
-
-    pub(super) fn id(&mut self, name: &str) -> u32 {
-        if let Some(id) = self.ids.get(name) {
-            return *id;
-        }
-        self.next += 1;
-        self.ids.insert(name.to_owned(), self.next);
-        self.next
-    }
-}
-
 pub(super) struct Agent {
     pub(super) policy_path: PathBuf,
     pub(super) attach_cgroup: String,
@@ -60,7 +35,6 @@ pub(super) struct Agent {
     pub(super) loaded: Loaded,
     pub(super) policies: Vec<CompiledPolicy>,
     pub(super) resolved: Resolution,
-    pub(super) registry: Registry,
     pub(super) names: PolicyNames,
     pub(super) name_map_full: bool,
     pub(super) quiesce_warned: bool,
@@ -316,9 +290,8 @@ impl Agent {
     ) -> Result<ApplyReport, crate::apply::ApplyError> {
         let mut ids = Vec::with_capacity(policies.len());
         for p in &policies {
-            let id = self.registry.id(&p.name);
-            if self.names.get(id).is_none() {
-                self.names.insert(id, &p.name);
+            let (id, new) = self.names.id(&p.name);
+            if new {
                 self.record_name(id, &p.name);
             }
             ids.push(id);
@@ -342,9 +315,8 @@ impl Agent {
             })
             .collect();
         if !quarantine.is_empty() {
-            let id = self.registry.id(IDENTIFYING);
-            if self.names.get(id).is_none() {
-                self.names.insert(id, IDENTIFYING);
+            let (id, new) = self.names.id(IDENTIFYING);
+            if new {
                 self.record_name(id, IDENTIFYING);
             }
             targets.push(Target {
@@ -478,7 +450,7 @@ impl Agent {
             .collect();
         let identifying = Self::identifying_policy();
         if !self.quarantine.is_empty()
-            && let Some(&id) = self.registry.ids.get(IDENTIFYING)
+            && let Some(id) = self.names.id_of(IDENTIFYING)
         {
             entries.push((&identifying, id, self.quarantine.iter().map(who).collect()));
         }

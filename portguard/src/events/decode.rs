@@ -84,16 +84,47 @@ pub(super) fn comm(raw: &[u8; 16]) -> String {
     String::from_utf8_lossy(&raw[..end]).into_owned()
 }
 
-/// What the agent knows about policy ids.
+/// Policy ids and names, both ways: the one registry. Events carry a
+/// policy's id; ids are small, stable for as long as the pinned maps live,
+/// and numbered on from a previous agent's ([`PolicyNames::seed`]).
 #[derive(Clone, Debug, Default)]
 pub struct PolicyNames {
     names: HashMap<u32, String>,
+    ids: HashMap<String, u32>,
+    next: u32,
 }
 
 impl PolicyNames {
+    /// Name an id (what events decode against), without numbering.
     pub fn insert(&mut self, id: u32, name: &str) {
         self.names.insert(id, name.to_owned());
     }
+
+    /// Continue a previous agent's numbering: ids in pinned maps and in
+    /// events still queued keep their names.
+    pub fn seed(&mut self, id: u32, name: &str) {
+        self.ids.entry(name.to_owned()).or_insert(id);
+        self.next = self.next.max(id);
+        self.insert(id, name);
+    }
+
+    /// The id of `name`, numbering it if it has none yet; `true` when it is
+    /// new (its name must then be recorded where the kernel side keeps it).
+    pub fn id(&mut self, name: &str) -> (u32, bool) {
+        if let Some(&id) = self.ids.get(name) {
+            return (id, false);
+        }
+        self.next += 1;
+        self.ids.insert(name.to_owned(), self.next);
+        self.insert(self.next, name);
+        (self.next, true)
+    }
+
+    /// The id of `name`, if it has one.
+    pub fn id_of(&self, name: &str) -> Option<u32> {
+        self.ids.get(name).copied()
+    }
+
     pub fn get(&self, id: u32) -> Option<&str> {
         self.names.get(&id).map(String::as_str)
     }
