@@ -4,6 +4,17 @@
 //! kernel, the filesystem beyond reading the policy file, or aya. Everything
 //! here is unit-tested without root.
 //!
+//! Owns the model of a policy file ([`PolicyFile`], [`Policy`],
+//! [`Selector`], [`Rule`], [`Diagnostic`], [`PolicyError`]); its submodules
+//! own the YAML tree ([`yaml`]), parsing and validation ([`parse`]), port
+//! sets ([`portset`]), compilation to the kernel's tables ([`mod@compile`])
+//! and explanations ([`explain`]).
+//!
+//! May import: `std`, `portguard_common` (the layout shared with the eBPF
+//! programs), and pure libraries (saphyr-parser, glob, thiserror,
+//! rustc-hash). Never aya, tokio, libc, or another module of this crate:
+//! every other layer depends on this one, not the reverse.
+//!
 //! # Policy file grammar (the user-facing contract; keep these names)
 //!
 //! ```yaml
