@@ -1,9 +1,10 @@
 //! Hold what the manifests declare against the port plan.
 //!
 //! - Each Kubernetes container is matched to its policy by the agent's own
-//!   rule: among the `pods:` selectors matching its namespace, pod labels and
-//!   container name, the most specific wins, ties going to the first in the
-//!   file (`cgroup:` and `unit:` policies name host paths no manifest shows).
+//!   rule ([`most_specific`]): among the `pods:` selectors matching its
+//!   namespace, pod labels and container name, the most specific wins, ties
+//!   going to the first in the file (`cgroup:` and `unit:` policies name
+//!   host paths no manifest shows).
 //! - Declarations of one service in different files are tied together: the
 //!   same image repository; a compose service that builds a Dockerfile; a
 //!   compose service named like a Kubernetes container; a Dockerfile whose
@@ -16,9 +17,9 @@
 //! they disagree on (`across_files`), host port conflicts (`host_ports`)
 //! and Service targets (`service_targets`).
 //!
-//! May import: the manifest model (`super`), the policy layer (its model and
-//! compiled sets), portguard-common's protocol and address constants, and
-//! `std`.
+//! May import: the manifest model (`super`), the policy layer (its model,
+//! compiled sets and [`most_specific`]), portguard-common's protocol and
+//! address constants, and `std`.
 
 mod across_files;
 mod host_ports;
@@ -36,6 +37,7 @@ use self::{
 use super::{Check, Finding, Loc, Manifests, Origin, PortDecl, Proto, Severity, Unit};
 use crate::policy::{
     CompiledPolicy, INFRASTRUCTURE_PORTS, Mode, PolicyFile, PortSet, Selector, compile_all,
+    most_specific,
 };
 
 /// What each infrastructure port is, for messages.
@@ -86,22 +88,20 @@ fn range_set(lo: u16, hi: u16) -> PortSet {
 
 /// The policy governing a Kubernetes container, by the agent's rule.
 fn governing(policies: &[CompiledPolicy], u: &Unit) -> Option<usize> {
-    let mut best: Option<(u32, usize)> = None;
-    for (i, p) in policies.iter().enumerate() {
-        let Selector::Pods(sel) = &p.selector else {
-            continue;
-        };
-        if !sel.matches_pod(&u.workload.namespace, &u.labels)
-            || sel.container.as_ref().is_some_and(|c| *c != u.container)
-        {
-            continue;
+    let selects = |p: &CompiledPolicy| match &p.selector {
+        Selector::Pods(sel) => {
+            sel.matches_pod(&u.workload.namespace, &u.labels)
+                && sel.container.as_ref().is_none_or(|c| *c == u.container)
         }
-        let spec = p.selector.specificity();
-        if best.is_none_or(|(s, _)| spec > s) {
-            best = Some((spec, i));
-        }
-    }
-    best.map(|(_, i)| i)
+        _ => false,
+    };
+    most_specific(
+        policies
+            .iter()
+            .enumerate()
+            .filter(|&(_, p)| selects(p))
+            .map(|(i, p)| (i, &p.selector)),
+    )
 }
 
 /// Why `policy` does not let the container bind `d`, if it does not.
