@@ -1,11 +1,15 @@
 //! docker-compose files: `services.NAME.ports` (short and long syntax),
 //! `expose`, `network_mode: host`, `image` and `build`.
+//!
+//! Owns the compose reader. May import the manifest model, value helpers
+//! and path display (`super`), `std` and the policy layer's YAML tree.
 
 use std::path::{Path, PathBuf};
 
 use super::{
-    Check, Finding, HostClaim, Loc, Manifests, Origin, PortDecl, Proto, Unit, WorkloadId, entries,
-    get, interpolate, items, port_range, text,
+    Check, Finding, HostClaim, Loc, Manifests, Origin, PortDecl, Proto, Unit, WorkloadId,
+    load::shown_join,
+    values::{entries, get, interpolate, items, port_range, text},
 };
 use crate::policy::yaml::Node;
 
@@ -132,8 +136,7 @@ pub fn read(path: &Path, file: &str, doc: &Node, m: &mut Manifests) {
                 .parent()
                 .and_then(Path::to_str)
                 .unwrap_or("");
-            m.built
-                .push((dir.join(&rel), super::shown_join(shown_dir, &rel)));
+            m.built.push((dir.join(&rel), shown_join(shown_dir, &rel)));
         }
         m.units.push(Unit {
             origin: Origin::Compose,

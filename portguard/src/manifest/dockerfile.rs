@@ -1,11 +1,14 @@
 //! Dockerfiles: the `EXPOSE` instructions of the final stage (a stage built
 //! `FROM` an earlier stage inherits its ports), with `ARG`/`ENV` defaults
 //! substituted, line continuations and the `# escape=` directive honoured.
+//!
+//! Owns the Dockerfile reader (its own line-based tokenizer, no YAML). May
+//! import the manifest model and value helpers (`super`) and `std`.
 
 use std::{collections::HashMap, path::Path};
 
 use super::{
-    Check, Finding, Loc, Manifests, Origin, PortDecl, Proto, Unit, WorkloadId, port_range,
+    Check, Finding, Loc, Manifests, Origin, PortDecl, Proto, Unit, WorkloadId, values::port_range,
 };
 
 /// A word of an instruction and where it starts.

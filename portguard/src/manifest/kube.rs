@@ -2,10 +2,14 @@
 //! DaemonSets, ReplicaSets, ReplicationControllers, Jobs and CronJobs
 //! (containers and init containers, which include native sidecars), and
 //! Services. `List` objects are read item by item; other kinds are ignored.
+//!
+//! Owns the Kubernetes reader. May import the manifest model and value
+//! helpers (`super`) and the policy layer's YAML tree.
 
 use super::{
     HostClaim, Loc, Manifests, Origin, PortDecl, Proto, Service, ServicePort, Target, Unit,
-    WorkloadId, get, items, path, port_number, string_map, text,
+    WorkloadId,
+    values::{get, items, path, port_number, string_map, text},
 };
 use crate::policy::yaml::Node;
 

@@ -1,5 +1,8 @@
 //! `portguard check` output: human lines (`FILE:LINE:COLUMN: error: ...`),
 //! a JSON document, or SARIF 2.1.0 for code-scanning UIs.
+//!
+//! Owns the output formats. May import the findings vocabulary (`super`),
+//! serde and serde-sarif; it reads no files.
 
 use serde::Serialize;
 use serde_sarif::sarif;

@@ -4,6 +4,18 @@
 //! kernel, the filesystem beyond reading the policy file, or aya. Everything
 //! here is unit-tested without root.
 //!
+//! Owns the model of a policy file ([`PolicyFile`], [`Policy`],
+//! [`Selector`], [`Rule`], [`Diagnostic`], [`PolicyError`]); its submodules
+//! own the YAML tree ([`yaml`]), parsing and validation ([`parse`]), which
+//! policy applies when several select one cgroup ([`selection`]), port sets
+//! ([`portset`]), compilation to the kernel's tables ([`mod@compile`]) and
+//! explanations ([`explain`]).
+//!
+//! May import: `std`, `portguard_common` (the layout shared with the eBPF
+//! programs), and pure libraries (saphyr-parser, glob, thiserror,
+//! rustc-hash). Never aya, tokio, libc, or another module of this crate:
+//! every other layer depends on this one, not the reverse.
+//!
 //! # Policy file grammar (the user-facing contract; keep these names)
 //!
 //! ```yaml
@@ -45,6 +57,7 @@ pub mod compile;
 pub mod explain;
 pub mod parse;
 pub mod portset;
+pub mod selection;
 pub mod yaml;
 
 use std::{fmt, path::PathBuf};
@@ -58,6 +71,7 @@ pub use parse::{
     parse_policy_text, read_policy_file, reparse_policy_text,
 };
 pub use portset::PortSet;
+pub use selection::most_specific;
 
 /// A whole policy file.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -182,6 +196,7 @@ impl Selector {
     /// Higher wins when several policies select the same cgroup: an explicit
     /// cgroup path, then a unit, then pod selectors, the more constrained the
     /// higher (a container name, an exact namespace over a glob, each label).
+    /// [`most_specific`] applies the rule, ties included.
     pub fn specificity(&self) -> u32 {
         match self {
             Self::Cgroup(_) => 1000,

@@ -3,6 +3,9 @@
 //! kernel's bitmap chunks are produced only for distinct sets.
 //! Port 0 stands for "ephemeral" (a bind to port 0 may keep the port the
 //! kernel picks); see portguard-common.
+//!
+//! Owns [`PortSet`]. May import `std` and portguard-common's chunk layout;
+//! nothing else of the policy layer.
 
 use std::collections::BTreeMap;
 

@@ -2,6 +2,10 @@
 //! saphyr-parser's event stream. Scalars keep their raw text and whether they
 //! were quoted, so the policy layer decides what `8080` vs `"8080"` mean, and
 //! duplicate mapping keys are reported instead of silently overwritten.
+//!
+//! Owns the tree ([`Node`], [`Pos`]) and the parse entry points; the policy
+//! parser and the manifest readers both read it. May import `std` and
+//! saphyr-parser only.
 
 use std::collections::HashMap;
 
