@@ -29,6 +29,3 @@ pub mod workload;
 
 // The tests crate reaches these at their old paths.
 pub use workload::{cgroupfs, cri};
-// TEMPORARY (until the manifest split lands): manifest's tests use this path.
-#[cfg(test)]
-pub(crate) use workload::resolve;

@@ -79,12 +79,7 @@ pub struct RunOptions {
     pub fail_closed: bool,
 }
 
-/// Prefix of the stand-in policies `--fail-closed` applies.
-pub const FAIL_CLOSED: &str = "portguard:fail-closed";
-
-/// Name of the built-in policy holding pod cgroups the runtime has not
-/// identified yet (see `Agent::identifying_policy`).
-pub const IDENTIFYING: &str = "portguard:identifying";
+pub use crate::policy::builtin::{FAIL_CLOSED, IDENTIFYING};
 
 /// /healthz fails when the main loop has not turned for this long (or three
 /// lost-report intervals, if longer).

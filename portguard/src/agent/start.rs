@@ -29,24 +29,9 @@ use crate::{
 
 use super::*;
 
-/// True when `cgroup` is `scope` or below it.
-pub(super) fn within(cgroup: &str, scope: &str) -> bool {
-    scope == "/"
-        || cgroup == scope
-        || cgroup
-            .strip_prefix(scope)
-            .is_some_and(|r| r.starts_with('/'))
-}
-
 /// Policies outside the attach point could never be enforced: refuse them.
 pub(super) fn check_scope(policies: &[CompiledPolicy], scope: &str) -> anyhow::Result<()> {
-    let outside: Vec<String> = policies
-        .iter()
-        .filter_map(|p| {
-            let path = p.selector.cgroup_path()?;
-            (!within(path, scope)).then(|| format!("`{}` ({path})", p.name))
-        })
-        .collect();
+    let outside = crate::policy::builtin::outside_scope(policies, scope);
     if outside.is_empty() {
         return Ok(());
     }
@@ -519,19 +504,5 @@ impl Agent {
             f.listen_mode = listen_mode;
         });
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod scope_tests {
-    use super::within;
-
-    #[test]
-    fn scope() {
-        assert!(within("/a/b", "/"));
-        assert!(within("/a/b", "/a"));
-        assert!(within("/a", "/a"));
-        assert!(!within("/ab", "/a"));
-        assert!(!within("/", "/a"));
     }
 }

@@ -19,7 +19,7 @@ use crate::{
     events::{self, PolicyNames},
     kernel::Loaded,
     observe::health::Health,
-    policy::{CompiledPolicy, ParsedPolicy, Selector, compile},
+    policy::{CompiledPolicy, ParsedPolicy, Selector},
     workload::cgroupfs::Hierarchy,
     workload::cri,
     workload::resolve::{self, Governed, Resolution, TreeIndex},
@@ -107,41 +107,6 @@ impl Agent {
         TreeIndex::scan(root, &crate::workload::identity::KUBEPODS_ROOTS, 4)
     }
 
-    /// A pod selector's policy cannot be chosen before the runtime lists the
-    /// pod's labels, which happens only once its sandbox exists. Meanwhile its
-    /// cgroup (holding at most the pause process) is governed by this
-    /// built-in policy that allows no bind and no connect, so no container can
-    /// start ahead of its policy.
-    pub(super) fn identifying_policy() -> CompiledPolicy {
-        compile(&crate::policy::Policy {
-            name: IDENTIFYING.to_owned(),
-            selector: Selector::Cgroup("/".to_owned()),
-            mode: crate::policy::Mode::Enforce,
-            bind: Some(Vec::new()),
-            connect: Some(Vec::new()),
-            allow_sockets: Vec::new(),
-            line: 0,
-        })
-    }
-
-    /// `--fail-closed` stand-ins for `policies`: same selectors, every bind
-    /// denied, connects as the policy says. They need no port sets, so they
-    /// fit where the real ones did not (unless the cgroups themselves do not).
-    pub(super) fn fail_closed_policies(policies: &[CompiledPolicy]) -> Vec<CompiledPolicy> {
-        let deny = Self::identifying_policy();
-        policies
-            .iter()
-            .map(|p| CompiledPolicy {
-                name: format!("{FAIL_CLOSED}:{}", p.name),
-                selector: p.selector.clone(),
-                mode: crate::policy::Mode::Enforce,
-                bind: deny.bind.clone(),
-                connect: None,
-                allow_sockets: 0,
-            })
-            .collect()
-    }
-
     /// The `--fail-closed` stand-ins are in force.
     pub(super) fn failed_closed(&self) -> bool {
         self.policies
@@ -155,7 +120,7 @@ impl Agent {
         policies: &[CompiledPolicy],
         err: &dyn std::fmt::Display,
     ) -> anyhow::Result<ApplyReport> {
-        let fallback = Self::fail_closed_policies(policies);
+        let fallback = crate::policy::builtin::fail_closed(policies);
         let mut resolved = self.resolve(&fallback, true);
         // Cgroups deeper than the kernel walks cannot be governed at all.
         for govs in &mut resolved {
@@ -255,7 +220,7 @@ impl Agent {
         // where the programs do not run: say so and leave them out.
         for (p, govs) in policies.iter().zip(&mut resolved) {
             govs.retain(|g| {
-                let ok = within(&g.path, &self.attach_cgroup);
+                let ok = crate::policy::builtin::within(&g.path, &self.attach_cgroup);
                 if !ok {
                     warn!(
                         "daemon: policy `{}` selects {}, outside --attach-cgroup {}: not enforced there",
@@ -296,7 +261,7 @@ impl Agent {
             }
             ids.push(id);
         }
-        let identifying = Self::identifying_policy();
+        let identifying = crate::policy::builtin::identifying();
         let quarantine = std::mem::take(&mut self.next_quarantine);
         let mut targets: Vec<Target<'_>> = policies
             .iter()
@@ -448,7 +413,7 @@ impl Agent {
             .zip(&self.resolved)
             .map(|((p, id), r)| (p, *id, r.iter().map(who).collect()))
             .collect();
-        let identifying = Self::identifying_policy();
+        let identifying = crate::policy::builtin::identifying();
         if !self.quarantine.is_empty()
             && let Some(id) = self.names.id_of(IDENTIFYING)
         {

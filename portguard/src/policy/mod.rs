@@ -53,6 +53,7 @@
 //! - Rules of one direction are a union: an operation is allowed when any rule
 //!   allows it.
 
+pub mod builtin;
 pub mod compile;
 pub mod explain;
 pub mod parse;

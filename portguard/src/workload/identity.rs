@@ -159,7 +159,6 @@ pub fn pod_cgroup_prefix(path: &str) -> Option<String> {
     None
 }
 
-
 /// The kubelet's pod hierarchies under the cgroup2 root (cgroupfs driver,
 /// systemd driver): where `pods:` selectors look.
 pub const KUBEPODS_ROOTS: [&str; 2] = ["/kubepods", "/kubepods.slice"];

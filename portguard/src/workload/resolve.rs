@@ -18,7 +18,7 @@
 use std::{collections::HashMap, path::Path};
 
 use crate::{
-    policy::{CompiledPolicy, Selector},
+    policy::{CompiledPolicy, Selector, most_specific},
     workload::cri::Snapshot,
     workload::identity,
 };
@@ -170,7 +170,12 @@ pub fn resolve(
                 continue;
             };
             match owner.get(&id).copied() {
-                Some((j, s)) if s > spec || (s == spec && j < i) => {
+                // The rule every reader of the plan shares (`check
+                // --manifests` too): most specific wins, first in the file
+                // breaks ties.
+                Some((j, s))
+                    if most_specific([(j, &policies[j].selector), (i, &p.selector)]) == Some(j) =>
+                {
                     if s == spec {
                         ties.push(format!(
                             "cgroup {path} is selected by policies `{}` and `{}` equally; `{}` (first in the file) applies",

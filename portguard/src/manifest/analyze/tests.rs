@@ -286,8 +286,8 @@ fn the_policy_chosen_is_the_one_the_agent_enforces() {
     use std::collections::HashMap;
 
     use crate::{
-        cri::{Container, Pod, Snapshot},
-        resolve::{TreeIndex, resolve},
+        workload::cri::{Container, Pod, Snapshot},
+        workload::resolve::{TreeIndex, resolve},
     };
     let plan = parse_policy_str(
         "policies:\n  - {name: all, pods: {}, bind: []}\n  - {name: shop, pods: {namespace: shop}, bind: []}\n  - {name: glob, pods: {namespace: \"sh*\", labels: {app: api}}, bind: []}\n  - {name: api, pods: {namespace: shop, labels: {app: api}}, bind: []}\n  - {name: two-labels, pods: {labels: {app: api, tier: web}}, bind: []}\n  - {name: envoy, pods: {labels: {app: api}, container: envoy}, bind: []}\n  - {name: envoy-shop, pods: {namespace: shop, container: envoy}, bind: []}\n  - {name: db, pods: {namespace: data, labels: {app: db}}, bind: []}\n",
