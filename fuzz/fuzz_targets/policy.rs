@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use libfuzzer_sys::fuzz_target;
 use portguard::{
     policy::{apply_reserved, compile_all, parse_policy_text, reparse_policy_text},
-    rules_map::{Applier, Capacity, ResolvedCgroup, RuleSink, SinkError, Target},
+    apply::{Applier, Capacity, ResolvedCgroup, RuleSink, SinkError, Target},
 };
 use portguard_common::{
     CgroupKey, CgroupValue, EMPTY_SET, PolicyRecord, PortChunk, PortChunkKey, State,

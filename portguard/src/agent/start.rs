@@ -321,7 +321,7 @@ impl Agent {
             slot_owners: HashMap::new(),
             unended: Vec::new(),
             packet_guard: None,
-            aggregator: crate::events::aggregate::Aggregator::new(
+            aggregator: events::aggregate::Aggregator::new(
                 opts.aggregate_window,
                 AGGREGATE_KINDS,
             ),

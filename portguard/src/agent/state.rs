@@ -72,7 +72,7 @@ pub(super) struct Agent {
     /// The host name events carry.
     pub(super) host: String,
     /// Flood control for event lines.
-    pub(super) aggregator: crate::events::aggregate::Aggregator,
+    pub(super) aggregator: events::aggregate::Aggregator,
     /// Map capacities (for occupancy).
     pub(super) capacity: Capacity,
     /// What /metrics and `status` report besides the kernel counters.
