@@ -308,9 +308,9 @@ impl Agent {
             health: Health::new(HEALTH_STALE_AFTER.max(opts.lost_interval * 3)),
             host: events::host_name(),
             capacity: opts.capacity,
-            shared: std::sync::Arc::new(crate::observe::metrics::Shared {
+            shared: std::sync::Arc::new(crate::observe::snapshot::Snapshot {
                 counters: counter_maps,
-                facts: std::sync::Mutex::new(crate::observe::metrics::Facts {
+                facts: std::sync::Mutex::new(crate::observe::snapshot::Facts {
                     attach_cgroup: opts.attach_cgroup.clone(),
                     status: "starting".into(),
                     host: events::host_name(),
@@ -321,10 +321,7 @@ impl Agent {
             slot_owners: HashMap::new(),
             unended: Vec::new(),
             packet_guard: None,
-            aggregator: events::aggregate::Aggregator::new(
-                opts.aggregate_window,
-                AGGREGATE_KINDS,
-            ),
+            aggregator: events::aggregate::Aggregator::new(opts.aggregate_window, AGGREGATE_KINDS),
         };
         // Name ids as the previous agent did (its events may still be queued).
         for (id, name) in agent.loaded.maps.names() {

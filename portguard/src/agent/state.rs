@@ -76,7 +76,7 @@ pub(super) struct Agent {
     /// Map capacities (for occupancy).
     pub(super) capacity: Capacity,
     /// What /metrics and `status` report besides the kernel counters.
-    pub(super) shared: std::sync::Arc<crate::observe::metrics::Shared>,
+    pub(super) shared: std::sync::Arc<crate::observe::snapshot::Snapshot>,
     /// Owner of each policy record slot and the slot's counters when it
     /// took it (a slot freed by a removed policy keeps its kernel counts).
     pub(super) slot_owners: HashMap<u32, (String, crate::kernel::Decisions)>,
@@ -431,7 +431,7 @@ impl Agent {
                     b
                 }
             };
-            policies.push(crate::observe::metrics::PolicyFacts {
+            policies.push(crate::observe::snapshot::PolicyFacts {
                 name: p.name.clone(),
                 slot,
                 baseline,
@@ -442,17 +442,17 @@ impl Agent {
         }
         let caps = self.capacity;
         let maps = vec![
-            crate::observe::metrics::MapUse {
+            crate::observe::snapshot::MapUse {
                 name: "policies",
                 entries: policies.len() as u64,
                 capacity: u64::from(caps.policies),
             },
-            crate::observe::metrics::MapUse {
+            crate::observe::snapshot::MapUse {
                 name: "cgroups",
                 entries: report.cgroups as u64,
                 capacity: u64::from(caps.cgroups),
             },
-            crate::observe::metrics::MapUse {
+            crate::observe::snapshot::MapUse {
                 name: "port_chunks",
                 entries: report.chunks_total as u64,
                 capacity: u64::from(caps.chunks),

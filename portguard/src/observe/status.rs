@@ -14,7 +14,7 @@ use std::{
 use anyhow::Context as _;
 use serde_json::{Value, json};
 
-use crate::observe::metrics::{KernelReading, Shared, VERDICTS};
+use crate::observe::snapshot::{KernelReading, Snapshot, VERDICTS};
 
 pub const DEFAULT_SOCKET: &str = "/run/portguard/status.sock";
 
@@ -28,7 +28,7 @@ fn decisions_json(d: &crate::kernel::Decisions) -> serde_json::Map<String, Value
 }
 
 /// The status document for the agent's current facts and counters.
-pub fn document(shared: &Shared) -> Value {
+pub fn document(shared: &Snapshot) -> Value {
     let facts = shared.facts();
     let kernel = KernelReading::read(&shared.counters, &facts);
     let (kernel, kernel_error) = match kernel {
@@ -113,7 +113,7 @@ pub fn bind(path: &Path) -> anyhow::Result<std::os::unix::net::UnixListener> {
 }
 
 /// Answer each connection with the status document.
-pub async fn serve(listener: tokio::net::UnixListener, shared: Arc<Shared>) {
+pub async fn serve(listener: tokio::net::UnixListener, shared: Arc<Snapshot>) {
     use tokio::io::AsyncWriteExt as _;
     loop {
         let Ok((mut stream, _)) = listener.accept().await else {

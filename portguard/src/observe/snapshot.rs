@@ -1,0 +1,115 @@
+//! The agent's snapshot of itself ([`Snapshot`]): what it enforces, how it
+//! has fared (reloads, events written and aggregated, map occupancy), and
+//! the kernel counters read at request time ([`KernelReading`]).
+
+use std::sync::{Arc, Mutex};
+
+use crate::kernel::{CounterMaps, Decisions};
+
+/// Verdict label of each `DECISION_*` kind.
+pub const VERDICTS: [&str; 4] = ["allow", "deny", "audit", "reported"];
+
+/// One policy as the metrics and status see it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PolicyFacts {
+    pub name: String,
+    /// Its record slot (row of the kernel's policy counters).
+    pub slot: u32,
+    /// The slot's counters when this policy took it (a slot freed by a
+    /// removed policy keeps its kernel counts).
+    pub baseline: Decisions,
+    pub mode: &'static str,
+    /// Selector, as `check` describes it.
+    pub selector: String,
+    /// cgroups this policy governs now, with who they are when known.
+    pub cgroups: Vec<(String, crate::events::WorkloadIdentity)>,
+}
+
+/// Map occupancy.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapUse {
+    pub name: &'static str,
+    pub entries: u64,
+    pub capacity: u64,
+}
+
+/// What the agent knows beyond the kernel counters. Updated by the agent,
+/// read by the endpoints.
+#[derive(Clone, Debug, Default)]
+pub struct Facts {
+    pub policies: Vec<PolicyFacts>,
+    pub governed_cgroups: usize,
+    pub reloads_ok: u64,
+    pub reloads_failed: u64,
+    pub events_aggregated: u64,
+    pub events_written: u64,
+    pub maps: Vec<MapUse>,
+    /// Where the programs are attached, and which.
+    pub attach_cgroup: String,
+    pub hooks: Vec<&'static str>,
+    /// How listen()/accept() are checked.
+    pub listen_mode: String,
+    pub status: String,
+    pub host: String,
+    pub started: String,
+}
+
+/// The agent's snapshot of itself: what it knows beyond the kernel
+/// counters (updated by the agent) and the counters (read at request time).
+/// `/metrics` and the status socket answer from it.
+pub struct Snapshot {
+    pub counters: Arc<CounterMaps>,
+    pub facts: Mutex<Facts>,
+}
+
+impl Snapshot {
+    pub fn facts(&self) -> Facts {
+        self.facts.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn update(&self, f: impl FnOnce(&mut Facts)) {
+        f(&mut self.facts.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+}
+
+/// Counters since a policy took its slot.
+pub fn since(now: Decisions, baseline: Decisions) -> Decisions {
+    let mut d = Decisions::default();
+    for i in 0..d.len() {
+        d[i] = now[i].saturating_sub(baseline[i]);
+    }
+    d
+}
+
+/// Kernel counters read at scrape time.
+#[derive(Clone, Debug, Default)]
+pub struct KernelReading {
+    pub by_hook: Vec<(&'static str, Decisions)>,
+    /// Per policy (same order as `Facts::policies`), since it took its slot.
+    pub by_policy: Vec<Decisions>,
+    pub events_lost: u64,
+    /// Packets the packet guard dropped (addressed to cut-off sockets).
+    pub guard_drops: u64,
+    /// Cut-off sockets the kernel would not fence.
+    pub fence_failures: u64,
+}
+
+impl KernelReading {
+    pub fn read(counters: &CounterMaps, facts: &Facts) -> Result<Self, crate::kernel::MapError> {
+        Ok(Self {
+            by_hook: counters
+                .by_hook()?
+                .into_iter()
+                .map(|(h, d)| (h.name(), d))
+                .collect(),
+            by_policy: facts
+                .policies
+                .iter()
+                .map(|p| counters.by_slot(p.slot).map(|d| since(d, p.baseline)))
+                .collect::<Result<_, _>>()?,
+            events_lost: counters.events_lost()?,
+            guard_drops: counters.guard_drops()?,
+            fence_failures: counters.fence_failures()?,
+        })
+    }
+}
