@@ -24,14 +24,7 @@ impl Agent {
             return Some(IDENTIFYING.to_owned());
         }
         let file = &self.parsed.as_ref()?.file;
-        let policy = file.policies.iter().find(|p| p.name == name)?;
-        if rec.hook.is_bind()
-            && file.reserved.contains(rec.port)
-            && crate::policy::bind_ports(policy).is_none_or(|b| b.contains(rec.port))
-        {
-            return Some("reserved".to_owned());
-        }
-        Some(crate::policy::explain::deciding_rule(policy, &rec.judged()))
+        crate::policy::explain::rule_in_file(file, name, &rec.judged(), rec.hook.is_bind())
     }
 
     /// Decode and enrich one ring-buffer record (`from` says where it was

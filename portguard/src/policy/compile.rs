@@ -1,5 +1,9 @@
 //! [`Policy`] -> port sets, one per (direction, protocol, family, address
-//! class), in the layout of [`portguard_common::set_slot`].
+//! class), in the layout of [`portguard_common::set_slot`]; and how the
+//! kernel programs see a local address ([`classify`], the shared
+//! classifier).
+//!
+//! May import: `crate::policy` and portguard-common only.
 
 use std::sync::Arc;
 

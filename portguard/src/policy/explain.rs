@@ -9,7 +9,11 @@
 //! - `bind.dual_stack`: the port is allowed for IPv6, but a dual-stack `[::]`
 //!   bind also needs it for IPv4;
 //! - `bind`, `connect`: no rule lists the protocol, family and port;
-//! - `allow_sockets`: a socket kind the policy does not allow.
+//! - `allow_sockets`: a socket kind the policy does not allow;
+//! - `reserved`: a bind to a port the file's `reserved:` list takes away
+//!   from every policy, though this policy lists it ([`rule_in_file`]).
+//!
+//! May import: `crate::policy` and portguard-common only.
 
 use super::{AddressSel, FamilySel, Policy, PortSpec, ProtocolSel, Rule};
 
@@ -60,6 +64,26 @@ fn family_ok(rule: &Rule, ipv6: bool) -> bool {
         FamilySel::Ipv4 => !ipv6,
         FamilySel::Ipv6 => ipv6,
     }
+}
+
+/// The rule (or lack of one) that denied `j` under the policy named `name`
+/// in `file`: for a bind hook's decision (`bind_hook`: bind4/6,
+/// post_bind4/6), `reserved` when the file reserves the port (the kernel
+/// denies it whatever the policy lists); else [`deciding_rule`].
+pub fn rule_in_file(
+    file: &super::PolicyFile,
+    name: &str,
+    j: &Judged,
+    bind_hook: bool,
+) -> Option<String> {
+    let policy = file.policies.iter().find(|p| p.name == name)?;
+    if bind_hook
+        && file.reserved.contains(j.port)
+        && super::bind_ports(policy).is_none_or(|b| b.contains(j.port))
+    {
+        return Some("reserved".to_owned());
+    }
+    Some(deciding_rule(policy, j))
 }
 
 /// The rule (or lack of one) that denied `j` under `policy`.
