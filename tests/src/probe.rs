@@ -142,6 +142,13 @@ impl Probe {
         self
     }
 
+    /// `listen-unbound` calls listen() in a child running as `uid` (without
+    /// `CAP_NET_RAW`) that exits at once; the probe keeps the socket.
+    pub fn listen_in_child(mut self, uid: u32) -> Self {
+        self.args.extend(["--listen-in-child".into(), uid.to_string()]);
+        self
+    }
+
     /// `listen-unbound` binds its socket to `dev` before listen().
     pub fn bind_device(mut self, dev: &str) -> Self {
         self.args.extend(["--bind-device".into(), dev.into()]);

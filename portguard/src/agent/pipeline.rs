@@ -83,24 +83,43 @@ impl Agent {
     }
 
     /// End the socket a `cut_off` event names, and say what was done:
-    /// `destroyed`, `fenced` (the kernel would not destroy it, the fence
-    /// holds it), `closed` (already gone), or `dropped` (neither fenced nor
-    /// destroyable: the packet guard is attached until it is gone).
+    /// `destroyed`, `fenced` (the kernel would not destroy it; the fence
+    /// holds it, and the sweep checks it stays fenced), `closed` (already
+    /// gone), or `dropped` (neither fenced nor destroyable: the packet guard
+    /// is attached until it is gone).
     pub(super) fn end_cut_off_socket(&mut self, ev: &portguard_common::Event) -> &'static str {
+        // A fence the kernel refused (counted before this event was read)
+        // keeps the packet guard attached, whatever becomes of this event.
+        self.check_fence_failures();
         let pid = (ev.pid_tgid >> 32) as u32;
         let family = event_socket_family(ev);
         let ns = match event_netns(ev) {
             Ok(ns) => ns,
             Err(e) => {
-                // The task is gone; so is its network namespace, unless
-                // another process shares it.
+                // The task is gone. Its socket may live on in another
+                // process: the fence holds it, or, where the fence failed,
+                // the packet guard (attached above) does.
                 debug!("daemon: the cut-off socket's task is gone ({e})");
                 return "closed";
             }
         };
+        let unended = |fenced| Unended {
+            ns: ns.try_clone().ok(),
+            family,
+            protocol: ev.protocol,
+            port: ev.port,
+            cookie: ev.sock_cookie,
+            fenced,
+        };
         match sockets::end(&ns, family, ev.protocol, ev.port, ev.sock_cookie) {
             Ok(sockets::Ended::Destroyed) => "destroyed",
-            Ok(sockets::Ended::Fenced) => "fenced",
+            Ok(sockets::Ended::Fenced) => {
+                // Watched: a fence taken down some other way (a compat
+                // setsockopt the cgroup hook never sees) brings the guard.
+                let u = unended(true);
+                self.unended.push(u);
+                "fenced"
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => "closed",
             Err(e) => {
                 warn!(
@@ -108,44 +127,93 @@ impl Agent {
                      destroyable ({e}); the packet guard drops its traffic until it is gone",
                     ev.port
                 );
-                self.unended.push(Unended {
-                    ns,
-                    family,
-                    protocol: ev.protocol,
-                    port: ev.port,
-                    cookie: ev.sock_cookie,
-                });
-                if self.packet_guard.is_none() {
-                    let root = self.hierarchy.fs_path(&self.attach_cgroup);
-                    match self.loaded.attach_packet_guard(&root) {
-                        Ok(link) => {
-                            info!("daemon: packet guard attached to {}", root.display());
-                            self.packet_guard = Some(link);
-                        }
-                        Err(e) => {
-                            error!("daemon: cannot attach the packet guard: {e}");
-                            return "failed";
-                        }
-                    }
+                let u = unended(false);
+                self.unended.push(u);
+                if self.ensure_packet_guard() {
+                    "dropped"
+                } else {
+                    "failed"
                 }
-                "dropped"
             }
         }
     }
 
-    /// Forget unended cut-off sockets that are gone; detach the packet
-    /// guard with the last one.
+    /// Attach the packet guard to the root if it is not; false if it
+    /// cannot be.
+    pub(super) fn ensure_packet_guard(&mut self) -> bool {
+        if self.packet_guard.is_some() {
+            return true;
+        }
+        let root = self.hierarchy.fs_path(&self.attach_cgroup);
+        match self.loaded.attach_packet_guard(&root) {
+            Ok(link) => {
+                info!("daemon: packet guard attached to {}", root.display());
+                self.packet_guard = Some(link);
+                true
+            }
+            Err(e) => {
+                error!("daemon: cannot attach the packet guard: {e}");
+                false
+            }
+        }
+    }
+
+    /// A cut-off socket the kernel would not fence (bound to a device by a
+    /// process without `CAP_NET_RAW`) may outlive its event: its task may
+    /// exit before the agent looks, or the event may be lost. Each new
+    /// fence failure attaches the packet guard (which drops what is
+    /// addressed to any cut-off socket, fenced or not) for the rest of this
+    /// agent's run.
+    pub(super) fn check_fence_failures(&mut self) {
+        let Ok(now) = self.loaded.maps.counters.fence_failures() else {
+            return;
+        };
+        if now > self.fence_failures_seen {
+            warn!(
+                "daemon: {} cut-off socket(s) could not be fenced (bound to a device by a process \
+                 without CAP_NET_RAW): the packet guard stays attached for the rest of this run",
+                now - self.fence_failures_seen
+            );
+            self.fence_failures_seen = now;
+            self.guard_held = true;
+            self.ensure_packet_guard();
+        }
+    }
+
+    /// Forget cut-off sockets that are gone; bring the packet guard for a
+    /// fenced one whose fence was taken down; detach the guard when nothing
+    /// needs it.
     pub(super) fn sweep_unended(&mut self) {
+        self.check_fence_failures();
         if self.unended.is_empty() {
             return;
         }
-        self.unended.retain(|u| {
-            !matches!(
-                sockets::find(&u.ns, u.family, u.protocol, u.port, u.cookie),
-                Ok(None)
-            )
+        let mut unfenced = Vec::new();
+        self.unended.retain_mut(|u| {
+            let Some(ns) = &u.ns else {
+                return false;
+            };
+            match sockets::find(ns, u.family, u.protocol, u.port, u.cookie) {
+                Ok(None) => false,
+                Ok(Some(s)) => {
+                    if u.fenced && s.interface != portguard_common::FENCE_IFINDEX as u32 {
+                        unfenced.push(u.port);
+                        u.fenced = false;
+                    }
+                    true
+                }
+                Err(_) => true,
+            }
         });
-        if self.unended.is_empty() && self.packet_guard.take().is_some() {
+        for port in unfenced {
+            warn!(
+                "daemon: the fenced socket on port {port} was taken off its fence (bound to \
+                 another interface): the packet guard drops its traffic until it is gone"
+            );
+            self.ensure_packet_guard();
+        }
+        let needed = self.guard_held || self.unended.iter().any(|u| !u.fenced);
+        if !needed && self.packet_guard.take().is_some() {
             info!("daemon: the last unended cut-off socket is gone: packet guard detached");
         }
     }
@@ -189,16 +257,19 @@ pub(super) fn must_end(ev: &portguard_common::Event) -> bool {
             || (ev.verdict == VERDICT_DENY && ev.flags & EVENT_F_AUTOBIND != 0))
 }
 
-/// A cut-off socket that is neither fenced nor destroyed (the kernel would
-/// not fence it: a process without `CAP_NET_RAW` bound it to a device; and
-/// would not destroy it: an MPTCP listener). The packet guard stays
-/// attached until the last one is gone.
+/// A cut-off socket the agent could not destroy: fenced (watched, in case
+/// the fence is taken down), or neither fenced nor destroyable (the packet
+/// guard stays attached until the last one is gone).
 pub(super) struct Unended {
-    pub(super) ns: std::fs::File,
+    /// Its network namespace (`None`: could not be kept open).
+    pub(super) ns: Option<std::fs::File>,
     pub(super) family: u8,
     pub(super) protocol: u8,
     pub(super) port: u16,
     pub(super) cookie: u64,
+    /// Fenced (the kernel would not destroy it): watched, but needs no
+    /// guard while the fence holds.
+    pub(super) fenced: bool,
 }
 
 pub(super) async fn drain_events(

@@ -321,6 +321,8 @@ impl Agent {
             slot_owners: HashMap::new(),
             unended: Vec::new(),
             packet_guard: None,
+            fence_failures_seen: 0,
+            guard_held: false,
             aggregator: events::aggregate::Aggregator::new(opts.aggregate_window, AGGREGATE_KINDS),
         };
         // Name ids as the previous agent did (its events may still be queued).

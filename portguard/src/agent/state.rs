@@ -85,6 +85,10 @@ pub(super) struct Agent {
     /// The packet guard's link on the cgroup2 root, while `unended` is not
     /// empty (see [`portguard_common::GUARD_PROGRAM`]).
     pub(super) packet_guard: Option<crate::kernel::ProgLink>,
+    /// Fence failures already acted on (the kernel counter).
+    pub(super) fence_failures_seen: u64,
+    /// A fence failure keeps the packet guard attached for this run.
+    pub(super) guard_held: bool,
 }
 
 impl Agent {

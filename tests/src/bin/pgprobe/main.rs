@@ -45,6 +45,9 @@
 //! `{"op":..,"ok":false,"errno":E,"error":"..",..}`.
 //! `--serve-after-ms MS`: wait MS before the `--serve` check (to see what a
 //! client gets once the agent has acted on the listener).
+//! `--listen-in-child UID`: `listen-unbound` calls listen() in a forked
+//! child running as UID (so without `CAP_NET_RAW`), which exits at once;
+//! this process keeps the socket and goes on (`--serve`) with it.
 //! `--bind-device DEV`: `listen-unbound` binds its socket to DEV
 //! (`SO_BINDTODEVICE`) before listen(); with `--uid`, as a process without
 //! `CAP_NET_RAW`, which then cannot change it.
@@ -78,6 +81,8 @@ static SERVE_AFTER_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU
 static UNFENCE: AtomicBool = AtomicBool::new(false);
 /// `--bind-device`: see the module docs.
 static BIND_DEVICE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+/// `--listen-in-child`: see the module docs.
+static LISTEN_IN_CHILD: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
 
 fn main() {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
@@ -117,6 +122,9 @@ fn main() {
                     .unwrap_or_else(|_| die("bad --serve-after-ms")),
                 Ordering::Relaxed,
             ),
+            "--listen-in-child" => {
+                let _ = LISTEN_IN_CHILD.set(val().parse().unwrap_or_else(|_| die("bad uid")));
+            }
             "--bind-device" => {
                 let _ = BIND_DEVICE.set(val());
             }

@@ -8,7 +8,7 @@ use std::{
 };
 
 use crate::{
-    BIND_DEVICE, SERVE, UNFENCE,
+    BIND_DEVICE, LISTEN_IN_CHILD, SERVE, UNFENCE,
     handoff::handoff,
     race::v6only_race,
     serve::{serve_check, unfence},
@@ -102,9 +102,26 @@ pub(crate) fn run_op(op: &[String]) -> String {
                     die(&format!("SO_BINDTODEVICE {dev}: errno {}", errno()));
                 }
             }
-            // SAFETY: listen on our own socket.
-            let rc = unsafe { libc::listen(fd, 8) };
-            (fd, rc, errno())
+            if let Some(&uid) = LISTEN_IN_CHILD.get() {
+                // SAFETY: the child only calls setgid/setuid/listen/_exit.
+                unsafe {
+                    let child = libc::fork();
+                    if child == 0 {
+                        let ok = libc::setgid(uid) == 0
+                            && libc::setuid(uid) == 0
+                            && libc::listen(fd, 8) == 0;
+                        libc::_exit(i32::from(!ok));
+                    }
+                    let mut status = 0;
+                    libc::waitpid(child, &mut status, 0);
+                    let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+                    (fd, if ok { 0 } else { -1 }, if ok { 0 } else { libc::EPERM })
+                }
+            } else {
+                // SAFETY: listen on our own socket.
+                let rc = unsafe { libc::listen(fd, 8) };
+                (fd, rc, errno())
+            }
         }
         "uring-bind" => {
             let addr = parse_addr(get(2), get(3));
