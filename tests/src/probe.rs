@@ -145,7 +145,8 @@ impl Probe {
     /// `listen-unbound` calls listen() in a child running as `uid` (without
     /// `CAP_NET_RAW`) that exits at once; the probe keeps the socket.
     pub fn listen_in_child(mut self, uid: u32) -> Self {
-        self.args.extend(["--listen-in-child".into(), uid.to_string()]);
+        self.args
+            .extend(["--listen-in-child".into(), uid.to_string()]);
         self
     }
 

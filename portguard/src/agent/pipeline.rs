@@ -83,10 +83,10 @@ impl Agent {
     }
 
     /// End the socket a `cut_off` event names, and say what was done:
-    /// `destroyed`, `fenced` (the kernel would not destroy it; the fence
-    /// holds it, and the sweep checks it stays fenced), `closed` (already
-    /// gone), or `dropped` (neither fenced nor destroyable: the packet guard
-    /// is attached until it is gone).
+    /// `destroyed`, `fenced` (the kernel would not destroy it: fenced, and
+    /// the packet guard backs the fence until it is gone), `closed`
+    /// (already gone), or `dropped` (neither fenced nor destroyable: the
+    /// packet guard is attached until it is gone).
     pub(super) fn end_cut_off_socket(&mut self, ev: &portguard_common::Event) -> &'static str {
         // A fence the kernel refused (counted before this event was read)
         // keeps the packet guard attached, whatever becomes of this event.
@@ -114,10 +114,14 @@ impl Agent {
         match sockets::end(&ns, family, ev.protocol, ev.port, ev.sock_cookie) {
             Ok(sockets::Ended::Destroyed) => "destroyed",
             Ok(sockets::Ended::Fenced) => {
-                // Watched: a fence taken down some other way (a compat
-                // setsockopt the cgroup hook never sees) brings the guard.
+                // The fence is not proof enough for a socket that lives on:
+                // a 32-bit (compat) setsockopt never runs the cgroup hook
+                // that keeps it, and a workload with CAP_NET_ADMIN in its
+                // own netns can create an interface with the fence's
+                // index. The packet guard backs it until it is gone.
                 let u = unended(true);
                 self.unended.push(u);
+                self.ensure_packet_guard();
                 "fenced"
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => "closed",
@@ -180,9 +184,9 @@ impl Agent {
         }
     }
 
-    /// Forget cut-off sockets that are gone; bring the packet guard for a
-    /// fenced one whose fence was taken down; detach the guard when nothing
-    /// needs it.
+    /// Forget cut-off sockets that are gone, say so when a fenced one was
+    /// taken off its fence, and detach the packet guard when nothing needs
+    /// it.
     pub(super) fn sweep_unended(&mut self) {
         self.check_fence_failures();
         if self.unended.is_empty() {
@@ -212,7 +216,7 @@ impl Agent {
             );
             self.ensure_packet_guard();
         }
-        let needed = self.guard_held || self.unended.iter().any(|u| !u.fenced);
+        let needed = self.guard_held || !self.unended.is_empty();
         if !needed && self.packet_guard.take().is_some() {
             info!("daemon: the last unended cut-off socket is gone: packet guard detached");
         }
@@ -257,9 +261,8 @@ pub(super) fn must_end(ev: &portguard_common::Event) -> bool {
             || (ev.verdict == VERDICT_DENY && ev.flags & EVENT_F_AUTOBIND != 0))
 }
 
-/// A cut-off socket the agent could not destroy: fenced (watched, in case
-/// the fence is taken down), or neither fenced nor destroyable (the packet
-/// guard stays attached until the last one is gone).
+/// A cut-off socket the agent could not destroy (fenced or not): the
+/// packet guard stays attached until the last one is gone.
 pub(super) struct Unended {
     /// Its network namespace (`None`: could not be kept open).
     pub(super) ns: Option<std::fs::File>,
@@ -267,8 +270,7 @@ pub(super) struct Unended {
     pub(super) protocol: u8,
     pub(super) port: u16,
     pub(super) cookie: u64,
-    /// Fenced (the kernel would not destroy it): watched, but needs no
-    /// guard while the fence holds.
+    /// It was fenced when last seen (a change is logged).
     pub(super) fenced: bool,
 }
 

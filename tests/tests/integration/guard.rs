@@ -248,14 +248,29 @@ fn an_unfenceable_listener_that_outlives_its_task_is_starved() {
         eprintln!("skipped: the BPF LSM denies listen() itself here; no socket is ever fenced");
         return;
     }
-    let r = Probe::in_cgroup(&cg)
-        .bind_device("lo")
-        .listen_in_child(65534)
-        .serve_after(1000)
-        .run(&["listen-unbound", "tcp", "4"]);
-    r.assert_ok();
+    // The agent is held (SIGSTOP) until the child has listened and exited,
+    // so the task its event names is gone when it looks: the race the
+    // attacker wins when the agent is slow, made certain.
+    let agent_pid = agent.pid();
+    // SAFETY: signalling the agent process this test started.
+    unsafe { libc::kill(agent_pid, libc::SIGSTOP) };
+    let probe = std::thread::scope(|scope| {
+        let probe = scope.spawn(|| {
+            Probe::in_cgroup(&cg)
+                .bind_device("lo")
+                .listen_in_child(65534)
+                .serve_after(1500)
+                .run(&["listen-unbound", "tcp", "4"])
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        // SAFETY: as above.
+        unsafe { libc::kill(agent_pid, libc::SIGCONT) };
+        probe.join().unwrap()
+    });
+    let r = probe;
     let e = agent.wait_event(&[("port", json!(r.port)), ("hook", json!("listen"))]);
     assert_eq!(e["verdict"], "cut_off", "{e}");
+    assert_eq!(e["action"], "closed", "{e}");
     assert_ne!(e["pid"], json!(r.pid), "the child listened: {e}");
     assert_eq!(r.served, Some(false), "{r:?}\n{}", agent.stderr());
     assert_eq!(r.client.as_deref(), Some("timeout"), "{r:?}");

@@ -115,7 +115,11 @@ pub(crate) fn run_op(op: &[String]) -> String {
                     let mut status = 0;
                     libc::waitpid(child, &mut status, 0);
                     let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
-                    (fd, if ok { 0 } else { -1 }, if ok { 0 } else { libc::EPERM })
+                    (
+                        fd,
+                        if ok { 0 } else { -1 },
+                        if ok { 0 } else { libc::EPERM },
+                    )
                 }
             } else {
                 // SAFETY: listen on our own socket.
