@@ -254,14 +254,41 @@ fn set_local_v4(q: &mut Query, ip: u32) {
 
 /// The bound local address of a listening socket, IPv6 (an IPv4-mapped
 /// address is judged as IPv4; `[::]` without IPV6_V6ONLY is dual-stack).
+/// The query's flags are kept; the address's own are added.
 #[inline(always)]
 fn set_local_v6(q: &mut Query, w: [u32; 4], v6only: bool) {
     let v6 = classify6(w, false);
     q.family = v6.family;
     q.addr_class = v6.class;
     q.addr = v6.addr;
-    q.flags = v6.flags;
+    q.flags |= v6.flags;
     q.dual_stack = v6.unspecified && !v6only;
+    if q.dual_stack {
+        q.flags |= EVENT_F_DUAL_STACK;
+    }
+}
+
+/// The bound local address of `sk` (as a `bpf_sock` exposes it), IPv4 or
+/// IPv6.
+#[inline(always)]
+fn set_local_of(q: &mut Query, sk: *mut bpf_sock, family: u32) {
+    if family == u32::from(AF_INET) {
+        // SAFETY: reading a field of the socket the kernel passed in.
+        set_local_v4(q, unsafe {
+            read_volatile(core::ptr::addr_of!((*sk).src_ip4))
+        });
+    } else {
+        // SAFETY: as above.
+        let w = unsafe {
+            [
+                read_volatile(core::ptr::addr_of!((*sk).src_ip6[0])),
+                read_volatile(core::ptr::addr_of!((*sk).src_ip6[1])),
+                read_volatile(core::ptr::addr_of!((*sk).src_ip6[2])),
+                read_volatile(core::ptr::addr_of!((*sk).src_ip6[3])),
+            ]
+        };
+        set_local_v6(q, w, sk_v6only(sk.cast::<c_void>()) == Some(true));
+    }
 }
 
 /// Judge a socket that is about to listen, or whose connection is about to
@@ -416,12 +443,7 @@ pub fn portguard_sock_ops(ctx: SockOpsContext) -> u32 {
                 read_volatile(core::ptr::addr_of!((*ops).local_ip6[3])),
             ]
         };
-        let flags = q.flags;
         set_local_v6(&mut q, w, sk_v6only(sk.cast::<c_void>()) == Some(true));
-        q.flags |= flags;
-        if q.dual_stack {
-            q.flags |= EVENT_F_DUAL_STACK;
-        }
     } else {
         return 1;
     }
@@ -478,27 +500,7 @@ pub fn judge_send_port(ctx: &SockAddrContext, hook: Hook) -> i32 {
         // SAFETY: the helper reads the context's socket.
         cookie: unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast::<c_void>()) },
     };
-    if family == u32::from(AF_INET) {
-        // SAFETY: as above.
-        set_local_v4(&mut q, unsafe {
-            read_volatile(core::ptr::addr_of!((*sk).src_ip4))
-        });
-    } else {
-        // SAFETY: as above.
-        let w = unsafe {
-            [
-                read_volatile(core::ptr::addr_of!((*sk).src_ip6[0])),
-                read_volatile(core::ptr::addr_of!((*sk).src_ip6[1])),
-                read_volatile(core::ptr::addr_of!((*sk).src_ip6[2])),
-                read_volatile(core::ptr::addr_of!((*sk).src_ip6[3])),
-            ]
-        };
-        set_local_v6(&mut q, w, sk_v6only(sk.cast::<c_void>()) == Some(true));
-        q.flags |= EVENT_F_AUTOBIND;
-        if q.dual_stack {
-            q.flags |= EVENT_F_DUAL_STACK;
-        }
-    }
+    set_local_of(&mut q, sk, family);
     if decide(&q) == DENY {
         fence(ctx.sock_addr.cast::<c_void>());
         cut_off(sk);
@@ -569,28 +571,7 @@ pub fn portguard_setsockopt(ctx: SockoptContext) -> i32 {
         cut_off: false,
         cookie: 0,
     };
-    if family == u32::from(AF_INET) {
-        // SAFETY: as above.
-        set_local_v4(&mut q, unsafe {
-            read_volatile(core::ptr::addr_of!((*sk).src_ip4))
-        });
-    } else {
-        // SAFETY: as above.
-        let w = unsafe {
-            [
-                read_volatile(core::ptr::addr_of!((*sk).src_ip6[0])),
-                read_volatile(core::ptr::addr_of!((*sk).src_ip6[1])),
-                read_volatile(core::ptr::addr_of!((*sk).src_ip6[2])),
-                read_volatile(core::ptr::addr_of!((*sk).src_ip6[3])),
-            ]
-        };
-        let flags = q.flags;
-        set_local_v6(&mut q, w, sk_v6only(sk.cast::<c_void>()) == Some(true));
-        q.flags |= flags;
-        if q.dual_stack {
-            q.flags |= EVENT_F_DUAL_STACK;
-        }
-    }
+    set_local_of(&mut q, sk, family);
     if fenced {
         refuse(&q);
         return 0;
