@@ -160,40 +160,27 @@ impl Aggregator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::{EventHook, SCHEMA_VERSION, Verdict, WorkloadIdentity};
+    use crate::events::{EventHook, Verdict};
 
     fn rec(port: u16, time: &str, pid: u32) -> EventRecord {
         EventRecord {
-            schema_version: SCHEMA_VERSION,
-            time: time.into(),
-            host: "h".into(),
-            verdict: Verdict::Deny,
-            hook: EventHook::Kernel(portguard_common::Hook::Bind4),
             policy: Some("p".into()),
-            rule: None,
             cgroup: Some("/c".into()),
             cgroup_id: 7,
             pid,
             tid: pid,
-            uid: 0,
-            gid: 0,
             comm: "x".into(),
-            family: "ipv4",
             protocol: "tcp".into(),
             address: "127.0.0.1".into(),
             port,
             policy_cgroup: Some("/c".into()),
             policy_cgroup_id: 7,
-            v4_mapped: false,
-            dual_stack: false,
-            autobind: false,
-            socket: None,
-            socket_inode: None,
-            action: None,
-            identity: WorkloadIdentity::default(),
-            count: 1,
-            first_seen: None,
-            last_seen: None,
+            ..EventRecord::new(
+                Verdict::Deny,
+                EventHook::Kernel(portguard_common::Hook::Bind4),
+                time.into(),
+                "h",
+            )
         }
     }
 

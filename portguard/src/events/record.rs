@@ -38,18 +38,6 @@ impl Verdict {
             _ => Self::Unknown,
         }
     }
-
-    /// The JSON value.
-    pub const fn name(self) -> &'static str {
-        match self {
-            Self::Deny => "deny",
-            Self::Audit => "audit",
-            Self::Reported => "reported",
-            Self::CutOff => "cut_off",
-            Self::Preexisting => "preexisting",
-            Self::Unknown => "unknown",
-        }
-    }
 }
 
 /// The `hook` field: where it was decided.
