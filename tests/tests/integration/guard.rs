@@ -60,6 +60,29 @@ fn assert_cut_off(agent: &Agent, denied: bool, r: &ProbeResult, port: Option<u16
     }
 }
 
+/// A test cgroup governed by the policy `svc` (binds to 8080 only), and the
+/// agent enforcing it.
+fn svc_8080(name: &str) -> (Cgroup, Agent) {
+    let cg = Cgroup::new(name);
+    let agent = Agent::start(&format!(
+        "policies:\n  - {{name: svc, cgroup: {}, bind: [{{ports: [8080]}}]}}\n",
+        cg.rel
+    ));
+    (cg, agent)
+}
+
+/// [`svc_8080`] where listen() is cut off rather than denied; `None`, with
+/// the reason printed, where the BPF LSM denies listen() itself and no
+/// socket is ever fenced.
+fn fencing_host(name: &str) -> Option<(Cgroup, Agent)> {
+    let (cg, agent) = svc_8080(name);
+    if agent.listen_denied() {
+        eprintln!("skipped: the BPF LSM denies listen() itself here; no socket is ever fenced");
+        return None;
+    }
+    Some((cg, agent))
+}
+
 /// A counter from /metrics.
 fn metric(agent: &Agent, name: &str) -> u64 {
     let url = format!("http://127.0.0.1:{}/metrics", agent.metrics_port());
@@ -83,11 +106,7 @@ fn metric(agent: &Agent, name: &str) -> u64 {
 #[test]
 fn an_unbound_listener_outside_the_policy_serves_no_one() {
     require_root!();
-    let cg = Cgroup::new("guard-unbound");
-    let agent = Agent::start(&format!(
-        "policies:\n  - {{name: svc, cgroup: {}, bind: [{{ports: [8080]}}]}}\n",
-        cg.rel
-    ));
+    let (cg, agent) = svc_8080("guard-unbound");
     let denied = agent.listen_denied();
     let p = Probe::in_cgroup(&cg).serve();
     for proto in ["tcp", "mptcp"] {
@@ -125,19 +144,13 @@ fn an_unbound_listener_outside_the_policy_serves_no_one() {
 /// A tenant undoes the fence as it would bind any socket to a device
 /// (`SO_BINDTODEVICE ""`, `SO_BINDTOIFINDEX 0`): both are refused (EPERM),
 /// each with an event, and the listener still serves no one. TCP and MPTCP
-/// (which the agent cannot destroy, so only the fence holds it).
+/// (which the agent cannot destroy: the fence refuses its clients).
 #[test]
 fn a_tenant_cannot_take_the_fence_down() {
     require_root!();
-    let cg = Cgroup::new("guard-unfence");
-    let agent = Agent::start(&format!(
-        "policies:\n  - {{name: svc, cgroup: {}, bind: [{{ports: [8080]}}]}}\n",
-        cg.rel
-    ));
-    if agent.listen_denied() {
-        eprintln!("skipped: the BPF LSM denies listen() itself here; no socket is ever fenced");
+    let Some((cg, agent)) = fencing_host("guard-unfence") else {
         return;
-    }
+    };
     for proto in ["tcp", "mptcp"] {
         let r = Probe::in_cgroup(&cg)
             .unfence()
@@ -183,15 +196,9 @@ fn a_tenant_cannot_take_the_fence_down() {
 #[test]
 fn a_socket_that_cannot_be_fenced_is_ended_by_the_agent() {
     require_root!();
-    let cg = Cgroup::new("guard-nofence");
-    let agent = Agent::start(&format!(
-        "policies:\n  - {{name: svc, cgroup: {}, bind: [{{ports: [8080]}}]}}\n",
-        cg.rel
-    ));
-    if agent.listen_denied() {
-        eprintln!("skipped: the BPF LSM denies listen() itself here; no socket is ever fenced");
+    let Some((cg, agent)) = fencing_host("guard-nofence") else {
         return;
-    }
+    };
     for (proto, action, client) in [
         ("tcp", "destroyed", "ECONNREFUSED"),
         ("mptcp", "dropped", "timeout"),
@@ -239,15 +246,9 @@ fn a_socket_that_cannot_be_fenced_is_ended_by_the_agent() {
 #[test]
 fn an_unfenceable_listener_that_outlives_its_task_is_starved() {
     require_root!();
-    let cg = Cgroup::new("guard-orphan");
-    let agent = Agent::start(&format!(
-        "policies:\n  - {{name: svc, cgroup: {}, bind: [{{ports: [8080]}}]}}\n",
-        cg.rel
-    ));
-    if agent.listen_denied() {
-        eprintln!("skipped: the BPF LSM denies listen() itself here; no socket is ever fenced");
+    let Some((cg, agent)) = fencing_host("guard-orphan") else {
         return;
-    }
+    };
     // The agent is held (SIGSTOP) until the child has listened and exited,
     // so the task its event names is gone when it looks: the race the
     // attacker wins when the agent is slow, made certain.
@@ -330,11 +331,7 @@ fn ephemeral_never_allows_a_port_someone_asked_for() {
 #[test]
 fn a_udp_autobind_inside_a_narrowed_range_is_denied() {
     require_root!();
-    let cg = Cgroup::new("guard-udp");
-    let agent = Agent::start(&format!(
-        "policies:\n  - {{name: svc, cgroup: {}, bind: [{{ports: [8080]}}]}}\n",
-        cg.rel
-    ));
+    let (cg, agent) = svc_8080("guard-udp");
     for dest in ["127.0.0.1", "::1"] {
         let r =
             Probe::in_cgroup(&cg)
