@@ -26,6 +26,3 @@ pub mod manifest;
 pub mod observe;
 pub mod policy;
 pub mod workload;
-
-// The tests crate reaches these at their old paths.
-pub use workload::{cgroupfs, cri};

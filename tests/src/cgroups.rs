@@ -11,7 +11,7 @@ static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 /// The cgroup2 mount point of this host.
 pub fn cgroup2_root() -> PathBuf {
-    portguard::cgroupfs::cgroup2_mount().expect("these tests need a cgroup2 mount")
+    portguard::workload::cgroupfs::cgroup2_mount().expect("these tests need a cgroup2 mount")
 }
 
 /// True when running as root (the tests need CAP_BPF, CAP_SYS_ADMIN, ...).

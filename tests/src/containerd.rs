@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use portguard::cri::api::{
+use portguard::workload::cri::api::{
     ContainerConfig, ContainerMetadata, CreateContainerRequest, ExecSyncRequest, ImageSpec,
     LinuxPodSandboxConfig, LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption,
     PodSandboxConfig, PodSandboxMetadata, RemovePodSandboxRequest, RunPodSandboxRequest,
@@ -174,7 +174,7 @@ state = "{state}"
 
     fn client(&self) -> RuntimeServiceClient<Channel> {
         self.rt
-            .block_on(portguard::cri::connect(&self.socket))
+            .block_on(portguard::workload::cri::connect(&self.socket))
             .expect("CRI connect")
     }
 
@@ -249,8 +249,11 @@ state = "{state}"
             .pod_sandbox_id;
         self.pods.push(id.clone());
         self.sandboxes.insert(id.clone(), config);
-        self.cgroups
-            .push(portguard::cgroupfs::cgroup2_mount().unwrap().join(&parent));
+        self.cgroups.push(
+            portguard::workload::cgroupfs::cgroup2_mount()
+                .unwrap()
+                .join(&parent),
+        );
         (id, uid, format!("/{parent}"))
     }
 
@@ -354,7 +357,10 @@ state = "{state}"
 impl Drop for Containerd {
     fn drop(&mut self) {
         if self.child.is_some() {
-            let mut client = self.rt.block_on(portguard::cri::connect(&self.socket)).ok();
+            let mut client = self
+                .rt
+                .block_on(portguard::workload::cri::connect(&self.socket))
+                .ok();
             for id in std::mem::take(&mut self.pods) {
                 if let Some(c) = client.as_mut() {
                     let _ = self.rt.block_on(c.stop_pod_sandbox(StopPodSandboxRequest {
@@ -388,7 +394,7 @@ impl Drop for Containerd {
         for cg in &self.cgroups {
             crate::cgroups::remove_cgroup_tree(cg);
         }
-        let root = portguard::cgroupfs::cgroup2_mount().unwrap();
+        let root = portguard::workload::cgroupfs::cgroup2_mount().unwrap();
         for d in ["kubepods/besteffort", "kubepods"] {
             let _ = std::fs::remove_dir(root.join(d));
         }

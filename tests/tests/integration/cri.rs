@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use portguard::cri::api::{
+use portguard::workload::cri::api::{
     Capability, ContainerConfig, ContainerMetadata, ImageSpec, Int64Value, KeyValue,
     LinuxContainerConfig, LinuxContainerResources, LinuxContainerSecurityContext, Mount,
     NamespaceMode, NamespaceOption, SecurityProfile, security_profile::ProfileType,
@@ -123,7 +123,7 @@ fn pods_selected_by_label_through_a_real_cri_runtime() {
     // created, or it never will be) is held by `portguard:identifying`:
     // nothing in it may bind or connect until the runtime names the pod.
     let ghost_uid = "0000dead-0000-4000-8000-00000000beef";
-    let root = portguard::cgroupfs::cgroup2_mount().unwrap();
+    let root = portguard::workload::cgroupfs::cgroup2_mount().unwrap();
     let ghost = portguard_tests::Cgroup::existing(
         root.join(format!("kubepods/besteffort/pod{ghost_uid}")),
         &format!("/kubepods/besteffort/pod{ghost_uid}"),
