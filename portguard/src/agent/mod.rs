@@ -47,6 +47,8 @@ pub struct RunOptions {
     pub lost_interval: Duration,
     /// How often to re-resolve policy cgroups even without inotify events.
     pub rescan_interval: Duration,
+    /// Most cgroups governed in one delegated subtree (`delegated: govern`).
+    pub max_delegated_cgroups: usize,
     /// Where to attach the programs (a normalised cgroup path; `/` = the
     /// whole host). Every policy must govern a cgroup at or below it.
     pub attach_cgroup: String,
@@ -79,7 +81,7 @@ pub struct RunOptions {
     pub fail_closed: bool,
 }
 
-pub use crate::policy::builtin::{FAIL_CLOSED, IDENTIFYING};
+pub use crate::policy::builtin::{FAIL_CLOSED, IDENTIFYING, UNFIT};
 
 /// /healthz fails when the main loop has not turned for this long (or three
 /// lost-report intervals, if longer).

@@ -93,6 +93,8 @@ impl Agent {
         started: Instant,
     ) -> anyhow::Result<(ApplyReport, Reparse)> {
         let text = read_policy_file(&self.policy_path)?;
+        // A new file replaces whatever a rescan could not apply.
+        self.refused = None;
         let invalid = |diagnostics| PolicyError::Invalid {
             path: self.policy_path.clone(),
             diagnostics,
@@ -207,10 +209,32 @@ impl Agent {
     }
 
     pub(super) fn rescan(&mut self) {
+        // After a rescan failed closed: try the real policies again first.
+        if let Some(real) = self.refused.take() {
+            let resolved = self.resolve(&real, true);
+            match self.apply(real.clone(), resolved) {
+                Ok(r) => {
+                    info!(
+                        "daemon: the policies fit again; the --fail-closed stand-ins are lifted \
+                         ({} cgroups governed)",
+                        r.cgroups
+                    );
+                    return;
+                }
+                Err(e) => {
+                    debug!("daemon: the policies still do not fit: {e}");
+                    self.refused = Some(real);
+                }
+            }
+        }
         let policies = std::mem::take(&mut self.policies);
         let resolved = self.resolve(&policies, true);
         self.policies = policies;
-        if resolved == self.resolved && self.next_quarantine == self.quarantine {
+        if resolved == self.resolved
+            && self.next_quarantine == self.quarantine
+            && self.next_unfit_hold == self.unfit_hold
+        {
+            self.publish_left_out();
             return;
         }
         match self.apply(self.policies.clone(), resolved) {
@@ -218,6 +242,15 @@ impl Agent {
                 "daemon: cgroups changed; generation {} now governs {} cgroups",
                 r.generation, r.cgroups
             ),
+            // A cgroup that appeared cannot be governed: under --fail-closed
+            // that is denied too, not only at start and on reload.
+            Err(e) if self.fail_closed && !self.failed_closed() => {
+                let real = self.policies.clone();
+                match self.apply_fail_closed(&real, &e) {
+                    Ok(_) => self.refused = Some(real),
+                    Err(e2) => error!("daemon: applying cgroup changes failed: {e}; {e2:#}"),
+                }
+            }
             Err(e) => error!("daemon: applying cgroup changes failed: {e}"),
         }
     }

@@ -46,6 +46,23 @@ pub(super) struct Agent {
     /// event about watched cgroup directories and refreshed by each rescan,
     /// so a reload only stat()s paths it has not seen.
     pub(super) resolve_cache: FxHashMap<String, Option<(u64, u32)>>,
+    /// Cgroup path -> writable by a user other than root (delegated);
+    /// emptied with `resolve_cache`.
+    pub(super) writable_cache: HashMap<String, bool>,
+    /// `--max-delegated-cgroups`.
+    pub(super) max_delegated: usize,
+    /// Delegated subtrees held by the built-in `portguard:fail-closed:unfit`
+    /// policy (`--fail-closed` and cgroups over the bounds), as applied.
+    pub(super) unfit_hold: Vec<Governed>,
+    /// The hold the last `resolve` computed, applied by `apply`.
+    pub(super) next_unfit_hold: Vec<Governed>,
+    /// Delegated subtrees already logged (policy, subtree, reason), each once.
+    pub(super) left_out_logged: HashSet<String>,
+    /// What the last `resolve` left out, published by `apply`.
+    pub(super) next_left_out: crate::observe::snapshot::LeftOut,
+    /// The policies a rescan could not apply, replaced by the
+    /// `--fail-closed` stand-ins; each rescan tries them again.
+    pub(super) refused: Option<Vec<CompiledPolicy>>,
     /// Where pods, containers and units are (for `pods:`/`unit:` policies).
     pub(super) tree: Option<TreeIndex>,
     /// The CRI runtime's last answer (kept when it stops answering).
@@ -209,12 +226,36 @@ impl Agent {
             cache.insert(path.to_owned(), r);
             r
         };
-        let (mut resolved, ties) = resolve::resolve(policies, tree, self.cri.as_ref(), &mut stat);
-        for t in ties {
+        if fresh {
+            self.writable_cache.clear();
+        }
+        let writable = &mut self.writable_cache;
+        let mut delegated = |path: &str| hierarchy.delegated_subtree(path, writable);
+        // Room for the delegated ones: the map, less the pods waiting for
+        // the runtime (they are held too).
+        let waiting = match (&self.cri, Self::needs_cri(policies)) {
+            (Some(cri), true) => tree.unknown_pods(cri).len(),
+            _ => 0,
+        };
+        let limits = resolve::Limits {
+            per_subtree: self.max_delegated,
+            capacity: (self.capacity.cgroups as usize).saturating_sub(waiting),
+        };
+        let outcome = resolve::resolve(
+            policies,
+            tree,
+            self.cri.as_ref(),
+            &mut stat,
+            &mut delegated,
+            limits,
+        );
+        let mut resolved = outcome.resolution;
+        for t in outcome.ties {
             if self.ties_logged.insert(t.clone()) {
                 error!("daemon: {t}");
             }
         }
+        self.left_out(policies, &outcome.skipped, &outcome.unfit, &resolved);
         self.next_quarantine = if Self::needs_cri(policies) {
             self.compute_quarantine(&resolved)
         } else {
@@ -235,6 +276,89 @@ impl Agent {
             });
         }
         resolved
+    }
+
+    /// Report what `resolve` left out of delegated subtrees, and (under
+    /// `--fail-closed`) hold each subtree with unfit cgroups.
+    fn left_out(
+        &mut self,
+        policies: &[CompiledPolicy],
+        skipped: &[resolve::LeftOut],
+        unfit: &[resolve::LeftOut],
+        resolved: &Resolution,
+    ) {
+        let mut per: std::collections::BTreeMap<(usize, &str, &str), usize> = Default::default();
+        for (l, why) in skipped
+            .iter()
+            .map(|l| (l, "skip"))
+            .chain(unfit.iter().map(|l| (l, "unfit")))
+        {
+            *per.entry((l.policy, l.subtree.as_str(), why)).or_default() += 1;
+        }
+        for ((i, subtree, why), n) in per {
+            let key = format!("{}\0{subtree}\0{why}", policies[i].name);
+            if !self.left_out_logged.insert(key) {
+                continue;
+            }
+            if why == "skip" {
+                warn!(
+                    "daemon: policy `{}` ({}) selects {n} cgroups in {subtree}, a subtree a user \
+                     other than root may write (anyone there can name a cgroup so); not governed \
+                     there: they keep the policy of their ancestors (`delegated: govern` opts in)",
+                    policies[i].name,
+                    policies[i].selector.describe(),
+                );
+            } else {
+                error!(
+                    "daemon: policy `{}` ({}) selects {n} cgroups in delegated subtree {subtree} \
+                     that do not fit (--max-delegated-cgroups {} per subtree, --max-cgroups {}); {}",
+                    policies[i].name,
+                    policies[i].selector.describe(),
+                    self.max_delegated,
+                    self.capacity.cgroups,
+                    if self.fail_closed {
+                        format!("--fail-closed: every bind in the subtree is DENIED (`{UNFIT}`)")
+                    } else {
+                        "they keep the policy of their ancestors".to_owned()
+                    }
+                );
+            }
+        }
+        let mut subtrees: Vec<String> = unfit.iter().map(|l| l.subtree.clone()).collect();
+        subtrees.sort();
+        subtrees.dedup();
+        let governed: HashSet<u64> = resolved.iter().flatten().map(|g| g.id).collect();
+        self.next_unfit_hold = if self.fail_closed {
+            subtrees
+                .iter()
+                .filter_map(|s| match self.hierarchy.resolve(s) {
+                    Ok(Some((id, level))) if !governed.contains(&id) => Some(Governed {
+                        path: s.clone(),
+                        id,
+                        level,
+                    }),
+                    _ => None,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        self.next_left_out = crate::observe::snapshot::LeftOut {
+            skipped: skipped.len(),
+            unfit: unfit.len(),
+            held_subtrees: self
+                .next_unfit_hold
+                .iter()
+                .map(|g| g.path.clone())
+                .collect(),
+            unfit_subtrees: subtrees,
+        };
+    }
+
+    /// Publish what the last `resolve` left out (when nothing else changed).
+    pub(super) fn publish_left_out(&self) {
+        let left_out = self.next_left_out.clone();
+        self.shared.update(|f| f.left_out = left_out);
     }
 
     /// Keep a policy id's name in the kernel too, so an agent that adopts
@@ -300,13 +424,40 @@ impl Agent {
                     .collect(),
             });
         }
+        let unfit = crate::policy::builtin::unfit();
+        let hold = std::mem::take(&mut self.next_unfit_hold);
+        if !hold.is_empty() {
+            let (id, new) = self.names.id(UNFIT);
+            if new {
+                self.record_name(id, UNFIT);
+            }
+            targets.push(Target {
+                policy_id: id,
+                policy: &unfit,
+                cgroups: hold
+                    .iter()
+                    .filter(|g| !quarantine.iter().any(|q| q.id == g.id))
+                    .map(|g| ResolvedCgroup {
+                        id: g.id,
+                        level: g.level,
+                    })
+                    .collect(),
+            });
+        }
         let report = match self.applier.apply(&mut self.loaded.maps, &targets) {
             Ok(r) => r,
             Err(e) => {
                 self.next_quarantine = quarantine;
+                self.next_unfit_hold = hold;
                 return Err(e);
             }
         };
+        for g in &hold {
+            if !self.unfit_hold.iter().any(|h| h.id == g.id) {
+                self.hierarchy.remember(g.id, &g.path);
+            }
+        }
+        self.unfit_hold = hold;
         if self.applier.quiesce_unavailable && !self.quiesce_warned {
             self.quiesce_warned = true;
             warn!(
@@ -423,6 +574,12 @@ impl Agent {
         {
             entries.push((&identifying, id, self.quarantine.iter().map(who).collect()));
         }
+        let unfit = crate::policy::builtin::unfit();
+        if !self.unfit_hold.is_empty()
+            && let Some(id) = self.names.id_of(UNFIT)
+        {
+            entries.push((&unfit, id, self.unfit_hold.iter().map(who).collect()));
+        }
         for (p, id, cgroups) in entries {
             let Some(slot) = self.applier.slot_of(id) else {
                 continue;
@@ -463,9 +620,11 @@ impl Agent {
             },
         ];
         let governed = report.cgroups;
+        let left_out = self.next_left_out.clone();
         self.shared.update(|f| {
             f.policies = policies;
             f.governed_cgroups = governed;
+            f.left_out = left_out;
             f.maps = maps;
         });
     }

@@ -328,6 +328,7 @@ pub fn run(opts: &LearnOptions) -> anyhow::Result<usize> {
         ring_buffer_bytes: 1 << 22,
         watch: false,
         lost_interval: Duration::from_secs(1),
+        max_delegated_cgroups: 64,
         rescan_interval: Duration::from_secs(5),
         attach_cgroup: "/".into(),
         require_lsm: false,

@@ -60,6 +60,15 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = 16384)]
     pub max_cgroups: u32,
 
+    /// Most cgroups governed inside one delegated subtree (a cgroup
+    /// directory a non-root user may write, e.g. systemd's user@UID.service)
+    /// by `unit:`/`pods:` policies that say `delegated: govern`. Cgroups in
+    /// root's subtrees are served first; those over this bound (or over
+    /// --max-cgroups) are reported in status and metrics, and held
+    /// fail-closed under --fail-closed.
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    pub max_delegated_cgroups: usize,
+
     /// Most policies the kernel maps hold (fixed at start).
     #[arg(long, value_name = "N", default_value_t = 16384)]
     pub max_policies: u32,
@@ -207,6 +216,7 @@ pub fn execute(a: Box<RunArgs>) -> anyhow::Result<ExitCode> {
         watch: !a.no_watch,
         lost_interval: a.lost_report_interval,
         rescan_interval: a.rescan_interval,
+        max_delegated_cgroups: a.max_delegated_cgroups,
         attach_cgroup: a.attach_cgroup,
         require_lsm: a.require_lsm,
         cri_socket: a.cri_socket,

@@ -17,6 +17,7 @@
 //! | `portguard_policy_reloads_total` | `result` (ok, failed) |
 //! | `portguard_policies` | |
 //! | `portguard_governed_cgroups` | |
+//! | `portguard_delegated_cgroups_left_out` | `reason` (skipped, unfit) |
 //! | `portguard_map_entries`, `portguard_map_capacity` | `map` |
 
 use std::sync::Arc;
@@ -132,6 +133,22 @@ pub fn render(facts: &Facts, kernel: &KernelReading) -> String {
         "portguard_governed_cgroups",
         "cgroups with a policy of their own (descendants inherit it)",
         facts.governed_cgroups as i64,
+    );
+    let left_out = Family::<Labels, Gauge>::default();
+    for (reason, v) in [
+        ("skipped", facts.left_out.skipped),
+        ("unfit", facts.left_out.unfit),
+    ] {
+        left_out
+            .get_or_create(&vec![("reason", reason.to_owned())])
+            .set(v as i64);
+    }
+    reg.register(
+        "portguard_delegated_cgroups_left_out",
+        "cgroups a unit:/pods: policy selects by name but does not govern: in a delegated \
+         subtree without `delegated: govern` (skipped), or over --max-delegated-cgroups or the \
+         map's room (unfit)",
+        left_out,
     );
     let entries = Family::<Labels, Gauge>::default();
     let capacity = Family::<Labels, Gauge>::default();

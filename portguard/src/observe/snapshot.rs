@@ -33,12 +33,28 @@ pub struct MapUse {
     pub capacity: u64,
 }
 
+/// Cgroups policies selected by name but do not govern, because they lie in
+/// delegated subtrees (see `workload::resolve`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LeftOut {
+    /// The policy did not opt in (`delegated: skip`).
+    pub skipped: usize,
+    /// Opted in, but over `--max-delegated-cgroups` or the map's room.
+    pub unfit: usize,
+    /// Delegated subtrees with unfit cgroups.
+    pub unfit_subtrees: Vec<String>,
+    /// Of those, the ones `--fail-closed` holds (every bind denied).
+    pub held_subtrees: Vec<String>,
+}
+
 /// What the agent knows beyond the kernel counters. Updated by the agent,
 /// read by the endpoints.
 #[derive(Clone, Debug, Default)]
 pub struct Facts {
     pub policies: Vec<PolicyFacts>,
     pub governed_cgroups: usize,
+    /// Selected by name, not governed (delegated subtrees).
+    pub left_out: LeftOut,
     pub reloads_ok: u64,
     pub reloads_failed: u64,
     pub events_aggregated: u64,

@@ -70,6 +70,12 @@ pub fn document(shared: &Snapshot) -> Value {
         },
         "reloads": {"ok": facts.reloads_ok, "failed": facts.reloads_failed},
         "governed_cgroups": facts.governed_cgroups,
+        "delegated": {
+            "skipped": facts.left_out.skipped,
+            "unfit": facts.left_out.unfit,
+            "unfit_subtrees": facts.left_out.unfit_subtrees,
+            "held_subtrees": facts.left_out.held_subtrees,
+        },
         "maps": facts.maps.iter().map(|m| json!({
             "name": m.name, "entries": m.entries, "capacity": m.capacity,
         })).collect::<Vec<_>>(),
@@ -286,6 +292,27 @@ pub fn render(doc: &Value) -> String {
         })
         .unwrap_or_default();
     out += &format!("maps: {}\n", maps.join(", "));
+    let delegated = &doc["delegated"];
+    if n(&delegated["skipped"]) != 0 || n(&delegated["unfit"]) != 0 {
+        out += &format!(
+            "delegated subtrees: {} cgroups selected by name left out (policy says `delegated: skip`), \
+             {} over the bounds",
+            n(&delegated["skipped"]),
+            n(&delegated["unfit"]),
+        );
+        let subtrees: Vec<String> = delegated["unfit_subtrees"]
+            .as_array()
+            .map(|a| a.iter().map(|v| s(v)).collect())
+            .unwrap_or_default();
+        if !subtrees.is_empty() {
+            out += &format!(" (in {})", subtrees.join(", "));
+        }
+        let held = delegated["held_subtrees"].as_array().map_or(0, Vec::len);
+        if held > 0 {
+            out += &format!("; {held} subtrees held fail-closed");
+        }
+        out += "\n";
+    }
     if let Some(e) = doc["kernel_error"].as_str() {
         out += &format!("WARNING: reading the kernel counters failed: {e}\n");
     }

@@ -2,7 +2,8 @@
 //! - [`IDENTIFYING`] holds pod cgroups the CRI runtime has not identified
 //!   yet: every bind and connect denied until their own policy applies;
 //! - [`fail_closed`] stand-ins (`--fail-closed`): same selectors, every bind
-//!   denied, for when the real policies cannot be applied;
+//!   denied, for when the real policies cannot be applied; and [`UNFIT`],
+//!   which holds a delegated subtree whose selected cgroups do not fit;
 //! - [`outside_scope`]: policies on cgroups the programs are not attached
 //!   above, which could never be enforced.
 //!
@@ -27,8 +28,24 @@ pub fn identifying() -> CompiledPolicy {
         bind: Some(Vec::new()),
         connect: Some(Vec::new()),
         allow_sockets: Vec::new(),
+        delegated: super::Delegated::Skip,
         line: 0,
     })
+}
+
+/// Name of the built-in policy `--fail-closed` puts on a delegated subtree
+/// whose cgroups a policy selects by name but which are over the bounds
+/// (`--max-delegated-cgroups`, the map's room).
+pub const UNFIT: &str = "portguard:fail-closed:unfit";
+
+/// The built-in `portguard:fail-closed:unfit` policy: every bind denied,
+/// connects unrestricted (as the `--fail-closed` stand-ins).
+pub fn unfit() -> CompiledPolicy {
+    CompiledPolicy {
+        name: UNFIT.to_owned(),
+        connect: None,
+        ..identifying()
+    }
 }
 
 /// `--fail-closed` stand-ins for `policies`: same selectors, every bind
@@ -45,6 +62,7 @@ pub fn fail_closed(policies: &[CompiledPolicy]) -> Vec<CompiledPolicy> {
             bind: deny.bind.clone(),
             connect: None,
             allow_sockets: 0,
+            delegated: p.delegated,
         })
         .collect()
 }

@@ -35,6 +35,8 @@ pub struct CompiledPolicy {
     pub connect: Option<DirectionSets>,
     /// `SOCK_ALLOW_*` bits.
     pub allow_sockets: u8,
+    /// May govern cgroups inside delegated subtrees.
+    pub delegated: super::Delegated,
 }
 
 fn socket_bits(kinds: &[SocketKind]) -> u8 {
@@ -96,6 +98,7 @@ pub fn compile(policy: &Policy) -> CompiledPolicy {
         bind: policy.bind.as_deref().map(compile_rules),
         connect: policy.connect.as_deref().map(compile_rules),
         allow_sockets: socket_bits(&policy.allow_sockets),
+        delegated: policy.delegated,
     }
 }
 
@@ -128,6 +131,7 @@ pub fn compile_all(policies: &[Policy]) -> Vec<CompiledPolicy> {
             bind: p.bind.as_deref().map(&mut get),
             connect: p.connect.as_deref().map(&mut get),
             allow_sockets: socket_bits(&p.allow_sockets),
+            delegated: p.delegated,
         })
         .collect()
 }

@@ -33,7 +33,14 @@
 //!     connect:                      # absent: connects unrestricted; same rule shape
 //!       - ports: [5432]
 //!     allow_sockets: [raw]          # raw | sctp | l2tp (default none)
+//!     delegated: skip               # skip | govern (unit:/pods: only; default skip)
 //! ```
+//!
+//! - `delegated`: a `unit:` or `pods:` policy selects cgroups by *name*, and
+//!   a user who owns a delegated subtree (a cgroup directory not owned by
+//!   root, or writable by group or others) can create a cgroup with any
+//!   name in it. By default (`skip`) such cgroups are never governed by a
+//!   policy selected by name; `govern` opts in.
 //!
 //! - `allow_sockets`: sockets whose protocol has its own bind (raw IP, SCTP,
 //!   L2TP/IP) bypass the bind hooks, so a cgroup whose policy restricts binds
@@ -253,8 +260,36 @@ pub struct Policy {
     /// Socket kinds with their own bind this policy lets its cgroups create
     /// (denied otherwise when binds or connects are restricted).
     pub allow_sockets: Vec<SocketKind>,
+    /// Whether a `unit:` or `pods:` selector may govern cgroups inside a
+    /// subtree a non-root user can write (`delegated:`).
+    pub delegated: Delegated,
     /// Line of the policy's entry in the file.
     pub line: usize,
+}
+
+/// `delegated:`: whether a policy selected by name (`unit:`, `pods:`) may
+/// govern a cgroup inside a subtree whose directory is not owned by root
+/// (e.g. systemd's `user@UID.service`, delegated to that user). Such a user
+/// can create a cgroup with any name there; by default the name does not
+/// earn it the named policy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Delegated {
+    /// The policy never applies inside a delegated subtree (the cgroup
+    /// keeps whatever governs its ancestors).
+    #[default]
+    Skip,
+    /// The policy applies there too (bounded per subtree by the agent's
+    /// `--max-delegated-cgroups`).
+    Govern,
+}
+
+impl Delegated {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Skip => "skip",
+            Self::Govern => "govern",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -175,6 +175,34 @@ impl Hierarchy {
         }
     }
 
+    /// The topmost cgroup on the way from the root to `cgroup` (itself
+    /// included) whose directory a user other than root may write: owned by
+    /// another uid (systemd's `Delegate=`, `user@UID.service`) or writable
+    /// by its group or others. Anyone who can write there can create a
+    /// cgroup with any name below it. `writable` caches answers per path
+    /// (the caller clears it when it rescans).
+    pub fn delegated_subtree(
+        &self,
+        cgroup: &str,
+        writable: &mut HashMap<String, bool>,
+    ) -> Option<String> {
+        let mut prefix = String::with_capacity(cgroup.len());
+        for c in cgroup.split('/').filter(|c| !c.is_empty()) {
+            prefix.push('/');
+            prefix.push_str(c);
+            let open = *writable.entry(prefix.clone()).or_insert_with(|| {
+                // A directory that cannot be read is treated as root's: it
+                // vanished, and the caller's stat will say so.
+                std::fs::metadata(self.fs_path(&prefix))
+                    .is_ok_and(|m| m.uid() != 0 || m.mode() & 0o022 != 0)
+            });
+            if open {
+                return Some(prefix);
+            }
+        }
+        None
+    }
+
     /// The path (relative to the mount, starting with `/`) of the cgroup with
     /// id `id`, or `None` if it no longer exists.
     pub fn path_of(&mut self, id: u64) -> Option<String> {

@@ -99,21 +99,29 @@ pub fn parse(path: &str) -> CgroupIdentity {
     let kube = parts
         .first()
         .is_some_and(|p| *p == "kubepods" || *p == "kubepods.slice");
-    for (i, c) in parts.iter().enumerate() {
-        if kube {
-            if let Some(q) = qos_component(c) {
-                id.qos = Some(q);
-            } else if let Some(uid) = pod_component(c) {
-                id.pod_uid = Some(uid);
-                id.qos.get_or_insert("guaranteed");
-            } else if id.pod_uid.is_some()
-                && let Some((cid, rt)) = container_component(c)
-            {
+    if kube {
+        // The kubelet's layout is fixed: `<root>/[<qos>/]<pod>/<container>`.
+        // Only those positions name a pod or a container. Anything below the
+        // container's cgroup is inside the container, and whoever can create
+        // cgroups there (a privileged container, a delegated subtree) must
+        // not be able to claim another pod or container by naming a
+        // directory after it.
+        let mut at = 1;
+        if let Some(q) = parts.get(1).and_then(|c| qos_component(c)) {
+            id.qos = Some(q);
+            at = 2;
+        }
+        if let Some(uid) = parts.get(at).and_then(|c| pod_component(c)) {
+            id.pod_uid = Some(uid);
+            id.qos.get_or_insert("guaranteed");
+            if let Some((cid, rt)) = parts.get(at + 1).and_then(|c| container_component(c)) {
                 id.container_id = Some(cid);
                 id.runtime = Some(rt);
             }
-            continue;
         }
+        return id;
+    }
+    for (i, c) in parts.iter().enumerate() {
         if let Some((cid, rt)) = container_component(c) {
             // Bare ids only count under a known container parent
             // (/docker/<id>, /libpod_parent/...) or at the top (plain `runc
@@ -146,17 +154,39 @@ pub fn parse(path: &str) -> CgroupIdentity {
 }
 
 /// The pod-level cgroup of a path that lies under a kubelet pod cgroup
-/// (the path itself when it is the pod cgroup).
+/// (the path itself when it is the pod cgroup). Only the kubelet's position
+/// counts (see [`parse`]).
 pub fn pod_cgroup_prefix(path: &str) -> Option<String> {
-    let mut out = String::new();
-    for c in path.split('/').filter(|p| !p.is_empty()) {
-        out.push('/');
-        out.push_str(c);
-        if pod_component(c).is_some() {
-            return Some(out);
-        }
+    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    if !parts
+        .first()
+        .is_some_and(|p| *p == "kubepods" || *p == "kubepods.slice")
+    {
+        return None;
     }
-    None
+    let at = if parts.get(1).is_some_and(|c| qos_component(c).is_some()) {
+        2
+    } else {
+        1
+    };
+    parts.get(at).and_then(|c| pod_component(c))?;
+    Some(format!("/{}", parts[..=at].join("/")))
+}
+
+/// True when `path` is a container's own cgroup (not a cgroup below it):
+/// under a pod, the kubelet's position right below the pod cgroup.
+pub fn is_container_cgroup(path: &str) -> bool {
+    let Some((parent, last)) = path.trim_end_matches('/').rsplit_once('/') else {
+        return false;
+    };
+    let id = parse(path);
+    let Some(cid) = id.container_id else {
+        return false;
+    };
+    if container_component(last).is_none_or(|(c, _)| c != cid) {
+        return false;
+    }
+    id.pod_uid.is_none() || pod_cgroup_prefix(path).as_deref() == Some(parent)
 }
 
 /// The kubelet's pod hierarchies under the cgroup2 root (cgroupfs driver,
@@ -232,6 +262,32 @@ mod tests {
         ));
         assert_eq!(id.pod_uid.as_deref(), Some(UID));
         assert_eq!(id.container_id, None);
+    }
+
+    #[test]
+    fn only_the_kubelets_positions_name_a_pod_or_a_container() {
+        const OTHER: &str = "33333333-3333-3333-3333-333333333333";
+        let pod = format!("/kubepods/besteffort/pod{UID}");
+        let ctr = format!("{pod}/{CID}");
+        // A cgroup made inside the container, named after another pod and
+        // another container, is still the first container's.
+        let nested = format!("{ctr}/pod{OTHER}/{}", "c".repeat(64));
+        let id = parse(&nested);
+        assert_eq!(id.pod_uid.as_deref(), Some(UID));
+        assert_eq!(id.container_id.as_deref(), Some(CID));
+        assert_eq!(pod_cgroup_prefix(&nested), Some(pod.clone()));
+        assert!(is_container_cgroup(&ctr));
+        assert!(!is_container_cgroup(&nested));
+        assert!(!is_container_cgroup(&format!("{ctr}/{CID}")));
+        assert!(!is_container_cgroup(&pod));
+        // A pod component below the kubelet's pod level is no pod.
+        let deep = format!("/kubepods/besteffort/x/pod{UID}");
+        assert_eq!(parse(&deep).pod_uid, None);
+        assert_eq!(pod_cgroup_prefix(&deep), None);
+        // Outside Kubernetes: the scope itself, not a directory below it.
+        let scope = format!("/system.slice/docker-{CID}.scope");
+        assert!(is_container_cgroup(&scope));
+        assert!(!is_container_cgroup(&format!("{scope}/sub")));
     }
 
     #[test]

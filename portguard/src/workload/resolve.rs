@@ -14,11 +14,23 @@
 //! When several policies select the same cgroup, the most specific selector
 //! wins ([`Selector::specificity`]); equally specific ones are a tie, reported
 //! and settled by file order.
+//!
+//! Names can be claimed: whoever can write a cgroup directory (a user a
+//! subtree was delegated to) can create `nginx.service` below it. A policy
+//! selected by name (`unit:`, `pods:`) therefore never governs a cgroup
+//! inside such a *delegated subtree* unless it says `delegated: govern`;
+//! and those it does govern are bounded per subtree
+//! ([`Limits::per_subtree`]) and served after every cgroup in root's
+//! subtrees, so that one user's thousand directories cannot take the map
+//! space ([`Limits::capacity`]) everyone else needs.
 
-use std::{collections::HashMap, path::Path};
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    path::Path,
+};
 
 use crate::{
-    policy::{CompiledPolicy, Selector, most_specific},
+    policy::{CompiledPolicy, Delegated, Selector, most_specific},
     workload::cri::Snapshot,
     workload::identity,
 };
@@ -35,6 +47,45 @@ pub struct Governed {
 
 /// Per policy (same order as the policies), the cgroups it governs.
 pub type Resolution = Vec<Vec<Governed>>;
+
+/// Bounds on what policies selected by name may take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Cgroups governed inside one delegated subtree (over all policies).
+    pub per_subtree: usize,
+    /// Cgroups governed in all (the kernel map's size). Cgroups in root's
+    /// subtrees are never left out for this bound (the apply fails
+    /// instead); delegated ones are, once the others are counted.
+    pub capacity: usize,
+}
+
+impl Limits {
+    pub const UNBOUNDED: Self = Self {
+        per_subtree: usize::MAX,
+        capacity: usize::MAX,
+    };
+}
+
+/// A cgroup a policy selected by name and does not govern.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeftOut {
+    pub policy: usize,
+    pub path: String,
+    /// The delegated subtree it lies in.
+    pub subtree: String,
+}
+
+/// What [`resolve`] found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Outcome {
+    pub resolution: Resolution,
+    /// Equally specific selectors on one cgroup (settled by file order).
+    pub ties: Vec<String>,
+    /// In a delegated subtree; the policy did not opt in.
+    pub skipped: Vec<LeftOut>,
+    /// In a delegated subtree, opted in, but over [`Limits`].
+    pub unfit: Vec<LeftOut>,
+}
 
 /// Where pods, containers and units sit in the cgroup tree.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -59,7 +110,11 @@ impl TreeIndex {
                 idx.slices.push(path.to_owned());
             }
             if let Some(cid) = id.container_id {
-                idx.containers.entry(cid).or_insert_with(|| path.to_owned());
+                // Only the container's own cgroup, never a directory below
+                // it named like another container.
+                if identity::is_container_cgroup(path) {
+                    idx.containers.entry(cid).or_insert_with(|| path.to_owned());
+                }
             } else if let Some(uid) = id.pod_uid {
                 if identity::pod_cgroup_prefix(path).as_deref() == Some(path) {
                     idx.pods.insert(uid, path.to_owned());
@@ -152,46 +207,121 @@ fn candidates(p: &CompiledPolicy, tree: &TreeIndex, cri: Option<&Snapshot>) -> V
     }
 }
 
-/// Resolve every policy. Returns the resolution and messages about ties.
+/// Resolve every policy. `delegated(path)` names the delegated subtree a
+/// cgroup lies in, if any (see [`crate::workload::cgroupfs::Hierarchy::delegated_subtree`]).
 pub fn resolve(
     policies: &[CompiledPolicy],
     tree: &TreeIndex,
     cri: Option<&Snapshot>,
     stat: &mut dyn FnMut(&str) -> Option<(u64, u32)>,
-) -> (Resolution, Vec<String>) {
-    // cgroup id -> (policy index, specificity)
-    let mut owner: HashMap<u64, (usize, u32)> = HashMap::new();
-    let mut found: Vec<Vec<Governed>> = vec![Vec::new(); policies.len()];
-    let mut ties = Vec::new();
+    delegated: &mut dyn FnMut(&str) -> Option<String>,
+    limits: Limits,
+) -> Outcome {
+    let mut placer = Placer {
+        policies,
+        owner: HashMap::new(),
+        found: vec![Vec::new(); policies.len()],
+        ties: Vec::new(),
+    };
+    let mut out = Outcome::default();
+    // Subtree -> (policy, path) candidates, in file order.
+    let mut waiting: BTreeMap<String, Vec<(usize, String)>> = BTreeMap::new();
     for (i, p) in policies.iter().enumerate() {
-        let spec = p.selector.specificity();
+        let by_name = !matches!(p.selector, Selector::Cgroup(_));
         for path in candidates(p, tree, cri) {
-            let Some((id, level)) = stat(&path) else {
-                continue;
-            };
-            match owner.get(&id).copied() {
-                // The rule every reader of the plan shares (`check
-                // --manifests` too): most specific wins, first in the file
-                // breaks ties.
-                Some((j, s))
-                    if most_specific([(j, &policies[j].selector), (i, &p.selector)]) == Some(j) =>
-                {
-                    if s == spec {
-                        ties.push(format!(
-                            "cgroup {path} is selected by policies `{}` and `{}` equally; `{}` (first in the file) applies",
-                            policies[j].name, p.name, policies[j].name
-                        ));
-                    }
-                    continue;
+            if by_name && let Some(subtree) = delegated(&path) {
+                if p.delegated == Delegated::Govern {
+                    waiting.entry(subtree).or_default().push((i, path));
+                } else {
+                    out.skipped.push(LeftOut {
+                        policy: i,
+                        path,
+                        subtree,
+                    });
                 }
-                Some((j, _)) => found[j].retain(|g| g.id != id),
-                None => {}
+                continue;
             }
-            owner.insert(id, (i, spec));
-            found[i].push(Governed { path, id, level });
+            placer.place(i, path, stat);
         }
     }
-    (found, ties)
+    // Delegated subtrees take turns, one cgroup each, until each reaches
+    // its bound or the map is full.
+    let mut taken: HashMap<&str, HashSet<u64>> = HashMap::new();
+    let mut queues: Vec<(&str, std::collections::VecDeque<(usize, String)>)> = waiting
+        .iter()
+        .map(|(s, v)| (s.as_str(), v.iter().cloned().collect()))
+        .collect();
+    while queues.iter().any(|(_, q)| !q.is_empty()) {
+        for (subtree, queue) in &mut queues {
+            let Some((i, path)) = queue.pop_front() else {
+                continue;
+            };
+            let here = taken.entry(subtree).or_default();
+            // One entry per delegated subtree stays free: what holds the
+            // subtree should its cgroups not fit (`--fail-closed`).
+            let room = limits.capacity.saturating_sub(waiting.len());
+            if here.len() >= limits.per_subtree || placer.owner.len() >= room {
+                out.unfit.push(LeftOut {
+                    policy: i,
+                    path,
+                    subtree: (*subtree).to_owned(),
+                });
+                continue;
+            }
+            if let Some(id) = placer.place(i, path, stat) {
+                here.insert(id);
+            }
+        }
+    }
+    out.resolution = placer.found;
+    out.ties = placer.ties;
+    out
+}
+
+/// Places candidates, most specific selector first.
+struct Placer<'a> {
+    policies: &'a [CompiledPolicy],
+    /// cgroup id -> (policy index, specificity)
+    owner: HashMap<u64, (usize, u32)>,
+    found: Resolution,
+    ties: Vec<String>,
+}
+
+impl Placer<'_> {
+    /// Let policy `i` govern `path` unless a more specific one does; the
+    /// cgroup's id when `i` governs it now.
+    fn place(
+        &mut self,
+        i: usize,
+        path: String,
+        stat: &mut dyn FnMut(&str) -> Option<(u64, u32)>,
+    ) -> Option<u64> {
+        let policies = self.policies;
+        let p = &policies[i];
+        let spec = p.selector.specificity();
+        let (id, level) = stat(&path)?;
+        match self.owner.get(&id).copied() {
+            // The rule every reader of the plan shares (`check
+            // --manifests` too): most specific wins, first in the file
+            // breaks ties.
+            Some((j, s))
+                if most_specific([(j, &policies[j].selector), (i, &p.selector)]) == Some(j) =>
+            {
+                if s == spec {
+                    self.ties.push(format!(
+                        "cgroup {path} is selected by policies `{}` and `{}` equally; `{}` (first in the file) applies",
+                        policies[j].name, p.name, policies[j].name
+                    ));
+                }
+                return None;
+            }
+            Some((j, _)) => self.found[j].retain(|g| g.id != id),
+            None => {}
+        }
+        self.owner.insert(id, (i, spec));
+        self.found[i].push(Governed { path, id, level });
+        Some(id)
+    }
 }
 
 #[cfg(test)]
@@ -261,7 +391,18 @@ mod tests {
             });
             Some((id, p.matches('/').count() as u32))
         };
-        let (r, ties) = resolve(&policies, &tree, Some(&cri), &mut stat);
+        let Outcome {
+            resolution: r,
+            ties,
+            ..
+        } = resolve(
+            &policies,
+            &tree,
+            Some(&cri),
+            &mut stat,
+            &mut |_| None,
+            Limits::UNBOUNDED,
+        );
         (
             r.into_iter()
                 .map(|g| g.into_iter().map(|g| g.path).collect())
@@ -344,11 +485,140 @@ mod tests {
         ));
         let policies = compile_all(&both);
         let mut stat = |p: &str| Some((p.len() as u64, 3));
-        let (r, ties) = resolve(&policies, &tree, Some(&cri), &mut stat);
+        let Outcome {
+            resolution: r,
+            ties,
+            ..
+        } = resolve(
+            &policies,
+            &tree,
+            Some(&cri),
+            &mut stat,
+            &mut |_| None,
+            Limits::UNBOUNDED,
+        );
         assert_eq!(r[0].len(), 1);
         assert!(r[1].is_empty());
         assert_eq!(ties.len(), 1);
         assert!(ties[0].contains("`one` and `two`"), "{ties:?}");
+    }
+
+    /// A user's delegated subtree, with cgroups named after a unit.
+    fn delegated_run(text: &str, limits: Limits, extra: usize) -> Outcome {
+        const HOME: &str = "/user.slice/user-1000.slice/user@1000.service";
+        let mut paths = vec![
+            "/system.slice/nginx.service".to_owned(),
+            "/system.slice/other/nginx.service".to_owned(),
+            format!("{HOME}/app.slice/nginx.service"),
+        ];
+        paths.extend((0..extra).map(|i| format!("{HOME}/s{i}/nginx.service")));
+        paths.push("/user.slice/user-2000.slice/user@2000.service/nginx.service".to_owned());
+        let tree = TreeIndex::from_paths(paths.iter().map(String::as_str));
+        let policies = compile_all(&parse_policy_str(text).unwrap().policies);
+        let mut ids: HashMap<String, u64> = HashMap::new();
+        let mut stat = |p: &str| {
+            let next = ids.len() as u64 + 1;
+            Some((*ids.entry(p.to_owned()).or_insert(next), 3))
+        };
+        let mut delegated = |p: &str| {
+            [
+                "/user.slice/user-1000.slice/user@1000.service",
+                "/user.slice/user-2000.slice/user@2000.service",
+            ]
+            .into_iter()
+            .find(|h| p.starts_with(h))
+            .map(str::to_owned)
+        };
+        resolve(&policies, &tree, None, &mut stat, &mut delegated, limits)
+    }
+
+    #[test]
+    fn a_name_in_a_delegated_subtree_earns_nothing_unless_the_policy_opts_in() {
+        let o = delegated_run(
+            "policies:\n  - {name: nginx, unit: nginx.service, bind: [{ports: [80]}]}\n",
+            Limits::UNBOUNDED,
+            0,
+        );
+        let paths: Vec<&str> = o.resolution[0].iter().map(|g| g.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "/system.slice/nginx.service",
+                "/system.slice/other/nginx.service"
+            ]
+        );
+        assert_eq!(o.skipped.len(), 2, "{:?}", o.skipped);
+        assert!(o.unfit.is_empty());
+        assert_eq!(
+            o.skipped[0].subtree,
+            "/user.slice/user-1000.slice/user@1000.service"
+        );
+        // `cgroup:` names a path, not a name: it is governed wherever it is.
+        let o = delegated_run(
+            "policies:\n  - {name: exact, cgroup: /user.slice/user-1000.slice/user@1000.service/app.slice/nginx.service, bind: []}\n",
+            Limits::UNBOUNDED,
+            0,
+        );
+        assert_eq!(o.resolution[0].len(), 1);
+        assert!(o.skipped.is_empty());
+        // Opting in governs them.
+        let o = delegated_run(
+            "policies:\n  - {name: nginx, unit: nginx.service, delegated: govern, bind: [{ports: [80]}]}\n",
+            Limits::UNBOUNDED,
+            0,
+        );
+        assert_eq!(o.resolution[0].len(), 4);
+        assert!(o.skipped.is_empty() && o.unfit.is_empty());
+    }
+
+    #[test]
+    fn delegated_subtrees_are_bounded_and_served_after_roots_subtrees() {
+        let text = "policies:\n  - {name: nginx, unit: nginx.service, delegated: govern, bind: [{ports: [80]}]}\n";
+        // One user makes 1000 cgroups named nginx.service.
+        let o = delegated_run(
+            text,
+            Limits {
+                per_subtree: 3,
+                capacity: usize::MAX,
+            },
+            1000,
+        );
+        let govern = |o: &Outcome, prefix: &str| {
+            o.resolution[0]
+                .iter()
+                .filter(|g| g.path.starts_with(prefix))
+                .count()
+        };
+        assert_eq!(govern(&o, "/system.slice/"), 2);
+        assert_eq!(govern(&o, "/user.slice/user-1000.slice/"), 3);
+        assert_eq!(govern(&o, "/user.slice/user-2000.slice/"), 1);
+        assert_eq!(o.unfit.len(), 1001 - 3);
+        // A map with room for 5: root's two first, then the subtrees take
+        // turns (one slot each is kept back for a --fail-closed hold).
+        let o = delegated_run(
+            text,
+            Limits {
+                per_subtree: 64,
+                capacity: 5,
+            },
+            1000,
+        );
+        assert_eq!(govern(&o, "/system.slice/"), 2);
+        assert_eq!(govern(&o, "/user.slice/user-1000.slice/"), 1);
+        assert_eq!(govern(&o, "/user.slice/user-2000.slice/"), 0);
+        assert_eq!(o.unfit.len(), 1001);
+        // Cgroups in root's subtrees are never left out for room: the
+        // apply fails instead (and --fail-closed acts on that).
+        let o = delegated_run(
+            text,
+            Limits {
+                per_subtree: 64,
+                capacity: 1,
+            },
+            10,
+        );
+        assert_eq!(govern(&o, "/system.slice/"), 2);
+        assert_eq!(o.resolution[0].len(), 2);
     }
 
     #[test]
@@ -360,7 +630,15 @@ mod tests {
                 .policies,
         );
         let mut stat = |_: &str| Some((1, 1));
-        let (r, _) = resolve(&policies, &tree, None, &mut stat);
+        let r = resolve(
+            &policies,
+            &tree,
+            None,
+            &mut stat,
+            &mut |_| None,
+            Limits::UNBOUNDED,
+        )
+        .resolution;
         assert!(r[0].is_empty());
     }
 }

@@ -350,7 +350,15 @@ fn the_policy_chosen_is_the_one_the_agent_enforces() {
             p.matches('/').count() as u32,
         ))
     };
-    let (resolution, _) = resolve(&policies, &tree, Some(&cri), &mut stat);
+    let resolution = resolve(
+        &policies,
+        &tree,
+        Some(&cri),
+        &mut stat,
+        &mut |_| None,
+        crate::workload::resolve::Limits::UNBOUNDED,
+    )
+    .resolution;
     let owner_of = |path: &str| {
         resolution
             .iter()

@@ -1,5 +1,5 @@
 //! The top-level mapping and each `policies:` entry: required and unknown
-//! keys, the policy name, `mode`, `allow_sockets`, exactly one selector,
+//! keys, the policy name, `mode`, `allow_sockets`, `delegated`, exactly one selector,
 //! and what makes two entries clash (a duplicate name, two policies on one
 //! cgroup, equally specific selectors that may select the same pod).
 //!
@@ -15,7 +15,7 @@ use super::{
     walk::{join, peek_scalar},
 };
 use crate::policy::{
-    Mode, Policy, PolicyFile, Selector, SocketKind,
+    Delegated, Mode, Policy, PolicyFile, Selector, SocketKind,
     yaml::{self, Kind, Node},
 };
 
@@ -29,6 +29,7 @@ const POLICY_KEYS: &[&str] = &[
     "bind",
     "connect",
     "allow_sockets",
+    "delegated",
 ];
 
 impl Cx {
@@ -157,6 +158,7 @@ impl Cx {
         let mut bind = None;
         let mut connect = None;
         let mut allow_sockets = Vec::new();
+        let mut delegated = None;
         for (key, _k, v) in &entries {
             let f = join(field, key);
             match *key {
@@ -174,6 +176,15 @@ impl Cx {
                 "bind" => bind = self.rules(v, &f, Dir::Bind),
                 "connect" => connect = self.rules(v, &f, Dir::Connect),
                 "allow_sockets" => allow_sockets = self.socket_kinds(v, &f),
+                "delegated" => {
+                    delegated = self
+                        .choice(
+                            v,
+                            &f,
+                            &[("skip", Delegated::Skip), ("govern", Delegated::Govern)],
+                        )
+                        .map(|d| (d, *v));
+                }
                 _ => {}
             }
         }
@@ -202,6 +213,16 @@ impl Cx {
                 ),
             );
         }
+        if let Some((_, v)) = &delegated
+            && given == ["cgroup"]
+        {
+            self.err(
+                v,
+                &join(field, "delegated"),
+                "`delegated` applies to `unit:` and `pods:` selectors, which select cgroups by \
+                 name; a `cgroup:` path is governed wherever it is",
+            );
+        }
         if self.diags.len() != before {
             return None;
         }
@@ -213,6 +234,7 @@ impl Cx {
             bind,
             connect,
             allow_sockets,
+            delegated: delegated.map(|(d, _)| d).unwrap_or_default(),
             line: node.pos.line,
         })
     }

@@ -290,6 +290,21 @@ fn allow_sockets() {
 }
 
 #[test]
+fn delegated_is_skip_unless_a_name_selector_says_govern() {
+    use crate::policy::Delegated;
+    let f = ok(
+        "policies: [{name: a, unit: x.service}, {name: b, unit: y.service, delegated: govern}, {name: c, pods: {}, delegated: skip}]",
+    );
+    let d: Vec<Delegated> = f.policies.iter().map(|p| p.delegated).collect();
+    assert_eq!(d, [Delegated::Skip, Delegated::Govern, Delegated::Skip]);
+    let d = errs("policies: [{name: a, cgroup: /a, delegated: govern}]");
+    assert_eq!(d[0].field, "policies[0].delegated");
+    assert!(d[0].message.contains("`unit:` and `pods:`"), "{d:?}");
+    let d = errs("policies: [{name: a, unit: x.service, delegated: yes}]");
+    assert!(d[0].message.contains("unknown value `yes`"), "{d:?}");
+}
+
+#[test]
 fn empty_port_list_is_an_error() {
     let d = errs("policies:\n  - {name: a, cgroup: /a, bind: [{ports: []}]}\n");
     assert!(d[0].message.contains("empty port list"));
