@@ -224,7 +224,7 @@ pub fn resolve(
         ties: Vec::new(),
     };
     let mut out = Outcome::default();
-    // Subtree -> (policy, path) candidates, in file order.
+    // Subtree -> (policy, path) candidates.
     let mut waiting: BTreeMap<String, Vec<(usize, String)>> = BTreeMap::new();
     for (i, p) in policies.iter().enumerate() {
         let by_name = !matches!(p.selector, Selector::Cgroup(_));
@@ -247,6 +247,11 @@ pub fn resolve(
     // Delegated subtrees take turns, one cgroup each, until each reaches
     // its bound or the map is full.
     let mut taken: HashMap<&str, HashSet<u64>> = HashMap::new();
+    // Within a subtree, in path order (not the order directories were
+    // listed in): the same tree gives the same answer.
+    for queue in waiting.values_mut() {
+        queue.sort_by(|a, b| (&a.1, a.0).cmp(&(&b.1, b.0)));
+    }
     let mut queues: Vec<(&str, std::collections::VecDeque<(usize, String)>)> = waiting
         .iter()
         .map(|(s, v)| (s.as_str(), v.iter().cloned().collect()))

@@ -37,6 +37,7 @@ mod cgroups;
 mod cli;
 mod connect;
 mod cri;
+mod delegation;
 mod deploy;
 mod events;
 mod guard;
