@@ -508,6 +508,27 @@ mod tests {
         assert!(ties[0].contains("`one` and `two`"), "{ties:?}");
     }
 
+    #[test]
+    fn a_cgroup_named_after_another_container_does_not_take_its_place() {
+        // Listed first: a directory made inside pod U1's container C1, named
+        // after pod U2's container C2 and after pod U2 itself.
+        let spoof = format!("/kubepods/besteffort/pod{U1}/{C1}/{C2}");
+        let spoof_pod = format!("/kubepods/besteffort/pod{U1}/{C1}/pod{U2}");
+        let paths = [
+            spoof.clone(),
+            spoof_pod.clone(),
+            format!("/kubepods/besteffort/pod{U1}"),
+            format!("/kubepods/besteffort/pod{U1}/{C1}"),
+            format!("/kubepods/burstable/pod{U2}"),
+            format!("/kubepods/burstable/pod{U2}/{C2}"),
+        ];
+        let tree = TreeIndex::from_paths(paths.iter().map(String::as_str));
+        assert_eq!(tree.containers[C2], format!("/kubepods/burstable/pod{U2}/{C2}"));
+        assert_eq!(tree.containers[C1], format!("/kubepods/besteffort/pod{U1}/{C1}"));
+        assert_eq!(tree.pods[U2], format!("/kubepods/burstable/pod{U2}"));
+        assert_eq!(tree.pods.len(), 2);
+    }
+
     /// A user's delegated subtree, with cgroups named after a unit.
     fn delegated_run(text: &str, limits: Limits, extra: usize) -> Outcome {
         const HOME: &str = "/user.slice/user-1000.slice/user@1000.service";
