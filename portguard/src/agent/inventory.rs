@@ -1,126 +1,140 @@
-//! Sockets bound before portguard governed them: listed at start and after
-//! each reload that changed the governed set, and reported (verdict
-//! `preexisting`) when they break their policy.
+//! The inventory: sockets no hook judged (bound before portguard governed
+//! their cgroup, or whose cut-off was lost), found by the cgroup the kernel
+//! says made them, in every network namespace on the host (see
+//! `workload::sockets`). Run at start, after each change of what is
+//! governed, and every `--inventory-interval`. Each socket that breaks its
+//! policy is reported once (verdict `preexisting`) and, under an enforcing
+//! policy, ended (`action`: `destroyed`, `fenced`, `closed`, `failed`).
 
-use std::{collections::HashSet, time::Instant};
+use std::{collections::HashSet, net::IpAddr, time::Instant};
 
-use log::{info, warn};
+use log::{debug, info, warn};
 
 use rustc_hash::FxHashMap;
 
 use crate::{
     events::{self, EventWriter},
-    policy::classify,
-    workload::resolve::Governed,
-    workload::sockets,
+    policy::{Mode, classify},
+    workload::{resolve::Governed, sockets},
 };
 
 use super::*;
 
+/// What one pass found.
+#[derive(Debug, Default)]
+struct Tally {
+    namespaces: usize,
+    checked: usize,
+    violations: usize,
+    ended: usize,
+}
+
 impl Agent {
-    /// Report every socket held by a governed process that its policy would
-    /// not have allowed (bound before portguard governed it).
+    /// Report (and, in enforce mode, end) every socket that its policy
+    /// would not have allowed.
     pub(super) fn inventory(&mut self, writer: &mut EventWriter) {
         self.inventory_pending = false;
         let started = Instant::now();
-        let by_path: FxHashMap<&str, (usize, &Governed)> = self
+        let by_path: FxHashMap<String, (usize, Governed)> = self
             .resolved
             .iter()
             .enumerate()
-            .flat_map(|(i, govs)| govs.iter().map(move |g| (g.path.as_str(), (i, g))))
+            .flat_map(|(i, govs)| govs.iter().map(move |g| (g.path.clone(), (i, g.clone()))))
             .collect();
         if by_path.is_empty() {
+            self.inventory_reported.clear();
             return;
         }
-        // Nearest ancestor-or-self with a policy, by path.
-        let governing = |cg: &str| -> Option<(usize, &Governed)> {
-            let mut path = cg;
-            loop {
-                if let Some(found) = by_path.get(path) {
-                    return Some(*found);
+        let scan = sockets::scan_proc();
+        let (ephemeral, _) = sockets::host_ephemeral_range();
+        let mut tally = Tally::default();
+        let mut still = HashSet::new();
+        for (ns_ino, ns_path) in &scan.netns {
+            let dump = std::fs::File::open(ns_path).and_then(|ns| Ok((sockets::dump_in(&ns)?, ns)));
+            let (found, ns) = match dump {
+                Ok(d) => d,
+                // Namespaces come and go with their processes.
+                Err(e) => {
+                    debug!(
+                        "daemon: inventory: network namespace {ns_ino} ({}): {e}",
+                        ns_path.display()
+                    );
+                    continue;
                 }
-                if path == "/" || path.is_empty() {
-                    return None;
-                }
-                path = match path.rfind('/') {
-                    Some(0) => "/",
-                    Some(i) => &path[..i],
-                    None => return None,
-                };
-            }
-        };
-        let holders = sockets::holders(|cg| governing(cg).is_some());
-        let netns = sockets::sockets_by_netns(&holders);
-        let index: FxHashMap<(u64, u32), &sockets::DiagSocket> = netns
-            .iter()
-            .flat_map(|(ns, s)| s.sockets.iter().map(move |d| ((*ns, d.inode), d)))
-            .collect();
-        let mut seen = HashSet::new();
-        let (mut checked, mut violations) = (0usize, 0usize);
-        let mut holders = holders;
-        holders.sort_by_key(|h| h.pid);
-        for h in &holders {
-            let Some((pi, gov)) = governing(&h.cgroup) else {
-                continue;
             };
-            let policy = &self.policies[pi];
-            let ephemeral = netns
-                .get(&h.netns.0)
-                .map_or((32768, 60999), |n| n.ephemeral);
-            for inode in &h.inodes {
-                let Ok(inode32) = u32::try_from(*inode) else {
-                    continue;
-                };
-                let Some(d) = index.get(&(h.netns.0, inode32)) else {
-                    continue;
-                };
-                if !seen.insert((h.netns.0, inode32)) || d.connected {
+            tally.namespaces += 1;
+            for d in found {
+                if d.connected || d.cgroup_id == 0 {
                     continue;
                 }
-                let proto = if d.protocol == portguard_common::IPPROTO_TCP {
+                let Some(cgroup) = self.hierarchy.path_of(d.cgroup_id) else {
+                    continue;
+                };
+                let Some((pi, gov)) = governing(&by_path, &cgroup) else {
+                    continue;
+                };
+                let tcp = d.protocol == portguard_common::IPPROTO_TCP;
+                // An unconnected UDP socket on an ephemeral port is most
+                // likely a client that autobound by sending.
+                if !tcp && (ephemeral.0..=ephemeral.1).contains(&d.port) {
+                    continue;
+                }
+                tally.checked += 1;
+                let policy = &self.policies[*pi];
+                let proto = if tcp {
                     portguard_common::Proto::Tcp
                 } else {
-                    // An unconnected UDP socket on an ephemeral port is most
-                    // likely a client that autobound by sending.
-                    if (ephemeral.0..=ephemeral.1).contains(&d.port) {
-                        continue;
-                    }
                     portguard_common::Proto::Udp
                 };
-                checked += 1;
                 let view = classify(d.local);
                 let dual = view.unspecified_v6 && !d.v6only;
                 if policy.allows_bound(proto, view, d.port, dual, true) {
                     continue;
                 }
-                violations += 1;
-                let cgroup_id = std::fs::metadata(self.hierarchy.fs_path(&h.cgroup))
-                    .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
-                    .unwrap_or(0);
-                let policy_cgroup_id = gov.id;
+                tally.violations += 1;
+                // Reported once while it lives (a socket that could not be
+                // ended would otherwise be reported on every pass).
+                if !still.insert((*ns_ino, d.cookie))
+                    || self.inventory_reported.contains(&(*ns_ino, d.cookie))
+                {
+                    continue;
+                }
+                let holder = scan
+                    .holders
+                    .get(&u64::from(d.inode))
+                    .cloned()
+                    .unwrap_or_default();
+                let family = match d.local {
+                    IpAddr::V4(_) => libc::AF_INET as u8,
+                    IpAddr::V6(_) => libc::AF_INET6 as u8,
+                };
+                let (name, mode) = (policy.name.clone(), policy.mode);
+                let action = (mode == Mode::Enforce).then(|| {
+                    self.end_socket(&ns, family, d.protocol, d.port, d.cookie, holder.pid, false)
+                });
+                if matches!(action, Some("destroyed" | "fenced" | "closed")) {
+                    tally.ended += 1;
+                }
                 let record = events::EventRecord {
-                    policy: Some(policy.name.clone()),
-                    cgroup: Some(h.cgroup.clone()),
-                    cgroup_id,
-                    pid: h.pid,
-                    tid: h.pid,
-                    uid: h.uid,
-                    gid: h.gid,
-                    comm: h.comm.clone(),
+                    policy: Some(name),
+                    cgroup: Some(cgroup.clone()),
+                    cgroup_id: d.cgroup_id,
+                    pid: holder.pid,
+                    tid: holder.pid,
+                    uid: holder.uid,
+                    gid: holder.gid,
+                    comm: holder.comm,
                     family: events::family_name(view.family),
-                    protocol: events::protocol_name(if proto == portguard_common::Proto::Tcp {
-                        portguard_common::IPPROTO_TCP
-                    } else {
-                        portguard_common::IPPROTO_UDP
-                    }),
+                    protocol: events::protocol_name(d.protocol),
                     address: d.local.to_string(),
                     port: d.port,
                     policy_cgroup: Some(gov.path.clone()),
-                    policy_cgroup_id,
+                    policy_cgroup_id: gov.id,
                     v4_mapped: view.v4_mapped,
                     dual_stack: dual,
-                    socket_inode: Some(*inode),
-                    identity: events::WorkloadIdentity::of(&h.cgroup, self.cri.as_ref()),
+                    socket_inode: Some(u64::from(d.inode)),
+                    action,
+                    identity: events::WorkloadIdentity::of(&cgroup, self.cri.as_ref()),
                     ..events::EventRecord::new(
                         events::Verdict::Preexisting,
                         events::EventHook::Inventory,
@@ -131,17 +145,46 @@ impl Agent {
                 self.write_records(writer, vec![record]);
             }
         }
+        // Forget what is gone (or allowed now); keep what still breaks its
+        // policy, so it is not reported again.
+        self.inventory_reported = still;
         let _ = writer.flush();
         let msg = format!(
-            "daemon: inventory: {checked} listening/bound sockets in {} governed processes checked, \
-             {violations} break their policy (reported as \"preexisting\") in {:?}",
-            holders.len(),
+            "daemon: inventory: {} listening/bound sockets of governed cgroups checked in {} \
+             network namespaces, {} break their policy (reported as \"preexisting\"), {} ended, \
+             in {:?}",
+            tally.checked,
+            tally.namespaces,
+            tally.violations,
+            tally.ended,
             started.elapsed()
         );
-        if violations > 0 {
+        if tally.violations > 0 {
             warn!("{msg}");
         } else {
             info!("{msg}");
         }
+    }
+}
+
+/// The policy governing `cgroup`: its nearest ancestor-or-self with a
+/// policy, as the kernel programs find it.
+fn governing<'a>(
+    by_path: &'a FxHashMap<String, (usize, Governed)>,
+    cgroup: &str,
+) -> Option<&'a (usize, Governed)> {
+    let mut path = cgroup;
+    loop {
+        if let Some(found) = by_path.get(path) {
+            return Some(found);
+        }
+        if path == "/" || path.is_empty() {
+            return None;
+        }
+        path = match path.rfind('/') {
+            Some(0) => "/",
+            Some(i) => &path[..i],
+            None => return None,
+        };
     }
 }

@@ -47,6 +47,9 @@ pub struct RunOptions {
     pub lost_interval: Duration,
     /// How often to re-resolve policy cgroups even without inotify events.
     pub rescan_interval: Duration,
+    /// How often the inventory lists every socket of the governed cgroups
+    /// (besides at start and after each change of what is governed).
+    pub inventory_interval: Duration,
     /// Most cgroups governed in one delegated subtree (`delegated: govern`).
     pub max_delegated_cgroups: usize,
     /// Where to attach the programs (a normalised cgroup path; `/` = the

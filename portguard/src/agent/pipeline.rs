@@ -103,15 +103,34 @@ impl Agent {
                 return "closed";
             }
         };
+        self.end_socket(&ns, family, ev.protocol, ev.port, ev.sock_cookie, pid, true)
+    }
+
+    /// End one socket that breaks its policy, in the network namespace open
+    /// as `ns` (`pid`: who holds it, for messages; 0 if nobody is known):
+    /// what [`Agent::end_cut_off_socket`] returns. `marked`: a kernel
+    /// program marked it cut off, so the packet guard can drop its traffic
+    /// should it not be destroyed; otherwise that is `failed`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn end_socket(
+        &mut self,
+        ns: &std::fs::File,
+        family: u8,
+        protocol: u8,
+        port: u16,
+        cookie: u64,
+        pid: u32,
+        marked: bool,
+    ) -> &'static str {
         let unended = |fenced| Unended {
             ns: ns.try_clone().ok(),
             family,
-            protocol: ev.protocol,
-            port: ev.port,
-            cookie: ev.sock_cookie,
+            protocol,
+            port,
+            cookie,
             fenced,
         };
-        match sockets::end(&ns, family, ev.protocol, ev.port, ev.sock_cookie) {
+        match sockets::end(ns, family, protocol, port, cookie) {
             Ok(sockets::Ended::Destroyed) => "destroyed",
             Ok(sockets::Ended::Fenced) => {
                 // The fence is not proof enough for a socket that lives on:
@@ -125,11 +144,17 @@ impl Agent {
                 "fenced"
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => "closed",
+            Err(e) if !marked => {
+                warn!(
+                    "daemon: the socket on port {port} of pid {pid} breaks its policy and cannot be \
+                     destroyed ({e}); restart the workload that holds it"
+                );
+                "failed"
+            }
             Err(e) => {
                 warn!(
-                    "daemon: the cut-off socket on port {} of pid {pid} is neither fenced nor \
-                     destroyable ({e}); the packet guard drops its traffic until it is gone",
-                    ev.port
+                    "daemon: the cut-off socket on port {port} of pid {pid} is neither fenced nor \
+                     destroyable ({e}); the packet guard drops its traffic until it is gone"
                 );
                 let u = unended(false);
                 self.unended.push(u);

@@ -48,6 +48,13 @@ pub(super) async fn serve(
     let mut lost_tick = tokio::time::interval_at(now + opts.lost_interval, opts.lost_interval);
     let mut rescan_tick =
         tokio::time::interval_at(now + opts.rescan_interval, opts.rescan_interval);
+    // `--inventory-interval 0`: never (a period that never comes).
+    let inventory_every = if opts.inventory_interval.is_zero() {
+        Duration::from_secs(100 * 365 * 24 * 3600)
+    } else {
+        opts.inventory_interval
+    };
+    let mut inventory_tick = tokio::time::interval_at(now + inventory_every, inventory_every);
     let mut lost_seen = agent.lost_seen;
     let mut pending_reload: Option<Instant> = None;
     let mut pending_rescan: Option<Instant> = None;
@@ -191,6 +198,13 @@ pub(super) async fn serve(
                 agent.rescan();
                 agent.sync_ephemeral(false);
                 watcher.set_dirs(&agent.cgroup_watch_dirs());
+            }
+            _ = inventory_tick.tick() => {
+                // Rescan first: a cgroup that appeared where no watch sees
+                // it is governed before its sockets are judged.
+                agent.rescan();
+                watcher.set_dirs(&agent.cgroup_watch_dirs());
+                agent.inventory_pending = true;
             }
             _ = lost_tick.tick() => {
                 agent.sweep_unended();

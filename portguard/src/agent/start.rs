@@ -312,6 +312,7 @@ impl Agent {
             parsed: Some(parsed),
             verify_pending: false,
             inventory_pending: false,
+            inventory_reported: HashSet::new(),
             health: Health::new(HEALTH_STALE_AFTER.max(opts.lost_interval * 3)),
             host: events::host_name(),
             capacity: opts.capacity,

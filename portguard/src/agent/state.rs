@@ -84,6 +84,9 @@ pub(super) struct Agent {
     pub(super) verify_pending: bool,
     /// The governed set changed: list pre-existing sockets again.
     pub(super) inventory_pending: bool,
+    /// Sockets (network namespace, cookie) the inventory reported that
+    /// still break their policy (not reported again).
+    pub(super) inventory_reported: HashSet<(u64, u64)>,
     /// What /healthz and /readyz report.
     pub(super) health: std::sync::Arc<Health>,
     /// The host name events carry.

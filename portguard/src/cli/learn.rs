@@ -329,6 +329,7 @@ pub fn run(opts: &LearnOptions) -> anyhow::Result<usize> {
         watch: false,
         lost_interval: Duration::from_secs(1),
         max_delegated_cgroups: 64,
+        inventory_interval: Duration::ZERO,
         rescan_interval: Duration::from_secs(5),
         attach_cgroup: "/".into(),
         require_lsm: false,

@@ -145,6 +145,14 @@ pub struct RunArgs {
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
     pub rescan_interval: Duration,
 
+    /// How often to list every TCP listener and bound UDP socket on the
+    /// host (in every network namespace, by the cgroup the kernel says made
+    /// it) and end those that break their policy, besides at start and
+    /// after each change of what is governed (e.g. 60s; `0` for never).
+    /// Each pass also rescans the cgroup tree first.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub inventory_interval: Duration,
+
     /// bpffs directory (created 0700) where programs, links and maps are
     /// pinned so enforcement survives the agent, or `none` to pin nothing
     /// (enforcement then ends when the agent exits). bpffs is mounted at
@@ -217,6 +225,7 @@ pub fn execute(a: Box<RunArgs>) -> anyhow::Result<ExitCode> {
         lost_interval: a.lost_report_interval,
         rescan_interval: a.rescan_interval,
         max_delegated_cgroups: a.max_delegated_cgroups,
+        inventory_interval: a.inventory_interval,
         attach_cgroup: a.attach_cgroup,
         require_lsm: a.require_lsm,
         cri_socket: a.cri_socket,

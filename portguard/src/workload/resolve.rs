@@ -523,8 +523,14 @@ mod tests {
             format!("/kubepods/burstable/pod{U2}/{C2}"),
         ];
         let tree = TreeIndex::from_paths(paths.iter().map(String::as_str));
-        assert_eq!(tree.containers[C2], format!("/kubepods/burstable/pod{U2}/{C2}"));
-        assert_eq!(tree.containers[C1], format!("/kubepods/besteffort/pod{U1}/{C1}"));
+        assert_eq!(
+            tree.containers[C2],
+            format!("/kubepods/burstable/pod{U2}/{C2}")
+        );
+        assert_eq!(
+            tree.containers[C1],
+            format!("/kubepods/besteffort/pod{U1}/{C1}")
+        );
         assert_eq!(tree.pods[U2], format!("/kubepods/burstable/pod{U2}"));
         assert_eq!(tree.pods.len(), 2);
     }

@@ -1,19 +1,28 @@
-//! Sockets that were bound before portguard governed them (bound before the
-//! agent started, or before a reload brought their cgroup under a policy):
-//! no hook ever judged them. At start and on every reload the agent lists
-//! them and reports each one that breaks its policy (verdict `preexisting`).
+//! Sockets no hook judged: bound before portguard governed their cgroup
+//! (before the agent started, before a reload or rescan brought the cgroup
+//! under a policy), or whose cut-off event was lost. The agent lists them
+//! at start, after every change of what is governed, and every
+//! `--inventory-interval`; each one that breaks its policy is reported
+//! (verdict `preexisting`) and, under an enforcing policy, ended.
 //!
-//! How: every process is mapped to its governing policy through
-//! `/proc/<pid>/cgroup` (nearest ancestor-or-self with a policy, as the kernel
-//! does); its sockets are the `socket:[inode]` links in `/proc/<pid>/fd`.
-//! Sockets live in network namespaces, so for each namespace the governed
-//! processes use, a thread enters it (setns) and dumps its TCP listeners and
-//! bound UDP sockets with sock_diag (NETLINK_SOCK_DIAG), inode included.
-//! What is judged: TCP listeners, and unconnected UDP sockets with a local
-//! port (a UDP socket a client autobound by sending is skipped when its port
-//! is in the host's ephemeral range, not its namespace's, which the
-//! workload may set). A policy's `ephemeral` allows any port in the host's
-//! ephemeral range, as it does at listen time.
+//! How: the kernel says which cgroup made each socket (sock_diag's
+//! `INET_DIAG_CGROUP_ID`, Linux 5.7+), the same cgroup the kernel programs
+//! judge it by: no `/proc/<pid>/cgroup` path, which reads `/../..` from a
+//! pod's own cgroup namespace. Sockets live in network namespaces, so a
+//! thread enters every namespace found on the host ([`scan_proc`]: those of
+//! every process and thread, `/run/netns`, and namespace files held open)
+//! and dumps its TCP listeners and bound UDP sockets. A socket no process
+//! holds (only in flight in SCM_RIGHTS, or registered with io_uring) is
+//! still listed there; which process holds the others comes from the
+//! `socket:[inode]` links in `/proc/<pid>/fd`. What is judged: TCP
+//! listeners, and unconnected UDP sockets with a local port (a UDP socket a
+//! client autobound by sending is skipped when its port is in the host's
+//! ephemeral range, not its namespace's, which the workload may set). A
+//! policy's `ephemeral` allows any port in the host's ephemeral range, as
+//! it does at listen time.
+//!
+//! Not reached: a network namespace that no process uses, no bind mount
+//! names and no open file holds (one kept alive only by its sockets).
 
 use std::{
     collections::HashMap,
@@ -49,6 +58,27 @@ pub struct DiagSocket {
     /// The interface it is bound to (`SO_BINDTODEVICE`), 0 for none;
     /// [`FENCE_IFINDEX`] for a fenced socket.
     pub interface: u32,
+    /// The cgroup that created it (`INET_DIAG_CGROUP_ID`; 0 if the kernel
+    /// did not say).
+    pub cgroup_id: u64,
+}
+
+/// sock_diag's attribute carrying a socket's cgroup id (linux/inet_diag.h).
+const INET_DIAG_CGROUP_ID: u16 = 21;
+
+/// The cgroup id attribute of a sock_diag answer.
+fn cgroup_id_of(nlas: &[Nla]) -> u64 {
+    use netlink_packet_core::Nla as _;
+    nlas.iter()
+        .find_map(|n| match n {
+            Nla::Other(a) if a.kind() == INET_DIAG_CGROUP_ID && a.value_len() == 8 => {
+                let mut b = [0u8; 8];
+                a.emit_value(&mut b);
+                Some(u64::from_ne_bytes(b))
+            }
+            _ => None,
+        })
+        .unwrap_or(0)
 }
 
 /// A namespace's sockets plus its ephemeral port range.
@@ -109,6 +139,7 @@ fn dump_family(family: u8, protocol: u8, states: StateFlags) -> io::Result<Vec<D
                         connected: protocol == IPPROTO_UDP && peer,
                         cookie: u64::from_ne_bytes(h.socket_id.cookie),
                         interface: h.socket_id.interface_id,
+                        cgroup_id: cgroup_id_of(&r.nlas),
                     });
                 }
                 NetlinkPayload::Done(_) => return Ok(out),
@@ -320,42 +351,44 @@ pub fn dump_netns(ns: &Path) -> io::Result<NetnsSockets> {
     in_netns(ns, dump_current)
 }
 
-/// A process that holds sockets, with what identifies it in an event.
-#[derive(Clone, Debug)]
+/// TCP listeners and UDP sockets (with a local port) of the network
+/// namespace open as `ns`, from a thread that enters it.
+pub fn dump_in(ns: &fs::File) -> io::Result<Vec<DiagSocket>> {
+    in_netns_file(ns, || {
+        let mut sockets = Vec::new();
+        for family in [AF_INET, AF_INET6] {
+            sockets.extend(dump_family(family, IPPROTO_TCP, StateFlags::LISTEN)?);
+            sockets.extend(dump_family(family, IPPROTO_UDP, StateFlags::all())?);
+        }
+        sockets.retain(|s| s.port != 0);
+        Ok(sockets)
+    })
+}
+
+/// A process that holds a socket, with what identifies it in an event.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Holder {
     pub pid: u32,
     pub uid: u32,
     pub gid: u32,
     pub comm: String,
-    /// cgroup path under the cgroup2 mount.
-    pub cgroup: String,
-    /// Socket inodes from /proc/<pid>/fd.
-    pub inodes: Vec<u64>,
-    /// Network namespace inode and a path to open it.
-    pub netns: (u64, PathBuf),
 }
 
-fn cgroup_of(pid: u32) -> Option<String> {
-    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .map(str::to_owned)
+/// What one pass over `/proc` found.
+#[derive(Debug, Default)]
+pub struct ProcScan {
+    /// Every network namespace reachable (inode -> a path that opens it).
+    pub netns: std::collections::BTreeMap<u64, PathBuf>,
+    /// Socket inode -> the first process (lowest pid) holding it.
+    pub holders: HashMap<u64, Holder>,
 }
 
-fn socket_inodes(pid: u32) -> Vec<u64> {
-    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return Vec::new();
-    };
-    dir.flatten()
-        .filter_map(|e| fs::read_link(e.path()).ok())
-        .filter_map(|t| {
-            t.to_str()?
-                .strip_prefix("socket:[")?
-                .strip_suffix(']')?
-                .parse()
-                .ok()
-        })
-        .collect()
+fn socket_inode(link: &Path) -> Option<u64> {
+    link.to_str()?
+        .strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
 }
 
 fn ids(pid: u32) -> (u32, u32) {
@@ -371,64 +404,64 @@ fn ids(pid: u32) -> (u32, u32) {
     (field("Uid:"), field("Gid:"))
 }
 
-/// Processes whose cgroup `governed` says is governed, with their sockets.
-pub fn holders(governed: impl Fn(&str) -> bool) -> Vec<Holder> {
-    let Ok(proc) = fs::read_dir("/proc") else {
-        return Vec::new();
+/// Every network namespace on the host and who holds each socket: the
+/// namespaces of every process and of each of its threads (a thread may
+/// `unshare` its own), namespace files a process holds open, and those
+/// `ip netns` names in `/run/netns`.
+pub fn scan_proc() -> ProcScan {
+    let mut out = ProcScan::default();
+    let add_ns = |out: &mut ProcScan, path: PathBuf| {
+        if let Ok(m) = fs::metadata(&path) {
+            out.netns.entry(m.ino()).or_insert(path);
+        }
     };
-    let mut out = Vec::new();
-    for e in proc.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Some(cgroup) = cgroup_of(pid) else {
-            continue;
-        };
-        if !governed(&cgroup) {
-            continue;
+    if let Ok(dir) = fs::read_dir("/run/netns") {
+        for e in dir.flatten() {
+            add_ns(&mut out, e.path());
         }
-        let inodes = socket_inodes(pid);
-        if inodes.is_empty() {
-            continue;
-        }
-        let ns = PathBuf::from(format!("/proc/{pid}/ns/net"));
-        let Ok(meta) = fs::metadata(&ns) else {
-            continue;
-        };
-        let (uid, gid) = ids(pid);
-        out.push(Holder {
-            pid,
-            uid,
-            gid,
-            comm: fs::read_to_string(format!("/proc/{pid}/comm"))
-                .unwrap_or_default()
-                .trim()
-                .to_owned(),
-            cgroup,
-            inodes,
-            netns: (meta.ino(), ns),
-        });
     }
-    out
-}
-
-/// For each network namespace the holders use, its sockets (namespaces that
-/// cannot be read are skipped with a message).
-pub fn sockets_by_netns(holders: &[Holder]) -> HashMap<u64, NetnsSockets> {
-    let mut out = HashMap::new();
-    for h in holders {
-        if out.contains_key(&h.netns.0) {
-            continue;
-        }
-        match dump_netns(&h.netns.1) {
-            Ok(s) => {
-                out.insert(h.netns.0, s);
+    let Ok(proc) = fs::read_dir("/proc") else {
+        return out;
+    };
+    let mut pids: Vec<u32> = proc
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    pids.sort_unstable();
+    for pid in pids {
+        add_ns(&mut out, PathBuf::from(format!("/proc/{pid}/ns/net")));
+        if let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) {
+            for t in tasks.flatten() {
+                if t.file_name().to_str() != Some(&pid.to_string()) {
+                    add_ns(&mut out, t.path().join("ns/net"));
+                }
             }
-            Err(e) => log::warn!(
-                "inventory: cannot list the sockets of network namespace {} (via pid {}): {e}",
-                h.netns.0,
-                h.pid
-            ),
+        }
+        let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        let mut holder = None;
+        for e in fds.flatten() {
+            let Ok(link) = fs::read_link(e.path()) else {
+                continue;
+            };
+            if let Some(inode) = socket_inode(&link) {
+                let h = holder.get_or_insert_with(|| {
+                    let (uid, gid) = ids(pid);
+                    Holder {
+                        pid,
+                        uid,
+                        gid,
+                        comm: fs::read_to_string(format!("/proc/{pid}/comm"))
+                            .unwrap_or_default()
+                            .trim()
+                            .to_owned(),
+                    }
+                });
+                out.holders.entry(inode).or_insert_with(|| h.clone());
+            } else if link.to_str().is_some_and(|l| l.starts_with("net:[")) {
+                add_ns(&mut out, e.path());
+            }
         }
     }
     out

@@ -42,6 +42,7 @@ mod deploy;
 mod events;
 mod guard;
 mod hostile;
+mod inventory;
 mod learn;
 mod manifests;
 mod metrics;

@@ -222,12 +222,30 @@ pub(crate) fn run_op(op: &[String]) -> String {
                 rc = unsafe { libc::listen(fd, 8) };
             }
             let e = errno();
+            let port = local_port(fd);
+            // Where the socket is kept after it is made: in this process's
+            // fd table (default); only in flight, sent over a socketpair and
+            // never received (`in-flight`); and/or with this process moved to
+            // a new network namespace (`unshare-net`).
+            let mut keep = Vec::new();
+            for word in op.iter().skip(4) {
+                match word.as_str() {
+                    "v6only" => {}
+                    "in-flight" => keep.push(in_flight(fd)),
+                    "unshare-net" => {
+                        // SAFETY: plain syscall.
+                        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                            die(&format!("unshare(CLONE_NEWNET): errno {}", errno()));
+                        }
+                    }
+                    other => die(&format!("unknown hold option {other}")),
+                }
+            }
             // SAFETY: plain syscalls.
             let (pid, tid) = (unsafe { libc::getpid() }, gettid());
             emit(&format!(
-                r#"{{"op":"hold","ok":{},"errno":{e},"port":{},"pid":{pid},"tid":{tid}}}"#,
+                r#"{{"op":"hold","ok":{},"errno":{e},"port":{port},"pid":{pid},"tid":{tid}}}"#,
                 rc == 0,
-                local_port(fd)
             ));
             loop {
                 // SAFETY: waiting for a signal.
@@ -337,4 +355,46 @@ fn uring(entry: io_uring::squeue::Entry) -> i32 {
         die("io_uring: operation not supported by this kernel");
     }
     (-cqe.result()).max(0)
+}
+
+/// Send `fd` over a new socketpair and never receive it; close `fd`. The
+/// socket then lives only in flight (the pair's end is returned, to keep).
+fn in_flight(fd: i32) -> i32 {
+    let mut pair = [0i32; 2];
+    // SAFETY: socketpair into a local array.
+    if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_DGRAM, 0, pair.as_mut_ptr()) } != 0 {
+        die(&format!("socketpair: errno {}", errno()));
+    }
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // SAFETY: CMSG_SPACE of one int.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) } as usize;
+    let mut control = vec![0u8; space];
+    // SAFETY: a zeroed msghdr filled below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space;
+    // SAFETY: the control buffer holds one cmsg with one int.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<i32>() as u32) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>(), fd);
+    }
+    // SAFETY: a valid message on our own socket.
+    if unsafe { libc::sendmsg(pair[0], &raw const msg, 0) } != 1 {
+        die(&format!("sendmsg(SCM_RIGHTS): errno {}", errno()));
+    }
+    // SAFETY: closing our own fds: the socket lives on in flight.
+    unsafe {
+        libc::close(fd);
+        libc::close(pair[0]);
+    }
+    pair[1]
 }
