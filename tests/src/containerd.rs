@@ -66,6 +66,39 @@ fn build_image(name: &str, out: &Path, pgprobe: &Path) {
     img.write(name, out).expect("writing the test image");
 }
 
+/// A `runc` that gives every container a cgroup namespace of its own, as
+/// containerd does on a cgroup v2 (unified) node: the agent's pod then sees
+/// its own cgroup as `/` and everyone else's as `/../..`, as on a real
+/// node. This host is hybrid, where containerd would not.
+fn runc_with_cgroupns(dir: &Path) -> PathBuf {
+    let path = dir.join("runc-cgroupns");
+    std::fs::write(
+        &path,
+        r#"#!/bin/sh
+bundle=
+create=
+prev=
+for a in "$@"; do
+  case "$prev" in --bundle|-b) bundle=$a ;; esac
+  [ "$a" = create ] && create=1
+  prev=$a
+done
+if [ -n "$create" ] && [ -n "$bundle" ]; then
+  /usr/bin/jq '.linux.namespaces |= (if any(.[]; .type == "cgroup") then . else . + [{"type": "cgroup"}] end)' \
+    "$bundle/config.json" > "$bundle/config.json.pg" && mv "$bundle/config.json.pg" "$bundle/config.json" || exit 1
+fi
+exec runc "$@"
+"#,
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &path,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o755),
+    )
+    .unwrap();
+    path
+}
+
 /// A running private containerd.
 pub struct Containerd {
     pub dir: tempfile::TempDir,
@@ -123,7 +156,13 @@ state = "{state}"
     conf_dir = "{cni}"
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        BinaryName = "{runc}"
 "#,
+            runc = runc_with_cgroupns(d).display(),
             root = d.join("root").display(),
             state = d.join("state").display(),
             sock = socket.display(),
@@ -260,6 +299,12 @@ state = "{state}"
     /// Create and start a test container (busybox and pgprobe, sleeping)
     /// named `name` in a pod. Returns its id.
     pub fn run_container(&mut self, sandbox: &str, name: &str) -> String {
+        self.run_container_cmd(sandbox, name, &["/bin/sleep", "3600"])
+    }
+
+    /// [`Containerd::run_container`] running `command` (e.g. `/pgprobe hold
+    /// ...`).
+    pub fn run_container_cmd(&mut self, sandbox: &str, name: &str, command: &[&str]) -> String {
         let config = ContainerConfig {
             metadata: Some(ContainerMetadata {
                 name: name.into(),
@@ -269,7 +314,7 @@ state = "{state}"
                 image: BUSYBOX.into(),
                 ..Default::default()
             }),
-            command: vec!["/bin/sleep".into(), "3600".into()],
+            command: command.iter().map(|c| (*c).to_owned()).collect(),
             log_path: format!("{name}.log"),
             ..Default::default()
         };

@@ -336,6 +336,15 @@ fn the_daemonset_runs_the_agent_through_the_cri() {
             p => p.to_owned(),
         }
     };
+    // A pod whose listener breaks the shipped policy, made before the agent
+    // runs (so no hook judged it): the agent's inventory, from inside its
+    // own pod's cgroup namespace, must find it by the kernel's cgroup id.
+    let (legacy_sb, _, _) = ctrd.run_pod("payments", "legacy-0", &[("app", "legacy")]);
+    let legacy = ctrd.run_container_cmd(
+        &legacy_sb,
+        "server",
+        &["/pgprobe", "hold", "tcp", "0.0.0.0", "8082"],
+    );
     let config = kubelet_container_config(pod_spec, &host);
     let labels: Vec<(String, String)> = ds["spec"]["template"]["metadata"]["labels"]
         .as_object()
@@ -387,6 +396,12 @@ fn the_daemonset_runs_the_agent_through_the_cri() {
     );
     let log = agent_log(&ctrd);
     assert!(log.contains("enforcing 4 policies"), "{log}");
+    // As in a pod on a cgroup v2 node: a cgroup namespace of its own.
+    assert_ne!(
+        std::fs::read_link(format!("/proc/{pid}/ns/cgroup")).unwrap(),
+        std::fs::read_link("/proc/self/ns/cgroup").unwrap(),
+        "the agent's pod has its own cgroup namespace"
+    );
     assert!(
         !log.contains("without CAP_"),
         "the pod's capabilities are the full documented set:\n{log}"
@@ -459,6 +474,13 @@ fn the_daemonset_runs_the_agent_through_the_cri() {
             std::thread::sleep(Duration::from_millis(100));
         }
     };
+    // The inventory found the legacy pod's listener, from inside the
+    // agent's cgroup namespace, and ended it.
+    let e = find(&[("port", json!(8082)), ("verdict", json!("preexisting"))]);
+    assert_eq!(e["policy"], "payments-default", "{e}");
+    assert_eq!(e["k8s_pod"], "legacy-0");
+    assert_eq!(e["container_id"], legacy);
+    assert_eq!(e["action"], "destroyed", "{e}");
     let e = find(&[("port", json!(8081)), ("k8s_pod", json!("web-0"))]);
     assert_eq!(e["verdict"], "deny");
     assert_eq!(e["policy"], "payments-web");
