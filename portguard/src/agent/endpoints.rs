@@ -1,5 +1,7 @@
 //! The agent's own listening sockets (`/healthz`, `/metrics`, the status
 //! socket): bound before anything is attached, served once the agent runs.
+//! One that cannot be bound (a local user holds the port first) is an
+//! error in the log and in `status`, never a reason not to enforce.
 
 use anyhow::Context as _;
 use log::{error, info};
@@ -16,47 +18,58 @@ pub(super) struct Endpoints {
 }
 
 impl Endpoints {
-    pub(super) fn bind(opts: &RunOptions) -> anyhow::Result<Self> {
-        let tcp =
-            |addr: std::net::SocketAddr, flag: &str| -> anyhow::Result<std::net::TcpListener> {
-                let l = std::net::TcpListener::bind(addr)
-                    .with_context(|| format!("{flag} {addr}: cannot listen"))?;
-                l.set_nonblocking(true)
-                    .with_context(|| format!("{flag}: set_nonblocking"))?;
-                Ok(l)
-            };
-        let health = match opts.health_listen {
-            Some(addr) => {
-                let l = tcp(addr, "--health-listen")?;
-                info!(
-                    "daemon: serving /healthz and /readyz on http://{}",
-                    l.local_addr()?
+    /// Bind what the options ask for. What cannot be bound (a bad address,
+    /// a port a local user holds first) is left out, logged as an error and
+    /// named in the returned list: enforcement comes first.
+    pub(super) fn bind(opts: &RunOptions) -> (Self, Vec<String>) {
+        let mut failed = Vec::new();
+        let mut keep = |what: &str, r: anyhow::Result<Option<std::net::TcpListener>>| match r {
+            Ok(l) => l,
+            Err(e) => {
+                let msg = format!("{e:#}");
+                error!(
+                    "daemon: {msg}; enforcing WITHOUT {what} (whoever holds that address may \
+                     answer in the agent's name)"
                 );
-                Some(l)
+                failed.push(msg);
+                None
             }
-            None => None,
         };
-        let metrics = match opts.metrics_addr {
-            Some(addr) => {
-                let l = tcp(addr, "--metrics-addr")?;
-                info!("daemon: serving /metrics on http://{}", l.local_addr()?);
-                Some(l)
-            }
-            None => None,
-        };
+        let health = keep(
+            "/healthz and /readyz",
+            tcp(
+                opts.health_listen,
+                "--health-listen",
+                "/healthz and /readyz",
+            ),
+        );
+        let metrics = keep(
+            "/metrics",
+            tcp(opts.metrics_addr, "--metrics-addr", "/metrics"),
+        );
         let status = match &opts.status_socket {
-            Some(p) => {
-                let l = crate::observe::status::bind(p)?;
-                info!("daemon: answering `portguard status` on {}", p.display());
-                Some(l)
-            }
+            Some(p) => match crate::observe::status::bind(p) {
+                Ok(l) => {
+                    info!("daemon: answering `portguard status` on {}", p.display());
+                    Some(l)
+                }
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    error!("daemon: {msg}; enforcing WITHOUT the status socket");
+                    failed.push(msg);
+                    None
+                }
+            },
             None => None,
         };
-        Ok(Self {
-            health,
-            metrics,
-            status,
-        })
+        (
+            Self {
+                health,
+                metrics,
+                status,
+            },
+            failed,
+        )
     }
 
     /// Serve them on the runtime, from the agent's shared snapshot.
@@ -89,4 +102,21 @@ impl Endpoints {
         }
         Ok(())
     }
+}
+
+/// Listen on `addr` (non-blocking), if given.
+fn tcp(
+    addr: Option<std::net::SocketAddr>,
+    flag: &str,
+    what: &str,
+) -> anyhow::Result<Option<std::net::TcpListener>> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let l = std::net::TcpListener::bind(addr)
+        .with_context(|| format!("{flag} {addr}: cannot listen"))?;
+    l.set_nonblocking(true)
+        .with_context(|| format!("{flag}: set_nonblocking"))?;
+    info!("daemon: serving {what} on http://{}", l.local_addr()?);
+    Ok(Some(l))
 }

@@ -18,7 +18,6 @@ use std::{path::PathBuf, time::Duration};
 use crate::{
     apply::Capacity,
     events::{self},
-    kernel::pins::PinDir,
 };
 
 mod endpoints;
@@ -112,10 +111,16 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
     let hierarchy = hierarchy(&opts, policies.len())?;
     let mut writer = event_writer(&opts)?;
     preflight_capabilities()?;
-    let endpoints = Endpoints::bind(&opts)?;
-    let pins = opts.pin_dir.as_deref().map(PinDir::open).transpose()?;
+    // Squatters (a port held first, a pin directory made first) cost
+    // observability or persistence, loudly, never enforcement.
+    let (endpoints, mut degraded) = Endpoints::bind(&opts);
+    let pins = match opts.pin_dir.as_deref() {
+        Some(dir) => open_pins(dir, &mut degraded)?,
+        None => None,
+    };
     let loaded = load_kernel(&opts, pins.as_ref())?;
     let (mut agent, events) = Agent::new(&opts, hierarchy, loaded, parsed)?;
+    agent.shared.update(|f| f.degraded = degraded);
     agent.connect_cri(&rt, &opts, &policies);
     let report = agent.first_apply(&opts, policies)?;
     agent.attach(&opts, pins.as_ref(), &mut writer)?;

@@ -66,6 +66,9 @@ pub struct Facts {
     /// How listen()/accept() are checked.
     pub listen_mode: String,
     pub status: String,
+    /// What the agent runs without, and why (an endpoint it could not
+    /// bind, a pin directory someone else made).
+    pub degraded: Vec<String>,
     pub host: String,
     pub started: String,
 }

@@ -60,6 +60,7 @@ pub fn document(shared: &Snapshot) -> Value {
         "pid": std::process::id(),
         "started": facts.started,
         "status": facts.status,
+        "degraded": facts.degraded,
         "attach_cgroup": facts.attach_cgroup,
         "hooks": facts.hooks,
         "listen": facts.listen_mode,
@@ -312,6 +313,9 @@ pub fn render(doc: &Value) -> String {
             out += &format!("; {held} subtrees held fail-closed");
         }
         out += "\n";
+    }
+    for d in doc["degraded"].as_array().into_iter().flatten() {
+        out += &format!("WARNING: {}\n", s(d));
     }
     if let Some(e) = doc["kernel_error"].as_str() {
         out += &format!("WARNING: reading the kernel counters failed: {e}\n");

@@ -2,7 +2,8 @@
 //! files are refused in bounded memory (by `check`, at start and on reload,
 //! where the previous policy stays in force); unprivileged local users
 //! cannot read or change the agent's pins, status socket or event log; a
-//! pin directory planted by another user is refused.
+//! pin directory planted by another user is moved aside and a squatted
+//! metrics port costs the metrics, never enforcement.
 
 use std::{
     os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
@@ -198,26 +199,97 @@ fn unprivileged_users_cannot_reach_pins_socket_or_log() {
 }
 
 /// /sys/fs/bpf is usually world-writable: a directory another user made
-/// first (to own the pins) is refused, and nothing is attached.
+/// first (to own the pins) is never used, and never keeps the agent from
+/// enforcing: it is replaced (bpffs cannot rename directories, so one with
+/// no pins is removed) and the agent pins in a fresh directory of its own,
+/// saying so in its log and in `status`.
 #[test]
-fn a_pin_directory_planted_by_another_user_is_refused() {
+fn a_pin_directory_planted_by_another_user_does_not_stop_enforcement() {
     require_root!();
     let planted =
         Path::new(portguard_tests::TEST_PIN_ROOT).join(format!("planted-{}", std::process::id()));
     std::fs::create_dir_all(&planted).unwrap();
     std::os::unix::fs::chown(&planted, Some(65534), Some(65534)).unwrap();
+    // What the planter left inside (bpffs holds directories and pins only;
+    // without CAP_BPF a user can make no pin).
+    std::fs::create_dir(planted.join("links")).unwrap();
+    std::os::unix::fs::chown(planted.join("links"), Some(65534), Some(65534)).unwrap();
     let cg = Cgroup::new("planted");
-    let r = Agent::try_start(
+    let agent = Agent::start_with(
         &format!("policies:\n  - {{name: p, cgroup: {}, bind: []}}\n", cg.rel),
         &["--pin-dir", planted.to_str().unwrap()],
     );
-    let _ = std::fs::remove_dir_all(&planted);
-    let err = match r {
-        Ok(_) => panic!("the agent ran on a pin directory owned by uid 65534"),
-        Err(e) => e,
-    };
-    assert!(err.contains("owned by uid 65534"), "{err}");
     Probe::in_cgroup(&cg)
         .run(&["bind", "tcp", "127.0.0.1", "8081"])
-        .assert_ok();
+        .assert_eperm();
+    let md = std::fs::metadata(&planted).unwrap();
+    use std::os::unix::fs::MetadataExt as _;
+    assert_eq!((md.uid(), md.permissions().mode() & 0o777), (0, 0o700));
+    assert!(
+        planted.join("links/portguard_bind4").exists(),
+        "pinned in the fresh directory"
+    );
+    assert!(
+        agent.stderr().contains("was made by uid 65534"),
+        "{}",
+        agent.stderr()
+    );
+    let (code, out, err) = portguard_tests::portguard(&[
+        "status",
+        "--socket",
+        agent.status_socket().to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("WARNING: pin directory"), "{out}");
+    assert!(out.contains("removed (it held no pins"), "{out}");
+}
+
+/// A local user holding the metrics port first costs the metrics, loudly,
+/// not enforcement.
+#[test]
+fn a_squatted_metrics_port_does_not_stop_enforcement() {
+    require_root!();
+    let squat = Command::new(portguard_tests::probe_bin())
+        .args(["--uid", "65534", "hold", "tcp", "127.0.0.1", "29620"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut squat = Kill(squat);
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(squat.0.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert!(line.contains(r#""ok":true"#), "{line}");
+    let cg = Cgroup::new("squat");
+    let agent = Agent::start_with(
+        &format!("policies:\n  - {{name: p, cgroup: {}, bind: []}}\n", cg.rel),
+        &["--metrics-addr", "127.0.0.1:29620"],
+    );
+    Probe::in_cgroup(&cg)
+        .run(&["bind", "tcp", "127.0.0.1", "8081"])
+        .assert_eperm();
+    assert!(
+        agent
+            .stderr()
+            .contains("--metrics-addr 127.0.0.1:29620: cannot listen"),
+        "{}",
+        agent.stderr()
+    );
+    let (code, out, err) = portguard_tests::portguard(&[
+        "status",
+        "--json",
+        "--socket",
+        agent.status_socket().to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("cannot listen"), "{out}");
 }
