@@ -20,6 +20,7 @@ use crate::{
     events::{self},
 };
 
+mod delegated;
 mod endpoints;
 mod inventory;
 mod pipeline;

@@ -303,7 +303,7 @@ pub fn render(doc: &Value) -> String {
         );
         let subtrees: Vec<String> = delegated["unfit_subtrees"]
             .as_array()
-            .map(|a| a.iter().map(|v| s(v)).collect())
+            .map(|a| a.iter().map(&s).collect())
             .unwrap_or_default();
         if !subtrees.is_empty() {
             out += &format!(" (in {})", subtrees.join(", "));

@@ -551,8 +551,20 @@ mod tests {
         assert!(found.inode != 0);
         assert_eq!(found.cookie, cookie_of(l.as_raw_fd()));
         assert_eq!(found.interface, 0);
-        let me = socket_inodes(std::process::id());
-        assert!(me.contains(&u64::from(found.inode)), "{me:?}");
+        let scan = scan_proc();
+        let holder = &scan.holders[&u64::from(found.inode)];
+        assert_eq!(holder.pid, std::process::id());
+        let own_ns = fs::metadata("/proc/self/ns/net").unwrap().ino();
+        assert!(scan.netns.contains_key(&own_ns));
+        // The kernel names the cgroup that made it: this process's.
+        if let Ok(root) = crate::workload::cgroupfs::cgroup2_mount() {
+            let own = fs::read_to_string("/proc/self/cgroup").unwrap();
+            let rel = own.lines().find_map(|l| l.strip_prefix("0::")).unwrap();
+            let id = fs::metadata(root.join(rel.trim_start_matches('/')))
+                .unwrap()
+                .ino();
+            assert_eq!(found.cgroup_id, id);
+        }
         assert!(s.ephemeral.0 > 0 && s.ephemeral.0 < s.ephemeral.1);
     }
 }

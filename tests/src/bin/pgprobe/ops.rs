@@ -371,7 +371,7 @@ fn in_flight(fd: i32) -> i32 {
         iov_len: 1,
     };
     // SAFETY: CMSG_SPACE of one int.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) } as usize;
+    let space = unsafe { libc::CMSG_SPACE(size_of::<i32>() as u32) } as usize;
     let mut control = vec![0u8; space];
     // SAFETY: a zeroed msghdr filled below.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -384,7 +384,7 @@ fn in_flight(fd: i32) -> i32 {
         let cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
         (*cmsg).cmsg_level = libc::SOL_SOCKET;
         (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<i32>() as u32) as usize;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<i32>() as u32) as usize;
         std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>(), fd);
     }
     // SAFETY: a valid message on our own socket.
