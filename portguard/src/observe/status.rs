@@ -14,7 +14,10 @@ use std::{
 use anyhow::Context as _;
 use serde_json::{Value, json};
 
-use crate::observe::snapshot::{KernelReading, Snapshot, VERDICTS};
+use crate::observe::{
+    snapshot::{KernelReading, Snapshot, VERDICTS},
+    text::escape,
+};
 
 pub const DEFAULT_SOCKET: &str = "/run/portguard/status.sock";
 
@@ -242,7 +245,8 @@ pub fn pinned_document(pins: &Path) -> anyhow::Result<Value> {
 
 /// The human view of a status document.
 pub fn render(doc: &Value) -> String {
-    let s = |v: &Value| v.as_str().unwrap_or("-").to_owned();
+    // Every string is escaped: cgroup and unit names are the tenants' choice.
+    let s = |v: &Value| escape(v.as_str().unwrap_or("-")).into_owned();
     let n = |v: &Value| v.as_u64().unwrap_or(0);
     let mut out = format!(
         "portguard {} on {}, pid {}, since {}: {}\n",
@@ -318,7 +322,13 @@ pub fn render(doc: &Value) -> String {
     for p in policies {
         for c in p["cgroups"].as_array().unwrap_or(&empty) {
             any = true;
-            let _ = writeln!(w, "{}\t{}\t{}", s(&c["path"]), s(&p["name"]), workload(c));
+            let _ = writeln!(
+                w,
+                "{}\t{}\t{}",
+                s(&c["path"]),
+                s(&p["name"]),
+                escape(&workload(c))
+            );
         }
     }
     if any {
@@ -377,6 +387,26 @@ mod tests {
                 |l| l.starts_with("/kubepods/besteffort/podX") && l.ends_with("payments/web-0")
             ),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn hostile_names_are_escaped() {
+        let doc = json!({
+            "status": "enforcing 1 policies", "hooks": [], "maps": [],
+            "policies": [{
+                "name": "tenants", "mode": "enforce", "selector": "cgroup /tenants",
+                "decisions": {},
+                "cgroups": [{"path": "/tenants/x\u{1b}[2J\ny", "unit": "u\u{1b}]0;t\u{7}.service"}],
+            }],
+        });
+        let text = render(&doc);
+        assert!(!text.contains('\x1b') && !text.contains('\x07'), "{text:?}");
+        assert!(text.contains(r"/tenants/x\x1b[2J\ny"), "{text}");
+        assert!(text.contains(r"u\x1b]0;t\x07.service"), "{text}");
+        assert!(
+            !text.lines().any(|l| l.starts_with('y')),
+            "a forged line: {text}"
         );
     }
 
