@@ -27,6 +27,7 @@
 //! - `cli`: `check`, `--help`, and `run` refusing bad input.
 //! - `cri`: `pods:` selectors against a private containerd through the CRI.
 //! - `status`: `portguard status` and `portguard events`.
+//! - `terminal`: hostile cgroup names are escaped in logs, tables and status.
 //! - `units`: `unit:` selectors on a bare host.
 
 mod aggregate;
@@ -48,4 +49,5 @@ mod pinning;
 mod plan;
 mod reload;
 mod status;
+mod terminal;
 mod units;
