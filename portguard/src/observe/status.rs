@@ -78,6 +78,9 @@ pub fn document(shared: &Snapshot) -> Value {
         })).collect::<Vec<_>>(),
         "policies": policies,
         "kernel_error": kernel_error,
+        "cri": facts.cri.as_ref().map(|c| json!({
+            "up": c.up, "errors": c.errors, "failing_since": c.failing_since,
+        })),
     })
 }
 
@@ -290,6 +293,24 @@ pub fn render(doc: &Value) -> String {
         })
         .unwrap_or_default();
     out += &format!("maps: {}\n", maps.join(", "));
+    match doc["cri"]["up"].as_bool() {
+        Some(true) => {
+            out += &format!(
+                "CRI runtime: answers ({} failed calls)\n",
+                n(&doc["cri"]["errors"])
+            )
+        }
+        Some(false) => {
+            out += &format!(
+                "WARNING: the CRI runtime is NOT ANSWERING since {} ({} failed calls): pods keep \
+                 the policies of its last answer; new pod cgroups are held by \
+                 `portguard:identifying`\n",
+                s(&doc["cri"]["failing_since"]),
+                n(&doc["cri"]["errors"])
+            );
+        }
+        None => {}
+    }
     if let Some(e) = doc["kernel_error"].as_str() {
         out += &format!("WARNING: reading the kernel counters failed: {e}\n");
     }
