@@ -26,6 +26,7 @@
 //!   links and maps, adopted without detaching); `uninstall`.
 //! - `cli`: `check`, `--help`, and `run` refusing bad input.
 //! - `cri`: `pods:` selectors against a private containerd through the CRI.
+//! - `cri_runtime`: CRI answers over 4 MiB; the runtime down (pods stay held).
 //! - `status`: `portguard status` and `portguard events`.
 //! - `terminal`: hostile cgroup names are escaped in logs, tables and status.
 //! - `units`: `unit:` selectors on a bare host.
@@ -38,6 +39,7 @@ mod cgroups;
 mod cli;
 mod connect;
 mod cri;
+mod cri_runtime;
 mod deploy;
 mod events;
 mod guard;
