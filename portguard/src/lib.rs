@@ -6,7 +6,7 @@
 //! |---|---|---|
 //! | `cli/` | one file per verb (`run`, `check`, `learn`, `status`, `events`, `uninstall`): arguments and `--help` | `cli/mod.rs` |
 //! | `agent/` | `portguard run`: start-up, the agent's state, reload, the event glue and the serve loop | `agent/mod.rs` (`run`) |
-//! | `observe/` | what the agent shows: the status snapshot, `/metrics`, `/healthz`, the status socket | `observe/metrics.rs` |
+//! | `observe/` | what the agent shows: the status snapshot, `/metrics`, `/healthz`, the status socket, and the escaping of untrusted names in human-readable output | `observe/metrics.rs` |
 //! | `events/` | the typed event record: decode, enrich, aggregate, the writer, lost-event reports | `events/mod.rs` |
 //! | `workload/` | where workloads are: cgroupfs, kubelet/systemd layouts, identity, resolve, CRI, their sockets | `workload/resolve.rs` |
 //! | `kernel/` | the only aya importer: object, attach, pins, maps, counters, BTF, raw bpf calls | `kernel/mod.rs` |

@@ -99,6 +99,21 @@ exec runc "$@"
     path
 }
 
+/// containerd on `dir`'s config, its log appended to `dir`/containerd.log.
+fn spawn_containerd(dir: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("containerd.log"))
+        .unwrap();
+    Command::new("containerd")
+        .args(["--config", &dir.join("config.toml").display().to_string()])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("starting containerd")
+}
+
 /// A running private containerd.
 pub struct Containerd {
     pub dir: tempfile::TempDir,
@@ -169,13 +184,7 @@ state = "{state}"
             cni = d.join("cni").display(),
         );
         std::fs::write(d.join("config.toml"), config).unwrap();
-        let log = std::fs::File::create(d.join("containerd.log")).unwrap();
-        let child = Command::new("containerd")
-            .args(["--config", &d.join("config.toml").display().to_string()])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("starting containerd");
+        let child = spawn_containerd(d);
         let c = Self {
             socket,
             child: Some(child),
@@ -205,6 +214,42 @@ state = "{state}"
             c.import(&path);
         }
         c
+    }
+
+    /// Kill containerd (SIGKILL), leaving its pods running (their shims
+    /// outlive it, as on a node whose runtime crashed). Its CRI socket stops
+    /// answering until [`Containerd::restart`].
+    pub fn kill_daemon(&mut self) {
+        let mut child = self.child.take().expect("containerd is not running");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Start containerd again on the same state (it adopts the running
+    /// shims) and wait until its CRI answers.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "containerd is running");
+        self.child = Some(spawn_containerd(self.dir.path()));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let answered = self.rt.block_on(async {
+                let mut c = portguard::workload::cri::connect(&self.socket).await.ok()?;
+                c.list_pod_sandbox(portguard::workload::cri::api::ListPodSandboxRequest {
+                    filter: None,
+                })
+                .await
+                .ok()
+            });
+            if answered.is_some() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not come back:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     pub fn log(&self) -> String {
@@ -237,6 +282,19 @@ state = "{state}"
         labels: &[(&str, &str)],
         host_pid: bool,
     ) -> (String, String, String) {
+        self.run_pod_annotated(namespace, name, labels, &[], host_pid)
+    }
+
+    /// [`Containerd::run_pod_with`], with pod annotations (which the
+    /// runtime returns in every ListPodSandbox answer).
+    pub fn run_pod_annotated(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+        annotations: &[(&str, &str)],
+        host_pid: bool,
+    ) -> (String, String, String) {
         let n = SEQ.fetch_add(1, Ordering::SeqCst);
         let uid = format!(
             "{:08x}-0000-4000-8000-{:012x}",
@@ -260,6 +318,10 @@ state = "{state}"
                 .display()
                 .to_string(),
             labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect::<HashMap<_, _>>(),
+            annotations: annotations
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect::<HashMap<_, _>>(),

@@ -59,6 +59,8 @@ pub struct RunOptions {
     pub require_lsm: bool,
     /// The CRI runtime's socket (for `pods:` policies and event identities).
     pub cri_socket: PathBuf,
+    /// The largest CRI answer accepted (ListPodSandbox, ListContainers).
+    pub cri_max_message_bytes: usize,
     /// Identical decisions within this window are written as one line
     /// (zero: every decision is written).
     pub aggregate_window: Duration,

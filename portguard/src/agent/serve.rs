@@ -13,7 +13,11 @@ use log::{debug, error, info, warn};
 use sd_notify::NotifyState;
 use tokio::io::{Interest, unix::AsyncFd};
 
-use crate::{events::EventWriter, observe::health::Health, workload::cri};
+use crate::{
+    events::{self, EventWriter},
+    observe::health::Health,
+    workload::cri,
+};
 
 use super::*;
 
@@ -285,10 +289,10 @@ pub(super) async fn refresh_cri(
     socket: &Path,
 ) {
     if client.is_none() {
-        match cri::connect(socket).await {
+        match cri::connect_with_limit(socket, agent.cri_health.max_message_bytes).await {
             Ok(c) => *client = Some(c),
             Err(e) => {
-                debug!("daemon: {e}");
+                agent.cri_failed(socket, &e);
                 return;
             }
         }
@@ -302,11 +306,109 @@ pub(super) async fn refresh_cri(
                 info!("daemon: CRI runtime at {} answers", socket.display());
             }
             agent.cri = Some(s);
+            agent.cri_answered(socket);
         }
         Err(e) => {
-            warn!("daemon: {e}; keeping its last answer");
+            agent.cri_failed(socket, &e);
             *client = None;
         }
+    }
+}
+
+/// Whether the CRI runtime answers, as the agent last found it.
+pub(super) struct CriHealth {
+    /// `--cri-max-message-bytes`.
+    pub(super) max_message_bytes: usize,
+    /// Since when the runtime does not answer (`None`: it answers, or no
+    /// CRI call was made yet).
+    pub(super) failing_since: Option<Instant>,
+    /// When the last "still not answering" line was logged.
+    pub(super) last_complaint: Option<Instant>,
+    /// Failed CRI refreshes in this run.
+    pub(super) errors: u64,
+}
+
+impl CriHealth {
+    pub(super) fn new(max_message_bytes: usize) -> Self {
+        Self {
+            max_message_bytes,
+            failing_since: None,
+            last_complaint: None,
+            errors: 0,
+        }
+    }
+}
+
+/// How often a runtime that keeps failing is complained about.
+const CRI_COMPLAINT_INTERVAL: Duration = Duration::from_secs(30);
+
+impl Agent {
+    /// A CRI refresh failed: count it, say so loudly (at once, then every
+    /// [`CRI_COMPLAINT_INTERVAL`]), publish it to status and metrics.
+    pub(super) fn cri_failed(&mut self, socket: &Path, e: &cri::CriError) {
+        let h = &mut self.cri_health;
+        h.errors += 1;
+        let first = h.failing_since.is_none();
+        let since = *h.failing_since.get_or_insert_with(Instant::now);
+        let hint = if e.too_large() {
+            format!(
+                " (its answer is larger than --cri-max-message-bytes {}: raise it)",
+                h.max_message_bytes
+            )
+        } else {
+            String::new()
+        };
+        if self.cri.is_none() {
+            // It never answered (a wrong --cri-socket, or not up yet):
+            // nothing is held for it, or every pod would be blocked.
+            if first {
+                warn!(
+                    "daemon: {e}{hint}; `pods:` policies govern nothing until the runtime answers"
+                );
+            } else {
+                debug!("daemon: {e}{hint}");
+            }
+        } else if first
+            || h.last_complaint
+                .is_none_or(|t| t.elapsed() >= CRI_COMPLAINT_INTERVAL)
+        {
+            h.last_complaint = Some(Instant::now());
+            error!(
+                "daemon: CRI runtime at {} NOT ANSWERING for {:.0?}: {e}{hint}; pods keep the \
+                 policies of its last answer, and new pod cgroups are held by `{IDENTIFYING}` \
+                 (every bind denied) until it answers",
+                socket.display(),
+                since.elapsed()
+            );
+        } else {
+            debug!("daemon: {e}{hint}");
+        }
+        self.publish_cri();
+    }
+
+    /// A CRI refresh succeeded.
+    pub(super) fn cri_answered(&mut self, socket: &Path) {
+        if let Some(since) = self.cri_health.failing_since.take() {
+            info!(
+                "daemon: CRI runtime at {} answers again after {:.1?}",
+                socket.display(),
+                since.elapsed()
+            );
+        }
+        self.cri_health.last_complaint = None;
+        self.publish_cri();
+    }
+
+    fn publish_cri(&self) {
+        let h = &self.cri_health;
+        let facts = crate::observe::snapshot::CriFacts {
+            up: h.failing_since.is_none(),
+            errors: h.errors,
+            failing_since: h
+                .failing_since
+                .map(|t| events::format_time(std::time::SystemTime::now() - t.elapsed())),
+        };
+        self.shared.update(|f| f.cri = Some(facts));
     }
 }
 

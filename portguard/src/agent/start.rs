@@ -373,6 +373,7 @@ impl Agent {
             next_left_out: Default::default(),
             tree: None,
             cri: None,
+            cri_health: CriHealth::new(opts.cri_max_message_bytes),
             ties_logged: HashSet::new(),
             quarantine: Vec::new(),
             unidentified_since: HashMap::new(),
@@ -421,7 +422,8 @@ impl Agent {
             return;
         }
         match rt.block_on(async {
-            let mut c = cri::connect(&opts.cri_socket).await?;
+            let mut c =
+                cri::connect_with_limit(&opts.cri_socket, opts.cri_max_message_bytes).await?;
             cri::snapshot(&mut c, &opts.cri_socket).await
         }) {
             Ok(snap) => {
@@ -432,12 +434,26 @@ impl Agent {
                     snap.containers.len()
                 );
                 self.cri = Some(snap);
+                self.cri_answered(&opts.cri_socket);
             }
-            Err(e) => warn!(
-                "daemon: {e}; `pods:` policies govern nothing until the runtime answers (retried on \
-                 every cgroup change and every --rescan-interval); events carry cgroup-path \
-                 identities only"
-            ),
+            Err(e) => {
+                warn!(
+                    "daemon: {e}; `pods:` policies govern nothing until the runtime answers \
+                     (retried on every cgroup change and every --rescan-interval); events carry \
+                     cgroup-path identities only{}",
+                    if e.too_large() {
+                        format!(
+                            " (its answer is larger than --cri-max-message-bytes {}: raise it)",
+                            opts.cri_max_message_bytes
+                        )
+                    } else {
+                        String::new()
+                    }
+                );
+                // Counted and published; logged once above.
+                self.cri_health.failing_since = Some(Instant::now());
+                self.cri_failed(&opts.cri_socket, &e);
+            }
         }
     }
 

@@ -67,6 +67,8 @@ pub(super) struct Agent {
     pub(super) tree: Option<TreeIndex>,
     /// The CRI runtime's last answer (kept when it stops answering).
     pub(super) cri: Option<cri::Snapshot>,
+    /// Whether the runtime answers now (quarantine holds while it does not).
+    pub(super) cri_health: CriHealth,
     /// Ties already logged (each once).
     pub(super) ties_logged: HashSet<String>,
     /// Pod cgroups the runtime cannot identify yet (their sandbox is being
@@ -163,23 +165,30 @@ impl Agent {
     }
 
     /// Pod cgroups to hold in quarantine: unknown to the runtime, governed
-    /// by no policy, first seen less than [`IDENTIFY_TIMEOUT`] ago. Only while
-    /// the runtime answers (a wrong --cri-socket must not block every pod).
+    /// by no policy, unidentified for less than [`IDENTIFY_TIMEOUT`] of the
+    /// runtime answering. Only once the runtime has answered (a wrong
+    /// --cri-socket must not block every pod); while it then stops
+    /// answering, the timeout does not run: a new pod stays held until the
+    /// runtime can name it, instead of being released ungoverned.
     pub(super) fn compute_quarantine(&mut self, resolved: &Resolution) -> Vec<Governed> {
         let (Some(tree), Some(cri)) = (&self.tree, &self.cri) else {
             self.unidentified_since.clear();
             return Vec::new();
         };
+        let runtime_down = self.cri_health.failing_since.is_some();
         let unknown = tree.unknown_pods(cri);
         self.unidentified_since
             .retain(|uid, _| unknown.contains(uid));
         let governed: HashSet<u64> = resolved.iter().flatten().map(|g| g.id).collect();
         let mut out = Vec::new();
         for uid in unknown {
-            let since = *self
+            let since = self
                 .unidentified_since
                 .entry(uid.clone())
                 .or_insert_with(Instant::now);
+            if runtime_down {
+                *since = Instant::now();
+            }
             if since.elapsed() > IDENTIFY_TIMEOUT {
                 continue;
             }

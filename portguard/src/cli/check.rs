@@ -101,6 +101,7 @@ pub fn check_plan(c: &PlanCheck<'_>) -> anyhow::Result<Report> {
     if let Some(plan) = &report.file {
         let a = analyze(plan, &file, &m);
         out.summary.governed_containers = a.governed;
+        out.summary.keep_net_raw = a.keep_net_raw;
         out.findings.extend(a.findings);
     }
     Ok(out)
@@ -226,9 +227,14 @@ use clap::Args;
 ///                          declares
 ///   port-mismatch          one service, different ports in its Dockerfile,
 ///                          compose file and Kubernetes manifests
+///   net-capability         (warning) a governed container adds NET_RAW or
+///                          NET_ADMIN, or is privileged: it can answer on
+///                          ports around portguard (drop them)
 ///
 /// plus manifest-invalid, manifest-unresolved (a ${VAR} without a default)
-/// and service-selects-nothing. No cluster or network is needed.
+/// and service-selects-nothing; and a note counting the governed containers
+/// that keep the NET_RAW containerd and Docker grant by default. No cluster
+/// or network is needed.
 ///
 /// Exits 0 when there is no error (warnings allowed), 1 otherwise; with
 /// --warn-only, manifest findings never fail the run (an invalid policy file

@@ -17,6 +17,8 @@ use anyhow::Context as _;
 use clap::Args;
 use serde_json::{Value, json};
 
+use crate::observe::text::escape;
+
 /// Read an event log and show what matters.
 ///
 /// Reads FILE (or standard input with `-`, e.g. `kubectl logs -f ... |
@@ -216,8 +218,10 @@ pub fn summarize(events: &[Value], top: usize) -> Vec<PairCount> {
     out
 }
 
+/// One row of the table; every string is escaped (cgroup and unit names are
+/// the tenants' choice, and a tab would break the columns).
 fn table_row(e: &Value) -> String {
-    let s = |k: &str| e[k].as_str().unwrap_or("-").to_owned();
+    let s = |k: &str| escape(e[k].as_str().unwrap_or("-")).into_owned();
     let addr = s("address");
     let addr = if addr.contains(':') {
         format!("[{addr}]")
@@ -226,10 +230,12 @@ fn table_row(e: &Value) -> String {
     };
     format!(
         "{}\t{}\t{}\t{}\t{}\t{}:{}\t{}\t{}",
-        e["first_seen"].as_str().unwrap_or(&s("time")),
+        e["first_seen"]
+            .as_str()
+            .map_or_else(|| s("time"), |t| escape(t).into_owned()),
         s("verdict"),
         s("policy"),
-        workload(e),
+        escape(&workload(e)),
         s("protocol"),
         addr,
         e["port"].as_u64().unwrap_or(0),
@@ -262,13 +268,13 @@ pub fn render_summary(rows: &[PairCount]) -> String {
             w,
             "{}\t{}\t{}\t{}/{}\t{}\t{}\t{}",
             r.count,
-            r.verdict,
-            r.workload,
+            escape(&r.verdict),
+            escape(&r.workload),
             r.port,
-            r.protocol,
-            r.policies.join(","),
-            r.first_seen,
-            r.last_seen
+            escape(&r.protocol),
+            escape(&r.policies.join(",")),
+            escape(&r.first_seen),
+            escape(&r.last_seen)
         );
     }
     String::from_utf8_lossy(&w.into_inner().unwrap_or_default()).into_owned()
@@ -498,5 +504,31 @@ mod tests {
             workload(&json!({"k8s_namespace": "a", "k8s_pod": "p"})),
             "a/p"
         );
+    }
+
+    #[test]
+    fn hostile_names_are_escaped_in_tables() {
+        let hostile = json!({"time": "t", "verdict": "deny", "policy": "p",
+            "cgroup": "/tenants/a\u{1b}[2J\nb\tc\u{85}", "unit": null,
+            "protocol": "tcp", "address": "127.0.0.1", "port": 8, "count": 1, "rule": "bind"});
+        let table = render_table(std::slice::from_ref(&hostile));
+        let summary = render_summary(&summarize(std::slice::from_ref(&hostile), 10));
+        // The tab in the name does not make a column of its own.
+        assert_eq!(table_row(&hostile).split('\t').count(), 8);
+        for text in [&table, &summary] {
+            assert!(
+                !text
+                    .chars()
+                    .any(|c| c == '\x1b' || c == '\u{85}' || c == '\t'),
+                "{text:?}"
+            );
+            assert!(
+                text.contains(r"/tenants/a\x1b[2J\nb\tc\u{0085}"),
+                "{text:?}"
+            );
+        }
+        // One header and one row: the newline forged no line.
+        assert_eq!(table.lines().count(), 2, "{table:?}");
+        assert_eq!(summary.lines().count(), 2, "{summary:?}");
     }
 }

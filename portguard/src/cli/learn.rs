@@ -334,6 +334,7 @@ pub fn run(opts: &LearnOptions) -> anyhow::Result<usize> {
         attach_cgroup: "/".into(),
         require_lsm: false,
         cri_socket: opts.cri_socket.clone(),
+        cri_max_message_bytes: crate::workload::cri::DEFAULT_MAX_MESSAGE_BYTES,
         aggregate_window: Duration::from_secs(1),
         health_listen: None,
         metrics_addr: None,

@@ -109,6 +109,15 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH", default_value = crate::workload::cri::DEFAULT_SOCKET)]
     pub cri_socket: PathBuf,
 
+    /// The largest answer accepted from the CRI runtime, in bytes.
+    /// ListPodSandbox and ListContainers return every pod's labels and
+    /// annotations in one message; on a node whose pods carry large
+    /// annotations they outgrow gRPC's usual 4 MiB, and a runtime that
+    /// cannot be read leaves `pods:` policies on its last answer. The
+    /// default is 64 MiB (67108864).
+    #[arg(long, value_name = "BYTES", default_value_t = crate::workload::cri::DEFAULT_MAX_MESSAGE_BYTES, value_parser = parse_message_bytes)]
+    pub cri_max_message_bytes: usize,
+
     /// Exit with an error instead of a warning when the BPF LSM checks of
     /// listen() and accept() cannot be loaded (BPF LSM not active, or no
     /// kernel BTF).
@@ -229,6 +238,7 @@ pub fn execute(a: Box<RunArgs>) -> anyhow::Result<ExitCode> {
         attach_cgroup: a.attach_cgroup,
         require_lsm: a.require_lsm,
         cri_socket: a.cri_socket,
+        cri_max_message_bytes: a.cri_max_message_bytes,
         aggregate_window: a.aggregate_window,
         health_listen: a.health_listen,
         metrics_addr: a.metrics_addr.0,
@@ -240,4 +250,16 @@ pub fn execute(a: Box<RunArgs>) -> anyhow::Result<ExitCode> {
         fail_closed: a.fail_closed,
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--cri-max-message-bytes`: a byte count, at least 1 MiB (a smaller
+/// limit would fail on an ordinary node).
+fn parse_message_bytes(s: &str) -> Result<usize, String> {
+    let n: usize = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of bytes"))?;
+    if n < 1 << 20 {
+        return Err(format!("{n} is below the minimum, 1048576 (1 MiB)"));
+    }
+    Ok(n)
 }

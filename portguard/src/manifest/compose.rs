@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use super::{
-    Check, Finding, HostClaim, Loc, Manifests, Origin, PortDecl, Proto, Unit, WorkloadId,
+    Check, Finding, HostClaim, Loc, Manifests, NetCaps, Origin, PortDecl, Proto, Unit, WorkloadId,
     load::shown_join,
     values::{entries, get, interpolate, items, port_range, text},
 };
@@ -151,6 +151,12 @@ pub fn read(path: &Path, file: &str, doc: &Node, m: &mut Manifests) {
             dockerfile: get(svc, "build").and_then(|b| dockerfile_of(dir, b)),
             host_network,
             ports,
+            net: NetCaps::read(
+                file,
+                get(svc, "cap_add"),
+                get(svc, "cap_drop"),
+                get(svc, "privileged"),
+            ),
             loc: Loc::at(file, name_node),
             scope: file.to_owned(),
         });

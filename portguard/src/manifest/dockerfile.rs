@@ -252,6 +252,7 @@ pub fn read(path: &Path, file: &str, text: &str, m: &mut Manifests) {
         image: None,
         dockerfile: Some(canonical),
         host_network: false,
+        net: Default::default(),
         loc: ports[0].loc.clone(),
         ports,
         scope: file.to_owned(),

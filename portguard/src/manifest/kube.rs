@@ -7,8 +7,8 @@
 //! helpers (`super`) and the policy layer's YAML tree.
 
 use super::{
-    HostClaim, Loc, Manifests, Origin, PortDecl, Proto, Service, ServicePort, Target, Unit,
-    WorkloadId,
+    HostClaim, Loc, Manifests, NetCaps, Origin, PortDecl, Proto, Service, ServicePort, Target,
+    Unit, WorkloadId,
     values::{get, items, path, port_number, string_map, text},
 };
 use crate::policy::yaml::Node;
@@ -66,6 +66,14 @@ pub fn read(file: &str, doc: &Node, default_ns: &str, m: &mut Manifests) {
         for c in items(get(spec, list)) {
             let container = get(c, "name").and_then(text).unwrap_or("").to_owned();
             let ports = container_ports(file, c, host_network, m);
+            let security = get(c, "securityContext");
+            let caps = security.and_then(|s| get(s, "capabilities"));
+            let net = NetCaps::read(
+                file,
+                caps.and_then(|c| get(c, "add")),
+                caps.and_then(|c| get(c, "drop")),
+                security.and_then(|s| get(s, "privileged")),
+            );
             m.units.push(Unit {
                 origin: Origin::Kubernetes,
                 workload: workload.clone(),
@@ -75,6 +83,7 @@ pub fn read(file: &str, doc: &Node, default_ns: &str, m: &mut Manifests) {
                 dockerfile: None,
                 host_network,
                 ports,
+                net,
                 loc: Loc::at(file, c),
                 scope: CLUSTER_SCOPE.to_owned(),
             });

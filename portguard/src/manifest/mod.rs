@@ -6,7 +6,8 @@
 //! Pure like the policy layer: it reads files and never touches the kernel,
 //! a cluster or the network.
 //!
-//! Owns the model ([`Manifests`], [`Unit`], [`PortDecl`], [`Service`]) and
+//! Owns the model ([`Manifests`], [`Unit`], [`PortDecl`], [`NetCaps`],
+//! [`Service`]) and
 //! the findings vocabulary ([`Finding`], [`Check`], [`Severity`]). Its
 //! submodules own finding and reading files (`load`), the readers of each
 //! kind of file ([`kube`], [`compose`], [`dockerfile`]), value helpers
@@ -158,6 +159,57 @@ impl fmt::Display for WorkloadId {
     }
 }
 
+/// The network capabilities a container asks for beyond the runtime's
+/// default set: what lets it answer on ports portguard's hooks never see.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NetCaps {
+    /// `NET_RAW` or `NET_ADMIN` added (`securityContext.capabilities.add`,
+    /// compose `cap_add`; `ALL` adds both), with where it is written.
+    pub added: Vec<(&'static str, Loc)>,
+    /// `privileged: true` (every capability), where it is written.
+    pub privileged: Option<Loc>,
+    /// `NET_RAW` is dropped (`drop: [ALL]` or `[NET_RAW]`, compose
+    /// `cap_drop`), so the runtime's default grant of it does not apply.
+    pub drops_net_raw: bool,
+}
+
+impl NetCaps {
+    /// Read `add`, `drop` and `privileged` nodes (either spelling,
+    /// `NET_RAW` or `CAP_NET_RAW`, any case).
+    pub fn read(
+        file: &str,
+        add: Option<&Node>,
+        drop: Option<&Node>,
+        privileged: Option<&Node>,
+    ) -> Self {
+        let name = |n: &Node| {
+            values::text(n).map(|s| {
+                let s = s.trim().to_ascii_uppercase();
+                s.strip_prefix("CAP_").map(str::to_owned).unwrap_or(s)
+            })
+        };
+        let mut caps = Self::default();
+        for n in values::items(add) {
+            match name(n).as_deref() {
+                Some("ALL") => {
+                    caps.added.push(("NET_RAW", Loc::at(file, n)));
+                    caps.added.push(("NET_ADMIN", Loc::at(file, n)));
+                }
+                Some("NET_RAW") => caps.added.push(("NET_RAW", Loc::at(file, n))),
+                Some("NET_ADMIN") => caps.added.push(("NET_ADMIN", Loc::at(file, n))),
+                _ => {}
+            }
+        }
+        caps.drops_net_raw = values::items(drop)
+            .iter()
+            .any(|n| matches!(name(n).as_deref(), Some("ALL" | "NET_RAW")));
+        caps.privileged = privileged
+            .filter(|n| values::text(n) == Some("true"))
+            .map(|n| Loc::at(file, n));
+        caps
+    }
+}
+
 /// One container: a container of a Kubernetes pod template, a compose
 /// service, or the image a Dockerfile builds.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -175,6 +227,8 @@ pub struct Unit {
     pub dockerfile: Option<PathBuf>,
     pub host_network: bool,
     pub ports: Vec<PortDecl>,
+    /// Capabilities beyond the runtime's default set (Kubernetes, compose).
+    pub net: NetCaps,
     pub loc: Loc,
     /// Host ports collide only within one scope: the cluster, or one compose
     /// file (a project).
@@ -270,10 +324,11 @@ pub enum Check {
     TargetPortUnmatched,
     ServiceSelectsNothing,
     PortMismatch,
+    NetCapability,
 }
 
 impl Check {
-    pub const ALL: [Self; 10] = [
+    pub const ALL: [Self; 11] = [
         Self::PolicyInvalid,
         Self::PolicyWarning,
         Self::ManifestInvalid,
@@ -284,6 +339,7 @@ impl Check {
         Self::TargetPortUnmatched,
         Self::ServiceSelectsNothing,
         Self::PortMismatch,
+        Self::NetCapability,
     ];
 
     pub const fn id(self) -> &'static str {
@@ -298,6 +354,7 @@ impl Check {
             Self::TargetPortUnmatched => "target-port-unmatched",
             Self::ServiceSelectsNothing => "service-selects-nothing",
             Self::PortMismatch => "port-mismatch",
+            Self::NetCapability => "net-capability",
         }
     }
 
@@ -330,15 +387,19 @@ impl Check {
             Self::PortMismatch => {
                 "The same service declares different ports in its Dockerfile, compose file and Kubernetes manifests."
             }
+            Self::NetCapability => {
+                "A governed container is given NET_RAW or NET_ADMIN (or is privileged): it can answer on ports its policy does not allow."
+            }
         }
     }
 
     /// Severity unless the finding says otherwise.
     pub const fn default_severity(self) -> Severity {
         match self {
-            Self::PolicyWarning | Self::ManifestUnresolved | Self::ServiceSelectsNothing => {
-                Severity::Warning
-            }
+            Self::PolicyWarning
+            | Self::ManifestUnresolved
+            | Self::ServiceSelectsNothing
+            | Self::NetCapability => Severity::Warning,
             _ => Severity::Error,
         }
     }

@@ -25,6 +25,10 @@ pub struct Summary {
     pub compose_services: usize,
     pub dockerfiles: usize,
     pub services: usize,
+    /// Governed containers and compose services that keep the `NET_RAW`
+    /// capability containerd and Docker grant by default
+    /// (`FILE:LINE:COLUMN (who)`); a note, not a finding.
+    pub keep_net_raw: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -103,6 +107,16 @@ pub fn human(r: &Report) -> String {
             sm.compose_services,
             sm.dockerfiles,
         ));
+        if let Some(first) = sm.keep_net_raw.first() {
+            s.push_str(&format!(
+                "manifests: note: {} governed containers keep NET_RAW, which containerd and \
+                 Docker grant unless it is dropped: with it, an AF_PACKET socket can answer UDP \
+                 on any port around portguard. Add `securityContext.capabilities.drop: [ALL]` \
+                 (compose `cap_drop: [ALL]`), or enforce the Pod Security `restricted` profile. \
+                 First: {first}\n",
+                sm.keep_net_raw.len()
+            ));
+        }
     }
     s
 }

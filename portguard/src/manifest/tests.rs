@@ -119,3 +119,80 @@ fn files_are_recognised_by_name() {
         assert_eq!(file_kind(Path::new(name)), kind, "{name}");
     }
 }
+
+/// tests/fixtures/capabilities: NET_RAW/NET_ADMIN added or privileged is a
+/// `net-capability` warning at the line that grants it, for governed
+/// containers and compose services only; keeping the runtime's default
+/// NET_RAW is a note in the summary, not a finding.
+#[test]
+fn net_raw_and_net_admin_of_governed_containers_are_reported() {
+    let dir = Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/fixtures/capabilities"
+    ));
+    let plan =
+        crate::policy::parse_policy_str(&std::fs::read_to_string(dir.join("policy.yaml")).unwrap())
+            .unwrap();
+    let mut m = read_text(
+        Path::new("k8s.yaml"),
+        &std::fs::read_to_string(dir.join("k8s.yaml")).unwrap(),
+        "default",
+    );
+    let compose = read_text(
+        &dir.join("compose.yaml"),
+        &std::fs::read_to_string(dir.join("compose.yaml")).unwrap(),
+        "default",
+    );
+    m.units.extend(compose.units);
+    assert!(m.findings.is_empty(), "{:?}", m.findings);
+    let a = analyze::analyze(&plan, "policy.yaml", &m);
+    let got: Vec<(Check, Severity, &str, usize, &str)> = a
+        .findings
+        .iter()
+        .map(|f| {
+            let cap = ["NET_RAW", "NET_ADMIN", "privileged"]
+                .into_iter()
+                .find(|c| f.message.contains(&format!("adds capability {c}")))
+                .unwrap_or("privileged");
+            (
+                f.check,
+                f.severity,
+                f.loc.file.rsplit('/').next().unwrap(),
+                f.loc.line,
+                cap,
+            )
+        })
+        .collect();
+    let w = |file, line, cap| (Check::NetCapability, Severity::Warning, file, line, cap);
+    assert_eq!(
+        got,
+        vec![
+            // The compose service is governed: it shares the image of a
+            // governed Kubernetes container.
+            w("compose.yaml", 4, "NET_RAW"),
+            w("compose.yaml", 4, "NET_ADMIN"),
+            w("compose.yaml", 5, "privileged"),
+            w("k8s.yaml", 15, "NET_RAW"),
+            w("k8s.yaml", 20, "NET_ADMIN"),
+            w("k8s.yaml", 24, "privileged"),
+        ],
+        "{:#?}",
+        a.findings
+    );
+    let f = &a.findings[3];
+    assert!(
+        f.message.contains("AF_PACKET") && f.message.contains("drop: [ALL]"),
+        "{}",
+        f.message
+    );
+    assert!(a.findings[4].message.contains("REDIRECT/TPROXY"));
+    // Only `default` keeps the runtime's NET_RAW (`router` drops ALL;
+    // `sniffer` and `root` were warned about already).
+    assert_eq!(a.keep_net_raw.len(), 1, "{:?}", a.keep_net_raw);
+    assert!(
+        a.keep_net_raw[0].starts_with("k8s.yaml:33:")
+            && a.keep_net_raw[0].contains("container `default`"),
+        "{:?}",
+        a.keep_net_raw
+    );
+}

@@ -150,6 +150,22 @@ pub fn render(facts: &Facts, kernel: &KernelReading) -> String {
          map's room (unfit)",
         left_out,
     );
+    if let Some(cri) = &facts.cri {
+        gauge(
+            &mut reg,
+            "portguard_cri_up",
+            "1 when the CRI runtime answered the agent's last call, 0 while it does not (pods keep \
+             the policies of its last answer; new pod cgroups are held by portguard:identifying)",
+            i64::from(cri.up),
+        );
+        counter(
+            &mut reg,
+            "portguard_cri_errors",
+            "CRI refreshes that failed (runtime unreachable, timed out, or an answer over \
+             --cri-max-message-bytes)",
+            cri.errors,
+        );
+    }
     let entries = Family::<Labels, Gauge>::default();
     let capacity = Family::<Labels, Gauge>::default();
     for m in &facts.maps {

@@ -1,9 +1,12 @@
 //! What the running agent shows: the snapshot it keeps of itself
 //! ([`snapshot`]), the
 //! Prometheus `/metrics` ([`metrics`]), `/healthz` and `/readyz`
-//! ([`health`]), and the `portguard status` socket and report ([`status`]).
+//! ([`health`]), the `portguard status` socket and report ([`status`]), and
+//! the escaping that makes untrusted names safe in every human-readable
+//! output, log lines included ([`text`]).
 
 pub mod health;
 pub mod metrics;
 pub mod snapshot;
 pub mod status;
+pub mod text;

@@ -71,6 +71,19 @@ pub struct Facts {
     pub degraded: Vec<String>,
     pub host: String,
     pub started: String,
+    /// The CRI runtime link (`None`: no CRI call was made).
+    pub cri: Option<CriFacts>,
+}
+
+/// Whether the CRI runtime answers the agent.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CriFacts {
+    /// The last call was answered.
+    pub up: bool,
+    /// Failed refreshes in this run.
+    pub errors: u64,
+    /// When it stopped answering (RFC 3339), while it does not.
+    pub failing_since: Option<String>,
 }
 
 /// The agent's snapshot of itself: what it knows beyond the kernel

@@ -14,7 +14,10 @@ use std::{
 use anyhow::Context as _;
 use serde_json::{Value, json};
 
-use crate::observe::snapshot::{KernelReading, Snapshot, VERDICTS};
+use crate::observe::{
+    snapshot::{KernelReading, Snapshot, VERDICTS},
+    text::escape,
+};
 
 pub const DEFAULT_SOCKET: &str = "/run/portguard/status.sock";
 
@@ -82,6 +85,9 @@ pub fn document(shared: &Snapshot) -> Value {
         })).collect::<Vec<_>>(),
         "policies": policies,
         "kernel_error": kernel_error,
+        "cri": facts.cri.as_ref().map(|c| json!({
+            "up": c.up, "errors": c.errors, "failing_since": c.failing_since,
+        })),
     })
 }
 
@@ -249,7 +255,8 @@ pub fn pinned_document(pins: &Path) -> anyhow::Result<Value> {
 
 /// The human view of a status document.
 pub fn render(doc: &Value) -> String {
-    let s = |v: &Value| v.as_str().unwrap_or("-").to_owned();
+    // Every string is escaped: cgroup and unit names are the tenants' choice.
+    let s = |v: &Value| escape(v.as_str().unwrap_or("-")).into_owned();
     let n = |v: &Value| v.as_u64().unwrap_or(0);
     let mut out = format!(
         "portguard {} on {}, pid {}, since {}: {}\n",
@@ -317,6 +324,24 @@ pub fn render(doc: &Value) -> String {
     for d in doc["degraded"].as_array().into_iter().flatten() {
         out += &format!("WARNING: {}\n", s(d));
     }
+    match doc["cri"]["up"].as_bool() {
+        Some(true) => {
+            out += &format!(
+                "CRI runtime: answers ({} failed calls)\n",
+                n(&doc["cri"]["errors"])
+            )
+        }
+        Some(false) => {
+            out += &format!(
+                "WARNING: the CRI runtime is NOT ANSWERING since {} ({} failed calls): pods keep \
+                 the policies of its last answer; new pod cgroups are held by \
+                 `portguard:identifying`\n",
+                s(&doc["cri"]["failing_since"]),
+                n(&doc["cri"]["errors"])
+            );
+        }
+        None => {}
+    }
     if let Some(e) = doc["kernel_error"].as_str() {
         out += &format!("WARNING: reading the kernel counters failed: {e}\n");
     }
@@ -349,7 +374,13 @@ pub fn render(doc: &Value) -> String {
     for p in policies {
         for c in p["cgroups"].as_array().unwrap_or(&empty) {
             any = true;
-            let _ = writeln!(w, "{}\t{}\t{}", s(&c["path"]), s(&p["name"]), workload(c));
+            let _ = writeln!(
+                w,
+                "{}\t{}\t{}",
+                s(&c["path"]),
+                s(&p["name"]),
+                escape(&workload(c))
+            );
         }
     }
     if any {
@@ -408,6 +439,26 @@ mod tests {
                 |l| l.starts_with("/kubepods/besteffort/podX") && l.ends_with("payments/web-0")
             ),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn hostile_names_are_escaped() {
+        let doc = json!({
+            "status": "enforcing 1 policies", "hooks": [], "maps": [],
+            "policies": [{
+                "name": "tenants", "mode": "enforce", "selector": "cgroup /tenants",
+                "decisions": {},
+                "cgroups": [{"path": "/tenants/x\u{1b}[2J\ny", "unit": "u\u{1b}]0;t\u{7}.service"}],
+            }],
+        });
+        let text = render(&doc);
+        assert!(!text.contains('\x1b') && !text.contains('\x07'), "{text:?}");
+        assert!(text.contains(r"/tenants/x\x1b[2J\ny"), "{text}");
+        assert!(text.contains(r"u\x1b]0;t\x07.service"), "{text}");
+        assert!(
+            !text.lines().any(|l| l.starts_with('y')),
+            "a forged line: {text}"
         );
     }
 

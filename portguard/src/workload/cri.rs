@@ -2,6 +2,16 @@
 //! pods and containers exist, with their namespaces, names, uids and labels.
 //! portguard only reads (List* calls); tests also use [`connect`] to drive a
 //! runtime.
+//!
+//! The List calls ask for every sandbox and container, unfiltered: CRI v1
+//! has no paging, and its filters (one id, one state, a label selector)
+//! would hide what the agent must see: a container in state CREATED
+//! already has its cgroup (runc creates it before the process starts), and
+//! a NOTREADY sandbox keeps its pod cgroup until the kubelet removes it, so
+//! either, filtered out, would look unknown and be held by
+//! `portguard:identifying`. Instead the client accepts answers up to
+//! `--cri-max-message-bytes` ([`DEFAULT_MAX_MESSAGE_BYTES`]; tonic's own
+//! limit, 4 MiB, is reached by a node whose pods carry large annotations).
 
 use std::{collections::BTreeMap, path::Path, time::Duration};
 
@@ -14,6 +24,12 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 /// containerd's CRI socket, the default `--cri-socket`.
 pub const DEFAULT_SOCKET: &str = "/run/containerd/containerd.sock";
+
+/// The largest CRI answer accepted by default (`--cri-max-message-bytes`).
+/// ListPodSandbox and ListContainers return every pod's labels and
+/// annotations in one message; 64 MiB is four times what containerd
+/// itself sends at most by default (`grpc.max_send_message_size`, 16 MiB).
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CriError {
@@ -70,8 +86,17 @@ impl Snapshot {
     }
 }
 
-/// A CRI client on a unix socket.
+/// A CRI client on a unix socket, accepting answers up to
+/// [`DEFAULT_MAX_MESSAGE_BYTES`].
 pub async fn connect(path: &Path) -> Result<RuntimeServiceClient<Channel>, CriError> {
+    connect_with_limit(path, DEFAULT_MAX_MESSAGE_BYTES).await
+}
+
+/// A CRI client on a unix socket, accepting answers up to `max_message_bytes`.
+pub async fn connect_with_limit(
+    path: &Path,
+    max_message_bytes: usize,
+) -> Result<RuntimeServiceClient<Channel>, CriError> {
     let socket = path.to_owned();
     let channel = Endpoint::from_static("http://[::]:50051")
         .connect_timeout(Duration::from_secs(2))
@@ -84,7 +109,16 @@ pub async fn connect(path: &Path) -> Result<RuntimeServiceClient<Channel>, CriEr
             path: path.display().to_string(),
             source,
         })?;
-    Ok(RuntimeServiceClient::new(channel))
+    Ok(RuntimeServiceClient::new(channel).max_decoding_message_size(max_message_bytes))
+}
+
+impl CriError {
+    /// The answer was larger than the client accepts (raise
+    /// `--cri-max-message-bytes`).
+    pub fn too_large(&self) -> bool {
+        matches!(self, CriError::Call { source, .. }
+            if source.code() == tonic::Code::OutOfRange && source.message().contains("too large"))
+    }
 }
 
 /// List pods and containers.

@@ -26,7 +26,9 @@
 //!   links and maps, adopted without detaching); `uninstall`.
 //! - `cli`: `check`, `--help`, and `run` refusing bad input.
 //! - `cri`: `pods:` selectors against a private containerd through the CRI.
+//! - `cri_runtime`: CRI answers over 4 MiB; the runtime down (pods stay held).
 //! - `status`: `portguard status` and `portguard events`.
+//! - `terminal`: hostile cgroup names are escaped in logs, tables and status.
 //! - `units`: `unit:` selectors on a bare host.
 
 mod aggregate;
@@ -37,6 +39,7 @@ mod cgroups;
 mod cli;
 mod connect;
 mod cri;
+mod cri_runtime;
 mod delegation;
 mod deploy;
 mod events;
@@ -50,4 +53,5 @@ mod pinning;
 mod plan;
 mod reload;
 mod status;
+mod terminal;
 mod units;

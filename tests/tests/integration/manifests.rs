@@ -267,6 +267,54 @@ fn kubernetes_manifests_validate_and_agree_with_the_agent() {
     assert_eq!(added, minimal_caps());
     assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
     assert_eq!(sc["runAsUser"], 0);
+
+    // The NetworkPolicy selects the DaemonSet's pods and admits only the
+    // monitoring namespace, only to the metrics port.
+    let np = of_kind("NetworkPolicy");
+    let template_labels = &ds["spec"]["template"]["metadata"]["labels"];
+    let selector = np["spec"]["podSelector"]["matchLabels"]
+        .as_object()
+        .expect("podSelector.matchLabels");
+    assert!(
+        !selector.is_empty(),
+        "an empty podSelector selects every pod"
+    );
+    for (k, v) in selector {
+        assert_eq!(
+            &template_labels[k], v,
+            "podSelector {k} vs the pod template"
+        );
+    }
+    assert!(np["spec"].get("podSelector").unwrap()["matchExpressions"].is_null());
+    assert_eq!(np["spec"]["policyTypes"], serde_json::json!(["Ingress"]));
+    let ingress = np["spec"]["ingress"].as_array().unwrap();
+    assert_eq!(ingress.len(), 1, "one rule: {ingress:?}");
+    let from = ingress[0]["from"].as_array().unwrap();
+    assert_eq!(
+        from,
+        &vec![
+            serde_json::json!({"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}})
+        ]
+    );
+    let np_ports = ingress[0]["ports"].as_array().unwrap();
+    assert_eq!(np_ports.len(), 1, "{np_ports:?}");
+    let metrics = c["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "metrics")
+        .expect("a container port named metrics");
+    let port = &np_ports[0]["port"];
+    assert!(
+        *port == metrics["name"] || *port == metrics["containerPort"],
+        "the NetworkPolicy's port {port} is the container's metrics port {metrics}"
+    );
+    assert_eq!(np_ports[0]["protocol"], metrics["protocol"]);
+    // ... which is the port --metrics-addr serves on.
+    assert_eq!(
+        args.metrics_addr.0.map(|a| u64::from(a.port())),
+        metrics["containerPort"].as_u64()
+    );
 }
 
 #[test]

@@ -14,14 +14,16 @@
 //!
 //! Owns [`analyze`] and the policy checks (a port not allowed, a reserved
 //! port); its submodules own tying a service's files together and the ports
-//! they disagree on (`across_files`), host port conflicts (`host_ports`)
-//! and Service targets (`service_targets`).
+//! they disagree on (`across_files`), host port conflicts (`host_ports`),
+//! Service targets (`service_targets`) and the network capabilities of
+//! governed containers (`capabilities`).
 //!
 //! May import: the manifest model (`super`), the policy layer (its model,
 //! compiled sets and [`most_specific`]), portguard-common's protocol and
 //! address constants, and `std`.
 
 mod across_files;
+mod capabilities;
 mod host_ports;
 mod service_targets;
 
@@ -31,6 +33,7 @@ use portguard_common::{AddrClass, Family, Proto as KProto, SOCK_ALLOW_SCTP};
 
 use self::{
     across_files::{group, mismatches},
+    capabilities::capabilities,
     host_ports::host_conflicts,
     service_targets::services,
 };
@@ -145,6 +148,9 @@ pub struct Analysis {
     pub findings: Vec<Finding>,
     /// Kubernetes containers governed by a policy.
     pub governed: usize,
+    /// Governed containers and compose services that keep the `NET_RAW`
+    /// the runtime grants by default (`FILE:LINE:COLUMN (who)`).
+    pub keep_net_raw: Vec<String>,
 }
 
 /// Every finding about `m` under `plan`, in file and line order.
@@ -250,6 +256,17 @@ pub fn analyze(plan: &PolicyFile, policy_file: &str, m: &Manifests) -> Analysis 
         }
     }
 
+    // Governed: a Kubernetes container with a policy, or a compose service
+    // of the same service as one.
+    let judged: Vec<bool> = units
+        .iter()
+        .enumerate()
+        .map(|(i, u)| match u.origin {
+            Origin::Kubernetes => owner[i].is_some(),
+            _ => group_judges.contains_key(&groups[i]),
+        })
+        .collect();
+    let keep_net_raw = capabilities(units, &judged, &mut out);
     host_conflicts(units, &mut out);
     services(m, &mut out);
     mismatches(units, &groups, &mut out);
@@ -258,6 +275,7 @@ pub fn analyze(plan: &PolicyFile, policy_file: &str, m: &Manifests) -> Analysis 
     Analysis {
         findings: out,
         governed,
+        keep_net_raw,
     }
 }
 
