@@ -48,7 +48,7 @@ pub(super) async fn serve(
     let mut lost_tick = tokio::time::interval_at(now + opts.lost_interval, opts.lost_interval);
     let mut rescan_tick =
         tokio::time::interval_at(now + opts.rescan_interval, opts.rescan_interval);
-    let mut lost_seen = agent.lost_seen;
+    let mut lost_seen = DropsSeen::new(agent.lost_seen);
     let mut pending_reload: Option<Instant> = None;
     let mut pending_rescan: Option<Instant> = None;
     // CRI refresh: when due, since when a pod cgroup exists that the runtime
@@ -195,7 +195,7 @@ pub(super) async fn serve(
             _ = lost_tick.tick() => {
                 agent.sweep_unended();
                 report_lost(agent, &mut writer, &mut lost_seen);
-                if let Err(e) = agent.loaded.write_stamp(lost_seen) {
+                if let Err(e) = agent.loaded.write_stamp(lost_seen.lost) {
                     warn!("daemon: writing the version stamp: {e}");
                 }
             }
