@@ -10,8 +10,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use portguard_common::{
-    AgentStamp, CgroupKey, CgroupValue, EventBudget, PolicyName, PolicyRecord, PortChunk, PortChunkKey,
-    SocketState, State,
+    AgentStamp, CgroupKey, CgroupValue, EventBudget, PolicyName, PolicyRecord, PortChunk,
+    PortChunkKey, SocketState, State,
 };
 
 /// Live generation and per-generation walk bounds.

@@ -376,7 +376,10 @@ pub(super) fn report_lost(agent: &Agent, writer: &mut EventWriter, seen: &mut Dr
             .copied()
             .unwrap_or_default();
         // A policy that took its slot anew counts from zero again.
-        (if supp < s0 { 0 } else { s0 }, if lost < l0 { 0 } else { l0 })
+        (
+            if supp < s0 { 0 } else { s0 },
+            if lost < l0 { 0 } else { l0 },
+        )
     }
     let now = events::format_time(std::time::SystemTime::now());
     for (name, slot, supp, lost) in &totals {
@@ -422,7 +425,8 @@ pub(super) fn report_lost(agent: &Agent, writer: &mut EventWriter, seen: &mut Dr
                         lost_total: *plost,
                     });
                 }
-                seen.by_policy.insert((name.clone(), *slot), (*supp, *plost));
+                seen.by_policy
+                    .insert((name.clone(), *slot), (*supp, *plost));
             }
             let _ = writer.line(&LostRecord {
                 schema_version: events::SCHEMA_VERSION,

@@ -407,12 +407,10 @@ impl Loaded {
         let mut budget: Array<MapData, EventBudget> =
             take(&mut ebpf, MAP_EVENT_BUDGET, Array::try_from)?;
         let b = EventBudget::new(opts.event_rate, opts.event_burst, rb);
-        budget
-            .set(0, b, 0)
-            .map_err(|source| LoaderError::Map {
-                name: MAP_EVENT_BUDGET,
-                source,
-            })?;
+        budget.set(0, b, 0).map_err(|source| LoaderError::Map {
+            name: MAP_EVENT_BUDGET,
+            source,
+        })?;
         debug!("loader: event budget {b:?}");
         let events = take(&mut ebpf, MAP_EVENTS, RingBuf::try_from)?;
         let stamp = take(&mut ebpf, MAP_AGENT, Array::try_from)?;

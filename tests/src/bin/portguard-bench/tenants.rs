@@ -134,9 +134,8 @@ pub(crate) fn two_tenant_storm(
         })
         .count();
     let all_delivered = delivered == quiet_ports.len();
-    let exact = |(decided, supp, lost): (u64, u64, u64), written: u64| {
-        written + supp + lost == decided
-    };
+    let exact =
+        |(decided, supp, lost): (u64, u64, u64), written: u64| written + supp + lost == decided;
     let accounted = exact(noisy_acc, noisy_written) && exact(quiet_acc, quiet_written);
     let rate = (noisy_written + quiet_written) as f64 / storm_secs;
     let _ = writeln!(
