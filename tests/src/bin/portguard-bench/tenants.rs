@@ -11,12 +11,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use portguard_tests::{Probe, pgbench_bin};
 use serde_json::Value;
 
 use crate::{
     Opts,
     fixture::{Fixture, start_agent},
+    runner::{pgbench, pgbench_bin},
 };
 
 /// First port of the flood (100 ports) and of the quiet tenant's denials.
@@ -82,11 +82,23 @@ pub(crate) fn two_tenant_storm(
         .collect();
     let t0 = Instant::now();
     let mut quiet_ports = Vec::new();
-    let p = Probe::in_cgroup(&quiet);
     while t0.elapsed().as_secs_f64() < secs - 0.2 {
         let port = QUIET_PORT + quiet_ports.len() as u16;
-        p.run(&["bind", "tcp", "127.0.0.1", &port.to_string()])
-            .assert_eperm();
+        // One denied bind (pgbench checks it failed with EPERM).
+        pgbench(
+            &quiet.fs,
+            &[
+                "denied",
+                "--port",
+                &port.to_string(),
+                "--iters",
+                "1",
+                "--warmup",
+                "0",
+                "--reps",
+                "1",
+            ],
+        );
         quiet_ports.push(port);
         std::thread::sleep(Duration::from_millis(100));
     }
