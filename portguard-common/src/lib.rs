@@ -62,6 +62,10 @@ pub const MAP_EVENTS: &str = "PORTGUARD_EVENTS";
 pub const MAP_COUNTERS: &str = "PORTGUARD_COUNTERS";
 pub const MAP_POLICY_COUNTERS: &str = "PORTGUARD_POLICY_COUNTERS";
 pub const MAP_SOCKETS: &str = "PORTGUARD_SOCKETS";
+/// The per-policy event budget ([`EventBudget`], one entry, written by the
+/// agent at load) and each policy slot's per-CPU bucket (a `u64` per slot).
+pub const MAP_EVENT_BUDGET: &str = "PORTGUARD_EVENT_BUDGET";
+pub const MAP_EVENT_BUCKETS: &str = "PORTGUARD_EVENT_BUCKETS";
 /// Userspace-only maps, pinned with the rest so a restarted or upgraded
 /// agent knows what it adopts: the version stamp ([`AgentStamp`]) and the
 /// policy names events refer to ([`PolicyName`]).
@@ -69,7 +73,7 @@ pub const MAP_AGENT: &str = "PORTGUARD_AGENT";
 pub const MAP_NAMES: &str = "PORTGUARD_NAMES";
 
 /// Every map, in the order `portguard uninstall` lists them.
-pub const MAPS: [&str; 10] = [
+pub const MAPS: [&str; 12] = [
     MAP_STATE,
     MAP_CGROUPS,
     MAP_POLICIES,
@@ -78,6 +82,8 @@ pub const MAPS: [&str; 10] = [
     MAP_COUNTERS,
     MAP_POLICY_COUNTERS,
     MAP_SOCKETS,
+    MAP_EVENT_BUDGET,
+    MAP_EVENT_BUCKETS,
     MAP_AGENT,
     MAP_NAMES,
 ];
@@ -85,7 +91,9 @@ pub const MAPS: [&str; 10] = [
 /// Version of every map's key and value layout. Bump it whenever a map
 /// type in this file changes meaning or size: an agent that finds pinned
 /// maps with another layout version rebuilds them instead of reusing them.
-pub const LAYOUT_VERSION: u32 = 3;
+/// 4: per-policy counters gained the suppressed and lost kinds
+/// ([`POLICY_KINDS`] per slot), and the event budget maps appeared.
+pub const LAYOUT_VERSION: u32 = 4;
 /// [`AgentStamp::magic`].
 pub const STAMP_MAGIC: u64 = u64::from_le_bytes(*b"PGSTAMP1");
 
@@ -751,10 +759,146 @@ pub const COUNTER_GUARD_DROPS: u32 = COUNTER_EVENTS_LOST + 1;
 pub const COUNTER_FENCE_FAILED: u32 = COUNTER_GUARD_DROPS + 1;
 pub const COUNTERS: u32 = COUNTER_FENCE_FAILED + 1;
 
-/// [`MAP_POLICY_COUNTERS`] (a per-CPU array of u64, `DECISIONS` per policy
-/// slot): decisions by policy and kind, at `slot * DECISIONS + kind`.
+/// [`MAP_POLICY_COUNTERS`] kind: a decision of the policy that would have
+/// written an event, but the policy's event budget ([`EventBudget`]) was
+/// spent, so it was only counted here.
+pub const POLICY_EVENTS_SUPPRESSED: u32 = DECISIONS;
+/// [`MAP_POLICY_COUNTERS`] kind: an event of the policy the ring buffer had
+/// no room for (also counted, for every policy together, at
+/// [`COUNTER_EVENTS_LOST`]).
+pub const POLICY_EVENTS_LOST: u32 = DECISIONS + 1;
+/// Counters per policy slot: the `DECISION_*` kinds, then
+/// [`POLICY_EVENTS_SUPPRESSED`] and [`POLICY_EVENTS_LOST`]. For every policy,
+/// events written + suppressed + lost = its deny + audit + reported
+/// decisions.
+pub const POLICY_KINDS: u32 = DECISIONS + 2;
+
+/// [`MAP_POLICY_COUNTERS`] (a per-CPU array of u64, [`POLICY_KINDS`] per
+/// policy slot): decisions and event outcomes by policy and kind, at
+/// `slot * POLICY_KINDS + kind`.
 pub const fn policy_counter(slot: u32, kind: u32) -> u32 {
-    slot * DECISIONS + kind
+    slot * POLICY_KINDS + kind
+}
+
+/// `bpf_ringbuf_query` flag: bytes written to the ring and not yet consumed.
+pub const BPF_RB_AVAIL_DATA: u64 = 0;
+/// Bytes one event takes in the ring buffer: the record and its 8-byte
+/// header.
+pub const EVENT_RECORD_BYTES: u64 = size_of::<Event>() as u64 + 8;
+/// The first this-many denials of a policy after its bucket was full (at
+/// most half its burst, at least one) are "first denials": they may use the
+/// ring buffer's reserve.
+pub const FIRST_DENIALS: u32 = 4;
+
+/// [`MAP_EVENT_BUDGET`] value: how many events each policy may write.
+///
+/// Fairness between policies: every policy slot has its own bucket (one
+/// `u64` per CPU in [`MAP_EVENT_BUCKETS`]; the budget is therefore per
+/// policy **per CPU**), a GCRA token bucket: `rate` events per second with
+/// bursts of `burst`. The bucket holds the theoretical arrival time `tat`
+/// (boot ns); an event at `now` is within budget when
+/// `max(tat, now) - now <= tau_ns`, and then moves `tat` on by
+/// `interval_ns`. Beyond the budget the decision is still made and counted,
+/// and counted again at [`POLICY_EVENTS_SUPPRESSED`]: no event is written.
+///
+/// The ring buffer's last quarter is a reserve for first denials: an event
+/// that is not among its policy's first [`FIRST_DENIALS`] since the bucket
+/// was full is written only while the ring holds at most `room_bytes`
+/// (else it is lost, counted at [`POLICY_EVENTS_LOST`]). A flood by one
+/// policy is thus held to its own budget and to three quarters of the ring:
+/// another policy's first denials find room even when the agent is not
+/// reading.
+///
+/// `interval_ns == 0`: no budget (every event is written while the ring has
+/// room; nothing is suppressed and there is no reserve). The bucket is only
+/// touched when an event would be written, never on the allow path.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventBudget {
+    /// Nanoseconds per event: `1e9 / rate` (0: unlimited).
+    pub interval_ns: u64,
+    /// `(burst - 1) * interval_ns`: how far `tat` may run ahead of now.
+    pub tau_ns: u64,
+    /// `(first - 1) * interval_ns`, `first` = min(FIRST_DENIALS,
+    /// burst / 2) but at least 1: an event whose bucket lags this little is
+    /// a first denial and may use the reserve.
+    pub quiet_ns: u64,
+    /// Other events are written only while the ring holds at most this
+    /// many bytes (three quarters of it, less one record).
+    pub room_bytes: u64,
+}
+const _: () = assert!(size_of::<EventBudget>() == 32);
+
+impl EventBudget {
+    /// The budget for `rate` events per second (0: unlimited) in bursts of
+    /// `burst` (at least 1), per policy and CPU, on a ring of `ring_bytes`.
+    pub const fn new(rate: u32, burst: u32, ring_bytes: u32) -> Self {
+        if rate == 0 {
+            return Self {
+                interval_ns: 0,
+                tau_ns: 0,
+                quiet_ns: 0,
+                room_bytes: 0,
+            };
+        }
+        let burst = if burst == 0 { 1 } else { burst } as u64;
+        let interval = 1_000_000_000 / rate as u64;
+        let interval = if interval == 0 { 1 } else { interval };
+        let mut first = burst / 2;
+        if first > FIRST_DENIALS as u64 {
+            first = FIRST_DENIALS as u64;
+        }
+        if first == 0 {
+            first = 1;
+        }
+        let ring = ring_bytes as u64;
+        Self {
+            interval_ns: interval,
+            tau_ns: (burst - 1) * interval,
+            quiet_ns: (first - 1) * interval,
+            room_bytes: (ring - ring / 4).saturating_sub(EVENT_RECORD_BYTES),
+        }
+    }
+
+    /// What the kernel does with an event at `now` (boot ns), given the
+    /// policy's bucket `tat` on this CPU and the ring's unread bytes (asked
+    /// only for an event that is not a first denial); and the bucket's new
+    /// value. The kernel programs and the unit tests share it.
+    #[inline(always)]
+    pub fn judge(
+        &self,
+        tat: u64,
+        now: u64,
+        ring_used: impl FnOnce() -> u64,
+    ) -> (EventOutcome, u64) {
+        if self.interval_ns == 0 {
+            return (EventOutcome::Write, tat);
+        }
+        let t = if tat > now { tat } else { now };
+        let lag = t - now;
+        if lag > self.tau_ns {
+            return (EventOutcome::Suppress, tat);
+        }
+        let next = t + self.interval_ns;
+        if lag > self.quiet_ns && ring_used() > self.room_bytes {
+            // Out of the shared part of the ring: the bucket's token is
+            // spent all the same (the event was within budget).
+            return (EventOutcome::Lost, next);
+        }
+        (EventOutcome::Write, next)
+    }
+}
+
+/// [`EventBudget::judge`]: what becomes of an event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventOutcome {
+    /// Reserve room in the ring buffer and write it (lost if there is none).
+    Write,
+    /// Over the policy's budget: counted at [`POLICY_EVENTS_SUPPRESSED`].
+    Suppress,
+    /// The ring's shared part is full and this is not a first denial:
+    /// counted at [`POLICY_EVENTS_LOST`] and [`COUNTER_EVENTS_LOST`].
+    Lost,
 }
 
 pub const IPPROTO_TCP: u8 = 6;
@@ -774,6 +918,7 @@ mod user {
     unsafe impl aya::Pod for super::SockOffsets {}
     unsafe impl aya::Pod for super::AgentStamp {}
     unsafe impl aya::Pod for super::PolicyName {}
+    unsafe impl aya::Pod for super::EventBudget {}
 }
 
 #[cfg(test)]
@@ -826,6 +971,101 @@ mod tests {
         ] {
             assert_eq!(classify_socket(ty, p), Unknown, "{ty}/{p}");
         }
+    }
+
+    /// The kernel's report path for one event, on a ring nobody reads
+    /// (the agent stopped): judge, then reserve. Returns the outcome and
+    /// updates the bucket and the ring's fill.
+    fn emit(b: &EventBudget, tat: &mut u64, now: u64, ring: &mut u64, size: u64) -> EventOutcome {
+        let used = *ring;
+        let (outcome, next) = b.judge(*tat, now, || used);
+        *tat = next;
+        if outcome != EventOutcome::Write {
+            return outcome;
+        }
+        if *ring + EVENT_RECORD_BYTES > size {
+            return EventOutcome::Lost;
+        }
+        *ring += EVENT_RECORD_BYTES;
+        EventOutcome::Write
+    }
+
+    /// (written, suppressed, lost) of a flooding policy A, and the outcome of
+    /// policy B's single denial made in the middle of the flood.
+    fn flood(budget: EventBudget, ring_size: u64) -> ([u64; 3], EventOutcome) {
+        let (mut tat_a, mut tat_b, mut ring) = (0u64, 0u64, 0u64);
+        let mut a = [0u64; 3];
+        let mut b = None;
+        const N: u64 = 200_000;
+        for i in 0..N {
+            // One denial every 2 us (500,000 a second), 0.4 s in all.
+            let now = 1_000_000_000 + i * 2_000;
+            let o = emit(&budget, &mut tat_a, now, &mut ring, ring_size);
+            a[o as usize] += 1;
+            if i == N / 2 {
+                b = Some(emit(&budget, &mut tat_b, now + 1, &mut ring, ring_size));
+            }
+        }
+        assert_eq!(a.iter().sum::<u64>(), N, "written + suppressed + lost");
+        (a, b.unwrap())
+    }
+
+    #[test]
+    fn a_flood_keeps_to_its_budget_and_another_policys_first_denial_is_written() {
+        let ring = 16384;
+        let (a, b) = flood(EventBudget::new(100, 50, ring as u32), ring);
+        // 50 at once, then 100 a second for 0.4 s (the 40th comes due just
+        // after the last denial); nothing more.
+        assert_eq!(a[EventOutcome::Write as usize], 50 + 39, "{a:?}");
+        assert_eq!(a[EventOutcome::Suppress as usize], 200_000 - 89, "{a:?}");
+        assert_eq!(a[EventOutcome::Lost as usize], 0, "{a:?}");
+        assert_eq!(b, EventOutcome::Write);
+
+        // A ring too small for A's budget: A's events beyond the first
+        // ones stop at three quarters of it (lost), and B's first denial
+        // still finds the reserve.
+        let ring = 4096;
+        let (a, b) = flood(EventBudget::new(1000, 200, ring as u32), ring);
+        assert!(a[EventOutcome::Lost as usize] > 0, "{a:?}");
+        assert!(
+            a[EventOutcome::Write as usize] * EVENT_RECORD_BYTES <= ring * 3 / 4,
+            "{a:?}"
+        );
+        assert_eq!(b, EventOutcome::Write);
+
+        // Without a budget (rate 0), the flood fills the ring and B's
+        // denial is lost: what the budget is for.
+        let (a, b) = flood(EventBudget::new(0, 0, ring as u32), ring);
+        assert_eq!(a[EventOutcome::Suppress as usize], 0);
+        assert_eq!(b, EventOutcome::Lost);
+    }
+
+    #[test]
+    fn the_budget_refills_and_a_quiet_policy_gets_its_first_denials_again() {
+        let b = EventBudget::new(10, 4, 1 << 20);
+        assert_eq!(b.interval_ns, 100_000_000);
+        assert_eq!(b.tau_ns, 300_000_000);
+        assert_eq!(b.quiet_ns, 100_000_000, "first min(4, 4/2) = 2");
+        let mut tat = 0;
+        let t = 5_000_000_000u64;
+        let full = || 1u64 << 40; // a full ring: only first denials pass
+        use EventOutcome::*;
+        let mut out = [Write; 6];
+        for o in &mut out {
+            let (x, next) = b.judge(tat, t, full);
+            tat = next;
+            *o = x;
+        }
+        assert_eq!(out, [Write, Write, Lost, Lost, Suppress, Suppress]);
+        // A second later the bucket is full again.
+        assert_eq!(b.judge(tat, t + 1_000_000_000, full).0, Write);
+        // Burst 1: one event per interval, each a first denial.
+        let one = EventBudget::new(10, 1, 4096);
+        assert_eq!((one.tau_ns, one.quiet_ns), (0, 0));
+        let (o, tat) = one.judge(0, t, full);
+        assert_eq!(o, Write);
+        assert_eq!(one.judge(tat, t + 1, full).0, Suppress);
+        assert_eq!(one.judge(tat, t + 100_000_000, full).0, Write);
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! The one decision every hook funnels into: find the governing policy of the
 //! calling task's cgroup, test the port against one (or, for a dual-stack
-//! bind, two) port sets, count, and report a denial on the ring buffer.
+//! bind, two) port sets, count, and report a denial on the ring buffer
+//! within its policy's event budget (suppressed and lost events counted per
+//! policy: see `portguard_common::EventBudget`).
 //!
 //! Return values are only ever [`ALLOW`] (1) or [`DENY`] (0). A bind hook
 //! returning anything else (3) would make the kernel skip its
@@ -11,15 +13,17 @@ use aya_ebpf::helpers::{
     generated::{bpf_get_current_ancestor_cgroup_id, bpf_ktime_get_boot_ns},
 };
 use portguard_common::{
-    AddrClass, COUNTER_EVENTS_LOST, CgroupKey, DECISION_ALLOW, DECISION_AUDIT, DECISION_DENY,
-    Direction, EMPTY_SET, Event, Family, Hook, IPPROTO_TCP, IPPROTO_UDP, MAX_CGROUP_DEPTH,
-    MODE_AUDIT, PORTS_PER_CHUNK, PolicyRecord, PortChunkKey, Proto, VERDICT_AUDIT, VERDICT_CUT_OFF,
+    AddrClass, BPF_RB_AVAIL_DATA, COUNTER_EVENTS_LOST, CgroupKey, DECISION_ALLOW, DECISION_AUDIT,
+    DECISION_DENY, Direction, EMPTY_SET, Event, EventOutcome, Family, Hook, IPPROTO_TCP,
+    IPPROTO_UDP, MAX_CGROUP_DEPTH, MODE_AUDIT, POLICY_EVENTS_LOST, POLICY_EVENTS_SUPPRESSED,
+    PORTS_PER_CHUNK, PolicyRecord, PortChunkKey, Proto, VERDICT_AUDIT, VERDICT_CUT_OFF,
     VERDICT_DENY, hook_counter, in_ephemeral_range, policy_counter, set_slot,
 };
 
 use crate::maps::{
-    PORTGUARD_CGROUPS, PORTGUARD_COUNTERS, PORTGUARD_EVENTS, PORTGUARD_POLICIES,
-    PORTGUARD_POLICY_COUNTERS, PORTGUARD_PORTSETS, PORTGUARD_STATE,
+    PORTGUARD_CGROUPS, PORTGUARD_COUNTERS, PORTGUARD_EVENT_BUCKETS, PORTGUARD_EVENT_BUDGET,
+    PORTGUARD_EVENTS, PORTGUARD_POLICIES, PORTGUARD_POLICY_COUNTERS, PORTGUARD_PORTSETS,
+    PORTGUARD_STATE,
 };
 
 pub const ALLOW: i32 = 1;
@@ -163,14 +167,20 @@ pub fn count(index: u32) {
     }
 }
 
+/// Count `kind` for the policy in `slot`.
+#[inline(always)]
+fn count_policy(slot: u32, kind: u32) {
+    if let Some(p) = PORTGUARD_POLICY_COUNTERS.get_ptr_mut(policy_counter(slot, kind)) {
+        // SAFETY: per-CPU slot, only this CPU writes it while we run.
+        unsafe { *p += 1 };
+    }
+}
+
 /// Count a decision by hook and kind, and by policy and kind.
 #[inline(always)]
 fn count_decision(q: &Query, record: &PolicyRecord, kind: u32) {
     count(hook_counter(q.hook as u32, kind));
-    if let Some(p) = PORTGUARD_POLICY_COUNTERS.get_ptr_mut(policy_counter(record.slot, kind)) {
-        // SAFETY: per-CPU slot, only this CPU writes it while we run.
-        unsafe { *p += 1 };
-    }
+    count_policy(record.slot, kind);
 }
 
 /// Judge the creation of a socket of a kind with its own bind (raw, SCTP,
@@ -270,12 +280,7 @@ pub fn refuse(q: &Query) {
     };
     // SAFETY: pointer into a live array element, plain data.
     let record = unsafe { &*gov.record };
-    if let Some(p) =
-        PORTGUARD_POLICY_COUNTERS.get_ptr_mut(policy_counter(record.slot, DECISION_DENY))
-    {
-        // SAFETY: per-CPU slot, only this CPU writes it while we run.
-        unsafe { *p += 1 };
-    }
+    count_policy(record.slot, DECISION_DENY);
     report(q, &gov, record, VERDICT_DENY);
 }
 
@@ -284,20 +289,50 @@ fn report(q: &Query, gov: &Governing, record: &PolicyRecord, verdict: u8) {
     report_kind(q, gov, record, verdict, 0);
 }
 
-/// Queue an event; when the ring buffer is full, count the loss instead.
+/// An event the ring buffer had no room for: counted for every policy and
+/// for this one.
+#[inline(always)]
+fn count_lost(slot: u32) {
+    count(COUNTER_EVENTS_LOST);
+    count_policy(slot, POLICY_EVENTS_LOST);
+}
+
+/// Queue an event, within the policy's event budget: beyond it, count it
+/// as suppressed; when the ring buffer has no room for it, count the loss.
+/// Every call ends in exactly one of written, suppressed or lost.
 #[inline(always)]
 fn report_kind(q: &Query, gov: &Governing, record: &PolicyRecord, verdict: u8, sock_kind: u8) {
+    // SAFETY: helper call with no preconditions.
+    let boot_ns = unsafe { bpf_ktime_get_boot_ns() };
+    // The policy's bucket on this CPU: per-CPU, so no other program
+    // touches it while this one runs, and no count can be lost to a race.
+    if let Some(budget) = PORTGUARD_EVENT_BUDGET.get(0)
+        && let Some(tat) = PORTGUARD_EVENT_BUCKETS.get_ptr_mut(record.slot)
+    {
+        // SAFETY: per-CPU slot, only this CPU touches it while we run.
+        let (outcome, next) = budget.judge(unsafe { *tat }, boot_ns, || {
+            PORTGUARD_EVENTS.query(BPF_RB_AVAIL_DATA)
+        });
+        // SAFETY: as above.
+        unsafe { *tat = next };
+        match outcome {
+            EventOutcome::Write => {}
+            EventOutcome::Suppress => {
+                count_policy(record.slot, POLICY_EVENTS_SUPPRESSED);
+                return;
+            }
+            EventOutcome::Lost => {
+                count_lost(record.slot);
+                return;
+            }
+        }
+    }
     let Some(mut entry) = PORTGUARD_EVENTS.reserve::<Event>(0) else {
-        count(COUNTER_EVENTS_LOST);
+        count_lost(record.slot);
         return;
     };
-    // SAFETY: helper calls with no preconditions.
-    let (boot_ns, cgroup_id) = unsafe {
-        (
-            bpf_ktime_get_boot_ns(),
-            aya_ebpf::helpers::generated::bpf_get_current_cgroup_id(),
-        )
-    };
+    // SAFETY: helper call with no preconditions.
+    let cgroup_id = unsafe { aya_ebpf::helpers::generated::bpf_get_current_cgroup_id() };
     entry.write(Event {
         boot_ns,
         cgroup_id,

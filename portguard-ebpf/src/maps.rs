@@ -10,8 +10,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use portguard_common::{
-    AgentStamp, CgroupKey, CgroupValue, PolicyName, PolicyRecord, PortChunk, PortChunkKey,
-    SocketState, State,
+    AgentStamp, CgroupKey, CgroupValue, EventBudget, PolicyName, PolicyRecord, PortChunk,
+    PortChunkKey, SocketState, State,
 };
 
 /// Live generation and per-generation walk bounds.
@@ -48,6 +48,17 @@ pub static PORTGUARD_COUNTERS: PerCpuArray<u64> =
 /// `portguard_common::policy_counter`); sized by the agent.
 #[map(name = "PORTGUARD_POLICY_COUNTERS")]
 pub static PORTGUARD_POLICY_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// The per-policy event budget (one entry, written by the agent before
+/// attach; see `portguard_common::EventBudget`).
+#[map(name = "PORTGUARD_EVENT_BUDGET")]
+pub static PORTGUARD_EVENT_BUDGET: Array<EventBudget> = Array::with_max_entries(1, 0);
+
+/// Each policy slot's token bucket on each CPU (its theoretical arrival
+/// time, boot ns); sized by the agent. Touched only when an event would be
+/// written.
+#[map(name = "PORTGUARD_EVENT_BUCKETS")]
+pub static PORTGUARD_EVENT_BUCKETS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per-socket state carried from bind6 to post_bind6 (dual-stack flag).
 #[btf_map]

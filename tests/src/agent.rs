@@ -124,6 +124,12 @@ impl Agent {
         if !extra.contains(&"--aggregate-window") {
             args.extend(["--aggregate-window".into(), "0".into()]);
         }
+        // Likewise, tests that are not about the kernel's per-policy event
+        // budget see every decision's event (or its loss); the `fairness`
+        // tests pass their own --event-rate.
+        if !extra.contains(&"--event-rate") {
+            args.extend(["--event-rate".into(), "0".into()]);
+        }
         // Agents run side by side: each serves its metrics on a port of its
         // own (see `Agent::metrics_port`).
         if !extra.contains(&"--metrics-addr") {

@@ -41,6 +41,10 @@ pub struct RunOptions {
     pub log_rotation: events::Rotation,
     pub capacity: Capacity,
     pub ring_buffer_bytes: u32,
+    /// Kernel event budget of each policy, per CPU: events per second (0:
+    /// unlimited) and burst (`portguard_common::EventBudget`).
+    pub event_rate: u32,
+    pub event_burst: u32,
     /// Reload when the policy file changes (SIGHUP always reloads).
     pub watch: bool,
     /// How often to check the kernel's lost-event counter.

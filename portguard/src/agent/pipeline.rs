@@ -350,11 +350,81 @@ pub(super) async fn drain_events(
     (n, more)
 }
 
-pub(super) fn report_lost(agent: &Agent, writer: &mut EventWriter, seen: &mut u64) {
+/// What the agent has reported of the kernel's drop counters: events lost
+/// (every policy together), and per policy (by name and slot, counted since
+/// the policy took its slot) events suppressed and lost.
+pub(super) struct DropsSeen {
+    pub(super) lost: u64,
+    by_policy: std::collections::HashMap<(String, u32), (u64, u64)>,
+}
+
+impl DropsSeen {
+    pub(super) fn new(lost: u64) -> Self {
+        Self {
+            lost,
+            by_policy: std::collections::HashMap::new(),
+        }
+    }
+}
+
+/// Report what the kernel dropped since the last report: a `lost` line
+/// (with the policies the losses were of), and a `suppressed` line per
+/// policy whose event budget held events back.
+pub(super) fn report_lost(agent: &Agent, writer: &mut EventWriter, seen: &mut DropsSeen) {
+    let facts = agent.shared.facts();
+    let by_policy =
+        match crate::observe::snapshot::KernelReading::read(&agent.shared.counters, &facts) {
+            Ok(k) => k.by_policy,
+            Err(e) => {
+                warn!("daemon: reading counters: {e}");
+                return;
+            }
+        };
+    // (policy, slot, suppressed since its slot was taken, lost since).
+    let totals: Vec<(String, u32, u64, u64)> = facts
+        .policies
+        .iter()
+        .zip(&by_policy)
+        .map(|(p, d)| {
+            (
+                p.name.clone(),
+                p.slot,
+                d[portguard_common::POLICY_EVENTS_SUPPRESSED as usize],
+                d[portguard_common::POLICY_EVENTS_LOST as usize],
+            )
+        })
+        .collect();
+    fn before(seen: &DropsSeen, name: &str, slot: u32, supp: u64, lost: u64) -> (u64, u64) {
+        let (s0, l0) = seen
+            .by_policy
+            .get(&(name.to_owned(), slot))
+            .copied()
+            .unwrap_or_default();
+        // A policy that took its slot anew counts from zero again.
+        (
+            if supp < s0 { 0 } else { s0 },
+            if lost < l0 { 0 } else { l0 },
+        )
+    }
+    let now = events::format_time(std::time::SystemTime::now());
+    for (name, slot, supp, lost) in &totals {
+        let (s0, l0) = before(seen, name, *slot, *supp, *lost);
+        if *supp > s0 {
+            let _ = writer.line(&events::SuppressedRecord {
+                schema_version: events::SCHEMA_VERSION,
+                time: now.clone(),
+                host: agent.host.clone(),
+                policy: name.clone(),
+                suppressed: supp - s0,
+                suppressed_total: *supp,
+            });
+        }
+        seen.by_policy.insert((name.clone(), *slot), (*supp, l0));
+    }
     match agent.loaded.maps.counters() {
-        Ok(c) if c.events_lost > *seen => {
-            let lost = c.events_lost - *seen;
-            *seen = c.events_lost;
+        Ok(c) if c.events_lost > seen.lost => {
+            let lost = c.events_lost - seen.lost;
+            seen.lost = c.events_lost;
             warn!(
                 "daemon: the kernel dropped {lost} events (ring buffer full; {} in total)",
                 c.events_lost
@@ -367,19 +437,40 @@ pub(super) fn report_lost(agent: &Agent, writer: &mut EventWriter, seen: &mut u6
                 *last = Some(Instant::now());
                 notify_status(&format!("{} events lost in total", c.events_lost));
             }
+            // Whose they were. The per-policy counters are read a moment
+            // apart from the total: a loss counted in between shows in the
+            // next line's policies.
+            let mut policies = Vec::new();
+            for (name, slot, supp, plost) in &totals {
+                let (_, l0) = before(seen, name, *slot, *supp, *plost);
+                if *plost > l0 {
+                    policies.push(events::PolicyLost {
+                        policy: name.clone(),
+                        lost: plost - l0,
+                        lost_total: *plost,
+                    });
+                }
+                seen.by_policy
+                    .insert((name.clone(), *slot), (*supp, *plost));
+            }
             let _ = writer.line(&LostRecord {
                 schema_version: events::SCHEMA_VERSION,
                 host: agent.host.clone(),
-                time: events::format_time(std::time::SystemTime::now()),
+                time: now,
                 lost,
                 lost_total: c.events_lost,
                 since: None,
                 until: None,
                 agent_restarted: false,
+                policies,
             });
             let _ = writer.flush();
         }
-        Ok(_) => {}
+        Ok(_) => {
+            if !totals.is_empty() {
+                let _ = writer.flush();
+            }
+        }
         Err(e) => warn!("daemon: reading counters: {e}"),
     }
 }
@@ -432,6 +523,7 @@ pub(super) fn report_restart_losses(agent: &mut Agent, writer: &mut EventWriter)
         since: Some(events::format_time(since)),
         until: Some(events::format_time(until)),
         agent_restarted: true,
+        policies: Vec::new(),
     });
     let _ = writer.flush();
 }

@@ -59,7 +59,7 @@ pub(super) async fn serve(
         opts.inventory_interval
     };
     let mut inventory_tick = tokio::time::interval_at(now + inventory_every, inventory_every);
-    let mut lost_seen = agent.lost_seen;
+    let mut lost_seen = DropsSeen::new(agent.lost_seen);
     let mut pending_reload: Option<Instant> = None;
     let mut pending_rescan: Option<Instant> = None;
     // CRI refresh: when due, since when a pod cgroup exists that the runtime
@@ -213,7 +213,7 @@ pub(super) async fn serve(
             _ = lost_tick.tick() => {
                 agent.sweep_unended();
                 report_lost(agent, &mut writer, &mut lost_seen);
-                if let Err(e) = agent.loaded.write_stamp(lost_seen) {
+                if let Err(e) = agent.loaded.write_stamp(lost_seen.lost) {
                     warn!("daemon: writing the version stamp: {e}");
                 }
             }

@@ -311,6 +311,8 @@ pub(super) fn load_kernel(opts: &RunOptions, pins: Option<&PinDir>) -> anyhow::R
             capacity: opts.capacity,
             ring_buffer_bytes: opts.ring_buffer_bytes,
             object,
+            event_rate: opts.event_rate,
+            event_burst: opts.event_burst,
         },
         pins,
     )?;

@@ -326,6 +326,9 @@ pub fn run(opts: &LearnOptions) -> anyhow::Result<usize> {
             chunks: 64,
         },
         ring_buffer_bytes: 1 << 22,
+        // Learning needs every decision: no kernel event budget.
+        event_rate: 0,
+        event_burst: 0,
         watch: false,
         lost_interval: Duration::from_secs(1),
         max_delegated_cgroups: 64,

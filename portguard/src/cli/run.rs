@@ -85,6 +85,24 @@ pub struct RunArgs {
     #[arg(long, value_name = "BYTES", default_value_t = 1 << 20)]
     pub ring_buffer_size: u32,
 
+    /// Fairness between policies: events each policy may write per second,
+    /// on each CPU (0: no limit). The kernel keeps a token bucket per policy
+    /// and CPU; a decision beyond it is still enforced and counted, but
+    /// writes no event: it is counted as suppressed under its policy,
+    /// reported in {"suppressed": N, "policy": ...} lines and in
+    /// portguard_events_suppressed_total{policy}. So one workload's flood
+    /// cannot crowd out another's denials: the last quarter of the ring
+    /// buffer is kept for each policy's first denials (its first
+    /// min(4, burst/2) since its bucket was last full).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_EVENT_RATE)]
+    pub event_rate: u32,
+
+    /// Burst of --event-rate: events a quiet policy may write at once, on
+    /// each CPU, before the rate applies (at least 1).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_EVENT_BURST,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub event_burst: u32,
+
     /// Flood control: identical decisions (same policy, cgroup, hook,
     /// verdict, protocol, family, address and port) within this window are
     /// written as one line with `count`, `first_seen` and `last_seen`; the
@@ -183,6 +201,12 @@ pub struct RunArgs {
     pub kernel_object: Option<PathBuf>,
 }
 
+/// `--event-rate` default: with aggregation, 100 lines a second per policy
+/// and CPU is more than anyone reads, and far less than the agent writes.
+pub const DEFAULT_EVENT_RATE: u32 = 100;
+/// `--event-burst` default: a policy's usual start-up denials fit.
+pub const DEFAULT_EVENT_BURST: u32 = 200;
+
 /// `--pin-dir`: a directory, or `none`.
 #[derive(Clone, Debug)]
 pub struct PinDirArg(pub Option<PathBuf>);
@@ -230,6 +254,8 @@ pub fn execute(a: Box<RunArgs>) -> anyhow::Result<ExitCode> {
             chunks: a.max_port_chunks,
         },
         ring_buffer_bytes: a.ring_buffer_size,
+        event_rate: a.event_rate,
+        event_burst: a.event_burst,
         watch: !a.no_watch,
         lost_interval: a.lost_report_interval,
         rescan_interval: a.rescan_interval,

@@ -4,7 +4,9 @@
 //! protocol, family, address and port) is written at once, with `count: 1`.
 //! Identical ones that follow within the window are counted, not written;
 //! when the window ends, one aggregate line carries their `count`,
-//! `first_seen` and `last_seen` (and the process of the first of them), and
+//! `first_seen` and `last_seen`, the process of the first of them (`pid`,
+//! `tid`, `uid`, `comm`) and the distinct processes among them (`pids`, the
+//! first [`AGGREGATE_PIDS`], and `pid_count`), and
 //! the next window starts. A window that saw nothing more closes quietly,
 //! so the next occurrence is again written at once. Any decision that
 //! differs in one of those fields is a different kind, written at once: the
@@ -18,7 +20,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::events::EventRecord;
+use std::collections::HashSet;
+
+use crate::events::{AGGREGATE_PID_COUNT_MAX, AGGREGATE_PIDS, EventRecord};
 
 /// What makes two decisions "identical".
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -54,6 +58,30 @@ struct Window {
     ends: Instant,
     /// The first decision counted in this window, with the running count.
     pending: Option<EventRecord>,
+    /// Distinct pids among the pending decisions (at most
+    /// `AGGREGATE_PID_COUNT_MAX`).
+    pids: HashSet<u32>,
+}
+
+impl Window {
+    /// Count `pid` among the pending decisions' processes.
+    fn saw(&mut self, pid: u32) {
+        let Some(p) = &mut self.pending else {
+            return;
+        };
+        if self.pids.len() < AGGREGATE_PID_COUNT_MAX as usize && self.pids.insert(pid) {
+            if p.pids.len() < AGGREGATE_PIDS {
+                p.pids.push(pid);
+            }
+            p.pid_count = Some(self.pids.len() as u32);
+        }
+    }
+
+    /// The pending aggregate, if any; the window starts over.
+    fn take(&mut self) -> Option<EventRecord> {
+        self.pids.clear();
+        self.pending.take()
+    }
 }
 
 /// Open windows, one per kind of decision seen recently.
@@ -90,6 +118,7 @@ impl Aggregator {
             && now < w.ends
         {
             self.aggregated += 1;
+            let pid = rec.pid;
             match &mut w.pending {
                 Some(p) => {
                     p.count += 1;
@@ -102,12 +131,13 @@ impl Aggregator {
                     w.pending = Some(p);
                 }
             }
+            w.saw(pid);
             return Vec::new();
         }
         // A new kind, or its window is over (not yet expired by the timer).
         let mut out = Vec::new();
-        if let Some(w) = self.open.remove(&key) {
-            out.extend(w.pending);
+        if let Some(mut w) = self.open.remove(&key) {
+            out.extend(w.take());
         } else if self.open.len() >= self.max_kinds {
             out.extend(self.drain());
         }
@@ -116,6 +146,7 @@ impl Aggregator {
             Window {
                 ends: now + self.window,
                 pending: None,
+                pids: HashSet::new(),
             },
         );
         out.push(rec);
@@ -131,7 +162,7 @@ impl Aggregator {
             if w.ends > now {
                 return true;
             }
-            match w.pending.take() {
+            match w.take() {
                 Some(p) => {
                     out.push(p);
                     w.ends = now + window;
@@ -146,7 +177,11 @@ impl Aggregator {
 
     /// Every pending aggregate (at shutdown, or to make room).
     pub fn drain(&mut self) -> Vec<EventRecord> {
-        let mut out: Vec<EventRecord> = self.open.drain().filter_map(|(_, w)| w.pending).collect();
+        let mut out: Vec<EventRecord> = self
+            .open
+            .drain()
+            .filter_map(|(_, mut w)| w.take())
+            .collect();
         out.sort_by(|a, b| a.first_seen.cmp(&b.first_seen));
         out
     }
@@ -211,8 +246,35 @@ mod tests {
         assert_eq!(storm[1].first_seen.as_deref(), Some("t00001"));
         assert_eq!(storm[1].last_seen.as_deref(), Some("t09999"));
         assert_eq!(storm[1].pid, 1, "the aggregate shows its first process");
+        // Every decision had a pid of its own: the first 16 are listed,
+        // and the count stops at its cap.
+        assert_eq!(storm[1].pids, (1..=16).collect::<Vec<u32>>());
+        assert_eq!(storm[1].pid_count, Some(64), "counted up to the cap");
+        assert_eq!(storm[0].pids, Vec::<u32>::new(), "not on single lines");
         assert_eq!(lines.iter().filter(|r| r.port == 9999).count(), 1);
         assert_eq!(a.aggregated, 24_999);
+    }
+
+    #[test]
+    fn an_aggregate_lists_its_distinct_processes() {
+        let t0 = Instant::now();
+        let mut a = Aggregator::new(Duration::from_secs(10), 1000);
+        let mut out = a.push(rec(80, "a", 1), t0);
+        // Two processes alternating, then a third.
+        for (i, pid) in [1, 2, 1, 2, 2, 3].into_iter().enumerate() {
+            out.extend(a.push(rec(80, &format!("t{i}"), pid), t0));
+        }
+        out.extend(a.drain());
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[1].count, 6);
+        assert_eq!(out[1].pid, 1);
+        assert_eq!(out[1].pids, vec![1, 2, 3]);
+        assert_eq!(out[1].pid_count, Some(3));
+        let json = serde_json::to_value(&out[1]).unwrap();
+        assert_eq!(json["pids"], serde_json::json!([1, 2, 3]));
+        assert_eq!(json["pid_count"], 3);
+        let single = serde_json::to_value(&out[0]).unwrap();
+        assert!(single.get("pids").is_none() && single.get("pid_count").is_none());
     }
 
     #[test]

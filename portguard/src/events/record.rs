@@ -169,7 +169,23 @@ pub struct EventRecord {
     pub first_seen: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_seen: Option<String>,
+    /// Aggregates only: the distinct processes among its decisions, in the
+    /// order they first appeared, at most [`AGGREGATE_PIDS`] (`pid` is the
+    /// first of them).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pids: Vec<u32>,
+    /// Aggregates only: how many distinct processes made its decisions
+    /// (counted up to [`AGGREGATE_PID_COUNT_MAX`]; that value means "that
+    /// many or more").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pid_count: Option<u32>,
 }
+
+/// Most pids an aggregate line lists.
+pub const AGGREGATE_PIDS: usize = 16;
+/// Distinct pids an aggregate counts at most (memory per open window stays
+/// bounded: a few hundred bytes per open window).
+pub const AGGREGATE_PID_COUNT_MAX: u32 = 64;
 
 impl EventRecord {
     /// A record with only what every record has; the rest empty. The
@@ -207,6 +223,8 @@ impl EventRecord {
             count: 1,
             first_seen: None,
             last_seen: None,
+            pids: Vec::new(),
+            pid_count: None,
         }
     }
 
@@ -313,4 +331,36 @@ pub struct LostRecord {
     /// that adopted the pinned state).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub agent_restarted: bool,
+    /// Whose events were lost: the policies with losses since the previous
+    /// report (absent when none is known, e.g. while no agent ran).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<PolicyLost>,
+}
+
+/// One policy's part of a [`LostRecord`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PolicyLost {
+    pub policy: String,
+    /// Its events lost since the previous report.
+    pub lost: u64,
+    /// Since the policy took its counters (the agent started, or the
+    /// policy was created).
+    pub lost_total: u64,
+}
+
+/// A report of decisions a policy's kernel event budget (`--event-rate`,
+/// `--event-burst`) held back: enforced and counted, but written as no
+/// event of their own.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SuppressedRecord {
+    pub schema_version: u32,
+    pub time: String,
+    pub host: String,
+    /// The policy that made the decisions.
+    pub policy: String,
+    /// Since the previous report.
+    pub suppressed: u64,
+    /// Since the policy took its counters (the agent started, or the
+    /// policy was created).
+    pub suppressed_total: u64,
 }

@@ -195,6 +195,7 @@ fn the_log_file_rotates_by_size_and_keeps_n_files() {
         since: None,
         until: None,
         agent_restarted: false,
+        policies: Vec::new(),
     };
     // Each line is about 65 bytes: 4 lines per file before rotating.
     for i in 1..=20 {
@@ -250,6 +251,7 @@ fn writer_emits_one_line_per_record() {
         since: None,
         until: None,
         agent_restarted: false,
+        policies: Vec::new(),
     })
     .unwrap();
     w.line(&LostRecord {
@@ -261,6 +263,7 @@ fn writer_emits_one_line_per_record() {
         since: None,
         until: None,
         agent_restarted: false,
+        policies: Vec::new(),
     })
     .unwrap();
     let text = String::from_utf8(buf.lock().unwrap().clone()).unwrap();

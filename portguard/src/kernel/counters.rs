@@ -3,7 +3,7 @@
 use aya::maps::{MapData, MapError, PerCpuArray};
 use portguard_common::{
     COUNTER_EVENTS_LOST, COUNTER_FENCE_FAILED, COUNTER_GUARD_DROPS, DECISION_ALLOW, DECISION_AUDIT,
-    DECISION_DENY, DECISION_REPORTED, HOOKS, Hook, hook_counter, policy_counter,
+    DECISION_DENY, DECISION_REPORTED, DECISIONS, HOOKS, Hook, hook_counter, policy_counter,
 };
 
 use super::*;
@@ -36,7 +36,7 @@ impl CounterMaps {
             .filter_map(Hook::from_u8)
             .map(|h| {
                 let mut d = Decisions::default();
-                for (k, v) in d.iter_mut().enumerate() {
+                for (k, v) in d.iter_mut().enumerate().take(DECISIONS as usize) {
                     *v = Self::sum(&self.hooks, hook_counter(h as u32, k as u32))?;
                 }
                 Ok((h, d))
@@ -44,8 +44,9 @@ impl CounterMaps {
             .collect()
     }
 
-    /// Decisions of the policy in record slot `slot` (since the slot was
-    /// created; see the agent's baselines for slots that changed hands).
+    /// Decisions of the policy in record slot `slot`, then its events
+    /// suppressed and lost (since the slot was created; see the agent's
+    /// baselines for slots that changed hands).
     pub fn by_slot(&self, slot: u32) -> Result<Decisions, MapError> {
         let mut d = Decisions::default();
         for (k, v) in d.iter_mut().enumerate() {

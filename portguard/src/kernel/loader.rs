@@ -20,12 +20,12 @@ use aya::{
 };
 use log::{debug, warn};
 use portguard_common::{
-    AgentStamp, COUNTERS, CgroupKey, CgroupValue, DECISIONS, FENCE_PROGRAM, GLOBAL_SOCK_OFFSETS,
+    AgentStamp, COUNTERS, CgroupKey, CgroupValue, EventBudget, FENCE_PROGRAM, GLOBAL_SOCK_OFFSETS,
     GLOBAL_USERLOCKS, GLOBAL_V6ONLY_BIT, GUARD_PROGRAM, Hook, LAYOUT_VERSION, LSM_PROGRAMS,
-    MAP_AGENT, MAP_CGROUPS, MAP_COUNTERS, MAP_EVENTS, MAP_NAMES, MAP_POLICIES, MAP_POLICY_COUNTERS,
-    MAP_PORTSETS, MAP_SOCKETS, MAP_STATE, MAPS, PROGRAMS, PolicyName, PolicyRecord, PortChunk,
-    PortChunkKey, SOCK_OPS_PROGRAM, STAMP_MAGIC, SockOffsets, SocketState, State,
-    USERLOCKS_UNKNOWN, V6ONLY_UNKNOWN,
+    MAP_AGENT, MAP_CGROUPS, MAP_COUNTERS, MAP_EVENT_BUCKETS, MAP_EVENT_BUDGET, MAP_EVENTS,
+    MAP_NAMES, MAP_POLICIES, MAP_POLICY_COUNTERS, MAP_PORTSETS, MAP_SOCKETS, MAP_STATE, MAPS,
+    POLICY_KINDS, PROGRAMS, PolicyName, PolicyRecord, PortChunk, PortChunkKey, SOCK_OPS_PROGRAM,
+    STAMP_MAGIC, SockOffsets, SocketState, State, USERLOCKS_UNKNOWN, V6ONLY_UNKNOWN,
 };
 use sha2::Digest;
 
@@ -102,6 +102,11 @@ pub struct LoadOptions {
     /// A kernel object to load instead of the built-in one (testing
     /// upgrades: `--kernel-object`).
     pub object: Option<Vec<u8>>,
+    /// Events each policy may write per second and CPU (0: unlimited) and
+    /// its burst: written to the kernel's event budget before anything is
+    /// attached (see [`EventBudget`]).
+    pub event_rate: u32,
+    pub event_burst: u32,
 }
 
 /// Entries of the policy-name map for `caps`: every policy of both
@@ -133,7 +138,9 @@ pub(super) fn expected_shape(name: &str, opts: &LoadOptions) -> (u32, u32, u32) 
         ),
         MAP_EVENTS => (0, 0, opts.ring_buffer_bytes),
         MAP_COUNTERS => (4, 8, COUNTERS),
-        MAP_POLICY_COUNTERS => (4, 8, caps.policies.max(1) * DECISIONS),
+        MAP_POLICY_COUNTERS => (4, 8, caps.policies.max(1) * POLICY_KINDS),
+        MAP_EVENT_BUDGET => (4, sz(size_of::<EventBudget>()), 1),
+        MAP_EVENT_BUCKETS => (4, 8, caps.policies.max(1)),
         MAP_SOCKETS => (4, sz(size_of::<SocketState>()), 0),
         MAP_AGENT => (4, sz(size_of::<AgentStamp>()), 1),
         MAP_NAMES => (4, sz(size_of::<PolicyName>()), name_map_entries(caps)),
@@ -168,9 +175,10 @@ impl Adoption {
     }
 }
 
-/// Decisions of one kind each: allowed, denied, audited, reported (the
-/// `DECISION_*` order).
-pub type Decisions = [u64; DECISIONS as usize];
+/// Counts of one kind each: allowed, denied, audited, reported (the
+/// `DECISION_*` order), then, per policy only, events suppressed and lost
+/// (`POLICY_EVENTS_*`; always 0 for a hook).
+pub type Decisions = [u64; POLICY_KINDS as usize];
 
 /// Loaded programs and the maps they share.
 pub struct Loaded {
@@ -276,6 +284,7 @@ impl Loaded {
             MAP_POLICIES,
             MAP_PORTSETS,
             MAP_POLICY_COUNTERS,
+            MAP_EVENT_BUCKETS,
             MAP_NAMES,
             MAP_EVENTS,
         ] {
@@ -395,6 +404,14 @@ impl Loaded {
                 policies: take(&mut ebpf, MAP_POLICY_COUNTERS, PerCpuArray::try_from)?,
             }),
         };
+        let mut budget: Array<MapData, EventBudget> =
+            take(&mut ebpf, MAP_EVENT_BUDGET, Array::try_from)?;
+        let b = EventBudget::new(opts.event_rate, opts.event_burst, rb);
+        budget.set(0, b, 0).map_err(|source| LoaderError::Map {
+            name: MAP_EVENT_BUDGET,
+            source,
+        })?;
+        debug!("loader: event budget {b:?}");
         let events = take(&mut ebpf, MAP_EVENTS, RingBuf::try_from)?;
         let stamp = take(&mut ebpf, MAP_AGENT, Array::try_from)?;
         let lsm_unavailable = if offsets.valid == 0 {

@@ -10,6 +10,8 @@
 //! | `portguard_decisions_total` | `policy`, `verdict` (allow, deny, audit, reported) |
 //! | `portguard_hook_decisions_total` | `hook`, `verdict` |
 //! | `portguard_events_lost_total` | |
+//! | `portguard_events_suppressed_total` | `policy` |
+//! | `portguard_policy_events_lost_total` | `policy` |
 //! | `portguard_guard_dropped_packets_total` | |
 //! | `portguard_fence_failures_total` | |
 //! | `portguard_events_aggregated_total` | |
@@ -51,6 +53,29 @@ pub fn render(facts: &Facts, kernel: &KernelReading) -> String {
         "portguard_decisions",
         "Governed operations decided, by policy and verdict (kernel counters)",
         decisions,
+    );
+    let suppressed = Family::<Labels, Counter>::default();
+    let policy_lost = Family::<Labels, Counter>::default();
+    for (p, d) in facts.policies.iter().zip(&kernel.by_policy) {
+        let labels = vec![("policy", p.name.clone())];
+        suppressed
+            .get_or_create(&labels)
+            .inc_by(d[portguard_common::POLICY_EVENTS_SUPPRESSED as usize]);
+        policy_lost
+            .get_or_create(&labels)
+            .inc_by(d[portguard_common::POLICY_EVENTS_LOST as usize]);
+    }
+    reg.register(
+        "portguard_events_suppressed",
+        "Decisions enforced and counted but written as no event: over their policy's event \
+         budget (--event-rate, --event-burst; kernel counters)",
+        suppressed,
+    );
+    reg.register(
+        "portguard_policy_events_lost",
+        "Events the kernel could not queue, by the policy that made the decision (kernel \
+         counters; portguard_events_lost_total is their sum)",
+        policy_lost,
     );
     let hooks = Family::<Labels, Counter>::default();
     for (h, d) in &kernel.by_hook {
@@ -236,7 +261,7 @@ mod tests {
             policies: vec![PolicyFacts {
                 name: "web".into(),
                 slot: 3,
-                baseline: [0; 4],
+                baseline: [0; 6],
                 mode: "enforce",
                 ..PolicyFacts::default()
             }],
@@ -253,8 +278,8 @@ mod tests {
             ..Facts::default()
         };
         let kernel = KernelReading {
-            by_hook: vec![("bind4", [10, 3, 0, 0])],
-            by_policy: vec![[10, 3, 0, 0]],
+            by_hook: vec![("bind4", [10, 3, 0, 0, 0, 0])],
+            by_policy: vec![[10, 3, 0, 0, 40, 2]],
             events_lost: 7,
             guard_drops: 5,
             fence_failures: 6,
@@ -265,6 +290,8 @@ mod tests {
             r#"portguard_decisions_total{policy="web",verdict="allow"} 10"#,
             r#"portguard_hook_decisions_total{hook="bind4",verdict="deny"} 3"#,
             "portguard_events_lost_total 7",
+            r#"portguard_events_suppressed_total{policy="web"} 40"#,
+            r#"portguard_policy_events_lost_total{policy="web"} 2"#,
             "portguard_guard_dropped_packets_total 5",
             "portguard_fence_failures_total 6",
             "portguard_events_aggregated_total 99",
@@ -281,7 +308,10 @@ mod tests {
 
     #[test]
     fn a_reused_slot_starts_from_its_baseline() {
-        assert_eq!(since([10, 5, 0, 1], [4, 5, 0, 0]), [6, 0, 0, 1]);
-        assert_eq!(since([1, 0, 0, 0], [4, 0, 0, 0]), [0, 0, 0, 0]);
+        assert_eq!(
+            since([10, 5, 0, 1, 9, 2], [4, 5, 0, 0, 3, 2]),
+            [6, 0, 0, 1, 6, 0]
+        );
+        assert_eq!(since([1, 0, 0, 0, 0, 0], [4, 0, 0, 0, 0, 0]), [0; 6]);
     }
 }

@@ -30,6 +30,15 @@ fn decisions_json(d: &crate::kernel::Decisions) -> serde_json::Map<String, Value
         .collect()
 }
 
+/// A policy's events the kernel held back (over its event budget) or could
+/// not queue.
+fn policy_events_json(d: &crate::kernel::Decisions) -> Value {
+    json!({
+        "suppressed": d[portguard_common::POLICY_EVENTS_SUPPRESSED as usize],
+        "lost": d[portguard_common::POLICY_EVENTS_LOST as usize],
+    })
+}
+
 /// The status document for the agent's current facts and counters.
 pub fn document(shared: &Snapshot) -> Value {
     let facts = shared.facts();
@@ -43,12 +52,13 @@ pub fn document(shared: &Snapshot) -> Value {
         .iter()
         .enumerate()
         .map(|(i, p)| {
-            let decisions = decisions_json(&kernel.by_policy.get(i).copied().unwrap_or_default());
+            let d = kernel.by_policy.get(i).copied().unwrap_or_default();
             json!({
                 "name": p.name,
                 "mode": p.mode,
                 "selector": p.selector,
-                "decisions": decisions,
+                "decisions": decisions_json(&d),
+                "events": policy_events_json(&d),
                 "cgroups": p.cgroups.iter().map(|(path, id)| {
                     let mut v = serde_json::to_value(id).unwrap_or_else(|_| json!({}));
                     v["path"] = json!(path);
@@ -224,6 +234,7 @@ pub fn pinned_document(pins: &Path) -> anyhow::Result<Value> {
                 "mode": if *mode == portguard_common::MODE_AUDIT { "audit" } else { "enforce" },
                 "selector": "-",
                 "decisions": decisions_json(d),
+                "events": policy_events_json(d),
                 "cgroups": view.cgroups.iter().filter(|(_, p)| p == id)
                     .map(|(c, _)| json!({"path": path_of(*c), "cgroup_id": c}))
                     .collect::<Vec<_>>(),
@@ -350,13 +361,13 @@ pub fn render(doc: &Value) -> String {
     let mut w = tw();
     let _ = writeln!(
         w,
-        "\nPOLICY\tMODE\tSELECTOR\tCGROUPS\tALLOWED\tDENIED\tAUDITED\tREPORTED"
+        "\nPOLICY\tMODE\tSELECTOR\tCGROUPS\tALLOWED\tDENIED\tAUDITED\tREPORTED\tSUPPRESSED\tLOST"
     );
     for p in policies {
         let d = &p["decisions"];
         let _ = writeln!(
             w,
-            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
             s(&p["name"]),
             s(&p["mode"]),
             s(&p["selector"]),
@@ -365,6 +376,8 @@ pub fn render(doc: &Value) -> String {
             n(&d["deny"]),
             n(&d["audit"]),
             n(&d["reported"]),
+            n(&p["events"]["suppressed"]),
+            n(&p["events"]["lost"]),
         );
     }
     out += &finish(w);

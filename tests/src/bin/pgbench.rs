@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! pgbench [--cgroup DIR] [--landlock-bind PORT] [--cpu N] OP [--port P]
-//!         [--iters N] [--warmup N] [--reps R] [--seconds S]
+//!         [--iters N] [--warmup N] [--reps R] [--seconds S] [--ports N]
 //! OP: bind     socket(TCP) + bind(127.0.0.1:P) + close, must succeed
 //!     connect  socket(UDP) + connect(127.0.0.1:P) + close, must succeed
 //!     denied   socket(TCP) + bind(127.0.0.1:P) + close, must fail with EPERM
@@ -13,7 +13,9 @@
 //!     storm    bind(127.0.0.1:P) on one socket for S seconds (or exactly
 //!              --count N times), as fast as possible; every call must fail
 //!              with EPERM. With --distinct-at K --distinct-port Q, one
-//!              bind to port Q (also denied) after the K-th denial.
+//!              bind to port Q (also denied) after the K-th denial. With
+//!              --ports N, cycles over ports P..P+N-1 (a scan, not a
+//!              hammer: N distinct kinds of denial for the aggregator).
 //! ```
 //! It runs in its own network namespace (loopback up), joins `--cgroup`,
 //! optionally restricts itself with Landlock (TCP bind allowed only on
@@ -200,6 +202,7 @@ fn main() {
     let mut reps = 7usize;
     let mut seconds = 10.0f64;
     let mut count: Option<u64> = None;
+    let mut ports = 1u16;
     let mut distinct: Option<(u64, u16)> = None;
     let mut op = None;
     let mut cpu: Option<usize> = None;
@@ -220,6 +223,7 @@ fn main() {
             "--warmup" => warmup = val().parse().unwrap_or_else(|_| die("bad --warmup")),
             "--reps" => reps = val().parse().unwrap_or_else(|_| die("bad --reps")),
             "--seconds" => seconds = val().parse().unwrap_or_else(|_| die("bad --seconds")),
+            "--ports" => ports = val().parse().unwrap_or_else(|_| die("bad --ports")),
             "--count" => count = Some(val().parse().unwrap_or_else(|_| die("bad --count"))),
             "--distinct-at" => {
                 let k = val().parse().unwrap_or_else(|_| die("bad --distinct-at"));
@@ -256,7 +260,15 @@ fn main() {
     if op == "storm" {
         // SAFETY: one socket, repeatedly denied, closed at the end.
         let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
-        let p = std::ptr::from_ref(&sin).cast::<libc::sockaddr>();
+        let all: Vec<libc::sockaddr_in> = (0..ports.max(1))
+            .map(|i| addr(port.wrapping_add(i)))
+            .collect();
+        let mut next = 0usize;
+        let mut p = || {
+            let a = std::ptr::from_ref(&all[next]).cast::<libc::sockaddr>();
+            next = (next + 1) % all.len();
+            a
+        };
         let start = Instant::now();
         let mut n = 0u64;
         let deny = |p: *const libc::sockaddr| {
@@ -269,7 +281,7 @@ fn main() {
         match count {
             Some(total) => {
                 while n < total {
-                    deny(p);
+                    deny(p());
                     n += 1;
                     if let Some((k, sin)) = &other
                         && n == *k
@@ -281,7 +293,7 @@ fn main() {
             None => {
                 while start.elapsed().as_secs_f64() < seconds {
                     for _ in 0..1000 {
-                        deny(p);
+                        deny(p());
                     }
                     n += 1000;
                 }

@@ -14,6 +14,9 @@
 //! - `reload`: tighten and loosen under a running workload, invalid reloads,
 //!   reload on file change.
 //! - `events`: every event field, and lost events counted and reported.
+//! - `fairness`: one policy's flood cannot hide another's denial (the
+//!   kernel's per-policy event budget); suppressed and lost events are
+//!   counted and reported per policy, and add up exactly.
 //! - `guard`: no governed socket serves on a port outside its policy, with or
 //!   without the BPF LSM (unbound listeners, handed-in sockets, UDP autobind
 //!   in a narrowed range, the IPV6_V6ONLY race, listeners through reloads).
@@ -43,6 +46,7 @@ mod cri_runtime;
 mod delegation;
 mod deploy;
 mod events;
+mod fairness;
 mod guard;
 mod hostile;
 mod inventory;

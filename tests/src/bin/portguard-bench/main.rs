@@ -13,7 +13,8 @@
 //! 2. the packet path: a TCP request/response loop on a governed socket and
 //!    on an ungoverned one, with the programs on the cgroup2 root (`packet`);
 //! 3. the denied path and a denial storm (events written, lost, agent CPU)
-//!    (`storm`);
+//!    (`storm`); 3b. a storm with two tenants: every denial of the quiet
+//!    one delivered, per-policy suppressed and lost (`tenants`);
 //! 4. policy application at scale (start-up apply, single-policy reload,
 //!    kernel map memory, agent RSS) (`apply`).
 //!
@@ -26,6 +27,7 @@ mod packet;
 mod runner;
 mod stats;
 mod storm;
+mod tenants;
 
 use std::{
     fmt::Write as _,
@@ -39,6 +41,7 @@ use fixture::Fixture;
 use overhead::overhead;
 use packet::packet_path;
 use storm::denied_and_storm;
+use tenants::two_tenant_storm;
 
 /// Allowed operations that failed with EADDRINUSE and were retried, per
 /// setup (see pgbench).
@@ -97,6 +100,7 @@ fn main() {
     overhead(&fx, &opts, &mut body, &mut verdicts);
     packet_path(&fx, &opts, &mut body, &mut verdicts);
     denied_and_storm(&fx, &opts, &mut body, &mut verdicts);
+    two_tenant_storm(&fx, &opts, &mut body, &mut verdicts);
     scale(&fx, &opts, &mut body, &mut verdicts);
     drop(fx);
 

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use crate::stats::fdinfo_sum;
 
-fn pgbench_bin() -> PathBuf {
+pub(crate) fn pgbench_bin() -> PathBuf {
     std::env::current_exe()
         .expect("current_exe")
         .parent()
