@@ -4,7 +4,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    path::{Path, PathBuf},
+    path::Path,
     time::Instant,
 };
 
@@ -231,72 +231,15 @@ pub(super) fn preflight_capabilities() -> anyhow::Result<()> {
 
 /// Load the kernel object (from `--kernel-object`, else the one built in),
 /// adopting pinned maps where they fit.
-/// Open the pin directory. One another user made first (bpffs is usually
-/// world-writable) is never used: it is moved aside (kept for inspection)
-/// where bpffs can rename it, else removed when it holds nothing but
-/// directories (no pins: nothing to inspect), and a fresh one is made.
-/// Otherwise the agent enforces without pinning (enforcement then ends with
-/// the agent). Either way the log and `status` say so.
+/// Open the pin directory (see [`PinDir::open_or_replace`]); what it had
+/// to do about a planted one is logged as an error and kept for `status`.
 pub(super) fn open_pins(dir: &Path, degraded: &mut Vec<String>) -> anyhow::Result<Option<PinDir>> {
-    use crate::kernel::pins::PinError;
-    let (path, owner) = match PinDir::open(dir) {
-        Ok(p) => return Ok(Some(p)),
-        Err(PinError::NotOurs { path, owner }) => (path, owner),
-        Err(e) => return Err(e.into()),
-    };
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let mut aside = path.clone().into_os_string();
-    aside.push(format!(".planted-uid{owner}-{stamp}"));
-    let aside = PathBuf::from(aside);
-    let cleared = match std::fs::rename(&path, &aside) {
-        Ok(()) => Ok(format!(
-            "moved aside to {} (kept for inspection)",
-            aside.display()
-        )),
-        Err(rename) => remove_empty_tree(&path)
-            .map(|()| "removed (it held no pins, only directories)".to_owned())
-            .map_err(|e| format!("moving it aside: {rename}; removing it: {e}")),
-    };
-    let why = match cleared.map(|done| (PinDir::open(dir), done)) {
-        Ok((Ok(p), done)) => {
-            let msg = format!(
-                "pin directory {} was made by uid {owner}, not by this agent: {done}; pinning in \
-                 a fresh one",
-                path.display(),
-            );
-            error!("daemon: {msg}");
-            degraded.push(msg);
-            return Ok(Some(p));
-        }
-        Ok((Err(e), _)) => e.to_string(),
-        Err(e) => e,
-    };
-    let msg = format!(
-        "pin directory {} was made by uid {owner}, not by this agent, and cannot be replaced \
-         ({why}): enforcing WITHOUT pinning; enforcement ends with the agent",
-        path.display()
-    );
-    error!("daemon: {msg}");
-    degraded.push(msg);
-    Ok(None)
-}
-
-/// Remove `dir` and the directories below it; fails (leaving what it has
-/// not removed) at anything that is not a directory.
-fn remove_empty_tree(dir: &Path) -> std::io::Result<()> {
-    let md = std::fs::symlink_metadata(dir)?;
-    if !md.is_dir() {
-        return Err(std::io::Error::other(format!(
-            "{} is not a directory",
-            dir.display()
-        )));
+    let (pins, msg) = PinDir::open_or_replace(dir)?;
+    if let Some(msg) = msg {
+        error!("daemon: {msg}");
+        degraded.push(msg);
     }
-    for e in std::fs::read_dir(dir)? {
-        remove_empty_tree(&e?.path())?;
-    }
-    std::fs::remove_dir(dir)
+    Ok(pins)
 }
 
 pub(super) fn load_kernel(opts: &RunOptions, pins: Option<&PinDir>) -> anyhow::Result<Loaded> {
