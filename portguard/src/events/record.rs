@@ -148,8 +148,9 @@ pub struct EventRecord {
     /// `preexisting` events: the socket's inode (as in /proc/<pid>/fd).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub socket_inode: Option<u64>,
-    /// `cut_off` events (and a UDP send denied for its autobound port):
-    /// what was done to the socket: `destroyed` (the agent ended it with
+    /// `cut_off` events (and a UDP send denied for its autobound port), and
+    /// `preexisting` ones under an enforcing policy (where `failed` means
+    /// the kernel would not destroy it): what was done to the socket: `destroyed` (the agent ended it with
     /// sock_diag SOCK_DESTROY; fenced until then), `fenced` (the kernel
     /// would not destroy it, an MPTCP listener; the fence keeps every
     /// packet from it), `closed` (its process had closed it already),
