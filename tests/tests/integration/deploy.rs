@@ -73,11 +73,18 @@ fn health_endpoints_answer_the_probes() {
         .run(&["bind", "tcp", "127.0.0.1", "8080"])
         .assert_eperm();
 
-    // A taken address is refused before anything is loaded.
-    let (code, _, err) = run_briefly(&["--health-listen", &addr], &cg);
-    assert_eq!(code, 1, "{err}");
-    assert!(err.contains(&format!("--health-listen {addr}")), "{err}");
-    assert!(!err.contains("attached"), "{err}");
+    // A taken address costs the probes, loudly, not enforcement: a second
+    // agent on the same address enforces without them.
+    let second = Agent::start_with(
+        &format!("policies:\n  - {{name: a, cgroup: {}, bind: []}}\n", cg.rel),
+        &["--health-listen", &addr],
+    );
+    let err = second.stderr();
+    assert!(
+        err.contains(&format!("--health-listen {addr}: cannot listen"))
+            && err.contains("enforcing WITHOUT /healthz and /readyz"),
+        "{err}"
+    );
 }
 
 /// Run the agent expecting it to fail at start; (exit code, stdout, stderr).

@@ -74,8 +74,22 @@ fn status_and_events_show_what_is_enforced_and_what_was_denied() {
         .lines()
         .find(|l| l.starts_with("web "))
         .unwrap_or_else(|| panic!("{text}"));
+    let header: Vec<&str> = text
+        .lines()
+        .find(|l| l.starts_with("POLICY "))
+        .unwrap_or_else(|| panic!("{text}"))
+        .split_whitespace()
+        .collect();
     let cols: Vec<&str> = row.split_whitespace().collect();
-    assert_eq!(cols[cols.len() - 4..], ["1", "6", "0", "0"], "{row}");
+    // Counted from the right: the selector (`cgroup /path`) has a space.
+    let col = |name: &str| {
+        cols[cols.len() - (header.len() - header.iter().position(|h| *h == name).unwrap())]
+    };
+    assert_eq!(
+        ["ALLOWED", "DENIED", "AUDITED", "REPORTED"].map(col),
+        ["1", "6", "0", "0"],
+        "{row}"
+    );
     assert!(text.contains(&format!("pgst-{pid}.service")), "{text}");
 
     // No agent there: a clear error, exit 1.
