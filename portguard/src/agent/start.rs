@@ -525,10 +525,18 @@ impl Agent {
         }
         release_free_memory();
         let hooks: Vec<&'static str> = self.loaded.attached().iter().map(|h| h.name()).collect();
+        // The file's policies; the built-in holds (`portguard:identifying`,
+        // `portguard:fail-closed:unfit`) come and go with the cgroups.
+        let held = report.policies.saturating_sub(self.policies.len());
         info!(
-            "daemon: enforcing {} policies ({} governed cgroups) with hooks {}",
-            report.policies,
+            "daemon: enforcing {} policies ({} governed cgroups{}) with hooks {}",
+            self.policies.len(),
             report.cgroups,
+            if held > 0 {
+                format!(", {held} built-in holds")
+            } else {
+                String::new()
+            },
             hooks.join(", ")
         );
         let listen_mode = match self.loaded.listen_check() {
