@@ -14,10 +14,10 @@ use aya_ebpf::helpers::{
 };
 use portguard_common::{
     AddrClass, BPF_RB_AVAIL_DATA, COUNTER_EVENTS_LOST, CgroupKey, DECISION_ALLOW, DECISION_AUDIT,
-    DECISION_DENY, Direction, EMPTY_SET, Event, EventOutcome, Family, Hook, IPPROTO_TCP,
-    IPPROTO_UDP, MAX_CGROUP_DEPTH, MODE_AUDIT, POLICY_EVENTS_LOST, POLICY_EVENTS_SUPPRESSED,
-    PORTS_PER_CHUNK, PolicyRecord, PortChunkKey, Proto, VERDICT_AUDIT, VERDICT_CUT_OFF,
-    VERDICT_DENY, hook_counter, in_ephemeral_range, policy_counter, set_slot,
+    DECISION_DENY, Direction, EMPTY_SET, EVENT_F_AUTOBIND, Event, EventOutcome, Family, Hook,
+    IPPROTO_TCP, IPPROTO_UDP, MAX_CGROUP_DEPTH, MODE_AUDIT, POLICY_EVENTS_LOST,
+    POLICY_EVENTS_SUPPRESSED, PORTS_PER_CHUNK, PolicyRecord, PortChunkKey, Proto, VERDICT_AUDIT,
+    VERDICT_CUT_OFF, VERDICT_DENY, hook_counter, in_ephemeral_range, policy_counter, set_slot,
 };
 
 use crate::maps::{
@@ -304,9 +304,18 @@ fn count_lost(slot: u32) {
 fn report_kind(q: &Query, gov: &Governing, record: &PolicyRecord, verdict: u8, sock_kind: u8) {
     // SAFETY: helper call with no preconditions.
     let boot_ns = unsafe { bpf_ktime_get_boot_ns() };
+    // An event the agent must act on (a cut-off socket to destroy, a UDP
+    // socket whose denied autobind kept its port) is never held back by the
+    // budget: a tenant's flood of denials must not keep its own cut-off
+    // listener from being ended. It can still be lost to a full ring
+    // (counted; the fence holds, and the inventory finds it later).
+    let must_act = q.cookie != 0
+        && (verdict == VERDICT_CUT_OFF
+            || (verdict == VERDICT_DENY && q.flags & EVENT_F_AUTOBIND != 0));
     // The policy's bucket on this CPU: per-CPU, so no other program
     // touches it while this one runs, and no count can be lost to a race.
-    if let Some(budget) = PORTGUARD_EVENT_BUDGET.get(0)
+    if !must_act
+        && let Some(budget) = PORTGUARD_EVENT_BUDGET.get(0)
         && let Some(tat) = PORTGUARD_EVENT_BUCKETS.get_ptr_mut(record.slot)
     {
         // SAFETY: per-CPU slot, only this CPU touches it while we run.

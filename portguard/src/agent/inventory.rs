@@ -50,7 +50,7 @@ impl Agent {
         let mut tally = Tally::default();
         let mut still = HashSet::new();
         for (ns_ino, ns_path) in &scan.netns {
-            let dump = std::fs::File::open(ns_path).and_then(|ns| Ok((sockets::dump_in(&ns)?, ns)));
+            let dump = sockets::open_netns(ns_path).and_then(|ns| Ok((sockets::dump_in(&ns)?, ns)));
             let (found, ns) = match dump {
                 Ok(d) => d,
                 // Namespaces come and go with their processes.

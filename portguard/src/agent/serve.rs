@@ -122,6 +122,7 @@ pub(super) async fn serve(
                 let changes = watcher.drain();
                 if changes.iter().any(|c| matches!(c, Change::Cgroups)) {
                     agent.resolve_cache.clear();
+                    agent.writable_cache.clear();
                     agent.last_cgroup_event = Some(Instant::now());
                     if Agent::needs_cri(&agent.policies) {
                         // A new pod or container cgroup: ask the runtime now.

@@ -128,43 +128,29 @@ impl PinDir {
 
     /// [`PinDir::open`], except that a directory another user made first
     /// (bpffs is usually world-writable) never keeps the agent from
-    /// enforcing: it is never used; it is moved aside (kept for inspection)
-    /// where bpffs can rename it, else removed when it holds nothing but
-    /// directories (no pins: nothing to inspect), and a fresh one is made.
-    /// Failing that: `None` (enforce without pinning). The message says
-    /// what was done.
+    /// enforcing. It is never used: when it is empty it is removed (one
+    /// `rmdir`, which follows no symlink) and a fresh one is made; when it
+    /// holds anything, it is left for inspection and the agent enforces
+    /// without pinning (`None`). bpffs cannot rename a directory, and a
+    /// recursive removal would walk paths its owner can swap. The message
+    /// says what was done.
     pub fn open_or_replace(root: &Path) -> Result<(Option<Self>, Option<String>), PinError> {
         let (path, owner) = match Self::open(root) {
             Ok(p) => return Ok((Some(p), None)),
             Err(PinError::NotOurs { path, owner }) => (path, owner),
             Err(e) => return Err(e),
         };
-        let stamp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let mut aside = path.clone().into_os_string();
-        aside.push(format!(".planted-uid{owner}-{stamp}"));
-        let aside = PathBuf::from(aside);
-        let cleared = match std::fs::rename(&path, &aside) {
-            Ok(()) => Ok(format!(
-                "moved aside to {} (kept for inspection)",
-                aside.display()
-            )),
-            Err(rename) => remove_empty_tree(&path)
-                .map(|()| "removed (it held no pins, only directories)".to_owned())
-                .map_err(|e| format!("moving it aside: {rename}; removing it: {e}")),
-        };
-        let why = match cleared.map(|done| (Self::open(root), done)) {
-            Ok((Ok(p), done)) => {
+        let why = match std::fs::remove_dir(&path).map(|()| Self::open(root)) {
+            Ok(Ok(p)) => {
                 let msg = format!(
-                    "pin directory {} was made by uid {owner}, not by this agent: {done}; \
-                     pinning in a fresh one",
+                    "pin directory {} was made by uid {owner}, not by this agent: removed (it \
+                     was empty); pinning in a fresh one",
                     path.display(),
                 );
                 return Ok((Some(p), Some(msg)));
             }
-            Ok((Err(e), _)) => e.to_string(),
-            Err(e) => e,
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => format!("removing it: {e}; it is left for inspection"),
         };
         let msg = format!(
             "pin directory {} was made by uid {owner}, not by this agent, and cannot be replaced \
@@ -407,20 +393,4 @@ pub fn uninstall(
         let _ = std::fs::remove_dir(root);
     }
     Ok((ours, foreign))
-}
-
-/// Remove `dir` and the directories below it; fails (leaving what it has
-/// not removed) at anything that is not a directory.
-fn remove_empty_tree(dir: &Path) -> io::Result<()> {
-    let md = std::fs::symlink_metadata(dir)?;
-    if !md.is_dir() {
-        return Err(io::Error::other(format!(
-            "{} is not a directory",
-            dir.display()
-        )));
-    }
-    for e in std::fs::read_dir(dir)? {
-        remove_empty_tree(&e?.path())?;
-    }
-    std::fs::remove_dir(dir)
 }

@@ -175,19 +175,24 @@ impl Hierarchy {
         }
     }
 
-    /// The topmost cgroup on the way from the root to `cgroup` (itself
-    /// included) whose directory a user other than root may write: owned by
-    /// another uid (systemd's `Delegate=`, `user@UID.service`) or writable
-    /// by its group or others. Anyone who can write there can create a
-    /// cgroup with any name below it. `writable` caches answers per path
-    /// (the caller clears it when it rescans).
+    /// The topmost ancestor of `cgroup` (itself excluded) whose directory a
+    /// user other than root may write: owned by another uid (systemd's
+    /// `Delegate=`, `user@UID.service`) or writable by its group or others.
+    /// Anyone who can write there can create a cgroup with any name below
+    /// it. The cgroup itself does not count: whoever owns a directory can
+    /// create cgroups below it, not rename it (a `Delegate=yes` service run
+    /// as its own user keeps its unit's policy). `writable` caches answers
+    /// per path (the caller clears it when it rescans or a watched cgroup
+    /// directory changes).
     pub fn delegated_subtree(
         &self,
         cgroup: &str,
         writable: &mut HashMap<String, bool>,
     ) -> Option<String> {
         let mut prefix = String::with_capacity(cgroup.len());
-        for c in cgroup.split('/').filter(|c| !c.is_empty()) {
+        let parts: Vec<&str> = cgroup.split('/').filter(|c| !c.is_empty()).collect();
+        let ancestors = parts.len().saturating_sub(1);
+        for c in &parts[..ancestors] {
             prefix.push('/');
             prefix.push_str(c);
             let open = *writable.entry(prefix.clone()).or_insert_with(|| {
@@ -344,5 +349,39 @@ mod tests {
         assert_eq!(h.resolve("/missing").unwrap(), None);
         std::fs::write(dir.path().join("file"), "").unwrap();
         assert!(h.resolve("/file").is_err());
+    }
+
+    /// Ownership needs root (as CI runs): a directory root made and chowned
+    /// or opened to others is a delegated subtree for what is below it,
+    /// not for itself.
+    #[test]
+    fn delegated_subtrees_are_ancestors_others_may_write() {
+        use std::os::unix::fs::PermissionsExt as _;
+        // SAFETY: geteuid cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root to make root-owned directories");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        for d in ["sys/svc", "home/app/x.service", "open/x.service"] {
+            std::fs::create_dir_all(dir.path().join(d)).unwrap();
+        }
+        std::os::unix::fs::chown(dir.path().join("home"), Some(65534), Some(65534)).unwrap();
+        std::os::unix::fs::chown(dir.path().join("sys/svc"), Some(65534), Some(65534)).unwrap();
+        std::fs::set_permissions(
+            dir.path().join("open"),
+            std::fs::Permissions::from_mode(0o777),
+        )
+        .unwrap();
+        let h = Hierarchy::new(dir.path().to_owned());
+        let mut cache = HashMap::new();
+        let mut d = |p: &str| h.delegated_subtree(p, &mut cache);
+        assert_eq!(d("/home/app/x.service").as_deref(), Some("/home"));
+        assert_eq!(d("/open/x.service").as_deref(), Some("/open"));
+        // Its own directory is the service's (Delegate=yes, User=), its
+        // name root's choice.
+        assert_eq!(d("/sys/svc"), None);
+        assert_eq!(d("/home"), None);
     }
 }

@@ -6,9 +6,11 @@
 //! (verdict `preexisting`) and, under an enforcing policy, ended.
 //!
 //! How: the kernel says which cgroup made each socket (sock_diag's
-//! `INET_DIAG_CGROUP_ID`, Linux 5.7+), the same cgroup the kernel programs
-//! judge it by: no `/proc/<pid>/cgroup` path, which reads `/../..` from a
-//! pod's own cgroup namespace. Sockets live in network namespaces, so a
+//! `INET_DIAG_CGROUP_ID`, Linux 5.7+), the cgroup the fence and the packet
+//! path go by (the bind and listen hooks go by the calling task's): no
+//! `/proc/<pid>/cgroup` path, which reads `/../..` from a pod's own cgroup
+//! namespace. A socket made in a governed cgroup and bound by a process
+//! elsewhere is therefore judged by its maker's policy here. Sockets live in network namespaces, so a
 //! thread enters every namespace found on the host ([`scan_proc`]: those of
 //! every process and thread, `/run/netns`, and namespace files held open)
 //! and dumps its TCP listeners and bound UDP sockets. A socket no process
@@ -194,7 +196,20 @@ pub fn host_ephemeral_range() -> ((u16, u16), Option<String>) {
 /// `/proc/<pid>/ns/net` path): sock_diag and `/proc/sys/net` answer for the
 /// namespace of the thread that asks.
 fn in_netns<T: Send>(ns: &Path, f: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
-    in_netns_file(&fs::File::open(ns)?, f)
+    in_netns_file(&open_netns(ns)?, f)
+}
+
+/// Open a network namespace file without ever blocking: a path under
+/// `/proc/<pid>/fd` belongs to that process, which may have swapped the
+/// namespace for a FIFO with no writer since it was listed (`O_NONBLOCK`
+/// makes such an open return at once; `setns` then refuses anything that
+/// is not a network namespace).
+pub fn open_netns(ns: &Path) -> io::Result<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(ns)
 }
 
 /// [`in_netns`] for a namespace already open.

@@ -192,3 +192,37 @@ fn the_budget_refills_after_a_flood() {
     let (decided, suppressed, lost) = accounting(&doc, "refill");
     assert!(suppressed > 0 && decided > suppressed + lost, "{doc}");
 }
+
+/// A tenant cannot use its own flood to keep a listener it made from being
+/// ended: the event of a cut-off socket, which the agent must act on, is
+/// never held back by the budget. (Without the BPF LSM, as on the CI host;
+/// with it, the listen() is denied and there is nothing to end.)
+#[test]
+fn a_flood_does_not_hide_a_cut_off_listener_from_the_agent() {
+    require_root!();
+    let noisy = Cgroup::new("fairlisten");
+    let agent = Agent::start_with(
+        &format!(
+            "policies:\n  - {{name: noisy, cgroup: {}, bind: []}}\n",
+            noisy.rel
+        ),
+        &["--event-rate", "100", "--event-burst", "50"],
+    );
+    if agent.listen_denied() {
+        eprintln!("skipping the cut-off part: the BPF LSM denies listen() here");
+        return;
+    }
+    let floods = [flood(&noisy, 3.0), flood(&noisy, 3.0)];
+    std::thread::sleep(Duration::from_millis(1500));
+    // Mid-flood, both CPUs' buckets of this policy are empty.
+    let r = Probe::in_cgroup(&noisy)
+        .serve()
+        .run(&["listen-unbound", "tcp", "4"]);
+    for f in floods {
+        let _ = f.wait_with_output();
+    }
+    let e = agent.wait_event(&[("pid", json!(r.pid)), ("verdict", json!("cut_off"))]);
+    assert_eq!(e["action"], "destroyed", "{e}");
+    let (_, suppressed, _) = accounting(&status(&agent), "noisy");
+    assert!(suppressed > 0, "the flood was held back by the budget");
+}

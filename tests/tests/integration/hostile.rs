@@ -200,9 +200,9 @@ fn unprivileged_users_cannot_reach_pins_socket_or_log() {
 
 /// /sys/fs/bpf is usually world-writable: a directory another user made
 /// first (to own the pins) is never used, and never keeps the agent from
-/// enforcing: it is replaced (bpffs cannot rename directories, so one with
-/// no pins is removed) and the agent pins in a fresh directory of its own,
-/// saying so in its log and in `status`.
+/// enforcing: an empty one is removed and the agent pins in a fresh
+/// directory of its own; one with anything in it is left for inspection and
+/// the agent enforces unpinned. Either way its log and `status` say so.
 #[test]
 fn a_pin_directory_planted_by_another_user_does_not_stop_enforcement() {
     require_root!();
@@ -210,10 +210,6 @@ fn a_pin_directory_planted_by_another_user_does_not_stop_enforcement() {
         Path::new(portguard_tests::TEST_PIN_ROOT).join(format!("planted-{}", std::process::id()));
     std::fs::create_dir_all(&planted).unwrap();
     std::os::unix::fs::chown(&planted, Some(65534), Some(65534)).unwrap();
-    // What the planter left inside (bpffs holds directories and pins only;
-    // without CAP_BPF a user can make no pin).
-    std::fs::create_dir(planted.join("links")).unwrap();
-    std::os::unix::fs::chown(planted.join("links"), Some(65534), Some(65534)).unwrap();
     let cg = Cgroup::new("planted");
     let agent = Agent::start_with(
         &format!("policies:\n  - {{name: p, cgroup: {}, bind: []}}\n", cg.rel),
@@ -241,7 +237,29 @@ fn a_pin_directory_planted_by_another_user_does_not_stop_enforcement() {
     ]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("WARNING: pin directory"), "{out}");
-    assert!(out.contains("removed (it held no pins"), "{out}");
+    assert!(out.contains("removed (it was empty)"), "{out}");
+    drop(agent);
+
+    // One with something in it is left as it is (for inspection), and the
+    // agent enforces without pinning.
+    std::fs::create_dir_all(planted.join("links")).unwrap();
+    std::os::unix::fs::chown(&planted, Some(65534), Some(65534)).unwrap();
+    let agent = Agent::start_with(
+        &format!("policies:\n  - {{name: p, cgroup: {}, bind: []}}\n", cg.rel),
+        &["--pin-dir", planted.to_str().unwrap()],
+    );
+    Probe::in_cgroup(&cg)
+        .run(&["bind", "tcp", "127.0.0.1", "8081"])
+        .assert_eperm();
+    assert!(
+        agent.stderr().contains("enforcing WITHOUT pinning"),
+        "{}",
+        agent.stderr()
+    );
+    assert_eq!(std::fs::metadata(&planted).unwrap().uid(), 65534);
+    assert!(!planted.join("links/portguard_bind4").exists());
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&planted);
 }
 
 /// A local user holding the metrics port first costs the metrics, loudly,

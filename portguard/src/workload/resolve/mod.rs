@@ -112,8 +112,14 @@ impl TreeIndex {
             if let Some(cid) = id.container_id {
                 // Only the container's own cgroup, never a directory below
                 // it named like another container.
+                // A Kubernetes container's cgroup (under its pod) wins over
+                // a directory elsewhere named like it.
                 if identity::is_container_cgroup(path) {
-                    idx.containers.entry(cid).or_insert_with(|| path.to_owned());
+                    if id.pod_uid.is_some() {
+                        idx.containers.insert(cid, path.to_owned());
+                    } else {
+                        idx.containers.entry(cid).or_insert_with(|| path.to_owned());
+                    }
                 }
             } else if let Some(uid) = id.pod_uid {
                 if identity::pod_cgroup_prefix(path).as_deref() == Some(path) {
@@ -192,11 +198,16 @@ fn candidates(p: &CompiledPolicy, tree: &TreeIndex, cri: Option<&Snapshot>) -> V
             {
                 match &sel.container {
                     None => out.extend(tree.pods.get(&pod.uid).cloned()),
+                    // Only a container cgroup right below this pod's own.
                     Some(name) => out.extend(
                         cri.containers
                             .iter()
                             .filter(|c| c.sandbox_id == pod.sandbox_id && &c.name == name)
-                            .filter_map(|c| tree.containers.get(&c.id).cloned()),
+                            .filter_map(|c| tree.containers.get(&c.id).cloned())
+                            .filter(|path| {
+                                identity::pod_cgroup_prefix(path).as_ref()
+                                    == tree.pods.get(&pod.uid)
+                            }),
                     ),
                 }
             }

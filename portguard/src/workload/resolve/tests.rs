@@ -181,7 +181,11 @@ fn a_cgroup_named_after_another_container_does_not_take_its_place() {
     // after pod U2's container C2 and after pod U2 itself.
     let spoof = format!("/kubepods/besteffort/pod{U1}/{C1}/{C2}");
     let spoof_pod = format!("/kubepods/besteffort/pod{U1}/{C1}/pod{U2}");
+    // And one outside Kubernetes, in a user's own subtree.
+    let spoof_scope =
+        format!("/user.slice/user-1000.slice/user@1000.service/x/cri-containerd-{C2}.scope");
     let paths = [
+        spoof_scope.clone(),
         spoof.clone(),
         spoof_pod.clone(),
         format!("/kubepods/besteffort/pod{U1}"),
