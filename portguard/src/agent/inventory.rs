@@ -108,8 +108,12 @@ impl Agent {
                     IpAddr::V4(_) => libc::AF_INET as u8,
                     IpAddr::V6(_) => libc::AF_INET6 as u8,
                 };
+                // The --fail-closed stand-ins hold a policy that could not
+                // be applied: they deny new binds, but cannot say what the
+                // real policy allows, so they only report.
                 let (name, mode) = (policy.name.clone(), policy.mode);
-                let action = (mode == Mode::Enforce).then(|| {
+                let end = mode == Mode::Enforce && !name.starts_with(FAIL_CLOSED);
+                let action = end.then(|| {
                     self.end_socket(&ns, family, d.protocol, d.port, d.cookie, holder.pid, false)
                 });
                 if matches!(action, Some("destroyed" | "fenced" | "closed")) {

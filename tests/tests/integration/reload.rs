@@ -122,6 +122,8 @@ fn fail_closed_denies_binds_where_a_policy_could_not_be_applied() {
     // On reload: 8080 was allowed; now nothing is.
     let mut agent = Agent::start_with(&fits, &flags);
     p.run(&["bind", "tcp", "127.0.0.1", "8080"]).assert_ok();
+    let (held, _h) = p.hold(&["hold", "tcp", "127.0.0.1", "8080"]);
+    held.assert_ok();
     let status = agent.reload(&too_big);
     assert!(status.contains("FAIL-CLOSED"), "{status}");
     assert!(
@@ -133,6 +135,11 @@ fn fail_closed_denies_binds_where_a_policy_could_not_be_applied() {
     r.assert_eperm();
     let e = agent.wait_event(&[("port", json!(8080)), ("verdict", json!("deny"))]);
     assert_eq!(e["policy"], json!("portguard:fail-closed:svc"), "{e}");
+    // The listener the real policy allowed is reported, not ended: the
+    // stand-in cannot say what the policy that did not fit allows.
+    let e = agent.wait_event(&[("pid", json!(held.pid)), ("verdict", json!("preexisting"))]);
+    assert_eq!(e["policy"], json!("portguard:fail-closed:svc"), "{e}");
+    assert!(e.get("action").is_none(), "{e}");
     // A policy that fits ends it.
     let status = agent.reload(&fits);
     assert!(status.contains("enforcing 1 policies"), "{status}");
