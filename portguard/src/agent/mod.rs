@@ -104,6 +104,10 @@ const DRAIN_BATCH_TIME: Duration = Duration::from_millis(5);
 /// Most kinds of decision the aggregator tracks at once.
 const AGGREGATE_KINDS: usize = 65536;
 
+/// Least time between two inventory passes that changes of what is
+/// governed ask for (the periodic pass and the first one are not delayed).
+const INVENTORY_GAP: Duration = Duration::from_millis(500);
+
 /// How long a pod cgroup may stay unidentified before it is released.
 const IDENTIFY_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -86,6 +86,9 @@ pub(super) async fn serve(
     agent.shared.update(|f| f.status.clone_from(&status));
     // Sockets bound before we governed them.
     agent.inventory(&mut writer);
+    // Later passes (after changes of what is governed) at most every
+    // INVENTORY_GAP: pod churn must not keep the loop listing sockets.
+    let mut last_inventory = Instant::now();
     debug!("daemon: ring buffer fd {}", rb.get_ref().as_raw_fd());
 
     loop {
@@ -94,6 +97,9 @@ pub(super) async fn serve(
             pending_reload,
             pending_rescan,
             cri_due,
+            agent
+                .inventory_pending
+                .then_some(last_inventory + INVENTORY_GAP),
             agent.aggregator.next_deadline(),
             stop_at,
         ]
@@ -181,7 +187,10 @@ pub(super) async fn serve(
                         None => {}
                     }
                     watcher.set_dirs(&agent.cgroup_watch_dirs());
-                    continue;
+                    // That was a rescan. A due reload is not skipped: the
+                    // runtime may be asked every 10 ms for 10 s while a pod
+                    // cgroup it does not list exists.
+                    pending_rescan = None;
                 }
                 if pending_reload.is_some_and(|d| d <= now) {
                     pending_reload = None;
@@ -249,8 +258,9 @@ pub(super) async fn serve(
         if agent.verify_pending {
             agent.verify();
         }
-        if agent.inventory_pending {
+        if agent.inventory_pending && last_inventory.elapsed() >= INVENTORY_GAP {
             agent.inventory(&mut writer);
+            last_inventory = Instant::now();
         }
     }
     // What was queued when the stop came (at most a ring's worth: a storm

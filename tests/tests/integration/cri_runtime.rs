@@ -175,3 +175,60 @@ fn while_the_runtime_is_down_pods_keep_their_policy_and_new_pods_stay_held() {
     assert!(agent.stop().success());
     drop((new_pod, in_web));
 }
+
+/// A pod cgroup the runtime does not list keeps the agent asking it every
+/// 10 ms for up to 10 s (a sandbox being created); a policy file changed in
+/// that time is still applied at once, not after those 10 s.
+#[test]
+fn a_pod_the_runtime_does_not_list_does_not_delay_a_reload() {
+    require_root!();
+    let ctrd = containerd();
+    let cg = Cgroup::new("crireload");
+    let policy = |port: u16| {
+        format!(
+            "policies:\n  - {{name: pods, pods: {{namespace: nowhere}}, bind: []}}\n  - {{name: svc, cgroup: {}, bind: [{{ports: [{port}]}}]}}\n",
+            cg.rel
+        )
+    };
+    let agent = Agent::start_with(
+        &policy(8140),
+        &[
+            "--cri-socket",
+            &ctrd.socket.display().to_string(),
+            "--watch",
+        ],
+    );
+    // A pod cgroup no runtime lists (another runtime's, or one being made).
+    let uid = format!("0000c1a0-0000-4000-8000-{:012x}", std::process::id());
+    let rel = format!("/kubepods/besteffort/pod{uid}");
+    let ghost = Cgroup::existing(cgroup2_root().join(rel.trim_start_matches('/')), &rel);
+    ghost.create();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !agent.stderr().contains(&format!("pod{uid} held by")) {
+        assert!(Instant::now() < deadline, "{}", agent.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Replace the file the way editors do (rename).
+    let tmp = agent.dir.path().join("new.yaml");
+    std::fs::write(&tmp, policy(8141)).unwrap();
+    let changed = Instant::now();
+    std::fs::rename(&tmp, &agent.policy).unwrap();
+    while !Probe::in_cgroup(&cg)
+        .run(&["bind", "tcp", "127.0.0.1", "8141"])
+        .ok
+    {
+        assert!(
+            changed.elapsed() < Duration::from_secs(3),
+            "the reload waited for the runtime:\n{}",
+            agent.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("reloaded {:?} after the change", changed.elapsed());
+    assert!(
+        changed.elapsed() < Duration::from_secs(3),
+        "the reload waited for the runtime"
+    );
+    drop(agent);
+    drop(ghost);
+}
