@@ -238,6 +238,17 @@ impl Agent {
             .unwrap_or_else(|| panic!("the agent does not serve /metrics:\n{log}"))
     }
 
+    /// The text of the agent's /metrics.
+    pub fn metrics_text(&self) -> String {
+        let url = format!("http://127.0.0.1:{}/metrics", self.metrics_port());
+        ureq::get(&url)
+            .call()
+            .expect("GET /metrics")
+            .body_mut()
+            .read_to_string()
+            .unwrap()
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.as_ref().map_or(0, |c| c.id() as i32)
     }

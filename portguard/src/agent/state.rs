@@ -304,20 +304,22 @@ impl Agent {
         }
     }
 
+    /// The id of policy `name`, its name recorded in the kernel when new.
+    fn id_recorded(&mut self, name: &str) -> u32 {
+        let (id, new) = self.names.id(name);
+        if new {
+            self.record_name(id, name);
+        }
+        id
+    }
+
     /// Apply `policies` with `resolved` cgroups; on success they become current.
     pub(super) fn apply(
         &mut self,
         policies: Vec<CompiledPolicy>,
         resolved: Resolution,
     ) -> Result<ApplyReport, crate::apply::ApplyError> {
-        let mut ids = Vec::with_capacity(policies.len());
-        for p in &policies {
-            let (id, new) = self.names.id(&p.name);
-            if new {
-                self.record_name(id, &p.name);
-            }
-            ids.push(id);
-        }
+        let ids: Vec<u32> = policies.iter().map(|p| self.id_recorded(&p.name)).collect();
         let identifying = crate::policy::builtin::identifying();
         let quarantine = std::mem::take(&mut self.next_quarantine);
         let mut targets: Vec<Target<'_>> = policies
@@ -327,50 +329,28 @@ impl Agent {
             .map(|((p, r), id)| Target {
                 policy_id: *id,
                 policy: p,
-                cgroups: r
-                    .iter()
-                    .map(|g| ResolvedCgroup {
-                        id: g.id,
-                        level: g.level,
-                    })
-                    .collect(),
+                cgroups: resolved_cgroups(r),
             })
             .collect();
         if !quarantine.is_empty() {
-            let (id, new) = self.names.id(IDENTIFYING);
-            if new {
-                self.record_name(id, IDENTIFYING);
-            }
             targets.push(Target {
-                policy_id: id,
+                policy_id: self.id_recorded(IDENTIFYING),
                 policy: &identifying,
-                cgroups: quarantine
-                    .iter()
-                    .map(|g| ResolvedCgroup {
-                        id: g.id,
-                        level: g.level,
-                    })
-                    .collect(),
+                cgroups: resolved_cgroups(&quarantine),
             });
         }
         let unfit = crate::policy::builtin::unfit();
         let hold = std::mem::take(&mut self.next_unfit_hold);
         if !hold.is_empty() {
-            let (id, new) = self.names.id(UNFIT);
-            if new {
-                self.record_name(id, UNFIT);
-            }
+            // A subtree root already held as an unidentified pod stays so.
+            let held: Vec<&Governed> = hold
+                .iter()
+                .filter(|g| !quarantine.iter().any(|q| q.id == g.id))
+                .collect();
             targets.push(Target {
-                policy_id: id,
+                policy_id: self.id_recorded(UNFIT),
                 policy: &unfit,
-                cgroups: hold
-                    .iter()
-                    .filter(|g| !quarantine.iter().any(|q| q.id == g.id))
-                    .map(|g| ResolvedCgroup {
-                        id: g.id,
-                        level: g.level,
-                    })
-                    .collect(),
+                cgroups: resolved_cgroups(held),
             });
         }
         let report = match self.applier.apply(&mut self.loaded.maps, &targets) {
@@ -557,4 +537,14 @@ impl Agent {
             f.maps = maps;
         });
     }
+}
+
+/// What the applier needs of governed cgroups.
+fn resolved_cgroups<'a>(govs: impl IntoIterator<Item = &'a Governed>) -> Vec<ResolvedCgroup> {
+    govs.into_iter()
+        .map(|g| ResolvedCgroup {
+            id: g.id,
+            level: g.level,
+        })
+        .collect()
 }

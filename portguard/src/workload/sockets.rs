@@ -346,14 +346,8 @@ fn destroy_here(
 
 /// TCP listeners and UDP sockets of the current network namespace.
 pub fn dump_current() -> io::Result<NetnsSockets> {
-    let mut sockets = Vec::new();
-    for family in [AF_INET, AF_INET6] {
-        sockets.extend(dump_family(family, IPPROTO_TCP, StateFlags::LISTEN)?);
-        sockets.extend(dump_family(family, IPPROTO_UDP, StateFlags::all())?);
-    }
-    sockets.retain(|s| s.port != 0);
     Ok(NetnsSockets {
-        sockets,
+        sockets: listeners_here()?,
         // Client sockets are told apart by the host's range, not the one
         // the namespace's owner set.
         ephemeral: host_ephemeral_range().0,
@@ -369,15 +363,19 @@ pub fn dump_netns(ns: &Path) -> io::Result<NetnsSockets> {
 /// TCP listeners and UDP sockets (with a local port) of the network
 /// namespace open as `ns`, from a thread that enters it.
 pub fn dump_in(ns: &fs::File) -> io::Result<Vec<DiagSocket>> {
-    in_netns_file(ns, || {
-        let mut sockets = Vec::new();
-        for family in [AF_INET, AF_INET6] {
-            sockets.extend(dump_family(family, IPPROTO_TCP, StateFlags::LISTEN)?);
-            sockets.extend(dump_family(family, IPPROTO_UDP, StateFlags::all())?);
-        }
-        sockets.retain(|s| s.port != 0);
-        Ok(sockets)
-    })
+    in_netns_file(ns, listeners_here)
+}
+
+/// TCP listeners and UDP sockets with a local port, of the calling
+/// thread's network namespace.
+fn listeners_here() -> io::Result<Vec<DiagSocket>> {
+    let mut sockets = Vec::new();
+    for family in [AF_INET, AF_INET6] {
+        sockets.extend(dump_family(family, IPPROTO_TCP, StateFlags::LISTEN)?);
+        sockets.extend(dump_family(family, IPPROTO_UDP, StateFlags::all())?);
+    }
+    sockets.retain(|s| s.port != 0);
+    Ok(sockets)
 }
 
 /// A process that holds a socket, with what identifies it in an event.

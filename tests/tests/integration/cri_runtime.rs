@@ -15,17 +15,6 @@ use serde_json::{Value, json};
 const BIG_PORT: &str = "8138";
 const HELD_PORT: &str = "8139";
 
-/// The agent's /metrics text.
-fn metrics(agent: &Agent) -> String {
-    let url = format!("http://127.0.0.1:{}/metrics", agent.metrics_port());
-    ureq::get(&url)
-        .call()
-        .expect("GET /metrics")
-        .body_mut()
-        .read_to_string()
-        .unwrap()
-}
-
 fn containerd() -> Containerd {
     if let Some(why) = unavailable() {
         panic!("the CRI end-to-end tests need containerd here: {why}");
@@ -148,7 +137,7 @@ fn while_the_runtime_is_down_pods_keep_their_policy_and_new_pods_stay_held() {
     assert!(doc["cri"]["errors"].as_u64().unwrap() > 0, "{doc}");
     let (_, text, _) = portguard(&["status", "--socket", &sock]);
     assert!(text.contains("CRI runtime is NOT ANSWERING"), "{text}");
-    let m = metrics(&agent);
+    let m = agent.metrics_text();
     assert!(m.contains("portguard_cri_up 0"), "{m}");
 
     // The runtime comes back: it does not know the pod, which gets the
@@ -171,7 +160,7 @@ fn while_the_runtime_is_down_pods_keep_their_policy_and_new_pods_stay_held() {
         "{}",
         agent.stderr()
     );
-    assert!(metrics(&agent).contains("portguard_cri_up 1"));
+    assert!(agent.metrics_text().contains("portguard_cri_up 1"));
     assert!(agent.stop().success());
     drop((new_pod, in_web));
 }

@@ -55,16 +55,6 @@ fn status(agent: &Agent) -> Value {
     serde_json::from_str(&out).unwrap()
 }
 
-fn metrics(agent: &Agent) -> String {
-    let url = format!("http://127.0.0.1:{}/metrics", agent.metrics_port());
-    ureq::get(&url)
-        .call()
-        .expect("GET /metrics")
-        .body_mut()
-        .read_to_string()
-        .unwrap()
-}
-
 #[test]
 fn a_unit_name_made_in_a_delegated_subtree_does_not_earn_the_units_policy() {
     require_root!();
@@ -109,7 +99,7 @@ fn a_unit_name_made_in_a_delegated_subtree_does_not_earn_the_units_policy() {
     );
     let doc = status(&agent);
     assert_eq!(doc["delegated"]["skipped"], 1, "{doc}");
-    let metrics = metrics(&agent);
+    let metrics = agent.metrics_text();
     assert!(
         metrics.contains("portguard_delegated_cgroups_left_out{reason=\"skipped\"} 1"),
         "{metrics}"
@@ -201,7 +191,7 @@ fn a_flood_of_delegated_names_is_bounded_and_held_fail_closed_on_rescan() {
         "{}",
         agent.stderr()
     );
-    let metrics = metrics(&agent);
+    let metrics = agent.metrics_text();
     assert!(
         metrics.contains("portguard_delegated_cgroups_left_out{reason=\"unfit\"} 10"),
         "{metrics}"
