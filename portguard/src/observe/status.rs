@@ -103,6 +103,17 @@ pub fn document(shared: &Snapshot) -> Value {
         "cri": facts.cri.as_ref().map(|c| json!({
             "up": c.up, "errors": c.errors, "failing_since": c.failing_since,
         })),
+        "runtime_hooks": {
+            "requests": facts.runtime_hooks.requests,
+            "refused": facts.runtime_hooks.refused,
+            "mean_seconds": if facts.runtime_hooks.requests > 0 {
+                facts.runtime_hooks.seconds / facts.runtime_hooks.requests as f64
+            } else { 0.0 },
+            "slowest_seconds": facts.runtime_hooks.slowest,
+            "failures": facts.runtime_hooks.failures.iter().map(|((hook, action), n)| {
+                json!({"hook": hook, "action": action, "count": n})
+            }).collect::<Vec<_>>(),
+        },
     })
 }
 
@@ -441,6 +452,24 @@ pub fn render(doc: &Value) -> String {
     }
     if let Some(e) = doc["kernel_error"].as_str() {
         out += &format!("WARNING: reading the kernel counters failed: {e}\n");
+    }
+    let hooks = &doc["runtime_hooks"];
+    if hooks["requests"].as_u64().unwrap_or(0) > 0 {
+        out += &format!(
+            "runtime hooks: {} requests ({} refused), {:.2} ms mean, {:.2} ms slowest\n",
+            n(&hooks["requests"]),
+            n(&hooks["refused"]),
+            hooks["mean_seconds"].as_f64().unwrap_or(0.0) * 1e3,
+            hooks["slowest_seconds"].as_f64().unwrap_or(0.0) * 1e3
+        );
+    }
+    for f in hooks["failures"].as_array().into_iter().flatten() {
+        out += &format!(
+            "WARNING: {} {} hook(s) could not reach the agent ({})\n",
+            n(&f["count"]),
+            s(&f["hook"]),
+            s(&f["action"])
+        );
     }
     let empty = Vec::new();
     let policies = doc["policies"].as_array().unwrap_or(&empty);
