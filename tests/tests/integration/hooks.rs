@@ -256,5 +256,12 @@ fn a_starved_agent_fails_the_unit_hook_closed_or_open_and_says_so() {
         assert_eq!(e["unit"], unit.as_str(), "{e}");
         assert_eq!(e["cgroup"], cg.rel.as_str(), "{e}");
         assert_eq!(e["cgroup_id"], cg.id(), "{e}");
+        let errors = portguard_tests::schema_errors(&[e]);
+        assert!(errors.is_empty(), "{errors:?}");
     }
+    let m = agent.metrics_text();
+    assert!(
+        m.contains(r#"portguard_runtime_hook_failures_total{hook="unit",action="refused_start"} 1"#),
+        "{m}"
+    );
 }
