@@ -114,9 +114,14 @@ pub struct InstallArgs {
     #[arg(long, value_name = "DIR", default_value = install::CRIO_HOOKS_DIR)]
     pub crio_hooks_dir: PathBuf,
     /// The portguard binary the runtime runs, as the node sees it
-    /// (default: this one).
+    /// (default: --install-bin, else this one).
     #[arg(long, value_name = "PATH")]
     pub bin: Option<PathBuf>,
+    /// First copy this binary there (replaced atomically, mode 0755): how
+    /// the DaemonSet's init container puts the hook on the node. The copy
+    /// needs the node's C library (glibc as new as the build's).
+    #[arg(long, value_name = "PATH")]
+    pub install_bin: Option<PathBuf>,
     /// The agent's --status-socket, as the node sees it.
     #[arg(long, value_name = "PATH", default_value = crate::observe::status::DEFAULT_SOCKET)]
     pub socket: PathBuf,
@@ -191,9 +196,12 @@ fn install_hooks(i: &InstallArgs) -> anyhow::Result<ExitCode> {
     if !i.containerd && !i.crio {
         anyhow::bail!("name a runtime: --containerd and/or --crio");
     }
-    let bin = match &i.bin {
-        Some(b) => b.clone(),
-        None => std::env::current_exe()?,
+    if let Some(to) = &i.install_bin {
+        println!("{}", install::copy_binary(&std::env::current_exe()?, to)?);
+    }
+    let bin = match (&i.bin, &i.install_bin) {
+        (Some(b), _) | (None, Some(b)) => b.clone(),
+        (None, None) => std::env::current_exe()?,
     };
     let line = install::HookLine {
         bin,

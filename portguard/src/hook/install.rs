@@ -219,6 +219,35 @@ fn pretty(v: &Value) -> String {
     s
 }
 
+/// Copy the binary `from` to `to` (mode 0755), atomically.
+pub fn copy_binary(from: &Path, to: &Path) -> anyhow::Result<Change> {
+    let new = std::fs::read(from).with_context(|| format!("reading {}", from.display()))?;
+    if let Ok(m) = std::fs::symlink_metadata(to)
+        && !m.is_file()
+    {
+        anyhow::bail!("{}: not a regular file; refusing to replace it", to.display());
+    }
+    if std::fs::read(to).is_ok_and(|old| old == new) {
+        return Ok(Change::Unchanged(to.to_owned()));
+    }
+    let dir = to.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = dir.join(format!(".portguard-{}", std::process::id()));
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o755)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(&new).and_then(|()| f.sync_all()))
+        .and_then(|()| std::fs::rename(&tmp, to));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("installing {}", to.display()));
+    }
+    Ok(Change::Written(to.to_owned()))
+}
+
 /// Write containerd's base spec at `path` with the hook: from `from` (a
 /// whole spec) if given, else from what is at `path`, else containerd's
 /// default spec.
