@@ -134,17 +134,27 @@ pub struct InstallArgs {
 }
 
 /// Remove the hooks `hook install` wrote (all of them when no runtime is
-/// named). containerd's base spec is kept, without the hook.
+/// named), and the agent's list of selected pods (without an agent, a hook
+/// must not fail closed on it). containerd's base spec is kept, without
+/// the hook: its configuration still names the file.
 #[derive(Debug, Args)]
 pub struct UninstallHooksArgs {
+    /// Only containerd's base spec.
     #[arg(long)]
     pub containerd: bool,
     #[arg(long, value_name = "FILE", default_value = install::CONTAINERD_BASE_SPEC)]
     pub containerd_base_spec: PathBuf,
+    /// Only CRI-O's hooks.d file.
     #[arg(long)]
     pub crio: bool,
     #[arg(long, value_name = "DIR", default_value = install::CRIO_HOOKS_DIR)]
     pub crio_hooks_dir: PathBuf,
+    /// The agent's --status-socket (the selection is next to it).
+    #[arg(long, value_name = "PATH", default_value = crate::observe::status::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Say what would be removed, and remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 /// Carry out the verb.
@@ -235,20 +245,26 @@ pub fn uninstall_hooks(u: &UninstallHooksArgs) -> anyhow::Result<Vec<install::Ch
     let all = !u.containerd && !u.crio;
     let mut out = Vec::new();
     if all || u.containerd {
-        out.push(install::uninstall_containerd(&u.containerd_base_spec)?);
+        out.push(install::uninstall_containerd(
+            &u.containerd_base_spec,
+            u.dry_run,
+        )?);
     }
     if all || u.crio {
-        out.push(install::uninstall_crio(&u.crio_hooks_dir)?);
+        out.push(install::uninstall_crio(&u.crio_hooks_dir, u.dry_run)?);
     }
+    out.push(install::remove_selection(&u.socket, u.dry_run)?);
     Ok(out)
 }
 
-/// The default locations, for `portguard uninstall`.
-pub fn default_locations() -> UninstallHooksArgs {
+/// Every hook at its default location, for `portguard uninstall`.
+pub fn default_locations(dry_run: bool) -> UninstallHooksArgs {
     UninstallHooksArgs {
         containerd: false,
         containerd_base_spec: Path::new(install::CONTAINERD_BASE_SPEC).to_owned(),
         crio: false,
         crio_hooks_dir: Path::new(install::CRIO_HOOKS_DIR).to_owned(),
+        socket: Path::new(crate::observe::status::DEFAULT_SOCKET).to_owned(),
+        dry_run,
     }
 }

@@ -275,7 +275,7 @@ pub fn install_containerd(path: &Path, from: Option<&Path>, line: &HookLine) -> 
 
 /// Take the hook out of containerd's base spec at `path`, leaving the rest
 /// (containerd's configuration still names the file).
-pub fn uninstall_containerd(path: &Path) -> anyhow::Result<Change> {
+pub fn uninstall_containerd(path: &Path, dry_run: bool) -> anyhow::Result<Change> {
     let Some(text) = read_plain(path)? else {
         return Ok(Change::Absent(path.to_owned()));
     };
@@ -285,8 +285,23 @@ pub fn uninstall_containerd(path: &Path) -> anyhow::Result<Change> {
     if removed == 0 {
         return Ok(Change::Absent(path.to_owned()));
     }
-    write_atomic(path, &pretty(&spec))?;
+    if !dry_run {
+        write_atomic(path, &pretty(&spec))?;
+    }
     Ok(Change::Removed(path.to_owned()))
+}
+
+/// Remove the agent's published selection next to its status socket
+/// `socket`: without an agent, a hook must not fail closed on it.
+pub fn remove_selection(socket: &Path, dry_run: bool) -> anyhow::Result<Change> {
+    let path = super::spool::dir_of(socket).join(super::spool::SELECTION_FILE);
+    if read_plain(&path)?.is_none() {
+        return Ok(Change::Absent(path));
+    }
+    if !dry_run {
+        std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+    }
+    Ok(Change::Removed(path))
 }
 
 /// CRI-O's hook file (hooks.d schema 1.0.0).
@@ -313,7 +328,7 @@ pub fn install_crio(dir: &Path, line: &HookLine) -> anyhow::Result<Change> {
 
 /// Remove the hook from CRI-O's hooks directory `dir` (only if it is
 /// portguard's).
-pub fn uninstall_crio(dir: &Path) -> anyhow::Result<Change> {
+pub fn uninstall_crio(dir: &Path, dry_run: bool) -> anyhow::Result<Change> {
     let path = dir.join(CRIO_HOOK_FILE);
     let Some(text) = read_plain(&path)? else {
         return Ok(Change::Absent(path));
@@ -325,7 +340,9 @@ pub fn uninstall_crio(dir: &Path) -> anyhow::Result<Change> {
             path.display()
         );
     }
-    std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+    if !dry_run {
+        std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+    }
     Ok(Change::Removed(path))
 }
 
@@ -369,11 +386,11 @@ mod tests {
         let hooks = spec["hooks"]["createRuntime"].as_array().unwrap();
         assert_eq!(hooks.len(), 2);
         assert_eq!(hooks[1]["args"][6], "500ms");
-        assert!(matches!(uninstall_containerd(&p), Ok(Change::Removed(_))));
+        assert!(matches!(uninstall_containerd(&p, false), Ok(Change::Removed(_))));
         let spec: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
         assert_eq!(spec["hooks"]["createRuntime"], json!([{"path": "/usr/bin/other-hook"}]));
         assert!(spec["process"].is_object());
-        assert!(matches!(uninstall_containerd(&p), Ok(Change::Absent(_))));
+        assert!(matches!(uninstall_containerd(&p, false), Ok(Change::Absent(_))));
     }
 
     #[test]
@@ -403,9 +420,9 @@ mod tests {
         .unwrap();
         assert_eq!(v["stages"], json!(["createRuntime"]));
         assert!(matches!(install_crio(d.path(), &line()), Ok(Change::Unchanged(_))));
-        assert!(matches!(uninstall_crio(d.path()), Ok(Change::Removed(_))));
+        assert!(matches!(uninstall_crio(d.path(), false), Ok(Change::Removed(_))));
         std::fs::write(d.path().join(CRIO_HOOK_FILE), r#"{"hook":{"path":"/x"}}"#).unwrap();
-        assert!(uninstall_crio(d.path()).is_err());
+        assert!(uninstall_crio(d.path(), false).is_err());
         assert!(d.path().join(CRIO_HOOK_FILE).exists());
     }
 }
