@@ -41,15 +41,31 @@ pub(super) async fn govern_batch(
     while let Ok(p) = rx.try_recv() {
         batch.push((p, Instant::now()));
     }
-    agent.resolve_cache.clear();
-    agent.writable_cache.clear();
+    // The hooks' cgroups and their ancestors join the index: no walk of
+    // the whole tree (thousands of cgroups) on a workload's start path.
+    let mut paths = Vec::new();
+    for (p, _) in &batch {
+        if let Some(path) = agent.hierarchy.path_of(p.request.cgroup_id) {
+            let mut at = path.as_str();
+            while let Some(i) = at.rfind('/').filter(|i| *i > 0) {
+                paths.push(at.to_owned());
+                at = &at[..i];
+            }
+            paths.push(at.to_owned());
+        }
+    }
+    if let Some(tree) = agent.tree.as_mut() {
+        tree.add_paths(paths.iter().map(String::as_str));
+    }
     let needs_cri = Agent::needs_cri(&agent.policies);
     let until = Instant::now() + GOVERN_CRI_WAIT;
     loop {
         if needs_cri {
             refresh_cri(agent, &mut cri.client, &opts.cri_socket).await;
         }
-        agent.rescan();
+        agent.resolve_cache.clear();
+        agent.writable_cache.clear();
+        agent.rescan_with(false);
         // A container (not a sandbox: its pod is listed only once the
         // sandbox runs) the runtime does not list yet: ask again shortly.
         let waiting = batch.iter().any(|(p, _)| {
