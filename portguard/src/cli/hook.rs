@@ -70,6 +70,12 @@ pub struct OciArgs {
     /// next to its socket), open for anything else; `closed`; `open`.
     #[arg(long, value_enum, default_value = "auto")]
     pub on_failure: OnFailure,
+    /// Containers of pods in this namespace fail open, whatever
+    /// --on-failure says (repeatable). Name the agent's own namespace
+    /// (the DaemonSet's `portguard-system`): a stopped agent must be able
+    /// to start again.
+    #[arg(long, value_name = "NAMESPACE")]
+    pub fail_open_namespace: Vec<String>,
 }
 
 /// The systemd unit hook: governs its own cgroup, so run it from the
@@ -131,6 +137,9 @@ pub struct InstallArgs {
     /// The hook's --on-failure.
     #[arg(long, value_enum, default_value = "auto")]
     pub on_failure: OnFailure,
+    /// The hook's --fail-open-namespace (repeatable; give the agent's own).
+    #[arg(long, value_name = "NAMESPACE")]
+    pub fail_open_namespace: Vec<String>,
 }
 
 /// Remove the hooks `hook install` wrote (all of them when no runtime is
@@ -169,7 +178,8 @@ pub fn execute(a: HookArgs) -> anyhow::Result<ExitCode> {
                 state.clear();
                 eprintln!("portguard hook: reading the OCI state on standard input: {e}");
             }
-            let opts = options(&o.link, o.on_failure);
+            let mut opts = options(&o.link, o.on_failure);
+            opts.fail_open_namespaces = o.fail_open_namespace;
             Ok(exit(&hook::oci(&opts, &state)))
         }
         HookCommand::Unit(u) => {
@@ -191,6 +201,7 @@ fn options(link: &AgentLink, on_failure: OnFailure) -> HookOptions {
         socket: link.socket.clone(),
         timeout: link.timeout,
         on_failure,
+        fail_open_namespaces: Vec::new(),
     }
 }
 
@@ -218,6 +229,7 @@ fn install_hooks(i: &InstallArgs) -> anyhow::Result<ExitCode> {
         socket: i.socket.clone(),
         timeout: i.timeout,
         on_failure: i.on_failure,
+        fail_open_namespaces: i.fail_open_namespace.clone(),
     };
     if i.containerd {
         let c = install::install_containerd(

@@ -37,6 +37,8 @@ pub struct HookLine {
     pub socket: PathBuf,
     pub timeout: Duration,
     pub on_failure: OnFailure,
+    /// `--fail-open-namespace` of the hook.
+    pub fail_open_namespaces: Vec<String>,
 }
 
 impl HookLine {
@@ -59,7 +61,7 @@ impl HookLine {
             OnFailure::Closed => "closed",
             OnFailure::Open => "open",
         };
-        vec![
+        let mut args: Vec<String> = vec![
             "portguard".into(),
             "hook".into(),
             "oci".into(),
@@ -69,7 +71,11 @@ impl HookLine {
             format!("{}ms", self.timeout.as_millis()),
             "--on-failure".into(),
             on_failure.into(),
-        ]
+        ];
+        for ns in &self.fail_open_namespaces {
+            args.extend(["--fail-open-namespace".into(), ns.clone()]);
+        }
+        args
     }
 
     /// The OCI `timeout` (whole seconds): the runtime kills a hook that
@@ -356,6 +362,7 @@ mod tests {
             socket: "/run/portguard/status.sock".into(),
             timeout: Duration::from_secs(1),
             on_failure: OnFailure::Auto,
+            fail_open_namespaces: vec!["portguard-system".into()],
         }
     }
 
@@ -370,6 +377,7 @@ mod tests {
         assert_eq!(hooks[0]["path"], "/opt/portguard/bin/portguard");
         assert_eq!(hooks[0]["timeout"], 3);
         assert_eq!(hooks[0]["args"][1], "hook");
+        assert_eq!(hooks[0]["args"][10], "portguard-system");
         assert!(spec["linux"]["namespaces"].is_array(), "the default spec stays whole");
         // Again: unchanged; a foreign hook added by hand survives both ways.
         assert!(matches!(install_containerd(&p, None, &line()), Ok(Change::Unchanged(_))));

@@ -46,6 +46,9 @@ pub struct HookOptions {
     pub socket: PathBuf,
     pub timeout: Duration,
     pub on_failure: OnFailure,
+    /// Pods in these namespaces fail open whatever `on_failure` says: the
+    /// agent's own, or a stopped agent could never be started again.
+    pub fail_open_namespaces: Vec<String>,
 }
 
 /// What a hook ended with.
@@ -187,6 +190,14 @@ fn finish(
 /// Whether to fail closed: as configured, or for `auto`, when the
 /// container is in a pod the agent's last selection may select.
 fn closed(opts: &HookOptions, subject: &Subject) -> bool {
+    if subject
+        .workload
+        .pod_namespace
+        .as_ref()
+        .is_some_and(|ns| opts.fail_open_namespaces.contains(ns))
+    {
+        return false;
+    }
     match opts.on_failure {
         OnFailure::Closed => true,
         OnFailure::Open => false,
@@ -252,4 +263,91 @@ fn fail(opts: &HookOptions, subject: &Subject, reason: &str, deadline: Instant) 
 /// The directory hooks and the agent share (the status socket's).
 pub fn shared_dir(socket: &Path) -> PathBuf {
     spool::dir_of(socket)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn subject(ns: Option<&str>, uid: Option<&str>, hook: HookKind) -> Subject {
+        Subject {
+            hook: Some(hook),
+            cgroup: "/kubepods/besteffort/pod0f6c0000-0000-4000-8000-000000000009/c0ffee00c0ffee00"
+                .into(),
+            workload: oci::Workload {
+                pod_namespace: ns.map(str::to_owned),
+                pod_uid: uid.map(str::to_owned),
+                ..oci::Workload::default()
+            },
+            ..Subject::default()
+        }
+    }
+
+    #[test]
+    fn auto_fails_closed_only_where_a_pods_policy_may_select() {
+        let d = tempfile::tempdir().unwrap();
+        let mut opts = HookOptions {
+            socket: d.path().join("status.sock"),
+            timeout: Duration::from_millis(10),
+            on_failure: OnFailure::Auto,
+            fail_open_namespaces: vec!["portguard-system".into()],
+        };
+        let pod = |ns| subject(Some(ns), Some("u-1"), HookKind::Oci);
+        // No agent ever published a selection: nothing is known selected.
+        assert!(!closed(&opts, &pod("payments")));
+        spool::write_selection(
+            d.path(),
+            &spool::Selection {
+                pods: vec!["u-9".into()],
+                namespaces: vec!["pay*".into()],
+                ..spool::Selection::default()
+            },
+        )
+        .unwrap();
+        assert!(closed(&opts, &pod("payments")));
+        assert!(!closed(&opts, &pod("ops")));
+        // A selected pod by uid (the cgroup path names it), any namespace.
+        assert!(closed(&opts, &subject(Some("ops"), Some("u-9"), HookKind::Oci)));
+        let by_path = subject(None, None, HookKind::Oci);
+        assert_eq!(by_path.pod_uid().as_deref(), Some("0f6c0000-0000-4000-8000-000000000009"));
+        // Not a pod at all: open. A unit hook: closed.
+        let mut plain = subject(None, None, HookKind::Oci);
+        plain.cgroup = "/system.slice/runc-x.scope".into();
+        assert!(!closed(&opts, &plain));
+        assert!(closed(&opts, &subject(None, None, HookKind::Unit)));
+        // The agent's own namespace always fails open.
+        spool::write_selection(
+            d.path(),
+            &spool::Selection {
+                namespaces: vec!["*".into()],
+                ..spool::Selection::default()
+            },
+        )
+        .unwrap();
+        assert!(closed(&opts, &pod("payments")));
+        assert!(!closed(&opts, &pod("portguard-system")));
+        opts.on_failure = OnFailure::Closed;
+        assert!(!closed(&opts, &pod("portguard-system")));
+        assert!(closed(&opts, &pod("ops")));
+        opts.on_failure = OnFailure::Open;
+        assert!(!closed(&opts, &pod("payments")));
+    }
+
+    #[test]
+    fn an_unreachable_agent_is_a_failure_spooled_for_it() {
+        let d = tempfile::tempdir().unwrap();
+        let opts = HookOptions {
+            socket: d.path().join("run/status.sock"),
+            timeout: Duration::from_millis(50),
+            on_failure: OnFailure::Closed,
+            fail_open_namespaces: Vec::new(),
+        };
+        let o = unit(&opts, "x.service");
+        assert!(!o.proceed);
+        let rec = o.failed.unwrap();
+        assert_eq!((rec.action.as_str(), rec.hook.as_str()), ("refused_start", "unit"));
+        // The spool's directory is made for it (no agent ran since boot).
+        let (spooled, _) = spool::drain(&d.path().join("run")).unwrap();
+        assert_eq!(spooled, vec![rec]);
+    }
 }

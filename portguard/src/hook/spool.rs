@@ -93,6 +93,15 @@ fn open(path: &Path) -> std::io::Result<std::fs::File> {
 /// Append `rec` to the spool in `dir`, waiting at most until `deadline`
 /// for the agent to finish reading it.
 pub fn append(dir: &Path, rec: &HookFailed, deadline: Instant) -> std::io::Result<()> {
+    // No agent has run since boot (/run is empty): keep the record for the
+    // first one, in a directory as private as the agent makes it.
+    if !dir.exists() {
+        use std::os::unix::fs::DirBuilderExt as _;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
     let path = dir.join(SPOOL_FILE);
     let f = open(&path)?;
     lock(&f, deadline)?;

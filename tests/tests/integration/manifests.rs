@@ -225,6 +225,11 @@ fn kubernetes_manifests_validate_and_agree_with_the_agent() {
     };
     assert_eq!(init_args[..3], ["hook", "install", "--containerd"]);
     assert_eq!(arg("socket"), status.to_str().unwrap());
+    assert_eq!(
+        arg("fail-open-namespace"),
+        ns,
+        "a stopped agent's own pods must start, or it never answers again"
+    );
     let init_mount = |path: &str| -> (String, &Value) {
         let m = init["volumeMounts"]
             .as_array()
