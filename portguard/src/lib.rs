@@ -5,6 +5,7 @@
 //! | folder | owns | start reading at |
 //! |---|---|---|
 //! | `cli/` | one file per verb (`run`, `check`, `learn`, `status`, `events`, `uninstall`): arguments and `--help` | `cli/mod.rs` |
+//! | `hook/` | `portguard hook`: the systemd drop-ins whose `ExecStartPre=` asks the agent to govern a unit before it starts | `hook/systemd.rs` |
 //! | `agent/` | `portguard run`: start-up, the agent's state, reload, the event glue and the serve loop | `agent/mod.rs` (`run`) |
 //! | `observe/` | what the agent shows: the status snapshot, `/metrics`, `/healthz`, the status socket, and the escaping of untrusted names in human-readable output | `observe/metrics.rs` |
 //! | `events/` | the typed event record: decode, enrich, aggregate, the writer, lost-event reports | `events/mod.rs` |
@@ -21,6 +22,7 @@ pub mod agent;
 pub mod apply;
 pub mod cli;
 pub mod events;
+pub mod hook;
 pub mod kernel;
 pub mod manifest;
 pub mod observe;
