@@ -10,13 +10,16 @@
 //! - [`oci`]: the OCI state a runtime hands a hook;
 //! - [`install`]: containerd's base spec and CRI-O's hooks.d;
 //! - [`spool`]: failures left for the agent to report, and the pods its
-//!   policies select (for `--on-failure auto`).
+//!   policies select (for `--on-failure auto`);
+//! - [`systemd`]: the drop-ins that run `portguard hook unit` in a
+//!   service's `ExecStartPre=`.
 
 pub mod client;
 pub mod install;
 pub mod oci;
 pub mod protocol;
 pub mod spool;
+pub mod systemd;
 
 use std::{
     path::{Path, PathBuf},

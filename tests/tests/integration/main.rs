@@ -36,6 +36,8 @@
 //! - `status`: `portguard status` and `portguard events`.
 //! - `terminal`: hostile cgroup names are escaped in logs, tables and status.
 //! - `units`: `unit:` selectors on a bare host.
+//! - `unit_hook`: the `ExecStartPre=` drop-ins `portguard::hook::systemd`
+//!   writes, as `systemd-analyze verify` and systemd's own parser read them.
 
 mod aggregate;
 mod audit;
@@ -62,4 +64,5 @@ mod plan;
 mod reload;
 mod status;
 mod terminal;
+mod unit_hook;
 mod units;
