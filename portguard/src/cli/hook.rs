@@ -10,7 +10,7 @@ use std::{
 
 use clap::{Args, Subcommand};
 
-use crate::hook::{self, HookOptions, OnFailure, install};
+use crate::hook::{self, HookOptions, OnFailure, install, systemd};
 
 /// Govern a container or a unit before its first instruction.
 ///
@@ -96,10 +96,24 @@ pub struct UnitArgs {
     pub unit: String,
 }
 
-/// Install the OCI hook for containerd or CRI-O (and print what else to
-/// do). Idempotent: running it again changes nothing.
+/// Install the hooks: the OCI hook for containerd or CRI-O, the systemd
+/// drop-ins for the units a policy names (and print what else to do).
+/// Idempotent: running it again changes nothing.
 #[derive(Debug, Args)]
 pub struct InstallArgs {
+    /// Write a drop-in running `portguard hook unit` in `ExecStartPre=+`
+    /// for each `.service` this policy file's `unit:` selectors name, and
+    /// remove portguard's drop-ins for units it no longer names. Then run
+    /// `systemctl daemon-reload` (the command does when systemd runs).
+    #[arg(long, value_name = "POLICY")]
+    pub systemd: Option<PathBuf>,
+    /// Where the drop-ins go (`<unit>.d/50-portguard.conf` below it).
+    #[arg(long, value_name = "DIR", default_value = systemd::DEFAULT_UNIT_DIR)]
+    pub unit_dir: PathBuf,
+    /// The agent's own unit: the drop-ins order their service after it and
+    /// want it, and it never gets one. `none`: no ordering.
+    #[arg(long, value_name = "UNIT", default_value = systemd::AGENT_UNIT)]
+    pub agent_unit: String,
     /// Write containerd's base runtime spec (--containerd-base-spec) with
     /// the hook. Then set `base_runtime_spec` to that file under
     /// `[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]`
@@ -158,6 +172,12 @@ pub struct UninstallHooksArgs {
     pub crio: bool,
     #[arg(long, value_name = "DIR", default_value = install::CRIO_HOOKS_DIR)]
     pub crio_hooks_dir: PathBuf,
+    /// Only the systemd drop-ins (portguard's, recognised by their first
+    /// line; any other file is left alone).
+    #[arg(long)]
+    pub systemd: bool,
+    #[arg(long, value_name = "DIR", default_value = systemd::DEFAULT_UNIT_DIR)]
+    pub unit_dir: PathBuf,
     /// The agent's --status-socket (the selection is next to it).
     #[arg(long, value_name = "PATH", default_value = crate::observe::status::DEFAULT_SOCKET)]
     pub socket: PathBuf,
@@ -214,8 +234,8 @@ fn exit(o: &hook::Outcome) -> ExitCode {
 }
 
 fn install_hooks(i: &InstallArgs) -> anyhow::Result<ExitCode> {
-    if !i.containerd && !i.crio {
-        anyhow::bail!("name a runtime: --containerd and/or --crio");
+    if !i.containerd && !i.crio && i.systemd.is_none() {
+        anyhow::bail!("name what to install: --containerd, --crio and/or --systemd POLICY");
     }
     if let Some(to) = &i.install_bin {
         println!("{}", install::copy_binary(&std::env::current_exe()?, to)?);
@@ -249,12 +269,83 @@ fn install_hooks(i: &InstallArgs) -> anyhow::Result<ExitCode> {
     if i.crio {
         println!("{}", install::install_crio(&i.crio_hooks_dir, &line)?);
     }
+    if let Some(policy) = &i.systemd {
+        install_dropins(i, policy, &line)?;
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The systemd part of `hook install`.
+fn install_dropins(i: &InstallArgs, policy: &Path, line: &install::HookLine) -> anyhow::Result<()> {
+    let file = crate::policy::parse_policy_file(policy)?;
+    let (services, others) = systemd::service_units(file.policies.iter().map(|p| &p.selector));
+    let agent_unit = (i.agent_unit != "none").then(|| i.agent_unit.clone());
+    for u in &others {
+        if let Some(why) = systemd::no_dropin_reason(u) {
+            eprintln!("warning: {}: no drop-in for unit `{u}`: {why}", policy.display());
+        }
+    }
+    let services: Vec<String> = services
+        .into_iter()
+        .filter(|u| {
+            let own = agent_unit.as_deref() == Some(u.as_str());
+            if own {
+                eprintln!(
+                    "warning: {}: no drop-in for unit `{u}`: it is the agent's own unit (its \
+                     start would wait for itself)",
+                    policy.display()
+                );
+            }
+            !own
+        })
+        .collect();
+    let opts = systemd::DropinOptions {
+        bin: line.bin.clone(),
+        socket: line.socket.clone(),
+        timeout: line.timeout,
+        on_failure: match line.on_failure {
+            // A drop-in exists only for units a policy names.
+            OnFailure::Auto | OnFailure::Closed => systemd::OnFailure::Closed,
+            OnFailure::Open => systemd::OnFailure::Open,
+        },
+        agent_unit,
+    };
+    let report = systemd::install(&services, &i.unit_dir, &opts)?;
+    for p in &report.written {
+        println!("wrote {}", p.display());
+    }
+    for p in &report.unchanged {
+        println!("unchanged {}", p.display());
+    }
+    for p in &report.removed {
+        println!("removed {}", p.display());
+    }
+    reload_systemd(report.written.len() + report.removed.len());
+    Ok(())
+}
+
+/// `systemctl daemon-reload` after drop-ins changed, when systemd runs.
+fn reload_systemd(changed: usize) {
+    if changed == 0 {
+        return;
+    }
+    if !systemd::systemd_running() {
+        println!("systemd is not running here: run `systemctl daemon-reload` where it does");
+        return;
+    }
+    match std::process::Command::new("systemctl")
+        .arg("daemon-reload")
+        .status()
+    {
+        Ok(s) if s.success() => println!("ran systemctl daemon-reload"),
+        Ok(s) => eprintln!("warning: systemctl daemon-reload failed ({s}): run it yourself"),
+        Err(e) => eprintln!("warning: cannot run systemctl daemon-reload ({e}): run it yourself"),
+    }
 }
 
 /// Remove the hooks `u` names (all when none), reporting each file.
 pub fn uninstall_hooks(u: &UninstallHooksArgs) -> anyhow::Result<Vec<install::Change>> {
-    let all = !u.containerd && !u.crio;
+    let all = !u.containerd && !u.crio && !u.systemd;
     let mut out = Vec::new();
     if all || u.containerd {
         out.push(install::uninstall_containerd(
@@ -264,6 +355,13 @@ pub fn uninstall_hooks(u: &UninstallHooksArgs) -> anyhow::Result<Vec<install::Ch
     }
     if all || u.crio {
         out.push(install::uninstall_crio(&u.crio_hooks_dir, u.dry_run)?);
+    }
+    if all || u.systemd {
+        let removed = systemd::uninstall(&u.unit_dir, u.dry_run)?;
+        if !u.dry_run {
+            reload_systemd(removed.len());
+        }
+        out.extend(removed.into_iter().map(install::Change::Removed));
     }
     out.push(install::remove_selection(&u.socket, u.dry_run)?);
     Ok(out)
@@ -276,6 +374,8 @@ pub fn default_locations(dry_run: bool) -> UninstallHooksArgs {
         containerd_base_spec: Path::new(install::CONTAINERD_BASE_SPEC).to_owned(),
         crio: false,
         crio_hooks_dir: Path::new(install::CRIO_HOOKS_DIR).to_owned(),
+        systemd: false,
+        unit_dir: Path::new(systemd::DEFAULT_UNIT_DIR).to_owned(),
         socket: Path::new(crate::observe::status::DEFAULT_SOCKET).to_owned(),
         dry_run,
     }

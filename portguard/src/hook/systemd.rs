@@ -96,6 +96,9 @@ impl OnFailure {
     }
 }
 
+/// The agent's unit as `deploy/systemd/portguard.service` names it.
+pub const AGENT_UNIT: &str = "portguard.service";
+
 /// The `portguard hook unit` command line a drop-in runs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DropinOptions {
@@ -107,6 +110,11 @@ pub struct DropinOptions {
     pub timeout: Duration,
     /// `--on-failure`.
     pub on_failure: OnFailure,
+    /// The agent's own unit: the drop-in orders the service after it and
+    /// wants it (at boot the hook would otherwise find no agent and fail
+    /// closed), and that unit never gets a drop-in (its start would wait
+    /// for itself). `None`: no ordering (an agent not run by systemd).
+    pub agent_unit: Option<String>,
 }
 
 impl DropinOptions {
@@ -118,6 +126,7 @@ impl DropinOptions {
             socket: PathBuf::from(crate::observe::status::DEFAULT_SOCKET),
             timeout: Duration::from_secs(1),
             on_failure: OnFailure::Closed,
+            agent_unit: Some(AGENT_UNIT.to_owned()),
         }
     }
 }
@@ -329,6 +338,12 @@ pub fn dropin_text(unit: &str, opts: &DropinOptions) -> Result<String, DropinErr
             reason: format!("`{unit}.d` is longer than a file name may be ({NAME_MAX} bytes)"),
         });
     }
+    if opts.agent_unit.as_deref() == Some(unit) {
+        return Err(DropinError::Unit {
+            unit: unit.to_owned(),
+            reason: "it is the agent's own unit: its start would wait for itself".to_owned(),
+        });
+    }
     if opts.timeout.is_zero() {
         return Err(DropinError::ZeroTimeout);
     }
@@ -360,10 +375,26 @@ pub fn dropin_text(unit: &str, opts: &DropinOptions) -> Result<String, DropinErr
     // so this command runs after the unit file's own ExecStartPre= lines
     // (systemd.unit(5)). `%n` is the unit's full name (systemd.unit(5),
     // "Specifiers").
+    let order = match &opts.agent_unit {
+        Some(agent) => {
+            if let UnitKind::Invalid(why) = unit_kind(agent) {
+                return Err(DropinError::Unit {
+                    unit: agent.clone(),
+                    reason: format!("the agent's unit is not a valid unit name: {why}"),
+                });
+            }
+            format!(
+                "# The agent answers the hook: at boot, start it first.\n\
+                 [Unit]\nWants={agent}\nAfter={agent}\n"
+            )
+        }
+        None => String::new(),
+    };
     Ok(format!(
         "{MARKER}\n\
          # Asks the portguard agent to govern this unit's cgroup (`unit: {unit}`)\n\
          # before ExecStart= runs (after any ExecStartPre= of the unit file itself).\n\
+         {order}\
          [Service]\n\
          ExecStartPre=+{bin} hook unit --socket {socket} --timeout {timeout} --on-failure {on_failure} %n\n",
         timeout = duration_word(opts.timeout),

@@ -172,6 +172,7 @@ fn systemd_parses_the_hook_command_line_word_for_word() {
         socket: socket.clone(),
         timeout: Duration::from_millis(1500),
         on_failure: OnFailure::Open,
+        agent_unit: Some("portguard.service".into()),
     };
     install(&[UNIT.to_owned()], &dir, &opts).unwrap();
     // verify finds the binary through the quoted, %-escaped path.
@@ -211,6 +212,14 @@ fn systemd_parses_the_hook_command_line_word_for_word() {
         unit.contains(&format!("DropIn Path: {}\n", dropin.display())),
         "{unit}"
     );
+    // Started after the agent, which it wants: at boot the hook finds it.
+    for dep in ["After", "Wants"] {
+        assert!(
+            unit.lines()
+                .any(|l| l.trim().starts_with(&format!("{dep}: portguard.service "))),
+            "no {dep}: portguard.service in:\n{unit}"
+        );
+    }
     let line = unit
         .split("-> ExecStartPre:")
         .nth(1)

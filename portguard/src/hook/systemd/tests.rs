@@ -126,10 +126,22 @@ fn dropin_text_with_the_defaults() {
         "# Written by portguard; `portguard hook uninstall` removes it. Do not edit.\n\
          # Asks the portguard agent to govern this unit's cgroup (`unit: nginx.service`)\n\
          # before ExecStart= runs (after any ExecStartPre= of the unit file itself).\n\
+         # The agent answers the hook: at boot, start it first.\n\
+         [Unit]\n\
+         Wants=portguard.service\n\
+         After=portguard.service\n\
          [Service]\n\
          ExecStartPre=+/usr/local/bin/portguard hook unit --socket /run/portguard/status.sock \
          --timeout 1s --on-failure closed %n\n"
     );
+    let unordered = DropinOptions {
+        agent_unit: None,
+        ..opts()
+    };
+    assert!(!dropin_text("nginx.service", &unordered).unwrap().contains("[Unit]"));
+    // The agent's own unit never waits for itself.
+    let e = dropin_text("portguard.service", &opts()).unwrap_err().to_string();
+    assert!(e.contains("the agent's own unit"), "{e}");
 }
 
 #[test]
