@@ -201,6 +201,22 @@ fn only_root_may_ask_and_the_agent_decides_the_policy() {
     );
     assert_eq!(a["policy"], "strict", "{a}");
     assert_eq!(a["policy_cgroup"], cg.rel.as_str(), "{a}");
+    // systemd 254+ with DelegateSubgroup= runs ExecStartPre= in the unit's
+    // `.control` sub-cgroup: governed by the unit's policy all the same.
+    let control = cg.child(".control");
+    let a = ask(
+        &agent,
+        &format!(
+            r#"{{"request":"govern","cgroup_id":{},"cgroup":"{}","hook":"unit"}}"#,
+            control.id(),
+            control.rel
+        ),
+    );
+    assert_eq!(
+        (a["policy"].as_str(), a["policy_cgroup"].as_str()),
+        (Some("strict"), Some(cg.rel.as_str())),
+        "{a}"
+    );
     // A cgroup that does not exist, and what is not a request.
     let a = ask(
         &agent,
