@@ -4,10 +4,11 @@
 //!
 //! | folder | owns | start reading at |
 //! |---|---|---|
-//! | `cli/` | one file per verb (`run`, `check`, `learn`, `status`, `events`, `uninstall`): arguments and `--help` | `cli/mod.rs` |
+//! | `cli/` | one file per verb (`run`, `check`, `learn`, `status`, `events`, `hook`, `uninstall`): arguments and `--help` | `cli/mod.rs` |
 //! | `agent/` | `portguard run`: start-up, the agent's state, reload, the event glue and the serve loop | `agent/mod.rs` (`run`) |
 //! | `observe/` | what the agent shows: the status snapshot, `/metrics`, `/healthz`, the status socket, and the escaping of untrusted names in human-readable output | `observe/metrics.rs` |
 //! | `events/` | the typed event record: decode, enrich, aggregate, the writer, lost-event reports | `events/mod.rs` |
+//! | `hook/` | `portguard hook oci` / `hook unit`: the runtime hooks that ask the agent to govern a cgroup before its first instruction; the request on the status socket; failures spooled for the agent to report | `hook/mod.rs` |
 //! | `workload/` | where workloads are: cgroupfs, kubelet/systemd layouts, identity, resolve, CRI, their sockets | `workload/resolve.rs` |
 //! | `kernel/` | the only aya importer: object, attach, pins, maps, counters, BTF, raw bpf calls | `kernel/mod.rs` |
 //! | `apply/` | the pure map planner (`Applier`) and its `RuleSink` seam | `apply/mod.rs` |
@@ -21,6 +22,7 @@ pub mod agent;
 pub mod apply;
 pub mod cli;
 pub mod events;
+pub mod hook;
 pub mod kernel;
 pub mod manifest;
 pub mod observe;

@@ -73,13 +73,19 @@ impl Endpoints {
     }
 
     /// Serve them on the runtime, from the agent's shared snapshot.
-    pub(super) fn spawn(self, rt: &tokio::runtime::Runtime, agent: &Agent) -> anyhow::Result<()> {
+    pub(super) fn spawn(
+        self,
+        rt: &tokio::runtime::Runtime,
+        agent: &Agent,
+        govern: tokio::sync::mpsc::Sender<crate::hook::protocol::Pending>,
+    ) -> anyhow::Result<()> {
         let _guard = rt.enter();
         if let Some(l) = self.status {
             let listener = tokio::net::UnixListener::from_std(l).context("--status-socket")?;
             rt.spawn(crate::observe::status::serve(
                 listener,
                 agent.shared.clone(),
+                govern,
             ));
         }
         if let Some(l) = self.metrics {

@@ -11,7 +11,9 @@
 //!   attached, so nothing ever runs against half-written state;
 //! - a reload is applied whole (generation flip) or not at all; an invalid
 //!   policy file leaves the previous policy in force and is logged;
-//! - dropping the loaded object on exit detaches every program.
+//! - dropping the loaded object on exit detaches every program;
+//! - a hook's govern request is answered from the kernel maps, after the
+//!   runtime was asked and the tree rescanned (`govern`).
 
 use std::{path::PathBuf, time::Duration};
 
@@ -22,6 +24,7 @@ use crate::{
 
 mod delegated;
 mod endpoints;
+mod govern;
 mod inventory;
 mod pipeline;
 mod reload;
@@ -30,7 +33,9 @@ mod start;
 mod state;
 mod watch;
 
-use self::{endpoints::Endpoints, pipeline::*, serve::*, start::*, state::*, watch::*};
+use self::{
+    endpoints::Endpoints, govern::*, pipeline::*, serve::*, start::*, state::*, watch::*,
+};
 
 /// Options of `portguard run`.
 #[derive(Clone, Debug)]
@@ -108,6 +113,9 @@ const AGGREGATE_KINDS: usize = 65536;
 /// governed ask for (the periodic pass and the first one are not delayed).
 const INVENTORY_GAP: Duration = Duration::from_millis(500);
 
+/// Most govern requests queued for the serve loop (more wait to be sent).
+const GOVERN_QUEUE: usize = 256;
+
 /// How long a pod cgroup may stay unidentified before it is released.
 const IDENTIFY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -136,9 +144,13 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
     let report = agent.first_apply(&opts, policies)?;
     agent.attach(&opts, pins.as_ref(), &mut writer)?;
     agent.announce(&opts, &report)?;
-    endpoints.spawn(&rt, &agent)?;
+    // Hooks' govern requests: from the status socket to the serve loop.
+    let (govern_tx, govern_rx) = tokio::sync::mpsc::channel(GOVERN_QUEUE);
+    endpoints.spawn(&rt, &agent, govern_tx)?;
     let health = agent.health.clone();
-    let result = rt.block_on(serve(&mut agent, events, writer, &opts, &health, signals));
+    let result = rt.block_on(serve(
+        &mut agent, events, writer, &opts, &health, signals, govern_rx,
+    ));
     shut_down(&opts, pins.as_ref());
     drop(agent);
     result

@@ -209,9 +209,16 @@ impl Agent {
     }
 
     pub(super) fn rescan(&mut self) {
+        self.rescan_with(true);
+    }
+
+    /// [`Agent::rescan`]; `fresh`: walk the cgroup tree again, else use the
+    /// index as it is (a hook added its cgroup to it) and stat only the
+    /// candidates.
+    pub(super) fn rescan_with(&mut self, fresh: bool) {
         // After a rescan failed closed: try the real policies again first.
         if let Some(real) = self.refused.take() {
-            let resolved = self.resolve(&real, true);
+            let resolved = self.resolve(&real, fresh);
             match self.apply(real.clone(), resolved) {
                 Ok(r) => {
                     info!(
@@ -228,7 +235,7 @@ impl Agent {
             }
         }
         let policies = std::mem::take(&mut self.policies);
-        let resolved = self.resolve(&policies, true);
+        let resolved = self.resolve(&policies, fresh);
         self.policies = policies;
         if resolved == self.resolved
             && self.next_quarantine == self.quarantine

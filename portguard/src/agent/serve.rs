@@ -35,6 +35,7 @@ pub(super) async fn serve(
     opts: &RunOptions,
     health: &Health,
     signals: Signals,
+    mut govern: tokio::sync::mpsc::Receiver<crate::hook::protocol::Pending>,
 ) -> anyhow::Result<()> {
     let Signals {
         mut hup,
@@ -86,6 +87,8 @@ pub(super) async fn serve(
     agent.shared.update(|f| f.status.clone_from(&status));
     // Sockets bound before we governed them.
     agent.inventory(&mut writer);
+    // Hooks that failed while no agent answered.
+    agent.report_hook_failures(&mut writer);
     // Later passes (after changes of what is governed) at most every
     // INVENTORY_GAP: pod churn must not keep the loop listing sockets.
     let mut last_inventory = Instant::now();
@@ -121,6 +124,14 @@ pub(super) async fn serve(
             }
             _ = term.recv() => { info!("daemon: SIGTERM"); break; }
             _ = int.recv() => { info!("daemon: SIGINT"); break; }
+            // A hook waits for this before its workload's first
+            // instruction: before inotify, timers and events.
+            Some(first) = govern.recv() => {
+                govern_batch(agent, vec![(first, Instant::now())], &mut govern, &mut cri_link, opts).await;
+                watcher.set_dirs(&agent.cgroup_watch_dirs());
+                pending_rescan = None;
+                agent.report_hook_failures(&mut writer);
+            }
             guard = watcher.fd.readable_mut() => {
                 let mut guard = guard.context("polling inotify")?;
                 guard.clear_ready();
@@ -222,6 +233,7 @@ pub(super) async fn serve(
             }
             _ = lost_tick.tick() => {
                 agent.sweep_unended();
+                agent.report_hook_failures(&mut writer);
                 report_lost(agent, &mut writer, &mut lost_seen);
                 if let Err(e) = agent.loaded.write_stamp(lost_seen.lost) {
                     warn!("daemon: writing the version stamp: {e}");

@@ -346,6 +346,8 @@ impl Agent {
             packet_guard: None,
             fence_failures_seen: 0,
             guard_held: false,
+            hook_dir: opts.status_socket.as_deref().map(crate::hook::shared_dir),
+            selection_published: None,
             aggregator: events::aggregate::Aggregator::new(opts.aggregate_window, AGGREGATE_KINDS),
         };
         // Name ids as the previous agent did (its events may still be queued).

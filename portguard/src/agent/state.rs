@@ -111,6 +111,10 @@ pub(super) struct Agent {
     pub(super) fence_failures_seen: u64,
     /// A fence failure keeps the packet guard attached for this run.
     pub(super) guard_held: bool,
+    /// The status socket's directory, shared with the runtime hooks.
+    pub(super) hook_dir: Option<PathBuf>,
+    /// The selection last written there (pod uids, namespace patterns).
+    pub(super) selection_published: Option<(Vec<String>, Vec<String>)>,
 }
 
 impl Agent {
@@ -456,6 +460,7 @@ impl Agent {
         self.resolved = resolved;
         self.inventory_pending = true;
         self.publish_facts(&report, &ids);
+        self.publish_selection();
         Ok(report)
     }
 

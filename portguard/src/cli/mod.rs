@@ -2,6 +2,7 @@
 
 pub mod check;
 pub mod events;
+pub mod hook;
 pub mod learn;
 pub mod run;
 pub mod status;
@@ -28,8 +29,10 @@ use clap::{Parser, Subcommand};
 /// `run` enforces; `check` validates a policy file (and, with --manifests,
 /// holds deployment manifests against it); `status` shows what the
 /// running agent enforces; `events` reads and summarises the event log;
-/// `learn` watches a workload and writes its policy; `uninstall` removes the
-/// pinned programs, links and maps that keep enforcing after the agent stops.
+/// `learn` watches a workload and writes its policy; `hook` governs a
+/// container or unit before its first instruction (an OCI runtime hook, a
+/// systemd `ExecStartPre=`); `uninstall` removes the pinned programs, links
+/// and maps that keep enforcing after the agent stops, and the hooks.
 ///
 /// Agent logs go to standard error; set RUST_LOG (e.g. RUST_LOG=debug) to
 /// change their level.
@@ -47,6 +50,7 @@ pub enum Command {
     Learn(LearnArgs),
     Status(StatusArgs),
     Events(events::EventsArgs),
+    Hook(hook::HookArgs),
     Uninstall(UninstallArgs),
 }
 
@@ -58,6 +62,7 @@ impl Cli {
             Command::Learn(a) => learn::execute(a),
             Command::Status(a) => status::execute(a),
             Command::Events(a) => events::run(&a),
+            Command::Hook(a) => hook::execute(a),
             Command::Uninstall(a) => uninstall::execute(a),
         }
     }

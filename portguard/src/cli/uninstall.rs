@@ -5,7 +5,9 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::Args;
 
 /// Remove everything portguard pinned: links first (enforcement stops),
-/// then programs and maps, then the directory if nothing else is in it.
+/// then programs and maps, then the directory if nothing else is in it;
+/// then the runtime hooks `portguard hook install` wrote at their default
+/// places (a hook left behind would wait for an agent that is gone).
 ///
 /// Touches only the names portguard creates in --pin-dir; anything else
 /// there is listed and left alone. Refuses while an agent runs on that
@@ -18,6 +20,10 @@ pub struct UninstallArgs {
     /// List what would be removed (with kernel ids) and remove nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Leave the runtime hooks in place (`portguard hook uninstall`
+    /// removes them, also from places other than the defaults).
+    #[arg(long)]
+    pub keep_hooks: bool,
 }
 
 /// Carry out the verb.
@@ -45,5 +51,13 @@ pub fn execute(a: UninstallArgs) -> anyhow::Result<ExitCode> {
         ours.len(),
         a.pin_dir.display()
     );
+    if !a.keep_hooks {
+        let hooks = super::hook::uninstall_hooks(&super::hook::default_locations(a.dry_run))?;
+        for c in hooks {
+            if let crate::hook::install::Change::Removed(p) = c {
+                let _ = writeln!(out, "{verb} hook: {}", p.display());
+            }
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }

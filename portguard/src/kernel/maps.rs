@@ -77,6 +77,22 @@ impl KernelMaps {
         ))
     }
 
+    /// The id of the policy the live generation gives cgroup `cgroup_id`
+    /// itself (not an ancestor), if any: what the kernel enforces there.
+    pub fn policy_of(&self, cgroup_id: u64) -> Result<Option<u32>, MapError> {
+        let generation = self.state()?.generation;
+        let key = CgroupKey {
+            cgroup_id,
+            generation,
+            _pad: 0,
+        };
+        match self.cgroups.get(&key, 0) {
+            Ok(v) => Ok(Some(self.policies.get(&v.policy_index, 0)?.policy_id)),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Policy names a previous agent recorded (id -> name).
     pub fn names(&self) -> Vec<(u32, String)> {
         self.names

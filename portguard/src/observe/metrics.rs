@@ -191,6 +191,48 @@ pub fn render(facts: &Facts, kernel: &KernelReading) -> String {
             cri.errors,
         );
     }
+    let h = &facts.runtime_hooks;
+    counter(
+        &mut reg,
+        "portguard_runtime_hook_requests",
+        "Govern requests from `portguard hook oci` / `hook unit` the agent answered",
+        h.requests,
+    );
+    counter(
+        &mut reg,
+        "portguard_runtime_hook_refused",
+        "Govern requests answered with ok: false (no such cgroup, not root, the kernel maps \
+         disagreeing with the policy)",
+        h.refused,
+    );
+    let seconds = Counter::<f64, std::sync::atomic::AtomicU64>::default();
+    seconds.inc_by(h.seconds);
+    reg.register(
+        "portguard_runtime_hook_request_seconds",
+        "Seconds spent answering govern requests (divide by portguard_runtime_hook_requests \
+         for the mean)",
+        seconds,
+    );
+    let slowest = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+    slowest.set(h.slowest);
+    reg.register(
+        "portguard_runtime_hook_request_slowest_seconds",
+        "The slowest govern request answered in this run",
+        slowest,
+    );
+    let failures = Family::<Labels, Counter>::default();
+    for ((hook, action), n) in &h.failures {
+        failures
+            .get_or_create(&vec![("hook", hook.clone()), ("action", action.clone())])
+            .inc_by(*n);
+    }
+    reg.register(
+        "portguard_runtime_hook_failures",
+        "Hooks that could not confirm their workload was governed (the agent did not answer in \
+         time), by hook (oci, unit) and action (refused_start: failed closed; allowed_start: \
+         failed open); reported when the agent reads the hooks' spool",
+        failures,
+    );
     let entries = Family::<Labels, Gauge>::default();
     let capacity = Family::<Labels, Gauge>::default();
     for m in &facts.maps {

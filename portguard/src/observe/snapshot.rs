@@ -73,6 +73,23 @@ pub struct Facts {
     pub started: String,
     /// The CRI runtime link (`None`: no CRI call was made).
     pub cri: Option<CriFacts>,
+    /// Requests from `portguard hook oci` / `hook unit`, and their failures.
+    pub runtime_hooks: RuntimeHookFacts,
+}
+
+/// What the runtime hooks asked, and what they reported failing.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RuntimeHookFacts {
+    /// Govern requests answered.
+    pub requests: u64,
+    /// Of those, answered with `ok: false`.
+    pub refused: u64,
+    /// Seconds spent answering them (from reading to answering).
+    pub seconds: f64,
+    /// The slowest answer, in seconds.
+    pub slowest: f64,
+    /// Failures hooks reported (spooled), by `hook` and `action`.
+    pub failures: std::collections::BTreeMap<(String, String), u64>,
 }
 
 /// Whether the CRI runtime answers the agent.

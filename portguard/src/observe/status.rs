@@ -1,8 +1,10 @@
 //! `portguard status`: what the running agent enforces, from its unix
 //! socket (`--status-socket`, default /run/portguard/status.sock, mode 0600:
-//! root only). The agent answers every connection with one JSON document
-//! and closes it; `portguard status` prints it as tables, or as is with
-//! `--json`.
+//! root only). Each connection carries one request and one JSON answer
+//! (`hook::protocol`): the status document, which `portguard status`
+//! prints as tables or, with `--json`, as is; or a hook's "govern this
+//! cgroup now", handed to the agent's loop. A client that sends nothing
+//! gets the status document.
 
 use std::{
     io::{Read as _, Write as _},
@@ -14,9 +16,12 @@ use std::{
 use anyhow::Context as _;
 use serde_json::{Value, json};
 
-use crate::observe::{
-    snapshot::{KernelReading, Snapshot, VERDICTS},
-    text::escape,
+use crate::{
+    hook::protocol::{Govern, MAX_REQUEST_BYTES, Pending, REQUEST_WAIT, Reply, Request},
+    observe::{
+        snapshot::{KernelReading, Snapshot, VERDICTS},
+        text::escape,
+    },
 };
 
 pub const DEFAULT_SOCKET: &str = "/run/portguard/status.sock";
@@ -98,6 +103,17 @@ pub fn document(shared: &Snapshot) -> Value {
         "cri": facts.cri.as_ref().map(|c| json!({
             "up": c.up, "errors": c.errors, "failing_since": c.failing_since,
         })),
+        "runtime_hooks": {
+            "requests": facts.runtime_hooks.requests,
+            "refused": facts.runtime_hooks.refused,
+            "mean_seconds": if facts.runtime_hooks.requests > 0 {
+                facts.runtime_hooks.seconds / facts.runtime_hooks.requests as f64
+            } else { 0.0 },
+            "slowest_seconds": facts.runtime_hooks.slowest,
+            "failures": facts.runtime_hooks.failures.iter().map(|((hook, action), n)| {
+                json!({"hook": hook, "action": action, "count": n})
+            }).collect::<Vec<_>>(),
+        },
     })
 }
 
@@ -136,18 +152,97 @@ pub fn bind(path: &Path) -> anyhow::Result<std::os::unix::net::UnixListener> {
 }
 
 /// Answer each connection with the status document.
-pub async fn serve(listener: tokio::net::UnixListener, shared: Arc<Snapshot>) {
-    use tokio::io::AsyncWriteExt as _;
+pub async fn serve(
+    listener: tokio::net::UnixListener,
+    shared: Arc<Snapshot>,
+    govern: tokio::sync::mpsc::Sender<Pending>,
+) {
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
+        let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let mut text = document(&shared).to_string();
-        text.push('\n');
-        let _ =
-            tokio::time::timeout(Duration::from_secs(5), stream.write_all(text.as_bytes())).await;
+        // One task per connection: a client that sends slowly, or a govern
+        // request waiting for the agent's loop, holds up no other.
+        tokio::spawn(answer(stream, shared.clone(), govern.clone()));
     }
 }
+
+/// Read the request on one connection (none: the status document) and
+/// answer it.
+async fn answer(
+    mut stream: tokio::net::UnixStream,
+    shared: Arc<Snapshot>,
+    govern: tokio::sync::mpsc::Sender<Pending>,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut line = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = tokio::time::timeout(REQUEST_WAIT, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => line.extend_from_slice(&buf[..n]),
+            }
+            if line.contains(&b'\n') || line.len() > MAX_REQUEST_BYTES {
+                break;
+            }
+        }
+    })
+    .await;
+    let _ = read;
+    let text = if line.iter().all(u8::is_ascii_whitespace) {
+        document(&shared).to_string()
+    } else {
+        match serde_json::from_slice::<Request>(&line) {
+            Ok(Request::Status) => document(&shared).to_string(),
+            Ok(Request::Govern(g)) => {
+                let reply = govern_reply(&stream, g, &govern).await;
+                serde_json::to_string(&reply).unwrap_or_default()
+            }
+            Err(e) => json!({"ok": false, "error": format!("not a request: {e}")}).to_string(),
+        }
+    };
+    let mut text = text;
+    text.push('\n');
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(text.as_bytes())).await;
+}
+
+/// Hand a govern request to the agent's loop and wait for its answer. Only
+/// root may ask, whatever the socket's mode says.
+async fn govern_reply(
+    stream: &tokio::net::UnixStream,
+    g: Govern,
+    govern: &tokio::sync::mpsc::Sender<Pending>,
+) -> Reply {
+    let uid = stream.peer_cred().map(|c| c.uid()).ok();
+    if uid != Some(0) {
+        return Reply::error(
+            g.cgroup_id,
+            format!("only root may ask the agent to govern a cgroup (peer uid {uid:?})"),
+        );
+    }
+    let id = g.cgroup_id;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if govern
+        .send(Pending {
+            request: g,
+            reply: tx,
+        })
+        .await
+        .is_err()
+    {
+        return Reply::error(id, "the agent is shutting down");
+    }
+    match tokio::time::timeout(GOVERN_WAIT, rx).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(_)) => Reply::error(id, "the agent dropped the request"),
+        Err(_) => Reply::error(id, "the agent did not get to the request in time"),
+    }
+}
+
+/// The longest the socket waits for the agent's loop to answer a govern
+/// request (the hook's own --timeout is usually shorter).
+const GOVERN_WAIT: Duration = Duration::from_secs(30);
 
 /// Ask the agent at `socket` for its status.
 pub fn fetch(socket: &Path) -> anyhow::Result<Value> {
@@ -159,7 +254,9 @@ pub fn fetch(socket: &Path) -> anyhow::Result<Value> {
         )
     })?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let _ = s.flush();
+    // Agents from before requests existed ignore it and answer anyway.
+    let _ = s.write_all(b"{\"request\":\"status\"}\n");
+    let _ = s.shutdown(std::net::Shutdown::Write);
     let mut text = String::new();
     s.read_to_string(&mut text)
         .with_context(|| format!("reading {}", socket.display()))?;
@@ -355,6 +452,24 @@ pub fn render(doc: &Value) -> String {
     }
     if let Some(e) = doc["kernel_error"].as_str() {
         out += &format!("WARNING: reading the kernel counters failed: {e}\n");
+    }
+    let hooks = &doc["runtime_hooks"];
+    if hooks["requests"].as_u64().unwrap_or(0) > 0 {
+        out += &format!(
+            "runtime hooks: {} requests ({} refused), {:.2} ms mean, {:.2} ms slowest\n",
+            n(&hooks["requests"]),
+            n(&hooks["refused"]),
+            hooks["mean_seconds"].as_f64().unwrap_or(0.0) * 1e3,
+            hooks["slowest_seconds"].as_f64().unwrap_or(0.0) * 1e3
+        );
+    }
+    for f in hooks["failures"].as_array().into_iter().flatten() {
+        out += &format!(
+            "WARNING: {} {} hook(s) could not reach the agent ({})\n",
+            n(&f["count"]),
+            s(&f["hook"]),
+            s(&f["action"])
+        );
     }
     let empty = Vec::new();
     let policies = doc["policies"].as_array().unwrap_or(&empty);

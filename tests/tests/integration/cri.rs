@@ -174,11 +174,15 @@ fn profile(v: &Value) -> Option<SecurityProfile> {
     })
 }
 
-/// The DaemonSet's container as the kubelet hands it to the runtime: its
-/// image, arguments, environment, volumes (with `host` mapping a hostPath to
-/// where this host has it), resources and security context.
-fn kubelet_container_config(pod: &Value, host: &dyn Fn(&Value) -> String) -> ContainerConfig {
-    let c = &pod["containers"][0];
+/// A container `c` of the DaemonSet's pod `pod` as the kubelet hands it to
+/// the runtime: its image, arguments, environment, volumes (with `host`
+/// mapping a hostPath to where this host has it), resources and security
+/// context.
+fn kubelet_container_config(
+    pod: &Value,
+    c: &Value,
+    host: &dyn Fn(&Value) -> String,
+) -> ContainerConfig {
     let strings = |v: &Value| -> Vec<String> {
         v.as_array()
             .map(|a| a.iter().map(|s| s.as_str().unwrap().to_owned()).collect())
@@ -213,8 +217,8 @@ fn kubelet_container_config(pod: &Value, host: &dyn Fn(&Value) -> String) -> Con
         args: strings(&c["args"]),
         envs: c["env"]
             .as_array()
-            .unwrap()
-            .iter()
+            .into_iter()
+            .flatten()
             .map(|e| KeyValue {
                 key: e["name"].as_str().unwrap().to_owned(),
                 value: match e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
@@ -229,9 +233,9 @@ fn kubelet_container_config(pod: &Value, host: &dyn Fn(&Value) -> String) -> Con
         log_path: format!("{}.log", c["name"].as_str().unwrap()),
         linux: Some(LinuxContainerConfig {
             resources: Some(LinuxContainerResources {
-                memory_limit_in_bytes: quantity_bytes(
-                    c["resources"]["limits"]["memory"].as_str().unwrap(),
-                ),
+                memory_limit_in_bytes: c["resources"]["limits"]["memory"]
+                    .as_str()
+                    .map_or(0, quantity_bytes),
                 ..Default::default()
             }),
             security_context: Some(LinuxContainerSecurityContext {
@@ -315,16 +319,18 @@ fn the_daemonset_runs_the_agent_through_the_cri() {
     let volume_dir = volume.dir.path().display().to_string();
     let cgroup2 = cgroup2_root().display().to_string();
     let socket = ctrd.socket.display().to_string();
-    let empty_dir = tempfile::tempdir().unwrap();
-    let empty_dir_path = empty_dir.path().display().to_string();
+    // The node's /run/portguard, /opt/portguard and /etc/containerd.
+    let node_run = tempfile::tempdir().unwrap();
+    let node_opt = tempfile::tempdir().unwrap();
+    let node_etc = tempfile::tempdir().unwrap();
     let host = |v: &Value| -> String {
         if v.get("configMap").is_some() {
             return volume_dir.clone();
         }
-        if v.get("emptyDir").is_some() {
-            return empty_dir_path.clone();
-        }
         match v["hostPath"]["path"].as_str().unwrap() {
+            "/run/portguard" => node_run.path().display().to_string(),
+            "/opt/portguard" => node_opt.path().display().to_string(),
+            "/etc/containerd" => node_etc.path().display().to_string(),
             // This host is hybrid: its cgroup2 tree is not /sys/fs/cgroup
             // (the manifest's comment says to change the path on such hosts).
             "/sys/fs/cgroup" => cgroup2.clone(),
@@ -345,7 +351,7 @@ fn the_daemonset_runs_the_agent_through_the_cri() {
         "server",
         &["/pgprobe", "hold", "tcp", "0.0.0.0", "8082"],
     );
-    let config = kubelet_container_config(pod_spec, &host);
+    let config = kubelet_container_config(pod_spec, &pod_spec["containers"][0], &host);
     let labels: Vec<(String, String)> = ds["spec"]["template"]["metadata"]["labels"]
         .as_object()
         .unwrap()
@@ -362,6 +368,38 @@ fn the_daemonset_runs_the_agent_through_the_cri() {
         &labels,
         pod_spec["hostPID"] == true,
     );
+    // The init container first, as the kubelet runs it: it puts the OCI
+    // hook on the node.
+    let init = &pod_spec["initContainers"][0];
+    ctrd.start_container(&agent_sb, kubelet_container_config(pod_spec, init, &host));
+    let init_log = || ctrd.container_log(&agent_sb, init["name"].as_str().unwrap());
+    let started = Instant::now();
+    while !init_log().contains("base_runtime_spec") {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the init container did not finish:\n{}\n{}",
+            init_log(),
+            ctrd.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let node_bin = node_opt.path().join("bin/portguard");
+    let version = Command::new(&node_bin).arg("--version").output().unwrap();
+    assert!(version.status.success(), "the hook binary on the node runs");
+    let spec: Value = serde_json::from_str(
+        &std::fs::read_to_string(node_etc.path().join("portguard-base-spec.json")).unwrap(),
+    )
+    .unwrap();
+    let hook = &spec["hooks"]["createRuntime"][0];
+    assert_eq!(hook["path"], "/opt/portguard/bin/portguard", "{spec}");
+    assert_eq!(
+        hook["args"],
+        json!(["portguard", "hook", "oci", "--socket", "/run/portguard/status.sock",
+               "--timeout", "1000ms", "--on-failure", "auto",
+               "--fail-open-namespace", ds["metadata"]["namespace"]]),
+        "the hook asks the agent where the DaemonSet puts its socket"
+    );
+    assert!(spec["process"].is_object() && spec["linux"]["namespaces"].is_array());
     let agent_ctr = ctrd.start_container(&agent_sb, config);
     let agent_log = |ctrd: &Containerd| ctrd.container_log(&agent_sb, "agent");
 
@@ -415,10 +453,11 @@ fn the_daemonset_runs_the_agent_through_the_cri() {
         pins.join("links/portguard_bind4").exists() && pins.join("maps/PORTGUARD_STATE").exists(),
         "the pod pins its links and maps on the node's bpffs:\n{log}"
     );
-    // `kubectl exec ... portguard status`: the socket is in the emptyDir.
+    // `kubectl exec ... portguard status`, and the node's OCI hook: the
+    // socket is in the node's /run/portguard.
     let status = Command::new(agent_bin())
         .args(["status", "--json", "--socket"])
-        .arg(empty_dir.path().join("status.sock"))
+        .arg(node_run.path().join("status.sock"))
         .output()
         .unwrap();
     assert!(
@@ -428,6 +467,19 @@ fn the_daemonset_runs_the_agent_through_the_cri() {
     );
     let doc: Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(doc["host"], NODE);
+    // What a hook that cannot reach the agent reads to fail closed for a
+    // pod the ConfigMap's `pods:` policies may select.
+    let selection: Value = serde_json::from_str(
+        &std::fs::read_to_string(node_run.path().join("hook-selection.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(
+        selection["namespaces"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("payments")),
+        "{selection}"
+    );
     // The ConfigMap's four; a built-in hold (`portguard:identifying`) may be
     // listed too while another test's pod cgroup, which this runtime does not
     // know, appears in the shared /kubepods tree.

@@ -20,6 +20,9 @@
 //! - `guard`: no governed socket serves on a port outside its policy, with or
 //!   without the BPF LSM (unbound listeners, handed-in sockets, UDP autobind
 //!   in a narrowed range, the IPV6_V6ONLY race, listeners through reloads).
+//! - `hooks`: `portguard hook unit` and the agent's "govern this cgroup
+//!   now" request: a restarted unit governed before its first instruction,
+//!   root-only requests, a starved agent failing the hook closed or open.
 //! - `hostile`: oversized and alias-bomb policies refused in bounded memory;
 //!   unprivileged users kept away from pins, socket and log.
 //! - `learn`: `portguard learn` writes a policy that allows exactly what it saw.
@@ -51,6 +54,7 @@ mod deploy;
 mod events;
 mod fairness;
 mod guard;
+mod hooks;
 mod hostile;
 mod inventory;
 mod learn;

@@ -202,9 +202,53 @@ fn kubernetes_manifests_validate_and_agree_with_the_agent() {
     assert_eq!(v["hostPath"]["type"], "Socket");
     assert_eq!(v["hostPath"]["path"], args.cri_socket.to_str().unwrap());
     let status = args.status_socket.0.as_deref().expect("--status-socket");
-    assert!(
-        volume_for(status).get("emptyDir").is_some(),
-        "the status socket lives in a writable emptyDir (read-only root)"
+    let run = volume_for(status);
+    assert_eq!(
+        run["hostPath"]["path"], "/run/portguard",
+        "the status socket is on the node, where the OCI hook reaches it"
+    );
+    // The init container installs a hook that asks the agent where the
+    // node has its socket, runs the binary it copied, and writes the base
+    // spec where containerd's config is.
+    let init = &pod["initContainers"][0];
+    let init_args: Vec<&str> = init["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let arg = |name: &str| -> &str {
+        init_args
+            .iter()
+            .find_map(|a| a.strip_prefix(&format!("--{name}=")))
+            .unwrap_or_else(|| panic!("the init container has no --{name}"))
+    };
+    assert_eq!(init_args[..3], ["hook", "install", "--containerd"]);
+    assert_eq!(arg("socket"), status.to_str().unwrap());
+    assert_eq!(
+        arg("fail-open-namespace"),
+        ns,
+        "a stopped agent's own pods must start, or it never answers again"
+    );
+    let init_mount = |path: &str| -> (String, &Value) {
+        let m = init["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| path.starts_with(m["mountPath"].as_str().unwrap()))
+            .unwrap_or_else(|| panic!("{path} is not mounted in the init container"));
+        let v = volumes.iter().find(|v| v["name"] == m["name"]).unwrap();
+        let node = path.replacen(
+            m["mountPath"].as_str().unwrap(),
+            v["hostPath"]["path"].as_str().unwrap(),
+            1,
+        );
+        (node, v)
+    };
+    assert_eq!(init_mount(arg("install-bin")).0, arg("bin"));
+    assert_eq!(
+        init_mount(arg("containerd-base-spec")).0,
+        "/etc/containerd/portguard-base-spec.json"
     );
     for path in ["/sys/fs/bpf", "/sys/kernel/security"] {
         assert_eq!(volume_for(Path::new(path))["hostPath"]["path"], path);

@@ -134,6 +134,34 @@ impl TreeIndex {
         idx
     }
 
+    /// Add cgroup paths to the index (as [`TreeIndex::from_paths`] would
+    /// index them), without walking the tree: a hook's cgroup and its
+    /// ancestors, known to exist now.
+    pub fn add_paths<'a>(&mut self, paths: impl IntoIterator<Item = &'a str>) {
+        let more = Self::from_paths(paths);
+        self.pods.extend(more.pods);
+        for (cid, path) in more.containers {
+            if identity::parse(&path).pod_uid.is_some() {
+                self.containers.insert(cid, path);
+            } else {
+                self.containers.entry(cid).or_insert(path);
+            }
+        }
+        for (unit, paths) in more.units {
+            let known = self.units.entry(unit).or_default();
+            for p in paths {
+                if !known.contains(&p) {
+                    known.push(p);
+                }
+            }
+        }
+        for s in more.slices {
+            if !self.slices.contains(&s) {
+                self.slices.push(s);
+            }
+        }
+    }
+
     /// Walk the cgroup2 tree mounted at `root`, from each of `starts` (paths
     /// under the mount, e.g. `/kubepods`), up to `max_depth` levels below it.
     pub fn scan(root: &Path, starts: &[&str], max_depth: usize) -> Self {

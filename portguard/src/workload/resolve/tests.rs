@@ -344,3 +344,25 @@ fn without_a_runtime_pod_selectors_govern_nothing() {
     .resolution;
     assert!(r[0].is_empty());
 }
+
+#[test]
+fn paths_added_to_the_index_are_indexed_like_scanned_ones() {
+    let mut idx = TreeIndex::from_paths(["/system.slice", "/system.slice/a.service"]);
+    idx.add_paths([
+        "/system.slice",
+        "/system.slice/b.service",
+        "/kubepods/besteffort/pod0f6c0000-0000-4000-8000-000000000001",
+        "/kubepods/besteffort/pod0f6c0000-0000-4000-8000-000000000001/aaaaaaaaaaaaaaaa",
+    ]);
+    let full = TreeIndex::from_paths([
+        "/system.slice",
+        "/system.slice/a.service",
+        "/system.slice/b.service",
+        "/kubepods/besteffort/pod0f6c0000-0000-4000-8000-000000000001",
+        "/kubepods/besteffort/pod0f6c0000-0000-4000-8000-000000000001/aaaaaaaaaaaaaaaa",
+    ]);
+    assert_eq!(idx, full);
+    // Adding again changes nothing.
+    idx.add_paths(["/system.slice/b.service"]);
+    assert_eq!(idx, full);
+}

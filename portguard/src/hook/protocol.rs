@@ -1,0 +1,148 @@
+//! The request a hook sends on the agent's status socket, and the answer.
+//!
+//! One connection carries one request. A client writes one JSON line
+//! (`{"request":"govern",...}` or `{"request":"status"}`) and reads one
+//! JSON document back. A client that writes nothing (`nc -U`, agents and
+//! clients from before hooks existed) gets the status document once it
+//! closes its side or after [`REQUEST_WAIT`].
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// How long the agent waits for a request line before answering with its
+/// status (a client that sends nothing).
+pub const REQUEST_WAIT: Duration = Duration::from_millis(200);
+
+/// The longest request line accepted.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// A request on the status socket.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "snake_case")]
+pub enum Request {
+    /// The status document (what `portguard status --json` prints).
+    Status,
+    /// Govern this cgroup now with the policy that selects it, and answer
+    /// once the kernel maps say so.
+    Govern(Govern),
+}
+
+/// Which hook asks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HookKind {
+    /// `portguard hook oci` (an OCI runtime's createRuntime hook).
+    Oci,
+    /// `portguard hook unit` (a systemd unit's ExecStartPre=).
+    Unit,
+}
+
+impl HookKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Oci => "oci",
+            Self::Unit => "unit",
+        }
+    }
+}
+
+/// "Govern this cgroup now". The agent decides which policy applies, from
+/// its own view of the cgroup tree and the CRI runtime: nothing in the
+/// request chooses a policy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Govern {
+    /// The cgroup's id (the inode number of its cgroup2 directory): the
+    /// same in every cgroup namespace, so an agent in a pod of its own
+    /// finds it.
+    pub cgroup_id: u64,
+    /// The cgroup's path as the hook sees it (for messages).
+    pub cgroup: String,
+    pub hook: HookKind,
+    /// The OCI container id (`oci` hooks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
+    /// The runtime says this is a pod's sandbox (pause) container: its pod
+    /// cannot be listed yet, and is held until it can.
+    #[serde(default)]
+    pub sandbox: bool,
+    /// The unit (`unit` hooks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+}
+
+/// The agent's answer to [`Govern`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reply {
+    /// The cgroup is governed as `policy` says, in the kernel maps.
+    pub ok: bool,
+    /// Why not, when not `ok`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The cgroup's path as the agent sees it.
+    #[serde(default)]
+    pub cgroup: String,
+    #[serde(default)]
+    pub cgroup_id: u64,
+    /// The policy the kernel applies to the cgroup (its own or its nearest
+    /// governed ancestor's; `None`: no policy governs it).
+    #[serde(default)]
+    pub policy: Option<String>,
+    /// The cgroup that policy is attached to.
+    #[serde(default)]
+    pub policy_cgroup: Option<String>,
+    /// The agent knows who the cgroup is: the runtime lists the container
+    /// (and its pod), or no `pods:` policy needs the runtime. `false` for a
+    /// sandbox whose pod the runtime does not list yet (held by
+    /// `portguard:identifying`).
+    #[serde(default)]
+    pub identified: bool,
+    /// Microseconds the agent took, from reading the request to answering.
+    #[serde(default)]
+    pub micros: u64,
+}
+
+impl Reply {
+    pub fn error(cgroup_id: u64, msg: impl Into<String>) -> Self {
+        Self {
+            ok: false,
+            error: Some(msg.into()),
+            cgroup_id,
+            ..Self::default()
+        }
+    }
+}
+
+/// A govern request on its way from the socket to the agent's loop.
+#[derive(Debug)]
+pub struct Pending {
+    pub request: Govern,
+    pub reply: tokio::sync::oneshot::Sender<Reply>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_in_their_wire_form() {
+        let g = Request::Govern(Govern {
+            cgroup_id: 42,
+            cgroup: "/kubepods/besteffort/podx/abc".into(),
+            hook: HookKind::Oci,
+            container_id: Some("abc".into()),
+            sandbox: false,
+            unit: None,
+        });
+        let text = serde_json::to_string(&g).unwrap();
+        assert!(text.starts_with(r#"{"request":"govern","cgroup_id":42,"#), "{text}");
+        assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), g);
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"request":"status"}"#).unwrap(),
+            Request::Status
+        );
+        // A request without the fields it needs is an error, not a default.
+        assert!(serde_json::from_str::<Request>(r#"{"request":"govern"}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"request":"reboot"}"#).is_err());
+    }
+}

@@ -1,0 +1,267 @@
+//! `portguard hook unit` and the agent's "govern this cgroup now": a unit
+//! restarted again and again is governed by its own policy before its
+//! first instruction, by construction rather than by winning a race; only
+//! root may ask; a hook that cannot reach the agent fails closed (or open,
+//! as configured) and the agent reports it.
+//!
+//! PID 1 here is not systemd: a restart is laid out as systemd does it
+//! (the unit's cgroup removed and made again, `ExecStartPre=` run in it,
+//! then `ExecStart=` in it), with the real hook binary and a real bind.
+
+use std::{
+    io::{Read as _, Write as _},
+    os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
+    process::{Command, Output},
+    time::Duration,
+};
+
+use portguard_tests::{Agent, Cgroup, Probe, agent_bin, cgroup2_root, require_root};
+use serde_json::{Value, json};
+
+/// Run `cmd` inside `cg` (it joins before exec, as systemd's children do).
+fn run_in(cg: &Cgroup, cmd: Command) -> Output {
+    run_as_in(cg, cmd, None)
+}
+
+/// [`run_in`], as user `uid` (switched after joining the cgroup).
+fn run_as_in(cg: &Cgroup, mut cmd: Command, uid: Option<u32>) -> Output {
+    let procs = std::ffi::CString::new(cg.fs.join("cgroup.procs").display().to_string()).unwrap();
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::close(fd);
+            if let Some(u) = uid
+                && (libc::setgid(u) != 0 || libc::setuid(u) != 0)
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.output().expect("running a command in a cgroup")
+}
+
+fn hook_unit(agent: &Agent, unit: &str, extra: &[&str]) -> Command {
+    let mut c = Command::new(agent_bin());
+    c.args(["hook", "unit", "--socket"])
+        .arg(agent.status_socket())
+        .args(extra)
+        .arg(unit);
+    c
+}
+
+/// A unit-shaped cgroup layout: `<slice>/<unit>`, the slice removed on drop.
+fn slice(tag: &str) -> Cgroup {
+    let name = format!("pgtest-{tag}-{}.slice", std::process::id());
+    Cgroup::existing(cgroup2_root().join(&name), &format!("/{name}"))
+}
+
+/// Restart `unit` in `slice` `n` times, its `ExecStart=` binding `port` at
+/// once; with `hook`, `ExecStartPre=` runs `portguard hook unit` first.
+/// Returns how many binds the kernel allowed (slips).
+fn restarts(agent: &Agent, slice: &Cgroup, unit: &str, port: u16, n: usize, hook: bool) -> usize {
+    let mut slips = 0;
+    for i in 0..n {
+        // systemd removes a stopped unit's cgroup and makes it again.
+        let cg = slice.child(unit);
+        if hook {
+            let out = run_in(&cg, hook_unit(agent, unit, &["--timeout", "5s"]));
+            assert!(
+                out.status.success(),
+                "restart {i}: ExecStartPre (portguard hook unit) failed: {}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                agent.stderr()
+            );
+        }
+        let r = Probe::in_cgroup(&cg)
+            .host_netns()
+            .run(&["bind", "tcp", "127.0.0.1", &port.to_string()]);
+        if r.ok {
+            slips += 1;
+        } else {
+            r.assert_eperm();
+        }
+        drop(cg);
+    }
+    slips
+}
+
+#[test]
+fn a_restarted_unit_is_governed_before_its_first_instruction() {
+    require_root!();
+    let pid = std::process::id();
+    let s = slice("hookunit");
+    let unit = format!("pgtest-hooked-{pid}.service");
+    // No rescan timer: only inotify (the race) or the hook governs it.
+    let agent = Agent::start_with(
+        &format!("policies:\n  - {{name: hooked, unit: {unit}, bind: [{{ports: [9000]}}]}}\n"),
+        &["--rescan-interval", "1h", "--aggregate-window", "0"],
+    );
+    let (control_port, port) = (40000 + (pid % 1000) as u16 * 2, 40001 + (pid % 1000) as u16 * 2);
+    // The control: the same restarts without ExecStartPre. The agent wins
+    // the race only if it notices the cgroup before the bind (measured,
+    // not asserted: it depends on scheduling).
+    let slipped = restarts(&agent, &s, &unit, control_port, 100, false);
+    eprintln!("without the hook: {slipped} of 100 restarts bound a denied port before the agent governed the unit");
+    let slipped = restarts(&agent, &s, &unit, port, 100, true);
+    assert_eq!(
+        slipped, 0,
+        "with the hook, {slipped} of 100 restarts bound a denied port\n{}",
+        agent.stderr()
+    );
+    // Each denial is an event naming the unit's policy and the unit.
+    let denied: u64 = agent
+        .events_matching(
+            &[("policy", json!("hooked")), ("port", json!(port))],
+            Duration::from_millis(500),
+        )
+        .iter()
+        .inspect(|e| assert_eq!(e["unit"], unit.as_str(), "{e}"))
+        .map(|e| e["count"].as_u64().unwrap_or(1))
+        .sum();
+    assert_eq!(denied, 100, "one deny event per restart");
+    let status = agent_status(&agent);
+    assert!(
+        status["runtime_hooks"]["requests"].as_u64() >= Some(100),
+        "{status}"
+    );
+}
+
+fn agent_status(agent: &Agent) -> Value {
+    let out = Command::new(agent_bin())
+        .args(["status", "--json", "--socket"])
+        .arg(agent.status_socket())
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "status --json: {e}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// One raw request line on the status socket; the answer.
+fn ask(agent: &Agent, line: &str) -> Value {
+    let mut s = std::os::unix::net::UnixStream::connect(agent.status_socket()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(line.as_bytes()).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("answer {text:?}: {e}"))
+}
+
+#[test]
+fn only_root_may_ask_and_the_agent_decides_the_policy() {
+    require_root!();
+    let pid = std::process::id();
+    let s = slice("hookroot");
+    let unit = format!("pgtest-root-{pid}.service");
+    let other = s.child("not-a-unit");
+    let agent = Agent::start_with(
+        &format!("policies:\n  - {{name: strict, unit: {unit}, bind: []}}\n"),
+        &["--rescan-interval", "1h"],
+    );
+    // Someone loosened the socket's mode: the agent still refuses a
+    // request from a user other than root.
+    let sock = agent.status_socket();
+    for p in [sock.parent().unwrap(), sock.as_path()] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    let cg = s.child(&unit);
+    let c = hook_unit(&agent, &unit, &["--on-failure", "closed"]);
+    let out = run_as_in(&cg, c, Some(65534));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a user's request was answered: {err}");
+    assert!(err.contains("only root may ask"), "{err}");
+
+    // The request names a cgroup, never a policy: a cgroup no policy
+    // selects stays ungoverned, whoever asks.
+    let a = ask(
+        &agent,
+        &format!(
+            r#"{{"request":"govern","cgroup_id":{},"cgroup":"{}","hook":"unit","unit":"{unit}"}}"#,
+            other.id(),
+            other.rel
+        ),
+    );
+    assert_eq!((a["ok"].clone(), a["policy"].clone()), (json!(true), Value::Null), "{a}");
+    let a = ask(
+        &agent,
+        &format!(
+            r#"{{"request":"govern","cgroup_id":{},"cgroup":"{}","hook":"unit"}}"#,
+            cg.id(),
+            cg.rel
+        ),
+    );
+    assert_eq!(a["policy"], "strict", "{a}");
+    assert_eq!(a["policy_cgroup"], cg.rel.as_str(), "{a}");
+    // A cgroup that does not exist, and what is not a request.
+    let a = ask(
+        &agent,
+        r#"{"request":"govern","cgroup_id":999999999999,"cgroup":"/nowhere","hook":"oci"}"#,
+    );
+    assert_eq!(a["ok"], false, "{a}");
+    assert!(
+        a["error"].as_str().unwrap().contains("no cgroup with id 999999999999"),
+        "{a}"
+    );
+    let a = ask(&agent, "{\"request\":\"reboot\"}\n");
+    assert!(a["error"].as_str().unwrap().contains("not a request"), "{a}");
+    // Saying nothing still gets the status document.
+    assert!(ask(&agent, "")["policies"].is_array());
+}
+
+#[test]
+fn a_starved_agent_fails_the_unit_hook_closed_or_open_and_says_so() {
+    require_root!();
+    let pid = std::process::id();
+    let s = slice("hookstop");
+    let unit = format!("pgtest-stop-{pid}.service");
+    let agent = Agent::start_with(
+        &format!("policies:\n  - {{name: stopped, unit: {unit}, bind: []}}\n"),
+        &["--rescan-interval", "1h"],
+    );
+    let cg = s.child(&unit);
+    struct Cont(i32);
+    impl Drop for Cont {
+        fn drop(&mut self) {
+            // SAFETY: resuming the agent this test stopped.
+            unsafe { libc::kill(self.0, libc::SIGCONT) };
+        }
+    }
+    // SAFETY: stopping the test's own agent; resumed by the guard.
+    unsafe { libc::kill(agent.pid(), libc::SIGSTOP) };
+    let cont = Cont(agent.pid());
+    let closed = run_in(&cg, hook_unit(&agent, &unit, &["--timeout", "300ms"]));
+    let open = run_in(
+        &cg,
+        hook_unit(&agent, &unit, &["--timeout", "300ms", "--on-failure", "open"]),
+    );
+    drop(cont);
+    assert_eq!(closed.status.code(), Some(1), "the default fails closed");
+    assert_eq!(open.status.code(), Some(0), "--on-failure open lets it start");
+    assert!(String::from_utf8_lossy(&closed.stderr).contains("did not answer in time"));
+    for action in ["refused_start", "allowed_start"] {
+        let e = agent.wait_event(&[
+            ("verdict", json!("hook_failed")),
+            ("action", json!(action)),
+        ]);
+        assert_eq!(e["hook"], "unit", "{e}");
+        assert_eq!(e["unit"], unit.as_str(), "{e}");
+        assert_eq!(e["cgroup"], cg.rel.as_str(), "{e}");
+        assert_eq!(e["cgroup_id"], cg.id(), "{e}");
+        let errors = portguard_tests::schema_errors(&[e]);
+        assert!(errors.is_empty(), "{errors:?}");
+    }
+    let m = agent.metrics_text();
+    assert!(
+        m.contains(r#"portguard_runtime_hook_failures_total{hook="unit",action="refused_start"} 1"#),
+        "{m}"
+    );
+}
