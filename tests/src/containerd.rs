@@ -83,8 +83,11 @@ fn build_image(name: &str, out: &Path, pgprobe: &Path) {
 /// `base_runtime_spec` to sandboxes: see [`Containerd::hook_sandboxes`]).
 fn runc_with_cgroupns(dir: &Path) -> PathBuf {
     let path = dir.join("runc-cgroupns");
+    // Written aside and renamed: a shim may be running the old one (sh
+    // reads its script as it goes) when `set_hook` rewrites the config.
+    let tmp = dir.join("runc-cgroupns.new");
     std::fs::write(
-        &path,
+        &tmp,
         format!(
             r#"#!/bin/sh
 hooks={hooks}
@@ -112,10 +115,11 @@ exec runc "$@"
     )
     .unwrap();
     std::fs::set_permissions(
-        &path,
+        &tmp,
         <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o755),
     )
     .unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
     path
 }
 
