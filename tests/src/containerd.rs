@@ -3,7 +3,15 @@
 //! images built here from busybox-static (no registry is reachable), and a
 //! kubelet-like cgroup layout (`kubepods/besteffort/pod<uid>`, cgroupfs
 //! driver). Dropping it removes every pod, container, shim, cgroup and the
-//! bridge it created.
+//! bridge it created. [`Containerd::start_with_hook`] installs an OCI
+//! `createRuntime` hook ([`Hook`]) through `base_runtime_spec`; the
+//! container lifecycle calls are in `containers`.
+
+mod containers;
+mod hook;
+
+pub use containers::{container_config, log_name};
+pub use hook::Hook;
 
 use std::{
     collections::HashMap,
@@ -15,10 +23,9 @@ use std::{
 };
 
 use portguard::workload::cri::api::{
-    ContainerConfig, ContainerMetadata, CreateContainerRequest, ExecSyncRequest, ImageSpec,
     LinuxPodSandboxConfig, LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption,
     PodSandboxConfig, PodSandboxMetadata, RemovePodSandboxRequest, RunPodSandboxRequest,
-    StartContainerRequest, StopPodSandboxRequest, runtime_service_client::RuntimeServiceClient,
+    StopPodSandboxRequest, runtime_service_client::RuntimeServiceClient,
 };
 use tonic::transport::Channel;
 
@@ -70,11 +77,20 @@ fn build_image(name: &str, out: &Path, pgprobe: &Path) {
 /// containerd does on a cgroup v2 (unified) node: the agent's pod then sees
 /// its own cgroup as `/` and everyone else's as `/../..`, as on a real
 /// node. This host is hybrid, where containerd would not.
+///
+/// While `dir`/[`SANDBOX_HOOKS`] exists, it also sets the `hooks` of every
+/// pod sandbox's (pause) spec to that file's (containerd never applies
+/// `base_runtime_spec` to sandboxes: see [`Containerd::hook_sandboxes`]).
 fn runc_with_cgroupns(dir: &Path) -> PathBuf {
     let path = dir.join("runc-cgroupns");
+    // Written aside and renamed: a shim may be running the old one (sh
+    // reads its script as it goes) when `set_hook` rewrites the config.
+    let tmp = dir.join("runc-cgroupns.new");
     std::fs::write(
-        &path,
-        r#"#!/bin/sh
+        &tmp,
+        format!(
+            r#"#!/bin/sh
+hooks={hooks}
 bundle=
 create=
 prev=
@@ -84,19 +100,68 @@ for a in "$@"; do
   prev=$a
 done
 if [ -n "$create" ] && [ -n "$bundle" ]; then
-  /usr/bin/jq '.linux.namespaces |= (if any(.[]; .type == "cgroup") then . else . + [{"type": "cgroup"}] end)' \
+  /usr/bin/jq '.linux.namespaces |= (if any(.[]; .type == "cgroup") then . else . + [{{"type": "cgroup"}}] end)' \
     "$bundle/config.json" > "$bundle/config.json.pg" && mv "$bundle/config.json.pg" "$bundle/config.json" || exit 1
+  if [ -f "$hooks" ]; then
+    /usr/bin/jq --slurpfile h "$hooks" \
+      'if .annotations["io.kubernetes.cri.container-type"] == "sandbox" then .hooks = $h[0] else . end' \
+      "$bundle/config.json" > "$bundle/config.json.pg" && mv "$bundle/config.json.pg" "$bundle/config.json" || exit 1
+  fi
 fi
 exec runc "$@"
 "#,
+            hooks = dir.join(SANDBOX_HOOKS).display()
+        ),
     )
     .unwrap();
     std::fs::set_permissions(
-        &path,
+        &tmp,
         <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o755),
     )
     .unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
     path
+}
+
+/// Write `dir`/config.toml (and, with a hook, the base runtime spec that
+/// installs it).
+fn write_config(d: &Path, socket: &Path, hook: Option<&Hook>) {
+    let base_spec = match hook {
+        Some(h) => {
+            hook::write_base_spec(&d.join(BASE_SPEC), Some(h));
+            format!("base_runtime_spec = \"{}\"", d.join(BASE_SPEC).display())
+        }
+        None => String::new(),
+    };
+    let config = format!(
+        r#"version = 2
+root = "{root}"
+state = "{state}"
+[grpc]
+  address = "{sock}"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{PAUSE}"
+  restrict_oom_score_adj = true
+  enable_selinux = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "{cni}"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      {base_spec}
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        BinaryName = "{runc}"
+"#,
+        runc = runc_with_cgroupns(d).display(),
+        root = d.join("root").display(),
+        state = d.join("state").display(),
+        sock = socket.display(),
+        cni = d.join("cni").display(),
+    );
+    std::fs::write(d.join("config.toml"), config).unwrap();
 }
 
 /// containerd on `dir`'s config, its log appended to `dir`/containerd.log.
@@ -128,9 +193,21 @@ pub struct Containerd {
     rt: tokio::runtime::Runtime,
 }
 
+/// The base runtime spec file's name in the instance's directory.
+const BASE_SPEC: &str = "base-spec.json";
+/// The file of hooks the runc wrapper gives pod sandboxes, if it exists.
+const SANDBOX_HOOKS: &str = "sandbox-hooks.json";
+
 impl Containerd {
     /// Start containerd and import the images. Panics if it cannot.
     pub fn start(pgprobe: &Path) -> Self {
+        Self::start_with_hook(pgprobe, None)
+    }
+
+    /// [`Containerd::start`], with `hook` as every container's (the pod
+    /// sandboxes' too) OCI `createRuntime` hook, through the runc runtime's
+    /// `base_runtime_spec`.
+    pub fn start_with_hook(pgprobe: &Path, hook: Option<Hook>) -> Self {
         let n = SEQ.fetch_add(1, Ordering::SeqCst);
         let dir = tempfile::Builder::new()
             .prefix("pgctrd")
@@ -156,34 +233,7 @@ impl Containerd {
             .unwrap(),
         )
         .unwrap();
-        let config = format!(
-            r#"version = 2
-root = "{root}"
-state = "{state}"
-[grpc]
-  address = "{sock}"
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "{PAUSE}"
-  restrict_oom_score_adj = true
-  enable_selinux = false
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
-    conf_dir = "{cni}"
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "overlayfs"
-    default_runtime_name = "runc"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-      runtime_type = "io.containerd.runc.v2"
-      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
-        BinaryName = "{runc}"
-"#,
-            runc = runc_with_cgroupns(d).display(),
-            root = d.join("root").display(),
-            state = d.join("state").display(),
-            sock = socket.display(),
-            cni = d.join("cni").display(),
-        );
-        std::fs::write(d.join("config.toml"), config).unwrap();
+        write_config(d, &socket, hook.as_ref());
         let child = spawn_containerd(d);
         let c = Self {
             socket,
@@ -252,6 +302,31 @@ state = "{state}"
         }
     }
 
+    /// Restart containerd (SIGKILL, then on the same state: the running
+    /// pods stay) with `hook` as the `createRuntime` hook of the containers
+    /// created from now on (None: the built-in default spec, no hook).
+    pub fn set_hook(&mut self, hook: Option<Hook>) {
+        self.kill_daemon();
+        write_config(self.dir.path(), &self.socket, hook.as_ref());
+        self.restart();
+    }
+
+    /// Give the pod sandboxes (pause containers) run from now on `hook` as
+    /// their `createRuntime` hook (None: no hooks), through the runc
+    /// wrapper: containerd itself builds a sandbox's spec from its built-in
+    /// default, never from `base_runtime_spec` (containerd 1.6 to 2.x:
+    /// `sandboxContainerSpec` calls `runtimeSpec(id, "", ...)`), so a base
+    /// spec hook never runs for them.
+    pub fn hook_sandboxes(&self, hook: Option<&Hook>) {
+        let path = self.dir.path().join(SANDBOX_HOOKS);
+        match hook {
+            Some(h) => std::fs::write(&path, hook::hooks_json(h).to_string()).unwrap(),
+            None => {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
     }
@@ -295,6 +370,21 @@ state = "{state}"
         annotations: &[(&str, &str)],
         host_pid: bool,
     ) -> (String, String, String) {
+        self.try_run_pod(namespace, name, labels, annotations, host_pid)
+            .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", self.log()))
+    }
+
+    /// [`Containerd::run_pod_annotated`]; the runtime's error if it refuses
+    /// (runc's create of the sandbox container, and so its `createRuntime`
+    /// hooks, runs inside RunPodSandbox).
+    pub fn try_run_pod(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+        annotations: &[(&str, &str)],
+        host_pid: bool,
+    ) -> Result<(String, String, String), tonic::Status> {
         let n = SEQ.fetch_add(1, Ordering::SeqCst);
         let uid = format!(
             "{:08x}-0000-4000-8000-{:012x}",
@@ -338,75 +428,24 @@ state = "{state}"
             }),
             ..Default::default()
         };
+        // The pod cgroup may exist even if the sandbox fails.
+        self.cgroups.push(
+            portguard::workload::cgroupfs::cgroup2_mount()
+                .unwrap()
+                .join(&parent),
+        );
         let mut client = self.client();
         let id = self
             .rt
             .block_on(client.run_pod_sandbox(RunPodSandboxRequest {
                 config: Some(config.clone()),
                 runtime_handler: String::new(),
-            }))
-            .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", self.log()))
+            }))?
             .into_inner()
             .pod_sandbox_id;
         self.pods.push(id.clone());
         self.sandboxes.insert(id.clone(), config);
-        self.cgroups.push(
-            portguard::workload::cgroupfs::cgroup2_mount()
-                .unwrap()
-                .join(&parent),
-        );
-        (id, uid, format!("/{parent}"))
-    }
-
-    /// Create and start a test container (busybox and pgprobe, sleeping)
-    /// named `name` in a pod. Returns its id.
-    pub fn run_container(&mut self, sandbox: &str, name: &str) -> String {
-        self.run_container_cmd(sandbox, name, &["/bin/sleep", "3600"])
-    }
-
-    /// [`Containerd::run_container`] running `command` (e.g. `/pgprobe hold
-    /// ...`).
-    pub fn run_container_cmd(&mut self, sandbox: &str, name: &str, command: &[&str]) -> String {
-        let config = ContainerConfig {
-            metadata: Some(ContainerMetadata {
-                name: name.into(),
-                attempt: 0,
-            }),
-            image: Some(ImageSpec {
-                image: BUSYBOX.into(),
-                ..Default::default()
-            }),
-            command: command.iter().map(|c| (*c).to_owned()).collect(),
-            log_path: format!("{name}.log"),
-            ..Default::default()
-        };
-        self.start_container(sandbox, config)
-    }
-
-    /// Create and start a container from `config` in a pod. Returns its id.
-    pub fn start_container(&mut self, sandbox: &str, config: ContainerConfig) -> String {
-        let sandbox_config = self
-            .sandboxes
-            .get(sandbox)
-            .cloned()
-            .unwrap_or_else(|| panic!("no sandbox {sandbox} from this fixture"));
-        let mut client = self.client();
-        let id = self
-            .rt
-            .block_on(client.create_container(CreateContainerRequest {
-                pod_sandbox_id: sandbox.into(),
-                config: Some(config),
-                sandbox_config: Some(sandbox_config),
-            }))
-            .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", self.log()))
-            .into_inner()
-            .container_id;
-        self.rt
-            .block_on(client.start_container(StartContainerRequest {
-                container_id: id.clone(),
-            }))
-            .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", self.log()));
-        id
+        Ok((id, uid, format!("/{parent}")))
     }
 
     /// Import an OCI image archive into the CRI's image store.
@@ -427,37 +466,6 @@ state = "{state}"
             archive.display(),
             String::from_utf8_lossy(&out.stderr)
         );
-    }
-
-    /// The log file of container `name` in sandbox `sandbox`, in the CRI
-    /// format (`TIME STREAM TAG LINE`), as `kubectl logs` reads it.
-    pub fn container_log(&self, sandbox: &str, name: &str) -> String {
-        let dir = &self.sandboxes[sandbox].log_directory;
-        std::fs::read_to_string(Path::new(dir).join(format!("{name}.log"))).unwrap_or_default()
-    }
-
-    /// Run `pgprobe ARGS` inside a container; returns its JSON result.
-    pub fn probe(&self, container: &str, args: &[&str]) -> serde_json::Value {
-        let mut client = self.client();
-        let mut cmd = vec!["/pgprobe".to_owned()];
-        cmd.extend(args.iter().map(|s| (*s).to_owned()));
-        let r = self
-            .rt
-            .block_on(client.exec_sync(ExecSyncRequest {
-                container_id: container.into(),
-                cmd,
-                timeout: 20,
-            }))
-            .unwrap_or_else(|e| panic!("ExecSync: {e}\n{}", self.log()))
-            .into_inner();
-        let out = String::from_utf8_lossy(&r.stdout);
-        serde_json::from_str(out.lines().last().unwrap_or_default()).unwrap_or_else(|e| {
-            panic!(
-                "bad pgprobe output {out:?} (stderr {:?}, exit {}): {e}",
-                String::from_utf8_lossy(&r.stderr),
-                r.exit_code
-            )
-        })
     }
 }
 

@@ -33,6 +33,9 @@
 //! - `cli`: `check`, `--help`, and `run` refusing bad input.
 //! - `cri`: `pods:` selectors against a private containerd through the CRI.
 //! - `cri_runtime`: CRI answers over 4 MiB; the runtime down (pods stay held).
+//! - `oci_hook`: `portguard hook oci` as containerd's `createRuntime` hook:
+//!   each container governed before its first instruction; a starved agent
+//!   fails the hook closed or open; what containerd 1.6 hands a hook.
 //! - `status`: `portguard status` and `portguard events`.
 //! - `terminal`: hostile cgroup names are escaped in logs, tables and status.
 //! - `units`: `unit:` selectors on a bare host.
@@ -59,6 +62,7 @@ mod inventory;
 mod learn;
 mod manifests;
 mod metrics;
+mod oci_hook;
 mod pinning;
 mod plan;
 mod reload;
