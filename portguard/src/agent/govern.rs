@@ -152,7 +152,11 @@ impl Agent {
 
     /// The first of `path` and its ancestors (deepest first) for which
     /// `f(cgroup id)` answers, with that cgroup's path.
-    fn walk_up(&self, path: &str, mut f: impl FnMut(u64) -> Option<String>) -> Option<(String, String)> {
+    fn walk_up(
+        &self,
+        path: &str,
+        mut f: impl FnMut(u64) -> Option<String>,
+    ) -> Option<(String, String)> {
         let mut at = path.trim_end_matches('/').to_owned();
         loop {
             let here = if at.is_empty() { "/" } else { at.as_str() };
@@ -237,8 +241,9 @@ impl Agent {
         };
         if kernel != applied {
             let name = |g: &Option<(String, String)>| {
-                g.as_ref()
-                    .map_or("no policy".to_owned(), |(n, at)| format!("`{n}` (from {at})"))
+                g.as_ref().map_or("no policy".to_owned(), |(n, at)| {
+                    format!("`{n}` (from {at})")
+                })
             };
             reply.ok = false;
             reply.error = Some(format!(

@@ -33,9 +33,7 @@ mod start;
 mod state;
 mod watch;
 
-use self::{
-    endpoints::Endpoints, govern::*, pipeline::*, serve::*, start::*, state::*, watch::*,
-};
+use self::{endpoints::Endpoints, govern::*, pipeline::*, serve::*, start::*, state::*, watch::*};
 
 /// Options of `portguard run`.
 #[derive(Clone, Debug)]

@@ -282,7 +282,10 @@ fn install_dropins(i: &InstallArgs, policy: &Path, line: &install::HookLine) -> 
     let agent_unit = (i.agent_unit != "none").then(|| i.agent_unit.clone());
     for u in &others {
         if let Some(why) = systemd::no_dropin_reason(u) {
-            eprintln!("warning: {}: no drop-in for unit `{u}`: {why}", policy.display());
+            eprintln!(
+                "warning: {}: no drop-in for unit `{u}`: {why}",
+                policy.display()
+            );
         }
     }
     let services: Vec<String> = services

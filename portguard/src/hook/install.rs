@@ -198,10 +198,9 @@ fn write_atomic(path: &Path, text: &str) -> anyhow::Result<()> {
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let name = path.file_name().map_or_else(
-        || "portguard".into(),
-        |n| n.to_string_lossy().into_owned(),
-    );
+    let name = path
+        .file_name()
+        .map_or_else(|| "portguard".into(), |n| n.to_string_lossy().into_owned());
     let tmp = dir.join(format!(".{name}.portguard-{}", std::process::id()));
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -231,7 +230,10 @@ pub fn copy_binary(from: &Path, to: &Path) -> anyhow::Result<Change> {
     if let Ok(m) = std::fs::symlink_metadata(to)
         && !m.is_file()
     {
-        anyhow::bail!("{}: not a regular file; refusing to replace it", to.display());
+        anyhow::bail!(
+            "{}: not a regular file; refusing to replace it",
+            to.display()
+        );
     }
     if std::fs::read(to).is_ok_and(|old| old == new) {
         return Ok(Change::Unchanged(to.to_owned()));
@@ -257,7 +259,11 @@ pub fn copy_binary(from: &Path, to: &Path) -> anyhow::Result<Change> {
 /// Write containerd's base spec at `path` with the hook: from `from` (a
 /// whole spec) if given, else from what is at `path`, else containerd's
 /// default spec.
-pub fn install_containerd(path: &Path, from: Option<&Path>, line: &HookLine) -> anyhow::Result<Change> {
+pub fn install_containerd(
+    path: &Path,
+    from: Option<&Path>,
+    line: &HookLine,
+) -> anyhow::Result<Change> {
     line.check()?;
     let current = read_plain(path)?;
     let (base, source) = match (from, &current) {
@@ -266,10 +272,12 @@ pub fn install_containerd(path: &Path, from: Option<&Path>, line: &HookLine) -> 
             f.display().to_string(),
         ),
         (None, Some(text)) => (text.clone(), path.display().to_string()),
-        (None, None) => (CONTAINERD_DEFAULT_SPEC.to_owned(), "containerd's default spec".into()),
+        (None, None) => (
+            CONTAINERD_DEFAULT_SPEC.to_owned(),
+            "containerd's default spec".into(),
+        ),
     };
-    let spec: Value =
-        serde_json::from_str(&base).with_context(|| format!("{source}: not JSON"))?;
+    let spec: Value = serde_json::from_str(&base).with_context(|| format!("{source}: not JSON"))?;
     let spec = with_hook(spec, line).with_context(|| source.clone())?;
     let text = pretty(&spec);
     if current.as_deref() == Some(text.as_str()) {
@@ -370,7 +378,10 @@ mod tests {
     fn the_base_spec_gets_one_hook_and_keeps_the_rest() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("base.json");
-        assert!(matches!(install_containerd(&p, None, &line()), Ok(Change::Written(_))));
+        assert!(matches!(
+            install_containerd(&p, None, &line()),
+            Ok(Change::Written(_))
+        ));
         let spec: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
         let hooks = spec["hooks"]["createRuntime"].as_array().unwrap();
         assert_eq!(hooks.len(), 1);
@@ -378,9 +389,15 @@ mod tests {
         assert_eq!(hooks[0]["timeout"], 3);
         assert_eq!(hooks[0]["args"][1], "hook");
         assert_eq!(hooks[0]["args"][10], "portguard-system");
-        assert!(spec["linux"]["namespaces"].is_array(), "the default spec stays whole");
+        assert!(
+            spec["linux"]["namespaces"].is_array(),
+            "the default spec stays whole"
+        );
         // Again: unchanged; a foreign hook added by hand survives both ways.
-        assert!(matches!(install_containerd(&p, None, &line()), Ok(Change::Unchanged(_))));
+        assert!(matches!(
+            install_containerd(&p, None, &line()),
+            Ok(Change::Unchanged(_))
+        ));
         let mut with_foreign = spec.clone();
         with_foreign["hooks"]["createRuntime"]
             .as_array_mut()
@@ -389,16 +406,28 @@ mod tests {
         std::fs::write(&p, pretty(&with_foreign)).unwrap();
         let mut l = line();
         l.timeout = Duration::from_millis(500);
-        assert!(matches!(install_containerd(&p, None, &l), Ok(Change::Written(_))));
+        assert!(matches!(
+            install_containerd(&p, None, &l),
+            Ok(Change::Written(_))
+        ));
         let spec: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
         let hooks = spec["hooks"]["createRuntime"].as_array().unwrap();
         assert_eq!(hooks.len(), 2);
         assert_eq!(hooks[1]["args"][6], "500ms");
-        assert!(matches!(uninstall_containerd(&p, false), Ok(Change::Removed(_))));
+        assert!(matches!(
+            uninstall_containerd(&p, false),
+            Ok(Change::Removed(_))
+        ));
         let spec: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
-        assert_eq!(spec["hooks"]["createRuntime"], json!([{"path": "/usr/bin/other-hook"}]));
+        assert_eq!(
+            spec["hooks"]["createRuntime"],
+            json!([{"path": "/usr/bin/other-hook"}])
+        );
         assert!(spec["process"].is_object());
-        assert!(matches!(uninstall_containerd(&p, false), Ok(Change::Absent(_))));
+        assert!(matches!(
+            uninstall_containerd(&p, false),
+            Ok(Change::Absent(_))
+        ));
     }
 
     #[test]
@@ -406,9 +435,11 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let partial = d.path().join("partial.json");
         std::fs::write(&partial, r#"{"hooks": {}}"#).unwrap();
-        let e = install_containerd(&d.path().join("b.json"), Some(&partial), &line())
-            .unwrap_err();
-        assert!(format!("{e:#}").contains("not a whole OCI runtime spec"), "{e:#}");
+        let e = install_containerd(&d.path().join("b.json"), Some(&partial), &line()).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("not a whole OCI runtime spec"),
+            "{e:#}"
+        );
         let link = d.path().join("link.json");
         std::os::unix::fs::symlink("/etc/passwd", &link).unwrap();
         let e = install_containerd(&link, None, &line()).unwrap_err();
@@ -421,14 +452,22 @@ mod tests {
     #[test]
     fn crio_gets_a_hooks_d_file_that_only_portguard_removes() {
         let d = tempfile::tempdir().unwrap();
-        assert!(matches!(install_crio(d.path(), &line()), Ok(Change::Written(_))));
-        let v: Value = serde_json::from_str(
-            &std::fs::read_to_string(d.path().join(CRIO_HOOK_FILE)).unwrap(),
-        )
-        .unwrap();
+        assert!(matches!(
+            install_crio(d.path(), &line()),
+            Ok(Change::Written(_))
+        ));
+        let v: Value =
+            serde_json::from_str(&std::fs::read_to_string(d.path().join(CRIO_HOOK_FILE)).unwrap())
+                .unwrap();
         assert_eq!(v["stages"], json!(["createRuntime"]));
-        assert!(matches!(install_crio(d.path(), &line()), Ok(Change::Unchanged(_))));
-        assert!(matches!(uninstall_crio(d.path(), false), Ok(Change::Removed(_))));
+        assert!(matches!(
+            install_crio(d.path(), &line()),
+            Ok(Change::Unchanged(_))
+        ));
+        assert!(matches!(
+            uninstall_crio(d.path(), false),
+            Ok(Change::Removed(_))
+        ));
         std::fs::write(d.path().join(CRIO_HOOK_FILE), r#"{"hook":{"path":"/x"}}"#).unwrap();
         assert!(uninstall_crio(d.path(), false).is_err());
         assert!(d.path().join(CRIO_HOOK_FILE).exists());

@@ -249,8 +249,11 @@ fn fail(opts: &HookOptions, subject: &Subject, reason: &str, deadline: Instant) 
     let dir = spool::dir_of(&opts.socket);
     // A moment past the deadline for the spool: the record matters more
     // than a few milliseconds of an already failed start.
-    if let Err(e) = spool::append(&dir, &rec, deadline.max(Instant::now()) + Duration::from_millis(50))
-    {
+    if let Err(e) = spool::append(
+        &dir,
+        &rec,
+        deadline.max(Instant::now()) + Duration::from_millis(50),
+    ) {
         eprintln!(
             "portguard hook: cannot leave the failure for the agent in {}: {e}",
             dir.display()
@@ -310,9 +313,15 @@ mod tests {
         assert!(closed(&opts, &pod("payments")));
         assert!(!closed(&opts, &pod("ops")));
         // A selected pod by uid (the cgroup path names it), any namespace.
-        assert!(closed(&opts, &subject(Some("ops"), Some("u-9"), HookKind::Oci)));
+        assert!(closed(
+            &opts,
+            &subject(Some("ops"), Some("u-9"), HookKind::Oci)
+        ));
         let by_path = subject(None, None, HookKind::Oci);
-        assert_eq!(by_path.pod_uid().as_deref(), Some("0f6c0000-0000-4000-8000-000000000009"));
+        assert_eq!(
+            by_path.pod_uid().as_deref(),
+            Some("0f6c0000-0000-4000-8000-000000000009")
+        );
         // Not a pod at all: open. A unit hook: closed.
         let mut plain = subject(None, None, HookKind::Oci);
         plain.cgroup = "/system.slice/runc-x.scope".into();
@@ -348,7 +357,10 @@ mod tests {
         let o = unit(&opts, "x.service");
         assert!(!o.proceed);
         let rec = o.failed.unwrap();
-        assert_eq!((rec.action.as_str(), rec.hook.as_str()), ("refused_start", "unit"));
+        assert_eq!(
+            (rec.action.as_str(), rec.hook.as_str()),
+            ("refused_start", "unit")
+        );
         // The spool's directory is made for it (no agent ran since boot).
         let (spooled, _) = spool::drain(&d.path().join("run")).unwrap();
         assert_eq!(spooled, vec![rec]);

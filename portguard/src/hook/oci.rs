@@ -180,7 +180,9 @@ mod tests {
     fn a_state_without_id_or_pid_is_refused_with_a_reason() {
         let e = State::parse(r#"{"id":"c1"}"#).unwrap_err().to_string();
         assert!(e.contains("createRuntime"), "{e}");
-        let e = State::parse(r#"{"id":"","pid":3}"#).unwrap_err().to_string();
+        let e = State::parse(r#"{"id":"","pid":3}"#)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("empty `id`"), "{e}");
         let e = State::parse("not json").unwrap_err().to_string();
         assert!(e.contains("not valid"), "{e}");
@@ -188,7 +190,8 @@ mod tests {
 
     #[test]
     fn the_cgroup2_line_is_found_among_v1_lines() {
-        let text = "12:pids:/kubepods/x\n1:name=systemd:/kubepods/x\n0::/kubepods/besteffort/pod1/c\n";
+        let text =
+            "12:pids:/kubepods/x\n1:name=systemd:/kubepods/x\n0::/kubepods/besteffort/pod1/c\n";
         assert_eq!(cgroup2_line(text), Some("/kubepods/besteffort/pod1/c"));
         assert_eq!(cgroup2_line("3:cpu:/a\n"), None);
     }

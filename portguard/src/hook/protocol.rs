@@ -135,7 +135,10 @@ mod tests {
             unit: None,
         });
         let text = serde_json::to_string(&g).unwrap();
-        assert!(text.starts_with(r#"{"request":"govern","cgroup_id":42,"#), "{text}");
+        assert!(
+            text.starts_with(r#"{"request":"govern","cgroup_id":42,"#),
+            "{text}"
+        );
         assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), g);
         assert_eq!(
             serde_json::from_str::<Request>(r#"{"request":"status"}"#).unwrap(),

@@ -136,7 +136,8 @@ pub fn drain(dir: &Path) -> std::io::Result<(Vec<HookFailed>, usize)> {
     }
     lock(&f, Instant::now() + Duration::from_millis(100))?;
     let mut text = String::new();
-    (&f).take(SPOOL_MAX_BYTES + 4096).read_to_string(&mut text)?;
+    (&f).take(SPOOL_MAX_BYTES + 4096)
+        .read_to_string(&mut text)?;
     f.set_len(0)?;
     f.rewind()?;
     let mut bad = 0;

@@ -1,12 +1,14 @@
 //! What the running agent shows: the snapshot it keeps of itself
 //! ([`snapshot`]), the
 //! Prometheus `/metrics` ([`metrics`]), `/healthz` and `/readyz`
-//! ([`health`]), the `portguard status` socket and report ([`status`]), and
+//! ([`health`]), the `portguard status` report ([`status`]), the status
+//! socket that answers it and the hooks' govern requests ([`socket`]), and
 //! the escaping that makes untrusted names safe in every human-readable
 //! output, log lines included ([`text`]).
 
 pub mod health;
 pub mod metrics;
 pub mod snapshot;
+pub mod socket;
 pub mod status;
 pub mod text;

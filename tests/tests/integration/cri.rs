@@ -394,9 +394,19 @@ fn the_daemonset_runs_the_agent_through_the_cri() {
     assert_eq!(hook["path"], "/opt/portguard/bin/portguard", "{spec}");
     assert_eq!(
         hook["args"],
-        json!(["portguard", "hook", "oci", "--socket", "/run/portguard/status.sock",
-               "--timeout", "1000ms", "--on-failure", "auto",
-               "--fail-open-namespace", ds["metadata"]["namespace"]]),
+        json!([
+            "portguard",
+            "hook",
+            "oci",
+            "--socket",
+            "/run/portguard/status.sock",
+            "--timeout",
+            "1000ms",
+            "--on-failure",
+            "auto",
+            "--fail-open-namespace",
+            ds["metadata"]["namespace"]
+        ]),
         "the hook asks the agent where the DaemonSet puts its socket"
     );
     assert!(spec["process"].is_object() && spec["linux"]["namespaces"].is_array());

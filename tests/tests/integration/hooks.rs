@@ -77,9 +77,12 @@ fn restarts(agent: &Agent, slice: &Cgroup, unit: &str, port: u16, n: usize, hook
                 agent.stderr()
             );
         }
-        let r = Probe::in_cgroup(&cg)
-            .host_netns()
-            .run(&["bind", "tcp", "127.0.0.1", &port.to_string()]);
+        let r = Probe::in_cgroup(&cg).host_netns().run(&[
+            "bind",
+            "tcp",
+            "127.0.0.1",
+            &port.to_string(),
+        ]);
         if r.ok {
             slips += 1;
         } else {
@@ -101,15 +104,21 @@ fn a_restarted_unit_is_governed_before_its_first_instruction() {
         &format!("policies:\n  - {{name: hooked, unit: {unit}, bind: [{{ports: [9000]}}]}}\n"),
         &["--rescan-interval", "1h", "--aggregate-window", "0"],
     );
-    let (control_port, port) = (40000 + (pid % 1000) as u16 * 2, 40001 + (pid % 1000) as u16 * 2);
+    let (control_port, port) = (
+        40000 + (pid % 1000) as u16 * 2,
+        40001 + (pid % 1000) as u16 * 2,
+    );
     // The control: the same restarts without ExecStartPre. The agent wins
     // the race only if it notices the cgroup before the bind (measured,
     // not asserted: it depends on scheduling).
     let slipped = restarts(&agent, &s, &unit, control_port, 100, false);
-    eprintln!("without the hook: {slipped} of 100 restarts bound a denied port before the agent governed the unit");
+    eprintln!(
+        "without the hook: {slipped} of 100 restarts bound a denied port before the agent governed the unit"
+    );
     let slipped = restarts(&agent, &s, &unit, port, 100, true);
     assert_eq!(
-        slipped, 0,
+        slipped,
+        0,
         "with the hook, {slipped} of 100 restarts bound a denied port\n{}",
         agent.stderr()
     );
@@ -177,7 +186,10 @@ fn only_root_may_ask_and_the_agent_decides_the_policy() {
     let c = hook_unit(&agent, &unit, &["--on-failure", "closed"]);
     let out = run_as_in(&cg, c, Some(65534));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "a user's request was answered: {err}");
+    assert!(
+        !out.status.success(),
+        "a user's request was answered: {err}"
+    );
     assert!(err.contains("only root may ask"), "{err}");
 
     // The request names a cgroup, never a policy: a cgroup no policy
@@ -190,7 +202,11 @@ fn only_root_may_ask_and_the_agent_decides_the_policy() {
             other.rel
         ),
     );
-    assert_eq!((a["ok"].clone(), a["policy"].clone()), (json!(true), Value::Null), "{a}");
+    assert_eq!(
+        (a["ok"].clone(), a["policy"].clone()),
+        (json!(true), Value::Null),
+        "{a}"
+    );
     let a = ask(
         &agent,
         &format!(
@@ -224,11 +240,17 @@ fn only_root_may_ask_and_the_agent_decides_the_policy() {
     );
     assert_eq!(a["ok"], false, "{a}");
     assert!(
-        a["error"].as_str().unwrap().contains("no cgroup with id 999999999999"),
+        a["error"]
+            .as_str()
+            .unwrap()
+            .contains("no cgroup with id 999999999999"),
         "{a}"
     );
     let a = ask(&agent, "{\"request\":\"reboot\"}\n");
-    assert!(a["error"].as_str().unwrap().contains("not a request"), "{a}");
+    assert!(
+        a["error"].as_str().unwrap().contains("not a request"),
+        "{a}"
+    );
     // Saying nothing still gets the status document.
     assert!(ask(&agent, "")["policies"].is_array());
 }
@@ -257,17 +279,22 @@ fn a_starved_agent_fails_the_unit_hook_closed_or_open_and_says_so() {
     let closed = run_in(&cg, hook_unit(&agent, &unit, &["--timeout", "300ms"]));
     let open = run_in(
         &cg,
-        hook_unit(&agent, &unit, &["--timeout", "300ms", "--on-failure", "open"]),
+        hook_unit(
+            &agent,
+            &unit,
+            &["--timeout", "300ms", "--on-failure", "open"],
+        ),
     );
     drop(cont);
     assert_eq!(closed.status.code(), Some(1), "the default fails closed");
-    assert_eq!(open.status.code(), Some(0), "--on-failure open lets it start");
+    assert_eq!(
+        open.status.code(),
+        Some(0),
+        "--on-failure open lets it start"
+    );
     assert!(String::from_utf8_lossy(&closed.stderr).contains("did not answer in time"));
     for action in ["refused_start", "allowed_start"] {
-        let e = agent.wait_event(&[
-            ("verdict", json!("hook_failed")),
-            ("action", json!(action)),
-        ]);
+        let e = agent.wait_event(&[("verdict", json!("hook_failed")), ("action", json!(action))]);
         assert_eq!(e["hook"], "unit", "{e}");
         assert_eq!(e["unit"], unit.as_str(), "{e}");
         assert_eq!(e["cgroup"], cg.rel.as_str(), "{e}");
@@ -277,7 +304,9 @@ fn a_starved_agent_fails_the_unit_hook_closed_or_open_and_says_so() {
     }
     let m = agent.metrics_text();
     assert!(
-        m.contains(r#"portguard_runtime_hook_failures_total{hook="unit",action="refused_start"} 1"#),
+        m.contains(
+            r#"portguard_runtime_hook_failures_total{hook="unit",action="refused_start"} 1"#
+        ),
         "{m}"
     );
 }

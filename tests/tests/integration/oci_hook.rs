@@ -7,7 +7,7 @@
 //! until the agent has governed the cgroup.
 //!
 //! - `containerd_facts`: what the harness relies on, and what containerd
-//!   1.6 does with a `createRuntime` hook (NOTES-oci.md).
+//!   1.6 does with a `createRuntime` hook (docs/oci-hook.md).
 //! - `control_without_the_hook_counts_slips` (ignored: a measurement): how
 //!   often a fresh container's first bind slips past its `container:`
 //!   policy without the hook.

@@ -138,9 +138,15 @@ fn dropin_text_with_the_defaults() {
         agent_unit: None,
         ..opts()
     };
-    assert!(!dropin_text("nginx.service", &unordered).unwrap().contains("[Unit]"));
+    assert!(
+        !dropin_text("nginx.service", &unordered)
+            .unwrap()
+            .contains("[Unit]")
+    );
     // The agent's own unit never waits for itself.
-    let e = dropin_text("portguard.service", &opts()).unwrap_err().to_string();
+    let e = dropin_text("portguard.service", &opts())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("the agent's own unit"), "{e}");
 }
 

@@ -3,7 +3,7 @@
 //! StartContainer, not CreateContainer) and never for pod sandboxes; what
 //! it hands a container's and a sandbox's hook on stdin (saved as
 //! `fixtures/oci/*.json` with `PORTGUARD_WRITE_OCI_FIXTURES=1`); a failing
-//! or overdue hook fails the start. The findings are in NOTES-oci.md.
+//! or overdue hook fails the start. The findings are in docs/oci-hook.md.
 
 use std::{
     path::{Path, PathBuf},
