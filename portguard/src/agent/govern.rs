@@ -30,23 +30,28 @@ use super::*;
 const GOVERN_CRI_WAIT: Duration = Duration::from_millis(300);
 
 /// Answer every queued govern request: ask the runtime (when `pods:`
-/// policies need it), rescan, and answer each from the kernel maps.
+/// policies need it), add the hooks' cgroups to the index, apply, and
+/// answer each from the kernel maps, as soon as it can be answered.
 pub(super) async fn govern_batch(
     agent: &mut Agent,
-    mut batch: Vec<(Pending, Instant)>,
+    batch: Vec<(Pending, Instant)>,
     rx: &mut tokio::sync::mpsc::Receiver<Pending>,
     cri: &mut CriLink,
     opts: &RunOptions,
 ) {
+    let mut pending: Vec<(Pending, Instant, Option<String>)> =
+        batch.into_iter().map(|(p, t)| (p, t, None)).collect();
     while let Ok(p) = rx.try_recv() {
-        batch.push((p, Instant::now()));
+        pending.push((p, Instant::now(), None));
     }
-    // The hooks' cgroups and their ancestors join the index: no walk of
-    // the whole tree (thousands of cgroups) on a workload's start path.
+    // Each cgroup as this agent sees it; the cgroups and their ancestors
+    // join the index: no walk of the whole tree (thousands of cgroups) on a
+    // workload's start path.
     let mut paths = Vec::new();
-    for (p, _) in &batch {
-        if let Some(path) = agent.hierarchy.path_of(p.request.cgroup_id) {
-            let mut at = path.as_str();
+    for (p, _, path) in &mut pending {
+        *path = agent.cgroup_path(&p.request);
+        if let Some(path) = path.as_deref() {
+            let mut at = path;
             while let Some(i) = at.rfind('/').filter(|i| *i > 0) {
                 paths.push(at.to_owned());
                 at = &at[..i];
@@ -61,32 +66,49 @@ pub(super) async fn govern_batch(
     let until = Instant::now() + GOVERN_CRI_WAIT;
     loop {
         if needs_cri {
-            refresh_cri(agent, &mut cri.client, &opts.cri_socket).await;
+            // Bounded: a runtime that hangs must not hold every hook.
+            let left = until
+                .saturating_duration_since(Instant::now())
+                .max(GOVERN_CRI_MIN);
+            let refresh = refresh_cri(agent, &mut cri.client, &opts.cri_socket);
+            if tokio::time::timeout(left, refresh).await.is_err() {
+                cri.client = None;
+                warn!("daemon: the CRI runtime did not answer a hook's refresh within {left:?}");
+            }
+            agent.provisional_containers(&pending);
         }
         agent.resolve_cache.clear();
         agent.writable_cache.clear();
-        agent.rescan_with(false);
-        // A container (not a sandbox: its pod is listed only once the
-        // sandbox runs) the runtime does not list yet: ask again shortly.
-        let waiting = batch.iter().any(|(p, _)| {
+        let applied = agent.rescan_with(false);
+        // Answer what can be answered; a container (not a sandbox: its pod
+        // is listed only once the sandbox runs) the runtime does not list
+        // yet waits a little for it.
+        let mut waiting = Vec::new();
+        for (p, since, path) in pending {
             let r = &p.request;
-            r.hook == HookKind::Oci
+            let wait = needs_cri
+                && applied.is_ok()
+                && r.hook == HookKind::Oci
                 && !r.sandbox
-                && !agent
-                    .hierarchy
-                    .path_of(r.cgroup_id)
-                    .is_some_and(|path| agent.identified(&path))
-        });
-        if !needs_cri || !waiting || Instant::now() >= until {
+                && Instant::now() < until
+                && path.as_deref().is_some_and(|path| !agent.identified(path));
+            if wait {
+                waiting.push((p, since, path));
+            } else {
+                let reply = agent.answer_govern(r, path.as_deref(), applied.as_ref().err(), since);
+                let _ = p.reply.send(reply);
+            }
+        }
+        if waiting.is_empty() {
             break;
         }
+        pending = waiting;
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    for (p, since) in batch {
-        let reply = agent.answer_govern(&p.request, since);
-        let _ = p.reply.send(reply);
-    }
 }
+
+/// The least time a hook's CRI refresh is given.
+const GOVERN_CRI_MIN: Duration = Duration::from_millis(50);
 
 impl Agent {
     /// Whether the agent knows who the cgroup at `path` is: no `pods:`
@@ -172,9 +194,86 @@ impl Agent {
         }
     }
 
-    /// The answer to one govern request (after the rescan).
-    pub(super) fn answer_govern(&mut self, req: &Govern, since: Instant) -> Reply {
-        let reply = self.answer_inner(req);
+    /// The path of a request's cgroup as this agent sees it: by id, else
+    /// the hook's path if it names the same cgroup here (without
+    /// CAP_DAC_READ_SEARCH ids cannot be looked up).
+    pub(super) fn cgroup_path(&mut self, req: &Govern) -> Option<String> {
+        if let Some(p) = self.hierarchy.path_of(req.cgroup_id) {
+            return Some(p);
+        }
+        match self.hierarchy.resolve(&req.cgroup) {
+            Ok(Some((id, _))) if id == req.cgroup_id => Some(req.cgroup.clone()),
+            _ => None,
+        }
+    }
+
+    /// Containers of the requests that the runtime does not list yet but
+    /// whose pod and sandbox it does (CRI-O lists a container only once its
+    /// hooks have run): known by the id in the cgroup path (the kernel's),
+    /// the pod by the uid there, and the name the runtime's annotations
+    /// give, which the pod's own spec chose anyway. The next answer of the
+    /// runtime replaces them.
+    fn provisional_containers(&mut self, pending: &[(Pending, Instant, Option<String>)]) {
+        let Some(cri) = self.cri.as_mut() else {
+            return;
+        };
+        for (p, _, path) in pending {
+            let r = &p.request;
+            let Some(path) = path.as_deref() else {
+                continue;
+            };
+            let who = identity::parse(path);
+            let (Some(uid), Some(cid)) = (who.pod_uid, who.container_id) else {
+                continue;
+            };
+            if r.sandbox || cri.container(&cid).is_some() {
+                continue;
+            }
+            let Some(pod) = cri.pod_by_uid(&uid) else {
+                continue;
+            };
+            let consistent = cid != pod.sandbox_id
+                && r.container_id.as_deref() == Some(cid.as_str())
+                && r.sandbox_id.as_deref() == Some(pod.sandbox_id.as_str());
+            let Some(name) = r.container_name.clone().filter(|_| consistent) else {
+                continue;
+            };
+            debug!(
+                "daemon: container {cid} ({name}) of pod {uid} named by its hook before the \
+                 runtime lists it"
+            );
+            let sandbox_id = pod.sandbox_id.clone();
+            cri.containers.push(crate::workload::cri::Container {
+                id: cid,
+                sandbox_id,
+                name,
+            });
+        }
+    }
+
+    /// The answer to one govern request (after the rescan): `path` is the
+    /// cgroup as this agent sees it, `failed` why applying failed.
+    pub(super) fn answer_govern(
+        &mut self,
+        req: &Govern,
+        path: Option<&str>,
+        failed: Option<&String>,
+        since: Instant,
+    ) -> Reply {
+        let reply = match (path, failed) {
+            (None, _) => Reply::error(
+                req.cgroup_id,
+                format!(
+                    "no cgroup with id {} (the hook saw {}) in this agent's cgroup2 hierarchy \
+                     {}: it is gone, or the agent runs on another one",
+                    req.cgroup_id,
+                    req.cgroup,
+                    self.hierarchy.root().display()
+                ),
+            ),
+            (Some(_), Some(e)) => Reply::error(req.cgroup_id, e.clone()),
+            (Some(path), None) => self.answer_inner(req, path),
+        };
         let took = since.elapsed();
         let reply = Reply {
             micros: took.as_micros() as u64,
@@ -199,34 +298,15 @@ impl Agent {
             warn!(
                 "daemon: {} hook for {}: {}",
                 req.hook.as_str(),
-                req.cgroup,
+                crate::observe::text::escape(&req.cgroup),
                 reply.error.as_deref().unwrap_or("?")
             );
         }
         reply
     }
 
-    fn answer_inner(&mut self, req: &Govern) -> Reply {
-        let path = match self.hierarchy.path_of(req.cgroup_id) {
-            Some(p) => p,
-            // Without CAP_DAC_READ_SEARCH ids cannot be looked up: the
-            // hook's path, if it names the same cgroup here.
-            None => match self.hierarchy.resolve(&req.cgroup) {
-                Ok(Some((id, _))) if id == req.cgroup_id => req.cgroup.clone(),
-                _ => {
-                    return Reply::error(
-                        req.cgroup_id,
-                        format!(
-                            "no cgroup with id {} (the hook saw {}) in this agent's cgroup2 \
-                             hierarchy {}: it is gone, or the agent runs on another one",
-                            req.cgroup_id,
-                            req.cgroup,
-                            self.hierarchy.root().display()
-                        ),
-                    );
-                }
-            },
-        };
+    fn answer_inner(&mut self, req: &Govern, path: &str) -> Reply {
+        let path = path.to_owned();
         let applied = self.applied_governor(&path);
         let kernel = match self.kernel_governor(&path) {
             Ok(k) => k,

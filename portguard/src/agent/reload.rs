@@ -209,13 +209,16 @@ impl Agent {
     }
 
     pub(super) fn rescan(&mut self) {
-        self.rescan_with(true);
+        // Failures are logged where they happen.
+        let _ = self.rescan_with(true);
     }
 
     /// [`Agent::rescan`]; `fresh`: walk the cgroup tree again, else use the
     /// index as it is (a hook added its cgroup to it) and stat only the
-    /// candidates.
-    pub(super) fn rescan_with(&mut self, fresh: bool) {
+    /// candidates. An error: what was resolved could not be applied, and
+    /// the kernel keeps the previous state (a hook must not be told its
+    /// cgroup is governed as the policy says).
+    pub(super) fn rescan_with(&mut self, fresh: bool) -> Result<(), String> {
         // After a rescan failed closed: try the real policies again first.
         if let Some(real) = self.refused.take() {
             let resolved = self.resolve(&real, fresh);
@@ -226,7 +229,7 @@ impl Agent {
                          ({} cgroups governed)",
                         r.cgroups
                     );
-                    return;
+                    return Ok(());
                 }
                 Err(e) => {
                     debug!("daemon: the policies still do not fit: {e}");
@@ -242,23 +245,35 @@ impl Agent {
             && self.next_unfit_hold == self.unfit_hold
         {
             self.publish_left_out();
-            return;
+            return Ok(());
         }
         match self.apply(self.policies.clone(), resolved) {
-            Ok(r) => debug!(
-                "daemon: cgroups changed; generation {} now governs {} cgroups",
-                r.generation, r.cgroups
-            ),
+            Ok(r) => {
+                debug!(
+                    "daemon: cgroups changed; generation {} now governs {} cgroups",
+                    r.generation, r.cgroups
+                );
+                Ok(())
+            }
             // A cgroup that appeared cannot be governed: under --fail-closed
             // that is denied too, not only at start and on reload.
             Err(e) if self.fail_closed && !self.failed_closed() => {
                 let real = self.policies.clone();
                 match self.apply_fail_closed(&real, &e) {
-                    Ok(_) => self.refused = Some(real),
-                    Err(e2) => error!("daemon: applying cgroup changes failed: {e}; {e2:#}"),
+                    Ok(_) => {
+                        self.refused = Some(real);
+                        Ok(())
+                    }
+                    Err(e2) => {
+                        error!("daemon: applying cgroup changes failed: {e}; {e2:#}");
+                        Err(format!("applying cgroup changes failed: {e}; {e2:#}"))
+                    }
                 }
             }
-            Err(e) => error!("daemon: applying cgroup changes failed: {e}"),
+            Err(e) => {
+                error!("daemon: applying cgroup changes failed: {e}");
+                Err(format!("applying cgroup changes failed: {e}"))
+            }
         }
     }
 }

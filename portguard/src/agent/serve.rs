@@ -129,7 +129,8 @@ pub(super) async fn serve(
             Some(first) = govern.recv() => {
                 govern_batch(agent, vec![(first, Instant::now())], &mut govern, &mut cri_link, opts).await;
                 watcher.set_dirs(&agent.cgroup_watch_dirs());
-                pending_rescan = None;
+                // A pending rescan stays due: the hooks' cgroups were added
+                // to the index, other changes inotify reported were not.
                 agent.report_hook_failures(&mut writer);
             }
             guard = watcher.fd.readable_mut() => {

@@ -76,6 +76,12 @@ pub struct OciArgs {
     /// to start again.
     #[arg(long, value_name = "NAMESPACE")]
     pub fail_open_namespace: Vec<String>,
+    /// Whose annotations name the pod and container: `containerd`
+    /// (`io.kubernetes.cri.*`), `crio`, or `auto` (CRI-O's when present).
+    /// `hook install` sets it: on CRI-O a pod's own annotations are copied
+    /// into the state too, so only the runtime's own keys are trusted.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub runtime: hook::oci::Runtime,
 }
 
 /// The systemd unit hook: governs its own cgroup, so run it from the
@@ -200,6 +206,7 @@ pub fn execute(a: HookArgs) -> anyhow::Result<ExitCode> {
             }
             let mut opts = options(&o.link, o.on_failure);
             opts.fail_open_namespaces = o.fail_open_namespace;
+            opts.runtime = o.runtime;
             Ok(exit(&hook::oci(&opts, &state)))
         }
         HookCommand::Unit(u) => {
@@ -222,6 +229,7 @@ fn options(link: &AgentLink, on_failure: OnFailure) -> HookOptions {
         timeout: link.timeout,
         on_failure,
         fail_open_namespaces: Vec::new(),
+        runtime: hook::oci::Runtime::Auto,
     }
 }
 
@@ -250,8 +258,13 @@ fn install_hooks(i: &InstallArgs) -> anyhow::Result<ExitCode> {
         timeout: i.timeout,
         on_failure: i.on_failure,
         fail_open_namespaces: i.fail_open_namespace.clone(),
+        runtime: None,
     };
     if i.containerd {
+        let line = install::HookLine {
+            runtime: Some("containerd"),
+            ..line.clone()
+        };
         let c = install::install_containerd(
             &i.containerd_base_spec,
             i.base_spec_from.as_deref(),
@@ -261,12 +274,18 @@ fn install_hooks(i: &InstallArgs) -> anyhow::Result<ExitCode> {
         println!(
             "containerd: set, in /etc/containerd/config.toml (version 2),\n  \
              [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]\n    \
-             base_runtime_spec = \"{}\"\nand restart containerd (running containers are not \
-             affected; every container started afterwards runs the hook)",
+             base_runtime_spec = \"{}\"\nand the same under every other runtime handler there \
+             (a RuntimeClass without it starts containers without the hook), then restart \
+             containerd (running containers are not affected; every container started \
+             afterwards runs the hook)",
             i.containerd_base_spec.display()
         );
     }
     if i.crio {
+        let line = install::HookLine {
+            runtime: Some("crio"),
+            ..line.clone()
+        };
         println!("{}", install::install_crio(&i.crio_hooks_dir, &line)?);
     }
     if let Some(policy) = &i.systemd {

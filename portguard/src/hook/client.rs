@@ -10,6 +10,30 @@ use std::{
 
 use super::protocol::{Govern, Reply, Request};
 
+/// Connect to `socket` by `deadline`: a stalled agent whose accept queue
+/// is full would block `connect()` itself.
+fn connect(socket: &Path, deadline: Instant) -> anyhow::Result<UnixStream> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = socket.to_owned();
+    // The thread is left behind if it blocks; the hook exits soon after.
+    std::thread::spawn(move || {
+        let _ = tx.send(UnixStream::connect(&path));
+    });
+    let left = deadline.saturating_duration_since(Instant::now());
+    match rx.recv_timeout(left) {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(anyhow::anyhow!(
+            "cannot reach the agent at {}: {e} (is `portguard run` running with this \
+             --status-socket?)",
+            socket.display()
+        )),
+        Err(_) => Err(anyhow::anyhow!(
+            "the agent at {} did not accept the connection in time (stopped, or starved of CPU?)",
+            socket.display()
+        )),
+    }
+}
+
 /// Send `req` to the agent at `socket` and read its reply, giving up at
 /// `deadline`.
 pub fn govern(socket: &Path, req: &Govern, deadline: Instant) -> anyhow::Result<Reply> {
@@ -19,13 +43,7 @@ pub fn govern(socket: &Path, req: &Govern, deadline: Instant) -> anyhow::Result<
             .filter(|d| !d.is_zero())
             .ok_or_else(|| anyhow::anyhow!("timed out"))
     };
-    let s = UnixStream::connect(socket).map_err(|e| {
-        anyhow::anyhow!(
-            "cannot reach the agent at {}: {e} (is `portguard run` running with this \
-             --status-socket?)",
-            socket.display()
-        )
-    })?;
+    let s = connect(socket, deadline)?;
     s.set_write_timeout(Some(left()?))?;
     let mut line = serde_json::to_vec(&Request::Govern(req.clone()))?;
     line.push(b'\n');

@@ -39,6 +39,8 @@ pub struct HookLine {
     pub on_failure: OnFailure,
     /// `--fail-open-namespace` of the hook.
     pub fail_open_namespaces: Vec<String>,
+    /// `--runtime` of the hook (whose annotations to trust).
+    pub runtime: Option<&'static str>,
 }
 
 impl HookLine {
@@ -74,6 +76,9 @@ impl HookLine {
         ];
         for ns in &self.fail_open_namespaces {
             args.extend(["--fail-open-namespace".into(), ns.clone()]);
+        }
+        if let Some(r) = self.runtime {
+            args.extend(["--runtime".into(), r.into()]);
         }
         args
     }
@@ -371,6 +376,7 @@ mod tests {
             timeout: Duration::from_secs(1),
             on_failure: OnFailure::Auto,
             fail_open_namespaces: vec!["portguard-system".into()],
+            runtime: Some("containerd"),
         }
     }
 

@@ -52,6 +52,8 @@ pub struct HookOptions {
     /// Pods in these namespaces fail open whatever `on_failure` says: the
     /// agent's own, or a stopped agent could never be started again.
     pub fail_open_namespaces: Vec<String>,
+    /// Whose annotations the OCI state carries.
+    pub runtime: oci::Runtime,
 }
 
 /// What a hook ended with.
@@ -85,6 +87,8 @@ struct Subject {
     container_id: Option<String>,
     workload: oci::Workload,
     unit: Option<String>,
+    /// The OCI state could not be read: who this is is unknown.
+    unknown: bool,
 }
 
 impl Subject {
@@ -95,6 +99,8 @@ impl Subject {
             hook: self.hook.unwrap_or(HookKind::Oci),
             container_id: self.container_id.clone(),
             sandbox: self.workload.sandbox,
+            container_name: self.workload.container_name.clone(),
+            sandbox_id: self.workload.sandbox_id.clone(),
             unit: self.unit.clone(),
         }
     }
@@ -113,11 +119,13 @@ pub fn oci(opts: &HookOptions, state: &str) -> Outcome {
     let deadline = Instant::now() + opts.timeout;
     let mut subject = Subject {
         hook: Some(HookKind::Oci),
+        unknown: true,
         ..Subject::default()
     };
     let found = oci::State::parse(state).and_then(|s| {
+        subject.unknown = false;
         subject.container_id = Some(s.id.clone());
-        subject.workload = s.workload();
+        subject.workload = s.workload(opts.runtime);
         subject.cgroup = oci::cgroup_of_pid(s.pid)?;
         subject.cgroup_id = cgroup_id(&subject.cgroup)?;
         Ok(())
@@ -167,6 +175,17 @@ fn finish(
                 reply.error.as_deref().unwrap_or("no reason given")
             );
         }
+        // A unit hook exists only for a unit a policy names: no policy
+        // (outside --attach-cgroup, an alias, a delegated subtree) is not
+        // what the drop-in was written for.
+        if req.hook == HookKind::Unit && reply.policy.is_none() {
+            anyhow::bail!(
+                "no policy governs {} (is {} outside --attach-cgroup, in a delegated subtree, or \
+                 named by an alias?)",
+                reply.cgroup,
+                req.unit.as_deref().unwrap_or("the unit")
+            );
+        }
         // A container the runtime does not list cannot be given its
         // `container:` policy (a sandbox's pod is held until it is listed).
         if !reply.identified && !req.sandbox && req.hook == HookKind::Oci {
@@ -206,6 +225,10 @@ fn closed(opts: &HookOptions, subject: &Subject) -> bool {
         OnFailure::Open => false,
         // A unit hook exists only for units a policy names.
         OnFailure::Auto if subject.hook == Some(HookKind::Unit) => true,
+        // A state that cannot be read (too large, not JSON) is not "no
+        // pod": closed wherever a `pods:` policy selects anything.
+        OnFailure::Auto if subject.unknown => spool::read_selection(&spool::dir_of(&opts.socket))
+            .is_some_and(|s| !s.namespaces.is_empty() || !s.pods.is_empty()),
         OnFailure::Auto => {
             let uid = subject.pod_uid();
             (subject.workload.in_pod() || uid.is_some())
@@ -297,6 +320,7 @@ mod tests {
             timeout: Duration::from_millis(10),
             on_failure: OnFailure::Auto,
             fail_open_namespaces: vec!["portguard-system".into()],
+            runtime: oci::Runtime::Auto,
         };
         let pod = |ns| subject(Some(ns), Some("u-1"), HookKind::Oci);
         // No agent ever published a selection: nothing is known selected.
@@ -341,6 +365,13 @@ mod tests {
         opts.on_failure = OnFailure::Closed;
         assert!(!closed(&opts, &pod("portguard-system")));
         assert!(closed(&opts, &pod("ops")));
+        // A state the hook could not read is closed where pods are selected.
+        let unknown = Subject {
+            unknown: true,
+            ..subject(None, None, HookKind::Oci)
+        };
+        opts.on_failure = OnFailure::Auto;
+        assert!(closed(&opts, &unknown));
         opts.on_failure = OnFailure::Open;
         assert!(!closed(&opts, &pod("payments")));
     }
@@ -353,6 +384,7 @@ mod tests {
             timeout: Duration::from_millis(50),
             on_failure: OnFailure::Closed,
             fail_open_namespaces: Vec::new(),
+            runtime: oci::Runtime::Auto,
         };
         let o = unit(&opts, "x.service");
         assert!(!o.proceed);

@@ -25,8 +25,9 @@ pub struct State {
     pub annotations: BTreeMap<String, String>,
 }
 
-/// The most state a hook reads from standard input.
-pub const MAX_STATE_BYTES: usize = 1 << 20;
+/// The most state a hook reads from standard input (annotations a pod's
+/// spec controls can make it large).
+pub const MAX_STATE_BYTES: usize = 16 << 20;
 
 impl State {
     /// Parse the state an OCI runtime wrote to the hook's standard input.
@@ -54,38 +55,63 @@ impl State {
             .filter(|v| !v.is_empty())
     }
 
-    /// Who the container is, from the CRI's annotations (containerd:
-    /// `io.kubernetes.cri.*`; CRI-O: `io.kubernetes.pod.*` and
-    /// `io.kubernetes.cri-o.*`). Annotations only name; the agent decides
-    /// from its own view which policy applies.
-    pub fn workload(&self) -> Workload {
+    /// Who the container is, from the annotations `runtime` sets
+    /// (containerd: `io.kubernetes.cri.*`; CRI-O: `io.kubernetes.pod.*`,
+    /// `io.kubernetes.container.name` and `io.kubernetes.cri-o.*`). Only
+    /// that runtime's keys are read: CRI-O copies a pod's own annotations
+    /// into the spec too, so a tenant could write containerd's keys there.
+    /// Annotations only name; the agent decides from its own view which
+    /// policy applies.
+    pub fn workload(&self, runtime: Runtime) -> Workload {
+        let runtime = match runtime {
+            Runtime::Auto
+                if self
+                    .annotations
+                    .contains_key("io.kubernetes.cri-o.ContainerType") =>
+            {
+                Runtime::Crio
+            }
+            Runtime::Auto => Runtime::Containerd,
+            r => r,
+        };
+        let key = |containerd: &'static str, crio: &'static str| match runtime {
+            Runtime::Crio => crio,
+            _ => containerd,
+        };
+        let get = |containerd, crio| self.annotation(&[key(containerd, crio)]).map(str::to_owned);
         Workload {
-            sandbox: self
-                .annotation(&[
-                    "io.kubernetes.cri.container-type",
-                    "io.kubernetes.cri-o.ContainerType",
-                ])
-                .is_some_and(|t| t == "sandbox"),
-            pod_namespace: self
-                .annotation(&[
-                    "io.kubernetes.cri.sandbox-namespace",
-                    "io.kubernetes.pod.namespace",
-                ])
-                .map(str::to_owned),
-            pod_name: self
-                .annotation(&["io.kubernetes.cri.sandbox-name", "io.kubernetes.pod.name"])
-                .map(str::to_owned),
-            pod_uid: self
-                .annotation(&["io.kubernetes.cri.sandbox-uid", "io.kubernetes.pod.uid"])
-                .map(str::to_owned),
-            container_name: self
-                .annotation(&[
-                    "io.kubernetes.cri.container-name",
-                    "io.kubernetes.container.name",
-                ])
-                .map(str::to_owned),
+            sandbox: get(
+                "io.kubernetes.cri.container-type",
+                "io.kubernetes.cri-o.ContainerType",
+            )
+            .is_some_and(|t| t == "sandbox"),
+            pod_namespace: get(
+                "io.kubernetes.cri.sandbox-namespace",
+                "io.kubernetes.pod.namespace",
+            ),
+            pod_name: get("io.kubernetes.cri.sandbox-name", "io.kubernetes.pod.name"),
+            pod_uid: get("io.kubernetes.cri.sandbox-uid", "io.kubernetes.pod.uid"),
+            container_name: get(
+                "io.kubernetes.cri.container-name",
+                "io.kubernetes.container.name",
+            ),
+            sandbox_id: get(
+                "io.kubernetes.cri.sandbox-id",
+                "io.kubernetes.cri-o.SandboxID",
+            ),
         }
     }
+}
+
+/// Whose annotations a state carries.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Runtime {
+    /// CRI-O's if the state has its `io.kubernetes.cri-o.ContainerType`,
+    /// else containerd's.
+    #[default]
+    Auto,
+    Containerd,
+    Crio,
 }
 
 /// Who a container is, as its annotations say.
@@ -97,6 +123,8 @@ pub struct Workload {
     pub pod_name: Option<String>,
     pub pod_uid: Option<String>,
     pub container_name: Option<String>,
+    /// The pod's sandbox container id.
+    pub sandbox_id: Option<String>,
 }
 
 impl Workload {
@@ -150,11 +178,34 @@ mod tests {
     fn a_containerd_sandbox_state_names_its_pod() {
         let s = State::parse(SANDBOX).unwrap();
         assert_eq!((s.id.as_str(), s.pid), ("5e1c", 4242));
-        let w = s.workload();
+        let w = s.workload(Runtime::Auto);
         assert!(w.sandbox && w.in_pod());
         assert_eq!(w.pod_namespace.as_deref(), Some("shop"));
         assert_eq!(w.pod_uid.as_deref(), Some("0f6c"));
         assert_eq!(w.describe().as_deref(), Some("shop/web-0 (sandbox)"));
+    }
+
+    /// What containerd 1.6.20 and runc 1.1.5 wrote on a hook's standard
+    /// input (captured by `oci_hook::containerd_facts`).
+    #[test]
+    fn the_states_containerd_hands_a_hook_name_the_pod_and_container() {
+        let c = State::parse(include_str!(
+            "../../../tests/fixtures/oci/containerd-1.6-container-state.json"
+        ))
+        .unwrap();
+        let w = c.workload(Runtime::Auto);
+        assert!(!w.sandbox && w.in_pod(), "{w:?}");
+        assert_eq!(w.container_name.as_deref(), Some("web"));
+        assert!(w.pod_uid.is_some() && w.pod_namespace.is_some() && c.pid > 0);
+        let s = State::parse(include_str!(
+            "../../../tests/fixtures/oci/containerd-1.6-sandbox-state.json"
+        ))
+        .unwrap();
+        let w = s.workload(Runtime::Auto);
+        assert!(
+            w.sandbox && w.in_pod() && w.container_name.is_none(),
+            "{w:?}"
+        );
     }
 
     #[test]
@@ -165,14 +216,34 @@ mod tests {
             "io.kubernetes.pod.uid":"u1","io.kubernetes.container.name":"postgres"}}"#,
         )
         .unwrap();
-        let w = s.workload();
+        let w = s.workload(Runtime::Auto);
         assert!(!w.sandbox && w.in_pod());
         assert_eq!(w.describe().as_deref(), Some("ops/db/postgres"));
     }
 
     #[test]
+    fn only_the_runtimes_own_keys_are_read() {
+        // CRI-O copies a pod's annotations into the spec: containerd's keys
+        // there are the tenant's, not the runtime's.
+        let s = State::parse(
+            r#"{"id":"9a","pid":7,"annotations":{"io.kubernetes.cri-o.ContainerType":"container",
+            "io.kubernetes.pod.namespace":"ops","io.kubernetes.cri.sandbox-namespace":"portguard-system"}}"#,
+        )
+        .unwrap();
+        for r in [Runtime::Auto, Runtime::Crio] {
+            assert_eq!(s.workload(r).pod_namespace.as_deref(), Some("ops"));
+        }
+        assert_eq!(
+            s.workload(Runtime::Containerd).pod_namespace.as_deref(),
+            Some("portguard-system")
+        );
+    }
+
+    #[test]
     fn a_plain_container_is_in_no_pod() {
-        let w = State::parse(r#"{"id":"c1","pid":9}"#).unwrap().workload();
+        let w = State::parse(r#"{"id":"c1","pid":9}"#)
+            .unwrap()
+            .workload(Runtime::Auto);
         assert!(!w.in_pod() && !w.sandbox && w.describe().is_none());
     }
 

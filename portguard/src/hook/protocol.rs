@@ -66,6 +66,14 @@ pub struct Govern {
     /// cannot be listed yet, and is held until it can.
     #[serde(default)]
     pub sandbox: bool,
+    /// The container's name and its sandbox's id, as the runtime's
+    /// annotations give them: for a runtime that lists a container only
+    /// once its hooks ran (CRI-O). Used only when the runtime lists the pod
+    /// (by the uid in the cgroup path) with that sandbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox_id: Option<String>,
     /// The unit (`unit` hooks).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unit: Option<String>,
@@ -132,6 +140,8 @@ mod tests {
             hook: HookKind::Oci,
             container_id: Some("abc".into()),
             sandbox: false,
+            container_name: None,
+            sandbox_id: None,
             unit: None,
         });
         let text = serde_json::to_string(&g).unwrap();

@@ -53,15 +53,27 @@ pub async fn serve(
     shared: Arc<Snapshot>,
     govern: tokio::sync::mpsc::Sender<Pending>,
 ) {
+    let room = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        // Connections beyond the bound wait in the listen queue.
+        let Ok(permit) = room.clone().acquire_owned().await else {
+            return;
+        };
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         // One task per connection: a client that sends slowly, or a govern
         // request waiting for the agent's loop, holds up no other.
-        tokio::spawn(answer(stream, shared.clone(), govern.clone()));
+        let (shared, govern) = (shared.clone(), govern.clone());
+        tokio::spawn(async move {
+            answer(stream, shared, govern).await;
+            drop(permit);
+        });
     }
 }
+
+/// Most connections answered at once.
+const MAX_CONNECTIONS: usize = 64;
 
 /// Read the request on one connection (none: the status document) and
 /// answer it.

@@ -405,7 +405,9 @@ fn the_daemonset_runs_the_agent_through_the_cri() {
             "--on-failure",
             "auto",
             "--fail-open-namespace",
-            ds["metadata"]["namespace"]
+            ds["metadata"]["namespace"],
+            "--runtime",
+            "containerd"
         ]),
         "the hook asks the agent where the DaemonSet puts its socket"
     );
