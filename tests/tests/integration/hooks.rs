@@ -140,6 +140,54 @@ fn a_restarted_unit_is_governed_before_its_first_instruction() {
     );
 }
 
+#[test]
+fn without_dac_read_search_the_hook_still_governs_its_unit() {
+    require_root!();
+    let pid = std::process::id();
+    // Not a slice: the agent watches the root and the slices, so a unit
+    // made in here is found by its hook alone, not by inotify first.
+    let s = Cgroup::new("hookcaps");
+    let unit = format!("pgtest-caps-{pid}.service");
+    // Without CAP_DAC_READ_SEARCH the agent cannot turn a cgroup id into a
+    // path: it must take the hook's path, checked against the id.
+    let caps = portguard_tests::MINIMAL_CAPS.replace(",+dac_read_search", "");
+    let agent = Agent::start_with_caps(
+        &format!("policies:\n  - {{name: capped, unit: {unit}, bind: [{{ports: [9000]}}]}}\n"),
+        &["--rescan-interval", "1h"],
+        &caps,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let slipped = restarts(&agent, &s, &unit, 40100 + (pid % 1000) as u16, 20, true);
+    assert_eq!(slipped, 0, "{}", agent.stderr());
+}
+
+#[test]
+fn a_hook_is_refused_when_its_cgroup_cannot_be_applied() {
+    require_root!();
+    let pid = std::process::id();
+    let s = slice("hookfull");
+    let taken = s.child("taken");
+    let unit = format!("pgtest-full-{pid}.service");
+    // One cgroup fits the map, and `taken` has it: the unit's cannot be
+    // added. Without --fail-closed the kernel keeps the previous state, and
+    // the hook must not be told the unit is governed.
+    let agent = Agent::start_with(
+        &format!(
+            "policies:\n  - {{name: taken, cgroup: {}, bind: []}}\n  - {{name: full, unit: {unit}, bind: []}}\n",
+            taken.rel
+        ),
+        &["--rescan-interval", "1h", "--max-cgroups", "1"],
+    );
+    let cg = s.child(&unit);
+    let out = run_in(&cg, hook_unit(&agent, &unit, &["--timeout", "5s"]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("applying cgroup changes failed"), "{err}");
+    let e = agent.wait_event(&[("verdict", json!("hook_failed"))]);
+    assert_eq!(e["action"], "refused_start", "{e}");
+}
+
 fn agent_status(agent: &Agent) -> Value {
     let out = Command::new(agent_bin())
         .args(["status", "--json", "--socket"])
