@@ -320,3 +320,53 @@ fn a_starved_agent_fails_the_hook_closed_or_open_as_configured() {
     assert_eq!(e["hook"], "oci", "{e}");
     assert_eq!(e["cgroup"], format!("{pod_cg}/{allowed}"), "{e}");
 }
+
+/// One govern request, as `portguard hook oci` sends it, on the agent's
+/// socket; the answer.
+fn govern(agent: &Agent, request: &Value) -> Value {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::os::unix::net::UnixStream::connect(agent.status_socket()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(format!("{request}\n").as_bytes()).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("answer {text:?}: {e}"))
+}
+
+/// CRI-O lists a container only once its createRuntime hooks ran: its
+/// hook's request names the container, which the agent takes only when the
+/// runtime lists the pod (by the uid in the cgroup path) with the sandbox
+/// the annotations name. Stood in for here by a container cgroup in a real
+/// pod that containerd does not list.
+#[test]
+fn a_container_the_runtime_does_not_list_yet_is_named_by_its_hook() {
+    require_root!();
+    let (ctrd, agent, sb, pod_cg) = setup("oci-unlisted", None);
+    let cid = format!("{:016x}", u64::from(std::process::id())).repeat(4);
+    let cg = portguard_tests::Cgroup::existing(
+        portguard_tests::cgroup2_root()
+            .join(pod_cg.trim_start_matches('/'))
+            .join(&cid),
+        &format!("{pod_cg}/{cid}"),
+    );
+    let ask = |sandbox_id: &str| {
+        govern(
+            &agent,
+            &json!({"request": "govern", "cgroup_id": cg.id(), "cgroup": cg.rel, "hook": "oci",
+                    "container_id": cid, "container_name": "web", "sandbox_id": sandbox_id}),
+        )
+    };
+    // Another sandbox than the pod's: not taken; the hook would fail.
+    let a = ask(&"0".repeat(64));
+    assert_eq!(a["identified"], false, "{a}");
+    assert_eq!(a["policy"], "oci-pod", "{a}");
+    // The pod's own: the container's own policy, before the runtime lists it.
+    let a = ask(&sb);
+    assert_eq!(a["ok"], true, "{a}");
+    assert_eq!(a["identified"], true, "{a}");
+    assert_eq!(a["policy"], "oci-web", "{a}");
+    assert_eq!(a["policy_cgroup"], cg.rel.as_str(), "{a}");
+    drop(cg);
+    drop(ctrd);
+}
