@@ -43,7 +43,7 @@ pub(crate) fn scale_policy(parent: &Cgroup, n: usize, distinct: usize) -> String
     s
 }
 
-fn make_children(parent: &Cgroup, n: usize) {
+pub(crate) fn make_children(parent: &Cgroup, n: usize) {
     for i in 0..n {
         let p = parent.fs.join(format!("c{i}"));
         if !p.exists() {

@@ -16,12 +16,17 @@
 //!    (`storm`); 3b. a storm with two tenants: every denial of the quiet
 //!    one delivered, per-policy suppressed and lost (`tenants`);
 //! 4. policy application at scale (start-up apply, single-policy reload,
-//!    kernel map memory, agent RSS) (`apply`).
+//!    kernel map memory, agent RSS) (`apply`);
+//! 5. the runtime hook's "govern this cgroup now" request on the status
+//!    socket (a governed cgroup, a restarted unit's new one) against a
+//!    status request, and the `portguard hook unit` process against
+//!    `/bin/true` (`hook`).
 //!
 //! Writes a Markdown report (default docs/benchmarks.md) and prints it.
 
 mod apply;
 mod fixture;
+mod hook;
 mod overhead;
 mod packet;
 mod runner;
@@ -38,6 +43,7 @@ use std::{
 
 use apply::scale;
 use fixture::Fixture;
+use hook::hook_latency;
 use overhead::overhead;
 use packet::packet_path;
 use storm::denied_and_storm;
@@ -102,6 +108,7 @@ fn main() {
     denied_and_storm(&fx, &opts, &mut body, &mut verdicts);
     two_tenant_storm(&fx, &opts, &mut body, &mut verdicts);
     scale(&fx, &opts, &mut body, &mut verdicts);
+    hook_latency(&fx, &opts, &mut body, &mut verdicts);
     drop(fx);
 
     let date = humantime_date();

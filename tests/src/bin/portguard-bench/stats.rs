@@ -1,4 +1,4 @@
-//! Numbers: medians and minimums of measurements, and what /proc says about
+//! Numbers: medians, percentiles and minimums of measurements, and what /proc says about
 //! the agent (fdinfo sums, RSS, CPU time) or its log (timings).
 
 pub(crate) fn median(v: &mut [f64]) -> f64 {
@@ -7,6 +7,16 @@ pub(crate) fn median(v: &mut [f64]) -> f64 {
         return f64::NAN;
     }
     v[v.len() / 2]
+}
+
+/// The `q` quantile (0.5: median, 0.99: p99, 1.0: max) by nearest rank.
+pub(crate) fn percentile(v: &mut [f64], q: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let rank = (q * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
 }
 
 /// Sum of `key:` values over the agent's fdinfo entries that have `kind:`.
