@@ -59,6 +59,27 @@ pub(super) async fn govern_batch(
             paths.push(at.to_owned());
         }
     }
+    // Already governed by a policy of its own, as the kernel says: nothing
+    // to ask or apply (a hook run twice, a unit restarted in place).
+    pending.retain_mut(|(p, since, path)| {
+        let answered = path
+            .as_deref()
+            .and_then(|path| agent.already_governed(&p.request, path));
+        match answered {
+            Some(mut reply) => {
+                reply.micros = since.elapsed().as_micros() as u64;
+                agent.count_answer(&p.request, &reply, *since);
+                // The hook may have given up: nothing to do then.
+                let (tx, _) = tokio::sync::oneshot::channel();
+                let _ = std::mem::replace(&mut p.reply, tx).send(reply);
+                false
+            }
+            None => true,
+        }
+    });
+    if pending.is_empty() {
+        return;
+    }
     if let Some(tree) = agent.tree.as_mut() {
         tree.add_paths(paths.iter().map(String::as_str));
     }
@@ -77,8 +98,13 @@ pub(super) async fn govern_batch(
             }
             agent.provisional_containers(&pending);
         }
-        agent.resolve_cache.clear();
-        agent.writable_cache.clear();
+        // Only the hooks' cgroups and their ancestors are looked at again
+        // (a restarted unit's path has a new id); the rest is as the last
+        // rescan left it, and the next one refreshes it.
+        for p in &paths {
+            agent.resolve_cache.remove(p);
+            agent.writable_cache.remove(p);
+        }
         let applied = agent.rescan_with(false);
         // Answer what can be answered; a container (not a sandbox: its pod
         // is listed only once the sandbox runs) the runtime does not list
@@ -274,11 +300,17 @@ impl Agent {
             (Some(_), Some(e)) => Reply::error(req.cgroup_id, e.clone()),
             (Some(path), None) => self.answer_inner(req, path),
         };
-        let took = since.elapsed();
         let reply = Reply {
-            micros: took.as_micros() as u64,
+            micros: since.elapsed().as_micros() as u64,
             ..reply
         };
+        self.count_answer(req, &reply, since);
+        reply
+    }
+
+    /// Count and log an answer.
+    fn count_answer(&self, req: &Govern, reply: &Reply, since: Instant) {
+        let took = since.elapsed();
         let ok = reply.ok;
         self.shared.update(|f| {
             let h = &mut f.runtime_hooks;
@@ -302,7 +334,21 @@ impl Agent {
                 reply.error.as_deref().unwrap_or("?")
             );
         }
-        reply
+    }
+
+    /// The answer for a cgroup a policy governs itself (not through an
+    /// ancestor), as the kernel says, with nothing left to identify: no
+    /// rescan can change what governs it short of a reload.
+    fn already_governed(&mut self, req: &Govern, path: &str) -> Option<Reply> {
+        if !self.identified(path) {
+            return None;
+        }
+        let (_, at) = self.applied_governor(path)?;
+        if at != path {
+            return None;
+        }
+        let reply = self.answer_inner(req, path);
+        reply.ok.then_some(reply)
     }
 
     fn answer_inner(&mut self, req: &Govern, path: &str) -> Reply {

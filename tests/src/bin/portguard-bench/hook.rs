@@ -106,6 +106,8 @@ impl UnitCgroup {
             hook: HookKind::Unit,
             container_id: None,
             sandbox: false,
+            container_name: None,
+            sandbox_id: None,
             unit: Some(self.name.clone()),
         }))
         .expect("serialising a request");
