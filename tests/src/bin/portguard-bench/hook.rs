@@ -453,8 +453,13 @@ pub(crate) fn hook_latency(
          A `unit:` policy selecting one unit (`<slice>/<unit>` under the benchmark's cgroup), \
          plus other cgroups governed by `cgroup:` policies (section 4's); the last row has \
          none of section 4's cgroups on the host. \"host cgroups\" counts the cgroup \
-         directories the agent's tree scan walks: with a `unit:` policy, every govern request \
-         rescans the whole tree (16 levels) and stats every `cgroup:` policy's path.\n\n\
+         directories the agent's tree scan walks. A govern request adds the hook's cgroup and \
+         its ancestors to the agent's index and re-resolves from what it knows (the agent's \
+         own time, below). The same cgroup changes also make the agent walk the whole tree \
+         (16 levels, for `unit:` policies: its inotify rescan) and list sockets again (its \
+         inventory, after a change of what is governed); a request that arrives while the \
+         loop does that waits for it, hence round trips far above the agent's own time on a \
+         host with 10,000 cgroups.\n\n\
          A round sends on the agent's status socket: a govern request for the unit's new \
          cgroup (removed and made again, as systemd does on a restart: a new id) right after \
          the previous round's (\"right after another\": the agent first sleeps out the rest \
