@@ -8,11 +8,10 @@
 //!
 //! - `containerd_facts`: what the harness relies on, and what containerd
 //!   1.6 does with a `createRuntime` hook (docs/oci-hook.md).
-//! - `control_without_the_hook_counts_slips` (ignored: a measurement): how
-//!   often a fresh container's first bind slips past its `container:`
-//!   policy without the hook.
-//! - `the_hook_governs_each_container_before_its_first_instruction`: the
-//!   same with the hook: no slips, one deny event per start.
+//! - `the_hook_governs_each_container_before_its_first_instruction`: first
+//!   the control, without the hook: how often a fresh container's first
+//!   bind slips past its `container:` policy (printed, not asserted); then
+//!   the same starts with the hook: no slips, one deny event per start.
 //! - `a_starved_agent_fails_the_hook_closed_or_open_as_configured`: the
 //!   agent stopped (SIGSTOP) while a container starts: refused by default,
 //!   started with `--on-failure open` and reported once the agent runs.
@@ -61,7 +60,7 @@ fn policy(namespace: &str) -> String {
 /// thing, print the result, exit.
 const BIND_8080: [&str; 5] = ["/pgprobe", "bind", "tcp", "0.0.0.0", "8080"];
 
-/// How many containers the measurements start (`PORTGUARD_OCI_STARTS`,
+/// How many containers each half of the test starts (`PORTGUARD_OCI_STARTS`,
 /// default 100).
 fn starts() -> u32 {
     std::env::var("PORTGUARD_OCI_STARTS")
@@ -170,42 +169,44 @@ fn web_denials(agent: &Agent, want: usize) -> Vec<Value> {
 }
 
 #[test]
-#[ignore = "a measurement, not a check: run with --ignored (PORTGUARD_OCI_STARTS=N, default 100)"]
-fn control_without_the_hook_counts_slips() {
+fn the_hook_governs_each_container_before_its_first_instruction() {
     require_root!();
-    let (ctrd, agent, sb, _) = setup("oci-control", None);
+    let (mut ctrd, agent, sb, pod_cg) = setup("oci-hooked", None);
     let n = starts();
-    let (mut slipped, mut denied, mut other) = (Vec::new(), 0u32, Vec::new());
+    // The control first: the same starts without the hook. Each start's
+    // bind is either judged by `oci-web` (the agent won the race) or
+    // slips under the pod's looser `oci-pod`; how many slip is measured,
+    // not asserted (it depends on scheduling), every outcome is one of
+    // the two, and every denial is an event.
+    let (mut slipped, mut denied) = (Vec::new(), 0usize);
     let t0 = Instant::now();
     for attempt in 1..=n {
         match bind_at_start(&ctrd, &sb, attempt) {
             (_, Ok(r)) if r["ok"] == true => slipped.push(attempt),
             (_, Ok(r)) if r["error"] == "EPERM" => denied += 1,
-            (id, r) => other.push(format!("{id}: {r:?}")),
+            (id, r) => panic!("control start {attempt} ({id}): {r:?}\n{}", agent.stderr()),
         }
     }
-    let events = web_denials(&agent, denied as usize);
+    let events = web_denials(&agent, denied);
     eprintln!(
-        "control (no hook): {n} starts in {:?}: {} binds of 8080 slipped (judged by the \
-         pod's policy: starts {slipped:?}), {denied} EPERM, {} other; {} deny events of `oci-web`",
+        "without the hook: {n} starts in {:?}: {} binds of 8080 slipped (judged by the pod's \
+         policy: starts {slipped:?}), {denied} EPERM",
         t0.elapsed(),
         slipped.len(),
-        other.len(),
-        events.len()
     );
-    for o in &other {
-        eprintln!("control: other outcome: {o}");
-    }
-}
-
-#[test]
-fn the_hook_governs_each_container_before_its_first_instruction() {
-    require_root!();
-    let (ctrd, agent, sb, pod_cg) = setup("oci-hooked", Some(&[]));
-    let n = starts();
+    assert_eq!(
+        events.len(),
+        denied,
+        "one deny event per denied control start"
+    );
+    // Then with the hook, installed the way a node has it.
+    ctrd.set_hook(Some(Hook::portguard(
+        &agent_bin(),
+        &agent.status_socket(),
+        &[],
+    )));
     let mut took = Vec::new();
-    let mut ids = Vec::new();
-    for attempt in 1..=n {
+    for attempt in n + 1..=2 * n {
         let t0 = Instant::now();
         let (id, r) = bind_at_start(&ctrd, &sb, attempt);
         took.push(t0.elapsed());
@@ -214,7 +215,6 @@ fn the_hook_governs_each_container_before_its_first_instruction() {
             r["error"], "EPERM",
             "start {attempt}: the entrypoint's first bind is judged by `oci-web`: {r}"
         );
-        ids.push(id);
     }
     took.sort();
     eprintln!(
@@ -222,7 +222,10 @@ fn the_hook_governs_each_container_before_its_first_instruction() {
         took[took.len() / 2],
         took[took.len() - 1]
     );
-    let events = web_denials(&agent, n as usize);
+    let events: Vec<Value> = web_denials(&agent, denied + n as usize)
+        .into_iter()
+        .skip(denied)
+        .collect();
     assert_eq!(
         events.len(),
         n as usize,
