@@ -14,6 +14,16 @@ use serde_json::Value;
 
 use crate::agent_bin;
 
+/// An agent stopped by [`Agent::stop_until_dropped`]; resumed on drop.
+pub struct Stopped(i32);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        // SAFETY: resuming the test's own agent.
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
+}
+
 /// The capabilities the README, the DaemonSet and the systemd unit name as
 /// the agent's minimum (setpriv's syntax). `deploy` tests that they suffice,
 /// `manifests` that the deployment files grant exactly these.
@@ -322,6 +332,26 @@ impl Agent {
     pub fn signal(&self, sig: i32) {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    /// Stop the agent (SIGSTOP) until the guard is dropped (SIGCONT), so a
+    /// failing test never leaves it stopped.
+    pub fn stop_until_dropped(&self) -> Stopped {
+        self.signal(libc::SIGSTOP);
+        Stopped(self.pid())
+    }
+
+    /// Send one request line on the agent's status socket (as a hook or
+    /// `portguard status` does) and parse its one JSON answer.
+    pub fn ask(&self, line: &str) -> Value {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::os::unix::net::UnixStream::connect(self.status_socket()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(line.as_bytes()).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("answer {text:?}: {e}"))
     }
 
     /// Every JSON line logged so far.

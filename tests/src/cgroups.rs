@@ -1,5 +1,6 @@
 //! Real cgroups: the cgroup2 mount, [`Cgroup`] (created for a test, removed
-//! with everything running in it on drop) and the tree removal behind it.
+//! with everything running in it on drop), the tree removal behind it, and
+//! [`join_before_exec`] (a command started inside a cgroup).
 
 use std::{
     path::{Path, PathBuf},
@@ -8,6 +9,31 @@ use std::{
 };
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// Make `cmd` join the cgroup at `cgroup` (its directory) between fork and
+/// exec, as systemd's and runc's children do, then, with `uid`, switch to
+/// that user (it could not have joined a root-owned cgroup itself).
+pub fn join_before_exec(cmd: &mut std::process::Command, cgroup: &Path, uid: Option<u32>) {
+    use std::os::unix::process::CommandExt as _;
+    let procs = std::ffi::CString::new(cgroup.join("cgroup.procs").display().to_string())
+        .expect("a cgroup path without NUL");
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::close(fd);
+            if let Some(u) = uid
+                && (libc::setgid(u) != 0 || libc::setuid(u) != 0)
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
 
 /// The cgroup2 mount point of this host.
 pub fn cgroup2_root() -> PathBuf {

@@ -33,10 +33,11 @@ mod probe;
 mod schema;
 
 pub use agent::{
-    Agent, EVENT_TIMEOUT, MINIMAL_CAPS, TEST_PIN_ROOT, TestBpffs, matches, portguard, uninstall,
+    Agent, EVENT_TIMEOUT, MINIMAL_CAPS, Stopped, TEST_PIN_ROOT, TestBpffs, matches, portguard,
+    uninstall,
 };
 pub use binaries::{agent_bin, pgbench_bin, probe_bin};
-pub use cgroups::{Cgroup, cgroup2_root, is_root};
+pub use cgroups::{Cgroup, cgroup2_root, is_root, join_before_exec};
 pub use k8s::ConfigMapVolume;
 pub use load::{Loop, Tally};
 pub use probe::{Held, Probe, ProbeResult};

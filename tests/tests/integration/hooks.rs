@@ -9,13 +9,14 @@
 //! then `ExecStart=` in it), with the real hook binary and a real bind.
 
 use std::{
-    io::{Read as _, Write as _},
-    os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
+    os::unix::fs::PermissionsExt as _,
     process::{Command, Output},
     time::Duration,
 };
 
-use portguard_tests::{Agent, Cgroup, Probe, agent_bin, cgroup2_root, require_root};
+use portguard_tests::{
+    Agent, Cgroup, Probe, agent_bin, cgroup2_root, join_before_exec, require_root,
+};
 use serde_json::{Value, json};
 
 /// Run `cmd` inside `cg` (it joins before exec, as systemd's children do).
@@ -25,23 +26,7 @@ fn run_in(cg: &Cgroup, cmd: Command) -> Output {
 
 /// [`run_in`], as user `uid` (switched after joining the cgroup).
 fn run_as_in(cg: &Cgroup, mut cmd: Command, uid: Option<u32>) -> Output {
-    let procs = std::ffi::CString::new(cg.fs.join("cgroup.procs").display().to_string()).unwrap();
-    // SAFETY: only async-signal-safe calls between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            libc::close(fd);
-            if let Some(u) = uid
-                && (libc::setgid(u) != 0 || libc::setuid(u) != 0)
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    join_before_exec(&mut cmd, &cg.fs, uid);
     cmd.output().expect("running a command in a cgroup")
 }
 
@@ -202,17 +187,6 @@ fn agent_status(agent: &Agent) -> Value {
     })
 }
 
-/// One raw request line on the status socket; the answer.
-fn ask(agent: &Agent, line: &str) -> Value {
-    let mut s = std::os::unix::net::UnixStream::connect(agent.status_socket()).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(line.as_bytes()).unwrap();
-    s.shutdown(std::net::Shutdown::Write).unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("answer {text:?}: {e}"))
-}
-
 #[test]
 fn only_root_may_ask_and_the_agent_decides_the_policy() {
     require_root!();
@@ -242,50 +216,39 @@ fn only_root_may_ask_and_the_agent_decides_the_policy() {
 
     // The request names a cgroup, never a policy: a cgroup no policy
     // selects stays ungoverned, whoever asks.
-    let a = ask(
-        &agent,
-        &format!(
-            r#"{{"request":"govern","cgroup_id":{},"cgroup":"{}","hook":"unit","unit":"{unit}"}}"#,
-            other.id(),
-            other.rel
-        ),
-    );
+    let a = agent.ask(&format!(
+        r#"{{"request":"govern","cgroup_id":{},"cgroup":"{}","hook":"unit","unit":"{unit}"}}"#,
+        other.id(),
+        other.rel
+    ));
     assert_eq!(
         (a["ok"].clone(), a["policy"].clone()),
         (json!(true), Value::Null),
         "{a}"
     );
-    let a = ask(
-        &agent,
-        &format!(
-            r#"{{"request":"govern","cgroup_id":{},"cgroup":"{}","hook":"unit"}}"#,
-            cg.id(),
-            cg.rel
-        ),
-    );
+    let a = agent.ask(&format!(
+        r#"{{"request":"govern","cgroup_id":{},"cgroup":"{}","hook":"unit"}}"#,
+        cg.id(),
+        cg.rel
+    ));
     assert_eq!(a["policy"], "strict", "{a}");
     assert_eq!(a["policy_cgroup"], cg.rel.as_str(), "{a}");
     // systemd 254+ with DelegateSubgroup= runs ExecStartPre= in the unit's
     // `.control` sub-cgroup: governed by the unit's policy all the same.
     let control = cg.child(".control");
-    let a = ask(
-        &agent,
-        &format!(
-            r#"{{"request":"govern","cgroup_id":{},"cgroup":"{}","hook":"unit"}}"#,
-            control.id(),
-            control.rel
-        ),
-    );
+    let a = agent.ask(&format!(
+        r#"{{"request":"govern","cgroup_id":{},"cgroup":"{}","hook":"unit"}}"#,
+        control.id(),
+        control.rel
+    ));
     assert_eq!(
         (a["policy"].as_str(), a["policy_cgroup"].as_str()),
         (Some("strict"), Some(cg.rel.as_str())),
         "{a}"
     );
     // A cgroup that does not exist, and what is not a request.
-    let a = ask(
-        &agent,
-        r#"{"request":"govern","cgroup_id":999999999999,"cgroup":"/nowhere","hook":"oci"}"#,
-    );
+    let a = agent
+        .ask(r#"{"request":"govern","cgroup_id":999999999999,"cgroup":"/nowhere","hook":"oci"}"#);
     assert_eq!(a["ok"], false, "{a}");
     assert!(
         a["error"]
@@ -294,13 +257,13 @@ fn only_root_may_ask_and_the_agent_decides_the_policy() {
             .contains("no cgroup with id 999999999999"),
         "{a}"
     );
-    let a = ask(&agent, "{\"request\":\"reboot\"}\n");
+    let a = agent.ask("{\"request\":\"reboot\"}\n");
     assert!(
         a["error"].as_str().unwrap().contains("not a request"),
         "{a}"
     );
     // Saying nothing still gets the status document.
-    assert!(ask(&agent, "")["policies"].is_array());
+    assert!(agent.ask("")["policies"].is_array());
 }
 
 #[test]
@@ -314,16 +277,7 @@ fn a_starved_agent_fails_the_unit_hook_closed_or_open_and_says_so() {
         &["--rescan-interval", "1h"],
     );
     let cg = s.child(&unit);
-    struct Cont(i32);
-    impl Drop for Cont {
-        fn drop(&mut self) {
-            // SAFETY: resuming the agent this test stopped.
-            unsafe { libc::kill(self.0, libc::SIGCONT) };
-        }
-    }
-    // SAFETY: stopping the test's own agent; resumed by the guard.
-    unsafe { libc::kill(agent.pid(), libc::SIGSTOP) };
-    let cont = Cont(agent.pid());
+    let cont = agent.stop_until_dropped();
     let closed = run_in(&cg, hook_unit(&agent, &unit, &["--timeout", "300ms"]));
     let open = run_in(
         &cg,

@@ -28,24 +28,6 @@ use portguard_tests::{
 };
 use serde_json::{Value, json};
 
-/// Keeps the agent stopped (SIGSTOP) until dropped (SIGCONT), so a failing
-/// test never leaves it stopped.
-struct Stopped(i32);
-
-impl Stopped {
-    fn agent(agent: &Agent) -> Self {
-        agent.signal(libc::SIGSTOP);
-        Self(agent.pid())
-    }
-}
-
-impl Drop for Stopped {
-    fn drop(&mut self) {
-        // SAFETY: signalling the test's own agent.
-        unsafe { libc::kill(self.0, libc::SIGCONT) };
-    }
-}
-
 /// A pod-level policy allowing 8080 and a `container: web` policy that does
 /// not: the container's first bind of 8080 is denied only if its own
 /// cgroup is governed before it runs.
@@ -273,7 +255,7 @@ fn a_starved_agent_fails_the_hook_closed_or_open_as_configured() {
 
     // Default (auto: closed for a pod some `pods:` policy may select).
     let refused = ctrd.create_container(&sb, container_config("web", 1, &BIND_8080));
-    let stopped = Stopped::agent(&agent);
+    let stopped = agent.stop_until_dropped();
     let t0 = Instant::now();
     let r = ctrd.try_start(&refused);
     let took = t0.elapsed();
@@ -307,7 +289,7 @@ fn a_starved_agent_fails_the_hook_closed_or_open_as_configured() {
         &["--on-failure", "open"],
     )));
     let allowed = ctrd.create_container(&sb, container_config("web", 2, &BIND_8080));
-    let stopped = Stopped::agent(&agent);
+    let stopped = agent.stop_until_dropped();
     let t0 = Instant::now();
     let r = ctrd.try_start(&allowed);
     let took = t0.elapsed();
@@ -322,19 +304,6 @@ fn a_starved_agent_fails_the_hook_closed_or_open_as_configured() {
     assert_eq!(e["action"], "allowed_start", "{e}");
     assert_eq!(e["hook"], "oci", "{e}");
     assert_eq!(e["cgroup"], format!("{pod_cg}/{allowed}"), "{e}");
-}
-
-/// One govern request, as `portguard hook oci` sends it, on the agent's
-/// socket; the answer.
-fn govern(agent: &Agent, request: &Value) -> Value {
-    use std::io::{Read as _, Write as _};
-    let mut s = std::os::unix::net::UnixStream::connect(agent.status_socket()).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(format!("{request}\n").as_bytes()).unwrap();
-    s.shutdown(std::net::Shutdown::Write).unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("answer {text:?}: {e}"))
 }
 
 /// CRI-O lists a container only once its createRuntime hooks ran: its
@@ -354,10 +323,10 @@ fn a_container_the_runtime_does_not_list_yet_is_named_by_its_hook() {
         &format!("{pod_cg}/{cid}"),
     );
     let ask = |sandbox_id: &str| {
-        govern(
-            &agent,
+        agent.ask(
             &json!({"request": "govern", "cgroup_id": cg.id(), "cgroup": cg.rel, "hook": "oci",
-                    "container_id": cid, "container_name": "web", "sandbox_id": sandbox_id}),
+                    "container_id": cid, "container_name": "web", "sandbox_id": sandbox_id})
+            .to_string(),
         )
     };
     // Another sandbox than the pod's: not taken; the hook would fail.

@@ -26,10 +26,9 @@
 //! second a round: rounds are time-boxed (at least [`Rounds::min`]).
 
 use std::{
-    ffi::CString,
     fmt::Write as _,
     io::{Read as _, Write as _},
-    os::unix::{fs::MetadataExt as _, net::UnixStream, process::CommandExt as _},
+    os::unix::{fs::MetadataExt as _, net::UnixStream},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -150,18 +149,7 @@ fn check(answer: &[u8], id: u64, agent: &Agent) -> Reply {
 /// Run `cmd` inside the cgroup at `cg` (joined between fork and exec, as
 /// systemd's children do); wall time from spawn to exit, in ms.
 fn run_in(cg: &Path, mut cmd: Command) -> f64 {
-    let procs = CString::new(cg.join("cgroup.procs").display().to_string()).expect("path");
-    // SAFETY: only async-signal-safe calls between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            libc::close(fd);
-            Ok(())
-        });
-    }
+    portguard_tests::join_before_exec(&mut cmd, cg, None);
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
