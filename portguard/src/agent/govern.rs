@@ -19,7 +19,7 @@ use crate::{
         spool,
     },
     policy::Selector,
-    workload::identity,
+    workload::{cgroupfs::ancestors, identity},
 };
 
 use super::*;
@@ -51,32 +51,23 @@ pub(super) async fn govern_batch(
     for (p, _, path) in &mut pending {
         *path = agent.cgroup_path(&p.request);
         if let Some(path) = path.as_deref() {
-            let mut at = path;
-            while let Some(i) = at.rfind('/').filter(|i| *i > 0) {
-                paths.push(at.to_owned());
-                at = &at[..i];
-            }
-            paths.push(at.to_owned());
+            paths.extend(ancestors(path).filter(|a| *a != "/").map(str::to_owned));
         }
     }
     // Already governed by a policy of its own, as the kernel says: nothing
     // to ask or apply (a hook run twice, a unit restarted in place).
-    pending.retain_mut(|(p, since, path)| {
-        let answered = path
+    let mut rest = Vec::new();
+    for (p, since, path) in pending {
+        match path
             .as_deref()
-            .and_then(|path| agent.already_governed(&p.request, path));
-        match answered {
-            Some(mut reply) => {
-                reply.micros = since.elapsed().as_micros() as u64;
-                agent.count_answer(&p.request, &reply, *since);
-                // The hook may have given up: nothing to do then.
-                let (tx, _) = tokio::sync::oneshot::channel();
-                let _ = std::mem::replace(&mut p.reply, tx).send(reply);
-                false
-            }
-            None => true,
+            .and_then(|path| agent.already_governed(&p.request, path))
+        {
+            // The hook may have given up: nothing to do then.
+            Some(reply) => drop(p.reply.send(agent.answered(&p.request, reply, since))),
+            None => rest.push((p, since, path)),
         }
-    });
+    }
+    let mut pending = rest;
     if pending.is_empty() {
         return;
     }
@@ -205,19 +196,10 @@ impl Agent {
         path: &str,
         mut f: impl FnMut(u64) -> Option<String>,
     ) -> Option<(String, String)> {
-        let mut at = path.trim_end_matches('/').to_owned();
-        loop {
-            let here = if at.is_empty() { "/" } else { at.as_str() };
-            if let Ok(Some((id, _))) = self.hierarchy.resolve(here)
-                && let Some(name) = f(id)
-            {
-                return Some((name, here.to_owned()));
-            }
-            match at.rfind('/') {
-                Some(i) if !at.is_empty() => at.truncate(i),
-                _ => return None,
-            }
-        }
+        ancestors(path).find_map(|here| {
+            let (id, _) = self.hierarchy.resolve(here).ok()??;
+            Some((f(id)?, here.to_owned()))
+        })
     }
 
     /// The path of a request's cgroup as this agent sees it: by id, else
@@ -300,17 +282,17 @@ impl Agent {
             (Some(_), Some(e)) => Reply::error(req.cgroup_id, e.clone()),
             (Some(path), None) => self.answer_inner(req, path),
         };
-        let reply = Reply {
-            micros: since.elapsed().as_micros() as u64,
-            ..reply
-        };
-        self.count_answer(req, &reply, since);
-        reply
+        self.answered(req, reply, since)
     }
 
-    /// Count and log an answer.
-    fn count_answer(&self, req: &Govern, reply: &Reply, since: Instant) {
+    /// An answer as sent: timed (the request taken at `since`), counted and
+    /// logged.
+    fn answered(&self, req: &Govern, reply: Reply, since: Instant) -> Reply {
         let took = since.elapsed();
+        let reply = Reply {
+            micros: took.as_micros() as u64,
+            ..reply
+        };
         let ok = reply.ok;
         self.shared.update(|f| {
             let h = &mut f.runtime_hooks;
@@ -334,6 +316,7 @@ impl Agent {
                 reply.error.as_deref().unwrap_or("?")
             );
         }
+        reply
     }
 
     /// The answer for a cgroup a policy governs itself (not through an

@@ -177,18 +177,5 @@ fn governing<'a>(
     by_path: &'a FxHashMap<String, (usize, Governed)>,
     cgroup: &str,
 ) -> Option<&'a (usize, Governed)> {
-    let mut path = cgroup;
-    loop {
-        if let Some(found) = by_path.get(path) {
-            return Some(found);
-        }
-        if path == "/" || path.is_empty() {
-            return None;
-        }
-        path = match path.rfind('/') {
-            Some(0) => "/",
-            Some(i) => &path[..i],
-            None => return None,
-        };
-    }
+    crate::workload::cgroupfs::ancestors(cgroup).find_map(|path| by_path.get(path))
 }

@@ -346,7 +346,10 @@ impl Agent {
             packet_guard: None,
             fence_failures_seen: 0,
             guard_held: false,
-            hook_dir: opts.status_socket.as_deref().map(crate::hook::shared_dir),
+            hook_dir: opts
+                .status_socket
+                .as_deref()
+                .map(crate::hook::spool::dir_of),
             selection_published: None,
             aggregator: events::aggregate::Aggregator::new(opts.aggregate_window, AGGREGATE_KINDS),
         };

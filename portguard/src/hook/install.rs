@@ -7,8 +7,6 @@
 //! names).
 
 use std::{
-    io::Write as _,
-    os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -198,29 +196,8 @@ fn read_plain(path: &Path) -> anyhow::Result<Option<String>> {
 
 /// Replace `path` with `text` atomically (mode 0644: runtimes read it).
 fn write_atomic(path: &Path, text: &str) -> anyhow::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let name = path
-        .file_name()
-        .map_or_else(|| "portguard".into(), |n| n.to_string_lossy().into_owned());
-    let tmp = dir.join(format!(".{name}.portguard-{}", std::process::id()));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o644)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    let done = f.write_all(text.as_bytes()).and_then(|()| f.sync_all());
-    drop(f);
-    if let Err(e) = done.and_then(|()| std::fs::rename(&tmp, path)) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e).with_context(|| format!("writing {}", path.display()));
-    }
-    Ok(())
+    super::replace_file(path, text.as_bytes(), 0o644)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 fn pretty(v: &Value) -> String {
@@ -243,21 +220,7 @@ pub fn copy_binary(from: &Path, to: &Path) -> anyhow::Result<Change> {
     if std::fs::read(to).is_ok_and(|old| old == new) {
         return Ok(Change::Unchanged(to.to_owned()));
     }
-    let dir = to.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = dir.join(format!(".portguard-{}", std::process::id()));
-    let written = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o755)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&tmp)
-        .and_then(|mut f| f.write_all(&new).and_then(|()| f.sync_all()))
-        .and_then(|()| std::fs::rename(&tmp, to));
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e).with_context(|| format!("installing {}", to.display()));
-    }
+    super::replace_file(to, &new, 0o755).with_context(|| format!("installing {}", to.display()))?;
     Ok(Change::Written(to.to_owned()))
 }
 

@@ -70,12 +70,47 @@ pub struct Outcome {
 /// The cgroup id of `cgroup` (a path relative to this process's cgroup2
 /// mount): the inode number of its directory.
 pub fn cgroup_id(cgroup: &str) -> anyhow::Result<u64> {
-    use std::os::unix::fs::MetadataExt as _;
-    let root = crate::workload::cgroupfs::cgroup2_mount()?;
-    let path = root.join(cgroup.trim_start_matches('/'));
-    let m = std::fs::metadata(&path)
-        .map_err(|e| anyhow::anyhow!("cgroup {cgroup} ({}): {e}", path.display()))?;
-    Ok(m.ino())
+    let hierarchy = crate::workload::cgroupfs::Hierarchy::discover()?;
+    match hierarchy.resolve(cgroup)? {
+        Some((id, _)) => Ok(id),
+        None => anyhow::bail!(
+            "cgroup {cgroup} ({}) does not exist",
+            hierarchy.fs_path(cgroup).display()
+        ),
+    }
+}
+
+/// Replace `path` with `bytes` atomically: written to a temporary name
+/// beside it (a stale one removed first, never written through a symlink),
+/// synced, renamed over it; its directory made if missing. The installed
+/// hook files, the hook binary and the agent's selection all go this way.
+pub(crate) fn replace_file(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let name = path
+        .file_name()
+        .map_or_else(|| "portguard".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = dir.join(format!(".{name}.portguard-{}", std::process::id()));
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 /// Who a hook is about, for the request and for a failure record.
@@ -287,11 +322,6 @@ fn fail(opts: &HookOptions, subject: &Subject, reason: &str, deadline: Instant) 
         reply: None,
         failed: Some(rec),
     }
-}
-
-/// The directory hooks and the agent share (the status socket's).
-pub fn shared_dir(socket: &Path) -> PathBuf {
-    spool::dir_of(socket)
 }
 
 #[cfg(test)]

@@ -181,19 +181,8 @@ impl Selection {
 
 /// Write the selection in `dir` atomically (the agent, after each apply).
 pub fn write_selection(dir: &Path, sel: &Selection) -> std::io::Result<()> {
-    let path = dir.join(SELECTION_FILE);
-    let tmp = dir.join(format!(".{SELECTION_FILE}.{}", std::process::id()));
     let text = serde_json::to_vec(sel).map_err(std::io::Error::other)?;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(&tmp)?;
-    f.write_all(&text)?;
-    drop(f);
-    std::fs::rename(&tmp, &path)
+    super::replace_file(&dir.join(SELECTION_FILE), &text, 0o600)
 }
 
 /// Read the selection in `dir` (a hook), `None` if no agent wrote one.

@@ -85,7 +85,8 @@ async fn answer(
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut line = Vec::new();
     let mut buf = [0u8; 4096];
-    let read = tokio::time::timeout(REQUEST_WAIT, async {
+    // A client that sends nothing within REQUEST_WAIT gets the status.
+    let _ = tokio::time::timeout(REQUEST_WAIT, async {
         loop {
             match stream.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
@@ -97,8 +98,7 @@ async fn answer(
         }
     })
     .await;
-    let _ = read;
-    let text = if line.iter().all(u8::is_ascii_whitespace) {
+    let mut text = if line.iter().all(u8::is_ascii_whitespace) {
         document(&shared).to_string()
     } else {
         match serde_json::from_slice::<Request>(&line) {
@@ -110,7 +110,6 @@ async fn answer(
             Err(e) => json!({"ok": false, "error": format!("not a request: {e}")}).to_string(),
         }
     };
-    let mut text = text;
     text.push('\n');
     let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(text.as_bytes())).await;
 }

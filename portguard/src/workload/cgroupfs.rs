@@ -60,6 +60,22 @@ fn unescape_mount_field(s: &str) -> PathBuf {
     PathBuf::from(std::ffi::OsStr::from_bytes(&out))
 }
 
+/// A cgroup path (`/a/b`) and its ancestors, deepest first, ending at `/`
+/// (the order the kernel programs walk them in).
+pub fn ancestors(path: &str) -> impl Iterator<Item = &str> {
+    let mut next = Some(path);
+    std::iter::from_fn(move || {
+        let here = next?;
+        next = match here.rfind('/') {
+            _ if here == "/" || here.is_empty() => None,
+            Some(0) => Some("/"),
+            Some(i) => Some(&here[..i]),
+            None => None,
+        };
+        Some(here)
+    })
+}
+
 /// Every cgroup2 mount point listed in `mounts` (the text of /proc/mounts),
 /// in order.
 pub fn cgroup2_mounts_in(mounts: &str) -> Vec<PathBuf> {
@@ -335,6 +351,15 @@ mod tests {
         let h = Hierarchy::new(PathBuf::from("/cg"));
         assert_eq!(h.fs_path("/"), PathBuf::from("/cg"));
         assert_eq!(h.fs_path("/a/b"), PathBuf::from("/cg/a/b"));
+    }
+
+    #[test]
+    fn ancestors_run_from_the_cgroup_to_the_root() {
+        assert_eq!(
+            ancestors("/a/b/c").collect::<Vec<_>>(),
+            ["/a/b/c", "/a/b", "/a", "/"]
+        );
+        assert_eq!(ancestors("/").collect::<Vec<_>>(), ["/"]);
     }
 
     #[test]
