@@ -357,8 +357,20 @@ impl Agent {
                 cgroups: resolved_cgroups(held),
             });
         }
-        let report = match self.applier.apply(&mut self.loaded.maps, &targets) {
-            Ok(r) => r,
+        // The decision programs run on every attach point before the maps
+        // govern anything below it, and leave the points nothing is
+        // governed below only after.
+        let points = self.attach_points_of(&resolved, &quarantine, &hold);
+        let report = match self
+            .loaded
+            .attach_points(&points)
+            .map_err(|e| crate::apply::ApplyError::Attach(e.to_string()))
+            .and_then(|keep| Ok((self.applier.apply(&mut self.loaded.maps, &targets)?, keep)))
+        {
+            Ok((r, keep)) => {
+                self.loaded.release_points(&keep);
+                r
+            }
             Err(e) => {
                 self.next_quarantine = quarantine;
                 self.next_unfit_hold = hold;
@@ -464,6 +476,26 @@ impl Agent {
         Ok(report)
     }
 
+    /// Where the decision programs must run for what `resolved`, the
+    /// quarantine and the hold govern (paths on the cgroup2 filesystem).
+    fn attach_points_of(
+        &self,
+        resolved: &Resolution,
+        quarantine: &[Governed],
+        hold: &[Governed],
+    ) -> Vec<PathBuf> {
+        let governed = resolved
+            .iter()
+            .flatten()
+            .chain(quarantine)
+            .chain(hold)
+            .map(|g| g.path.as_str());
+        crate::workload::cgroupfs::attach_points(governed, &self.attach_cgroup)
+            .iter()
+            .map(|p| self.hierarchy.fs_path(p))
+            .collect()
+    }
+
     /// Refresh what /metrics and `status` report after an apply.
     pub(super) fn publish_facts(&mut self, report: &ApplyReport, ids: &[u32]) {
         let counters = self.shared.counters.clone();
@@ -535,8 +567,19 @@ impl Agent {
         ];
         let governed = report.cgroups;
         let left_out = self.next_left_out.clone();
+        let root = self.hierarchy.root().to_owned();
+        let points: Vec<String> = self
+            .loaded
+            .points()
+            .iter()
+            .map(|p| match p.strip_prefix(&root) {
+                Ok(r) => format!("/{}", r.display()),
+                Err(_) => p.display().to_string(),
+            })
+            .collect();
         self.shared.update(|f| {
             f.policies = policies;
+            f.attach_points = points;
             f.governed_cgroups = governed;
             f.left_out = left_out;
             f.maps = maps;

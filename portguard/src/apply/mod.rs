@@ -95,6 +95,11 @@ pub enum ApplyError {
     },
     #[error("writing the new policy generation failed (the previous policy stays in force): {0}")]
     Sink(#[from] SinkError),
+    #[error(
+        "attaching the decision programs where the new policy governs failed (the previous \
+         policy stays in force): {0}"
+    )]
+    Attach(String),
 }
 
 struct SetEntry {

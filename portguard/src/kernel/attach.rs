@@ -1,7 +1,10 @@
-//! Attaching the programs to the attach point: which programs this host
-//! gets ([`Loaded::attach`] owns its links; [`Loaded::attach_pinned`]
-//! adopts, repairs or creates pinned ones), and the packet guard the agent
-//! attaches on demand.
+//! Attaching the host-wide programs to `--attach-cgroup` (the root): the
+//! fence keeper and the listen checks, which are selected by the cgroup a
+//! socket was made in and so must see sockets made anywhere
+//! ([`Loaded::attach`] owns its links; [`Loaded::attach_pinned`] adopts,
+//! repairs or creates pinned ones), and the packet guard the agent attaches
+//! on demand. The decision programs run only on the attach points
+//! (`points`).
 
 use std::{
     fs::File,
@@ -106,19 +109,11 @@ impl Kind {
 }
 
 impl Loaded {
-    /// The programs to attach, in order: every cgroup hook, then the LSM
-    /// checks or (without the BPF LSM) the sock_ops listen reporter.
+    /// The host-wide programs to attach, in order: the fence keeper, then
+    /// the LSM checks or (without the BPF LSM) the sock_ops listen
+    /// reporter.
     pub(super) fn wanted(&self) -> Vec<(&'static str, Kind, Hook)> {
-        let mut v: Vec<(&'static str, Kind, Hook)> = PROGRAMS
-            .iter()
-            .map(|&(name, hook)| {
-                let kind = match hook {
-                    Hook::PostBind4 | Hook::PostBind6 | Hook::SockCreate => Kind::Sock,
-                    _ => Kind::SockAddr,
-                };
-                (name, kind, hook)
-            })
-            .collect();
+        let mut v: Vec<(&'static str, Kind, Hook)> = Vec::new();
         // The fence's keeper: a socket a hook that cannot deny cut off (UDP
         // autobinds everywhere, listeners without the LSM) stays fenced.
         v.push((FENCE_PROGRAM, Kind::Sockopt, Hook::Setsockopt));
@@ -229,10 +224,11 @@ impl Loaded {
             }
         }
         info!(
-            "loader: attached {} programs to {}",
+            "loader: attached {} host-wide programs to {}",
             self.attached.len(),
             cgroup.display()
         );
+        self.note_decision_hooks();
         Ok(())
     }
 
@@ -384,13 +380,22 @@ impl Loaded {
                 warn!("loader: pinning {}: {e}", prog_path.display());
             }
         }
-        // Links of programs this agent does not attach (e.g. the sock_ops
-        // reporter once the BPF LSM works): removing the pin detaches them.
+        // Links of programs this agent does not attach here (the sock_ops
+        // reporter once the BPF LSM works; the decision programs, which an
+        // earlier version attached to the root and now run on the attach
+        // points, already attached by the first apply): removing the pin
+        // detaches them.
         for name in program_names() {
             if self.attached_name(name, &wanted) {
                 continue;
             }
-            for path in [pins.link(name), pins.prog(name)] {
+            let decision = PROGRAMS.iter().any(|(n, _)| *n == name);
+            let paths = if decision {
+                vec![pins.link(name)]
+            } else {
+                vec![pins.link(name), pins.prog(name)]
+            };
+            for path in paths {
                 if path.exists() {
                     std::fs::remove_file(&path)
                         .map_err(pin_err(format!("removing {}", path.display())))?;
@@ -399,8 +404,8 @@ impl Loaded {
             }
         }
         info!(
-            "loader: {} programs attached to {} through links pinned in {} ({} switched in \
-             place, {} new, {} repaired)",
+            "loader: {} host-wide programs attached to {} through links pinned in {} ({} \
+             switched in place, {} new, {} repaired)",
             self.attached.len(),
             cgroup.display(),
             pins.root().display(),
@@ -408,7 +413,24 @@ impl Loaded {
             report.created.len(),
             report.repaired.len()
         );
+        self.note_decision_hooks();
         Ok(report)
+    }
+
+    /// The decision hooks are in force wherever a policy governs (on the
+    /// attach points).
+    fn note_decision_hooks(&mut self) {
+        for (_, hook) in PROGRAMS {
+            if !self.attached.contains(&hook) {
+                self.attached.insert(0, hook);
+            }
+        }
+        self.attached.sort_by_key(|h| {
+            PROGRAMS
+                .iter()
+                .position(|(_, p)| p == h)
+                .unwrap_or(PROGRAMS.len())
+        });
     }
 
     pub(super) fn attached_name(&self, name: &str, wanted: &[(&'static str, Kind, Hook)]) -> bool {

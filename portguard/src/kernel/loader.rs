@@ -194,6 +194,12 @@ pub struct Loaded {
     pub(super) lsm_unavailable: Option<String>,
     /// The sock_ops listen reporter is loaded (fallback without the LSM).
     pub(super) sock_ops_loaded: bool,
+    /// The decision programs' attach points, by cgroup id (see `points`).
+    pub(super) points: std::collections::BTreeMap<u64, Point>,
+    /// The pin directory, when links are pinned.
+    pub(super) pin_root: Option<std::path::PathBuf>,
+    /// The decision programs are pinned in `progs/` by this agent.
+    pub(super) decision_programs_pinned: bool,
 }
 
 /// Try to lift RLIMIT_MEMLOCK for kernels that still charge BPF memory to it
@@ -446,7 +452,7 @@ impl Loaded {
                 Err(e) => warn!("loader: {e}"),
             }
         }
-        Ok(Self {
+        let mut loaded = Self {
             ebpf,
             maps,
             events: Some(events),
@@ -456,7 +462,14 @@ impl Loaded {
             attached: Vec::new(),
             lsm_unavailable,
             sock_ops_loaded,
-        })
+            points: Default::default(),
+            pin_root: pins.map(|p| p.root().to_owned()),
+            decision_programs_pinned: false,
+        };
+        if let Some(p) = pins {
+            loaded.adopt_points(p.root());
+        }
+        Ok(loaded)
     }
 
     /// How `listen()` is checked (after [`Loaded::attach`]).

@@ -1,7 +1,8 @@
 //! The kernel side, and the only module that imports aya: loading the
 //! object and patching its globals from the running kernel's BTF
-//! ([`btf`]), attaching (new links or pinned ones adopted across restarts,
-//! [`pins`]), the maps the planner writes through ([`RuleSink`]), the
+//! ([`btf`]), attaching (the host-wide programs on the root, the decision
+//! programs on each attach point; new links or pinned ones adopted across
+//! restarts, [`pins`]), the maps the planner writes through ([`RuleSink`]), the
 //! counters, the offline view of pinned state, raw `bpf(2)` calls aya does
 //! not offer ([`bpfsys`]) and the capability preflight ([`caps`]).
 
@@ -14,6 +15,7 @@ mod loader;
 mod lsm;
 mod maps;
 pub mod pins;
+mod points;
 mod view;
 
 /// The event ring buffer, as the agent drains it.
@@ -26,4 +28,5 @@ pub use counters::*;
 pub use loader::*;
 pub use lsm::*;
 pub use maps::*;
+pub use points::Point;
 pub use view::*;

@@ -3,7 +3,10 @@
 //!
 //! ```text
 //! /sys/fs/bpf/portguard/        0700, flock()ed by the running agent
-//!   links/portguard_bind4 ...   one cgroup link per hook (attached = pinned)
+//!   links/portguard_setsockopt  the host-wide links (fence keeper, listen
+//!                               reporter), on --attach-cgroup (the root)
+//!   links/cg4242-portguard_bind4 ...  the decision programs' links on each
+//!                               attach point (cgroup id 4242), one per hook
 //!   progs/portguard_bind4 ...   the programs the links run
 //!   maps/PORTGUARD_STATE ...    every map, including the version stamp
 //! ```
@@ -78,6 +81,45 @@ pub fn program_names() -> impl Iterator<Item = &'static str> {
         .map(|(n, _)| *n)
         .chain(LSM_PROGRAMS.iter().map(|(n, _, _)| *n))
         .chain([SOCK_OPS_PROGRAM, FENCE_PROGRAM, GUARD_PROGRAM])
+}
+
+/// The pin of the link of `program` on the attach point with cgroup id
+/// `cgroup_id` (see [`parse_point_link`]).
+pub fn point_link(root: &Path, cgroup_id: u64, program: &str) -> PathBuf {
+    root.join("links").join(format!("cg{cgroup_id}-{program}"))
+}
+
+/// Where the replacement of a wrong point link waits to be moved in place.
+pub fn new_point_link(root: &Path, cgroup_id: u64, program: &str) -> PathBuf {
+    root.join("links")
+        .join(format!("cg{cgroup_id}-{program}{NEW_SUFFIX}"))
+}
+
+/// (cgroup id, program) of an attach point's link pin name
+/// (`cg<cgroup id>-<program>`, optionally staged with the `-new` suffix);
+/// `None` for any other name.
+pub fn parse_point_link(name: &str) -> Option<(u64, &'static str)> {
+    let rest = name.strip_prefix("cg")?;
+    let (id, program) = rest.split_once('-')?;
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let program = program.strip_suffix(NEW_SUFFIX).unwrap_or(program);
+    let (name, _) = PROGRAMS.iter().find(|(n, _)| *n == program)?;
+    Some((id.parse().ok()?, name))
+}
+
+/// The attach points pinned in `root`'s `links/` (their cgroup ids).
+pub fn pinned_points(root: &Path) -> Vec<u64> {
+    let mut ids: Vec<u64> = std::fs::read_dir(root.join("links"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| parse_point_link(e.file_name().to_str()?).map(|(id, _)| id))
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
 }
 
 /// An open, locked pin directory.
@@ -189,7 +231,9 @@ impl PinDir {
 
     /// Whether a previous agent left state here.
     pub fn has_state(&self) -> bool {
-        program_names().any(|p| self.link(p).exists()) || MAPS.iter().any(|m| self.map(m).exists())
+        program_names().any(|p| self.link(p).exists())
+            || MAPS.iter().any(|m| self.map(m).exists())
+            || !pinned_points(&self.root).is_empty()
     }
 }
 
@@ -299,7 +343,7 @@ pub fn inventory(root: &Path) -> (Vec<Pinned>, Vec<PathBuf>) {
         for name in names {
             let path = dir.join(&name);
             let name = name.to_string_lossy().into_owned();
-            if !known.contains(&name) {
+            if !known.contains(&name) && !(kind == "link" && parse_point_link(&name).is_some()) {
                 foreign.push(path);
                 continue;
             }

@@ -54,13 +54,28 @@ pub fn read_pinned(pins: &Path) -> Result<PinnedView, String> {
         stamp: read_stamp(&pins.join("maps").join(MAP_AGENT)),
         ..PinnedView::default()
     };
-    for name in program_names() {
-        let path = pins.join("links").join(name);
+    // The host-wide links, then the decision programs' on each attach
+    // point (`cg<cgroup id>-<program>`).
+    let mut pinned: Vec<(String, std::path::PathBuf)> = program_names()
+        .map(|name| (name.to_owned(), pins.join("links").join(name)))
+        .collect();
+    let mut points: Vec<_> = std::fs::read_dir(pins.join("links"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let file = e.file_name().into_string().ok()?;
+            let (_, program) = pins::parse_point_link(&file)?;
+            (!file.ends_with("-new")).then(|| (program.to_owned(), e.path()))
+        })
+        .collect();
+    points.sort();
+    pinned.extend(points);
+    for (name, path) in pinned {
         if let Ok(fd) = bpfsys::obj_get(&path)
             && let Ok(i) = bpfsys::link_info(fd.as_fd())
         {
-            view.links
-                .push((name.to_owned(), i.id, i.prog_id, i.cgroup_id));
+            view.links.push((name, i.id, i.prog_id, i.cgroup_id));
         }
     }
     let state: Array<MapData, State> = Array::try_from(map(MAP_STATE)?).map_err(err)?;

@@ -62,6 +62,9 @@ pub struct Facts {
     pub maps: Vec<MapUse>,
     /// Where the programs are attached, and which.
     pub attach_cgroup: String,
+    /// Where the decision programs run (cgroup paths): the parent of each
+    /// governed cgroup, or itself.
+    pub attach_points: Vec<String>,
     pub hooks: Vec<&'static str>,
     /// How listen()/accept() are checked.
     pub listen_mode: String,

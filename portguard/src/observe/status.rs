@@ -77,6 +77,7 @@ pub fn document(shared: &Snapshot) -> Value {
         "status": facts.status,
         "degraded": facts.degraded,
         "attach_cgroup": facts.attach_cgroup,
+        "attach_points": facts.attach_points,
         "hooks": facts.hooks,
         "listen": facts.listen_mode,
         "events": {
@@ -208,6 +209,14 @@ pub fn pinned_document(pins: &Path) -> anyhow::Result<Value> {
             })
         })
         .collect();
+    // Each hook once (the decision programs have a link per attach point).
+    let mut hooks: Vec<String> = Vec::new();
+    for l in &view.links {
+        let h = l.0.trim_start_matches("portguard_").to_owned();
+        if !hooks.contains(&h) {
+            hooks.push(h);
+        }
+    }
     Ok(json!({
         "version": "-",
         "host": crate::events::host_name(),
@@ -219,7 +228,7 @@ pub fn pinned_document(pins: &Path) -> anyhow::Result<Value> {
             pins.display()
         ),
         "attach_cgroup": attach.join(", "),
-        "hooks": view.links.iter().map(|l| l.0.trim_start_matches("portguard_").to_owned()).collect::<Vec<_>>(),
+        "hooks": hooks,
         "listen": "-",
         "events": {"written": 0, "aggregated": 0, "lost": view.events_lost},
         "reloads": {"ok": 0, "failed": 0},
@@ -248,10 +257,26 @@ pub fn render(doc: &Value) -> String {
         .as_array()
         .map(|a| a.iter().map(s).collect())
         .unwrap_or_default();
+    let points: Vec<String> = doc["attach_points"]
+        .as_array()
+        .map(|a| a.iter().map(s).collect())
+        .unwrap_or_default();
     out += &format!(
-        "programs: {} attached at {}\nlisten(): {}\n",
+        "programs: {} attached at {}{}\nlisten(): {}\n",
         hooks.join(", "),
         s(&doc["attach_cgroup"]),
+        if doc["attach_points"].is_array() {
+            format!(
+                " (host-wide ones; the decision programs on {})",
+                if points.is_empty() {
+                    "no cgroup: nothing is governed".to_owned()
+                } else {
+                    points.join(", ")
+                }
+            )
+        } else {
+            String::new()
+        },
         s(&doc["listen"])
     );
     out += &format!(

@@ -76,6 +76,37 @@ pub fn ancestors(path: &str) -> impl Iterator<Item = &str> {
     })
 }
 
+/// Where the decision programs run so that every governed cgroup, its
+/// descendants and its future siblings are covered: the parent of each
+/// governed cgroup (a unit's slice, a pod's QoS class, a container's pod),
+/// or the cgroup itself where its parent is the root or lies outside
+/// `scope`; an attach point below another one is dropped (the programs
+/// would run twice there). Sorted. Everything outside the result runs no
+/// decision program at all.
+pub fn attach_points<'a>(governed: impl IntoIterator<Item = &'a str>, scope: &str) -> Vec<String> {
+    let mut points: Vec<&str> = governed
+        .into_iter()
+        .map(|g| {
+            let parent = ancestors(g).nth(1).unwrap_or("/");
+            if parent != "/" && crate::policy::builtin::within(parent, scope) {
+                parent
+            } else {
+                g
+            }
+        })
+        .collect();
+    points.sort_unstable();
+    points.dedup();
+    let set: std::collections::HashSet<&str> = points.iter().copied().collect();
+    let mut out: Vec<String> = Vec::with_capacity(points.len());
+    for p in points {
+        if !ancestors(p).skip(1).any(|a| set.contains(a)) {
+            out.push(p.to_owned());
+        }
+    }
+    out
+}
+
 /// Every cgroup2 mount point listed in `mounts` (the text of /proc/mounts),
 /// in order.
 pub fn cgroup2_mounts_in(mounts: &str) -> Vec<PathBuf> {
@@ -291,6 +322,39 @@ impl Hierarchy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn programs_attach_at_each_governed_cgroups_parent_and_never_twice() {
+        let pts = attach_points(
+            [
+                "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-poda.slice",
+                "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-podb.slice",
+                "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-poda.slice/cri-x.scope",
+                "/system.slice/nginx.service",
+                "/top",
+                "/a/b/c",
+                "/a/b",
+                "/ab/c",
+            ],
+            "/",
+        );
+        assert_eq!(
+            pts,
+            [
+                "/a",
+                "/ab",
+                "/kubepods.slice/kubepods-besteffort.slice",
+                "/system.slice",
+                "/top"
+            ]
+        );
+        // A parent outside --attach-cgroup: the cgroup itself.
+        assert_eq!(attach_points(["/s/x", "/s/y/z"], "/s/y"), ["/s/x", "/s/y"]);
+        assert_eq!(attach_points(["/s/y/z"], "/s/y/z"), ["/s/y/z"]);
+        assert!(attach_points([], "/").is_empty());
+        // "/a" then "/a-b": not nested, both kept; "/a/x" is below "/a".
+        assert_eq!(attach_points(["/a/x", "/a-b/x", "/a/x/y/z"], "/"), ["/a", "/a-b"]);
+    }
 
     #[test]
     fn finds_the_cgroup2_mounts_in_hybrid_mode_and_in_containers() {

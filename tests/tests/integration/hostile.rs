@@ -153,7 +153,7 @@ fn unprivileged_users_cannot_reach_pins_socket_or_log() {
     assert_eq!(mode(&sock), 0o600, "status socket mode");
 
     let map = pins.join("maps/PORTGUARD_CGROUPS");
-    let link = pins.join("links/portguard_bind4");
+    let link = pins.join("links/portguard_setsockopt");
     for (what, script) in [
         ("list the pins", format!("ls {}", pins.display())),
         ("open a pinned map", format!("cat {}", map.display())),
@@ -222,7 +222,7 @@ fn a_pin_directory_planted_by_another_user_does_not_stop_enforcement() {
     use std::os::unix::fs::MetadataExt as _;
     assert_eq!((md.uid(), md.permissions().mode() & 0o777), (0, 0o700));
     assert!(
-        planted.join("links/portguard_bind4").exists(),
+        planted.join("links/portguard_setsockopt").exists(),
         "pinned in the fresh directory"
     );
     assert!(
@@ -257,7 +257,7 @@ fn a_pin_directory_planted_by_another_user_does_not_stop_enforcement() {
         agent.stderr()
     );
     assert_eq!(std::fs::metadata(&planted).unwrap().uid(), 65534);
-    assert!(!planted.join("links/portguard_bind4").exists());
+    assert!(!planted.join("links/portguard_setsockopt").exists());
     drop(agent);
     let _ = std::fs::remove_dir_all(&planted);
 }

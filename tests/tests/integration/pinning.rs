@@ -50,6 +50,19 @@ fn pinned_link(dir: &Path, name: &str) -> Value {
     ])
 }
 
+/// The pin name of `program`'s link on the one attach point of the
+/// decision programs (`cg<cgroup id>-<program>`): exactly one is expected.
+fn point_pin(dir: &Path, program: &str) -> String {
+    let names: Vec<String> = std::fs::read_dir(dir.join("links"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.starts_with("cg") && n.ends_with(&format!("-{program}")))
+        .collect();
+    assert_eq!(names.len(), 1, "one attach point of {program}: {names:?}");
+    names.into_iter().next().unwrap()
+}
+
 /// Every result of a loop: all EPERM (`want_ok == false`) or all allowed.
 fn assert_all(results: &[portguard_tests::ProbeResult], want_ok: bool, what: &str) {
     assert!(!results.is_empty(), "{what}: the loop made no attempt");
@@ -255,7 +268,7 @@ fn upgrades_switch_programs_in_place_with_no_bind_slipping_through() {
     denied.wait_more(100);
     allowed.wait_more(100);
     let tag_before = pinned_prog(&dir, "portguard_bind4")["tag"].clone();
-    let link_before = pinned_link(&dir, "portguard_bind4");
+    let link_before = pinned_link(&dir, &point_pin(&dir, "portguard_bind4"));
 
     // 1. New kernel programs, same maps: stopped cleanly, then upgraded.
     let st = a.stop();
@@ -270,7 +283,7 @@ fn upgrades_switch_programs_in_place_with_no_bind_slipping_through() {
         tag_before, tag_after,
         "bind4 runs different instructions now"
     );
-    let link_after = pinned_link(&dir, "portguard_bind4");
+    let link_after = pinned_link(&dir, &point_pin(&dir, "portguard_bind4"));
     assert_eq!(
         link_before["id"], link_after["id"],
         "the same link, switched in place"
@@ -291,7 +304,7 @@ fn upgrades_switch_programs_in_place_with_no_bind_slipping_through() {
     assert!(log.contains("maps rebuilt"), "{log}");
     assert!(log.contains("PORTGUARD_CGROUPS"), "{log}");
     assert_eq!(
-        pinned_link(&dir, "portguard_bind4")["id"],
+        pinned_link(&dir, &point_pin(&dir, "portguard_bind4"))["id"],
         link_before["id"],
         "still the same link"
     );
@@ -323,7 +336,7 @@ fn a_pinned_link_on_the_wrong_cgroup_is_repaired() {
     let mut a = Agent::start_with(&policy(&work), &["--attach-cgroup", &scope.rel]);
     let dir = a.pin_dir.clone().unwrap();
     assert_eq!(
-        pinned_link(&dir, "portguard_bind4")["cgroup_id"],
+        pinned_link(&dir, "portguard_setsockopt")["cgroup_id"],
         json!(scope.id())
     );
     a.kill9();
@@ -334,7 +347,7 @@ fn a_pinned_link_on_the_wrong_cgroup_is_repaired() {
         "{log}"
     );
     // cgroup id 1: the cgroup2 root.
-    assert_eq!(pinned_link(&dir, "portguard_bind4")["cgroup_id"], json!(1));
+    assert_eq!(pinned_link(&dir, "portguard_setsockopt")["cgroup_id"], json!(1));
     Probe::in_cgroup(&work)
         .run(&["bind", "tcp", "127.0.0.1", "8081"])
         .assert_eperm();

@@ -1,0 +1,266 @@
+//! Where the decision programs (bind, post_bind, connect, sendmsg,
+//! sock_create: [`PROGRAMS`]) run: on each attach point the agent names
+//! (`workload::cgroupfs::attach_points`: the parent of each governed cgroup),
+//! never on the root, so a process outside every attach point runs none of
+//! them. [`Loaded::attach_points`] adds the missing points (all of a point's
+//! programs or none) and switches points a previous agent pinned to this
+//! agent's programs in place; [`Loaded::release_points`] detaches the points
+//! no longer wanted. The host-wide programs (fence keeper, listen checks,
+//! packet guard) stay on `--attach-cgroup` ([`Loaded::attach`]).
+//!
+//! Pinned runs keep each point's links in `links/cg<cgroup id>-<program>`
+//! (see [`pins::point_link`]); unpinned runs own them (they detach when the
+//! agent exits).
+
+use std::{
+    fs::File,
+    os::{fd::AsFd, unix::fs::MetadataExt},
+    path::{Path, PathBuf},
+};
+
+use log::{info, warn};
+use portguard_common::{Hook, PROGRAMS};
+
+use super::*;
+use crate::kernel::{
+    attach::{Kind, ProgLink, expected_attach_type},
+    bpfsys,
+    pins::{self, new_point_link, point_link},
+};
+
+/// One attach point of the decision programs.
+#[derive(Debug, Default)]
+pub struct Point {
+    /// Where it is (the cgroup2 filesystem path), as last attached.
+    pub(super) path: PathBuf,
+    /// Links this process owns (unpinned runs).
+    pub(super) links: Vec<ProgLink>,
+    /// Pinned by an earlier agent and not switched to this agent's
+    /// programs yet.
+    pub(super) adopted: bool,
+}
+
+/// The decision programs and how each attaches.
+pub(super) fn decision_programs() -> impl Iterator<Item = (&'static str, Kind, Hook)> {
+    PROGRAMS.iter().map(|&(name, hook)| {
+        let kind = match hook {
+            Hook::PostBind4 | Hook::PostBind6 | Hook::SockCreate => Kind::Sock,
+            _ => Kind::SockAddr,
+        };
+        (name, kind, hook)
+    })
+}
+
+impl Loaded {
+    /// Make the decision programs run on every cgroup of `wanted` (paths
+    /// on the cgroup2 filesystem), adding to what runs now; a point that no
+    /// longer exists is skipped (nothing below it can be governed). Returns
+    /// the cgroup ids of the points that now run them, for
+    /// [`Loaded::release_points`] after the maps changed. On error, the
+    /// point being attached is left as it was and the points attached
+    /// earlier in this call stay (they decide nothing until the maps govern
+    /// something below them).
+    pub fn attach_points(&mut self, wanted: &[PathBuf]) -> Result<Vec<u64>, LoaderError> {
+        let mut ids = Vec::with_capacity(wanted.len());
+        for path in wanted {
+            let open_err = |source| LoaderError::OpenCgroup {
+                path: path.display().to_string(),
+                source,
+            };
+            let file = match File::open(path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(open_err(e)),
+            };
+            let id = file.metadata().map_err(open_err)?.ino();
+            ids.push(id);
+            if self.points.get(&id).is_some_and(|p| !p.adopted) {
+                continue;
+            }
+            let adopted = self.points.get(&id).is_some_and(|p| p.adopted);
+            let links = self.attach_point(id, &file, path, adopted)?;
+            info!(
+                "loader: decision programs {} on {} (cgroup id {id})",
+                if adopted {
+                    "switched to this agent in place"
+                } else {
+                    "attached"
+                },
+                path.display()
+            );
+            self.points.insert(
+                id,
+                Point {
+                    path: path.clone(),
+                    links,
+                    adopted: false,
+                },
+            );
+        }
+        Ok(ids)
+    }
+
+    /// Every decision program on one point: pinned links of an earlier
+    /// agent are switched in place (`BPF_LINK_UPDATE`), wrong or missing
+    /// ones made anew; all or nothing (what this call made is undone on
+    /// error).
+    fn attach_point(
+        &mut self,
+        id: u64,
+        file: &File,
+        path: &Path,
+        adopted: bool,
+    ) -> Result<Vec<ProgLink>, LoaderError> {
+        let mut owned = Vec::new();
+        let mut made: Vec<PathBuf> = Vec::new();
+        let result = (|| {
+            for (name, kind, _) in decision_programs() {
+                let Some(root) = self.pin_root.clone() else {
+                    owned.push(self.attach_new(name, kind, file, path)?);
+                    continue;
+                };
+                let pin = point_link(&root, id, name);
+                let pin_err = |what: String| {
+                    let dir = root.display().to_string();
+                    move |source: std::io::Error| LoaderError::Pin { dir, what, source }
+                };
+                let existing = if adopted {
+                    bpfsys::obj_get(&pin).ok()
+                } else {
+                    None
+                };
+                let fits = existing.as_ref().is_some_and(|fd| {
+                    bpfsys::link_info(fd.as_fd()).is_ok_and(|i| {
+                        i.link_type == bpfsys::LINK_TYPE_CGROUP
+                            && i.cgroup_id == id
+                            && i.attach_type == expected_attach_type(name)
+                    })
+                });
+                if let (Some(link), true) = (existing, fits) {
+                    let prog = self
+                        .ebpf
+                        .program(name)
+                        .ok_or(LoaderError::MissingProgram { name })?;
+                    let prog_fd = prog.fd().map_err(|source| LoaderError::Attach {
+                        name,
+                        hook: kind.hook_name(name),
+                        cgroup: path.display().to_string(),
+                        source: Box::new(source),
+                    })?;
+                    bpfsys::link_update(link.as_fd(), prog_fd.as_fd()).map_err(pin_err(
+                        format!("switching {} to the new program", pin.display()),
+                    ))?;
+                    continue;
+                }
+                let link = self.attach_new(name, kind, file, path)?;
+                // Pin beside, then move in place: a wrong pin is replaced
+                // only once the right link runs.
+                let staged = new_point_link(&root, id, name);
+                let _ = std::fs::remove_file(&staged);
+                link.pin(&staged).map_err(|e| {
+                    pin_err(format!("pinning {}", staged.display()))(std::io::Error::other(e))
+                })?;
+                pins::move_pin(&staged, &pin)
+                    .map_err(pin_err(format!("pinning {}", pin.display())))?;
+                made.push(pin);
+            }
+            Ok(())
+        })();
+        match result {
+            Ok(()) => {
+                self.pin_decision_programs();
+                Ok(owned)
+            }
+            Err(e) => {
+                for p in made {
+                    let _ = std::fs::remove_file(p);
+                }
+                drop(owned);
+                Err(e)
+            }
+        }
+    }
+
+    /// Pin the decision programs beside their links (once per agent).
+    fn pin_decision_programs(&mut self) {
+        let Some(root) = self.pin_root.clone() else {
+            return;
+        };
+        if self.decision_programs_pinned {
+            return;
+        }
+        self.decision_programs_pinned = true;
+        for (name, _, _) in decision_programs() {
+            let prog_path = root.join("progs").join(name);
+            let _ = std::fs::remove_file(&prog_path);
+            if let Some(p) = self.ebpf.program_mut(name)
+                && let Err(e) = p.pin(&prog_path)
+            {
+                warn!("loader: pinning {}: {e}", prog_path.display());
+            }
+        }
+    }
+
+    /// Detach the decision programs from every point not in `keep` (cgroup
+    /// ids, from [`Loaded::attach_points`]): their links are dropped and
+    /// their pins removed.
+    pub fn release_points(&mut self, keep: &[u64]) {
+        let gone: Vec<u64> = self
+            .points
+            .keys()
+            .copied()
+            .filter(|id| !keep.contains(id))
+            .collect();
+        for id in gone {
+            let Some(point) = self.points.remove(&id) else {
+                continue;
+            };
+            if let Some(root) = &self.pin_root {
+                for (name, _, _) in decision_programs() {
+                    for p in [point_link(root, id, name), new_point_link(root, id, name)] {
+                        match std::fs::remove_file(&p) {
+                            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                                warn!("loader: removing {}: {e}", p.display());
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+            }
+            info!(
+                "loader: decision programs detached from {} (cgroup id {id}): no policy governs \
+                 below it any more",
+                if point.path.as_os_str().is_empty() {
+                    "a point pinned by an earlier agent".to_owned()
+                } else {
+                    point.path.display().to_string()
+                }
+            );
+            // Unpinned: dropping the owned links detaches them.
+            drop(point.links);
+        }
+    }
+
+    /// The attach points that run the decision programs now (paths).
+    pub fn points(&self) -> Vec<PathBuf> {
+        self.points
+            .values()
+            .filter(|p| !p.adopted)
+            .map(|p| p.path.clone())
+            .collect()
+    }
+
+    /// Attach points an earlier agent pinned in `root`: adopted, to be
+    /// switched to this agent's programs or released by the first apply.
+    pub(super) fn adopt_points(&mut self, root: &Path) {
+        for id in pins::pinned_points(root) {
+            self.points.insert(
+                id,
+                Point {
+                    adopted: true,
+                    ..Point::default()
+                },
+            );
+        }
+    }
+}
