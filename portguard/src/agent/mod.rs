@@ -9,6 +9,9 @@
 //! Invariants:
 //! - the first policy is written into the maps before any program is
 //!   attached, so nothing ever runs against half-written state;
+//! - the decision programs run only on the attach points (the parent of
+//!   each governed cgroup): attached before the maps govern anything below
+//!   a point, detached only after nothing is governed below it;
 //! - a reload is applied whole (generation flip) or not at all; an invalid
 //!   policy file leaves the previous policy in force and is logged;
 //! - dropping the loaded object on exit detaches every program;

@@ -426,6 +426,9 @@ impl Agent {
                 .read_back(opts.capacity)
                 .context("reading back the pinned policy maps")?;
         }
+        // Where the decision programs run is settled by these applies, and
+        // they are attached there by `attach`, once the maps hold the policy.
+        self.loaded.defer_points();
         let started = Instant::now();
         let mut resolved = self.resolve(&policies, true);
         let report = match self.apply(policies.clone(), resolved.clone()) {
@@ -478,6 +481,10 @@ impl Agent {
         writer: &mut EventWriter,
     ) -> anyhow::Result<()> {
         let attach_path = self.hierarchy.fs_path(&opts.attach_cgroup);
+        // The decision programs first: the host-wide step below removes
+        // the root links an earlier version pinned for them.
+        self.loaded.attach_deferred_points()?;
+        self.publish_points();
         match pins {
             Some(p) => {
                 self.loaded.attach_pinned(&attach_path, p)?;

@@ -496,6 +496,22 @@ impl Agent {
             .collect()
     }
 
+    /// Publish where the decision programs run (cgroup paths).
+    pub(super) fn publish_points(&mut self) {
+        let root = self.hierarchy.root().to_owned();
+        let points: Vec<String> = self
+            .loaded
+            .points()
+            .iter()
+            .map(|p| match p.strip_prefix(&root) {
+                Ok(r) if r.as_os_str().is_empty() => "/".to_owned(),
+                Ok(r) => format!("/{}", r.display()),
+                Err(_) => p.display().to_string(),
+            })
+            .collect();
+        self.shared.update(|f| f.attach_points = points);
+    }
+
     /// Refresh what /metrics and `status` report after an apply.
     pub(super) fn publish_facts(&mut self, report: &ApplyReport, ids: &[u32]) {
         let counters = self.shared.counters.clone();
@@ -567,19 +583,9 @@ impl Agent {
         ];
         let governed = report.cgroups;
         let left_out = self.next_left_out.clone();
-        let root = self.hierarchy.root().to_owned();
-        let points: Vec<String> = self
-            .loaded
-            .points()
-            .iter()
-            .map(|p| match p.strip_prefix(&root) {
-                Ok(r) => format!("/{}", r.display()),
-                Err(_) => p.display().to_string(),
-            })
-            .collect();
+        self.publish_points();
         self.shared.update(|f| {
             f.policies = policies;
-            f.attach_points = points;
             f.governed_cgroups = governed;
             f.left_out = left_out;
             f.maps = maps;

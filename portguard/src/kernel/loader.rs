@@ -200,6 +200,9 @@ pub struct Loaded {
     pub(super) pin_root: Option<std::path::PathBuf>,
     /// The decision programs are pinned in `progs/` by this agent.
     pub(super) decision_programs_pinned: bool,
+    /// Where the decision programs must run, while attaching them waits
+    /// for the first policy to be written (see `Loaded::defer_points`).
+    pub(super) deferred_points: Option<Vec<std::path::PathBuf>>,
 }
 
 /// Try to lift RLIMIT_MEMLOCK for kernels that still charge BPF memory to it
@@ -465,6 +468,7 @@ impl Loaded {
             points: Default::default(),
             pin_root: pins.map(|p| p.root().to_owned()),
             decision_programs_pinned: false,
+            deferred_points: None,
         };
         if let Some(p) = pins {
             loaded.adopt_points(p.root());

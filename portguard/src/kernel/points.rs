@@ -61,6 +61,11 @@ impl Loaded {
     /// earlier in this call stay (they decide nothing until the maps govern
     /// something below them).
     pub fn attach_points(&mut self, wanted: &[PathBuf]) -> Result<Vec<u64>, LoaderError> {
+        if let Some(deferred) = &mut self.deferred_points {
+            deferred.clear();
+            deferred.extend_from_slice(wanted);
+            return Ok(Vec::new());
+        }
         let mut ids = Vec::with_capacity(wanted.len());
         for path in wanted {
             let open_err = |source| LoaderError::OpenCgroup {
@@ -205,6 +210,9 @@ impl Loaded {
     /// ids, from [`Loaded::attach_points`]): their links are dropped and
     /// their pins removed.
     pub fn release_points(&mut self, keep: &[u64]) {
+        if self.deferred_points.is_some() {
+            return;
+        }
         let gone: Vec<u64> = self
             .points
             .keys()
@@ -239,6 +247,27 @@ impl Loaded {
             // Unpinned: dropping the owned links detaches them.
             drop(point.links);
         }
+    }
+
+    /// Until [`Loaded::attach_deferred_points`], applies only note where
+    /// the decision programs must run: the first policy is written into
+    /// the maps before any program of this agent runs on them (over maps
+    /// rebuilt for new sizes, the previous agent's pinned programs go on
+    /// deciding from the previous maps meanwhile).
+    pub fn defer_points(&mut self) {
+        self.deferred_points = Some(Vec::new());
+    }
+
+    /// Attach the decision programs where the applies since
+    /// [`Loaded::defer_points`] said (switching an earlier agent's pinned
+    /// points in place), then release the points nothing is governed below.
+    pub fn attach_deferred_points(&mut self) -> Result<(), LoaderError> {
+        let Some(wanted) = self.deferred_points.take() else {
+            return Ok(());
+        };
+        let keep = self.attach_points(&wanted)?;
+        self.release_points(&keep);
+        Ok(())
     }
 
     /// The attach points that run the decision programs now (paths).
