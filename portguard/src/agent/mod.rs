@@ -65,6 +65,9 @@ pub struct RunOptions {
     /// Where to attach the programs (a normalised cgroup path; `/` = the
     /// whole host). Every policy must govern a cgroup at or below it.
     pub attach_cgroup: String,
+    /// Run the decision programs on `attach_cgroup` for every process
+    /// (`--decision-programs root`) instead of on the attach points.
+    pub decide_everywhere: bool,
     /// Refuse to run without the BPF LSM checks (listen/accept).
     pub require_lsm: bool,
     /// The CRI runtime's socket (for `pods:` policies and event identities).

@@ -298,6 +298,7 @@ impl Agent {
         let mut agent = Agent {
             policy_path: opts.policy.clone(),
             attach_cgroup: opts.attach_cgroup.clone(),
+            decide_everywhere: opts.decide_everywhere,
             hierarchy,
             applier: Applier::new(opts.capacity),
             loaded,

@@ -30,6 +30,9 @@ use super::*;
 pub(super) struct Agent {
     pub(super) policy_path: PathBuf,
     pub(super) attach_cgroup: String,
+    /// `--decision-programs root`: the decision programs run on
+    /// `attach_cgroup` whatever is governed.
+    pub(super) decide_everywhere: bool,
     pub(super) hierarchy: Hierarchy,
     pub(super) applier: Applier,
     pub(super) loaded: Loaded,
@@ -484,6 +487,9 @@ impl Agent {
         quarantine: &[Governed],
         hold: &[Governed],
     ) -> Vec<PathBuf> {
+        if self.decide_everywhere {
+            return vec![self.hierarchy.fs_path(&self.attach_cgroup)];
+        }
         let governed = resolved
             .iter()
             .flatten()

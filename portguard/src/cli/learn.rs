@@ -335,6 +335,7 @@ pub fn run(opts: &LearnOptions) -> anyhow::Result<usize> {
         inventory_interval: Duration::ZERO,
         rescan_interval: Duration::from_secs(5),
         attach_cgroup: "/".into(),
+        decide_everywhere: false,
         require_lsm: false,
         cri_socket: opts.cri_socket.clone(),
         cri_max_message_bytes: crate::workload::cri::DEFAULT_MAX_MESSAGE_BYTES,

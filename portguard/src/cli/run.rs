@@ -114,12 +114,24 @@ pub struct RunArgs {
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
     pub lost_report_interval: Duration,
 
-    /// Attach the programs to this cgroup (a path under the cgroup2 mount)
-    /// instead of the cgroup2 root. Processes outside it run no portguard
-    /// code at all; every policy must govern a cgroup at or below it (e.g.
+    /// Attach the host-wide programs (the fence keeper, the listen checks)
+    /// to this cgroup (a path under the cgroup2 mount) instead of the
+    /// cgroup2 root. Processes outside it run no portguard code at all;
+    /// every policy must govern a cgroup at or below it (e.g.
     /// /kubepods.slice on a Kubernetes node).
     #[arg(long, value_name = "PATH", default_value = "/", value_parser = parse_cgroup_arg)]
     pub attach_cgroup: String,
+
+    /// Where the decision programs (bind, connect, sendmsg, socket
+    /// creation) run. `points`: on the parent of each governed cgroup (a
+    /// unit's slice, a pod's QoS class, a container's pod) and below, so
+    /// ungoverned processes run none of them. `root`: on --attach-cgroup,
+    /// for every process: also judges the bind, connect and send of a
+    /// socket made outside every attach point and handed to a governed
+    /// process (a listen() on it is judged in both modes), at a cost for
+    /// every socket on the host.
+    #[arg(long, value_name = "WHERE", default_value = "points")]
+    pub decision_programs: DecisionPrograms,
 
     /// The node's CRI runtime socket, used to resolve `pods:` selectors and to
     /// name the pod and container in events (containerd:
@@ -262,6 +274,7 @@ pub fn execute(a: Box<RunArgs>) -> anyhow::Result<ExitCode> {
         max_delegated_cgroups: a.max_delegated_cgroups,
         inventory_interval: a.inventory_interval,
         attach_cgroup: a.attach_cgroup,
+        decide_everywhere: a.decision_programs == DecisionPrograms::Root,
         require_lsm: a.require_lsm,
         cri_socket: a.cri_socket,
         cri_max_message_bytes: a.cri_max_message_bytes,
@@ -288,4 +301,13 @@ fn parse_message_bytes(s: &str) -> Result<usize, String> {
         return Err(format!("{n} is below the minimum, 1048576 (1 MiB)"));
     }
     Ok(n)
+}
+
+/// `--decision-programs`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DecisionPrograms {
+    /// On the parent of each governed cgroup.
+    Points,
+    /// On --attach-cgroup, for every process.
+    Root,
 }

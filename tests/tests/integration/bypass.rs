@@ -7,10 +7,14 @@ use portguard_tests::{Agent, Cgroup, Probe, require_root};
 use serde_json::json;
 
 fn start(cg: &Cgroup, body: &str) -> Agent {
-    Agent::start(&format!(
-        "policies:\n  - name: svc\n    cgroup: {}\n{body}",
-        cg.rel
-    ))
+    start_with(cg, body, &[])
+}
+
+fn start_with(cg: &Cgroup, body: &str, args: &[&str]) -> Agent {
+    Agent::start_with(
+        &format!("policies:\n  - name: svc\n    cgroup: {}\n{body}", cg.rel),
+        args,
+    )
 }
 
 /// listen() on an unbound TCP socket: the kernel autobinds an ephemeral port
@@ -168,13 +172,19 @@ fn mptcp_binds_are_judged_as_tcp() {
 }
 
 /// Whose policy decides: the calling task's cgroup, in every hook. A socket
-/// created outside a governed cgroup and handed in over a unix socket
-/// (SCM_RIGHTS) is judged by the receiver's policy when the receiver binds.
+/// created outside every attach point and handed in over a unix socket
+/// (SCM_RIGHTS) is judged by the receiver's policy when the receiver binds,
+/// where the decision programs run for every process
+/// (`--decision-programs root`).
 #[test]
 fn a_socket_passed_in_is_judged_by_the_receivers_policy() {
     require_root!();
     let cg = Cgroup::new("handoff");
-    let agent = start(&cg, "    bind: [{ports: [8080]}]\n");
+    let agent = start_with(
+        &cg,
+        "    bind: [{ports: [8080]}]\n",
+        &["--decision-programs", "root"],
+    );
     let dir = cg.fs.display().to_string();
     let outside = Probe::outside();
     let r = outside.run(&["handoff", "bind", "tcp", "127.0.0.1", "8081", &dir]);
@@ -218,12 +228,17 @@ fn listening_on_a_socket_bound_elsewhere_is_judged() {
 }
 
 /// A socket created before its process moved into a governed cgroup is
-/// judged by the cgroup the process is in when it binds.
+/// judged by the cgroup the process is in when it binds (the socket was
+/// made outside every attach point: `--decision-programs root`).
 #[test]
 fn a_socket_created_before_moving_cgroups_follows_the_caller() {
     require_root!();
     let cg = Cgroup::new("premove");
-    let agent = start(&cg, "    bind: [{ports: [8080]}]\n");
+    let agent = start_with(
+        &cg,
+        "    bind: [{ports: [8080]}]\n",
+        &["--decision-programs", "root"],
+    );
     let dir = cg.fs.display().to_string();
     let r = Probe::outside().run(&["premove", "udp", "127.0.0.1", "8081", &dir]);
     r.assert_eperm();

@@ -65,6 +65,7 @@ mod metrics;
 mod oci_hook;
 mod pinning;
 mod plan;
+mod points;
 mod reload;
 mod status;
 mod terminal;

@@ -1,0 +1,238 @@
+//! Where the decision programs run: only on the attach points (the parent
+//! of each governed cgroup), never for a process outside them; a cgroup
+//! created below a governed one is covered from its first instruction; a
+//! governed subtree that appears later gets its point before it is
+//! governed, and loses it when nothing below is governed any more (removed
+//! cgroup, removed policy); a restart over pins switches each point's links
+//! in place and drops the points the new policy no longer needs, with no
+//! denied bind slipping through.
+
+use std::{path::Path, process::Command, time::Duration};
+
+use portguard_tests::{Agent, Cgroup, Loop, Probe, require_root};
+use serde_json::{Value, json};
+
+/// The decision programs portguard attaches on each point.
+const DECISION: [&str; 9] = [
+    "portguard_bind4",
+    "portguard_bind6",
+    "portguard_post_bind4",
+    "portguard_post_bind6",
+    "portguard_connect4",
+    "portguard_connect6",
+    "portguard_sendmsg4",
+    "portguard_sendmsg6",
+    "portguard_sock_create",
+];
+
+/// Names of the programs in force in the cgroup at `fs` (bpftool's
+/// effective list: attached there or on an ancestor).
+fn effective(fs: &Path) -> Vec<String> {
+    let out = Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(fs)
+        .arg("effective")
+        .output()
+        .expect("running bpftool (scripts/setup.sh installs it)");
+    assert!(
+        out.status.success(),
+        "bpftool cgroup show {}: {}",
+        fs.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["name"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// How many of the decision programs are in force at `fs`.
+fn decision_programs_at(fs: &Path) -> usize {
+    let eff = effective(fs);
+    DECISION
+        .iter()
+        .filter(|d| eff.iter().any(|e| e == *d))
+        .count()
+}
+
+fn status(agent: &Agent) -> Value {
+    agent.ask(r#"{"request":"status"}"#)
+}
+
+fn points(agent: &Agent) -> Value {
+    status(agent)["attach_points"].clone()
+}
+
+fn policy(cgs: &[&Cgroup]) -> String {
+    let mut s = String::from("policies:\n");
+    for (i, cg) in cgs.iter().enumerate() {
+        s.push_str(&format!(
+            "  - {{name: p{i}, cgroup: {}, bind: [{{ports: [8080]}}]}}\n",
+            cg.rel
+        ));
+    }
+    s
+}
+
+/// Poll `cond` for up to 10 s.
+fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A governed cgroup runs every decision program (attached on its parent);
+/// a process in an ungoverned top-level cgroup and the root itself run none
+/// of them: only the host-wide fence keeper and listen checks. A cgroup
+/// made below the governed one later is covered from its first
+/// instruction, before the agent could notice it.
+#[test]
+fn decision_programs_run_only_where_a_policy_governs() {
+    require_root!();
+    let top = Cgroup::new("points");
+    let gov = top.child("app");
+    let free = Cgroup::new("points-free");
+    let agent = Agent::start(&policy(&[&gov]));
+    assert_eq!(points(&agent), json!([top.rel]));
+    assert_eq!(decision_programs_at(&gov.fs), DECISION.len(), "{:?}", effective(&gov.fs));
+    assert_eq!(decision_programs_at(&free.fs), 0, "{:?}", effective(&free.fs));
+    let root = free.fs.parent().unwrap();
+    assert_eq!(decision_programs_at(root), 0, "{:?}", effective(root));
+    assert!(
+        effective(&free.fs).iter().any(|e| e == "portguard_setsockopt"),
+        "the fence keeper stays host-wide: {:?}",
+        effective(&free.fs)
+    );
+
+    let r = Probe::in_cgroup(&gov).run(&["bind", "tcp", "127.0.0.1", "8081"]);
+    r.assert_eperm();
+    assert_eq!(agent.wait_event(&[("pid", json!(r.pid))])["cgroup"], gov.rel);
+    // Ungoverned: allowed, and no program of portguard judged it.
+    let r = Probe::in_cgroup(&free).run(&["bind", "tcp", "127.0.0.1", "8081"]);
+    r.assert_ok();
+
+    // A child made now: its first bind is judged by its parent's policy
+    // (the agent is stopped, so it cannot have noticed the new cgroup).
+    let stopped = agent.stop_until_dropped();
+    let late = gov.child("late");
+    assert_eq!(decision_programs_at(&late.fs), DECISION.len());
+    Probe::in_cgroup(&late)
+        .run(&["bind", "udp", "::ffff:127.0.0.1", "8081"])
+        .assert_eperm();
+    drop(stopped);
+}
+
+/// A policy whose cgroup appears after start gets its attach point before
+/// the cgroup is governed, and loses it once the cgroup is gone; a reload
+/// that drops a policy detaches its point (and its pins), and the cgroup is
+/// free again.
+#[test]
+fn points_follow_governed_subtrees_that_appear_and_go() {
+    require_root!();
+    let kept = Cgroup::new("points-kept");
+    let later = Cgroup::planned("points-later");
+    let app_rel = format!("{}/app", later.rel);
+    let mut agent = Agent::start_with(
+        &format!(
+            "{}  - {{name: later, cgroup: {app_rel}, bind: [{{ports: [8080]}}]}}\n",
+            policy(&[&kept])
+        ),
+        &["--rescan-interval", "1h"],
+    );
+    let pins = agent.pin_dir.clone().unwrap();
+    assert_eq!(points(&agent), json!([kept.rel]));
+
+    later.create();
+    let app = later.child("app");
+    eventually("the new cgroup is governed", || {
+        !Probe::in_cgroup(&app)
+            .run(&["bind", "tcp", "127.0.0.1", "8081"])
+            .ok
+    });
+    let r = Probe::in_cgroup(&app).run(&["bind", "tcp", "127.0.0.1", "8081"]);
+    r.assert_eperm();
+    agent.wait_event(&[("pid", json!(r.pid))]);
+    let mut both = vec![kept.rel.clone(), later.rel.clone()];
+    both.sort();
+    assert_eq!(points(&agent), json!(both));
+    let pin = pins.join("links").join(format!("cg{}-portguard_bind4", later.id()));
+    assert!(pin.exists(), "the new point is pinned");
+
+    // The governed cgroup goes: its point goes with it.
+    drop(app);
+    eventually("the point of a removed cgroup is released", || {
+        points(&agent) == json!([kept.rel])
+    });
+    assert!(!pin.exists(), "its pins are removed");
+    assert_eq!(decision_programs_at(&later.fs), 0);
+
+    // A reload without `kept`'s policy detaches its point.
+    agent.reload(&format!(
+        "policies:\n  - {{name: later, cgroup: {app_rel}, bind: [{{ports: [8080]}}]}}\n"
+    ));
+    assert_eq!(points(&agent), json!([]));
+    assert_eq!(decision_programs_at(&kept.fs), 0, "{:?}", effective(&kept.fs));
+    assert!(
+        !pins
+            .join("links")
+            .join(format!("cg{}-portguard_bind4", kept.id()))
+            .exists()
+    );
+    Probe::in_cgroup(&kept)
+        .run(&["bind", "tcp", "127.0.0.1", "8081"])
+        .assert_ok();
+}
+
+/// A restart over the pins (after SIGKILL, with a policy file that dropped
+/// one cgroup meanwhile): the kept point's links are the same links, switched
+/// to the new agent's programs in place, while a denied-bind loop runs
+/// throughout and never gets through; the dropped point is detached and its
+/// pins removed.
+#[test]
+fn a_restart_over_pins_keeps_each_point_and_drops_stale_ones() {
+    require_root!();
+    let a_cg = Cgroup::new("points-restart-a");
+    let b_cg = Cgroup::new("points-restart-b");
+    let mut first = Agent::start(&policy(&[&a_cg, &b_cg]));
+    let dir = first.pin_dir.clone().unwrap();
+    let link = |cg: &Cgroup| dir.join("links").join(format!("cg{}-portguard_bind4", cg.id()));
+    let link_id = |cg: &Cgroup| {
+        let out = Command::new("bpftool")
+            .args(["-j", "link", "show", "pinned"])
+            .arg(link(cg))
+            .output()
+            .unwrap();
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        v["id"].clone()
+    };
+    let before = link_id(&a_cg);
+    assert!(before.is_u64(), "pinned link of the point {}", a_cg.rel);
+    assert!(link(&b_cg).exists());
+
+    let p = Probe::in_cgroup(&a_cg);
+    let denied = Loop::counting(&p, &["bind", "tcp", "127.0.0.1", "8081"], 0);
+    denied.wait_more(100);
+    first.kill9();
+    denied.wait_more(100);
+    let second = Agent::start_with(&policy(&[&a_cg]), &["--pin-dir", dir.to_str().unwrap()]);
+    let log = second.stderr();
+    assert!(
+        log.contains("switched to this agent in place"),
+        "the kept point is adopted:\n{log}"
+    );
+    denied.wait_more(200);
+    let d = denied.finish_tally();
+    eprintln!("restart: denied port {d:?}");
+    assert_eq!(d.ok, 0, "denied binds got through during the restart");
+    assert_eq!(link_id(&a_cg), before, "the same link, switched in place");
+    assert_eq!(points(&second), json!([a_cg.rel]));
+    assert!(!link(&b_cg).exists(), "the stale point's pins are removed");
+    assert_eq!(decision_programs_at(&b_cg.fs), 0, "{:?}", effective(&b_cg.fs));
+    Probe::in_cgroup(&b_cg)
+        .run(&["bind", "tcp", "127.0.0.1", "8081"])
+        .assert_ok();
+}
