@@ -30,6 +30,7 @@ mod endpoints;
 mod govern;
 mod inventory;
 mod pipeline;
+mod points;
 mod reload;
 mod serve;
 mod start;

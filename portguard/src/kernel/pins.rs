@@ -343,7 +343,8 @@ pub fn inventory(root: &Path) -> (Vec<Pinned>, Vec<PathBuf>) {
         for name in names {
             let path = dir.join(&name);
             let name = name.to_string_lossy().into_owned();
-            if !known.contains(&name) && !(kind == "link" && parse_point_link(&name).is_some()) {
+            let point = kind == "link" && parse_point_link(&name).is_some();
+            if !(known.contains(&name) || point) {
                 foreign.push(path);
                 continue;
             }

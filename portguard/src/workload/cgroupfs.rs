@@ -353,7 +353,10 @@ mod tests {
         assert_eq!(attach_points(["/s/y/z"], "/s/y/z"), ["/s/y/z"]);
         assert!(attach_points([], "/").is_empty());
         // "/a" then "/a-b": not nested, both kept; "/a/x" is below "/a".
-        assert_eq!(attach_points(["/a/x", "/a-b/x", "/a/x/y/z"], "/"), ["/a", "/a-b"]);
+        assert_eq!(
+            attach_points(["/a/x", "/a-b/x", "/a/x/y/z"], "/"),
+            ["/a", "/a-b"]
+        );
     }
 
     #[test]

@@ -462,7 +462,8 @@ fn the_daemonset_runs_the_agent_through_the_cri() {
     // outlives the pod.
     let pins = node_bpffs.path.join("portguard");
     assert!(
-        pins.join("links/portguard_setsockopt").exists() && pins.join("maps/PORTGUARD_STATE").exists(),
+        pins.join("links/portguard_setsockopt").exists()
+            && pins.join("maps/PORTGUARD_STATE").exists(),
         "the pod pins its links and maps on the node's bpffs:\n{log}"
     );
     // `kubectl exec ... portguard status`, and the node's OCI hook: the

@@ -347,7 +347,10 @@ fn a_pinned_link_on_the_wrong_cgroup_is_repaired() {
         "{log}"
     );
     // cgroup id 1: the cgroup2 root.
-    assert_eq!(pinned_link(&dir, "portguard_setsockopt")["cgroup_id"], json!(1));
+    assert_eq!(
+        pinned_link(&dir, "portguard_setsockopt")["cgroup_id"],
+        json!(1)
+    );
     Probe::in_cgroup(&work)
         .run(&["bind", "tcp", "127.0.0.1", "8081"])
         .assert_eperm();

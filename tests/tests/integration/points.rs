@@ -98,19 +98,34 @@ fn decision_programs_run_only_where_a_policy_governs() {
     let free = Cgroup::new("points-free");
     let agent = Agent::start(&policy(&[&gov]));
     assert_eq!(points(&agent), json!([top.rel]));
-    assert_eq!(decision_programs_at(&gov.fs), DECISION.len(), "{:?}", effective(&gov.fs));
-    assert_eq!(decision_programs_at(&free.fs), 0, "{:?}", effective(&free.fs));
+    assert_eq!(
+        decision_programs_at(&gov.fs),
+        DECISION.len(),
+        "{:?}",
+        effective(&gov.fs)
+    );
+    assert_eq!(
+        decision_programs_at(&free.fs),
+        0,
+        "{:?}",
+        effective(&free.fs)
+    );
     let root = free.fs.parent().unwrap();
     assert_eq!(decision_programs_at(root), 0, "{:?}", effective(root));
     assert!(
-        effective(&free.fs).iter().any(|e| e == "portguard_setsockopt"),
+        effective(&free.fs)
+            .iter()
+            .any(|e| e == "portguard_setsockopt"),
         "the fence keeper stays host-wide: {:?}",
         effective(&free.fs)
     );
 
     let r = Probe::in_cgroup(&gov).run(&["bind", "tcp", "127.0.0.1", "8081"]);
     r.assert_eperm();
-    assert_eq!(agent.wait_event(&[("pid", json!(r.pid))])["cgroup"], gov.rel);
+    assert_eq!(
+        agent.wait_event(&[("pid", json!(r.pid))])["cgroup"],
+        gov.rel
+    );
     // Ungoverned: allowed, and no program of portguard judged it.
     let r = Probe::in_cgroup(&free).run(&["bind", "tcp", "127.0.0.1", "8081"]);
     r.assert_ok();
@@ -159,7 +174,9 @@ fn points_follow_governed_subtrees_that_appear_and_go() {
     let mut both = vec![kept.rel.clone(), later.rel.clone()];
     both.sort();
     assert_eq!(points(&agent), json!(both));
-    let pin = pins.join("links").join(format!("cg{}-portguard_bind4", later.id()));
+    let pin = pins
+        .join("links")
+        .join(format!("cg{}-portguard_bind4", later.id()));
     assert!(pin.exists(), "the new point is pinned");
 
     // The governed cgroup goes: its point goes with it.
@@ -175,7 +192,12 @@ fn points_follow_governed_subtrees_that_appear_and_go() {
         "policies:\n  - {{name: later, cgroup: {app_rel}, bind: [{{ports: [8080]}}]}}\n"
     ));
     assert_eq!(points(&agent), json!([]));
-    assert_eq!(decision_programs_at(&kept.fs), 0, "{:?}", effective(&kept.fs));
+    assert_eq!(
+        decision_programs_at(&kept.fs),
+        0,
+        "{:?}",
+        effective(&kept.fs)
+    );
     assert!(
         !pins
             .join("links")
@@ -199,7 +221,10 @@ fn a_restart_over_pins_keeps_each_point_and_drops_stale_ones() {
     let b_cg = Cgroup::new("points-restart-b");
     let mut first = Agent::start(&policy(&[&a_cg, &b_cg]));
     let dir = first.pin_dir.clone().unwrap();
-    let link = |cg: &Cgroup| dir.join("links").join(format!("cg{}-portguard_bind4", cg.id()));
+    let link = |cg: &Cgroup| {
+        dir.join("links")
+            .join(format!("cg{}-portguard_bind4", cg.id()))
+    };
     let link_id = |cg: &Cgroup| {
         let out = Command::new("bpftool")
             .args(["-j", "link", "show", "pinned"])
@@ -231,7 +256,12 @@ fn a_restart_over_pins_keeps_each_point_and_drops_stale_ones() {
     assert_eq!(link_id(&a_cg), before, "the same link, switched in place");
     assert_eq!(points(&second), json!([a_cg.rel]));
     assert!(!link(&b_cg).exists(), "the stale point's pins are removed");
-    assert_eq!(decision_programs_at(&b_cg.fs), 0, "{:?}", effective(&b_cg.fs));
+    assert_eq!(
+        decision_programs_at(&b_cg.fs),
+        0,
+        "{:?}",
+        effective(&b_cg.fs)
+    );
     Probe::in_cgroup(&b_cg)
         .run(&["bind", "tcp", "127.0.0.1", "8081"])
         .assert_ok();

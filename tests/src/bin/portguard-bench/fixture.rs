@@ -99,7 +99,9 @@ pub(crate) struct Fixture {
 impl Fixture {
     pub(crate) fn new() -> Self {
         let root = Cgroup::new("bench");
-        let plain = root.child("plain");
+        // Outside the benchmark's cgroup, which is the attach point of the
+        // setups' policies: a process here runs no decision program.
+        let plain = Cgroup::new("bench-plain");
         let one = root.child("one");
         let scale = root.child("scale");
         make_children(&scale, 10_000);

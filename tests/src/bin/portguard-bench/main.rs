@@ -33,6 +33,7 @@ mod runner;
 mod stats;
 mod storm;
 mod tenants;
+mod ungoverned;
 
 use std::{
     fmt::Write as _,
@@ -48,6 +49,7 @@ use overhead::overhead;
 use packet::packet_path;
 use storm::denied_and_storm;
 use tenants::two_tenant_storm;
+use ungoverned::ungoverned;
 
 /// Allowed operations that failed with EADDRINUSE and were retried, per
 /// setup (see pgbench).
@@ -104,6 +106,7 @@ fn main() {
     let mut body = String::new();
     let mut verdicts = Vec::new();
     overhead(&fx, &opts, &mut body, &mut verdicts);
+    ungoverned(&fx, &opts, &mut body, &mut verdicts);
     packet_path(&fx, &opts, &mut body, &mut verdicts);
     denied_and_storm(&fx, &opts, &mut body, &mut verdicts);
     two_tenant_storm(&fx, &opts, &mut body, &mut verdicts);

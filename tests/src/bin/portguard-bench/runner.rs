@@ -73,3 +73,67 @@ pub(crate) fn program_ns_per_op(agent: &Agent, cg: &Path, op: &str, iters: u64) 
     }) as f64
         / iters as f64
 }
+
+/// A program's name, its own ns per operation and its runs per operation.
+pub(crate) type ProgramCost = (String, f64, f64);
+
+/// Each portguard program's own run time (ns) and runs per operation while
+/// one extra run of `op` goes in `cg` (kernel.bpf_stats_enabled; bpftool's
+/// per-program counters), for the programs that ran. Sorted by name.
+pub(crate) fn program_breakdown(cg: &Path, op: &str, iters: u64) -> Vec<ProgramCost> {
+    let snapshot = || -> std::collections::BTreeMap<u64, (String, u64, u64)> {
+        let out = Command::new("bpftool")
+            .args(["-j", "prog", "show"])
+            .output()
+            .expect("running bpftool");
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| {
+                p["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("portguard_"))
+            })
+            .map(|p| {
+                (
+                    p["id"].as_u64().unwrap_or(0),
+                    (
+                        p["name"].as_str().unwrap_or("").to_owned(),
+                        p["run_time_ns"].as_u64().unwrap_or(0),
+                        p["run_cnt"].as_u64().unwrap_or(0),
+                    ),
+                )
+            })
+            .collect()
+    };
+    let args = [
+        op,
+        "--port",
+        "8080",
+        "--iters",
+        &iters.to_string(),
+        "--warmup",
+        "0",
+        "--reps",
+        "1",
+    ];
+    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1").expect("enabling bpf_stats");
+    let before = snapshot();
+    pgbench(cg, &args);
+    let after = snapshot();
+    let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0");
+    let mut by_name: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
+    for (id, (name, ns, cnt)) in after {
+        let (ns0, cnt0) = before.get(&id).map_or((0, 0), |b| (b.1, b.2));
+        if cnt > cnt0 {
+            let e = by_name.entry(name).or_default();
+            e.0 += ns - ns0;
+            e.1 += cnt - cnt0;
+        }
+    }
+    by_name
+        .into_iter()
+        .map(|(n, (ns, cnt))| (n, ns as f64 / iters as f64, cnt as f64 / iters as f64))
+        .collect()
+}
