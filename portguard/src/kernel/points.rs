@@ -141,6 +141,15 @@ impl Loaded {
                             && i.attach_type == expected_attach_type(name)
                     })
                 });
+                if existing.is_some() && !fits {
+                    warn!(
+                        "loader: pinned link {} is not a link of {name} on cgroup id {id} \
+                         (attached elsewhere, with another hook, or defunct): replaced by a \
+                         new link on {}",
+                        pin.display(),
+                        path.display()
+                    );
+                }
                 if let (Some(link), true) = (existing, fits) {
                     let prog = self
                         .ebpf

@@ -5,7 +5,7 @@
 //! governed, and loses it when nothing below is governed any more (removed
 //! cgroup, removed policy); a restart over pins switches each point's links
 //! in place and drops the points the new policy no longer needs, with no
-//! denied bind slipping through.
+//! denied bind slipping through; a wrong pinned point link is replaced.
 
 use std::{path::Path, process::Command, time::Duration};
 
@@ -265,4 +265,58 @@ fn a_restart_over_pins_keeps_each_point_and_drops_stale_ones() {
     Probe::in_cgroup(&b_cg)
         .run(&["bind", "tcp", "127.0.0.1", "8081"])
         .assert_ok();
+}
+
+/// A point's pinned link that is not what its name says (here: the other
+/// point's link, pinned under this point's name while no agent ran, so this
+/// point lost its own bind4) is found by the kernel's link info, not by the
+/// pin's existence, and replaced: the point judges binds again, and the
+/// other point keeps its link.
+#[test]
+fn a_wrong_pinned_point_link_is_replaced() {
+    require_root!();
+    let a_cg = Cgroup::new("points-repair-a");
+    let b_cg = Cgroup::new("points-repair-b");
+    let mut first = Agent::start(&policy(&[&a_cg, &b_cg]));
+    let dir = first.pin_dir.clone().unwrap();
+    let link = |cg: &Cgroup| {
+        dir.join("links")
+            .join(format!("cg{}-portguard_bind4", cg.id()))
+    };
+    let show = |p: &Path| -> Value {
+        let out = Command::new("bpftool")
+            .args(["-j", "link", "show", "pinned"])
+            .arg(p)
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    };
+    let a_link = show(&link(&a_cg));
+    assert_eq!(a_link["cgroup_id"], json!(a_cg.id()));
+    first.kill9();
+    // b's own bind4 link goes with its pin; a's link is pinned in its place.
+    std::fs::remove_file(link(&b_cg)).unwrap();
+    let st = Command::new("bpftool")
+        .args(["link", "pin", "id", &a_link["id"].to_string()])
+        .arg(link(&b_cg))
+        .status()
+        .unwrap();
+    assert!(st.success(), "bpftool link pin");
+    let r = Probe::in_cgroup(&b_cg).run(&["bind", "tcp", "127.0.0.1", "8081"]);
+    r.assert_ok();
+
+    let second = Agent::start_with(
+        &policy(&[&a_cg, &b_cg]),
+        &["--pin-dir", dir.to_str().unwrap()],
+    );
+    let log = second.stderr();
+    assert!(log.contains("is not a link of portguard_bind4"), "{log}");
+    assert_eq!(show(&link(&b_cg))["cgroup_id"], json!(b_cg.id()));
+    assert_eq!(show(&link(&a_cg))["id"], a_link["id"], "a keeps its link");
+    let r = Probe::in_cgroup(&b_cg).run(&["bind", "tcp", "127.0.0.1", "8081"]);
+    r.assert_eperm();
+    assert_eq!(second.wait_event(&[("pid", json!(r.pid))])["hook"], "bind4");
+    Probe::in_cgroup(&a_cg)
+        .run(&["bind", "tcp", "127.0.0.1", "8081"])
+        .assert_eperm();
 }
