@@ -1,7 +1,8 @@
 //! The inventory: sockets no hook judged (bound before portguard governed
-//! their cgroup, or whose cut-off was lost), found by the cgroup the kernel
-//! says made them, in every network namespace on the host (see
-//! `workload::sockets`). Run at start, after each change of what is
+//! their cgroup, or whose cut-off was lost, or made outside every attach
+//! point and bound by a governed process they were handed to), found by the
+//! cgroup the kernel says made them, else by their holder's, in every
+//! network namespace on the host (see `workload::sockets`). Run at start, after each change of what is
 //! governed, and every `--inventory-interval`. Each socket that breaks its
 //! policy is reported once (verdict `preexisting`) and, under an enforcing
 //! policy, ended (`action`: `destroyed`, `fenced`, `closed`, `failed`).
@@ -67,12 +68,32 @@ impl Agent {
                 if d.connected || d.cgroup_id == 0 {
                     continue;
                 }
-                let Some(cgroup) = self.hierarchy.path_of(d.cgroup_id) else {
-                    continue;
-                };
-                let Some((pi, gov)) = governing(&by_path, &cgroup) else {
-                    continue;
-                };
+                // Judged by the cgroup that made it; a socket made where no
+                // policy governs (outside every attach point, so no hook
+                // judged it) and held by a governed process, by the
+                // holder's cgroup.
+                let made_in = self.hierarchy.path_of(d.cgroup_id);
+                let (cgroup, cgroup_id, (pi, gov)) =
+                    match made_in.as_deref().and_then(|c| governing(&by_path, c)) {
+                        Some(g) => (made_in.clone().unwrap_or_default(), d.cgroup_id, g),
+                        None => {
+                            let Some((c, g)) = scan
+                                .holders
+                                .get(&u64::from(d.inode))
+                                .and_then(|h| holder_cgroup(h.pid))
+                                .and_then(|c| governing(&by_path, &c).map(|g| (c, g)))
+                            else {
+                                continue;
+                            };
+                            let id = self
+                                .hierarchy
+                                .resolve(&c)
+                                .ok()
+                                .flatten()
+                                .map_or(0, |(id, _)| id);
+                            (c, id, g)
+                        }
+                    };
                 let tcp = d.protocol == portguard_common::IPPROTO_TCP;
                 // An unconnected UDP socket on an ephemeral port is most
                 // likely a client that autobound by sending.
@@ -122,7 +143,7 @@ impl Agent {
                 let record = events::EventRecord {
                     policy: Some(name),
                     cgroup: Some(cgroup.clone()),
-                    cgroup_id: d.cgroup_id,
+                    cgroup_id,
                     pid: holder.pid,
                     tid: holder.pid,
                     uid: holder.uid,
@@ -169,6 +190,18 @@ impl Agent {
             info!("{msg}");
         }
     }
+}
+
+/// The cgroup of the process holding a socket, as a path of the host's
+/// hierarchy; `None` when it cannot be read, or reads relative to this
+/// agent's own cgroup namespace (`/..`: a namespaced agent judges sockets
+/// by the cgroup that made them only).
+fn holder_cgroup(pid: u32) -> Option<String> {
+    if pid == 0 {
+        return None;
+    }
+    let path = crate::hook::oci::cgroup_of_pid(pid).ok()?;
+    (!path.starts_with("/..")).then_some(path)
 }
 
 /// The policy governing `cgroup`: its nearest ancestor-or-self with a

@@ -21,8 +21,9 @@ use clap::{Parser, Subcommand};
 /// Kernel-enforced port policy for cgroups.
 ///
 /// portguard attaches cgroup eBPF programs (bind, post_bind, connect, sendmsg;
-/// IPv4 and IPv6) to the cgroup2 root and keeps the processes of each governed
-/// cgroup (a container, a pod, a systemd service, any cgroup and everything
+/// IPv4 and IPv6) where its policies govern (the parent of each governed
+/// cgroup; listen checks on the cgroup2 root) and keeps the processes of each
+/// governed cgroup (a container, a pod, a systemd service, any cgroup and everything
 /// below it) from binding, and optionally connecting to, ports outside the
 /// policy's allowed set. Every denial is reported as a JSON line.
 ///

@@ -11,7 +11,9 @@ use crate::apply::Capacity;
 /// CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH).
 ///
 /// Loads the kernel programs, writes the policy into their maps, attaches
-/// them to the cgroup2 root (found in /proc/mounts) and streams denial events
+/// the decision programs on the parent of each governed cgroup and the
+/// listen checks on the cgroup2 root (found in /proc/mounts; see
+/// --decision-programs), and streams denial events
 /// as JSON lines to standard output or --log. SIGHUP, or a change of the
 /// policy file, reloads it: the new policy replaces the old one atomically,
 /// or, if it is invalid, the old one stays in force and the error is logged.

@@ -83,7 +83,22 @@ impl Loaded {
                 continue;
             }
             let adopted = self.points.get(&id).is_some_and(|p| p.adopted);
-            let links = self.attach_point(id, &file, path, adopted)?;
+            let links = match self.attach_point(id, &file, path, adopted) {
+                Ok(l) => l,
+                // Removed while it was being attached (the kernel refuses a
+                // cgroup going offline): nothing below it can be governed
+                // any more, so it is no point; what was made is undone.
+                Err(e) if vanished(path, id) => {
+                    info!(
+                        "loader: {} went away while the decision programs were attached to it \
+                         ({e}); skipped",
+                        path.display()
+                    );
+                    ids.pop();
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             info!(
                 "loader: decision programs {} on {} (cgroup id {id})",
                 if adopted {
@@ -107,8 +122,10 @@ impl Loaded {
 
     /// Every decision program on one point: pinned links of an earlier
     /// agent are switched in place (`BPF_LINK_UPDATE`), wrong or missing
-    /// ones made anew; all or nothing (what this call made is undone on
-    /// error).
+    /// ones made anew. On error the links and pins this call made are
+    /// undone; links it already switched stay switched (they run this
+    /// agent's programs, which decide like the earlier ones from the same
+    /// maps; the next start switches the rest).
     fn attach_point(
         &mut self,
         id: u64,
@@ -300,5 +317,14 @@ impl Loaded {
                 },
             );
         }
+    }
+}
+
+/// Whether the cgroup at `path` is gone, or is another cgroup than `id`
+/// now.
+fn vanished(path: &Path, id: u64) -> bool {
+    match std::fs::metadata(path) {
+        Ok(md) => md.ino() != id,
+        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
     }
 }

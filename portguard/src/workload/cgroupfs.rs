@@ -80,12 +80,14 @@ pub fn ancestors(path: &str) -> impl Iterator<Item = &str> {
 /// descendants and its future siblings are covered: the parent of each
 /// governed cgroup (a unit's slice, a pod's QoS class, a container's pod),
 /// or the cgroup itself where its parent is the root or lies outside
-/// `scope`; an attach point below another one is dropped (the programs
-/// would run twice there). Sorted. Everything outside the result runs no
-/// decision program at all.
+/// `scope`; a governed cgroup outside `scope` gets none (nothing is
+/// enforced outside it), and an attach point below another one is dropped
+/// (the programs would run twice there). Sorted. Everything outside the
+/// result runs no decision program at all.
 pub fn attach_points<'a>(governed: impl IntoIterator<Item = &'a str>, scope: &str) -> Vec<String> {
     let mut points: Vec<&str> = governed
         .into_iter()
+        .filter(|g| crate::policy::builtin::within(g, scope))
         .map(|g| {
             let parent = ancestors(g).nth(1).unwrap_or("/");
             if parent != "/" && crate::policy::builtin::within(parent, scope) {
@@ -348,8 +350,10 @@ mod tests {
                 "/top"
             ]
         );
-        // A parent outside --attach-cgroup: the cgroup itself.
-        assert_eq!(attach_points(["/s/x", "/s/y/z"], "/s/y"), ["/s/x", "/s/y"]);
+        // A parent outside --attach-cgroup: the cgroup itself; a governed
+        // cgroup outside it (a hold the resolver made): none.
+        assert_eq!(attach_points(["/s/x", "/s/y/z"], "/s/y"), ["/s/y"]);
+        assert_eq!(attach_points(["/s/y"], "/s/y"), ["/s/y"]);
         assert_eq!(attach_points(["/s/y/z"], "/s/y/z"), ["/s/y/z"]);
         assert!(attach_points([], "/").is_empty());
         // "/a" then "/a-b": not nested, both kept; "/a/x" is below "/a".

@@ -248,6 +248,30 @@ fn a_socket_created_before_moving_cgroups_follows_the_caller() {
         .assert_ok();
 }
 
+/// By default (the decision programs on the attach points only), a socket
+/// made outside every attach point and bound by a governed process after it
+/// moved in is not judged at bind: its bind succeeds. The inventory judges it
+/// by its holder's cgroup: reported (`preexisting`, naming the holder's
+/// cgroup and policy) and ended.
+#[test]
+fn a_socket_made_outside_every_point_is_found_by_its_holder() {
+    require_root!();
+    let cg = Cgroup::new("premove-points");
+    let agent = start_with(
+        &cg,
+        "    bind: [{ports: [8080]}]\n",
+        &["--inventory-interval", "300ms"],
+    );
+    let join = format!("join={}", cg.fs.display());
+    let (r, _held) = Probe::outside().hold(&["hold", "udp", "127.0.0.1", "8081", &join]);
+    r.assert_ok();
+    let e = agent.wait_event(&[("pid", json!(r.pid)), ("verdict", json!("preexisting"))]);
+    assert_eq!(e["cgroup"], cg.rel, "{e}");
+    assert_eq!(e["policy"], "svc", "{e}");
+    assert_eq!(e["port"], 8081, "{e}");
+    assert_eq!(e["action"], "destroyed", "{e}");
+}
+
 /// connect() and unconnected sendmsg() on an unbound socket take an
 /// ephemeral source port: allowed as outbound traffic (the connect policy
 /// judges the destination), and replies to it arrive. A denied destination

@@ -320,3 +320,44 @@ fn a_wrong_pinned_point_link_is_replaced() {
         .run(&["bind", "tcp", "127.0.0.1", "8081"])
         .assert_eperm();
 }
+
+/// A point removed while it is being attached (pods and units churn) is
+/// skipped, never a failed apply: 300 times, a governed cgroup is made under
+/// a new parent (a new point) and both are removed 4-8 ms later, 2-8 ms
+/// apart, while the agent rescans on every change; no apply fails, and a stable governed
+/// cgroup keeps denying throughout.
+#[test]
+fn a_point_removed_while_it_is_attached_never_fails_an_apply() {
+    require_root!();
+    let top = Cgroup::new("points-churn");
+    let stable = Cgroup::new("points-churn-stable");
+    let agent = Agent::start(&format!(
+        "{}  - {{name: churn, cgroup: {}/r/gov, bind: [{{ports: [8080]}}]}}\n",
+        policy(&[&stable]),
+        top.rel
+    ));
+    let (r, gov) = (top.fs.join("r"), top.fs.join("r/gov"));
+    for i in 0..300u64 {
+        std::fs::create_dir(&r).unwrap();
+        std::fs::create_dir(&gov).unwrap();
+        std::thread::sleep(Duration::from_millis(4 + i % 5));
+        std::fs::remove_dir(&gov).unwrap();
+        std::fs::remove_dir(&r).unwrap();
+        // Room for the agent's rescan to begin while the next one lives.
+        std::thread::sleep(Duration::from_millis(2 + i % 7));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let log = agent.stderr();
+    assert!(
+        !log.contains("applying cgroup changes failed"),
+        "an apply failed:\n{log}"
+    );
+    Probe::in_cgroup(&stable)
+        .run(&["bind", "tcp", "127.0.0.1", "8081"])
+        .assert_eperm();
+    eprintln!(
+        "points skipped as removed while attached: {}",
+        log.matches("went away while the decision programs were attached")
+            .count()
+    );
+}

@@ -25,6 +25,8 @@
 //!                                  CGROUP, then bind
 //!      hold tcp|udp ADDR PORT      bind (and listen, for TCP), print the
 //!                                  result, then keep the socket until killed
+//!                                  (`join=CGROUP`: make the socket, then
+//!                                  move into CGROUP, then bind)
 //!      autobind-udp ADDR PORT FROM  unconnected UDP sendto from an unbound
 //!                                  socket (the kernel autobinds it), then a
 //!                                  second socket, bound to loopback port

@@ -214,6 +214,11 @@ pub(crate) fn run_op(op: &[String]) -> String {
             if addr.is_ipv6() {
                 set_v6only(fd, op.get(4).is_some_and(|s| s == "v6only"));
             }
+            // `join=CGROUP`: the socket is made here, then this process
+            // moves into CGROUP and binds it there.
+            if let Some(cg) = op.iter().skip(4).find_map(|w| w.strip_prefix("join=")) {
+                join_cgroup(cg);
+            }
             let (ss, len) = sockaddr(&addr);
             // SAFETY: valid fd and sockaddr; listen on our own socket.
             let mut rc = unsafe { libc::bind(fd, std::ptr::from_ref(&ss).cast(), len) };
@@ -231,6 +236,7 @@ pub(crate) fn run_op(op: &[String]) -> String {
             for word in op.iter().skip(4) {
                 match word.as_str() {
                     "v6only" => {}
+                    w if w.starts_with("join=") => {}
                     "in-flight" => keep.push(in_flight(fd)),
                     "unshare-net" => {
                         // SAFETY: plain syscall.

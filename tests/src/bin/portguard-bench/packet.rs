@@ -68,7 +68,7 @@ pub(crate) fn packet_path(
     // a pair (its start-up work and its presence on CPU 0 are the same), so
     // the ratio is what the programs on the root cost an ungoverned
     // socket; the halves alternate in order to cancel drift.
-    eprintln!("bench: packet path, ungoverned socket, programs on the root");
+    eprintln!("bench: packet path, ungoverned socket, programs as deployed");
     let (mut ung, mut ung_base, mut ung_ratio) = (Vec::new(), Vec::new(), Vec::new());
     let root_half = || {
         let agent = start_agent(&fx.policy(Setup::OnePolicy), &[]);
@@ -104,7 +104,7 @@ pub(crate) fn packet_path(
         format!("{g:.3}x"),
     ));
     verdicts.push((
-        "request/response on an ungoverned socket, programs on the root <= 1.01x baseline".into(),
+        "request/response on an ungoverned socket, programs as deployed <= 1.01x baseline".into(),
         u <= 1.01,
         format!("{u:.3}x"),
     ));
@@ -124,8 +124,9 @@ pub(crate) fn packet_path(
          without `CAP_NET_RAW`); it is not attached here.\n\n\
          | socket | ns/transaction | baseline ns | ratio (median of pairs) |\n|---|---:|---:|---:|\n\
          | governed (programs on its subtree) | {:.0} | {:.0} | {g:.3} |\n\
-         | ungoverned (programs on the cgroup2 root, as deployed; baseline: the same agent \
-         with its programs on another subtree) | {:.0} | {:.0} | {u:.3} |\n\n\
+         | ungoverned (programs as deployed: decision programs on the attach points, listen \
+         checks on the cgroup2 root; baseline: the same agent with everything on another \
+         subtree) | {:.0} | {:.0} | {u:.3} |\n\n\
          Programs' own run time on the governed socket: {prog_ns:.0} ns per transaction \
          (kernel.bpf_stats_enabled, one extra run; a transaction delivers two data packets, and \
          their ACKs ride on them).\n",
