@@ -36,7 +36,7 @@ pub(crate) fn ungoverned(
     let (pairs, iters, reps) = if opts.quick {
         (3, 10_000, 3)
     } else {
-        (16, 20_000, 5)
+        (24, 20_000, 7)
     };
     let plain = fx.cgroup(Setup::Baseline);
     let policy = fx.policy(Setup::OnePolicy);
@@ -53,6 +53,8 @@ pub(crate) fn ungoverned(
         };
         let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
         let agent = start_agent(&policy, &extra);
+        // Its start-up work (inventory, first rescan) done.
+        std::thread::sleep(std::time::Duration::from_millis(500));
         let v = (
             measure(&plain, "bind", iters, reps),
             measure(&plain, "connect", iters, reps),
