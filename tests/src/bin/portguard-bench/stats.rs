@@ -1,5 +1,6 @@
-//! Numbers: medians, percentiles and minimums of measurements, and what /proc says about
-//! the agent (fdinfo sums, RSS, CPU time) or its log (timings).
+//! Numbers: medians, percentiles and minimums of measurements, large ones
+//! printed grouped (`1,234,567`), and what /proc says about the agent
+//! (fdinfo sums, RSS, CPU time over a window, threads) or its log (timings).
 
 pub(crate) fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
