@@ -40,9 +40,14 @@ enum Cmd {
         /// Fewer rounds and a shorter storm (under 2 minutes).
         #[arg(long)]
         quick: bool,
-        /// Where to write the report.
-        #[arg(long, default_value = "docs/benchmarks.md")]
-        out: PathBuf,
+        /// Where to write the report (default: docs/benchmarks.md; with
+        /// --only, target/bench-<sections>.md).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Run only these sections (comma-separated: overhead, packet,
+        /// storm, scale, hook).
+        #[arg(long, value_name = "SECTIONS")]
+        only: Option<String>,
     },
     /// Build the agent (release) and package it as an OCI image archive for
     /// the DaemonSet: import it on a node with `ctr -n k8s.io images import
@@ -242,7 +247,7 @@ fn build_variant_object() -> anyhow::Result<PathBuf> {
     Ok(target_dir.join("bpfel-unknown-none/release/portguard"))
 }
 
-fn bench(quick: bool, out: &Path) -> anyhow::Result<()> {
+fn bench(quick: bool, out: Option<&Path>, only: Option<&str>) -> anyhow::Result<()> {
     if !is_root() {
         bail!("the benchmark loads BPF programs and creates cgroups: run it as root");
     }
@@ -257,9 +262,17 @@ fn bench(quick: bool, out: &Path) -> anyhow::Result<()> {
     ]))?;
     let release = root_dir().join("target/release");
     let mut cmd = Command::new(release.join("portguard-bench"));
+    let out = match (out, only) {
+        (Some(out), _) => out.to_owned(),
+        (None, None) => PathBuf::from("docs/benchmarks.md"),
+        (None, Some(only)) => PathBuf::from(format!("target/bench-{}.md", only.replace(',', "-"))),
+    };
     cmd.arg("--out").arg(root_dir().join(out));
     if quick {
         cmd.arg("--quick");
+    }
+    if let Some(only) = only {
+        cmd.arg("--only").arg(only);
     }
     cmd.env("PORTGUARD_BIN", release.join("portguard"))
         .env("RUST_LOG", "info");
@@ -294,7 +307,7 @@ fn main() -> ExitCode {
             .and_then(|()| xtask::fuzz::ci(&root_dir())),
         Cmd::Lint => lint(),
         Cmd::Unit => unit(),
-        Cmd::Bench { quick, out } => bench(quick, &out),
+        Cmd::Bench { quick, out, only } => bench(quick, out.as_deref(), only.as_deref()),
         Cmd::Image { name, out } => image(&name, &out),
         Cmd::IntegrationTest { args } => integration(&args),
         Cmd::Fuzz {

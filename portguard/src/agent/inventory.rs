@@ -167,7 +167,7 @@ impl Agent {
                         &self.host,
                     )
                 };
-                self.write_records(writer, vec![record]);
+                self.write_records(writer, &mut vec![record]);
             }
         }
         // Forget what is gone (or allowed now); keep what still breaks its

@@ -45,36 +45,43 @@ impl Agent {
         }
     }
 
-    /// Name the workload of each record, pass them through flood control
-    /// (with whatever aggregates expired) and write what comes out.
-    pub(super) fn publish(&mut self, writer: &mut EventWriter, records: Vec<events::EventRecord>) {
+    /// Name the workload of each record in `records` (emptied), pass them
+    /// through flood control (with whatever aggregates expired) and write
+    /// what comes out (`out`: a buffer, left empty).
+    pub(super) fn publish(
+        &mut self,
+        writer: &mut EventWriter,
+        records: &mut Vec<events::EventRecord>,
+        out: &mut Vec<events::EventRecord>,
+    ) {
         let now = Instant::now();
-        let mut out = self.aggregator.expire(now);
-        for mut record in records {
+        out.append(&mut self.aggregator.expire(now));
+        for mut record in records.drain(..) {
             if let Some(path) = &record.cgroup {
                 record.identity = events::WorkloadIdentity::of(path, self.cri.as_ref());
             }
-            out.extend(self.aggregator.push(record, now));
+            self.aggregator.push(record, now, out);
         }
         self.write_records(writer, out);
     }
 
-    /// Write event lines, each with its `rule`.
+    /// Write event lines, each with its `rule`; `records` is left empty.
     pub(super) fn write_records(
         &self,
         writer: &mut EventWriter,
-        records: Vec<events::EventRecord>,
+        records: &mut Vec<events::EventRecord>,
     ) {
         if records.is_empty() {
             return;
         }
         let mut written = 0;
-        for mut r in records {
-            r.rule = self.rule_for(&r);
-            if writer.line(&r).is_ok() {
+        for r in records.iter_mut() {
+            r.rule = self.rule_for(r);
+            if writer.line(r).is_ok() {
                 written += 1;
             }
         }
+        records.clear();
         let aggregated = self.aggregator.aggregated;
         self.shared.update(|f| {
             f.events_written += written;
@@ -299,20 +306,35 @@ pub(super) struct Unended {
     pub(super) fenced: bool,
 }
 
+/// Records read from the ring buffer and lines on their way to the writer,
+/// kept from one drain to the next (a storm drains hundreds of thousands a
+/// second; buffers made anew for each batch cost more than the events).
+#[derive(Default)]
+pub(super) struct EventBuffers {
+    read: Vec<events::EventRecord>,
+    out: Vec<events::EventRecord>,
+}
+
+/// Records published at a time within a drain (bounds the buffers above).
+const PUBLISH_CHUNK: usize = 256;
+
+/// Read the ring buffer (up to [`DRAIN_BATCH`] records, or for
+/// [`DRAIN_BATCH_TIME`]) and publish what it held, a chunk at a time.
+/// Returns the records read and whether the ring may hold more.
 pub(super) async fn drain_events(
     rb: &mut crate::kernel::EventRing,
     agent: &mut Agent,
     writer: &mut EventWriter,
     cri_link: &mut CriLink,
     cri_socket: &Path,
+    bufs: &mut EventBuffers,
 ) -> (usize, bool) {
-    let mut records = Vec::new();
+    let mut n = 0;
     let mut more = false;
     let started = Instant::now();
     loop {
-        if records.len() >= DRAIN_BATCH
-            || (records.len() % 64 == 63 && started.elapsed() >= DRAIN_BATCH_TIME)
-        {
+        let read = n + bufs.read.len();
+        if read >= DRAIN_BATCH || (read % 64 == 63 && started.elapsed() >= DRAIN_BATCH_TIME) {
             // A storm refills the ring as fast as it drains: write what we
             // have and come back (the ring stays readable), so that memory
             // stays bounded, lines keep flowing and the loop keeps turning.
@@ -322,12 +344,33 @@ pub(super) async fn drain_events(
         let Some(item) = rb.next() else {
             break;
         };
-        records.extend(agent.record_of(&item, ""));
+        bufs.read.extend(agent.record_of(&item, ""));
+        drop(item);
+        if bufs.read.len() >= PUBLISH_CHUNK {
+            n += bufs.read.len();
+            name_and_publish(agent, writer, cri_link, cri_socket, bufs).await;
+        }
     }
-    // Name pods and containers the runtime's last snapshot does not know
-    // yet (started since): ask it again, at most every 100 ms.
+    n += bufs.read.len();
+    name_and_publish(agent, writer, cri_link, cri_socket, bufs).await;
+    (n, more)
+}
+
+/// Publish the records read so far, after asking the CRI runtime for the
+/// names of pods and containers its last snapshot does not know yet
+/// (started since), at most every 100 ms.
+async fn name_and_publish(
+    agent: &mut Agent,
+    writer: &mut EventWriter,
+    cri_link: &mut CriLink,
+    cri_socket: &Path,
+    bufs: &mut EventBuffers,
+) {
+    if bufs.read.is_empty() {
+        return;
+    }
     if agent.cri.is_some() || Agent::needs_cri(&agent.policies) {
-        let unknown = records.iter().any(|r| {
+        let unknown = bufs.read.iter().any(|r| {
             r.cgroup.as_deref().is_some_and(|p| {
                 let id = events::WorkloadIdentity::of(p, agent.cri.as_ref());
                 (id.k8s_pod_uid.is_some() && id.k8s_pod.is_none())
@@ -345,9 +388,7 @@ pub(super) async fn drain_events(
             refresh_cri(agent, &mut cri_link.client, cri_socket).await;
         }
     }
-    let n = records.len();
-    agent.publish(writer, records);
-    (n, more)
+    agent.publish(writer, &mut bufs.read, &mut bufs.out);
 }
 
 /// What the agent has reported of the kernel's drop counters: events lost
@@ -486,7 +527,7 @@ pub(super) fn drain_replaced(
         records.extend(agent.record_of(&item, " from the replaced ring"));
     }
     let n = records.len();
-    agent.publish(writer, records);
+    agent.publish(writer, &mut records, &mut Vec::new());
     n
 }
 

@@ -72,6 +72,7 @@ pub(super) async fn serve(
         last_event_refresh: None,
     };
     let mut write_error_logged = false;
+    let mut buffers = EventBuffers::default();
 
     let stop_at = opts.stop_after.map(|d| Instant::now() + d);
     let status = if agent.failed_closed() {
@@ -165,9 +166,9 @@ pub(super) async fn serve(
                     info!("daemon: the requested time is up");
                     break;
                 }
-                let closed = agent.aggregator.expire(now);
+                let mut closed = agent.aggregator.expire(now);
                 if !closed.is_empty() {
-                    agent.write_records(&mut writer, closed);
+                    agent.write_records(&mut writer, &mut closed);
                     let _ = writer.flush();
                 }
                 if cri_due.is_some_and(|d| d <= now) {
@@ -244,7 +245,7 @@ pub(super) async fn serve(
             // never starved by a ring buffer that a storm keeps readable.
             guard = rb.readable_mut() => {
                 let mut guard = guard.context("polling the ring buffer")?;
-                let (n, more) = drain_events(guard.get_inner_mut(), agent, &mut writer, &mut cri_link, &opts.cri_socket).await;
+                let (n, more) = drain_events(guard.get_inner_mut(), agent, &mut writer, &mut cri_link, &opts.cri_socket, &mut buffers).await;
                 if !more {
                     guard.clear_ready();
                 }
@@ -289,6 +290,7 @@ pub(super) async fn serve(
             &mut writer,
             &mut cri_link,
             &opts.cri_socket,
+            &mut buffers,
         )
         .await;
         drained += n;
@@ -296,8 +298,8 @@ pub(super) async fn serve(
             break;
         }
     }
-    let pending = agent.aggregator.drain();
-    agent.write_records(&mut writer, pending);
+    let mut pending = agent.aggregator.drain();
+    agent.write_records(&mut writer, &mut pending);
     report_lost(agent, &mut writer, &mut lost_seen);
     writer.flush().context("flushing the event log")?;
     Ok(())

@@ -106,12 +106,13 @@ impl Aggregator {
         }
     }
 
-    /// A decision arrived at `now`. Returns lines to write now: the decision
-    /// itself when it opens a window, nothing when it joins one, and any
-    /// aggregates closed early to make room.
-    pub fn push(&mut self, rec: EventRecord, now: Instant) -> Vec<EventRecord> {
+    /// A decision arrived at `now`. Appends to `out` the lines to write
+    /// now: any aggregates closed early to make room, then the decision
+    /// itself when it opens a window; nothing when it joins one.
+    pub fn push(&mut self, rec: EventRecord, now: Instant, out: &mut Vec<EventRecord>) {
         if self.window.is_zero() {
-            return vec![rec];
+            out.push(rec);
+            return;
         }
         let key = Key::of(&rec);
         if let Some(w) = self.open.get_mut(&key)
@@ -132,10 +133,9 @@ impl Aggregator {
                 }
             }
             w.saw(pid);
-            return Vec::new();
+            return;
         }
         // A new kind, or its window is over (not yet expired by the timer).
-        let mut out = Vec::new();
         if let Some(mut w) = self.open.remove(&key) {
             out.extend(w.take());
         } else if self.open.len() >= self.max_kinds {
@@ -150,7 +150,6 @@ impl Aggregator {
             },
         );
         out.push(rec);
-        out
     }
 
     /// Close the windows that ended by `now`: their aggregates, oldest
@@ -197,6 +196,13 @@ mod tests {
     use super::*;
     use crate::events::{EventHook, Verdict};
 
+    /// The lines `push` gives.
+    fn push(a: &mut Aggregator, rec: EventRecord, now: Instant) -> Vec<EventRecord> {
+        let mut out = Vec::new();
+        a.push(rec, now, &mut out);
+        out
+    }
+
     fn rec(port: u16, time: &str, pid: u32) -> EventRecord {
         EventRecord {
             policy: Some("p".into()),
@@ -229,9 +235,9 @@ mod tests {
             // 25,000 identical denials over 25 s, one distinct in the middle.
             let now = t0 + Duration::from_millis(u64::from(i));
             lines.extend(a.expire(now));
-            lines.extend(a.push(rec(8081, &format!("t{i:05}"), i), now));
+            lines.extend(push(&mut a, rec(8081, &format!("t{i:05}"), i), now));
             if i == 12_345 {
-                let d = a.push(rec(9999, "distinct", 1), now);
+                let d = push(&mut a, rec(9999, "distinct", 1), now);
                 assert_eq!(d.len(), 1, "a distinct denial is written at once");
                 lines.extend(d);
             }
@@ -259,10 +265,10 @@ mod tests {
     fn an_aggregate_lists_its_distinct_processes() {
         let t0 = Instant::now();
         let mut a = Aggregator::new(Duration::from_secs(10), 1000);
-        let mut out = a.push(rec(80, "a", 1), t0);
+        let mut out = push(&mut a, rec(80, "a", 1), t0);
         // Two processes alternating, then a third.
         for (i, pid) in [1, 2, 1, 2, 2, 3].into_iter().enumerate() {
-            out.extend(a.push(rec(80, &format!("t{i}"), pid), t0));
+            out.extend(push(&mut a, rec(80, &format!("t{i}"), pid), t0));
         }
         out.extend(a.drain());
         assert_eq!(out.len(), 2);
@@ -281,10 +287,13 @@ mod tests {
     fn a_quiet_window_closes_and_the_next_occurrence_is_written_at_once() {
         let t0 = Instant::now();
         let mut a = Aggregator::new(Duration::from_secs(1), 1000);
-        assert_eq!(a.push(rec(1, "a", 1), t0).len(), 1);
+        assert_eq!(push(&mut a, rec(1, "a", 1), t0).len(), 1);
         assert!(a.expire(t0 + Duration::from_secs(2)).is_empty());
         assert_eq!(a.next_deadline(), None);
-        assert_eq!(a.push(rec(1, "b", 1), t0 + Duration::from_secs(3)).len(), 1);
+        assert_eq!(
+            push(&mut a, rec(1, "b", 1), t0 + Duration::from_secs(3)).len(),
+            1
+        );
     }
 
     #[test]
@@ -292,7 +301,7 @@ mod tests {
         let t0 = Instant::now();
         let mut a = Aggregator::new(Duration::from_secs(10), 1000);
         let base = rec(80, "a", 1);
-        assert_eq!(a.push(base.clone(), t0).len(), 1);
+        assert_eq!(push(&mut a, base.clone(), t0).len(), 1);
         let variants = [
             EventRecord {
                 cgroup_id: 8,
@@ -324,10 +333,10 @@ mod tests {
             },
         ];
         for v in variants {
-            assert_eq!(a.push(v, t0).len(), 1);
+            assert_eq!(push(&mut a, v, t0).len(), 1);
         }
         // A different process with the same kind joins the window.
-        assert!(a.push(EventRecord { pid: 2, ..base }, t0).is_empty());
+        assert!(push(&mut a, EventRecord { pid: 2, ..base }, t0).is_empty());
     }
 
     #[test]
@@ -336,7 +345,7 @@ mod tests {
         let mut a = Aggregator::new(Duration::from_secs(10), 2);
         let mut out = Vec::new();
         for port in [1, 1, 2, 2, 3] {
-            out.extend(a.push(rec(port, "t", 1), t0));
+            out.extend(push(&mut a, rec(port, "t", 1), t0));
         }
         out.extend(a.drain());
         assert_eq!(out.iter().map(|r| r.count).sum::<u64>(), 5);
@@ -346,8 +355,8 @@ mod tests {
     fn a_zero_window_writes_everything() {
         let mut a = Aggregator::new(Duration::ZERO, 10);
         let t0 = Instant::now();
-        assert_eq!(a.push(rec(1, "a", 1), t0).len(), 1);
-        assert_eq!(a.push(rec(1, "b", 1), t0).len(), 1);
+        assert_eq!(push(&mut a, rec(1, "a", 1), t0).len(), 1);
+        assert_eq!(push(&mut a, rec(1, "b", 1), t0).len(), 1);
         assert_eq!(a.next_deadline(), None);
     }
 }

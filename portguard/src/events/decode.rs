@@ -67,6 +67,25 @@ pub fn format_time(t: SystemTime) -> String {
     humantime::format_rfc3339_nanos(t).to_string()
 }
 
+/// `a.b.c.d`, as `Ipv4Addr`'s `Display` writes it, without the formatting
+/// machinery (a storm formats hundreds of thousands a second).
+pub(super) fn ipv4_text(octets: [u8; 4]) -> String {
+    let mut s = String::with_capacity(15);
+    for (i, b) in octets.into_iter().enumerate() {
+        if i > 0 {
+            s.push('.');
+        }
+        if b >= 100 {
+            s.push(char::from(b'0' + b / 100));
+        }
+        if b >= 10 {
+            s.push(char::from(b'0' + b / 10 % 10));
+        }
+        s.push(char::from(b'0' + b % 10));
+    }
+    s
+}
+
 /// The `protocol` field for an IP protocol number.
 pub fn protocol_name(p: u8) -> String {
     match p {
@@ -139,12 +158,12 @@ pub fn enrich(ev: &Event, names: &PolicyNames, cgroups: &mut Hierarchy, host: &s
         Family::Ipv6
     });
     let address = if ev.family == Family::Ipv4 as u8 {
-        let v4 = Ipv4Addr::new(ev.addr[0], ev.addr[1], ev.addr[2], ev.addr[3]);
+        let octets = [ev.addr[0], ev.addr[1], ev.addr[2], ev.addr[3]];
         if v4_mapped {
             // Show the address as the program passed it.
-            v4.to_ipv6_mapped().to_string()
+            Ipv4Addr::from(octets).to_ipv6_mapped().to_string()
         } else {
-            v4.to_string()
+            ipv4_text(octets)
         }
     } else {
         Ipv6Addr::from(ev.addr).to_string()

@@ -233,6 +233,21 @@ fn the_log_file_rotates_by_size_and_keeps_n_files() {
 }
 
 #[test]
+fn ipv4_text_is_what_display_writes() {
+    use std::net::Ipv4Addr;
+    for b in 0..=255u8 {
+        for octets in [
+            [b, 0, 0, 0],
+            [10, b, 100, 9],
+            [1, 22, b, 255],
+            [127, 0, 0, b],
+        ] {
+            assert_eq!(ipv4_text(octets), Ipv4Addr::from(octets).to_string());
+        }
+    }
+}
+
+#[test]
 fn journal_field_names() {
     assert_eq!(journal_field("k8s_pod"), "PORTGUARD_K8S_POD");
     assert_eq!(journal_field("verdict"), "PORTGUARD_VERDICT");
