@@ -6,8 +6,10 @@ use std::{fmt::Write as _, path::Path};
 use crate::{
     ANOMALIES, Opts,
     fixture::{Fixture, Setup, start_agent},
+    profile::{Perf, Scope},
     runner::{ProgramCost, pgbench, program_breakdown, program_ns_per_op, reps_of},
     stats::{median, min},
+    storm::PROFILE_HZ,
 };
 
 fn measure_once(cg: &Path, setup: Setup, op: &str, iters: u64, reps: usize) -> Vec<f64> {
@@ -215,7 +217,33 @@ pub(crate) fn overhead(
             vs_landlock.len()
         ),
     ));
+    // Where the time of an allowed bind goes: every CPU sampled while the
+    // 1-policy setup binds in a loop.
+    let agent = start_agent(&fx.policy(Setup::OnePolicy), &[]);
+    let record = Perf::record(Scope::AllCpus, PROFILE_HZ);
+    let n = if opts.quick { 100_000 } else { 400_000 };
+    pgbench(
+        &fx.cgroup(Setup::OnePolicy),
+        &[
+            "bind",
+            "--port",
+            "8080",
+            "--iters",
+            &n.to_string(),
+            "--warmup",
+            "0",
+            "--reps",
+            "1",
+        ],
+    );
+    let profile = record.record_table(
+        &format!("Both CPUs while the 1-policy setup makes {n} allowed binds"),
+        25,
+        &[(agent.pid(), "the agent")],
+    );
+    drop(agent);
     design(report, &breakdown);
+    let _ = writeln!(report, "\n{profile}");
     let _ = writeln!(
         report,
         "\nportguard (1 policy) against Landlock directly, in back-to-back pairs: median \
