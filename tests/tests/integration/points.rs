@@ -185,19 +185,20 @@ fn points_follow_governed_subtrees_that_appear_and_go() {
         points(&agent) == json!([kept.rel])
     });
     assert!(!pin.exists(), "its pins are removed");
-    assert_eq!(decision_programs_at(&later.fs), 0);
+    // The kernel frees a link whose last pin went after an RCU grace period
+    // (bpffs inodes) and on a workqueue: detached soon, not at once.
+    eventually("the removed point's programs are detached", || {
+        decision_programs_at(&later.fs) == 0
+    });
 
     // A reload without `kept`'s policy detaches its point.
     agent.reload(&format!(
         "policies:\n  - {{name: later, cgroup: {app_rel}, bind: [{{ports: [8080]}}]}}\n"
     ));
     assert_eq!(points(&agent), json!([]));
-    assert_eq!(
-        decision_programs_at(&kept.fs),
-        0,
-        "{:?}",
-        effective(&kept.fs)
-    );
+    eventually("the dropped policy's point is detached", || {
+        decision_programs_at(&kept.fs) == 0
+    });
     assert!(
         !pins
             .join("links")
@@ -256,12 +257,9 @@ fn a_restart_over_pins_keeps_each_point_and_drops_stale_ones() {
     assert_eq!(link_id(&a_cg), before, "the same link, switched in place");
     assert_eq!(points(&second), json!([a_cg.rel]));
     assert!(!link(&b_cg).exists(), "the stale point's pins are removed");
-    assert_eq!(
-        decision_programs_at(&b_cg.fs),
-        0,
-        "{:?}",
-        effective(&b_cg.fs)
-    );
+    eventually("the stale point is detached", || {
+        decision_programs_at(&b_cg.fs) == 0
+    });
     Probe::in_cgroup(&b_cg)
         .run(&["bind", "tcp", "127.0.0.1", "8081"])
         .assert_ok();
