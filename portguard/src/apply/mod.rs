@@ -13,10 +13,13 @@
 //!    rules or mode changed alone, from the live generation with that
 //!    policy's record replaced ([`Applier::apply_one`]);
 //! 2. waits until no program can still be running on the generation about
-//!    to be reused: [`RuleSink::wait_for_readers`] (an RCU grace period:
-//!    cgroup programs run inside an RCU read-side section, so after one no
-//!    program that read the old `generation` is still running, however long
-//!    it was preempted), and at least [`GRACE`] since the previous flip;
+//!    to be reused: an RCU grace period (cgroup programs run inside an RCU
+//!    read-side section, so after one no program that read the old
+//!    `generation` is still running, however long it was preempted), started
+//!    on a thread of its own at the previous flip
+//!    ([`RuleSink::reader_barrier`]) or waited for here
+//!    ([`RuleSink::wait_for_readers`]), and at least [`GRACE`] since that
+//!    flip;
 //! 3. brings the dead generation from what it holds (the policy before the
 //!    live one) to the new policy, writing only the difference: cgroup entries
 //!    and records that are already right are left alone, so a reload that
@@ -140,6 +143,10 @@ pub struct Applier {
     last_flip: Option<Instant>,
     /// An RCU grace period has passed since `last_flip`.
     readers_quiesced: bool,
+    /// The sink's reader barrier, started at `last_flip` on a thread of its
+    /// own ([`RuleSink::reader_barrier`]); its answer is collected by the
+    /// next apply.
+    barrier: Option<std::thread::JoinHandle<bool>>,
     /// The sink could not wait for readers (reported once by the agent).
     pub quiesce_unavailable: bool,
 }
@@ -159,6 +166,7 @@ impl Applier {
             slots: HashMap::default(),
             last_flip: None,
             readers_quiesced: false,
+            barrier: None,
             quiesce_unavailable: false,
         }
     }
@@ -239,6 +247,7 @@ impl Applier {
     /// before attaching, which keeps even the first reload incremental.
     pub fn unattached(&mut self) {
         self.last_flip = None;
+        self.barrier = None;
     }
 
     /// Publish the host's ephemeral port range (`State::ephemeral`, packed
@@ -321,10 +330,17 @@ impl Applier {
             if since < GRACE {
                 std::thread::sleep(GRACE - since);
             }
-            if !self.readers_quiesced && !sink.wait_for_readers() {
-                // No RCU barrier here: GRACE alone (a program preempted for
-                // longer could still see the generation change).
-                self.quiesce_unavailable = true;
+            if !self.readers_quiesced {
+                // Started at the flip (usually over by now), or here.
+                let quiesced = match self.barrier.take() {
+                    Some(started) => started.join().unwrap_or(false),
+                    None => sink.wait_for_readers(),
+                };
+                if !quiesced {
+                    // No RCU barrier here: GRACE alone (a program preempted
+                    // for longer could still see the generation change).
+                    self.quiesce_unavailable = true;
+                }
             }
             self.readers_quiesced = true;
         }
@@ -410,6 +426,15 @@ impl Applier {
         self.state = state;
         self.last_flip = Some(Instant::now());
         self.readers_quiesced = false;
+        // Programs that read the retired generation started before this
+        // point: a barrier from here on waits for every one of them.
+        // (A thread that cannot be started leaves the wait to the next apply.)
+        self.barrier = sink.reader_barrier().and_then(|barrier| {
+            std::thread::Builder::new()
+                .name("reader-barrier".into())
+                .spawn(barrier)
+                .ok()
+        });
         self.slots = slots;
 
         Ok(ApplyReport {

@@ -439,3 +439,61 @@ fn apply_one_declines_a_policy_with_other_cgroups() {
     assert!(a.apply_one(&mut m, &t[2]).is_none());
     assert_eq!(m.writes, writes, "nothing written");
 }
+
+/// A sink whose reader barrier runs on the applier's thread of its own.
+#[derive(Default)]
+struct BarrierMaps {
+    maps: FakeMaps,
+    waits: usize,
+}
+
+static BARRIERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+impl RuleSink for BarrierMaps {
+    fn put_chunk(&mut self, key: PortChunkKey, chunk: &PortChunk) -> Result<(), SinkError> {
+        self.maps.put_chunk(key, chunk)
+    }
+    fn del_chunk(&mut self, key: PortChunkKey) -> Result<(), SinkError> {
+        self.maps.del_chunk(key)
+    }
+    fn put_policy(&mut self, index: u32, record: &PolicyRecord) -> Result<(), SinkError> {
+        self.maps.put_policy(index, record)
+    }
+    fn put_cgroup(&mut self, key: CgroupKey, value: CgroupValue) -> Result<(), SinkError> {
+        self.maps.put_cgroup(key, value)
+    }
+    fn del_cgroup(&mut self, key: CgroupKey) -> Result<(), SinkError> {
+        self.maps.del_cgroup(key)
+    }
+    fn put_state(&mut self, state: &State) -> Result<(), SinkError> {
+        self.maps.put_state(state)
+    }
+    fn wait_for_readers(&mut self) -> bool {
+        self.waits += 1;
+        true
+    }
+    fn reader_barrier(&self) -> Option<fn() -> bool> {
+        Some(|| {
+            BARRIERS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            true
+        })
+    }
+}
+
+/// The grace period after a flip starts at the flip, on a thread of its
+/// own; the next apply collects it instead of waiting itself.
+#[test]
+fn the_reader_barrier_starts_at_the_flip() {
+    let p = compiled(TWO);
+    let ids = [(10, 1), (11, 2), (20, 1)];
+    let mut m = BarrierMaps::default();
+    let mut a = Applier::new(CAPS);
+    let before = BARRIERS.load(std::sync::atomic::Ordering::SeqCst);
+    for _ in 0..3 {
+        a.apply(&mut m, &targets(&p, &ids)).unwrap();
+    }
+    assert_eq!(m.waits, 0, "no apply waited itself");
+    assert!(BARRIERS.load(std::sync::atomic::Ordering::SeqCst) >= before + 2);
+    assert!(!a.quiesce_unavailable);
+    assert_eq!(bind(&m.maps, &[1, 10], 9000), Verdict::Allow);
+}
