@@ -24,6 +24,7 @@ use crate::{
 
 mod delegated;
 mod endpoints;
+mod facts;
 mod govern;
 mod inventory;
 mod pipeline;
