@@ -27,6 +27,7 @@ mod endpoints;
 mod facts;
 mod govern;
 mod inventory;
+mod losses;
 mod pipeline;
 mod reload;
 mod serve;
@@ -34,7 +35,9 @@ mod start;
 mod state;
 mod watch;
 
-use self::{endpoints::Endpoints, govern::*, pipeline::*, serve::*, start::*, state::*, watch::*};
+use self::{
+    endpoints::Endpoints, govern::*, losses::*, pipeline::*, serve::*, start::*, state::*, watch::*,
+};
 
 /// Options of `portguard run`.
 #[derive(Clone, Debug)]
