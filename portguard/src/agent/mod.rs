@@ -27,8 +27,10 @@ use crate::{
 
 mod delegated;
 mod endpoints;
+mod facts;
 mod govern;
 mod inventory;
+mod losses;
 mod pipeline;
 mod points;
 mod reload;
@@ -37,7 +39,9 @@ mod start;
 mod state;
 mod watch;
 
-use self::{endpoints::Endpoints, govern::*, pipeline::*, serve::*, start::*, state::*, watch::*};
+use self::{
+    endpoints::Endpoints, govern::*, losses::*, pipeline::*, serve::*, start::*, state::*, watch::*,
+};
 
 /// Options of `portguard run`.
 #[derive(Clone, Debug)]

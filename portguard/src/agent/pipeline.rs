@@ -1,6 +1,6 @@
 //! From the ring buffer to the event log: decoding and enriching records,
-//! naming the deciding rule, ending cut-off sockets, flood control, the
-//! writer, and reports of events the kernel had to drop.
+//! naming the deciding rule, ending cut-off sockets, flood control and the
+//! writer. Reports of events the kernel had to drop are `losses`.
 
 use std::{
     path::Path,
@@ -10,7 +10,7 @@ use std::{
 use log::{debug, error, info, warn};
 
 use crate::{
-    events::{self, EventWriter, LostRecord},
+    events::{self, EventWriter},
     workload::sockets,
 };
 
@@ -391,131 +391,6 @@ async fn name_and_publish(
     agent.publish(writer, &mut bufs.read, &mut bufs.out);
 }
 
-/// What the agent has reported of the kernel's drop counters: events lost
-/// (every policy together), and per policy (by name and slot, counted since
-/// the policy took its slot) events suppressed and lost.
-pub(super) struct DropsSeen {
-    pub(super) lost: u64,
-    by_policy: std::collections::HashMap<(String, u32), (u64, u64)>,
-}
-
-impl DropsSeen {
-    pub(super) fn new(lost: u64) -> Self {
-        Self {
-            lost,
-            by_policy: std::collections::HashMap::new(),
-        }
-    }
-}
-
-/// Report what the kernel dropped since the last report: a `lost` line
-/// (with the policies the losses were of), and a `suppressed` line per
-/// policy whose event budget held events back.
-pub(super) fn report_lost(agent: &Agent, writer: &mut EventWriter, seen: &mut DropsSeen) {
-    let facts = agent.shared.facts();
-    let by_policy =
-        match crate::observe::snapshot::KernelReading::read(&agent.shared.counters, &facts) {
-            Ok(k) => k.by_policy,
-            Err(e) => {
-                warn!("daemon: reading counters: {e}");
-                return;
-            }
-        };
-    // (policy, slot, suppressed since its slot was taken, lost since).
-    let totals: Vec<(String, u32, u64, u64)> = facts
-        .policies
-        .iter()
-        .zip(&by_policy)
-        .map(|(p, d)| {
-            (
-                p.name.clone(),
-                p.slot,
-                d[portguard_common::POLICY_EVENTS_SUPPRESSED as usize],
-                d[portguard_common::POLICY_EVENTS_LOST as usize],
-            )
-        })
-        .collect();
-    fn before(seen: &DropsSeen, name: &str, slot: u32, supp: u64, lost: u64) -> (u64, u64) {
-        let (s0, l0) = seen
-            .by_policy
-            .get(&(name.to_owned(), slot))
-            .copied()
-            .unwrap_or_default();
-        // A policy that took its slot anew counts from zero again.
-        (
-            if supp < s0 { 0 } else { s0 },
-            if lost < l0 { 0 } else { l0 },
-        )
-    }
-    let now = events::format_time(std::time::SystemTime::now());
-    for (name, slot, supp, lost) in &totals {
-        let (s0, l0) = before(seen, name, *slot, *supp, *lost);
-        if *supp > s0 {
-            let _ = writer.line(&events::SuppressedRecord {
-                schema_version: events::SCHEMA_VERSION,
-                time: now.clone(),
-                host: agent.host.clone(),
-                policy: name.clone(),
-                suppressed: supp - s0,
-                suppressed_total: *supp,
-            });
-        }
-        seen.by_policy.insert((name.clone(), *slot), (*supp, l0));
-    }
-    match agent.loaded.maps.counters() {
-        Ok(c) if c.events_lost > seen.lost => {
-            let lost = c.events_lost - seen.lost;
-            seen.lost = c.events_lost;
-            warn!(
-                "daemon: the kernel dropped {lost} events (ring buffer full; {} in total)",
-                c.events_lost
-            );
-            // At most every 10 s: a supervisor's queue is small.
-            static LAST: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
-            if let Ok(mut last) = LAST.lock()
-                && last.is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
-            {
-                *last = Some(Instant::now());
-                notify_status(&format!("{} events lost in total", c.events_lost));
-            }
-            // Whose they were. The per-policy counters are read a moment
-            // apart from the total: a loss counted in between shows in the
-            // next line's policies.
-            let mut policies = Vec::new();
-            for (name, slot, supp, plost) in &totals {
-                let (_, l0) = before(seen, name, *slot, *supp, *plost);
-                if *plost > l0 {
-                    policies.push(events::PolicyLost {
-                        policy: name.clone(),
-                        lost: plost - l0,
-                        lost_total: *plost,
-                    });
-                }
-                seen.by_policy
-                    .insert((name.clone(), *slot), (*supp, *plost));
-            }
-            let _ = writer.line(&LostRecord {
-                schema_version: events::SCHEMA_VERSION,
-                host: agent.host.clone(),
-                time: now,
-                lost,
-                lost_total: c.events_lost,
-                since: None,
-                until: None,
-                agent_restarted: false,
-                policies,
-            });
-            let _ = writer.flush();
-        }
-        Ok(_) => {
-            if !totals.is_empty() {
-                let _ = writer.flush();
-            }
-        }
-        Err(e) => warn!("daemon: reading counters: {e}"),
-    }
-}
-
 /// Read a replaced ring buffer to the end (events decoded as current ones).
 pub(super) fn drain_replaced(
     rb: &mut crate::kernel::EventRing,
@@ -529,42 +404,4 @@ pub(super) fn drain_replaced(
     let n = records.len();
     agent.publish(writer, &mut records, &mut Vec::new());
     n
-}
-
-/// Events the kernel dropped while no agent was reading: the adopted
-/// counter against what the previous agent had reported, with the period.
-pub(super) fn report_restart_losses(agent: &mut Agent, writer: &mut EventWriter) {
-    let a = &agent.loaded.adoption;
-    let Some(prev) = a.previous else {
-        return;
-    };
-    if a.replaced.contains(&portguard_common::MAP_COUNTERS) {
-        return;
-    }
-    let Ok(now_lost) = agent.loaded.maps.counters.events_lost() else {
-        return;
-    };
-    agent.lost_seen = now_lost;
-    if now_lost <= prev.lost_reported {
-        return;
-    }
-    let lost = now_lost - prev.lost_reported;
-    let since = std::time::UNIX_EPOCH + Duration::from_millis(prev.alive_unix_ms);
-    let until = std::time::SystemTime::now();
-    warn!(
-        "daemon: the kernel dropped {lost} events while no agent was reading (since {})",
-        events::format_time(since)
-    );
-    let _ = writer.line(&LostRecord {
-        schema_version: events::SCHEMA_VERSION,
-        host: agent.host.clone(),
-        time: events::format_time(until),
-        lost,
-        lost_total: now_lost,
-        since: Some(events::format_time(since)),
-        until: Some(events::format_time(until)),
-        agent_restarted: true,
-        policies: Vec::new(),
-    });
-    let _ = writer.flush();
 }

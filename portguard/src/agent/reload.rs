@@ -2,16 +2,16 @@
 //! confirms an incremental one, cgroup rescans and the host's ephemeral
 //! port range.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
 use sd_notify::NotifyState;
 
 use crate::{
-    apply::ApplyReport,
+    apply::{ApplyError, ApplyReport, Target},
     policy::{
-        PolicyError, Reparse, compile, compile_all, parse_policy_text, read_policy_file,
-        reparse_policy_text,
+        CompiledPolicy, PolicyError, Reparse, Replaced, compile, compile_all, parse_policy_text,
+        read_policy_file,
     },
     workload::sockets,
 };
@@ -29,7 +29,7 @@ impl Agent {
         ]);
         let result = self.reload_inner(started);
         match result {
-            Ok((report, how)) => {
+            Ok((report, how, replaced)) => {
                 let status = format!(
                     "enforcing {} policies (generation {}, reloaded on {why})",
                     report.policies, report.generation
@@ -60,6 +60,9 @@ impl Agent {
                     f.reloads_ok += 1;
                     f.status.clone_from(&status);
                 });
+                // The previous parse (the whole of it after a full parse):
+                // freed once READY=1 is out.
+                drop(replaced);
                 release_free_memory();
             }
             Err(e) => {
@@ -91,7 +94,7 @@ impl Agent {
     pub(super) fn reload_inner(
         &mut self,
         started: Instant,
-    ) -> anyhow::Result<(ApplyReport, Reparse)> {
+    ) -> anyhow::Result<(ApplyReport, Reparse, Option<Replaced>)> {
         let text = read_policy_file(&self.policy_path)?;
         // A new file replaces whatever a rescan could not apply.
         self.refused = None;
@@ -99,41 +102,69 @@ impl Agent {
             path: self.policy_path.clone(),
             diagnostics,
         };
-        let (parsed, how) = match &self.parsed {
-            Some(prev) => reparse_policy_text(prev, text).map_err(invalid)?,
-            None => (parse_policy_text(text).map_err(invalid)?, Reparse::Full),
+        // Re-parsed in place: what it replaced is put back unless the
+        // result is applied (or held by the --fail-closed stand-ins).
+        let (how, replaced) = match &mut self.parsed {
+            Some(prev) => {
+                let (how, replaced) = prev.reparse(text).map_err(invalid)?;
+                (how, Some(replaced))
+            }
+            None => {
+                self.parsed = Some(parse_policy_text(text).map_err(invalid)?);
+                (Reparse::Full, None)
+            }
+        };
+        match self.apply_parsed(started, how) {
+            Ok(report) => {
+                self.verify_pending = matches!(how, Reparse::Entry { .. });
+                Ok((report, how, replaced))
+            }
+            Err(Failed { error, in_force }) => {
+                if !in_force {
+                    match (replaced, &mut self.parsed) {
+                        (Some(replaced), Some(parsed)) => parsed.restore(replaced),
+                        (None, _) => self.parsed = None,
+                        (Some(_), None) => {}
+                    }
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Compile and apply the policy file just parsed (`how` says what
+    /// changed).
+    fn apply_parsed(&mut self, started: Instant, how: Reparse) -> Result<ApplyReport, Failed> {
+        let Some(file) = self.parsed.as_ref().map(|p| &p.file) else {
+            return Err(Failed::rejected(anyhow::anyhow!("no policy file parsed")));
         };
         let parse_done = started.elapsed();
         let policies = match how {
             // Reuse the compiled form of every untouched policy.
-            Reparse::Entry { index } if self.policies.len() == parsed.file.policies.len() => {
-                let mut p = self.policies.clone();
-                let mut one = [compile(&parsed.file.policies[index])];
-                crate::policy::apply_reserved(&mut one, &parsed.file.reserved);
+            Reparse::Entry { index } if self.policies.len() == file.policies.len() => {
+                let mut one = [compile(&file.policies[index])];
+                crate::policy::apply_reserved(&mut one, &file.reserved);
                 let [one] = one;
+                if self.resolution_holds(index, &one) {
+                    return self.reload_entry(index, one, started, parse_done);
+                }
+                let mut p = self.policies.clone();
                 p[index] = one;
                 p
             }
             _ => {
-                let mut p = compile_all(&parsed.file.policies);
-                crate::policy::apply_reserved(&mut p, &parsed.file.reserved);
+                let mut p = compile_all(&file.policies);
+                crate::policy::apply_reserved(&mut p, &file.reserved);
                 p
             }
         };
-        check_scope(&policies, &self.attach_cgroup)?;
+        check_scope(&policies, &self.attach_cgroup).map_err(Failed::rejected)?;
         let compiled = started.elapsed();
         let resolved = self.resolve(&policies, how == Reparse::Unchanged);
         let resolved_at = started.elapsed();
         let report = match self.apply(policies.clone(), resolved) {
             Ok(r) => r,
-            Err(e) if self.fail_closed => {
-                self.apply_fail_closed(&policies, &e)?;
-                self.parsed = Some(parsed);
-                return Err(anyhow::anyhow!(
-                    "{e}; --fail-closed: every bind in the cgroups the policy governs is denied"
-                ));
-            }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(self.apply_failed(&policies, e)),
         };
         debug!(
             "daemon: reload phases ({how:?}): parse {:?}, compile {:?}, resolve {:?}, apply {:?}",
@@ -142,9 +173,109 @@ impl Agent {
             resolved_at - compiled,
             started.elapsed() - resolved_at
         );
-        self.verify_pending = matches!(how, Reparse::Entry { .. });
-        self.parsed = Some(parsed);
-        Ok((report, how))
+        Ok(report)
+    }
+
+    /// Whether resolving the policies with `policy` in place of policy
+    /// `index` would give `resolved` again: its name, selector and
+    /// delegation are those of the policy it replaces, every policy selects
+    /// by `cgroup:` (nothing but the resolve cache is read), that cache has
+    /// not changed since `resolved` was resolved, and nothing is held by a
+    /// built-in policy.
+    fn resolution_holds(&self, index: usize, policy: &CompiledPolicy) -> bool {
+        let Some(old) = self.policies.get(index) else {
+            return false;
+        };
+        old.name == policy.name
+            && old.selector == policy.selector
+            && old.delegated == policy.delegated
+            && self.resolved_with == Some(self.resolve_cache.changes())
+            && self.resolved.len() == self.policies.len()
+            && self.policy_ids.len() == self.policies.len()
+            && self.quarantine.is_empty()
+            && self.unfit_hold.is_empty()
+            && self.cri.is_none()
+            && !self.failed_closed()
+    }
+
+    /// Apply a reload that changed the rules or mode of policy `index`
+    /// alone, when [`Agent::resolution_holds`]: what [`Agent::apply`] would
+    /// do with the same policies and `resolved`, in work that does not grow
+    /// with the number of policies (the applier plans from the live
+    /// generation, `Applier::apply_one`; the facts of the other policies
+    /// stay as published).
+    fn reload_entry(
+        &mut self,
+        index: usize,
+        policy: CompiledPolicy,
+        started: Instant,
+        parse_done: Duration,
+    ) -> Result<ApplyReport, Failed> {
+        // The same names and selectors as the policies in force.
+        check_scope(&self.policies, &self.attach_cgroup).map_err(Failed::rejected)?;
+        let compiled = started.elapsed();
+        let target = Target {
+            policy_id: self.policy_ids[index],
+            policy: &policy,
+            cgroups: resolved_cgroups(&self.resolved[index]),
+        };
+        let applied = match self.applier.apply_one(&mut self.loaded.maps, &target) {
+            Some(applied) => applied,
+            // The applier does not show that policy as expected: plan from
+            // every target.
+            None => {
+                let targets: Vec<Target<'_>> = self
+                    .policies
+                    .iter()
+                    .zip(&self.policy_ids)
+                    .zip(&self.resolved)
+                    .enumerate()
+                    .map(|(i, ((p, id), r))| Target {
+                        policy_id: *id,
+                        policy: if i == index { &policy } else { p },
+                        cgroups: resolved_cgroups(r),
+                    })
+                    .collect();
+                self.applier.apply(&mut self.loaded.maps, &targets)
+            }
+        };
+        let report = match applied {
+            Ok(r) => r,
+            Err(e) => {
+                let mut policies = self.policies.clone();
+                policies[index] = policy;
+                return Err(self.apply_failed(&policies, e));
+            }
+        };
+        self.warn_quiesce();
+        self.policies[index] = policy;
+        self.inventory_pending = true;
+        self.publish_policy_facts(index, &report);
+        debug!(
+            "daemon: reload phases (Entry {{ index: {index} }}): parse {:?}, compile {:?}, \
+             resolve: every policy's cgroups as before, apply {:?}",
+            parse_done,
+            compiled - parse_done,
+            started.elapsed() - compiled
+        );
+        Ok(report)
+    }
+
+    /// `policies` could not be applied (`e`): under --fail-closed, the
+    /// stand-ins hold their cgroups and the file counts as in force.
+    fn apply_failed(&mut self, policies: &[CompiledPolicy], e: ApplyError) -> Failed {
+        if !self.fail_closed {
+            return Failed::rejected(e.into());
+        }
+        match self.apply_fail_closed(policies, &e) {
+            Ok(_) => Failed {
+                error: anyhow::anyhow!(
+                    "{e}; --fail-closed: every bind in the cgroups the policy governs is denied"
+                ),
+                in_force: true,
+            },
+            Err(e2) => Failed::rejected(e2),
+        }
     }
 
     /// After a reload that re-parsed a single entry, parse the whole text
@@ -244,6 +375,8 @@ impl Agent {
             && self.next_quarantine == self.quarantine
             && self.next_unfit_hold == self.unfit_hold
         {
+            // What is applied is what a resolve gives now.
+            self.resolved_with = self.last_resolve;
             self.publish_left_out();
             return Ok(());
         }
@@ -274,6 +407,24 @@ impl Agent {
                 error!("daemon: applying cgroup changes failed: {e}");
                 Err(format!("applying cgroup changes failed: {e}"))
             }
+        }
+    }
+}
+
+/// A reload that could not be applied.
+pub(super) struct Failed {
+    error: anyhow::Error,
+    /// The --fail-closed stand-ins hold the new file's cgroups: the file
+    /// counts as in force (its parse is kept).
+    in_force: bool,
+}
+
+impl Failed {
+    /// Rejected: the previous policy stays in force.
+    fn rejected(error: anyhow::Error) -> Self {
+        Self {
+            error,
+            in_force: false,
         }
     }
 }

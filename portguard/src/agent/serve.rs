@@ -61,6 +61,8 @@ pub(super) async fn serve(
     };
     let mut inventory_tick = tokio::time::interval_at(now + inventory_every, inventory_every);
     let mut lost_seen = DropsSeen::new(agent.lost_seen);
+    // The loss report's kernel read, while it runs on a thread of its own.
+    let mut lost_read: Option<tokio::task::JoinHandle<LostReading>> = None;
     let mut pending_reload: Option<Instant> = None;
     let mut pending_rescan: Option<Instant> = None;
     // CRI refresh: when due, since when a pod cgroup exists that the runtime
@@ -236,7 +238,27 @@ pub(super) async fn serve(
             _ = lost_tick.tick() => {
                 agent.sweep_unended();
                 agent.report_hook_failures(&mut writer);
-                report_lost(agent, &mut writer, &mut lost_seen);
+                // Every policy's counters: tens of milliseconds with
+                // thousands of policies, read on a thread of its own while
+                // this loop serves signals, hooks and events; the report
+                // follows when they are in.
+                if lost_read.is_none() {
+                    let shared = agent.shared.clone();
+                    lost_read = Some(tokio::task::spawn_blocking(move || {
+                        LostReading::read(&shared)
+                    }));
+                }
+            }
+            reading = async {
+                match lost_read.as_mut() {
+                    Some(read) => read.await.ok(),
+                    None => std::future::pending().await,
+                }
+            } => {
+                lost_read = None;
+                if let Some(reading) = reading {
+                    report_read(agent, &mut writer, &mut lost_seen, reading);
+                }
                 if let Err(e) = agent.loaded.write_stamp(lost_seen.lost) {
                     warn!("daemon: writing the version stamp: {e}");
                 }

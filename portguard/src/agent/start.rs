@@ -13,8 +13,6 @@ use log::{debug, error, info, warn};
 use sd_notify::NotifyState;
 use tokio::signal::unix::{SignalKind, signal};
 
-use rustc_hash::FxHashMap;
-
 use crate::{
     apply::{Applier, ApplyReport},
     events::{self, EventWriter, PolicyNames},
@@ -309,7 +307,10 @@ impl Agent {
             quiesce_warned: false,
             fail_closed: opts.fail_closed,
             lost_seen: 0,
-            resolve_cache: FxHashMap::default(),
+            resolve_cache: Default::default(),
+            last_resolve: None,
+            resolved_with: None,
+            policy_ids: Vec::new(),
             writable_cache: HashMap::new(),
             refused: None,
             max_delegated: opts.max_delegated_cgroups,

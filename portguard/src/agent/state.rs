@@ -1,7 +1,7 @@
 //! The agent's state ([`Agent`]) and what changes it: resolving which
 //! cgroups each policy governs, applying the result to the kernel maps
-//! (whole or not at all), the built-in stand-in policies, and publishing
-//! what is enforced to the status snapshot.
+//! (whole or not at all) and the built-in stand-in policies. Publishing
+//! what is enforced to the status snapshot is `facts`.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -12,15 +12,13 @@ use std::{
 use anyhow::Context as _;
 use log::{error, info, warn};
 
-use rustc_hash::FxHashMap;
-
 use crate::{
     apply::{Applier, ApplyReport, Capacity, ResolvedCgroup, Target},
     events::{self, PolicyNames},
     kernel::Loaded,
     observe::health::Health,
     policy::{CompiledPolicy, ParsedPolicy, Selector},
-    workload::cgroupfs::Hierarchy,
+    workload::cgroupfs::{Hierarchy, ResolveCache},
     workload::cri,
     workload::resolve::{self, Governed, Resolution, TreeIndex},
 };
@@ -48,7 +46,17 @@ pub(super) struct Agent {
     /// cgroup path -> (id, level) as last seen; emptied on every inotify
     /// event about watched cgroup directories and refreshed by each rescan,
     /// so a reload only stat()s paths it has not seen.
-    pub(super) resolve_cache: FxHashMap<String, Option<(u64, u32)>>,
+    pub(super) resolve_cache: ResolveCache,
+    /// `resolve_cache`'s change count when the last `resolve` ended, if that
+    /// resolve read nothing else (only `cgroup:` selectors). `apply` is
+    /// given what the last `resolve` returned (or `None` here).
+    pub(super) last_resolve: Option<u64>,
+    /// The same for `resolved`: while it equals `resolve_cache.changes()`,
+    /// resolving policies with the same selectors gives `resolved` again
+    /// (see `Agent::resolution_holds`).
+    pub(super) resolved_with: Option<u64>,
+    /// Each policy's id, in `policies` order.
+    pub(super) policy_ids: Vec<u32>,
     /// Cgroup path -> writable by a user other than root (delegated);
     /// emptied with `resolve_cache`.
     pub(super) writable_cache: HashMap<String, bool>,
@@ -159,6 +167,8 @@ impl Agent {
         for govs in &mut resolved {
             govs.retain(|g| g.level < portguard_common::MAX_CGROUP_DEPTH);
         }
+        // Not what a resolve gives any more.
+        self.last_resolve = None;
         let report = self
             .apply(fallback, resolved)
             .context("--fail-closed: even denying every bind does not fit")?;
@@ -235,15 +245,12 @@ impl Agent {
         let hierarchy = &self.hierarchy;
         let cache = &mut self.resolve_cache;
         let mut stat = |path: &str| -> Option<(u64, u32)> {
-            if let Some(r) = cache.get(path) {
-                return *r;
-            }
-            let r = hierarchy.resolve(path).unwrap_or_else(|e| {
-                warn!("daemon: {e}; treating it as absent");
-                None
-            });
-            cache.insert(path.to_owned(), r);
-            r
+            cache.get_or(path, || {
+                hierarchy.resolve(path).unwrap_or_else(|e| {
+                    warn!("daemon: {e}; treating it as absent");
+                    None
+                })
+            })
         };
         if fresh {
             self.writable_cache.clear();
@@ -294,6 +301,7 @@ impl Agent {
                 ok
             });
         }
+        self.last_resolve = (!Self::needs_tree(policies)).then(|| self.resolve_cache.changes());
         resolved
     }
 
@@ -386,14 +394,7 @@ impl Agent {
             }
         }
         self.unfit_hold = hold;
-        if self.applier.quiesce_unavailable && !self.quiesce_warned {
-            self.quiesce_warned = true;
-            warn!(
-                "daemon: membarrier(MEMBARRIER_CMD_GLOBAL) is unavailable (nohz_full?): reloads \
-                 wait a fixed {} ms for running programs instead of an RCU grace period",
-                crate::apply::GRACE.as_millis()
-            );
-        }
+        self.warn_quiesce();
         for g in &quarantine {
             if !self.quarantine.iter().any(|q| q.id == g.id) {
                 let age = self.last_cgroup_event.map(|t| t.elapsed());
@@ -473,95 +474,31 @@ impl Agent {
         }
         self.policies = policies;
         self.resolved = resolved;
+        self.resolved_with = self.last_resolve;
         self.inventory_pending = true;
         self.publish_facts(&report, &ids);
+        self.policy_ids = ids;
         self.publish_selection();
         Ok(report)
     }
 
-    /// Refresh what /metrics and `status` report after an apply.
-    pub(super) fn publish_facts(&mut self, report: &ApplyReport, ids: &[u32]) {
-        let counters = self.shared.counters.clone();
-        let mut policies = Vec::with_capacity(self.policies.len() + 1);
-        let cri = self.cri.as_ref();
-        let who = |g: &Governed| (g.path.clone(), events::WorkloadIdentity::of(&g.path, cri));
-        type Entry<'a> = (
-            &'a CompiledPolicy,
-            u32,
-            Vec<(String, events::WorkloadIdentity)>,
-        );
-        let mut entries: Vec<Entry<'_>> = self
-            .policies
-            .iter()
-            .zip(ids)
-            .zip(&self.resolved)
-            .map(|((p, id), r)| (p, *id, r.iter().map(who).collect()))
-            .collect();
-        let identifying = crate::policy::builtin::identifying();
-        if !self.quarantine.is_empty()
-            && let Some(id) = self.names.id_of(IDENTIFYING)
-        {
-            entries.push((&identifying, id, self.quarantine.iter().map(who).collect()));
+    /// Say once that the applier could not wait for an RCU grace period.
+    pub(super) fn warn_quiesce(&mut self) {
+        if self.applier.quiesce_unavailable && !self.quiesce_warned {
+            self.quiesce_warned = true;
+            warn!(
+                "daemon: membarrier(MEMBARRIER_CMD_GLOBAL) is unavailable (nohz_full?): reloads \
+                 wait a fixed {} ms for running programs instead of an RCU grace period",
+                crate::apply::GRACE.as_millis()
+            );
         }
-        let unfit = crate::policy::builtin::unfit();
-        if !self.unfit_hold.is_empty()
-            && let Some(id) = self.names.id_of(UNFIT)
-        {
-            entries.push((&unfit, id, self.unfit_hold.iter().map(who).collect()));
-        }
-        for (p, id, cgroups) in entries {
-            let Some(slot) = self.applier.slot_of(id) else {
-                continue;
-            };
-            let baseline = match self.slot_owners.get(&slot) {
-                Some((name, b)) if *name == p.name => *b,
-                _ => {
-                    let b = counters.by_slot(slot).unwrap_or_default();
-                    self.slot_owners.insert(slot, (p.name.clone(), b));
-                    b
-                }
-            };
-            policies.push(crate::observe::snapshot::PolicyFacts {
-                name: p.name.clone(),
-                slot,
-                baseline,
-                mode: p.mode.as_str(),
-                selector: p.selector.describe(),
-                cgroups,
-            });
-        }
-        let caps = self.capacity;
-        let maps = vec![
-            crate::observe::snapshot::MapUse {
-                name: "policies",
-                entries: policies.len() as u64,
-                capacity: u64::from(caps.policies),
-            },
-            crate::observe::snapshot::MapUse {
-                name: "cgroups",
-                entries: report.cgroups as u64,
-                capacity: u64::from(caps.cgroups),
-            },
-            crate::observe::snapshot::MapUse {
-                name: "port_chunks",
-                entries: report.chunks_total as u64,
-                capacity: u64::from(caps.chunks),
-            },
-        ];
-        let governed = report.cgroups;
-        let left_out = self.next_left_out.clone();
-        self.publish_points();
-        self.shared.update(|f| {
-            f.policies = policies;
-            f.governed_cgroups = governed;
-            f.left_out = left_out;
-            f.maps = maps;
-        });
     }
 }
 
 /// What the applier needs of governed cgroups.
-fn resolved_cgroups<'a>(govs: impl IntoIterator<Item = &'a Governed>) -> Vec<ResolvedCgroup> {
+pub(super) fn resolved_cgroups<'a>(
+    govs: impl IntoIterator<Item = &'a Governed>,
+) -> Vec<ResolvedCgroup> {
     govs.into_iter()
         .map(|g| ResolvedCgroup {
             id: g.id,

@@ -8,12 +8,18 @@
 //!
 //! An apply:
 //! 1. plans every record, set and cgroup entry and checks capacity before
-//!    writing anything (a full map is an error naming the flag to raise);
+//!    writing anything (a full map is an error naming the flag to raise;
+//!    `plan`): from every target ([`Applier::apply`]), or, when one policy's
+//!    rules or mode changed alone, from the live generation with that
+//!    policy's record replaced ([`Applier::apply_one`]);
 //! 2. waits until no program can still be running on the generation about
-//!    to be reused: [`RuleSink::wait_for_readers`] (an RCU grace period:
-//!    cgroup programs run inside an RCU read-side section, so after one no
-//!    program that read the old `generation` is still running, however long
-//!    it was preempted), and at least [`GRACE`] since the previous flip;
+//!    to be reused: an RCU grace period (cgroup programs run inside an RCU
+//!    read-side section, so after one no program that read the old
+//!    `generation` is still running, however long it was preempted), started
+//!    on a thread of its own at the previous flip
+//!    ([`RuleSink::reader_barrier`]) or waited for here
+//!    ([`RuleSink::wait_for_readers`]), and at least [`GRACE`] since that
+//!    flip;
 //! 3. brings the dead generation from what it holds (the policy before the
 //!    live one) to the new policy, writing only the difference: cgroup entries
 //!    and records that are already right are left alone, so a reload that
@@ -33,17 +39,18 @@ use std::{
 };
 
 use portguard_common::{
-    CHUNKS_PER_SET, CgroupKey, CgroupValue, EMPTY_SET, MAX_CGROUP_DEPTH, MODE_AUDIT, MODE_ENFORCE,
-    PolicyRecord, PortChunk, PortChunkKey, SET_SLOTS, State,
+    CHUNKS_PER_SET, CgroupKey, CgroupValue, EMPTY_SET, PolicyRecord, PortChunk, PortChunkKey, State,
 };
 
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
-use crate::policy::{CompiledPolicy, DirectionSets, Mode, PortSet};
+use crate::policy::{CompiledPolicy, PortSet};
 
 mod capacity;
+mod plan;
 mod sink;
 pub use capacity::Capacity;
+use plan::Plan;
 pub use sink::{RuleSink, SinkError};
 
 /// Minimum time between a flip and the next rewrite of the generation it
@@ -141,6 +148,10 @@ pub struct Applier {
     last_flip: Option<Instant>,
     /// An RCU grace period has passed since `last_flip`.
     readers_quiesced: bool,
+    /// The sink's reader barrier, started at `last_flip` on a thread of its
+    /// own ([`RuleSink::reader_barrier`]); its answer is collected by the
+    /// next apply.
+    barrier: Option<std::thread::JoinHandle<bool>>,
     /// The sink could not wait for readers (reported once by the agent).
     pub quiesce_unavailable: bool,
 }
@@ -160,6 +171,7 @@ impl Applier {
             slots: HashMap::default(),
             last_flip: None,
             readers_quiesced: false,
+            barrier: None,
             quiesce_unavailable: false,
         }
     }
@@ -240,6 +252,7 @@ impl Applier {
     /// before attaching, which keeps even the first reload incremental.
     pub fn unattached(&mut self) {
         self.last_flip = None;
+        self.barrier = None;
     }
 
     /// Publish the host's ephemeral port range (`State::ephemeral`, packed
@@ -270,192 +283,50 @@ impl Applier {
         self.slots.get(&policy_id).copied()
     }
 
-    /// Slots for `targets`: kept for policies that already have one, the
-    /// lowest free ones for new policies.
-    fn assign_slots(&self, targets: &[Target<'_>]) -> HashMap<u32, u32> {
-        let mut out = HashMap::with_capacity_and_hasher(targets.len(), Default::default());
-        let mut used = HashSet::default();
-        for t in targets {
-            if let Some(&s) = self.slots.get(&t.policy_id) {
-                out.insert(t.policy_id, s);
-                used.insert(s);
-            }
-        }
-        let mut next = 0u32;
-        for t in targets {
-            if out.contains_key(&t.policy_id) {
-                continue;
-            }
-            while used.contains(&next) {
-                next += 1;
-            }
-            out.insert(t.policy_id, next);
-            used.insert(next);
-        }
-        out
-    }
-
     /// Replace the live policy set with `targets`, atomically.
     pub fn apply<S: RuleSink>(
         &mut self,
         sink: &mut S,
         targets: &[Target<'_>],
     ) -> Result<ApplyReport, ApplyError> {
-        let live = (self.state.generation & 1) as usize;
-        let gen_ = 1 - live;
-        let base = gen_ as u32 * self.caps.policies;
+        let plan = self.plan(targets)?;
+        self.commit(sink, plan)
+    }
 
-        // 1. Plan.
-        if targets.len() > self.caps.policies as usize {
-            return Err(ApplyError::Capacity {
-                what: "policies",
-                needed: targets.len(),
-                max: self.caps.policies,
-                flag: "--max-policies",
-            });
-        }
-        let slots = self.assign_slots(targets);
-        let mut planned: HashMap<Arc<PortSet>, u32> = HashMap::default();
-        let mut new_sets: Vec<(u32, Arc<PortSet>)> = Vec::new();
-        let mut next_id = self.next_set_id;
-        let mut gen_set_ids: HashSet<u32> = HashSet::default();
-        let mut records: HashMap<u32, PolicyRecord> =
-            HashMap::with_capacity_and_hasher(targets.len(), Default::default());
-        let mut cgroups: HashMap<CgroupKey, CgroupValue> = HashMap::default();
-        let mut seen_cgroups: HashMap<u64, u32> = HashMap::default();
-        let mut max_level = 0u32;
-        let mut min_level = MAX_CGROUP_DEPTH;
-
-        let mut set_id_for = |set: &PortSet, gen_set_ids: &mut HashSet<u32>| -> u32 {
-            if set.is_empty() {
-                return EMPTY_SET;
-            }
-            let id = if let Some(&id) = self.by_content.get(set) {
-                id
-            } else if let Some(&id) = planned.get(set) {
-                id
-            } else {
-                let id = next_id;
-                next_id += 1;
-                let content = Arc::new(set.clone());
-                planned.insert(Arc::clone(&content), id);
-                new_sets.push((id, content));
-                id
-            };
-            gen_set_ids.insert(id);
-            id
+    /// [`Applier::apply`] of the targets last applied with `target` in place
+    /// of the one with its policy id, when only its policy's rules or mode
+    /// changed (the same cgroups): the same writes and report, planned from
+    /// the live generation instead of from every target
+    /// ([`Applier::plan_one`]). `None`: the live generation does not show
+    /// that policy with those cgroups; nothing was done.
+    pub fn apply_one<S: RuleSink>(
+        &mut self,
+        sink: &mut S,
+        target: &Target<'_>,
+    ) -> Option<Result<ApplyReport, ApplyError>> {
+        let plan = match self.plan_one(target)? {
+            Ok(plan) => plan,
+            Err(e) => return Some(Err(e)),
         };
+        Some(self.commit(sink, plan))
+    }
 
-        // Policies compiled from identical rules share one `DirectionSets`
-        // allocation: resolve its set ids once.
-        let mut dir_ids: HashMap<usize, [u32; 8]> = HashMap::default();
-        for t in targets {
-            let slot = slots[&t.policy_id];
-            if slot >= self.caps.policies {
-                return Err(ApplyError::Capacity {
-                    what: "policy slots",
-                    needed: slot as usize + 1,
-                    max: self.caps.policies,
-                    flag: "--max-policies",
-                });
-            }
-            let mut rec = PolicyRecord {
-                policy_id: t.policy_id,
-                mode: match t.policy.mode {
-                    Mode::Enforce => MODE_ENFORCE,
-                    Mode::Audit => MODE_AUDIT,
-                },
-                bind_restricted: u8::from(t.policy.bind.is_some()),
-                connect_restricted: u8::from(t.policy.connect.is_some()),
-                allow_sockets: t.policy.allow_sockets,
-                sets: [EMPTY_SET; SET_SLOTS],
-                slot,
-            };
-            let dirs: [(usize, Option<&DirectionSets>); 2] =
-                [(0, t.policy.bind.as_ref()), (8, t.policy.connect.as_ref())];
-            for (first, sets) in dirs {
-                if let Some(sets) = sets {
-                    let key = Arc::as_ptr(&sets.0) as usize;
-                    let ids = match dir_ids.get(&key) {
-                        Some(ids) => *ids,
-                        None => {
-                            let mut ids = [EMPTY_SET; 8];
-                            for (j, set) in sets.0.iter().enumerate() {
-                                ids[j] = set_id_for(set, &mut gen_set_ids);
-                            }
-                            dir_ids.insert(key, ids);
-                            ids
-                        }
-                    };
-                    rec.sets[first..first + 8].copy_from_slice(&ids);
-                }
-            }
-            records.insert(slot, rec);
-            for cg in &t.cgroups {
-                if cg.level >= MAX_CGROUP_DEPTH {
-                    return Err(ApplyError::TooDeep {
-                        cgroup_id: cg.id,
-                        level: cg.level,
-                        max: MAX_CGROUP_DEPTH - 1,
-                    });
-                }
-                if let Some(&first) = seen_cgroups.get(&cg.id) {
-                    return Err(ApplyError::DuplicateCgroup {
-                        cgroup_id: cg.id,
-                        first,
-                        second: t.policy_id,
-                    });
-                }
-                seen_cgroups.insert(cg.id, t.policy_id);
-                max_level = max_level.max(cg.level);
-                min_level = min_level.min(cg.level);
-                cgroups.insert(
-                    CgroupKey {
-                        cgroup_id: cg.id,
-                        generation: gen_ as u32,
-                        _pad: 0,
-                    },
-                    CgroupValue {
-                        policy_index: base + slot,
-                    },
-                );
-            }
-        }
-        if cgroups.is_empty() {
-            min_level = 0;
-        }
-        if cgroups.len() > self.caps.cgroups as usize {
-            return Err(ApplyError::Capacity {
-                what: "governed cgroups",
-                needed: cgroups.len(),
-                max: self.caps.cgroups,
-                flag: "--max-cgroups",
-            });
-        }
-        // Chunks alive once the dead generation is replaced: the live
-        // generation's sets plus this one's.
-        let keep: HashSet<u32> = self.gen_sets[live].union(&gen_set_ids).copied().collect();
-        let planned_chunks: HashMap<u32, Vec<(u32, PortChunk)>> = new_sets
-            .iter()
-            .map(|(id, content)| (*id, content.chunks()))
-            .collect();
-        let chunks_needed: usize = keep
-            .iter()
-            .map(|id| {
-                self.sets.get(id).map_or_else(
-                    || planned_chunks.get(id).map_or(0, Vec::len),
-                    |s| s.chunks.len(),
-                )
-            })
-            .sum();
-        if chunks_needed > self.caps.chunks as usize {
-            return Err(ApplyError::Capacity {
-                what: "port-set chunks (512 ports each)",
-                needed: chunks_needed,
-                max: self.caps.chunks,
-                flag: "--max-port-chunks",
-            });
-        }
+    /// Steps 2 to 4: wait for the readers of the retired generation, bring
+    /// it to `plan`, flip.
+    fn commit<S: RuleSink>(&mut self, sink: &mut S, plan: Plan) -> Result<ApplyReport, ApplyError> {
+        let Plan {
+            policies,
+            slots,
+            records,
+            cgroups,
+            min_level,
+            max_level,
+            new_sets,
+            planned_chunks,
+            gen_set_ids,
+            keep,
+        } = plan;
+        let (gen_, base) = self.dead_generation();
 
         // 2. Grace period since the last flip: every program that could have
         // read the retired generation has finished.
@@ -464,10 +335,17 @@ impl Applier {
             if since < GRACE {
                 std::thread::sleep(GRACE - since);
             }
-            if !self.readers_quiesced && !sink.wait_for_readers() {
-                // No RCU barrier here: GRACE alone (a program preempted for
-                // longer could still see the generation change).
-                self.quiesce_unavailable = true;
+            if !self.readers_quiesced {
+                // Started at the flip (usually over by now), or here.
+                let quiesced = match self.barrier.take() {
+                    Some(started) => started.join().unwrap_or(false),
+                    None => sink.wait_for_readers(),
+                };
+                if !quiesced {
+                    // No RCU barrier here: GRACE alone (a program preempted
+                    // for longer could still see the generation change).
+                    self.quiesce_unavailable = true;
+                }
             }
             self.readers_quiesced = true;
         }
@@ -553,11 +431,20 @@ impl Applier {
         self.state = state;
         self.last_flip = Some(Instant::now());
         self.readers_quiesced = false;
+        // Programs that read the retired generation started before this
+        // point: a barrier from here on waits for every one of them.
+        // (A thread that cannot be started leaves the wait to the next apply.)
+        self.barrier = sink.reader_barrier().and_then(|barrier| {
+            std::thread::Builder::new()
+                .name("reader-barrier".into())
+                .spawn(barrier)
+                .ok()
+        });
         self.slots = slots;
 
         Ok(ApplyReport {
             generation: gen_ as u32,
-            policies: targets.len(),
+            policies,
             cgroups: cgroups.len(),
             sets_written,
             sets_deleted,

@@ -31,4 +31,12 @@ pub trait RuleSink {
     fn wait_for_readers(&mut self) -> bool {
         false
     }
+    /// The same wait as [`RuleSink::wait_for_readers`], as a function that
+    /// may run on another thread: the applier starts it right after a flip
+    /// and collects it before it next rewrites the retired generation, so
+    /// the wait overlaps whatever happens in between. `None`: not offered
+    /// (the applier then waits in [`RuleSink::wait_for_readers`]).
+    fn reader_barrier(&self) -> Option<fn() -> bool> {
+        None
+    }
 }

@@ -363,3 +363,137 @@ fn duplicate_cgroup_ids_are_rejected() {
         ApplyError::DuplicateCgroup { cgroup_id: 7, .. }
     ));
 }
+
+/// `apply_one` of one changed policy does what `apply` of every target
+/// does: the same report and the same kernel maps, change after change
+/// (new sets, sets shared with other policies, sets freed, mode changes,
+/// the sets of both generations).
+#[test]
+fn apply_one_does_what_apply_of_every_target_does() {
+    // p0 and p5 share their sets at first (the same ports).
+    let text = |p0: &str, mode: &str| {
+        let body: String = (0..10)
+            .map(|i| match i {
+                0 => format!("  - {{name: p0, cgroup: /c0, mode: {mode}, bind: [{{ports: [{p0}]}}], connect: []}}\n"),
+                5 => "  - {name: p5, cgroup: /c5, bind: [{ports: [5000]}], connect: []}\n".to_owned(),
+                _ => format!("  - {{name: p{i}, cgroup: /c{i}, bind: [{{ports: [{}]}}]}}\n", 1000 + i),
+            })
+            .collect();
+        format!("policies:\n{body}")
+    };
+    let ids: Vec<(u64, u32)> = (0..10).map(|i| (100 + i, 1 + (i % 3) as u32)).collect();
+    let start = compiled(&text("5000", "enforce"));
+    let (mut full_maps, mut one_maps) = (FakeMaps::default(), FakeMaps::default());
+    let (mut full, mut one) = (Applier::new(CAPS), Applier::new(CAPS));
+    for _ in 0..2 {
+        full.apply(&mut full_maps, &targets(&start, &ids)).unwrap();
+        one.apply(&mut one_maps, &targets(&start, &ids)).unwrap();
+    }
+    let changes = [
+        ("6000", "enforce"),
+        ("7000", "enforce"),
+        ("1001", "enforce"),
+        ("1001", "audit"),
+        ("5000", "audit"),
+        ("5000", "enforce"),
+        ("\"9000-9999\", 22", "enforce"),
+        ("7000", "enforce"),
+    ];
+    for (ports, mode) in changes {
+        let changed = compiled(&text(ports, mode));
+        let all = targets(&changed, &ids);
+        let expected = full.apply(&mut full_maps, &all).unwrap();
+        let got = one.apply_one(&mut one_maps, &all[0]).unwrap().unwrap();
+        assert_eq!(got, expected, "after {ports} {mode}");
+        assert_eq!(one_maps.state, full_maps.state);
+        assert_eq!(one_maps.cgroups, full_maps.cgroups);
+        assert_eq!(one_maps.policies, full_maps.policies);
+        assert_eq!(one_maps.chunks, full_maps.chunks);
+        assert_eq!(one_maps.writes, full_maps.writes);
+        assert_eq!(one.chunks_in_use(), full.chunks_in_use());
+        // And the kernel decides by the change.
+        assert_eq!(
+            bind(&one_maps, &[1, 100], 7000),
+            bind(&full_maps, &[1, 100], 7000)
+        );
+    }
+}
+
+/// `apply_one` declines what the live generation does not show: a policy
+/// it does not hold, or other cgroups than it governs.
+#[test]
+fn apply_one_declines_a_policy_with_other_cgroups() {
+    let p = compiled(TWO);
+    let ids = [(10, 1), (11, 2), (20, 1)];
+    let mut m = FakeMaps::default();
+    let mut a = Applier::new(CAPS);
+    a.apply(&mut m, &targets(&p, &ids)).unwrap();
+    let writes = m.writes;
+    let mut t = targets(&p, &ids);
+    t[0].cgroups.push(ResolvedCgroup { id: 12, level: 1 });
+    assert!(a.apply_one(&mut m, &t[0]).is_none());
+    t[1].cgroups.clear();
+    assert!(a.apply_one(&mut m, &t[1]).is_none());
+    let mut t = targets(&p, &ids);
+    t[2].policy_id = 99;
+    assert!(a.apply_one(&mut m, &t[2]).is_none());
+    assert_eq!(m.writes, writes, "nothing written");
+}
+
+/// A sink whose reader barrier runs on the applier's thread of its own.
+#[derive(Default)]
+struct BarrierMaps {
+    maps: FakeMaps,
+    waits: usize,
+}
+
+static BARRIERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+impl RuleSink for BarrierMaps {
+    fn put_chunk(&mut self, key: PortChunkKey, chunk: &PortChunk) -> Result<(), SinkError> {
+        self.maps.put_chunk(key, chunk)
+    }
+    fn del_chunk(&mut self, key: PortChunkKey) -> Result<(), SinkError> {
+        self.maps.del_chunk(key)
+    }
+    fn put_policy(&mut self, index: u32, record: &PolicyRecord) -> Result<(), SinkError> {
+        self.maps.put_policy(index, record)
+    }
+    fn put_cgroup(&mut self, key: CgroupKey, value: CgroupValue) -> Result<(), SinkError> {
+        self.maps.put_cgroup(key, value)
+    }
+    fn del_cgroup(&mut self, key: CgroupKey) -> Result<(), SinkError> {
+        self.maps.del_cgroup(key)
+    }
+    fn put_state(&mut self, state: &State) -> Result<(), SinkError> {
+        self.maps.put_state(state)
+    }
+    fn wait_for_readers(&mut self) -> bool {
+        self.waits += 1;
+        true
+    }
+    fn reader_barrier(&self) -> Option<fn() -> bool> {
+        Some(|| {
+            BARRIERS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            true
+        })
+    }
+}
+
+/// The grace period after a flip starts at the flip, on a thread of its
+/// own; the next apply collects it instead of waiting itself.
+#[test]
+fn the_reader_barrier_starts_at_the_flip() {
+    let p = compiled(TWO);
+    let ids = [(10, 1), (11, 2), (20, 1)];
+    let mut m = BarrierMaps::default();
+    let mut a = Applier::new(CAPS);
+    let before = BARRIERS.load(std::sync::atomic::Ordering::SeqCst);
+    for _ in 0..3 {
+        a.apply(&mut m, &targets(&p, &ids)).unwrap();
+    }
+    assert_eq!(m.waits, 0, "no apply waited itself");
+    assert!(BARRIERS.load(std::sync::atomic::Ordering::SeqCst) >= before + 2);
+    assert!(!a.quiesce_unavailable);
+    assert_eq!(bind(&m.maps, &[1, 10], 9000), Verdict::Allow);
+}

@@ -1,7 +1,8 @@
-//! The four bpf(2) commands aya 0.14 does not expose publicly: getting a
-//! pinned object, pinning a raw fd, a link's cgroup and attach type
-//! (`BPF_OBJ_GET_INFO_BY_FD` on a link) and `BPF_LINK_UPDATE`. Everything
-//! else goes through aya. Layouts are the kernel's stable uapi
+//! The bpf(2) commands aya 0.14 does not expose publicly: getting a pinned
+//! object, pinning a raw fd, a link's cgroup and attach type
+//! (`BPF_OBJ_GET_INFO_BY_FD` on a link), `BPF_LINK_UPDATE`, and reading many
+//! array entries in one call (`BPF_MAP_LOOKUP_BATCH`). Everything else goes
+//! through aya. Layouts are the kernel's stable uapi
 //! (`include/uapi/linux/bpf.h`).
 
 use std::{
@@ -17,6 +18,7 @@ use std::{
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 /// `BPF_LINK_TYPE_CGROUP`.
@@ -158,6 +160,43 @@ pub fn link_update(link: BorrowedFd<'_>, new_prog: BorrowedFd<'_>) -> io::Result
     attr.put_u32(0, link.as_raw_fd() as u32);
     attr.put_u32(4, new_prog.as_raw_fd() as u32);
     sys_bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
+}
+
+/// `BPF_MAP_LOOKUP_BATCH` from the start of an array map: the values of
+/// its first entries, `value_size` bytes each (for a per-CPU map, one
+/// 8-byte-aligned value per possible CPU), as many as fit in `values`.
+/// Returns how many were read: fewer than asked once the map ends.
+///
+/// # Minimum kernel version
+///
+/// 5.6 (array maps); before, the kernel answers `EINVAL`.
+pub fn array_lookup_batch(
+    map: BorrowedFd<'_>,
+    values: &mut [u8],
+    value_size: usize,
+) -> io::Result<usize> {
+    let count = values.len() / value_size.max(1);
+    if count == 0 {
+        return Ok(0);
+    }
+    let mut keys = vec![0u32; count];
+    let mut out_batch = 0u32;
+    let mut attr = Attr::new();
+    // struct { in_batch, out_batch, keys, values; u32 count, map_fd; ... }
+    // batch: in_batch 0 (NULL) starts at the first entry.
+    attr.put_u64(8, &raw mut out_batch as u64);
+    attr.put_u64(16, keys.as_mut_ptr() as u64);
+    attr.put_u64(24, values.as_mut_ptr() as u64);
+    attr.put_u32(32, count as u32);
+    attr.put_u32(36, map.as_raw_fd() as u32);
+    let r = sys_bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+    let read = u32::from_ne_bytes(attr.0[32..36].try_into().unwrap_or([0; 4])) as usize;
+    match r {
+        Ok(_) => Ok(read),
+        // The map ended before `count` entries.
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(read),
+        Err(e) => Err(e),
+    }
 }
 
 /// Whether `path` is on a bpffs mount.

@@ -1,9 +1,12 @@
 //! The kernel's decision counters (per-CPU arrays), summed at read time.
 
-use aya::maps::{MapData, MapError, PerCpuArray};
+use std::os::fd::AsFd as _;
+
+use aya::maps::{IterableMap as _, MapData, MapError, PerCpuArray};
 use portguard_common::{
     COUNTER_EVENTS_LOST, COUNTER_FENCE_FAILED, COUNTER_GUARD_DROPS, DECISION_ALLOW, DECISION_AUDIT,
-    DECISION_DENY, DECISION_REPORTED, DECISIONS, HOOKS, Hook, hook_counter, policy_counter,
+    DECISION_DENY, DECISION_REPORTED, DECISIONS, HOOKS, Hook, POLICY_KINDS, hook_counter,
+    policy_counter,
 };
 
 use super::*;
@@ -53,6 +56,39 @@ impl CounterMaps {
             *v = Self::sum(&self.policies, policy_counter(slot, k as u32))?;
         }
         Ok(d)
+    }
+
+    /// [`CounterMaps::by_slot`] of every record slot below `slots`, read
+    /// with one `BPF_MAP_LOOKUP_BATCH` (a status or metrics request, or the
+    /// loss report, with 10,000 policies is then one read, not 60,000);
+    /// slot by slot where the kernel cannot read in batches.
+    pub fn first_slots(&self, slots: u32) -> Result<Vec<Decisions>, MapError> {
+        let kinds = POLICY_KINDS as usize;
+        let entries = (slots as usize * kinds).min(self.policies.len() as usize);
+        let one_by_one = || (0..slots).map(|slot| self.by_slot(slot)).collect();
+        let Ok(cpus) = aya::util::nr_cpus() else {
+            return one_by_one();
+        };
+        // One u64 per possible CPU for each entry.
+        let mut values = vec![0u8; entries * cpus * 8];
+        let fd = self.policies.map().fd().as_fd();
+        let read = match bpfsys::array_lookup_batch(fd, &mut values, cpus * 8) {
+            Ok(read) if read == entries => read,
+            _ => return one_by_one(),
+        };
+        let sum = |entry: usize| -> u64 {
+            values[entry * cpus * 8..(entry + 1) * cpus * 8]
+                .chunks_exact(8)
+                .map(|b| u64::from_ne_bytes(b.try_into().unwrap_or([0; 8])))
+                .sum()
+        };
+        let mut out = vec![Decisions::default(); read / kinds];
+        for (slot, d) in out.iter_mut().enumerate() {
+            for (kind, v) in d.iter_mut().enumerate() {
+                *v = sum(policy_counter(slot as u32, kind as u32) as usize);
+            }
+        }
+        Ok(out)
     }
 
     pub fn events_lost(&self) -> Result<u64, MapError> {

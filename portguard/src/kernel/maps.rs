@@ -169,15 +169,26 @@ impl RuleSink for KernelMaps {
     /// program that started before has finished, even one preempted for a
     /// long time on a busy host.
     fn wait_for_readers(&mut self) -> bool {
-        const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
-        // SAFETY: membarrier takes no pointers.
-        let r = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
-        if r != 0 {
-            debug!(
-                "loader: membarrier(MEMBARRIER_CMD_GLOBAL): {}",
-                std::io::Error::last_os_error()
-            );
-        }
-        r == 0
+        membarrier_global()
     }
+
+    /// The same barrier, needing nothing of the maps: it may run on a
+    /// thread of its own.
+    fn reader_barrier(&self) -> Option<fn() -> bool> {
+        Some(membarrier_global)
+    }
+}
+
+/// `membarrier(MEMBARRIER_CMD_GLOBAL)`; false if the kernel refused it.
+fn membarrier_global() -> bool {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+    // SAFETY: membarrier takes no pointers.
+    let r = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
+    if r != 0 {
+        debug!(
+            "loader: membarrier(MEMBARRIER_CMD_GLOBAL): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    r == 0
 }

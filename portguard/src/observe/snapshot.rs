@@ -119,6 +119,12 @@ impl Snapshot {
         self.facts.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// Look at the facts without copying them (the lock is held meanwhile:
+    /// keep `f` short).
+    pub fn read<R>(&self, f: impl FnOnce(&Facts) -> R) -> R {
+        f(&self.facts.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
     pub fn update(&self, f: impl FnOnce(&mut Facts)) {
         f(&mut self.facts.lock().unwrap_or_else(|e| e.into_inner()));
     }
@@ -154,14 +160,29 @@ impl KernelReading {
                 .into_iter()
                 .map(|(h, d)| (h.name(), d))
                 .collect(),
-            by_policy: facts
-                .policies
-                .iter()
-                .map(|p| counters.by_slot(p.slot).map(|d| since(d, p.baseline)))
-                .collect::<Result<_, _>>()?,
+            by_policy: Self::by_policy(
+                counters,
+                facts.policies.iter().map(|p| (p.slot, p.baseline)),
+            )?,
             events_lost: counters.events_lost()?,
             guard_drops: counters.guard_drops()?,
             fence_failures: counters.fence_failures()?,
         })
+    }
+
+    /// The counters of the policies in `slots` (slot, baseline) since each
+    /// took its slot, read together.
+    pub fn by_policy(
+        counters: &CounterMaps,
+        slots: impl Iterator<Item = (u32, Decisions)> + Clone,
+    ) -> Result<Vec<Decisions>, crate::kernel::MapError> {
+        let end = slots.clone().map(|(slot, _)| slot + 1).max();
+        let all = counters.first_slots(end.unwrap_or(0))?;
+        slots
+            .map(|(slot, baseline)| match all.get(slot as usize) {
+                Some(d) => Ok(since(*d, baseline)),
+                None => counters.by_slot(slot).map(|d| since(d, baseline)),
+            })
+            .collect()
     }
 }

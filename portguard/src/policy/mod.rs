@@ -75,7 +75,7 @@ pub use compile::{
     compile_all,
 };
 pub use parse::{
-    ParsedPolicy, Reparse, normalize_cgroup, parse_policy_file, parse_policy_str,
+    ParsedPolicy, Reparse, Replaced, normalize_cgroup, parse_policy_file, parse_policy_str,
     parse_policy_text, read_policy_file, reparse_policy_text,
 };
 pub use portset::PortSet;

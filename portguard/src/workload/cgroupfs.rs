@@ -1,6 +1,6 @@
 //! The cgroup v2 filesystem: where it is mounted, and how cgroup paths map to
 //! the ids the kernel programs see (a cgroup's id is the inode number of its
-//! directory).
+//! directory), with a cache of that mapping ([`ResolveCache`]).
 
 use std::{
     collections::HashMap,
@@ -273,6 +273,9 @@ impl Hierarchy {
 
     /// Remember a known (id, path) pair, e.g. from resolving a policy.
     pub fn remember(&mut self, id: u64, path: &str) {
+        if self.names.get(&id).is_some_and(|known| known == path) {
+            return;
+        }
         if self.names.len() < NAME_CACHE {
             self.names.insert(id, path.to_owned());
         }
@@ -318,6 +321,50 @@ impl Hierarchy {
             let rel = full.strip_prefix(&self.root).ok()?;
             Some(format!("/{}", rel.to_string_lossy()))
         }
+    }
+}
+
+/// Cgroup paths resolved to their id and level ([`Hierarchy::resolve`]; `None`:
+/// absent) as last seen, with a count of changes: while the count stays the
+/// same, every lookup answers as it did.
+#[derive(Debug, Default)]
+pub struct ResolveCache {
+    entries: rustc_hash::FxHashMap<String, Option<(u64, u32)>>,
+    changes: u64,
+}
+
+impl ResolveCache {
+    /// The answer for `path`: as last seen, or from `resolve`, then kept.
+    pub fn get_or(
+        &mut self,
+        path: &str,
+        resolve: impl FnOnce() -> Option<(u64, u32)>,
+    ) -> Option<(u64, u32)> {
+        if let Some(known) = self.entries.get(path) {
+            return *known;
+        }
+        let r = resolve();
+        self.entries.insert(path.to_owned(), r);
+        self.changes += 1;
+        r
+    }
+
+    /// Forget `path` (it is resolved again when next asked).
+    pub fn remove(&mut self, path: &str) {
+        if self.entries.remove(path).is_some() {
+            self.changes += 1;
+        }
+    }
+
+    /// Forget everything.
+    pub fn clear(&mut self) {
+        self.entries.clear();
+        self.changes += 1;
+    }
+
+    /// How many times an answer was added or forgotten so far.
+    pub const fn changes(&self) -> u64 {
+        self.changes
     }
 }
 
@@ -383,6 +430,25 @@ mod tests {
                 PathBuf::from("/host/sys/fs/cgroup")
             ]
         );
+    }
+
+    #[test]
+    fn the_resolve_cache_counts_its_changes() {
+        let mut cache = ResolveCache::default();
+        assert_eq!(cache.get_or("/a", || Some((7, 1))), Some((7, 1)));
+        assert_eq!(cache.get_or("/b", || None), None);
+        let seen = cache.changes();
+        // Answers as it did, without asking.
+        assert_eq!(cache.get_or("/a", || unreachable!()), Some((7, 1)));
+        assert_eq!(cache.get_or("/b", || unreachable!()), None);
+        assert_eq!(cache.changes(), seen);
+        cache.remove("/nowhere");
+        assert_eq!(cache.changes(), seen);
+        cache.remove("/a");
+        assert_eq!(cache.changes(), seen + 1);
+        assert_eq!(cache.get_or("/a", || Some((8, 1))), Some((8, 1)));
+        cache.clear();
+        assert!(cache.changes() > seen + 2);
     }
 
     #[test]

@@ -2,13 +2,16 @@
 //! entry only, that entry alone is parsed and validated, with positions in
 //! the whole file; anything else falls back to a full parse.
 //!
-//! Owns [`reparse_policy_text`] and the layout index of [`ParsedPolicy`]
-//! (where each entry starts). May import the rest of the parser (`super`),
-//! the policy model and its YAML tree; no I/O.
+//! Owns [`reparse_policy_text`], its in-place form [`ParsedPolicy::reparse`]
+//! (which hands back what it replaced, [`Replaced`], so a caller that cannot
+//! use the result puts it back without keeping a copy of the whole file),
+//! and the layout index of [`ParsedPolicy`] (where each entry starts). May
+//! import the rest of the parser (`super`), the policy model and its YAML
+//! tree; no I/O.
 
 use super::{Cx, ParsedPolicy, Reparse, normalize_cgroup, parse_policy_text, walk::peek_scalar};
 use crate::policy::{
-    Diagnostic,
+    Diagnostic, Policy,
     yaml::{self, Kind},
 };
 
@@ -58,33 +61,128 @@ pub fn reparse_policy_text(
     prev: &ParsedPolicy,
     text: String,
 ) -> Result<(ParsedPolicy, Reparse), Vec<Diagnostic>> {
-    if text == prev.text {
-        return Ok((prev.clone(), Reparse::Unchanged));
+    let mut parsed = prev.clone();
+    let (how, _) = parsed.reparse(text)?;
+    Ok((parsed, how))
+}
+
+/// What [`ParsedPolicy::reparse`] replaced: enough to put it back
+/// ([`ParsedPolicy::restore`]).
+#[derive(Debug)]
+pub struct Replaced(Undo);
+
+#[derive(Debug)]
+enum Undo {
+    Nothing,
+    /// Entry `index` was replaced; later entries moved by `delta` bytes and
+    /// `line_delta` lines.
+    Entry {
+        index: usize,
+        policy: Box<Policy>,
+        text: String,
+        delta: isize,
+        line_delta: isize,
+    },
+    Whole(Box<ParsedPolicy>),
+}
+
+impl ParsedPolicy {
+    /// [`reparse_policy_text`] in place: on success `self` is the new parse
+    /// and the returned [`Replaced`] holds what it replaced; on error `self`
+    /// is unchanged. An edit inside one entry costs that entry, not a copy of
+    /// the whole file.
+    pub fn reparse(&mut self, text: String) -> Result<(Reparse, Replaced), Vec<Diagnostic>> {
+        if text == self.text {
+            return Ok((Reparse::Unchanged, Replaced(Undo::Nothing)));
+        }
+        if let Some(edit) = entry_edit(self, &text) {
+            let edit = edit?;
+            let index = edit.index;
+            let undo = self.apply_edit(edit, text);
+            return Ok((Reparse::Entry { index }, Replaced(undo)));
+        }
+        let parsed = parse_policy_text(text)?;
+        let old = std::mem::replace(self, parsed);
+        Ok((Reparse::Full, Replaced(Undo::Whole(Box::new(old)))))
     }
-    if let Some(p) = reparse_entry(prev, &text) {
-        return p.map(|(parsed, index)| (parsed, Reparse::Entry { index }));
+
+    /// Undo the [`ParsedPolicy::reparse`] that returned `replaced` (the last
+    /// one made on `self`).
+    pub fn restore(&mut self, replaced: Replaced) {
+        match replaced.0 {
+            Undo::Nothing => {}
+            Undo::Whole(old) => *self = *old,
+            Undo::Entry {
+                index,
+                policy,
+                text,
+                delta,
+                line_delta,
+            } => {
+                self.file.policies[index] = *policy;
+                self.text = text;
+                self.shift_after(index, -delta, -line_delta);
+            }
+        }
     }
-    parse_policy_text(text).map(|p| (p, Reparse::Full))
+
+    /// Put `edit` in place; what it replaced, to undo it.
+    fn apply_edit(&mut self, edit: EntryEdit, text: String) -> Undo {
+        let EntryEdit {
+            index,
+            policy,
+            delta,
+            line_delta,
+        } = edit;
+        let policy = std::mem::replace(&mut self.file.policies[index], policy);
+        let text = std::mem::replace(&mut self.text, text);
+        self.shift_after(index, delta, line_delta);
+        Undo::Entry {
+            index,
+            policy: Box::new(policy),
+            text,
+            delta,
+            line_delta,
+        }
+    }
+
+    /// Move the entries after `index` by `delta` bytes and `line_delta` lines.
+    fn shift_after(&mut self, index: usize, delta: isize, line_delta: isize) {
+        if delta == 0 && line_delta == 0 {
+            return;
+        }
+        let shift = |v: &mut usize, d: isize| *v = (*v as isize + d) as usize;
+        for p in &mut self.file.policies[index + 1..] {
+            shift(&mut p.line, line_delta);
+            for r in p.bind.iter_mut().chain(p.connect.iter_mut()).flatten() {
+                shift(&mut r.line, line_delta);
+            }
+        }
+        for i in index + 1..self.item_lines.len() {
+            shift(&mut self.item_lines[i], delta);
+            shift(&mut self.item_nodes[i], delta);
+        }
+    }
+}
+
+/// An edit confined to one entry, parsed: the entry's new policy and how far
+/// the entries after it moved.
+struct EntryEdit {
+    index: usize,
+    policy: Policy,
+    delta: isize,
+    line_delta: isize,
 }
 
 /// The single-entry path; `None` when it does not apply.
-fn reparse_entry(
-    prev: &ParsedPolicy,
-    text: &str,
-) -> Option<Result<(ParsedPolicy, usize), Vec<Diagnostic>>> {
+fn entry_edit(prev: &ParsedPolicy, text: &str) -> Option<Result<EntryEdit, Vec<Diagnostic>>> {
     if !prev.incremental || !text.is_ascii() || prev.item_nodes.is_empty() {
         return None;
     }
     let (old, new) = (prev.text.as_bytes(), text.as_bytes());
     let max = old.len().min(new.len());
-    let prefix = old.iter().zip(new).take_while(|(a, b)| a == b).count();
-    let suffix = old
-        .iter()
-        .rev()
-        .zip(new.iter().rev())
-        .take(max - prefix)
-        .take_while(|(a, b)| a == b)
-        .count();
+    let prefix = common_prefix(old, new);
+    let suffix = common_suffix(&old[prefix..], &new[prefix..]).min(max - prefix);
     let old_end = old.len() - suffix;
     // The entry whose text the change starts in (strictly after its `- `).
     let k = prev
@@ -169,26 +267,44 @@ fn reparse_entry(
         .iter()
         .filter(|b| **b == b'\n')
         .count() as isize;
-    let line_delta = lines_new - lines_old;
-    let shift = |v: usize, d: isize| (v as isize + d) as usize;
-    let mut file = prev.file.clone();
-    file.policies[k] = policy;
-    for p in &mut file.policies[k + 1..] {
-        p.line = shift(p.line, line_delta);
-        for r in p.bind.iter_mut().chain(p.connect.iter_mut()).flatten() {
-            r.line = shift(r.line, line_delta);
-        }
+    Some(Ok(EntryEdit {
+        index: k,
+        policy,
+        delta,
+        line_delta: lines_new - lines_old,
+    }))
+}
+
+/// Bytes compared at once by [`common_prefix`] and [`common_suffix`] (a
+/// `memcmp` each) before the byte that differs is looked for.
+const BLOCK: usize = 256;
+
+/// The length of the longest common prefix of `a` and `b`.
+pub(super) fn common_prefix(a: &[u8], b: &[u8]) -> usize {
+    let n = a.len().min(b.len());
+    let mut i = 0;
+    while i + BLOCK <= n && a[i..i + BLOCK] == b[i..i + BLOCK] {
+        i += BLOCK;
     }
-    let mut parsed = ParsedPolicy {
-        file,
-        text: text.to_owned(),
-        item_lines: prev.item_lines.clone(),
-        item_nodes: prev.item_nodes.clone(),
-        incremental: true,
-    };
-    for i in k + 1..parsed.item_lines.len() {
-        parsed.item_lines[i] = shift(parsed.item_lines[i], delta);
-        parsed.item_nodes[i] = shift(parsed.item_nodes[i], delta);
+    i + a[i..n]
+        .iter()
+        .zip(&b[i..n])
+        .take_while(|(x, y)| x == y)
+        .count()
+}
+
+/// The length of the longest common suffix of `a` and `b`.
+pub(super) fn common_suffix(a: &[u8], b: &[u8]) -> usize {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[a.len() - n..], &b[b.len() - n..]);
+    let mut i = 0;
+    while i + BLOCK <= n && a[n - i - BLOCK..n - i] == b[n - i - BLOCK..n - i] {
+        i += BLOCK;
     }
-    Some(Ok((parsed, k)))
+    i + a[..n - i]
+        .iter()
+        .rev()
+        .zip(b[..n - i].iter().rev())
+        .take_while(|(x, y)| x == y)
+        .count()
 }

@@ -27,7 +27,7 @@ mod walk;
 
 use std::path::Path;
 
-pub use incremental::reparse_policy_text;
+pub use incremental::{Replaced, reparse_policy_text};
 pub use selectors::normalize_cgroup;
 use walk::Cx;
 
@@ -49,10 +49,13 @@ pub fn read_policy_file(path: &Path) -> Result<String, PolicyError> {
     // Read at most one byte more than allowed: the size is judged on what
     // was read (a file growing meanwhile, a FIFO or /dev/zero included).
     use std::io::Read as _;
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)
-        .map_err(read_err)?
-        .take(MAX_POLICY_FILE_BYTES + 1)
+    let file = std::fs::File::open(path).map_err(read_err)?;
+    // Room for what the file holds now (a hint only: it is read to the end).
+    let hint = file
+        .metadata()
+        .map_or(0, |m| m.len().min(MAX_POLICY_FILE_BYTES));
+    let mut bytes = Vec::with_capacity(hint as usize + 1);
+    file.take(MAX_POLICY_FILE_BYTES + 1)
         .read_to_end(&mut bytes)
         .map_err(read_err)?;
     if bytes.len() as u64 > MAX_POLICY_FILE_BYTES {

@@ -404,6 +404,76 @@ fn an_edited_entry_is_reparsed_alone_and_matches_a_full_parse() {
     );
 }
 
+#[test]
+fn common_prefix_and_suffix_agree_with_byte_by_byte() {
+    use super::incremental::{common_prefix, common_suffix};
+    let base: Vec<u8> = (0..2000u32).map(|i| (i % 251) as u8).collect();
+    for (at, len_change) in [(0, 0), (1, 0), (255, 1), (256, -1), (1000, 7), (1999, 0)] {
+        for tail_cut in [0usize, 1, 300] {
+            let mut other = base.clone();
+            other[at] ^= 0xff;
+            if len_change > 0 {
+                other.splice(at..at, std::iter::repeat_n(7, len_change as usize));
+            } else if len_change < 0 {
+                other.remove(at);
+            }
+            other.truncate(other.len() - tail_cut);
+            let naive_prefix = base.iter().zip(&other).take_while(|(a, b)| a == b).count();
+            let naive_suffix = base
+                .iter()
+                .rev()
+                .zip(other.iter().rev())
+                .take_while(|(a, b)| a == b)
+                .count();
+            assert_eq!(
+                common_prefix(&base, &other),
+                naive_prefix,
+                "{at} {len_change}"
+            );
+            assert_eq!(
+                common_suffix(&base, &other),
+                naive_suffix,
+                "{at} {len_change}"
+            );
+        }
+    }
+    assert_eq!(common_prefix(&base, &base), base.len());
+    assert_eq!(common_suffix(&base, &base), base.len());
+    assert_eq!(common_suffix(b"", b"abc"), 0);
+}
+
+/// In place, a re-parse gives what [`reparse_policy_text`] gives, and
+/// restoring what it replaced gives back the previous parse exactly.
+#[test]
+fn an_in_place_reparse_is_undone_by_restore() {
+    let text = sample(9);
+    let prev = parse_policy_text(text.clone()).unwrap();
+    let edits = [
+        text.replacen("1004]", "2004]", 1),
+        text.replacen("1003, ", "3003, 3004, ", 1),
+        text.replacen(
+            "        protocol: tcp\n",
+            "        protocol: tcp\n        family: ipv4\n\n",
+            1,
+        ),
+        format!("{text}  - {{name: extra, cgroup: /extra}}\n"),
+        text.clone(),
+    ];
+    for new in edits {
+        let mut p = prev.clone();
+        let (how, replaced) = p.reparse(new.clone()).unwrap();
+        let (q, how2) = reparse_policy_text(&prev, new.clone()).unwrap();
+        assert_eq!(how, how2);
+        assert_eq!(format!("{p:?}"), format!("{q:?}"));
+        p.restore(replaced);
+        assert_eq!(format!("{p:?}"), format!("{prev:?}"), "after {how:?}");
+    }
+    // An edit that does not parse leaves it as it was.
+    let mut p = prev.clone();
+    p.reparse(text.replacen("1004]", "99999]", 1)).unwrap_err();
+    assert_eq!(format!("{p:?}"), format!("{prev:?}"));
+}
+
 /// Random edits: whatever path is taken, the result equals a full parse.
 #[test]
 fn reparse_always_agrees_with_a_full_parse() {
@@ -450,6 +520,12 @@ fn reparse_always_agrees_with_a_full_parse() {
         match (reparse_policy_text(&prev, new.clone()), full) {
             (Ok((p, how)), Ok(f)) => {
                 assert_eq!(p.file, f, "{how:?} after editing at {at}:\n{new}");
+                let mut undone = p.clone();
+                if let Ok((_, replaced)) = undone.reparse(prev.text.clone()) {
+                    // Back to the previous text, then undone: the new parse.
+                    undone.restore(replaced);
+                    assert_eq!(format!("{undone:?}"), format!("{p:?}"));
+                }
                 if matches!(how, Reparse::Entry { .. }) {
                     agreed.0 += 1;
                 }

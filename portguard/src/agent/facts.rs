@@ -1,0 +1,170 @@
+//! Publishing what is enforced to the status snapshot (`status`, /metrics)
+//! after an apply: each policy's facts (name, record slot and its counter
+//! baseline, mode, selector, cgroups with their workload identity) and map
+//! use; after a reload that changed one policy's rules alone, only that
+//! policy's facts.
+
+use std::collections::HashMap;
+
+use crate::{
+    apply::{Applier, ApplyReport, Capacity},
+    events,
+    kernel::{CounterMaps, Decisions},
+    observe::snapshot::{MapUse, PolicyFacts},
+    policy::CompiledPolicy,
+    workload::{cri, resolve::Governed},
+};
+
+use super::*;
+
+impl Agent {
+    /// Refresh what /metrics and `status` report after an apply.
+    pub(super) fn publish_facts(&mut self, report: &ApplyReport, ids: &[u32]) {
+        let counters = self.shared.counters.clone();
+        let mut policies = Vec::with_capacity(self.policies.len() + 1);
+        let cri = self.cri.as_ref();
+        type Entry<'a> = (
+            &'a CompiledPolicy,
+            u32,
+            Vec<(String, events::WorkloadIdentity)>,
+        );
+        let mut entries: Vec<Entry<'_>> = self
+            .policies
+            .iter()
+            .zip(ids)
+            .zip(&self.resolved)
+            .map(|((p, id), r)| (p, *id, identities(r, cri)))
+            .collect();
+        let identifying = crate::policy::builtin::identifying();
+        if !self.quarantine.is_empty()
+            && let Some(id) = self.names.id_of(IDENTIFYING)
+        {
+            entries.push((&identifying, id, identities(&self.quarantine, cri)));
+        }
+        let unfit = crate::policy::builtin::unfit();
+        if !self.unfit_hold.is_empty()
+            && let Some(id) = self.names.id_of(UNFIT)
+        {
+            entries.push((&unfit, id, identities(&self.unfit_hold, cri)));
+        }
+        for (p, id, cgroups) in entries {
+            policies.extend(policy_facts(
+                &self.applier,
+                &mut self.slot_owners,
+                &counters,
+                (p, id, cgroups),
+            ));
+        }
+        let maps = map_use(self.capacity, policies.len(), report);
+        let governed = report.cgroups;
+        let left_out = self.next_left_out.clone();
+        self.publish_points();
+        self.shared.update(|f| {
+            f.policies = policies;
+            f.governed_cgroups = governed;
+            f.left_out = left_out;
+            f.maps = maps;
+        });
+    }
+
+    /// [`Agent::publish_facts`] after an apply that changed the rules or
+    /// mode of policy `index` alone (its name, slot and cgroups as before):
+    /// what that gives, refreshing that policy's facts and the map use only.
+    pub(super) fn publish_policy_facts(&mut self, index: usize, report: &ApplyReport) {
+        let counters = self.shared.counters.clone();
+        let facts = match (
+            self.policies.get(index),
+            self.policy_ids.get(index),
+            self.resolved.get(index),
+        ) {
+            (Some(p), Some(&id), Some(govs)) => policy_facts(
+                &self.applier,
+                &mut self.slot_owners,
+                &counters,
+                (p, id, identities(govs, self.cri.as_ref())),
+            ),
+            _ => None,
+        };
+        let caps = self.capacity;
+        let governed = report.cgroups;
+        let mut published = false;
+        if let Some(facts) = facts {
+            self.shared.update(|f| {
+                if let Some(old) = f.policies.iter_mut().find(|o| o.name == facts.name) {
+                    *old = facts;
+                    f.governed_cgroups = governed;
+                    f.maps = map_use(caps, f.policies.len(), report);
+                    published = true;
+                }
+            });
+        }
+        if !published {
+            // Not as expected: publish everything.
+            let ids = self.policy_ids.clone();
+            self.publish_facts(report, &ids);
+        }
+    }
+}
+
+/// The cgroups a policy governs, with who they are.
+fn identities(
+    govs: &[Governed],
+    cri: Option<&cri::Snapshot>,
+) -> Vec<(String, events::WorkloadIdentity)> {
+    govs.iter()
+        .map(|g| (g.path.clone(), events::WorkloadIdentity::of(&g.path, cri)))
+        .collect()
+}
+
+/// The facts of policy `p` (id `id`, governing `cgroups`), if it holds a
+/// record slot. A slot that changed hands takes its counters now as the new
+/// owner's baseline.
+fn policy_facts(
+    applier: &Applier,
+    slot_owners: &mut HashMap<u32, (String, Decisions)>,
+    counters: &CounterMaps,
+    (p, id, cgroups): (
+        &CompiledPolicy,
+        u32,
+        Vec<(String, events::WorkloadIdentity)>,
+    ),
+) -> Option<PolicyFacts> {
+    let slot = applier.slot_of(id)?;
+    let baseline = match slot_owners.get(&slot) {
+        Some((name, b)) if *name == p.name => *b,
+        _ => {
+            let b = counters.by_slot(slot).unwrap_or_default();
+            slot_owners.insert(slot, (p.name.clone(), b));
+            b
+        }
+    };
+    Some(PolicyFacts {
+        name: p.name.clone(),
+        slot,
+        baseline,
+        mode: p.mode.as_str(),
+        selector: p.selector.describe(),
+        cgroups,
+    })
+}
+
+/// Occupancy of the policy maps.
+fn map_use(caps: Capacity, policies: usize, report: &ApplyReport) -> Vec<MapUse> {
+    vec![
+        MapUse {
+            name: "policies",
+            entries: policies as u64,
+            capacity: u64::from(caps.policies),
+        },
+        MapUse {
+            name: "cgroups",
+            entries: report.cgroups as u64,
+            capacity: u64::from(caps.cgroups),
+        },
+        MapUse {
+            name: "port_chunks",
+            entries: report.chunks_total as u64,
+            capacity: u64::from(caps.chunks),
+        },
+    ]
+}

@@ -1,0 +1,359 @@
+//! Step 1 of an apply: the [`Plan`] of what the retired generation must
+//! hold (records, cgroup entries, port sets) and the capacity checks, before
+//! anything is written. [`Applier::plan`] plans from every target;
+//! [`Applier::plan_one`], for a change of one policy's rules or mode alone,
+//! from the live generation's mirror with that policy's record replaced, in
+//! work that does not grow with the number of policies and cgroups (but a
+//! few comparisons).
+//!
+//! No sink here: nothing is written.
+
+use std::sync::Arc;
+
+use portguard_common::{
+    CgroupKey, CgroupValue, EMPTY_SET, MAX_CGROUP_DEPTH, MODE_AUDIT, MODE_ENFORCE, PolicyRecord,
+    PortChunk, SET_SLOTS,
+};
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
+
+use super::{Applier, ApplyError, Target};
+use crate::policy::{DirectionSets, Mode, PortSet};
+
+/// What the retired generation is to hold, and the port sets to write first.
+pub(super) struct Plan {
+    /// Policies planned (targets).
+    pub(super) policies: usize,
+    /// Record slot of each policy id.
+    pub(super) slots: HashMap<u32, u32>,
+    /// Records by slot.
+    pub(super) records: HashMap<u32, PolicyRecord>,
+    pub(super) cgroups: HashMap<CgroupKey, CgroupValue>,
+    pub(super) min_level: u32,
+    pub(super) max_level: u32,
+    /// Sets no generation holds yet (ids from `next_set_id` on), with their
+    /// chunks.
+    pub(super) new_sets: Vec<(u32, Arc<PortSet>)>,
+    pub(super) planned_chunks: HashMap<u32, Vec<(u32, PortChunk)>>,
+    /// Set ids the records refer to.
+    pub(super) gen_set_ids: HashSet<u32>,
+    /// Sets alive once the retired generation holds the plan: the live
+    /// generation's and this one's.
+    pub(super) keep: HashSet<u32>,
+}
+
+/// Set ids for planned records: a set already in the kernel keeps its id
+/// (content-addressed, whichever policy or generation it came from), a new
+/// one takes the next free id.
+struct SetIds<'a> {
+    by_content: &'a HashMap<Arc<PortSet>, u32>,
+    planned: HashMap<Arc<PortSet>, u32>,
+    new_sets: Vec<(u32, Arc<PortSet>)>,
+    next_id: u32,
+    /// Policies compiled from identical rules share one `DirectionSets`
+    /// allocation: its set ids, resolved once.
+    dirs: HashMap<usize, [u32; 8]>,
+    /// Every id handed out but [`EMPTY_SET`].
+    used: HashSet<u32>,
+}
+
+impl SetIds<'_> {
+    fn id(&mut self, set: &PortSet) -> u32 {
+        if set.is_empty() {
+            return EMPTY_SET;
+        }
+        let id = if let Some(&id) = self.by_content.get(set) {
+            id
+        } else if let Some(&id) = self.planned.get(set) {
+            id
+        } else {
+            let id = self.next_id;
+            self.next_id += 1;
+            let content = Arc::new(set.clone());
+            self.planned.insert(Arc::clone(&content), id);
+            self.new_sets.push((id, content));
+            id
+        };
+        self.used.insert(id);
+        id
+    }
+
+    /// The kernel record of target `t` in slot `slot`.
+    fn record(&mut self, t: &Target<'_>, slot: u32) -> PolicyRecord {
+        let mut rec = PolicyRecord {
+            policy_id: t.policy_id,
+            mode: match t.policy.mode {
+                Mode::Enforce => MODE_ENFORCE,
+                Mode::Audit => MODE_AUDIT,
+            },
+            bind_restricted: u8::from(t.policy.bind.is_some()),
+            connect_restricted: u8::from(t.policy.connect.is_some()),
+            allow_sockets: t.policy.allow_sockets,
+            sets: [EMPTY_SET; SET_SLOTS],
+            slot,
+        };
+        let dirs: [(usize, Option<&DirectionSets>); 2] =
+            [(0, t.policy.bind.as_ref()), (8, t.policy.connect.as_ref())];
+        for (first, sets) in dirs {
+            if let Some(sets) = sets {
+                let key = Arc::as_ptr(&sets.0) as usize;
+                let ids = match self.dirs.get(&key) {
+                    Some(ids) => *ids,
+                    None => {
+                        let mut ids = [EMPTY_SET; 8];
+                        for (j, set) in sets.0.iter().enumerate() {
+                            ids[j] = self.id(set);
+                        }
+                        self.dirs.insert(key, ids);
+                        ids
+                    }
+                };
+                rec.sets[first..first + 8].copy_from_slice(&ids);
+            }
+        }
+        rec
+    }
+}
+
+impl Applier {
+    /// The generation an apply writes (the retired one) and its first
+    /// record index.
+    pub(super) fn dead_generation(&self) -> (usize, u32) {
+        let gen_ = 1 - (self.state.generation & 1) as usize;
+        (gen_, gen_ as u32 * self.caps.policies)
+    }
+
+    fn set_ids(&self) -> SetIds<'_> {
+        SetIds {
+            by_content: &self.by_content,
+            planned: HashMap::default(),
+            new_sets: Vec::new(),
+            next_id: self.next_set_id,
+            dirs: HashMap::default(),
+            used: HashSet::default(),
+        }
+    }
+
+    /// Slots for `targets`: kept for policies that already have one, the
+    /// lowest free ones for new policies.
+    fn assign_slots(&self, targets: &[Target<'_>]) -> HashMap<u32, u32> {
+        let mut out = HashMap::with_capacity_and_hasher(targets.len(), Default::default());
+        let mut used = HashSet::default();
+        for t in targets {
+            if let Some(&s) = self.slots.get(&t.policy_id) {
+                out.insert(t.policy_id, s);
+                used.insert(s);
+            }
+        }
+        let mut next = 0u32;
+        for t in targets {
+            if out.contains_key(&t.policy_id) {
+                continue;
+            }
+            while used.contains(&next) {
+                next += 1;
+            }
+            out.insert(t.policy_id, next);
+            used.insert(next);
+        }
+        out
+    }
+
+    /// Plan `targets` as the whole policy set.
+    pub(super) fn plan(&self, targets: &[Target<'_>]) -> Result<Plan, ApplyError> {
+        let (gen_, base) = self.dead_generation();
+        if targets.len() > self.caps.policies as usize {
+            return Err(ApplyError::Capacity {
+                what: "policies",
+                needed: targets.len(),
+                max: self.caps.policies,
+                flag: "--max-policies",
+            });
+        }
+        let slots = self.assign_slots(targets);
+        let mut sets = self.set_ids();
+        let mut records: HashMap<u32, PolicyRecord> =
+            HashMap::with_capacity_and_hasher(targets.len(), Default::default());
+        let mut cgroups: HashMap<CgroupKey, CgroupValue> = HashMap::default();
+        let mut seen_cgroups: HashMap<u64, u32> = HashMap::default();
+        let mut max_level = 0u32;
+        let mut min_level = MAX_CGROUP_DEPTH;
+        for t in targets {
+            let slot = slots[&t.policy_id];
+            if slot >= self.caps.policies {
+                return Err(ApplyError::Capacity {
+                    what: "policy slots",
+                    needed: slot as usize + 1,
+                    max: self.caps.policies,
+                    flag: "--max-policies",
+                });
+            }
+            records.insert(slot, sets.record(t, slot));
+            for cg in &t.cgroups {
+                if cg.level >= MAX_CGROUP_DEPTH {
+                    return Err(ApplyError::TooDeep {
+                        cgroup_id: cg.id,
+                        level: cg.level,
+                        max: MAX_CGROUP_DEPTH - 1,
+                    });
+                }
+                if let Some(&first) = seen_cgroups.get(&cg.id) {
+                    return Err(ApplyError::DuplicateCgroup {
+                        cgroup_id: cg.id,
+                        first,
+                        second: t.policy_id,
+                    });
+                }
+                seen_cgroups.insert(cg.id, t.policy_id);
+                max_level = max_level.max(cg.level);
+                min_level = min_level.min(cg.level);
+                cgroups.insert(
+                    CgroupKey {
+                        cgroup_id: cg.id,
+                        generation: gen_ as u32,
+                        _pad: 0,
+                    },
+                    CgroupValue {
+                        policy_index: base + slot,
+                    },
+                );
+            }
+        }
+        if cgroups.is_empty() {
+            min_level = 0;
+        }
+        if cgroups.len() > self.caps.cgroups as usize {
+            return Err(ApplyError::Capacity {
+                what: "governed cgroups",
+                needed: cgroups.len(),
+                max: self.caps.cgroups,
+                flag: "--max-cgroups",
+            });
+        }
+        let SetIds { new_sets, used, .. } = sets;
+        self.with_sets(Plan {
+            policies: targets.len(),
+            slots,
+            records,
+            cgroups,
+            min_level,
+            max_level,
+            new_sets,
+            planned_chunks: HashMap::default(),
+            gen_set_ids: used,
+            keep: HashSet::default(),
+        })
+    }
+
+    /// Plan the policy set last applied with `target` in place of the policy
+    /// of the same id: its rules or mode may differ, its cgroups must not.
+    /// `None` when that does not hold as far as the live generation shows
+    /// (no such policy, other cgroups); [`Applier::plan`] applies then.
+    pub(super) fn plan_one(&self, target: &Target<'_>) -> Option<Result<Plan, ApplyError>> {
+        let live = (self.state.generation & 1) as usize;
+        let live_base = live as u32 * self.caps.policies;
+        let (gen_, base) = self.dead_generation();
+        let slot = *self.slots.get(&target.policy_id)?;
+        let old = *self.gen_records[live].get(&slot)?;
+        let governs = |cgroup_id| {
+            self.gen_cgroups[live].get(&CgroupKey {
+                cgroup_id,
+                generation: live as u32,
+                _pad: 0,
+            }) == Some(&CgroupValue {
+                policy_index: live_base + slot,
+            })
+        };
+        let mine = self.gen_cgroups[live]
+            .values()
+            .filter(|v| v.policy_index == live_base + slot)
+            .count();
+        if mine != target.cgroups.len() || !target.cgroups.iter().all(|c| governs(c.id)) {
+            return None;
+        }
+        // The live generation's records (those of live policies) and cgroup
+        // entries, in the retired generation's index space.
+        let mut records: HashMap<u32, PolicyRecord> =
+            HashMap::with_capacity_and_hasher(self.slots.len(), Default::default());
+        for s in self.slots.values() {
+            records.insert(*s, *self.gen_records[live].get(s)?);
+        }
+        let mut sets = self.set_ids();
+        let rec = sets.record(target, slot);
+        records.insert(slot, rec);
+        let cgroups: HashMap<CgroupKey, CgroupValue> = self.gen_cgroups[live]
+            .iter()
+            .map(|(k, v)| {
+                let key = CgroupKey {
+                    generation: gen_ as u32,
+                    ..*k
+                };
+                let value = CgroupValue {
+                    policy_index: v.policy_index - live_base + base,
+                };
+                (key, value)
+            })
+            .collect();
+        // Its sets replace the old record's, unless another record uses them.
+        let SetIds { new_sets, used, .. } = sets;
+        let mut gen_set_ids = self.gen_sets[live].clone();
+        gen_set_ids.extend(used);
+        let mut dropped: Vec<u32> = old
+            .sets
+            .into_iter()
+            .filter(|s| *s != EMPTY_SET && !rec.sets.contains(s))
+            .collect();
+        dropped.sort_unstable();
+        dropped.dedup();
+        for set in dropped {
+            if !records.values().any(|r| r.sets.contains(&set)) {
+                gen_set_ids.remove(&set);
+            }
+        }
+        Some(self.with_sets(Plan {
+            policies: self.slots.len(),
+            slots: self.slots.clone(),
+            records,
+            cgroups,
+            min_level: self.state.min_level[live],
+            max_level: self.state.max_level[live],
+            new_sets,
+            planned_chunks: HashMap::default(),
+            gen_set_ids,
+            keep: HashSet::default(),
+        }))
+    }
+
+    /// Complete `plan` with the sets to keep and the chunks of the new ones,
+    /// and check that they fit.
+    fn with_sets(&self, mut plan: Plan) -> Result<Plan, ApplyError> {
+        let live = (self.state.generation & 1) as usize;
+        plan.keep = self.gen_sets[live]
+            .union(&plan.gen_set_ids)
+            .copied()
+            .collect();
+        plan.planned_chunks = plan
+            .new_sets
+            .iter()
+            .map(|(id, content)| (*id, content.chunks()))
+            .collect();
+        let chunks_needed: usize = plan
+            .keep
+            .iter()
+            .map(|id| {
+                self.sets.get(id).map_or_else(
+                    || plan.planned_chunks.get(id).map_or(0, Vec::len),
+                    |s| s.chunks.len(),
+                )
+            })
+            .sum();
+        if chunks_needed > self.caps.chunks as usize {
+            return Err(ApplyError::Capacity {
+                what: "port-set chunks (512 ports each)",
+                needed: chunks_needed,
+                max: self.caps.chunks,
+                flag: "--max-port-chunks",
+            });
+        }
+        Ok(plan)
+    }
+}
