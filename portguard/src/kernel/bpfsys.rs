@@ -162,8 +162,8 @@ pub fn link_update(link: BorrowedFd<'_>, new_prog: BorrowedFd<'_>) -> io::Result
     sys_bpf(BPF_LINK_UPDATE, &mut attr).map(drop)
 }
 
-/// `BPF_MAP_LOOKUP_BATCH` from the start of an array map: the values of
-/// its first entries, `value_size` bytes each (for a per-CPU map, one
+/// `BPF_MAP_LOOKUP_BATCH` on an array map: the values of its entries from
+/// index `first` on, `value_size` bytes each (for a per-CPU map, one
 /// 8-byte-aligned value per possible CPU), as many as fit in `values`.
 /// Returns how many were read: fewer than asked once the map ends.
 ///
@@ -172,6 +172,7 @@ pub fn link_update(link: BorrowedFd<'_>, new_prog: BorrowedFd<'_>) -> io::Result
 /// 5.6 (array maps); before, the kernel answers `EINVAL`.
 pub fn array_lookup_batch(
     map: BorrowedFd<'_>,
+    first: u32,
     values: &mut [u8],
     value_size: usize,
 ) -> io::Result<usize> {
@@ -180,10 +181,15 @@ pub fn array_lookup_batch(
         return Ok(0);
     }
     let mut keys = vec![0u32; count];
+    // The batch token is the key before the first one to read (none: from
+    // the first entry); the kernel writes the last key read to `out_batch`.
+    let mut before = first.wrapping_sub(1);
     let mut out_batch = 0u32;
     let mut attr = Attr::new();
-    // struct { in_batch, out_batch, keys, values; u32 count, map_fd; ... }
-    // batch: in_batch 0 (NULL) starts at the first entry.
+    // struct { u64 in_batch, out_batch, keys, values; u32 count, map_fd; ... }
+    if first > 0 {
+        attr.put_u64(0, &raw mut before as u64);
+    }
     attr.put_u64(8, &raw mut out_batch as u64);
     attr.put_u64(16, keys.as_mut_ptr() as u64);
     attr.put_u64(24, values.as_mut_ptr() as u64);

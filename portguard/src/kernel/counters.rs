@@ -11,6 +11,9 @@ use portguard_common::{
 
 use super::*;
 
+// `first_slots` reads the policy counters in this order.
+const _: () = assert!(policy_counter(3, 2) == 3 * POLICY_KINDS + 2);
+
 /// The kernel counters, summed over CPUs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
@@ -59,34 +62,40 @@ impl CounterMaps {
     }
 
     /// [`CounterMaps::by_slot`] of every record slot below `slots`, read
-    /// with one `BPF_MAP_LOOKUP_BATCH` (a status or metrics request, or the
-    /// loss report, with 10,000 policies is then one read, not 60,000);
-    /// slot by slot where the kernel cannot read in batches.
+    /// with `BPF_MAP_LOOKUP_BATCH` (a status or metrics request, or the
+    /// loss report, with 10,000 policies is then one read, not 60,000; a
+    /// read holds at most about 1 MiB, so a host with many possible CPUs
+    /// takes several); slot by slot where the kernel cannot read in batches.
     pub fn first_slots(&self, slots: u32) -> Result<Vec<Decisions>, MapError> {
         let kinds = POLICY_KINDS as usize;
-        let entries = (slots as usize * kinds).min(self.policies.len() as usize);
         let one_by_one = || (0..slots).map(|slot| self.by_slot(slot)).collect();
         let Ok(cpus) = aya::util::nr_cpus() else {
             return one_by_one();
         };
+        let mut out = vec![Decisions::default(); slots as usize];
+        out.truncate(self.policies.len() as usize / kinds);
+        let entries = out.len() * kinds;
         // One u64 per possible CPU for each entry.
-        let mut values = vec![0u8; entries * cpus * 8];
+        let entry_bytes = cpus * 8;
+        let per_read = ((1 << 20) / entry_bytes).max(1);
+        let mut values = vec![0u8; per_read.min(entries) * entry_bytes];
         let fd = self.policies.map().fd().as_fd();
-        let read = match bpfsys::array_lookup_batch(fd, &mut values, cpus * 8) {
-            Ok(read) if read == entries => read,
-            _ => return one_by_one(),
-        };
-        let sum = |entry: usize| -> u64 {
-            values[entry * cpus * 8..(entry + 1) * cpus * 8]
-                .chunks_exact(8)
-                .map(|b| u64::from_ne_bytes(b.try_into().unwrap_or([0; 8])))
-                .sum()
-        };
-        let mut out = vec![Decisions::default(); read / kinds];
-        for (slot, d) in out.iter_mut().enumerate() {
-            for (kind, v) in d.iter_mut().enumerate() {
-                *v = sum(policy_counter(slot as u32, kind as u32) as usize);
+        let mut first = 0;
+        while first < entries {
+            let n = per_read.min(entries - first);
+            let buf = &mut values[..n * entry_bytes];
+            match bpfsys::array_lookup_batch(fd, first as u32, buf, entry_bytes) {
+                Ok(read) if read == n => {}
+                _ => return one_by_one(),
             }
+            for (i, value) in buf.chunks_exact(entry_bytes).enumerate() {
+                let entry = first + i;
+                out[entry / kinds][entry % kinds] = value
+                    .chunks_exact(8)
+                    .map(|b| u64::from_ne_bytes(b.try_into().unwrap_or([0; 8])))
+                    .sum();
+            }
+            first += n;
         }
         Ok(out)
     }
