@@ -318,19 +318,7 @@ impl Loaded {
             };
             match (pinned, mismatch) {
                 (Some(link), None) => {
-                    let prog = self
-                        .ebpf
-                        .program(name)
-                        .ok_or(LoaderError::MissingProgram { name })?;
-                    let prog_fd = prog.fd().map_err(|source| LoaderError::Attach {
-                        name,
-                        hook: kind.hook_name(name),
-                        cgroup: cgroup.display().to_string(),
-                        source: Box::new(source),
-                    })?;
-                    bpfsys::link_update(link.as_fd(), prog_fd.as_fd()).map_err(pin_err(
-                        format!("switching {} to the new program", path.display()),
-                    ))?;
+                    self.switch_link(name, kind, &link, cgroup, &path, pins.root())?;
                     report.updated.push(name);
                 }
                 (old, why) => {
@@ -431,6 +419,36 @@ impl Loaded {
                 .position(|(_, p)| p == h)
                 .unwrap_or(PROGRAMS.len())
         });
+    }
+
+    /// Switch the pinned `link` (at `pin`, in the pin directory `dir`) of
+    /// program `name` on `cgroup` to this agent's program, in place
+    /// (`BPF_LINK_UPDATE`: each call runs the old or the new program, never
+    /// neither).
+    pub(super) fn switch_link(
+        &self,
+        name: &'static str,
+        kind: Kind,
+        link: &std::os::fd::OwnedFd,
+        cgroup: &Path,
+        pin: &Path,
+        dir: &Path,
+    ) -> Result<(), LoaderError> {
+        let prog = self
+            .ebpf
+            .program(name)
+            .ok_or(LoaderError::MissingProgram { name })?;
+        let prog_fd = prog.fd().map_err(|source| LoaderError::Attach {
+            name,
+            hook: kind.hook_name(name),
+            cgroup: cgroup.display().to_string(),
+            source: Box::new(source),
+        })?;
+        bpfsys::link_update(link.as_fd(), prog_fd.as_fd()).map_err(|source| LoaderError::Pin {
+            dir: dir.display().to_string(),
+            what: format!("switching {} to the new program", pin.display()),
+            source,
+        })
     }
 
     pub(super) fn attached_name(&self, name: &str, wanted: &[(&'static str, Kind, Hook)]) -> bool {

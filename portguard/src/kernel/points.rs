@@ -168,19 +168,7 @@ impl Loaded {
                     );
                 }
                 if let (Some(link), true) = (existing, fits) {
-                    let prog = self
-                        .ebpf
-                        .program(name)
-                        .ok_or(LoaderError::MissingProgram { name })?;
-                    let prog_fd = prog.fd().map_err(|source| LoaderError::Attach {
-                        name,
-                        hook: kind.hook_name(name),
-                        cgroup: path.display().to_string(),
-                        source: Box::new(source),
-                    })?;
-                    bpfsys::link_update(link.as_fd(), prog_fd.as_fd()).map_err(pin_err(
-                        format!("switching {} to the new program", pin.display()),
-                    ))?;
+                    self.switch_link(name, kind, &link, path, &pin, &root)?;
                     continue;
                 }
                 let link = self.attach_new(name, kind, file, path)?;

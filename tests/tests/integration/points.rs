@@ -57,6 +57,16 @@ fn decision_programs_at(fs: &Path) -> usize {
         .count()
 }
 
+/// bpftool's view of the link pinned at `pin` (`Null` when none is).
+fn pinned_link(pin: &Path) -> Value {
+    let out = Command::new("bpftool")
+        .args(["-j", "link", "show", "pinned"])
+        .arg(pin)
+        .output()
+        .expect("running bpftool");
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+}
+
 fn status(agent: &Agent) -> Value {
     agent.ask(r#"{"request":"status"}"#)
 }
@@ -226,15 +236,7 @@ fn a_restart_over_pins_keeps_each_point_and_drops_stale_ones() {
         dir.join("links")
             .join(format!("cg{}-portguard_bind4", cg.id()))
     };
-    let link_id = |cg: &Cgroup| {
-        let out = Command::new("bpftool")
-            .args(["-j", "link", "show", "pinned"])
-            .arg(link(cg))
-            .output()
-            .unwrap();
-        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-        v["id"].clone()
-    };
+    let link_id = |cg: &Cgroup| pinned_link(&link(cg))["id"].clone();
     let before = link_id(&a_cg);
     assert!(before.is_u64(), "pinned link of the point {}", a_cg.rel);
     assert!(link(&b_cg).exists());
@@ -281,15 +283,7 @@ fn a_wrong_pinned_point_link_is_replaced() {
         dir.join("links")
             .join(format!("cg{}-portguard_bind4", cg.id()))
     };
-    let show = |p: &Path| -> Value {
-        let out = Command::new("bpftool")
-            .args(["-j", "link", "show", "pinned"])
-            .arg(p)
-            .output()
-            .unwrap();
-        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
-    };
-    let a_link = show(&link(&a_cg));
+    let a_link = pinned_link(&link(&a_cg));
     assert_eq!(a_link["cgroup_id"], json!(a_cg.id()));
     first.kill9();
     // b's own bind4 link goes with its pin; a's link is pinned in its place.
@@ -309,8 +303,12 @@ fn a_wrong_pinned_point_link_is_replaced() {
     );
     let log = second.stderr();
     assert!(log.contains("is not a link of portguard_bind4"), "{log}");
-    assert_eq!(show(&link(&b_cg))["cgroup_id"], json!(b_cg.id()));
-    assert_eq!(show(&link(&a_cg))["id"], a_link["id"], "a keeps its link");
+    assert_eq!(pinned_link(&link(&b_cg))["cgroup_id"], json!(b_cg.id()));
+    assert_eq!(
+        pinned_link(&link(&a_cg))["id"],
+        a_link["id"],
+        "a keeps its link"
+    );
     let r = Probe::in_cgroup(&b_cg).run(&["bind", "tcp", "127.0.0.1", "8081"]);
     r.assert_eperm();
     assert_eq!(second.wait_event(&[("pid", json!(r.pid))])["hook"], "bind4");
