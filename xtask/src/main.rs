@@ -187,6 +187,7 @@ fn integration(args: &[String]) -> anyhow::Result<()> {
     }
     run(cargo().args(["build", "-p", "portguard"]))?;
     let bin = root_dir().join("target/debug/portguard");
+    sweep_leftovers(&bin);
     let variant = build_variant_object()?;
     // Tests share the host's cgroup tree but use unique cgroups and their own
     // network namespaces, so two at a time is safe on a 2-core machine.
@@ -208,6 +209,86 @@ fn integration(args: &[String]) -> anyhow::Result<()> {
         cmd.env("RUST_LOG", "debug");
     }
     run(&mut cmd)
+}
+
+/// Where the test harness pins each agent (`portguard_tests::TEST_PIN_ROOT`).
+const TEST_PIN_ROOT: &str = "/sys/fs/bpf/portguard-tests";
+
+/// Remove what an earlier run that was killed before its Drop guards ran
+/// (SIGKILL, a machine stopped mid-run) left behind: its test agents' pins
+/// (their programs stay attached while pinned, and a test counting what
+/// runs on a cgroup would see them) and its empty `pgtest-*` cgroups. Each
+/// is named; a pin directory an agent still holds is left alone (`portguard
+/// uninstall` refuses it). Nothing here fails the run.
+fn sweep_leftovers(bin: &Path) {
+    if let Ok(entries) = std::fs::read_dir(TEST_PIN_ROOT) {
+        for e in entries.flatten() {
+            let path = e.path();
+            eprintln!(
+                "xtask: {} was left by an earlier run that did not clean up; uninstalling it",
+                path.display()
+            );
+            let out = Command::new(bin)
+                .args(["uninstall", "--pin-dir"])
+                .arg(&path)
+                .output();
+            match out {
+                Ok(o) if o.status.success() => {}
+                Ok(o) => eprintln!(
+                    "xtask: leaving {}: {}",
+                    path.display(),
+                    String::from_utf8_lossy(&o.stderr).trim()
+                ),
+                Err(err) => eprintln!("xtask: running {}: {err}", bin.display()),
+            }
+            // A directory of directories (a test's stand-in bpffs).
+            if path.exists()
+                && let Ok(inner) = std::fs::read_dir(&path)
+            {
+                for i in inner.flatten() {
+                    let _ = Command::new(bin)
+                        .args(["uninstall", "--pin-dir"])
+                        .arg(i.path())
+                        .output();
+                }
+                let _ = std::fs::remove_dir(&path);
+            }
+        }
+    }
+    let Some(cgroup2) = std::fs::read_to_string("/proc/mounts").ok().and_then(|m| {
+        m.lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f.len() > 2 && f[2] == "cgroup2")
+            .map(|f| PathBuf::from(f[1]))
+    }) else {
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir(&cgroup2) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.file_name().to_string_lossy().starts_with("pgtest-") {
+            let path = e.path();
+            eprintln!(
+                "xtask: cgroup {} was left by an earlier run; removing it if it is empty",
+                path.display()
+            );
+            if let Err(err) = remove_cgroup_tree(&path) {
+                eprintln!("xtask: leaving {}: {err}", path.display());
+            }
+        }
+    }
+}
+
+/// rmdir a cgroup and its descendants, deepest first (fails on one that
+/// still has processes).
+fn remove_cgroup_tree(path: &Path) -> std::io::Result<()> {
+    for e in std::fs::read_dir(path)?.flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_cgroup_tree(&e.path())?;
+        }
+    }
+    std::fs::remove_dir(path)
 }
 
 /// The kernel programs built with the `upgrade-test-variant` feature (same

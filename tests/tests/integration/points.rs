@@ -7,7 +7,7 @@
 //! in place and drops the points the new policy no longer needs, with no
 //! denied bind slipping through; a wrong pinned point link is replaced.
 
-use std::{path::Path, process::Command, time::Duration};
+use std::{collections::HashSet, path::Path, process::Command, time::Duration};
 
 use portguard_tests::{Agent, Cgroup, Loop, Probe, require_root};
 use serde_json::{Value, json};
@@ -25,9 +25,9 @@ const DECISION: [&str; 9] = [
     "portguard_sock_create",
 ];
 
-/// Names of the programs in force in the cgroup at `fs` (bpftool's
-/// effective list: attached there or on an ancestor).
-fn effective(fs: &Path) -> Vec<String> {
+/// The programs in force in the cgroup at `fs` (bpftool's effective list:
+/// attached there or on an ancestor), as (id, name).
+fn effective(fs: &Path) -> Vec<(u64, String)> {
     let out = Command::new("bpftool")
         .args(["-j", "cgroup", "show"])
         .arg(fs)
@@ -44,17 +44,49 @@ fn effective(fs: &Path) -> Vec<String> {
     v.as_array()
         .into_iter()
         .flatten()
-        .filter_map(|p| p["name"].as_str().map(str::to_owned))
+        .filter_map(|p| Some((p["id"].as_u64()?, p["name"].as_str()?.to_owned())))
         .collect()
 }
 
-/// How many of the decision programs are in force at `fs`.
-fn decision_programs_at(fs: &Path) -> usize {
+/// The ids of the programs an agent pinned in `pin_dir` (its `progs/`).
+/// Tests count only these, never every program of that name: another
+/// agent on the host (a test running beside this one, or one a killed run
+/// left pinned) may have its own programs on the root.
+fn programs_of(pin_dir: &Path) -> HashSet<u64> {
+    let progs = pin_dir.join("progs");
+    let entries =
+        std::fs::read_dir(&progs).unwrap_or_else(|e| panic!("reading {}: {e}", progs.display()));
+    let ids: HashSet<u64> = entries
+        .flatten()
+        .filter_map(|e| {
+            let out = Command::new("bpftool")
+                .args(["-j", "prog", "show", "pinned"])
+                .arg(e.path())
+                .output()
+                .ok()?;
+            serde_json::from_slice::<Value>(&out.stdout).ok()?["id"].as_u64()
+        })
+        .collect();
+    assert!(!ids.is_empty(), "no programs pinned in {}", progs.display());
+    ids
+}
+
+/// How many of the decision programs of `ours` are in force at `fs`.
+fn decision_programs_at(fs: &Path, ours: &HashSet<u64>) -> usize {
     let eff = effective(fs);
     DECISION
         .iter()
-        .filter(|d| eff.iter().any(|e| e == *d))
+        .filter(|d| eff.iter().any(|(id, e)| e == *d && ours.contains(id)))
         .count()
+}
+
+/// The names of the programs of `ours` in force at `fs` (for messages).
+fn ours_at(fs: &Path, ours: &HashSet<u64>) -> Vec<String> {
+    effective(fs)
+        .into_iter()
+        .filter(|(id, _)| ours.contains(id))
+        .map(|(_, n)| n)
+        .collect()
 }
 
 /// bpftool's view of the link pinned at `pin` (`Null` when none is).
@@ -107,27 +139,33 @@ fn decision_programs_run_only_where_a_policy_governs() {
     let gov = top.child("app");
     let free = Cgroup::new("points-free");
     let agent = Agent::start(&policy(&[&gov]));
+    let ours = programs_of(agent.pin_dir.as_ref().unwrap());
     assert_eq!(points(&agent), json!([top.rel]));
     assert_eq!(
-        decision_programs_at(&gov.fs),
+        decision_programs_at(&gov.fs, &ours),
         DECISION.len(),
         "{:?}",
-        effective(&gov.fs)
+        ours_at(&gov.fs, &ours)
     );
     assert_eq!(
-        decision_programs_at(&free.fs),
+        decision_programs_at(&free.fs, &ours),
         0,
         "{:?}",
-        effective(&free.fs)
+        ours_at(&free.fs, &ours)
     );
     let root = free.fs.parent().unwrap();
-    assert_eq!(decision_programs_at(root), 0, "{:?}", effective(root));
+    assert_eq!(
+        decision_programs_at(root, &ours),
+        0,
+        "{:?}",
+        ours_at(root, &ours)
+    );
     assert!(
-        effective(&free.fs)
+        ours_at(&free.fs, &ours)
             .iter()
             .any(|e| e == "portguard_setsockopt"),
         "the fence keeper stays host-wide: {:?}",
-        effective(&free.fs)
+        ours_at(&free.fs, &ours)
     );
 
     let r = Probe::in_cgroup(&gov).run(&["bind", "tcp", "127.0.0.1", "8081"]);
@@ -144,7 +182,7 @@ fn decision_programs_run_only_where_a_policy_governs() {
     // (the agent is stopped, so it cannot have noticed the new cgroup).
     let stopped = agent.stop_until_dropped();
     let late = gov.child("late");
-    assert_eq!(decision_programs_at(&late.fs), DECISION.len());
+    assert_eq!(decision_programs_at(&late.fs, &ours), DECISION.len());
     Probe::in_cgroup(&late)
         .run(&["bind", "udp", "::ffff:127.0.0.1", "8081"])
         .assert_eperm();
@@ -169,6 +207,7 @@ fn points_follow_governed_subtrees_that_appear_and_go() {
         &["--rescan-interval", "1h"],
     );
     let pins = agent.pin_dir.clone().unwrap();
+    let ours = programs_of(&pins);
     assert_eq!(points(&agent), json!([kept.rel]));
 
     later.create();
@@ -198,7 +237,7 @@ fn points_follow_governed_subtrees_that_appear_and_go() {
     // The kernel frees a link whose last pin went after an RCU grace period
     // (bpffs inodes) and on a workqueue: detached soon, not at once.
     eventually("the removed point's programs are detached", || {
-        decision_programs_at(&later.fs) == 0
+        decision_programs_at(&later.fs, &ours) == 0
     });
 
     // A reload without `kept`'s policy detaches its point.
@@ -207,7 +246,7 @@ fn points_follow_governed_subtrees_that_appear_and_go() {
     ));
     assert_eq!(points(&agent), json!([]));
     eventually("the dropped policy's point is detached", || {
-        decision_programs_at(&kept.fs) == 0
+        decision_programs_at(&kept.fs, &ours) == 0
     });
     assert!(
         !pins
@@ -237,6 +276,8 @@ fn a_restart_over_pins_keeps_each_point_and_drops_stale_ones() {
             .join(format!("cg{}-portguard_bind4", cg.id()))
     };
     let link_id = |cg: &Cgroup| pinned_link(&link(cg))["id"].clone();
+    let mut ours = programs_of(&dir);
+    assert_eq!(decision_programs_at(&b_cg.fs, &ours), DECISION.len());
     let before = link_id(&a_cg);
     assert!(before.is_u64(), "pinned link of the point {}", a_cg.rel);
     assert!(link(&b_cg).exists());
@@ -247,6 +288,7 @@ fn a_restart_over_pins_keeps_each_point_and_drops_stale_ones() {
     first.kill9();
     denied.wait_more(100);
     let second = Agent::start_with(&policy(&[&a_cg]), &["--pin-dir", dir.to_str().unwrap()]);
+    ours.extend(programs_of(&dir));
     let log = second.stderr();
     assert!(
         log.contains("switched to this agent in place"),
@@ -260,7 +302,7 @@ fn a_restart_over_pins_keeps_each_point_and_drops_stale_ones() {
     assert_eq!(points(&second), json!([a_cg.rel]));
     assert!(!link(&b_cg).exists(), "the stale point's pins are removed");
     eventually("the stale point is detached", || {
-        decision_programs_at(&b_cg.fs) == 0
+        decision_programs_at(&b_cg.fs, &ours) == 0
     });
     Probe::in_cgroup(&b_cg)
         .run(&["bind", "tcp", "127.0.0.1", "8081"])
