@@ -30,10 +30,21 @@ struct Tally {
     ended: usize,
 }
 
+/// The first half of a pass: every socket of every network namespace on
+/// the host, listed, with the namespaces kept open to end sockets in.
+/// Judged by [`Agent::inventory_judge`] once the events the kernel raised
+/// meanwhile have been handled.
+pub(super) struct InventoryScan {
+    started: Instant,
+    by_path: FxHashMap<String, (usize, Governed)>,
+    scan: sockets::ProcScan,
+    dumps: Vec<(u64, std::fs::File, Vec<sockets::DiagSocket>)>,
+}
+
 impl Agent {
-    /// Report (and, in enforce mode, end) every socket that its policy
-    /// would not have allowed.
-    pub(super) fn inventory(&mut self, writer: &mut EventWriter) {
+    /// List every socket on the host (`None`: nothing is governed, so
+    /// there is nothing to judge).
+    pub(super) fn inventory_scan(&mut self) -> Option<InventoryScan> {
         self.inventory_pending = false;
         let started = Instant::now();
         let by_path: FxHashMap<String, (usize, Governed)> = self
@@ -44,25 +55,49 @@ impl Agent {
             .collect();
         if by_path.is_empty() {
             self.inventory_reported.clear();
-            return;
+            self.cut_off_cookies.clear();
+            return None;
         }
         let scan = sockets::scan_proc();
+        let mut dumps = Vec::with_capacity(scan.netns.len());
+        for (ns_ino, ns_path) in &scan.netns {
+            let dump = sockets::open_netns(ns_path).and_then(|ns| Ok((sockets::dump_in(&ns)?, ns)));
+            match dump {
+                Ok((found, ns)) => dumps.push((*ns_ino, ns, found)),
+                // Namespaces come and go with their processes.
+                Err(e) => debug!(
+                    "daemon: inventory: network namespace {ns_ino} ({}): {e}",
+                    ns_path.display()
+                ),
+            }
+        }
+        Some(InventoryScan {
+            started,
+            by_path,
+            scan,
+            dumps,
+        })
+    }
+
+    /// Judge what [`Agent::inventory_scan`] listed. A socket a kernel
+    /// program cut off is its hook's to report and end: one whose
+    /// `cut_off` event was handled since the last pass (the serve loop
+    /// drains the ring between the scan and this), or one the agent keeps
+    /// watching as unended, is skipped, so it is never reported twice. One
+    /// whose event was lost is not, and is ended here.
+    pub(super) fn inventory_judge(&mut self, found: InventoryScan, writer: &mut EventWriter) {
+        let InventoryScan {
+            started,
+            by_path,
+            scan,
+            dumps,
+        } = found;
         let (ephemeral, _) = sockets::host_ephemeral_range();
         let mut tally = Tally::default();
         let mut still = HashSet::new();
-        for (ns_ino, ns_path) in &scan.netns {
-            let dump = sockets::open_netns(ns_path).and_then(|ns| Ok((sockets::dump_in(&ns)?, ns)));
-            let (found, ns) = match dump {
-                Ok(d) => d,
-                // Namespaces come and go with their processes.
-                Err(e) => {
-                    debug!(
-                        "daemon: inventory: network namespace {ns_ino} ({}): {e}",
-                        ns_path.display()
-                    );
-                    continue;
-                }
-            };
+        let cut_off = std::mem::take(&mut self.cut_off_cookies);
+        let unended: HashSet<u64> = self.unended.iter().map(|u| u.cookie).collect();
+        for (ns_ino, ns, found) in &dumps {
             tally.namespaces += 1;
             for d in found {
                 if d.connected || d.cgroup_id == 0 {
@@ -112,6 +147,9 @@ impl Agent {
                 if policy.allows_bound(proto, view, d.port, dual, true) {
                     continue;
                 }
+                if cut_off.contains(&d.cookie) || unended.contains(&d.cookie) {
+                    continue;
+                }
                 tally.violations += 1;
                 // Reported once while it lives (a socket that could not be
                 // ended would otherwise be reported on every pass).
@@ -135,7 +173,7 @@ impl Agent {
                 let (name, mode) = (policy.name.clone(), policy.mode);
                 let end = mode == Mode::Enforce && !name.starts_with(FAIL_CLOSED);
                 let action = end.then(|| {
-                    self.end_socket(&ns, family, d.protocol, d.port, d.cookie, holder.pid, false)
+                    self.end_socket(ns, family, d.protocol, d.port, d.cookie, holder.pid, false)
                 });
                 if matches!(action, Some("destroyed" | "fenced" | "closed")) {
                     tally.ended += 1;

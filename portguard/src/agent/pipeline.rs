@@ -35,6 +35,11 @@ impl Agent {
                 let mut record = events::enrich(&ev, &self.names, &mut self.hierarchy, &self.host);
                 if must_end(&ev) {
                     record.action = Some(self.end_cut_off_socket(&ev));
+                    // Bounded by what the kernel cuts off between two
+                    // passes; cleared by each.
+                    if self.cut_off_cookies.len() < MAX_CUT_OFF_COOKIES {
+                        self.cut_off_cookies.insert(ev.sock_cookie);
+                    }
                 }
                 Some(record)
             }
@@ -282,6 +287,11 @@ pub(super) fn event_socket_family(ev: &portguard_common::Event) -> u8 {
         libc::AF_INET as u8
     }
 }
+
+/// At most this many cut-off sockets are remembered between two inventory
+/// passes (a storm of cut-offs past it: the inventory may report one of
+/// them a second time, as `preexisting`, if its hook could not end it).
+const MAX_CUT_OFF_COOKIES: usize = 1 << 16;
 
 /// Whether the agent must end the socket an event names: one a hook that
 /// cannot deny cut off (a listener without the BPF LSM), or a UDP socket

@@ -89,7 +89,15 @@ pub(super) async fn serve(
     health.set_ready(&status);
     agent.shared.update(|f| f.status.clone_from(&status));
     // Sockets bound before we governed them.
-    agent.inventory(&mut writer);
+    inventory_pass(
+        agent,
+        &mut rb,
+        &mut writer,
+        &mut cri_link,
+        opts,
+        &mut buffers,
+    )
+    .await;
     // Hooks that failed while no agent answered.
     agent.report_hook_failures(&mut writer);
     // Later passes (after changes of what is governed) at most every
@@ -295,7 +303,15 @@ pub(super) async fn serve(
             agent.verify();
         }
         if agent.inventory_pending && last_inventory.elapsed() >= INVENTORY_GAP {
-            agent.inventory(&mut writer);
+            inventory_pass(
+                agent,
+                &mut rb,
+                &mut writer,
+                &mut cri_link,
+                opts,
+                &mut buffers,
+            )
+            .await;
             last_inventory = Instant::now();
         }
     }
@@ -325,6 +341,42 @@ pub(super) async fn serve(
     report_lost(agent, &mut writer, &mut lost_seen);
     writer.flush().context("flushing the event log")?;
     Ok(())
+}
+
+/// One inventory pass. Between listing the host's sockets and judging
+/// them, the events already in the ring are handled: a listener a hook cut
+/// off while the list was taken is then its hook's to report and end (one
+/// `cut_off` event), not also the inventory's (a second, `preexisting`
+/// one). At most a ring's worth is drained (a storm refills it as fast).
+async fn inventory_pass(
+    agent: &mut Agent,
+    rb: &mut AsyncFd<crate::kernel::EventRing>,
+    writer: &mut EventWriter,
+    cri_link: &mut CriLink,
+    opts: &RunOptions,
+    buffers: &mut EventBuffers,
+) {
+    let Some(scan) = agent.inventory_scan() else {
+        return;
+    };
+    let ring_records = opts.ring_buffer_bytes as usize / (size_of::<portguard_common::Event>() + 8);
+    let mut drained = 0;
+    loop {
+        let (n, more) = drain_events(
+            rb.get_mut(),
+            agent,
+            writer,
+            cri_link,
+            &opts.cri_socket,
+            buffers,
+        )
+        .await;
+        drained += n;
+        if !more || drained >= ring_records {
+            break;
+        }
+    }
+    agent.inventory_judge(scan, writer);
 }
 
 /// Ask the CRI runtime for its pods and containers; keep the last answer

@@ -330,6 +330,7 @@ impl Agent {
             verify_pending: false,
             inventory_pending: false,
             inventory_reported: HashSet::new(),
+            cut_off_cookies: HashSet::new(),
             health: Health::new(HEALTH_STALE_AFTER.max(opts.lost_interval * 3)),
             host: events::host_name(),
             capacity: opts.capacity,

@@ -100,6 +100,9 @@ pub(super) struct Agent {
     /// Sockets (network namespace, cookie) the inventory reported that
     /// still break their policy (not reported again).
     pub(super) inventory_reported: HashSet<(u64, u64)>,
+    /// Cookies of the sockets `cut_off` events named since the last
+    /// inventory pass: theirs to report and end, not the inventory's.
+    pub(super) cut_off_cookies: HashSet<u64>,
     /// What /healthz and /readyz report.
     pub(super) health: std::sync::Arc<Health>,
     /// The host name events carry.

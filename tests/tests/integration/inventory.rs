@@ -4,7 +4,9 @@
 //! where `/proc/<pid>/cgroup` reads `/../..`), when the socket's process
 //! moved to another network namespace, and when no process holds the socket
 //! at all (only in flight in SCM_RIGHTS). What breaks an enforcing policy is
-//! ended, not only reported; and a pass runs every --inventory-interval.
+//! ended, not only reported; and a pass runs every --inventory-interval. A
+//! listener a hook cut off while a pass ran is reported once, by its hook;
+//! one whose cut-off event was lost is ended by the next pass.
 
 use std::{
     net::TcpStream,
@@ -143,4 +145,137 @@ fn a_periodic_pass_finds_what_was_bound_after_start() {
     assert_eq!(e["unit"], unit.as_str());
     assert_eq!(e["action"], "destroyed", "{e}");
     assert!(TcpStream::connect("127.0.0.1:28084").is_err());
+}
+
+/// A listener a hook cuts off while an inventory pass lists the host's
+/// sockets is its hook's to report and end: one `cut_off` event, never a
+/// second `preexisting` one from the inventory (which used to find it alive,
+/// its event still queued behind the pass, and end it first: two events,
+/// the hook's with `action: closed`). A workload makes 200 autobound
+/// listeners outside its policy back to back, each kept 30 ms, while the
+/// agent runs an inventory pass every 500 ms (the least gap between two).
+#[test]
+fn a_listener_cut_off_during_a_pass_is_reported_once() {
+    require_root!();
+    let cg = Cgroup::new("inventory-race");
+    let agent = Agent::start_with(
+        &format!(
+            "policies:\n  - {{name: svc, cgroup: {}, bind: [{{ports: [8080]}}]}}\n",
+            cg.rel
+        ),
+        &["--inventory-interval", "10ms"],
+    );
+    if agent.listen_denied() {
+        eprintln!("skipped: the BPF LSM denies listen() itself here; nothing is ever cut off");
+        return;
+    }
+    let passes = |a: &Agent| a.stderr().matches("daemon: inventory: ").count();
+    let before = passes(&agent);
+    let out = Probe::in_cgroup(&cg)
+        .serve_after(30)
+        .spawn_loop(&["listen-unbound", "tcp", "4"], 200, 0)
+        .wait_with_output()
+        .expect("running the listen loop");
+    let during = passes(&agent) - before;
+    std::thread::sleep(Duration::from_millis(500));
+    let listens = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("\"ok\":true"))
+        .count();
+    let events = agent.events();
+    let cut_off = events
+        .iter()
+        .filter(|e| e["verdict"] == "cut_off" && e["hook"] == "listen")
+        .count();
+    let twice: Vec<_> = events
+        .iter()
+        .filter(|e| e["verdict"] == "preexisting")
+        .collect();
+    eprintln!(
+        "{listens} cut-off listeners, {cut_off} cut_off events, {during} inventory passes, {} reported again",
+        twice.len()
+    );
+    assert!(during >= 4, "only {during} inventory passes ran meanwhile");
+    assert_eq!(listens, 200, "every listen() succeeds (and is cut off)");
+    assert!(
+        twice.is_empty(),
+        "the inventory reported cut-off listeners again: {twice:?}"
+    );
+    assert_eq!(cut_off, listens, "one cut_off event per listener");
+    assert!(
+        events
+            .iter()
+            .filter(|e| e["verdict"] == "cut_off")
+            .all(|e| e["action"] == "destroyed"),
+        "every cut-off listener is destroyed by the agent"
+    );
+}
+
+/// The other side of [`a_listener_cut_off_during_a_pass_is_reported_once`]:
+/// a listener whose `cut_off` event the kernel could not queue (the ring was
+/// full) is the inventory's. It stays fenced (serves no one) until the next
+/// pass, which reports it (`preexisting`, from the inventory) and ends it.
+/// The agent is stopped while a denial loop fills its 4 KiB ring and the
+/// listener is made; it resumes with the listener's event lost.
+#[test]
+fn a_listener_whose_cut_off_event_was_lost_is_ended_by_the_next_pass() {
+    require_root!();
+    let cg = Cgroup::new("inventory-lost");
+    let agent = Agent::start_with(
+        &format!(
+            "policies:\n  - {{name: svc, cgroup: {}, bind: [{{ports: [8080]}}]}}\n",
+            cg.rel
+        ),
+        &[
+            "--ring-buffer-size",
+            "4096",
+            "--inventory-interval",
+            "1s",
+            "--lost-report-interval",
+            "1s",
+        ],
+    );
+    if agent.listen_denied() {
+        eprintln!("skipped: the BPF LSM denies listen() itself here; nothing is ever cut off");
+        return;
+    }
+    let stopped = agent.stop_until_dropped();
+    let fill = Probe::in_cgroup(&cg)
+        .spawn_loop(&["bind", "tcp", "127.0.0.1", "8081"], 300, 0)
+        .wait_with_output()
+        .expect("running the denial loop");
+    assert_eq!(
+        String::from_utf8_lossy(&fill.stdout)
+            .matches("\"errno\":1,")
+            .count(),
+        300,
+        "every bind of the loop is denied"
+    );
+    let p = Probe::in_cgroup(&cg).serve_after(4000);
+    let listener = std::thread::spawn(move || p.run(&["listen-unbound", "tcp", "4"]));
+    std::thread::sleep(Duration::from_millis(500));
+    drop(stopped);
+    let r = listener.join().expect("the listener's probe");
+    r.assert_ok();
+    let events = agent.events();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["lost"].as_u64().is_some_and(|n| n > 0)),
+        "the ring overflowed while the agent was stopped: {events:?}"
+    );
+    let mine: Vec<_> = events.iter().filter(|e| e["pid"] == json!(r.pid)).collect();
+    assert!(
+        !mine.iter().any(|e| e["verdict"] == "cut_off"),
+        "the listener's cut_off event was lost: {mine:?}"
+    );
+    let found = agent.wait_event(&[("pid", json!(r.pid)), ("verdict", json!("preexisting"))]);
+    assert_eq!(found["hook"], "inventory", "{found}");
+    assert_eq!(found["action"], "destroyed", "{found}");
+    assert_eq!(found["port"], json!(r.port), "{found}");
+    assert_eq!(
+        r.served,
+        Some(false),
+        "the cut-off listener served a client: {r:?}"
+    );
 }
