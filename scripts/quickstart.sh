@@ -11,7 +11,7 @@ cargo build --release -p portguard
 
 CG2="$(awk '$3 == "cgroup2" { print $2; exit }' /proc/mounts)"
 if [ -z "$CG2" ]; then
-  echo "quickstart: no cgroup2 filesystem mounted (see README, Troubleshooting)" >&2
+  echo "quickstart: no cgroup2 filesystem mounted (see docs/troubleshooting.md)" >&2
   exit 1
 fi
 mkdir -p "$CG2/portguard-demo/web" "$CG2/portguard-demo/db"

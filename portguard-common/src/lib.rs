@@ -604,7 +604,7 @@ pub const USERLOCKS_UNKNOWN: u32 = u32::MAX;
 pub const SOCK_BINDPORT_LOCK: u8 = 8;
 
 /// Which hook produced an event. NB: the agent's `hook` event field and the
-/// README's hook table use [`Hook::name`]; keep them in step.
+/// hook table of docs/events.md use [`Hook::name`]; keep them in step.
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Hook {

@@ -24,7 +24,7 @@ impl Drop for Stopped {
     }
 }
 
-/// The capabilities the README, the DaemonSet and the systemd unit name as
+/// The capabilities docs/deployment.md, the DaemonSet and the systemd unit name as
 /// the agent's minimum (setpriv's syntax). `deploy` tests that they suffice,
 /// `manifests` that the deployment files grant exactly these.
 pub const MINIMAL_CAPS: &str = "+bpf,+perfmon,+net_admin,+sys_admin,+sys_ptrace,+dac_read_search";

@@ -216,7 +216,7 @@ pub(super) fn preflight_capabilities() -> anyhow::Result<()> {
             if !errors.is_empty() {
                 anyhow::bail!(
                     "portguard run lacks {} (effective capabilities {:#x}); run it as root or, in a \
-                     container, grant the capabilities listed in the README",
+                     container, grant the capabilities listed in docs/deployment.md",
                     errors.join(", "),
                     caps.0
                 );

@@ -33,7 +33,7 @@ use crate::apply::Capacity;
 /// Supports systemd `Type=notify-reload` (READY=1, RELOADING=1, STATUS=).
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Policy file (YAML) to enforce; see the README's policy reference.
+    /// Policy file (YAML) to enforce; see docs/policy.md, the policy reference.
     #[arg(short, long, value_name = "FILE")]
     pub policy: PathBuf,
 

@@ -358,7 +358,7 @@ impl Check {
         }
     }
 
-    /// One line for `--help`, README and SARIF rule descriptions.
+    /// One line for `--help`, docs/manifests.md and SARIF rule descriptions.
     pub const fn summary(self) -> &'static str {
         match self {
             Self::PolicyInvalid => "The policy file is invalid; nothing else was checked.",

@@ -192,7 +192,7 @@ fn a_tenant_cannot_take_the_fence_down() {
 /// client gets once the agent has acted: refused (TCP) or nothing (MPTCP:
 /// its SYNs are dropped).
 /// Between listen() and the agent's action (milliseconds), such a listener
-/// is reachable through its device: README, "What portguard enforces".
+/// is reachable through its device: docs/enforcement.md.
 #[test]
 fn a_socket_that_cannot_be_fenced_is_ended_by_the_agent() {
     require_root!();

@@ -80,7 +80,7 @@ fn fixture(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
 
-/// The README's CI command, run in a fixture directory.
+/// The CI command of docs/manifests.md, run in a fixture directory.
 const CHECK_PLAN: [&str; 6] = [
     "check",
     "--policy",
