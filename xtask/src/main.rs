@@ -29,8 +29,15 @@ enum Cmd {
         #[arg(long)]
         skip_privileged: bool,
     },
-    /// Lints: rustfmt --check and clippy -D warnings on every crate.
+    /// Lints: rustfmt --check, the crate's shape, the documentation (as
+    /// `docs`), and clippy -D warnings on every crate.
     Lint,
+    /// Check the documentation offline (README.md, docs/**/*.md): every
+    /// relative link and #anchor resolves, and every code block that shows
+    /// a command or a policy is exercised by a test (```yaml policy, ```sh
+    /// cli, ...) or marked ```sh illustrative. The tests behind those words
+    /// are unit tests (portguard/src/cli/doc_blocks.rs), run by `unit`.
+    Docs,
     /// Unit tests of the default members (no root needed).
     Unit,
     /// Benchmarks (needs root): builds in release mode, measures overhead
@@ -125,8 +132,25 @@ fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
 
+fn docs() -> anyhow::Result<()> {
+    let root = root_dir();
+    let problems = xtask::docs::check(&root);
+    if !problems.is_empty() {
+        bail!(
+            "the documentation (xtask/src/docs.rs):\n{}",
+            problems.join("\n")
+        );
+    }
+    eprintln!(
+        "xtask: docs: {} Markdown files, links, anchors and code blocks ok",
+        xtask::docs::files(&root).len()
+    );
+    Ok(())
+}
+
 fn lint() -> anyhow::Result<()> {
     run(cargo().args(["fmt", "--all", "--check"]))?;
+    docs()?;
     let shape = xtask::shape::violations(&root_dir());
     if !shape.is_empty() {
         anyhow::bail!(
@@ -387,6 +411,7 @@ fn main() -> ExitCode {
             })
             .and_then(|()| xtask::fuzz::ci(&root_dir())),
         Cmd::Lint => lint(),
+        Cmd::Docs => docs(),
         Cmd::Unit => unit(),
         Cmd::Bench { quick, out, only } => bench(quick, out.as_deref(), only.as_deref()),
         Cmd::Image { name, out } => image(&name, &out),
