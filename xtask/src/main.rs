@@ -317,7 +317,8 @@ fn remove_cgroup_tree(path: &Path) -> std::io::Result<()> {
 
 /// The kernel programs built with the `upgrade-test-variant` feature (same
 /// decisions, different instructions), for the tests that upgrade pinned
-/// programs in place. Built the way aya-build builds the real object.
+/// programs in place. Built the way portguard/build.rs builds the real
+/// object (aya-build's command).
 fn build_variant_object() -> anyhow::Result<PathBuf> {
     let target_dir = root_dir().join("target/ebpf-variant");
     let mut cmd = Command::new("rustup");
