@@ -58,8 +58,7 @@ fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed=PORTGUARD_EBPF_BUILD_VERBOSE");
     let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").context("OUT_DIR not set")?);
     if std::env::var_os("AYA_BUILD_SKIP").is_some_and(|v| v == "1") {
-        std::fs::write(out_dir.join("portguard"), b"")
-            .context("writing the placeholder object")?;
+        std::fs::write(out_dir.join("portguard"), b"").context("writing the placeholder object")?;
         return Ok(());
     }
     let cargo_metadata::Metadata { packages, .. } = cargo_metadata::MetadataCommand::new()
@@ -200,9 +199,8 @@ fn build_ebpf(name: &str, root_dir: &Path, out_dir: &Path) -> anyhow::Result<()>
     }
     for (name, binary) in executables {
         let dst = out_dir.join(&name);
-        std::fs::copy(&binary, &dst).with_context(|| {
-            format!("failed to copy {} to {}", binary.display(), dst.display())
-        })?;
+        std::fs::copy(&binary, &dst)
+            .with_context(|| format!("failed to copy {} to {}", binary.display(), dst.display()))?;
     }
     if compiled > 0 {
         println!(

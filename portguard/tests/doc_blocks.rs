@@ -250,10 +250,7 @@ fn the_synopsis_names_only_real_flags() {
             let mut cmd = Cli::command();
             let mut path = vec!["portguard".to_owned()];
             let mut words = c.split_whitespace().skip(1).peekable();
-            while let Some(sub) = words
-                .peek()
-                .and_then(|w| cmd.find_subcommand(w).cloned())
-            {
+            while let Some(sub) = words.peek().and_then(|w| cmd.find_subcommand(w).cloned()) {
                 path.push(words.next().unwrap().to_owned());
                 cmd = sub;
             }
@@ -289,7 +286,10 @@ fn the_documented_check_output_is_what_check_prints() {
             panic!("{}: expected `# cd DIR && portguard check ...`", b.at());
         };
         assert_eq!((cd.as_str(), and.as_str()), ("cd", "&&"), "{}", b.at());
-        assert_eq!(rest.get(..2), Some(&["portguard".into(), "check".into()][..]));
+        assert_eq!(
+            rest.get(..2),
+            Some(&["portguard".into(), "check".into()][..])
+        );
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_portguard"))
             .current_dir(root().join(dir))
             .args(&rest[1..])

@@ -323,7 +323,10 @@ mod tests {
             "events-the-event-log-schema-version-1"
         );
         assert_eq!(slug("`portguard why`"), "portguard-why");
-        assert_eq!(slug("1b. A process no policy governs"), "1b-a-process-no-policy-governs");
+        assert_eq!(
+            slug("1b. A process no policy governs"),
+            "1b-a-process-no-policy-governs"
+        );
         let p = parse("# A\n## A\n<a id=\"x\"></a>\n`# not a heading`\n");
         assert_eq!(
             p.anchors,
@@ -341,7 +344,11 @@ mod tests {
         assert!(block_problem("").unwrap().contains("without a language"));
         assert!(block_problem("sh").unwrap().contains("illustrative"));
         assert!(block_problem("yaml").unwrap().contains("illustrative"));
-        assert!(block_problem("yaml polcy").unwrap().contains("unknown word"));
+        assert!(
+            block_problem("yaml polcy")
+                .unwrap()
+                .contains("unknown word")
+        );
         assert!(block_problem("sh policy").unwrap().contains("goes with"));
         let p = parse("text\n\n    indented\n\n```\nbare\n```\n\n```sh\nls\n```\n");
         let lines: Vec<usize> = p.problems.iter().map(|(l, _)| *l).collect();
@@ -359,8 +366,11 @@ mod tests {
              [self](#top) [selfbad](#bottom) [web](https://example.com/x#y) [up](../x)\n",
         )
         .unwrap();
-        std::fs::write(root.join("docs/a.md"), "# A\n## Part\n[back](../README.md#top)\n")
-            .unwrap();
+        std::fs::write(
+            root.join("docs/a.md"),
+            "# A\n## Part\n[back](../README.md#top)\n",
+        )
+        .unwrap();
         let problems = check(root);
         assert_eq!(problems.len(), 4, "{problems:#?}");
         assert!(problems[0].contains("README.md:2: link `docs/a.md#nope`"));
