@@ -4,7 +4,8 @@
 //! one that has none. This file tests what the words promise:
 //!
 //! - ```` ```yaml policy ````: a whole policy file that `portguard check`
-//!   accepts (no errors; warnings allowed, as `check` allows them).
+//!   accepts (no errors; warnings allowed, as `check` allows them). The
+//!   README's is examples/policy.yaml, word for word.
 //! - ```` ```sh cli ````, ```` ```console cli ````: each `portguard ...`
 //!   command in the block (a `#`/`$` prompt line in a console block) is
 //!   accepted by the real command-line parser. It is parsed, not run.
@@ -205,6 +206,24 @@ fn documented_policies_are_valid() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The README shows the quick start's policy: it is examples/policy.yaml
+/// (after that file's header comment), so the two cannot drift apart.
+#[test]
+fn the_readme_policy_is_the_bundled_example() {
+    let example = std::fs::read_to_string(root().join("examples/policy.yaml")).unwrap();
+    let body: String = example
+        .lines()
+        .skip_while(|l| l.starts_with('#'))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let readme: Vec<Block> = blocks_with("policy")
+        .into_iter()
+        .filter(|b| b.file == "README.md")
+        .collect();
+    assert_eq!(readme.len(), 1, "{readme:#?}");
+    assert_eq!(readme[0].text, body, "{}", readme[0].at());
 }
 
 #[test]
