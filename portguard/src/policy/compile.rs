@@ -13,6 +13,7 @@ use portguard_common::{
 use rustc_hash::FxHashMap;
 
 use super::{
+    explain::{Dir, Judged},
     AddressSel, FamilySel, Mode, Policy, PortSet, PortSpec, ProtocolSel, Rule, Selector, SocketKind,
 };
 
@@ -39,7 +40,8 @@ pub struct CompiledPolicy {
     pub delegated: super::Delegated,
 }
 
-fn socket_bits(kinds: &[SocketKind]) -> u8 {
+/// The `SOCK_ALLOW_*` bits of socket kinds.
+pub fn socket_bits(kinds: &[SocketKind]) -> u8 {
     kinds.iter().fold(0, |bits, k| {
         bits | match k {
             SocketKind::Raw => SOCK_ALLOW_RAW,
@@ -202,15 +204,69 @@ impl CompiledPolicy {
         dual_stack: bool,
         ephemeral_ok: bool,
     ) -> bool {
-        let Some(sets) = &self.bind else {
-            return true;
-        };
-        let ok = |set: &PortSet| {
-            set.contains(port) || (ephemeral_ok && set.contains(PortSet::EPHEMERAL))
-        };
-        ok(sets.get(proto, view.family, view.class))
-            && (!dual_stack || ok(sets.get(proto, Family::Ipv4, AddrClass::Any)))
+        sets_allow(
+            self.bind.as_ref(),
+            proto,
+            view.family,
+            view.class,
+            port,
+            dual_stack,
+            ephemeral_ok,
+        )
     }
+
+    /// Whether this policy allows the operation `j` as the kernel judged it
+    /// (the kernel's decision restated over the same sets: bind, connect,
+    /// or the creation of a socket of kind `socket`, a `SOCK_ALLOW_*` bit).
+    /// A chosen port (`j.ephemeral`) is allowed by `ephemeral` without the
+    /// host's ephemeral range being checked (the caller may not know it).
+    /// Protocols no rule can name are outside every allowed set.
+    pub fn allows(&self, j: &Judged, socket: u8) -> bool {
+        let sets = match j.dir {
+            Dir::Socket => {
+                return (self.bind.is_none() && self.connect.is_none())
+                    || self.allow_sockets & socket != 0;
+            }
+            Dir::Bind => self.bind.as_ref(),
+            Dir::Connect => self.connect.as_ref(),
+        };
+        if sets.is_none() {
+            return true;
+        }
+        let proto = match j.tcp {
+            Some(true) => Proto::Tcp,
+            Some(false) => Proto::Udp,
+            None => return false,
+        };
+        let family = if j.ipv6 { Family::Ipv6 } else { Family::Ipv4 };
+        let class = if j.loopback {
+            AddrClass::Loopback
+        } else {
+            AddrClass::Any
+        };
+        sets_allow(sets, proto, family, class, j.port, j.dual_stack, j.ephemeral)
+    }
+}
+
+/// One direction's decision (`None`: unrestricted): the port in the set of
+/// its (protocol, family, address class), and for a dual-stack bind in the
+/// IPv4 any-address set too; a chosen port also by the set's `ephemeral`.
+fn sets_allow(
+    sets: Option<&DirectionSets>,
+    proto: Proto,
+    family: Family,
+    class: AddrClass,
+    port: u16,
+    dual_stack: bool,
+    ephemeral_ok: bool,
+) -> bool {
+    let Some(sets) = sets else {
+        return true;
+    };
+    let ok =
+        |set: &PortSet| set.contains(port) || (ephemeral_ok && set.contains(PortSet::EPHEMERAL));
+    ok(sets.get(proto, family, class))
+        && (!dual_stack || ok(sets.get(proto, Family::Ipv4, AddrClass::Any)))
 }
 
 impl DirectionSets {
