@@ -416,6 +416,45 @@ mod tests {
     }
 
     #[test]
+    fn a_judged_operation_is_allowed_as_the_kernel_decides() {
+        use super::super::explain::{Dir, Judged};
+        let c = one(
+            "policies: [{name: a, cgroup: /a, bind: [{ports: [80], family: ipv6}, {ports: [ephemeral], protocol: udp}], connect: [{ports: [5432], address: loopback}], allow_sockets: [sctp]}]",
+        );
+        let j = |dir, tcp, ipv6, loopback, port| Judged {
+            dir,
+            tcp,
+            ipv6,
+            loopback,
+            port,
+            ephemeral: false,
+            dual_stack: false,
+        };
+        assert!(c.allows(&j(Dir::Bind, Some(true), true, false, 80), 0));
+        assert!(!c.allows(&j(Dir::Bind, Some(true), false, false, 80), 0));
+        let dual = Judged {
+            dual_stack: true,
+            ..j(Dir::Bind, Some(true), true, false, 80)
+        };
+        assert!(!c.allows(&dual, 0), "dual-stack needs IPv4 too");
+        let chosen = Judged {
+            ephemeral: true,
+            ..j(Dir::Bind, Some(false), false, false, 40000)
+        };
+        assert!(c.allows(&chosen, 0));
+        assert!(!c.allows(&j(Dir::Bind, Some(false), false, false, 40000), 0));
+        assert!(!c.allows(&j(Dir::Bind, None, true, false, 80), 0), "no rule names SCTP");
+        assert!(c.allows(&j(Dir::Connect, Some(true), false, true, 5432), 0));
+        assert!(!c.allows(&j(Dir::Connect, Some(true), false, false, 5432), 0));
+        let sock = j(Dir::Socket, None, false, false, 0);
+        assert!(c.allows(&sock, SOCK_ALLOW_SCTP));
+        assert!(!c.allows(&sock, SOCK_ALLOW_RAW));
+        let open = one("policies: [{name: a, cgroup: /a}]");
+        assert!(open.allows(&sock, SOCK_ALLOW_RAW), "nothing restricted");
+        assert!(open.allows(&j(Dir::Connect, None, false, false, 1), 0));
+    }
+
+    #[test]
     fn ephemeral_is_bit_zero() {
         let c =
             one("policies: [{name: a, cgroup: /a, bind: [{ports: [ephemeral], protocol: udp}]}]");

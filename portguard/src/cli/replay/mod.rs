@@ -238,8 +238,9 @@ pub fn render(r: &Report) -> String {
     if r.skipped > 0 {
         let _ = writeln!(
             out,
-            "{} lines skipped (not decisions: lost/suppressed reports, unknown hooks)",
-            r.skipped
+            "not replayed: {} line{} (no decision: lost/suppressed reports, unknown hooks)",
+            r.skipped,
+            if r.skipped == 1 { "" } else { "s" }
         );
     }
     out
