@@ -134,6 +134,45 @@ policies:
     eprintln!("{table}");
     assert_eq!(code, Some(0), "no --fail-on: {stderr}");
     let want = "\
+portguard replay: 10 decisions (10 event lines) from 4 workloads
+  current:   current.yaml
+  candidate: candidate.yaml
+
+/BATCH
+  policy: batch -> (none) (no-longer-governed)
+  CHANGE         COUNT  HOOK       PROTO  ADDRESS:PORT   WAS           NOW    RECORDED
+  newly-allowed  1      inventory  tcp    0.0.0.0:29000  audit bind[]  allow  preexisting
+
+/DB
+  policy: db (unchanged)
+  CHANGE         COUNT  HOOK   PROTO  ADDRESS:PORT  WAS        NOW                   RECORDED
+  newly-allowed  1      bind4  tcp    0.0.0.0:6000  deny bind  allow                 deny
+  rule-changed   1      bind4  tcp    0.0.0.0:7000  deny bind  deny bind[1].address  deny
+
+/WEB
+  policy: web (unchanged)
+  CHANGE         COUNT  HOOK      PROTO  ADDRESS:PORT    WAS              NOW            RECORDED
+  newly-denied   2      bind4     tcp    0.0.0.0:8081    audit bind[]     deny reserved  audit
+  newly-allowed  1      bind4     tcp    0.0.0.0:8080    audit bind[]     allow          audit
+  newly-allowed  1      bind4     udp    127.0.0.1:5353  audit bind[]     allow          audit
+  newly-allowed  1      connect4  tcp    127.0.0.1:5432  audit connect[]  allow          audit
+
+/WEB/worker
+  policy: web -> worker (policy-changed)
+  CHANGE        COUNT  HOOK   PROTO  ADDRESS:PORT  WAS           NOW          RECORDED
+  newly-denied  1      bind4  tcp    0.0.0.0:8080  audit bind[]  deny bind[]  audit
+
+summary:
+  CHANGE              DECISIONS  WORKLOADS
+  newly-denied        3          2
+  newly-allowed       5          3
+  newly-audited       0          0
+  rule-changed        1          1
+  no-longer-governed  1          1
+  newly-governed      0          0
+  policy-changed      1          1
+  unknown             0          0
+  unchanged           1          -
 ";
     assert_eq!(table, want, "\n{table}");
 
@@ -141,7 +180,292 @@ policies:
     assert_eq!(code, Some(1), "newly-denied found: {stderr}");
     let got = without_times(serde_json::from_str(&text).unwrap());
     eprintln!("{}", serde_json::to_string_pretty(&got).unwrap());
-    let want = json!({});
+    let want = json!({
+        "candidate": "candidate.yaml",
+        "current": "current.yaml",
+        "decisions": 10,
+        "lines": 10,
+        "skipped": 0,
+        "summary": {
+            "newly-allowed": {
+                "decisions": 5,
+                "workloads": 3
+            },
+            "newly-audited": {
+                "decisions": 0,
+                "workloads": 0
+            },
+            "newly-denied": {
+                "decisions": 3,
+                "workloads": 2
+            },
+            "newly-governed": {
+                "decisions": 0,
+                "workloads": 0
+            },
+            "no-longer-governed": {
+                "decisions": 1,
+                "workloads": 1
+            },
+            "policy-changed": {
+                "decisions": 1,
+                "workloads": 1
+            },
+            "rule-changed": {
+                "decisions": 1,
+                "workloads": 1
+            },
+            "unknown": {
+                "decisions": 0,
+                "workloads": 0
+            }
+        },
+        "unchanged": 1,
+        "workloads": [
+            {
+                "cgroup": "/BATCH",
+                "changes": [
+                    {
+                        "address": "0.0.0.0",
+                        "change": "newly-allowed",
+                        "count": 1,
+                        "family": "ipv4",
+                        "hook": "inventory",
+                        "now": {
+                            "policy": null,
+                            "rule": null,
+                            "verdict": "allow"
+                        },
+                        "port": 29000,
+                        "protocol": "tcp",
+                        "recorded": [
+                            "preexisting"
+                        ],
+                        "was": {
+                            "policy": "batch",
+                            "rule": "bind[]",
+                            "verdict": "audit"
+                        }
+                    }
+                ],
+                "decisions": 1,
+                "governance": "no-longer-governed",
+                "now": {
+                    "policy": null
+                },
+                "unchanged": 0,
+                "was": {
+                    "at": "/BATCH",
+                    "policy": "batch"
+                },
+                "workload": "/BATCH"
+            },
+            {
+                "cgroup": "/DB",
+                "changes": [
+                    {
+                        "address": "0.0.0.0",
+                        "change": "newly-allowed",
+                        "count": 1,
+                        "family": "ipv4",
+                        "hook": "bind4",
+                        "now": {
+                            "policy": "db",
+                            "rule": null,
+                            "verdict": "allow"
+                        },
+                        "port": 6000,
+                        "protocol": "tcp",
+                        "recorded": [
+                            "deny"
+                        ],
+                        "was": {
+                            "policy": "db",
+                            "rule": "bind",
+                            "verdict": "deny"
+                        }
+                    },
+                    {
+                        "address": "0.0.0.0",
+                        "change": "rule-changed",
+                        "count": 1,
+                        "family": "ipv4",
+                        "hook": "bind4",
+                        "now": {
+                            "policy": "db",
+                            "rule": "bind[1].address",
+                            "verdict": "deny"
+                        },
+                        "port": 7000,
+                        "protocol": "tcp",
+                        "recorded": [
+                            "deny"
+                        ],
+                        "was": {
+                            "policy": "db",
+                            "rule": "bind",
+                            "verdict": "deny"
+                        }
+                    }
+                ],
+                "decisions": 3,
+                "now": {
+                    "at": "/DB",
+                    "policy": "db"
+                },
+                "unchanged": 1,
+                "was": {
+                    "at": "/DB",
+                    "policy": "db"
+                },
+                "workload": "/DB"
+            },
+            {
+                "cgroup": "/WEB",
+                "changes": [
+                    {
+                        "address": "0.0.0.0",
+                        "change": "newly-denied",
+                        "count": 2,
+                        "family": "ipv4",
+                        "hook": "bind4",
+                        "now": {
+                            "policy": "web",
+                            "rule": "reserved",
+                            "verdict": "deny"
+                        },
+                        "port": 8081,
+                        "protocol": "tcp",
+                        "recorded": [
+                            "audit"
+                        ],
+                        "was": {
+                            "policy": "web",
+                            "rule": "bind[]",
+                            "verdict": "audit"
+                        }
+                    },
+                    {
+                        "address": "0.0.0.0",
+                        "change": "newly-allowed",
+                        "count": 1,
+                        "family": "ipv4",
+                        "hook": "bind4",
+                        "now": {
+                            "policy": "web",
+                            "rule": null,
+                            "verdict": "allow"
+                        },
+                        "port": 8080,
+                        "protocol": "tcp",
+                        "recorded": [
+                            "audit"
+                        ],
+                        "was": {
+                            "policy": "web",
+                            "rule": "bind[]",
+                            "verdict": "audit"
+                        }
+                    },
+                    {
+                        "address": "127.0.0.1",
+                        "change": "newly-allowed",
+                        "count": 1,
+                        "family": "ipv4",
+                        "hook": "bind4",
+                        "now": {
+                            "policy": "web",
+                            "rule": null,
+                            "verdict": "allow"
+                        },
+                        "port": 5353,
+                        "protocol": "udp",
+                        "recorded": [
+                            "audit"
+                        ],
+                        "was": {
+                            "policy": "web",
+                            "rule": "bind[]",
+                            "verdict": "audit"
+                        }
+                    },
+                    {
+                        "address": "127.0.0.1",
+                        "change": "newly-allowed",
+                        "count": 1,
+                        "family": "ipv4",
+                        "hook": "connect4",
+                        "now": {
+                            "policy": "web",
+                            "rule": null,
+                            "verdict": "allow"
+                        },
+                        "port": 5432,
+                        "protocol": "tcp",
+                        "recorded": [
+                            "audit"
+                        ],
+                        "was": {
+                            "policy": "web",
+                            "rule": "connect[]",
+                            "verdict": "audit"
+                        }
+                    }
+                ],
+                "decisions": 5,
+                "now": {
+                    "at": "/WEB",
+                    "policy": "web"
+                },
+                "unchanged": 0,
+                "was": {
+                    "at": "/WEB",
+                    "policy": "web"
+                },
+                "workload": "/WEB"
+            },
+            {
+                "cgroup": "/WEB/worker",
+                "changes": [
+                    {
+                        "address": "0.0.0.0",
+                        "change": "newly-denied",
+                        "count": 1,
+                        "family": "ipv4",
+                        "hook": "bind4",
+                        "now": {
+                            "policy": "worker",
+                            "rule": "bind[]",
+                            "verdict": "deny"
+                        },
+                        "port": 8080,
+                        "protocol": "tcp",
+                        "recorded": [
+                            "audit"
+                        ],
+                        "was": {
+                            "policy": "web",
+                            "rule": "bind[]",
+                            "verdict": "audit"
+                        }
+                    }
+                ],
+                "decisions": 1,
+                "governance": "policy-changed",
+                "now": {
+                    "at": "/WEB/worker",
+                    "policy": "worker"
+                },
+                "unchanged": 0,
+                "was": {
+                    "at": "/WEB",
+                    "policy": "web"
+                },
+                "workload": "/WEB/worker"
+            }
+        ],
+        "workloads_seen": 4
+    });
     assert_eq!(got, want);
 
     // The exit status names only the categories asked for.
