@@ -52,6 +52,7 @@ pub const DEFAULT_CURRENT: &str = "/etc/portguard/policy.yaml";
 /// Exit status: 0 when none of the --fail-on changes is found, 1 when one
 /// is, 2 when the log or a policy file cannot be read.
 #[derive(Debug, Args)]
+#[command(verbatim_doc_comment)]
 pub struct ReplayArgs {
     /// Event log (JSON lines) to replay; `-` for standard input. Lines that
     /// are not events are skipped.
@@ -70,9 +71,7 @@ pub struct ReplayArgs {
     #[arg(long)]
     pub json: bool,
     /// Exit with status 1 when any of these changes is found
-    /// (comma-separated, or `any`): newly-denied, newly-allowed,
-    /// newly-audited, rule-changed, no-longer-governed, newly-governed,
-    /// policy-changed, unknown.
+    /// (comma-separated; `any`: every change).
     #[arg(long, value_name = "CHANGE,...", value_delimiter = ',', value_parser = fail_on_names())]
     pub fail_on: Vec<String>,
 }
