@@ -260,6 +260,10 @@ pub struct Report {
     pub skipped: u64,
     /// Workloads in the log.
     pub workloads_seen: u64,
+    /// Policies the log's decisions name that the current file does not
+    /// have (built-ins aside): the log was written under another file?
+    #[serde(skip_serializing_if = "BTreeSet::is_empty")]
+    pub foreign_policies: BTreeSet<String>,
     /// Per change name.
     pub summary: BTreeMap<&'static str, Tally>,
     /// Only workloads with a change, by name.
@@ -418,6 +422,14 @@ pub fn replay(records: &[EventRecord], skipped: u64, current: &Side, candidate: 
         unchanged: 0,
         skipped,
         workloads_seen: 0,
+        foreign_policies: records
+            .iter()
+            .filter_map(|r| r.policy.as_deref())
+            .filter(|p| {
+                !p.starts_with("portguard:") && !current.file.policies.iter().any(|q| q.name == *p)
+            })
+            .map(str::to_owned)
+            .collect(),
         summary: Change::ALL.iter().map(|c| (c.name(), Tally::default())).collect(),
         workloads: Vec::new(),
     };

@@ -190,6 +190,19 @@ pub fn render(r: &Report) -> String {
         escape(&r.current),
         escape(&r.candidate)
     );
+    if !r.foreign_policies.is_empty() {
+        let names: Vec<String> = r
+            .foreign_policies
+            .iter()
+            .map(|p| escape(p).into_owned())
+            .collect();
+        let _ = writeln!(
+            out,
+            "  note: the log names policies the current file does not have ({}): was it \
+             written under another file?",
+            names.join(", ")
+        );
+    }
     for w in &r.workloads {
         let _ = write!(out, "\n{}", escape(&w.workload));
         if w.workload != w.cgroup {

@@ -87,6 +87,7 @@ fn every_kind_of_change_is_found_and_rendered() {
 portguard replay: 12 decisions (8 event lines) from 4 workloads
   current:   current.yaml
   candidate: candidate.yaml
+  note: the log names policies the current file does not have (old): was it written under another file?
 
 /app/batch/worker
   policy: (none) -> batch (newly-governed)
@@ -151,6 +152,7 @@ fn nothing_changes_against_itself() {
         &side("b", CURRENT),
     );
     assert!(report.workloads.is_empty(), "{report:#?}");
+    assert_eq!(report.foreign_policies.len(), 1, "`old` is not in the file");
     assert_eq!(report.unchanged, report.decisions);
     assert!(!report.has_any(&Change::ALL));
     assert!(render(&report).contains("\nno recorded decision changes\n"));
