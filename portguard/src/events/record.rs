@@ -322,7 +322,10 @@ impl EventRecord {
                 _ => "cgroup-path",
             }),
         };
-        r.count = v.get("count").and_then(serde_json::Value::as_u64).unwrap_or(1);
+        r.count = v
+            .get("count")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(1);
         r.first_seen = owned("first_seen");
         r.last_seen = owned("last_seen");
         Some(r)

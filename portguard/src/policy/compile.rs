@@ -13,8 +13,9 @@ use portguard_common::{
 use rustc_hash::FxHashMap;
 
 use super::{
+    AddressSel, FamilySel, Mode, Policy, PortSet, PortSpec, ProtocolSel, Rule, Selector,
+    SocketKind,
     explain::{Dir, Judged},
-    AddressSel, FamilySel, Mode, Policy, PortSet, PortSpec, ProtocolSel, Rule, Selector, SocketKind,
 };
 
 /// The eight sets of one direction, indexed like the kernel's record
@@ -244,7 +245,15 @@ impl CompiledPolicy {
         } else {
             AddrClass::Any
         };
-        sets_allow(sets, proto, family, class, j.port, j.dual_stack, j.ephemeral)
+        sets_allow(
+            sets,
+            proto,
+            family,
+            class,
+            j.port,
+            j.dual_stack,
+            j.ephemeral,
+        )
     }
 }
 
@@ -443,7 +452,10 @@ mod tests {
         };
         assert!(c.allows(&chosen, 0));
         assert!(!c.allows(&j(Dir::Bind, Some(false), false, false, 40000), 0));
-        assert!(!c.allows(&j(Dir::Bind, None, true, false, 80), 0), "no rule names SCTP");
+        assert!(
+            !c.allows(&j(Dir::Bind, None, true, false, 80), 0),
+            "no rule names SCTP"
+        );
         assert!(c.allows(&j(Dir::Connect, Some(true), false, true, 5432), 0));
         assert!(!c.allows(&j(Dir::Connect, Some(true), false, false, 5432), 0));
         let sock = j(Dir::Socket, None, false, false, 0);

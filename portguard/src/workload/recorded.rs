@@ -255,7 +255,10 @@ mod tests {
         let tier = pods(None, &[("tier", "front")], None);
         assert_eq!(governing(&[&tier, &ns_only], &ctr, &k), by(1, &pod));
         // Containers: by name, on the container's own cgroup only.
-        assert!(matches!(governing(&[&envoy], &ctr, &k), Governance::Unknown { .. }));
+        assert!(matches!(
+            governing(&[&envoy], &ctr, &k),
+            Governance::Unknown { .. }
+        ));
         k.containers.insert(CID.into(), "envoy".into());
         assert_eq!(governing(&[&every, &envoy], &ctr, &k), by(1, &ctr));
         assert_eq!(

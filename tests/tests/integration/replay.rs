@@ -127,7 +127,11 @@ policies:
         let text = fixed(&String::from_utf8_lossy(&out.stdout), &names)
             .replace(&agent.policy.display().to_string(), "current.yaml")
             .replace(&candidate.display().to_string(), "candidate.yaml");
-        (out.status.code(), text, String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.code(),
+            text,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
 
     let (code, table, stderr) = run(&[]);
@@ -475,7 +479,13 @@ summary:
     assert_eq!(code, Some(1));
     // Trouble is 2, and says what.
     let out = std::process::Command::new(agent_bin())
-        .args(["replay", "--current", "none", "--policy", "/nonexistent.yaml"])
+        .args([
+            "replay",
+            "--current",
+            "none",
+            "--policy",
+            "/nonexistent.yaml",
+        ])
         .arg(&agent.log)
         .output()
         .unwrap();

@@ -17,8 +17,9 @@ use serde::Serialize;
 use crate::{
     events::{EventHook, EventRecord, Verdict},
     policy::{
-        CompiledPolicy, Mode, PolicyFile, Selector, SocketKind, apply_reserved, compile_all,
+        CompiledPolicy, Mode, PolicyFile, Selector, SocketKind, apply_reserved,
         compile::socket_bits,
+        compile_all,
         explain::{Dir, rule_in_file},
     },
     workload::{
@@ -147,7 +148,8 @@ impl Change {
         use Effect::{Allow, Audit, Deny, Unknown};
         match (was.verdict, now.verdict) {
             (Unknown, _) | (_, Unknown) => Some(Self::Unknown),
-            (a, b) if a == b => (a != Allow && (&was.policy, &was.rule) != (&now.policy, &now.rule))
+            (a, b) if a == b => (a != Allow
+                && (&was.policy, &was.rule) != (&now.policy, &now.rule))
                 .then_some(Self::RuleChanged),
             (_, Deny) => Some(Self::NewlyDenied),
             (_, Allow) => Some(Self::NewlyAllowed),
@@ -289,11 +291,10 @@ pub fn known_of(records: &[EventRecord], current: &PolicyFile) -> Known {
     let mut k = Known::default();
     for r in records {
         let id = &r.identity;
-        let uid = id.k8s_pod_uid.clone().or_else(|| {
-            r.cgroup
-                .as_deref()
-                .and_then(|c| identity::parse(c).pod_uid)
-        });
+        let uid = id
+            .k8s_pod_uid
+            .clone()
+            .or_else(|| r.cgroup.as_deref().and_then(|c| identity::parse(c).pod_uid));
         if let (Some(uid), Some(ns)) = (&uid, &id.k8s_namespace) {
             k.namespaces.insert(uid.clone(), ns.clone());
         }
@@ -304,7 +305,8 @@ pub fn known_of(records: &[EventRecord], current: &PolicyFile) -> Known {
             .policy_cgroup
             .as_deref()
             .and_then(|c| identity::parse(c).pod_uid);
-        if let (Some(uid), Some(name)) = (uid.filter(|u| governed_pod.as_ref() == Some(u)), &r.policy)
+        if let (Some(uid), Some(name)) =
+            (uid.filter(|u| governed_pod.as_ref() == Some(u)), &r.policy)
             && let Some(Selector::Pods(sel)) = current
                 .policies
                 .iter()
@@ -353,7 +355,10 @@ pub fn judge(side: &Side, g: &Governance, r: &EventRecord) -> Outcome {
     // The inventory judges a socket's port with `ephemeral` allowing it
     // (agent/inventory.rs); a hook only a port the kernel chose.
     let allowed_as = if r.hook == EventHook::Inventory {
-        crate::policy::explain::Judged { ephemeral: true, ..j }
+        crate::policy::explain::Judged {
+            ephemeral: true,
+            ..j
+        }
     } else {
         j
     };
@@ -430,7 +435,10 @@ pub fn replay(records: &[EventRecord], skipped: u64, current: &Side, candidate: 
             })
             .map(str::to_owned)
             .collect(),
-        summary: Change::ALL.iter().map(|c| (c.name(), Tally::default())).collect(),
+        summary: Change::ALL
+            .iter()
+            .map(|c| (c.name(), Tally::default()))
+            .collect(),
         workloads: Vec::new(),
     };
     // cgroup -> (workload, its governance now and under the candidate,

@@ -238,10 +238,12 @@ pub fn render(r: &Report) -> String {
         out.push_str("\nno recorded decision changes\n");
     }
     let mut rows = vec!["CHANGE\tDECISIONS\tWORKLOADS".to_owned()];
-    for (name, t) in Change::ALL
-        .iter()
-        .map(|c| (c.name(), r.summary.get(c.name()).copied().unwrap_or_default()))
-    {
+    for (name, t) in Change::ALL.iter().map(|c| {
+        (
+            c.name(),
+            r.summary.get(c.name()).copied().unwrap_or_default(),
+        )
+    }) {
         rows.push(format!("{name}\t{}\t{}", t.decisions, t.workloads));
     }
     rows.push(format!("unchanged\t{}\t-", r.unchanged));

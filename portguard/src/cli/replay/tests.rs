@@ -129,7 +129,10 @@ not replayed: 1 line (no decision: lost/suppressed reports, unknown hooks)
     assert!(!report.has_any(&[Change::NewlyAudited, Change::PolicyChanged]));
     // The JSON document carries the same, with times.
     let v = serde_json::to_value(&report).unwrap();
-    assert_eq!(v["summary"]["newly-denied"], json!({"decisions": 4, "workloads": 2}));
+    assert_eq!(
+        v["summary"]["newly-denied"],
+        json!({"decisions": 4, "workloads": 2})
+    );
     let web = &v["workloads"][3];
     assert_eq!(web["cgroup"], "/app/web");
     assert_eq!(web["was"], json!({"policy": "web", "at": "/app/web"}));
@@ -139,18 +142,16 @@ not replayed: 1 line (no decision: lost/suppressed reports, unknown hooks)
     );
     let db = &v["workloads"][1];
     assert_eq!(db["decisions"], 7);
-    assert_eq!(db["unchanged"], 5, "the aggregate of 5 stays denied by `bind`");
+    assert_eq!(
+        db["unchanged"], 5,
+        "the aggregate of 5 stays denied by `bind`"
+    );
 }
 
 #[test]
 fn nothing_changes_against_itself() {
     let (recs, skipped) = records(&log());
-    let report = replay(
-        &recs,
-        skipped,
-        &side("a", CURRENT),
-        &side("b", CURRENT),
-    );
+    let report = replay(&recs, skipped, &side("a", CURRENT), &side("b", CURRENT));
     assert!(report.workloads.is_empty(), "{report:#?}");
     assert_eq!(report.foreign_policies.len(), 1, "`old` is not in the file");
     assert_eq!(report.unchanged, report.decisions);
@@ -182,7 +183,11 @@ fn decisions_change_by_their_effect_then_by_their_rule() {
     assert_eq!(of(&deny, &deny_addr), Some(Change::RuleChanged));
     assert_eq!(of(&deny, &deny_b), Some(Change::RuleChanged));
     assert_eq!(of(&deny, &deny), None);
-    assert_eq!(of(&allow, &allow_b), None, "allowed by either: no decision flips");
+    assert_eq!(
+        of(&allow, &allow_b),
+        None,
+        "allowed by either: no decision flips"
+    );
     assert_eq!(of(&unknown, &deny), Some(Change::Unknown));
     assert_eq!(of(&deny, &unknown), Some(Change::Unknown));
 }
