@@ -328,16 +328,8 @@ pub fn run(a: &EventsArgs) -> anyhow::Result<ExitCode> {
             follow_file(&a.file, &mut emit)
         };
     }
-    let text = if stdin {
-        std::io::read_to_string(std::io::stdin()).context("reading standard input")?
-    } else {
-        std::fs::read_to_string(&a.file).with_context(|| format!("reading {}", a.file.display()))?
-    };
-    let events: Vec<Value> = text
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .filter(|e| filter.matches(e))
-        .collect();
+    let mut events = read_log(&a.file)?;
+    events.retain(|e| filter.matches(e));
     if a.summary {
         let rows = summarize(&events, a.top);
         if a.json {
@@ -355,6 +347,21 @@ pub fn run(a: &EventsArgs) -> anyhow::Result<ExitCode> {
         write!(out, "{}", render_table(&events))?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Every JSON line of an event log (`-`: standard input), in order. Lines
+/// that are not JSON (agent log lines mixed in, a torn last line) are
+/// skipped; `portguard events`, `learn` and `replay` read logs with this.
+pub fn read_log(file: &std::path::Path) -> anyhow::Result<Vec<Value>> {
+    let text = if file.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).context("reading standard input")?
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
+    };
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect())
 }
 
 /// Print lines appended to `path` forever, reopening it when it is rotated

@@ -349,11 +349,7 @@ pub fn run(opts: &LearnOptions) -> anyhow::Result<usize> {
         kernel_object: None,
         fail_closed: false,
     })?;
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
-    let events: Vec<Value> = text
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
+    let events = super::events::read_log(&log).unwrap_or_default();
     let lost = events
         .iter()
         .filter_map(|e| e["lost_total"].as_u64())

@@ -4,6 +4,7 @@ pub mod check;
 pub mod events;
 pub mod hook;
 pub mod learn;
+pub mod replay;
 pub mod run;
 pub mod status;
 pub mod uninstall;
@@ -30,7 +31,9 @@ use clap::{Parser, Subcommand};
 /// `run` enforces; `check` validates a policy file (and, with --manifests,
 /// holds deployment manifests against it); `status` shows what the
 /// running agent enforces; `events` reads and summarises the event log;
-/// `learn` watches a workload and writes its policy; `hook` governs a
+/// `learn` watches a workload and writes its policy; `replay` shows what a
+/// candidate policy would change for the decisions an event log recorded;
+/// `hook` governs a
 /// container or unit before its first instruction (an OCI runtime hook, a
 /// systemd `ExecStartPre=`); `uninstall` removes the pinned programs, links
 /// and maps that keep enforcing after the agent stops, and the hooks.
@@ -49,6 +52,7 @@ pub enum Command {
     Run(Box<RunArgs>),
     Check(CheckArgs),
     Learn(LearnArgs),
+    Replay(replay::ReplayArgs),
     Status(StatusArgs),
     Events(events::EventsArgs),
     Hook(hook::HookArgs),
@@ -61,6 +65,7 @@ impl Cli {
             Command::Run(a) => run::execute(a),
             Command::Check(a) => check::execute(a),
             Command::Learn(a) => learn::execute(a),
+            Command::Replay(a) => replay::execute(&a),
             Command::Status(a) => status::execute(a),
             Command::Events(a) => events::run(&a),
             Command::Hook(a) => hook::execute(a),

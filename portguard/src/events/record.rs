@@ -258,6 +258,80 @@ impl EventRecord {
     }
 }
 
+impl EventRecord {
+    /// The record an event line stands for, read back from its JSON (`None`
+    /// for a line that is no decision: a `lost` or `suppressed` report, an
+    /// agent log line). Fields a line lacks keep [`EventRecord::new`]'s
+    /// values; names this agent does not know read as `unknown`.
+    pub fn from_json(v: &serde_json::Value) -> Option<Self> {
+        let s = |k: &str| v.get(k).and_then(serde_json::Value::as_str);
+        let owned = |k: &str| s(k).map(str::to_owned);
+        let n = |k: &str| v.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+        let flag = |k: &str| v.get(k).and_then(serde_json::Value::as_bool) == Some(true);
+        let verdict = match s("verdict")? {
+            "deny" => Verdict::Deny,
+            "audit" => Verdict::Audit,
+            "reported" => Verdict::Reported,
+            "cut_off" => Verdict::CutOff,
+            "preexisting" => Verdict::Preexisting,
+            _ => Verdict::Unknown,
+        };
+        let hook = match s("hook") {
+            Some("inventory") => EventHook::Inventory,
+            Some(name) => (0..=u8::MAX)
+                .find_map(|c| Hook::from_u8(c).filter(|h| h.name() == name))
+                .map_or(EventHook::Unknown, EventHook::Kernel),
+            None => EventHook::Unknown,
+        };
+        let time = owned("time").unwrap_or_default();
+        let mut r = Self::new(verdict, hook, time, s("host").unwrap_or_default());
+        r.policy = owned("policy");
+        r.rule = owned("rule");
+        r.cgroup = owned("cgroup");
+        r.cgroup_id = n("cgroup_id");
+        r.pid = u32::try_from(n("pid")).unwrap_or(0);
+        r.comm = owned("comm").unwrap_or_default();
+        r.family = if s("family") == Some("ipv6") {
+            "ipv6"
+        } else {
+            "ipv4"
+        };
+        r.protocol = owned("protocol").unwrap_or_default();
+        r.address = owned("address").unwrap_or_default();
+        r.port = u16::try_from(n("port")).unwrap_or(0);
+        r.policy_cgroup = owned("policy_cgroup");
+        r.policy_cgroup_id = n("policy_cgroup_id");
+        r.v4_mapped = flag("v4_mapped");
+        r.dual_stack = flag("dual_stack");
+        r.autobind = flag("autobind");
+        r.socket = s("socket").map(|k| match k {
+            "raw" => "raw",
+            "sctp" => "sctp",
+            "l2tp" => "l2tp",
+            _ => "unknown",
+        });
+        r.identity = WorkloadIdentity {
+            k8s_namespace: owned("k8s_namespace"),
+            k8s_pod: owned("k8s_pod"),
+            k8s_pod_uid: owned("k8s_pod_uid"),
+            container_name: owned("container_name"),
+            container_id: owned("container_id"),
+            unit: owned("unit"),
+            identity_source: s("identity_source").map(|k| match k {
+                "cri" => "cri",
+                _ => "cgroup-path",
+            }),
+        };
+        r.count = v
+            .get("count")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(1);
+        r.first_seen = owned("first_seen");
+        r.last_seen = owned("last_seen");
+        Some(r)
+    }
+}
+
 /// Kubernetes or systemd identity of the caller's cgroup. Fields are left
 /// out when unknown.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]

@@ -13,7 +13,9 @@ use portguard_common::{
 use rustc_hash::FxHashMap;
 
 use super::{
-    AddressSel, FamilySel, Mode, Policy, PortSet, PortSpec, ProtocolSel, Rule, Selector, SocketKind,
+    AddressSel, FamilySel, Mode, Policy, PortSet, PortSpec, ProtocolSel, Rule, Selector,
+    SocketKind,
+    explain::{Dir, Judged},
 };
 
 /// The eight sets of one direction, indexed like the kernel's record
@@ -39,7 +41,8 @@ pub struct CompiledPolicy {
     pub delegated: super::Delegated,
 }
 
-fn socket_bits(kinds: &[SocketKind]) -> u8 {
+/// The `SOCK_ALLOW_*` bits of socket kinds.
+pub fn socket_bits(kinds: &[SocketKind]) -> u8 {
     kinds.iter().fold(0, |bits, k| {
         bits | match k {
             SocketKind::Raw => SOCK_ALLOW_RAW,
@@ -202,15 +205,77 @@ impl CompiledPolicy {
         dual_stack: bool,
         ephemeral_ok: bool,
     ) -> bool {
-        let Some(sets) = &self.bind else {
-            return true;
-        };
-        let ok = |set: &PortSet| {
-            set.contains(port) || (ephemeral_ok && set.contains(PortSet::EPHEMERAL))
-        };
-        ok(sets.get(proto, view.family, view.class))
-            && (!dual_stack || ok(sets.get(proto, Family::Ipv4, AddrClass::Any)))
+        sets_allow(
+            self.bind.as_ref(),
+            proto,
+            view.family,
+            view.class,
+            port,
+            dual_stack,
+            ephemeral_ok,
+        )
     }
+
+    /// Whether this policy allows the operation `j` as the kernel judged it
+    /// (the kernel's decision restated over the same sets: bind, connect,
+    /// or the creation of a socket of kind `socket`, a `SOCK_ALLOW_*` bit).
+    /// A chosen port (`j.ephemeral`) is allowed by `ephemeral` without the
+    /// host's ephemeral range being checked (the caller may not know it).
+    /// Protocols no rule can name are outside every allowed set.
+    pub fn allows(&self, j: &Judged, socket: u8) -> bool {
+        let sets = match j.dir {
+            Dir::Socket => {
+                return (self.bind.is_none() && self.connect.is_none())
+                    || self.allow_sockets & socket != 0;
+            }
+            Dir::Bind => self.bind.as_ref(),
+            Dir::Connect => self.connect.as_ref(),
+        };
+        if sets.is_none() {
+            return true;
+        }
+        let proto = match j.tcp {
+            Some(true) => Proto::Tcp,
+            Some(false) => Proto::Udp,
+            None => return false,
+        };
+        let family = if j.ipv6 { Family::Ipv6 } else { Family::Ipv4 };
+        let class = if j.loopback {
+            AddrClass::Loopback
+        } else {
+            AddrClass::Any
+        };
+        sets_allow(
+            sets,
+            proto,
+            family,
+            class,
+            j.port,
+            j.dual_stack,
+            j.ephemeral,
+        )
+    }
+}
+
+/// One direction's decision (`None`: unrestricted): the port in the set of
+/// its (protocol, family, address class), and for a dual-stack bind in the
+/// IPv4 any-address set too; a chosen port also by the set's `ephemeral`.
+fn sets_allow(
+    sets: Option<&DirectionSets>,
+    proto: Proto,
+    family: Family,
+    class: AddrClass,
+    port: u16,
+    dual_stack: bool,
+    ephemeral_ok: bool,
+) -> bool {
+    let Some(sets) = sets else {
+        return true;
+    };
+    let ok =
+        |set: &PortSet| set.contains(port) || (ephemeral_ok && set.contains(PortSet::EPHEMERAL));
+    ok(sets.get(proto, family, class))
+        && (!dual_stack || ok(sets.get(proto, Family::Ipv4, AddrClass::Any)))
 }
 
 impl DirectionSets {
@@ -357,6 +422,48 @@ mod tests {
         assert!(!c.allows_bound(Proto::Tcp, at("10.0.0.1"), 40000, false, true));
         let open = one("policies: [{name: a, cgroup: /a}]");
         assert!(open.allows_bound(Proto::Tcp, at("0.0.0.0"), 1, false, false));
+    }
+
+    #[test]
+    fn a_judged_operation_is_allowed_as_the_kernel_decides() {
+        use super::super::explain::{Dir, Judged};
+        let c = one(
+            "policies: [{name: a, cgroup: /a, bind: [{ports: [80], family: ipv6}, {ports: [ephemeral], protocol: udp}], connect: [{ports: [5432], address: loopback}], allow_sockets: [sctp]}]",
+        );
+        let j = |dir, tcp, ipv6, loopback, port| Judged {
+            dir,
+            tcp,
+            ipv6,
+            loopback,
+            port,
+            ephemeral: false,
+            dual_stack: false,
+        };
+        assert!(c.allows(&j(Dir::Bind, Some(true), true, false, 80), 0));
+        assert!(!c.allows(&j(Dir::Bind, Some(true), false, false, 80), 0));
+        let dual = Judged {
+            dual_stack: true,
+            ..j(Dir::Bind, Some(true), true, false, 80)
+        };
+        assert!(!c.allows(&dual, 0), "dual-stack needs IPv4 too");
+        let chosen = Judged {
+            ephemeral: true,
+            ..j(Dir::Bind, Some(false), false, false, 40000)
+        };
+        assert!(c.allows(&chosen, 0));
+        assert!(!c.allows(&j(Dir::Bind, Some(false), false, false, 40000), 0));
+        assert!(
+            !c.allows(&j(Dir::Bind, None, true, false, 80), 0),
+            "no rule names SCTP"
+        );
+        assert!(c.allows(&j(Dir::Connect, Some(true), false, true, 5432), 0));
+        assert!(!c.allows(&j(Dir::Connect, Some(true), false, false, 5432), 0));
+        let sock = j(Dir::Socket, None, false, false, 0);
+        assert!(c.allows(&sock, SOCK_ALLOW_SCTP));
+        assert!(!c.allows(&sock, SOCK_ALLOW_RAW));
+        let open = one("policies: [{name: a, cgroup: /a}]");
+        assert!(open.allows(&sock, SOCK_ALLOW_RAW), "nothing restricted");
+        assert!(open.allows(&j(Dir::Connect, None, false, false, 1), 0));
     }
 
     #[test]

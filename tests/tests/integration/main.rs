@@ -27,6 +27,8 @@
 //!   unprivileged users kept away from pins, socket and log.
 //! - `learn`: `portguard learn` writes a policy that allows exactly what it saw.
 //! - `metrics`: /metrics counters follow real decisions.
+//! - `replay`: `portguard replay` judges a real agent's log under a
+//!   candidate policy (exact table and JSON; exit status).
 //! - `plan`: `reserved:` ports denied whatever a policy allows; `check` warns.
 //! - `pinning`: enforcement survives SIGKILL and upgrades (pinned programs,
 //!   links and maps, adopted without detaching); `uninstall`.
@@ -67,6 +69,7 @@ mod pinning;
 mod plan;
 mod points;
 mod reload;
+mod replay;
 mod status;
 mod terminal;
 mod unit_hook;
