@@ -1,7 +1,8 @@
 //! `portguard events`: read an event log (a file, or standard input such as
-//! `kubectl logs -f`), filter it, and show it as a table, as JSON lines, or
-//! as a summary of the most denied (workload, port) pairs. Lines that are
-//! not events (agent log lines mixed in) are skipped.
+//! `kubectl logs -f`), filter it, and show it as a table, as JSON lines, as
+//! OCSF events or ECS documents, or as a summary of the most denied
+//! (workload, port) pairs. Lines that are not events (agent log lines mixed
+//! in) are skipped.
 //!
 //! The filters and the summary are pure functions over parsed lines.
 
@@ -17,13 +18,19 @@ use anyhow::Context as _;
 use clap::Args;
 use serde_json::{Value, json};
 
-use crate::observe::text::escape;
+use crate::{
+    events::{EventLine, EventRecord, Format, LostRecord, SuppressedRecord},
+    hook::spool::HookFailed,
+    observe::text::escape,
+};
 
 /// Read an event log and show what matters.
 ///
 /// Reads FILE (or standard input with `-`, e.g. `kubectl logs -f ... |
 /// portguard events -`), keeps the decision lines that match every filter,
-/// and prints them as a table (default), as JSON lines (--json), or, with
+/// and prints them as a table (default), as JSON lines (--json), as OCSF
+/// events or ECS documents (--format ocsf|ecs: the events `portguard run
+/// --format` would have written, from a log written as JSON), or, with
 /// --summary, the most denied (workload, port) pairs with their counts
 /// (aggregated lines count as many decisions as they stand for).
 #[derive(Debug, Args)]
@@ -65,9 +72,60 @@ pub struct EventsArgs {
     /// With --summary: how many pairs.
     #[arg(long, value_name = "N", default_value_t = 20)]
     pub top: usize,
-    /// JSON lines instead of a table.
-    #[arg(long)]
+    /// JSON lines instead of a table (the same as --format json).
+    #[arg(long, conflicts_with = "format")]
     pub json: bool,
+    /// How to print the events: `table` (default), `json` (the lines as
+    /// they are), `ocsf` (one OCSF 1.3.0 event per line: decisions as
+    /// Network Activity, class 4001; hook failures as Application
+    /// Lifecycle, 6002) or `ecs` (Elastic Common Schema documents). The
+    /// mapping is docs/ocsf.md's, as `portguard run --format` writes it.
+    /// With --summary: `table` or `json` only.
+    #[arg(long, value_name = "FORMAT", value_enum, default_value_t = EventsFormat::Table)]
+    pub format: EventsFormat,
+}
+
+/// `portguard events --format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum EventsFormat {
+    Table,
+    Json,
+    Ocsf,
+    Ecs,
+}
+
+/// A portguard line in another form (`Format::Json`: as it is); `None` for
+/// a line that is no portguard line.
+pub fn convert(e: &Value, format: Format) -> Option<Value> {
+    use serde::Deserialize as _;
+    fn out<T: EventLine>(r: &T, format: Format) -> Option<Value> {
+        match format {
+            Format::Json => serde_json::to_value(r).ok(),
+            Format::Ocsf => serde_json::to_value(r.ocsf()).ok(),
+            Format::Ecs => Some(r.ecs()),
+        }
+    }
+    if e.get("lost").is_some() {
+        out(&LostRecord::deserialize(e).ok()?, format)
+    } else if e.get("suppressed").is_some() {
+        out(&SuppressedRecord::deserialize(e).ok()?, format)
+    } else if e["verdict"] == "hook_failed" {
+        out(&HookFailed::deserialize(e).ok()?, format)
+    } else if e.get("verdict").is_some() {
+        out(&EventRecord::deserialize(e).ok()?, format)
+    } else {
+        None
+    }
+}
+
+/// One event as `format` prints it (`None`: a line it cannot convert).
+fn render_one(e: &Value, format: EventsFormat) -> Option<String> {
+    match format {
+        EventsFormat::Table => Some(table_row(e)),
+        EventsFormat::Json => Some(e.to_string()),
+        EventsFormat::Ocsf => convert(e, Format::Ocsf).map(|v| v.to_string()),
+        EventsFormat::Ecs => convert(e, Format::Ecs).map(|v| v.to_string()),
+    }
 }
 
 fn parse_when(s: &str) -> Result<SystemTime, String> {
@@ -300,19 +358,32 @@ pub fn run(a: &EventsArgs) -> anyhow::Result<ExitCode> {
         port: a.port,
         verdict: a.verdict.clone(),
     };
+    let format = if a.json {
+        EventsFormat::Json
+    } else {
+        a.format
+    };
+    if a.summary && matches!(format, EventsFormat::Ocsf | EventsFormat::Ecs) {
+        anyhow::bail!(
+            "--summary prints a table or JSON (--format table|json); OCSF and ECS are for the events themselves"
+        );
+    }
     let stdin = a.file.as_os_str() == "-";
     let mut out = std::io::stdout().lock();
     if a.follow && !a.summary {
-        if !a.json {
+        if format == EventsFormat::Table {
             writeln!(out, "{}", HEADER.replace('\t', "  "))?;
         }
         let mut emit = |e: Value| -> std::io::Result<()> {
-            if filter.matches(&e) {
-                if a.json {
-                    writeln!(out, "{e}")?;
+            if filter.matches(&e)
+                && let Some(line) = render_one(&e, format)
+            {
+                let line = if format == EventsFormat::Table {
+                    line.replace('\t', "  ")
                 } else {
-                    writeln!(out, "{}", table_row(&e).replace('\t', "  "))?;
-                }
+                    line
+                };
+                writeln!(out, "{line}")?;
                 out.flush()?;
             }
             Ok(())
@@ -340,19 +411,19 @@ pub fn run(a: &EventsArgs) -> anyhow::Result<ExitCode> {
         .collect();
     if a.summary {
         let rows = summarize(&events, a.top);
-        if a.json {
+        if format == EventsFormat::Json {
             for r in &rows {
                 writeln!(out, "{}", summary_json(r))?;
             }
         } else {
             write!(out, "{}", render_summary(&rows))?;
         }
-    } else if a.json {
-        for e in &events {
-            writeln!(out, "{e}")?;
-        }
-    } else {
+    } else if format == EventsFormat::Table {
         write!(out, "{}", render_table(&events))?;
+    } else {
+        for line in events.iter().filter_map(|e| render_one(e, format)) {
+            writeln!(out, "{line}")?;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -530,5 +601,39 @@ mod tests {
         // One header and one row: the newline forged no line.
         assert_eq!(table.lines().count(), 2, "{table:?}");
         assert_eq!(summary.lines().count(), 2, "{summary:?}");
+    }
+
+    /// `--format ocsf|ecs` converts the lines of a JSON log: a decision,
+    /// a hook failure, a loss report; other lines are not converted.
+    #[test]
+    fn json_lines_convert_to_ocsf_and_ecs() {
+        let line = json!({"schema_version":1,"time":"2026-11-22T02:41:07.093321594Z","host":"node-7",
+            "verdict":"deny","hook":"bind4","policy":"payments-web","rule":"bind[1].address",
+            "cgroup":"/kubepods/besteffort/pod2f0e/9b2a","cgroup_id":73321,"pid":48213,"tid":48213,
+            "uid":0,"gid":0,"comm":"server","family":"ipv4","protocol":"tcp","address":"0.0.0.0",
+            "port":9090,"policy_cgroup":"/kubepods/besteffort/pod2f0e","policy_cgroup_id":73318,
+            "k8s_namespace":"payments","k8s_pod":"web-0","container_name":"server",
+            "container_id":"9b2a","identity_source":"cri","count":1});
+        let o = convert(&line, Format::Ocsf).unwrap();
+        assert_eq!((&o["class_uid"], &o["activity_id"]), (&json!(4001), &json!(7)));
+        assert_eq!(o["firewall_rule"]["name"], "payments-web");
+        assert_eq!(o["unmapped"]["k8s_pod"], "web-0");
+        assert_eq!(o["actor"]["process"]["container"]["name"], "server");
+        let e = convert(&line, Format::Ecs).unwrap();
+        assert_eq!(e["portguard"], line);
+        assert_eq!(e["orchestrator"]["resource"]["name"], "web-0");
+        assert_eq!(convert(&line, Format::Json).unwrap(), line);
+        let hook = json!({"schema_version":1,"time":"2026-12-01T17:08:32.947453286Z","host":"node-7",
+            "verdict":"hook_failed","hook":"oci","action":"allowed_start","reason":"timeout",
+            "on_failure":"open","cgroup":"/x","cgroup_id":7,"container_id":"9b2a"});
+        assert_eq!(convert(&hook, Format::Ocsf).unwrap()["class_uid"], 6002);
+        let lost = json!({"schema_version":1,"time":"2026-11-22T02:41:08.000114Z","host":"node-7",
+            "lost":412,"lost_total":412});
+        assert_eq!(convert(&lost, Format::Ocsf).unwrap()["count"], 412);
+        assert!(convert(&json!({"msg": "agent log line"}), Format::Ocsf).is_none());
+        assert_eq!(
+            render_one(&line, EventsFormat::Ocsf).map(|l| l.contains("\"class_uid\":4001")),
+            Some(true)
+        );
     }
 }
