@@ -72,7 +72,7 @@ impl EventRecord {
             }
             m.insert("container".into(), Value::Object(c));
         }
-        if id.k8s_pod_uid.is_some() {
+        if id.k8s_pod_uid.is_some() || id.k8s_pod.is_some() {
             let mut o = json!({ "type": "kubernetes", "resource": { "type": "pod" } });
             if let Some(ns) = &id.k8s_namespace {
                 o["namespace"] = json!(ns);

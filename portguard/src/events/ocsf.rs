@@ -496,7 +496,8 @@ impl EventRecord {
                 uid: id.container_id.as_deref(),
                 name: id.container_name.as_deref(),
                 pod_uuid: id.k8s_pod_uid.as_deref().and_then(uuid),
-                orchestrator: id.k8s_pod_uid.is_some().then_some("Kubernetes"),
+                orchestrator: (id.k8s_pod_uid.is_some() || id.k8s_pod.is_some())
+                    .then_some("Kubernetes"),
             }
         });
         let ip = (!self.address.is_empty() && self.address.parse::<std::net::IpAddr>().is_ok())
