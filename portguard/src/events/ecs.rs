@@ -18,7 +18,10 @@ fn base<T: Serialize>(time: &str, host: &str, line: &T) -> Map<String, Value> {
     m.insert("@timestamp".into(), json!(time));
     m.insert("ecs".into(), json!({ "version": ECS_VERSION }));
     m.insert("host".into(), json!({ "name": host, "hostname": host }));
-    m.insert("agent".into(), json!({ "type": "portguard", "version": env!("CARGO_PKG_VERSION") }));
+    m.insert(
+        "agent".into(),
+        json!({ "type": "portguard", "version": env!("CARGO_PKG_VERSION") }),
+    );
     m.insert(
         "portguard".into(),
         serde_json::to_value(line).unwrap_or(Value::Null),
@@ -108,7 +111,8 @@ impl EventRecord {
             );
         }
         if let Some(p) = &self.policy {
-            let mut rule = json!({ "name": p, "ruleset": "portguard", "category": class.activity_name });
+            let mut rule =
+                json!({ "name": p, "ruleset": "portguard", "category": class.activity_name });
             if let Some(r) = &self.rule {
                 rule["id"] = json!(format!("{p}/{r}"));
             }
@@ -135,7 +139,10 @@ impl LostRecord {
         m.insert("event".into(), event);
         m.insert(
             "message".into(),
-            json!(format!("portguard: the kernel could not queue {} event(s)", self.lost)),
+            json!(format!(
+                "portguard: the kernel could not queue {} event(s)",
+                self.lost
+            )),
         );
         Value::Object(m)
     }
@@ -154,7 +161,10 @@ impl SuppressedRecord {
                 "severity": 2, "created": self.time,
             }),
         );
-        m.insert("rule".into(), json!({ "name": self.policy, "ruleset": "portguard" }));
+        m.insert(
+            "rule".into(),
+            json!({ "name": self.policy, "ruleset": "portguard" }),
+        );
         m.insert(
             "message".into(),
             json!(format!(

@@ -27,6 +27,4 @@ pub use record::*;
 pub use writer::*;
 
 #[cfg(test)]
-mod format_tests;
-#[cfg(test)]
 mod tests;

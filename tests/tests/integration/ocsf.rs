@@ -132,10 +132,20 @@ fn a_real_agents_ocsf_events_validate_against_the_ocsf_schema() {
                 && e["dst_endpoint"]["port"] == 8081
         })
         .unwrap_or_else(|| panic!("no event for the bind: {events:#?}"));
-    assert_eq!((&e["class_uid"], &e["activity_id"]), (&json!(4001), &json!(7)), "{e}");
+    assert_eq!(
+        (&e["class_uid"], &e["activity_id"]),
+        (&json!(4001), &json!(7)),
+        "{e}"
+    );
     assert_eq!(e["type_uid"], 400_107);
-    assert_eq!((&e["action_id"], &e["disposition_id"]), (&json!(2), &json!(2)));
-    assert_eq!((&e["action"], &e["disposition"]), (&json!("Denied"), &json!("Blocked")));
+    assert_eq!(
+        (&e["action_id"], &e["disposition_id"]),
+        (&json!(2), &json!(2))
+    );
+    assert_eq!(
+        (&e["action"], &e["disposition"]),
+        (&json!("Denied"), &json!("Blocked"))
+    );
     assert_eq!(e["status_code"], "EPERM");
     assert_eq!(e["metadata"]["version"], "1.3.0");
     assert_eq!(e["metadata"]["product"]["name"], "portguard");
@@ -166,7 +176,10 @@ fn a_real_agents_ocsf_events_validate_against_the_ocsf_schema() {
     // Time: milliseconds, and the nanoseconds portguard wrote.
     let ms = e["time"].as_i64().unwrap();
     let dt = humantime::parse_rfc3339(e["time_dt"].as_str().unwrap()).unwrap();
-    let dt_ms = dt.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let dt_ms = dt
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
     assert_eq!(ms, dt_ms);
 
     // Every kind this test meant to produce is there.
@@ -174,8 +187,12 @@ fn a_real_agents_ocsf_events_validate_against_the_ocsf_schema() {
         assert!(events.iter().any(pred), "no {what}: {events:#?}");
     };
     let hook = |h: &'static str| move |e: &Value| e["unmapped"]["hook"] == h;
-    has("bind6 (Listen)", &|e| hook("bind6")(e) && e["activity_id"] == 7 && e["unmapped"]["dual_stack"] == true);
-    has("post_bind4", &|e| hook("post_bind4")(e) && e["activity_id"] == 7);
+    has("bind6 (Listen)", &|e| {
+        hook("bind6")(e) && e["activity_id"] == 7 && e["unmapped"]["dual_stack"] == true
+    });
+    has("post_bind4", &|e| {
+        hook("post_bind4")(e) && e["activity_id"] == 7
+    });
     has("connect4 (Open, outbound)", &|e| {
         hook("connect4")(e)
             && e["activity_id"] == 1
@@ -183,8 +200,14 @@ fn a_real_agents_ocsf_events_validate_against_the_ocsf_schema() {
             && e["dst_endpoint"]["port"] == 80
             && e["src_endpoint"]["container"]["uid"] == cid.as_str()
     });
-    has("connect6", &|e| hook("connect6")(e) && e["dst_endpoint"]["ip"] == "::1" && e["connection_info"]["protocol_ver_id"] == 6);
-    has("sendmsg4 (Traffic)", &|e| hook("sendmsg4")(e) && e["activity_id"] == 6);
+    has("connect6", &|e| {
+        hook("connect6")(e)
+            && e["dst_endpoint"]["ip"] == "::1"
+            && e["connection_info"]["protocol_ver_id"] == 6
+    });
+    has("sendmsg4 (Traffic)", &|e| {
+        hook("sendmsg4")(e) && e["activity_id"] == 6
+    });
     has("sock_create (Other)", &|e| {
         hook("sock_create")(e) && e["activity_id"] == 99 && e["unmapped"]["socket"] == "raw"
     });
@@ -265,7 +288,10 @@ fn portguard_events_converts_a_json_log_to_ocsf() {
     let (code, out, err) =
         portguard_tests::portguard(&["events", "--format", "ocsf", log.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
-    let ocsf: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let ocsf: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(ocsf.len(), decisions, "{out}");
     let errors = portguard_tests::ocsf_errors(&ocsf);
     assert!(errors.is_empty(), "{}", errors.join("\n"));
@@ -288,7 +314,10 @@ fn portguard_events_converts_a_json_log_to_ocsf() {
         log.to_str().unwrap(),
     ]);
     assert_eq!(code, 0, "{err}");
-    let ecs: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let ecs: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(ecs.len(), 1, "{out}");
     assert_eq!(ecs[0]["source"]["port"], 8082);
     assert_eq!(ecs[0]["event"]["type"], json!(["connection", "denied"]));

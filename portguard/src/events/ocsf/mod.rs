@@ -19,12 +19,18 @@
 //! (`verdict`, `hook`, `cgroup`, `k8s_pod`, ...) under `unmapped`, with
 //! their portguard names, so nothing the JSON line says is lost.
 //!
-//! This module owns the OCSF vocabulary; it imports nothing but the records.
+//! Here: the classes, activities and outcomes, and decisions; `objects`:
+//! the OCSF objects; `reports`: the lines that are not decisions. This
+//! module owns the OCSF vocabulary; it imports nothing but the records.
+
+mod objects;
+mod reports;
 
 use portguard_common::Hook;
 use serde::Serialize;
 
-use super::{EventHook, EventRecord, LostRecord, PolicyLost, SuppressedRecord, Verdict};
+pub use self::{objects::*, reports::*};
+use super::{EventHook, EventRecord, Verdict};
 
 /// The OCSF schema version the events follow (`metadata.version`).
 pub const OCSF_VERSION: &str = "1.3.0";
@@ -54,7 +60,11 @@ pub struct Classification {
 }
 
 /// Network Activity (4001), in the Network Activity category (4).
-const fn network(activity_id: u32, activity_name: &'static str, type_name: &'static str) -> Classification {
+const fn network(
+    activity_id: u32,
+    activity_name: &'static str,
+    type_name: &'static str,
+) -> Classification {
     Classification {
         class_uid: 4001,
         class_name: "Network Activity",
@@ -156,166 +166,13 @@ pub fn outcome(verdict: Verdict, action: Option<&str>) -> Outcome {
         }
         // Found under an audit-mode policy: left alone.
         (Verdict::Preexisting, None) => outcome_of(ALLOWED, (15, "Detected"), SUCCESS, LOW),
-        (Verdict::Unknown, _) => outcome_of((0, "Unknown"), (0, "Unknown"), (0, "Unknown"), (0, "Unknown")),
+        (Verdict::Unknown, _) => outcome_of(
+            (0, "Unknown"),
+            (0, "Unknown"),
+            (0, "Unknown"),
+            (0, "Unknown"),
+        ),
     }
-}
-
-/// `metadata`.
-#[derive(Serialize)]
-pub struct Metadata<'a> {
-    pub version: &'static str,
-    pub product: Product,
-    pub profiles: &'static [&'static str],
-    pub log_name: &'static str,
-    /// The time as portguard wrote it (nanoseconds).
-    pub original_time: &'a str,
-}
-
-impl<'a> Metadata<'a> {
-    fn new(profiles: &'static [&'static str], original_time: &'a str) -> Self {
-        Self {
-            version: OCSF_VERSION,
-            product: Product::PORTGUARD,
-            profiles,
-            log_name: "portguard events",
-            original_time,
-        }
-    }
-}
-
-/// `metadata.product` (and an Application Lifecycle's `app`).
-#[derive(Serialize)]
-pub struct Product {
-    pub name: &'static str,
-    pub vendor_name: &'static str,
-    pub version: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub feature: Option<Feature>,
-}
-
-/// `product.feature`.
-#[derive(Serialize)]
-pub struct Feature {
-    pub name: String,
-}
-
-impl Product {
-    const PORTGUARD: Self = Self {
-        name: "portguard",
-        vendor_name: "portguard",
-        version: env!("CARGO_PKG_VERSION"),
-        feature: None,
-    };
-}
-
-/// `device`: the node or host the agent runs on.
-#[derive(Serialize)]
-pub struct Device<'a> {
-    pub hostname: &'a str,
-    pub name: &'a str,
-    /// 0: Unknown (a server, a laptop: portguard cannot tell).
-    pub type_id: u32,
-    #[serde(rename = "type")]
-    pub kind: &'static str,
-}
-
-impl<'a> Device<'a> {
-    fn of(host: &'a str) -> Self {
-        Self {
-            hostname: host,
-            name: host,
-            type_id: 0,
-            kind: "Unknown",
-        }
-    }
-}
-
-/// `actor`.
-#[derive(Serialize)]
-pub struct Actor<'a> {
-    pub process: Process<'a>,
-    pub user: User,
-}
-
-/// `actor.process`.
-#[derive(Serialize)]
-pub struct Process<'a> {
-    pub pid: u32,
-    pub tid: u32,
-    #[serde(skip_serializing_if = "str::is_empty")]
-    pub name: &'a str,
-    pub user: User,
-    /// Linux Users profile: the task's group.
-    pub group: Group,
-    /// Container profile.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub container: Option<Container<'a>>,
-}
-
-/// `user`: only the numeric id is known (names are the host's and the
-/// container's business, and differ between them).
-#[derive(Serialize)]
-pub struct User {
-    pub uid: String,
-}
-
-/// `group`.
-#[derive(Serialize)]
-pub struct Group {
-    pub uid: String,
-}
-
-/// `container`: the caller's container, and its pod's uid.
-#[derive(Clone, Copy, Serialize)]
-pub struct Container<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub uid: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub name: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub pod_uuid: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub orchestrator: Option<&'static str>,
-}
-
-/// `src_endpoint`, `dst_endpoint`.
-#[derive(Serialize)]
-pub struct Endpoint<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub ip: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub port: Option<u16>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub hostname: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub container: Option<Container<'a>>,
-}
-
-/// `connection_info`.
-#[derive(Serialize)]
-pub struct ConnectionInfo<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub protocol_name: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub protocol_num: Option<u8>,
-    pub protocol_ver_id: u32,
-    pub protocol_ver: &'static str,
-    pub direction_id: u32,
-    pub direction: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub boundary_id: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub boundary: Option<&'static str>,
-}
-
-/// `firewall_rule`: the policy that decided, and which part of it.
-#[derive(Serialize)]
-pub struct FirewallRule<'a> {
-    pub name: &'a str,
-    #[serde(rename = "type")]
-    pub kind: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub condition: Option<&'a str>,
 }
 
 /// portguard's fields OCSF has no attribute for, by their portguard names.
@@ -491,15 +348,14 @@ impl EventRecord {
     pub fn ocsf(&self) -> NetworkActivity<'_> {
         let (class, direction_id) = activity(self.hook);
         let id = &self.identity;
-        let container = (id.container_id.is_some() || id.container_name.is_some()).then(|| {
-            Container {
+        let container =
+            (id.container_id.is_some() || id.container_name.is_some()).then(|| Container {
                 uid: id.container_id.as_deref(),
                 name: id.container_name.as_deref(),
                 pod_uuid: id.k8s_pod_uid.as_deref().and_then(uuid),
                 orchestrator: (id.k8s_pod_uid.is_some() || id.k8s_pod.is_some())
                     .then_some("Kubernetes"),
-            }
-        });
+            });
         let ip = (!self.address.is_empty() && self.address.parse::<std::net::IpAddr>().is_ok())
             .then_some(self.address.as_str());
         let remote = direction_id == 2;
@@ -617,218 +473,5 @@ impl EventRecord {
     }
 }
 
-/// Event Log Activity (1008), in the System Activity category (1): a
-/// report about the event log itself.
-const fn event_log(activity_name: &'static str) -> Classification {
-    Classification {
-        class_uid: 1008,
-        class_name: "Event Log Activity",
-        category_uid: 1,
-        category_name: "System Activity",
-        activity_id: 99,
-        activity_name,
-        type_uid: 100_899,
-        type_name: "Event Log Activity: Other",
-    }
-}
-
-/// A report of decisions written as no line of their own, as an OCSF
-/// Event Log Activity event.
-#[derive(Serialize)]
-pub struct EventLog<'a, U: Serialize> {
-    #[serde(flatten)]
-    pub class: Classification,
-    pub time: i64,
-    pub time_dt: &'a str,
-    pub severity_id: u32,
-    pub severity: &'static str,
-    pub status_id: u32,
-    pub status: &'static str,
-    pub status_detail: &'static str,
-    pub message: String,
-    /// The decisions the report stands for.
-    pub count: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub start_time: Option<i64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub start_time_dt: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub end_time: Option<i64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub end_time_dt: Option<&'a str>,
-    pub log_name: &'static str,
-    pub log_provider: &'static str,
-    pub metadata: Metadata<'a>,
-    pub device: Device<'a>,
-    pub unmapped: U,
-}
-
-/// [`LostRecord`]'s fields under `unmapped`.
-#[derive(Serialize)]
-pub struct LostUnmapped<'a> {
-    pub schema_version: u32,
-    pub lost: u64,
-    pub lost_total: u64,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub agent_restarted: bool,
-    #[serde(skip_serializing_if = "<[PolicyLost]>::is_empty")]
-    pub policies: &'a [PolicyLost],
-}
-
-/// [`SuppressedRecord`]'s fields under `unmapped`.
-#[derive(Serialize)]
-pub struct SuppressedUnmapped<'a> {
-    pub schema_version: u32,
-    pub policy: &'a str,
-    pub suppressed: u64,
-    pub suppressed_total: u64,
-}
-
-impl LostRecord {
-    /// This report as an OCSF Event Log Activity event (`Events Lost`).
-    pub fn ocsf(&self) -> EventLog<'_, LostUnmapped<'_>> {
-        let mut message = format!(
-            "portguard: the kernel could not queue {} event(s) ({} since the programs were installed)",
-            self.lost, self.lost_total
-        );
-        if self.agent_restarted {
-            message.push_str(" while no agent was reading");
-        }
-        EventLog {
-            class: event_log("Events Lost"),
-            time: millis(&self.time),
-            time_dt: &self.time,
-            severity_id: MEDIUM.0,
-            severity: MEDIUM.1,
-            status_id: FAILURE.0,
-            status: FAILURE.1,
-            status_detail: "ring buffer full",
-            message,
-            count: self.lost,
-            start_time: self.since.as_deref().map(millis),
-            start_time_dt: self.since.as_deref(),
-            end_time: self.until.as_deref().map(millis),
-            end_time_dt: self.until.as_deref(),
-            log_name: "portguard events",
-            log_provider: "portguard",
-            metadata: Metadata::new(REPORT_PROFILES, &self.time),
-            device: Device::of(&self.host),
-            unmapped: LostUnmapped {
-                schema_version: self.schema_version,
-                lost: self.lost,
-                lost_total: self.lost_total,
-                agent_restarted: self.agent_restarted,
-                policies: &self.policies,
-            },
-        }
-    }
-}
-
-impl SuppressedRecord {
-    /// This report as an OCSF Event Log Activity event (`Events
-    /// Suppressed`).
-    pub fn ocsf(&self) -> EventLog<'_, SuppressedUnmapped<'_>> {
-        EventLog {
-            class: event_log("Events Suppressed"),
-            time: millis(&self.time),
-            time_dt: &self.time,
-            severity_id: LOW.0,
-            severity: LOW.1,
-            status_id: SUCCESS.0,
-            status: SUCCESS.1,
-            status_detail: "policy event budget (--event-rate, --event-burst) spent",
-            message: format!(
-                "portguard: policy {} made {} decision(s) beyond its event budget, enforced but written as no event ({} in all)",
-                self.policy, self.suppressed, self.suppressed_total
-            ),
-            count: self.suppressed,
-            start_time: None,
-            start_time_dt: None,
-            end_time: None,
-            end_time_dt: None,
-            log_name: "portguard events",
-            log_provider: "portguard",
-            metadata: Metadata::new(REPORT_PROFILES, &self.time),
-            device: Device::of(&self.host),
-            unmapped: SuppressedUnmapped {
-                schema_version: self.schema_version,
-                policy: &self.policy,
-                suppressed: self.suppressed,
-                suppressed_total: self.suppressed_total,
-            },
-        }
-    }
-}
-
-/// A runtime hook failure as an OCSF Application Lifecycle event.
-#[derive(Serialize)]
-pub struct AppLifecycle<'a, U: Serialize> {
-    #[serde(flatten)]
-    pub class: Classification,
-    pub time: i64,
-    pub time_dt: &'a str,
-    pub severity_id: u32,
-    pub severity: &'static str,
-    pub status_id: u32,
-    pub status: &'static str,
-    pub status_detail: &'a str,
-    pub message: String,
-    pub app: Product,
-    pub metadata: Metadata<'a>,
-    pub device: Device<'a>,
-    pub unmapped: U,
-}
-
-/// A runtime hook (`hook`: `oci`, `unit`) could not confirm its workload
-/// was governed before it started; `refused`: it failed closed (the
-/// workload did not start). As an Application Lifecycle event (class 6002)
-/// of portguard's hook, activity Other (`Hook Failed`): High when the
-/// workload started anyway (it may have run ungoverned), Medium when it was
-/// refused. `unmapped`: the hook's line.
-pub fn hook_failed<'a, U: Serialize>(
-    time: &'a str,
-    host: &'a str,
-    hook: &str,
-    refused: bool,
-    reason: &'a str,
-    workload: &str,
-    unmapped: U,
-) -> AppLifecycle<'a, U> {
-    let severity = if refused { MEDIUM } else { HIGH };
-    AppLifecycle {
-        class: Classification {
-            class_uid: 6002,
-            class_name: "Application Lifecycle",
-            category_uid: 6,
-            category_name: "Application Activity",
-            activity_id: 99,
-            activity_name: "Hook Failed",
-            type_uid: 600_299,
-            type_name: "Application Lifecycle: Other",
-        },
-        time: millis(time),
-        time_dt: time,
-        severity_id: severity.0,
-        severity: severity.1,
-        status_id: FAILURE.0,
-        status: FAILURE.1,
-        status_detail: reason,
-        message: format!(
-            "portguard hook {hook} could not confirm {workload} was governed; {}: {reason}",
-            if refused {
-                "its start was refused"
-            } else {
-                "it started anyway"
-            }
-        ),
-        app: Product {
-            feature: Some(Feature {
-                name: format!("hook {hook}"),
-            }),
-            ..Product::PORTGUARD
-        },
-        metadata: Metadata::new(REPORT_PROFILES, time),
-        device: Device::of(host),
-        unmapped,
-    }
-}
+#[cfg(test)]
+mod tests;

@@ -12,8 +12,7 @@ use std::{
 use portguard_common::Hook;
 use serde_json::{Value, json};
 
-use super::*;
-use crate::hook::spool::HookFailed;
+use crate::{events::*, hook::spool::HookFailed};
 
 const T: &str = "2026-11-22T02:41:07.093321594Z";
 
@@ -339,7 +338,10 @@ fn each_hook_has_its_network_activity() {
             assert_eq!(e["activity_name"], hook.name());
         }
         let dst = &e["dst_endpoint"];
-        assert_eq!((&dst["ip"], &dst["port"]), (&json!("0.0.0.0"), &json!(9090)));
+        assert_eq!(
+            (&dst["ip"], &dst["port"]),
+            (&json!("0.0.0.0"), &json!(9090))
+        );
         if side == "remote" {
             // The caller is the source; the destination is not its host.
             assert_eq!(e["src_endpoint"]["hostname"], "node-7", "{hook:?}");
@@ -368,11 +370,20 @@ fn a_decision_carries_who_where_and_which_policy() {
     assert_eq!(e["metadata"]["original_time"], T);
     assert_eq!(
         e["metadata"]["profiles"],
-        json!(["host", "container", "security_control", "linux/linux_users", "datetime"])
+        json!([
+            "host",
+            "container",
+            "security_control",
+            "linux/linux_users",
+            "datetime"
+        ])
     );
     assert_eq!(e["device"]["hostname"], "node-7");
     let p = &e["actor"]["process"];
-    assert_eq!((&p["pid"], &p["tid"], &p["name"]), (&json!(48213), &json!(48214), &json!("server")));
+    assert_eq!(
+        (&p["pid"], &p["tid"], &p["name"]),
+        (&json!(48213), &json!(48214), &json!("server"))
+    );
     assert_eq!(p["user"]["uid"], "1000");
     assert_eq!(p["group"]["uid"], "1001");
     assert_eq!(e["actor"]["user"]["uid"], "1000");
@@ -386,9 +397,15 @@ fn a_decision_carries_who_where_and_which_policy() {
         json!({"name": "payments-web", "type": "portguard policy", "condition": "bind[1].address"})
     );
     let c = &e["connection_info"];
-    assert_eq!((&c["protocol_name"], &c["protocol_num"]), (&json!("tcp"), &json!(6)));
+    assert_eq!(
+        (&c["protocol_name"], &c["protocol_num"]),
+        (&json!("tcp"), &json!(6))
+    );
     assert_eq!(c["protocol_ver_id"], 4);
-    assert_eq!((&c["boundary_id"], &c["boundary"]), (&json!(1), &json!("Localhost")));
+    assert_eq!(
+        (&c["boundary_id"], &c["boundary"]),
+        (&json!(1), &json!("Localhost"))
+    );
     let u = &e["unmapped"];
     assert_eq!(u["k8s_namespace"], "payments");
     assert_eq!(u["k8s_pod"], "web-0");
@@ -455,8 +472,14 @@ fn a_preexisting_socket_without_a_process_has_no_actor() {
 #[test]
 fn reports_are_event_log_activity() {
     let e = serde_json::to_value(lost().ocsf()).unwrap();
-    assert_eq!((&e["class_uid"], &e["category_uid"]), (&json!(1008), &json!(1)));
-    assert_eq!((&e["activity_id"], &e["activity_name"]), (&json!(99), &json!("Events Lost")));
+    assert_eq!(
+        (&e["class_uid"], &e["category_uid"]),
+        (&json!(1008), &json!(1))
+    );
+    assert_eq!(
+        (&e["activity_id"], &e["activity_name"]),
+        (&json!(99), &json!("Events Lost"))
+    );
     assert_eq!(e["type_uid"], 100_899);
     assert_eq!(e["count"], 93);
     assert_eq!(e["status_id"], 2);
@@ -477,13 +500,21 @@ fn reports_are_event_log_activity() {
 #[test]
 fn a_hook_failure_is_application_lifecycle() {
     let refused = serde_json::to_value(EventLine::ocsf(&hook_failure("refused_start"))).unwrap();
-    assert_eq!((&refused["class_uid"], &refused["category_uid"]), (&json!(6002), &json!(6)));
+    assert_eq!(
+        (&refused["class_uid"], &refused["category_uid"]),
+        (&json!(6002), &json!(6))
+    );
     assert_eq!(refused["activity_name"], "Hook Failed");
     assert_eq!(refused["app"]["feature"]["name"], "hook oci");
     assert_eq!(refused["status_id"], 2);
     assert_eq!(refused["severity_id"], 3);
     assert_eq!(refused["status_detail"], "the agent did not answer in time");
-    assert!(refused["message"].as_str().unwrap().contains("payments/web-0/server"));
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .contains("payments/web-0/server")
+    );
     assert_eq!(refused["unmapped"]["action"], "refused_start");
     assert_eq!(refused["unmapped"]["pod"], "web-0");
     let allowed = serde_json::to_value(EventLine::ocsf(&hook_failure("allowed_start"))).unwrap();
@@ -525,7 +556,10 @@ fn the_writer_writes_the_chosen_format() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    let classes: Vec<_> = lines.iter().map(|e| e["class_uid"].as_u64().unwrap()).collect();
+    let classes: Vec<_> = lines
+        .iter()
+        .map(|e| e["class_uid"].as_u64().unwrap())
+        .collect();
     assert_eq!(classes, [4001, 1008, 1008, 6002]);
     assert!(ocsf_errors(&lines, None).is_empty());
     let ecs: Vec<Value> = write(Some(Format::Ecs))
@@ -535,7 +569,10 @@ fn the_writer_writes_the_chosen_format() {
     assert_eq!(ecs.len(), 4);
     for d in &ecs {
         assert_eq!(d["ecs"]["version"], ecs::ECS_VERSION);
-        assert!(d["@timestamp"].is_string() && d["event"]["kind"].is_string(), "{d}");
+        assert!(
+            d["@timestamp"].is_string() && d["event"]["kind"].is_string(),
+            "{d}"
+        );
     }
 }
 
@@ -569,8 +606,14 @@ fn lines_read_back_into_the_same_records() {
         "time": T, "verdict": "quarantine", "hook": "bind9", "family": "ipv4",
         "action": "vaporised", "socket": "quic", "count": 1}))
     .unwrap();
-    assert_eq!((newer.verdict, newer.hook), (Verdict::Unknown, EventHook::Unknown));
-    assert_eq!((newer.action, newer.socket), (Some("unknown"), Some("other")));
+    assert_eq!(
+        (newer.verdict, newer.hook),
+        (Verdict::Unknown, EventHook::Unknown)
+    );
+    assert_eq!(
+        (newer.action, newer.socket),
+        (Some("unknown"), Some("other"))
+    );
 }
 
 #[test]
@@ -581,10 +624,19 @@ fn a_decision_as_ecs() {
     assert_eq!(d["event"]["type"], json!(["connection", "denied"]));
     assert_eq!(d["event"]["outcome"], "failure");
     assert_eq!(d["event"]["action"], "connect4");
-    assert_eq!(d["destination"], json!({"ip": "0.0.0.0", "address": "0.0.0.0", "port": 9090}));
+    assert_eq!(
+        d["destination"],
+        json!({"ip": "0.0.0.0", "address": "0.0.0.0", "port": 9090})
+    );
     assert!(d.get("source").is_none());
-    assert_eq!(d["network"], json!({"type": "ipv4", "direction": "egress", "transport": "tcp"}));
-    assert_eq!(d["process"], json!({"pid": 48213, "name": "server", "thread": {"id": 48214}}));
+    assert_eq!(
+        d["network"],
+        json!({"type": "ipv4", "direction": "egress", "transport": "tcp"})
+    );
+    assert_eq!(
+        d["process"],
+        json!({"pid": 48213, "name": "server", "thread": {"id": 48214}})
+    );
     assert_eq!(d["user"]["id"], "1000");
     assert_eq!(d["container"], json!({"id": "9b2a", "name": "server"}));
     assert_eq!(
