@@ -275,13 +275,25 @@ fn portguard_events_converts_a_json_log_to_ocsf() {
     let r4 = p.run(&["bind", "tcp", "0.0.0.0", "8081"]);
     r4.assert_eperm();
     p.run(&["bind", "tcp", "::", "8082"]).assert_eperm();
-    agent.wait_event(&[("port", json!(8082))]);
+    // The harness reads its own log; this one is ours.
+    let read = || -> Vec<Value> {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let deadline = Instant::now() + portguard_tests::EVENT_TIMEOUT;
+    while !read().iter().any(|e| e["port"] == 8082) {
+        assert!(
+            Instant::now() < deadline,
+            "no event for port 8082: {:#?}",
+            read()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(agent.stop().success());
-    let lines: Vec<Value> = std::fs::read_to_string(&log)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = read();
     let decisions = lines.iter().filter(|e| e.get("verdict").is_some()).count();
     assert!(decisions >= 2, "{lines:#?}");
 
