@@ -51,13 +51,16 @@ fn a_real_agents_ocsf_events_validate_against_the_ocsf_schema() {
     let pid = std::process::id();
     let (_pod, container, uid, cid) = pod_container(pid);
     let audited = Cgroup::new("ocsf-audit");
-    // Bound before the agent starts: reported as pre-existing.
-    let (held, _h) = Probe::in_cgroup(&container).hold(&["hold", "tcp", "0.0.0.0", "9999"]);
+    // Bound before the agent starts: reported as pre-existing (and ended).
+    // Not in the pod: another agent on this host with `pods:` policies
+    // holds every new pod cgroup until its runtime names it.
+    let holder = Cgroup::new("ocsf-held");
+    let (held, _h) = Probe::in_cgroup(&holder).hold(&["hold", "tcp", "0.0.0.0", "9999"]);
     held.assert_ok();
     let mut agent = Agent::start_with(
         &format!(
-            "policies:\n  - name: ocsf-pod\n    cgroup: /kubepods/besteffort/pod{uid}\n    bind: [{{ports: [8080]}}]\n    connect: [{{ports: [53]}}]\n  - {{name: ocsf-audited, cgroup: {}, mode: audit, bind: []}}\n",
-            audited.rel
+            "policies:\n  - name: ocsf-pod\n    cgroup: /kubepods/besteffort/pod{uid}\n    bind: [{{ports: [8080]}}]\n    connect: [{{ports: [53]}}]\n  - {{name: ocsf-audited, cgroup: {}, mode: audit, bind: []}}\n  - {{name: ocsf-held, cgroup: {}, bind: [{{ports: [8080]}}]}}\n",
+            audited.rel, holder.rel
         ),
         &[
             "--format",
@@ -232,6 +235,8 @@ fn a_real_agents_ocsf_events_validate_against_the_ocsf_schema() {
             && e["dst_endpoint"]["port"] == 9999
             && e["actor"]["process"]["pid"] == held.pid
             && e["unmapped"]["socket_inode"].is_u64()
+            && e["firewall_rule"]["name"] == "ocsf-held"
+            && e["disposition"] == "Blocked"
     });
     has("the aggregate", &|e| {
         e["dst_endpoint"]["port"] == 8085
