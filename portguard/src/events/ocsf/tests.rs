@@ -538,8 +538,7 @@ fn the_writer_writes_the_chosen_format() {
         w.line(&suppressed()).unwrap();
         w.line(&hook_failure("allowed_start")).unwrap();
         w.flush().unwrap();
-        let text = String::from_utf8(buf.lock().unwrap().clone()).unwrap();
-        text
+        String::from_utf8(buf.lock().unwrap().clone()).unwrap()
     };
     let default = write(None);
     let expected = [
