@@ -8,6 +8,9 @@
 #     CNI plugins + busybox-static for real containers, systemd (systemd-analyze
 #     verifies the unit file), util-linux (setpriv limits capabilities).
 #   - kubernetes-validate (PyPI), which validates deploy/ manifests offline.
+#   - ocsf-json-schema (PyPI), which ships the OCSF schema of every 1.x
+#     release and makes JSON Schemas of its classes: the tests validate
+#     `--format ocsf` events with it offline (scripts/ocsf_validate.py).
 #   - the nightly toolchain's rust-src component (for -Z build-std=core).
 #   - bpf-linker, built against that same LLVM major, into ~/.cargo/bin (cached
 #     across runs: skipped when `bpf-linker --version` already works and reports
@@ -88,6 +91,15 @@ fi
 if ! python3 -c 'import kubernetes_validate' >/dev/null 2>&1; then
   log "installing kubernetes-validate (PyPI)"
   python3 -m pip install --quiet kubernetes-validate
+fi
+
+# ocsf-json-schema validates the OCSF events (--format ocsf) offline in the
+# tests; pinned, so the schemas the tests read do not change under them.
+OCSF_JSON_SCHEMA_VERSION=1.2.0
+if ! python3 -c "import importlib.metadata as m, sys; sys.exit(m.version('ocsf-json-schema') != '$OCSF_JSON_SCHEMA_VERSION')" >/dev/null 2>&1 \
+   || ! python3 -c 'import jsonschema' >/dev/null 2>&1; then
+  log "installing ocsf-json-schema $OCSF_JSON_SCHEMA_VERSION and jsonschema (PyPI)"
+  python3 -m pip install --quiet "ocsf-json-schema==$OCSF_JSON_SCHEMA_VERSION" jsonschema
 fi
 
 # 3. bpffs (the agent pins its programs, links and maps there).

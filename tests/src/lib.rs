@@ -19,7 +19,7 @@
 //!
 //! The fixtures, one module each: cgroups (`cgroups`), the binaries under
 //! test (`binaries`), the agent (`agent`), `pgprobe` runs (`probe`), looping
-//! probes (`load`), JSON Schema checks (`schema`), a Kubernetes ConfigMap
+//! probes (`load`), JSON Schema and OCSF checks (`schema`), a Kubernetes ConfigMap
 //! volume (`k8s`) and a private containerd ([`containerd`]). Everything is
 //! re-exported here.
 
@@ -41,7 +41,7 @@ pub use cgroups::{Cgroup, cgroup2_root, is_root, join_before_exec};
 pub use k8s::ConfigMapVolume;
 pub use load::{Loop, Tally};
 pub use probe::{Held, Probe, ProbeResult};
-pub use schema::{event_schema_path, json_schema_errors, schema_errors};
+pub use schema::{event_schema_path, json_schema_errors, ocsf_errors, schema_errors};
 
 /// Skip (return early with a message) unless running as root. CI runs as
 /// root, so there these tests never skip.

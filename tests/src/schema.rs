@@ -1,5 +1,6 @@
 //! JSON Schema validation: event lines against docs/event.schema.json, or
-//! any documents against any schema (Python's `jsonschema`).
+//! any documents against any schema (Python's `jsonschema`); OCSF events
+//! against the OCSF schema (scripts/ocsf_validate.py, offline).
 
 use std::{
     path::{Path, PathBuf},
@@ -56,6 +57,35 @@ print(json.dumps(errors))
     assert!(
         out.status.success(),
         "schema validation failed to run: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Validate OCSF events (`--format ocsf` lines) against the OCSF schema of
+/// the version, class and profiles each names, with scripts/ocsf_validate.py
+/// (PyPI's ocsf-json-schema, which ships the schema: nothing is downloaded).
+/// Returns one message per error.
+pub fn ocsf_errors(events: &[Value]) -> Vec<String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/ocsf_validate.py");
+    let mut child = Command::new("python3")
+        .arg(&script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 (run scripts/setup.sh)");
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin
+            .write_all(serde_json::to_string(events).unwrap().as_bytes())
+            .unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the OCSF validator did not run (scripts/setup.sh installs ocsf-json-schema): {}",
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()

@@ -50,6 +50,8 @@ pub struct RunOptions {
     /// A file, `journald`, or standard output (`None`).
     pub log: Option<PathBuf>,
     pub log_rotation: events::Rotation,
+    /// The form of each event line (portguard's JSON, OCSF, ECS).
+    pub log_format: events::Format,
     pub capacity: Capacity,
     pub ring_buffer_bytes: u32,
     /// Kernel event budget of each policy, per CPU: events per second (0:

@@ -189,7 +189,7 @@ pub(super) fn hierarchy(opts: &RunOptions, policies: usize) -> anyhow::Result<Hi
 /// Where event lines go: `--log` (a file, or `journald`), else the journal
 /// when standard output is it, else standard output.
 pub(super) fn event_writer(opts: &RunOptions) -> anyhow::Result<EventWriter> {
-    Ok(match &opts.log {
+    let writer = match &opts.log {
         Some(p) if p.as_os_str() == "journald" => EventWriter::journald(),
         Some(p) => EventWriter::file(p, opts.log_rotation)
             .with_context(|| format!("cannot open event log {}", p.display()))?,
@@ -201,7 +201,8 @@ pub(super) fn event_writer(opts: &RunOptions) -> anyhow::Result<EventWriter> {
             EventWriter::journald()
         }
         None => EventWriter::stdout(),
-    })
+    };
+    Ok(writer.with_format(opts.log_format))
 }
 
 /// Refuse to start without the capabilities the kernel side needs; warn

@@ -1,7 +1,8 @@
 //! `portguard events`: read an event log (a file, or standard input such as
-//! `kubectl logs -f`), filter it, and show it as a table, as JSON lines, or
-//! as a summary of the most denied (workload, port) pairs. Lines that are
-//! not events (agent log lines mixed in) are skipped.
+//! `kubectl logs -f`), filter it, and show it as a table, as JSON lines, as
+//! OCSF events or ECS documents, or as a summary of the most denied
+//! (workload, port) pairs. Lines that are not events (agent log lines mixed
+//! in) are skipped.
 //!
 //! The filters and the summary are pure functions over parsed lines.
 
@@ -17,13 +18,19 @@ use anyhow::Context as _;
 use clap::Args;
 use serde_json::{Value, json};
 
-use crate::observe::text::escape;
+use crate::{
+    events::{EventLine, EventRecord, Format, LostRecord, SuppressedRecord},
+    hook::spool::HookFailed,
+    observe::text::escape,
+};
 
 /// Read an event log and show what matters.
 ///
 /// Reads FILE (or standard input with `-`, e.g. `kubectl logs -f ... |
 /// portguard events -`), keeps the decision lines that match every filter,
-/// and prints them as a table (default), as JSON lines (--json), or, with
+/// and prints them as a table (default), as JSON lines (--json), as OCSF
+/// events or ECS documents (--format ocsf|ecs: the events `portguard run
+/// --format` would have written, from a log written as JSON), or, with
 /// --summary, the most denied (workload, port) pairs with their counts
 /// (aggregated lines count as many decisions as they stand for).
 #[derive(Debug, Args)]
@@ -65,9 +72,60 @@ pub struct EventsArgs {
     /// With --summary: how many pairs.
     #[arg(long, value_name = "N", default_value_t = 20)]
     pub top: usize,
-    /// JSON lines instead of a table.
-    #[arg(long)]
+    /// JSON lines instead of a table (the same as --format json).
+    #[arg(long, conflicts_with = "format")]
     pub json: bool,
+    /// How to print the events: `table` (default), `json` (the lines as
+    /// they are), `ocsf` (one OCSF 1.3.0 event per line: decisions as
+    /// Network Activity, class 4001; hook failures as Application
+    /// Lifecycle, 6002) or `ecs` (Elastic Common Schema documents). The
+    /// mapping is docs/ocsf.md's, as `portguard run --format` writes it.
+    /// With --summary: `table` or `json` only.
+    #[arg(long, value_name = "FORMAT", value_enum, default_value_t = EventsFormat::Table)]
+    pub format: EventsFormat,
+}
+
+/// `portguard events --format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum EventsFormat {
+    Table,
+    Json,
+    Ocsf,
+    Ecs,
+}
+
+/// A portguard line in another form (`Format::Json`: as it is); `None` for
+/// a line that is no portguard line.
+pub fn convert(e: &Value, format: Format) -> Option<Value> {
+    use serde::Deserialize as _;
+    fn out<T: EventLine>(r: &T, format: Format) -> Option<Value> {
+        match format {
+            Format::Json => serde_json::to_value(r).ok(),
+            Format::Ocsf => serde_json::to_value(r.ocsf()).ok(),
+            Format::Ecs => Some(r.ecs()),
+        }
+    }
+    if e.get("lost").is_some() {
+        out(&LostRecord::deserialize(e).ok()?, format)
+    } else if e.get("suppressed").is_some() {
+        out(&SuppressedRecord::deserialize(e).ok()?, format)
+    } else if e["verdict"] == "hook_failed" {
+        out(&HookFailed::deserialize(e).ok()?, format)
+    } else if e.get("verdict").is_some() {
+        out(&EventRecord::deserialize(e).ok()?, format)
+    } else {
+        None
+    }
+}
+
+/// One event as `format` prints it (`None`: a line it cannot convert).
+fn render_one(e: &Value, format: EventsFormat) -> Option<String> {
+    match format {
+        EventsFormat::Table => Some(table_row(e)),
+        EventsFormat::Json => Some(e.to_string()),
+        EventsFormat::Ocsf => convert(e, Format::Ocsf).map(|v| v.to_string()),
+        EventsFormat::Ecs => convert(e, Format::Ecs).map(|v| v.to_string()),
+    }
 }
 
 fn parse_when(s: &str) -> Result<SystemTime, String> {
@@ -300,19 +358,28 @@ pub fn run(a: &EventsArgs) -> anyhow::Result<ExitCode> {
         port: a.port,
         verdict: a.verdict.clone(),
     };
+    let format = if a.json { EventsFormat::Json } else { a.format };
+    if a.summary && matches!(format, EventsFormat::Ocsf | EventsFormat::Ecs) {
+        anyhow::bail!(
+            "--summary prints a table or JSON (--format table|json); OCSF and ECS are for the events themselves"
+        );
+    }
     let stdin = a.file.as_os_str() == "-";
     let mut out = std::io::stdout().lock();
     if a.follow && !a.summary {
-        if !a.json {
+        if format == EventsFormat::Table {
             writeln!(out, "{}", HEADER.replace('\t', "  "))?;
         }
         let mut emit = |e: Value| -> std::io::Result<()> {
-            if filter.matches(&e) {
-                if a.json {
-                    writeln!(out, "{e}")?;
+            if filter.matches(&e)
+                && let Some(line) = render_one(&e, format)
+            {
+                let line = if format == EventsFormat::Table {
+                    line.replace('\t', "  ")
                 } else {
-                    writeln!(out, "{}", table_row(&e).replace('\t', "  "))?;
-                }
+                    line
+                };
+                writeln!(out, "{line}")?;
                 out.flush()?;
             }
             Ok(())
@@ -332,19 +399,19 @@ pub fn run(a: &EventsArgs) -> anyhow::Result<ExitCode> {
     events.retain(|e| filter.matches(e));
     if a.summary {
         let rows = summarize(&events, a.top);
-        if a.json {
+        if format == EventsFormat::Json {
             for r in &rows {
                 writeln!(out, "{}", summary_json(r))?;
             }
         } else {
             write!(out, "{}", render_summary(&rows))?;
         }
-    } else if a.json {
-        for e in &events {
-            writeln!(out, "{e}")?;
-        }
-    } else {
+    } else if format == EventsFormat::Table {
         write!(out, "{}", render_table(&events))?;
+    } else {
+        for line in events.iter().filter_map(|e| render_one(e, format)) {
+            writeln!(out, "{line}")?;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -405,137 +472,5 @@ fn follow_file(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ev(verdict: &str, pod: &str, port: u16, time: &str, count: u64) -> Value {
-        json!({"schema_version": 1, "time": time, "verdict": verdict, "policy": "web",
-               "k8s_namespace": "payments", "k8s_pod": pod, "container_name": "server",
-               "protocol": "tcp", "address": "0.0.0.0", "port": port, "count": count,
-               "rule": "bind"})
-    }
-
-    #[test]
-    fn filters_by_every_field_and_time() {
-        let t = |s: &str| humantime::parse_rfc3339_weak(s).unwrap();
-        let e = ev("deny", "web-0", 8081, "2026-11-22T01:00:00Z", 1);
-        assert!(Filter::default().matches(&e));
-        assert!(!Filter::default().matches(&json!({"lost": 3})));
-        let f = |f: Filter| f.matches(&e);
-        assert!(f(Filter {
-            port: Some(8081),
-            ..Default::default()
-        }));
-        assert!(!f(Filter {
-            port: Some(80),
-            ..Default::default()
-        }));
-        assert!(f(Filter {
-            pod: Some("web-0".into()),
-            ..Default::default()
-        }));
-        assert!(!f(Filter {
-            namespace: Some("x".into()),
-            ..Default::default()
-        }));
-        assert!(!f(Filter {
-            verdict: Some("audit".into()),
-            ..Default::default()
-        }));
-        assert!(!f(Filter {
-            policy: Some("db".into()),
-            ..Default::default()
-        }));
-        assert!(!f(Filter {
-            unit: Some("nginx.service".into()),
-            ..Default::default()
-        }));
-        assert!(f(Filter {
-            since: Some(t("2026-11-22T00:59:00Z")),
-            ..Default::default()
-        }));
-        assert!(!f(Filter {
-            since: Some(t("2026-11-22T01:01:00Z")),
-            ..Default::default()
-        }));
-        assert!(!f(Filter {
-            until: Some(t("2026-11-22T00:59:00Z")),
-            ..Default::default()
-        }));
-        // An aggregate spanning 01:00..01:10 overlaps a 01:05.. window.
-        let mut agg = ev("deny", "web-0", 8081, "2026-11-22T01:00:00Z", 50);
-        agg["first_seen"] = json!("2026-11-22T01:00:00Z");
-        agg["last_seen"] = json!("2026-11-22T01:10:00Z");
-        assert!(
-            Filter {
-                since: Some(t("2026-11-22T01:05:00Z")),
-                ..Default::default()
-            }
-            .matches(&agg)
-        );
-    }
-
-    #[test]
-    fn summary_sums_counts_per_workload_and_port() {
-        let events = [
-            ev("deny", "web-0", 8081, "2026-11-22T01:00:00Z", 1),
-            ev("deny", "web-0", 8081, "2026-11-22T01:00:10Z", 99),
-            ev("deny", "web-1", 8081, "2026-11-22T01:00:05Z", 7),
-            ev("deny", "web-0", 9090, "2026-11-22T01:00:01Z", 1),
-        ];
-        let rows = summarize(&events, 2);
-        assert_eq!(rows.len(), 2);
-        assert_eq!(rows[0].workload, "payments/web-0/server");
-        assert_eq!((rows[0].port, rows[0].count), (8081, 100));
-        assert_eq!(rows[0].first_seen, "2026-11-22T01:00:00Z");
-        assert_eq!(rows[0].last_seen, "2026-11-22T01:00:10Z");
-        assert_eq!(
-            (rows[1].workload.as_str(), rows[1].count),
-            ("payments/web-1/server", 7)
-        );
-        let text = render_summary(&rows);
-        assert!(text.lines().nth(1).unwrap().starts_with("100  "), "{text}");
-        let table = render_table(&events);
-        assert!(table.contains("0.0.0.0:8081"), "{table}");
-        assert_eq!(table.lines().count(), 5);
-    }
-
-    #[test]
-    fn workloads_are_named_by_pod_unit_or_cgroup() {
-        assert_eq!(
-            workload(&json!({"unit": "nginx.service", "cgroup": "/x"})),
-            "nginx.service"
-        );
-        assert_eq!(workload(&json!({"cgroup": "/x"})), "/x");
-        assert_eq!(
-            workload(&json!({"k8s_namespace": "a", "k8s_pod": "p"})),
-            "a/p"
-        );
-    }
-
-    #[test]
-    fn hostile_names_are_escaped_in_tables() {
-        let hostile = json!({"time": "t", "verdict": "deny", "policy": "p",
-            "cgroup": "/tenants/a\u{1b}[2J\nb\tc\u{85}", "unit": null,
-            "protocol": "tcp", "address": "127.0.0.1", "port": 8, "count": 1, "rule": "bind"});
-        let table = render_table(std::slice::from_ref(&hostile));
-        let summary = render_summary(&summarize(std::slice::from_ref(&hostile), 10));
-        // The tab in the name does not make a column of its own.
-        assert_eq!(table_row(&hostile).split('\t').count(), 8);
-        for text in [&table, &summary] {
-            assert!(
-                !text
-                    .chars()
-                    .any(|c| c == '\x1b' || c == '\u{85}' || c == '\t'),
-                "{text:?}"
-            );
-            assert!(
-                text.contains(r"/tenants/a\x1b[2J\nb\tc\u{0085}"),
-                "{text:?}"
-            );
-        }
-        // One header and one row: the newline forged no line.
-        assert_eq!(table.lines().count(), 2, "{table:?}");
-        assert_eq!(summary.lines().count(), 2, "{summary:?}");
-    }
-}
+#[path = "events_tests.rs"]
+mod tests;

@@ -320,6 +320,8 @@ pub fn run(opts: &LearnOptions) -> anyhow::Result<usize> {
             max_bytes: 0,
             keep: 0,
         },
+        // learn reads portguard's own lines back.
+        log_format: crate::events::Format::Json,
         capacity: crate::apply::Capacity {
             cgroups: 4096,
             policies: 16,

@@ -45,6 +45,21 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE|journald")]
     pub log: Option<PathBuf>,
 
+    /// The form of each event line: `json`, portguard's own JSON lines
+    /// (docs/events.md; the default, and a contract: fields are added, never
+    /// renamed); `ocsf`, OCSF 1.3.0 events a SIEM ingests without a custom
+    /// parser (decisions as Network Activity, class 4001, with the actor
+    /// process, user, container and pod, the device, and action_id /
+    /// disposition_id Denied/Blocked or Allowed/Detected; loss and
+    /// suppression reports as Event Log Activity, 1008; hook failures as
+    /// Application Lifecycle, 6002); or `ecs`, Elastic Common Schema
+    /// documents. OCSF and ECS keep every portguard field (under `unmapped`
+    /// / `portguard`). Applies to standard output, --log FILE and journald
+    /// alike; docs/ocsf.md has the field mapping. `portguard events
+    /// --format` converts an existing JSON log.
+    #[arg(long, value_name = "FORMAT", value_enum, default_value_t = crate::events::Format::Json)]
+    pub format: crate::events::Format,
+
     /// Rotate the --log file when it reaches this many bytes (0: never).
     #[arg(long, value_name = "BYTES", default_value_t = 100 << 20)]
     pub log_max_size: u64,
@@ -262,6 +277,7 @@ pub fn execute(a: Box<RunArgs>) -> anyhow::Result<ExitCode> {
             max_bytes: a.log_max_size,
             keep: a.log_max_files,
         },
+        log_format: a.format,
         capacity: Capacity {
             cgroups: a.max_cgroups,
             policies: a.max_policies,

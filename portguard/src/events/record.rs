@@ -3,14 +3,14 @@
 //! the kernel judged ([`EventRecord::judged`], for the rule explanation).
 
 use portguard_common::{Hook, VERDICT_AUDIT, VERDICT_CUT_OFF, VERDICT_DENY, VERDICT_REPORTED};
-use serde::Serialize;
+use serde::{Deserialize, Deserializer, Serialize};
 
 /// Version of the event schema (docs/events.md, docs/event.schema.json).
 /// Raised only when a field changes meaning; new fields do not raise it.
 pub const SCHEMA_VERSION: u32 = 1;
 
 /// The `verdict` field: what was decided.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Verdict {
     /// Enforce mode: the caller got `EPERM`.
@@ -24,6 +24,7 @@ pub enum Verdict {
     /// A socket bound before its cgroup was governed (the inventory).
     Preexisting,
     /// A verdict code this agent does not know (a newer kernel object).
+    #[serde(other)]
     Unknown,
 }
 
@@ -101,6 +102,70 @@ impl Serialize for EventHook {
     }
 }
 
+impl EventHook {
+    /// The hook a JSON value names; [`EventHook::Unknown`] for a name this
+    /// agent does not know.
+    pub fn of_name(name: &str) -> Self {
+        if name == "inventory" {
+            return Self::Inventory;
+        }
+        (1..=u8::MAX)
+            .map_while(Hook::from_u8)
+            .find(|h| h.name() == name)
+            .map_or(Self::Unknown, Self::Kernel)
+    }
+}
+
+impl<'de> Deserialize<'de> for EventHook {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = std::borrow::Cow::<str>::deserialize(d)?;
+        Ok(Self::of_name(&name))
+    }
+}
+
+/// A `&'static str` field of a record: one of a fixed vocabulary. Spelt
+/// as an alias so that serde's derive reads it with `deserialize_with`
+/// (below) instead of borrowing it from the input, which would need input
+/// that lives forever.
+pub type Word = &'static str;
+
+/// Reading event lines back (`portguard events --format`): a field whose
+/// values are a fixed vocabulary, as the `&'static str` this agent writes;
+/// `other` for a value it does not know (a newer agent's).
+fn one_of<'de, D: Deserializer<'de>>(
+    d: D,
+    known: &[&'static str],
+    other: &'static str,
+) -> Result<&'static str, D::Error> {
+    let s = std::borrow::Cow::<str>::deserialize(d)?;
+    Ok(known.iter().find(|k| **k == s).copied().unwrap_or(other))
+}
+
+fn de_family<'de, D: Deserializer<'de>>(d: D) -> Result<&'static str, D::Error> {
+    one_of(d, &["ipv4", "ipv6"], "ipv4")
+}
+
+fn de_socket<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'static str>, D::Error> {
+    one_of(d, &["raw", "sctp", "l2tp", "other"], "other").map(Some)
+}
+
+fn de_action<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'static str>, D::Error> {
+    one_of(
+        d,
+        &["destroyed", "fenced", "closed", "dropped", "failed"],
+        "unknown",
+    )
+    .map(Some)
+}
+
+fn de_identity_source<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'static str>, D::Error> {
+    one_of(d, &["cri", "cgroup-path"], "unknown").map(Some)
+}
+
+fn one() -> u64 {
+    1
+}
+
 /// The `family` field: the family an address was judged as.
 pub const fn family_name(f: portguard_common::Family) -> &'static str {
     match f {
@@ -109,44 +174,65 @@ pub const fn family_name(f: portguard_common::Family) -> &'static str {
     }
 }
 
-/// A denial (or audit) as users see it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+/// A denial (or audit) as users see it. Read back (`Deserialize`) by
+/// `portguard events`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EventRecord {
+    #[serde(default)]
     pub schema_version: u32,
     pub time: String,
     /// The node or host the agent runs on.
+    #[serde(default)]
     pub host: String,
     pub verdict: Verdict,
     pub hook: EventHook,
+    #[serde(default)]
     pub policy: Option<String>,
     /// Which part of the policy decided (see `policy::explain`).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rule: Option<String>,
+    #[serde(default)]
     pub cgroup: Option<String>,
+    #[serde(default)]
     pub cgroup_id: u64,
+    #[serde(default)]
     pub pid: u32,
+    #[serde(default)]
     pub tid: u32,
+    #[serde(default)]
     pub uid: u32,
+    #[serde(default)]
     pub gid: u32,
+    #[serde(default)]
     pub comm: String,
-    pub family: &'static str,
+    #[serde(deserialize_with = "de_family")]
+    pub family: Word,
+    #[serde(default)]
     pub protocol: String,
+    #[serde(default)]
     pub address: String,
+    #[serde(default)]
     pub port: u16,
+    #[serde(default)]
     pub policy_cgroup: Option<String>,
+    #[serde(default)]
     pub policy_cgroup_id: u64,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub v4_mapped: bool,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub dual_stack: bool,
     /// `listen()` on an unbound socket (port 0: the kernel would pick it).
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub autobind: bool,
     /// `sock_create` events: the socket kind (`raw`, `sctp`, `l2tp`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub socket: Option<&'static str>,
+    #[serde(
+        default,
+        deserialize_with = "de_socket",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub socket: Option<Word>,
     /// `preexisting` events: the socket's inode (as in /proc/<pid>/fd).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket_inode: Option<u64>,
     /// `cut_off` events (and a UDP send denied for its autobound port), and
     /// `preexisting` ones under an enforcing policy (where `failed` means
@@ -157,28 +243,33 @@ pub struct EventRecord {
     /// `dropped` (neither fenced nor destroyable: the packet guard drops
     /// every packet addressed to it until it is gone) or `failed` (the
     /// packet guard could not be attached either; the agent's log says why).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub action: Option<&'static str>,
+    #[serde(
+        default,
+        deserialize_with = "de_action",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub action: Option<Word>,
     /// Who the caller is: pod, container or unit, when known.
     #[serde(flatten)]
     pub identity: WorkloadIdentity,
     /// How many identical decisions this line stands for (1, or the size
     /// of an aggregate; see `aggregate`).
+    #[serde(default = "one")]
     pub count: u64,
     /// Aggregates only: when the first and the last of them happened.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first_seen: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_seen: Option<String>,
     /// Aggregates only: the distinct processes among its decisions, in the
     /// order they first appeared, at most [`AGGREGATE_PIDS`] (`pid` is the
     /// first of them).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pids: Vec<u32>,
     /// Aggregates only: how many distinct processes made its decisions
     /// (counted up to [`AGGREGATE_PID_COUNT_MAX`]; that value means "that
     /// many or more").
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid_count: Option<u32>,
 }
 
@@ -334,7 +425,8 @@ impl EventRecord {
 
 /// Kubernetes or systemd identity of the caller's cgroup. Fields are left
 /// out when unknown.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct WorkloadIdentity {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub k8s_namespace: Option<String>,
@@ -350,8 +442,11 @@ pub struct WorkloadIdentity {
     pub unit: Option<String>,
     /// `cri` when names came from the CRI runtime; `cgroup-path` when only
     /// the cgroup path was available (pod uid, container id, unit).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub identity_source: Option<&'static str>,
+    #[serde(
+        deserialize_with = "de_identity_source",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub identity_source: Option<Word>,
 }
 
 impl WorkloadIdentity {
@@ -386,10 +481,12 @@ impl WorkloadIdentity {
 }
 
 /// A report of events the kernel could not queue.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LostRecord {
+    #[serde(default)]
     pub schema_version: u32,
     pub time: String,
+    #[serde(default)]
     pub host: String,
     /// Events lost since the previous report.
     pub lost: u64,
@@ -398,22 +495,22 @@ pub struct LostRecord {
     pub lost_total: u64,
     /// The period the loss happened in: since the previous report (or the
     /// last time the previous agent was known alive) until this one.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub until: Option<String>,
     /// The loss happened while no agent was reading (reported by the agent
     /// that adopted the pinned state).
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub agent_restarted: bool,
     /// Whose events were lost: the policies with losses since the previous
     /// report (absent when none is known, e.g. while no agent ran).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub policies: Vec<PolicyLost>,
 }
 
 /// One policy's part of a [`LostRecord`].
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PolicyLost {
     pub policy: String,
     /// Its events lost since the previous report.
@@ -426,10 +523,12 @@ pub struct PolicyLost {
 /// A report of decisions a policy's kernel event budget (`--event-rate`,
 /// `--event-burst`) held back: enforced and counted, but written as no
 /// event of their own.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SuppressedRecord {
+    #[serde(default)]
     pub schema_version: u32,
     pub time: String,
+    #[serde(default)]
     pub host: String,
     /// The policy that made the decisions.
     pub policy: String,

@@ -1,10 +1,13 @@
 //! Where event lines go ([`EventWriter`]): standard output, a rotated file,
-//! journald (native fields), or memory for tests.
+//! journald (native fields), or memory for tests; in the writer's
+//! [`Format`] (portguard's JSON by default, or OCSF or ECS).
 
 use std::io::{self, Write};
 
 use serde::Serialize;
 use serde_json::Value;
+
+use super::{EventLine, Format};
 
 /// Size-based rotation of an event log file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,6 +35,8 @@ pub(super) enum Sink {
 /// the journal. Exactly one line (or journal entry) per record.
 pub struct EventWriter {
     sink: Sink,
+    /// The form of each line.
+    format: Format,
     /// Lines that could not be written since the last successful write.
     pub failed: u64,
     /// The line being built, kept between lines: a storm writes hundreds
@@ -69,6 +74,7 @@ impl EventWriter {
     fn new(sink: Sink) -> Self {
         Self {
             sink,
+            format: Format::Json,
             failed: 0,
             text: Vec::with_capacity(1024),
         }
@@ -96,6 +102,13 @@ impl EventWriter {
         Self::new(Sink::Journald)
     }
 
+    /// Write each line in `format` instead of portguard's JSON.
+    #[must_use]
+    pub fn with_format(mut self, format: Format) -> Self {
+        self.format = format;
+        self
+    }
+
     /// True when systemd connected standard output to the journal (so
     /// native journal entries are the better way to write there).
     pub fn stdout_is_journal() -> bool {
@@ -119,16 +132,23 @@ impl EventWriter {
         Self::new(Sink::Stream(Box::new(Shared(buf))))
     }
 
-    /// Write one JSON line. Errors are counted and returned.
-    pub fn line<T: Serialize>(&mut self, record: &T) -> io::Result<()> {
-        let res = self.write_line(record);
+    /// Write one line, in the writer's format. Errors are counted and
+    /// returned.
+    pub fn line<T: EventLine>(&mut self, record: &T) -> io::Result<()> {
+        let warning = record.journal_warning();
+        let res = match self.format {
+            Format::Json => self.write_line(record, warning),
+            Format::Ocsf => self.write_line(&record.ocsf(), warning),
+            Format::Ecs => self.write_line(&record.ecs(), warning),
+        };
         if res.is_err() {
             self.failed += 1;
         }
         res
     }
 
-    fn write_line<T: Serialize>(&mut self, record: &T) -> io::Result<()> {
+    /// `warning`: the journal priority (Warning, else Notice).
+    fn write_line<T: Serialize>(&mut self, record: &T, warning: bool) -> io::Result<()> {
         let text = &mut self.text;
         text.clear();
         serde_json::to_writer(&mut *text, record).map_err(io::Error::other)?;
@@ -168,9 +188,10 @@ impl EventWriter {
                 use libsystemd::logging::{Priority, journal_send};
                 let value = serde_json::to_value(record).map_err(io::Error::other)?;
                 let msg = String::from_utf8_lossy(text).into_owned();
-                let priority = match value["verdict"].as_str() {
-                    Some("deny") | None => Priority::Warning,
-                    Some(_) => Priority::Notice,
+                let priority = if warning {
+                    Priority::Warning
+                } else {
+                    Priority::Notice
                 };
                 let mut vars: Vec<(String, String)> =
                     vec![("SYSLOG_IDENTIFIER".into(), "portguard".into())];

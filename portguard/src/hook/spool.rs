@@ -65,6 +65,51 @@ pub struct HookFailed {
     pub unit: Option<String>,
 }
 
+impl HookFailed {
+    /// Who the hook was starting, in a few words (for `message`).
+    fn workload(&self) -> String {
+        match (&self.namespace, &self.pod, &self.container, &self.unit) {
+            (Some(ns), Some(pod), Some(c), _) => format!("{ns}/{pod}/{c}"),
+            (Some(ns), Some(pod), None, _) => format!("{ns}/{pod}"),
+            (_, _, _, Some(unit)) => unit.clone(),
+            _ => self
+                .container_id
+                .clone()
+                .unwrap_or_else(|| self.cgroup.clone()),
+        }
+    }
+}
+
+/// A hook failure as an OCSF Application Lifecycle event or an ECS
+/// document (`crate::events::ocsf::hook_failed`), the line itself under
+/// `unmapped` / `portguard`.
+impl crate::events::EventLine for HookFailed {
+    fn ocsf(&self) -> impl Serialize + '_ {
+        crate::events::ocsf::hook_failed(
+            &self.time,
+            &self.host,
+            &self.hook,
+            self.action == "refused_start",
+            &self.reason,
+            &self.workload(),
+            self,
+        )
+    }
+    fn ecs(&self) -> serde_json::Value {
+        crate::events::ecs::hook_failed(
+            &self.time,
+            &self.host,
+            self.action == "refused_start",
+            &self.reason,
+            self.container_id.as_deref(),
+            self,
+        )
+    }
+    fn journal_warning(&self) -> bool {
+        false
+    }
+}
+
 fn lock(f: &std::fs::File, deadline: Instant) -> std::io::Result<()> {
     use std::os::fd::AsRawFd as _;
     loop {

@@ -14,6 +14,10 @@
 //! - `reload`: tighten and loosen under a running workload, invalid reloads,
 //!   reload on file change.
 //! - `events`: every event field, and lost events counted and reported.
+//! - `ocsf`: `--format ocsf` events from a real agent (every kind of
+//!   decision, an aggregate, a loss report) validate against the OCSF
+//!   schema and carry the process, user, container, pod and device;
+//!   `portguard events --format ocsf` converts a real JSON log.
 //! - `fairness`: one policy's flood cannot hide another's denial (the
 //!   kernel's per-policy event budget); suppressed and lost events are
 //!   counted and reported per policy, and add up exactly.
@@ -65,6 +69,7 @@ mod learn;
 mod manifests;
 mod metrics;
 mod oci_hook;
+mod ocsf;
 mod pinning;
 mod plan;
 mod points;
