@@ -258,6 +258,21 @@ pub enum Proto {
     Udp = 1,
 }
 
+impl Proto {
+    /// The protocol a rule names for a socket's raw IP protocol: TCP (an
+    /// MPTCP socket binds and connects through TCP subflows) or UDP; `None`
+    /// for any other (UDP-Lite, ...), which no rule can name. The kernel's
+    /// decision and the userspace model both use this.
+    #[inline(always)]
+    pub const fn from_ip_protocol(protocol: u8) -> Option<Self> {
+        match protocol {
+            IPPROTO_TCP => Some(Self::Tcp),
+            IPPROTO_UDP => Some(Self::Udp),
+            _ => None,
+        }
+    }
+}
+
 /// Address families a rule can name. An IPv4-mapped IPv6 address
 /// (`::ffff:a.b.c.d`) is judged as [`Family::Ipv4`].
 #[repr(u8)]

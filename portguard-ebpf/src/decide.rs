@@ -15,7 +15,7 @@ use aya_ebpf::helpers::{
 use portguard_common::{
     AddrClass, BPF_RB_AVAIL_DATA, COUNTER_EVENTS_LOST, CgroupKey, DECISION_ALLOW, DECISION_AUDIT,
     DECISION_DENY, Direction, EMPTY_SET, EVENT_F_AUTOBIND, Event, EventOutcome, Family, Hook,
-    IPPROTO_TCP, IPPROTO_UDP, MAX_CGROUP_DEPTH, MODE_AUDIT, POLICY_EVENTS_LOST,
+    MAX_CGROUP_DEPTH, MODE_AUDIT, POLICY_EVENTS_LOST,
     POLICY_EVENTS_SUPPRESSED, PORTS_PER_CHUNK, PolicyRecord, PortChunkKey, Proto, VERDICT_AUDIT,
     VERDICT_CUT_OFF, VERDICT_DENY, hook_counter, in_ephemeral_range, policy_counter, set_slot,
 };
@@ -228,11 +228,7 @@ pub fn decide(q: &Query) -> i32 {
     if restricted == 0 {
         return ALLOW;
     }
-    let proto = match q.protocol {
-        IPPROTO_TCP => Some(Proto::Tcp),
-        IPPROTO_UDP => Some(Proto::Udp),
-        _ => None,
-    };
+    let proto = Proto::from_ip_protocol(q.protocol);
     let allowed = match proto {
         // Protocols no rule can name are outside every allowed set.
         None => false,

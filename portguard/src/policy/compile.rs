@@ -213,6 +213,36 @@ impl CompiledPolicy {
     }
 }
 
+impl CompiledPolicy {
+    /// Whether this policy lets a socket of raw IP `protocol` connect or
+    /// send to `port` on the destination `view` (classified with
+    /// [`portguard_common::AddrRole::Destination`]).
+    pub fn allows_destination(&self, protocol: u8, view: AddrView, port: u16) -> bool {
+        let Some(sets) = &self.connect else {
+            return true;
+        };
+        Proto::from_ip_protocol(protocol)
+            .is_some_and(|proto| sets.get(proto, view.family, view.class).contains(port))
+    }
+
+    /// [`Self::allows_bound`] for a socket of raw IP `protocol`: a protocol
+    /// no rule can name (UDP-Lite, ...) is outside every allowed set, so it
+    /// is denied wherever binds are restricted.
+    pub fn allows_bound_protocol(
+        &self,
+        protocol: u8,
+        view: AddrView,
+        port: u16,
+        dual_stack: bool,
+        ephemeral_ok: bool,
+    ) -> bool {
+        match Proto::from_ip_protocol(protocol) {
+            Some(proto) => self.allows_bound(proto, view, port, dual_stack, ephemeral_ok),
+            None => self.bind.is_none(),
+        }
+    }
+}
+
 impl DirectionSets {
     pub fn get(&self, proto: Proto, family: Family, addr: AddrClass) -> &PortSet {
         &self.0[local_slot(proto, family, addr)]

@@ -52,6 +52,7 @@ mod connect;
 mod cri;
 mod cri_runtime;
 mod delegation;
+mod difftest;
 mod deploy;
 mod events;
 mod fairness;

@@ -1,0 +1,190 @@
+//! The oracle: what portguard's pure policy model says about one operation,
+//! the syscall's answer (EPERM or not) and the one event it must write, or
+//! none. Every verdict comes from the model itself (`portguard::policy`:
+//! [`compile_all`] and [`apply_reserved`], [`CompiledPolicy::allows_bound_protocol`],
+//! [`CompiledPolicy::allows_destination`], [`classify_ip`], and
+//! [`rule_in_file`] for the event's `rule`); this module only says which
+//! hook an operation reaches and which cgroup's policy governs it (the
+//! nearest ancestor-or-self with a `cgroup:` policy).
+
+use std::net::IpAddr;
+
+use portguard::policy::{
+    CompiledPolicy, PolicyFile, apply_reserved, compile_all,
+    explain::{Dir, Judged, rule_in_file},
+};
+use portguard_common::{
+    AddrClass, AddrRole, Family, IPPROTO_TCP, IPPROTO_UDP, IPPROTO_UDPLITE, classify_ip,
+    in_ephemeral_range,
+};
+
+use super::cases::{Op, OpKind};
+
+/// The model of one policy file, compiled once per batch.
+pub struct Model {
+    pub file: PolicyFile,
+    pub compiled: Vec<CompiledPolicy>,
+    /// The host's ephemeral range, packed as the kernel keeps it.
+    pub host_range: u32,
+}
+
+impl Model {
+    pub fn new(file: PolicyFile, host_range: u32) -> Self {
+        let mut compiled = compile_all(&file.policies);
+        apply_reserved(&mut compiled, &file.reserved);
+        Self {
+            file,
+            compiled,
+            host_range,
+        }
+    }
+
+    /// The policy governing `caller` (an absolute cgroup path): the nearest
+    /// ancestor-or-self a `cgroup:` policy names.
+    pub fn governing(&self, caller: &str) -> Option<&CompiledPolicy> {
+        self.compiled
+            .iter()
+            .filter_map(|c| Some((c, c.selector.cgroup_path()?)))
+            .filter(|(_, p)| caller == *p || caller.starts_with(&format!("{p}/")))
+            .max_by_key(|(_, p)| p.len())
+            .map(|(c, _)| c)
+    }
+}
+
+/// The event an operation must produce.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Expected {
+    pub verdict: &'static str,
+    pub hook: &'static str,
+    pub policy: String,
+    pub rule: String,
+    pub port: u16,
+    pub family: &'static str,
+}
+
+/// What the model predicts for one operation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Prediction {
+    /// The hook that judges it (also when it is allowed).
+    pub hook: &'static str,
+    /// The family it is judged as.
+    pub family: &'static str,
+    /// The caller gets EPERM.
+    pub eperm: bool,
+    pub event: Option<Expected>,
+    /// Name of the governing policy, if any.
+    pub policy: Option<String>,
+}
+
+fn ip_protocol(proto: &str) -> u8 {
+    match proto {
+        "tcp" | "mptcp" => IPPROTO_TCP,
+        "udp" => IPPROTO_UDP,
+        "udplite" => IPPROTO_UDPLITE as u8,
+        other => panic!("no IP protocol for {other}"),
+    }
+}
+
+const fn family_name(f: Family) -> &'static str {
+    match f {
+        Family::Ipv4 => "ipv4",
+        Family::Ipv6 => "ipv6",
+    }
+}
+
+/// Predict `op`, run by a process in `caller`. `chosen`: for a bind to
+/// port 0, the port the kernel picked (observed: from the socket, or from
+/// the event when the bind was denied).
+pub fn predict(model: &Model, caller: &str, op: &Op, chosen: u16) -> Prediction {
+    let v6_socket = op.addr.is_ipv6();
+    let role = match op.kind {
+        OpKind::Bind | OpKind::Raw => AddrRole::Local,
+        OpKind::Connect | OpKind::Sendto => AddrRole::Destination,
+    };
+    let view = classify_ip(op.addr, role);
+    let hook = match (op.kind, v6_socket, op.port == 0) {
+        (OpKind::Bind, false, false) => "bind4",
+        (OpKind::Bind, false, true) => "post_bind4",
+        (OpKind::Bind, true, false) => "bind6",
+        (OpKind::Bind, true, true) => "post_bind6",
+        (OpKind::Connect, false, _) => "connect4",
+        (OpKind::Connect, true, _) => "connect6",
+        (OpKind::Sendto, false, _) => "sendmsg4",
+        (OpKind::Sendto, true, _) => "sendmsg6",
+        (OpKind::Raw, _, _) => "sock_create",
+    };
+    let mut p = Prediction {
+        hook,
+        family: family_name(if op.kind == OpKind::Raw {
+            if v6_socket { Family::Ipv6 } else { Family::Ipv4 }
+        } else {
+            view.family
+        }),
+        eperm: false,
+        event: None,
+        policy: None,
+    };
+    let Some(policy) = model.governing(caller) else {
+        return p;
+    };
+    p.policy = Some(policy.name.clone());
+    let port0 = op.kind == OpKind::Bind && op.port == 0;
+    let port = if port0 { chosen } else { op.port };
+    let dual = op.kind == OpKind::Bind && view.unspecified_v6 && !op.v6only;
+    let allowed = match op.kind {
+        OpKind::Bind => {
+            let ephemeral_ok = port0 && in_ephemeral_range(model.host_range, port);
+            policy.allows_bound_protocol(ip_protocol(op.proto), view, port, dual, ephemeral_ok)
+        }
+        OpKind::Connect | OpKind::Sendto => {
+            policy.allows_destination(ip_protocol(op.proto), view, port)
+        }
+        OpKind::Raw => {
+            (policy.bind.is_none() && policy.connect.is_none())
+                || policy.allow_sockets & portguard_common::SOCK_ALLOW_RAW != 0
+        }
+    };
+    if allowed {
+        return p;
+    }
+    let dir = match op.kind {
+        OpKind::Bind => Dir::Bind,
+        OpKind::Connect | OpKind::Sendto => Dir::Connect,
+        OpKind::Raw => Dir::Socket,
+    };
+    let judged = Judged {
+        dir,
+        tcp: match ip_protocol(op.proto) {
+            IPPROTO_TCP => Some(true),
+            IPPROTO_UDP => Some(false),
+            _ => None,
+        },
+        ipv6: view.family == Family::Ipv6,
+        loopback: view.class == AddrClass::Loopback,
+        port,
+        ephemeral: port0,
+        dual_stack: dual,
+    };
+    let rule = rule_in_file(&model.file, &policy.name, &judged, dir == Dir::Bind)
+        .expect("the governing policy is in the file");
+    let audit = policy.mode == portguard::policy::Mode::Audit;
+    p.eperm = !audit;
+    p.event = Some(Expected {
+        verdict: if audit { "audit" } else { "deny" },
+        hook,
+        policy: policy.name.clone(),
+        rule,
+        port: if op.kind == OpKind::Raw { 0 } else { port },
+        family: p.family,
+    });
+    p
+}
+
+/// Whether `addr` is one this host has (binds there can succeed).
+pub fn is_local(addr: IpAddr) -> bool {
+    let view = classify_ip(addr, AddrRole::Local);
+    view.class == AddrClass::Loopback || addr.is_unspecified() || view.v4_mapped && {
+        let IpAddr::V6(a) = addr else { return false };
+        a.to_ipv4_mapped().is_some_and(|v4| v4.is_unspecified())
+    }
+}
