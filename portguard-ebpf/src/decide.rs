@@ -185,17 +185,19 @@ fn count_decision(q: &Query, record: &PolicyRecord, kind: u32) {
 
 /// Judge the creation of a socket of a kind with its own bind (raw, SCTP,
 /// L2TP/IP): denied in a cgroup whose policy restricts binds or connects,
-/// unless the policy's `allow_sockets` names the kind.
+/// unless the policy's `allow_sockets` names the kind. `connect_only`: a
+/// kind whose binds are judged but whose connects are not (UDP-Lite),
+/// denied only where connects are restricted.
 #[inline(always)]
-pub fn decide_socket_kind(q: &Query, kind: u8, allow_bit: u8) -> i32 {
+pub fn decide_socket_kind(q: &Query, kind: u8, allow_bit: u8, connect_only: bool) -> i32 {
     let Some(gov) = governing() else {
         return ALLOW;
     };
     // SAFETY: pointer into a live array element, plain data.
     let record = unsafe { &*gov.record };
-    if (record.bind_restricted == 0 && record.connect_restricted == 0)
-        || record.allow_sockets & allow_bit != 0
-    {
+    let restricted =
+        record.connect_restricted != 0 || (!connect_only && record.bind_restricted != 0);
+    if !restricted || record.allow_sockets & allow_bit != 0 {
         return ALLOW;
     }
     if record.mode == MODE_AUDIT {

@@ -225,6 +225,20 @@ impl CompiledPolicy {
             .is_some_and(|proto| sets.get(proto, view.family, view.class).contains(port))
     }
 
+    /// Whether this policy lets its cgroups create an IPv4/IPv6 socket of
+    /// `ty` (`SOCK_STREAM`, ...) and `protocol` (the `sock_create`
+    /// decision; see [`portguard_common::classify_socket`]).
+    pub fn allows_socket(&self, ty: u32, protocol: u32) -> bool {
+        use portguard_common::SocketClass;
+        let restricted = self.bind.is_some() || self.connect.is_some();
+        match portguard_common::classify_socket(ty, protocol) {
+            SocketClass::Judged => true,
+            SocketClass::OwnBind(_, bit) => !restricted || self.allow_sockets & bit != 0,
+            SocketClass::ConnectUnjudged => self.connect.is_none(),
+            SocketClass::Unknown => !restricted,
+        }
+    }
+
     /// [`Self::allows_bound`] for a socket of raw IP `protocol`: a protocol
     /// no rule can name (UDP-Lite, ...) is outside every allowed set, so it
     /// is denied wherever binds are restricted.

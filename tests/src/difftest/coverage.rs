@@ -21,7 +21,8 @@ pub const HOOKS: &[(&str, &[&str])] = &[
     ("connect4", &["ipv4"]),
     ("connect6", &["ipv4", "ipv6"]),
     ("sendmsg4", &["ipv4"]),
-    ("sendmsg6", &["ipv4", "ipv6"]),
+    // A mapped destination takes the IPv4 path (sendmsg4).
+    ("sendmsg6", &["ipv6"]),
     ("sock_create", &["ipv4", "ipv6"]),
 ];
 
@@ -50,13 +51,16 @@ fn reachable(key: &str, hook: &str, family: &str) -> bool {
         "op.port0" => hook.starts_with("post_bind"),
         "op.protocol" => match v {
             "raw" => hook == "sock_create",
-            "udp" | "udplite" => !hook.starts_with("sock"),
+            "udp" => !hook.starts_with("sock"),
+            // A UDP-Lite connect() runs no hook (see the oracle).
+            "udplite" => !hook.starts_with("sock") && !hook.starts_with("connect"),
             _ => !hook.starts_with("sock") && !hook.starts_with("sendmsg"),
         },
         "op.variant" => match v {
             "v4" => !v6hook && family == "ipv4" && hook != "sock_create",
             "v6" => v6hook && family == "ipv6",
-            "v4-mapped" => v6hook && family == "ipv4",
+            "v4-mapped" if hook.starts_with("sendmsg") => hook == "sendmsg4" && family == "ipv4",
+            "v4-mapped" => v6hook && family == "ipv4" && hook != "sock_create",
             "dual-stack" => (hook == "bind6" || hook == "post_bind6") && family == "ipv6",
             _ => false,
         },
@@ -141,10 +145,7 @@ impl Coverage {
     pub fn record(&mut self, file: &FileSpec, op: &Op, p: &Prediction) {
         let mut keys = vec![
             format!("op.protocol={}", op.proto),
-            format!(
-                "verdict={}",
-                p.event.as_ref().map_or("allow", |e| e.verdict)
-            ),
+            format!("verdict={}", p.verdict()),
         ];
         if op.kind != OpKind::Raw {
             keys.push(format!("op.variant={}", op.variant()));
@@ -198,6 +199,9 @@ impl Coverage {
         }
         keys.sort();
         keys.dedup();
+        if p.hook == "none" {
+            return; // refused before any hook (see the oracle)
+        }
         let hook = HOOKS
             .iter()
             .map(|(h, _)| *h)

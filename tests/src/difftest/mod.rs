@@ -117,19 +117,16 @@ impl Report {
             self.cases_per_second(),
             self.disagreements.len()
         );
-        let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
+        let mut kinds: BTreeMap<String, (usize, &Disagreement)> = BTreeMap::new();
         for d in &self.disagreements {
-            *kinds.entry(d.signature()).or_default() += 1;
+            kinds.entry(d.signature()).or_insert((0, d)).0 += 1;
         }
-        for (k, n) in &kinds {
-            s.push_str(&format!("  {n:6} x {k}\n"));
-        }
-        for d in self.disagreements.iter().take(3) {
+        for (k, (n, d)) in &kinds {
             s.push_str(&format!(
-                "  e.g. caller {} op {} : {}\n",
+                "  {n:6} x {k}\n         e.g. from {:?}: {}\n         {}\n",
                 NODES[d.op.caller],
                 d.op.request(),
-                d.problems.join("; ")
+                d.problems.join("\n         ")
             ));
         }
         for r in &self.regressions {
@@ -364,8 +361,9 @@ impl Bed {
                     a.port
                 } else {
                     events
-                        .first()
-                        .and_then(|e| e.get("port")?.as_u64())
+                        .iter()
+                        .filter(|e| e.get("hook").and_then(Value::as_str) != Some("sock_create"))
+                        .find_map(|e| e.get("port")?.as_u64())
                         .map_or(0, |p| p as u16)
                 };
                 let p = predict(model, &self.paths[op.caller], op, chosen);
@@ -392,10 +390,15 @@ pub fn compare(p: &Prediction, a: &Answer, events: &[Value]) -> Vec<String> {
             }
         ));
     }
-    let want = usize::from(p.event.is_some());
-    if events.len() != want {
+    if events.len() != p.events.len() {
         problems.push(format!(
-            "events: model says {want}, kernel wrote {}: {}",
+            "events: model says {} ({}), kernel wrote {}: {}",
+            p.events.len(),
+            p.events
+                .iter()
+                .map(|e| format!("{} {} {}", e.verdict, e.hook, e.rule))
+                .collect::<Vec<_>>()
+                .join(", "),
             events.len(),
             events
                 .iter()
@@ -404,16 +407,16 @@ pub fn compare(p: &Prediction, a: &Answer, events: &[Value]) -> Vec<String> {
                 .join(" ")
         ));
     }
-    if let (Some(x), Some(e)) = (&p.event, events.first()) {
+    for (x, e) in p.events.iter().zip(events) {
         let s = |k: &str| e.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
         let mut fields = vec![
             ("verdict", x.verdict.to_owned(), s("verdict")),
             ("hook", x.hook.to_owned(), s("hook")),
             ("policy", x.policy.clone(), s("policy")),
             ("rule", x.rule.clone(), s("rule")),
+            ("family", x.family.to_owned(), s("family")),
         ];
         if x.hook != "sock_create" {
-            fields.push(("family", x.family.to_owned(), s("family")));
             fields.push((
                 "port",
                 x.port.to_string(),

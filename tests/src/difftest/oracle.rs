@@ -7,8 +7,6 @@
 //! hook an operation reaches and which cgroup's policy governs it (the
 //! nearest ancestor-or-self with a `cgroup:` policy).
 
-use std::net::IpAddr;
-
 use portguard::policy::{
     CompiledPolicy, PolicyFile, apply_reserved, compile_all,
     explain::{Dir, Judged, rule_in_file},
@@ -65,15 +63,41 @@ pub struct Expected {
 /// What the model predicts for one operation.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Prediction {
-    /// The hook that judges it (also when it is allowed).
+    /// The hook that judges the operation (also when it is allowed);
+    /// `none` when the kernel refuses it before any hook.
     pub hook: &'static str,
     /// The family it is judged as.
     pub family: &'static str,
     /// The caller gets EPERM.
     pub eperm: bool,
-    pub event: Option<Expected>,
+    /// The events, in order: a `sock_create` one, then the operation's.
+    pub events: Vec<Expected>,
     /// Name of the governing policy, if any.
     pub policy: Option<String>,
+}
+
+impl Prediction {
+    /// The verdict of the operation's own decision.
+    pub fn verdict(&self) -> &'static str {
+        self.events
+            .iter()
+            .find(|e| e.hook == self.hook)
+            .map_or("allow", |e| e.verdict)
+    }
+}
+
+/// The socket `op` creates: (type, protocol) as `socket()` gets them.
+fn socket_kind(op: &Op) -> (u32, u32) {
+    use portguard_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_MPTCP, SOCK_DGRAM, SOCK_RAW, SOCK_STREAM};
+    match op.proto {
+        "tcp" => (SOCK_STREAM, 0),
+        "mptcp" => (SOCK_STREAM, IPPROTO_MPTCP),
+        "udp" => (SOCK_DGRAM, 0),
+        "udplite" => (SOCK_DGRAM, IPPROTO_UDPLITE),
+        "raw" if op.addr.is_ipv4() => (SOCK_RAW, IPPROTO_ICMP),
+        "raw" => (SOCK_RAW, IPPROTO_ICMPV6),
+        other => panic!("no socket kind for {other}"),
+    }
 }
 
 fn ip_protocol(proto: &str) -> u8 {
@@ -81,6 +105,7 @@ fn ip_protocol(proto: &str) -> u8 {
         "tcp" | "mptcp" => IPPROTO_TCP,
         "udp" => IPPROTO_UDP,
         "udplite" => IPPROTO_UDPLITE as u8,
+        "raw" => 0,
         other => panic!("no IP protocol for {other}"),
     }
 }
@@ -102,7 +127,18 @@ pub fn predict(model: &Model, caller: &str, op: &Op, chosen: u16) -> Prediction 
         OpKind::Connect | OpKind::Sendto => AddrRole::Destination,
     };
     let view = classify_ip(op.addr, role);
-    let hook = match (op.kind, v6_socket, op.port == 0) {
+    let mapped = view.v4_mapped;
+    // udpv6_sendmsg refuses a mapped destination on an IPV6_V6ONLY socket
+    // (ENETUNREACH) before any hook runs; a UDP-Lite connect() runs no hook
+    // (`udplite_prot` has no `pre_connect`: its socket's creation is judged
+    // instead, see `SocketClass::ConnectUnjudged`).
+    let unjudged = (op.kind == OpKind::Sendto && mapped && op.v6only)
+        || (op.kind == OpKind::Connect && op.proto == "udplite");
+    // udpv6_sendmsg hands a mapped destination to udp_sendmsg (IPv4),
+    // whose hook is sendmsg4.
+    let v6_hook = v6_socket && !(op.kind == OpKind::Sendto && mapped);
+    let hook = match (op.kind, v6_hook, op.port == 0) {
+        _ if unjudged => "none",
         (OpKind::Bind, false, false) => "bind4",
         (OpKind::Bind, false, true) => "post_bind4",
         (OpKind::Bind, true, false) => "bind6",
@@ -121,13 +157,43 @@ pub fn predict(model: &Model, caller: &str, op: &Op, chosen: u16) -> Prediction 
             view.family
         }),
         eperm: false,
-        event: None,
+        events: Vec::new(),
         policy: None,
     };
     let Some(policy) = model.governing(caller) else {
         return p;
     };
     p.policy = Some(policy.name.clone());
+    let audit = policy.mode == portguard::policy::Mode::Audit;
+    let verdict = if audit { "audit" } else { "deny" };
+    let (ty, protocol) = socket_kind(op);
+    if !policy.allows_socket(ty, protocol) {
+        let judged = Judged {
+            dir: Dir::Socket,
+            tcp: None,
+            ipv6: v6_socket,
+            loopback: false,
+            port: 0,
+            ephemeral: false,
+            dual_stack: false,
+        };
+        p.events.push(Expected {
+            verdict,
+            hook: "sock_create",
+            policy: policy.name.clone(),
+            rule: rule_in_file(&model.file, &policy.name, &judged, false)
+                .expect("the governing policy is in the file"),
+            port: 0,
+            family: family_name(if v6_socket { Family::Ipv6 } else { Family::Ipv4 }),
+        });
+        if !audit {
+            p.eperm = true;
+            return p;
+        }
+    }
+    if op.kind == OpKind::Raw || unjudged {
+        return p;
+    }
     let port0 = op.kind == OpKind::Bind && op.port == 0;
     let port = if port0 { chosen } else { op.port };
     let dual = op.kind == OpKind::Bind && view.unspecified_v6 && !op.v6only;
@@ -139,18 +205,14 @@ pub fn predict(model: &Model, caller: &str, op: &Op, chosen: u16) -> Prediction 
         OpKind::Connect | OpKind::Sendto => {
             policy.allows_destination(ip_protocol(op.proto), view, port)
         }
-        OpKind::Raw => {
-            (policy.bind.is_none() && policy.connect.is_none())
-                || policy.allow_sockets & portguard_common::SOCK_ALLOW_RAW != 0
-        }
+        OpKind::Raw => true,
     };
     if allowed {
         return p;
     }
     let dir = match op.kind {
         OpKind::Bind => Dir::Bind,
-        OpKind::Connect | OpKind::Sendto => Dir::Connect,
-        OpKind::Raw => Dir::Socket,
+        _ => Dir::Connect,
     };
     let judged = Judged {
         dir,
@@ -167,24 +229,14 @@ pub fn predict(model: &Model, caller: &str, op: &Op, chosen: u16) -> Prediction 
     };
     let rule = rule_in_file(&model.file, &policy.name, &judged, dir == Dir::Bind)
         .expect("the governing policy is in the file");
-    let audit = policy.mode == portguard::policy::Mode::Audit;
     p.eperm = !audit;
-    p.event = Some(Expected {
-        verdict: if audit { "audit" } else { "deny" },
+    p.events.push(Expected {
+        verdict,
         hook,
         policy: policy.name.clone(),
         rule,
-        port: if op.kind == OpKind::Raw { 0 } else { port },
+        port,
         family: p.family,
     });
     p
-}
-
-/// Whether `addr` is one this host has (binds there can succeed).
-pub fn is_local(addr: IpAddr) -> bool {
-    let view = classify_ip(addr, AddrRole::Local);
-    view.class == AddrClass::Loopback || addr.is_unspecified() || view.v4_mapped && {
-        let IpAddr::V6(a) = addr else { return false };
-        a.to_ipv4_mapped().is_some_and(|v4| v4.is_unspecified())
-    }
 }

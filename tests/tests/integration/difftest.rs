@@ -43,3 +43,47 @@ fn the_kernel_and_the_model_agree_on_every_case() {
         gaps.join("\n")
     );
 }
+
+// Regressions the differential tests found, as they printed them (shrunk).
+
+/// A UDP-Lite `connect()` runs no connect hook (the kernel's `udplite_prot`
+/// has no `pre_connect`), so under `connect: []` it connected, unjudged and
+/// unreported. Now the socket's creation is refused where connects are
+/// restricted (`sock_create`, rule `allow_sockets`).
+#[test]
+fn difftest_udplite_connect_is_judged() {
+    require_root!();
+    difftest::assert_case(
+        r#"policies:
+  - name: dt-n0
+    cgroup: {root}
+    connect: []
+  - name: dt-marker
+    cgroup: {root}/marker
+    bind: []
+"#,
+        "/d",
+        r#"{"op":"connect","proto":"udplite","addr":"127.0.0.1","port":65534,"v6only":false}"#,
+    );
+}
+
+/// An audit-mode policy's dual-stack `[::]` bind of a port it does not
+/// allow wrote two events for one bind (bind6, then post_bind6 judging the
+/// same bind again). Now bind6 marks the bind it judged as dual-stack.
+#[test]
+fn difftest_audit_dual_stack_bind_reports_once() {
+    require_root!();
+    difftest::assert_case(
+        r#"policies:
+  - name: dt-n4
+    cgroup: {root}/d
+    mode: audit
+    bind: []
+  - name: dt-marker
+    cgroup: {root}/marker
+    bind: []
+"#,
+        "/d",
+        r#"{"op":"bind","proto":"udp","addr":"::","port":21,"v6only":false}"#,
+    );
+}

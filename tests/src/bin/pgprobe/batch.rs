@@ -84,7 +84,12 @@ fn run(req: &Request) -> String {
     // SAFETY: plain syscall.
     let fd = unsafe { libc::socket(family, ty, proto) };
     if fd < 0 {
-        die(&format!("socket({}): errno {}", req.proto, errno()));
+        // Refused at creation (sock_create).
+        return format!(
+            r#"{{"ok":false,"errno":{},"port":0,"tid":{}}}"#,
+            errno(),
+            gettid()
+        );
     }
     if addr.is_ipv6() {
         set_v6only(fd, req.v6only);
