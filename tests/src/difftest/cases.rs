@@ -95,6 +95,8 @@ pub enum OpKind {
     Bind,
     Connect,
     Sendto,
+    /// `listen()` on an unbound socket (the kernel autobinds): `listen`.
+    Listen,
     /// `socket(AF_INET or AF_INET6, SOCK_RAW, ICMP)`: `sock_create`.
     Raw,
 }
@@ -105,6 +107,7 @@ impl OpKind {
             Self::Bind => "bind",
             Self::Connect => "connect",
             Self::Sendto => "sendto",
+            Self::Listen => "listen",
             Self::Raw => "raw",
         }
     }
@@ -140,7 +143,11 @@ impl Op {
         match self.addr {
             IpAddr::V4(_) => "v4",
             IpAddr::V6(a) if a.to_ipv4_mapped().is_some() => "v4-mapped",
-            IpAddr::V6(a) if a.is_unspecified() && !self.v6only && self.kind == OpKind::Bind => {
+            IpAddr::V6(a)
+                if a.is_unspecified()
+                    && !self.v6only
+                    && matches!(self.kind, OpKind::Bind | OpKind::Listen) =>
+            {
                 "dual-stack"
             }
             IpAddr::V6(_) => "v6",
@@ -287,24 +294,37 @@ fn file_ports(file: &FileSpec) -> Vec<u16> {
 /// A random operation against `file`.
 pub fn gen_op(rng: &mut Rng, file: &FileSpec) -> Op {
     let near = file_ports(file);
-    let kind = match rng.below(20) {
+    let kind = match rng.below(22) {
         0..=9 => OpKind::Bind,
         10..=14 => OpKind::Connect,
         15..=18 => OpKind::Sendto,
+        19 | 20 => OpKind::Listen,
         _ => OpKind::Raw,
     };
     let proto = match kind {
         OpKind::Sendto => rng.pick(&["udp", "udp", "udp", "udplite"]),
         OpKind::Raw => "raw",
+        OpKind::Listen => rng.pick(&["tcp", "tcp", "mptcp"]),
         _ => rng.pick(&["tcp", "tcp", "udp", "udp", "udplite", "mptcp"]),
     };
-    let family = rng.below(3);
+    // An unbound listener's address is the wildcard of its family.
+    let family = if kind == OpKind::Listen {
+        rng.below(2)
+    } else {
+        rng.below(3)
+    };
     let pool = match family {
         0 => V4_ADDRS,
         1 => V6_ADDRS,
         _ => MAPPED_ADDRS,
     };
-    let addr: IpAddr = rng.pick(pool).parse().expect("a valid address");
+    let addr: IpAddr = if kind == OpKind::Listen {
+        pool[0]
+    } else {
+        rng.pick(pool)
+    }
+    .parse()
+    .expect("a valid address");
     let v6only = addr.is_ipv6() && rng.pct(40);
     let mut port = if !near.is_empty() && rng.pct(60) {
         rng.pick(&near)
@@ -317,6 +337,9 @@ pub fn gen_op(rng: &mut Rng, file: &FileSpec) -> Op {
     let local = !matches!(addr.to_string().as_str(), "10.1.2.3" | "2001:db8::1" | "::ffff:10.1.2.3");
     let mapped = matches!(addr, IpAddr::V6(a) if a.to_ipv4_mapped().is_some());
     if kind == OpKind::Bind && local && !(mapped && v6only) && rng.pct(15) {
+        port = 0;
+    }
+    if kind == OpKind::Listen {
         port = 0;
     }
     Op {

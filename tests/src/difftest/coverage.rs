@@ -23,11 +23,12 @@ pub const HOOKS: &[(&str, &[&str])] = &[
     ("sendmsg4", &["ipv4"]),
     // A mapped destination takes the IPv4 path (sendmsg4).
     ("sendmsg6", &["ipv6"]),
+    ("listen", &["ipv4", "ipv6"]),
     ("sock_create", &["ipv4", "ipv6"]),
 ];
 
 const fn is_bind(hook: &str) -> bool {
-    matches!(hook.as_bytes(), [b'b', ..] | [b'p', ..])
+    matches!(hook.as_bytes(), [b'b', ..] | [b'p', ..] | [b'l', ..])
 }
 
 const fn is_dest(hook: &str) -> bool {
@@ -49,12 +50,21 @@ fn reachable(key: &str, hook: &str, family: &str) -> bool {
             _ => !hook.starts_with("sock"),
         },
         "op.port0" => hook.starts_with("post_bind"),
+        // listen() cannot be denied here: the listener is cut off.
+        "verdict" if hook == "listen" => v != "deny",
+        "verdict" => v != "cut_off",
         "op.protocol" => match v {
             "raw" => hook == "sock_create",
+            _ if hook == "listen" => v == "tcp" || v == "mptcp",
             "udp" => !hook.starts_with("sock"),
             // A UDP-Lite connect() runs no hook (see the oracle).
             "udplite" => !hook.starts_with("sock") && !hook.starts_with("connect"),
             _ => !hook.starts_with("sock") && !hook.starts_with("sendmsg"),
+        },
+        "op.variant" if hook == "listen" => match v {
+            "v4" => family == "ipv4",
+            "v6" | "dual-stack" => family == "ipv6",
+            _ => false,
         },
         "op.variant" => match v {
             "v4" => !v6hook && family == "ipv4" && hook != "sock_create",
@@ -78,6 +88,7 @@ const KEYS: &[&str] = &[
     "verdict=allow",
     "verdict=deny",
     "verdict=audit",
+    "verdict=cut_off",
     "bind=absent",
     "bind=[]",
     "bind=rules",
@@ -182,7 +193,7 @@ impl Coverage {
                     keys.push(value);
                 };
                 match op.kind {
-                    OpKind::Bind => {
+                    OpKind::Bind | OpKind::Listen => {
                         dir("bind", &g.bind, &mut keys);
                         keys.push(format!(
                             "reserved={}",

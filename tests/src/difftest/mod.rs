@@ -52,6 +52,9 @@ pub struct Config {
     pub shrink: usize,
     /// Where to write the coverage table (markdown).
     pub coverage_out: Option<PathBuf>,
+    /// Stop after the batch in which the first disagreement was found (for
+    /// mutation checks: how many cases it took).
+    pub stop_early: bool,
 }
 
 impl Config {
@@ -62,6 +65,7 @@ impl Config {
             batch: 200,
             shrink: 3,
             coverage_out: None,
+            stop_early: false,
         }
     }
 }
@@ -97,6 +101,8 @@ pub struct Report {
     pub batches: usize,
     pub elapsed: Duration,
     pub disagreements: Vec<Disagreement>,
+    /// How many cases ran up to and including the first disagreement.
+    pub first_disagreement_at: Option<usize>,
     /// Shrunk disagreements, each as a regression test.
     pub regressions: Vec<String>,
     pub coverage: Coverage,
@@ -117,6 +123,9 @@ impl Report {
             self.cases_per_second(),
             self.disagreements.len()
         );
+        if let Some(n) = self.first_disagreement_at {
+            s.push_str(&format!("  the first one at case {n}\n"));
+        }
         let mut kinds: BTreeMap<String, (usize, &Disagreement)> = BTreeMap::new();
         for d in &self.disagreements {
             kinds.entry(d.signature()).or_insert((0, d)).0 += 1;
@@ -443,6 +452,7 @@ pub fn run(cfg: &Config) -> Report {
     let mut bed = Bed::new(&render(&file, "{root}"));
     let mut done = 0;
     let mut batches = 0;
+    let mut first = None;
     while done < cfg.cases {
         if batches > 0 {
             file = gen_file(&mut rng);
@@ -451,9 +461,10 @@ pub fn run(cfg: &Config) -> Report {
         let n = cfg.batch.min(cfg.cases - done);
         let ops: Vec<Op> = (0..n).map(|_| gen_op(&mut rng, &file)).collect();
         let (problems, stray) = bed.run_batch(&model, &ops);
-        for (op, (p, probs)) in ops.iter().zip(problems) {
+        for (i, (op, (p, probs))) in ops.iter().zip(problems).enumerate() {
             coverage.record(&file, op, &p);
             if !probs.is_empty() {
+                first.get_or_insert(done + i + 1);
                 disagreements.push(Disagreement {
                     file: file.clone(),
                     op: op.clone(),
@@ -470,6 +481,9 @@ pub fn run(cfg: &Config) -> Report {
         }
         done += n;
         batches += 1;
+        if cfg.stop_early && first.is_some() {
+            break;
+        }
     }
     let elapsed = start.elapsed();
     let mut regressions = Vec::new();
@@ -495,6 +509,7 @@ pub fn run(cfg: &Config) -> Report {
         batches,
         elapsed,
         disagreements,
+        first_disagreement_at: first,
         regressions,
         coverage,
     }
@@ -637,6 +652,7 @@ pub fn parse_op(caller: &str, request: &str) -> Op {
         "bind" => OpKind::Bind,
         "connect" => OpKind::Connect,
         "sendto" => OpKind::Sendto,
+        "listen" => OpKind::Listen,
         "raw" => OpKind::Raw,
         other => panic!("unknown operation {other}"),
     };

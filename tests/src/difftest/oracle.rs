@@ -123,7 +123,7 @@ const fn family_name(f: Family) -> &'static str {
 pub fn predict(model: &Model, caller: &str, op: &Op, chosen: u16) -> Prediction {
     let v6_socket = op.addr.is_ipv6();
     let role = match op.kind {
-        OpKind::Bind | OpKind::Raw => AddrRole::Local,
+        OpKind::Bind | OpKind::Listen | OpKind::Raw => AddrRole::Local,
         OpKind::Connect | OpKind::Sendto => AddrRole::Destination,
     };
     let view = classify_ip(op.addr, role);
@@ -147,6 +147,7 @@ pub fn predict(model: &Model, caller: &str, op: &Op, chosen: u16) -> Prediction 
         (OpKind::Connect, true, _) => "connect6",
         (OpKind::Sendto, false, _) => "sendmsg4",
         (OpKind::Sendto, true, _) => "sendmsg6",
+        (OpKind::Listen, _, _) => "listen",
         (OpKind::Raw, _, _) => "sock_create",
     };
     let mut p = Prediction {
@@ -194,11 +195,14 @@ pub fn predict(model: &Model, caller: &str, op: &Op, chosen: u16) -> Prediction 
     if op.kind == OpKind::Raw || unjudged {
         return p;
     }
-    let port0 = op.kind == OpKind::Bind && op.port == 0;
+    // The kernel chose the port: a bind to port 0, or a listen() that
+    // autobinds.
+    let port0 = matches!(op.kind, OpKind::Bind | OpKind::Listen) && op.port == 0;
     let port = if port0 { chosen } else { op.port };
-    let dual = op.kind == OpKind::Bind && view.unspecified_v6 && !op.v6only;
+    let dual =
+        matches!(op.kind, OpKind::Bind | OpKind::Listen) && view.unspecified_v6 && !op.v6only;
     let allowed = match op.kind {
-        OpKind::Bind => {
+        OpKind::Bind | OpKind::Listen => {
             let ephemeral_ok = port0 && in_ephemeral_range(model.host_range, port);
             policy.allows_bound_protocol(ip_protocol(op.proto), view, port, dual, ephemeral_ok)
         }
@@ -211,7 +215,7 @@ pub fn predict(model: &Model, caller: &str, op: &Op, chosen: u16) -> Prediction 
         return p;
     }
     let dir = match op.kind {
-        OpKind::Bind => Dir::Bind,
+        OpKind::Bind | OpKind::Listen => Dir::Bind,
         _ => Dir::Connect,
     };
     let judged = Judged {
@@ -229,9 +233,12 @@ pub fn predict(model: &Model, caller: &str, op: &Op, chosen: u16) -> Prediction 
     };
     let rule = rule_in_file(&model.file, &policy.name, &judged, dir == Dir::Bind)
         .expect("the governing policy is in the file");
-    p.eperm = !audit;
+    // listen() cannot be denied without the BPF LSM: the listener is cut
+    // off instead (the agent of these hosts runs without it).
+    let cut_off = op.kind == OpKind::Listen;
+    p.eperm = !audit && !cut_off;
     p.events.push(Expected {
-        verdict,
+        verdict: if cut_off && !audit { "cut_off" } else { verdict },
         hook,
         policy: policy.name.clone(),
         rule,

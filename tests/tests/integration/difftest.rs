@@ -16,8 +16,10 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 }
 
 /// The CI slice: every case agrees, and every reachable coverage cell is
-/// hit. `PORTGUARD_DIFFTEST_CASES` / `PORTGUARD_DIFFTEST_SEED` override
-/// the size and seed (`cargo xtask difftest` sets them).
+/// hit. `PORTGUARD_DIFFTEST_CASES` / `PORTGUARD_DIFFTEST_SEED` /
+/// `PORTGUARD_DIFFTEST_BATCH` override the size, seed and operations per
+/// policy generation; `PORTGUARD_DIFFTEST_STOP_EARLY` stops after the first
+/// disagreement (`cargo xtask difftest` sets them).
 #[test]
 fn the_kernel_and_the_model_agree_on_every_case() {
     require_root!();
@@ -25,6 +27,13 @@ fn the_kernel_and_the_model_agree_on_every_case() {
         env_or("PORTGUARD_DIFFTEST_CASES", CI_CASES),
         env_or("PORTGUARD_DIFFTEST_SEED", CI_SEED),
     );
+    cfg.stop_early = std::env::var_os("PORTGUARD_DIFFTEST_STOP_EARLY").is_some();
+    if let Some(b) = std::env::var("PORTGUARD_DIFFTEST_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        cfg.batch = b;
+    }
     cfg.coverage_out = Some(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/difftest-coverage.md"),
     );

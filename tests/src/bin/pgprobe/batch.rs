@@ -5,11 +5,13 @@
 //! stdout, in order. The process stays in the cgroup and network namespace
 //! it was started in, so no operation pays for a cgroup migration.
 //!
-//! Request (JSON): `{"op":"bind"|"connect"|"sendto"|"raw","proto":"tcp"|"udp"|
+//! Request (JSON): `{"op":"bind"|"connect"|"sendto"|"listen"|"raw","proto":"tcp"|"udp"|
 //! "udplite"|"mptcp"|"raw","addr":"::ffff:127.0.0.1","port":8080,"v6only":false}`.
 //! Answer: `{"ok":true,"errno":0,"port":P,"tid":T}`: `port` is the socket's
 //! local port after the operation (what a bind to port 0 got). `raw`
-//! creates a raw ICMP socket of the address's family (`sock_create`).
+//! creates a raw ICMP socket of the address's family (`sock_create`);
+//! `listen` listens on the unbound socket (the address only picks the
+//! family; the kernel autobinds the port).
 
 use std::{
     io::{BufRead as _, Write as _},
@@ -106,6 +108,9 @@ fn run(req: &Request) -> String {
             unsafe { libc::connect(fd, std::ptr::from_ref(&ss).cast(), len) }
         }
         "sendto" => send_to(fd, b"portguard", &addr).min(0) as i32,
+        // listen() on the unbound socket: the kernel autobinds a port.
+        // SAFETY: listen on our own socket.
+        "listen" => unsafe { libc::listen(fd, 8) },
         other => die(&format!("bad operation {other}")),
     };
     let e = if rc == 0 { 0 } else { errno() };
