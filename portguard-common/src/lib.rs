@@ -965,7 +965,10 @@ mod tests {
             assert_eq!(classify_socket(ty, p), Judged, "{ty}/{p}");
         }
         // UDP-Lite's connect() runs no connect hook.
-        assert_eq!(classify_socket(SOCK_DGRAM, IPPROTO_UDPLITE), ConnectUnjudged);
+        assert_eq!(
+            classify_socket(SOCK_DGRAM, IPPROTO_UDPLITE),
+            ConnectUnjudged
+        );
         // Own binds, behind allow_sockets.
         assert_eq!(
             classify_socket(SOCK_RAW, 255),

@@ -15,9 +15,9 @@ use aya_ebpf::helpers::{
 use portguard_common::{
     AddrClass, BPF_RB_AVAIL_DATA, COUNTER_EVENTS_LOST, CgroupKey, DECISION_ALLOW, DECISION_AUDIT,
     DECISION_DENY, Direction, EMPTY_SET, EVENT_F_AUTOBIND, Event, EventOutcome, Family, Hook,
-    MAX_CGROUP_DEPTH, MODE_AUDIT, POLICY_EVENTS_LOST,
-    POLICY_EVENTS_SUPPRESSED, PORTS_PER_CHUNK, PolicyRecord, PortChunkKey, Proto, VERDICT_AUDIT,
-    VERDICT_CUT_OFF, VERDICT_DENY, hook_counter, in_ephemeral_range, policy_counter, set_slot,
+    MAX_CGROUP_DEPTH, MODE_AUDIT, POLICY_EVENTS_LOST, POLICY_EVENTS_SUPPRESSED, PORTS_PER_CHUNK,
+    PolicyRecord, PortChunkKey, Proto, VERDICT_AUDIT, VERDICT_CUT_OFF, VERDICT_DENY, hook_counter,
+    in_ephemeral_range, policy_counter, set_slot,
 };
 
 use crate::maps::{

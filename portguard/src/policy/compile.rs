@@ -417,4 +417,37 @@ mod tests {
                 .contains(PortSet::EPHEMERAL)
         );
     }
+
+    #[test]
+    fn destinations_sockets_and_unnamed_protocols() {
+        use portguard_common::{
+            AddrRole, IPPROTO_ICMP, IPPROTO_UDPLITE, SOCK_DGRAM, SOCK_RAW, SOCK_STREAM, classify_ip,
+        };
+        let c = one(
+            "policies: [{name: a, cgroup: /a, bind: [{ports: [53]}], connect: [{ports: [443], protocol: tcp, address: loopback}]}]",
+        );
+        let dest = |s: &str| classify_ip(s.parse().unwrap(), AddrRole::Destination);
+        assert!(c.allows_destination(6, dest("127.0.0.1"), 443));
+        assert!(c.allows_destination(6, dest("0.0.0.0"), 443), "this host");
+        assert!(c.allows_destination(6, dest("::ffff:127.0.0.1"), 443));
+        assert!(!c.allows_destination(6, dest("10.0.0.1"), 443));
+        assert!(!c.allows_destination(17, dest("127.0.0.1"), 443));
+        assert!(!c.allows_destination(IPPROTO_UDPLITE as u8, dest("127.0.0.1"), 443));
+        let at = |s: &str| classify(s.parse().unwrap());
+        assert!(c.allows_bound_protocol(17, at("0.0.0.0"), 53, false, false));
+        assert!(
+            !c.allows_bound_protocol(IPPROTO_UDPLITE as u8, at("0.0.0.0"), 53, false, false),
+            "no rule can name UDP-Lite"
+        );
+        assert!(c.allows_socket(SOCK_STREAM, 0) && c.allows_socket(SOCK_DGRAM, 0));
+        assert!(!c.allows_socket(SOCK_RAW, IPPROTO_ICMP));
+        assert!(
+            !c.allows_socket(SOCK_DGRAM, IPPROTO_UDPLITE),
+            "its connects run no hook"
+        );
+        let binds_only = one("policies: [{name: a, cgroup: /a, bind: []}]");
+        assert!(binds_only.allows_socket(SOCK_DGRAM, IPPROTO_UDPLITE));
+        assert!(!binds_only.allows_socket(SOCK_RAW, IPPROTO_ICMP));
+        assert!(binds_only.allows_destination(IPPROTO_UDPLITE as u8, dest("10.0.0.1"), 1));
+    }
 }

@@ -334,7 +334,10 @@ pub fn gen_op(rng: &mut Rng, file: &FileSpec) -> Op {
     // A bind to port 0 is judged after the kernel picked the port, which
     // only happens where the bind succeeds: a local address, and not a
     // mapped one on an IPV6_V6ONLY socket (EINVAL).
-    let local = !matches!(addr.to_string().as_str(), "10.1.2.3" | "2001:db8::1" | "::ffff:10.1.2.3");
+    let local = !matches!(
+        addr.to_string().as_str(),
+        "10.1.2.3" | "2001:db8::1" | "::ffff:10.1.2.3"
+    );
     let mapped = matches!(addr, IpAddr::V6(a) if a.to_ipv4_mapped().is_some());
     if kind == OpKind::Bind && local && !(mapped && v6only) && rng.pct(15) {
         port = 0;
@@ -393,7 +396,10 @@ fn render_rules(key: &str, rules: &Option<Vec<RuleSpec>>, file: &FileSpec, out: 
 
 /// The policy of the batch marker (see `difftest::MARKER`).
 pub fn marker_policy(root: &str) -> String {
-    format!("  - name: {}\n    cgroup: {root}/marker\n    bind: []\n", super::MARKER)
+    format!(
+        "  - name: {}\n    cgroup: {root}/marker\n    bind: []\n",
+        super::MARKER
+    )
 }
 
 /// The policy file's text, with the tree under `root` (`/pgtest-...`).

@@ -133,7 +133,10 @@ pub struct Coverage {
 
 fn rule_keys(rules: &[RuleSpec], keys: &mut Vec<String>) {
     for r in rules {
-        keys.push(format!("rule.protocol={}", r.protocol.unwrap_or("(default)")));
+        keys.push(format!(
+            "rule.protocol={}",
+            r.protocol.unwrap_or("(default)")
+        ));
         keys.push(format!("rule.family={}", r.family.unwrap_or("(default)")));
         keys.push(format!("rule.address={}", r.address.unwrap_or("(default)")));
         for p in &r.ports {
@@ -164,11 +167,10 @@ impl Coverage {
         if op.kind == OpKind::Bind && op.port == 0 {
             keys.push("op.port0=yes".to_owned());
         }
-        let gov = p.policy.as_ref().and_then(|name| {
-            file.policies
-                .iter()
-                .find(|q| policy_name(q.node) == *name)
-        });
+        let gov = p
+            .policy
+            .as_ref()
+            .and_then(|name| file.policies.iter().find(|q| policy_name(q.node) == *name));
         match gov {
             None => keys.push("policy=none".to_owned()),
             Some(g) => {
@@ -180,7 +182,10 @@ impl Coverage {
                     }
                     .to_owned(),
                 );
-                keys.push(format!("mode={}", if g.audit { "audit" } else { "enforce" }));
+                keys.push(format!(
+                    "mode={}",
+                    if g.audit { "audit" } else { "enforce" }
+                ));
                 let dir = |name: &str, rules: &Option<Vec<RuleSpec>>, keys: &mut Vec<String>| {
                     let value = match rules {
                         None => format!("{name}=absent"),
@@ -197,7 +202,11 @@ impl Coverage {
                         dir("bind", &g.bind, &mut keys);
                         keys.push(format!(
                             "reserved={}",
-                            if file.reserved.is_empty() { "no" } else { "yes" }
+                            if file.reserved.is_empty() {
+                                "no"
+                            } else {
+                                "yes"
+                            }
                         ));
                     }
                     OpKind::Connect | OpKind::Sendto => dir("connect", &g.connect, &mut keys),
@@ -254,7 +263,10 @@ impl Coverage {
             .flat_map(|(h, fams)| fams.iter().map(move |f| (*h, *f)))
             .collect();
         for (h, f) in &cols {
-            s.push_str(&format!(" {h} {} |", if *f == "ipv4" { "v4" } else { "v6" }));
+            s.push_str(&format!(
+                " {h} {} |",
+                if *f == "ipv4" { "v4" } else { "v6" }
+            ));
         }
         s.push_str("\n|---|");
         s.push_str(&"---:|".repeat(cols.len()));

@@ -16,8 +16,8 @@
 //! bind the marker policy always denies, on a port unique to the batch):
 //! once its event is in the log, so is every event of the batch before it.
 
-pub mod coverage;
 pub mod cases;
+pub mod coverage;
 pub mod oracle;
 
 use std::{
@@ -32,8 +32,8 @@ use std::{
 use serde_json::Value;
 
 use self::{
-    coverage::Coverage,
     cases::{FileSpec, NODES, Op, OpKind, Rng, gen_file, gen_op, render},
+    coverage::Coverage,
     oracle::{Model, Prediction, predict},
 };
 use crate::{Agent, Cgroup, probe_bin};
@@ -289,7 +289,8 @@ impl Bed {
         let Ok(mut f) = std::fs::File::open(&self.agent.log) else {
             return Vec::new();
         };
-        f.seek(std::io::SeekFrom::Start(self.log_pos)).expect("seek");
+        f.seek(std::io::SeekFrom::Start(self.log_pos))
+            .expect("seek");
         let mut text = String::new();
         f.read_to_string(&mut text).expect("reading the event log");
         let Some(end) = text.rfind('\n') else {
@@ -434,7 +435,9 @@ pub fn compare(p: &Prediction, a: &Answer, events: &[Value]) -> Vec<String> {
         }
         for (k, want, got) in fields {
             if want != got {
-                problems.push(format!("event {k}: model says {want:?}, event says {got:?}"));
+                problems.push(format!(
+                    "event {k}: model says {want:?}, event says {got:?}"
+                ));
             }
         }
     }

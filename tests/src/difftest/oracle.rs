@@ -88,7 +88,9 @@ impl Prediction {
 
 /// The socket `op` creates: (type, protocol) as `socket()` gets them.
 fn socket_kind(op: &Op) -> (u32, u32) {
-    use portguard_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_MPTCP, SOCK_DGRAM, SOCK_RAW, SOCK_STREAM};
+    use portguard_common::{
+        IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_MPTCP, SOCK_DGRAM, SOCK_RAW, SOCK_STREAM,
+    };
     match op.proto {
         "tcp" => (SOCK_STREAM, 0),
         "mptcp" => (SOCK_STREAM, IPPROTO_MPTCP),
@@ -153,7 +155,11 @@ pub fn predict(model: &Model, caller: &str, op: &Op, chosen: u16) -> Prediction 
     let mut p = Prediction {
         hook,
         family: family_name(if op.kind == OpKind::Raw {
-            if v6_socket { Family::Ipv6 } else { Family::Ipv4 }
+            if v6_socket {
+                Family::Ipv6
+            } else {
+                Family::Ipv4
+            }
         } else {
             view.family
         }),
@@ -185,7 +191,11 @@ pub fn predict(model: &Model, caller: &str, op: &Op, chosen: u16) -> Prediction 
             rule: rule_in_file(&model.file, &policy.name, &judged, false)
                 .expect("the governing policy is in the file"),
             port: 0,
-            family: family_name(if v6_socket { Family::Ipv6 } else { Family::Ipv4 }),
+            family: family_name(if v6_socket {
+                Family::Ipv6
+            } else {
+                Family::Ipv4
+            }),
         });
         if !audit {
             p.eperm = true;
@@ -238,7 +248,11 @@ pub fn predict(model: &Model, caller: &str, op: &Op, chosen: u16) -> Prediction 
     let cut_off = op.kind == OpKind::Listen;
     p.eperm = !audit && !cut_off;
     p.events.push(Expected {
-        verdict: if cut_off && !audit { "cut_off" } else { verdict },
+        verdict: if cut_off && !audit {
+            "cut_off"
+        } else {
+            verdict
+        },
         hook,
         policy: policy.name.clone(),
         rule,
