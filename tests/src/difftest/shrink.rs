@@ -70,13 +70,13 @@ fn candidates(d: &Disagreement) -> Vec<Disagreement> {
         edit(&|q| q.allow_raw = false);
         for (dir, rules) in [(0, &p.bind), (1, &p.connect)] {
             let Some(rules) = rules else { continue };
-            for ri in 0..rules.len() {
+            for (ri, rule) in rules.iter().enumerate() {
                 let rules_of = if dir == 0 { bind_rules } else { connect_rules };
                 edit(&|q| {
                     rules_of(q).remove(ri);
                 });
-                for pj in 0..rules[ri].ports.len() {
-                    if rules[ri].ports.len() > 1 {
+                for pj in 0..rule.ports.len() {
+                    if rule.ports.len() > 1 {
                         edit(&|q| {
                             rules_of(q)[ri].ports.remove(pj);
                         });
