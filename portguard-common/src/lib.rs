@@ -258,6 +258,21 @@ pub enum Proto {
     Udp = 1,
 }
 
+impl Proto {
+    /// The protocol a rule names for a socket's raw IP protocol: TCP (an
+    /// MPTCP socket binds and connects through TCP subflows) or UDP; `None`
+    /// for any other (UDP-Lite, ...), which no rule can name. The kernel's
+    /// decision and the userspace model both use this.
+    #[inline(always)]
+    pub const fn from_ip_protocol(protocol: u8) -> Option<Self> {
+        match protocol {
+            IPPROTO_TCP => Some(Self::Tcp),
+            IPPROTO_UDP => Some(Self::Udp),
+            _ => None,
+        }
+    }
+}
+
 /// Address families a rule can name. An IPv4-mapped IPv6 address
 /// (`::ffff:a.b.c.d`) is judged as [`Family::Ipv4`].
 #[repr(u8)]
@@ -469,9 +484,16 @@ pub const IPPROTO_MPTCP: u32 = 262;
 /// IPv6 socket. An allow-list: what is not known is refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SocketClass {
-    /// TCP, MPTCP, UDP, UDP-Lite (whose binds, listens and sends the port
+    /// TCP, MPTCP, UDP (whose binds, listens, connects and sends the port
     /// hooks judge) and ICMP echo ("ping") sockets (which have no port).
     Judged,
+    /// UDP-Lite: its binds and unconnected sends are judged, but its
+    /// `connect()` runs no connect hook (the kernel's `udplite_prot` has no
+    /// `pre_connect`, which is where cgroup/connect4/6 run), and a connected
+    /// socket's sends run no sendmsg hook either. Refused (as
+    /// [`SOCK_KIND_OTHER`]) where connects are restricted; found by the
+    /// differential tests (`difftest_udplite_connect_is_judged`).
+    ConnectUnjudged,
     /// A kind with its own bind that the port hooks never see, allowed only
     /// by the policy's `allow_sockets` bit: (`SOCK_KIND_*`, `SOCK_ALLOW_*`).
     OwnBind(u8, u8),
@@ -494,7 +516,8 @@ pub const fn classify_socket(ty: u32, protocol: u32) -> SocketClass {
         }
         (SOCK_STREAM, 0 | IPPROTO_MPTCP) => SocketClass::Judged,
         (SOCK_STREAM, p) if p == IPPROTO_TCP as u32 => SocketClass::Judged,
-        (SOCK_DGRAM, 0 | IPPROTO_UDPLITE | IPPROTO_ICMP | IPPROTO_ICMPV6) => SocketClass::Judged,
+        (SOCK_DGRAM, IPPROTO_UDPLITE) => SocketClass::ConnectUnjudged,
+        (SOCK_DGRAM, 0 | IPPROTO_ICMP | IPPROTO_ICMPV6) => SocketClass::Judged,
         (SOCK_DGRAM, p) if p == IPPROTO_UDP as u32 => SocketClass::Judged,
         _ => SocketClass::Unknown,
     }
@@ -571,8 +594,9 @@ impl PortChunk {
 pub struct SocketState {
     /// 1: the last bind() on this socket asked for port 0; post_bind judges it.
     pub port0_pending: u32,
-    /// Unused since layout 2 (post_bind6 reads `IPV6_V6ONLY` from the
-    /// socket, where the bind is final); kept so the layout only grows.
+    /// 1: bind6 judged the last `[::]` bind (explicit port) of this socket
+    /// as dual-stack, so post_bind6 need not judge it again. (Unused in
+    /// layout 2, whose programs never wrote it: 0 in storage they made.)
     pub dual_stack: u32,
     /// [`GUARD_OPEN`] or [`GUARD_CUT`]: what the packet guard does with
     /// traffic addressed to this socket.
@@ -935,12 +959,16 @@ mod tests {
             (SOCK_STREAM, IPPROTO_MPTCP),
             (SOCK_DGRAM, 0),
             (SOCK_DGRAM, 17),
-            (SOCK_DGRAM, IPPROTO_UDPLITE),
             (SOCK_DGRAM, IPPROTO_ICMP),
             (SOCK_DGRAM, IPPROTO_ICMPV6),
         ] {
             assert_eq!(classify_socket(ty, p), Judged, "{ty}/{p}");
         }
+        // UDP-Lite's connect() runs no connect hook.
+        assert_eq!(
+            classify_socket(SOCK_DGRAM, IPPROTO_UDPLITE),
+            ConnectUnjudged
+        );
         // Own binds, behind allow_sockets.
         assert_eq!(
             classify_socket(SOCK_RAW, 255),

@@ -15,9 +15,9 @@ use aya_ebpf::helpers::{
 use portguard_common::{
     AddrClass, BPF_RB_AVAIL_DATA, COUNTER_EVENTS_LOST, CgroupKey, DECISION_ALLOW, DECISION_AUDIT,
     DECISION_DENY, Direction, EMPTY_SET, EVENT_F_AUTOBIND, Event, EventOutcome, Family, Hook,
-    IPPROTO_TCP, IPPROTO_UDP, MAX_CGROUP_DEPTH, MODE_AUDIT, POLICY_EVENTS_LOST,
-    POLICY_EVENTS_SUPPRESSED, PORTS_PER_CHUNK, PolicyRecord, PortChunkKey, Proto, VERDICT_AUDIT,
-    VERDICT_CUT_OFF, VERDICT_DENY, hook_counter, in_ephemeral_range, policy_counter, set_slot,
+    MAX_CGROUP_DEPTH, MODE_AUDIT, POLICY_EVENTS_LOST, POLICY_EVENTS_SUPPRESSED, PORTS_PER_CHUNK,
+    PolicyRecord, PortChunkKey, Proto, VERDICT_AUDIT, VERDICT_CUT_OFF, VERDICT_DENY, hook_counter,
+    in_ephemeral_range, policy_counter, set_slot,
 };
 
 use crate::maps::{
@@ -185,17 +185,19 @@ fn count_decision(q: &Query, record: &PolicyRecord, kind: u32) {
 
 /// Judge the creation of a socket of a kind with its own bind (raw, SCTP,
 /// L2TP/IP): denied in a cgroup whose policy restricts binds or connects,
-/// unless the policy's `allow_sockets` names the kind.
+/// unless the policy's `allow_sockets` names the kind. `connect_only`: a
+/// kind whose binds are judged but whose connects are not (UDP-Lite),
+/// denied only where connects are restricted.
 #[inline(always)]
-pub fn decide_socket_kind(q: &Query, kind: u8, allow_bit: u8) -> i32 {
+pub fn decide_socket_kind(q: &Query, kind: u8, allow_bit: u8, connect_only: bool) -> i32 {
     let Some(gov) = governing() else {
         return ALLOW;
     };
     // SAFETY: pointer into a live array element, plain data.
     let record = unsafe { &*gov.record };
-    if (record.bind_restricted == 0 && record.connect_restricted == 0)
-        || record.allow_sockets & allow_bit != 0
-    {
+    let restricted =
+        record.connect_restricted != 0 || (!connect_only && record.bind_restricted != 0);
+    if !restricted || record.allow_sockets & allow_bit != 0 {
         return ALLOW;
     }
     if record.mode == MODE_AUDIT {
@@ -228,11 +230,7 @@ pub fn decide(q: &Query) -> i32 {
     if restricted == 0 {
         return ALLOW;
     }
-    let proto = match q.protocol {
-        IPPROTO_TCP => Some(Proto::Tcp),
-        IPPROTO_UDP => Some(Proto::Udp),
-        _ => None,
-    };
+    let proto = Proto::from_ip_protocol(q.protocol);
     let allowed = match proto {
         // Protocols no rule can name are outside every allowed set.
         None => false,

@@ -290,7 +290,51 @@ pub fn portguard_bind6(ctx: SockAddrContext) -> i32 {
     if port == 0 {
         return ALLOW;
     }
+    if v6.unspecified {
+        mark_dual_judged(&ctx, dual);
+    }
     decide(&q)
+}
+
+/// Record on the socket whether bind6 judged this `[::]` bind (explicit
+/// port) as dual-stack, so that post_bind6 does not judge it a second time
+/// (in audit mode that wrote a second event for one bind; found by the
+/// differential tests, `difftest_audit_dual_stack_bind_reports_once`).
+/// post_bind6 still judges a bind bind6 saw as IPV6_V6ONLY but that ended
+/// up dual-stack (the flag flipped in between). Storage is created only
+/// for a dual-stack `[::]` bind; otherwise a flag left by an earlier bind
+/// of the socket that failed after bind6 is cleared. When the flag cannot
+/// be stored, post_bind6 judges again (the safe side: a second event).
+#[inline(always)]
+fn mark_dual_judged(ctx: &SockAddrContext, dual: bool) {
+    let p = if dual {
+        let mut init = SocketState::default();
+        // SAFETY: the helper only dereferences the context's own socket.
+        unsafe { PORTGUARD_SOCKETS.get_or_insert_ptr_mut(ctx, Some(&mut init)) }
+    } else {
+        // SAFETY: as above; never creates storage.
+        unsafe { PORTGUARD_SOCKETS.get_ptr_mut(ctx) }
+    };
+    if !p.is_null() {
+        // SAFETY: non-null pointer to this socket's storage.
+        unsafe { (*p).dual_stack = u32::from(dual) };
+    }
+}
+
+/// Whether bind6 already judged this bind as dual-stack (see
+/// [`mark_dual_judged`]); clears the flag.
+#[inline(always)]
+fn take_dual_judged(sk: *mut aya_ebpf::bindings::bpf_sock) -> bool {
+    let st = sock_state(sk);
+    if st.is_null() {
+        return false;
+    }
+    // SAFETY: non-null pointer to this socket's storage.
+    unsafe {
+        let judged = (*st).dual_stack == 1;
+        (*st).dual_stack = 0;
+        judged
+    }
 }
 
 #[cgroup_sock_addr(connect4)]
@@ -416,7 +460,7 @@ pub fn portguard_post_bind6(ctx: SockContext) -> i32 {
     // The socket's own flag, now final (unknown: dual-stack, the wider
     // exposure).
     let dual = v6.unspecified && sk_v6only(sk.cast::<c_void>()) != Some(true);
-    if !port0 && !dual {
+    if !port0 && (!dual || take_dual_judged(sk)) {
         // An explicit port bind6 judged, on a socket that is what bind6 saw.
         return ALLOW;
     }

@@ -197,16 +197,18 @@ pub fn portguard_sock_create(ctx: SockContext) -> i32 {
     if family != u32::from(AF_INET) && family != u32::from(AF_INET6) {
         return ALLOW;
     }
-    let (kind, bit) = match classify_socket(ty, protocol) {
+    let (kind, bit, connect_only) = match classify_socket(ty, protocol) {
         SocketClass::Judged => return ALLOW,
-        SocketClass::OwnBind(kind, bit) => (kind, bit),
-        // No allow_sockets bit can allow it.
-        SocketClass::Unknown => (SOCK_KIND_OTHER, 0),
+        SocketClass::OwnBind(kind, bit) => (kind, bit, false),
+        // No allow_sockets bit can allow these.
+        SocketClass::ConnectUnjudged => (SOCK_KIND_OTHER, 0, true),
+        SocketClass::Unknown => (SOCK_KIND_OTHER, 0, false),
     };
     decide_socket_kind(
         &kind_query(Hook::SockCreate, protocol, family == u32::from(AF_INET)),
         kind,
         bit,
+        connect_only,
     )
 }
 
@@ -331,6 +333,7 @@ fn judge_listening(socket: *const c_void, hook: Hook) -> i32 {
             &kind_query(hook, u32::from(protocol), family == AF_INET),
             kind,
             bit,
+            false,
         );
     }
     let port = kread::<u16>(sk + u64::from(off.skc_num), 0).unwrap_or(0);

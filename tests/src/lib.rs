@@ -27,6 +27,7 @@ mod agent;
 mod binaries;
 mod cgroups;
 pub mod containerd;
+pub mod difftest;
 mod k8s;
 mod load;
 mod probe;

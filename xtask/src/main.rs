@@ -100,6 +100,28 @@ enum Cmd {
         #[arg(long)]
         target: Option<String>,
     },
+    /// Differential testing (needs root): random policy files and
+    /// operations, each performed through real syscalls under the real
+    /// agent and compared with the policy model's prediction (syscall
+    /// answer and events). Disagreements are shrunk and printed as
+    /// regression tests; the coverage table goes to
+    /// target/difftest-coverage.md. `cargo xtask test` runs the fixed-seed
+    /// CI slice (20,000 cases) as the integration test
+    /// `difftest::the_kernel_and_the_model_agree_on_every_case`.
+    Difftest {
+        /// How many cases (operations) to run.
+        #[arg(long, default_value_t = 20_000)]
+        cases: usize,
+        /// Generator seed (default: the CI slice's; pass another to explore).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Operations per policy generation (one reload each).
+        #[arg(long, default_value_t = 200)]
+        batch: usize,
+        /// Stop after the first batch with a disagreement.
+        #[arg(long)]
+        stop_early: bool,
+    },
     /// Build the agent and run the privileged integration tests (needs root).
     IntegrationTest {
         /// Arguments passed to the test harness (e.g. a test name filter).
@@ -203,6 +225,11 @@ fn is_root() -> bool {
 }
 
 fn integration(args: &[String]) -> anyhow::Result<()> {
+    integration_with(args, &[])
+}
+
+/// [`integration`] with extra environment variables for the tests.
+fn integration_with(args: &[String], env: &[(&str, String)]) -> anyhow::Result<()> {
     if !is_root() {
         bail!(
             "the integration tests load BPF programs and create cgroups: run them as root \
@@ -228,11 +255,35 @@ fn integration(args: &[String]) -> anyhow::Result<()> {
     ])
     .args(args)
     .env("PORTGUARD_BIN", bin)
-    .env("PORTGUARD_VARIANT_OBJECT", variant);
+    .env("PORTGUARD_VARIANT_OBJECT", variant)
+    .envs(env.iter().map(|(k, v)| (*k, v)));
     if std::env::var_os("RUST_LOG").is_none() {
         cmd.env("RUST_LOG", "debug");
     }
     run(&mut cmd)
+}
+
+/// `cargo xtask difftest`: the CI slice's test with another size and seed
+/// (the environment variables it reads).
+fn difftest(cases: usize, seed: Option<u64>, batch: usize, stop_early: bool) -> anyhow::Result<()> {
+    let mut env = vec![
+        ("PORTGUARD_DIFFTEST_CASES", cases.to_string()),
+        ("PORTGUARD_DIFFTEST_BATCH", batch.to_string()),
+    ];
+    if let Some(seed) = seed {
+        env.push(("PORTGUARD_DIFFTEST_SEED", seed.to_string()));
+    }
+    if stop_early {
+        env.push(("PORTGUARD_DIFFTEST_STOP_EARLY", "1".to_owned()));
+    }
+    integration_with(
+        &[
+            "difftest::the_kernel_and_the_model_agree_on_every_case".to_owned(),
+            "--exact".to_owned(),
+            "--nocapture".to_owned(),
+        ],
+        &env,
+    )
 }
 
 /// Where the test harness pins each agent (`portguard_tests::TEST_PIN_ROOT`).
@@ -417,6 +468,12 @@ fn main() -> ExitCode {
         Cmd::Bench { quick, out, only } => bench(quick, out.as_deref(), only.as_deref()),
         Cmd::Image { name, out } => image(&name, &out),
         Cmd::IntegrationTest { args } => integration(&args),
+        Cmd::Difftest {
+            cases,
+            seed,
+            batch,
+            stop_early,
+        } => difftest(cases, seed, batch, stop_early),
         Cmd::Fuzz {
             seconds,
             target,

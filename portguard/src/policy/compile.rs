@@ -278,6 +278,50 @@ fn sets_allow(
         && (!dual_stack || ok(sets.get(proto, Family::Ipv4, AddrClass::Any)))
 }
 
+impl CompiledPolicy {
+    /// Whether this policy lets a socket of raw IP `protocol` connect or
+    /// send to `port` on the destination `view` (classified with
+    /// [`portguard_common::AddrRole::Destination`]).
+    pub fn allows_destination(&self, protocol: u8, view: AddrView, port: u16) -> bool {
+        let Some(sets) = &self.connect else {
+            return true;
+        };
+        Proto::from_ip_protocol(protocol)
+            .is_some_and(|proto| sets.get(proto, view.family, view.class).contains(port))
+    }
+
+    /// Whether this policy lets its cgroups create an IPv4/IPv6 socket of
+    /// `ty` (`SOCK_STREAM`, ...) and `protocol` (the `sock_create`
+    /// decision; see [`portguard_common::classify_socket`]).
+    pub fn allows_socket(&self, ty: u32, protocol: u32) -> bool {
+        use portguard_common::SocketClass;
+        let restricted = self.bind.is_some() || self.connect.is_some();
+        match portguard_common::classify_socket(ty, protocol) {
+            SocketClass::Judged => true,
+            SocketClass::OwnBind(_, bit) => !restricted || self.allow_sockets & bit != 0,
+            SocketClass::ConnectUnjudged => self.connect.is_none(),
+            SocketClass::Unknown => !restricted,
+        }
+    }
+
+    /// [`Self::allows_bound`] for a socket of raw IP `protocol`: a protocol
+    /// no rule can name (UDP-Lite, ...) is outside every allowed set, so it
+    /// is denied wherever binds are restricted.
+    pub fn allows_bound_protocol(
+        &self,
+        protocol: u8,
+        view: AddrView,
+        port: u16,
+        dual_stack: bool,
+        ephemeral_ok: bool,
+    ) -> bool {
+        match Proto::from_ip_protocol(protocol) {
+            Some(proto) => self.allows_bound(proto, view, port, dual_stack, ephemeral_ok),
+            None => self.bind.is_none(),
+        }
+    }
+}
+
 impl DirectionSets {
     pub fn get(&self, proto: Proto, family: Family, addr: AddrClass) -> &PortSet {
         &self.0[local_slot(proto, family, addr)]
@@ -479,5 +523,38 @@ mod tests {
             !b.get(Proto::Tcp, Family::Ipv4, AddrClass::Any)
                 .contains(PortSet::EPHEMERAL)
         );
+    }
+
+    #[test]
+    fn destinations_sockets_and_unnamed_protocols() {
+        use portguard_common::{
+            AddrRole, IPPROTO_ICMP, IPPROTO_UDPLITE, SOCK_DGRAM, SOCK_RAW, SOCK_STREAM, classify_ip,
+        };
+        let c = one(
+            "policies: [{name: a, cgroup: /a, bind: [{ports: [53]}], connect: [{ports: [443], protocol: tcp, address: loopback}]}]",
+        );
+        let dest = |s: &str| classify_ip(s.parse().unwrap(), AddrRole::Destination);
+        assert!(c.allows_destination(6, dest("127.0.0.1"), 443));
+        assert!(c.allows_destination(6, dest("0.0.0.0"), 443), "this host");
+        assert!(c.allows_destination(6, dest("::ffff:127.0.0.1"), 443));
+        assert!(!c.allows_destination(6, dest("10.0.0.1"), 443));
+        assert!(!c.allows_destination(17, dest("127.0.0.1"), 443));
+        assert!(!c.allows_destination(IPPROTO_UDPLITE as u8, dest("127.0.0.1"), 443));
+        let at = |s: &str| classify(s.parse().unwrap());
+        assert!(c.allows_bound_protocol(17, at("0.0.0.0"), 53, false, false));
+        assert!(
+            !c.allows_bound_protocol(IPPROTO_UDPLITE as u8, at("0.0.0.0"), 53, false, false),
+            "no rule can name UDP-Lite"
+        );
+        assert!(c.allows_socket(SOCK_STREAM, 0) && c.allows_socket(SOCK_DGRAM, 0));
+        assert!(!c.allows_socket(SOCK_RAW, IPPROTO_ICMP));
+        assert!(
+            !c.allows_socket(SOCK_DGRAM, IPPROTO_UDPLITE),
+            "its connects run no hook"
+        );
+        let binds_only = one("policies: [{name: a, cgroup: /a, bind: []}]");
+        assert!(binds_only.allows_socket(SOCK_DGRAM, IPPROTO_UDPLITE));
+        assert!(!binds_only.allows_socket(SOCK_RAW, IPPROTO_ICMP));
+        assert!(binds_only.allows_destination(IPPROTO_UDPLITE as u8, dest("10.0.0.1"), 1));
     }
 }

@@ -9,6 +9,9 @@
 //!   policy cgroup that appears (or is recreated) after the agent started.
 //! - `connect`: connect4/6, IPv4-mapped destinations, UDP connect, unconnected
 //!   UDP sendto (sendmsg4/6), loopback-only destinations.
+//! - `difftest`: the kernel and the policy model agree on random policy
+//!   files and operations through real syscalls (the fixed-seed CI slice of
+//!   `cargo xtask difftest`), and the regressions it found.
 //! - `aggregate`: flood control (a storm becomes a few lines; counts add up).
 //! - `audit`: audit mode allows and reports.
 //! - `reload`: tighten and loosen under a running workload, invalid reloads,
@@ -59,6 +62,7 @@ mod cri;
 mod cri_runtime;
 mod delegation;
 mod deploy;
+mod difftest;
 mod events;
 mod fairness;
 mod guard;

@@ -16,6 +16,8 @@
 //!      uring-listen-unbound 4|6          listen through io_uring (IORING_OP_LISTEN)
 //!      socket raw4|raw6|sctp|l2tp        create a socket
 //!      sendrecv ADDR PORT          unconnected UDP sendto, then wait for a reply
+//!      batch                       read operations as JSON lines on stdin and
+//!                                  answer one line each (see `batch.rs`)
 //!      handoff bind|listen tcp ADDR PORT CGROUP
 //!                                  this process (outside CGROUP) creates the
 //!                                  socket (and, for `listen`, binds PORT); a
@@ -62,6 +64,7 @@
 //! for an IPv6 socket, IPv6 too), and accept within 1.5 s. Adds
 //! `"served":true|false` and `"client":"ok"|"ECONNREFUSED"|"timeout"|..`.
 
+mod batch;
 mod handoff;
 mod ops;
 mod race;
@@ -193,6 +196,9 @@ fn main() {
         }
     }
     let op = args;
+    if op.first().is_some_and(|o| o == "batch") {
+        batch::batch();
+    }
     for i in 0..repeat {
         if i > 0 && interval_ms > 0 {
             std::thread::sleep(std::time::Duration::from_millis(interval_ms));
