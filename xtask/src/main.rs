@@ -238,7 +238,9 @@ fn integration_with(args: &[String], env: &[(&str, String)]) -> anyhow::Result<(
     }
     run(cargo().args(["build", "-p", "portguard"]))?;
     let bin = root_dir().join("target/debug/portguard");
-    sweep_leftovers(&bin);
+    // Held (shared) until the tests end; released by the kernel if this
+    // process is killed.
+    let _running = sweep_unless_a_run_is_active(&bin)?;
     let variant = build_variant_object()?;
     // Tests share the host's cgroup tree but use unique cgroups and their own
     // network namespaces, so two at a time is safe on a 2-core machine.
@@ -288,6 +290,36 @@ fn difftest(cases: usize, seed: Option<u64>, batch: usize, stop_early: bool) -> 
 
 /// Where the test harness pins each agent (`portguard_tests::TEST_PIN_ROOT`).
 const TEST_PIN_ROOT: &str = "/sys/fs/bpf/portguard-tests";
+
+/// Every `integration-test` run holds this file locked (shared) while its
+/// tests run.
+const RUN_LOCK: &str = "/run/portguard-integration-tests.lock";
+
+/// Sweep what killed runs left ([`sweep_leftovers`]) when no other
+/// integration-test run is active (another run's agents and pins are alive,
+/// not left over): the exclusive lock says so. Returns the lock, held
+/// shared, for the caller to keep while its tests run.
+fn sweep_unless_a_run_is_active(bin: &Path) -> anyhow::Result<std::fs::File> {
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(RUN_LOCK)
+        .with_context(|| format!("opening {RUN_LOCK}"))?;
+    match lock.try_lock() {
+        Ok(()) => sweep_leftovers(bin),
+        Err(std::fs::TryLockError::WouldBlock) => eprintln!(
+            "xtask: another integration-test run is active ({RUN_LOCK} is locked):              not sweeping leftovers"
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("locking {RUN_LOCK}"));
+        }
+    }
+    // flock converts the exclusive lock in place.
+    lock.lock_shared()
+        .with_context(|| format!("locking {RUN_LOCK} shared"))?;
+    Ok(lock)
+}
 
 /// Remove what an earlier run that was killed before its Drop guards ran
 /// (SIGKILL, a machine stopped mid-run) left behind: its test agents' pins
