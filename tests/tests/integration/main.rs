@@ -39,6 +39,8 @@
 //! - `status`: `portguard status` and `portguard events`.
 //! - `terminal`: hostile cgroup names are escaped in logs, tables and status.
 //! - `units`: `unit:` selectors on a bare host.
+//! - `why`: `portguard why` against a running agent (allowed, denied with
+//!   the exact answer, audit, reserved, ungoverned) and offline.
 //! - `unit_hook`: the `ExecStartPre=` drop-ins `portguard::hook::systemd`
 //!   writes, as `systemd-analyze verify` and systemd's own parser read them.
 
@@ -71,3 +73,4 @@ mod status;
 mod terminal;
 mod unit_hook;
 mod units;
+mod why;
