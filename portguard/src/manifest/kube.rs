@@ -66,6 +66,7 @@ pub fn read(file: &str, doc: &Node, default_ns: &str, m: &mut Manifests) {
         for c in items(get(spec, list)) {
             let container = get(c, "name").and_then(text).unwrap_or("").to_owned();
             let ports = container_ports(file, c, host_network, m);
+            let probes = probes(file, c, m);
             let security = get(c, "securityContext");
             let caps = security.and_then(|s| get(s, "capabilities"));
             let net = NetCaps::read(
@@ -86,7 +87,7 @@ pub fn read(file: &str, doc: &Node, default_ns: &str, m: &mut Manifests) {
                 net,
                 loc: Loc::at(file, c),
                 scope: CLUSTER_SCOPE.to_owned(),
-                probes: probes(file, c, m),
+                probes,
             });
         }
     }

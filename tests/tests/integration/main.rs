@@ -28,6 +28,8 @@
 //! - `learn`: `portguard learn` writes a policy that allows exactly what it saw.
 //! - `metrics`: /metrics counters follow real decisions.
 //! - `plan`: `reserved:` ports denied whatever a policy allows; `check` warns.
+//! - `probes`: `check --manifests` on health probes aimed at ports the plan
+//!   forbids or the container does not declare.
 //! - `pinning`: enforcement survives SIGKILL and upgrades (pinned programs,
 //!   links and maps, adopted without detaching); `uninstall`.
 //! - `cli`: `check`, `--help`, and `run` refusing bad input.
@@ -67,6 +69,7 @@ mod metrics;
 mod oci_hook;
 mod pinning;
 mod plan;
+mod probes;
 mod points;
 mod reload;
 mod status;

@@ -10,7 +10,7 @@
 //! Owns `probe-port-not-allowed` and `probe-port-undeclared`. Judged by
 //! [`super::refusal`], the check `port-not-allowed` uses.
 
-use super::{Check, Finding, Loc, PortDecl, Proto, Severity, Unit, capitalize, refusal};
+use super::{Check, Finding, Loc, PortDecl, Proto, Severity, Unit, refusal};
 use crate::{
     manifest::Target,
     policy::{CompiledPolicy, Mode, PolicyFile},
@@ -124,8 +124,6 @@ pub(super) fn probes(
                 },
                 format!("policy `{}`", policy.name),
             ));
-            // `capitalize` keeps the message style of the other checks.
-            f.message = capitalize(&f.message);
             out.push(f);
         }
     }
