@@ -59,7 +59,7 @@ fn planted() -> BTreeSet<(String, usize)> {
 #[test]
 fn probes_on_forbidden_or_undeclared_ports_are_found_on_their_own_lines() {
     let want = planted();
-    assert_eq!(want.len(), 10, "{want:?}");
+    assert_eq!(want.len(), 11, "{want:?}");
     let (code, out) = check(&["--format", "json"]);
     assert_eq!(code, 1, "{out}");
     let doc: Value = serde_json::from_str(&out).unwrap();
@@ -105,7 +105,7 @@ fn probes_on_forbidden_or_undeclared_ports_are_found_on_their_own_lines() {
         "{status}"
     );
     assert!(
-        find("probe-port-not-allowed", 61)["message"]
+        find("probe-port-not-allowed", 58)["message"]
             .as_str()
             .unwrap()
             .contains("reserved"),
