@@ -58,7 +58,10 @@ fuzz_target!(|data: &[u8]| {
         assert!(!f.message.is_empty());
     }
     for f in &a.findings {
-        if matches!(f.check, Check::ProbePortNotAllowed | Check::ProbePortUndeclared) {
+        if matches!(
+            f.check,
+            Check::ProbePortNotAllowed | Check::ProbePortUndeclared
+        ) {
             let probe = m
                 .units
                 .iter()
@@ -70,7 +73,9 @@ fuzz_target!(|data: &[u8]| {
             if f.check == Check::ProbePortNotAllowed {
                 assert!(p.host.is_none(), "{f:?}: the kubelet connects elsewhere");
                 assert!(
-                    f.related.iter().any(|(_, note)| note.starts_with("policy `")),
+                    f.related
+                        .iter()
+                        .any(|(_, note)| note.starts_with("policy `")),
                     "{f:?} names no governing policy ({})",
                     u.describe()
                 );
@@ -79,7 +84,9 @@ fuzz_target!(|data: &[u8]| {
                 && f.check == Check::ProbePortUndeclared
             {
                 assert!(
-                    u.ports.iter().all(|d| d.name.as_deref() != Some(name.as_str())),
+                    u.ports
+                        .iter()
+                        .all(|d| d.name.as_deref() != Some(name.as_str())),
                     "{f:?}: `{name}` is declared"
                 );
             }

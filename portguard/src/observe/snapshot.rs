@@ -154,7 +154,8 @@ impl Snapshot {
                 e["cgroup"].as_str().is_some_and(|c| {
                     c == path
                         || path == "/"
-                        || c.strip_prefix(path).is_some_and(|rest| rest.starts_with('/'))
+                        || c.strip_prefix(path)
+                            .is_some_and(|rest| rest.starts_with('/'))
                 })
             })
             .cloned()

@@ -270,7 +270,11 @@ pub fn judge(file: &PolicyFile, name: &str, q: &Query) -> Result<Judgement, Stri
             mode: b.mode,
             builtin: true,
             allowed,
-            verdict: if allowed { Verdict::Allow } else { Verdict::Deny },
+            verdict: if allowed {
+                Verdict::Allow
+            } else {
+                Verdict::Deny
+            },
             rule: if allowed {
                 q.op.direction().to_owned()
             } else {

@@ -19,13 +19,7 @@ fn fixture() -> std::path::PathBuf {
 fn check(args: &[&str]) -> (i32, String) {
     let out = Command::new(agent_bin())
         .current_dir(fixture())
-        .args([
-            "check",
-            "--policy",
-            "policy.yaml",
-            "--manifests",
-            "k8s/",
-        ])
+        .args(["check", "--policy", "policy.yaml", "--manifests", "k8s/"])
         .args(args)
         .output()
         .unwrap();
@@ -97,11 +91,17 @@ fn probes_on_forbidden_or_undeclared_ports_are_found_on_their_own_lines() {
     );
     assert_eq!(admin["related"][0]["file"], json!("policy.yaml"));
     // A number not declared: a warning; a name not declared: an error.
-    assert_eq!(find("probe-port-undeclared", 30)["severity"], json!("warning"));
+    assert_eq!(
+        find("probe-port-undeclared", 30)["severity"],
+        json!("warning")
+    );
     let status = find("probe-port-undeclared", 33);
     assert_eq!(status["severity"], json!("error"));
     assert!(
-        status["message"].as_str().unwrap().contains("cannot resolve"),
+        status["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot resolve"),
         "{status}"
     );
     assert!(

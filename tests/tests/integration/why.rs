@@ -34,7 +34,14 @@ fn why_explains_what_the_running_agent_decides() {
 
     // Denied: the exact answer, with the rule to add and the history.
     let (code, out, err) = portguard(&[
-        "why", "--socket", &sock, "--pid", &pid, "bind", "tcp", "0.0.0.0:8081",
+        "why",
+        "--socket",
+        &sock,
+        "--pid",
+        &pid,
+        "bind",
+        "tcp",
+        "0.0.0.0:8081",
     ]);
     assert_eq!(code, 1, "{out}{err}");
     let expected = format!(
@@ -55,7 +62,14 @@ fn why_explains_what_the_running_agent_decides() {
 
     // Allowed: the rule and its line.
     let (code, out, err) = portguard(&[
-        "why", "--socket", &sock, "--pid", &pid, "bind", "tcp", "0.0.0.0:8080",
+        "why",
+        "--socket",
+        &sock,
+        "--pid",
+        &pid,
+        "bind",
+        "tcp",
+        "0.0.0.0:8080",
     ]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("verdict: ALLOWED\n"), "{out}");
@@ -68,7 +82,15 @@ fn why_explains_what_the_running_agent_decides() {
     // Loopback only, as JSON: what the kernel says, the rule that nearly
     // allowed it, and a fix for any address.
     let (code, out, err) = portguard(&[
-        "why", "--socket", &sock, "--pid", &pid, "--json", "bind", "udp", "10.0.0.1:9090",
+        "why",
+        "--socket",
+        &sock,
+        "--pid",
+        &pid,
+        "--json",
+        "bind",
+        "udp",
+        "10.0.0.1:9090",
     ]);
     assert_eq!(code, 1, "{out}{err}");
     let doc: Value = serde_json::from_str(&out).unwrap();
@@ -76,12 +98,22 @@ fn why_explains_what_the_running_agent_decides() {
     assert_eq!(doc["source"], "agent");
     assert_eq!(doc["rule"], "bind[1].address");
     assert_eq!(doc["rule_lines"], json!([7]));
-    assert_eq!(doc["fix"]["rule"], "{ports: [9090], protocol: udp, family: ipv4}");
+    assert_eq!(
+        doc["fix"]["rule"],
+        "{ports: [9090], protocol: udp, family: ipv4}"
+    );
     assert_eq!(doc["target"]["cgroup_id"], json!(web.id()));
 
     // Reserved: denied whatever the policy says, and no rule can help.
     let (code, out, _) = portguard(&[
-        "why", "--socket", &sock, "--pid", &pid, "bind", "tcp", "0.0.0.0:2222",
+        "why",
+        "--socket",
+        &sock,
+        "--pid",
+        &pid,
+        "bind",
+        "tcp",
+        "0.0.0.0:2222",
     ]);
     assert_eq!(code, 1, "{out}");
     assert!(
@@ -90,11 +122,13 @@ fn why_explains_what_the_running_agent_decides() {
         )),
         "{out}"
     );
-    assert!(out.contains("fix:     none: port 2222 is in the file's `reserved:` ports"), "{out}");
+    assert!(
+        out.contains("fix:     none: port 2222 is in the file's `reserved:` ports"),
+        "{out}"
+    );
 
     // Audit: allowed (exit 0), with what enforce mode would do.
-    let (held, _quiet_proc) =
-        Probe::in_cgroup(&quiet).hold(&["hold", "tcp", "127.0.0.1", "8080"]);
+    let (held, _quiet_proc) = Probe::in_cgroup(&quiet).hold(&["hold", "tcp", "127.0.0.1", "8080"]);
     held.assert_ok();
     let (code, out, err) = portguard(&[
         "why",
@@ -108,7 +142,10 @@ fn why_explains_what_the_running_agent_decides() {
     ]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("verdict: AUDIT: allowed"), "{out}");
-    assert!(out.contains("`bind: []` in `quiet`: every bind is denied"), "{out}");
+    assert!(
+        out.contains("`bind: []` in `quiet`: every bind is denied"),
+        "{out}"
+    );
 
     // Ungoverned, and an unknown pid: lookup errors (2), said plainly.
     let (held, _free_proc) = Probe::in_cgroup(&free).hold(&["hold", "tcp", "127.0.0.1", "8080"]);
@@ -129,7 +166,14 @@ fn why_explains_what_the_running_agent_decides() {
         "{err}"
     );
     let (code, _, err) = portguard(&[
-        "why", "--socket", &sock, "--pid", "999999999", "bind", "tcp", "0.0.0.0:80",
+        "why",
+        "--socket",
+        &sock,
+        "--pid",
+        "999999999",
+        "bind",
+        "tcp",
+        "0.0.0.0:80",
     ]);
     assert_eq!(code, 2);
     assert!(err.contains("unknown pid 999999999"), "{err}");
@@ -165,20 +209,40 @@ fn why_judges_offline_by_a_policy_file_where_no_agent_answers() {
         )),
         "{out}"
     );
-    assert!(out.contains("      - {ports: [8081], protocol: tcp, family: ipv4}\n"), "{out}");
+    assert!(
+        out.contains("      - {ports: [8081], protocol: tcp, family: ipv4}\n"),
+        "{out}"
+    );
     // A child cgroup is governed by its parent's policy.
     let child = web.child("worker");
     let (code, out, _) = portguard(&[
-        "why", "--socket", &nobody, "--policy", &file, "--cgroup", &child.rel, "--json", "bind",
-        "tcp", "0.0.0.0:8080",
+        "why",
+        "--socket",
+        &nobody,
+        "--policy",
+        &file,
+        "--cgroup",
+        &child.rel,
+        "--json",
+        "bind",
+        "tcp",
+        "0.0.0.0:8080",
     ]);
     assert_eq!(code, 0, "{out}");
     let doc: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(doc["policy_cgroup"], json!(web.rel));
-    assert_eq!(doc["candidates"][0]["reason"].as_str().unwrap().contains("nearest governed ancestor"), true);
+    let reason = doc["candidates"][0]["reason"].as_str().unwrap();
+    assert!(reason.contains("nearest governed ancestor"), "{reason}");
     // Without --policy, no agent is an error that says what to do.
     let (code, _, err) = portguard(&[
-        "why", "--socket", &nobody, "--cgroup", &web.rel, "bind", "tcp", "0.0.0.0:8081",
+        "why",
+        "--socket",
+        &nobody,
+        "--cgroup",
+        &web.rel,
+        "bind",
+        "tcp",
+        "0.0.0.0:8081",
     ]);
     assert_eq!(code, 2);
     assert!(err.contains("no agent answers at"), "{err}");

@@ -203,8 +203,8 @@ pub fn answer(a: &WhyArgs) -> Result<Answer, Lookup> {
         }
     };
     if let Some(log) = &a.log {
-        let text = std::fs::read_to_string(log)
-            .map_err(|e| format!("--log {}: {e}", log.display()))?;
+        let text =
+            std::fs::read_to_string(log).map_err(|e| format!("--log {}: {e}", log.display()))?;
         ans.events = text
             .lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())

@@ -84,7 +84,9 @@ fn rule_sentence(a: &Answer) -> String {
             "port {} is in the file's `reserved:` ports (`reserved`)",
             q.port
         ),
-        r if r.ends_with("[]") => format!("`{dir}: []` in `{}`: every {dir} is denied ({r})", j.policy),
+        r if r.ends_with("[]") => {
+            format!("`{dir}: []` in `{}`: every {dir} is denied ({r})", j.policy)
+        }
         r if r.ends_with(".address") => format!(
             "{} allows {port} on loopback only ({}) (`{r}`)",
             r.trim_end_matches(".address"),

@@ -5,12 +5,7 @@
 use std::path::Path;
 
 use super::{Lookup, WhyArgs};
-use crate::workload::{
-    cgroupfs::Hierarchy,
-    cri,
-    identity::KUBEPODS_ROOTS,
-    resolve::TreeIndex,
-};
+use crate::workload::{cgroupfs::Hierarchy, cri, identity::KUBEPODS_ROOTS, resolve::TreeIndex};
 
 /// The workload's cgroup.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,8 +22,7 @@ pub fn resolve(a: &WhyArgs, h: &Hierarchy) -> Result<Target, Lookup> {
     let (cgroup, named) = if let Some(pid) = a.pid {
         (cgroup_of_pid(pid)?, format!("pid {pid}"))
     } else if let Some(c) = &a.cgroup {
-        let c = crate::policy::normalize_cgroup(c)
-            .map_err(|e| format!("--cgroup {c}: {e}"))?;
+        let c = crate::policy::normalize_cgroup(c).map_err(|e| format!("--cgroup {c}: {e}"))?;
         (c.clone(), format!("cgroup {c}"))
     } else if let Some(pod) = &a.pod {
         let cgroup = pod_cgroup(pod, a.container.as_deref(), h, &a.cri_socket)?;

@@ -28,12 +28,7 @@ pub(super) fn probes(
 ) {
     for (i, u) in units.iter().enumerate() {
         for pr in &u.probes {
-            let what = format!(
-                "The {} ({}) of {}",
-                pr.kind,
-                pr.handler,
-                u.describe()
-            );
+            let what = format!("The {} ({}) of {}", pr.kind, pr.handler, u.describe());
             let port = match &pr.port {
                 Target::Number(n) => {
                     let declared = u

@@ -386,9 +386,8 @@ fn probes_on_ports_the_plan_forbids_or_the_container_does_not_declare() {
         "reserved: [10250]\npolicies:\n  - {name: web, pods: {namespace: shop, labels: {app: web}}, bind: [{ports: [8080, 9555, 10250]}, {ports: [9901], address: loopback}]}\n  - {name: quiet, mode: audit, pods: {namespace: shop, labels: {app: quiet}}, bind: []}\n",
     )
     .unwrap();
-    let probe = |kind: &str, handler: &str, port: &str| {
-        format!("{kind}: {{{handler}: {{port: {port}}}}}")
-    };
+    let probe =
+        |kind: &str, handler: &str, port: &str| format!("{kind}: {{{handler}: {{port: {port}}}}}");
     let m = units(
         &(deployment(
             "web",
@@ -412,7 +411,10 @@ fn probes_on_ports_the_plan_forbids_or_the_container_does_not_declare() {
         ) + &deployment(
             "free",
             "{app: free}",
-            &format!("[{{name: f, {}}}]", probe("livenessProbe", "tcpSocket", "1")),
+            &format!(
+                "[{{name: f, {}}}]",
+                probe("livenessProbe", "tcpSocket", "1")
+            ),
         )),
     );
     assert!(m.findings.is_empty(), "{:?}", m.findings);
@@ -480,7 +482,11 @@ fn probes_on_ports_the_plan_forbids_or_the_container_does_not_declare() {
         .count();
     assert_eq!(undeclared_free, 1, "{got:#?}");
     // Each on the probe's own port line.
-    for f in a.findings.iter().filter(|f| f.check == Check::ProbePortNotAllowed) {
+    for f in a
+        .findings
+        .iter()
+        .filter(|f| f.check == Check::ProbePortNotAllowed)
+    {
         let p = m
             .units
             .iter()

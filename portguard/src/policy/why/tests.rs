@@ -37,7 +37,10 @@ fn judged(name: &str, query: &Query) -> Judgement {
 fn an_allowed_bind_names_its_rule_and_line() {
     let j = judged("web", &q("bind", "tcp", "0.0.0.0:8080"));
     assert_eq!(j.verdict, Verdict::Allow);
-    assert_eq!((j.rule.as_str(), j.rule_lines.as_slice()), ("bind[0]", &[6][..]));
+    assert_eq!(
+        (j.rule.as_str(), j.rule_lines.as_slice()),
+        ("bind[0]", &[6][..])
+    );
     assert_eq!(j.fix, None);
     // Unrestricted connects to anything but the list: here restricted.
     let c = judged("web", &q("connect", "tcp", "10.0.0.5:5432"));
@@ -63,7 +66,10 @@ fn a_denial_names_the_part_that_decided_and_the_rule_to_add() {
     );
     // Loopback only: the rule that matched, and a rule for any address.
     let lo = judged("web", &q("bind", "udp", "10.1.2.3:9090"));
-    assert_eq!((lo.rule.as_str(), lo.rule_lines.as_slice()), ("bind[1].address", &[7][..]));
+    assert_eq!(
+        (lo.rule.as_str(), lo.rule_lines.as_slice()),
+        ("bind[1].address", &[7][..])
+    );
     let Some(Fix::AddRule { rule, .. }) = lo.fix else {
         panic!("{lo:?}")
     };
@@ -76,12 +82,18 @@ fn a_denial_names_the_part_that_decided_and_the_rule_to_add() {
     // A connect to loopback: the suggested rule stays on loopback.
     let c = judged("web", &q("connect", "udp", "127.0.0.1:53"));
     assert_eq!(c.rule, "connect");
-    let Some(Fix::AddRule { rule, direction, .. }) = c.fix else {
+    let Some(Fix::AddRule {
+        rule, direction, ..
+    }) = c.fix
+    else {
         panic!("{c:?}")
     };
     assert_eq!(
         (direction, rule.as_str()),
-        ("connect", "{ports: [53], protocol: udp, family: ipv4, address: loopback}")
+        (
+            "connect",
+            "{ports: [53], protocol: udp, family: ipv4, address: loopback}"
+        )
     );
 }
 
@@ -94,14 +106,20 @@ fn dual_stack_needs_ipv4_too() {
     assert_eq!(judged("web", &v6).verdict, Verdict::Allow);
     let dual = judged("web", &q("bind", "tcp", "[::]:7000"));
     assert!(dual.dual_stack);
-    assert_eq!((dual.verdict, dual.rule.as_str()), (Verdict::Deny, "bind.dual_stack"));
+    assert_eq!(
+        (dual.verdict, dual.rule.as_str()),
+        (Verdict::Deny, "bind.dual_stack")
+    );
     let Some(Fix::AddRule { rule, .. }) = dual.fix else {
         panic!("{dual:?}")
     };
     assert_eq!(rule, "{ports: [7000], protocol: tcp, family: ipv4}");
     // 8080 (any family) covers both at once.
     let both = judged("web", &q("bind", "tcp", "[::]:8080"));
-    assert_eq!((both.verdict, both.rule.as_str()), (Verdict::Allow, "bind[0]"));
+    assert_eq!(
+        (both.verdict, both.rule.as_str()),
+        (Verdict::Allow, "bind[0]")
+    );
 }
 
 #[test]
@@ -157,7 +175,12 @@ fn port_zero_and_listen_are_judged_as_binds() {
 
 #[test]
 fn built_in_stand_ins_and_unknown_policies() {
-    let j = judge(&file(), "portguard:identifying", &q("bind", "tcp", "0.0.0.0:80")).unwrap();
+    let j = judge(
+        &file(),
+        "portguard:identifying",
+        &q("bind", "tcp", "0.0.0.0:80"),
+    )
+    .unwrap();
     assert!(j.builtin);
     assert_eq!(j.verdict, Verdict::Deny);
     assert!(matches!(j.fix, Some(Fix::Impossible { .. })));
@@ -167,7 +190,11 @@ fn built_in_stand_ins_and_unknown_policies() {
         &q("connect", "tcp", "10.0.0.1:443"),
     )
     .unwrap();
-    assert_eq!(fc.verdict, Verdict::Allow, "fail-closed leaves connects alone");
+    assert_eq!(
+        fc.verdict,
+        Verdict::Allow,
+        "fail-closed leaves connects alone"
+    );
     assert!(judge(&file(), "nope", &q("bind", "tcp", "0.0.0.0:80")).is_err());
 }
 
@@ -224,12 +251,13 @@ fn verdicts_fixes_and_named_rules_agree_with_the_compiled_sets() {
             } else {
                 ["tcp", "udp"][rng.next(2) as usize]
             };
-            let ip: IpAddr = addrs[rng.next(addrs.len() as u64) as usize].parse().unwrap();
+            let ip: IpAddr = addrs[rng.next(addrs.len() as u64) as usize]
+                .parse()
+                .unwrap();
             let port = ports[rng.next(ports.len() as u64) as usize];
             let query = Query {
                 v6only: rng.next(2) == 0,
-                ..Query::parse(op, proto, &std::net::SocketAddr::new(ip, port).to_string())
-                    .unwrap()
+                ..Query::parse(op, proto, &std::net::SocketAddr::new(ip, port).to_string()).unwrap()
             };
             let j = judge(&f, "p", &query).unwrap();
             assert_eq!(
@@ -305,7 +333,10 @@ fn precedence_says_why_each_candidate_lost() {
     let by = |name: &str| ranked.iter().find(|r| r.policy == name).unwrap();
     assert_eq!(ranked[0].policy, "app");
     assert_eq!(ranked[0].outcome, "chosen");
-    assert!(ranked[0].reason.contains("nearest governed ancestor"), "{ranked:?}");
+    assert!(
+        ranked[0].reason.contains("nearest governed ancestor"),
+        "{ranked:?}"
+    );
     assert_eq!(by("ns").outcome, "less-specific");
     assert!(by("ns").reason.contains("140 < 141"), "{ranked:?}");
     assert_eq!(by("slice").outcome, "farther");
