@@ -4,7 +4,7 @@
 //!
 //! | folder | owns | start reading at |
 //! |---|---|---|
-//! | `cli/` | one file per verb (`run`, `check`, `learn`, `replay`, `status`, `events`, `hook`, `uninstall`): arguments and `--help` | `cli/mod.rs` |
+//! | `cli/` | one file per verb (`run`, `check`, `learn`, `replay`, `status`, `events`, `why`, `hook`, `uninstall`): arguments and `--help` | `cli/mod.rs` |
 //! | `agent/` | `portguard run`: start-up, the agent's state, reload, the event glue and the serve loop | `agent/mod.rs` (`run`) |
 //! | `observe/` | what the agent shows: the status snapshot, `/metrics`, `/healthz`, the status socket, and the escaping of untrusted names in human-readable output | `observe/metrics.rs` |
 //! | `events/` | the typed event record: decode, enrich, aggregate, the writer, lost-event reports | `events/mod.rs` |

@@ -78,6 +78,7 @@ impl Endpoints {
         rt: &tokio::runtime::Runtime,
         agent: &Agent,
         govern: tokio::sync::mpsc::Sender<crate::hook::protocol::Pending>,
+        explain: tokio::sync::mpsc::Sender<crate::hook::protocol::ExplainPending>,
     ) -> anyhow::Result<()> {
         let _guard = rt.enter();
         if let Some(l) = self.status {
@@ -86,6 +87,7 @@ impl Endpoints {
                 listener,
                 agent.shared.clone(),
                 govern,
+                explain,
             ));
         }
         if let Some(l) = self.metrics {

@@ -151,7 +151,7 @@ impl Agent {
 
     /// The policy governing `path` (itself or its nearest governed
     /// ancestor) as the agent applied it, and that ancestor.
-    fn applied_governor(&self, path: &str) -> Option<(String, String)> {
+    pub(super) fn applied_governor(&self, path: &str) -> Option<(String, String)> {
         let mut by_id: HashMap<u64, &str> = HashMap::new();
         for (p, govs) in self.policies.iter().zip(&self.resolved) {
             for g in govs {
@@ -169,7 +169,7 @@ impl Agent {
 
     /// The policy the kernel maps give `path` (itself or its nearest
     /// governed ancestor), and that ancestor.
-    fn kernel_governor(&self, path: &str) -> Result<Option<(String, String)>, String> {
+    pub(super) fn kernel_governor(&self, path: &str) -> Result<Option<(String, String)>, String> {
         let mut err = None;
         let found = self.walk_up(path, |id| match self.loaded.maps.policy_of(id) {
             Ok(Some(pid)) => Some(

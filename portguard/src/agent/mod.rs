@@ -4,7 +4,8 @@
 //! ring-buffer readiness (events -> JSON lines), SIGHUP and policy-file
 //! changes (reload), cgroup directory changes (a policy's cgroup appearing,
 //! disappearing or being recreated), and a timer that reports events the
-//! kernel had to drop.
+//! kernel had to drop; and the status socket's requests that need the
+//! agent's state (a hook's govern, `portguard why`'s explain).
 //!
 //! Invariants:
 //! - the first policy is written into the maps before any program is
@@ -27,6 +28,7 @@ use crate::{
 
 mod delegated;
 mod endpoints;
+mod explain;
 mod facts;
 mod govern;
 mod inventory;
@@ -127,6 +129,9 @@ const INVENTORY_GAP: Duration = Duration::from_millis(500);
 /// Most govern requests queued for the serve loop (more wait to be sent).
 const GOVERN_QUEUE: usize = 256;
 
+/// Most explain requests (`portguard why`) queued for the serve loop.
+const EXPLAIN_QUEUE: usize = 16;
+
 /// How long a pod cgroup may stay unidentified before it is released.
 const IDENTIFY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -157,10 +162,18 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
     agent.announce(&opts, &report)?;
     // Hooks' govern requests: from the status socket to the serve loop.
     let (govern_tx, govern_rx) = tokio::sync::mpsc::channel(GOVERN_QUEUE);
-    endpoints.spawn(&rt, &agent, govern_tx)?;
+    // `portguard why`'s questions: likewise.
+    let (explain_tx, explain_rx) = tokio::sync::mpsc::channel(EXPLAIN_QUEUE);
+    endpoints.spawn(&rt, &agent, govern_tx, explain_tx)?;
     let health = agent.health.clone();
     let result = rt.block_on(serve(
-        &mut agent, events, writer, &opts, &health, signals, govern_rx,
+        &mut agent,
+        events,
+        writer,
+        &opts,
+        &health,
+        signals,
+        (govern_rx, explain_rx),
     ));
     shut_down(&opts, pins.as_ref());
     drop(agent);

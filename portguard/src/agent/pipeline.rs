@@ -85,6 +85,9 @@ impl Agent {
             if writer.line(r).is_ok() {
                 written += 1;
             }
+            if let Ok(v) = serde_json::to_value(&*r) {
+                self.shared.remember(v);
+            }
         }
         records.clear();
         let aggregated = self.aggregator.aggregated;

@@ -35,7 +35,10 @@ pub(super) async fn serve(
     opts: &RunOptions,
     health: &Health,
     signals: Signals,
-    mut govern: tokio::sync::mpsc::Receiver<crate::hook::protocol::Pending>,
+    (mut govern, mut explain): (
+        tokio::sync::mpsc::Receiver<crate::hook::protocol::Pending>,
+        tokio::sync::mpsc::Receiver<crate::hook::protocol::ExplainPending>,
+    ),
 ) -> anyhow::Result<()> {
     let Signals {
         mut hup,
@@ -143,6 +146,10 @@ pub(super) async fn serve(
                 // A pending rescan stays due: the hooks' cgroups were added
                 // to the index, other changes inotify reported were not.
                 agent.report_hook_failures(&mut writer);
+            }
+            // `portguard why`: read-only, answered from the maps as they are.
+            Some(q) = explain.recv() => {
+                let _ = q.reply.send(agent.explain(q.request.cgroup_id));
             }
             guard = watcher.fd.readable_mut() => {
                 let mut guard = guard.context("polling inotify")?;

@@ -344,6 +344,7 @@ impl Agent {
                     started: events::format_time(std::time::SystemTime::now()),
                     ..Default::default()
                 }),
+                recent: std::sync::Mutex::default(),
             }),
             slot_owners: HashMap::new(),
             unended: Vec::new(),

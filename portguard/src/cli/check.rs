@@ -230,6 +230,14 @@ use clap::Args;
 ///   net-capability         (warning) a governed container adds NET_RAW or
 ///                          NET_ADMIN, or is privileged: it can answer on
 ///                          ports around portguard (drop them)
+///   probe-port-not-allowed a liveness, readiness or startup probe (httpGet,
+///                          tcpSocket, grpc) on a port the container's
+///                          policy does not allow on the pod's address
+///                          (loopback only counts as not allowed): the
+///                          kubelet's probe fails
+///   probe-port-undeclared  (warning) a probe on a port the container does
+///                          not declare; an error for a port name it does
+///                          not declare (the kubelet cannot resolve it)
 ///
 /// plus manifest-invalid, manifest-unresolved (a ${VAR} without a default)
 /// and service-selects-nothing; and a note counting the governed containers

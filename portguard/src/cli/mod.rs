@@ -8,12 +8,14 @@ pub mod replay;
 pub mod run;
 pub mod status;
 pub mod uninstall;
+pub mod why;
 
 pub use check::{CheckArgs, CheckFormat};
 pub use learn::LearnArgs;
 pub use run::{MetricsAddr, PinDirArg, RunArgs};
 pub use status::StatusArgs;
 pub use uninstall::UninstallArgs;
+pub use why::WhyArgs;
 
 use std::process::ExitCode;
 
@@ -33,7 +35,8 @@ use clap::{Parser, Subcommand};
 /// running agent enforces; `events` reads and summarises the event log;
 /// `learn` watches a workload and writes its policy; `replay` shows what a
 /// candidate policy would change for the decisions an event log recorded;
-/// `hook` governs a
+/// `why` says why an operation of a workload is denied and what would allow
+/// it; `hook` governs a
 /// container or unit before its first instruction (an OCI runtime hook, a
 /// systemd `ExecStartPre=`); `uninstall` removes the pinned programs, links
 /// and maps that keep enforcing after the agent stops, and the hooks.
@@ -57,6 +60,7 @@ pub enum Command {
     Events(events::EventsArgs),
     Hook(hook::HookArgs),
     Uninstall(UninstallArgs),
+    Why(Box<WhyArgs>),
 }
 
 impl Cli {
@@ -70,6 +74,7 @@ impl Cli {
             Command::Events(a) => events::run(&a),
             Command::Hook(a) => hook::execute(a),
             Command::Uninstall(a) => uninstall::execute(a),
+            Command::Why(a) => why::execute(*a),
         }
     }
 }

@@ -1,7 +1,9 @@
-//! The request a hook sends on the agent's status socket, and the answer.
+//! The requests on the agent's status socket, and the answers: a hook's
+//! `govern`, `portguard why`'s `explain`, `portguard status`'s `status`.
 //!
 //! One connection carries one request. A client writes one JSON line
-//! (`{"request":"govern",...}` or `{"request":"status"}`) and reads one
+//! (`{"request":"govern",...}`, `{"request":"explain","cgroup_id":N}` or
+//! `{"request":"status"}`) and reads one
 //! JSON document back. A client that writes nothing (`nc -U`, agents and
 //! clients from before hooks existed) gets the status document once it
 //! closes its side or after [`REQUEST_WAIT`].
@@ -26,6 +28,75 @@ pub enum Request {
     /// Govern this cgroup now with the policy that selects it, and answer
     /// once the kernel maps say so.
     Govern(Govern),
+    /// Which policy governs this cgroup, as the kernel maps say, and what
+    /// `portguard why` needs to judge an operation there ([`Explanation`]).
+    /// Read-only: nothing is rescanned or applied.
+    Explain(Explain),
+}
+
+/// "Which policy governs this cgroup, and why": `portguard why`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Explain {
+    /// The cgroup's id (the inode number of its cgroup2 directory).
+    pub cgroup_id: u64,
+}
+
+/// A policy that selects the cgroup or one of its ancestors.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Selecting {
+    pub policy: String,
+    /// The cgroup it selects (the cgroup itself or an ancestor).
+    pub cgroup: String,
+}
+
+/// The agent's answer to [`Explain`].
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Explanation {
+    /// Answered; `false` with `error` when the cgroup is unknown here.
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The cgroup's path as the agent sees it.
+    #[serde(default)]
+    pub cgroup: String,
+    #[serde(default)]
+    pub cgroup_id: u64,
+    /// The policy the kernel maps give the cgroup (its own or its nearest
+    /// governed ancestor's); `None`: not governed.
+    #[serde(default)]
+    pub policy: Option<String>,
+    /// The cgroup that policy is attached to.
+    #[serde(default)]
+    pub policy_cgroup: Option<String>,
+    /// The kernel maps and the agent's own view disagree (an apply failed):
+    /// what each says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
+    /// The policy file the agent runs, and its text as last applied (the
+    /// file on disk may have changed since).
+    #[serde(default)]
+    pub policy_file: String,
+    #[serde(default)]
+    pub policy_text: Option<String>,
+    /// Every policy that selects the cgroup or an ancestor, with the
+    /// cgroup it selects.
+    #[serde(default)]
+    pub candidates: Vec<Selecting>,
+    /// Who the cgroup is (pod, container, unit), as event lines name it.
+    #[serde(default)]
+    pub identity: serde_json::Value,
+    /// The agent's most recent event lines about the cgroup and the
+    /// cgroups below it (oldest first; the agent keeps its last
+    /// `RECENT_EVENTS` lines in all).
+    #[serde(default)]
+    pub events: Vec<serde_json::Value>,
+}
+
+/// An explain request on its way from the socket to the agent's loop.
+#[derive(Debug)]
+pub struct ExplainPending {
+    pub request: Explain,
+    pub reply: tokio::sync::oneshot::Sender<Explanation>,
 }
 
 /// Which hook asks.
@@ -157,5 +228,10 @@ mod tests {
         // A request without the fields it needs is an error, not a default.
         assert!(serde_json::from_str::<Request>(r#"{"request":"govern"}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"request":"reboot"}"#).is_err());
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"request":"explain","cgroup_id":7}"#).unwrap(),
+            Request::Explain(Explain { cgroup_id: 7 })
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"request":"explain"}"#).is_err());
     }
 }

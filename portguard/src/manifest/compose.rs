@@ -159,6 +159,7 @@ pub fn read(path: &Path, file: &str, doc: &Node, m: &mut Manifests) {
             ),
             loc: Loc::at(file, name_node),
             scope: file.to_owned(),
+            probes: Vec::new(),
         });
     }
 }

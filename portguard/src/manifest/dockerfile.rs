@@ -256,6 +256,7 @@ pub fn read(path: &Path, file: &str, text: &str, m: &mut Manifests) {
         loc: ports[0].loc.clone(),
         ports,
         scope: file.to_owned(),
+        probes: Vec::new(),
     });
 }
 

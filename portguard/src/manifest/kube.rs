@@ -7,8 +7,8 @@
 //! helpers (`super`) and the policy layer's YAML tree.
 
 use super::{
-    HostClaim, Loc, Manifests, NetCaps, Origin, PortDecl, Proto, Service, ServicePort, Target,
-    Unit, WorkloadId,
+    HostClaim, Loc, Manifests, NetCaps, Origin, PortDecl, ProbeDecl, Proto, Service, ServicePort,
+    Target, Unit, WorkloadId,
     values::{get, items, path, port_number, string_map, text},
 };
 use crate::policy::yaml::Node;
@@ -66,6 +66,7 @@ pub fn read(file: &str, doc: &Node, default_ns: &str, m: &mut Manifests) {
         for c in items(get(spec, list)) {
             let container = get(c, "name").and_then(text).unwrap_or("").to_owned();
             let ports = container_ports(file, c, host_network, m);
+            let probes = probes(file, c, m);
             let security = get(c, "securityContext");
             let caps = security.and_then(|s| get(s, "capabilities"));
             let net = NetCaps::read(
@@ -86,9 +87,55 @@ pub fn read(file: &str, doc: &Node, default_ns: &str, m: &mut Manifests) {
                 net,
                 loc: Loc::at(file, c),
                 scope: CLUSTER_SCOPE.to_owned(),
+                probes,
             });
         }
     }
+}
+
+/// The container's liveness, readiness and startup probes that target a
+/// port (`exec` probes target none).
+fn probes(file: &str, c: &Node, m: &mut Manifests) -> Vec<ProbeDecl> {
+    let mut out = Vec::new();
+    for kind in ["livenessProbe", "readinessProbe", "startupProbe"] {
+        let Some(probe) = get(c, kind) else {
+            continue;
+        };
+        for handler in ["httpGet", "tcpSocket", "grpc"] {
+            let Some(h) = get(probe, handler) else {
+                continue;
+            };
+            let Some(port) = get(h, "port") else {
+                m.invalid(file, h, format!("{kind}.{handler}: no port"));
+                continue;
+            };
+            let target = match text(port) {
+                Some(s) if s.bytes().all(|b| b.is_ascii_digit()) => {
+                    match number(file, port, &format!("{kind}.{handler}.port"), m) {
+                        Some(n) => Target::Number(n),
+                        None => continue,
+                    }
+                }
+                Some(s) if !s.is_empty() => Target::Name(s.to_owned()),
+                _ => {
+                    m.invalid(
+                        file,
+                        port,
+                        format!("{kind}.{handler}.port: expected a number or a port name"),
+                    );
+                    continue;
+                }
+            };
+            out.push(ProbeDecl {
+                kind,
+                handler,
+                port: target,
+                loc: Loc::at(file, port),
+                host: get(h, "host").and_then(text).map(str::to_owned),
+            });
+        }
+    }
+    out
 }
 
 fn protocol(file: &str, node: Option<&Node>, m: &mut Manifests) -> Option<Proto> {

@@ -7,7 +7,7 @@
 //! a cluster or the network.
 //!
 //! Owns the model ([`Manifests`], [`Unit`], [`PortDecl`], [`NetCaps`],
-//! [`Service`]) and
+//! [`ProbeDecl`], [`Service`]) and
 //! the findings vocabulary ([`Finding`], [`Check`], [`Severity`]). Its
 //! submodules own finding and reading files (`load`), the readers of each
 //! kind of file ([`kube`], [`compose`], [`dockerfile`]), value helpers
@@ -233,6 +233,26 @@ pub struct Unit {
     /// Host ports collide only within one scope: the cluster, or one compose
     /// file (a project).
     pub scope: String,
+    /// Health probes the kubelet sends to a port of the container
+    /// (Kubernetes).
+    pub probes: Vec<ProbeDecl>,
+}
+
+/// A Kubernetes liveness, readiness or startup probe on a port: the kubelet
+/// connects to the pod's IP there (`httpGet`, `tcpSocket`, `grpc`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProbeDecl {
+    /// `livenessProbe`, `readinessProbe` or `startupProbe`.
+    pub kind: &'static str,
+    /// `httpGet`, `tcpSocket` or `grpc`.
+    pub handler: &'static str,
+    /// The port, by number or by the name of a container port.
+    pub port: Target,
+    /// Where the port is written (the probe's own line for the finding).
+    pub loc: Loc,
+    /// `httpGet.host` / `tcpSocket.host`: the kubelet connects there
+    /// instead of the pod's IP.
+    pub host: Option<String>,
 }
 
 impl Unit {
@@ -325,10 +345,12 @@ pub enum Check {
     ServiceSelectsNothing,
     PortMismatch,
     NetCapability,
+    ProbePortNotAllowed,
+    ProbePortUndeclared,
 }
 
 impl Check {
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 13] = [
         Self::PolicyInvalid,
         Self::PolicyWarning,
         Self::ManifestInvalid,
@@ -340,6 +362,8 @@ impl Check {
         Self::ServiceSelectsNothing,
         Self::PortMismatch,
         Self::NetCapability,
+        Self::ProbePortNotAllowed,
+        Self::ProbePortUndeclared,
     ];
 
     pub const fn id(self) -> &'static str {
@@ -355,6 +379,8 @@ impl Check {
             Self::ServiceSelectsNothing => "service-selects-nothing",
             Self::PortMismatch => "port-mismatch",
             Self::NetCapability => "net-capability",
+            Self::ProbePortNotAllowed => "probe-port-not-allowed",
+            Self::ProbePortUndeclared => "probe-port-undeclared",
         }
     }
 
@@ -390,6 +416,12 @@ impl Check {
             Self::NetCapability => {
                 "A governed container is given NET_RAW or NET_ADMIN (or is privileged): it can answer on ports its policy does not allow."
             }
+            Self::ProbePortNotAllowed => {
+                "A liveness, readiness or startup probe targets a port the container's policy does not allow on the pod's address: the kubelet's probe fails."
+            }
+            Self::ProbePortUndeclared => {
+                "A probe targets a port the container does not declare (a warning), or names a port it does not declare (an error: the kubelet cannot resolve it)."
+            }
         }
     }
 
@@ -399,7 +431,8 @@ impl Check {
             Self::PolicyWarning
             | Self::ManifestUnresolved
             | Self::ServiceSelectsNothing
-            | Self::NetCapability => Severity::Warning,
+            | Self::NetCapability
+            | Self::ProbePortUndeclared => Severity::Warning,
             _ => Severity::Error,
         }
     }

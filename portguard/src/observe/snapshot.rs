@@ -1,6 +1,7 @@
 //! The agent's snapshot of itself ([`Snapshot`]): what it enforces, how it
 //! has fared (reloads, events written and aggregated, map occupancy), and
-//! the kernel counters read at request time ([`KernelReading`]).
+//! the kernel counters read at request time ([`KernelReading`]); and its
+//! last event lines, for `portguard why` ([`Snapshot::recent_under`]).
 
 use std::sync::{Arc, Mutex};
 
@@ -112,7 +113,13 @@ pub struct CriFacts {
 pub struct Snapshot {
     pub counters: Arc<CounterMaps>,
     pub facts: Mutex<Facts>,
+    /// The last [`RECENT_EVENTS`] event lines written (`portguard why`'s
+    /// history).
+    pub recent: Mutex<std::collections::VecDeque<serde_json::Value>>,
 }
+
+/// Event lines the agent keeps in memory for `portguard why`.
+pub const RECENT_EVENTS: usize = 1024;
 
 impl Snapshot {
     pub fn facts(&self) -> Facts {
@@ -127,6 +134,32 @@ impl Snapshot {
 
     pub fn update(&self, f: impl FnOnce(&mut Facts)) {
         f(&mut self.facts.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// Keep an event line (the oldest goes beyond [`RECENT_EVENTS`]).
+    pub fn remember(&self, line: serde_json::Value) {
+        let mut r = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        if r.len() >= RECENT_EVENTS {
+            r.pop_front();
+        }
+        r.push_back(line);
+    }
+
+    /// The kept event lines about cgroup `path` or a cgroup below it
+    /// (oldest first).
+    pub fn recent_under(&self, path: &str) -> Vec<serde_json::Value> {
+        let r = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        r.iter()
+            .filter(|e| {
+                e["cgroup"].as_str().is_some_and(|c| {
+                    c == path
+                        || path == "/"
+                        || c.strip_prefix(path)
+                            .is_some_and(|rest| rest.starts_with('/'))
+                })
+            })
+            .cloned()
+            .collect()
     }
 }
 

@@ -1,7 +1,8 @@
 //! The status socket's server: one request and one answer per connection
 //! (`hook::protocol`). The status document is answered here from the
 //! agent's snapshot; a hook's govern request is handed to the agent's loop
-//! and answered when it has acted.
+//! and answered when it has acted; `portguard why`'s explain request is
+//! handed to the loop too (it reads the kernel maps).
 
 use std::{path::Path, sync::Arc, time::Duration};
 
@@ -9,7 +10,10 @@ use anyhow::Context as _;
 use serde_json::json;
 
 use crate::{
-    hook::protocol::{Govern, MAX_REQUEST_BYTES, Pending, REQUEST_WAIT, Reply, Request},
+    hook::protocol::{
+        ExplainPending, Explanation, Govern, MAX_REQUEST_BYTES, Pending, REQUEST_WAIT, Reply,
+        Request,
+    },
     observe::{snapshot::Snapshot, status::document},
 };
 
@@ -52,6 +56,7 @@ pub async fn serve(
     listener: tokio::net::UnixListener,
     shared: Arc<Snapshot>,
     govern: tokio::sync::mpsc::Sender<Pending>,
+    explain: tokio::sync::mpsc::Sender<ExplainPending>,
 ) {
     let room = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
@@ -64,9 +69,9 @@ pub async fn serve(
         };
         // One task per connection: a client that sends slowly, or a govern
         // request waiting for the agent's loop, holds up no other.
-        let (shared, govern) = (shared.clone(), govern.clone());
+        let (shared, govern, explain) = (shared.clone(), govern.clone(), explain.clone());
         tokio::spawn(async move {
-            answer(stream, shared, govern).await;
+            answer(stream, shared, govern, explain).await;
             drop(permit);
         });
     }
@@ -81,6 +86,7 @@ async fn answer(
     mut stream: tokio::net::UnixStream,
     shared: Arc<Snapshot>,
     govern: tokio::sync::mpsc::Sender<Pending>,
+    explain: tokio::sync::mpsc::Sender<ExplainPending>,
 ) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut line = Vec::new();
@@ -105,6 +111,10 @@ async fn answer(
             Ok(Request::Status) => document(&shared).to_string(),
             Ok(Request::Govern(g)) => {
                 let reply = govern_reply(&stream, g, &govern).await;
+                serde_json::to_string(&reply).unwrap_or_default()
+            }
+            Ok(Request::Explain(x)) => {
+                let reply = explain_reply(&stream, x.cgroup_id, &explain).await;
                 serde_json::to_string(&reply).unwrap_or_default()
             }
             Err(e) => json!({"ok": false, "error": format!("not a request: {e}")}).to_string(),
@@ -144,6 +154,42 @@ async fn govern_reply(
         Ok(Ok(r)) => r,
         Ok(Err(_)) => Reply::error(id, "the agent dropped the request"),
         Err(_) => Reply::error(id, "the agent did not get to the request in time"),
+    }
+}
+
+/// Hand an explain request to the agent's loop and wait for its answer.
+/// Root only, like govern: the answer carries the policy file and other
+/// workloads' events.
+async fn explain_reply(
+    stream: &tokio::net::UnixStream,
+    cgroup_id: u64,
+    explain: &tokio::sync::mpsc::Sender<ExplainPending>,
+) -> Explanation {
+    let error = |msg: String| Explanation {
+        ok: false,
+        error: Some(msg),
+        cgroup_id,
+        ..Explanation::default()
+    };
+    let uid = stream.peer_cred().map(|c| c.uid()).ok();
+    if uid != Some(0) {
+        return error(format!(
+            "only root may ask the agent to explain a cgroup (peer uid {uid:?})"
+        ));
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let request = crate::hook::protocol::Explain { cgroup_id };
+    if explain
+        .send(ExplainPending { request, reply: tx })
+        .await
+        .is_err()
+    {
+        return error("the agent is shutting down".to_owned());
+    }
+    match tokio::time::timeout(GOVERN_WAIT, rx).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(_)) => error("the agent dropped the request".to_owned()),
+        Err(_) => error("the agent did not get to the request in time".to_owned()),
     }
 }
 

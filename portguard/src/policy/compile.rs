@@ -322,6 +322,18 @@ impl CompiledPolicy {
     }
 }
 
+impl CompiledPolicy {
+    /// Whether this policy lets a socket `connect()` (or send) to `port` at
+    /// `view` (classified as a destination: [`portguard_common::AddrRole::Destination`]),
+    /// the kernel's connect decision restated.
+    pub fn allows_connect(&self, proto: Proto, view: AddrView, port: u16) -> bool {
+        let Some(sets) = &self.connect else {
+            return true;
+        };
+        sets.get(proto, view.family, view.class).contains(port)
+    }
+}
+
 impl DirectionSets {
     pub fn get(&self, proto: Proto, family: Family, addr: AddrClass) -> &PortSet {
         &self.0[local_slot(proto, family, addr)]

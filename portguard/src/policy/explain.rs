@@ -124,6 +124,52 @@ pub fn deciding_rule(policy: &Policy, j: &Judged) -> String {
     name.to_owned()
 }
 
+/// The rules of `policy` that allow `j` (indices into its `bind:` or
+/// `connect:` list): each alone, or, for a dual-stack `[::]` bind, the
+/// rules that allow it for IPv6 and those that allow it for IPv4. Empty
+/// when the direction is unrestricted (no list) or nothing allows it.
+/// `portguard why` names them; the verdict itself comes from the compiled
+/// sets (`CompiledPolicy::allows_*`).
+pub fn allowing_rules(policy: &Policy, j: &Judged) -> Vec<usize> {
+    let rules = match j.dir {
+        Dir::Socket => return Vec::new(),
+        Dir::Bind => policy.bind.as_deref(),
+        Dir::Connect => policy.connect.as_deref(),
+    };
+    let Some(rules) = rules else {
+        return Vec::new();
+    };
+    let allows = |r: &Rule, ipv6: bool| {
+        proto_ok(r, j.tcp)
+            && family_ok(r, ipv6)
+            && port_listed(r, j.port, j.ephemeral)
+            && (r.address == AddressSel::Any || j.loopback)
+    };
+    let own: Vec<usize> = (0..rules.len())
+        .filter(|&i| allows(&rules[i], j.ipv6))
+        .collect();
+    if !j.dual_stack || own.is_empty() {
+        return own;
+    }
+    // A dual-stack bind needs the port for IPv4 on any address too.
+    let v4: Vec<usize> = (0..rules.len())
+        .filter(|&i| {
+            let r = &rules[i];
+            proto_ok(r, j.tcp)
+                && family_ok(r, false)
+                && port_listed(r, j.port, j.ephemeral)
+                && r.address == AddressSel::Any
+        })
+        .collect();
+    if v4.is_empty() {
+        return Vec::new();
+    }
+    if own.iter().any(|i| v4.contains(i)) {
+        return own.into_iter().filter(|i| v4.contains(i)).take(1).collect();
+    }
+    vec![own[0], v4[0]]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,7 +9,8 @@
 //! own the YAML tree ([`yaml`]), parsing and validation ([`parse`]), which
 //! policy applies when several select one cgroup ([`selection`]), port sets
 //! ([`portset`]), compilation to the kernel's tables ([`mod@compile`]) and
-//! explanations ([`explain`]).
+//! explanations ([`explain`]) and `portguard why`'s judgement of one operation
+//! ([`why`]).
 //!
 //! May import: `std`, `portguard_common` (the layout shared with the eBPF
 //! programs), and pure libraries (saphyr-parser, glob, thiserror,
@@ -66,6 +67,7 @@ pub mod explain;
 pub mod parse;
 pub mod portset;
 pub mod selection;
+pub mod why;
 pub mod yaml;
 
 use std::{fmt, path::PathBuf};

@@ -37,6 +37,8 @@
 //! - `replay`: `portguard replay` judges a real agent's log under a
 //!   candidate policy (exact table and JSON; exit status).
 //! - `plan`: `reserved:` ports denied whatever a policy allows; `check` warns.
+//! - `probes`: `check --manifests` on health probes aimed at ports the plan
+//!   forbids or the container does not declare.
 //! - `pinning`: enforcement survives SIGKILL and upgrades (pinned programs,
 //!   links and maps, adopted without detaching); `uninstall`.
 //! - `cli`: `check`, `--help`, and `run` refusing bad input.
@@ -48,6 +50,8 @@
 //! - `status`: `portguard status` and `portguard events`.
 //! - `terminal`: hostile cgroup names are escaped in logs, tables and status.
 //! - `units`: `unit:` selectors on a bare host.
+//! - `why`: `portguard why` against a running agent (allowed, denied with
+//!   the exact answer, audit, reserved, ungoverned) and offline.
 //! - `unit_hook`: the `ExecStartPre=` drop-ins `portguard::hook::systemd`
 //!   writes, as `systemd-analyze verify` and systemd's own parser read them.
 
@@ -77,9 +81,11 @@ mod ocsf;
 mod pinning;
 mod plan;
 mod points;
+mod probes;
 mod reload;
 mod replay;
 mod status;
 mod terminal;
 mod unit_hook;
 mod units;
+mod why;

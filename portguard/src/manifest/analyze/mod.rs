@@ -15,8 +15,9 @@
 //! Owns [`analyze`] and the policy checks (a port not allowed, a reserved
 //! port); its submodules own tying a service's files together and the ports
 //! they disagree on (`across_files`), host port conflicts (`host_ports`),
-//! Service targets (`service_targets`) and the network capabilities of
-//! governed containers (`capabilities`).
+//! Service targets (`service_targets`), the network capabilities of
+//! governed containers (`capabilities`) and health probes on ports the
+//! plan forbids or the container does not declare (`probes`).
 //!
 //! May import: the manifest model (`super`), the policy layer (its model,
 //! compiled sets and [`most_specific`]), portguard-common's protocol and
@@ -25,6 +26,7 @@
 mod across_files;
 mod capabilities;
 mod host_ports;
+mod probes;
 mod service_targets;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -266,6 +268,7 @@ pub fn analyze(plan: &PolicyFile, policy_file: &str, m: &Manifests) -> Analysis 
             _ => group_judges.contains_key(&groups[i]),
         })
         .collect();
+    probes::probes(plan, policy_file, &policies, units, &owner, &mut out);
     let keep_net_raw = capabilities(units, &judged, &mut out);
     host_conflicts(units, &mut out);
     services(m, &mut out);

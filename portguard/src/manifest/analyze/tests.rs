@@ -379,3 +379,119 @@ fn the_policy_chosen_is_the_one_the_agent_enforces() {
     // The cases are not all one answer.
     assert!(seen.len() >= 5, "{seen:?}");
 }
+
+#[test]
+fn probes_on_ports_the_plan_forbids_or_the_container_does_not_declare() {
+    let plan = parse_policy_str(
+        "reserved: [10250]\npolicies:\n  - {name: web, pods: {namespace: shop, labels: {app: web}}, bind: [{ports: [8080, 9555, 10250]}, {ports: [9901], address: loopback}]}\n  - {name: quiet, mode: audit, pods: {namespace: shop, labels: {app: quiet}}, bind: []}\n",
+    )
+    .unwrap();
+    let probe =
+        |kind: &str, handler: &str, port: &str| format!("{kind}: {{{handler}: {{port: {port}}}}}");
+    let m = units(
+        &(deployment(
+            "web",
+            "{app: web}",
+            &format!(
+                "[{{name: w, ports: [{{containerPort: 8080, name: http}}, {{containerPort: 9901, name: admin}}, {{containerPort: 9555}}], {}, {}, {}}}, {{name: x, ports: [{{containerPort: 8080}}], {}, {}, {}}}]",
+                probe("livenessProbe", "httpGet", "http"),
+                probe("readinessProbe", "tcpSocket", "admin"),
+                probe("startupProbe", "grpc", "9555"),
+                probe("livenessProbe", "httpGet", "health"),
+                probe("readinessProbe", "tcpSocket", "7000"),
+                probe("startupProbe", "grpc", "10250"),
+            ),
+        ) + &deployment(
+            "quiet",
+            "{app: quiet}",
+            &format!(
+                "[{{name: q, ports: [{{containerPort: 80}}], {}}}]",
+                probe("readinessProbe", "httpGet", "80")
+            ),
+        ) + &deployment(
+            "free",
+            "{app: free}",
+            &format!(
+                "[{{name: f, {}}}]",
+                probe("livenessProbe", "tcpSocket", "1")
+            ),
+        )),
+    );
+    assert!(m.findings.is_empty(), "{:?}", m.findings);
+    let a = analyze(&plan, "p.yaml", &m);
+    let got: Vec<(Check, Severity, String)> = a
+        .findings
+        .iter()
+        .filter(|f| {
+            matches!(
+                f.check,
+                Check::ProbePortNotAllowed | Check::ProbePortUndeclared
+            )
+        })
+        .map(|f| (f.check, f.severity, f.message.clone()))
+        .collect();
+    let has = |check: Check, severity: Severity, words: &[&str]| {
+        assert!(
+            got.iter().any(|(c, s, msg)| *c == check
+                && *s == severity
+                && words.iter().all(|w| msg.contains(w))),
+            "no {check:?} {severity:?} with {words:?} in {got:#?}"
+        );
+    };
+    // Named port on loopback only: not allowed on the pod's address.
+    has(
+        Check::ProbePortNotAllowed,
+        Severity::Error,
+        &["readinessProbe (tcpSocket)", "9901/tcp", "only on loopback"],
+    );
+    // A name the container does not declare: an error.
+    has(
+        Check::ProbePortUndeclared,
+        Severity::Error,
+        &["livenessProbe (httpGet)", "`health`", "cannot resolve"],
+    );
+    // A number not declared: a warning, and not allowed either.
+    has(
+        Check::ProbePortUndeclared,
+        Severity::Warning,
+        &["tcpSocket", "port 7000"],
+    );
+    has(
+        Check::ProbePortNotAllowed,
+        Severity::Error,
+        &["port 7000/tcp", "policy `web`"],
+    );
+    // Reserved, over gRPC: denied whatever the policy lists.
+    has(
+        Check::ProbePortNotAllowed,
+        Severity::Error,
+        &["startupProbe (grpc)", "10250", "reserved"],
+    );
+    // Audit mode: a warning.
+    has(
+        Check::ProbePortNotAllowed,
+        Severity::Warning,
+        &["policy `quiet`", "audit mode"],
+    );
+    // Allowed and declared (http -> 8080, grpc 9555): nothing; 10250 is
+    // also undeclared; ungoverned `free`: only that its port is undeclared.
+    assert_eq!(got.len(), 8, "{got:#?}");
+    let undeclared_free = got
+        .iter()
+        .filter(|(_, _, m)| m.contains("container `f`"))
+        .count();
+    assert_eq!(undeclared_free, 1, "{got:#?}");
+    // Each on the probe's own port line.
+    for f in a
+        .findings
+        .iter()
+        .filter(|f| f.check == Check::ProbePortNotAllowed)
+    {
+        let p = m
+            .units
+            .iter()
+            .flat_map(|u| &u.probes)
+            .find(|p| p.loc == f.loc);
+        assert!(p.is_some(), "{f:?} is not at a probe");
+    }
+}

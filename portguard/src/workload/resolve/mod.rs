@@ -209,8 +209,9 @@ impl TreeIndex {
     }
 }
 
-/// Candidate cgroup paths of one policy.
-fn candidates(p: &CompiledPolicy, tree: &TreeIndex, cri: Option<&Snapshot>) -> Vec<String> {
+/// Candidate cgroup paths of one policy: what its selector names, whether
+/// or not the policy governs them in the end (`portguard why` lists them).
+pub fn candidates(p: &CompiledPolicy, tree: &TreeIndex, cri: Option<&Snapshot>) -> Vec<String> {
     match &p.selector {
         Selector::Cgroup(path) => vec![path.clone()],
         Selector::Unit(u) => tree.units.get(u).cloned().unwrap_or_default(),
