@@ -8,6 +8,9 @@
 #     CNI plugins + busybox-static for real containers, systemd (systemd-analyze
 #     verifies the unit file), util-linux (setpriv limits capabilities).
 #   - kubernetes-validate (PyPI), which validates deploy/ manifests offline.
+#   - jsonschema (PyPI; kubernetes-validate brings it, checked on its own),
+#     which validates event lines and PolicyReports against their schemas
+#     (kubernetes-validate knows only built-in kinds, not CRDs).
 #   - the nightly toolchain's rust-src component (for -Z build-std=core).
 #   - bpf-linker, built against that same LLVM major, into ~/.cargo/bin (cached
 #     across runs: skipped when `bpf-linker --version` already works and reports
@@ -88,6 +91,10 @@ fi
 if ! python3 -c 'import kubernetes_validate' >/dev/null 2>&1; then
   log "installing kubernetes-validate (PyPI)"
   python3 -m pip install --quiet kubernetes-validate
+fi
+if ! python3 -c 'import jsonschema' >/dev/null 2>&1; then
+  log "installing jsonschema (PyPI)"
+  python3 -m pip install --quiet jsonschema
 fi
 
 # 3. bpffs (the agent pins its programs, links and maps there).

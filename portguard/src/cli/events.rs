@@ -70,7 +70,7 @@ pub struct EventsArgs {
     pub json: bool,
 }
 
-fn parse_when(s: &str) -> Result<SystemTime, String> {
+pub fn parse_when(s: &str) -> Result<SystemTime, String> {
     if let Ok(t) = humantime::parse_rfc3339_weak(s) {
         return Ok(t);
     }
@@ -328,14 +328,8 @@ pub fn run(a: &EventsArgs) -> anyhow::Result<ExitCode> {
             follow_file(&a.file, &mut emit)
         };
     }
-    let text = if stdin {
-        std::io::read_to_string(std::io::stdin()).context("reading standard input")?
-    } else {
-        std::fs::read_to_string(&a.file).with_context(|| format!("reading {}", a.file.display()))?
-    };
-    let events: Vec<Value> = text
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
+    let events: Vec<Value> = read_log(&a.file)?
+        .into_iter()
         .filter(|e| filter.matches(e))
         .collect();
     if a.summary {
@@ -355,6 +349,20 @@ pub fn run(a: &EventsArgs) -> anyhow::Result<ExitCode> {
         write!(out, "{}", render_table(&events))?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The JSON lines of an event log (`-`: standard input); lines that are
+/// not JSON (agent log lines mixed in) are skipped.
+pub fn read_log(file: &std::path::Path) -> anyhow::Result<Vec<Value>> {
+    let text = if file.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).context("reading standard input")?
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
+    };
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect())
 }
 
 /// Print lines appended to `path` forever, reopening it when it is rotated

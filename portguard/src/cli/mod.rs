@@ -4,6 +4,7 @@ pub mod check;
 pub mod events;
 pub mod hook;
 pub mod learn;
+pub mod report;
 pub mod run;
 pub mod status;
 pub mod uninstall;
@@ -30,7 +31,8 @@ use clap::{Parser, Subcommand};
 /// `run` enforces; `check` validates a policy file (and, with --manifests,
 /// holds deployment manifests against it); `status` shows what the
 /// running agent enforces; `events` reads and summarises the event log;
-/// `learn` watches a workload and writes its policy; `hook` governs a
+/// `report --policy-report` renders the event log as Kubernetes
+/// PolicyReport objects; `learn` watches a workload and writes its policy; `hook` governs a
 /// container or unit before its first instruction (an OCI runtime hook, a
 /// systemd `ExecStartPre=`); `uninstall` removes the pinned programs, links
 /// and maps that keep enforcing after the agent stops, and the hooks.
@@ -51,6 +53,7 @@ pub enum Command {
     Learn(LearnArgs),
     Status(StatusArgs),
     Events(events::EventsArgs),
+    Report(report::ReportArgs),
     Hook(hook::HookArgs),
     Uninstall(UninstallArgs),
 }
@@ -63,6 +66,7 @@ impl Cli {
             Command::Learn(a) => learn::execute(a),
             Command::Status(a) => status::execute(a),
             Command::Events(a) => events::run(&a),
+            Command::Report(a) => report::run(&a),
             Command::Hook(a) => hook::execute(a),
             Command::Uninstall(a) => uninstall::execute(a),
         }

@@ -28,6 +28,9 @@
 //! - `learn`: `portguard learn` writes a policy that allows exactly what it saw.
 //! - `metrics`: /metrics counters follow real decisions.
 //! - `plan`: `reserved:` ports denied whatever a policy allows; `check` warns.
+//! - `policy_reports`: `portguard report --policy-report` over a real
+//!   agent's log (pods named by a private containerd): the exact
+//!   PolicyReport objects, valid against the CRD's schema.
 //! - `pinning`: enforcement survives SIGKILL and upgrades (pinned programs,
 //!   links and maps, adopted without detaching); `uninstall`.
 //! - `cli`: `check`, `--help`, and `run` refusing bad input.
@@ -65,6 +68,7 @@ mod metrics;
 mod oci_hook;
 mod pinning;
 mod plan;
+mod policy_reports;
 mod points;
 mod reload;
 mod status;
