@@ -357,7 +357,7 @@ impl Agent {
             aggregator: events::aggregate::Aggregator::new(opts.aggregate_window, AGGREGATE_KINDS),
             reports: opts
                 .policy_reports
-                .map(|every| super::reports::Reports::new(every, &events::host_name())),
+                .map(|every| reports::Reports::new(every, &events::host_name())),
         };
         // Name ids as the previous agent did (its events may still be queued).
         for (id, name) in agent.loaded.maps.names() {

@@ -241,15 +241,15 @@ impl Tally {
             return;
         };
         let key: ResultKey = (d.pod, d.pod_uid, d.container, d.policy, d.rule, d.result);
-        let report = self.by.entry((ns, d.host)).or_default();
-        if !report.contains_key(&key) {
+        let at = (ns, d.host);
+        if !self.by.get(&at).is_some_and(|r| r.contains_key(&key)) {
             if self.keys >= MAX_KEYS {
                 self.overflow += d.count;
                 return;
             }
             self.keys += 1;
         }
-        let c = report.entry(key).or_insert_with(|| Counted {
+        let c = self.by.entry(at).or_default().entry(key).or_insert_with(|| Counted {
             first_seen: d.first_seen.clone(),
             last_seen: d.last_seen.clone(),
             ..Counted::default()
@@ -434,7 +434,7 @@ fn result(ns: &str, host: &str, key: &ResultKey, c: &Counted) -> ReportResult {
         source: SOURCE,
         policy: policy.clone(),
         rule: rule.clone(),
-        result,
+        result: *result,
         scored: true,
         category: "Port policy",
         message,

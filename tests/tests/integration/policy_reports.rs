@@ -7,8 +7,13 @@
 //! here: what the agent's client sends is unit-tested in
 //! `portguard::report::client`.
 
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+
 use portguard_tests::{
-    Agent, Cgroup, Probe,
+    Agent, ApiRequest, Cgroup, FakeApiServer, Probe,
     containerd::{Containerd, unavailable},
     json_schema_errors, portguard, probe_bin, require_root,
 };
@@ -80,7 +85,9 @@ fn policy_reports_summarise_a_real_agents_denials_and_audits() {
     let cart = ctrd.run_container(&cart_sb, "server");
     // A host cgroup: its decisions have no namespace to be reported in.
     let host_cg = Cgroup::new("preports");
-    let agent = Agent::start_with(
+    // The agent writes its reports every 10 s to a stand-in API server.
+    let api = FakeApiServer::start();
+    let agent = Agent::start_wrapped(
         &format!(
             "policies:\n\
              - {{name: web, pods: {{namespace: payments, labels: {{app: web}}}}, bind: [{{ports: [8080]}}]}}\n\
@@ -95,6 +102,11 @@ fn policy_reports_summarise_a_real_agents_denials_and_audits() {
             &ctrd.socket.display().to_string(),
             "--aggregate-window",
             "0",
+            "--policy-reports=10s",
+        ],
+        &[
+            "env".to_owned(),
+            format!("KUBECONFIG={}", api.kubeconfig.path().display()),
         ],
     );
 
@@ -232,6 +244,65 @@ fn policy_reports_summarise_a_real_agents_denials_and_audits() {
     // would prune, are errors too).
     let errors = json_schema_errors(&schema_path(), items);
     assert!(errors.is_empty(), "{errors:#?}");
+
+    // The agent's own reports, written each window by server-side apply:
+    // wherever the windows fell, they count the same decisions, and a
+    // namespace quiet for a window is cleared with an empty report.
+    let want = totals(items.iter());
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let requests = loop {
+        let requests = api.requests();
+        let mut last: BTreeMap<&str, &ApiRequest> = BTreeMap::new();
+        for r in &requests {
+            last.insert(r.body["metadata"]["namespace"].as_str().unwrap_or("?"), r);
+        }
+        let cleared = ["payments", "shop"].iter().all(|ns| {
+            last.get(ns)
+                .is_some_and(|r| r.body["results"].as_array().is_some_and(Vec::is_empty))
+        });
+        if cleared && totals(requests.iter().map(|r| &r.body)) == want {
+            break requests;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent's reports: {requests:#?}\n--- agent stderr ---\n{}",
+            agent.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    for r in &requests {
+        let ns = r.body["metadata"]["namespace"].as_str().unwrap();
+        assert_eq!(r.method, "PATCH");
+        assert_eq!(
+            r.target,
+            format!("/apis/wgpolicyk8s.io/v1alpha2/namespaces/{ns}/policyreports/{name}?&force=true&fieldManager=portguard")
+        );
+        assert_eq!(r.content_type, "application/apply-patch+yaml");
+        assert_eq!(r.body["metadata"]["name"], name.as_str());
+    }
+    let bodies: Vec<Value> = requests.iter().map(|r| r.body.clone()).collect();
+    let errors = json_schema_errors(&schema_path(), &bodies);
+    assert!(errors.is_empty(), "{errors:#?}");
+}
+
+/// Decisions per (namespace, pod, policy, result) in reports.
+fn totals<'a>(reports: impl Iterator<Item = &'a Value>) -> BTreeMap<(String, String, String, String), u64> {
+    let mut t = BTreeMap::new();
+    for r in reports {
+        for res in r["results"].as_array().into_iter().flatten() {
+            let key = (
+                r["metadata"]["namespace"].as_str().unwrap_or("?").to_owned(),
+                res["resources"][0]["name"].as_str().unwrap_or("?").to_owned(),
+                res["policy"].as_str().unwrap_or("?").to_owned(),
+                res["result"].as_str().unwrap_or("?").to_owned(),
+            );
+            *t.entry(key).or_default() += res["properties"]["count"]
+                .as_str()
+                .and_then(|c| c.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    t
 }
 
 #[test]
