@@ -107,7 +107,7 @@ impl Publisher {
 mod tests {
     use std::sync::{Arc, Mutex};
 
-    use http::{Request, Response};
+    use axum::http::{Request, Response};
     use kube::client::Body;
 
     use super::*;
