@@ -3,9 +3,12 @@
 //! runtime names), real denials and audits, then `portguard report
 //! --policy-report --log <the agent's log>`; the objects are compared
 //! whole and validated against the PolicyReport CRD's schema
-//! (tests/fixtures/policyreport-v1alpha2.schema.json). No API server runs
-//! here: what the agent's client sends is unit-tested in
-//! `portguard::report::client`.
+//! (tests/fixtures/policyreport-v1alpha2.schema.json). The same agent runs
+//! with `--policy-reports=10s` against a stand-in API server
+//! ([`FakeApiServer`]: no API server can run here) through a kubeconfig:
+//! its server-side applies must have the right path, query and content
+//! type, be valid, count the same decisions as the log, and clear each
+//! namespace once it is quiet.
 
 use std::{
     collections::BTreeMap,
