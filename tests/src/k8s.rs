@@ -125,7 +125,8 @@ impl FakeApiServer {
                             "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
                             body.len()
                         );
-                        if out.write_all(head.as_bytes()).is_err() || out.write_all(&body).is_err() {
+                        if out.write_all(head.as_bytes()).is_err() || out.write_all(&body).is_err()
+                        {
                             return;
                         }
                     }

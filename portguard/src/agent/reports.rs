@@ -54,7 +54,9 @@ impl Reports {
     /// background (on the current tokio runtime).
     pub(super) fn end_window(&mut self) {
         if self.task.as_ref().is_some_and(|t| !t.is_finished()) {
-            debug!("policy-reports: the previous window is still being written; extending this one");
+            debug!(
+                "policy-reports: the previous window is still being written; extending this one"
+            );
             return;
         }
         let now = SystemTime::now();
@@ -97,11 +99,15 @@ impl Reports {
                     warn!("policy-reports: {e}");
                 }
             }
-            let was_failing = failing.swap(!errors.is_empty(), std::sync::atomic::Ordering::Relaxed);
+            let was_failing =
+                failing.swap(!errors.is_empty(), std::sync::atomic::Ordering::Relaxed);
             if errors.is_empty() && was_failing {
                 info!("policy-reports: writing reports again");
             }
-            debug!("policy-reports: node {host}: {written} reports written, {} failed", errors.len());
+            debug!(
+                "policy-reports: node {host}: {written} reports written, {} failed",
+                errors.len()
+            );
         }));
     }
 }

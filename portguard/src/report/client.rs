@@ -80,14 +80,19 @@ impl Publisher {
             name: name.clone(),
             source,
         })?;
-        let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), ns, &api_resource());
-        api.patch(name, &PatchParams::apply(SOURCE).force(), &Patch::Apply(body))
-            .await
-            .map_err(|source| ReportError::Apply {
-                namespace: ns.clone(),
-                name: name.clone(),
-                source,
-            })?;
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(self.client.clone(), ns, &api_resource());
+        api.patch(
+            name,
+            &PatchParams::apply(SOURCE).force(),
+            &Patch::Apply(body),
+        )
+        .await
+        .map_err(|source| ReportError::Apply {
+            namespace: ns.clone(),
+            name: name.clone(),
+            source,
+        })?;
         Ok(())
     }
 

@@ -249,11 +249,16 @@ impl Tally {
             }
             self.keys += 1;
         }
-        let c = self.by.entry(at).or_default().entry(key).or_insert_with(|| Counted {
-            first_seen: d.first_seen.clone(),
-            last_seen: d.last_seen.clone(),
-            ..Counted::default()
-        });
+        let c = self
+            .by
+            .entry(at)
+            .or_default()
+            .entry(key)
+            .or_insert_with(|| Counted {
+                first_seen: d.first_seen.clone(),
+                last_seen: d.last_seen.clone(),
+                ..Counted::default()
+            });
         c.count += d.count;
         // RFC 3339 in UTC with a fixed precision sorts as text.
         if d.first_seen < c.first_seen {
@@ -359,10 +364,7 @@ fn render(
             name: report_name(host),
             namespace: ns.to_owned(),
             labels: BTreeMap::from([
-                (
-                    "app.kubernetes.io/managed-by".to_owned(),
-                    SOURCE.to_owned(),
-                ),
+                ("app.kubernetes.io/managed-by".to_owned(), SOURCE.to_owned()),
                 ("portguard.dev/node".to_owned(), label_value(host)),
             ]),
             annotations,
@@ -411,10 +413,9 @@ fn result(ns: &str, host: &str, key: &ResultKey, c: &Counted) -> ReportResult {
     let times = if c.count == 1 { "time" } else { "times" };
     let message = format!(
         "{} {what} {} {times} by policy {policy}{}: {ports_text}",
-        container.as_deref().map_or_else(
-            || "The pod".to_owned(),
-            |name| format!("Container {name}")
-        ),
+        container
+            .as_deref()
+            .map_or_else(|| "The pod".to_owned(), |name| format!("Container {name}")),
         c.count,
         rule.as_deref()
             .map(|r| format!(" (rule {r})"))

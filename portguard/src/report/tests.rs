@@ -30,10 +30,24 @@ fn denials_and_audits_become_fail_and_warn_results_per_pod_and_policy() {
         ev("deny", "payments", "web-0", 8081, "2026-11-22T00:10:00Z", 1),
         aggregate,
         ev("deny", "payments", "web-0", 9090, "2026-11-22T00:11:00Z", 1),
-        ev("audit", "payments", "web-0", 7000, "2026-11-22T00:20:00Z", 2),
+        ev(
+            "audit",
+            "payments",
+            "web-0",
+            7000,
+            "2026-11-22T00:20:00Z",
+            2,
+        ),
         ev("deny", "shop", "cart-0", 8081, "2026-11-22T00:30:00Z", 1),
         // Not decisions a report holds.
-        ev("preexisting", "payments", "web-0", 8081, "2026-11-22T00:30:00Z", 1),
+        ev(
+            "preexisting",
+            "payments",
+            "web-0",
+            8081,
+            "2026-11-22T00:30:00Z",
+            1,
+        ),
         json!({"lost": 3, "time": "2026-11-22T00:30:00Z"}),
     ]);
     let reports = t.reports(WINDOW);
@@ -110,7 +124,10 @@ fn each_node_writes_its_own_report() {
         .collect();
     assert_eq!(
         names,
-        ["payments/portguard-node-2.example", "payments/portguard-node1"]
+        [
+            "payments/portguard-node-2.example",
+            "payments/portguard-node1"
+        ]
     );
     assert_eq!(report_name(""), "portguard");
     assert_eq!(report_name("-.-"), "portguard");
@@ -135,15 +152,9 @@ fn a_report_keeps_the_most_frequent_results_and_says_how_many_it_left_out() {
     let r = &tally(&events).reports(WINDOW)[0];
     assert_eq!(r.results.len(), MAX_RESULTS);
     assert_eq!(r.summary.fail, MAX_RESULTS as u64);
-    assert_eq!(
-        r.metadata.annotations["portguard.dev/results-omitted"],
-        "3"
-    );
+    assert_eq!(r.metadata.annotations["portguard.dev/results-omitted"], "3");
     // The three least frequent (pods 0, 1, 2) were left out.
-    assert_eq!(
-        r.results[0].resources[0].name.as_deref(),
-        Some("web-00003")
-    );
+    assert_eq!(r.results[0].resources[0].name.as_deref(), Some("web-00003"));
 }
 
 #[test]

@@ -28,7 +28,10 @@ fn schema_path() -> std::path::PathBuf {
         .join("fixtures/policyreport-v1alpha2.schema.json")
 }
 
-#[expect(clippy::too_many_arguments, reason = "one expected result, field by field")]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one expected result, field by field"
+)]
 fn result(
     ns: &str,
     pod: &str,
@@ -278,7 +281,9 @@ fn policy_reports_summarise_a_real_agents_denials_and_audits() {
         assert_eq!(r.method, "PATCH");
         assert_eq!(
             r.target,
-            format!("/apis/wgpolicyk8s.io/v1alpha2/namespaces/{ns}/policyreports/{name}?&force=true&fieldManager=portguard")
+            format!(
+                "/apis/wgpolicyk8s.io/v1alpha2/namespaces/{ns}/policyreports/{name}?&force=true&fieldManager=portguard"
+            )
         );
         assert_eq!(r.content_type, "application/apply-patch+yaml");
         assert_eq!(r.body["metadata"]["name"], name.as_str());
@@ -289,13 +294,21 @@ fn policy_reports_summarise_a_real_agents_denials_and_audits() {
 }
 
 /// Decisions per (namespace, pod, policy, result) in reports.
-fn totals<'a>(reports: impl Iterator<Item = &'a Value>) -> BTreeMap<(String, String, String, String), u64> {
+fn totals<'a>(
+    reports: impl Iterator<Item = &'a Value>,
+) -> BTreeMap<(String, String, String, String), u64> {
     let mut t = BTreeMap::new();
     for r in reports {
         for res in r["results"].as_array().into_iter().flatten() {
             let key = (
-                r["metadata"]["namespace"].as_str().unwrap_or("?").to_owned(),
-                res["resources"][0]["name"].as_str().unwrap_or("?").to_owned(),
+                r["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or("?")
+                    .to_owned(),
+                res["resources"][0]["name"]
+                    .as_str()
+                    .unwrap_or("?")
+                    .to_owned(),
                 res["policy"].as_str().unwrap_or("?").to_owned(),
                 res["result"].as_str().unwrap_or("?").to_owned(),
             );
@@ -330,7 +343,10 @@ fn the_policy_report_schema_catches_what_the_api_server_would_refuse_or_prune() 
     let mut unknown = good.clone();
     unknown["results"][0]["count"] = json!(3);
     let mut no_policy = good.clone();
-    no_policy["results"][0].as_object_mut().unwrap().remove("policy");
+    no_policy["results"][0]
+        .as_object_mut()
+        .unwrap()
+        .remove("policy");
     let mut no_nanos = good;
     no_nanos["results"][0]["timestamp"] = json!({"seconds": 1});
     for bad in [bad_result, bad_summary, unknown, no_policy, no_nanos] {
