@@ -435,7 +435,7 @@ fn result(ns: &str, host: &str, key: &ResultKey, c: &Counted) -> ReportResult {
         source: SOURCE,
         policy: policy.clone(),
         rule: rule.clone(),
-        result: *result,
+        result,
         scored: true,
         category: "Port policy",
         message,
