@@ -11,6 +11,9 @@
 #   - ocsf-json-schema (PyPI), which ships the OCSF schema of every 1.x
 #     release and makes JSON Schemas of its classes: the tests validate
 #     `--format ocsf` events with it offline (scripts/ocsf_validate.py).
+#   - jsonschema (PyPI; kubernetes-validate brings it, checked on its own),
+#     which validates event lines and PolicyReports against their schemas
+#     (kubernetes-validate knows only built-in kinds, not CRDs).
 #   - the nightly toolchain's rust-src component (for -Z build-std=core).
 #   - bpf-linker, built against that same LLVM major, into ~/.cargo/bin (cached
 #     across runs: skipped when `bpf-linker --version` already works and reports
@@ -91,6 +94,10 @@ fi
 if ! python3 -c 'import kubernetes_validate' >/dev/null 2>&1; then
   log "installing kubernetes-validate (PyPI)"
   python3 -m pip install --quiet kubernetes-validate
+fi
+if ! python3 -c 'import jsonschema' >/dev/null 2>&1; then
+  log "installing jsonschema (PyPI)"
+  python3 -m pip install --quiet jsonschema
 fi
 
 # ocsf-json-schema validates the OCSF events (--format ocsf) offline in the

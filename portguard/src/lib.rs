@@ -4,9 +4,10 @@
 //!
 //! | folder | owns | start reading at |
 //! |---|---|---|
-//! | `cli/` | one file per verb (`run`, `check`, `learn`, `replay`, `status`, `events`, `why`, `hook`, `uninstall`): arguments and `--help` | `cli/mod.rs` |
+//! | `cli/` | one file per verb (`run`, `check`, `learn`, `replay`, `status`, `events`, `report`, `why`, `hook`, `uninstall`): arguments and `--help` | `cli/mod.rs` |
 //! | `agent/` | `portguard run`: start-up, the agent's state, reload, the event glue and the serve loop | `agent/mod.rs` (`run`) |
 //! | `observe/` | what the agent shows: the status snapshot, `/metrics`, `/healthz`, the status socket, and the escaping of untrusted names in human-readable output | `observe/metrics.rs` |
+//! | `report/` | Kubernetes-native reports: decisions summarised per workload and policy as `PolicyReport` objects, and the kube-rs client that applies them | `report/mod.rs` |
 //! | `events/` | the typed event record: decode, enrich, aggregate, the writer, lost-event reports | `events/mod.rs` |
 //! | `hook/` | `portguard hook oci` / `hook unit`: the runtime hooks that ask the agent to govern a cgroup before its first instruction; the request on the status socket; failures spooled for the agent to report; installing them (containerd base spec, CRI-O hooks.d, systemd drop-ins) | `hook/mod.rs` |
 //! | `workload/` | where workloads are: cgroupfs, kubelet/systemd layouts, identity, resolve, CRI, their sockets | `workload/resolve.rs` |
@@ -27,4 +28,5 @@ pub mod kernel;
 pub mod manifest;
 pub mod observe;
 pub mod policy;
+pub mod report;
 pub mod workload;

@@ -19,8 +19,8 @@
 //!
 //! The fixtures, one module each: cgroups (`cgroups`), the binaries under
 //! test (`binaries`), the agent (`agent`), `pgprobe` runs (`probe`), looping
-//! probes (`load`), JSON Schema and OCSF checks (`schema`), a Kubernetes ConfigMap
-//! volume (`k8s`) and a private containerd ([`containerd`]). Everything is
+//! probes (`load`), JSON Schema and OCSF checks (`schema`), Kubernetes
+//! stand-ins, a ConfigMap volume and an API server (`k8s`) and a private containerd ([`containerd`]). Everything is
 //! re-exported here.
 
 mod agent;
@@ -39,7 +39,7 @@ pub use agent::{
 };
 pub use binaries::{agent_bin, pgbench_bin, probe_bin};
 pub use cgroups::{Cgroup, cgroup2_root, is_root, join_before_exec};
-pub use k8s::ConfigMapVolume;
+pub use k8s::{ApiRequest, ConfigMapVolume, FakeApiServer};
 pub use load::{Loop, Tally};
 pub use probe::{Held, Probe, ProbeResult};
 pub use schema::{event_schema_path, json_schema_errors, ocsf_errors, schema_errors};

@@ -36,6 +36,7 @@ mod losses;
 mod pipeline;
 mod points;
 mod reload;
+mod reports;
 mod serve;
 mod start;
 mod state;
@@ -106,6 +107,9 @@ pub struct RunOptions {
     /// write failing), deny every bind in the cgroups it governs instead of
     /// keeping the previous policy (or, at start, exiting).
     pub fail_closed: bool,
+    /// Write PolicyReports to the API server every this long
+    /// (`--policy-reports`; `None`: off).
+    pub policy_reports: Option<Duration>,
 }
 
 pub use crate::policy::builtin::{FAIL_CLOSED, IDENTIFYING, UNFIT};

@@ -72,7 +72,7 @@ impl Agent {
 
     /// Write event lines, each with its `rule`; `records` is left empty.
     pub(super) fn write_records(
-        &self,
+        &mut self,
         writer: &mut EventWriter,
         records: &mut Vec<events::EventRecord>,
     ) {
@@ -84,6 +84,11 @@ impl Agent {
             r.rule = self.rule_for(r);
             if writer.line(r).is_ok() {
                 written += 1;
+                // Counted only once written: a report never names a
+                // decision the log lacks.
+                if let Some(reports) = self.reports.as_mut() {
+                    reports.count(r);
+                }
             }
             if let Ok(v) = serde_json::to_value(&*r) {
                 self.shared.remember(v);

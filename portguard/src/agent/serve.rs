@@ -63,6 +63,12 @@ pub(super) async fn serve(
         opts.inventory_interval
     };
     let mut inventory_tick = tokio::time::interval_at(now + inventory_every, inventory_every);
+    // `--policy-reports`: one window per tick (off: the branch is disabled).
+    let report_every = agent
+        .reports
+        .as_ref()
+        .map_or(Duration::from_secs(3600), |r| r.every);
+    let mut report_tick = tokio::time::interval_at(now + report_every, report_every);
     let mut lost_seen = DropsSeen::new(agent.lost_seen);
     // The loss report's kernel read, while it runs on a thread of its own.
     let mut lost_read: Option<tokio::task::JoinHandle<LostReading>> = None;
@@ -276,6 +282,11 @@ pub(super) async fn serve(
                 }
                 if let Err(e) = agent.loaded.write_stamp(lost_seen.lost) {
                     warn!("daemon: writing the version stamp: {e}");
+                }
+            }
+            _ = report_tick.tick(), if agent.reports.is_some() => {
+                if let Some(reports) = agent.reports.as_mut() {
+                    reports.end_window();
                 }
             }
             // Last, and `biased`: signals, timers and cgroup changes are

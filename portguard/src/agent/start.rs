@@ -357,6 +357,9 @@ impl Agent {
                 .map(crate::hook::spool::dir_of),
             selection_published: None,
             aggregator: events::aggregate::Aggregator::new(opts.aggregate_window, AGGREGATE_KINDS),
+            reports: opts
+                .policy_reports
+                .map(|every| reports::Reports::new(every, &events::host_name())),
         };
         // Name ids as the previous agent did (its events may still be queued).
         for (id, name) in agent.loaded.maps.names() {

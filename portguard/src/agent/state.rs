@@ -109,6 +109,8 @@ pub(super) struct Agent {
     pub(super) host: String,
     /// Flood control for event lines.
     pub(super) aggregator: events::aggregate::Aggregator,
+    /// `--policy-reports`: decisions counted for this window's reports.
+    pub(super) reports: Option<reports::Reports>,
     /// Map capacities (for occupancy).
     pub(super) capacity: Capacity,
     /// What /metrics and `status` report besides the kernel counters.

@@ -128,7 +128,7 @@ fn render_one(e: &Value, format: EventsFormat) -> Option<String> {
     }
 }
 
-fn parse_when(s: &str) -> Result<SystemTime, String> {
+pub fn parse_when(s: &str) -> Result<SystemTime, String> {
     if let Ok(t) = humantime::parse_rfc3339_weak(s) {
         return Ok(t);
     }

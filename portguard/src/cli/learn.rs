@@ -314,6 +314,7 @@ pub fn run(opts: &LearnOptions) -> anyhow::Result<usize> {
     );
     let started = crate::events::format_time(std::time::SystemTime::now());
     crate::agent::run(crate::agent::RunOptions {
+        policy_reports: None,
         policy: policy_path,
         log: Some(log.clone()),
         log_rotation: crate::events::Rotation {

@@ -5,6 +5,7 @@ pub mod events;
 pub mod hook;
 pub mod learn;
 pub mod replay;
+pub mod report;
 pub mod run;
 pub mod status;
 pub mod uninstall;
@@ -36,7 +37,8 @@ use clap::{Parser, Subcommand};
 /// `learn` watches a workload and writes its policy; `replay` shows what a
 /// candidate policy would change for the decisions an event log recorded;
 /// `why` says why an operation of a workload is denied and what would allow
-/// it; `hook` governs a
+/// it; `report --policy-report` renders the event log as Kubernetes
+/// PolicyReport objects; `hook` governs a
 /// container or unit before its first instruction (an OCI runtime hook, a
 /// systemd `ExecStartPre=`); `uninstall` removes the pinned programs, links
 /// and maps that keep enforcing after the agent stops, and the hooks.
@@ -58,6 +60,7 @@ pub enum Command {
     Replay(replay::ReplayArgs),
     Status(StatusArgs),
     Events(events::EventsArgs),
+    Report(report::ReportArgs),
     Hook(hook::HookArgs),
     Uninstall(UninstallArgs),
     Why(Box<WhyArgs>),
@@ -72,6 +75,7 @@ impl Cli {
             Command::Replay(a) => replay::execute(&a),
             Command::Status(a) => status::execute(a),
             Command::Events(a) => events::run(&a),
+            Command::Report(a) => report::run(&a),
             Command::Hook(a) => hook::execute(a),
             Command::Uninstall(a) => uninstall::execute(a),
             Command::Why(a) => why::execute(*a),

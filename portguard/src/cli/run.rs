@@ -224,6 +224,20 @@ pub struct RunArgs {
     #[arg(long)]
     pub fail_closed: bool,
 
+    /// Write Kubernetes PolicyReports (wgpolicyk8s.io/v1alpha2, as Kyverno
+    /// and policy-reporter read them) every INTERVAL (5m when given
+    /// without a value; off by default): in each namespace with denials or
+    /// audits in the window, the report `portguard-<node>` summarises them
+    /// per pod, container, policy and rule (`fail` for denials, `warn` for
+    /// audits); a namespace quiet for a window gets an empty report. Uses
+    /// the pod's service account (in-cluster) or the kubeconfig; needs the
+    /// PolicyReport CRD and RBAC to patch policyreports (see
+    /// deploy/kubernetes/rbac.yaml). `portguard report --policy-report`
+    /// renders the same objects from an event log.
+    #[arg(long, value_name = "INTERVAL", num_args = 0..=1, require_equals = true,
+          default_missing_value = "5m", value_parser = parse_report_interval)]
+    pub policy_reports: Option<Duration>,
+
     /// Load this kernel object instead of the built-in one (testing
     /// upgrades over pinned state).
     #[arg(long, value_name = "FILE", hide = true)]
@@ -305,6 +319,7 @@ pub fn execute(a: Box<RunArgs>) -> anyhow::Result<ExitCode> {
         pin_dir: a.pin_dir.0,
         kernel_object: a.kernel_object,
         fail_closed: a.fail_closed,
+        policy_reports: a.policy_reports,
     })?;
     Ok(ExitCode::SUCCESS)
 }
@@ -319,6 +334,16 @@ fn parse_message_bytes(s: &str) -> Result<usize, String> {
         return Err(format!("{n} is below the minimum, 1048576 (1 MiB)"));
     }
     Ok(n)
+}
+
+/// `--policy-reports`: a duration of at least 10 seconds (the API server
+/// is written once per namespace each window).
+fn parse_report_interval(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (e.g. 5m)"))?;
+    if d < Duration::from_secs(10) {
+        return Err(format!("{s}: below the minimum, 10s"));
+    }
+    Ok(d)
 }
 
 /// `--decision-programs`.

@@ -39,6 +39,9 @@
 //! - `plan`: `reserved:` ports denied whatever a policy allows; `check` warns.
 //! - `probes`: `check --manifests` on health probes aimed at ports the plan
 //!   forbids or the container does not declare.
+//! - `policy_reports`: `portguard report --policy-report` over a real
+//!   agent's log (pods named by a private containerd): the exact
+//!   PolicyReport objects, valid against the CRD's schema.
 //! - `pinning`: enforcement survives SIGKILL and upgrades (pinned programs,
 //!   links and maps, adopted without detaching); `uninstall`.
 //! - `cli`: `check`, `--help`, and `run` refusing bad input.
@@ -81,6 +84,7 @@ mod ocsf;
 mod pinning;
 mod plan;
 mod points;
+mod policy_reports;
 mod probes;
 mod reload;
 mod replay;

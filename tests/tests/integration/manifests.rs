@@ -126,8 +126,10 @@ fn kubernetes_manifests_validate_and_agree_with_the_agent() {
         d
     };
     let ns = of_kind("Namespace")["metadata"]["name"].as_str().unwrap();
+    // Cluster-scoped objects have no namespace (the PolicyReport RBAC).
+    let cluster_scoped = ["Namespace", "ClusterRole", "ClusterRoleBinding"];
     for d in &docs {
-        if d["kind"] != "Namespace" {
+        if !cluster_scoped.contains(&d["kind"].as_str().unwrap()) {
             assert_eq!(d["metadata"]["namespace"], ns, "{} namespace", d["kind"]);
         }
     }
@@ -149,6 +151,22 @@ fn kubernetes_manifests_validate_and_agree_with_the_agent() {
     assert_eq!(
         pod["serviceAccountName"],
         of_kind("ServiceAccount")["metadata"]["name"]
+    );
+    // `--policy-reports` RBAC: the agent's service account may write
+    // PolicyReports, and nothing else.
+    let role = of_kind("ClusterRole");
+    assert_eq!(
+        role["rules"],
+        serde_json::json!([{"apiGroups": ["wgpolicyk8s.io"], "resources": ["policyreports"],
+                            "verbs": ["get", "create", "patch"]}])
+    );
+    let binding = of_kind("ClusterRoleBinding");
+    assert_eq!(binding["roleRef"]["kind"], "ClusterRole");
+    assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
+    assert_eq!(
+        binding["subjects"],
+        serde_json::json!([{"kind": "ServiceAccount", "name": pod["serviceAccountName"],
+                            "namespace": ns}])
     );
     assert!(
         pod["tolerations"]
