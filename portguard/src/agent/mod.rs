@@ -102,6 +102,9 @@ pub struct RunOptions {
     /// write failing), deny every bind in the cgroups it governs instead of
     /// keeping the previous policy (or, at start, exiting).
     pub fail_closed: bool,
+    /// Turn the kernel's BPF run-time statistics on and report what each
+    /// program costs (/metrics, `status`); see `kernel::ProgramStats`.
+    pub program_stats: bool,
 }
 
 pub use crate::policy::builtin::{FAIL_CLOSED, IDENTIFYING, UNFIT};
@@ -147,7 +150,9 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
         None => None,
     };
     let loaded = load_kernel(&opts, pins.as_ref())?;
-    let (mut agent, events) = Agent::new(&opts, hierarchy, loaded, parsed)?;
+    // Before anything is attached, so every run is counted.
+    let programs = program_stats(&opts, &loaded, &mut degraded);
+    let (mut agent, events) = Agent::new(&opts, hierarchy, loaded, parsed, programs)?;
     agent.shared.update(|f| f.degraded = degraded);
     agent.connect_cri(&rt, &opts, &policies);
     let report = agent.first_apply(&opts, policies)?;

@@ -347,6 +347,7 @@ pub fn run(opts: &LearnOptions) -> anyhow::Result<usize> {
         stop_after: Some(opts.duration),
         pin_dir: None,
         kernel_object: None,
+        program_stats: false,
         fail_closed: false,
     })?;
     let text = std::fs::read_to_string(&log).unwrap_or_default();

@@ -21,6 +21,12 @@
 //! | `portguard_governed_cgroups` | |
 //! | `portguard_delegated_cgroups_left_out` | `reason` (skipped, unfit) |
 //! | `portguard_map_entries`, `portguard_map_capacity` | `map` |
+//! | `portguard_program_runs_total`, `portguard_program_run_seconds_total` | `program` (`--program-stats` only; see [`super::cost`]) |
+//!
+//! Everything is read when /metrics is asked for: the counters from their
+//! maps, the program statistics with one `BPF_OBJ_GET_INFO_BY_FD` per
+//! program (a dozen syscalls, microseconds), so a scrape always sees the
+//! kernel's current numbers and no timer runs between scrapes.
 
 use std::sync::Arc;
 
@@ -253,6 +259,9 @@ pub fn render(facts: &Facts, kernel: &KernelReading) -> String {
         "Capacity of each kernel map (--max-* flags)",
         capacity,
     );
+    if let Some(programs) = &kernel.programs {
+        super::cost::register(&mut reg, programs);
+    }
     let mut out = String::new();
     // Writing to a String cannot fail.
     let _ = encode(&mut out, &reg);
@@ -261,7 +270,7 @@ pub fn render(facts: &Facts, kernel: &KernelReading) -> String {
 
 async fn metrics(State(shared): State<Arc<Snapshot>>) -> impl IntoResponse {
     let facts = shared.facts();
-    match KernelReading::read(&shared.counters, &facts) {
+    match shared.read_kernel(&facts) {
         Ok(k) => (
             StatusCode::OK,
             [(
@@ -325,6 +334,7 @@ mod tests {
             events_lost: 7,
             guard_drops: 5,
             fence_failures: 6,
+            programs: None,
         };
         let text = render(&facts, &kernel);
         for line in [

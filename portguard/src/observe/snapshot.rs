@@ -1,10 +1,11 @@
 //! The agent's snapshot of itself ([`Snapshot`]): what it enforces, how it
 //! has fared (reloads, events written and aggregated, map occupancy), and
-//! the kernel counters read at request time ([`KernelReading`]).
+//! the kernel counters read at request time ([`KernelReading`]), with the
+//! programs' own run statistics when `--program-stats` asked for them.
 
 use std::sync::{Arc, Mutex};
 
-use crate::kernel::{CounterMaps, Decisions};
+use crate::kernel::{CounterMaps, Decisions, ProgramCost, ProgramStats};
 
 /// Verdict label of each `DECISION_*` kind.
 pub const VERDICTS: [&str; 4] = ["allow", "deny", "audit", "reported"];
@@ -112,6 +113,9 @@ pub struct CriFacts {
 pub struct Snapshot {
     pub counters: Arc<CounterMaps>,
     pub facts: Mutex<Facts>,
+    /// `--program-stats`: the agent's programs, whose run statistics are
+    /// read at request time like the counters (None: off).
+    pub programs: Option<ProgramStats>,
 }
 
 impl Snapshot {
@@ -127,6 +131,20 @@ impl Snapshot {
 
     pub fn update(&self, f: impl FnOnce(&mut Facts)) {
         f(&mut self.facts.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// The kernel counters for `facts` and, with `--program-stats`, each
+    /// program's run statistics, read now (a few syscalls per program,
+    /// taking no lock the agent holds).
+    pub fn read_kernel(&self, facts: &Facts) -> Result<KernelReading, String> {
+        let mut k = KernelReading::read(&self.counters, facts).map_err(|e| e.to_string())?;
+        k.programs = self
+            .programs
+            .as_ref()
+            .map(ProgramStats::read)
+            .transpose()
+            .map_err(|e| format!("the programs' run statistics: {e}"))?;
+        Ok(k)
     }
 }
 
@@ -150,6 +168,8 @@ pub struct KernelReading {
     pub guard_drops: u64,
     /// Cut-off sockets the kernel would not fence.
     pub fence_failures: u64,
+    /// Each program's runs and run time (`--program-stats`; None: off).
+    pub programs: Option<Vec<ProgramCost>>,
 }
 
 impl KernelReading {
@@ -167,6 +187,7 @@ impl KernelReading {
             events_lost: counters.events_lost()?,
             guard_drops: counters.guard_drops()?,
             fence_failures: counters.fence_failures()?,
+            programs: None,
         })
     }
 

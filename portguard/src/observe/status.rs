@@ -44,10 +44,9 @@ fn policy_events_json(d: &crate::kernel::Decisions) -> Value {
 /// The status document for the agent's current facts and counters.
 pub fn document(shared: &Snapshot) -> Value {
     let facts = shared.facts();
-    let kernel = KernelReading::read(&shared.counters, &facts);
-    let (kernel, kernel_error) = match kernel {
+    let (kernel, kernel_error) = match shared.read_kernel(&facts) {
         Ok(k) => (k, None),
-        Err(e) => (KernelReading::default(), Some(e.to_string())),
+        Err(e) => (KernelReading::default(), Some(e)),
     };
     let policies: Vec<Value> = facts
         .policies
@@ -112,6 +111,7 @@ pub fn document(shared: &Snapshot) -> Value {
                 json!({"hook": hook, "action": action, "count": n})
             }).collect::<Vec<_>>(),
         },
+        "program_stats": super::cost::json(kernel.programs.as_deref()),
     })
 }
 
@@ -366,6 +366,7 @@ pub fn render(doc: &Value) -> String {
             s(&f["action"])
         );
     }
+    out += &super::cost::render(&doc["program_stats"]);
     let empty = Vec::new();
     let policies = doc["policies"].as_array().unwrap_or(&empty);
     let mut w = tw();
