@@ -21,6 +21,8 @@
 //! | `portguard_governed_cgroups` | |
 //! | `portguard_delegated_cgroups_left_out` | `reason` (skipped, unfit) |
 //! | `portguard_map_entries`, `portguard_map_capacity` | `map` |
+//! | `portguard_inventory_passes_total`, `portguard_inventory_sockets_ended_total` | |
+//! | `portguard_inventory_sockets_checked`, `portguard_inventory_violations`, `portguard_inventory_last_pass_seconds` | |
 //! | `portguard_program_runs_total`, `portguard_program_run_seconds_total` | `program` (`--program-stats` only; see [`super::cost`]) |
 //!
 //! Everything is read when /metrics is asked for: the counters from their
@@ -239,6 +241,40 @@ pub fn render(facts: &Facts, kernel: &KernelReading) -> String {
          failed open); reported when the agent reads the hooks' spool",
         failures,
     );
+    let inv = &facts.inventory;
+    counter(
+        &mut reg,
+        "portguard_inventory_passes",
+        "Inventory passes over the host's listening and bound sockets completed (at start, \
+         after each change of what is governed, every --inventory-interval)",
+        inv.passes,
+    );
+    gauge(
+        &mut reg,
+        "portguard_inventory_sockets_checked",
+        "Listening/bound sockets of governed cgroups the last inventory pass checked",
+        inv.checked as i64,
+    );
+    gauge(
+        &mut reg,
+        "portguard_inventory_violations",
+        "Sockets the last inventory pass found breaking their policy (no hook judged them: \
+         bound before their cgroup was governed, or handed in; reported as `preexisting`)",
+        inv.violations as i64,
+    );
+    counter(
+        &mut reg,
+        "portguard_inventory_sockets_ended",
+        "Sockets the inventory ended (destroyed, fenced or closed) under an enforcing policy",
+        inv.ended,
+    );
+    let took = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+    took.set(inv.last_seconds);
+    reg.register(
+        "portguard_inventory_last_pass_seconds",
+        "How long the last inventory pass took",
+        took,
+    );
     let entries = Family::<Labels, Gauge>::default();
     let capacity = Family::<Labels, Gauge>::default();
     for m in &facts.maps {
@@ -321,6 +357,13 @@ mod tests {
             reloads_failed: 2,
             events_aggregated: 99,
             events_written: 5,
+            inventory: crate::observe::snapshot::InventoryFacts {
+                passes: 3,
+                checked: 8,
+                violations: 2,
+                ended: 4,
+                last_seconds: 0.5,
+            },
             maps: vec![MapUse {
                 name: "cgroups",
                 entries: 4,
@@ -352,6 +395,11 @@ mod tests {
             "portguard_governed_cgroups 2",
             r#"portguard_map_entries{map="cgroups"} 4"#,
             r#"portguard_map_capacity{map="cgroups"} 32768"#,
+            "portguard_inventory_passes_total 3",
+            "portguard_inventory_sockets_checked 8",
+            "portguard_inventory_violations 2",
+            "portguard_inventory_sockets_ended_total 4",
+            "portguard_inventory_last_pass_seconds 0.5",
             "# EOF",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line}:\n{text}");

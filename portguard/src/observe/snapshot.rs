@@ -79,6 +79,23 @@ pub struct Facts {
     pub cri: Option<CriFacts>,
     /// Requests from `portguard hook oci` / `hook unit`, and their failures.
     pub runtime_hooks: RuntimeHookFacts,
+    /// What the inventory passes found.
+    pub inventory: InventoryFacts,
+}
+
+/// The inventory's passes over the host's sockets (`agent::inventory`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct InventoryFacts {
+    /// Passes completed.
+    pub passes: u64,
+    /// Listening/bound sockets of governed cgroups the last pass checked.
+    pub checked: u64,
+    /// Of those, the ones that break their policy.
+    pub violations: u64,
+    /// Sockets passes ended (destroyed, fenced or closed), in all.
+    pub ended: u64,
+    /// How long the last pass took, in seconds.
+    pub last_seconds: f64,
 }
 
 /// What the runtime hooks asked, and what they reported failing.

@@ -27,6 +27,9 @@
 //!   unprivileged users kept away from pins, socket and log.
 //! - `learn`: `portguard learn` writes a policy that allows exactly what it saw.
 //! - `metrics`: /metrics counters follow real decisions.
+//! - `program_stats`: `--program-stats` (the programs' own run statistics)
+//!   moves with real binds on every attach point, is absent without the
+//!   flag, and the Grafana dashboard asks only for exported metrics.
 //! - `plan`: `reserved:` ports denied whatever a policy allows; `check` warns.
 //! - `pinning`: enforcement survives SIGKILL and upgrades (pinned programs,
 //!   links and maps, adopted without detaching); `uninstall`.
@@ -66,6 +69,7 @@ mod oci_hook;
 mod pinning;
 mod plan;
 mod points;
+mod program_stats;
 mod reload;
 mod status;
 mod terminal;
