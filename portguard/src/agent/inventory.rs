@@ -225,11 +225,7 @@ impl Agent {
             "daemon: inventory: {} listening/bound sockets of governed cgroups checked in {} \
              network namespaces, {} break their policy (reported as \"preexisting\"), {} ended, \
              in {:?}",
-            tally.checked,
-            tally.namespaces,
-            tally.violations,
-            tally.ended,
-            took
+            tally.checked, tally.namespaces, tally.violations, tally.ended, took
         );
         if tally.violations > 0 {
             warn!("{msg}");

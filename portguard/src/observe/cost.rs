@@ -33,9 +33,7 @@ pub fn register(reg: &mut Registry, programs: &[ProgramCost]) {
     for p in programs {
         let labels = vec![("program", p.program.clone())];
         runs.get_or_create(&labels).inc_by(p.runs);
-        seconds
-            .get_or_create(&labels)
-            .inc_by(p.run_ns as f64 / 1e9);
+        seconds.get_or_create(&labels).inc_by(p.run_ns as f64 / 1e9);
     }
     reg.register(
         "portguard_program_runs",
@@ -165,7 +163,9 @@ mod tests {
         assert!(doc["programs"][1]["ns_per_run"].is_null());
         let text = render(&doc);
         assert!(
-            text.starts_with("program cost (--program-stats): 4 runs, 340 ns in all, 85 ns per run"),
+            text.starts_with(
+                "program cost (--program-stats): 4 runs, 340 ns in all, 85 ns per run"
+            ),
             "{text}"
         );
         let row = text.lines().find(|l| l.starts_with("bind4")).unwrap();

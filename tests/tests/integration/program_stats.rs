@@ -113,7 +113,9 @@ fn program_stats_move_with_real_binds_on_every_attach_point() {
     assert!(text.contains("program cost (--program-stats): "), "{text}");
     assert!(
         text.lines().any(|l| l.starts_with("bind4 ")
-            && [" ns", " us", " ms"].iter().any(|u| l.trim_end().ends_with(u))),
+            && [" ns", " us", " ms"]
+                .iter()
+                .any(|u| l.trim_end().ends_with(u))),
         "{text}"
     );
 }
@@ -139,7 +141,10 @@ fn program_stats_are_absent_without_the_flag() {
 /// templating queries (Grafana's `label_values(EXPR, label)`), with the
 /// dashboard variables given values PromQL accepts.
 fn dashboard_queries() -> Vec<String> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/grafana/portguard.json");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/grafana/portguard.json"
+    );
     let dash: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let mut out = Vec::new();
     for p in dash["panels"].as_array().unwrap() {
@@ -173,7 +178,10 @@ fn dashboard_queries() -> Vec<String> {
 fn metric_names(e: &Expr, names: &mut BTreeSet<String>) {
     match e {
         Expr::VectorSelector(vs) => {
-            let name = vs.name.clone().unwrap_or_else(|| panic!("selector without a name: {vs:?}"));
+            let name = vs
+                .name
+                .clone()
+                .unwrap_or_else(|| panic!("selector without a name: {vs:?}"));
             names.insert(name);
         }
         Expr::MatrixSelector(ms) => metric_names(&Expr::VectorSelector(ms.vs.clone()), names),
@@ -216,10 +224,24 @@ fn program_stats_dashboard_asks_only_for_exported_metrics() {
     let a = Cgroup::new("pstats-dash");
     let agent = Agent::start_with(&policy(&[&a]), &["--program-stats"]);
     binds(&a, 2);
-    let exported: BTreeSet<String> = scrape(&agent)
+    // Exported: a sample's name, or a family the scrape declares without
+    // a series yet (`# TYPE portguard_runtime_hook_failures counter` before
+    // any failure; OpenMetrics names a counter's samples NAME_total).
+    let text = agent.metrics_text();
+    let mut exported: BTreeSet<String> = scrape(&agent)
         .into_iter()
         .map(|(k, _)| k.split('{').next().unwrap().to_owned())
         .collect();
+    for l in text.lines() {
+        if let Some(decl) = l.strip_prefix("# TYPE ")
+            && let Some((name, kind)) = decl.split_once(' ')
+        {
+            exported.insert(match kind {
+                "counter" => format!("{name}_total"),
+                _ => name.to_owned(),
+            });
+        }
+    }
     let missing: Vec<_> = used.difference(&exported).collect();
     assert!(
         missing.is_empty(),
