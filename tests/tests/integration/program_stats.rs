@@ -132,6 +132,7 @@ fn program_stats_are_absent_without_the_flag() {
         .filter(|(k, _)| k.starts_with("portguard_program_"))
         .collect();
     assert!(program.is_empty(), "{program:#?}");
+    assert!(!agent.metrics_text().contains("portguard_program_"));
     let doc = status_json(&agent);
     assert!(doc["program_stats"].is_null(), "{doc:#}");
     assert!(!status_text(&agent).contains("program cost"));
