@@ -229,6 +229,16 @@ pub fn render(facts: &Facts, kernel: &KernelReading) -> String {
         slowest,
     );
     let failures = Family::<Labels, Counter>::default();
+    // Every series from the start, at 0: a dashboard or an alert on
+    // failures finds the metric before the first failure.
+    for hook in ["oci", "unit"] {
+        for action in ["refused_start", "allowed_start"] {
+            failures.get_or_create(&vec![
+                ("hook", hook.to_owned()),
+                ("action", action.to_owned()),
+            ]);
+        }
+    }
     for ((hook, action), n) in &h.failures {
         failures
             .get_or_create(&vec![("hook", hook.clone()), ("action", action.clone())])
@@ -400,6 +410,7 @@ mod tests {
             "portguard_inventory_violations 2",
             "portguard_inventory_sockets_ended_total 4",
             "portguard_inventory_last_pass_seconds 0.5",
+            r#"portguard_runtime_hook_failures_total{hook="oci",action="allowed_start"} 0"#,
             "# EOF",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line}:\n{text}");
