@@ -233,7 +233,7 @@ pub fn render(facts: &Facts, kernel: &KernelReading) -> String {
     // failures finds the metric before the first failure.
     for hook in ["oci", "unit"] {
         for action in ["refused_start", "allowed_start"] {
-            failures.get_or_create(&vec![
+            let _ = failures.get_or_create(&vec![
                 ("hook", hook.to_owned()),
                 ("action", action.to_owned()),
             ]);
