@@ -212,15 +212,20 @@ impl Agent {
         // policy, so it is not reported again.
         self.inventory_reported = still;
         let _ = writer.flush();
+        let took = started.elapsed();
+        self.shared.update(|f| {
+            let inv = &mut f.inventory;
+            inv.passes += 1;
+            inv.checked = tally.checked as u64;
+            inv.violations = tally.violations as u64;
+            inv.ended += tally.ended as u64;
+            inv.last_seconds = took.as_secs_f64();
+        });
         let msg = format!(
             "daemon: inventory: {} listening/bound sockets of governed cgroups checked in {} \
              network namespaces, {} break their policy (reported as \"preexisting\"), {} ended, \
              in {:?}",
-            tally.checked,
-            tally.namespaces,
-            tally.violations,
-            tally.ended,
-            started.elapsed()
+            tally.checked, tally.namespaces, tally.violations, tally.ended, took
         );
         if tally.violations > 0 {
             warn!("{msg}");

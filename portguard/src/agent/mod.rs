@@ -110,6 +110,9 @@ pub struct RunOptions {
     /// Write PolicyReports to the API server every this long
     /// (`--policy-reports`; `None`: off).
     pub policy_reports: Option<Duration>,
+    /// Turn the kernel's BPF run-time statistics on and report what each
+    /// program costs (/metrics, `status`); see `kernel::ProgramStats`.
+    pub program_stats: bool,
 }
 
 pub use crate::policy::builtin::{FAIL_CLOSED, IDENTIFYING, UNFIT};
@@ -158,7 +161,9 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
         None => None,
     };
     let loaded = load_kernel(&opts, pins.as_ref())?;
-    let (mut agent, events) = Agent::new(&opts, hierarchy, loaded, parsed)?;
+    // Before anything is attached, so every run is counted.
+    let programs = program_stats(&opts, &loaded, &mut degraded);
+    let (mut agent, events) = Agent::new(&opts, hierarchy, loaded, parsed, programs)?;
     agent.shared.update(|f| f.degraded = degraded);
     agent.connect_cri(&rt, &opts, &policies);
     let report = agent.first_apply(&opts, policies)?;

@@ -264,6 +264,26 @@ pub(super) fn load_kernel(opts: &RunOptions, pins: Option<&PinDir>) -> anyhow::R
     Ok(loaded)
 }
 
+/// `--program-stats`: the kernel's run statistics of `loaded`'s programs,
+/// on from now. When the kernel refuses, the agent runs without them,
+/// loudly (a warning, and `degraded` in status): what a program costs is
+/// never worth its enforcement.
+pub(super) fn program_stats(
+    opts: &RunOptions,
+    loaded: &Loaded,
+    degraded: &mut Vec<String>,
+) -> Option<crate::kernel::ProgramStats> {
+    if !opts.program_stats {
+        return None;
+    }
+    crate::kernel::ProgramStats::enable(loaded)
+        .inspect_err(|e| {
+            warn!("daemon: {e}; running without program statistics");
+            degraded.push(e.clone());
+        })
+        .ok()
+}
+
 /// After the serve loop: remove the status socket, say what keeps
 /// enforcing, tell the service manager.
 pub(super) fn shut_down(opts: &RunOptions, pins: Option<&PinDir>) {
@@ -289,6 +309,7 @@ impl Agent {
         hierarchy: Hierarchy,
         mut loaded: Loaded,
         parsed: ParsedPolicy,
+        programs: Option<crate::kernel::ProgramStats>,
     ) -> anyhow::Result<(Self, crate::kernel::EventRing)> {
         let events = loaded
             .take_events()
@@ -345,6 +366,7 @@ impl Agent {
                     ..Default::default()
                 }),
                 recent: std::sync::Mutex::default(),
+                programs,
             }),
             slot_owners: HashMap::new(),
             unended: Vec::new(),

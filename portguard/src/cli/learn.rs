@@ -350,6 +350,7 @@ pub fn run(opts: &LearnOptions) -> anyhow::Result<usize> {
         stop_after: Some(opts.duration),
         pin_dir: None,
         kernel_object: None,
+        program_stats: false,
         fail_closed: false,
     })?;
     let events = super::events::read_log(&log).unwrap_or_default();

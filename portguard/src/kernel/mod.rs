@@ -3,8 +3,9 @@
 //! ([`btf`]), attaching (the host-wide programs on the root, the decision
 //! programs on each attach point; new links or pinned ones adopted across
 //! restarts, [`pins`]), the maps the planner writes through ([`RuleSink`]), the
-//! counters, the offline view of pinned state, raw `bpf(2)` calls aya does
-//! not offer ([`bpfsys`]) and the capability preflight ([`caps`]).
+//! counters, the programs' own run statistics (`--program-stats`,
+//! [`ProgramStats`]), the offline view of pinned state, raw `bpf(2)` calls
+//! aya does not offer ([`bpfsys`]) and the capability preflight ([`caps`]).
 
 mod attach;
 pub mod bpfsys;
@@ -16,6 +17,7 @@ mod lsm;
 mod maps;
 pub mod pins;
 mod points;
+mod stats;
 mod view;
 
 /// The event ring buffer, as the agent drains it.
@@ -29,4 +31,5 @@ pub use loader::*;
 pub use lsm::*;
 pub use maps::*;
 pub use points::Point;
+pub use stats::*;
 pub use view::*;

@@ -21,6 +21,14 @@
 //! | `portguard_governed_cgroups` | |
 //! | `portguard_delegated_cgroups_left_out` | `reason` (skipped, unfit) |
 //! | `portguard_map_entries`, `portguard_map_capacity` | `map` |
+//! | `portguard_inventory_passes_total`, `portguard_inventory_sockets_ended_total` | |
+//! | `portguard_inventory_sockets_checked`, `portguard_inventory_violations`, `portguard_inventory_last_pass_seconds` | |
+//! | `portguard_program_runs_total`, `portguard_program_run_seconds_total` | `program` (`--program-stats` only; see [`super::cost`]) |
+//!
+//! Everything is read when /metrics is asked for: the counters from their
+//! maps, the program statistics with one `BPF_OBJ_GET_INFO_BY_FD` per
+//! program (a dozen syscalls, microseconds), so a scrape always sees the
+//! kernel's current numbers and no timer runs between scrapes.
 
 use std::sync::Arc;
 
@@ -221,6 +229,16 @@ pub fn render(facts: &Facts, kernel: &KernelReading) -> String {
         slowest,
     );
     let failures = Family::<Labels, Counter>::default();
+    // Every series from the start, at 0: a dashboard or an alert on
+    // failures finds the metric before the first failure.
+    for hook in ["oci", "unit"] {
+        for action in ["refused_start", "allowed_start"] {
+            let _ = failures.get_or_create(&vec![
+                ("hook", hook.to_owned()),
+                ("action", action.to_owned()),
+            ]);
+        }
+    }
     for ((hook, action), n) in &h.failures {
         failures
             .get_or_create(&vec![("hook", hook.clone()), ("action", action.clone())])
@@ -232,6 +250,40 @@ pub fn render(facts: &Facts, kernel: &KernelReading) -> String {
          time), by hook (oci, unit) and action (refused_start: failed closed; allowed_start: \
          failed open); reported when the agent reads the hooks' spool",
         failures,
+    );
+    let inv = &facts.inventory;
+    counter(
+        &mut reg,
+        "portguard_inventory_passes",
+        "Inventory passes over the host's listening and bound sockets completed (at start, \
+         after each change of what is governed, every --inventory-interval)",
+        inv.passes,
+    );
+    gauge(
+        &mut reg,
+        "portguard_inventory_sockets_checked",
+        "Listening/bound sockets of governed cgroups the last inventory pass checked",
+        inv.checked as i64,
+    );
+    gauge(
+        &mut reg,
+        "portguard_inventory_violations",
+        "Sockets the last inventory pass found breaking their policy (no hook judged them: \
+         bound before their cgroup was governed, or handed in; reported as `preexisting`)",
+        inv.violations as i64,
+    );
+    counter(
+        &mut reg,
+        "portguard_inventory_sockets_ended",
+        "Sockets the inventory ended (destroyed, fenced or closed) under an enforcing policy",
+        inv.ended,
+    );
+    let took = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+    took.set(inv.last_seconds);
+    reg.register(
+        "portguard_inventory_last_pass_seconds",
+        "How long the last inventory pass took",
+        took,
     );
     let entries = Family::<Labels, Gauge>::default();
     let capacity = Family::<Labels, Gauge>::default();
@@ -253,6 +305,9 @@ pub fn render(facts: &Facts, kernel: &KernelReading) -> String {
         "Capacity of each kernel map (--max-* flags)",
         capacity,
     );
+    if let Some(programs) = &kernel.programs {
+        super::cost::register(&mut reg, programs);
+    }
     let mut out = String::new();
     // Writing to a String cannot fail.
     let _ = encode(&mut out, &reg);
@@ -261,7 +316,7 @@ pub fn render(facts: &Facts, kernel: &KernelReading) -> String {
 
 async fn metrics(State(shared): State<Arc<Snapshot>>) -> impl IntoResponse {
     let facts = shared.facts();
-    match KernelReading::read(&shared.counters, &facts) {
+    match shared.read_kernel(&facts) {
         Ok(k) => (
             StatusCode::OK,
             [(
@@ -312,6 +367,13 @@ mod tests {
             reloads_failed: 2,
             events_aggregated: 99,
             events_written: 5,
+            inventory: crate::observe::snapshot::InventoryFacts {
+                passes: 3,
+                checked: 8,
+                violations: 2,
+                ended: 4,
+                last_seconds: 0.5,
+            },
             maps: vec![MapUse {
                 name: "cgroups",
                 entries: 4,
@@ -325,6 +387,7 @@ mod tests {
             events_lost: 7,
             guard_drops: 5,
             fence_failures: 6,
+            programs: None,
         };
         let text = render(&facts, &kernel);
         for line in [
@@ -342,6 +405,12 @@ mod tests {
             "portguard_governed_cgroups 2",
             r#"portguard_map_entries{map="cgroups"} 4"#,
             r#"portguard_map_capacity{map="cgroups"} 32768"#,
+            "portguard_inventory_passes_total 3",
+            "portguard_inventory_sockets_checked 8",
+            "portguard_inventory_violations 2",
+            "portguard_inventory_sockets_ended_total 4",
+            "portguard_inventory_last_pass_seconds 0.5",
+            r#"portguard_runtime_hook_failures_total{hook="oci",action="allowed_start"} 0"#,
             "# EOF",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line}:\n{text}");

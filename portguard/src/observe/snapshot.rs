@@ -1,11 +1,12 @@
 //! The agent's snapshot of itself ([`Snapshot`]): what it enforces, how it
 //! has fared (reloads, events written and aggregated, map occupancy), and
-//! the kernel counters read at request time ([`KernelReading`]); and its
-//! last event lines, for `portguard why` ([`Snapshot::recent_under`]).
+//! the kernel counters read at request time ([`KernelReading`]), with the
+//! programs' own run statistics when `--program-stats` asked for them; and
+//! its last event lines, for `portguard why` ([`Snapshot::recent_under`]).
 
 use std::sync::{Arc, Mutex};
 
-use crate::kernel::{CounterMaps, Decisions};
+use crate::kernel::{CounterMaps, Decisions, ProgramCost, ProgramStats};
 
 /// Verdict label of each `DECISION_*` kind.
 pub const VERDICTS: [&str; 4] = ["allow", "deny", "audit", "reported"];
@@ -79,6 +80,23 @@ pub struct Facts {
     pub cri: Option<CriFacts>,
     /// Requests from `portguard hook oci` / `hook unit`, and their failures.
     pub runtime_hooks: RuntimeHookFacts,
+    /// What the inventory passes found.
+    pub inventory: InventoryFacts,
+}
+
+/// The inventory's passes over the host's sockets (`agent::inventory`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct InventoryFacts {
+    /// Passes completed.
+    pub passes: u64,
+    /// Listening/bound sockets of governed cgroups the last pass checked.
+    pub checked: u64,
+    /// Of those, the ones that break their policy.
+    pub violations: u64,
+    /// Sockets passes ended (destroyed, fenced or closed), in all.
+    pub ended: u64,
+    /// How long the last pass took, in seconds.
+    pub last_seconds: f64,
 }
 
 /// What the runtime hooks asked, and what they reported failing.
@@ -116,6 +134,9 @@ pub struct Snapshot {
     /// The last [`RECENT_EVENTS`] event lines written (`portguard why`'s
     /// history).
     pub recent: Mutex<std::collections::VecDeque<serde_json::Value>>,
+    /// `--program-stats`: the agent's programs, whose run statistics are
+    /// read at request time like the counters (None: off).
+    pub programs: Option<ProgramStats>,
 }
 
 /// Event lines the agent keeps in memory for `portguard why`.
@@ -161,6 +182,20 @@ impl Snapshot {
             .cloned()
             .collect()
     }
+
+    /// The kernel counters for `facts` and, with `--program-stats`, each
+    /// program's run statistics, read now (a few syscalls per program,
+    /// taking no lock the agent holds).
+    pub fn read_kernel(&self, facts: &Facts) -> Result<KernelReading, String> {
+        let mut k = KernelReading::read(&self.counters, facts).map_err(|e| e.to_string())?;
+        k.programs = self
+            .programs
+            .as_ref()
+            .map(ProgramStats::read)
+            .transpose()
+            .map_err(|e| format!("the programs' run statistics: {e}"))?;
+        Ok(k)
+    }
 }
 
 /// Counters since a policy took its slot.
@@ -183,6 +218,8 @@ pub struct KernelReading {
     pub guard_drops: u64,
     /// Cut-off sockets the kernel would not fence.
     pub fence_failures: u64,
+    /// Each program's runs and run time (`--program-stats`; None: off).
+    pub programs: Option<Vec<ProgramCost>>,
 }
 
 impl KernelReading {
@@ -200,6 +237,7 @@ impl KernelReading {
             events_lost: counters.events_lost()?,
             guard_drops: counters.guard_drops()?,
             fence_failures: counters.fence_failures()?,
+            programs: None,
         })
     }
 

@@ -44,10 +44,9 @@ fn policy_events_json(d: &crate::kernel::Decisions) -> Value {
 /// The status document for the agent's current facts and counters.
 pub fn document(shared: &Snapshot) -> Value {
     let facts = shared.facts();
-    let kernel = KernelReading::read(&shared.counters, &facts);
-    let (kernel, kernel_error) = match kernel {
+    let (kernel, kernel_error) = match shared.read_kernel(&facts) {
         Ok(k) => (k, None),
-        Err(e) => (KernelReading::default(), Some(e.to_string())),
+        Err(e) => (KernelReading::default(), Some(e)),
     };
     let policies: Vec<Value> = facts
         .policies
@@ -112,6 +111,14 @@ pub fn document(shared: &Snapshot) -> Value {
                 json!({"hook": hook, "action": action, "count": n})
             }).collect::<Vec<_>>(),
         },
+        "inventory": {
+            "passes": facts.inventory.passes,
+            "checked": facts.inventory.checked,
+            "violations": facts.inventory.violations,
+            "ended": facts.inventory.ended,
+            "last_seconds": facts.inventory.last_seconds,
+        },
+        "program_stats": super::cost::json(kernel.programs.as_deref()),
     })
 }
 
@@ -303,6 +310,18 @@ pub fn render(doc: &Value) -> String {
         })
         .unwrap_or_default();
     out += &format!("maps: {}\n", maps.join(", "));
+    let inv = &doc["inventory"];
+    if n(&inv["passes"]) > 0 {
+        out += &format!(
+            "inventory: {} passes; the last checked {} sockets in {:.1} ms, {} break their \
+             policy; {} ended in all\n",
+            n(&inv["passes"]),
+            n(&inv["checked"]),
+            inv["last_seconds"].as_f64().unwrap_or(0.0) * 1e3,
+            n(&inv["violations"]),
+            n(&inv["ended"]),
+        );
+    }
     let delegated = &doc["delegated"];
     if n(&delegated["skipped"]) != 0 || n(&delegated["unfit"]) != 0 {
         out += &format!(
@@ -366,6 +385,7 @@ pub fn render(doc: &Value) -> String {
             s(&f["action"])
         );
     }
+    out += &super::cost::render(&doc["program_stats"]);
     let empty = Vec::new();
     let policies = doc["policies"].as_array().unwrap_or(&empty);
     let mut w = tw();
@@ -435,6 +455,11 @@ mod tests {
             "events": {"written": 5, "aggregated": 100, "lost": 0},
             "reloads": {"ok": 2, "failed": 1}, "governed_cgroups": 1,
             "maps": [{"name": "policies", "entries": 1, "capacity": 16384}],
+            "inventory": {"passes": 4, "checked": 12, "violations": 1, "ended": 2,
+                          "last_seconds": 0.0031},
+            "program_stats": {"runs": 10, "run_ns": 850, "ns_per_run": 85.0, "programs": [
+                {"program": "bind4", "id": 7, "runs": 10, "run_ns": 850, "ns_per_run": 85.0},
+            ]},
             "policies": [{
                 "name": "payments-web", "mode": "enforce",
                 "selector": "pods with namespace payments, app=web",
@@ -450,6 +475,17 @@ mod tests {
         );
         assert!(text.contains("reloads: 2 ok, 1 failed"), "{text}");
         assert!(text.contains("maps: policies 1/16384"), "{text}");
+        assert!(
+            text.contains(
+                "inventory: 4 passes; the last checked 12 sockets in 3.1 ms, 1 break their \
+                 policy; 2 ended in all"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("program cost (--program-stats): 10 runs, 850 ns in all, 85 ns per run"),
+            "{text}"
+        );
         let row = text
             .lines()
             .find(|l| l.starts_with("payments-web"))

@@ -36,6 +36,9 @@
 //! - `metrics`: /metrics counters follow real decisions.
 //! - `replay`: `portguard replay` judges a real agent's log under a
 //!   candidate policy (exact table and JSON; exit status).
+//! - `program_stats`: `--program-stats` (the programs' own run statistics)
+//!   moves with real binds on every attach point, is absent without the
+//!   flag, and the Grafana dashboard asks only for exported metrics.
 //! - `plan`: `reserved:` ports denied whatever a policy allows; `check` warns.
 //! - `probes`: `check --manifests` on health probes aimed at ports the plan
 //!   forbids or the container does not declare.
@@ -86,6 +89,7 @@ mod plan;
 mod points;
 mod policy_reports;
 mod probes;
+mod program_stats;
 mod reload;
 mod replay;
 mod status;

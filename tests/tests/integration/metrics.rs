@@ -6,7 +6,7 @@
 use portguard_tests::{Agent, Cgroup, Probe, require_root};
 
 /// Scrape /metrics; (metric line without value, value) pairs.
-fn scrape(agent: &Agent) -> Vec<(String, f64)> {
+pub(crate) fn scrape(agent: &Agent) -> Vec<(String, f64)> {
     let url = format!("http://127.0.0.1:{}/metrics", agent.metrics_port());
     let mut resp = ureq::get(&url).call().expect("GET /metrics");
     assert_eq!(resp.status(), 200);
@@ -28,7 +28,7 @@ fn scrape(agent: &Agent) -> Vec<(String, f64)> {
         .collect()
 }
 
-fn value(m: &[(String, f64)], key: &str) -> f64 {
+pub(crate) fn value(m: &[(String, f64)], key: &str) -> f64 {
     m.iter()
         .find(|(k, _)| k == key)
         .map(|(_, v)| *v)
