@@ -515,21 +515,51 @@ fn the_daemonset_runs_the_agent_through_the_cri() {
     let team = ctrd.run_container(&team_sb, "api");
 
     let bind = |ctr: &str, addr: &str, port: &str| ctrd.probe(ctr, &["bind", "tcp", addr, port]);
-    assert_eq!(bind(&web, "0.0.0.0", "8080")["ok"], true);
+    let r = bind(&web, "0.0.0.0", "8080");
+    assert_eq!(
+        r["ok"],
+        true,
+        "web 0.0.0.0:8080: {r}\n--- agent ---\n{}",
+        agent_log(&ctrd)
+    );
     assert_eq!(bind(&web, "0.0.0.0", "8081")["error"], "EPERM");
     assert_eq!(
         bind(&web, "0.0.0.0", "9090")["error"],
         "EPERM",
         "metrics stay on loopback"
     );
-    assert_eq!(bind(&web, "127.0.0.1", "9090")["ok"], true);
-    assert_eq!(bind(&postgres, "0.0.0.0", "5432")["ok"], true);
+    let r = bind(&web, "127.0.0.1", "9090");
+    assert_eq!(
+        r["ok"],
+        true,
+        "web 127.0.0.1:9090: {r}\n--- agent ---\n{}",
+        agent_log(&ctrd)
+    );
+    let r = bind(&postgres, "0.0.0.0", "5432");
+    assert_eq!(
+        r["ok"],
+        true,
+        "postgres 0.0.0.0:5432: {r}\n--- agent ---\n{}",
+        agent_log(&ctrd)
+    );
     assert_eq!(bind(&postgres, "0.0.0.0", "5433")["error"], "EPERM");
     // The sidecar is not `postgres`: the namespace-wide policy governs it.
     assert_eq!(bind(&sidecar, "0.0.0.0", "5432")["error"], "EPERM");
-    assert_eq!(bind(&sidecar, "127.0.0.1", "9000")["ok"], true);
+    let r = bind(&sidecar, "127.0.0.1", "9000");
+    assert_eq!(
+        r["ok"],
+        true,
+        "sidecar 127.0.0.1:9000: {r}\n--- agent ---\n{}",
+        agent_log(&ctrd)
+    );
     // Audit mode: allowed, reported.
-    assert_eq!(bind(&team, "0.0.0.0", "7000")["ok"], true);
+    let r = bind(&team, "0.0.0.0", "7000");
+    assert_eq!(
+        r["ok"],
+        true,
+        "team 0.0.0.0:7000: {r}\n--- agent ---\n{}",
+        agent_log(&ctrd)
+    );
 
     // The denials, as `kubectl logs` shows them, name pod and container.
     let find = |want: &[(&str, Value)]| -> Value {
