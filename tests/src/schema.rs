@@ -37,10 +37,16 @@ for i, line in enumerate(json.load(sys.stdin)):
         errors.append(f"line {i}: {e.message} at {list(e.absolute_path)}; context: {[c.message for c in e.context][:6]}: {json.dumps(line)[:2000]}")
 print(json.dumps(errors))
 "#;
-    let mut child = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .arg(schema)
+    let mut python = Command::new("python3");
+    python.arg("-c").arg(script).arg(schema);
+    errors_from(python, docs, "schema validation failed to run")
+}
+
+/// Run a Python validator: `docs` as one JSON array on its standard input,
+/// a JSON array of error messages on its standard output (`what`: the
+/// panic message if it does not run).
+fn errors_from(mut python: Command, docs: &[Value], what: &str) -> Vec<String> {
+    let mut child = python
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -56,7 +62,7 @@ print(json.dumps(errors))
     let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),
-        "schema validation failed to run: {}",
+        "{what}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
@@ -68,25 +74,11 @@ print(json.dumps(errors))
 /// Returns one message per error.
 pub fn ocsf_errors(events: &[Value]) -> Vec<String> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/ocsf_validate.py");
-    let mut child = Command::new("python3")
-        .arg(&script)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python3 (run scripts/setup.sh)");
-    {
-        use std::io::Write as _;
-        let mut stdin = child.stdin.take().expect("stdin");
-        stdin
-            .write_all(serde_json::to_string(events).unwrap().as_bytes())
-            .unwrap();
-    }
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "the OCSF validator did not run (scripts/setup.sh installs ocsf-json-schema): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    let mut python = Command::new("python3");
+    python.arg(&script);
+    errors_from(
+        python,
+        events,
+        "the OCSF validator did not run (scripts/setup.sh installs ocsf-json-schema)",
+    )
 }
