@@ -6,6 +6,13 @@
 //! bridge it created. [`Containerd::start_with_hook`] installs an OCI
 //! `createRuntime` hook ([`Hook`]) through `base_runtime_spec`; the
 //! container lifecycle calls are in `containers`.
+//!
+//! Every agent with `pods:` policies watches the one shared `/kubepods`
+//! tree and, as on a real node, holds each pod cgroup its runtime does not
+//! list with `portguard:identifying` (every bind denied). Two tests with
+//! their own runtimes and agents side by side would hold each other's pods,
+//! so a test that makes pod cgroups holds [`KubepodsLock`]: a [`Containerd`]
+//! holds it for its lifetime.
 
 mod containers;
 mod hook;
@@ -191,6 +198,32 @@ pub struct Containerd {
     sandboxes: HashMap<String, PodSandboxConfig>,
     cgroups: Vec<PathBuf>,
     rt: tokio::runtime::Runtime,
+    /// Declared last: released after `Drop` removed the pods.
+    _kubepods: KubepodsLock,
+}
+
+/// Where [`KubepodsLock`] is taken.
+const KUBEPODS_LOCK: &str = "/run/portguard-kubepods-tests.lock";
+
+/// The shared `/kubepods` tree, exclusively this test's (a file lock, so a
+/// second run on the host waits too) until dropped. See the module's doc.
+pub struct KubepodsLock {
+    _file: std::fs::File,
+}
+
+impl KubepodsLock {
+    /// Wait for the tree: another test's pods and agent go first.
+    pub fn take() -> Self {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(KUBEPODS_LOCK)
+            .unwrap_or_else(|e| panic!("opening {KUBEPODS_LOCK}: {e}"));
+        file.lock()
+            .unwrap_or_else(|e| panic!("locking {KUBEPODS_LOCK}: {e}"));
+        Self { _file: file }
+    }
 }
 
 /// The base runtime spec file's name in the instance's directory.
@@ -208,6 +241,7 @@ impl Containerd {
     /// sandboxes' too) OCI `createRuntime` hook, through the runc runtime's
     /// `base_runtime_spec`.
     pub fn start_with_hook(pgprobe: &Path, hook: Option<Hook>) -> Self {
+        let kubepods = KubepodsLock::take();
         let n = SEQ.fetch_add(1, Ordering::SeqCst);
         let dir = tempfile::Builder::new()
             .prefix("pgctrd")
@@ -248,6 +282,7 @@ impl Containerd {
                 .build()
                 .unwrap(),
             dir,
+            _kubepods: kubepods,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !c.socket.exists() {

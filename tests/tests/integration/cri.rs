@@ -494,8 +494,7 @@ fn the_daemonset_runs_the_agent_through_the_cri() {
         "{selection}"
     );
     // The ConfigMap's four; a built-in hold (`portguard:identifying`) may be
-    // listed too while another test's pod cgroup, which this runtime does not
-    // know, appears in the shared /kubepods tree.
+    // listed too while one of this runtime's new pods waits to be listed.
     let named: Vec<&str> = doc["policies"]
         .as_array()
         .unwrap()

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use portguard_tests::{Agent, Cgroup, Probe, require_root};
+use portguard_tests::{Agent, Cgroup, Probe, containerd::KubepodsLock, require_root};
 use serde_json::{Value, json};
 
 /// A container cgroup in the kubelet's layout
@@ -48,6 +48,9 @@ fn wait_for(agent: &Agent, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
 #[test]
 fn a_real_agents_ocsf_events_validate_against_the_ocsf_schema() {
     require_root!();
+    // A pod cgroup in the shared /kubepods tree: no other test's agent
+    // with `pods:` policies may be running to hold it.
+    let _kubepods = KubepodsLock::take();
     let pid = std::process::id();
     let (_pod, container, uid, cid) = pod_container(pid);
     let audited = Cgroup::new("ocsf-audit");
