@@ -145,6 +145,11 @@ fn build_ebpf(name: &str, root_dir: &Path, out_dir: &Path) -> anyhow::Result<()>
     for key in ["RUSTC", "RUSTC_WORKSPACE_WRAPPER"] {
         c.env_remove(key);
     }
+    // The agent's log filter is not the linker's: bpf-linker logs at
+    // RUST_LOG's level on stderr, which rustc relays as ~60 "linker stderr"
+    // warnings (`cargo xtask integration-test` runs cargo with
+    // RUST_LOG=debug). PORTGUARD_EBPF_BUILD_VERBOSE=1 does not change this.
+    c.env_remove("RUST_LOG");
     // Separate from OUT_DIR's artifacts (cargo issue 6412), and where
     // aya-build puts it, so a build tree it made is reused.
     let target_dir = out_dir.join("aya-build").join("target").join(name);

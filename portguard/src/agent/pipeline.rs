@@ -17,14 +17,18 @@ use crate::{
 use super::*;
 
 impl Agent {
-    /// Which part of its policy decided `rec` (the `rule` field).
+    /// Which part of its policy decided `rec` (the `rule` field). Every
+    /// hook that judges a bound port (bind, post_bind, a listen or accept
+    /// cut off, the inventory) judges it against the bind sets the file's
+    /// `reserved:` ports were taken out of, so each can name `reserved`.
     pub(super) fn rule_for(&self, rec: &events::EventRecord) -> Option<String> {
         let name = rec.policy.as_deref()?;
         if name == IDENTIFYING {
             return Some(IDENTIFYING.to_owned());
         }
         let file = &self.parsed.as_ref()?.file;
-        crate::policy::explain::rule_in_file(file, name, &rec.judged(), rec.hook.is_bind())
+        let bound_port = rec.hook.dir() == crate::policy::explain::Dir::Bind;
+        crate::policy::explain::rule_in_file(file, name, &rec.judged(), bound_port)
     }
 
     /// Decode and enrich one ring-buffer record (`from` says where it was

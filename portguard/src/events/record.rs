@@ -86,14 +86,6 @@ impl EventHook {
     pub const fn judges_chosen_port(self) -> bool {
         matches!(self, Self::Kernel(Hook::PostBind4 | Hook::PostBind6))
     }
-
-    /// A hook that judges an explicit or chosen bind port.
-    pub const fn is_bind(self) -> bool {
-        matches!(
-            self,
-            Self::Kernel(Hook::Bind4 | Hook::Bind6 | Hook::PostBind4 | Hook::PostBind6)
-        )
-    }
 }
 
 impl Serialize for EventHook {

@@ -67,9 +67,10 @@ fn family_ok(rule: &Rule, ipv6: bool) -> bool {
 }
 
 /// The rule (or lack of one) that denied `j` under the policy named `name`
-/// in `file`: for a bind hook's decision (`bind_hook`: bind4/6,
-/// post_bind4/6), `reserved` when the file reserves the port (the kernel
-/// denies it whatever the policy lists); else [`deciding_rule`].
+/// in `file`: for a decision on a bound port (`bind_hook`: bind4/6,
+/// post_bind4/6, a listen or accept, the inventory), `reserved` when the
+/// file reserves the port (the kernel denies it whatever the policy lists);
+/// else [`deciding_rule`].
 pub fn rule_in_file(
     file: &super::PolicyFile,
     name: &str,

@@ -193,8 +193,16 @@ fn gen_item(rng: &mut Rng, ranges: usize, bind: bool) -> PortItem {
 
 fn gen_rule(rng: &mut Rng, ranges: usize, bind: bool) -> RuleSpec {
     let n = 1 + rng.below(3);
+    let mut ports: Vec<PortItem> = (0..n).map(|_| gen_item(rng, ranges, bind)).collect();
+    // Sometimes the whole range the kernel picks ports from, so a port-0
+    // bind or an unbound listen is judged by a port rule, not `ephemeral`
+    // (and lands on a reserved port when the file reserves part of it).
+    if bind && rng.pct(30) {
+        let a = 30000 + rng.below(2768) as u16;
+        ports.push(PortItem::Range(a, 61000 + rng.below(4000) as u16));
+    }
     RuleSpec {
-        ports: (0..n).map(|_| gen_item(rng, ranges, bind)).collect(),
+        ports,
         protocol: rng.pick(&[None, Some("tcp"), Some("udp"), Some("any")]),
         family: rng.pick(&[None, Some("ipv4"), Some("ipv6"), Some("any")]),
         address: rng.pick(&[None, None, Some("loopback"), Some("any")]),
@@ -235,6 +243,13 @@ pub fn gen_file(rng: &mut Rng) -> FileSpec {
                 }
                 _ => PortItem::Port(gen_port(rng)),
             });
+        }
+        // Where the kernel picks ports (the default ephemeral range,
+        // 32768-60999): port-0 binds and unbound listens land on a reserved
+        // port.
+        if rng.pct(50) {
+            let a = 32768 + rng.below(10000) as u16;
+            reserved.push(PortItem::Range(a, a + 10000 + rng.below(10000) as u16));
         }
     }
     let mut nodes: Vec<usize> = (0..NODES.len()).collect();

@@ -41,7 +41,7 @@ fn reachable(key: &str, hook: &str, family: &str) -> bool {
     let (k, v) = key.split_once('=').unwrap_or((key, ""));
     let v6hook = hook.ends_with('6');
     match k {
-        "bind" | "reserved" => is_bind(hook),
+        "bind" | "reserved" | "event.rule" => is_bind(hook),
         "connect" => is_dest(hook),
         "allow_sockets" => hook == "sock_create",
         "rule.protocol" | "rule.family" | "rule.address" => !hook.starts_with("sock"),
@@ -124,6 +124,7 @@ const KEYS: &[&str] = &[
     "op.variant=v4-mapped",
     "op.variant=dual-stack",
     "op.port0=yes",
+    "event.rule=reserved",
 ];
 
 #[derive(Clone, Debug, Default)]
@@ -166,6 +167,13 @@ impl Coverage {
         }
         if op.kind == OpKind::Bind && op.port == 0 {
             keys.push("op.port0=yes".to_owned());
+        }
+        // Denied (or audited, or cut off) for a reserved port.
+        if p.events
+            .iter()
+            .any(|e| e.hook == p.hook && e.rule == "reserved")
+        {
+            keys.push("event.rule=reserved".to_owned());
         }
         let gov = p
             .policy

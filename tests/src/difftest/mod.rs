@@ -9,7 +9,8 @@
 //! event's verdict, hook, policy, rule, port or family) is shrunk to a
 //! minimal policy file and operation and printed as a ready-to-paste
 //! regression test ([`assert_case`]). [`coverage`] counts the cases per
-//! (policy key value x hook x family) cell.
+//! (policy key value x hook x family) cell. Each case `portguard why` can
+//! be asked about is also held against its offline judgement ([`why`]).
 //!
 //! Events are matched to operations by thread id: the executor runs each
 //! operation in a fresh thread. A batch ends with a marker operation (a
@@ -20,6 +21,7 @@ pub mod cases;
 pub mod coverage;
 pub mod oracle;
 mod shrink;
+pub mod why;
 
 use std::{
     collections::BTreeMap,
@@ -107,6 +109,8 @@ pub struct Report {
     /// Shrunk disagreements, each as a regression test.
     pub regressions: Vec<String>,
     pub coverage: Coverage,
+    /// How many cases were also held against `portguard why` ([`why`]).
+    pub why_asked: usize,
 }
 
 impl Report {
@@ -124,6 +128,10 @@ impl Report {
             self.cases_per_second(),
             self.disagreements.len()
         );
+        s.push_str(&format!(
+            "  {} of them also asked of `portguard why` (its offline judgement against the kernel's)\n",
+            self.why_asked
+        ));
         if let Some(n) = self.first_disagreement_at {
             s.push_str(&format!("  the first one at case {n}\n"));
         }
@@ -227,6 +235,8 @@ struct Bed {
     log_pos: u64,
     marker_seq: u16,
     host_range: u32,
+    /// Cases also held against `portguard why`'s judgement ([`why`]).
+    why_asked: usize,
 }
 
 impl Bed {
@@ -242,7 +252,9 @@ impl Bed {
         let marker_cg = root.child("marker");
         let marker = Executor::start(&marker_cg.fs);
         let text = first.replace("{root}", &root.rel);
-        let agent = Agent::start(&text);
+        // The event log is read by offset: it must not rotate under the
+        // reader (the default rotates at 100 MiB, about 460k cases).
+        let agent = Agent::start_with(&text, &["--log-max-size", "0"]);
         Self {
             paths,
             executors: (0..NODES.len()).map(|_| None).collect(),
@@ -254,6 +266,7 @@ impl Bed {
             log_pos: 0,
             marker_seq: 0,
             host_range: host_range(),
+            why_asked: 0,
         }
     }
 
@@ -274,7 +287,9 @@ impl Bed {
         }
         let file = portguard::policy::parse_policy_str(&text)
             .unwrap_or_else(|e| panic!("the generator wrote an invalid policy: {e:?}\n{text}"));
-        Model::new(file, self.host_range)
+        let mut model = Model::new(file, self.host_range);
+        model.file_text = text;
+        model
     }
 
     fn executor(&mut self, node: usize) -> &mut Executor {
@@ -345,8 +360,19 @@ impl Bed {
             events.extend(got);
             assert!(
                 Instant::now() < deadline,
-                "the marker's event never came\n--- agent stderr ---\n{}",
-                self.agent.stderr()
+                "the marker's event (policy {MARKER}, port {seq}) never came; the marker got \
+                 {m:?}; {} other events since the batch began, the last ones:\n{}\n--- policy \
+                 ---\n{}\n--- agent stderr (last 40 lines) ---\n{}",
+                events.len(),
+                events
+                    .iter()
+                    .rev()
+                    .take(5)
+                    .map(Value::to_string)
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+                model.file_text,
+                tail(&self.agent.stderr(), 40)
             );
             std::thread::sleep(Duration::from_millis(2));
         }
@@ -378,12 +404,22 @@ impl Bed {
                         .map_or(0, |p| p as u16)
                 };
                 let p = predict(model, &self.paths[op.caller], op, chosen);
-                let problems = compare(&p, a, &events);
+                let mut problems = compare(&p, a, &events);
+                if let Some(why) = why::compare(model, op, &p, a, &events) {
+                    self.why_asked += 1;
+                    problems.extend(why);
+                }
                 (p, problems)
             })
             .collect();
         (problems, stray)
     }
+}
+
+/// The last `n` lines of `text`.
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// The differences between a prediction and what happened.
@@ -490,6 +526,7 @@ pub fn run(cfg: &Config) -> Report {
         }
     }
     let elapsed = start.elapsed();
+    let why_asked = bed.why_asked;
     let mut regressions = Vec::new();
     let mut seen = std::collections::BTreeSet::new();
     for d in &disagreements {
@@ -516,6 +553,7 @@ pub fn run(cfg: &Config) -> Report {
         first_disagreement_at: first,
         regressions,
         coverage,
+        why_asked,
     }
 }
 

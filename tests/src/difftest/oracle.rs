@@ -24,6 +24,8 @@ pub struct Model {
     pub compiled: Vec<CompiledPolicy>,
     /// The host's ephemeral range, packed as the kernel keeps it.
     pub host_range: u32,
+    /// The file's text, as the agent was given it (for reports).
+    pub file_text: String,
 }
 
 impl Model {
@@ -34,6 +36,7 @@ impl Model {
             file,
             compiled,
             host_range,
+            file_text: String::new(),
         }
     }
 
