@@ -94,11 +94,9 @@ impl Agent {
                     reports.count(r);
                 }
             }
-            if let Ok(v) = serde_json::to_value(&*r) {
-                self.shared.remember(v);
-            }
         }
-        records.clear();
+        // Kept for `portguard why`, moved (not copied) out of the batch.
+        self.shared.remember(records.drain(..));
         let aggregated = self.aggregator.aggregated;
         self.shared.update(|f| {
             f.events_written += written;

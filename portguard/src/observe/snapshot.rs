@@ -6,6 +6,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use crate::events::EventRecord;
 use crate::kernel::{CounterMaps, Decisions, ProgramCost, ProgramStats};
 
 /// Verdict label of each `DECISION_*` kind.
@@ -131,9 +132,10 @@ pub struct CriFacts {
 pub struct Snapshot {
     pub counters: Arc<CounterMaps>,
     pub facts: Mutex<Facts>,
-    /// The last [`RECENT_EVENTS`] event lines written (`portguard why`'s
-    /// history).
-    pub recent: Mutex<std::collections::VecDeque<serde_json::Value>>,
+    /// The last [`RECENT_EVENTS`] event records written (`portguard why`'s
+    /// history), kept as records: made into JSON only when asked for (a
+    /// JSON value per event cost the storm 4/5 of its write rate).
+    pub recent: Mutex<std::collections::VecDeque<EventRecord>>,
     /// `--program-stats`: the agent's programs, whose run statistics are
     /// read at request time like the counters (None: off).
     pub programs: Option<ProgramStats>,
@@ -157,13 +159,16 @@ impl Snapshot {
         f(&mut self.facts.lock().unwrap_or_else(|e| e.into_inner()));
     }
 
-    /// Keep an event line (the oldest goes beyond [`RECENT_EVENTS`]).
-    pub fn remember(&self, line: serde_json::Value) {
+    /// Keep written event records (the oldest go beyond
+    /// [`RECENT_EVENTS`]); one lock for the batch.
+    pub fn remember(&self, records: impl IntoIterator<Item = EventRecord>) {
         let mut r = self.recent.lock().unwrap_or_else(|e| e.into_inner());
-        if r.len() >= RECENT_EVENTS {
-            r.pop_front();
+        for record in records {
+            if r.len() >= RECENT_EVENTS {
+                r.pop_front();
+            }
+            r.push_back(record);
         }
-        r.push_back(line);
     }
 
     /// The kept event lines about cgroup `path` or a cgroup below it
@@ -172,14 +177,14 @@ impl Snapshot {
         let r = self.recent.lock().unwrap_or_else(|e| e.into_inner());
         r.iter()
             .filter(|e| {
-                e["cgroup"].as_str().is_some_and(|c| {
+                e.cgroup.as_deref().is_some_and(|c| {
                     c == path
                         || path == "/"
                         || c.strip_prefix(path)
                             .is_some_and(|rest| rest.starts_with('/'))
                 })
             })
-            .cloned()
+            .filter_map(|e| serde_json::to_value(e).ok())
             .collect()
     }
 
