@@ -18,6 +18,7 @@
 //! once its event is in the log, so is every event of the batch before it.
 
 pub mod cases;
+mod compare;
 pub mod coverage;
 pub mod oracle;
 mod shrink;
@@ -34,6 +35,7 @@ use std::{
 
 use serde_json::Value;
 
+pub use self::compare::compare;
 use self::{
     cases::{FileSpec, NODES, Op, OpKind, Rng, gen_file, gen_op, render},
     coverage::Coverage,
@@ -420,65 +422,6 @@ impl Bed {
 fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-/// The differences between a prediction and what happened.
-pub fn compare(p: &Prediction, a: &Answer, events: &[Value]) -> Vec<String> {
-    let mut problems = Vec::new();
-    let eperm = !a.ok && a.errno == libc::EPERM;
-    if eperm != p.eperm {
-        problems.push(format!(
-            "syscall: model says {}, kernel answered {}",
-            if p.eperm { "EPERM" } else { "not EPERM" },
-            if a.ok {
-                "success".to_owned()
-            } else {
-                format!("errno {}", a.errno)
-            }
-        ));
-    }
-    if events.len() != p.events.len() {
-        problems.push(format!(
-            "events: model says {} ({}), kernel wrote {}: {}",
-            p.events.len(),
-            p.events
-                .iter()
-                .map(|e| format!("{} {} {}", e.verdict, e.hook, e.rule))
-                .collect::<Vec<_>>()
-                .join(", "),
-            events.len(),
-            events
-                .iter()
-                .map(Value::to_string)
-                .collect::<Vec<_>>()
-                .join(" ")
-        ));
-    }
-    for (x, e) in p.events.iter().zip(events) {
-        let s = |k: &str| e.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
-        let mut fields = vec![
-            ("verdict", x.verdict.to_owned(), s("verdict")),
-            ("hook", x.hook.to_owned(), s("hook")),
-            ("policy", x.policy.clone(), s("policy")),
-            ("rule", x.rule.clone(), s("rule")),
-            ("family", x.family.to_owned(), s("family")),
-        ];
-        if x.hook != "sock_create" {
-            fields.push((
-                "port",
-                x.port.to_string(),
-                e.get("port").map(Value::to_string).unwrap_or_default(),
-            ));
-        }
-        for (k, want, got) in fields {
-            if want != got {
-                problems.push(format!(
-                    "event {k}: model says {want:?}, event says {got:?}"
-                ));
-            }
-        }
-    }
-    problems
 }
 
 /// Run `cfg.cases` generated cases; shrink the first few distinct
