@@ -93,7 +93,8 @@ pub const MAPS: [&str; 12] = [
 /// maps with another layout version rebuilds them instead of reusing them.
 /// 4: per-policy counters gained the suppressed and lost kinds
 /// ([`POLICY_KINDS`] per slot), and the event budget maps appeared.
-pub const LAYOUT_VERSION: u32 = 4;
+/// 5: [`PolicyRecord`] carries small sets inline ([`PolicyRecord::inline`]).
+pub const LAYOUT_VERSION: u32 = 5;
 /// [`AgentStamp::magic`].
 pub const STAMP_MAGIC: u64 = u64::from_le_bytes(*b"PGSTAMP1");
 
@@ -239,6 +240,11 @@ pub const CHUNKS_PER_SET: u32 = 65536 / PORTS_PER_CHUNK;
 
 /// Number of port-set ids in a [`PolicyRecord`].
 pub const SET_SLOTS: usize = 16;
+
+/// Ranges a [`PolicyRecord`] holds inline per slot: a set of at most this
+/// many ranges (`[8080]`, `[ephemeral, 8080]`, `["30000-30100"]`) is
+/// judged from the record itself, without a [`MAP_PORTSETS`] lookup.
+pub const INLINE_RANGES: usize = 2;
 
 /// Direction of a check. `Connect` covers `connect()` and unconnected UDP
 /// `sendmsg()`/`sendto()`; the port and address are the destination's.
@@ -554,8 +560,52 @@ pub struct PolicyRecord {
     /// The record's slot (stable while the policy exists): its row in
     /// [`MAP_POLICY_COUNTERS`].
     pub slot: u32,
+    /// Per slot: how many of its set's ranges `inline` holds, which are
+    /// then all of them (1..=[`INLINE_RANGES`]); 0: the set is looked up
+    /// in [`MAP_PORTSETS`] (a larger set, or no set).
+    pub inline_count: [u8; SET_SLOTS],
+    /// Per slot, its set's ranges as `lo, hi` pairs (inclusive, host
+    /// order), when `inline_count` says so; zero otherwise.
+    pub inline: [[u16; 2 * INLINE_RANGES]; SET_SLOTS],
 }
-const _: () = assert!(size_of::<PolicyRecord>() == 76);
+const _: () = assert!(size_of::<PolicyRecord>() == 76 + SET_SLOTS * (1 + 4 * INLINE_RANGES));
+
+impl PolicyRecord {
+    /// Put the set in `slot` inline when it has at most [`INLINE_RANGES`]
+    /// ranges (`ranges`: sorted, inclusive); otherwise leave the slot to
+    /// [`MAP_PORTSETS`]. The set id in `sets[slot]` stays either way.
+    pub fn set_inline(&mut self, slot: usize, ranges: &[(u16, u16)]) {
+        let (Some(count), Some(inline)) = (self.inline_count.get_mut(slot), self.inline.get_mut(slot))
+        else {
+            return;
+        };
+        *inline = [0; 2 * INLINE_RANGES];
+        if ranges.is_empty() || ranges.len() > INLINE_RANGES {
+            *count = 0;
+            return;
+        }
+        for (i, &(lo, hi)) in ranges.iter().enumerate() {
+            inline[2 * i] = lo;
+            inline[2 * i + 1] = hi;
+        }
+        *count = ranges.len() as u8;
+    }
+
+    /// Whether the set in `slot` holds `port`, answered from the record:
+    /// `None` when the slot is not inline (ask [`MAP_PORTSETS`]). Port 0
+    /// is the "ephemeral" pseudo-port, as in the chunks.
+    #[inline(always)]
+    pub fn inline_contains(&self, slot: usize, port: u16) -> Option<bool> {
+        let n = *self.inline_count.get(slot)?;
+        if n == 0 {
+            return None;
+        }
+        let r = self.inline.get(slot)?;
+        // Unrolled for the verifier: [`INLINE_RANGES`] is 2.
+        Some((r[0] <= port && port <= r[1]) || (n > 1 && r[2] <= port && port <= r[3]))
+    }
+}
+const _: () = assert!(INLINE_RANGES == 2);
 
 /// [`MAP_PORTSETS`] key.
 #[repr(C)]

@@ -150,13 +150,19 @@ fn set_contains(set_id: u32, port: u16) -> bool {
 
 /// Whether the set in `slot` allows `port`: named in it, or chosen by the
 /// kernel inside the host's ephemeral range where the set has `ephemeral`.
+/// Answered from the record when it holds the set inline
+/// ([`PolicyRecord::inline_contains`]), else from its chunks.
 #[inline(always)]
 fn slot_allows(record: &PolicyRecord, slot: usize, q: &Query, ephemeral: u32) -> bool {
     let Some(&set_id) = record.sets.get(slot) else {
         return false;
     };
-    set_contains(set_id, q.port)
-        || (q.ephemeral_ok && in_ephemeral_range(ephemeral, q.port) && set_contains(set_id, 0))
+    let ephemeral_ok = q.ephemeral_ok && in_ephemeral_range(ephemeral, q.port);
+    // A small set is in the record itself: no port-set lookup.
+    if let Some(named) = record.inline_contains(slot, q.port) {
+        return named || (ephemeral_ok && record.inline_contains(slot, 0) == Some(true));
+    }
+    set_contains(set_id, q.port) || (ephemeral_ok && set_contains(set_id, 0))
 }
 
 #[inline(always)]

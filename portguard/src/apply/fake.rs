@@ -43,7 +43,7 @@ impl FakeMaps {
         Ok(())
     }
 
-    fn contains(&self, set: u32, port: u16) -> bool {
+    pub(super) fn contains(&self, set: u32, port: u16) -> bool {
         set != EMPTY_SET
             && self
                 .chunks
@@ -98,8 +98,11 @@ impl FakeMaps {
         if restricted == 0 {
             return Verdict::Allow;
         }
-        let set = rec.sets[set_slot(dir, proto, family, addr)];
-        if self.contains(set, port) || (ephemeral_ok && self.contains(set, 0)) {
+        let slot = set_slot(dir, proto, family, addr);
+        let set = rec.sets[slot];
+        // As the kernel does: the record's inline ranges first.
+        let has = |p: u16| rec.inline_contains(slot, p).unwrap_or_else(|| self.contains(set, p));
+        if has(port) || (ephemeral_ok && has(0)) {
             Verdict::Allow
         } else if rec.mode == MODE_AUDIT {
             Verdict::Audit

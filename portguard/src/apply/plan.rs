@@ -90,6 +90,7 @@ impl SetIds<'_> {
             allow_sockets: t.policy.allow_sockets,
             sets: [EMPTY_SET; SET_SLOTS],
             slot,
+            ..PolicyRecord::default()
         };
         let dirs: [(usize, Option<&DirectionSets>); 2] =
             [(0, t.policy.bind.as_ref()), (8, t.policy.connect.as_ref())];
@@ -108,6 +109,10 @@ impl SetIds<'_> {
                     }
                 };
                 rec.sets[first..first + 8].copy_from_slice(&ids);
+                // Small sets also inline, where the kernel reads them first.
+                for (j, set) in sets.0.iter().enumerate() {
+                    rec.set_inline(first + j, set.ranges());
+                }
             }
         }
         rec

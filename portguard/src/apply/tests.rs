@@ -497,3 +497,53 @@ fn the_reader_barrier_starts_at_the_flip() {
     assert!(!a.quiesce_unavailable);
     assert_eq!(bind(&m.maps, &[1, 10], 9000), Verdict::Allow);
 }
+
+/// Small sets ride in the record (the kernel then skips the port-set
+/// lookup): what a record says inline must be exactly what its chunks say,
+/// for every port, and a set too large to inline must be left to the chunks.
+#[test]
+fn small_sets_are_inline_and_say_what_their_chunks_say() {
+    let p = compiled(
+        "policies:
+  - {name: one, cgroup: /a, bind: [{ports: [ephemeral, 8080]}], connect: [{ports: [\"30000-30100\"]}]}
+  - {name: three, cgroup: /b, bind: [{ports: [22, 80, \"9000-9099\"]}]}
+  - {name: sealed, cgroup: /c, bind: []}
+",
+    );
+    let mut m = FakeMaps::default();
+    let mut a = Applier::new(CAPS);
+    a.apply(&mut m, &targets(&p, &[(10, 1), (20, 1), (30, 1)]))
+        .unwrap();
+    let (mut inline, mut looked_up) = (Vec::new(), 0);
+    for rec in m.policies.values() {
+        for (slot, &set) in rec.sets.iter().enumerate() {
+            let in_record = rec.inline_contains(slot, 0).is_some();
+            if set == EMPTY_SET {
+                assert!(!in_record, "an empty slot is never inline");
+                continue;
+            }
+            if in_record {
+                inline.push(rec.inline_count[slot]);
+            } else {
+                looked_up += 1;
+            }
+            for port in 0..=u16::MAX {
+                let chunks = m.contains(set, port);
+                assert_eq!(
+                    rec.inline_contains(slot, port).unwrap_or(chunks),
+                    chunks,
+                    "policy {} slot {slot} port {port}",
+                    rec.policy_id
+                );
+            }
+        }
+    }
+    // [30000-30100] (one range) and [ephemeral, 8080] (two) are inline in
+    // every slot they fill; [22, 80, 9000-9099] is not.
+    assert!(inline.contains(&1) && inline.contains(&2), "{inline:?}");
+    assert!(looked_up > 0, "the three-range set must be left to the chunks");
+    assert_eq!(bind(&m, &[1, 10], 8080), Verdict::Allow);
+    assert_eq!(bind(&m, &[1, 10], 8081), Verdict::Deny);
+    assert_eq!(bind(&m, &[1, 20], 9050), Verdict::Allow);
+    assert_eq!(bind(&m, &[1, 20], 81), Verdict::Deny);
+}
