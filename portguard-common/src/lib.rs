@@ -575,7 +575,8 @@ impl PolicyRecord {
     /// ranges (`ranges`: sorted, inclusive); otherwise leave the slot to
     /// [`MAP_PORTSETS`]. The set id in `sets[slot]` stays either way.
     pub fn set_inline(&mut self, slot: usize, ranges: &[(u16, u16)]) {
-        let (Some(count), Some(inline)) = (self.inline_count.get_mut(slot), self.inline.get_mut(slot))
+        let (Some(count), Some(inline)) =
+            (self.inline_count.get_mut(slot), self.inline.get_mut(slot))
         else {
             return;
         };

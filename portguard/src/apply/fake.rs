@@ -101,7 +101,10 @@ impl FakeMaps {
         let slot = set_slot(dir, proto, family, addr);
         let set = rec.sets[slot];
         // As the kernel does: the record's inline ranges first.
-        let has = |p: u16| rec.inline_contains(slot, p).unwrap_or_else(|| self.contains(set, p));
+        let has = |p: u16| {
+            rec.inline_contains(slot, p)
+                .unwrap_or_else(|| self.contains(set, p))
+        };
         if has(port) || (ephemeral_ok && has(0)) {
             Verdict::Allow
         } else if rec.mode == MODE_AUDIT {

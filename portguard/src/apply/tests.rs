@@ -541,7 +541,10 @@ fn small_sets_are_inline_and_say_what_their_chunks_say() {
     // [30000-30100] (one range) and [ephemeral, 8080] (two) are inline in
     // every slot they fill; [22, 80, 9000-9099] is not.
     assert!(inline.contains(&1) && inline.contains(&2), "{inline:?}");
-    assert!(looked_up > 0, "the three-range set must be left to the chunks");
+    assert!(
+        looked_up > 0,
+        "the three-range set must be left to the chunks"
+    );
     assert_eq!(bind(&m, &[1, 10], 8080), Verdict::Allow);
     assert_eq!(bind(&m, &[1, 10], 8081), Verdict::Deny);
     assert_eq!(bind(&m, &[1, 20], 9050), Verdict::Allow);
