@@ -42,7 +42,9 @@ pub use cgroups::{Cgroup, cgroup2_root, is_root, join_before_exec};
 pub use k8s::{ApiRequest, ConfigMapVolume, FakeApiServer};
 pub use load::{Loop, Tally};
 pub use probe::{Held, Probe, ProbeResult};
-pub use schema::{event_schema_path, json_schema_errors, ocsf_errors, schema_errors};
+pub use schema::{
+    event_schema_path, every_kind_of_event, json_schema_errors, ocsf_errors, schema_errors,
+};
 
 /// Skip (return early with a message) unless running as root. CI runs as
 /// root, so there these tests never skip.

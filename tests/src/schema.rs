@@ -1,6 +1,7 @@
 //! JSON Schema validation: event lines against docs/event.schema.json, or
 //! any documents against any schema (Python's `jsonschema`); OCSF events
-//! against the OCSF schema (scripts/ocsf_validate.py, offline).
+//! against the OCSF schema (scripts/ocsf_validate.py, offline); and the
+//! workload that makes an agent write every kind of event for them.
 
 use std::{
     path::{Path, PathBuf},
@@ -8,6 +9,41 @@ use std::{
 };
 
 use serde_json::Value;
+
+use crate::{Agent, Cgroup, Probe};
+
+/// Make `agent` write every kind of event a schema test validates, from
+/// `p` (in a cgroup whose policy allows none of this): each op in `denied`
+/// (each must fail with EPERM); an unbound `listen()`, denied, or cut off
+/// where the BPF LSM is unusable; an audited bind in `audited` (an
+/// audit-mode policy with `bind: []`); an aggregate (one denial three times
+/// within a 1 s `--aggregate-window`); and a loss report (200 denials while
+/// the agent is stopped, more than a 4096-byte ring holds). The agent is
+/// running again on return; its loss report may still be on its way.
+/// Returns whether listeners are cut off (not denied) here.
+pub fn every_kind_of_event(agent: &Agent, p: &Probe, audited: &Cgroup, denied: &[&[&str]]) -> bool {
+    for op in denied {
+        p.run(op).assert_eperm();
+    }
+    let cut_off = !agent.listen_denied();
+    let r = p.clone().serve().run(&["listen-unbound", "tcp", "4"]);
+    if cut_off {
+        assert_eq!(r.served, Some(false), "{r:?}");
+    } else {
+        r.assert_eperm();
+    }
+    Probe::in_cgroup(audited)
+        .run(&["bind", "tcp", "127.0.0.1", "7000"])
+        .assert_ok();
+    for _ in 0..3 {
+        p.run(&["bind", "tcp", "127.0.0.1", "8085"]).assert_eperm();
+    }
+    agent.signal(libc::SIGSTOP);
+    let child = p.spawn_loop(&["bind", "tcp", "127.0.0.1", "8086"], 200, 0);
+    child.wait_with_output().unwrap();
+    agent.signal(libc::SIGCONT);
+    cut_off
+}
 
 /// docs/event.schema.json.
 pub fn event_schema_path() -> PathBuf {

@@ -5,10 +5,18 @@ use serde_json::Value;
 
 use super::{Answer, oracle::Prediction};
 
+/// The event of the operation itself among a thread's events: the first
+/// one that is not the `socket()` call's (`sock_create`).
+pub fn own_event(events: &[Value]) -> Option<&Value> {
+    events
+        .iter()
+        .find(|e| e.get("hook").and_then(Value::as_str) != Some("sock_create"))
+}
+
 /// The differences between a prediction and what happened.
 pub fn compare(p: &Prediction, a: &Answer, events: &[Value]) -> Vec<String> {
     let mut problems = Vec::new();
-    let eperm = !a.ok && a.errno == libc::EPERM;
+    let eperm = a.eperm();
     if eperm != p.eperm {
         problems.push(format!(
             "syscall: model says {}, kernel answered {}",

@@ -166,6 +166,13 @@ pub struct Answer {
     pub tid: i64,
 }
 
+impl Answer {
+    /// The call failed with EPERM: what a denial looks like to the caller.
+    pub fn eperm(&self) -> bool {
+        !self.ok && self.errno == libc::EPERM
+    }
+}
+
 /// `pgprobe batch` in one cgroup, in a network namespace of its own.
 struct Executor {
     child: Child,
@@ -289,9 +296,7 @@ impl Bed {
         }
         let file = portguard::policy::parse_policy_str(&text)
             .unwrap_or_else(|e| panic!("the generator wrote an invalid policy: {e:?}\n{text}"));
-        let mut model = Model::new(file, self.host_range);
-        model.file_text = text;
-        model
+        Model::new(file, text, self.host_range)
     }
 
     fn executor(&mut self, node: usize) -> &mut Executor {
@@ -399,10 +404,8 @@ impl Bed {
                 let chosen = if a.ok {
                     a.port
                 } else {
-                    events
-                        .iter()
-                        .filter(|e| e.get("hook").and_then(Value::as_str) != Some("sock_create"))
-                        .find_map(|e| e.get("port")?.as_u64())
+                    compare::own_event(&events)
+                        .and_then(|e| e.get("port")?.as_u64())
                         .map_or(0, |p| p as u16)
                 };
                 let p = predict(model, &self.paths[op.caller], op, chosen);

@@ -29,14 +29,14 @@ pub struct Model {
 }
 
 impl Model {
-    pub fn new(file: PolicyFile, host_range: u32) -> Self {
+    pub fn new(file: PolicyFile, file_text: String, host_range: u32) -> Self {
         let mut compiled = compile_all(&file.policies);
         apply_reserved(&mut compiled, &file.reserved);
         Self {
             file,
             compiled,
             host_range,
-            file_text: String::new(),
+            file_text,
         }
     }
 

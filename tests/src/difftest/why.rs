@@ -65,13 +65,11 @@ pub fn compare(
         Ok(j) => j,
         Err(e) => return Some(vec![format!("why: {e}")]),
     };
-    let own = events
-        .iter()
-        .find(|e| e.get("hook").and_then(Value::as_str) != Some("sock_create"));
+    let own = super::compare::own_event(events);
     let s = |e: &Value, k: &str| e.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
     let kernel = match own {
         Some(e) => s(e, "verdict"),
-        None if !a.ok && a.errno == libc::EPERM => "deny".to_owned(),
+        None if a.eperm() => "deny".to_owned(),
         None => "allow".to_owned(),
     };
     let mut problems = Vec::new();

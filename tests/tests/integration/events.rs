@@ -102,40 +102,22 @@ fn every_kind_of_event_matches_the_published_schema() {
     );
     agent.wait_event(&[("verdict", json!("preexisting"))]);
     let p = Probe::in_cgroup(&unit);
-    for op in [
-        &["bind", "tcp", "127.0.0.1", "8081"][..],
-        &["bind", "tcp", "0.0.0.0", "9000"],
-        &["bind", "udp", "::", "8081"],
-        &["bind", "tcp", "::ffff:127.0.0.1", "8082"],
-        &["bind", "udp", "127.0.0.1", "0"],
-        &["connect", "tcp", "127.0.0.1", "80"],
-        &["connect", "udp", "::1", "443"],
-        &["sendto", "127.0.0.1", "5353"],
-        &["socket", "raw4"],
-    ] {
-        p.run(op).assert_eperm();
-    }
-    // listen() on an unbound socket: denied, or cut off (and destroyed)
-    // where the BPF LSM is unusable.
-    let cut_off = !agent.listen_denied();
-    let r = p.clone().serve().run(&["listen-unbound", "tcp", "4"]);
-    if cut_off {
-        assert_eq!(r.served, Some(false), "{r:?}");
-    } else {
-        r.assert_eperm();
-    }
-    Probe::in_cgroup(&audited)
-        .run(&["bind", "tcp", "127.0.0.1", "7000"])
-        .assert_ok();
-    // An aggregate: the same denial three times within the window.
-    for _ in 0..3 {
-        p.run(&["bind", "tcp", "127.0.0.1", "8085"]).assert_eperm();
-    }
-    // A loss report: a stopped agent and more events than the ring holds.
-    agent.signal(libc::SIGSTOP);
-    let child = p.spawn_loop(&["bind", "tcp", "127.0.0.1", "8086"], 200, 0);
-    child.wait_with_output().unwrap();
-    agent.signal(libc::SIGCONT);
+    let cut_off = portguard_tests::every_kind_of_event(
+        &agent,
+        &p,
+        &audited,
+        &[
+            &["bind", "tcp", "127.0.0.1", "8081"],
+            &["bind", "tcp", "0.0.0.0", "9000"],
+            &["bind", "udp", "::", "8081"],
+            &["bind", "tcp", "::ffff:127.0.0.1", "8082"],
+            &["bind", "udp", "127.0.0.1", "0"],
+            &["connect", "tcp", "127.0.0.1", "80"],
+            &["connect", "udp", "::1", "443"],
+            &["sendto", "127.0.0.1", "5353"],
+            &["socket", "raw4"],
+        ],
+    );
     std::thread::sleep(Duration::from_millis(1500));
     assert!(agent.stop().success());
 

@@ -80,35 +80,19 @@ fn a_real_agents_ocsf_events_validate_against_the_ocsf_schema() {
     let p = Probe::in_cgroup(&container);
     let bind = p.run(&["bind", "tcp", "127.0.0.1", "8081"]);
     bind.assert_eperm();
-    for op in [
-        &["bind", "udp", "::", "8081"][..],
-        &["bind", "udp", "127.0.0.1", "0"],
-        &["connect", "tcp", "127.0.0.1", "80"],
-        &["connect", "udp", "::1", "443"],
-        &["sendto", "127.0.0.1", "5353"],
-        &["socket", "raw4"],
-    ] {
-        p.run(op).assert_eperm();
-    }
-    let cut_off = !agent.listen_denied();
-    let r = p.clone().serve().run(&["listen-unbound", "tcp", "4"]);
-    if cut_off {
-        assert_eq!(r.served, Some(false), "{r:?}");
-    } else {
-        r.assert_eperm();
-    }
-    Probe::in_cgroup(&audited)
-        .run(&["bind", "tcp", "127.0.0.1", "7000"])
-        .assert_ok();
-    // An aggregate: the same denial three times within the window.
-    for _ in 0..3 {
-        p.run(&["bind", "tcp", "127.0.0.1", "8085"]).assert_eperm();
-    }
-    // A loss report: a stopped agent and more events than the ring holds.
-    agent.signal(libc::SIGSTOP);
-    let child = p.spawn_loop(&["bind", "tcp", "127.0.0.1", "8086"], 200, 0);
-    child.wait_with_output().unwrap();
-    agent.signal(libc::SIGCONT);
+    let cut_off = portguard_tests::every_kind_of_event(
+        &agent,
+        &p,
+        &audited,
+        &[
+            &["bind", "udp", "::", "8081"],
+            &["bind", "udp", "127.0.0.1", "0"],
+            &["connect", "tcp", "127.0.0.1", "80"],
+            &["connect", "udp", "::1", "443"],
+            &["sendto", "127.0.0.1", "5353"],
+            &["socket", "raw4"],
+        ],
+    );
     wait_for(&agent, "reporting the loss", |e| e["class_uid"] == 1008);
     std::thread::sleep(Duration::from_millis(1500));
     assert!(agent.stop().success());

@@ -267,7 +267,9 @@ fn design(report: &mut String, breakdown: &[(&str, Vec<ProgramCost>)]) {
          does not address), `bind4` (the live generation from an array; for each cgroup level \
          from the shallowest to the deepest governed level one \
          `bpf_get_current_ancestor_cgroup_id` and one hash lookup; the policy record, an \
-         array; one port-set chunk, a hash lookup; two per-CPU counters) and `post_bind4` \
+         array, which holds a port set of up to two ranges inline (`[8080]`, `[ephemeral, \
+         8080]`), so the port is tested without a further lookup; only a larger set costs one \
+         port-set chunk, a hash lookup; two per-CPU counters) and `post_bind4` \
          (one socket-storage lookup: it judges port-0 binds, which bind4 flags). An allowed \
          `connect()` runs `sock_create` and `connect4` (the same decision). None of this \
          depends on the number of policies, cgroups or ranges. Each program's own time per \
