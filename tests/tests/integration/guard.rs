@@ -337,7 +337,6 @@ fn a_udp_autobind_inside_a_narrowed_range_is_denied() {
             Probe::in_cgroup(&cg)
                 .port_range(8081, 8081)
                 .run(&["autobind-udp", dest, "9", "8080"]);
-        assert_eq!(r.port, 8081, "the autobind took the narrowed range: {r:?}");
         r.assert_eperm();
         assert_eq!(r.received, Some(false), "{r:?}");
         let hook = if dest == "::1" {
@@ -346,6 +345,14 @@ fn a_udp_autobind_inside_a_narrowed_range_is_denied() {
             "sendmsg4"
         };
         let e = only_event(&agent, &r, hook);
+        // The probe reads the socket's port after the send; the agent may
+        // have destroyed the socket (port released) by then. Either the
+        // probe saw the narrowed range's port (and the socket fenced:
+        // nothing received), or the agent had already ended it.
+        assert!(
+            r.port == 8081 || (r.port == 0 && e["action"] == "destroyed"),
+            "the autobind took the narrowed range: {r:?}\n{e}"
+        );
         assert_eq!(e["verdict"], "deny");
         assert_eq!(e["port"], 8081);
         assert_eq!(e["protocol"], "udp");
