@@ -67,7 +67,17 @@ impl Agent {
         let dir = tempfile::tempdir().expect("tempdir");
         let policy_path = dir.path().join("policy.yaml");
         std::fs::write(&policy_path, policy).expect("writing policy");
-        Self::try_start_in(dir, policy_path, extra, &[])
+        Self::try_start_in(dir, policy_path, extra, &[], &[])
+    }
+
+    /// Like [`Agent::start_with`], with extra environment variables for the
+    /// agent alone (agents of other tests run side by side).
+    pub fn start_with_env(policy: &str, extra: &[&str], env: &[(&str, &Path)]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let policy_path = dir.path().join("policy.yaml");
+        std::fs::write(&policy_path, policy).expect("writing policy");
+        Self::try_start_in(dir, policy_path, extra, &[], env)
+            .unwrap_or_else(|e| panic!("agent failed to start:\n{e}"))
     }
 
     /// Like [`Agent::start_with`], with the agent's capabilities limited to
@@ -85,7 +95,7 @@ impl Agent {
             "-all".to_owned(),
             "--".to_owned(),
         ];
-        Self::try_start_in(dir, policy_path, extra, &wrapper)
+        Self::try_start_in(dir, policy_path, extra, &wrapper, &[])
     }
 
     /// Like [`Agent::start_with`], run through `wrapper` (a command that
@@ -94,7 +104,7 @@ impl Agent {
         let dir = tempfile::tempdir().expect("tempdir");
         let policy_path = dir.path().join("policy.yaml");
         std::fs::write(&policy_path, policy).expect("writing policy");
-        Self::try_start_in(dir, policy_path, extra, wrapper)
+        Self::try_start_in(dir, policy_path, extra, wrapper, &[])
             .unwrap_or_else(|e| panic!("agent failed to start:\n{e}"))
     }
 
@@ -102,7 +112,7 @@ impl Agent {
     /// and wait until it enforces.
     pub fn start_on_file(policy_path: &Path, extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        Self::try_start_in(dir, policy_path.to_owned(), extra, &[])
+        Self::try_start_in(dir, policy_path.to_owned(), extra, &[], &[])
             .unwrap_or_else(|e| panic!("agent failed to start:\n{e}"))
     }
 
@@ -111,6 +121,7 @@ impl Agent {
         policy_path: PathBuf,
         extra: &[&str],
         wrapper: &[String],
+        env: &[(&str, &Path)],
     ) -> Result<Self, String> {
         let log = dir.path().join("events.jsonl");
         let stderr = dir.path().join("agent.stderr");
@@ -189,6 +200,7 @@ impl Agent {
         let child = command
             .args(&args)
             .env("NOTIFY_SOCKET", &sock)
+            .envs(env.iter().copied())
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into()),

@@ -37,6 +37,7 @@ pub(super) async fn govern_batch(
     batch: Vec<(Pending, Instant)>,
     rx: &mut tokio::sync::mpsc::Receiver<Pending>,
     cri: &mut CriLink,
+    surveys: &mut Surveys,
     opts: &RunOptions,
 ) {
     let mut pending: Vec<(Pending, Instant, Option<String>)> =
@@ -74,6 +75,8 @@ pub(super) async fn govern_batch(
     if let Some(tree) = agent.tree.as_mut() {
         tree.add_paths(paths.iter().map(String::as_str));
     }
+    // A survey in flight may predate these cgroups: it must not undo them.
+    surveys.hook_added(&paths);
     let needs_cri = Agent::needs_cri(&agent.policies);
     let until = Instant::now() + GOVERN_CRI_WAIT;
     loop {

@@ -40,10 +40,12 @@ mod reports;
 mod serve;
 mod start;
 mod state;
+mod survey;
 mod watch;
 
 use self::{
-    endpoints::Endpoints, govern::*, losses::*, pipeline::*, serve::*, start::*, state::*, watch::*,
+    endpoints::Endpoints, govern::*, losses::*, pipeline::*, serve::*, start::*, state::*,
+    survey::*, watch::*,
 };
 
 /// Options of `portguard run`.

@@ -74,6 +74,10 @@ pub(super) async fn serve(
     let mut lost_read: Option<tokio::task::JoinHandle<LostReading>> = None;
     let mut pending_reload: Option<Instant> = None;
     let mut pending_rescan: Option<Instant> = None;
+    // Rescans walk the tree on a thread of their own (`survey`); the
+    // inventory tick's pass waits for its survey.
+    let mut surveys = Surveys::default();
+    let mut inventory_after_survey = false;
     // CRI refresh: when due, since when a pod cgroup exists that the runtime
     // does not list yet, and the event that started the wait (for timing).
     let mut cri_due: Option<Instant> = None;
@@ -140,6 +144,7 @@ pub(super) async fn serve(
             _ = hup.recv() => {
                 info!("daemon: SIGHUP: reloading {}", agent.policy_path.display());
                 agent.reload("SIGHUP");
+                surveys.epoch += 1;
                 watcher.set_dirs(&agent.cgroup_watch_dirs());
             }
             _ = term.recv() => { info!("daemon: SIGTERM"); break; }
@@ -147,7 +152,7 @@ pub(super) async fn serve(
             // A hook waits for this before its workload's first
             // instruction: before inotify, timers and events.
             Some(first) = govern.recv() => {
-                govern_batch(agent, vec![(first, Instant::now())], &mut govern, &mut cri_link, opts).await;
+                govern_batch(agent, vec![(first, Instant::now())], &mut govern, &mut cri_link, &mut surveys, opts).await;
                 watcher.set_dirs(&agent.cgroup_watch_dirs());
                 // A pending rescan stays due: the hooks' cgroups were added
                 // to the index, other changes inotify reported were not.
@@ -165,6 +170,7 @@ pub(super) async fn serve(
                 if changes.iter().any(|c| matches!(c, Change::Cgroups)) {
                     agent.resolve_cache.clear();
                     agent.writable_cache.clear();
+                    surveys.cgroups_changed();
                     agent.last_cgroup_event = Some(Instant::now());
                     if Agent::needs_cri(&agent.policies) {
                         // A new pod or container cgroup: ask the runtime now.
@@ -199,6 +205,10 @@ pub(super) async fn serve(
                     let t = Instant::now();
                     refresh_cri(agent, &mut cri_link.client, &opts.cri_socket).await;
                     let asked = t.elapsed();
+                    // The pod tree only, on the loop: what the runtime
+                    // lists next is judged against it. Newer than a survey
+                    // in flight.
+                    surveys.cgroups_changed();
                     agent.rescan();
                     debug!(
                         "daemon: CRI refresh took {asked:?} ({} pods), rescan {:?}",
@@ -233,9 +243,10 @@ pub(super) async fn serve(
                     pending_rescan = None;
                     info!("daemon: {} changed: reloading", agent.policy_path.display());
                     agent.reload("file change");
+                    surveys.epoch += 1;
                 } else if pending_rescan.is_some_and(|d| d <= now) {
                     pending_rescan = None;
-                    agent.rescan();
+                    surveys.request(agent);
                 }
                 if deadline.is_some() {
                     watcher.set_dirs(&agent.cgroup_watch_dirs());
@@ -245,16 +256,27 @@ pub(super) async fn serve(
                 if Agent::needs_cri(&agent.policies) {
                     cri_due = Some(Instant::now());
                 }
-                agent.rescan();
+                surveys.request(agent);
                 agent.sync_ephemeral(false);
                 watcher.set_dirs(&agent.cgroup_watch_dirs());
             }
             _ = inventory_tick.tick() => {
                 // Rescan first: a cgroup that appeared where no watch sees
                 // it is governed before its sockets are judged.
-                agent.rescan();
+                surveys.request(agent);
+                inventory_after_survey = true;
+            }
+            // A rescan's walk is in: install it, re-resolve, apply.
+            survey = surveys.done() => {
+                if let Some(s) = survey {
+                    surveys.install(agent, s);
+                }
+                if surveys.take_again() {
+                    surveys.request(agent);
+                } else if std::mem::take(&mut inventory_after_survey) {
+                    agent.inventory_pending = true;
+                }
                 watcher.set_dirs(&agent.cgroup_watch_dirs());
-                agent.inventory_pending = true;
             }
             _ = lost_tick.tick() => {
                 agent.sweep_unended();

@@ -143,14 +143,37 @@ impl Agent {
     /// Index the parts of the cgroup tree the selectors need: the kubelet's
     /// pod hierarchies for `pods:`, the whole tree only for `unit:`.
     pub(super) fn scan_tree(&self, policies: &[CompiledPolicy]) -> TreeIndex {
-        let root = self.hierarchy.root();
+        let (starts, depth) = Self::tree_scope(policies).unwrap_or((Vec::new(), 0));
+        TreeIndex::scan(self.hierarchy.root(), &starts, depth)
+    }
+
+    /// Where [`Agent::scan_tree`] walks (starts, depth) for `policies`, or
+    /// `None` when they need no index (only `cgroup:` selectors).
+    pub(super) fn tree_scope(policies: &[CompiledPolicy]) -> Option<(Vec<&'static str>, usize)> {
+        if !Self::needs_tree(policies) {
+            return None;
+        }
         if policies
             .iter()
             .any(|p| matches!(p.selector, Selector::Unit(_)))
         {
-            return TreeIndex::scan(root, &["/"], 16);
+            return Some((vec!["/"], 16));
         }
-        TreeIndex::scan(root, &crate::workload::identity::KUBEPODS_ROOTS, 4)
+        Some((crate::workload::identity::KUBEPODS_ROOTS.to_vec(), 4))
+    }
+
+    /// The bounds on what `policies` selected by name may take: per
+    /// delegated subtree, and the map less the pods waiting for the runtime
+    /// (they are held too).
+    pub(super) fn resolve_limits(&self, policies: &[CompiledPolicy]) -> resolve::Limits {
+        let waiting = match (&self.cri, &self.tree, Self::needs_cri(policies)) {
+            (Some(cri), Some(tree), true) => tree.unknown_pods(cri).len(),
+            _ => 0,
+        };
+        resolve::Limits {
+            per_subtree: self.max_delegated,
+            capacity: (self.capacity.cgroups as usize).saturating_sub(waiting),
+        }
     }
 
     /// The `--fail-closed` stand-ins are in force.
@@ -245,6 +268,7 @@ impl Agent {
         if Self::needs_tree(policies) && (fresh || self.tree.is_none()) {
             self.tree = Some(self.scan_tree(policies));
         }
+        let limits = self.resolve_limits(policies);
         let empty = TreeIndex::default();
         let tree = self.tree.as_ref().unwrap_or(&empty);
         let hierarchy = &self.hierarchy;
@@ -262,16 +286,6 @@ impl Agent {
         }
         let writable = &mut self.writable_cache;
         let mut delegated = |path: &str| hierarchy.delegated_subtree(path, writable);
-        // Room for the delegated ones: the map, less the pods waiting for
-        // the runtime (they are held too).
-        let waiting = match (&self.cri, Self::needs_cri(policies)) {
-            (Some(cri), true) => tree.unknown_pods(cri).len(),
-            _ => 0,
-        };
-        let limits = resolve::Limits {
-            per_subtree: self.max_delegated,
-            capacity: (self.capacity.cgroups as usize).saturating_sub(waiting),
-        };
         let outcome = resolve::resolve(
             policies,
             tree,

@@ -312,3 +312,103 @@ fn a_starved_agent_fails_the_unit_hook_closed_or_open_and_says_so() {
         "{m}"
     );
 }
+
+/// The agent's test gate on its surveys (debug builds): survey N parks after
+/// its walk until `release-N` exists. Every survey is released on drop, so
+/// the agent can exit whatever the test did.
+struct SurveyGate(tempfile::TempDir);
+
+impl SurveyGate {
+    fn new() -> Self {
+        Self(tempfile::tempdir().expect("tempdir"))
+    }
+
+    fn wait_parked(&self, n: u32, agent: &Agent) {
+        let parked = self.0.path().join(format!("parked-{n}"));
+        let until = std::time::Instant::now() + Duration::from_secs(20);
+        while !parked.exists() {
+            assert!(
+                std::time::Instant::now() < until,
+                "survey {n} never parked (is the agent a debug build?)\n{}",
+                agent.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn release(&self, n: u32) {
+        std::fs::write(self.0.path().join(format!("release-{n}")), b"").expect("releasing");
+    }
+
+    fn release_all(&self) {
+        for n in 1..=64 {
+            self.release(n);
+        }
+    }
+}
+
+impl Drop for SurveyGate {
+    fn drop(&mut self) {
+        self.release_all();
+    }
+}
+
+#[test]
+fn a_rescan_in_flight_neither_holds_a_hook_nor_undoes_what_it_governed() {
+    require_root!();
+    let pid = std::process::id();
+    let s = slice("survey");
+    let unit = format!("pgtest-surveyed-{pid}.service");
+    let gate = SurveyGate::new();
+    let agent = Agent::start_with_env(
+        &format!("policies:\n  - {{name: surveyed, unit: {unit}, bind: [{{ports: [9000]}}]}}\n"),
+        &["--rescan-interval", "1h", "--inventory-interval", "0"],
+        &[("PORTGUARD_TEST_SURVEY_GATE", gate.0.path())],
+    );
+    // A change in a watched slice starts a rescan: it walks the tree (the
+    // unit's cgroup does not exist yet) and parks before it is installed.
+    let _other = s.child("pgtest-other.service");
+    gate.wait_parked(1, &agent);
+    // The unit restarts meanwhile: its hook is answered while the walk is in
+    // flight (a walk on the loop would hold it past its timeout).
+    let cg = s.child(&unit);
+    let out = run_in(&cg, hook_unit(&agent, &unit, &["--timeout", "5s"]));
+    assert!(
+        out.status.success(),
+        "the hook was not answered while a rescan was in flight: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        agent.stderr()
+    );
+    let port = 40000 + (pid % 1000) as u16 * 2;
+    let bind = || {
+        Probe::in_cgroup(&cg)
+            .host_netns()
+            .run(&["bind", "tcp", "127.0.0.1", &port.to_string()])
+    };
+    bind().assert_eperm();
+    // The rescan that walked before the unit existed is installed now: what
+    // the hook governed stays governed (the next survey stays parked, so
+    // nothing else re-governs it).
+    gate.release(1);
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    while !agent.stderr().contains("cgroup survey 1 installed") {
+        assert!(
+            std::time::Instant::now() < until,
+            "survey 1 was not installed\n{}",
+            agent.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    bind().assert_eperm();
+    let denied = agent.events_matching(
+        &[("policy", json!("surveyed")), ("port", json!(port))],
+        Duration::from_millis(300),
+    );
+    assert_eq!(denied.len(), 2, "{denied:?}");
+    for e in &denied {
+        assert_eq!(e["verdict"], "deny", "{e}");
+        assert_eq!(e["unit"], unit.as_str(), "{e}");
+    }
+    // The agent stops without waiting out a parked survey.
+    gate.release_all();
+}

@@ -1,0 +1,257 @@
+//! Rescans off the serve loop: a [`Survey`] walks the cgroup tree and
+//! stat()s every path the policies resolve to on a thread of its own, while
+//! the loop goes on answering hooks, signals and events; the loop then
+//! installs what it found and re-resolves from it (cache hits only) and
+//! applies. On a host with 10,000 cgroups the walk takes hundreds of
+//! milliseconds: on the loop, every hook that arrived meanwhile waited for
+//! it.
+//!
+//! What changed while a survey ran wins over what it saw:
+//! - a hook's cgroup (and its ancestors) added to the index meanwhile is
+//!   added to the survey's index too, and forgotten by its stat cache (a
+//!   restarted unit's path has a new id), so installing a survey taken
+//!   before a hook never undoes what the hook governed;
+//! - when inotify reported a change meanwhile, the loop's own stat answers
+//!   (all taken after that change) overlay the survey's, and another
+//!   survey follows;
+//! - a survey started before a reload (other selectors) is discarded, and
+//!   another one follows.
+
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
+
+use log::{debug, warn};
+
+use crate::{
+    policy::CompiledPolicy,
+    workload::{
+        cgroupfs::{Hierarchy, ResolveCache},
+        cri::Snapshot,
+        resolve::{self, Limits, TreeIndex},
+    },
+};
+
+use super::*;
+
+/// What one walk of the tree found.
+pub(super) struct Survey {
+    /// Which survey (1, 2, ...), for logs and the tests' gate.
+    seq: u64,
+    /// [`Surveys::epoch`] when it started: a reload since makes it stale.
+    epoch: u64,
+    tree: Option<TreeIndex>,
+    cache: ResolveCache,
+    writable: HashMap<String, bool>,
+    took: Duration,
+}
+
+/// What a survey needs, copied off the agent (selectors, not port sets).
+struct Inputs {
+    seq: u64,
+    epoch: u64,
+    hierarchy: Hierarchy,
+    /// Each policy set to resolve: the current one, and the policies a
+    /// rescan could not apply when the `--fail-closed` stand-ins hold.
+    sets: Vec<Vec<CompiledPolicy>>,
+    tree: Option<(Vec<&'static str>, usize)>,
+    cri: Option<Snapshot>,
+    limits: Limits,
+}
+
+/// The survey in flight, and what happened while it ran.
+#[derive(Default)]
+pub(super) struct Surveys {
+    running: Option<(u64, tokio::task::JoinHandle<Survey>)>,
+    /// Another survey is due when this one is in.
+    again: bool,
+    /// Surveys started so far.
+    started: u64,
+    /// Bumped by every reload: a survey of other selectors is stale.
+    pub(super) epoch: u64,
+    /// Paths hooks added to the index while the survey ran.
+    hook_paths: Vec<String>,
+    /// inotify reported a cgroup change while the survey ran.
+    changed: bool,
+}
+
+impl Surveys {
+    /// Start a survey, or (one runs) start another when it is in.
+    pub(super) fn request(&mut self, agent: &Agent) {
+        if self.running.is_some() {
+            self.again = true;
+            return;
+        }
+        self.again = false;
+        self.hook_paths.clear();
+        self.changed = false;
+        self.started += 1;
+        let inputs = Inputs {
+            seq: self.started,
+            epoch: self.epoch,
+            hierarchy: Hierarchy::new(agent.hierarchy.root().to_path_buf()),
+            sets: std::iter::once(&agent.policies)
+                .chain(agent.refused.as_ref())
+                .map(|set| set.iter().map(selector_only).collect())
+                .collect(),
+            tree: Agent::tree_scope(&agent.policies),
+            cri: agent.cri.clone(),
+            limits: agent.resolve_limits(&agent.policies),
+        };
+        let seq = inputs.seq;
+        self.running = Some((seq, tokio::task::spawn_blocking(move || walk(inputs))));
+    }
+
+    /// The survey in flight, when it is in (pending while none runs).
+    pub(super) async fn done(&mut self) -> Option<Survey> {
+        let Some((seq, job)) = self.running.as_mut() else {
+            return std::future::pending().await;
+        };
+        let r = job.await;
+        let seq = *seq;
+        self.running = None;
+        match r {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!("daemon: cgroup survey {seq} failed: {e}");
+                self.again = true;
+                None
+            }
+        }
+    }
+
+    /// A hook added `paths` to the index (they exist now).
+    pub(super) fn hook_added(&mut self, paths: &[String]) {
+        if self.running.is_some() {
+            self.hook_paths.extend(paths.iter().cloned());
+        }
+    }
+
+    /// inotify reported a cgroup change (the loop's caches were emptied).
+    pub(super) fn cgroups_changed(&mut self) {
+        if self.running.is_some() {
+            self.changed = true;
+        }
+    }
+
+    /// Another survey is due now (one was asked for while one ran).
+    pub(super) fn take_again(&mut self) -> bool {
+        std::mem::take(&mut self.again)
+    }
+
+    /// Install `s` into `agent` (see the module's rules) and re-resolve and
+    /// apply from it, as a rescan does. Returns false for a stale survey
+    /// (another one is due instead).
+    pub(super) fn install(&mut self, agent: &mut Agent, mut s: Survey) -> bool {
+        if s.epoch != self.epoch {
+            debug!(
+                "daemon: cgroup survey {} predates a reload: discarded",
+                s.seq
+            );
+            self.again = true;
+            return false;
+        }
+        let hooks = std::mem::take(&mut self.hook_paths);
+        if let Some(tree) = s.tree.as_mut() {
+            tree.add_paths(hooks.iter().map(String::as_str));
+        }
+        for p in &hooks {
+            s.cache.remove(p);
+            s.writable.remove(p);
+        }
+        let changed = std::mem::take(&mut self.changed);
+        if changed {
+            // The loop's answers were all taken after the change.
+            self.again = true;
+            s.writable.extend(agent.writable_cache.drain());
+        }
+        agent.resolve_cache.adopt(s.cache, changed);
+        agent.writable_cache = s.writable;
+        if s.tree.is_some() || !Agent::needs_tree(&agent.policies) {
+            agent.tree = s.tree;
+        }
+        let t = Instant::now();
+        let _ = agent.rescan_with(false);
+        debug!(
+            "daemon: cgroup survey {} installed (walk {:?} off the loop, {} hook paths kept; \
+             resolve and apply {:?})",
+            s.seq,
+            s.took,
+            hooks.len(),
+            t.elapsed()
+        );
+        true
+    }
+}
+
+/// A policy's selector and name, without its port sets (a survey only
+/// resolves which cgroups it governs).
+fn selector_only(p: &CompiledPolicy) -> CompiledPolicy {
+    CompiledPolicy {
+        name: p.name.clone(),
+        selector: p.selector.clone(),
+        mode: p.mode,
+        bind: None,
+        connect: None,
+        allow_sockets: p.allow_sockets,
+        delegated: p.delegated,
+    }
+}
+
+/// The survey itself, on a blocking thread.
+fn walk(i: Inputs) -> Survey {
+    let started = Instant::now();
+    let root = i.hierarchy.root().to_path_buf();
+    let tree = i
+        .tree
+        .as_ref()
+        .map(|(starts, depth)| TreeIndex::scan(&root, starts, *depth));
+    let empty = TreeIndex::default();
+    let mut cache = ResolveCache::default();
+    let mut writable = HashMap::new();
+    for set in &i.sets {
+        let hierarchy = &i.hierarchy;
+        let mut stat = |path: &str| cache.get_or(path, || hierarchy.resolve(path).ok().flatten());
+        let mut delegated = |path: &str| hierarchy.delegated_subtree(path, &mut writable);
+        let _ = resolve::resolve(
+            set,
+            tree.as_ref().unwrap_or(&empty),
+            i.cri.as_ref(),
+            &mut stat,
+            &mut delegated,
+            i.limits,
+        );
+    }
+    let took = started.elapsed();
+    test_gate(i.seq);
+    Survey {
+        seq: i.seq,
+        epoch: i.epoch,
+        tree,
+        cache,
+        writable,
+        took,
+    }
+}
+
+/// Debug builds only: `PORTGUARD_TEST_SURVEY_GATE=<dir>` parks survey N
+/// after its walk (it writes `<dir>/parked-N`) until `<dir>/release-N`
+/// exists (at most 2 minutes), so the integration tests can act while a
+/// survey is in flight, deterministically.
+#[cfg(debug_assertions)]
+fn test_gate(seq: u64) {
+    let Some(dir) = std::env::var_os("PORTGUARD_TEST_SURVEY_GATE") else {
+        return;
+    };
+    let dir = PathBuf::from(dir);
+    let _ = std::fs::write(dir.join(format!("parked-{seq}")), b"");
+    let release = dir.join(format!("release-{seq}"));
+    let until = Instant::now() + Duration::from_secs(120);
+    while !release.exists() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[cfg(not(debug_assertions))]
+fn test_gate(_seq: u64) {}
