@@ -168,8 +168,9 @@ pub(super) async fn serve(
                 drop(guard);
                 let changes = watcher.drain();
                 if changes.iter().any(|c| matches!(c, Change::Cgroups)) {
-                    agent.resolve_cache.clear();
-                    agent.writable_cache.clear();
+                    // The caches stay: a survey replaces them (a hook's
+                    // cgroup is looked up again meanwhile), so no request
+                    // pays for stat()ing every policy's path on the loop.
                     surveys.cgroups_changed();
                     agent.last_cgroup_event = Some(Instant::now());
                     if Agent::needs_cri(&agent.policies) {
@@ -206,9 +207,8 @@ pub(super) async fn serve(
                     refresh_cri(agent, &mut cri_link.client, &opts.cri_socket).await;
                     let asked = t.elapsed();
                     // The pod tree only, on the loop: what the runtime
-                    // lists next is judged against it. Newer than a survey
-                    // in flight.
-                    surveys.cgroups_changed();
+                    // lists next is judged against it (a survey in flight
+                    // is older, and discarded).
                     agent.rescan();
                     debug!(
                         "daemon: CRI refresh took {asked:?} ({} pods), rescan {:?}",

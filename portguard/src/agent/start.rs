@@ -331,6 +331,7 @@ impl Agent {
             lost_seen: 0,
             resolve_cache: Default::default(),
             last_resolve: None,
+            fresh_resolves: 0,
             resolved_with: None,
             policy_ids: Vec::new(),
             writable_cache: HashMap::new(),

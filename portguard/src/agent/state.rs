@@ -51,6 +51,9 @@ pub(super) struct Agent {
     /// resolve read nothing else (only `cgroup:` selectors). `apply` is
     /// given what the last `resolve` returned (or `None` here).
     pub(super) last_resolve: Option<u64>,
+    /// Resolves that walked the tree and stat()ed afresh on the loop: a
+    /// survey begun before one is older than what the loop holds.
+    pub(super) fresh_resolves: u64,
     /// The same for `resolved`: while it equals `resolve_cache.changes()`,
     /// resolving policies with the same selectors gives `resolved` again
     /// (see `Agent::resolution_holds`).
@@ -264,6 +267,7 @@ impl Agent {
     pub(super) fn resolve(&mut self, policies: &[CompiledPolicy], fresh: bool) -> Resolution {
         if fresh {
             self.resolve_cache.clear();
+            self.fresh_resolves += 1;
         }
         if Self::needs_tree(policies) && (fresh || self.tree.is_none()) {
             self.tree = Some(self.scan_tree(policies));

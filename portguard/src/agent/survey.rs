@@ -11,11 +11,13 @@
 //!   added to the survey's index too, and forgotten by its stat cache (a
 //!   restarted unit's path has a new id), so installing a survey taken
 //!   before a hook never undoes what the hook governed;
-//! - when inotify reported a change meanwhile, the loop's own stat answers
-//!   (all taken after that change) overlay the survey's, and another
-//!   survey follows;
+//! - when inotify reported a change meanwhile, another survey follows (the
+//!   walk may have passed the changed directory before the change);
 //! - a survey started before a reload (other selectors) is discarded, and
-//!   another one follows.
+//!   another one follows; one started before the loop itself walked and
+//!   stat()ed afresh (the pod tree after a CRI refresh, a reload, the
+//!   `--fail-closed` stand-ins) is older than what the loop holds, and is
+//!   discarded.
 
 use std::{
     collections::HashMap,
@@ -41,6 +43,8 @@ pub(super) struct Survey {
     seq: u64,
     /// [`Surveys::epoch`] when it started: a reload since makes it stale.
     epoch: u64,
+    /// `Agent::fresh_resolves` when it started.
+    fresh_resolves: u64,
     tree: Option<TreeIndex>,
     cache: ResolveCache,
     writable: HashMap<String, bool>,
@@ -51,6 +55,7 @@ pub(super) struct Survey {
 struct Inputs {
     seq: u64,
     epoch: u64,
+    fresh_resolves: u64,
     hierarchy: Hierarchy,
     /// Each policy set to resolve: the current one, and the policies a
     /// rescan could not apply when the `--fail-closed` stand-ins hold.
@@ -90,6 +95,7 @@ impl Surveys {
         let inputs = Inputs {
             seq: self.started,
             epoch: self.epoch,
+            fresh_resolves: agent.fresh_resolves,
             hierarchy: Hierarchy::new(agent.hierarchy.root().to_path_buf()),
             sets: std::iter::once(&agent.policies)
                 .chain(agent.refused.as_ref())
@@ -128,7 +134,7 @@ impl Surveys {
         }
     }
 
-    /// inotify reported a cgroup change (the loop's caches were emptied).
+    /// inotify reported a cgroup change.
     pub(super) fn cgroups_changed(&mut self) {
         if self.running.is_some() {
             self.changed = true;
@@ -152,6 +158,15 @@ impl Surveys {
             self.again = true;
             return false;
         }
+        if s.fresh_resolves != agent.fresh_resolves {
+            debug!(
+                "daemon: cgroup survey {} predates the loop's own fresh resolve: discarded",
+                s.seq
+            );
+            self.hook_paths.clear();
+            self.changed = false;
+            return false;
+        }
         let hooks = std::mem::take(&mut self.hook_paths);
         if let Some(tree) = s.tree.as_mut() {
             tree.add_paths(hooks.iter().map(String::as_str));
@@ -160,13 +175,10 @@ impl Surveys {
             s.cache.remove(p);
             s.writable.remove(p);
         }
-        let changed = std::mem::take(&mut self.changed);
-        if changed {
-            // The loop's answers were all taken after the change.
+        if std::mem::take(&mut self.changed) {
             self.again = true;
-            s.writable.extend(agent.writable_cache.drain());
         }
-        agent.resolve_cache.adopt(s.cache, changed);
+        agent.resolve_cache.adopt(s.cache);
         agent.writable_cache = s.writable;
         if s.tree.is_some() || !Agent::needs_tree(&agent.policies) {
             agent.tree = s.tree;
@@ -228,6 +240,7 @@ fn walk(i: Inputs) -> Survey {
     Survey {
         seq: i.seq,
         epoch: i.epoch,
+        fresh_resolves: i.fresh_resolves,
         tree,
         cache,
         writable,
