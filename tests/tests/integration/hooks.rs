@@ -340,6 +340,22 @@ impl SurveyGate {
         std::fs::write(self.0.path().join(format!("release-{n}")), b"").expect("releasing");
     }
 
+    /// Wait until the agent says it installed survey `n`.
+    fn wait_installed(&self, n: u32, agent: &Agent) {
+        let until = std::time::Instant::now() + Duration::from_secs(20);
+        while !agent
+            .stderr()
+            .contains(&format!("cgroup survey {n} installed"))
+        {
+            assert!(
+                std::time::Instant::now() < until,
+                "survey {n} was not installed\n{}",
+                agent.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     fn release_all(&self) {
         for n in 1..=64 {
             self.release(n);
@@ -390,15 +406,7 @@ fn a_rescan_in_flight_neither_holds_a_hook_nor_undoes_what_it_governed() {
     // the hook governed stays governed (the next survey stays parked, so
     // nothing else re-governs it).
     gate.release(1);
-    let until = std::time::Instant::now() + Duration::from_secs(20);
-    while !agent.stderr().contains("cgroup survey 1 installed") {
-        assert!(
-            std::time::Instant::now() < until,
-            "survey 1 was not installed\n{}",
-            agent.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    gate.wait_installed(1, &agent);
     bind().assert_eperm();
     let denied = agent.events_matching(
         &[("policy", json!("surveyed")), ("port", json!(port))],
@@ -409,6 +417,28 @@ fn a_rescan_in_flight_neither_holds_a_hook_nor_undoes_what_it_governed() {
         assert_eq!(e["verdict"], "deny", "{e}");
         assert_eq!(e["unit"], unit.as_str(), "{e}");
     }
+    // The unit's cgroup appearing made survey 1's walk stale: survey 2 walks
+    // now and sees the unit (and its cgroup's id). The unit restarts while it
+    // is parked: a new cgroup, a new id, governed by its hook; installing
+    // survey 2 must not put the old id back in its place.
+    gate.wait_parked(2, &agent);
+    drop(cg);
+    let cg = s.child(&unit);
+    let out = run_in(&cg, hook_unit(&agent, &unit, &["--timeout", "5s"]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bind = || {
+        Probe::in_cgroup(&cg)
+            .host_netns()
+            .run(&["bind", "tcp", "127.0.0.1", &port.to_string()])
+    };
+    bind().assert_eperm();
+    gate.release(2);
+    gate.wait_installed(2, &agent);
+    bind().assert_eperm();
     // The agent stops without waiting out a parked survey.
     gate.release_all();
 }
