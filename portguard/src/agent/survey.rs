@@ -1,5 +1,7 @@
 //! Rescans off the serve loop: a [`Survey`] walks the cgroup tree and
-//! stat()s every path the policies resolve to on a thread of its own, while
+//! stat()s every path the policies resolve to on a thread of its own (at
+//! the lowest priority, nice 19: where the agent has one CPU, the loop
+//! runs first), while
 //! the loop goes on answering hooks, signals and events; the loop then
 //! installs what it found and re-resolves from it (cache hits only) and
 //! applies. On a host with 10,000 cgroups the walk takes hundreds of
@@ -68,7 +70,7 @@ struct Inputs {
 /// The survey in flight, and what happened while it ran.
 #[derive(Default)]
 pub(super) struct Surveys {
-    running: Option<(u64, tokio::task::JoinHandle<Survey>)>,
+    running: Option<(u64, tokio::sync::oneshot::Receiver<Survey>)>,
     /// Another survey is due when this one is in.
     again: bool,
     /// Surveys started so far.
@@ -92,8 +94,30 @@ impl Surveys {
         self.hook_paths.clear();
         self.changed = false;
         self.started += 1;
-        let inputs = Inputs {
-            seq: self.started,
+        let seq = self.started;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let inputs = self.inputs(agent, seq);
+        let spawned = std::thread::Builder::new()
+            .name("portguard-survey".into())
+            .spawn(move || {
+                background_priority();
+                let _ = tx.send(walk(inputs));
+            });
+        if let Err(e) = spawned {
+            // Never without a rescan: walk on the loop instead.
+            warn!("daemon: no thread for cgroup survey {seq} ({e}); walking on the loop");
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let _ = tx.send(walk(self.inputs(agent, seq)));
+            self.running = Some((seq, rx));
+            return;
+        }
+        self.running = Some((seq, rx));
+    }
+
+    /// What survey `seq` needs from `agent`.
+    fn inputs(&self, agent: &Agent, seq: u64) -> Inputs {
+        Inputs {
+            seq,
             epoch: self.epoch,
             fresh_resolves: agent.fresh_resolves,
             hierarchy: Hierarchy::new(agent.hierarchy.root().to_path_buf()),
@@ -104,9 +128,7 @@ impl Surveys {
             tree: Agent::tree_scope(&agent.policies),
             cri: agent.cri.clone(),
             limits: agent.resolve_limits(&agent.policies),
-        };
-        let seq = inputs.seq;
-        self.running = Some((seq, tokio::task::spawn_blocking(move || walk(inputs))));
+        }
     }
 
     /// The survey in flight, when it is in (pending while none runs).
@@ -211,7 +233,23 @@ fn selector_only(p: &CompiledPolicy) -> CompiledPolicy {
     }
 }
 
-/// The survey itself, on a blocking thread.
+/// Lower the calling thread's priority to nice 19 (raising a nice value
+/// needs no privilege); a failure leaves it as it was.
+fn background_priority() {
+    // SAFETY: gettid has no preconditions; setpriority on our own thread.
+    let rc = unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19)
+    };
+    if rc != 0 {
+        debug!(
+            "daemon: cgroup survey thread keeps its priority: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// The survey itself, on a thread of its own.
 fn walk(i: Inputs) -> Survey {
     let started = Instant::now();
     let root = i.hierarchy.root().to_path_buf();
