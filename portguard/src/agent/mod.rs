@@ -17,7 +17,10 @@
 //!   policy file leaves the previous policy in force and is logged;
 //! - dropping the loaded object on exit detaches every program;
 //! - a hook's govern request is answered from the kernel maps, after the
-//!   runtime was asked and the tree rescanned (`govern`).
+//!   runtime was asked and the tree rescanned (`govern`);
+//! - a rescan's walk of the whole tree runs on a thread of its own
+//!   (`survey`): installing it never undoes what a hook governed while it
+//!   ran.
 
 use std::{path::PathBuf, time::Duration};
 

@@ -444,10 +444,11 @@ pub(crate) fn hook_latency(
          directories the agent's tree scan walks. A govern request adds the hook's cgroup and \
          its ancestors to the agent's index and re-resolves from what it knows (the agent's \
          own time, below). The same cgroup changes also make the agent walk the whole tree \
-         (16 levels, for `unit:` policies: its inotify rescan) and list sockets again (its \
-         inventory, after a change of what is governed); a request that arrives while the \
-         loop does that waits for it, hence round trips far above the agent's own time on a \
-         host with 10,000 cgroups.\n\n\
+         (16 levels, for `unit:` policies: its inotify rescan) on a thread of its own at nice \
+         19 (a survey: the loop goes on serving requests), then install what it found and \
+         apply it on the loop, and list sockets again (its inventory, after a change of what \
+         is governed, on the loop); a request that arrives while the loop installs a survey \
+         or lists sockets waits for it, hence round trips above the agent's own time.\n\n\
          A round sends on the agent's status socket: a govern request for the unit's new \
          cgroup (removed and made again, as systemd does on a restart: a new id) right after \
          the previous round's (\"right after another\": the agent first sleeps out the rest \
@@ -467,8 +468,8 @@ pub(crate) fn hook_latency(
          `/bin/true` spawned the same way, alternating which goes first, {} ms after the last \
          start; \"hook adds\" is, per start, the hook's time less `/bin/true`'s (up to {} \
          starts). Unlike the requests above, the hook's request leaves a few ms after the \
-         mkdir, when the agent has begun the rescan its inotify watch schedules 5 ms after a \
-         change, and waits for it before its own. Client pinned to CPU 1; the agent to CPU 0, \
+         mkdir, when the agent has begun the survey its inotify watch schedules 5 ms after a \
+         change. Client pinned to CPU 1; the agent to CPU 0, \
          with its default `--lost-report-interval 1s`.\n\n\
          | other governed cgroups | host cgroups | rounds / hook runs | status (µs, p50 / p99; answer size) | govern, governed (µs, p50 / p99 / max) | govern, new cgroup (µs, p50 / p99 / max) | agent's own time, new cgroup (µs, p50) | govern, new cgroup right after another (µs, p50 / p99) | govern / status (p50: governed, new) | govern round trips over 1 s (the hook's default --timeout) | hook process (ms, p50 / p99) | /bin/true (ms, p50 / p99) | hook adds, per start (ms, p50 / p99) |\n\
          |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
