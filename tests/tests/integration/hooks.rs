@@ -385,29 +385,33 @@ fn a_rescan_in_flight_neither_holds_a_hook_nor_undoes_what_it_governed() {
     // unit's cgroup does not exist yet) and parks before it is installed.
     let _other = s.child("pgtest-other.service");
     gate.wait_parked(1, &agent);
-    // The unit restarts meanwhile: its hook is answered while the walk is in
-    // flight (a walk on the loop would hold it past its timeout).
-    let cg = s.child(&unit);
-    let out = run_in(&cg, hook_unit(&agent, &unit, &["--timeout", "5s"]));
-    assert!(
-        out.status.success(),
-        "the hook was not answered while a rescan was in flight: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        agent.stderr()
-    );
+    // The unit (re)starts with its hook: answered while a walk is in flight
+    // (a walk on the loop would hold it past its timeout).
+    let start = || {
+        let cg = s.child(&unit);
+        let out = run_in(&cg, hook_unit(&agent, &unit, &["--timeout", "5s"]));
+        assert!(
+            out.status.success(),
+            "the hook was not answered while a rescan was in flight: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            agent.stderr()
+        );
+        cg
+    };
     let port = 40000 + (pid % 1000) as u16 * 2;
-    let bind = || {
-        Probe::in_cgroup(&cg)
+    let bind = |cg: &Cgroup| {
+        Probe::in_cgroup(cg)
             .host_netns()
             .run(&["bind", "tcp", "127.0.0.1", &port.to_string()])
     };
-    bind().assert_eperm();
+    let cg = start();
+    bind(&cg).assert_eperm();
     // The rescan that walked before the unit existed is installed now: what
     // the hook governed stays governed (the next survey stays parked, so
     // nothing else re-governs it).
     gate.release(1);
     gate.wait_installed(1, &agent);
-    bind().assert_eperm();
+    bind(&cg).assert_eperm();
     let denied = agent.events_matching(
         &[("policy", json!("surveyed")), ("port", json!(port))],
         Duration::from_millis(300),
@@ -423,22 +427,11 @@ fn a_rescan_in_flight_neither_holds_a_hook_nor_undoes_what_it_governed() {
     // survey 2 must not put the old id back in its place.
     gate.wait_parked(2, &agent);
     drop(cg);
-    let cg = s.child(&unit);
-    let out = run_in(&cg, hook_unit(&agent, &unit, &["--timeout", "5s"]));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let bind = || {
-        Probe::in_cgroup(&cg)
-            .host_netns()
-            .run(&["bind", "tcp", "127.0.0.1", &port.to_string()])
-    };
-    bind().assert_eperm();
+    let cg = start();
+    bind(&cg).assert_eperm();
     gate.release(2);
     gate.wait_installed(2, &agent);
-    bind().assert_eperm();
+    bind(&cg).assert_eperm();
     // The agent stops without waiting out a parked survey.
     gate.release_all();
 }
