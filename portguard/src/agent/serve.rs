@@ -77,7 +77,8 @@ pub(super) async fn serve(
     // Rescans walk the tree on a thread of their own (`survey`); the
     // inventory tick's pass waits for its survey.
     let mut surveys = Surveys::default();
-    let mut inventory_after_survey = false;
+    // The inventory tick's pass waits for a survey that began after it.
+    let mut inventory_after: Option<u64> = None;
     // CRI refresh: when due, since when a pod cgroup exists that the runtime
     // does not list yet, and the event that started the wait (for timing).
     let mut cri_due: Option<Instant> = None;
@@ -144,7 +145,9 @@ pub(super) async fn serve(
             _ = hup.recv() => {
                 info!("daemon: SIGHUP: reloading {}", agent.policy_path.display());
                 agent.reload("SIGHUP");
+                // A reload resolves from what is known: a survey follows.
                 surveys.epoch += 1;
+                surveys.request(agent);
                 watcher.set_dirs(&agent.cgroup_watch_dirs());
             }
             _ = term.recv() => { info!("daemon: SIGTERM"); break; }
@@ -206,9 +209,10 @@ pub(super) async fn serve(
                     let t = Instant::now();
                     refresh_cri(agent, &mut cri_link.client, &opts.cri_socket).await;
                     let asked = t.elapsed();
-                    // The pod tree only, on the loop: what the runtime
-                    // lists next is judged against it (a survey in flight
-                    // is older, and discarded).
+                    // On the loop (the pod tree; the whole tree when a
+                    // `unit:` policy needs it): what the runtime lists next
+                    // is judged against it. A survey in flight is older,
+                    // and discarded.
                     agent.rescan();
                     debug!(
                         "daemon: CRI refresh took {asked:?} ({} pods), rescan {:?}",
@@ -243,7 +247,9 @@ pub(super) async fn serve(
                     pending_rescan = None;
                     info!("daemon: {} changed: reloading", agent.policy_path.display());
                     agent.reload("file change");
+                    // It may have taken a due rescan's place.
                     surveys.epoch += 1;
+                    surveys.request(agent);
                 } else if pending_rescan.is_some_and(|d| d <= now) {
                     pending_rescan = None;
                     surveys.request(agent);
@@ -263,18 +269,20 @@ pub(super) async fn serve(
             _ = inventory_tick.tick() => {
                 // Rescan first: a cgroup that appeared where no watch sees
                 // it is governed before its sockets are judged.
+                inventory_after.get_or_insert(surveys.started());
                 surveys.request(agent);
-                inventory_after_survey = true;
             }
             // A rescan's walk is in: install it, re-resolve, apply.
-            survey = surveys.done() => {
+            (seq, survey) = surveys.done() => {
                 if let Some(s) = survey {
                     surveys.install(agent, s);
                 }
+                if inventory_after.is_some_and(|before| seq > before) {
+                    inventory_after = None;
+                    agent.inventory_pending = true;
+                }
                 if surveys.take_again() {
                     surveys.request(agent);
-                } else if std::mem::take(&mut inventory_after_survey) {
-                    agent.inventory_pending = true;
                 }
                 watcher.set_dirs(&agent.cgroup_watch_dirs());
             }

@@ -43,9 +43,10 @@ pub(super) struct Agent {
     /// The kernel's lost-event count already reported (at start: by the
     /// previous agent, when the counters were adopted).
     pub(super) lost_seen: u64,
-    /// cgroup path -> (id, level) as last seen; emptied on every inotify
-    /// event about watched cgroup directories and refreshed by each rescan,
-    /// so a reload only stat()s paths it has not seen.
+    /// cgroup path -> (id, level) as last seen; replaced by each rescan's
+    /// survey (and emptied by a fresh resolve on the loop), a hook's paths
+    /// forgotten when it asks, so a reload only stat()s paths it has not
+    /// seen.
     pub(super) resolve_cache: ResolveCache,
     /// `resolve_cache`'s change count when the last `resolve` ended, if that
     /// resolve read nothing else (only `cgroup:` selectors). `apply` is
@@ -61,7 +62,7 @@ pub(super) struct Agent {
     /// Each policy's id, in `policies` order.
     pub(super) policy_ids: Vec<u32>,
     /// Cgroup path -> writable by a user other than root (delegated);
-    /// emptied with `resolve_cache`.
+    /// replaced and emptied with `resolve_cache`.
     pub(super) writable_cache: HashMap<String, bool>,
     /// `--max-delegated-cgroups`.
     pub(super) max_delegated: usize,

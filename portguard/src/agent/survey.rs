@@ -1,7 +1,8 @@
 //! Rescans off the serve loop: a [`Survey`] walks the cgroup tree and
 //! stat()s every path the policies resolve to on a thread of its own (at
-//! the lowest priority, nice 19: where the agent has one CPU, the loop
-//! runs first), while
+//! nice 10: where the agent has one CPU the loop runs first, and a survey
+//! still gets a tenth of a CPU against busy neighbours, so rescans are
+//! slowed, never starved), while
 //! the loop goes on answering hooks, signals and events; the loop then
 //! installs what it found and re-resolves from it (cache hits only) and
 //! applies. On a host with 10,000 cgroups the walk takes hundreds of
@@ -26,7 +27,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use log::{debug, warn};
+use log::{debug, error, warn};
 
 use crate::{
     policy::CompiledPolicy,
@@ -78,7 +79,7 @@ pub(super) struct Surveys {
     /// Bumped by every reload: a survey of other selectors is stale.
     pub(super) epoch: u64,
     /// Paths hooks added to the index while the survey ran.
-    hook_paths: Vec<String>,
+    hook_paths: std::collections::BTreeSet<String>,
     /// inotify reported a cgroup change while the survey ran.
     changed: bool,
 }
@@ -131,8 +132,10 @@ impl Surveys {
         }
     }
 
-    /// The survey in flight, when it is in (pending while none runs).
-    pub(super) async fn done(&mut self) -> Option<Survey> {
+    /// The survey in flight, when it is in (pending while none runs): its
+    /// number, and what it found (`None`: its thread died; the next
+    /// change or `--rescan-interval` tries again).
+    pub(super) async fn done(&mut self) -> (u64, Option<Survey>) {
         let Some((seq, job)) = self.running.as_mut() else {
             return std::future::pending().await;
         };
@@ -140,13 +143,17 @@ impl Surveys {
         let seq = *seq;
         self.running = None;
         match r {
-            Ok(s) => Some(s),
+            Ok(s) => (seq, Some(s)),
             Err(e) => {
-                warn!("daemon: cgroup survey {seq} failed: {e}");
-                self.again = true;
-                None
+                error!("daemon: cgroup survey {seq} failed: {e}");
+                (seq, None)
             }
         }
+    }
+
+    /// Surveys started so far (the next one is this plus one).
+    pub(super) const fn started(&self) -> u64 {
+        self.started
     }
 
     /// A hook added `paths` to the index (they exist now).
@@ -233,13 +240,16 @@ fn selector_only(p: &CompiledPolicy) -> CompiledPolicy {
     }
 }
 
-/// Lower the calling thread's priority to nice 19 (raising a nice value
-/// needs no privilege); a failure leaves it as it was.
+/// A survey thread's nice value (see the module's notes).
+const SURVEY_NICE: libc::c_int = 10;
+
+/// Lower the calling thread's priority to [`SURVEY_NICE`] (raising a nice
+/// value needs no privilege); a failure leaves it as it was.
 fn background_priority() {
     // SAFETY: gettid has no preconditions; setpriority on our own thread.
     let rc = unsafe {
         let tid = libc::gettid();
-        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19)
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, SURVEY_NICE)
     };
     if rc != 0 {
         debug!(
@@ -262,7 +272,14 @@ fn walk(i: Inputs) -> Survey {
     let mut writable = HashMap::new();
     for set in &i.sets {
         let hierarchy = &i.hierarchy;
-        let mut stat = |path: &str| cache.get_or(path, || hierarchy.resolve(path).ok().flatten());
+        let mut stat = |path: &str| {
+            cache.get_or(path, || {
+                hierarchy.resolve(path).unwrap_or_else(|e| {
+                    warn!("daemon: {e}; treating it as absent");
+                    None
+                })
+            })
+        };
         let mut delegated = |path: &str| hierarchy.delegated_subtree(path, &mut writable);
         let _ = resolve::resolve(
             set,

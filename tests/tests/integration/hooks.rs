@@ -10,6 +10,7 @@
 
 use std::{
     os::unix::fs::PermissionsExt as _,
+    path::Path,
     process::{Command, Output},
     time::Duration,
 };
@@ -376,14 +377,23 @@ fn a_rescan_in_flight_neither_holds_a_hook_nor_undoes_what_it_governed() {
     let s = slice("survey");
     let unit = format!("pgtest-surveyed-{pid}.service");
     let gate = SurveyGate::new();
+    let other = format!("pgtest-other-{pid}.service");
     let agent = Agent::start_with_env(
-        &format!("policies:\n  - {{name: surveyed, unit: {unit}, bind: [{{ports: [9000]}}]}}\n"),
+        &format!(
+            "policies:\n  - {{name: surveyed, unit: {unit}, bind: [{{ports: [9000]}}]}}\n  \
+             - {{name: other, unit: {other}, bind: [{{ports: [9000]}}]}}\n"
+        ),
         &["--rescan-interval", "1h", "--inventory-interval", "0"],
-        &[("PORTGUARD_TEST_SURVEY_GATE", gate.0.path())],
+        // The test reads the agent's debug lines whatever RUST_LOG says.
+        &[
+            ("PORTGUARD_TEST_SURVEY_GATE", gate.0.path()),
+            ("RUST_LOG", Path::new("debug")),
+        ],
     );
-    // A change in a watched slice starts a rescan: it walks the tree (the
-    // unit's cgroup does not exist yet) and parks before it is installed.
-    let _other = s.child("pgtest-other.service");
+    // A unit started without a hook: its cgroup appearing in a watched slice
+    // starts a rescan, which walks the tree (the other unit's cgroup does
+    // not exist yet) and parks before it is installed.
+    let other_cg = s.child(&other);
     gate.wait_parked(1, &agent);
     // The unit (re)starts with its hook: answered while a walk is in flight
     // (a walk on the loop would hold it past its timeout).
@@ -406,11 +416,18 @@ fn a_rescan_in_flight_neither_holds_a_hook_nor_undoes_what_it_governed() {
     };
     let cg = start();
     bind(&cg).assert_eperm();
-    // The rescan that walked before the unit existed is installed now: what
-    // the hook governed stays governed (the next survey stays parked, so
-    // nothing else re-governs it).
+    // Nothing has governed the hookless unit yet: only the survey can.
+    assert!(
+        bind(&other_cg).ok,
+        "the hookless unit was governed before its survey was installed"
+    );
+    // The rescan that walked before the unit existed is installed now: the
+    // hookless unit it found is governed, and what the hook governed stays
+    // governed (the next survey stays parked, so nothing else re-governs
+    // it).
     gate.release(1);
     gate.wait_installed(1, &agent);
+    bind(&other_cg).assert_eperm();
     bind(&cg).assert_eperm();
     let denied = agent.events_matching(
         &[("policy", json!("surveyed")), ("port", json!(port))],
@@ -432,6 +449,5 @@ fn a_rescan_in_flight_neither_holds_a_hook_nor_undoes_what_it_governed() {
     gate.release(2);
     gate.wait_installed(2, &agent);
     bind(&cg).assert_eperm();
-    // The agent stops without waiting out a parked survey.
     gate.release_all();
 }
