@@ -445,7 +445,7 @@ pub(crate) fn hook_latency(
          its ancestors to the agent's index and re-resolves from what it knows (the agent's \
          own time, below). The same cgroup changes also make the agent walk the whole tree \
          (16 levels, for `unit:` policies: its inotify rescan) on a thread of its own at nice \
-         19 (a survey: the loop goes on serving requests), then install what it found and \
+         10 (a survey: the loop goes on serving requests), then install what it found and \
          apply it on the loop, and list sockets again (its inventory, after a change of what \
          is governed, on the loop); a request that arrives while the loop installs a survey \
          or lists sockets waits for it, hence round trips above the agent's own time.\n\n\
