@@ -74,8 +74,7 @@ pub(super) async fn serve(
     let mut lost_read: Option<tokio::task::JoinHandle<LostReading>> = None;
     let mut pending_reload: Option<Instant> = None;
     let mut pending_rescan: Option<Instant> = None;
-    // Rescans walk the tree on a thread of their own (`survey`); the
-    // inventory tick's pass waits for its survey.
+    // Rescans walk the tree on a thread of their own (`survey`).
     let mut surveys = Surveys::default();
     // The inventory tick's pass waits for a survey that began after it.
     let mut inventory_after: Option<u64> = None;

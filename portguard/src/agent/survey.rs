@@ -193,7 +193,10 @@ impl Surveys {
                 s.seq
             );
             self.hook_paths.clear();
-            self.changed = false;
+            // A change may have come after that resolve too.
+            if std::mem::take(&mut self.changed) {
+                self.again = true;
+            }
             return false;
         }
         let hooks = std::mem::take(&mut self.hook_paths);
