@@ -144,9 +144,7 @@ pub(super) async fn serve(
             _ = hup.recv() => {
                 info!("daemon: SIGHUP: reloading {}", agent.policy_path.display());
                 agent.reload("SIGHUP");
-                // A reload resolves from what is known: a survey follows.
-                surveys.epoch += 1;
-                surveys.request(agent);
+                surveys.reloaded(agent);
                 watcher.set_dirs(&agent.cgroup_watch_dirs());
             }
             _ = term.recv() => { info!("daemon: SIGTERM"); break; }
@@ -246,9 +244,8 @@ pub(super) async fn serve(
                     pending_rescan = None;
                     info!("daemon: {} changed: reloading", agent.policy_path.display());
                     agent.reload("file change");
-                    // It may have taken a due rescan's place.
-                    surveys.epoch += 1;
-                    surveys.request(agent);
+                    // Also in place of a due rescan.
+                    surveys.reloaded(agent);
                 } else if pending_rescan.is_some_and(|d| d <= now) {
                     pending_rescan = None;
                     surveys.request(agent);

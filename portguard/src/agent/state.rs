@@ -137,6 +137,30 @@ pub(super) struct Agent {
     pub(super) selection_published: Option<(Vec<String>, Vec<String>)>,
 }
 
+/// [`resolve::resolve`] against the cgroup filesystem: each path's id and
+/// level as `caches.0` holds it, else stat()ed (an error is logged and
+/// counts as absent) and kept; each delegation answer likewise from
+/// `caches.1`. The loop's resolves and a survey's walk both use it.
+pub(super) fn resolve_on_disk(
+    hierarchy: &Hierarchy,
+    policies: &[CompiledPolicy],
+    tree: &TreeIndex,
+    cri: Option<&cri::Snapshot>,
+    (cache, writable): (&mut ResolveCache, &mut HashMap<String, bool>),
+    limits: resolve::Limits,
+) -> resolve::Outcome {
+    let mut stat = |path: &str| -> Option<(u64, u32)> {
+        cache.get_or(path, || {
+            hierarchy.resolve(path).unwrap_or_else(|e| {
+                warn!("daemon: {e}; treating it as absent");
+                None
+            })
+        })
+    };
+    let mut delegated = |path: &str| hierarchy.delegated_subtree(path, writable);
+    resolve::resolve(policies, tree, cri, &mut stat, &mut delegated, limits)
+}
+
 impl Agent {
     pub(super) fn needs_tree(policies: &[CompiledPolicy]) -> bool {
         policies
@@ -274,29 +298,16 @@ impl Agent {
             self.tree = Some(self.scan_tree(policies));
         }
         let limits = self.resolve_limits(policies);
-        let empty = TreeIndex::default();
-        let tree = self.tree.as_ref().unwrap_or(&empty);
-        let hierarchy = &self.hierarchy;
-        let cache = &mut self.resolve_cache;
-        let mut stat = |path: &str| -> Option<(u64, u32)> {
-            cache.get_or(path, || {
-                hierarchy.resolve(path).unwrap_or_else(|e| {
-                    warn!("daemon: {e}; treating it as absent");
-                    None
-                })
-            })
-        };
         if fresh {
             self.writable_cache.clear();
         }
-        let writable = &mut self.writable_cache;
-        let mut delegated = |path: &str| hierarchy.delegated_subtree(path, writable);
-        let outcome = resolve::resolve(
+        let empty = TreeIndex::default();
+        let outcome = resolve_on_disk(
+            &self.hierarchy,
             policies,
-            tree,
+            self.tree.as_ref().unwrap_or(&empty),
             self.cri.as_ref(),
-            &mut stat,
-            &mut delegated,
+            (&mut self.resolve_cache, &mut self.writable_cache),
             limits,
         );
         let mut resolved = outcome.resolution;

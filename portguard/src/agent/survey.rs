@@ -34,7 +34,7 @@ use crate::{
     workload::{
         cgroupfs::{Hierarchy, ResolveCache},
         cri::Snapshot,
-        resolve::{self, Limits, TreeIndex},
+        resolve::{Limits, TreeIndex},
     },
 };
 
@@ -77,7 +77,7 @@ pub(super) struct Surveys {
     /// Surveys started so far.
     started: u64,
     /// Bumped by every reload: a survey of other selectors is stale.
-    pub(super) epoch: u64,
+    epoch: u64,
     /// Paths hooks added to the index while the survey ran.
     hook_paths: std::collections::BTreeSet<String>,
     /// inotify reported a cgroup change while the survey ran.
@@ -175,17 +175,24 @@ impl Surveys {
         std::mem::take(&mut self.again)
     }
 
+    /// After a reload: a survey in flight resolved other selectors (it is
+    /// discarded), and the reload resolved from what was known; a survey
+    /// follows.
+    pub(super) fn reloaded(&mut self, agent: &Agent) {
+        self.epoch += 1;
+        self.request(agent);
+    }
+
     /// Install `s` into `agent` (see the module's rules) and re-resolve and
-    /// apply from it, as a rescan does. Returns false for a stale survey
-    /// (another one is due instead).
-    pub(super) fn install(&mut self, agent: &mut Agent, mut s: Survey) -> bool {
+    /// apply from it, as a rescan does; a stale survey is discarded.
+    pub(super) fn install(&mut self, agent: &mut Agent, mut s: Survey) {
         if s.epoch != self.epoch {
             debug!(
                 "daemon: cgroup survey {} predates a reload: discarded",
                 s.seq
             );
             self.again = true;
-            return false;
+            return;
         }
         if s.fresh_resolves != agent.fresh_resolves {
             debug!(
@@ -197,7 +204,7 @@ impl Surveys {
             if std::mem::take(&mut self.changed) {
                 self.again = true;
             }
-            return false;
+            return;
         }
         let hooks = std::mem::take(&mut self.hook_paths);
         if let Some(tree) = s.tree.as_mut() {
@@ -225,7 +232,6 @@ impl Surveys {
             hooks.len(),
             t.elapsed()
         );
-        true
     }
 }
 
@@ -274,22 +280,12 @@ fn walk(i: Inputs) -> Survey {
     let mut cache = ResolveCache::default();
     let mut writable = HashMap::new();
     for set in &i.sets {
-        let hierarchy = &i.hierarchy;
-        let mut stat = |path: &str| {
-            cache.get_or(path, || {
-                hierarchy.resolve(path).unwrap_or_else(|e| {
-                    warn!("daemon: {e}; treating it as absent");
-                    None
-                })
-            })
-        };
-        let mut delegated = |path: &str| hierarchy.delegated_subtree(path, &mut writable);
-        let _ = resolve::resolve(
+        let _ = resolve_on_disk(
+            &i.hierarchy,
             set,
             tree.as_ref().unwrap_or(&empty),
             i.cri.as_ref(),
-            &mut stat,
-            &mut delegated,
+            (&mut cache, &mut writable),
             i.limits,
         );
     }
