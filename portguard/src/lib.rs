@@ -17,7 +17,8 @@
 //! | `manifest/` | the CI port-plan check over Kubernetes, Compose and Dockerfiles | `manifest/mod.rs` |
 //!
 //! `policy/` and `apply/` import neither aya, tokio nor libc (`cargo xtask
-//! lint` checks it); `manifest/` is pure too.
+//! lint` checks it); `manifest/` is pure too. `testgate.rs` holds the
+//! debug-only points where integration tests park background work.
 
 pub mod agent;
 pub mod apply;
@@ -29,4 +30,5 @@ pub mod manifest;
 pub mod observe;
 pub mod policy;
 pub mod report;
+pub mod testgate;
 pub mod workload;

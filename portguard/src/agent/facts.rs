@@ -60,7 +60,7 @@ impl Agent {
         let left_out = self.next_left_out.clone();
         self.publish_points();
         self.shared.update(|f| {
-            f.policies = policies;
+            f.policies = std::sync::Arc::new(policies);
             f.governed_cgroups = governed;
             f.left_out = left_out;
             f.maps = maps;
@@ -90,7 +90,8 @@ impl Agent {
         let mut published = false;
         if let Some(facts) = facts {
             self.shared.update(|f| {
-                if let Some(old) = f.policies.iter_mut().find(|o| o.name == facts.name) {
+                let policies = std::sync::Arc::make_mut(&mut f.policies);
+                if let Some(old) = policies.iter_mut().find(|o| o.name == facts.name) {
                     *old = facts;
                     f.governed_cgroups = governed;
                     f.maps = map_use(caps, f.policies.len(), report);

@@ -302,23 +302,8 @@ fn walk(i: Inputs) -> Survey {
     }
 }
 
-/// Debug builds only: `PORTGUARD_TEST_SURVEY_GATE=<dir>` parks survey N
-/// after its walk (it writes `<dir>/parked-N`) until `<dir>/release-N`
-/// exists (at most 2 minutes), so the integration tests can act while a
-/// survey is in flight, deterministically.
-#[cfg(debug_assertions)]
+/// Debug builds only: park survey `seq` after its walk
+/// ([`crate::testgate`], `PORTGUARD_TEST_SURVEY_GATE`).
 fn test_gate(seq: u64) {
-    let Some(dir) = std::env::var_os("PORTGUARD_TEST_SURVEY_GATE") else {
-        return;
-    };
-    let dir = PathBuf::from(dir);
-    let _ = std::fs::write(dir.join(format!("parked-{seq}")), b"");
-    let release = dir.join(format!("release-{seq}"));
-    let until = Instant::now() + Duration::from_secs(120);
-    while !release.exists() && Instant::now() < until {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    crate::testgate::park("PORTGUARD_TEST_SURVEY_GATE", seq);
 }
-
-#[cfg(not(debug_assertions))]
-fn test_gate(_seq: u64) {}

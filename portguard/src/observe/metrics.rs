@@ -315,15 +315,19 @@ pub fn render(facts: &Facts, kernel: &KernelReading) -> String {
 }
 
 async fn metrics(State(shared): State<Arc<Snapshot>>) -> impl IntoResponse {
-    let facts = shared.facts();
-    match shared.read_kernel(&facts) {
-        Ok(k) => (
+    // Rendered off the agent's loop (thousands of policies take a while).
+    let page = shared
+        .off_loop(|facts, kernel| kernel.map(|k| render(facts, &k)))
+        .await
+        .and_then(|page| page.map_err(|e| format!("reading the kernel counters: {e}")));
+    match page {
+        Ok(text) => (
             StatusCode::OK,
             [(
                 axum::http::header::CONTENT_TYPE,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
             )],
-            render(&facts, &k),
+            text,
         ),
         Err(e) => (
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -331,7 +335,7 @@ async fn metrics(State(shared): State<Arc<Snapshot>>) -> impl IntoResponse {
                 axum::http::header::CONTENT_TYPE,
                 "text/plain; charset=utf-8",
             )],
-            format!("reading the kernel counters: {e}\n"),
+            format!("{e}\n"),
         ),
     }
 }
@@ -355,13 +359,13 @@ mod tests {
     #[test]
     fn renders_kernel_and_agent_numbers_with_labels() {
         let facts = Facts {
-            policies: vec![PolicyFacts {
+            policies: Arc::new(vec![PolicyFacts {
                 name: "web".into(),
                 slot: 3,
                 baseline: [0; 6],
                 mode: "enforce",
                 ..PolicyFacts::default()
-            }],
+            }]),
             governed_cgroups: 2,
             reloads_ok: 1,
             reloads_failed: 2,

@@ -54,7 +54,11 @@ pub struct LeftOut {
 /// read by the endpoints.
 #[derive(Clone, Debug, Default)]
 pub struct Facts {
-    pub policies: Vec<PolicyFacts>,
+    /// Shared, so that copying the facts for a status document or a
+    /// scrape (thousands of policies) is one reference count, not a copy
+    /// of each policy's strings under the lock the agent's loop takes to
+    /// publish.
+    pub policies: Arc<Vec<PolicyFacts>>,
     pub governed_cgroups: usize,
     /// Selected by name, not governed (delegated subtrees).
     pub left_out: LeftOut,
@@ -157,6 +161,29 @@ impl Snapshot {
 
     pub fn update(&self, f: impl FnOnce(&mut Facts)) {
         f(&mut self.facts.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// `build(facts, kernel reading)` run on tokio's blocking pool, not on
+    /// the thread that called it: with thousands of policies a status
+    /// document or a scrape takes a tenth of a second and more, and the
+    /// agent's loop (which answers the runtime hooks) shares that thread.
+    /// The facts are copied under their lock (a reference count for the
+    /// policies), the rest is built without it.
+    pub async fn off_loop<R: Send + 'static>(
+        self: &Arc<Self>,
+        build: impl FnOnce(&Facts, Result<KernelReading, String>) -> R + Send + 'static,
+    ) -> Result<R, String> {
+        static PASSES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let shared = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let facts = shared.facts();
+            let pass = PASSES.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            crate::testgate::park("PORTGUARD_TEST_STATUS_GATE", pass);
+            let kernel = shared.read_kernel(&facts);
+            build(&facts, kernel)
+        })
+        .await
+        .map_err(|e| format!("building the answer failed: {e}"))
     }
 
     /// Keep written event records (the oldest go beyond

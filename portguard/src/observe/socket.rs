@@ -14,7 +14,7 @@ use crate::{
         ExplainPending, Explanation, Govern, MAX_REQUEST_BYTES, Pending, REQUEST_WAIT, Reply,
         Request,
     },
-    observe::{snapshot::Snapshot, status::document},
+    observe::{snapshot::Snapshot, status::document_text},
 };
 
 /// Bind the status socket: mode 0600 in a directory created 0700. A socket
@@ -105,10 +105,10 @@ async fn answer(
     })
     .await;
     let mut text = if line.iter().all(u8::is_ascii_whitespace) {
-        document(&shared).to_string()
+        document_text(&shared).await
     } else {
         match serde_json::from_slice::<Request>(&line) {
-            Ok(Request::Status) => document(&shared).to_string(),
+            Ok(Request::Status) => document_text(&shared).await,
             Ok(Request::Govern(g)) => {
                 let reply = govern_reply(&stream, g, &govern).await;
                 serde_json::to_string(&reply).unwrap_or_default()

@@ -41,10 +41,18 @@ fn policy_events_json(d: &crate::kernel::Decisions) -> Value {
     })
 }
 
-/// The status document for the agent's current facts and counters.
-pub fn document(shared: &Snapshot) -> Value {
-    let facts = shared.facts();
-    let (kernel, kernel_error) = match shared.read_kernel(&facts) {
+/// The status document for the agent's current facts and counters, built
+/// off the agent's loop ([`Snapshot::off_loop`]), as one line of text.
+pub async fn document_text(shared: &std::sync::Arc<Snapshot>) -> String {
+    shared
+        .off_loop(|facts, kernel| document_of(facts, kernel).to_string())
+        .await
+        .unwrap_or_else(|e| json!({"ok": false, "error": e}).to_string())
+}
+
+/// The status document for `facts` and the kernel's counters read for them.
+fn document_of(facts: &crate::observe::snapshot::Facts, kernel: Result<KernelReading, String>) -> Value {
+    let (kernel, kernel_error) = match kernel {
         Ok(k) => (k, None),
         Err(e) => (KernelReading::default(), Some(e)),
     };

@@ -314,14 +314,15 @@ fn a_starved_agent_fails_the_unit_hook_closed_or_open_and_says_so() {
     );
 }
 
-/// The agent's test gate on its surveys (debug builds): survey N parks after
-/// its walk until `release-N` exists. Every survey is released on drop, so
-/// the agent can exit whatever the test did.
-struct SurveyGate(tempfile::TempDir);
+/// One of the agent's test gates (debug builds, `portguard::testgate`):
+/// pass N of what it gates (a survey, a status document) parks until
+/// `release-N` exists. Every pass is released on drop, so the agent can exit
+/// whatever the test did.
+struct Gate(tempfile::TempDir, &'static str);
 
-impl SurveyGate {
-    fn new() -> Self {
-        Self(tempfile::tempdir().expect("tempdir"))
+impl Gate {
+    fn new(what: &'static str) -> Self {
+        Self(tempfile::tempdir().expect("tempdir"), what)
     }
 
     fn wait_parked(&self, n: u32, agent: &Agent) {
@@ -330,7 +331,8 @@ impl SurveyGate {
         while !parked.exists() {
             assert!(
                 std::time::Instant::now() < until,
-                "survey {n} never parked (is the agent a debug build?)\n{}",
+                "{} {n} never parked (is the agent a debug build?)\n{}",
+                self.1,
                 agent.stderr()
             );
             std::thread::sleep(Duration::from_millis(5));
@@ -364,7 +366,7 @@ impl SurveyGate {
     }
 }
 
-impl Drop for SurveyGate {
+impl Drop for Gate {
     fn drop(&mut self) {
         self.release_all();
     }
@@ -376,7 +378,7 @@ fn a_rescan_in_flight_neither_holds_a_hook_nor_undoes_what_it_governed() {
     let pid = std::process::id();
     let s = slice("survey");
     let unit = format!("pgtest-surveyed-{pid}.service");
-    let gate = SurveyGate::new();
+    let gate = Gate::new("survey");
     let other = format!("pgtest-other-{pid}.service");
     let agent = Agent::start_with_env(
         &format!(
@@ -450,4 +452,79 @@ fn a_rescan_in_flight_neither_holds_a_hook_nor_undoes_what_it_governed() {
     gate.wait_installed(2, &agent);
     bind(&cg).assert_eperm();
     gate.release_all();
+}
+
+/// A status document and a /metrics page are built off the agent's loop
+/// (with thousands of policies each takes a tenth of a second and more):
+/// a unit's hook is answered, and the unit governed, while one of each is
+/// parked half-built.
+#[test]
+fn a_status_request_or_a_scrape_in_flight_holds_no_hook() {
+    require_root!();
+    let pid = std::process::id();
+    let s = slice("scraped");
+    let unit = format!("pgtest-scraped-{pid}.service");
+    let gate = Gate::new("status document or /metrics page");
+    let agent = Agent::start_with_env(
+        &format!("policies:\n  - {{name: scraped, unit: {unit}, bind: [{{ports: [9000]}}]}}\n"),
+        &["--rescan-interval", "1h", "--inventory-interval", "0"],
+        &[("PORTGUARD_TEST_STATUS_GATE", gate.0.path())],
+    );
+    // A client asks for the status document (an empty request)...
+    let socket = agent.status_socket();
+    let status = std::thread::spawn(move || {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::os::unix::net::UnixStream::connect(socket).expect("status socket");
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        s.write_all(b"\n").unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).expect("reading the status document");
+        text
+    });
+    gate.wait_parked(1, &agent);
+    // ... and Prometheus scrapes.
+    let url = format!("http://127.0.0.1:{}/metrics", agent.metrics_port());
+    let scrape = std::thread::spawn(move || {
+        let mut resp = ureq::get(&url).call().expect("GET /metrics");
+        assert_eq!(resp.status(), 200);
+        resp.body_mut().read_to_string().expect("reading /metrics")
+    });
+    gate.wait_parked(2, &agent);
+    // The unit starts with its hook while both are being built.
+    let cg = s.child(&unit);
+    let out = run_in(&cg, hook_unit(&agent, &unit, &["--timeout", "5s"]));
+    assert!(
+        out.status.success(),
+        "the hook was not answered while a status document and a scrape were being built: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        agent.stderr()
+    );
+    let port = 41000 + (pid % 1000) as u16 * 2;
+    Probe::in_cgroup(&cg)
+        .host_netns()
+        .run(&["bind", "tcp", "127.0.0.1", &port.to_string()])
+        .assert_eperm();
+    let e = agent.wait_event(&[("policy", json!("scraped")), ("port", json!(port))]);
+    assert_eq!(e["verdict"], "deny", "{e}");
+    assert_eq!(e["unit"], unit.as_str(), "{e}");
+    // Both were still waiting: the hook did not go through after them.
+    assert!(!status.is_finished() && !scrape.is_finished());
+    // Released, each answers what the agent knew when it began (it copied
+    // the facts before parking), and a status asked for now shows the hook's
+    // cgroup governed.
+    for n in 1..=3 {
+        gate.release(n);
+    }
+    let doc: Value = serde_json::from_str(&status.join().expect("status client"))
+        .expect("the status document is JSON");
+    assert!(doc["policies"].is_array() && doc["version"].is_string(), "{doc}");
+    let page = scrape.join().expect("scrape client");
+    assert!(page.ends_with("# EOF\n"), "{page}");
+    assert!(page.contains("portguard_governed_cgroups "), "{page}");
+    let now = agent_status(&agent);
+    let scraped = now["policies"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["name"] == "scraped"))
+        .unwrap_or_else(|| panic!("no `scraped` policy in {now}"));
+    assert_eq!(scraped["cgroups"][0]["path"], cg.rel.as_str(), "{now}");
 }

@@ -1,0 +1,31 @@
+//! Debug builds only: points where the integration tests park the agent's
+//! background work, so they can act while it is in flight, deterministically.
+//! `<VAR>=<dir>` in the agent's environment arms gate `<VAR>`: its N-th
+//! pass writes `<dir>/parked-N` and waits until `<dir>/release-N` exists (at
+//! most 2 minutes). Release builds compile every gate to nothing.
+//!
+//! | variable | parks |
+//! |---|---|
+//! | `PORTGUARD_TEST_SURVEY_GATE` | survey N after its walk of the cgroup tree (`agent::survey`) |
+//! | `PORTGUARD_TEST_STATUS_GATE` | the N-th status document or `/metrics` page, after its copy of the facts (`observe`) |
+
+/// Park pass `seq` of gate `var`, if armed.
+#[cfg(debug_assertions)]
+pub fn park(var: &str, seq: u64) {
+    use std::time::{Duration, Instant};
+    let Some(dir) = std::env::var_os(var) else {
+        return;
+    };
+    let dir = std::path::PathBuf::from(dir);
+    let _ = std::fs::write(dir.join(format!("parked-{seq}")), b"");
+    let release = dir.join(format!("release-{seq}"));
+    let until = Instant::now() + Duration::from_secs(120);
+    while !release.exists() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Park pass `seq` of gate `var`, if armed (release builds: never).
+#[cfg(not(debug_assertions))]
+#[inline(always)]
+pub fn park(_var: &str, _seq: u64) {}
