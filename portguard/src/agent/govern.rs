@@ -5,10 +5,7 @@
 //! (for a hook's `--on-failure auto`) and the failures hooks spooled while
 //! it did not answer, reported as `hook_failed` events.
 
-use std::{
-    collections::HashMap,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use log::{debug, error, warn};
 
@@ -74,6 +71,7 @@ pub(super) async fn govern_batch(
     }
     if let Some(tree) = agent.tree.as_mut() {
         tree.add_paths(paths.iter().map(String::as_str));
+        agent.watch_inputs += 1;
     }
     // A survey in flight may predate these cgroups: it must not undo them.
     surveys.hook_added(&paths);
@@ -99,7 +97,11 @@ pub(super) async fn govern_batch(
             agent.resolve_cache.remove(p);
             agent.writable_cache.remove(p);
         }
+        // Answered before the bookkeeping (logs, facts, the hooks'
+        // selection), which follows at once (`Agent::settle`).
+        agent.settle_later = true;
         let applied = agent.rescan_with(false);
+        agent.settle_later = false;
         // Answer what can be answered; a container (not a sandbox: its pod
         // is listed only once the sandbox runs) the runtime does not list
         // yet waits a little for it.
@@ -122,9 +124,11 @@ pub(super) async fn govern_batch(
         if waiting.is_empty() {
             break;
         }
+        agent.settle();
         pending = waiting;
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    agent.settle();
 }
 
 /// The least time a hook's CRI refresh is given.
@@ -155,19 +159,25 @@ impl Agent {
     /// The policy governing `path` (itself or its nearest governed
     /// ancestor) as the agent applied it, and that ancestor.
     pub(super) fn applied_governor(&self, path: &str) -> Option<(String, String)> {
-        let mut by_id: HashMap<u64, &str> = HashMap::new();
-        for (p, govs) in self.policies.iter().zip(&self.resolved) {
-            for g in govs {
-                by_id.insert(g.id, &p.name);
+        // Scanned for the few ancestors' ids, not indexed: an index of every
+        // governed cgroup, built per request, cost milliseconds at 10,000.
+        // The holds win over the policies, the later policy over the earlier
+        // (as the kernel maps are written).
+        let has = |govs: &[crate::workload::resolve::Governed], id: u64| govs.iter().any(|g| g.id == id);
+        self.walk_up(path, |id| {
+            if has(&self.quarantine, id) {
+                return Some(IDENTIFYING.to_owned());
             }
-        }
-        for g in &self.unfit_hold {
-            by_id.insert(g.id, UNFIT);
-        }
-        for g in &self.quarantine {
-            by_id.insert(g.id, IDENTIFYING);
-        }
-        self.walk_up(path, |id| by_id.get(&id).map(|n| (*n).to_owned()))
+            if has(&self.unfit_hold, id) {
+                return Some(UNFIT.to_owned());
+            }
+            self.policies
+                .iter()
+                .zip(&self.resolved)
+                .rev()
+                .find(|(_, govs)| has(govs, id))
+                .map(|(p, _)| p.name.clone())
+        })
     }
 
     /// The policy the kernel maps give `path` (itself or its nearest

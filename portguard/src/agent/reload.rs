@@ -380,7 +380,7 @@ impl Agent {
             self.publish_left_out();
             return Ok(());
         }
-        match self.apply(self.policies.clone(), resolved) {
+        match self.apply_again(resolved) {
             Ok(r) => {
                 debug!(
                     "daemon: cgroups changed; generation {} now governs {} cgroups",

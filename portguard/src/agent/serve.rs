@@ -50,7 +50,7 @@ pub(super) async fn serve(
         .map_err(|e| e.into_parts().1)
         .context("registering the ring buffer with tokio")?;
     let mut watcher = Watcher::new(&opts.policy, opts.watch)?;
-    watcher.set_dirs(&agent.cgroup_watch_dirs());
+    watcher.refresh(agent);
     // First ticks one period from now: start-up has just resolved everything.
     let now = tokio::time::Instant::now();
     let mut lost_tick = tokio::time::interval_at(now + opts.lost_interval, opts.lost_interval);
@@ -145,7 +145,7 @@ pub(super) async fn serve(
                 info!("daemon: SIGHUP: reloading {}", agent.policy_path.display());
                 agent.reload("SIGHUP");
                 surveys.reloaded(agent);
-                watcher.set_dirs(&agent.cgroup_watch_dirs());
+                watcher.refresh(agent);
             }
             _ = term.recv() => { info!("daemon: SIGTERM"); break; }
             _ = int.recv() => { info!("daemon: SIGINT"); break; }
@@ -153,7 +153,7 @@ pub(super) async fn serve(
             // instruction: before inotify, timers and events.
             Some(first) = govern.recv() => {
                 govern_batch(agent, vec![(first, Instant::now())], &mut govern, &mut cri_link, &mut surveys, opts).await;
-                watcher.set_dirs(&agent.cgroup_watch_dirs());
+                watcher.refresh(agent);
                 // A pending rescan stays due: the hooks' cgroups were added
                 // to the index, other changes inotify reported were not.
                 agent.report_hook_failures(&mut writer);
@@ -233,7 +233,7 @@ pub(super) async fn serve(
                         }
                         None => {}
                     }
-                    watcher.set_dirs(&agent.cgroup_watch_dirs());
+                    watcher.refresh(agent);
                     // That was a rescan. A due reload is not skipped: the
                     // runtime may be asked every 10 ms for 10 s while a pod
                     // cgroup it does not list exists.
@@ -251,7 +251,7 @@ pub(super) async fn serve(
                     surveys.request(agent);
                 }
                 if deadline.is_some() {
-                    watcher.set_dirs(&agent.cgroup_watch_dirs());
+                    watcher.refresh(agent);
                 }
             }
             _ = rescan_tick.tick() => {
@@ -260,6 +260,7 @@ pub(super) async fn serve(
                 }
                 surveys.request(agent);
                 agent.sync_ephemeral(false);
+                // Computed afresh each period, whatever `refresh` thinks.
                 watcher.set_dirs(&agent.cgroup_watch_dirs());
             }
             _ = inventory_tick.tick() => {
@@ -280,7 +281,7 @@ pub(super) async fn serve(
                 if surveys.take_again() {
                     surveys.request(agent);
                 }
-                watcher.set_dirs(&agent.cgroup_watch_dirs());
+                watcher.refresh(agent);
             }
             _ = lost_tick.tick() => {
                 agent.sweep_unended();

@@ -379,6 +379,9 @@ impl Agent {
                 .as_deref()
                 .map(crate::hook::spool::dir_of),
             selection_published: None,
+            settle_later: false,
+            unsettled: None,
+            watch_inputs: 0,
             aggregator: events::aggregate::Aggregator::new(opts.aggregate_window, AGGREGATE_KINDS),
             reports: opts
                 .policy_reports

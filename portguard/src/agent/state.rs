@@ -135,6 +135,25 @@ pub(super) struct Agent {
     pub(super) hook_dir: Option<PathBuf>,
     /// The selection last written there (pod uids, namespace patterns).
     pub(super) selection_published: Option<(Vec<String>, Vec<String>)>,
+    /// While set, an apply leaves its bookkeeping in `unsettled` for
+    /// [`Agent::settle`] (a hook's request: answered first).
+    pub(super) settle_later: bool,
+    /// What the last apply left to do ([`Agent::settle`]).
+    pub(super) unsettled: Option<Unsettled>,
+    /// Bumped whenever what [`Agent::cgroup_watch_dirs`] depends on may
+    /// have changed (an apply, the tree index): see `Watcher::refresh`.
+    pub(super) watch_inputs: u64,
+}
+
+/// What an apply leaves to do once the kernel maps hold its answer: the
+/// log lines on what each policy governs now, the cgroups' paths for events,
+/// the facts `status` and /metrics publish, and the selection the hooks
+/// read. With thousands of policies that is several milliseconds, which a
+/// hook's request need not wait for ([`Agent::settle`]).
+pub(super) struct Unsettled {
+    report: ApplyReport,
+    /// The policies and what they governed before the apply.
+    before: (Vec<CompiledPolicy>, Resolution),
 }
 
 /// [`resolve::resolve`] against the cgroup filesystem: each path's id and
@@ -296,6 +315,7 @@ impl Agent {
         }
         if Self::needs_tree(policies) && (fresh || self.tree.is_none()) {
             self.tree = Some(self.scan_tree(policies));
+            self.watch_inputs += 1;
         }
         let limits = self.resolve_limits(policies);
         if fresh {
@@ -369,6 +389,33 @@ impl Agent {
         policies: Vec<CompiledPolicy>,
         resolved: Resolution,
     ) -> Result<ApplyReport, crate::apply::ApplyError> {
+        self.apply_or_return(policies, resolved).map_err(|(e, _)| e)
+    }
+
+    /// [`Agent::apply`] of the policies in force with `resolved` (a
+    /// rescan): no copy of thousands of policies.
+    pub(super) fn apply_again(
+        &mut self,
+        resolved: Resolution,
+    ) -> Result<ApplyReport, crate::apply::ApplyError> {
+        // Settled against the policies in force, before they are taken out.
+        self.settle();
+        let policies = std::mem::take(&mut self.policies);
+        self.apply_or_return(policies, resolved).map_err(|(e, policies)| {
+            self.policies = policies;
+            e
+        })
+    }
+
+    /// [`Agent::apply`], which hands the policies back when it fails.
+    fn apply_or_return(
+        &mut self,
+        policies: Vec<CompiledPolicy>,
+        resolved: Resolution,
+    ) -> Result<ApplyReport, (crate::apply::ApplyError, Vec<CompiledPolicy>)> {
+        // The previous apply's bookkeeping first: it logs against the
+        // policies as that apply left them.
+        self.settle();
         let ids: Vec<u32> = policies.iter().map(|p| self.id_recorded(&p.name)).collect();
         let identifying = crate::policy::builtin::identifying();
         let quarantine = std::mem::take(&mut self.next_quarantine);
@@ -420,7 +467,8 @@ impl Agent {
             Err(e) => {
                 self.next_quarantine = quarantine;
                 self.next_unfit_hold = hold;
-                return Err(e);
+                drop(targets);
+                return Err((e, policies));
             }
         };
         for g in &hold {
@@ -460,20 +508,62 @@ impl Agent {
             }
         }
         self.quarantine = quarantine;
+        let before = (
+            std::mem::replace(&mut self.policies, policies),
+            std::mem::replace(&mut self.resolved, resolved),
+        );
+        self.resolved_with = self.last_resolve;
+        self.inventory_pending = true;
+        self.policy_ids = ids;
+        let unsettled = Unsettled {
+            report: report.clone(),
+            before,
+        };
+        if self.settle_later {
+            self.unsettled = Some(unsettled);
+        } else {
+            self.settle_with(unsettled);
+        }
+        Ok(report)
+    }
+
+    /// Do what the last apply left to do, if anything ([`Unsettled`]).
+    /// Before anything reads the facts, the selection or event paths: the
+    /// loop settles before it serves anything else.
+    pub(super) fn settle(&mut self) {
+        if let Some(u) = self.unsettled.take() {
+            self.settle_with(u);
+        }
+    }
+
+    fn settle_with(&mut self, Unsettled { report, before }: Unsettled) {
+        self.watch_inputs += 1;
         // Per-policy lines for small policy sets; large ones get the summary.
-        let level = if policies.len() <= 50 {
+        let level = if self.policies.len() <= 50 {
             log::Level::Info
         } else {
             log::Level::Debug
         };
-        let previous: HashMap<&str, &Vec<Governed>> = self
-            .policies
-            .iter()
-            .zip(&self.resolved)
-            .map(|(q, r)| (q.name.as_str(), r))
-            .collect();
-        for (p, r) in policies.iter().zip(&resolved) {
-            let before = previous.get(p.name.as_str());
+        // By position while the policies are the same (a rescan), else by
+        // name.
+        let same = before.0.len() == self.policies.len()
+            && before.0.iter().zip(&self.policies).all(|(a, b)| a.name == b.name);
+        let by_name: HashMap<&str, &Vec<Governed>> = if same {
+            HashMap::new()
+        } else {
+            before
+                .0
+                .iter()
+                .zip(&before.1)
+                .map(|(q, r)| (q.name.as_str(), r))
+                .collect()
+        };
+        for (i, (p, r)) in self.policies.iter().zip(&self.resolved).enumerate() {
+            let before = if same {
+                before.1.get(i)
+            } else {
+                by_name.get(p.name.as_str()).copied()
+            };
             for g in r {
                 self.hierarchy.remember(g.id, &g.path);
                 if before.is_none_or(|b| !b.iter().any(|x| x.id == g.id)) {
@@ -507,14 +597,10 @@ impl Agent {
                 _ => {}
             }
         }
-        self.policies = policies;
-        self.resolved = resolved;
-        self.resolved_with = self.last_resolve;
-        self.inventory_pending = true;
+        let ids = std::mem::take(&mut self.policy_ids);
         self.publish_facts(&report, &ids);
         self.policy_ids = ids;
         self.publish_selection();
-        Ok(report)
     }
 
     /// Say once that the applier could not wait for an RCU grace period.

@@ -221,6 +221,7 @@ impl Surveys {
         agent.writable_cache = s.writable;
         if s.tree.is_some() || !Agent::needs_tree(&agent.policies) {
             agent.tree = s.tree;
+            agent.watch_inputs += 1;
         }
         let t = Instant::now();
         let _ = agent.rescan_with(false);

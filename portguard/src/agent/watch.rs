@@ -101,6 +101,11 @@ pub(super) struct Watcher {
     pub(super) file_wd: Option<WatchDescriptor>,
     pub(super) file_name: Option<std::ffi::OsString>,
     pub(super) dirs: HashMap<PathBuf, WatchDescriptor>,
+    /// Events on the cgroup directories drained so far.
+    cgroup_events: u64,
+    /// (`Agent::watch_inputs`, `cgroup_events`) when the watched set was
+    /// last computed ([`Watcher::refresh`]).
+    computed_for: Option<(u64, u64)>,
 }
 
 pub(super) enum Change {
@@ -138,7 +143,22 @@ impl Watcher {
             file_wd,
             file_name,
             dirs: HashMap::new(),
+            cgroup_events: 0,
+            computed_for: None,
         })
+    }
+
+    /// Watch what [`Agent::cgroup_watch_dirs`] names, computed again only
+    /// when what it depends on may have changed since: an apply, the tree
+    /// index, or an event on a watched directory (one appears where a
+    /// missing one was wanted). With thousands of policies the computation
+    /// takes milliseconds, and the loop wakes for every timer.
+    pub(super) fn refresh(&mut self, agent: &Agent) {
+        let key = (agent.watch_inputs, self.cgroup_events);
+        if self.computed_for != Some(key) {
+            self.set_dirs(&agent.cgroup_watch_dirs());
+            self.computed_for = Some(key);
+        }
     }
 
     pub(super) fn set_dirs(&mut self, want: &HashSet<PathBuf>) {
@@ -199,6 +219,7 @@ impl Watcher {
                         out.push(Change::PolicyFile);
                     }
                 } else {
+                    self.cgroup_events += 1;
                     out.push(Change::Cgroups);
                 }
             }
