@@ -124,10 +124,21 @@ pub(super) async fn govern_batch(
         if waiting.is_empty() {
             break;
         }
-        agent.settle();
+        settle_after_answers(agent).await;
         pending = waiting;
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    settle_after_answers(agent).await;
+}
+
+/// Let the socket's tasks write the answers just sent (they share this
+/// thread, which would otherwise go on to the bookkeeping first), then
+/// settle the apply.
+async fn settle_after_answers(agent: &mut Agent) {
+    tokio::task::yield_now().await;
+    static PASSES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let pass = PASSES.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+    crate::testgate::park("PORTGUARD_TEST_SETTLE_GATE", pass);
     agent.settle();
 }
 

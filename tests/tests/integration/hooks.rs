@@ -528,3 +528,56 @@ fn a_status_request_or_a_scrape_in_flight_holds_no_hook() {
         .unwrap_or_else(|| panic!("no `scraped` policy in {now}"));
     assert_eq!(scraped["cgroups"][0]["path"], cg.rel.as_str(), "{now}");
 }
+
+/// A hook's answer leaves before the apply's bookkeeping (log lines, facts,
+/// the hooks' selection: milliseconds with thousands of policies), which
+/// runs on the same thread as the socket's tasks: the hook returns, and its
+/// unit's bind is denied, while the loop is parked before that bookkeeping.
+#[test]
+fn a_hook_is_answered_before_the_bookkeeping_of_its_apply() {
+    require_root!();
+    let pid = std::process::id();
+    let s = slice("settle");
+    let unit = format!("pgtest-settled-{pid}.service");
+    let gate = Gate::new("the bookkeeping after a hook's apply");
+    // Surveys stay parked: the hook's request, not a rescan, governs the
+    // unit (a rescan installed first would leave the request nothing to
+    // apply).
+    let surveys = Gate::new("survey");
+    let agent = Agent::start_with_env(
+        &format!("policies:\n  - {{name: settled, unit: {unit}, bind: [{{ports: [9000]}}]}}\n"),
+        &["--rescan-interval", "1h", "--inventory-interval", "0"],
+        &[
+            ("PORTGUARD_TEST_SETTLE_GATE", gate.0.path()),
+            ("PORTGUARD_TEST_SURVEY_GATE", surveys.0.path()),
+        ],
+    );
+    let cg = s.child(&unit);
+    surveys.wait_parked(1, &agent);
+    let out = run_in(&cg, hook_unit(&agent, &unit, &["--timeout", "5s"]));
+    assert!(
+        out.status.success(),
+        "the hook's answer waited for the bookkeeping of its apply: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        agent.stderr()
+    );
+    // The answer came from an apply whose bookkeeping is still to run: the
+    // loop is parked there now, and the kernel maps already govern the unit.
+    gate.wait_parked(1, &agent);
+    let port = 42000 + (pid % 1000) as u16 * 2;
+    Probe::in_cgroup(&cg)
+        .host_netns()
+        .run(&["bind", "tcp", "127.0.0.1", &port.to_string()])
+        .assert_eperm();
+    gate.release(1);
+    let e = agent.wait_event(&[("policy", json!("settled")), ("port", json!(port))]);
+    assert_eq!(e["verdict"], "deny", "{e}");
+    assert_eq!(e["unit"], unit.as_str(), "{e}");
+    // Settled: `status` shows the cgroup governed.
+    let now = agent_status(&agent);
+    let settled = now["policies"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["name"] == "settled"))
+        .unwrap_or_else(|| panic!("no `settled` policy in {now}"));
+    assert_eq!(settled["cgroups"][0]["path"], cg.rel.as_str(), "{now}");
+}
