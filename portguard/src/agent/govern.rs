@@ -174,7 +174,8 @@ impl Agent {
         // governed cgroup, built per request, cost milliseconds at 10,000.
         // The holds win over the policies, the later policy over the earlier
         // (as the kernel maps are written).
-        let has = |govs: &[crate::workload::resolve::Governed], id: u64| govs.iter().any(|g| g.id == id);
+        let has =
+            |govs: &[crate::workload::resolve::Governed], id: u64| govs.iter().any(|g| g.id == id);
         self.walk_up(path, |id| {
             if has(&self.quarantine, id) {
                 return Some(IDENTIFYING.to_owned());

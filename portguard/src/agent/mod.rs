@@ -41,14 +41,15 @@ mod points;
 mod reload;
 mod reports;
 mod serve;
+mod settle;
 mod start;
 mod state;
 mod survey;
 mod watch;
 
 use self::{
-    endpoints::Endpoints, govern::*, losses::*, pipeline::*, serve::*, start::*, state::*,
-    survey::*, watch::*,
+    endpoints::Endpoints, govern::*, losses::*, pipeline::*, serve::*, settle::*, start::*,
+    state::*, survey::*, watch::*,
 };
 
 /// Options of `portguard run`.

@@ -18,8 +18,9 @@
 //!    `generation` is still running, however long it was preempted), started
 //!    on a thread of its own at the previous flip
 //!    ([`RuleSink::reader_barrier`]) or waited for here
-//!    ([`RuleSink::wait_for_readers`]), and at least [`GRACE`] since that
-//!    flip;
+//!    ([`RuleSink::wait_for_readers`]); only where the sink has no such
+//!    barrier (`membarrier` refused: nohz_full), time alone, at least
+//!    [`GRACE`] since that flip;
 //! 3. brings the dead generation from what it holds (the policy before the
 //!    live one) to the new policy, writing only the difference: cgroup entries
 //!    and records that are already right are left alone, so a reload that
@@ -54,8 +55,10 @@ use plan::Plan;
 pub use sink::{RuleSink, SinkError};
 
 /// Minimum time between a flip and the next rewrite of the generation it
-/// retired. BPF programs run in microseconds; this is a wide margin for a
-/// preempted one.
+/// retired, where no RCU grace period can be waited for (the sink's barrier
+/// failed). BPF programs run in microseconds; this is a wide margin for a
+/// preempted one. With the barrier, the grace period is the guarantee and
+/// no time is added to it.
 pub const GRACE: Duration = Duration::from_millis(50);
 
 /// A cgroup a policy applies to.
@@ -154,6 +157,8 @@ pub struct Applier {
     barrier: Option<std::thread::JoinHandle<bool>>,
     /// The sink could not wait for readers (reported once by the agent).
     pub quiesce_unavailable: bool,
+    /// Applies that waited out [`GRACE`] for want of a reader barrier.
+    pub grace_waits: u64,
 }
 
 impl Applier {
@@ -173,6 +178,7 @@ impl Applier {
             readers_quiesced: false,
             barrier: None,
             quiesce_unavailable: false,
+            grace_waits: 0,
         }
     }
 
@@ -330,21 +336,22 @@ impl Applier {
 
         // 2. Grace period since the last flip: every program that could have
         // read the retired generation has finished.
-        if let Some(t) = self.last_flip {
-            let since = t.elapsed();
-            if since < GRACE {
-                std::thread::sleep(GRACE - since);
-            }
-            if !self.readers_quiesced {
-                // Started at the flip (usually over by now), or here.
-                let quiesced = match self.barrier.take() {
-                    Some(started) => started.join().unwrap_or(false),
-                    None => sink.wait_for_readers(),
-                };
-                if !quiesced {
-                    // No RCU barrier here: GRACE alone (a program preempted
-                    // for longer could still see the generation change).
-                    self.quiesce_unavailable = true;
+        if let Some(t) = self.last_flip
+            && !self.readers_quiesced
+        {
+            // Started at the flip (usually over by now), or here.
+            let quiesced = match self.barrier.take() {
+                Some(started) => started.join().unwrap_or(false),
+                None => sink.wait_for_readers(),
+            };
+            if !quiesced {
+                // No RCU barrier here: GRACE alone (a program preempted
+                // for longer could still see the generation change).
+                self.quiesce_unavailable = true;
+                let since = t.elapsed();
+                if since < GRACE {
+                    self.grace_waits += 1;
+                    std::thread::sleep(GRACE - since);
                 }
             }
             self.readers_quiesced = true;

@@ -495,6 +495,11 @@ fn the_reader_barrier_starts_at_the_flip() {
     assert_eq!(m.waits, 0, "no apply waited itself");
     assert!(BARRIERS.load(std::sync::atomic::Ordering::SeqCst) >= before + 2);
     assert!(!a.quiesce_unavailable);
+    // The grace period is the guarantee: no time is added to it.
+    assert_eq!(
+        a.grace_waits, 0,
+        "an apply waited out GRACE despite the barrier"
+    );
     assert_eq!(bind(&m.maps, &[1, 10], 9000), Verdict::Allow);
 }
 
@@ -549,4 +554,23 @@ fn small_sets_are_inline_and_say_what_their_chunks_say() {
     assert_eq!(bind(&m, &[1, 10], 8081), Verdict::Deny);
     assert_eq!(bind(&m, &[1, 20], 9050), Verdict::Allow);
     assert_eq!(bind(&m, &[1, 20], 81), Verdict::Deny);
+}
+
+/// Without a reader barrier (the fake's default, as where `membarrier` is
+/// refused), an apply right after a flip waits out [`GRACE`] since the
+/// flip before it rewrites the retired generation.
+#[test]
+fn without_a_reader_barrier_the_retired_generation_waits_out_grace() {
+    let p = compiled(TWO);
+    let ids = [(10, 1), (11, 2), (20, 1)];
+    let mut m = FakeMaps::default();
+    let mut a = Applier::new(CAPS);
+    a.apply(&mut m, &targets(&p, &ids)).unwrap();
+    let flipped = Instant::now();
+    a.apply(&mut m, &targets(&p, &ids[..2])).unwrap();
+    assert!(flipped.elapsed() >= GRACE - Duration::from_millis(1));
+    assert!(a.quiesce_unavailable);
+    assert_eq!(a.grace_waits, 1);
+    // The second apply is live: `sealed` governs cgroup 20 no more.
+    assert_eq!(bind(&m, &[1, 20], 9000), Verdict::Ungoverned);
 }

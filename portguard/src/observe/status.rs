@@ -51,7 +51,10 @@ pub async fn document_text(shared: &std::sync::Arc<Snapshot>) -> String {
 }
 
 /// The status document for `facts` and the kernel's counters read for them.
-fn document_of(facts: &crate::observe::snapshot::Facts, kernel: Result<KernelReading, String>) -> Value {
+fn document_of(
+    facts: &crate::observe::snapshot::Facts,
+    kernel: Result<KernelReading, String>,
+) -> Value {
     let (kernel, kernel_error) = match kernel {
         Ok(k) => (k, None),
         Err(e) => (KernelReading::default(), Some(e)),

@@ -478,7 +478,8 @@ fn a_status_request_or_a_scrape_in_flight_holds_no_hook() {
         s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
         s.write_all(b"\n").unwrap();
         let mut text = String::new();
-        s.read_to_string(&mut text).expect("reading the status document");
+        s.read_to_string(&mut text)
+            .expect("reading the status document");
         text
     });
     gate.wait_parked(1, &agent);
@@ -517,7 +518,10 @@ fn a_status_request_or_a_scrape_in_flight_holds_no_hook() {
     }
     let doc: Value = serde_json::from_str(&status.join().expect("status client"))
         .expect("the status document is JSON");
-    assert!(doc["policies"].is_array() && doc["version"].is_string(), "{doc}");
+    assert!(
+        doc["policies"].is_array() && doc["version"].is_string(),
+        "{doc}"
+    );
     let page = scrape.join().expect("scrape client");
     assert!(page.ends_with("# EOF\n"), "{page}");
     assert!(page.contains("portguard_governed_cgroups "), "{page}");

@@ -9,8 +9,8 @@
 //! rounds that each time:
 //! 1. a govern request for the unit's new cgroup (removed and made again,
 //!    as systemd does on a restart: same path, new id), right after the
-//!    previous round's: the agent first sleeps out the rest of
-//!    `portguard::apply::GRACE`;
+//!    previous round's: the agent first waits for the RCU grace period
+//!    (`membarrier`) its previous flip started;
 //! 2. after [`SETTLE`], the same for another new cgroup: a unit that
 //!    restarts alone;
 //! 3. that request again (the idempotent case: already governed);
@@ -255,10 +255,11 @@ impl Rounds {
 /// trip slower than this fails (or lets through) the start.
 const HOOK_TIMEOUT_US: f64 = 1e6;
 
-/// A pause longer than `portguard::apply::GRACE` (50 ms): the agent
-/// rewrites a generation of its maps only that long after it last flipped
-/// them, and sleeps out the rest on its loop's one thread. A unit that
-/// restarts alone never waits for it; starts in quick succession do.
+/// A pause between rounds: the agent rewrites a generation of its maps only
+/// after an RCU grace period since it last flipped them (`membarrier`,
+/// started at the flip on a thread of its own; `portguard::apply::GRACE`,
+/// 50 ms, only where that is refused). A unit that restarts alone finds it
+/// over; starts in quick succession may wait for it.
 const SETTLE: Duration = Duration::from_millis(60);
 
 const WARMUP: usize = 5;
@@ -451,12 +452,13 @@ pub(crate) fn hook_latency(
          or lists sockets waits for it, hence round trips above the agent's own time.\n\n\
          A round sends on the agent's status socket: a govern request for the unit's new \
          cgroup (removed and made again, as systemd does on a restart: a new id) right after \
-         the previous round's (\"right after another\": the agent first sleeps out the rest \
-         of its 50 ms `apply::GRACE` since it last flipped its maps); then, {} ms later, the \
-         same for another new cgroup (\"new cgroup\": a unit restarting alone; an apply after \
-         a flip still waits for `membarrier(MEMBARRIER_CMD_GLOBAL)`), the same request again \
-         (\"governed\": idempotent) and a status request (the baseline: answered by the \
-         socket's task without the agent's loop, but its document lists every policy with its \
+         the previous round's (\"right after another\": the agent first waits for the RCU \
+         grace period, `membarrier(MEMBARRIER_CMD_GLOBAL)`, that its last flip of its maps \
+         started); then, {} ms later, the \
+         same for another new cgroup (\"new cgroup\": a unit restarting alone, the grace period \
+         over by then), the same request again \
+         (\"governed\": idempotent) and a status request (the baseline: built off the agent's \
+         loop, on tokio's blocking pool, but its document lists every policy with its \
          kernel counters, so it grows with them). The agent watches the slice (inotify), but a \
          request sent at once reaches it first: every govern answer was checked to say ok, the \
          unit's policy and the new cgroup's id. Round trips are client-side (connect, one \

@@ -1,0 +1,106 @@
+//! What an apply leaves until after a hook's answer: its bookkeeping
+//! ([`Unsettled`]), done by [`Agent::settle`] before the loop serves
+//! anything else.
+
+use std::collections::HashMap;
+
+use crate::{
+    apply::ApplyReport,
+    policy::CompiledPolicy,
+    workload::resolve::{Governed, Resolution},
+};
+
+use super::*;
+
+/// What an apply leaves to do once the kernel maps hold its answer: the
+/// log lines on what each policy governs now, the cgroups' paths for events,
+/// the facts `status` and /metrics publish, and the selection the hooks
+/// read. With thousands of policies that is several milliseconds, which a
+/// hook's request need not wait for ([`Agent::settle`]).
+pub(super) struct Unsettled {
+    pub(super) report: ApplyReport,
+    /// The policies and what they governed before the apply.
+    pub(super) before: (Vec<CompiledPolicy>, Resolution),
+}
+
+impl Agent {
+    /// Do what the last apply left to do, if anything ([`Unsettled`]).
+    /// Before anything reads the facts, the selection or event paths: the
+    /// loop settles before it serves anything else.
+    pub(super) fn settle(&mut self) {
+        if let Some(u) = self.unsettled.take() {
+            self.settle_with(u);
+        }
+    }
+
+    pub(super) fn settle_with(&mut self, Unsettled { report, before }: Unsettled) {
+        self.watch_inputs += 1;
+        // Per-policy lines for small policy sets; large ones get the summary.
+        let level = if self.policies.len() <= 50 {
+            log::Level::Info
+        } else {
+            log::Level::Debug
+        };
+        // By position while the policies are the same (a rescan), else by
+        // name.
+        let same = before.0.len() == self.policies.len()
+            && before
+                .0
+                .iter()
+                .zip(&self.policies)
+                .all(|(a, b)| a.name == b.name);
+        let by_name: HashMap<&str, &Vec<Governed>> = if same {
+            HashMap::new()
+        } else {
+            before
+                .0
+                .iter()
+                .zip(&before.1)
+                .map(|(q, r)| (q.name.as_str(), r))
+                .collect()
+        };
+        for (i, (p, r)) in self.policies.iter().zip(&self.resolved).enumerate() {
+            let before = if same {
+                before.1.get(i)
+            } else {
+                by_name.get(p.name.as_str()).copied()
+            };
+            for g in r {
+                self.hierarchy.remember(g.id, &g.path);
+                if before.is_none_or(|b| !b.iter().any(|x| x.id == g.id)) {
+                    log::log!(
+                        level,
+                        "daemon: policy `{}` ({}) governs cgroup {} (id {})",
+                        p.name,
+                        p.mode.as_str(),
+                        g.path,
+                        g.id
+                    );
+                }
+            }
+            match (r.is_empty(), before) {
+                (true, Some(b)) if !b.is_empty() => log::log!(
+                    if level == log::Level::Info {
+                        log::Level::Warn
+                    } else {
+                        level
+                    },
+                    "daemon: policy `{}` ({}) governs no cgroup any more; it applies again when one appears",
+                    p.name,
+                    p.selector.describe()
+                ),
+                (true, None) => log::log!(
+                    level,
+                    "daemon: policy `{}`: {} does not exist yet; it will be governed as soon as it appears",
+                    p.name,
+                    p.selector.describe()
+                ),
+                _ => {}
+            }
+        }
+        let ids = std::mem::take(&mut self.policy_ids);
+        self.publish_facts(&report, &ids);
+        self.policy_ids = ids;
+        self.publish_selection();
+    }
+}
