@@ -4,7 +4,7 @@
 //! use; after a reload that changed one policy's rules alone, only that
 //! policy's facts.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Arc};
 
 use crate::{
     apply::{Applier, ApplyReport, Capacity},
@@ -18,49 +18,80 @@ use crate::{
 use super::*;
 
 impl Agent {
-    /// Refresh what /metrics and `status` report after an apply.
-    pub(super) fn publish_facts(&mut self, report: &ApplyReport, ids: &[u32]) {
+    /// Refresh what /metrics and `status` report after an apply. Policy
+    /// `i` with `unchanged[i]` (same selector, mode and cgroups as when its
+    /// facts were last published; `unchanged` may be empty) keeps the facts
+    /// published for it, if they are still those of its slot.
+    pub(super) fn publish_facts(&mut self, report: &ApplyReport, ids: &[u32], unchanged: &[bool]) {
         let counters = self.shared.counters.clone();
-        let mut policies = Vec::with_capacity(self.policies.len() + 1);
+        let mut policies: Vec<Arc<PolicyFacts>> = Vec::with_capacity(self.policies.len() + 1);
         let cri = self.cri.as_ref();
-        type Entry<'a> = (
-            &'a CompiledPolicy,
-            u32,
-            Vec<(String, events::WorkloadIdentity)>,
-        );
-        let mut entries: Vec<Entry<'_>> = self
+        // The facts published before, in policy order (a policy without a
+        // record slot has none): walked alongside.
+        let old = self.shared.read(|f| f.policies.clone());
+        let mut next_old = old.iter().peekable();
+        let mut fresh: Vec<Entry<'_>> = Vec::new();
+        for (i, ((p, &id), r)) in self
             .policies
             .iter()
             .zip(ids)
             .zip(&self.resolved)
-            .map(|((p, id), r)| (p, *id, identities(r, cri)))
-            .collect();
+            .enumerate()
+        {
+            let before = next_old.next_if(|o| o.name == p.name);
+            let kept = before.filter(|o| {
+                unchanged.get(i).copied().unwrap_or(false)
+                    && self.applier.slot_of(id) == Some(o.slot)
+                    && self
+                        .slot_owners
+                        .get(&o.slot)
+                        .is_some_and(|(name, b)| *name == p.name && *b == o.baseline)
+            });
+            match kept {
+                Some(o) => policies.push(o.clone()),
+                None => {
+                    // Built below, in order: remember where.
+                    policies.push(Arc::default());
+                    fresh.push((p, id, identities(r, cri), Some(policies.len() - 1)));
+                }
+            }
+        }
+        let mut entries = fresh;
         let identifying = crate::policy::builtin::identifying();
         if !self.quarantine.is_empty()
             && let Some(id) = self.names.id_of(IDENTIFYING)
         {
-            entries.push((&identifying, id, identities(&self.quarantine, cri)));
+            entries.push((&identifying, id, identities(&self.quarantine, cri), None));
         }
         let unfit = crate::policy::builtin::unfit();
         if !self.unfit_hold.is_empty()
             && let Some(id) = self.names.id_of(UNFIT)
         {
-            entries.push((&unfit, id, identities(&self.unfit_hold, cri)));
+            entries.push((&unfit, id, identities(&self.unfit_hold, cri), None));
         }
-        for (p, id, cgroups) in entries {
-            policies.extend(policy_facts(
+        for (p, id, cgroups, at) in entries {
+            let facts = policy_facts(
                 &self.applier,
                 &mut self.slot_owners,
                 &counters,
                 (p, id, cgroups),
-            ));
+            )
+            .map(Arc::new);
+            match (at, facts) {
+                (Some(at), Some(f)) => policies[at] = f,
+                (None, Some(f)) => policies.push(f),
+                // No record slot: no facts (its placeholder goes below).
+                (_, None) => {}
+            }
         }
+        // Placeholders of policies that turned out to hold no slot.
+        policies.retain(|f| !f.name.is_empty());
         let maps = map_use(self.capacity, policies.len(), report);
         let governed = report.cgroups;
         let left_out = self.next_left_out.clone();
         self.publish_points();
         self.shared.update(|f| {
-            f.policies = std::sync::Arc::new(policies);
+            f.policies = Arc::new(policies);
             f.governed_cgroups = governed;
             f.left_out = left_out;
             f.maps = maps;
@@ -90,9 +121,9 @@ impl Agent {
         let mut published = false;
         if let Some(facts) = facts {
             self.shared.update(|f| {
-                let policies = std::sync::Arc::make_mut(&mut f.policies);
+                let policies = Arc::make_mut(&mut f.policies);
                 if let Some(old) = policies.iter_mut().find(|o| o.name == facts.name) {
-                    *old = facts;
+                    *old = Arc::new(facts);
                     f.governed_cgroups = governed;
                     f.maps = map_use(caps, f.policies.len(), report);
                     published = true;
@@ -102,10 +133,19 @@ impl Agent {
         if !published {
             // Not as expected: publish everything.
             let ids = self.policy_ids.clone();
-            self.publish_facts(report, &ids);
+            self.publish_facts(report, &ids, &[]);
         }
     }
 }
+
+/// A policy whose facts are built: the policy, its id, its cgroups with who
+/// they are, and its place among the policies' facts (`None`: appended).
+type Entry<'a> = (
+    &'a CompiledPolicy,
+    u32,
+    Vec<(String, events::WorkloadIdentity)>,
+    Option<usize>,
+);
 
 /// The cgroups a policy governs, with who they are.
 fn identities(

@@ -59,7 +59,20 @@ impl Agent {
                 .map(|(q, r)| (q.name.as_str(), r))
                 .collect()
         };
+        // Policies as they were (by position): nothing to log or remember,
+        // and their published facts stand (their cgroups' identities come
+        // from their paths alone when no `pods:` policy asks the runtime).
+        let stable_identities = !Self::needs_cri(&self.policies) && self.cri.is_none();
+        let mut unchanged = vec![false; self.policies.len()];
         for (i, (p, r)) in self.policies.iter().zip(&self.resolved).enumerate() {
+            if same
+                && before.1.get(i) == Some(r)
+                && before.0[i].mode == p.mode
+                && before.0[i].selector == p.selector
+            {
+                unchanged[i] = stable_identities;
+                continue;
+            }
             let before = if same {
                 before.1.get(i)
             } else {
@@ -99,7 +112,7 @@ impl Agent {
             }
         }
         let ids = std::mem::take(&mut self.policy_ids);
-        self.publish_facts(&report, &ids);
+        self.publish_facts(&report, &ids, &unchanged);
         self.policy_ids = ids;
         self.publish_selection();
     }

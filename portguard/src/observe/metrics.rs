@@ -359,13 +359,13 @@ mod tests {
     #[test]
     fn renders_kernel_and_agent_numbers_with_labels() {
         let facts = Facts {
-            policies: Arc::new(vec![PolicyFacts {
+            policies: Arc::new(vec![Arc::new(PolicyFacts {
                 name: "web".into(),
                 slot: 3,
                 baseline: [0; 6],
                 mode: "enforce",
                 ..PolicyFacts::default()
-            }]),
+            })]),
             governed_cgroups: 2,
             reloads_ok: 1,
             reloads_failed: 2,

@@ -58,7 +58,9 @@ pub struct Facts {
     /// scrape (thousands of policies) is one reference count, not a copy
     /// of each policy's strings under the lock the agent's loop takes to
     /// publish.
-    pub policies: Arc<Vec<PolicyFacts>>,
+    /// Each policy's facts shared too: an apply that left a policy as it was
+    /// publishes the same facts again without building them anew.
+    pub policies: Arc<Vec<Arc<PolicyFacts>>>,
     pub governed_cgroups: usize,
     /// Selected by name, not governed (delegated subtrees).
     pub left_out: LeftOut,
