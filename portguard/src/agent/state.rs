@@ -378,7 +378,8 @@ impl Agent {
         policies: Vec<CompiledPolicy>,
         resolved: Resolution,
     ) -> Result<ApplyReport, crate::apply::ApplyError> {
-        self.apply_or_return(policies, resolved).map_err(|(e, _)| e)
+        self.apply_or_return(policies, resolved, None)
+            .map_err(|(e, _)| e)
     }
 
     /// [`Agent::apply`] of the policies in force with `resolved` (a
@@ -390,23 +391,31 @@ impl Agent {
         // Settled against the policies in force, before they are taken out.
         self.settle();
         let policies = std::mem::take(&mut self.policies);
-        self.apply_or_return(policies, resolved)
+        // Their ids, as the apply that put them in force recorded them.
+        let ids = (self.policy_ids.len() == policies.len()).then(|| self.policy_ids.clone());
+        self.apply_or_return(policies, resolved, ids)
             .map_err(|(e, policies)| {
                 self.policies = policies;
                 e
             })
     }
 
-    /// [`Agent::apply`], which hands the policies back when it fails.
+    /// [`Agent::apply`], which hands the policies back when it fails;
+    /// `ids`: the policies' ids when they are known (else looked up, and
+    /// recorded when new).
     fn apply_or_return(
         &mut self,
         policies: Vec<CompiledPolicy>,
         resolved: Resolution,
+        ids: Option<Vec<u32>>,
     ) -> Result<ApplyReport, (crate::apply::ApplyError, Vec<CompiledPolicy>)> {
         // The previous apply's bookkeeping first: it logs against the
         // policies as that apply left them.
         self.settle();
-        let ids: Vec<u32> = policies.iter().map(|p| self.id_recorded(&p.name)).collect();
+        let ids: Vec<u32> = match ids {
+            Some(ids) => ids,
+            None => policies.iter().map(|p| self.id_recorded(&p.name)).collect(),
+        };
         let identifying = crate::policy::builtin::identifying();
         let quarantine = std::mem::take(&mut self.next_quarantine);
         let mut targets: Vec<Target<'_>> = policies

@@ -26,14 +26,16 @@ impl Agent {
         // levels for `pods:` (new pods), pod cgroups for `container:`
         // selectors (new containers), and the units' parents.
         let mut parents: HashSet<PathBuf> = HashSet::new();
+        // `cgroup:` paths' parents, as paths under the mount first: thousands
+        // of policies often share a handful of parents.
+        let mut cgroup_parents: HashSet<&str> = HashSet::new();
         for (p, govs) in self.policies.iter().zip(&self.resolved) {
             match &p.selector {
                 Selector::Cgroup(path) => {
-                    let fs = self.hierarchy.fs_path(path);
-                    if fs != root
-                        && let Some(parent) = fs.parent()
+                    if let Some((parent, name)) = path.trim_end_matches('/').rsplit_once('/')
+                        && !name.is_empty()
                     {
-                        parents.insert(parent.to_path_buf());
+                        cgroup_parents.insert(if parent.is_empty() { "/" } else { parent });
                     }
                 }
                 Selector::Pods(sel) => {
@@ -76,6 +78,11 @@ impl Agent {
                 }
             }
         }
+        parents.extend(
+            cgroup_parents
+                .into_iter()
+                .map(|p| self.hierarchy.fs_path(p)),
+        );
         // Each wanted directory, or its nearest existing ancestor (whose
         // new child may be on the way to it).
         let mut dirs = HashSet::new();

@@ -178,8 +178,13 @@ impl Applier {
         let mut sets = self.set_ids();
         let mut records: HashMap<u32, PolicyRecord> =
             HashMap::with_capacity_and_hasher(targets.len(), Default::default());
-        let mut cgroups: HashMap<CgroupKey, CgroupValue> = HashMap::default();
-        let mut seen_cgroups: HashMap<u64, u32> = HashMap::default();
+        // Sized for what the live generation governs (thousands of entries
+        // grown one rehash at a time cost more than the inserts).
+        let expect = self.gen_cgroups[1 - gen_].len().max(targets.len());
+        let mut cgroups: HashMap<CgroupKey, CgroupValue> =
+            HashMap::with_capacity_and_hasher(expect, Default::default());
+        let mut seen_cgroups: HashMap<u64, u32> =
+            HashMap::with_capacity_and_hasher(expect, Default::default());
         let mut max_level = 0u32;
         let mut min_level = MAX_CGROUP_DEPTH;
         for t in targets {

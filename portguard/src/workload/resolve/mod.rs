@@ -259,7 +259,7 @@ pub fn resolve(
 ) -> Outcome {
     let mut placer = Placer {
         policies,
-        owner: HashMap::new(),
+        owner: rustc_hash::FxHashMap::with_capacity_and_hasher(policies.len(), Default::default()),
         found: vec![Vec::new(); policies.len()],
         ties: Vec::new(),
     };
@@ -327,7 +327,7 @@ pub fn resolve(
 struct Placer<'a> {
     policies: &'a [CompiledPolicy],
     /// cgroup id -> (policy index, specificity)
-    owner: HashMap<u64, (usize, u32)>,
+    owner: rustc_hash::FxHashMap<u64, (usize, u32)>,
     found: Resolution,
     ties: Vec<String>,
 }
