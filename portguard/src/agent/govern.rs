@@ -97,8 +97,8 @@ pub(super) async fn govern_batch(
             agent.resolve_cache.remove(p);
             agent.writable_cache.remove(p);
         }
-        // Answered before the bookkeeping (logs, facts, the hooks'
-        // selection), which follows at once (`Agent::settle`).
+        // Answered before the bookkeeping (logs, event paths, status facts),
+        // which follows at once (`Agent::settle`).
         agent.settle_later = true;
         let applied = agent.rescan_with(false);
         agent.settle_later = false;

@@ -22,9 +22,8 @@
 //!   (`survey`): installing it never undoes what a hook governed while it
 //!   ran;
 //! - a hook's answer leaves once the kernel maps hold it; the apply's
-//!   bookkeeping (log lines, event paths, status facts, the hooks'
-//!   selection) follows at once, before the loop serves anything else
-//!   (`settle`);
+//!   bookkeeping (log lines, event paths, status facts) follows at once,
+//!   before the loop serves anything else (`settle`);
 //! - nothing slow runs on the loop's thread for a client: the status
 //!   document and `/metrics` are built on tokio's blocking pool.
 

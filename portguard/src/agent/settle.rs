@@ -14,9 +14,10 @@ use super::*;
 
 /// What an apply leaves to do once the kernel maps hold its answer: the
 /// log lines on what each policy governs now, the cgroups' paths for events,
-/// the facts `status` and /metrics publish, and the selection the hooks
-/// read. With thousands of policies that is several milliseconds, which a
-/// hook's request need not wait for ([`Agent::settle`]).
+/// the facts `status` and /metrics publish. With thousands of policies
+/// that is several milliseconds, which a hook's request need not wait for
+/// ([`Agent::settle`]). (The selection the hooks read when the agent is
+/// gone is written by the apply itself, never behind an answer.)
 pub(super) struct Unsettled {
     pub(super) report: ApplyReport,
     /// The policies and what they governed before the apply.
@@ -25,7 +26,7 @@ pub(super) struct Unsettled {
 
 impl Agent {
     /// Do what the last apply left to do, if anything ([`Unsettled`]).
-    /// Before anything reads the facts, the selection or event paths: the
+    /// Before anything reads the facts or event paths: the
     /// loop settles before it serves anything else.
     pub(super) fn settle(&mut self) {
         if let Some(u) = self.unsettled.take() {
@@ -114,6 +115,5 @@ impl Agent {
         let ids = std::mem::take(&mut self.policy_ids);
         self.publish_facts(&report, &ids, &unchanged);
         self.policy_ids = ids;
-        self.publish_selection();
     }
 }

@@ -514,6 +514,9 @@ impl Agent {
         self.resolved_with = self.last_resolve;
         self.inventory_pending = true;
         self.policy_ids = ids;
+        // Not left for later: hooks that find the agent gone read it
+        // (`--on-failure auto`), so it is never behind an answer given.
+        self.publish_selection();
         let unsettled = Unsettled {
             report: report.clone(),
             before,
@@ -531,8 +534,9 @@ impl Agent {
         if self.applier.quiesce_unavailable && !self.quiesce_warned {
             self.quiesce_warned = true;
             warn!(
-                "daemon: membarrier(MEMBARRIER_CMD_GLOBAL) is unavailable (nohz_full?): reloads \
-                 wait a fixed {} ms for running programs instead of an RCU grace period",
+                "daemon: membarrier(MEMBARRIER_CMD_GLOBAL) gives no RCU grace period here \
+                 (nohz_full refuses it; with one CPU online it does not wait): reloads wait a \
+                 fixed {} ms for running programs instead",
                 crate::apply::GRACE.as_millis()
             );
         }

@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use inotify::{Inotify, WatchDescriptor, WatchMask};
+use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
 use log::{debug, warn};
 use tokio::io::{Interest, unix::AsyncFd};
 
@@ -227,6 +227,13 @@ impl Watcher {
                     }
                 } else {
                     self.cgroup_events += 1;
+                    // The watched directory is gone (removed, or its watch
+                    // dropped): forget its watch, so that a directory made
+                    // again at that path is watched anew, not taken for the
+                    // dead one.
+                    if ev.mask.contains(EventMask::IGNORED) {
+                        self.dirs.retain(|_, wd| *wd != ev.wd);
+                    }
                     out.push(Change::Cgroups);
                 }
             }

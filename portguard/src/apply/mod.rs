@@ -19,7 +19,8 @@
 //!    on a thread of its own at the previous flip
 //!    ([`RuleSink::reader_barrier`]) or waited for here
 //!    ([`RuleSink::wait_for_readers`]); only where the sink has no such
-//!    barrier (`membarrier` refused: nohz_full), time alone, at least
+//!    barrier (`membarrier` refused under nohz_full, or a no-op with one
+//!    CPU online), time alone, at least
 //!    [`GRACE`] since that flip;
 //! 3. brings the dead generation from what it holds (the policy before the
 //!    live one) to the new policy, writing only the difference: cgroup entries

@@ -164,10 +164,13 @@ impl RuleSink for KernelMaps {
         self.state.set(0, state, 0).map_err(map_err(MAP_STATE))
     }
 
-    /// `membarrier(MEMBARRIER_CMD_GLOBAL)` is `synchronize_rcu()`: cgroup
-    /// programs run under `rcu_read_lock()`, so when it returns every
-    /// program that started before has finished, even one preempted for a
-    /// long time on a busy host.
+    /// `membarrier(MEMBARRIER_CMD_GLOBAL)` is `synchronize_rcu()` while
+    /// more than one CPU is online: cgroup programs run under
+    /// `rcu_read_lock()`, so when it returns every program that started
+    /// before has finished, even one preempted for a long time on a busy
+    /// host. With one CPU online the kernel returns at once without it
+    /// (`kernel/sched/membarrier.c`), which is no barrier where RCU readers
+    /// can be preempted: then this answers false.
     fn wait_for_readers(&mut self) -> bool {
         membarrier_global()
     }
@@ -179,9 +182,19 @@ impl RuleSink for KernelMaps {
     }
 }
 
-/// `membarrier(MEMBARRIER_CMD_GLOBAL)`; false if the kernel refused it.
+/// `membarrier(MEMBARRIER_CMD_GLOBAL)`; false if the kernel refused it
+/// (nohz_full), or if one CPU was online before or after it (the kernel
+/// then skips `synchronize_rcu()`).
 fn membarrier_global() -> bool {
     const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+    let several = || {
+        // SAFETY: sysconf takes no pointers.
+        let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+        online > 1
+    };
+    if !several() {
+        return false;
+    }
     // SAFETY: membarrier takes no pointers.
     let r = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
     if r != 0 {
@@ -190,5 +203,5 @@ fn membarrier_global() -> bool {
             std::io::Error::last_os_error()
         );
     }
-    r == 0
+    r == 0 && several()
 }

@@ -147,6 +147,10 @@ pub struct Snapshot {
     pub programs: Option<ProgramStats>,
 }
 
+/// Status documents and `/metrics` pages built at once, at most
+/// ([`Snapshot::off_loop`]).
+pub const BUILDS: usize = 2;
+
 /// Event lines the agent keeps in memory for `portguard why`.
 pub const RECENT_EVENTS: usize = 1024;
 
@@ -170,14 +174,24 @@ impl Snapshot {
     /// document or a scrape takes a tenth of a second and more, and the
     /// agent's loop (which answers the runtime hooks) shares that thread.
     /// The facts are copied under their lock (a reference count for the
-    /// policies), the rest is built without it.
+    /// policies), the rest is built without it. At most [`BUILDS`] at once:
+    /// `/metrics` answers whoever connects, and a flood of scrapes must not
+    /// take the CPU the loop needs (a client that leaves while it waits
+    /// gives its turn up; one being built runs to its end).
     pub async fn off_loop<R: Send + 'static>(
         self: &Arc<Self>,
         build: impl FnOnce(&Facts, Result<KernelReading, String>) -> R + Send + 'static,
     ) -> Result<R, String> {
         static PASSES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        static TURNS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(BUILDS);
+        let turn = TURNS
+            .acquire()
+            .await
+            .map_err(|e| format!("building the answer failed: {e}"))?;
         let shared = self.clone();
         tokio::task::spawn_blocking(move || {
+            // Held until the build ends, whoever still waits for it.
+            let _turn = turn;
             let facts = shared.facts();
             let pass = PASSES.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
             crate::testgate::park("PORTGUARD_TEST_STATUS_GATE", pass);

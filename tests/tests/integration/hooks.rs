@@ -510,12 +510,27 @@ fn a_status_request_or_a_scrape_in_flight_holds_no_hook() {
     assert_eq!(e["unit"], unit.as_str(), "{e}");
     // Both were still waiting: the hook did not go through after them.
     assert!(!status.is_finished() && !scrape.is_finished());
+    // Two are built at once at most (anyone may scrape): a third request
+    // waits for a turn, and gets one when a build ends.
+    let scrape_url = format!("http://127.0.0.1:{}/metrics", agent.metrics_port());
+    let third = std::thread::spawn(move || {
+        let mut resp = ureq::get(&scrape_url).call().expect("GET /metrics");
+        resp.body_mut().read_to_string().expect("reading /metrics")
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !gate.0.path().join("parked-3").exists(),
+        "a third page was being built while two were"
+    );
+    gate.release(1);
+    gate.wait_parked(3, &agent);
     // Released, each answers what the agent knew when it began (it copied
     // the facts before parking), and a status asked for now shows the hook's
     // cgroup governed.
-    for n in 1..=3 {
+    for n in 2..=4 {
         gate.release(n);
     }
+    assert!(third.join().expect("third client").ends_with("# EOF\n"));
     let doc: Value = serde_json::from_str(&status.join().expect("status client"))
         .expect("the status document is JSON");
     assert!(
