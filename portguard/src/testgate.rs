@@ -30,3 +30,29 @@ pub fn park(var: &str, seq: u64) {
 #[cfg(not(debug_assertions))]
 #[inline(always)]
 pub fn park(_var: &str, _seq: u64) {}
+
+/// Park the next pass of gate `var` (numbered from 1 per gate), if armed:
+/// for gates whose passes have no number of their own.
+#[cfg(debug_assertions)]
+pub fn park_next(var: &'static str) {
+    static PASSES: std::sync::Mutex<Vec<(&str, u64)>> = std::sync::Mutex::new(Vec::new());
+    if std::env::var_os(var).is_none() {
+        return;
+    }
+    let seq = {
+        let mut passes = PASSES.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, n)) = passes.iter_mut().find(|(v, _)| *v == var) {
+            *n += 1;
+            *n
+        } else {
+            passes.push((var, 1));
+            1
+        }
+    };
+    park(var, seq);
+}
+
+/// Park the next pass of gate `var`, if armed (release builds: never).
+#[cfg(not(debug_assertions))]
+#[inline(always)]
+pub fn park_next(_var: &'static str) {}

@@ -30,7 +30,7 @@ impl Agent {
         // record slot has none): walked alongside.
         let old = self.shared.read(|f| f.policies.clone());
         let mut next_old = old.iter().peekable();
-        let mut fresh: Vec<Entry<'_>> = Vec::new();
+        let mut entries: Vec<Entry<'_>> = Vec::new();
         for (i, ((p, &id), r)) in self
             .policies
             .iter()
@@ -52,11 +52,10 @@ impl Agent {
                 None => {
                     // Built below, in order: remember where.
                     policies.push(Arc::default());
-                    fresh.push((p, id, identities(r, cri), Some(policies.len() - 1)));
+                    entries.push((p, id, identities(r, cri), Some(policies.len() - 1)));
                 }
             }
         }
-        let mut entries = fresh;
         let identifying = crate::policy::builtin::identifying();
         if !self.quarantine.is_empty()
             && let Some(id) = self.names.id_of(IDENTIFYING)

@@ -136,9 +136,7 @@ pub(super) async fn govern_batch(
 /// settle the apply.
 async fn settle_after_answers(agent: &mut Agent) {
     tokio::task::yield_now().await;
-    static PASSES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let pass = PASSES.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-    crate::testgate::park("PORTGUARD_TEST_SETTLE_GATE", pass);
+    crate::testgate::park_next("PORTGUARD_TEST_SETTLE_GATE");
     agent.settle();
 }
 

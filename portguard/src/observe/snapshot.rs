@@ -182,7 +182,6 @@ impl Snapshot {
         self: &Arc<Self>,
         build: impl FnOnce(&Facts, Result<KernelReading, String>) -> R + Send + 'static,
     ) -> Result<R, String> {
-        static PASSES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         static TURNS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(BUILDS);
         let turn = TURNS
             .acquire()
@@ -193,8 +192,7 @@ impl Snapshot {
             // Held until the build ends, whoever still waits for it.
             let _turn = turn;
             let facts = shared.facts();
-            let pass = PASSES.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-            crate::testgate::park("PORTGUARD_TEST_STATUS_GATE", pass);
+            crate::testgate::park_next("PORTGUARD_TEST_STATUS_GATE");
             let kernel = shared.read_kernel(&facts);
             build(&facts, kernel)
         })
