@@ -261,7 +261,7 @@ pub(super) async fn serve(
                 surveys.request(agent);
                 agent.sync_ephemeral(false);
                 // Computed afresh each period, whatever `refresh` thinks.
-                watcher.set_dirs(&agent.cgroup_watch_dirs());
+                watcher.rebuild(agent);
             }
             _ = inventory_tick.tick() => {
                 // Rescan first: a cgroup that appeared where no watch sees

@@ -141,7 +141,8 @@ pub(super) struct Agent {
     /// What the last apply left to do ([`Agent::settle`]).
     pub(super) unsettled: Option<Unsettled>,
     /// Bumped whenever what [`Agent::cgroup_watch_dirs`] depends on may
-    /// have changed (an apply, the tree index): see `Watcher::refresh`.
+    /// have changed (an apply, the tree index, a hook's paths): see
+    /// `Watcher::refresh`.
     pub(super) watch_inputs: u64,
 }
 

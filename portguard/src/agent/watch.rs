@@ -17,14 +17,14 @@ use crate::policy::Selector;
 use super::*;
 
 impl Agent {
-    /// Directories to watch so that each policy cgroup's appearance,
-    /// disappearance or re-creation is noticed.
+    /// Directories whose children matter to the selectors, whether they
+    /// exist or not: the parent of each `cgroup:` path (it may appear,
+    /// vanish, be recreated), the kubelet's QoS levels for `pods:` (new
+    /// pods), pod cgroups for `container:` selectors (new containers), and
+    /// the units' parents. [`Watcher`] watches each one, or its nearest
+    /// existing ancestor while it is missing.
     pub(super) fn cgroup_watch_dirs(&self) -> HashSet<PathBuf> {
         let root = self.hierarchy.root();
-        // Directories whose children matter: the parent of each `cgroup:`
-        // path (it may appear, vanish, be recreated), the kubelet's QoS
-        // levels for `pods:` (new pods), pod cgroups for `container:`
-        // selectors (new containers), and the units' parents.
         let mut parents: HashSet<PathBuf> = HashSet::new();
         // `cgroup:` paths' parents, as paths under the mount first: thousands
         // of policies often share a handful of parents.
@@ -40,34 +40,23 @@ impl Agent {
                 }
                 Selector::Pods(sel) => {
                     for d in crate::workload::identity::KUBEPODS_PARENTS {
-                        parents.insert(self.hierarchy.fs_path(d).join("x"));
+                        parents.insert(self.hierarchy.fs_path(d));
                     }
                     // New containers of governed pods (to learn their names
                     // early), and of every pod for `container:` selectors.
-                    parents.extend(
-                        govs.iter()
-                            .map(|g| self.hierarchy.fs_path(&g.path).join("x")),
-                    );
+                    parents.extend(govs.iter().map(|g| self.hierarchy.fs_path(&g.path)));
                     if sel.container.is_some()
                         && let Some(tree) = &self.tree
                     {
-                        parents.extend(
-                            tree.pods
-                                .values()
-                                .map(|p| self.hierarchy.fs_path(p).join("x")),
-                        );
+                        parents.extend(tree.pods.values().map(|p| self.hierarchy.fs_path(p)));
                     }
                 }
                 Selector::Unit(_) => {
                     // Units start in slices: the root's children and every
                     // slice (system.slice, user.slice/user-1000.slice, ...).
-                    parents.insert(root.join("x"));
+                    parents.insert(root.to_path_buf());
                     if let Some(tree) = &self.tree {
-                        parents.extend(
-                            tree.slices
-                                .iter()
-                                .map(|s| self.hierarchy.fs_path(s).join("x")),
-                        );
+                        parents.extend(tree.slices.iter().map(|s| self.hierarchy.fs_path(s)));
                     }
                     parents.extend(govs.iter().filter_map(|g| {
                         self.hierarchy
@@ -83,24 +72,45 @@ impl Agent {
                 .into_iter()
                 .map(|p| self.hierarchy.fs_path(p)),
         );
-        // Each wanted directory, or its nearest existing ancestor (whose
-        // new child may be on the way to it).
-        let mut dirs = HashSet::new();
-        for parent in parents {
-            let mut dir = Some(parent);
-            while let Some(d) = dir {
-                if d.is_dir() {
-                    dirs.insert(d);
-                    break;
-                }
-                if d == root {
-                    break;
-                }
-                dir = d.parent().map(Path::to_path_buf);
-            }
-        }
-        dirs
+        parents
     }
+}
+
+/// What to watch for `wanted` (see [`Agent::cgroup_watch_dirs`]): each
+/// directory, or its nearest existing ancestor below `root` while it is
+/// missing (its creation is on the way to it), and the parent of each of
+/// those. cgroupfs tells a watched directory nothing when it is removed
+/// (no `IN_DELETE_SELF`, no `IN_IGNORED`): only its parent hears of it, and
+/// of one made again at its path, whose new inode the old watch does not
+/// see. Returns the watched set and the wanted directories that are missing.
+fn resolve_dirs(root: &Path, wanted: &HashSet<PathBuf>) -> (HashSet<PathBuf>, Vec<PathBuf>) {
+    let mut dirs = HashSet::new();
+    let mut missing = Vec::new();
+    for want in wanted {
+        if !want.starts_with(root) {
+            continue;
+        }
+        let mut dir = Some(want.as_path());
+        while let Some(d) = dir {
+            if d.is_dir() {
+                dirs.insert(d.to_path_buf());
+                if d != root
+                    && let Some(parent) = d.parent()
+                {
+                    dirs.insert(parent.to_path_buf());
+                }
+                break;
+            }
+            if d == want {
+                missing.push(want.clone());
+            }
+            if d == root {
+                break;
+            }
+            dir = d.parent();
+        }
+    }
+    (dirs, missing)
 }
 
 pub(super) struct Watcher {
@@ -108,11 +118,18 @@ pub(super) struct Watcher {
     pub(super) file_wd: Option<WatchDescriptor>,
     pub(super) file_name: Option<std::ffi::OsString>,
     pub(super) dirs: HashMap<PathBuf, WatchDescriptor>,
-    /// Events on the cgroup directories drained so far.
-    cgroup_events: u64,
-    /// (`Agent::watch_inputs`, `cgroup_events`) when the watched set was
-    /// last computed ([`Watcher::refresh`]).
-    computed_for: Option<(u64, u64)>,
+    /// The directory each watch is on (events name the watch).
+    by_wd: HashMap<WatchDescriptor, PathBuf>,
+    /// The cgroup2 mount and [`Agent::cgroup_watch_dirs`] when last
+    /// computed: resolved again on the loop when a watched directory
+    /// loses or gains a child that matters, without asking the agent.
+    root: PathBuf,
+    wanted: HashSet<PathBuf>,
+    /// Wanted directories missing at the last resolution.
+    missing: Vec<PathBuf>,
+    /// `Agent::watch_inputs` when the wanted set was last computed
+    /// ([`Watcher::refresh`]).
+    computed_for: Option<u64>,
 }
 
 pub(super) enum Change {
@@ -150,40 +167,54 @@ impl Watcher {
             file_wd,
             file_name,
             dirs: HashMap::new(),
-            cgroup_events: 0,
+            by_wd: HashMap::new(),
+            root: PathBuf::new(),
+            wanted: HashSet::new(),
+            missing: Vec::new(),
             computed_for: None,
         })
     }
 
     /// Watch what [`Agent::cgroup_watch_dirs`] names, computed again only
-    /// when what it depends on may have changed since: an apply, the tree
-    /// index, or an event on a watched directory (one appears where a
-    /// missing one was wanted). With thousands of policies the computation
-    /// takes milliseconds, and the loop wakes for every timer.
+    /// when what it depends on may have changed since: an apply or the tree
+    /// index. With thousands of policies the computation takes
+    /// milliseconds, and the loop wakes for every timer. Directories that
+    /// appear or go are followed by [`Watcher::drain`].
     pub(super) fn refresh(&mut self, agent: &Agent) {
-        let key = (agent.watch_inputs, self.cgroup_events);
-        if self.computed_for != Some(key) {
-            self.set_dirs(&agent.cgroup_watch_dirs());
-            self.computed_for = Some(key);
+        if self.computed_for != Some(agent.watch_inputs) {
+            self.rebuild(agent);
         }
     }
 
-    pub(super) fn set_dirs(&mut self, want: &HashSet<PathBuf>) {
+    /// Compute the wanted set afresh and watch it.
+    pub(super) fn rebuild(&mut self, agent: &Agent) {
+        self.root = agent.hierarchy.root().to_path_buf();
+        self.wanted = agent.cgroup_watch_dirs();
+        self.computed_for = Some(agent.watch_inputs);
+        self.resolve();
+    }
+
+    /// Watch the wanted set as the filesystem is now.
+    fn resolve(&mut self) {
+        let (want, missing) = resolve_dirs(&self.root, &self.wanted);
+        self.missing = missing;
         let mut watches = self.fd.get_ref().watches();
+        let by_wd = &mut self.by_wd;
         self.dirs.retain(|d, wd| {
             if want.contains(d) {
                 return true;
             }
+            by_wd.remove(wd);
             let _ = watches.remove(wd.clone());
             false
         });
         for d in want {
-            if self.dirs.contains_key(d) {
+            if self.dirs.contains_key(&d) {
                 continue;
             }
             debug!("daemon: watching {}", d.display());
             match watches.add(
-                d,
+                &d,
                 WatchMask::CREATE
                     | WatchMask::DELETE
                     | WatchMask::MOVED_FROM
@@ -191,10 +222,20 @@ impl Watcher {
                     | WatchMask::ONLYDIR,
             ) {
                 Ok(wd) => {
-                    self.dirs.insert(d.clone(), wd);
+                    self.by_wd.insert(wd.clone(), d.clone());
+                    self.dirs.insert(d, wd);
                 }
                 Err(e) => debug!("daemon: cannot watch {}: {e}", d.display()),
             }
+        }
+    }
+
+    /// Forget the watch on `dir` (removed: the watch, if the kernel still
+    /// holds it, is on a dead inode).
+    fn forget(&mut self, dir: &Path) {
+        if let Some(wd) = self.dirs.remove(dir) {
+            self.by_wd.remove(&wd);
+            let _ = self.fd.get_ref().watches().remove(wd);
         }
     }
 
@@ -202,6 +243,7 @@ impl Watcher {
     pub(super) fn drain(&mut self) -> Vec<Change> {
         let mut out = Vec::new();
         let mut buf = [0u8; 4096];
+        let mut stale = false;
         loop {
             let events = match self.fd.get_mut().read_events(&mut buf) {
                 Ok(ev) => ev,
@@ -226,13 +268,34 @@ impl Watcher {
                         out.push(Change::PolicyFile);
                     }
                 } else {
-                    self.cgroup_events += 1;
-                    // The watched directory is gone (removed, or its watch
-                    // dropped): forget its watch, so that a directory made
-                    // again at that path is watched anew, not taken for the
-                    // dead one.
-                    if ev.mask.contains(EventMask::IGNORED) {
-                        self.dirs.retain(|_, wd| *wd != ev.wd);
+                    // A child of a watched directory removed, renamed or
+                    // made: if it is itself watched, or on the way to a
+                    // missing wanted directory, watch anew now (before the
+                    // rescan this event asks for walks the tree, so that
+                    // nothing made in it meanwhile goes unseen).
+                    if let (Some(name), Some(dir)) = (ev.name, self.by_wd.get(&ev.wd))
+                        && ev.mask.contains(EventMask::ISDIR)
+                    {
+                        let child = dir.join(name);
+                        if ev
+                            .mask
+                            .intersects(EventMask::DELETE | EventMask::MOVED_FROM)
+                        {
+                            if self.dirs.contains_key(&child) {
+                                self.forget(&child);
+                                stale = true;
+                            }
+                        } else if self.missing.iter().any(|m| m.starts_with(&child)) {
+                            stale = true;
+                        }
+                    }
+                    // The watched directory is gone (its watch dropped):
+                    // forget it, so that one made again is watched anew.
+                    if ev.mask.contains(EventMask::IGNORED)
+                        && let Some(dir) = self.by_wd.get(&ev.wd).cloned()
+                    {
+                        self.forget(&dir);
+                        stale = true;
                     }
                     out.push(Change::Cgroups);
                 }
@@ -241,6 +304,43 @@ impl Watcher {
                 break;
             }
         }
+        if stale {
+            self.resolve();
+        }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wanted_directory_is_watched_with_its_parent_or_its_nearest_ancestor_while_missing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        for d in ["s/u", "k"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        let wanted: HashSet<PathBuf> = [
+            root.join("s/u"),
+            root.join("k/pod/c"),
+            root.to_path_buf(),
+            PathBuf::from("/elsewhere"),
+        ]
+        .into();
+        let (dirs, missing) = resolve_dirs(root, &wanted);
+        // `s/u` and its parent (which alone hears of its removal); `k`, the
+        // nearest existing ancestor of the missing `k/pod/c`, and its parent
+        // the root; the root itself has no parent to watch; nothing outside.
+        let expect: HashSet<PathBuf> = [
+            root.join("s/u"),
+            root.join("s"),
+            root.join("k"),
+            root.to_path_buf(),
+        ]
+        .into();
+        assert_eq!(dirs, expect);
+        assert_eq!(missing, vec![root.join("k/pod/c")]);
     }
 }

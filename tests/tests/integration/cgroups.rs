@@ -1,6 +1,7 @@
 //! Which cgroups a policy governs: descendants (existing or created later),
 //! not siblings; the nearest policy wins; forks and threads are covered; a
-//! policy cgroup created (or recreated) after the agent started is governed.
+//! policy cgroup created (or recreated, or made below a recreated parent)
+//! after the agent started is governed.
 
 use std::time::{Duration, Instant};
 
@@ -154,6 +155,47 @@ fn a_policy_cgroup_created_later_is_governed_when_it_appears() {
     let took = wait_governed(&svc, "8082");
     eprintln!("recreated cgroup governed {took:?} after it was created");
     agent.wait_event(&[("cgroup_id", json!(svc.id())), ("port", json!(8082))]);
+}
+
+/// `cgroup: /P/svc/x` watches `/P/svc` for `x`. A restart of `svc` removes
+/// and makes it again, and cgroupfs tells a watch on the removed directory
+/// nothing: only its parent hears of it. Without that, `x` made in the new
+/// `svc` waited for `--rescan-interval`, ungoverned.
+#[test]
+fn a_policy_cgroup_below_a_recreated_parent_is_governed_when_it_appears() {
+    require_root!();
+    let parent = Cgroup::new("reparent");
+    let svc = parent.child("svc");
+    let x = svc.planned_child("x");
+    let agent = Agent::start_with(
+        &format!(
+            "policies:\n  - {{name: below, cgroup: {}, bind: [{{ports: [8080]}}]}}\n",
+            x.rel
+        ),
+        &["--rescan-interval", "1h"],
+    );
+    assert!(
+        agent.stderr().contains("does not exist yet"),
+        "{}",
+        agent.stderr()
+    );
+    // `svc` restarted twice: the second time proves the first re-watch
+    // holds the same way.
+    for round in 0..2 {
+        std::fs::remove_dir(&svc.fs).unwrap();
+        svc.create();
+        // Long enough for the rescan that `svc`'s own events ask for to be
+        // over: only a watch on the new `svc` can tell of `x`.
+        std::thread::sleep(Duration::from_millis(300));
+        x.create();
+        let took = wait_governed(&x, "8081");
+        eprintln!(
+            "round {round}: cgroup below a recreated parent governed {took:?} after it was made"
+        );
+        assert!(took < Duration::from_secs(2), "took {took:?}");
+        agent.wait_event(&[("cgroup_id", json!(x.id())), ("port", json!(8081))]);
+        std::fs::remove_dir(&x.fs).unwrap();
+    }
 }
 
 #[test]
