@@ -267,6 +267,21 @@ impl Watcher {
                     {
                         out.push(Change::PolicyFile);
                     }
+                } else if ev.mask.contains(EventMask::Q_OVERFLOW) {
+                    // Events were lost: a watched directory may have gone
+                    // and come back unseen. Watch everything anew (a watch
+                    // added again to a live directory is the same one); the
+                    // rescan this asks for finds what was made meanwhile.
+                    warn!("daemon: inotify queue overflowed: watching the cgroup directories anew");
+                    for dir in self.dirs.keys().cloned().collect::<Vec<_>>() {
+                        self.forget(&dir);
+                    }
+                    stale = true;
+                    out.push(Change::Cgroups);
+                    // The policy file's change may be among those lost.
+                    if self.file_wd.is_some() {
+                        out.push(Change::PolicyFile);
+                    }
                 } else {
                     // A child of a watched directory removed, renamed or
                     // made: if it is itself watched, or on the way to a

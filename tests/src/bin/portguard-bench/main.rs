@@ -209,9 +209,23 @@ fn main() {
         if anomalies.is_empty() {
             "none in this run.".to_owned()
         } else {
-            anomalies
-                .iter()
-                .map(|(s, n)| format!("{s}: {n}"))
+            // One entry per setup and operation, in the order first met:
+            // the same pair is measured many times.
+            let mut per: Vec<(&str, u64, u64)> = Vec::new();
+            for (s, n) in &anomalies {
+                match per.iter_mut().find(|(k, _, _)| k == s) {
+                    Some((_, total, runs)) => {
+                        *total += n;
+                        *runs += 1;
+                    }
+                    None => per.push((s, *n, 1)),
+                }
+            }
+            per.iter()
+                .map(|(s, n, runs)| match runs {
+                    1 => format!("{s}: {n}"),
+                    _ => format!("{s}: {n} in {runs} measurements"),
+                })
                 .collect::<Vec<_>>()
                 .join("; ")
         }
