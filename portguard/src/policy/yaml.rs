@@ -1,7 +1,8 @@
 //! A small YAML tree that remembers where each node came from, built from
 //! saphyr-parser's event stream. Scalars keep their raw text and whether they
 //! were quoted, so the policy layer decides what `8080` vs `"8080"` mean, and
-//! duplicate mapping keys are reported instead of silently overwritten.
+//! duplicate mapping keys are reported instead of silently overwritten (keys
+//! compare by their text, however quoted or escaped).
 //!
 //! Owns the tree ([`Node`], [`Pos`]) and the parse entry points; the policy
 //! parser and the manifest readers both read it. May import `std` and
@@ -318,7 +319,7 @@ fn parse_inner(text: &str, multi: bool) -> Result<(Vec<Node>, ParseInfo), Syntax
                 None => *pending_key = Some(node),
                 Some(key) => {
                     if duplicate.is_none()
-                        && let Some((first, _)) = entries.iter().find(|(k, _)| k.kind == key.kind)
+                        && let Some((first, _)) = entries.iter().find(|(k, _)| same_key(k, &key))
                     {
                         duplicate = Some(SyntaxError {
                             pos: key.pos,
@@ -355,6 +356,19 @@ impl Node {
                 v.shift_lines(lines);
             }),
         }
+    }
+}
+
+/// Whether two mapping keys are one key. A scalar key is its value: the text
+/// once quotes, escapes, folding and chomping are resolved, whatever its style
+/// (`bind`, `'bind'`, `"bi\x6ed"` and a `|-` block holding `bind` are one key),
+/// as every reader of the tree looks keys up by that text alone. Telling them
+/// apart would let a later, differently quoted key silently win. Other keys
+/// compare as whole nodes.
+fn same_key(a: &Node, b: &Node) -> bool {
+    match (&a.kind, &b.kind) {
+        (Kind::Scalar { text: a, .. }, Kind::Scalar { text: b, .. }) => a == b,
+        (a, b) => a == b,
     }
 }
 
@@ -426,6 +440,73 @@ pub(crate) mod tests {
         assert_eq!(e.pos.line, 3);
         assert!(e.message.contains("duplicate key `a`"), "{}", e.message);
         assert!(e.message.contains("line 1"), "{}", e.message);
+    }
+
+    /// A key is its text: how it is quoted, escaped or written (plain,
+    /// quoted, block scalar) does not make it another key.
+    #[test]
+    fn duplicate_keys_are_found_whatever_the_quoting() {
+        // (text, line of the second `bind`; a block scalar's is where its
+        // text starts)
+        let cases = [
+            ("bind: 1\n\"bind\": 2\n", 2),
+            ("'bind': 1\nbind: 2\n", 2),
+            ("\"bind\": 1\n'bind': 2\n", 2),
+            ("bind: 1\n\"bi\\x6ed\": 2\n", 2),
+            ("bind: 1\n\"bi\\u006ed\": 2\n", 2),
+            ("bind: 1\n\"bi\\U0000006ed\": 2\n", 2),
+            ("bind: 1\n? |-\n  bind\n: 2\n", 3),
+            ("bind: 1\n? >-\n  bind\n: 2\n", 3),
+            // An alias copies its anchored node, position included.
+            ("x: &k bind\nbind: 1\n*k : 2\n", 1),
+        ];
+        for (text, line) in cases {
+            let e = parse(text).expect_err(text);
+            assert_eq!(e.pos.line, line, "{text:?}: {e:?}");
+            assert!(
+                e.message.contains("duplicate key `bind`"),
+                "{text:?}: {}",
+                e.message
+            );
+        }
+        // Positions: the second occurrence, and the first one's line.
+        let e = parse("a: 0\nbind: 1\nc: 2\n\"bi\\x6ed\": 3\n").unwrap_err();
+        assert_eq!(e.pos, Pos { line: 4, column: 1 }, "{e:?}");
+        assert_eq!(e.message, "duplicate key `bind` (first given on line 2)");
+        // In a flow mapping too, as a policy entry is often written.
+        let e = parse("{name: a, bind: [8080], \"bind\": [\"1-65535\"]}").unwrap_err();
+        assert_eq!(
+            e.pos,
+            Pos {
+                line: 1,
+                column: 25
+            },
+            "{e:?}"
+        );
+        assert_eq!(e.message, "duplicate key `bind` (first given on line 1)");
+    }
+
+    #[test]
+    fn distinct_keys_in_any_quoting_are_not_duplicates() {
+        let root = parse("bind: 1\n\"connect\": 2\n'name': 3\n\"bin\\x64s\": 4\n")
+            .unwrap()
+            .unwrap();
+        let Kind::Map(entries) = &root.kind else {
+            panic!()
+        };
+        let keys: Vec<(&str, bool)> = entries.iter().map(|(k, _)| scalar(k)).collect();
+        assert_eq!(
+            keys,
+            [
+                ("bind", true),
+                ("connect", false),
+                ("name", false),
+                ("binds", false)
+            ]
+        );
+        // Non-scalar keys are kept as before: two equal-looking flow lists
+        // written in two places are two nodes.
+        assert!(parse("? [a]\n: 1\n? [a]\n: 2\n").is_ok());
     }
 
     #[test]

@@ -632,3 +632,68 @@ fn policies_must_be_a_list() {
     assert!(d[0].message.contains("`policies: []`"));
     ok("policies: []\n");
 }
+
+/// A key given twice, once quoted or escaped, is one key given twice: an
+/// error naming it, never the later one silently winning (which loosened
+/// `bind: [8080]` to every port).
+#[test]
+fn a_key_repeated_in_another_quoting_is_a_duplicate() {
+    // (text, line and column of the second `bind`)
+    let cases = [
+        (
+            "policies:\n  - {name: a, cgroup: /x, bind: [{ports: [8080]}], \"bind\": [{ports: [\"1-65535\"]}]}\n",
+            (2, 52),
+        ),
+        (
+            "policies:\n  - name: a\n    cgroup: /x\n    'bind': [{ports: [8080]}]\n    bind: [{ports: [\"1-65535\"]}]\n",
+            (5, 5),
+        ),
+        (
+            "policies:\n  - name: a\n    cgroup: /x\n    bind: [{ports: [8080]}]\n    \"bi\\x6ed\": [{ports: [\"1-65535\"]}]\n",
+            (5, 5),
+        ),
+        (
+            "policies:\n  - name: a\n    cgroup: /x\n    bind: [{ports: [8080]}]\n    \"bi\\u006ed\": [{ports: [\"1-65535\"]}]\n",
+            (5, 5),
+        ),
+        // Inside a rule and a label selector too.
+        (
+            "policies:\n  - name: a\n    cgroup: /x\n    bind:\n      - ports: [8080]\n        \"ports\": [\"1-65535\"]\n",
+            (6, 9),
+        ),
+        (
+            "policies:\n  - name: a\n    pods: {labels: {app: web, \"app\": db}}\n    bind: []\n",
+            (3, 31),
+        ),
+    ];
+    for (text, (line, column)) in cases {
+        let d = errs(text);
+        assert_eq!(d.len(), 1, "{text}: {d:#?}");
+        assert_eq!((d[0].line, d[0].column), (line, column), "{text}: {d:#?}");
+        let key = if text.contains("labels") {
+            "app"
+        } else if text.contains("\"ports\"") {
+            "ports"
+        } else {
+            "bind"
+        };
+        assert!(
+            d[0].message
+                .starts_with("YAML syntax error: duplicate key `")
+                && d[0]
+                    .message
+                    .contains(&format!("duplicate key `{key}` (first given on line ")),
+            "{text}: {}",
+            d[0].message
+        );
+    }
+    // The same policies without the repeated key parse.
+    let f = ok(
+        "policies:\n  - {name: a, cgroup: /x, \"bind\": [{'ports': [8080]}], \"connect\": []}\n",
+    );
+    assert_eq!(
+        f.policies[0].bind.as_ref().unwrap()[0].ports,
+        vec![PortSpec::Port(8080)]
+    );
+    assert_eq!(f.policies[0].connect, Some(vec![]));
+}
