@@ -337,30 +337,43 @@ fn take_dual_judged(sk: *mut aya_ebpf::bindings::bpf_sock) -> bool {
     }
 }
 
+// connect() and a UDP send judge the socket's own port first, when the
+// kernel chose it outside the host's range ([`sockets::judge_send_port`]):
+// a UDP send that fails before the sendmsg hook (no destination, port 0,
+// MSG_OOB, an oversized datagram) has already autobound the socket, and a
+// send to a denied destination must not leave the socket its port either.
+// A denied port cuts the socket off, whatever the destination.
+
 #[cgroup_sock_addr(connect4)]
 pub fn portguard_connect4(ctx: SockAddrContext) -> i32 {
+    if sockets::judge_send_port(&ctx, Hook::Connect4) == DENY {
+        return DENY;
+    }
     inet4(&ctx, Hook::Connect4, Direction::Connect)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn portguard_connect6(ctx: SockAddrContext) -> i32 {
+    if sockets::judge_send_port(&ctx, Hook::Connect6) == DENY {
+        return DENY;
+    }
     inet6_connect(&ctx, Hook::Connect6)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn portguard_sendmsg4(ctx: SockAddrContext) -> i32 {
-    if inet4(&ctx, Hook::Sendmsg4, Direction::Connect) == DENY {
+    if sockets::judge_send_port(&ctx, Hook::Sendmsg4) == DENY {
         return DENY;
     }
-    sockets::judge_send_port(&ctx, Hook::Sendmsg4)
+    inet4(&ctx, Hook::Sendmsg4, Direction::Connect)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn portguard_sendmsg6(ctx: SockAddrContext) -> i32 {
-    if inet6_connect(&ctx, Hook::Sendmsg6) == DENY {
+    if sockets::judge_send_port(&ctx, Hook::Sendmsg6) == DENY {
         return DENY;
     }
-    sockets::judge_send_port(&ctx, Hook::Sendmsg6)
+    inet6_connect(&ctx, Hook::Sendmsg6)
 }
 
 /// The socket storage of a full socket (a cgroup/sock program's context,

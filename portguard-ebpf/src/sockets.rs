@@ -459,13 +459,15 @@ pub fn portguard_sock_ops(ctx: SockOpsContext) -> u32 {
     1
 }
 
-/// A UDP send from a socket whose port the kernel chose outside the host's
-/// ephemeral range: the sender's network namespace has its own range (a pod
-/// may set `net.ipv4.ip_local_port_range`), so the autobind may have taken
-/// any port. Judge that port as a bind; a denied one fails the send and
-/// cuts the socket off, so it cannot receive on the port either. A client
-/// port inside the host's range, or a port someone bound explicitly (which
-/// bind4/bind6 judged), costs one array lookup and no more.
+/// A UDP send (or a connect()) from a socket whose port the kernel chose
+/// outside the host's ephemeral range: the sender's network namespace has
+/// its own range (a pod may set `net.ipv4.ip_local_port_range`), so the
+/// autobind may have taken any port, on this send or on an earlier one
+/// that failed before its hook ran. Judge that port as a bind; a denied one
+/// fails the call and cuts the socket off, so it cannot receive on the port
+/// either. A socket with no port yet (a fresh TCP connect) costs a read; a
+/// client port inside the host's range, or a port someone bound explicitly
+/// (which bind4/bind6 judged), one array lookup more.
 #[inline(always)]
 pub fn judge_send_port(ctx: &SockAddrContext, hook: Hook) -> i32 {
     // SAFETY: reading the context's socket pointer.

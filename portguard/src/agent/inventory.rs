@@ -144,7 +144,12 @@ impl Agent {
                 };
                 let view = classify(d.local);
                 let dual = view.unspecified_v6 && !d.v6only;
-                if policy.allows_bound(proto, view, d.port, dual, true) {
+                // `ephemeral` allows a port the kernel chose inside the
+                // host's range; who chose a port found here is unknown, so
+                // outside that range it allows nothing (a port bound before
+                // the cgroup was governed is judged on its number alone).
+                let in_range = (ephemeral.0..=ephemeral.1).contains(&d.port);
+                if policy.allows_bound(proto, view, d.port, dual, in_range) {
                     continue;
                 }
                 if cut_off.contains(&d.cookie) || unended.contains(&d.cookie) {

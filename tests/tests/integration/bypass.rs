@@ -306,6 +306,44 @@ fn implicit_source_ports_of_outbound_traffic() {
 /// policy stricter) were never judged by a hook: the agent lists the sockets
 /// of every governed process, in their own network namespaces, and reports
 /// each one that breaks its policy with verdict "preexisting".
+/// `ephemeral` allows a port the kernel chose inside the host's ephemeral
+/// range. The inventory cannot tell who chose a port it finds, so it grants
+/// `ephemeral` only inside that range: sockets on 2222/2223, bound before
+/// the agent governed their cgroup (a start window, a hand-over), are
+/// reported and ended under a policy that lists `ephemeral`; one inside the
+/// range is left alone.
+#[test]
+fn ephemeral_does_not_excuse_a_preexisting_socket_outside_the_range() {
+    require_root!();
+    let cg = Cgroup::new("preexisting-eph");
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
+    let low: u16 = range.split_whitespace().next().unwrap().parse().unwrap();
+    let inside = (low + 4321).to_string();
+    let p = Probe::in_cgroup(&cg);
+    let (bad_tcp, _h1) = p.hold(&["hold", "tcp", "0.0.0.0", "2222"]);
+    let (bad_udp, _h2) = p.hold(&["hold", "udp", "0.0.0.0", "2223"]);
+    let (in_range, _h3) = p.hold(&["hold", "tcp", "127.0.0.1", &inside]);
+    for r in [&bad_tcp, &bad_udp, &in_range] {
+        r.assert_ok();
+    }
+    let agent = start(&cg, "    bind: [{ports: [8080, ephemeral]}]\n");
+    for (r, port, proto) in [(&bad_tcp, 2222, "tcp"), (&bad_udp, 2223, "udp")] {
+        let e = agent.wait_event(&[
+            ("pid", json!(r.pid)),
+            ("port", json!(port)),
+            ("verdict", json!("preexisting")),
+        ]);
+        assert_eq!(e["protocol"], proto, "{e}");
+        assert_eq!(e["action"], "destroyed", "{e}");
+    }
+    assert!(
+        agent
+            .events_matching(&[("pid", json!(in_range.pid))], Duration::from_millis(300))
+            .is_empty(),
+        "a socket inside the host's ephemeral range is `ephemeral`'s"
+    );
+}
+
 #[test]
 fn sockets_bound_before_the_agent_started_are_reported() {
     require_root!();

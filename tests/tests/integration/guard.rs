@@ -375,6 +375,76 @@ fn a_udp_autobind_inside_a_narrowed_range_is_denied() {
     );
 }
 
+/// A UDP send that fails before the sendmsg hook runs (here: no
+/// destination, EDESTADDRREQ; also port 0, MSG_OOB, an oversized
+/// datagram) has already autobound the socket to a port of the narrowed
+/// range, and no program saw it. The connect() that follows judges that
+/// port as a bind: denied, the socket is cut off, and the peer it connected
+/// to reaches nothing on the port.
+#[test]
+fn a_udp_autobind_by_a_send_that_fails_before_its_hook_is_judged_at_connect() {
+    require_root!();
+    let (cg, agent) = svc_8080("guard-udp-nodest");
+    for dest in ["127.0.0.1", "::1"] {
+        let r = Probe::in_cgroup(&cg).port_range(8081, 8081).run(&[
+            "autobind-udp",
+            dest,
+            "9",
+            "8080",
+            "nodest",
+        ]);
+        r.assert_eperm();
+        assert_eq!(r.received, Some(false), "{r:?}");
+        let hook = if dest == "::1" {
+            "connect6"
+        } else {
+            "connect4"
+        };
+        let e = only_event(&agent, &r, hook);
+        assert_eq!(e["verdict"], "deny");
+        assert_eq!(e["port"], 8081);
+        assert_eq!(e["protocol"], "udp");
+        assert_eq!(e["autobind"], true);
+    }
+}
+
+/// A send to a denied destination from a socket the kernel autobinds in a
+/// narrowed range: the send is denied either way, and the socket's port is
+/// judged too (first): it must not be left holding a port outside the
+/// policy, receiving on it.
+#[test]
+fn a_udp_autobind_on_a_send_to_a_denied_destination_keeps_no_port() {
+    require_root!();
+    let cg = Cgroup::new("guard-udp-denied-dest");
+    // The probe's second socket sends from 8080 to the first one's port
+    // (8081): allowed, so that only the first socket's state decides.
+    let agent = Agent::start(&format!(
+        "policies:\n  - {{name: svc, cgroup: {}, bind: [{{ports: [8080]}}], connect: [{{ports: [53, 8081]}}]}}\n",
+        cg.rel
+    ));
+    for dest in ["127.0.0.1", "::1"] {
+        let r =
+            Probe::in_cgroup(&cg)
+                .port_range(8081, 8081)
+                .run(&["autobind-udp", dest, "9", "8080"]);
+        r.assert_eperm();
+        assert_eq!(
+            r.received,
+            Some(false),
+            "the socket kept its port after a denied send: {r:?}"
+        );
+        let hook = if dest == "::1" {
+            "sendmsg6"
+        } else {
+            "sendmsg4"
+        };
+        let e = only_event(&agent, &r, hook);
+        assert_eq!(e["verdict"], "deny");
+        assert_eq!(e["port"], 8081, "{e}");
+        assert_eq!(e["autobind"], true, "{e}");
+    }
+}
+
 /// bind6 judges the IPV6_V6ONLY it sees, but the kernel drops the socket
 /// lock before the bind itself: a second thread clears the flag in between
 /// and would turn a checked IPv6-only bind into a dual-stack one. post_bind6

@@ -29,11 +29,17 @@
 //!                                  result, then keep the socket until killed
 //!                                  (`join=CGROUP`: make the socket, then
 //!                                  move into CGROUP, then bind)
-//!      autobind-udp ADDR PORT FROM  unconnected UDP sendto from an unbound
+//!      autobind-udp ADDR PORT FROM [nodest]
+//!                                  unconnected UDP sendto from an unbound
 //!                                  socket (the kernel autobinds it), then a
 //!                                  second socket, bound to loopback port
 //!                                  FROM, sends to the port it got:
-//!                                  `"received"` says whether it arrived
+//!                                  `"received"` says whether it arrived.
+//!                                  `nodest`: the first send has no
+//!                                  destination (it fails, EDESTADDRREQ,
+//!                                  after the autobind and before any
+//!                                  hook); the socket then connects to
+//!                                  ADDR:FROM (the result is the connect's)
 //!      v6only-race PORT N          N times: an IPv6 TCP socket with
 //!                                  IPV6_V6ONLY binds [::]:PORT while a second
 //!                                  thread clears IPV6_V6ONLY on it; prints

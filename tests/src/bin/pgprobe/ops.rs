@@ -200,6 +200,7 @@ pub(crate) fn run_op(op: &[String]) -> String {
             return autobind_udp(
                 &parse_addr(get(1), get(2)),
                 get(3).parse().unwrap_or_else(|_| die("bad FROM port")),
+                op.get(4).is_some_and(|m| m == "nodest"),
             );
         }
         "v6only-race" => {
@@ -290,10 +291,27 @@ pub(crate) fn run_op(op: &[String]) -> String {
 }
 
 /// `autobind-udp ADDR PORT`: see the module docs.
-fn autobind_udp(dest: &SocketAddr, from: u16) -> String {
+fn autobind_udp(dest: &SocketAddr, from: u16, nodest: bool) -> String {
     let fd = socket("udp", dest);
-    let rc = send_to(fd, b"portguard", dest);
-    let e = errno();
+    let (rc, e) = if nodest {
+        // SAFETY: valid fd and buffer; no destination on an unconnected
+        // socket: the kernel autobinds, then fails the send.
+        let rc = unsafe { libc::send(fd, b"portguard".as_ptr().cast(), 9, 0) };
+        if rc >= 0 || errno() != libc::EDESTADDRREQ {
+            die(&format!(
+                "autobind-udp: a send without destination gave {rc}, errno {}",
+                errno()
+            ));
+        }
+        // Then talk to one peer: the sender below.
+        let (ss, len) = sockaddr(&SocketAddr::new(dest.ip(), from));
+        // SAFETY: valid fd and sockaddr.
+        let rc = unsafe { libc::connect(fd, std::ptr::from_ref(&ss).cast(), len) };
+        (rc as isize, errno())
+    } else {
+        let rc = send_to(fd, b"portguard", dest);
+        (rc, errno())
+    };
     let port = local_port(fd);
     let mut received = false;
     if port != 0 {
