@@ -154,6 +154,11 @@ fn set_contains(set_id: u32, port: u16) -> bool {
 /// ([`PolicyRecord::inline_contains`]), else from its chunks.
 #[inline(always)]
 fn slot_allows(record: &PolicyRecord, slot: usize, q: &Query, ephemeral: u32) -> bool {
+    // Port 0 is no port a rule can name: bit 0 of a set is its `ephemeral`
+    // marker, which a query for port 0 would otherwise read as allowed.
+    if q.port == 0 {
+        return false;
+    }
     let Some(&set_id) = record.sets.get(slot) else {
         return false;
     };

@@ -247,12 +247,14 @@ fn mark_port0(ctx: &SockAddrContext, port0: bool) -> bool {
 }
 
 /// A bind to port 0 whose flag could not be stored (no memory for socket
-/// storage): post_bind would not judge it, so decide now, without the port:
-/// allowed only where the policy allows any kernel-chosen port (`ephemeral`).
+/// storage; a tenant can fill its socket's option memory on purpose):
+/// post_bind would not judge it, and the port the kernel will pick is
+/// unknown here (the tenant's namespace may have narrowed its range onto
+/// any port). Denied wherever binds are restricted, `ephemeral` or not.
 #[inline(always)]
 fn port0_fallback(q: Query) -> i32 {
     decide(&Query {
-        ephemeral_ok: true,
+        ephemeral_ok: false,
         ..q
     })
 }

@@ -445,6 +445,38 @@ fn a_udp_autobind_on_a_send_to_a_denied_destination_keeps_no_port() {
     }
 }
 
+/// A bind to port 0 is judged by post_bind on the port the kernel picks,
+/// through a flag in socket storage. A tenant can leave no room for that
+/// storage (its socket's option memory filled with TCP MD5 keys), and then
+/// pick where the kernel's choice falls (its namespace's range narrowed to
+/// 8081): the bind is denied in bind4/bind6 then, even under a policy that
+/// lists `ephemeral`.
+#[test]
+fn a_port_zero_bind_that_cannot_be_flagged_is_denied() {
+    require_root!();
+    let cg = Cgroup::new("guard-optmem");
+    let agent = Agent::start(&format!(
+        "policies:\n  - {{name: svc, cgroup: {}, bind: [{{ports: [8080, ephemeral]}}]}}\n",
+        cg.rel
+    ));
+    for (addr, hook) in [("127.0.0.1", "bind4"), ("::1", "bind6")] {
+        let r = Probe::in_cgroup(&cg)
+            .port_range(8081, 8081)
+            .run(&["bind0-full-optmem", addr]);
+        r.assert_eperm();
+        let e = agent.wait_event(&[("pid", json!(r.pid)), ("hook", json!(hook))]);
+        assert_eq!(e["verdict"], "deny", "{e}");
+    }
+    // With room for storage, the same bind is judged on the port picked:
+    // 8081, not allowed.
+    let r = Probe::in_cgroup(&cg)
+        .port_range(8081, 8081)
+        .run(&["bind", "tcp", "127.0.0.1", "0"]);
+    r.assert_eperm();
+    let e = agent.wait_event(&[("pid", json!(r.pid)), ("hook", json!("post_bind4"))]);
+    assert_eq!(e["port"], 8081, "{e}");
+}
+
 /// bind6 judges the IPV6_V6ONLY it sees, but the kernel drops the socket
 /// lock before the bind itself: a second thread clears the flag in between
 /// and would turn a checked IPv6-only bind into a dual-stack one. post_bind6

@@ -40,6 +40,10 @@
 //!                                  after the autobind and before any
 //!                                  hook); the socket then connects to
 //!                                  ADDR:FROM (the result is the connect's)
+//!      bind0-full-optmem ADDR      a TCP socket whose option memory is
+//!                                  filled (TCP MD5 keys) so that no socket
+//!                                  storage can be made for it, then
+//!                                  bind(ADDR:0)
 //!      v6only-race PORT N          N times: an IPv6 TCP socket with
 //!                                  IPV6_V6ONLY binds [::]:PORT while a second
 //!                                  thread clears IPV6_V6ONLY on it; prints

@@ -196,6 +196,16 @@ pub(crate) fn run_op(op: &[String]) -> String {
             (fd, rc, errno())
         }
         "handoff" => return handoff(op),
+        "bind0-full-optmem" => {
+            let addr = parse_addr(get(1), "0");
+            let fd = socket("tcp", &addr);
+            if addr.is_ipv6() {
+                set_v6only(fd, true);
+            }
+            fill_optmem(fd, addr.is_ipv6());
+            let rc = bind_to(fd, &addr);
+            (fd, rc, errno())
+        }
         "autobind-udp" => {
             return autobind_udp(
                 &parse_addr(get(1), get(2)),
@@ -358,6 +368,67 @@ fn autobind_udp(dest: &SocketAddr, from: u16, nodest: bool) -> String {
         if rc >= 0 { 0 } else { e },
         if rc >= 0 { "" } else { errno_name(e) },
     )
+}
+
+/// `struct tcp_md5sig` (linux/tcp.h).
+#[repr(C)]
+struct TcpMd5Sig {
+    addr: libc::sockaddr_storage,
+    flags: u8,
+    prefixlen: u8,
+    keylen: u16,
+    ifindex: i32,
+    key: [u8; 80],
+}
+
+/// Fill the socket's option memory (`optmem_max`) with TCP MD5 keys, one per
+/// peer address, until the kernel refuses one: what the socket may still
+/// allocate (socket storage among it) is then too little. Dies if no key
+/// could be added at all.
+fn fill_optmem(fd: i32, v6: bool) {
+    let mut keys = 0u32;
+    for i in 1..100_000u32 {
+        let peer = if v6 {
+            let mut o = [0u8; 16];
+            o[..4].copy_from_slice(&[0x20, 0x01, 0x0d, 0xb8]);
+            o[12..].copy_from_slice(&i.to_be_bytes());
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::from(o)), 0)
+        } else {
+            let b = i.to_be_bytes();
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, b[1], b[2], b[3])), 0)
+        };
+        let (ss, _) = sockaddr(&peer);
+        let mut sig = TcpMd5Sig {
+            addr: ss,
+            flags: 0,
+            prefixlen: 0,
+            keylen: 8,
+            ifindex: 0,
+            key: [0; 80],
+        };
+        sig.key[..8].copy_from_slice(b"portgrd!");
+        // SAFETY: valid fd and option buffer of the size given.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_MD5SIG,
+                std::ptr::from_ref(&sig).cast(),
+                std::mem::size_of::<TcpMd5Sig>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            break;
+        }
+        keys += 1;
+    }
+    if keys == 0 {
+        die(&format!(
+            "bind0-full-optmem: no TCP_MD5SIG key could be added: errno {}",
+            errno()
+        ));
+    }
+    eprintln!("pgprobe: {keys} TCP_MD5SIG keys fill the socket's option memory");
 }
 
 /// Submit one io_uring operation and return its errno (0 on success).
