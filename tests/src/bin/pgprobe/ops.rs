@@ -414,7 +414,7 @@ fn fill_optmem(fd: i32, v6: bool) {
                 libc::IPPROTO_TCP,
                 libc::TCP_MD5SIG,
                 std::ptr::from_ref(&sig).cast(),
-                std::mem::size_of::<TcpMd5Sig>() as libc::socklen_t,
+                size_of::<TcpMd5Sig>() as libc::socklen_t,
             )
         };
         if rc != 0 {
