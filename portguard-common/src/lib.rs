@@ -645,9 +645,11 @@ impl PortChunk {
 pub struct SocketState {
     /// 1: the last bind() on this socket asked for port 0; post_bind judges it.
     pub port0_pending: u32,
-    /// 1: bind6 judged the last `[::]` bind (explicit port) of this socket
-    /// as dual-stack, so post_bind6 need not judge it again. (Unused in
-    /// layout 2, whose programs never wrote it: 0 in storage they made.)
+    /// The port of the last `[::]` bind (explicit port) of this socket that
+    /// bind6 judged as dual-stack and allowed, so post_bind6 need not judge
+    /// it again; 0: none. (Unused in layout 2, whose programs never wrote
+    /// it: 0 in storage they made. Programs before the port was kept wrote
+    /// 1.)
     pub dual_stack: u32,
     /// [`GUARD_OPEN`] or [`GUARD_CUT`]: what the packet guard does with
     /// traffic addressed to this socket.

@@ -292,10 +292,13 @@ pub fn portguard_bind6(ctx: SockAddrContext) -> i32 {
     if port == 0 {
         return ALLOW;
     }
+    let verdict = decide(&q);
     if v6.unspecified {
-        mark_dual_judged(&ctx, dual);
+        // Only an allowed bind is marked: a denied one's mark would excuse
+        // another thread's bind of the same port on the same socket.
+        mark_dual_judged(&ctx, dual && verdict == ALLOW, port);
     }
-    decide(&q)
+    verdict
 }
 
 /// Record on the socket whether bind6 judged this `[::]` bind (explicit
@@ -307,8 +310,14 @@ pub fn portguard_bind6(ctx: SockAddrContext) -> i32 {
 /// for a dual-stack `[::]` bind; otherwise a flag left by an earlier bind
 /// of the socket that failed after bind6 is cleared. When the flag cannot
 /// be stored, post_bind6 judges again (the safe side: a second event).
+/// The flag is the port judged, not a bit: two threads binding one socket
+/// at once (one to an IPv6-only port while `IPV6_V6ONLY` is set, the other,
+/// after clearing it, dual-stack to an allowed port) must not lend one
+/// bind's judgement to the other, whose port post_bind6 then sees.
+/// (Programs before this wrote 1, which no port-1 bind follows but by
+/// chance: a mixed upgrade judges again, the safe side.)
 #[inline(always)]
-fn mark_dual_judged(ctx: &SockAddrContext, dual: bool) {
+fn mark_dual_judged(ctx: &SockAddrContext, dual: bool, port: u16) {
     let p = if dual {
         let mut init = SocketState::default();
         // SAFETY: the helper only dereferences the context's own socket.
@@ -319,21 +328,21 @@ fn mark_dual_judged(ctx: &SockAddrContext, dual: bool) {
     };
     if !p.is_null() {
         // SAFETY: non-null pointer to this socket's storage.
-        unsafe { (*p).dual_stack = u32::from(dual) };
+        unsafe { (*p).dual_stack = if dual { u32::from(port) } else { 0 } };
     }
 }
 
-/// Whether bind6 already judged this bind as dual-stack (see
-/// [`mark_dual_judged`]); clears the flag.
+/// Whether bind6 already judged a dual-stack bind of this socket to `port`
+/// and allowed it (see [`mark_dual_judged`]); clears the flag.
 #[inline(always)]
-fn take_dual_judged(sk: *mut aya_ebpf::bindings::bpf_sock) -> bool {
+fn take_dual_judged(sk: *mut aya_ebpf::bindings::bpf_sock, port: u16) -> bool {
     let st = sock_state(sk);
     if st.is_null() {
         return false;
     }
     // SAFETY: non-null pointer to this socket's storage.
     unsafe {
-        let judged = (*st).dual_stack == 1;
+        let judged = port != 0 && (*st).dual_stack == u32::from(port);
         (*st).dual_stack = 0;
         judged
     }
@@ -475,7 +484,7 @@ pub fn portguard_post_bind6(ctx: SockContext) -> i32 {
     // The socket's own flag, now final (unknown: dual-stack, the wider
     // exposure).
     let dual = v6.unspecified && sk_v6only(sk.cast::<c_void>()) != Some(true);
-    if !port0 && (!dual || take_dual_judged(sk)) {
+    if !port0 && (!dual || take_dual_judged(sk, port)) {
         // An explicit port bind6 judged, on a socket that is what bind6 saw.
         return ALLOW;
     }

@@ -500,6 +500,28 @@ fn clearing_v6only_during_bind_never_yields_a_dual_stack_socket() {
     assert_eq!(e["verdict"], "deny");
 }
 
+/// The same race with the second thread binding the socket too, dual-stack,
+/// to an allowed port (P = 8080) or to the IPv6-only port itself (its bind
+/// is denied): neither bind's judgement may stand in for the other's when
+/// the first thread's bind ends up dual-stack.
+#[test]
+fn a_second_bind_racing_on_the_same_socket_lends_no_judgement() {
+    require_root!();
+    let cg = Cgroup::new("guard-v6only-2");
+    let agent = Agent::start(&format!(
+        "policies:\n  - {{name: v6, cgroup: {}, bind: [{{ports: [8443], family: ipv6}}, {{ports: [8080]}}]}}\n",
+        cg.rel
+    ));
+    for other in ["8080", "8443"] {
+        let r =
+            Probe::in_cgroup(&cg).run(&["v6only-race", "8443", "100000", &format!("bind={other}")]);
+        eprintln!("second bind to {other}: {r:?}");
+        assert_eq!(r.dual, 0, "dual-stack sockets on an IPv6-only port: {r:?}");
+        assert!(r.bound > 0, "no bind to 8443 ever succeeded: {r:?}");
+    }
+    agent.wait_event(&[("dual_stack", json!(true)), ("port", json!(8443))]);
+}
+
 /// An allowed listener serves, before and after a reload; a client of the
 /// host connecting to it is answered.
 #[test]

@@ -44,10 +44,11 @@
 //!                                  filled (TCP MD5 keys) so that no socket
 //!                                  storage can be made for it, then
 //!                                  bind(ADDR:0)
-//!      v6only-race PORT N          N times: an IPv6 TCP socket with
+//!      v6only-race PORT N [bind=P] N times: an IPv6 TCP socket with
 //!                                  IPV6_V6ONLY binds [::]:PORT while a second
-//!                                  thread clears IPV6_V6ONLY on it; prints
-//!                                  how many binds succeeded dual-stack
+//!                                  thread clears IPV6_V6ONLY on it (and with
+//!                                  bind=P binds it to [::]:P); prints how
+//!                                  many binds to PORT succeeded dual-stack
 //! `--port-range LO HI` (with --netns): set the new namespace's
 //! net.ipv4.ip_local_port_range, as a pod may.
 //! ```

@@ -217,6 +217,9 @@ pub(crate) fn run_op(op: &[String]) -> String {
             return v6only_race(
                 get(1).parse().unwrap_or_else(|_| die("bad port")),
                 get(2).parse().unwrap_or_else(|_| die("bad count")),
+                op.get(3)
+                    .and_then(|w| w.strip_prefix("bind="))
+                    .map(|p| p.parse().unwrap_or_else(|_| die("bad bind= port"))),
             );
         }
         "hold" => {

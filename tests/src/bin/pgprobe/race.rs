@@ -1,20 +1,23 @@
 //! `v6only-race`: binds racing a second thread that clears IPV6_V6ONLY on
-//! the socket being bound.
+//! the socket being bound (and, with `bind=P`, then binds it dual-stack to
+//! `[::]:P` itself).
 
 use std::{
     net::{IpAddr, Ipv6Addr, SocketAddr},
     sync::atomic::{AtomicBool, Ordering},
 };
 
-use crate::sock::{errno, gettid, set_v6only, sockaddr, socket};
+use crate::sock::{errno, gettid, local_port, set_v6only, sockaddr, socket};
 
-/// `v6only-race PORT N`: see the module docs.
-pub(crate) fn v6only_race(port: u16, n: u32) -> String {
+/// `v6only-race PORT N [bind=P]`: see the module docs. `dual` counts binds
+/// to PORT that succeeded with the socket dual-stack.
+pub(crate) fn v6only_race(port: u16, n: u32, also: Option<u16>) -> String {
     use std::sync::atomic::AtomicI32;
     static CURRENT: AtomicI32 = AtomicI32::new(-1);
     static DONE: AtomicBool = AtomicBool::new(false);
-    let flipper = std::thread::spawn(|| {
+    let flipper = std::thread::spawn(move || {
         let zero: libc::c_int = 0;
+        let other = also.map(|p| sockaddr(&SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), p)));
         while !DONE.load(Ordering::Relaxed) {
             let fd = CURRENT.load(Ordering::Relaxed);
             if fd >= 0 {
@@ -29,6 +32,9 @@ pub(crate) fn v6only_race(port: u16, n: u32) -> String {
                         std::ptr::from_ref(&zero).cast(),
                         4,
                     );
+                    if let Some((ss, len)) = &other {
+                        libc::bind(fd, std::ptr::from_ref(ss).cast(), *len);
+                    }
                 }
             }
         }
@@ -56,7 +62,8 @@ pub(crate) fn v6only_race(port: u16, n: u32) -> String {
                     &mut l,
                 );
             }
-            if v == 0 {
+            // Bound to PORT (not to the second thread's port).
+            if v == 0 && local_port(fd) == port {
                 dual += 1;
             }
         } else if errno() == libc::EPERM {
