@@ -20,8 +20,9 @@ use super::*;
 /// gone is written by the apply itself, never behind an answer.)
 pub(super) struct Unsettled {
     pub(super) report: ApplyReport,
-    /// The policies and what they governed before the apply.
-    pub(super) before: (Vec<CompiledPolicy>, Resolution),
+    /// The policies and what they governed before the apply (`None`: the
+    /// policies were those in force, applied again: a rescan).
+    pub(super) before: (Option<Vec<CompiledPolicy>>, Resolution),
 }
 
 impl Agent {
@@ -44,21 +45,21 @@ impl Agent {
         };
         // By position while the policies are the same (a rescan), else by
         // name.
-        let same = before.0.len() == self.policies.len()
-            && before
-                .0
+        let (old, resolved_before) = &before;
+        let same = old.as_ref().is_none_or(|old| {
+            old.len() == self.policies.len()
+                && old
+                    .iter()
+                    .zip(&self.policies)
+                    .all(|(a, b)| a.name == b.name)
+        });
+        let by_name: HashMap<&str, &Vec<Governed>> = match old {
+            Some(old) if !same => old
                 .iter()
-                .zip(&self.policies)
-                .all(|(a, b)| a.name == b.name);
-        let by_name: HashMap<&str, &Vec<Governed>> = if same {
-            HashMap::new()
-        } else {
-            before
-                .0
-                .iter()
-                .zip(&before.1)
+                .zip(resolved_before)
                 .map(|(q, r)| (q.name.as_str(), r))
-                .collect()
+                .collect(),
+            _ => HashMap::new(),
         };
         // Policies as they were (by position): nothing to log or remember,
         // and their published facts stand (their cgroups' identities come
@@ -67,15 +68,16 @@ impl Agent {
         let mut unchanged = vec![false; self.policies.len()];
         for (i, (p, r)) in self.policies.iter().zip(&self.resolved).enumerate() {
             if same
-                && before.1.get(i) == Some(r)
-                && before.0[i].mode == p.mode
-                && before.0[i].selector == p.selector
+                && resolved_before.get(i) == Some(r)
+                && old
+                    .as_ref()
+                    .is_none_or(|old| old[i].mode == p.mode && old[i].selector == p.selector)
             {
                 unchanged[i] = stable_identities;
                 continue;
             }
             let before = if same {
-                before.1.get(i)
+                resolved_before.get(i)
             } else {
                 by_name.get(p.name.as_str()).copied()
             };

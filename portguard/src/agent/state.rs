@@ -379,7 +379,7 @@ impl Agent {
         policies: Vec<CompiledPolicy>,
         resolved: Resolution,
     ) -> Result<ApplyReport, crate::apply::ApplyError> {
-        self.apply_or_return(policies, resolved, None)
+        self.apply_or_return(policies, resolved, None, false)
             .map_err(|(e, _)| e)
     }
 
@@ -394,7 +394,7 @@ impl Agent {
         let policies = std::mem::take(&mut self.policies);
         // Their ids, as the apply that put them in force recorded them.
         let ids = (self.policy_ids.len() == policies.len()).then(|| self.policy_ids.clone());
-        self.apply_or_return(policies, resolved, ids)
+        self.apply_or_return(policies, resolved, ids, true)
             .map_err(|(e, policies)| {
                 self.policies = policies;
                 e
@@ -403,12 +403,14 @@ impl Agent {
 
     /// [`Agent::apply`], which hands the policies back when it fails;
     /// `ids`: the policies' ids when they are known (else looked up, and
-    /// recorded when new).
+    /// recorded when new); `again`: `policies` are the ones in force, taken
+    /// out by [`Agent::apply_again`].
     fn apply_or_return(
         &mut self,
         policies: Vec<CompiledPolicy>,
         resolved: Resolution,
         ids: Option<Vec<u32>>,
+        again: bool,
     ) -> Result<ApplyReport, (crate::apply::ApplyError, Vec<CompiledPolicy>)> {
         // The previous apply's bookkeeping first: it logs against the
         // policies as that apply left them.
@@ -508,8 +510,11 @@ impl Agent {
             }
         }
         self.quarantine = quarantine;
+        let replaced = std::mem::replace(&mut self.policies, policies);
         let before = (
-            std::mem::replace(&mut self.policies, policies),
+            // Applied again: the policies are the ones that were in force
+            // (their place was left empty while they were out).
+            (!again).then_some(replaced),
             std::mem::replace(&mut self.resolved, resolved),
         );
         self.resolved_with = self.last_resolve;
