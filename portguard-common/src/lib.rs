@@ -834,7 +834,11 @@ pub const COUNTER_GUARD_DROPS: u32 = COUNTER_EVENTS_LOST + 1;
 /// Cut-off sockets the kernel would not fence (`bpf_setsockopt` failed: the
 /// socket was bound to a device by a process without `CAP_NET_RAW`).
 pub const COUNTER_FENCE_FAILED: u32 = COUNTER_GUARD_DROPS + 1;
-pub const COUNTERS: u32 = COUNTER_FENCE_FAILED + 1;
+/// Cut-off sockets the kernel could not mark for the packet guard (no
+/// memory for socket storage: a tenant can fill its socket's option memory
+/// on purpose).
+pub const COUNTER_MARK_FAILED: u32 = COUNTER_FENCE_FAILED + 1;
+pub const COUNTERS: u32 = COUNTER_MARK_FAILED + 1;
 
 /// [`MAP_POLICY_COUNTERS`] kind: a decision of the policy that would have
 /// written an event, but the policy's event budget ([`EventBudget`]) was

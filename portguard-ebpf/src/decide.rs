@@ -154,15 +154,22 @@ fn set_contains(set_id: u32, port: u16) -> bool {
 /// ([`PolicyRecord::inline_contains`]), else from its chunks.
 #[inline(always)]
 fn slot_allows(record: &PolicyRecord, slot: usize, q: &Query, ephemeral: u32) -> bool {
-    // Port 0 is no port a rule can name: bit 0 of a set is its `ephemeral`
-    // marker, which a query for port 0 would otherwise read as allowed.
-    if q.port == 0 {
-        return false;
-    }
     let Some(&set_id) = record.sets.get(slot) else {
         return false;
     };
-    let ephemeral_ok = q.ephemeral_ok && in_ephemeral_range(ephemeral, q.port);
+    // Port 0 is no port a rule can name: bit 0 of a set is its `ephemeral`
+    // marker. A query for port 0 asks whether a port the kernel is yet to
+    // choose is allowed (an unbound listen() under the BPF LSM), and only
+    // with `ephemeral_ok`; without it (a port-0 bind post_bind cannot
+    // follow) nothing allows it.
+    let ephemeral_ok = if q.port == 0 {
+        q.ephemeral_ok
+    } else {
+        q.ephemeral_ok && in_ephemeral_range(ephemeral, q.port)
+    };
+    if q.port == 0 && !ephemeral_ok {
+        return false;
+    }
     // A small set is in the record itself: no port-set lookup.
     if let Some(named) = record.inline_contains(slot, q.port) {
         return named || (ephemeral_ok && record.inline_contains(slot, 0) == Some(true));

@@ -54,10 +54,10 @@ use aya_ebpf::{
     },
 };
 use portguard_common::{
-    AddrClass, COUNTER_FENCE_FAILED, COUNTER_GUARD_DROPS, Direction, EVENT_F_AUTOBIND,
-    EVENT_F_DUAL_STACK, FENCE_IFINDEX, Family, GUARD_CUT, Hook, IPPROTO_TCP, SO_BINDTODEVICE,
-    SO_BINDTOIFINDEX, SOCK_BINDPORT_LOCK, SOCK_KIND_OTHER, SOL_SOCKET, SockOffsets, SocketClass,
-    SocketState, USERLOCKS_UNKNOWN, classify_socket, in_ephemeral_range,
+    AddrClass, COUNTER_FENCE_FAILED, COUNTER_GUARD_DROPS, COUNTER_MARK_FAILED, Direction,
+    EVENT_F_AUTOBIND, EVENT_F_DUAL_STACK, FENCE_IFINDEX, Family, GUARD_CUT, Hook, IPPROTO_TCP,
+    SO_BINDTODEVICE, SO_BINDTOIFINDEX, SOCK_BINDPORT_LOCK, SOCK_KIND_OTHER, SOL_SOCKET,
+    SockOffsets, SocketClass, SocketState, USERLOCKS_UNKNOWN, classify_socket, in_ephemeral_range,
 };
 
 use crate::{
@@ -138,6 +138,9 @@ fn cut_off(sk: *mut bpf_sock) -> bool {
     }
     .cast::<SocketState>();
     if st.is_null() {
+        // Counted: the agent then looks for the socket itself should the
+        // task its event names be gone (the fence may have failed too).
+        count(COUNTER_MARK_FAILED);
         return false;
     }
     // SAFETY: non-null pointer to this socket's storage.
@@ -357,8 +360,8 @@ fn judge_listening(socket: *const c_void, hook: Hook) -> i32 {
     if port == 0 {
         // Unbound: listen() autobinds to the wildcard address on a port the
         // kernel picks, not known yet. Only `ephemeral` allows that (port 0
-        // is its bit).
-        q.ephemeral_ok = false;
+        // is its bit, which a port-0 query reads only with `ephemeral_ok`).
+        q.ephemeral_ok = true;
         q.flags = EVENT_F_AUTOBIND;
         if family == AF_INET6 {
             q.family = Family::Ipv6;

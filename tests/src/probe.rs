@@ -150,6 +150,13 @@ impl Probe {
         self
     }
 
+    /// `listen-unbound` fills its socket's option memory before listen():
+    /// no socket storage can be made for it.
+    pub fn fill_optmem(mut self) -> Self {
+        self.args.push("--fill-optmem".into());
+        self
+    }
+
     /// `listen-unbound` binds its socket to `dev` before listen().
     pub fn bind_device(mut self, dev: &str) -> Self {
         self.args.extend(["--bind-device".into(), dev.into()]);

@@ -38,10 +38,21 @@ impl Agent {
             Ok(ev) => {
                 let mut record = events::enrich(&ev, &self.names, &mut self.hierarchy, &self.host);
                 if must_end(&ev) {
-                    record.action = Some(self.end_cut_off_socket(&ev));
-                    // Bounded by what the kernel cuts off between two
-                    // passes; cleared by each.
-                    if self.cut_off_cookies.len() < MAX_CUT_OFF_COOKIES {
+                    let action = self.end_cut_off_socket(&ev);
+                    record.action = Some(action);
+                    if action == "closed" && self.mark_failed_since() {
+                        // Gone, or its task is, and a cut-off socket could
+                        // not be marked for the packet guard (a mark needs
+                        // socket storage, which a tenant can leave no room
+                        // for): the socket may live on in another process
+                        // with nothing to starve it. The inventory looks
+                        // for it (within its gap), as for any socket:
+                        // reported and ended if it lives.
+                        self.inventory_pending = true;
+                    } else if self.cut_off_cookies.len() < MAX_CUT_OFF_COOKIES {
+                        // Its hook's to report: the inventory skips it.
+                        // Bounded by what the kernel cuts off between two
+                        // passes; cleared by each.
                         self.cut_off_cookies.insert(ev.sock_cookie);
                     }
                 }
@@ -215,6 +226,24 @@ impl Agent {
     /// fence failure attaches the packet guard (which drops what is
     /// addressed to any cut-off socket, fenced or not) for the rest of this
     /// agent's run.
+    /// Whether the kernel failed to mark a cut-off socket for the packet
+    /// guard since this was last asked (an unreadable counter: yes).
+    fn mark_failed_since(&mut self) -> bool {
+        let Ok(now) = self.loaded.maps.counters.mark_failures() else {
+            return true;
+        };
+        let failed = now > self.mark_failures_seen;
+        if failed {
+            warn!(
+                "daemon: {} cut-off socket(s) could not be marked for the packet guard (no \
+                 memory for socket storage); the socket inventory looks for them",
+                now - self.mark_failures_seen
+            );
+            self.mark_failures_seen = now;
+        }
+        failed
+    }
+
     pub(super) fn check_fence_failures(&mut self) {
         let Ok(now) = self.loaded.maps.counters.fence_failures() else {
             return;

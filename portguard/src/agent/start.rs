@@ -373,6 +373,7 @@ impl Agent {
             unended: Vec::new(),
             packet_guard: None,
             fence_failures_seen: 0,
+            mark_failures_seen: 0,
             guard_held: false,
             hook_dir: opts
                 .status_socket

@@ -129,6 +129,9 @@ pub(super) struct Agent {
     pub(super) packet_guard: Option<crate::kernel::ProgLink>,
     /// Fence failures already acted on (the kernel counter).
     pub(super) fence_failures_seen: u64,
+    /// [`COUNTER_MARK_FAILED`](portguard_common::COUNTER_MARK_FAILED) as
+    /// last read.
+    pub(super) mark_failures_seen: u64,
     /// A fence failure keeps the packet guard attached for this run.
     pub(super) guard_held: bool,
     /// The status socket's directory, shared with the runtime hooks.

@@ -105,7 +105,10 @@ impl FakeMaps {
             rec.inline_contains(slot, p)
                 .unwrap_or_else(|| self.contains(set, p))
         };
-        if has(port) || (ephemeral_ok && has(0)) {
+        // Port 0 (bit 0 is `ephemeral`'s marker) is read only with
+        // `ephemeral_ok`, as the kernel's `slot_allows` does.
+        let named = port != 0 && has(port);
+        if named || (ephemeral_ok && has(0)) {
             Verdict::Allow
         } else if rec.mode == MODE_AUDIT {
             Verdict::Audit

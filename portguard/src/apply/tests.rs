@@ -574,3 +574,37 @@ fn without_a_reader_barrier_the_retired_generation_waits_out_grace() {
     // The second apply is live: `sealed` governs cgroup 20 no more.
     assert_eq!(bind(&m, &[1, 20], 9000), Verdict::Ungoverned);
 }
+
+/// Port 0 is no port a rule names: bit 0 of a set is `ephemeral`'s
+/// marker. A port-0 query (an unbound listen() the BPF LSM judges before
+/// the kernel picks its port) reads the marker only with `ephemeral_ok`;
+/// without it (a port-0 bind whose port post_bind cannot follow) nothing
+/// allows it, `ephemeral` or not. As the kernel's `slot_allows`.
+#[test]
+fn port_zero_reads_the_ephemeral_marker_only_when_asked_to() {
+    let p = compiled(
+        "policies:
+  - {name: eph, cgroup: /e, bind: [{ports: [ephemeral, 8080]}]}
+  - {name: fixed, cgroup: /f, bind: [{ports: [8080]}]}
+",
+    );
+    let mut m = FakeMaps::default();
+    let mut a = Applier::new(CAPS);
+    a.apply(&mut m, &targets(&p, &[(10, 1), (20, 1)])).unwrap();
+    let port0 = |ancestry: &[u64], ephemeral_ok| {
+        m.decide(
+            ancestry,
+            Direction::Bind,
+            Proto::Tcp,
+            Family::Ipv4,
+            AddrClass::Any,
+            0,
+            ephemeral_ok,
+        )
+    };
+    assert_eq!(port0(&[1, 10], true), Verdict::Allow);
+    assert_eq!(port0(&[1, 10], false), Verdict::Deny);
+    assert_eq!(port0(&[1, 20], true), Verdict::Deny);
+    assert_eq!(port0(&[1, 20], false), Verdict::Deny);
+    assert_eq!(bind(&m, &[1, 10], 8080), Verdict::Allow);
+}

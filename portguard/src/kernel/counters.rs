@@ -4,9 +4,9 @@ use std::os::fd::AsFd as _;
 
 use aya::maps::{IterableMap as _, MapData, MapError, PerCpuArray};
 use portguard_common::{
-    COUNTER_EVENTS_LOST, COUNTER_FENCE_FAILED, COUNTER_GUARD_DROPS, DECISION_ALLOW, DECISION_AUDIT,
-    DECISION_DENY, DECISION_REPORTED, DECISIONS, HOOKS, Hook, POLICY_KINDS, hook_counter,
-    policy_counter,
+    COUNTER_EVENTS_LOST, COUNTER_FENCE_FAILED, COUNTER_GUARD_DROPS, COUNTER_MARK_FAILED,
+    DECISION_ALLOW, DECISION_AUDIT, DECISION_DENY, DECISION_REPORTED, DECISIONS, HOOKS, Hook,
+    POLICY_KINDS, hook_counter, policy_counter,
 };
 
 use super::*;
@@ -112,6 +112,11 @@ impl CounterMaps {
     /// Cut-off sockets the kernel would not fence.
     pub fn fence_failures(&self) -> Result<u64, MapError> {
         Self::sum(&self.hooks, COUNTER_FENCE_FAILED)
+    }
+
+    /// Cut-off sockets the kernel could not mark for the packet guard.
+    pub fn mark_failures(&self) -> Result<u64, MapError> {
+        Self::sum(&self.hooks, COUNTER_MARK_FAILED)
     }
 
     /// Totals over every hook.

@@ -14,6 +14,7 @@
 //! | `portguard_policy_events_lost_total` | `policy` |
 //! | `portguard_guard_dropped_packets_total` | |
 //! | `portguard_fence_failures_total` | |
+//! | `portguard_mark_failures_total` | |
 //! | `portguard_events_aggregated_total` | |
 //! | `portguard_events_written_total` | |
 //! | `portguard_policy_reloads_total` | `result` (ok, failed) |
@@ -125,6 +126,13 @@ pub fn render(facts: &Facts, kernel: &KernelReading) -> String {
         "Cut-off sockets the kernel would not fence: a process without CAP_NET_RAW had bound \
          them to a device (kernel counter; the agent destroys them)",
         kernel.fence_failures,
+    );
+    counter(
+        &mut reg,
+        "portguard_mark_failures",
+        "Cut-off sockets the kernel could not mark for the packet guard: no memory for socket \
+         storage, which a tenant can cause (kernel counter; the socket inventory looks for them)",
+        kernel.mark_failures,
     );
     counter(
         &mut reg,
@@ -391,6 +399,7 @@ mod tests {
             events_lost: 7,
             guard_drops: 5,
             fence_failures: 6,
+            mark_failures: 8,
             programs: None,
         };
         let text = render(&facts, &kernel);
@@ -403,6 +412,7 @@ mod tests {
             r#"portguard_policy_events_lost_total{policy="web"} 2"#,
             "portguard_guard_dropped_packets_total 5",
             "portguard_fence_failures_total 6",
+            "portguard_mark_failures_total 8",
             "portguard_events_aggregated_total 99",
             r#"portguard_policy_reloads_total{result="failed"} 2"#,
             "portguard_policies 1",

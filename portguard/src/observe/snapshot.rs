@@ -264,6 +264,8 @@ pub struct KernelReading {
     pub guard_drops: u64,
     /// Cut-off sockets the kernel would not fence.
     pub fence_failures: u64,
+    /// Cut-off sockets the kernel could not mark for the packet guard.
+    pub mark_failures: u64,
     /// Each program's runs and run time (`--program-stats`; None: off).
     pub programs: Option<Vec<ProgramCost>>,
 }
@@ -283,6 +285,7 @@ impl KernelReading {
             events_lost: counters.events_lost()?,
             guard_drops: counters.guard_drops()?,
             fence_failures: counters.fence_failures()?,
+            mark_failures: counters.mark_failures()?,
             programs: None,
         })
     }

@@ -279,6 +279,46 @@ fn an_unfenceable_listener_that_outlives_its_task_is_starved() {
     assert!(metric(&agent, "portguard_guard_dropped_packets_total") > 0);
 }
 
+/// The orphaned, unfenceable listener above, with its option memory filled
+/// first so that the kernel program cannot mark it for the packet guard
+/// either: the agent, finding the task its event names gone, cannot know
+/// the socket is, and has the socket inventory look for it at once (within
+/// its 500 ms gap), which ends it.
+#[test]
+fn an_orphaned_listener_that_cannot_be_marked_is_found_and_ended() {
+    require_root!();
+    let Some((cg, agent)) = fencing_host("guard-orphan-nomark") else {
+        return;
+    };
+    let agent_pid = agent.pid();
+    // SAFETY: signalling the agent process this test started.
+    unsafe { libc::kill(agent_pid, libc::SIGSTOP) };
+    let r = std::thread::scope(|scope| {
+        let probe = scope.spawn(|| {
+            Probe::in_cgroup(&cg)
+                .bind_device("lo")
+                .fill_optmem()
+                .listen_in_child(65534)
+                .serve_after(3000)
+                .run(&["listen-unbound", "tcp", "4"])
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        // SAFETY: as above.
+        unsafe { libc::kill(agent_pid, libc::SIGCONT) };
+        probe.join().unwrap()
+    });
+    let e = agent.wait_event(&[("port", json!(r.port)), ("hook", json!("listen"))]);
+    assert_eq!(e["action"], "closed", "{e}");
+    assert_eq!(
+        r.served,
+        Some(false),
+        "a client was served by an orphaned listener the policy does not allow: {r:?}\n{}",
+        agent.stderr()
+    );
+    let e = agent.wait_event(&[("port", json!(r.port)), ("hook", json!("inventory"))]);
+    assert_eq!(e["action"], "destroyed", "{e}");
+}
+
 /// `ephemeral` means "a port the kernel chose", inside the host's range: an
 /// unbound listener is served; an explicitly bound one outside the policy
 /// is not, and neither is a socket bound by an ungoverned process and handed

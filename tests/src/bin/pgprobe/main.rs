@@ -66,6 +66,9 @@
 //! `--bind-device DEV`: `listen-unbound` binds its socket to DEV
 //! (`SO_BINDTODEVICE`) before listen(); with `--uid`, as a process without
 //! `CAP_NET_RAW`, which then cannot change it.
+//! `--fill-optmem`: `listen-unbound` fills its socket's option memory
+//! (TCP MD5 keys) before listen(), so that no socket storage can be made
+//! for it (a kernel program cannot mark it).
 //! `--unfence`: after an operation that left a TCP listener, and before
 //! `--serve`, try to bind it back to no device (`SO_BINDTODEVICE ""`, then
 //! `SO_BINDTOIFINDEX 0`), as a tenant would to undo portguard's fence. Adds
@@ -99,6 +102,8 @@ static UNFENCE: AtomicBool = AtomicBool::new(false);
 static BIND_DEVICE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 /// `--listen-in-child`: see the module docs.
 static LISTEN_IN_CHILD: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+/// `--fill-optmem`: see the module docs.
+static FILL_OPTMEM: AtomicBool = AtomicBool::new(false);
 
 fn main() {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
@@ -144,6 +149,7 @@ fn main() {
             "--bind-device" => {
                 let _ = BIND_DEVICE.set(val());
             }
+            "--fill-optmem" => FILL_OPTMEM.store(true, Ordering::Relaxed),
             "--thread" => mode = "thread",
             "--repeat" => repeat = val().parse().unwrap_or_else(|_| die("bad --repeat")),
             "--interval-ms" => {

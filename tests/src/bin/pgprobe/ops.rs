@@ -8,7 +8,7 @@ use std::{
 };
 
 use crate::{
-    BIND_DEVICE, LISTEN_IN_CHILD, SERVE, UNFENCE,
+    BIND_DEVICE, FILL_OPTMEM, LISTEN_IN_CHILD, SERVE, UNFENCE,
     handoff::handoff,
     race::v6only_race,
     serve::{serve_check, unfence},
@@ -101,6 +101,9 @@ pub(crate) fn run_op(op: &[String]) -> String {
                 if rc != 0 {
                     die(&format!("SO_BINDTODEVICE {dev}: errno {}", errno()));
                 }
+            }
+            if FILL_OPTMEM.load(Ordering::Relaxed) {
+                fill_optmem(fd, addr.is_ipv6());
             }
             if let Some(&uid) = LISTEN_IN_CHILD.get() {
                 // SAFETY: the child only calls setgid/setuid/listen/_exit.
