@@ -56,8 +56,9 @@ use aya_ebpf::{
 use portguard_common::{
     AddrClass, COUNTER_FENCE_FAILED, COUNTER_GUARD_DROPS, COUNTER_MARK_FAILED, Direction,
     EVENT_F_AUTOBIND, EVENT_F_DUAL_STACK, FENCE_IFINDEX, Family, GUARD_CUT, Hook, IPPROTO_TCP,
-    SO_BINDTODEVICE, SO_BINDTOIFINDEX, SOCK_BINDPORT_LOCK, SOCK_KIND_OTHER, SOL_SOCKET,
-    SockOffsets, SocketClass, SocketState, USERLOCKS_UNKNOWN, classify_socket, in_ephemeral_range,
+    IPPROTO_UDP, IPPROTO_UDPLITE, SO_BINDTODEVICE, SO_BINDTOIFINDEX, SOCK_BINDPORT_LOCK,
+    SOCK_KIND_OTHER, SOL_SOCKET, SockOffsets, SocketClass, SocketState, USERLOCKS_UNKNOWN,
+    classify_socket, in_ephemeral_range,
 };
 
 use crate::{
@@ -486,7 +487,13 @@ pub fn judge_send_port(ctx: &SockAddrContext, hook: Hook) -> i32 {
             read_volatile(core::ptr::addr_of!((*sk).protocol)) as u8,
         )
     };
+    // UDP and UDP-Lite autobind; a TCP socket has a port here only if a
+    // bind gave it one (judged there); a ping socket's is an ICMP ident,
+    // which no bind hook judges either (ping and raw sockets bind
+    // themselves, past the cgroup hook).
+    let datagram = protocol == IPPROTO_UDP || u32::from(protocol) == IPPROTO_UDPLITE;
     if port == 0
+        || !datagram
         || in_ephemeral_range(host_ephemeral(), port)
         || !kernel_chose_port(sk.cast::<c_void>())
     {

@@ -517,6 +517,23 @@ fn a_port_zero_bind_that_cannot_be_flagged_is_denied() {
     assert_eq!(e["port"], 8081, "{e}");
 }
 
+/// A ping socket's "port" is an ICMP ident the kernel picks (1, 2, ...),
+/// which no bind hook judges: connect() judging a kernel-chosen source port
+/// must leave it alone (ping sockets connect through connect4/6).
+#[test]
+fn a_ping_socket_connects_under_a_bind_policy() {
+    require_root!();
+    let (cg, agent) = svc_8080("guard-ping");
+    let r = Probe::in_cgroup(&cg).run(&["ping-connect"]);
+    r.assert_ok();
+    assert!(
+        agent
+            .events_matching(&[("pid", json!(r.pid))], Duration::from_millis(300))
+            .is_empty(),
+        "a ping socket's connect was reported"
+    );
+}
+
 /// bind6 judges the IPV6_V6ONLY it sees, but the kernel drops the socket
 /// lock before the bind itself: a second thread clears the flag in between
 /// and would turn a checked IPv6-only bind into a dual-stack one. post_bind6

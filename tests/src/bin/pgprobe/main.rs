@@ -40,6 +40,9 @@
 //!                                  after the autobind and before any
 //!                                  hook); the socket then connects to
 //!                                  ADDR:FROM (the result is the connect's)
+//!      ping-connect                an ICMP ping socket (allowed in the
+//!                                  probe's namespace) binds 127.0.0.1:0,
+//!                                  then connects to 127.0.0.1
 //!      bind0-full-optmem ADDR      a TCP socket whose option memory is
 //!                                  filled (TCP MD5 keys) so that no socket
 //!                                  storage can be made for it, then

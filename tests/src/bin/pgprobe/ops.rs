@@ -199,6 +199,26 @@ pub(crate) fn run_op(op: &[String]) -> String {
             (fd, rc, errno())
         }
         "handoff" => return handoff(op),
+        "ping-connect" => {
+            // Ping sockets for root in this (the probe's own) namespace.
+            std::fs::write("/proc/sys/net/ipv4/ping_group_range", "0 0")
+                .unwrap_or_else(|e| die(&format!("ping_group_range: {e}")));
+            let addr = parse_addr("127.0.0.1", "0");
+            // SAFETY: plain syscall.
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, libc::IPPROTO_ICMP) };
+            if fd < 0 {
+                die(&format!("ping socket: errno {}", errno()));
+            }
+            // The kernel picks an ICMP ident (from 1 up, outside the host's
+            // ephemeral range): no bind hook runs for ping sockets.
+            if bind_to(fd, &addr) != 0 {
+                die(&format!("ping-connect: bind: errno {}", errno()));
+            }
+            let (ss, len) = sockaddr(&addr);
+            // SAFETY: valid fd and sockaddr.
+            let rc = unsafe { libc::connect(fd, std::ptr::from_ref(&ss).cast(), len) };
+            (fd, rc, errno())
+        }
         "bind0-full-optmem" => {
             let addr = parse_addr(get(1), "0");
             let fd = socket("tcp", &addr);
