@@ -117,6 +117,10 @@ pub(super) struct Watcher {
     pub(super) fd: AsyncFd<Inotify>,
     pub(super) file_wd: Option<WatchDescriptor>,
     pub(super) file_name: Option<std::ffi::OsString>,
+    /// The policy file (absolute) and what it looked like when a change of
+    /// it was last signalled: an inotify queue overflow asks for a reload
+    /// only if it looks different now.
+    file: Option<(PathBuf, Option<FileLook>)>,
     pub(super) dirs: HashMap<PathBuf, WatchDescriptor>,
     /// The directory each watch is on (events name the watch).
     by_wd: HashMap<WatchDescriptor, PathBuf>,
@@ -132,6 +136,17 @@ pub(super) struct Watcher {
     computed_for: Option<u64>,
 }
 
+/// What identifies a version of the policy file (through symlinks, as a
+/// Kubernetes volume's `..data` swap changes it): inode, size, mtime.
+type FileLook = (u64, u64, u64, i64, i64);
+
+fn file_look(path: &Path) -> Option<FileLook> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec()))
+}
+
 pub(super) enum Change {
     PolicyFile,
     Cgroups,
@@ -142,8 +157,10 @@ impl Watcher {
         let inotify = Inotify::init().context("inotify_init")?;
         let mut file_wd = None;
         let mut file_name = None;
+        let mut file = None;
         if watch_file {
             let abs = std::path::absolute(policy).unwrap_or_else(|_| policy.to_owned());
+            file = Some((abs.clone(), file_look(&abs)));
             if let (Some(dir), Some(name)) = (abs.parent(), abs.file_name()) {
                 // Watch the directory: editors and config managers replace the
                 // file (rename), which a watch on the file itself would miss.
@@ -166,6 +183,7 @@ impl Watcher {
                 .context("registering inotify with tokio")?,
             file_wd,
             file_name,
+            file,
             dirs: HashMap::new(),
             by_wd: HashMap::new(),
             root: PathBuf::new(),
@@ -208,11 +226,12 @@ impl Watcher {
             let _ = watches.remove(wd.clone());
             false
         });
+        // Every directory is added again, the watched ones too: the kernel
+        // answers with the same watch for the same inode, and with another
+        // for a directory removed and made again at that path (its parent
+        // too may have been, before this saw any event), whose old watch
+        // is on a dead inode and says nothing more.
         for d in want {
-            if self.dirs.contains_key(&d) {
-                continue;
-            }
-            debug!("daemon: watching {}", d.display());
             match watches.add(
                 &d,
                 WatchMask::CREATE
@@ -222,6 +241,16 @@ impl Watcher {
                     | WatchMask::ONLYDIR,
             ) {
                 Ok(wd) => {
+                    if let Some(old) = self.dirs.get(&d) {
+                        if *old == wd {
+                            continue;
+                        }
+                        debug!("daemon: {} was made again: watching it anew", d.display());
+                        self.by_wd.remove(old);
+                        let _ = watches.remove(old.clone());
+                    } else {
+                        debug!("daemon: watching {}", d.display());
+                    }
                     self.by_wd.insert(wd.clone(), d.clone());
                     self.dirs.insert(d, wd);
                 }
@@ -265,6 +294,9 @@ impl Watcher {
                     if let Some(name) = ev.name
                         && (Some(name) == self.file_name.as_deref() || name == "..data")
                     {
+                        if let Some((path, look)) = &mut self.file {
+                            *look = file_look(path);
+                        }
                         out.push(Change::PolicyFile);
                     }
                 } else if ev.mask.contains(EventMask::Q_OVERFLOW) {
@@ -278,9 +310,17 @@ impl Watcher {
                     }
                     stale = true;
                     out.push(Change::Cgroups);
-                    // The policy file's change may be among those lost.
-                    if self.file_wd.is_some() {
-                        out.push(Change::PolicyFile);
+                    // The policy file's change may be among those lost: a
+                    // reload if it looks other than when one was last
+                    // asked for (not for every overflow: a reload of an
+                    // unchanged file still resolves and applies, on the
+                    // loop that answers hooks).
+                    if let Some((path, look)) = &mut self.file {
+                        let now = file_look(path);
+                        if now != *look {
+                            *look = now;
+                            out.push(Change::PolicyFile);
+                        }
                     }
                 } else {
                     // A child of a watched directory removed, renamed or
@@ -300,7 +340,10 @@ impl Watcher {
                                 self.forget(&child);
                                 stale = true;
                             }
-                        } else if self.missing.iter().any(|m| m.starts_with(&child)) {
+                        } else if self.dirs.contains_key(&child)
+                            || self.missing.iter().any(|m| m.starts_with(&child))
+                        {
+                            // Made (again) where a watch is wanted.
                             stale = true;
                         }
                     }

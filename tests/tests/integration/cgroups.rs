@@ -198,6 +198,41 @@ fn a_policy_cgroup_below_a_recreated_parent_is_governed_when_it_appears() {
     }
 }
 
+/// The same, with the parent's parent removed and made again too, all
+/// before the agent reads an event (held with SIGSTOP): the watch it kept
+/// on that grandparent is on a dead inode, and only adding it again shows
+/// it.
+#[test]
+fn a_policy_cgroup_below_two_recreated_levels_is_governed_when_it_appears() {
+    require_root!();
+    let top = Cgroup::new("regrand");
+    let svc = top.child("svc");
+    let x = svc.planned_child("x");
+    let agent = Agent::start_with(
+        &format!(
+            "policies:\n  - {{name: below, cgroup: {}, bind: [{{ports: [8080]}}]}}\n",
+            x.rel
+        ),
+        &["--rescan-interval", "1h"],
+    );
+    let pid = agent.pid();
+    // SAFETY: signalling the agent process this test started.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    std::fs::remove_dir(&svc.fs).unwrap();
+    std::fs::remove_dir(&top.fs).unwrap();
+    top.create();
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    std::thread::sleep(Duration::from_millis(300));
+    svc.create();
+    std::thread::sleep(Duration::from_millis(300));
+    x.create();
+    let took = wait_governed(&x, "8081");
+    eprintln!("cgroup below two recreated levels governed {took:?} after it was made");
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    agent.wait_event(&[("cgroup_id", json!(x.id())), ("port", json!(8081))]);
+}
+
 #[test]
 fn programs_can_be_attached_to_a_subtree_only() {
     require_root!();
