@@ -294,31 +294,33 @@ pub fn portguard_bind6(ctx: SockAddrContext) -> i32 {
     }
     let verdict = decide(&q);
     if v6.unspecified {
-        // Only an allowed bind is marked: a denied one's mark would excuse
-        // another thread's bind of the same port on the same socket.
-        mark_dual_judged(&ctx, dual && verdict == ALLOW, port);
+        mark_judged(&ctx, verdict == ALLOW, dual, port);
     }
     verdict
 }
 
-/// Record on the socket whether bind6 judged this `[::]` bind (explicit
-/// port) as dual-stack, so that post_bind6 does not judge it a second time
-/// (in audit mode that wrote a second event for one bind; found by the
+/// [`SocketState::dual_stack`]: bind6 judged the port as dual-stack.
+const JUDGED_DUAL: u32 = 1 << 16;
+
+/// Record on the socket the `[::]` bind (explicit port) bind6 allowed: its
+/// port, and whether it was judged dual-stack ([`JUDGED_DUAL`]). post_bind6
+/// then knows the bind it sees is that one (the same port): not a port-0
+/// bind, whatever flag an earlier port-0 bind of the socket that failed
+/// after bind6 (an address not on the host) left, so `ephemeral` cannot
+/// allow it; and, judged dual-stack, not to be judged a second time (in
+/// audit mode that wrote a second event for one bind; found by the
 /// differential tests, `difftest_audit_dual_stack_bind_reports_once`).
 /// post_bind6 still judges a bind bind6 saw as IPV6_V6ONLY but that ended
-/// up dual-stack (the flag flipped in between). Storage is created only
-/// for a dual-stack `[::]` bind; otherwise a flag left by an earlier bind
-/// of the socket that failed after bind6 is cleared. When the flag cannot
-/// be stored, post_bind6 judges again (the safe side: a second event).
-/// The flag is the port judged, not a bit: two threads binding one socket
-/// at once (one to an IPv6-only port while `IPV6_V6ONLY` is set, the other,
-/// after clearing it, dual-stack to an allowed port) must not lend one
-/// bind's judgement to the other, whose port post_bind6 then sees.
-/// (Programs before this wrote 1, which no port-1 bind follows but by
-/// chance: a mixed upgrade judges again, the safe side.)
+/// up dual-stack (the flag flipped in between). Only an allowed bind is
+/// recorded, by port: two threads binding one socket at once must not lend
+/// one bind's judgement to the other. Storage is created only for a
+/// dual-stack bind (otherwise only an existing record is rewritten); when
+/// it cannot be, post_bind6 judges again (the safe side: a second event).
+/// (Programs before this wrote 1 for "judged dual-stack": read as port 1,
+/// a mixed upgrade judges again, the safe side.)
 #[inline(always)]
-fn mark_dual_judged(ctx: &SockAddrContext, dual: bool, port: u16) {
-    let p = if dual {
+fn mark_judged(ctx: &SockAddrContext, allowed: bool, dual: bool, port: u16) {
+    let p = if allowed && dual {
         let mut init = SocketState::default();
         // SAFETY: the helper only dereferences the context's own socket.
         unsafe { PORTGUARD_SOCKETS.get_or_insert_ptr_mut(ctx, Some(&mut init)) }
@@ -327,24 +329,30 @@ fn mark_dual_judged(ctx: &SockAddrContext, dual: bool, port: u16) {
         unsafe { PORTGUARD_SOCKETS.get_ptr_mut(ctx) }
     };
     if !p.is_null() {
+        let v = match (allowed, dual) {
+            (false, _) => 0,
+            (true, false) => u32::from(port),
+            (true, true) => u32::from(port) | JUDGED_DUAL,
+        };
         // SAFETY: non-null pointer to this socket's storage.
-        unsafe { (*p).dual_stack = if dual { u32::from(port) } else { 0 } };
+        unsafe { (*p).dual_stack = v };
     }
 }
 
-/// Whether bind6 already judged a dual-stack bind of this socket to `port`
-/// and allowed it (see [`mark_dual_judged`]); clears the flag.
+/// The socket's port-0 flag and bind6's record ([`mark_judged`]), both
+/// cleared: one storage lookup.
 #[inline(always)]
-fn take_dual_judged(sk: *mut aya_ebpf::bindings::bpf_sock, port: u16) -> bool {
+fn take_bind_flags(sk: *mut aya_ebpf::bindings::bpf_sock) -> (bool, u32) {
     let st = sock_state(sk);
     if st.is_null() {
-        return false;
+        return (false, 0);
     }
     // SAFETY: non-null pointer to this socket's storage.
     unsafe {
-        let judged = port != 0 && (*st).dual_stack == u32::from(port);
+        let flags = ((*st).port0_pending != 0, (*st).dual_stack);
+        (*st).port0_pending = 0;
         (*st).dual_stack = 0;
-        judged
+        flags
     }
 }
 
@@ -470,7 +478,11 @@ pub fn portguard_post_bind6(ctx: SockContext) -> i32 {
     if port == 0 {
         return ALLOW;
     }
-    let port0 = take_port0(sk);
+    let (flagged, judged) = take_bind_flags(sk);
+    // The explicit bind bind6 allowed, or a port-0 bind (whose chosen port
+    // could only equal an allowed explicit one by chance: judged as it).
+    let explicit = judged & 0xffff == u32::from(port);
+    let port0 = flagged && !explicit;
     // SAFETY: reading fields of the context struct.
     let w = unsafe {
         [
@@ -484,7 +496,7 @@ pub fn portguard_post_bind6(ctx: SockContext) -> i32 {
     // The socket's own flag, now final (unknown: dual-stack, the wider
     // exposure).
     let dual = v6.unspecified && sk_v6only(sk.cast::<c_void>()) != Some(true);
-    if !port0 && (!dual || take_dual_judged(sk, port)) {
+    if !port0 && (!dual || (explicit && judged & JUDGED_DUAL != 0)) {
         // An explicit port bind6 judged, on a socket that is what bind6 saw.
         return ALLOW;
     }

@@ -517,6 +517,33 @@ fn a_port_zero_bind_that_cannot_be_flagged_is_denied() {
     assert_eq!(e["port"], 8081, "{e}");
 }
 
+/// A port-0 bind that fails after bind6 (an address not on the host) leaves
+/// the socket's port-0 flag set; the next bind, to an explicit `[::]` port
+/// inside the host's ephemeral range that the policy allows for IPv6 only,
+/// races a thread clearing IPV6_V6ONLY. post_bind6 must not take that port
+/// for one the kernel chose, which `ephemeral` in the IPv4 rules would let
+/// be dual-stack.
+#[test]
+fn a_failed_port_zero_bind_lends_ephemeral_to_no_explicit_port() {
+    require_root!();
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
+    let low: u16 = range.split_whitespace().next().unwrap().parse().unwrap();
+    let port = (low + 4343).to_string();
+    let cg = Cgroup::new("guard-leftover0");
+    let agent = Agent::start(&format!(
+        "policies:\n  - {{name: v6, cgroup: {}, bind: [{{ports: [{port}], family: ipv6}}, {{ports: [ephemeral]}}]}}\n",
+        cg.rel
+    ));
+    let r = Probe::in_cgroup(&cg).run(&["v6only-race", &port, "100000", "leftover0"]);
+    eprintln!("{r:?}");
+    assert_eq!(r.dual, 0, "dual-stack sockets on an IPv6-only port: {r:?}");
+    assert!(
+        r.bound > 0 && r.eperm > 0,
+        "the flipper never won or never lost: {r:?}"
+    );
+    agent.wait_event(&[("pid", json!(r.pid)), ("dual_stack", json!(true))]);
+}
+
 /// A ping socket's "port" is an ICMP ident the kernel picks (1, 2, ...),
 /// which no bind hook judges: connect() judging a kernel-chosen source port
 /// must leave it alone (ping sockets connect through connect4/6).

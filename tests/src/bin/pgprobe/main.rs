@@ -51,7 +51,9 @@
 //!                                  IPV6_V6ONLY binds [::]:PORT while a second
 //!                                  thread clears IPV6_V6ONLY on it (and with
 //!                                  bind=P binds it to [::]:P); prints how
-//!                                  many binds to PORT succeeded dual-stack
+//!                                  many binds to PORT succeeded dual-stack.
+//!                                  `leftover0`: each socket first fails a
+//!                                  port-0 bind to an address not here
 //! `--port-range LO HI` (with --netns): set the new namespace's
 //! net.ipv4.ip_local_port_range, as a pod may.
 //! ```

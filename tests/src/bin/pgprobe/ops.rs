@@ -240,9 +240,11 @@ pub(crate) fn run_op(op: &[String]) -> String {
             return v6only_race(
                 get(1).parse().unwrap_or_else(|_| die("bad port")),
                 get(2).parse().unwrap_or_else(|_| die("bad count")),
-                op.get(3)
-                    .and_then(|w| w.strip_prefix("bind="))
+                op.iter()
+                    .skip(3)
+                    .find_map(|w| w.strip_prefix("bind="))
                     .map(|p| p.parse().unwrap_or_else(|_| die("bad bind= port"))),
+                op.iter().skip(3).any(|w| w == "leftover0"),
             );
         }
         "hold" => {

@@ -11,7 +11,10 @@ use crate::sock::{errno, gettid, local_port, set_v6only, sockaddr, socket};
 
 /// `v6only-race PORT N [bind=P]`: see the module docs. `dual` counts binds
 /// to PORT that succeeded with the socket dual-stack.
-pub(crate) fn v6only_race(port: u16, n: u32, also: Option<u16>) -> String {
+/// `leftover0`: each socket first tries bind([2001:db8::dead]:0), which
+/// fails (no such address here) after the bind hook flagged it as a port-0
+/// bind.
+pub(crate) fn v6only_race(port: u16, n: u32, also: Option<u16>, leftover0: bool) -> String {
     use std::sync::atomic::AtomicI32;
     static CURRENT: AtomicI32 = AtomicI32::new(-1);
     static DONE: AtomicBool = AtomicBool::new(false);
@@ -44,6 +47,17 @@ pub(crate) fn v6only_race(port: u16, n: u32, also: Option<u16>) -> String {
     for _ in 0..n {
         let fd = socket("tcp", &addr);
         set_v6only(fd, true);
+        if leftover0 {
+            let away = SocketAddr::new(
+                IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0xdead)),
+                0,
+            );
+            let (ss, len) = sockaddr(&away);
+            // SAFETY: valid fd and sockaddr; expected to fail.
+            if unsafe { libc::bind(fd, std::ptr::from_ref(&ss).cast(), len) } == 0 {
+                crate::sock::die("v6only-race: a bind to 2001:db8::dead succeeded");
+            }
+        }
         CURRENT.store(fd, Ordering::Relaxed);
         let (ss, len) = sockaddr(&addr);
         // SAFETY: valid fd and sockaddr.
