@@ -56,7 +56,7 @@ pub fn read(file: &str, doc: &Node, default_ns: &str, m: &mut Manifests) {
     let Some(spec) = get(pod, "spec") else {
         return;
     };
-    let host_network = get(spec, "hostNetwork").and_then(text) == Some("true");
+    let host_network = get(spec, "hostNetwork").is_some_and(super::values::truthy);
     let workload = WorkloadId {
         kind: kind.to_owned(),
         namespace,
@@ -340,5 +340,35 @@ mod tests {
         assert_eq!(m.findings.len(), 1);
         assert_eq!(m.findings[0].loc.line, 9);
         assert!(m.findings[0].message.contains("70000"), "{:?}", m.findings);
+    }
+
+    /// Read as Kubernetes' YAML reader (YAML 1.1) reads them: `hostNetwork:
+    /// True` or `yes` is host networking; `<<: *base` merges the anchored
+    /// mapping (written keys win); a port with a leading zero is refused
+    /// (YAML 1.1 reads `026` as octal 22, YAML 1.2 as 26).
+    #[test]
+    fn yaml_1_1_booleans_merge_keys_and_ambiguous_numbers() {
+        for spelling in ["True", "yes", "on", "TRUE"] {
+            let m = load(&format!(
+                "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {{name: a}}\nspec:\n  template:\n    spec:\n      hostNetwork: {spelling}\n      containers: [{{name: a, ports: [{{containerPort: 22}}]}}]\n"
+            ));
+            let h = m.units[0].ports[0].host.as_ref();
+            assert!(
+                h.is_some_and(|h| h.lo == 22),
+                "hostNetwork: {spelling}: {:?}",
+                m.units
+            );
+        }
+        let m = load(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: a}\nspec:\n  template:\n    spec:\n      containers:\n        - &base {name: a, image: x, ports: [{containerPort: 22, hostPort: 22}]}\n        - <<: *base\n          name: b\n",
+        );
+        assert_eq!(m.units.len(), 2, "{:?}", m.units);
+        assert_eq!(m.units[1].container, "b");
+        assert_eq!(m.units[1].ports[0].host.as_ref().map(|h| h.lo), Some(22));
+        let m = load(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: a}\nspec:\n  template:\n    spec:\n      containers: [{name: a, ports: [{containerPort: 026}, {containerPort: 0x50}]}]\n",
+        );
+        assert_eq!(m.findings.len(), 2, "{:?}", m.findings);
+        assert!(m.findings[0].message.contains("`026`"), "{:?}", m.findings);
     }
 }

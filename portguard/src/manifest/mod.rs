@@ -204,7 +204,7 @@ impl NetCaps {
             .iter()
             .any(|n| matches!(name(n).as_deref(), Some("ALL" | "NET_RAW")));
         caps.privileged = privileged
-            .filter(|n| values::text(n) == Some("true"))
+            .filter(|n| values::truthy(n))
             .map(|n| Loc::at(file, n));
         caps
     }

@@ -9,15 +9,50 @@ use std::collections::BTreeMap;
 
 use crate::policy::yaml::{Kind, Node};
 
-/// Value of `key` in a mapping.
+/// Value of `key` in a mapping, or in what it merges (`<<: *base`, or a
+/// list of them, first first), as Kubernetes' and Compose's YAML readers
+/// do: a key written in the mapping wins over a merged one.
 pub(super) fn get<'n>(node: &'n Node, key: &str) -> Option<&'n Node> {
-    match &node.kind {
-        Kind::Map(entries) => entries
-            .iter()
-            .find(|(k, _)| text(k) == Some(key))
-            .map(|(_, v)| v),
-        _ => None,
+    get_depth(node, key, 0)
+}
+
+/// Merges nest at most this deep (aliases cannot loop, but a file can
+/// chain many).
+const MERGE_DEPTH: usize = 16;
+
+fn get_depth<'n>(node: &'n Node, key: &str, depth: usize) -> Option<&'n Node> {
+    let Kind::Map(entries) = &node.kind else {
+        return None;
+    };
+    if let Some((_, v)) = entries.iter().find(|(k, _)| text(k) == Some(key)) {
+        return Some(v);
     }
+    if depth >= MERGE_DEPTH {
+        return None;
+    }
+    let (_, merged) = entries.iter().find(|(k, _)| is_merge_key(k))?;
+    match &merged.kind {
+        Kind::Map(_) => get_depth(merged, key, depth + 1),
+        Kind::Seq(bases) => bases.iter().find_map(|b| get_depth(b, key, depth + 1)),
+        Kind::Scalar { .. } => None,
+    }
+}
+
+/// The YAML merge key: a plain `<<`.
+fn is_merge_key(k: &Node) -> bool {
+    matches!(&k.kind, Kind::Scalar { text, plain: true } if text == "<<")
+}
+
+/// Whether a scalar is boolean true as Kubernetes' YAML reader (YAML 1.1:
+/// `true`, `True`, `yes`, `on`, `y`, ...) or Compose's reads it. A quoted
+/// one counts too: the check errs towards seeing what may be applied.
+pub(super) fn truthy(node: &Node) -> bool {
+    text(node).is_some_and(|t| {
+        matches!(
+            t,
+            "true" | "True" | "TRUE" | "yes" | "Yes" | "YES" | "on" | "On" | "ON" | "y" | "Y"
+        )
+    })
 }
 
 /// Follow a path of keys.
@@ -40,10 +75,44 @@ pub(super) fn items(node: Option<&Node>) -> &[Node] {
     }
 }
 
-pub(super) fn entries(node: Option<&Node>) -> &[(Node, Node)] {
-    match node.map(|n| &n.kind) {
-        Some(Kind::Map(e)) => e,
-        _ => &[],
+/// A mapping's entries, with what it merges (`<<`) that it does not
+/// write itself, as [`get`] reads them.
+pub(super) fn entries(node: Option<&Node>) -> Vec<(&Node, &Node)> {
+    let mut out = Vec::new();
+    if let Some(node) = node {
+        merged_entries(node, &mut out, 0);
+    }
+    out
+}
+
+fn merged_entries<'n>(node: &'n Node, out: &mut Vec<(&'n Node, &'n Node)>, depth: usize) {
+    let Kind::Map(e) = &node.kind else {
+        return;
+    };
+    let mut merges = Vec::new();
+    for (k, v) in e {
+        if is_merge_key(k) {
+            merges.push(v);
+        } else if !out
+            .iter()
+            .any(|(o, _)| text(o).is_some() && text(o) == text(k))
+        {
+            out.push((k, v));
+        }
+    }
+    if depth >= MERGE_DEPTH {
+        return;
+    }
+    for m in merges {
+        match &m.kind {
+            Kind::Map(_) => merged_entries(m, out, depth + 1),
+            Kind::Seq(bases) => {
+                for b in bases {
+                    merged_entries(b, out, depth + 1);
+                }
+            }
+            Kind::Scalar { .. } => {}
+        }
     }
 }
 
@@ -55,9 +124,19 @@ pub(super) fn string_map(node: Option<&Node>) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// A port number 1..=65535.
+/// A port number 1..=65535. Leading zeros, base prefixes and digit
+/// separators are refused: YAML 1.1 (Kubernetes) reads `026` as 22 and
+/// `0x50` as 80, YAML 1.2 (Compose) reads `026` as 26, so the check could
+/// not say which port is meant.
 pub(super) fn port_number(s: &str) -> Result<u16, String> {
-    match s.trim().parse::<u32>() {
+    let t = s.trim();
+    if (t.len() > 1 && t.starts_with('0')) || t.contains('_') {
+        return Err(format!(
+            "`{s}` is read as another number by some YAML readers (octal, hex, digit \
+             separators): write the port in plain decimal"
+        ));
+    }
+    match t.parse::<u32>() {
         Ok(n @ 1..=65535) => Ok(n as u16),
         Ok(n) => Err(format!("port {n} is out of range (1-65535)")),
         Err(_) => Err(format!("`{s}` is not a port number")),

@@ -157,16 +157,9 @@ fn a_policy_cgroup_created_later_is_governed_when_it_appears() {
     agent.wait_event(&[("cgroup_id", json!(svc.id())), ("port", json!(8082))]);
 }
 
-/// `cgroup: /P/svc/x` watches `/P/svc` for `x`. A restart of `svc` removes
-/// and makes it again, and cgroupfs tells a watch on the removed directory
-/// nothing: only its parent hears of it. Without that, `x` made in the new
-/// `svc` waited for `--rescan-interval`, ungoverned.
-#[test]
-fn a_policy_cgroup_below_a_recreated_parent_is_governed_when_it_appears() {
-    require_root!();
-    let parent = Cgroup::new("reparent");
-    let svc = parent.child("svc");
-    let x = svc.planned_child("x");
+/// An agent with a policy on `x`, which does not exist yet, and a rescan
+/// interval long enough that only inotify can make it governed in time.
+fn agent_for_planned(x: &Cgroup) -> Agent {
     let agent = Agent::start_with(
         &format!(
             "policies:\n  - {{name: below, cgroup: {}, bind: [{{ports: [8080]}}]}}\n",
@@ -179,6 +172,20 @@ fn a_policy_cgroup_below_a_recreated_parent_is_governed_when_it_appears() {
         "{}",
         agent.stderr()
     );
+    agent
+}
+
+/// `cgroup: /P/svc/x` watches `/P/svc` for `x`. A restart of `svc` removes
+/// and makes it again, and cgroupfs tells a watch on the removed directory
+/// nothing: only its parent hears of it. Without that, `x` made in the new
+/// `svc` waited for `--rescan-interval`, ungoverned.
+#[test]
+fn a_policy_cgroup_below_a_recreated_parent_is_governed_when_it_appears() {
+    require_root!();
+    let parent = Cgroup::new("reparent");
+    let svc = parent.child("svc");
+    let x = svc.planned_child("x");
+    let agent = agent_for_planned(&x);
     // `svc` restarted twice: the second time proves the first re-watch
     // holds the same way.
     for round in 0..2 {
@@ -208,13 +215,7 @@ fn a_policy_cgroup_below_two_recreated_levels_is_governed_when_it_appears() {
     let top = Cgroup::new("regrand");
     let svc = top.child("svc");
     let x = svc.planned_child("x");
-    let agent = Agent::start_with(
-        &format!(
-            "policies:\n  - {{name: below, cgroup: {}, bind: [{{ports: [8080]}}]}}\n",
-            x.rel
-        ),
-        &["--rescan-interval", "1h"],
-    );
+    let agent = agent_for_planned(&x);
     let pid = agent.pid();
     // SAFETY: signalling the agent process this test started.
     unsafe { libc::kill(pid, libc::SIGSTOP) };

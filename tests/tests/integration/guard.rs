@@ -237,6 +237,30 @@ fn a_socket_that_cannot_be_fenced_is_ended_by_the_agent() {
     );
 }
 
+/// An unfenceable listener (bound to `lo` by a process without
+/// `CAP_NET_RAW`) made by `probe`, whose listen() is called by a child that
+/// exits at once while the probe keeps the socket (and serves on it, as
+/// `probe` says). The agent is held (SIGSTOP) until the child has listened
+/// and exited, so the task its event names is gone when it looks: the race
+/// the attacker wins when the agent is slow, made certain.
+fn orphaned_listener(agent: &Agent, probe: Probe) -> ProbeResult {
+    let agent_pid = agent.pid();
+    // SAFETY: signalling the agent process this test started.
+    unsafe { libc::kill(agent_pid, libc::SIGSTOP) };
+    std::thread::scope(|scope| {
+        let probe = scope.spawn(|| {
+            probe
+                .bind_device("lo")
+                .listen_in_child(65534)
+                .run(&["listen-unbound", "tcp", "4"])
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        // SAFETY: as above.
+        unsafe { libc::kill(agent_pid, libc::SIGCONT) };
+        probe.join().unwrap()
+    })
+}
+
 /// The same unfenceable listener, but listen() is called by a child that
 /// exits at once, while its parent keeps the socket and serves on it: by
 /// the time the agent reads the event, the task it names is gone and the
@@ -249,26 +273,7 @@ fn an_unfenceable_listener_that_outlives_its_task_is_starved() {
     let Some((cg, agent)) = fencing_host("guard-orphan") else {
         return;
     };
-    // The agent is held (SIGSTOP) until the child has listened and exited,
-    // so the task its event names is gone when it looks: the race the
-    // attacker wins when the agent is slow, made certain.
-    let agent_pid = agent.pid();
-    // SAFETY: signalling the agent process this test started.
-    unsafe { libc::kill(agent_pid, libc::SIGSTOP) };
-    let probe = std::thread::scope(|scope| {
-        let probe = scope.spawn(|| {
-            Probe::in_cgroup(&cg)
-                .bind_device("lo")
-                .listen_in_child(65534)
-                .serve_after(1500)
-                .run(&["listen-unbound", "tcp", "4"])
-        });
-        std::thread::sleep(Duration::from_millis(500));
-        // SAFETY: as above.
-        unsafe { libc::kill(agent_pid, libc::SIGCONT) };
-        probe.join().unwrap()
-    });
-    let r = probe;
+    let r = orphaned_listener(&agent, Probe::in_cgroup(&cg).serve_after(1500));
     let e = agent.wait_event(&[("port", json!(r.port)), ("hook", json!("listen"))]);
     assert_eq!(e["verdict"], "cut_off", "{e}");
     assert_eq!(e["action"], "closed", "{e}");
@@ -290,23 +295,10 @@ fn an_orphaned_listener_that_cannot_be_marked_is_found_and_ended() {
     let Some((cg, agent)) = fencing_host("guard-orphan-nomark") else {
         return;
     };
-    let agent_pid = agent.pid();
-    // SAFETY: signalling the agent process this test started.
-    unsafe { libc::kill(agent_pid, libc::SIGSTOP) };
-    let r = std::thread::scope(|scope| {
-        let probe = scope.spawn(|| {
-            Probe::in_cgroup(&cg)
-                .bind_device("lo")
-                .fill_optmem()
-                .listen_in_child(65534)
-                .serve_after(3000)
-                .run(&["listen-unbound", "tcp", "4"])
-        });
-        std::thread::sleep(Duration::from_millis(500));
-        // SAFETY: as above.
-        unsafe { libc::kill(agent_pid, libc::SIGCONT) };
-        probe.join().unwrap()
-    });
+    let r = orphaned_listener(
+        &agent,
+        Probe::in_cgroup(&cg).fill_optmem().serve_after(3000),
+    );
     let e = agent.wait_event(&[("port", json!(r.port)), ("hook", json!("listen"))]);
     assert_eq!(e["action"], "closed", "{e}");
     assert_eq!(
