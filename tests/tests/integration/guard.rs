@@ -60,15 +60,22 @@ fn assert_cut_off(agent: &Agent, denied: bool, r: &ProbeResult, port: Option<u16
     }
 }
 
-/// A test cgroup governed by the policy `svc` (binds to 8080 only), and the
-/// agent enforcing it.
-fn svc_8080(name: &str) -> (Cgroup, Agent) {
-    let cg = Cgroup::new(name);
+/// A test cgroup (`tag`) governed by one policy, `policy`, whose rules are
+/// `rules` (flow-mapping entries after its selector), and the agent
+/// enforcing it.
+fn governed(tag: &str, policy: &str, rules: &str) -> (Cgroup, Agent) {
+    let cg = Cgroup::new(tag);
     let agent = Agent::start(&format!(
-        "policies:\n  - {{name: svc, cgroup: {}, bind: [{{ports: [8080]}}]}}\n",
+        "policies:\n  - {{name: {policy}, cgroup: {}, {rules}}}\n",
         cg.rel
     ));
     (cg, agent)
+}
+
+/// A test cgroup governed by the policy `svc` (binds to 8080 only), and the
+/// agent enforcing it.
+fn svc_8080(name: &str) -> (Cgroup, Agent) {
+    governed(name, "svc", "bind: [{ports: [8080]}]")
 }
 
 /// [`svc_8080`] where listen() is cut off rather than denied; `None`, with
@@ -318,11 +325,11 @@ fn an_orphaned_listener_that_cannot_be_marked_is_found_and_ended() {
 #[test]
 fn ephemeral_never_allows_a_port_someone_asked_for() {
     require_root!();
-    let cg = Cgroup::new("guard-eph");
-    let agent = Agent::start(&format!(
-        "policies:\n  - {{name: eph, cgroup: {}, bind: [{{ports: [ephemeral, 8080], protocol: tcp}}]}}\n",
-        cg.rel
-    ));
+    let (cg, agent) = governed(
+        "guard-eph",
+        "eph",
+        "bind: [{ports: [ephemeral, 8080], protocol: tcp}]",
+    );
     let denied = agent.listen_denied();
     let p = Probe::in_cgroup(&cg).serve();
     // The kernel's own choice: served, silent.
@@ -447,13 +454,13 @@ fn a_udp_autobind_by_a_send_that_fails_before_its_hook_is_judged_at_connect() {
 #[test]
 fn a_udp_autobind_on_a_send_to_a_denied_destination_keeps_no_port() {
     require_root!();
-    let cg = Cgroup::new("guard-udp-denied-dest");
     // The probe's second socket sends from 8080 to the first one's port
     // (8081): allowed, so that only the first socket's state decides.
-    let agent = Agent::start(&format!(
-        "policies:\n  - {{name: svc, cgroup: {}, bind: [{{ports: [8080]}}], connect: [{{ports: [53, 8081]}}]}}\n",
-        cg.rel
-    ));
+    let (cg, agent) = governed(
+        "guard-udp-denied-dest",
+        "svc",
+        "bind: [{ports: [8080]}], connect: [{ports: [53, 8081]}]",
+    );
     for dest in ["127.0.0.1", "::1"] {
         let r =
             Probe::in_cgroup(&cg)
@@ -486,11 +493,7 @@ fn a_udp_autobind_on_a_send_to_a_denied_destination_keeps_no_port() {
 #[test]
 fn a_port_zero_bind_that_cannot_be_flagged_is_denied() {
     require_root!();
-    let cg = Cgroup::new("guard-optmem");
-    let agent = Agent::start(&format!(
-        "policies:\n  - {{name: svc, cgroup: {}, bind: [{{ports: [8080, ephemeral]}}]}}\n",
-        cg.rel
-    ));
+    let (cg, agent) = governed("guard-optmem", "svc", "bind: [{ports: [8080, ephemeral]}]");
     for (addr, hook) in [("127.0.0.1", "bind4"), ("::1", "bind6")] {
         let r = Probe::in_cgroup(&cg)
             .port_range(8081, 8081)
@@ -521,11 +524,11 @@ fn a_failed_port_zero_bind_lends_ephemeral_to_no_explicit_port() {
     let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
     let low: u16 = range.split_whitespace().next().unwrap().parse().unwrap();
     let port = (low + 4343).to_string();
-    let cg = Cgroup::new("guard-leftover0");
-    let agent = Agent::start(&format!(
-        "policies:\n  - {{name: v6, cgroup: {}, bind: [{{ports: [{port}], family: ipv6}}, {{ports: [ephemeral]}}]}}\n",
-        cg.rel
-    ));
+    let (cg, agent) = governed(
+        "guard-leftover0",
+        "v6",
+        &format!("bind: [{{ports: [{port}], family: ipv6}}, {{ports: [ephemeral]}}]"),
+    );
     let r = Probe::in_cgroup(&cg).run(&["v6only-race", &port, "100000", "leftover0"]);
     eprintln!("{r:?}");
     assert_eq!(r.dual, 0, "dual-stack sockets on an IPv6-only port: {r:?}");
@@ -560,11 +563,11 @@ fn a_ping_socket_connects_under_a_bind_policy() {
 #[test]
 fn clearing_v6only_during_bind_never_yields_a_dual_stack_socket() {
     require_root!();
-    let cg = Cgroup::new("guard-v6only");
-    let agent = Agent::start(&format!(
-        "policies:\n  - {{name: v6, cgroup: {}, bind: [{{ports: [8443], family: ipv6}}]}}\n",
-        cg.rel
-    ));
+    let (cg, agent) = governed(
+        "guard-v6only",
+        "v6",
+        "bind: [{ports: [8443], family: ipv6}]",
+    );
     let r = Probe::in_cgroup(&cg).run(&["v6only-race", "8443", "100000"]);
     assert_eq!(r.dual, 0, "dual-stack sockets on an IPv6-only port: {r:?}");
     // The race is real: both outcomes happened.
@@ -583,11 +586,11 @@ fn clearing_v6only_during_bind_never_yields_a_dual_stack_socket() {
 #[test]
 fn a_second_bind_racing_on_the_same_socket_lends_no_judgement() {
     require_root!();
-    let cg = Cgroup::new("guard-v6only-2");
-    let agent = Agent::start(&format!(
-        "policies:\n  - {{name: v6, cgroup: {}, bind: [{{ports: [8443], family: ipv6}}, {{ports: [8080]}}]}}\n",
-        cg.rel
-    ));
+    let (cg, agent) = governed(
+        "guard-v6only-2",
+        "v6",
+        "bind: [{ports: [8443], family: ipv6}, {ports: [8080]}]",
+    );
     for other in ["8080", "8443"] {
         let r =
             Probe::in_cgroup(&cg).run(&["v6only-race", "8443", "100000", &format!("bind={other}")]);
