@@ -130,9 +130,10 @@ impl Agent {
                         }
                     };
                 let tcp = d.protocol == portguard_common::IPPROTO_TCP;
+                let in_range = (ephemeral.0..=ephemeral.1).contains(&d.port);
                 // An unconnected UDP socket on an ephemeral port is most
                 // likely a client that autobound by sending.
-                if !tcp && (ephemeral.0..=ephemeral.1).contains(&d.port) {
+                if !tcp && in_range {
                     continue;
                 }
                 tally.checked += 1;
@@ -148,7 +149,6 @@ impl Agent {
                 // host's range; who chose a port found here is unknown, so
                 // outside that range it allows nothing (a port bound before
                 // the cgroup was governed is judged on its number alone).
-                let in_range = (ephemeral.0..=ephemeral.1).contains(&d.port);
                 if policy.allows_bound(proto, view, d.port, dual, in_range) {
                     continue;
                 }

@@ -13,30 +13,15 @@ use crate::policy::yaml::{Kind, Node};
 /// list of them, first first), as Kubernetes' and Compose's YAML readers
 /// do: a key written in the mapping wins over a merged one.
 pub(super) fn get<'n>(node: &'n Node, key: &str) -> Option<&'n Node> {
-    get_depth(node, key, 0)
+    entries(Some(node))
+        .into_iter()
+        .find(|(k, _)| text(k) == Some(key))
+        .map(|(_, v)| v)
 }
 
 /// Merges nest at most this deep (aliases cannot loop, but a file can
 /// chain many).
 const MERGE_DEPTH: usize = 16;
-
-fn get_depth<'n>(node: &'n Node, key: &str, depth: usize) -> Option<&'n Node> {
-    let Kind::Map(entries) = &node.kind else {
-        return None;
-    };
-    if let Some((_, v)) = entries.iter().find(|(k, _)| text(k) == Some(key)) {
-        return Some(v);
-    }
-    if depth >= MERGE_DEPTH {
-        return None;
-    }
-    let (_, merged) = entries.iter().find(|(k, _)| is_merge_key(k))?;
-    match &merged.kind {
-        Kind::Map(_) => get_depth(merged, key, depth + 1),
-        Kind::Seq(bases) => bases.iter().find_map(|b| get_depth(b, key, depth + 1)),
-        Kind::Scalar { .. } => None,
-    }
-}
 
 /// The YAML merge key: a plain `<<`.
 fn is_merge_key(k: &Node) -> bool {
