@@ -65,7 +65,7 @@ pub(super) async fn govern_batch(
             None => rest.push((p, since, path)),
         }
     }
-    let mut pending = rest;
+    let pending = rest;
     if pending.is_empty() {
         return;
     }
@@ -75,6 +75,36 @@ pub(super) async fn govern_batch(
     }
     // A survey in flight may predate these cgroups: it must not undo them.
     surveys.hook_added(&paths);
+    // Only the hooks' cgroups and their ancestors are looked at again (a
+    // restarted unit's path has a new id); the rest is as the last rescan
+    // left it, and the next one refreshes it.
+    for p in &paths {
+        agent.resolve_cache.remove(p);
+        agent.writable_cache.remove(p);
+    }
+    // A cgroup a policy names itself is governed and answered at once; the
+    // full rescan and apply follow, before anything else is served.
+    let mut rest = Vec::new();
+    for (p, since, path) in pending {
+        match path
+            .as_deref()
+            .and_then(|path| agent.govern_now(&p.request, path))
+        {
+            Some(reply) => drop(p.reply.send(agent.answered(&p.request, reply, since))),
+            None => rest.push((p, since, path)),
+        }
+    }
+    if rest.is_empty() {
+        // Let the socket's tasks write the answers first.
+        tokio::task::yield_now().await;
+        crate::testgate::park_next("PORTGUARD_TEST_GOVERN_NOW_GATE");
+        agent.settle_later = true;
+        let _ = agent.rescan_with(false);
+        agent.settle_later = false;
+        settle_after_answers(agent).await;
+        return;
+    }
+    let mut pending = rest;
     let needs_cri = Agent::needs_cri(&agent.policies);
     let until = Instant::now() + GOVERN_CRI_WAIT;
     loop {
@@ -90,9 +120,7 @@ pub(super) async fn govern_batch(
             }
             agent.provisional_containers(&pending);
         }
-        // Only the hooks' cgroups and their ancestors are looked at again
-        // (a restarted unit's path has a new id); the rest is as the last
-        // rescan left it, and the next one refreshes it.
+        // Looked at again after the runtime's answer, too.
         for p in &paths {
             agent.resolve_cache.remove(p);
             agent.writable_cache.remove(p);
@@ -357,7 +385,7 @@ impl Agent {
         reply.ok.then_some(reply)
     }
 
-    fn answer_inner(&mut self, req: &Govern, path: &str) -> Reply {
+    pub(super) fn answer_inner(&mut self, req: &Govern, path: &str) -> Reply {
         let path = path.to_owned();
         let applied = self.applied_governor(&path);
         let kernel = match self.kernel_governor(&path) {

@@ -17,7 +17,10 @@
 //!   policy file leaves the previous policy in force and is logged;
 //! - dropping the loaded object on exit detaches every program;
 //! - a hook's govern request is answered from the kernel maps, after the
-//!   runtime was asked and the tree rescanned (`govern`);
+//!   runtime was asked and the tree rescanned (`govern`); a cgroup a policy
+//!   names itself, below a point the programs already run on, is governed
+//!   first by one insert into the live generation, as the full rescan and
+//!   apply that follow at once would govern it (`govern_now`);
 //! - a rescan's walk of the whole tree runs on a thread of its own
 //!   (`survey`): installing it never undoes what a hook governed while it
 //!   ran;
@@ -39,6 +42,7 @@ mod endpoints;
 mod explain;
 mod facts;
 mod govern;
+mod govern_now;
 mod inventory;
 mod losses;
 mod pipeline;

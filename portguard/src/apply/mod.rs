@@ -318,6 +318,56 @@ impl Applier {
         Some(self.commit(sink, plan))
     }
 
+    /// Let policy `policy_id` govern one more cgroup in the **live**
+    /// generation, now: one cgroup-map insert, no flip, no wait. For a
+    /// cgroup that just appeared (a hook's "govern this cgroup now"), ahead
+    /// of the full apply that follows and plans it like any other: the
+    /// mirror holds the entry, so that apply keeps or removes it as it
+    /// resolves.
+    ///
+    /// Programs see the entry from the insert on (a hash-map insert is
+    /// atomic for readers). `Ok(false)`, nothing written, where one insert
+    /// cannot do it: the policy has no record in the live generation, the
+    /// cgroup has an entry there already, the generation governs nothing
+    /// (programs stop at `State::cgroups == 0`) or is full, or the cgroup's
+    /// level is outside the levels the programs walk for it
+    /// (`State::min_level..=max_level`; changing those is a state write,
+    /// which only a flip may make).
+    pub fn govern_live<S: RuleSink>(
+        &mut self,
+        sink: &mut S,
+        cgroup: ResolvedCgroup,
+        policy_id: u32,
+    ) -> Result<bool, SinkError> {
+        let live = (self.state.generation & 1) as usize;
+        let Some(&slot) = self.slots.get(&policy_id) else {
+            return Ok(false);
+        };
+        let key = CgroupKey {
+            cgroup_id: cgroup.id,
+            generation: live as u32,
+            _pad: 0,
+        };
+        let entries = &self.gen_cgroups[live];
+        if !self.gen_records[live].contains_key(&slot)
+            || entries.contains_key(&key)
+            || self.state.cgroups[live] == 0
+            || entries.len() >= self.caps.cgroups as usize
+            || !(self.state.min_level[live]..=self.state.max_level[live]).contains(&cgroup.level)
+        {
+            return Ok(false);
+        }
+        let value = CgroupValue {
+            policy_index: live as u32 * self.caps.policies + slot,
+        };
+        // Mirrored before the write: should it fail, the kernel may hold it
+        // anyway, and the apply that next rewrites this generation removes
+        // it unless it is planned.
+        self.gen_cgroups[live].insert(key, value);
+        sink.put_cgroup(key, value)?;
+        Ok(true)
+    }
+
     /// Steps 2 to 4: wait for the readers of the retired generation, bring
     /// it to `plan`, flip.
     fn commit<S: RuleSink>(&mut self, sink: &mut S, plan: Plan) -> Result<ApplyReport, ApplyError> {

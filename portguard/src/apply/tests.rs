@@ -608,3 +608,74 @@ fn port_zero_reads_the_ephemeral_marker_only_when_asked_to() {
     assert_eq!(port0(&[1, 20], false), Verdict::Deny);
     assert_eq!(bind(&m, &[1, 10], 8080), Verdict::Allow);
 }
+
+#[test]
+fn a_cgroup_governed_in_the_live_generation_is_kept_or_removed_by_the_next_applies() {
+    let p = compiled(TWO);
+    let mut m = FakeMaps::default();
+    let mut a = Applier::new(CAPS);
+    let t = targets(&p, &[(10, 1), (11, 2), (20, 1)]);
+    a.apply(&mut m, &t).unwrap();
+    a.unattached();
+    // /p/d (id 13) inherits /p until it is given `child` (policy id 2).
+    assert_eq!(bind(&m, &[1, 10, 13], 9000), Verdict::Allow);
+    let d = ResolvedCgroup { id: 13, level: 2 };
+    let generation = m.state.generation;
+    assert!(a.govern_live(&mut m, d, 2).unwrap());
+    assert_eq!(m.state.generation, generation, "no flip");
+    assert_eq!(bind(&m, &[1, 10, 13], 22), Verdict::Allow);
+    assert_eq!(bind(&m, &[1, 10, 13], 9000), Verdict::Audit);
+    // What one insert cannot do is left to a full apply, and nothing is
+    // written: a level the programs do not walk, a policy with no record, a
+    // cgroup with an entry, a full generation.
+    let writes = m.writes;
+    for (cg, policy) in [
+        (ResolvedCgroup { id: 14, level: 3 }, 2),
+        (ResolvedCgroup { id: 14, level: 0 }, 2),
+        (ResolvedCgroup { id: 14, level: 2 }, 9),
+        (ResolvedCgroup { id: 11, level: 2 }, 1),
+        (d, 1),
+    ] {
+        assert!(
+            !a.govern_live(&mut m, cg, policy).unwrap(),
+            "{cg:?} {policy}"
+        );
+    }
+    let mut full = Applier::new(Capacity { cgroups: 3, ..CAPS });
+    let mut m2 = FakeMaps::default();
+    full.apply(&mut m2, &t).unwrap();
+    assert!(!full.govern_live(&mut m2, d, 2).unwrap(), "generation full");
+    assert_eq!(m.writes, writes);
+    // Planned by the next apply: kept in the generation it writes.
+    let mut planned = t.clone();
+    planned[1].cgroups.push(d);
+    a.apply(&mut m, &planned).unwrap();
+    assert_eq!(bind(&m, &[1, 10, 13], 9000), Verdict::Audit);
+    // Not planned: gone from both generations after two applies.
+    a.apply(&mut m, &t).unwrap();
+    assert_eq!(bind(&m, &[1, 10, 13], 9000), Verdict::Allow);
+    a.apply(&mut m, &t).unwrap();
+    assert!(
+        !m.cgroups.keys().any(|k| k.cgroup_id == 13),
+        "{:?}",
+        m.cgroups
+    );
+    // A failed insert is mirrored as "may be there": removed the same way.
+    m.fail_at = Some(0);
+    assert!(a.govern_live(&mut m, d, 2).is_err());
+    m.cgroups.insert(
+        CgroupKey {
+            cgroup_id: 13,
+            generation: m.state.generation,
+            _pad: 0,
+        },
+        CgroupValue { policy_index: 0 },
+    );
+    a.apply(&mut m, &t).unwrap();
+    a.apply(&mut m, &t).unwrap();
+    assert!(
+        !m.cgroups.keys().any(|k| k.cgroup_id == 13),
+        "{:?}",
+        m.cgroups
+    );
+}

@@ -284,6 +284,16 @@ impl Loaded {
         Ok(())
     }
 
+    /// Whether this agent's decision programs run on one of the cgroups
+    /// `ids` now: attached there, not an earlier agent's pinned point still
+    /// to be switched, and not only noted while points are deferred.
+    pub fn runs_on_any(&self, ids: &[u64]) -> bool {
+        self.deferred_points.is_none()
+            && ids
+                .iter()
+                .any(|id| self.points.get(id).is_some_and(|p| !p.adopted))
+    }
+
     /// The attach points that run the decision programs now (paths).
     pub fn points(&self) -> Vec<PathBuf> {
         self.points

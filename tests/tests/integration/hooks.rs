@@ -21,7 +21,7 @@ use portguard_tests::{
 use serde_json::{Value, json};
 
 /// Run `cmd` inside `cg` (it joins before exec, as systemd's children do).
-fn run_in(cg: &Cgroup, cmd: Command) -> Output {
+pub(crate) fn run_in(cg: &Cgroup, cmd: Command) -> Output {
     run_as_in(cg, cmd, None)
 }
 
@@ -31,7 +31,7 @@ fn run_as_in(cg: &Cgroup, mut cmd: Command, uid: Option<u32>) -> Output {
     cmd.output().expect("running a command in a cgroup")
 }
 
-fn hook_unit(agent: &Agent, unit: &str, extra: &[&str]) -> Command {
+pub(crate) fn hook_unit(agent: &Agent, unit: &str, extra: &[&str]) -> Command {
     let mut c = Command::new(agent_bin());
     c.args(["hook", "unit", "--socket"])
         .arg(agent.status_socket())
@@ -41,7 +41,7 @@ fn hook_unit(agent: &Agent, unit: &str, extra: &[&str]) -> Command {
 }
 
 /// A unit-shaped cgroup layout: `<slice>/<unit>`, the slice removed on drop.
-fn slice(tag: &str) -> Cgroup {
+pub(crate) fn slice(tag: &str) -> Cgroup {
     let name = format!("pgtest-{tag}-{}.slice", std::process::id());
     Cgroup::existing(cgroup2_root().join(&name), &format!("/{name}"))
 }
@@ -318,14 +318,14 @@ fn a_starved_agent_fails_the_unit_hook_closed_or_open_and_says_so() {
 /// pass N of what it gates (a survey, a status document) parks until
 /// `release-N` exists. Every pass is released on drop, so the agent can exit
 /// whatever the test did.
-struct Gate(tempfile::TempDir, &'static str);
+pub(crate) struct Gate(pub(crate) tempfile::TempDir, &'static str);
 
 impl Gate {
-    fn new(what: &'static str) -> Self {
+    pub(crate) fn new(what: &'static str) -> Self {
         Self(tempfile::tempdir().expect("tempdir"), what)
     }
 
-    fn wait_parked(&self, n: u32, agent: &Agent) {
+    pub(crate) fn wait_parked(&self, n: u32, agent: &Agent) {
         let parked = self.0.path().join(format!("parked-{n}"));
         let until = std::time::Instant::now() + Duration::from_secs(20);
         while !parked.exists() {
@@ -339,7 +339,7 @@ impl Gate {
         }
     }
 
-    fn release(&self, n: u32) {
+    pub(crate) fn release(&self, n: u32) {
         std::fs::write(self.0.path().join(format!("release-{n}")), b"").expect("releasing");
     }
 

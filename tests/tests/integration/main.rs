@@ -27,6 +27,9 @@
 //! - `guard`: no governed socket serves on a port outside its policy, with or
 //!   without the BPF LSM (unbound listeners, handed-in sockets, UDP autobind
 //!   in a narrowed range, the IPV6_V6ONLY race, listeners through reloads).
+//! - `govern_now`: the agent's quick answer to a hook: a restarted unit
+//!   governed by one insert, by the policy the full rescan gives it; none
+//!   where the decision programs do not run yet (a recreated slice).
 //! - `hooks`: `portguard hook unit` and the agent's "govern this cgroup
 //!   now" request: a restarted unit governed before its first instruction,
 //!   root-only requests, a starved agent failing the hook closed or open.
@@ -75,6 +78,7 @@ mod deploy;
 mod difftest;
 mod events;
 mod fairness;
+mod govern_now;
 mod guard;
 mod hooks;
 mod hostile;
