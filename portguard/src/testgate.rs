@@ -8,7 +8,7 @@
 //! |---|---|
 //! | `PORTGUARD_TEST_SURVEY_GATE` | survey N after its walk of the cgroup tree (`agent::survey`) |
 //! | `PORTGUARD_TEST_SETTLE_GATE` | the agent's loop (all of it) after it answered the N-th batch of hooks' requests that applied, before the apply's bookkeeping (`agent::govern`) |
-//! | `PORTGUARD_TEST_GOVERN_NOW_GATE` | the agent's loop after it answered the N-th batch of hooks' requests all at once (`agent::govern_now`), before the full rescan and apply |
+//! | `PORTGUARD_TEST_GOVERN_NOW_GATE` | the agent's loop after it answered the N-th batch of hooks' requests all at once (`agent::govern_now`), before it asks for the survey that resolves and applies in full |
 //! | `PORTGUARD_TEST_STATUS_GATE` | the N-th status document or `/metrics` page, after its copy of the facts (`observe`) |
 
 /// Park pass `seq` of gate `var`, if armed.

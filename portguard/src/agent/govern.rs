@@ -82,8 +82,9 @@ pub(super) async fn govern_batch(
         agent.resolve_cache.remove(p);
         agent.writable_cache.remove(p);
     }
-    // A cgroup a policy names itself is governed and answered at once; the
-    // full rescan and apply follow, before anything else is served.
+    // A cgroup a policy names itself is governed and answered at once; a
+    // survey makes the full resolve and apply (the same restart's inotify
+    // event asks for one anyway): the loop stays free for the next hook.
     let mut rest = Vec::new();
     for (p, since, path) in pending {
         match path
@@ -98,10 +99,7 @@ pub(super) async fn govern_batch(
         // Let the socket's tasks write the answers first.
         tokio::task::yield_now().await;
         crate::testgate::park_next("PORTGUARD_TEST_GOVERN_NOW_GATE");
-        agent.settle_later = true;
-        let _ = agent.rescan_with(false);
-        agent.settle_later = false;
-        settle_after_answers(agent).await;
+        surveys.follow_up(agent);
         return;
     }
     let mut pending = rest;
@@ -208,6 +206,9 @@ impl Agent {
             }
             if has(&self.unfit_hold, id) {
                 return Some(UNFIT.to_owned());
+            }
+            if let Some((i, _)) = self.provisional.iter().find(|(_, g)| g.id == id) {
+                return self.policies.get(*i).map(|p| p.name.clone());
             }
             self.policies
                 .iter()

@@ -6,23 +6,30 @@
 //! ([`crate::apply::Applier::govern_live`]) governs it, and the answer is
 //! read back from the kernel maps, without first re-resolving every policy
 //! and planning every governed cgroup (tens of milliseconds with 10,000 of
-//! them). The full rescan and apply follow at once (`govern::govern_batch`):
-//! they plan the new cgroup like any other, so what it holds is kept or
-//! replaced as they decide, whole.
+//! them). A full resolve and apply follow, from a survey
+//! (`survey::Surveys::follow_up`: the one in flight, else a new one; the
+//! loop serves the next hook meanwhile): they plan the new cgroup like any
+//! other, so what it holds is kept or replaced as they decide, whole. Until
+//! then the removed cgroup's entry stays in the maps, for an id no cgroup
+//! has any more.
 //!
 //! Anything one insert cannot settle the same way the full rescan would is
 //! left to it ([`Agent::govern_now`] answers `None`): a pod's cgroup (the
 //! runtime must be asked), a cgroup no policy names itself (what governs it
 //! is an ancestor's, which the rescan may change too), a unit in a
-//! delegated subtree, a cgroup outside `--attach-cgroup` or below no
-//! attach point this agent's programs run on, the `--fail-closed`
-//! stand-ins in force, and whatever `govern_live` declines.
+//! delegated subtree, a unit hook run from a cgroup that is not its
+//! unit's, a cgroup outside `--attach-cgroup` or below no attach point
+//! this agent's programs run on, a rescan that failed closed (the real
+//! policies refused, `--fail-closed` stand-ins in force), and whatever
+//! `govern_live` declines. Until that apply, the cgroup is held in
+//! `Agent::provisional`, not among the resolved ones, so the apply always
+//! follows and settles its facts.
 
 use log::{debug, warn};
 
 use crate::{
     apply::ResolvedCgroup,
-    hook::protocol::{Govern, Reply},
+    hook::protocol::{Govern, HookKind, Reply},
     policy::{Selector, most_specific},
     workload::{
         cgroupfs::ancestors,
@@ -65,6 +72,12 @@ impl Agent {
         // them (its tree index gives a path's unit the same way), and the
         // one it places there: the most specific, the first of equals.
         let unit = TreeIndex::from_paths([path]).units.into_keys().next();
+        // A unit's hook vouches for the unit it starts: from a cgroup that
+        // is not that unit's (the hook's process moved below it, in a
+        // delegated unit), the full rescan governs the unit too first.
+        if req.hook == HookKind::Unit && req.unit.is_some() && req.unit != unit {
+            return Err("the hook runs outside the cgroup of the unit it names");
+        }
         let named = self
             .policies
             .iter()
@@ -108,7 +121,7 @@ impl Agent {
             Ok(true) => {}
             Ok(false) => return Err("the live generation cannot take it as one insert"),
             Err(e) => {
-                warn!("daemon: governing {path} at once failed ({e}); the full apply follows");
+                warn!("daemon: governing {path} at once failed ({e}); the full path answers");
                 return Err("the insert failed");
             }
         }
@@ -116,19 +129,19 @@ impl Agent {
             "daemon: {path} (cgroup id {id}) governed by `{}` at once; the full apply follows",
             self.policies[winner].name
         );
-        // What the agent applied, as the live generation now holds it.
-        self.resolved[winner].push(Governed {
-            path: path.to_owned(),
-            id,
-            level,
-        });
+        // What the live generation now holds, until the next apply.
+        self.provisional.push((
+            winner,
+            Governed {
+                path: path.to_owned(),
+                id,
+                level,
+            },
+        ));
         self.hierarchy.remember(id, path);
         self.inventory_pending = true;
-        let reply = self.answer_inner(req, path);
-        if reply.ok {
-            Ok(reply)
-        } else {
-            Err("the kernel maps disagree")
-        }
+        // Read back from the kernel maps; a disagreement is the hook's
+        // answer, as on the full path.
+        Ok(self.answer_inner(req, path))
     }
 }

@@ -19,8 +19,8 @@
 //! - a hook's govern request is answered from the kernel maps, after the
 //!   runtime was asked and the tree rescanned (`govern`); a cgroup a policy
 //!   names itself, below a point the programs already run on, is governed
-//!   first by one insert into the live generation, as the full rescan and
-//!   apply that follow at once would govern it (`govern_now`);
+//!   first by one insert into the live generation, as the full resolve and
+//!   apply of the survey that follows will govern it (`govern_now`);
 //! - a rescan's walk of the whole tree runs on a thread of its own
 //!   (`survey`): installing it never undoes what a hook governed while it
 //!   ran;

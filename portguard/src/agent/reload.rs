@@ -194,6 +194,7 @@ impl Agent {
             && self.policy_ids.len() == self.policies.len()
             && self.quarantine.is_empty()
             && self.unfit_hold.is_empty()
+            && self.provisional.is_empty()
             && self.cri.is_none()
             && !self.failed_closed()
     }
@@ -371,7 +372,10 @@ impl Agent {
         let policies = std::mem::take(&mut self.policies);
         let resolved = self.resolve(&policies, fresh);
         self.policies = policies;
+        // A hook's quick answer is always followed by an apply: it plans
+        // the cgroup with the others, and settles its facts.
         if resolved == self.resolved
+            && self.provisional.is_empty()
             && self.next_quarantine == self.quarantine
             && self.next_unfit_hold == self.unfit_hold
         {

@@ -324,6 +324,7 @@ impl Agent {
             loaded,
             policies: Vec::new(),
             resolved: Vec::new(),
+            provisional: Vec::new(),
             names: PolicyNames::default(),
             name_map_full: false,
             quiesce_warned: false,

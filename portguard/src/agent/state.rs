@@ -36,6 +36,10 @@ pub(super) struct Agent {
     pub(super) loaded: Loaded,
     pub(super) policies: Vec<CompiledPolicy>,
     pub(super) resolved: Resolution,
+    /// Cgroups a hook's quick answer governed (`govern_now`), by policy
+    /// index: in the live generation, not in `resolved`, until the next
+    /// apply plans them (or not) and empties this.
+    pub(super) provisional: Vec<(usize, Governed)>,
     pub(super) names: PolicyNames,
     pub(super) name_map_full: bool,
     pub(super) quiesce_warned: bool,
@@ -521,6 +525,8 @@ impl Agent {
             std::mem::replace(&mut self.resolved, resolved),
         );
         self.resolved_with = self.last_resolve;
+        // Planned (or not) by this apply, and gone from the live generation.
+        self.provisional.clear();
         self.inventory_pending = true;
         self.policy_ids = ids;
         // Not left for later: hooks that find the agent gone read it

@@ -163,6 +163,15 @@ impl Surveys {
         }
     }
 
+    /// A full resolve and apply must follow (a hook answered at once,
+    /// `govern_now`): the survey in flight makes them when it is installed
+    /// (it takes the hooks' paths, [`Surveys::hook_added`]), else a new one.
+    pub(super) fn follow_up(&mut self, agent: &Agent) {
+        if self.running.is_none() {
+            self.request(agent);
+        }
+    }
+
     /// inotify reported a cgroup change.
     pub(super) fn cgroups_changed(&mut self) {
         if self.running.is_some() {

@@ -361,10 +361,15 @@ impl Applier {
             policy_index: live as u32 * self.caps.policies + slot,
         };
         // Mirrored before the write: should it fail, the kernel may hold it
-        // anyway, and the apply that next rewrites this generation removes
-        // it unless it is planned.
+        // anyway (the mirror says so until a delete succeeds), and the apply
+        // that next rewrites this generation removes it unless it is planned.
         self.gen_cgroups[live].insert(key, value);
-        sink.put_cgroup(key, value)?;
+        if let Err(e) = sink.put_cgroup(key, value) {
+            if sink.del_cgroup(key).is_ok() {
+                self.gen_cgroups[live].remove(&key);
+            }
+            return Err(e);
+        }
         Ok(true)
     }
 

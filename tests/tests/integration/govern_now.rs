@@ -14,7 +14,7 @@
 use portguard_tests::{Agent, Probe, require_root};
 use serde_json::json;
 
-use super::hooks::{Gate, hook_unit, run_in, slice};
+use super::hooks::{Gate, agent_status, hook_unit, run_in, slice};
 
 /// The harness's agents run with `--no-watch` unless told otherwise.
 const QUIET: &[&str] = &["--rescan-interval", "1h", "--inventory-interval", "0"];
@@ -82,9 +82,30 @@ fn a_restarted_unit_is_governed_at_once_by_the_policy_the_full_rescan_gives_it()
         ("cgroup_id", json!(cg.id())),
     ]);
     assert_eq!(e["verdict"], "deny", "{e}");
-    // After the full apply, the same.
+    // The survey held since the restart resolves and applies in full (it
+    // takes the hook's paths): the same policy, now from both generations.
+    surveys.release(1);
+    surveys.wait_installed(1, &agent);
     bind(&cg, by_unit).assert_eperm();
     bind(&cg, by_path).assert_ok();
+    let denied = agent.events_matching(
+        &[
+            ("policy", json!("by-path")),
+            ("port", json!(by_unit)),
+            ("cgroup_id", json!(cg.id())),
+        ],
+        std::time::Duration::from_millis(500),
+    );
+    assert_eq!(denied.len(), 2, "{denied:?}");
+    // The removed cgroup's entry is gone: `by-path` governs one cgroup.
+    let status = agent_status(&agent);
+    let governs = status["policies"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["name"] == "by-path"))
+        .map(|p| p["cgroups"].clone())
+        .unwrap_or_else(|| panic!("no `by-path` policy in {status}"));
+    assert_eq!(governs.as_array().map(Vec::len), Some(1), "{status}");
+    assert_eq!(governs[0]["path"], rel.as_str(), "{status}");
 }
 
 /// The slice made again too: the programs' point is on the removed slice,
@@ -138,4 +159,122 @@ fn a_unit_below_a_recreated_slice_is_answered_only_once_the_programs_run_there()
         ("cgroup_id", json!(cg.id())),
     ]);
     assert_eq!(e["verdict"], "deny", "{e}");
+}
+
+/// The unit stopped, and the agent's rescan saw it go (its policy governs
+/// no cgroup), before it starts again: the quick answer's cgroup is then
+/// exactly what the next full resolve finds. That resolve still applies
+/// (the quick answer is provisional until an apply plans it), so `status`
+/// shows the unit governed again, not the stop.
+#[test]
+fn a_unit_started_after_its_stop_was_seen_is_shown_governed_after_the_quick_answer() {
+    require_root!();
+    let pid = std::process::id();
+    let unit = format!("pgtest-nowagain-{pid}.service");
+    let gate = Gate::new("the full rescan after a quick answer");
+    let surveys = Gate::new("survey");
+    let s = slice("nowagain");
+    // Governed too: the programs stay on the slice while the unit is down.
+    let keep = s.child("keep");
+    let cg = s.child(&unit);
+    let agent = Agent::start_with_env(
+        &format!(
+            "policies:\n  \
+             - {{name: again, unit: {unit}, bind: [{{ports: [9000]}}]}}\n  \
+             - {{name: keep, cgroup: {}, bind: [{{ports: [9000]}}]}}\n",
+            keep.rel
+        ),
+        QUIET,
+        &[
+            ("PORTGUARD_TEST_GOVERN_NOW_GATE", gate.0.path()),
+            ("PORTGUARD_TEST_SURVEY_GATE", surveys.0.path()),
+        ],
+    );
+    let governs = |agent: &Agent| {
+        let status = agent_status(agent);
+        status["policies"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["name"] == "again"))
+            .map(|p| p["cgroups"].clone())
+            .unwrap_or_else(|| panic!("no `again` policy in {status}"))
+    };
+    assert_eq!(governs(&agent)[0]["path"], cg.rel.as_str());
+    // Stopped: the rescan that follows sees it gone.
+    let rel = cg.rel.clone();
+    drop(cg);
+    surveys.wait_parked(1, &agent);
+    surveys.release(1);
+    surveys.wait_installed(1, &agent);
+    assert_eq!(governs(&agent).as_array().map(Vec::len), Some(0));
+    // Started again: answered at once while the next rescan is held.
+    let cg = s.child(&unit);
+    surveys.wait_parked(2, &agent);
+    let out = run_in(&cg, hook_unit(&agent, &unit, &["--timeout", "5s"]));
+    assert!(
+        out.status.success(),
+        "the hook failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        agent.stderr()
+    );
+    gate.wait_parked(1, &agent);
+    gate.release(1);
+    surveys.release(2);
+    surveys.wait_installed(2, &agent);
+    let now = governs(&agent);
+    assert_eq!(now.as_array().map(Vec::len), Some(1), "{now}");
+    assert_eq!(now[0]["path"], rel.as_str(), "{now}");
+}
+
+/// A unit's hook run from a cgroup below its unit's (a delegated unit's
+/// tenant can move the hook's process there) vouches for the unit it
+/// names: no quick answer for that cgroup alone; the full path governs the
+/// unit's restarted cgroup too before answering.
+#[test]
+fn a_unit_hook_run_below_its_unit_answers_for_the_unit() {
+    require_root!();
+    let pid = std::process::id();
+    let unit = format!("pgtest-nowbelow-{pid}.service");
+    let port = 42800 + (pid % 1000) as u16 * 2;
+    let gate = Gate::new("the full rescan after a quick answer");
+    let surveys = Gate::new("survey");
+    let s = slice("nowbelow");
+    let cg = s.child(&unit);
+    let worker = cg.child("worker");
+    let agent = Agent::start_with_env(
+        &format!(
+            "policies:\n  \
+             - {{name: the-unit, unit: {unit}, bind: [{{ports: [9000]}}]}}\n  \
+             - {{name: the-worker, cgroup: {}, bind: [{{ports: [9000]}}]}}\n",
+            worker.rel
+        ),
+        QUIET,
+        &[
+            ("PORTGUARD_TEST_GOVERN_NOW_GATE", gate.0.path()),
+            ("PORTGUARD_TEST_SURVEY_GATE", surveys.0.path()),
+        ],
+    );
+    bind(&cg, port).assert_eperm();
+    drop(worker);
+    drop(cg);
+    let cg = s.child(&unit);
+    let worker = cg.child("worker");
+    surveys.wait_parked(1, &agent);
+    let out = run_in(&worker, hook_unit(&agent, &unit, &["--timeout", "5s"]));
+    assert!(
+        out.status.success(),
+        "the hook failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        agent.stderr()
+    );
+    let r = bind(&cg, port);
+    let quick = gate.0.path().join("parked-1").exists();
+    gate.release(1);
+    assert!(
+        !quick && !r.ok,
+        "the hook in {} was answered at once (quick: {quick}) and the unit's own bind was {}\n{}",
+        worker.rel,
+        if r.ok { "allowed" } else { "denied" },
+        agent.stderr()
+    );
+    r.assert_eperm();
 }

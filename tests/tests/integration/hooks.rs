@@ -174,7 +174,7 @@ fn a_hook_is_refused_when_its_cgroup_cannot_be_applied() {
     assert_eq!(e["action"], "refused_start", "{e}");
 }
 
-fn agent_status(agent: &Agent) -> Value {
+pub(crate) fn agent_status(agent: &Agent) -> Value {
     let out = Command::new(agent_bin())
         .args(["status", "--json", "--socket"])
         .arg(agent.status_socket())
@@ -344,7 +344,7 @@ impl Gate {
     }
 
     /// Wait until the agent says it installed survey `n`.
-    fn wait_installed(&self, n: u32, agent: &Agent) {
+    pub(crate) fn wait_installed(&self, n: u32, agent: &Agent) {
         let until = std::time::Instant::now() + Duration::from_secs(20);
         while !agent
             .stderr()
