@@ -128,8 +128,7 @@ pub(super) fn describe_adoption(pins: &PinDir, a: &crate::kernel::Adoption) {
     );
 }
 
-/// The single-threaded tokio runtime and the signal handlers, registered
-/// before anything else.
+/// The single-threaded tokio runtime and the signal handlers, first of all.
 pub(super) fn runtime_and_signals() -> anyhow::Result<(tokio::runtime::Runtime, Signals)> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

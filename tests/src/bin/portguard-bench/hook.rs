@@ -9,8 +9,9 @@
 //! rounds that each time:
 //! 1. a govern request for the unit's new cgroup (removed and made again,
 //!    as systemd does on a restart: same path, new id), right after the
-//!    previous round's: the agent first waits for the RCU grace period
-//!    (`membarrier`) its previous flip started;
+//!    previous round's: on the full path the agent first waits for the RCU
+//!    grace period (`membarrier`) its previous flip started (a quick
+//!    answer, `agent::govern_now`, makes no flip);
 //! 2. after [`SETTLE`], the same for another new cgroup: a unit that
 //!    restarts alone;
 //! 3. that request again (the idempotent case: already governed);
@@ -443,8 +444,12 @@ pub(crate) fn hook_latency(
          plus other cgroups governed by `cgroup:` policies (section 4's); the last row has \
          none of section 4's cgroups on the host. \"host cgroups\" counts the cgroup \
          directories the agent's tree scan walks. A govern request adds the hook's cgroup and \
-         its ancestors to the agent's index and re-resolves from what it knows (the agent's \
-         own time, below). The same cgroup changes also make the agent walk the whole tree \
+         its ancestors to the agent's index; a cgroup a policy names itself, below a point the \
+         decision programs already run on (here the unit's slice), is \
+         governed by one insert into the live generation of the kernel maps and answered at \
+         once (the agent's own time, below), and the full resolve and apply follow from a \
+         survey; otherwise the agent re-resolves from what it knows and applies before \
+         answering. The same cgroup changes also make the agent walk the whole tree \
          (16 levels, for `unit:` policies: its inotify rescan) on a thread of its own at nice \
          10 (a survey: the loop goes on serving requests), then install what it found and \
          apply it on the loop, and list sockets again (its inventory, after a change of what \
@@ -452,11 +457,11 @@ pub(crate) fn hook_latency(
          or lists sockets waits for it, hence round trips above the agent's own time.\n\n\
          A round sends on the agent's status socket: a govern request for the unit's new \
          cgroup (removed and made again, as systemd does on a restart: a new id) right after \
-         the previous round's (\"right after another\": the agent first waits for the RCU \
-         grace period, `membarrier(MEMBARRIER_CMD_GLOBAL)`, that its last flip of its maps \
-         started); then, {} ms later, the \
-         same for another new cgroup (\"new cgroup\": a unit restarting alone, the grace period \
-         over by then), the same request again \
+         the previous round's (\"right after another\": on the full path the agent first waits \
+         for the RCU grace period, `membarrier(MEMBARRIER_CMD_GLOBAL)`, that its last flip of \
+         its maps started; a quick answer makes no flip); then, {} ms later, the \
+         same for another new cgroup (\"new cgroup\": a unit restarting alone), the same \
+         request again \
          (\"governed\": idempotent) and a status request (the baseline: built off the agent's \
          loop, on tokio's blocking pool, but its document lists every policy with its \
          kernel counters, so it grows with them). The agent watches the slice (inotify), but a \
