@@ -11,7 +11,7 @@
 //! (`PORTGUARD_TEST_SURVEY_GATE`), and the rescan timer is an hour: only the
 //! hook's request governs the new cgroups.
 
-use portguard_tests::{Agent, Probe, require_root};
+use portguard_tests::{Agent, Cgroup, Probe, require_root};
 use serde_json::json;
 
 use super::hooks::{Gate, agent_status, hook_unit, run_in, slice};
@@ -19,7 +19,44 @@ use super::hooks::{Gate, agent_status, hook_unit, run_in, slice};
 /// The harness's agents run with `--no-watch` unless told otherwise.
 const QUIET: &[&str] = &["--rescan-interval", "1h", "--inventory-interval", "0"];
 
-fn bind(cg: &portguard_tests::Cgroup, port: u16) -> portguard_tests::ProbeResult {
+/// An agent on `policy`, with the quick answer's gate (parks the loop
+/// right after it) and the survey gate (parks each survey after its walk).
+fn gated_agent(policy: &str) -> (Agent, Gate, Gate) {
+    let gate = Gate::new("the full rescan after a quick answer");
+    let surveys = Gate::new("survey");
+    let agent = Agent::start_with_env(
+        policy,
+        QUIET,
+        &[
+            ("PORTGUARD_TEST_GOVERN_NOW_GATE", gate.0.path()),
+            ("PORTGUARD_TEST_SURVEY_GATE", surveys.0.path()),
+        ],
+    );
+    (agent, gate, surveys)
+}
+
+/// `portguard hook unit <unit>` run in `cg`, which must succeed.
+fn hook_ok(agent: &Agent, cg: &Cgroup, unit: &str) {
+    let out = run_in(cg, hook_unit(agent, unit, &["--timeout", "5s"]));
+    assert!(
+        out.status.success(),
+        "the hook failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        agent.stderr()
+    );
+}
+
+/// The cgroups `status` shows policy `name` governing.
+fn governs(agent: &Agent, name: &str) -> serde_json::Value {
+    let status = agent_status(agent);
+    status["policies"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["name"] == name))
+        .map(|p| p["cgroups"].clone())
+        .unwrap_or_else(|| panic!("no `{name}` policy in {status}"))
+}
+
+fn bind(cg: &Cgroup, port: u16) -> portguard_tests::ProbeResult {
     Probe::in_cgroup(cg)
         .host_netns()
         .run(&["bind", "tcp", "127.0.0.1", &port.to_string()])
@@ -41,21 +78,12 @@ fn a_restarted_unit_is_governed_at_once_by_the_policy_the_full_rescan_gives_it()
         42600 + (pid % 1000) as u16 * 2,
         42601 + (pid % 1000) as u16 * 2,
     );
-    let gate = Gate::new("the full rescan after a quick answer");
-    let surveys = Gate::new("survey");
     let cg = s.child(&unit);
-    let agent = Agent::start_with_env(
-        &format!(
-            "policies:\n  \
-             - {{name: by-unit, unit: {unit}, bind: [{{ports: [{by_unit}]}}]}}\n  \
-             - {{name: by-path, cgroup: {rel}, bind: [{{ports: [{by_path}]}}]}}\n"
-        ),
-        QUIET,
-        &[
-            ("PORTGUARD_TEST_GOVERN_NOW_GATE", gate.0.path()),
-            ("PORTGUARD_TEST_SURVEY_GATE", surveys.0.path()),
-        ],
-    );
+    let (agent, gate, surveys) = gated_agent(&format!(
+        "policies:\n  \
+         - {{name: by-unit, unit: {unit}, bind: [{{ports: [{by_unit}]}}]}}\n  \
+         - {{name: by-path, cgroup: {rel}, bind: [{{ports: [{by_path}]}}]}}\n"
+    ));
     bind(&cg, by_unit).assert_eperm();
     // systemd's restart: the cgroup removed and made again.
     drop(cg);
@@ -63,13 +91,7 @@ fn a_restarted_unit_is_governed_at_once_by_the_policy_the_full_rescan_gives_it()
     // The rescan the agent's inotify watch asks for is held after its walk:
     // it cannot govern the new cgroup before the hook's request does.
     surveys.wait_parked(1, &agent);
-    let out = run_in(&cg, hook_unit(&agent, &unit, &["--timeout", "5s"]));
-    assert!(
-        out.status.success(),
-        "the hook failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        agent.stderr()
-    );
+    hook_ok(&agent, &cg, &unit);
     // Answered at once: the loop is parked before the full rescan, and the
     // kernel already holds the new cgroup, under `by-path`.
     gate.wait_parked(1, &agent);
@@ -98,14 +120,9 @@ fn a_restarted_unit_is_governed_at_once_by_the_policy_the_full_rescan_gives_it()
     );
     assert_eq!(denied.len(), 2, "{denied:?}");
     // The removed cgroup's entry is gone: `by-path` governs one cgroup.
-    let status = agent_status(&agent);
-    let governs = status["policies"]
-        .as_array()
-        .and_then(|ps| ps.iter().find(|p| p["name"] == "by-path"))
-        .map(|p| p["cgroups"].clone())
-        .unwrap_or_else(|| panic!("no `by-path` policy in {status}"));
-    assert_eq!(governs.as_array().map(Vec::len), Some(1), "{status}");
-    assert_eq!(governs[0]["path"], rel.as_str(), "{status}");
+    let now = governs(&agent, "by-path");
+    assert_eq!(now.as_array().map(Vec::len), Some(1), "{now}");
+    assert_eq!(now[0]["path"], rel.as_str(), "{now}");
 }
 
 /// The slice made again too: the programs' point is on the removed slice,
@@ -118,31 +135,18 @@ fn a_unit_below_a_recreated_slice_is_answered_only_once_the_programs_run_there()
     let pid = std::process::id();
     let unit = format!("pgtest-nowslice-{pid}.service");
     let port = 42700 + (pid % 1000) as u16 * 2;
-    let gate = Gate::new("the full rescan after a quick answer");
-    let surveys = Gate::new("survey");
     let s = slice("nowslice");
     let cg = s.child(&unit);
-    let agent = Agent::start_with_env(
-        &format!("policies:\n  - {{name: unit-only, unit: {unit}, bind: [{{ports: [9000]}}]}}\n"),
-        QUIET,
-        &[
-            ("PORTGUARD_TEST_GOVERN_NOW_GATE", gate.0.path()),
-            ("PORTGUARD_TEST_SURVEY_GATE", surveys.0.path()),
-        ],
-    );
+    let (agent, gate, surveys) = gated_agent(&format!(
+        "policies:\n  - {{name: unit-only, unit: {unit}, bind: [{{ports: [9000]}}]}}\n"
+    ));
     bind(&cg, port).assert_eperm();
     drop(cg);
     drop(s);
     let s = slice("nowslice");
     let cg = s.child(&unit);
     surveys.wait_parked(1, &agent);
-    let out = run_in(&cg, hook_unit(&agent, &unit, &["--timeout", "5s"]));
-    assert!(
-        out.status.success(),
-        "the hook failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        agent.stderr()
-    );
+    hook_ok(&agent, &cg, &unit);
     let r = bind(&cg, port);
     let quick = gate.0.path().join("parked-1").exists();
     gate.release(1);
@@ -171,56 +175,33 @@ fn a_unit_started_after_its_stop_was_seen_is_shown_governed_after_the_quick_answ
     require_root!();
     let pid = std::process::id();
     let unit = format!("pgtest-nowagain-{pid}.service");
-    let gate = Gate::new("the full rescan after a quick answer");
-    let surveys = Gate::new("survey");
     let s = slice("nowagain");
     // Governed too: the programs stay on the slice while the unit is down.
     let keep = s.child("keep");
     let cg = s.child(&unit);
-    let agent = Agent::start_with_env(
-        &format!(
-            "policies:\n  \
-             - {{name: again, unit: {unit}, bind: [{{ports: [9000]}}]}}\n  \
-             - {{name: keep, cgroup: {}, bind: [{{ports: [9000]}}]}}\n",
-            keep.rel
-        ),
-        QUIET,
-        &[
-            ("PORTGUARD_TEST_GOVERN_NOW_GATE", gate.0.path()),
-            ("PORTGUARD_TEST_SURVEY_GATE", surveys.0.path()),
-        ],
-    );
-    let governs = |agent: &Agent| {
-        let status = agent_status(agent);
-        status["policies"]
-            .as_array()
-            .and_then(|ps| ps.iter().find(|p| p["name"] == "again"))
-            .map(|p| p["cgroups"].clone())
-            .unwrap_or_else(|| panic!("no `again` policy in {status}"))
-    };
-    assert_eq!(governs(&agent)[0]["path"], cg.rel.as_str());
+    let (agent, gate, surveys) = gated_agent(&format!(
+        "policies:\n  \
+         - {{name: again, unit: {unit}, bind: [{{ports: [9000]}}]}}\n  \
+         - {{name: keep, cgroup: {}, bind: [{{ports: [9000]}}]}}\n",
+        keep.rel
+    ));
+    assert_eq!(governs(&agent, "again")[0]["path"], cg.rel.as_str());
     // Stopped: the rescan that follows sees it gone.
     let rel = cg.rel.clone();
     drop(cg);
     surveys.wait_parked(1, &agent);
     surveys.release(1);
     surveys.wait_installed(1, &agent);
-    assert_eq!(governs(&agent).as_array().map(Vec::len), Some(0));
+    assert_eq!(governs(&agent, "again").as_array().map(Vec::len), Some(0));
     // Started again: answered at once while the next rescan is held.
     let cg = s.child(&unit);
     surveys.wait_parked(2, &agent);
-    let out = run_in(&cg, hook_unit(&agent, &unit, &["--timeout", "5s"]));
-    assert!(
-        out.status.success(),
-        "the hook failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        agent.stderr()
-    );
+    hook_ok(&agent, &cg, &unit);
     gate.wait_parked(1, &agent);
     gate.release(1);
     surveys.release(2);
     surveys.wait_installed(2, &agent);
-    let now = governs(&agent);
+    let now = governs(&agent, "again");
     assert_eq!(now.as_array().map(Vec::len), Some(1), "{now}");
     assert_eq!(now[0]["path"], rel.as_str(), "{now}");
 }
@@ -235,37 +216,22 @@ fn a_unit_hook_run_below_its_unit_answers_for_the_unit() {
     let pid = std::process::id();
     let unit = format!("pgtest-nowbelow-{pid}.service");
     let port = 42800 + (pid % 1000) as u16 * 2;
-    let gate = Gate::new("the full rescan after a quick answer");
-    let surveys = Gate::new("survey");
     let s = slice("nowbelow");
     let cg = s.child(&unit);
     let worker = cg.child("worker");
-    let agent = Agent::start_with_env(
-        &format!(
-            "policies:\n  \
-             - {{name: the-unit, unit: {unit}, bind: [{{ports: [9000]}}]}}\n  \
-             - {{name: the-worker, cgroup: {}, bind: [{{ports: [9000]}}]}}\n",
-            worker.rel
-        ),
-        QUIET,
-        &[
-            ("PORTGUARD_TEST_GOVERN_NOW_GATE", gate.0.path()),
-            ("PORTGUARD_TEST_SURVEY_GATE", surveys.0.path()),
-        ],
-    );
+    let (agent, gate, surveys) = gated_agent(&format!(
+        "policies:\n  \
+         - {{name: the-unit, unit: {unit}, bind: [{{ports: [9000]}}]}}\n  \
+         - {{name: the-worker, cgroup: {}, bind: [{{ports: [9000]}}]}}\n",
+        worker.rel
+    ));
     bind(&cg, port).assert_eperm();
     drop(worker);
     drop(cg);
     let cg = s.child(&unit);
     let worker = cg.child("worker");
     surveys.wait_parked(1, &agent);
-    let out = run_in(&worker, hook_unit(&agent, &unit, &["--timeout", "5s"]));
-    assert!(
-        out.status.success(),
-        "the hook failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        agent.stderr()
-    );
+    hook_ok(&agent, &worker, &unit);
     let r = bind(&cg, port);
     let quick = gate.0.path().join("parked-1").exists();
     gate.release(1);
