@@ -75,13 +75,7 @@ pub(super) async fn govern_batch(
     }
     // A survey in flight may predate these cgroups: it must not undo them.
     surveys.hook_added(&paths);
-    // Only the hooks' cgroups and their ancestors are looked at again (a
-    // restarted unit's path has a new id); the rest is as the last rescan
-    // left it, and the next one refreshes it.
-    for p in &paths {
-        agent.resolve_cache.remove(p);
-        agent.writable_cache.remove(p);
-    }
+    agent.forget_cached(&paths);
     // A cgroup a policy names itself is governed and answered at once; a
     // survey makes the full resolve and apply (the same restart's inotify
     // event asks for one anyway): the loop stays free for the next hook.
@@ -119,10 +113,7 @@ pub(super) async fn govern_batch(
             agent.provisional_containers(&pending);
         }
         // Looked at again after the runtime's answer, too.
-        for p in &paths {
-            agent.resolve_cache.remove(p);
-            agent.writable_cache.remove(p);
-        }
+        agent.forget_cached(&paths);
         // Answered before the bookkeeping (logs, event paths, status facts),
         // which follows at once (`Agent::settle`).
         agent.settle_later = true;
@@ -170,6 +161,16 @@ async fn settle_after_answers(agent: &mut Agent) {
 const GOVERN_CRI_MIN: Duration = Duration::from_millis(50);
 
 impl Agent {
+    /// Look `paths` (the hooks' cgroups and their ancestors) up again when
+    /// next asked: a restarted unit's path has a new id. The rest is as the
+    /// last rescan left it, and the next one refreshes it.
+    fn forget_cached(&mut self, paths: &[String]) {
+        for p in paths {
+            self.resolve_cache.remove(p);
+            self.writable_cache.remove(p);
+        }
+    }
+
     /// Whether the agent knows who the cgroup at `path` is: no `pods:`
     /// policy needs the runtime, or the runtime lists its pod and
     /// container.

@@ -106,9 +106,13 @@ impl Agent {
         // The programs must already run for it: on its cgroup or an
         // ancestor's, as that cgroup is now (a point left on a removed
         // directory of the same path runs for nothing here).
-        let ids: Vec<u64> = ancestors(path)
-            .filter_map(|a| self.hierarchy.resolve(a).ok().flatten())
-            .map(|(id, _)| id)
+        let ids: Vec<u64> = std::iter::once(id)
+            .chain(
+                ancestors(path)
+                    .skip(1)
+                    .filter_map(|a| self.hierarchy.resolve(a).ok().flatten())
+                    .map(|(id, _)| id),
+            )
             .collect();
         if !self.loaded.runs_on_any(&ids) {
             return Err("the decision programs do not run on it or an ancestor yet");

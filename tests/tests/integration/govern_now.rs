@@ -14,7 +14,7 @@
 use portguard_tests::{Agent, Cgroup, Probe, require_root};
 use serde_json::json;
 
-use super::hooks::{Gate, agent_status, hook_unit, run_in, slice};
+use super::hooks::{Gate, governs, hook_unit, run_in, slice};
 
 /// The harness's agents run with `--no-watch` unless told otherwise.
 const QUIET: &[&str] = &["--rescan-interval", "1h", "--inventory-interval", "0"];
@@ -44,16 +44,6 @@ fn hook_ok(agent: &Agent, cg: &Cgroup, unit: &str) {
         String::from_utf8_lossy(&out.stderr),
         agent.stderr()
     );
-}
-
-/// The cgroups `status` shows policy `name` governing.
-fn governs(agent: &Agent, name: &str) -> serde_json::Value {
-    let status = agent_status(agent);
-    status["policies"]
-        .as_array()
-        .and_then(|ps| ps.iter().find(|p| p["name"] == name))
-        .map(|p| p["cgroups"].clone())
-        .unwrap_or_else(|| panic!("no `{name}` policy in {status}"))
 }
 
 fn bind(cg: &Cgroup, port: u16) -> portguard_tests::ProbeResult {

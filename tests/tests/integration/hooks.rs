@@ -174,7 +174,7 @@ fn a_hook_is_refused_when_its_cgroup_cannot_be_applied() {
     assert_eq!(e["action"], "refused_start", "{e}");
 }
 
-pub(crate) fn agent_status(agent: &Agent) -> Value {
+fn agent_status(agent: &Agent) -> Value {
     let out = Command::new(agent_bin())
         .args(["status", "--json", "--socket"])
         .arg(agent.status_socket())
@@ -186,6 +186,16 @@ pub(crate) fn agent_status(agent: &Agent) -> Value {
             String::from_utf8_lossy(&out.stderr)
         )
     })
+}
+
+/// The cgroups `status` shows policy `name` governing.
+pub(crate) fn governs(agent: &Agent, name: &str) -> Value {
+    let status = agent_status(agent);
+    status["policies"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["name"] == name))
+        .map(|p| p["cgroups"].clone())
+        .unwrap_or_else(|| panic!("no `{name}` policy in {status}"))
 }
 
 #[test]
@@ -540,12 +550,8 @@ fn a_status_request_or_a_scrape_in_flight_holds_no_hook() {
     let page = scrape.join().expect("scrape client");
     assert!(page.ends_with("# EOF\n"), "{page}");
     assert!(page.contains("portguard_governed_cgroups "), "{page}");
-    let now = agent_status(&agent);
-    let scraped = now["policies"]
-        .as_array()
-        .and_then(|ps| ps.iter().find(|p| p["name"] == "scraped"))
-        .unwrap_or_else(|| panic!("no `scraped` policy in {now}"));
-    assert_eq!(scraped["cgroups"][0]["path"], cg.rel.as_str(), "{now}");
+    let scraped = governs(&agent, "scraped");
+    assert_eq!(scraped[0]["path"], cg.rel.as_str(), "{scraped}");
 }
 
 /// A hook's answer leaves before the apply's bookkeeping (log lines, facts,
@@ -593,10 +599,6 @@ fn a_hook_is_answered_before_the_bookkeeping_of_its_apply() {
     assert_eq!(e["verdict"], "deny", "{e}");
     assert_eq!(e["unit"], unit.as_str(), "{e}");
     // Settled: `status` shows the cgroup governed.
-    let now = agent_status(&agent);
-    let settled = now["policies"]
-        .as_array()
-        .and_then(|ps| ps.iter().find(|p| p["name"] == "settled"))
-        .unwrap_or_else(|| panic!("no `settled` policy in {now}"));
-    assert_eq!(settled["cgroups"][0]["path"], cg.rel.as_str(), "{now}");
+    let settled = governs(&agent, "settled");
+    assert_eq!(settled[0]["path"], cg.rel.as_str(), "{settled}");
 }
