@@ -149,6 +149,9 @@ pub struct Applier {
     next_set_id: u32,
     /// Record slot of each policy id; stable while the policy exists.
     slots: HashMap<u32, u32>,
+    /// The record last committed for each policy id, with what it was made
+    /// from ([`plan::Made`]).
+    remembered: HashMap<u32, plan::Made>,
     last_flip: Option<Instant>,
     /// An RCU grace period has passed since `last_flip`.
     readers_quiesced: bool,
@@ -175,6 +178,7 @@ impl Applier {
             by_content: HashMap::default(),
             next_set_id: EMPTY_SET + 1,
             slots: HashMap::default(),
+            remembered: HashMap::default(),
             last_flip: None,
             readers_quiesced: false,
             barrier: None,
@@ -387,6 +391,7 @@ impl Applier {
             planned_chunks,
             gen_set_ids,
             keep,
+            made,
         } = plan;
         let (gen_, base) = self.dead_generation();
 
@@ -504,6 +509,11 @@ impl Applier {
                 .ok()
         });
         self.slots = slots;
+        self.remembered.extend(made);
+        if self.remembered.len() > self.slots.len() {
+            let slots = &self.slots;
+            self.remembered.retain(|id, _| slots.contains_key(id));
+        }
 
         Ok(ApplyReport {
             generation: gen_ as u32,

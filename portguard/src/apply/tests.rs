@@ -352,16 +352,27 @@ fn walk_is_bounded_by_the_deepest_policy() {
 
 #[test]
 fn duplicate_cgroup_ids_are_rejected() {
-    let p =
-        compiled("policies: [{name: a, cgroup: /a, bind: []}, {name: b, cgroup: /b, bind: []}]");
+    let p = compiled(
+        "policies: [{name: a, cgroup: /a, bind: []}, {name: b, cgroup: /b, bind: []}, \
+         {name: c, cgroup: /c, bind: []}]",
+    );
     let mut m = FakeMaps::default();
     let e = Applier::new(CAPS)
-        .apply(&mut m, &targets(&p, &[(7, 1), (7, 1)]))
+        .apply(&mut m, &targets(&p, &[(5, 1), (7, 1), (7, 1)]))
         .unwrap_err();
-    assert!(matches!(
-        e,
-        ApplyError::DuplicateCgroup { cgroup_id: 7, .. }
-    ));
+    // The error names both policies (ids 2 and 3), and nothing is written.
+    assert!(
+        matches!(
+            e,
+            ApplyError::DuplicateCgroup {
+                cgroup_id: 7,
+                first: 2,
+                second: 3
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(m.cgroups.is_empty());
 }
 
 /// `apply_one` of one changed policy does what `apply` of every target
@@ -671,4 +682,60 @@ fn a_cgroup_governed_in_the_live_generation_is_kept_or_removed_by_the_next_appli
     );
     assert!(a.govern_live(&mut m, d, 2).unwrap());
     assert_eq!(bind(&m, &[1, 10, 13], 9000), Verdict::Audit);
+}
+
+/// A plan takes the record it committed last for a policy whose rules
+/// (the same compiled sets), mode and slot did not change (a rescan of
+/// thousands of policies), instead of making it again: the kernel maps
+/// must be exactly those of an applier that remembers nothing, change after
+/// change (other cgroups; rules recompiled; a policy gone and back, its
+/// set freed and made again under a new id; a mode change).
+#[test]
+fn records_taken_from_the_last_apply_are_those_made_afresh() {
+    let text = |a: &str, mode: &str| {
+        format!(
+            "policies: [{{name: a, cgroup: /a, bind: [{{ports: [{a}]}}]}}, \
+             {{name: b, cgroup: /b, mode: {mode}, bind: [{{ports: [8080, 9000-9099]}}], \
+             connect: [{{ports: [53]}}]}}]"
+        )
+    };
+    let first = compiled(&text("8080", "enforce"));
+    let changed = compiled(&text("8081", "enforce"));
+    let audit = compiled(&text("8081", "audit"));
+    // The same compiled rules (shared sets) with another mode, or other
+    // socket kinds allowed.
+    let mut mode_only = changed.clone();
+    mode_only[1].mode = crate::policy::Mode::Audit;
+    let mut kinds_only = changed.clone();
+    kinds_only[0].allow_sockets ^= 1;
+    let mut remembering = (Applier::new(CAPS), FakeMaps::default());
+    let mut forgetful = (Applier::new(CAPS), FakeMaps::default());
+    // Each step, and how many records its plan makes afresh.
+    let steps: Vec<(Vec<Target<'_>>, usize)> = vec![
+        (targets(&first, &[(10, 1), (20, 1)]), 2),
+        (targets(&first, &[(11, 1), (20, 1)]), 0),
+        (targets(&first, &[(11, 1), (21, 1)]), 0),
+        (targets(&changed, &[(11, 1), (21, 1)]), 2),
+        (targets(&changed[..1], &[(11, 1)]), 0),
+        (targets(&changed[..1], &[(12, 1)]), 0),
+        (targets(&changed, &[(12, 1), (22, 1)]), 1),
+        (targets(&audit, &[(12, 1), (22, 1)]), 2),
+        (targets(&audit, &[(13, 1), (22, 1)]), 0),
+        (targets(&changed, &[(13, 1), (22, 1)]), 2),
+        (targets(&mode_only, &[(13, 1), (22, 1)]), 1),
+        (targets(&kinds_only, &[(13, 1), (22, 1)]), 2),
+    ];
+    for (i, (step, made)) in steps.iter().enumerate() {
+        let plan = remembering.0.plan(step).unwrap();
+        assert_eq!(plan.made.len(), *made, "step {i}: records made afresh");
+        forgetful.0.remembered.clear();
+        let r1 = remembering.0.apply(&mut remembering.1, step).unwrap();
+        let r2 = forgetful.0.apply(&mut forgetful.1, step).unwrap();
+        assert_eq!(r1, r2, "step {i}");
+        assert_eq!(remembering.1.state, forgetful.1.state, "step {i}");
+        assert_eq!(remembering.1.policies, forgetful.1.policies, "step {i}");
+        assert_eq!(remembering.1.cgroups, forgetful.1.cgroups, "step {i}");
+        assert_eq!(remembering.1.chunks, forgetful.1.chunks, "step {i}");
+    }
+    assert_eq!(remembering.0.remembered.len(), 2);
 }
