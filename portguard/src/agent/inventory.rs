@@ -9,6 +9,8 @@
 
 use std::{collections::HashSet, net::IpAddr, time::Instant};
 
+use tokio::io::unix::AsyncFd;
+
 use log::{debug, info, warn};
 
 use rustc_hash::FxHashMap;
@@ -238,6 +240,44 @@ impl Agent {
             info!("{msg}");
         }
     }
+}
+
+/// One inventory pass. Between listing the host's sockets and judging
+/// them, the events already in the ring are handled: a listener a hook cut
+/// off while the list was taken is then its hook's to report and end (one
+/// `cut_off` event), not also the inventory's (a second, `preexisting`
+/// one). At most a ring's worth is drained (a storm refills it as fast).
+pub(super) async fn inventory_pass(
+    agent: &mut Agent,
+    rb: &mut AsyncFd<crate::kernel::EventRing>,
+    writer: &mut EventWriter,
+    cri_link: &mut CriLink,
+    opts: &RunOptions,
+    buffers: &mut EventBuffers,
+) {
+    // It names sockets' cgroups by the paths an apply's settling records.
+    agent.settle();
+    let Some(scan) = agent.inventory_scan() else {
+        return;
+    };
+    let ring_records = opts.ring_buffer_bytes as usize / (size_of::<portguard_common::Event>() + 8);
+    let mut drained = 0;
+    loop {
+        let (n, more) = drain_events(
+            rb.get_mut(),
+            agent,
+            writer,
+            cri_link,
+            &opts.cri_socket,
+            buffers,
+        )
+        .await;
+        drained += n;
+        if !more || drained >= ring_records {
+            break;
+        }
+    }
+    agent.inventory_judge(scan, writer);
 }
 
 /// The cgroup of the process holding a socket, as a path of the host's

@@ -57,9 +57,18 @@ mod survey;
 mod watch;
 
 use self::{
-    endpoints::Endpoints, govern::*, losses::*, pipeline::*, serve::*, settle::*, start::*,
-    state::*, survey::*, watch::*,
+    endpoints::Endpoints, govern::*, inventory::inventory_pass, losses::*, pipeline::*, serve::*,
+    settle::*, start::*, state::*, survey::*, watch::*,
 };
+
+/// Free `x` (thousands of paths: milliseconds) on the runtime's blocking
+/// pool rather than on the serve loop; here, outside a runtime.
+fn free_later<T: Send + 'static>(x: T) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => drop(rt.spawn_blocking(move || drop(x))),
+        Err(_) => drop(x),
+    }
+}
 
 /// Options of `portguard run`.
 #[derive(Clone, Debug)]
@@ -147,6 +156,13 @@ const AGGREGATE_KINDS: usize = 65536;
 /// Least time between two inventory passes that changes of what is
 /// governed ask for (the periodic pass and the first one are not delayed).
 const INVENTORY_GAP: Duration = Duration::from_millis(500);
+/// An inventory pass this late runs after whatever the loop did last, not
+/// only when its timer comes round (see `serve`).
+const INVENTORY_OVERDUE: Duration = Duration::from_secs(2);
+/// Yields of the serve loop before each turn (`serve`): the status
+/// socket's listener accepts a hook's connection in one, the connection's
+/// task reads and hands over its request in the next.
+const HANDOVER_YIELDS: usize = 2;
 
 /// Most govern requests queued for the serve loop (more wait to be sent).
 const GOVERN_QUEUE: usize = 256;

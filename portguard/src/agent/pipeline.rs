@@ -378,6 +378,8 @@ pub(super) async fn drain_events(
     cri_socket: &Path,
     bufs: &mut EventBuffers,
 ) -> (usize, bool) {
+    // Events are named by the paths an apply's settling records.
+    agent.settle();
     let mut n = 0;
     let mut more = false;
     let started = Instant::now();

@@ -351,6 +351,18 @@ impl Agent {
     /// the kernel keeps the previous state (a hook must not be told its
     /// cgroup is governed as the policy says).
     pub(super) fn rescan_with(&mut self, fresh: bool) -> Result<(), String> {
+        self.rescan_from(fresh, None)
+    }
+
+    /// [`Agent::rescan_with`], from `outcome` when given: what the resolver
+    /// gives for the policies in force over what the loop holds now,
+    /// resolved by a survey's thread (`Surveys::install` says when that
+    /// holds). Debug builds resolve again and check that it does.
+    pub(super) fn rescan_from(
+        &mut self,
+        fresh: bool,
+        outcome: Option<crate::workload::resolve::Outcome>,
+    ) -> Result<(), String> {
         // After a rescan failed closed: try the real policies again first.
         if let Some(real) = self.refused.take() {
             let resolved = self.resolve(&real, fresh);
@@ -370,7 +382,21 @@ impl Agent {
             }
         }
         let policies = std::mem::take(&mut self.policies);
-        let resolved = self.resolve(&policies, fresh);
+        let resolved = match outcome {
+            Some(outcome) if self.refused.is_none() => {
+                let from_survey = self.finish_resolve(&policies, outcome);
+                #[cfg(debug_assertions)]
+                {
+                    let here = self.resolve(&policies, fresh);
+                    assert_eq!(
+                        from_survey, here,
+                        "a survey's resolution differs from the loop's"
+                    );
+                }
+                from_survey
+            }
+            _ => self.resolve(&policies, fresh),
+        };
         self.policies = policies;
         // A hook's quick answer is always followed by an apply: it plans
         // the cgroup with the others, and settles its facts.

@@ -119,6 +119,15 @@ pub(super) async fn serve(
     debug!("daemon: ring buffer fd {}", rb.get_ref().as_raw_fd());
 
     loop {
+        // This runtime has one thread: the status socket's tasks read a
+        // hook's request only while this loop waits. Before the next turn
+        // (which may be an inventory pass, a settle, a survey's apply),
+        // they get their turns: one to accept, one to read and hand the
+        // request over, so that a hook that came while the last turn ran
+        // is answered first (the select below is biased).
+        for _ in 0..HANDOVER_YIELDS {
+            tokio::task::yield_now().await;
+        }
         health.beat();
         let deadline = [
             pending_reload,
@@ -157,6 +166,14 @@ pub(super) async fn serve(
                 // A pending rescan stays due: the hooks' cgroups were added
                 // to the index, other changes inotify reported were not.
                 agent.report_hook_failures(&mut writer);
+            }
+            // A survey's apply is settled (logs, event paths, status facts:
+            // milliseconds with thousands of policies) after the hooks that
+            // came while it ran are answered. Whatever reads what settling
+            // writes settles first (`drain_events`, `inventory_pass`, an
+            // apply).
+            () = std::future::ready(()), if agent.unsettled.is_some() => {
+                agent.settle();
             }
             // `portguard why`: read-only, answered from the maps as they are.
             Some(q) = explain.recv() => {
@@ -249,6 +266,21 @@ pub(super) async fn serve(
                 } else if pending_rescan.is_some_and(|d| d <= now) {
                     pending_rescan = None;
                     surveys.request(agent);
+                }
+                // Here, not after whatever the loop did last: a hook that
+                // came meanwhile is answered first (this select is biased),
+                // instead of waiting for a survey's apply and then for this.
+                if agent.inventory_pending && last_inventory.elapsed() >= INVENTORY_GAP {
+                    inventory_pass(
+                        agent,
+                        &mut rb,
+                        &mut writer,
+                        &mut cri_link,
+                        opts,
+                        &mut buffers,
+                    )
+                    .await;
+                    last_inventory = Instant::now();
                 }
                 if deadline.is_some() {
                     watcher.refresh(agent);
@@ -347,7 +379,9 @@ pub(super) async fn serve(
         if agent.verify_pending {
             agent.verify();
         }
-        if agent.inventory_pending && last_inventory.elapsed() >= INVENTORY_GAP {
+        // Not starved by a stream of hooks or cgroup events, which come
+        // before the timer above.
+        if agent.inventory_pending && last_inventory.elapsed() >= INVENTORY_OVERDUE {
             inventory_pass(
                 agent,
                 &mut rb,
@@ -386,42 +420,6 @@ pub(super) async fn serve(
     report_lost(agent, &mut writer, &mut lost_seen);
     writer.flush().context("flushing the event log")?;
     Ok(())
-}
-
-/// One inventory pass. Between listing the host's sockets and judging
-/// them, the events already in the ring are handled: a listener a hook cut
-/// off while the list was taken is then its hook's to report and end (one
-/// `cut_off` event), not also the inventory's (a second, `preexisting`
-/// one). At most a ring's worth is drained (a storm refills it as fast).
-async fn inventory_pass(
-    agent: &mut Agent,
-    rb: &mut AsyncFd<crate::kernel::EventRing>,
-    writer: &mut EventWriter,
-    cri_link: &mut CriLink,
-    opts: &RunOptions,
-    buffers: &mut EventBuffers,
-) {
-    let Some(scan) = agent.inventory_scan() else {
-        return;
-    };
-    let ring_records = opts.ring_buffer_bytes as usize / (size_of::<portguard_common::Event>() + 8);
-    let mut drained = 0;
-    loop {
-        let (n, more) = drain_events(
-            rb.get_mut(),
-            agent,
-            writer,
-            cri_link,
-            &opts.cri_socket,
-            buffers,
-        )
-        .await;
-        drained += n;
-        if !more || drained >= ring_records {
-            break;
-        }
-    }
-    agent.inventory_judge(scan, writer);
 }
 
 /// Ask the CRI runtime for its pods and containers; keep the last answer

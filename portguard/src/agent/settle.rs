@@ -117,5 +117,7 @@ impl Agent {
         let ids = std::mem::take(&mut self.policy_ids);
         self.publish_facts(&report, &ids, &unchanged);
         self.policy_ids = ids;
+        drop(by_name);
+        free_later(before);
     }
 }

@@ -327,6 +327,18 @@ impl Agent {
             (&mut self.resolve_cache, &mut self.writable_cache),
             limits,
         );
+        self.finish_resolve(policies, outcome)
+    }
+
+    /// What [`Agent::resolve`] does with the resolver's outcome: report
+    /// ties and what was left out, hold unidentified pods, keep to
+    /// `--attach-cgroup`. Also for an outcome a survey's thread resolved
+    /// from what the loop holds now (`Surveys::install`).
+    pub(super) fn finish_resolve(
+        &mut self,
+        policies: &[CompiledPolicy],
+        outcome: resolve::Outcome,
+    ) -> Resolution {
         let mut resolved = outcome.resolution;
         for t in outcome.ties {
             if self.ties_logged.insert(t.clone()) {

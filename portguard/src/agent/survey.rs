@@ -24,6 +24,7 @@
 
 use std::{
     collections::HashMap,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -34,7 +35,7 @@ use crate::{
     workload::{
         cgroupfs::{Hierarchy, ResolveCache},
         cri::Snapshot,
-        resolve::{Limits, TreeIndex},
+        resolve::{Limits, Outcome, TreeIndex},
     },
 };
 
@@ -51,6 +52,12 @@ pub(super) struct Survey {
     tree: Option<TreeIndex>,
     cache: ResolveCache,
     writable: HashMap<String, bool>,
+    /// What the resolver gave for the first policy set (the policies in
+    /// force when it started), with the inputs it had beside the tree and
+    /// the caches.
+    outcome: Option<Outcome>,
+    sets: Arc<Vec<Vec<CompiledPolicy>>>,
+    limits: Limits,
     took: Duration,
 }
 
@@ -62,7 +69,7 @@ struct Inputs {
     hierarchy: Hierarchy,
     /// Each policy set to resolve: the current one, and the policies a
     /// rescan could not apply when the `--fail-closed` stand-ins hold.
-    sets: Vec<Vec<CompiledPolicy>>,
+    sets: Arc<Vec<Vec<CompiledPolicy>>>,
     tree: Option<(Vec<&'static str>, usize)>,
     cri: Option<Snapshot>,
     limits: Limits,
@@ -82,6 +89,10 @@ pub(super) struct Surveys {
     hook_paths: std::collections::BTreeSet<String>,
     /// inotify reported a cgroup change while the survey ran.
     changed: bool,
+    /// The selector-only copies of the policy sets the last survey took:
+    /// taken again while they say the same (copying 10,000 policies took
+    /// over a millisecond of the loop for every survey).
+    sets: Arc<Vec<Vec<CompiledPolicy>>>,
 }
 
 impl Surveys {
@@ -116,16 +127,25 @@ impl Surveys {
     }
 
     /// What survey `seq` needs from `agent`.
-    fn inputs(&self, agent: &Agent, seq: u64) -> Inputs {
+    fn inputs(&mut self, agent: &Agent, seq: u64) -> Inputs {
+        let current = std::iter::once(&agent.policies).chain(agent.refused.as_ref());
+        let same = self.sets.len() == 1 + usize::from(agent.refused.is_some())
+            && self.sets.iter().zip(current.clone()).all(|(kept, set)| {
+                kept.len() == set.len() && kept.iter().zip(set).all(|(k, p)| selects_alike(k, p))
+            });
+        if !same {
+            self.sets = Arc::new(
+                current
+                    .map(|set| set.iter().map(selector_only).collect())
+                    .collect(),
+            );
+        }
         Inputs {
             seq,
             epoch: self.epoch,
             fresh_resolves: agent.fresh_resolves,
             hierarchy: Hierarchy::new(agent.hierarchy.root().to_path_buf()),
-            sets: std::iter::once(&agent.policies)
-                .chain(agent.refused.as_ref())
-                .map(|set| set.iter().map(selector_only).collect())
-                .collect(),
+            sets: Arc::clone(&self.sets),
             tree: Agent::tree_scope(&agent.policies),
             cri: agent.cri.clone(),
             limits: agent.resolve_limits(&agent.policies),
@@ -216,9 +236,20 @@ impl Surveys {
             return;
         }
         let hooks = std::mem::take(&mut self.hook_paths);
-        if let Some(tree) = s.tree.as_mut() {
-            tree.add_paths(hooks.iter().map(String::as_str));
-        }
+        let tree_changed = match s.tree.as_mut() {
+            Some(tree) => tree.add_paths(hooks.iter().map(String::as_str)),
+            None => false,
+        };
+        // What the survey saw of the hooks' paths, before they are looked
+        // up again.
+        let seen: Vec<Seen> = hooks
+            .iter()
+            .map(|p| Seen {
+                path: p.clone(),
+                stat: s.cache.peek(p),
+                open: s.writable.get(p).copied(),
+            })
+            .collect();
         for p in &hooks {
             s.cache.remove(p);
             s.writable.remove(p);
@@ -226,23 +257,118 @@ impl Surveys {
         if std::mem::take(&mut self.changed) {
             self.again = true;
         }
-        agent.resolve_cache.adopt(s.cache);
-        agent.writable_cache = s.writable;
-        if s.tree.is_some() || !Agent::needs_tree(&agent.policies) {
-            agent.tree = s.tree;
+        // What is replaced is freed off the loop (10,000 paths take a
+        // millisecond to free).
+        let old_cache = agent.resolve_cache.adopt(s.cache);
+        let old_writable = std::mem::replace(&mut agent.writable_cache, s.writable);
+        let old_tree = if s.tree.is_some() || !Agent::needs_tree(&agent.policies) {
             agent.watch_inputs += 1;
-        }
+            std::mem::replace(&mut agent.tree, s.tree)
+        } else {
+            None
+        };
+        free_later((old_cache, old_writable, old_tree));
         let t = Instant::now();
-        let _ = agent.rescan_with(false);
+        // Settled by the loop once the hooks that came meanwhile are
+        // answered (see `serve`).
+        let outcome = s
+            .outcome
+            .take()
+            .filter(|_| !tree_changed)
+            .and_then(|o| up_to_date(agent, o, &seen, &s.sets, s.limits));
+        let resolved_here = if outcome.is_some() {
+            "taken"
+        } else {
+            "resolved again"
+        };
+        agent.settle_later = true;
+        let _ = agent.rescan_from(false, outcome);
+        agent.settle_later = false;
         debug!(
             "daemon: cgroup survey {} installed (walk {:?} off the loop, {} hook paths kept; \
-             resolve and apply {:?})",
+             its resolution {resolved_here}; resolve and apply {:?})",
             s.seq,
             s.took,
             hooks.len(),
             t.elapsed()
         );
     }
+}
+
+/// A hook's path as a survey saw it: its id and level (`None`: not looked
+/// up; `Some(None)`: absent) and whether others may write it (`None`: not
+/// asked).
+struct Seen {
+    path: String,
+    stat: Option<Option<(u64, u32)>>,
+    open: Option<bool>,
+}
+
+/// The survey's resolution `o` of the policies in force, as a resolve on
+/// the loop would give it now (the survey's tree and caches installed, the
+/// hooks' paths looked up again); `None` where only that resolve can say.
+///
+/// The resolver reads a path's id only to tell cgroups apart: a hook's
+/// path that is still there at the same depth, as a new directory (a
+/// restart), is the same candidate with another id, placed the same way,
+/// so `o` holds with that id put in. A path that came or went, a
+/// directory whose writers changed (delegated subtrees), a tree index the
+/// hooks added to, other policies, bounds or a CRI snapshot (`pods:`) all
+/// take the full resolve. Debug builds check every outcome taken against
+/// it (`Agent::rescan_from`).
+fn up_to_date(
+    agent: &mut Agent,
+    mut o: Outcome,
+    seen: &[Seen],
+    sets: &[Vec<CompiledPolicy>],
+    limits: Limits,
+) -> Option<Outcome> {
+    let same_policies = sets.first().is_some_and(|set| {
+        set.len() == agent.policies.len()
+            && set
+                .iter()
+                .zip(&agent.policies)
+                .all(|(k, p)| selects_alike(k, p))
+    });
+    if agent.refused.is_some()
+        || Agent::needs_cri(&agent.policies)
+        || !same_policies
+        || agent.resolve_limits(&agent.policies) != limits
+    {
+        return None;
+    }
+    let mut moved: Vec<(&str, u64)> = Vec::new();
+    for h in seen {
+        if let Some(open) = h.open {
+            if agent.hierarchy.open_to_others(&h.path) != open {
+                return None;
+            }
+            agent.writable_cache.insert(h.path.clone(), open);
+        }
+        let Some(before) = h.stat else {
+            // No candidate of these policies over this tree.
+            continue;
+        };
+        let now = agent.hierarchy.resolve(&h.path).ok()?;
+        match (before, now) {
+            (Some(b), Some(n)) if b.1 == n.1 => {
+                if b.0 != n.0 {
+                    moved.push((&h.path, n.0));
+                }
+            }
+            (None, None) => {}
+            _ => return None,
+        }
+        agent.resolve_cache.get_or(&h.path, || now);
+    }
+    if !moved.is_empty() {
+        for g in o.resolution.iter_mut().flatten() {
+            if let Some((_, id)) = moved.iter().find(|(p, _)| *p == g.path) {
+                g.id = *id;
+            }
+        }
+    }
+    Some(o)
 }
 
 /// A policy's selector and name, without its port sets (a survey only
@@ -257,6 +383,15 @@ fn selector_only(p: &CompiledPolicy) -> CompiledPolicy {
         allow_sockets: p.allow_sockets,
         delegated: p.delegated,
     }
+}
+
+/// `kept` is [`selector_only`] of `p` (compared without copying).
+fn selects_alike(kept: &CompiledPolicy, p: &CompiledPolicy) -> bool {
+    kept.name == p.name
+        && kept.selector == p.selector
+        && kept.mode == p.mode
+        && kept.allow_sockets == p.allow_sockets
+        && kept.delegated == p.delegated
 }
 
 /// A survey thread's nice value (see the module's notes).
@@ -289,8 +424,9 @@ fn walk(i: Inputs) -> Survey {
     let empty = TreeIndex::default();
     let mut cache = ResolveCache::default();
     let mut writable = HashMap::new();
-    for set in &i.sets {
-        let _ = resolve_on_disk(
+    let mut outcome = None;
+    for set in i.sets.iter() {
+        let o = resolve_on_disk(
             &i.hierarchy,
             set,
             tree.as_ref().unwrap_or(&empty),
@@ -298,6 +434,7 @@ fn walk(i: Inputs) -> Survey {
             (&mut cache, &mut writable),
             i.limits,
         );
+        outcome.get_or_insert(o);
     }
     let took = started.elapsed();
     test_gate(i.seq);
@@ -308,6 +445,9 @@ fn walk(i: Inputs) -> Survey {
         tree,
         cache,
         writable,
+        outcome,
+        sets: i.sets,
+        limits: i.limits,
         took,
     }
 }

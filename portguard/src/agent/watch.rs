@@ -23,21 +23,12 @@ impl Agent {
     /// pods), pod cgroups for `container:` selectors (new containers), and
     /// the units' parents. [`Watcher`] watches each one, or its nearest
     /// existing ancestor while it is missing.
-    pub(super) fn cgroup_watch_dirs(&self) -> HashSet<PathBuf> {
+    pub(super) fn cgroup_watch_dirs(&self, cache: &mut ParentsCache) -> HashSet<PathBuf> {
         let root = self.hierarchy.root();
-        let mut parents: HashSet<PathBuf> = HashSet::new();
-        // `cgroup:` paths' parents, as paths under the mount first: thousands
-        // of policies often share a handful of parents.
-        let mut cgroup_parents: HashSet<&str> = HashSet::new();
+        let mut parents: HashSet<PathBuf> = cache.cgroup_parents(self).clone();
         for (p, govs) in self.policies.iter().zip(&self.resolved) {
             match &p.selector {
-                Selector::Cgroup(path) => {
-                    if let Some((parent, name)) = path.trim_end_matches('/').rsplit_once('/')
-                        && !name.is_empty()
-                    {
-                        cgroup_parents.insert(if parent.is_empty() { "/" } else { parent });
-                    }
-                }
+                Selector::Cgroup(_) => {}
                 Selector::Pods(sel) => {
                     for d in crate::workload::identity::KUBEPODS_PARENTS {
                         parents.insert(self.hierarchy.fs_path(d));
@@ -67,12 +58,51 @@ impl Agent {
                 }
             }
         }
-        parents.extend(
-            cgroup_parents
-                .into_iter()
-                .map(|p| self.hierarchy.fs_path(p)),
-        );
         parents
+    }
+}
+
+/// The parents of the `cgroup:` selectors' paths, as paths under the mount,
+/// kept while the selectors and the mount are the same: they depend on
+/// nothing else, and with thousands of policies computing them took
+/// milliseconds of the loop after every hook's answer (thousands of
+/// policies often share a handful of parents). A change is found by a hash
+/// of the selectors, a tenth of the work.
+#[derive(Default)]
+pub(super) struct ParentsCache {
+    key: Option<u64>,
+    parents: HashSet<PathBuf>,
+}
+
+impl ParentsCache {
+    fn cgroup_parents(&mut self, agent: &Agent) -> &HashSet<PathBuf> {
+        use std::hash::{Hash as _, Hasher as _};
+        let mut h = rustc_hash::FxHasher::default();
+        agent.hierarchy.root().hash(&mut h);
+        let paths = agent.policies.iter().filter_map(|p| match &p.selector {
+            Selector::Cgroup(path) => Some(path.as_str()),
+            _ => None,
+        });
+        for path in paths.clone() {
+            path.hash(&mut h);
+        }
+        let key = h.finish();
+        if self.key != Some(key) {
+            let mut parents: HashSet<&str> = HashSet::new();
+            for path in paths {
+                if let Some((parent, name)) = path.trim_end_matches('/').rsplit_once('/')
+                    && !name.is_empty()
+                {
+                    parents.insert(if parent.is_empty() { "/" } else { parent });
+                }
+            }
+            self.parents = parents
+                .into_iter()
+                .map(|p| agent.hierarchy.fs_path(p))
+                .collect();
+            self.key = Some(key);
+        }
+        &self.parents
     }
 }
 
@@ -134,6 +164,7 @@ pub(super) struct Watcher {
     /// `Agent::watch_inputs` when the wanted set was last computed
     /// ([`Watcher::refresh`]).
     computed_for: Option<u64>,
+    parents: ParentsCache,
 }
 
 /// What identifies a version of the policy file (through symlinks, as a
@@ -190,6 +221,7 @@ impl Watcher {
             wanted: HashSet::new(),
             missing: Vec::new(),
             computed_for: None,
+            parents: ParentsCache::default(),
         })
     }
 
@@ -207,7 +239,7 @@ impl Watcher {
     /// Compute the wanted set afresh and watch it.
     pub(super) fn rebuild(&mut self, agent: &Agent) {
         self.root = agent.hierarchy.root().to_path_buf();
-        self.wanted = agent.cgroup_watch_dirs();
+        self.wanted = agent.cgroup_watch_dirs(&mut self.parents);
         self.computed_for = Some(agent.watch_inputs);
         self.resolve();
     }

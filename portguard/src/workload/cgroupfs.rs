@@ -244,17 +244,22 @@ impl Hierarchy {
         for c in &parts[..ancestors] {
             prefix.push('/');
             prefix.push_str(c);
-            let open = *writable.entry(prefix.clone()).or_insert_with(|| {
-                // A directory that cannot be read is treated as root's: it
-                // vanished, and the caller's stat will say so.
-                std::fs::metadata(self.fs_path(&prefix))
-                    .is_ok_and(|m| m.uid() != 0 || m.mode() & 0o022 != 0)
-            });
+            let open = *writable
+                .entry(prefix.clone())
+                .or_insert_with(|| self.open_to_others(&prefix));
             if open {
                 return Some(prefix);
             }
         }
         None
+    }
+
+    /// Whether others than root may write the cgroup directory `cgroup`
+    /// (what [`Hierarchy::delegated_subtree`] asks of each ancestor). A
+    /// directory that cannot be read is treated as root's: it vanished, and
+    /// the caller's stat will say so.
+    pub fn open_to_others(&self, cgroup: &str) -> bool {
+        std::fs::metadata(self.fs_path(cgroup)).is_ok_and(|m| m.uid() != 0 || m.mode() & 0o022 != 0)
     }
 
     /// The path (relative to the mount, starting with `/`) of the cgroup with
@@ -349,6 +354,12 @@ impl ResolveCache {
         r
     }
 
+    /// The answer kept for `path`, if it was asked for (`Some(None)`: it
+    /// was absent).
+    pub fn peek(&self, path: &str) -> Option<Option<(u64, u32)>> {
+        self.entries.get(path).copied()
+    }
+
     /// Forget `path` (it is resolved again when next asked).
     pub fn remove(&mut self, path: &str) {
         if self.entries.remove(path).is_some() {
@@ -358,9 +369,15 @@ impl ResolveCache {
 
     /// Take the answers of `fresh` (looked up elsewhere: a survey on
     /// another thread) instead of these; a change, whatever they say.
-    pub fn adopt(&mut self, fresh: Self) {
-        self.entries = fresh.entries;
+    /// Returns the answers replaced (thousands of paths: the caller may
+    /// free them off its thread).
+    pub fn adopt(&mut self, fresh: Self) -> Self {
+        let old = std::mem::replace(&mut self.entries, fresh.entries);
         self.changes += 1;
+        Self {
+            entries: old,
+            changes: 0,
+        }
     }
 
     /// Forget everything.
@@ -563,7 +580,7 @@ mod tests {
         survey.get_or("/a", || Some((2, 1)));
         survey.get_or("/b", || None);
         let before = cache.changes();
-        cache.adopt(survey);
+        let _ = cache.adopt(survey);
         assert!(cache.changes() > before);
         assert_eq!(cache.get_or("/a", || panic!("cached")), Some((2, 1)));
         assert_eq!(cache.get_or("/b", || panic!("cached")), None);

@@ -234,6 +234,41 @@ fn a_policy_cgroup_below_two_recreated_levels_is_governed_when_it_appears() {
     agent.wait_event(&[("cgroup_id", json!(x.id())), ("port", json!(8081))]);
 }
 
+/// A reload that adds a `cgroup:` policy below a parent no policy named
+/// before: that parent is watched from the reload on (the watcher keeps
+/// the `cgroup:` selectors' parents while the selectors are the same, and
+/// must see that they are not), so the cgroup is governed when it appears,
+/// not at the next `--rescan-interval`.
+#[test]
+fn a_cgroup_added_by_a_reload_below_a_new_parent_is_governed_when_it_appears() {
+    require_root!();
+    let first = Cgroup::new("watchfirst");
+    let a = first.planned_child("a");
+    let second = Cgroup::new("watchsecond");
+    let b = second.planned_child("b");
+    let line = |name: &str, cg: &Cgroup| {
+        format!(
+            "  - {{name: {name}, cgroup: {}, bind: [{{ports: [8080]}}]}}\n",
+            cg.rel
+        )
+    };
+    let mut agent = Agent::start_with(
+        &format!("policies:\n{}", line("a", &a)),
+        &["--rescan-interval", "1h"],
+    );
+    // Another cgroup change first, so the watcher computes what it watches
+    // again with the first policy set in force.
+    a.create();
+    wait_governed(&a, "8081");
+    agent.reload(&format!("policies:\n{}{}", line("a", &a), line("b", &b)));
+    std::thread::sleep(Duration::from_millis(300));
+    b.create();
+    let took = wait_governed(&b, "8081");
+    eprintln!("cgroup under a parent a reload named governed {took:?} after it was made");
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    agent.wait_event(&[("cgroup_id", json!(b.id())), ("port", json!(8081))]);
+}
+
 #[test]
 fn programs_can_be_attached_to_a_subtree_only() {
     require_root!();

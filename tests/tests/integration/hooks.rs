@@ -461,6 +461,25 @@ fn a_rescan_in_flight_neither_holds_a_hook_nor_undoes_what_it_governed() {
     gate.release(2);
     gate.wait_installed(2, &agent);
     bind(&cg).assert_eperm();
+    // Survey 1's tree lacked the unit: the loop resolved again. Survey 2's
+    // resolution is taken, with the unit's new id in place of the one its
+    // walk saw (debug builds check it against a resolve on the loop).
+    let installed = |n: u32| {
+        let log = agent.stderr();
+        log.lines()
+            .find(|l| l.contains(&format!("cgroup survey {n} installed")))
+            .map(str::to_owned)
+            .unwrap_or_default()
+    };
+    assert!(installed(1).contains("resolved again"), "{}", installed(1));
+    assert!(
+        installed(2).contains("its resolution taken"),
+        "{}",
+        installed(2)
+    );
+    let now = governs(&agent, "surveyed");
+    assert_eq!(now.as_array().map(Vec::len), Some(1), "{now}");
+    assert_eq!(now[0]["path"], json!(cg.rel), "{now}");
     gate.release_all();
 }
 

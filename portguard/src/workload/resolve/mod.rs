@@ -136,15 +136,26 @@ impl TreeIndex {
 
     /// Add cgroup paths to the index (as [`TreeIndex::from_paths`] would
     /// index them), without walking the tree: a hook's cgroup and its
-    /// ancestors, known to exist now.
-    pub fn add_paths<'a>(&mut self, paths: impl IntoIterator<Item = &'a str>) {
+    /// ancestors, known to exist now. Whether the index changed.
+    pub fn add_paths<'a>(&mut self, paths: impl IntoIterator<Item = &'a str>) -> bool {
         let more = Self::from_paths(paths);
-        self.pods.extend(more.pods);
+        let mut changed = false;
+        for (uid, path) in more.pods {
+            if self.pods.get(&uid) != Some(&path) {
+                self.pods.insert(uid, path);
+                changed = true;
+            }
+        }
         for (cid, path) in more.containers {
             if identity::parse(&path).pod_uid.is_some() {
-                self.containers.insert(cid, path);
-            } else {
-                self.containers.entry(cid).or_insert(path);
+                if self.containers.get(&cid) != Some(&path) {
+                    self.containers.insert(cid, path);
+                    changed = true;
+                }
+            } else if let std::collections::hash_map::Entry::Vacant(e) = self.containers.entry(cid)
+            {
+                e.insert(path);
+                changed = true;
             }
         }
         for (unit, paths) in more.units {
@@ -152,14 +163,17 @@ impl TreeIndex {
             for p in paths {
                 if !known.contains(&p) {
                     known.push(p);
+                    changed = true;
                 }
             }
         }
         for s in more.slices {
             if !self.slices.contains(&s) {
                 self.slices.push(s);
+                changed = true;
             }
         }
+        changed
     }
 
     /// Walk the cgroup2 tree mounted at `root`, from each of `starts` (paths

@@ -348,7 +348,7 @@ fn without_a_runtime_pod_selectors_govern_nothing() {
 #[test]
 fn paths_added_to_the_index_are_indexed_like_scanned_ones() {
     let mut idx = TreeIndex::from_paths(["/system.slice", "/system.slice/a.service"]);
-    idx.add_paths([
+    let changed = idx.add_paths([
         "/system.slice",
         "/system.slice/b.service",
         "/kubepods/besteffort/pod0f6c0000-0000-4000-8000-000000000001",
@@ -362,7 +362,11 @@ fn paths_added_to_the_index_are_indexed_like_scanned_ones() {
         "/kubepods/besteffort/pod0f6c0000-0000-4000-8000-000000000001/aaaaaaaaaaaaaaaa",
     ]);
     assert_eq!(idx, full);
-    // Adding again changes nothing.
-    idx.add_paths(["/system.slice/b.service"]);
+    assert!(changed, "new paths change the index");
+    // Adding again changes nothing, and says so.
+    assert!(!idx.add_paths(["/system.slice/b.service", "/system.slice"]));
+    assert!(!idx.add_paths([
+        "/kubepods/besteffort/pod0f6c0000-0000-4000-8000-000000000001/aaaaaaaaaaaaaaaa"
+    ]));
     assert_eq!(idx, full);
 }
