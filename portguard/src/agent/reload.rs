@@ -218,7 +218,7 @@ impl Agent {
         let target = Target {
             policy_id: self.policy_ids[index],
             policy: &policy,
-            cgroups: resolved_cgroups(&self.resolved[index]),
+            cgroups: resolved_cgroups(&self.resolved[index]).into(),
         };
         let applied = match self.applier.apply_one(&mut self.loaded.maps, &target) {
             Some(applied) => applied,
@@ -234,7 +234,7 @@ impl Agent {
                     .map(|(i, ((p, id), r))| Target {
                         policy_id: *id,
                         policy: if i == index { &policy } else { p },
-                        cgroups: resolved_cgroups(r),
+                        cgroups: resolved_cgroups(r).into(),
                     })
                     .collect();
                 self.applier.apply(&mut self.loaded.maps, &targets)

@@ -440,21 +440,27 @@ impl Agent {
         };
         let identifying = crate::policy::builtin::identifying();
         let quarantine = std::mem::take(&mut self.next_quarantine);
+        // Every policy's cgroups in one allocation, each target a slice.
+        let all: Vec<ResolvedCgroup> = resolved_cgroups(resolved.iter().flatten());
+        let mut at = 0;
         let mut targets: Vec<Target<'_>> = policies
             .iter()
             .zip(&resolved)
             .zip(&ids)
-            .map(|((p, r), id)| Target {
-                policy_id: *id,
-                policy: p,
-                cgroups: resolved_cgroups(r),
+            .map(|((p, r), id)| {
+                at += r.len();
+                Target {
+                    policy_id: *id,
+                    policy: p,
+                    cgroups: std::borrow::Cow::Borrowed(&all[at - r.len()..at]),
+                }
             })
             .collect();
         if !quarantine.is_empty() {
             targets.push(Target {
                 policy_id: self.id_recorded(IDENTIFYING),
                 policy: &identifying,
-                cgroups: resolved_cgroups(&quarantine),
+                cgroups: resolved_cgroups(&quarantine).into(),
             });
         }
         let unfit = crate::policy::builtin::unfit();
@@ -468,7 +474,7 @@ impl Agent {
             targets.push(Target {
                 policy_id: self.id_recorded(UNFIT),
                 policy: &unfit,
-                cgroups: resolved_cgroups(held),
+                cgroups: resolved_cgroups(held).into(),
             });
         }
         // The decision programs run on every attach point before the maps

@@ -77,7 +77,9 @@ pub struct Target<'a> {
     pub policy_id: u32,
     pub policy: &'a CompiledPolicy,
     /// Empty when the policy's cgroup does not exist (yet).
-    pub cgroups: Vec<ResolvedCgroup>,
+    /// Borrowed where the caller holds them (thousands of targets: no
+    /// allocation each).
+    pub cgroups: std::borrow::Cow<'a, [ResolvedCgroup]>,
 }
 
 #[derive(Debug, thiserror::Error)]

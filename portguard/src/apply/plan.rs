@@ -265,7 +265,7 @@ impl Applier {
                 }
             };
             records.insert(slot, record);
-            for cg in &t.cgroups {
+            for cg in t.cgroups.iter() {
                 if cg.level >= MAX_CGROUP_DEPTH {
                     return Err(ApplyError::TooDeep {
                         cgroup_id: cg.id,

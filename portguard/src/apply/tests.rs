@@ -31,7 +31,8 @@ fn targets<'a>(policies: &'a [CompiledPolicy], ids: &[(u64, u32)]) -> Vec<Target
             cgroups: vec![ResolvedCgroup {
                 id: *id,
                 level: *level,
-            }],
+            }]
+            .into(),
         })
         .collect()
 }
@@ -441,9 +442,11 @@ fn apply_one_declines_a_policy_with_other_cgroups() {
     a.apply(&mut m, &targets(&p, &ids)).unwrap();
     let writes = m.writes;
     let mut t = targets(&p, &ids);
-    t[0].cgroups.push(ResolvedCgroup { id: 12, level: 1 });
+    t[0].cgroups
+        .to_mut()
+        .push(ResolvedCgroup { id: 12, level: 1 });
     assert!(a.apply_one(&mut m, &t[0]).is_none());
-    t[1].cgroups.clear();
+    t[1].cgroups.to_mut().clear();
     assert!(a.apply_one(&mut m, &t[1]).is_none());
     let mut t = targets(&p, &ids);
     t[2].policy_id = 99;
@@ -659,7 +662,7 @@ fn a_cgroup_governed_in_the_live_generation_is_kept_or_removed_by_the_next_appli
     assert_eq!(m.writes, writes);
     // Planned by the next apply: kept in the generation it writes.
     let mut planned = t.clone();
-    planned[1].cgroups.push(d);
+    planned[1].cgroups.to_mut().push(d);
     a.apply(&mut m, &planned).unwrap();
     assert_eq!(bind(&m, &[1, 10, 13], 9000), Verdict::Audit);
     // Not planned: gone from both generations after two applies.
