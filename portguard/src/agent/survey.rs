@@ -4,8 +4,10 @@
 //! still gets a tenth of a CPU against busy neighbours, so rescans are
 //! slowed, never starved), while
 //! the loop goes on answering hooks, signals and events; the loop then
-//! installs what it found and re-resolves from it (cache hits only) and
-//! applies. On a host with 10,000 cgroups the walk takes hundreds of
+//! installs what it found and applies the policies in force over it: from
+//! the resolution the survey's thread made when that is what a resolve on
+//! the loop gives ([`up_to_date`]; debug builds check it), else from a
+//! resolve on the loop (cache hits only). On a host with 10,000 cgroups the walk takes hundreds of
 //! milliseconds: on the loop, every hook that arrived meanwhile waited for
 //! it.
 //!
