@@ -110,8 +110,9 @@ fuzz_target!(|data: &[u8]| {
                     id: 1000 + i as u64,
                     level: 1 + (i as u32 % 4),
                 }]
+                .into()
             } else {
-                Vec::new()
+                Vec::new().into()
             },
         })
         .collect();

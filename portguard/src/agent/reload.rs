@@ -22,6 +22,9 @@ impl Agent {
     /// Read, validate and apply the policy file; on any error the previous
     /// policy stays in force.
     pub(super) fn reload(&mut self, why: &str) {
+        // A survey's apply left unsettled (`serve`) publishes its facts
+        // first: a rules-only reload publishes over them, never under them.
+        self.settle();
         let started = Instant::now();
         sd_notify(&[
             NotifyState::Reloading,

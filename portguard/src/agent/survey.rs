@@ -310,10 +310,10 @@ struct Seen {
 /// the loop would give it now (the survey's tree and caches installed, the
 /// hooks' paths looked up again); `None` where only that resolve can say.
 ///
-/// The resolver reads a path's id only to tell cgroups apart: a hook's
-/// path that is still there at the same depth, as a new directory (a
-/// restart), is the same candidate with another id, placed the same way,
-/// so `o` holds with that id put in. A path that came or went, a
+/// The resolver reads a path's id only to tell cgroups apart (on cgroup2
+/// no two paths share one, and ids are not reused): a hook's path that is
+/// still there as a new directory (a restart) is the same candidate with
+/// another id, placed the same way, so `o` holds with that id put in. A path that came or went, a
 /// directory whose writers changed (delegated subtrees), a tree index the
 /// hooks added to, other policies, bounds or a CRI snapshot (`pods:`) all
 /// take the full resolve. Debug builds check every outcome taken against

@@ -66,30 +66,27 @@ impl Agent {
 /// kept while the selectors and the mount are the same: they depend on
 /// nothing else, and with thousands of policies computing them took
 /// milliseconds of the loop after every hook's answer (thousands of
-/// policies often share a handful of parents). A change is found by a hash
-/// of the selectors, a tenth of the work.
+/// policies often share a handful of parents). Whether they are the same
+/// is compared path by path (no hash a policy author could collide).
 #[derive(Default)]
 pub(super) struct ParentsCache {
-    key: Option<u64>,
+    root: PathBuf,
+    paths: Vec<String>,
     parents: HashSet<PathBuf>,
 }
 
 impl ParentsCache {
     fn cgroup_parents(&mut self, agent: &Agent) -> &HashSet<PathBuf> {
-        use std::hash::{Hash as _, Hasher as _};
-        let mut h = rustc_hash::FxHasher::default();
-        agent.hierarchy.root().hash(&mut h);
         let paths = agent.policies.iter().filter_map(|p| match &p.selector {
             Selector::Cgroup(path) => Some(path.as_str()),
             _ => None,
         });
-        for path in paths.clone() {
-            path.hash(&mut h);
-        }
-        let key = h.finish();
-        if self.key != Some(key) {
+        let same = self.root == agent.hierarchy.root()
+            && self.paths.len() == paths.clone().count()
+            && self.paths.iter().map(String::as_str).eq(paths.clone());
+        if !same {
             let mut parents: HashSet<&str> = HashSet::new();
-            for path in paths {
+            for path in paths.clone() {
                 if let Some((parent, name)) = path.trim_end_matches('/').rsplit_once('/')
                     && !name.is_empty()
                 {
@@ -100,7 +97,8 @@ impl ParentsCache {
                 .into_iter()
                 .map(|p| agent.hierarchy.fs_path(p))
                 .collect();
-            self.key = Some(key);
+            self.root = agent.hierarchy.root().to_path_buf();
+            self.paths = paths.map(str::to_owned).collect();
         }
         &self.parents
     }

@@ -234,16 +234,18 @@ fn a_policy_cgroup_below_two_recreated_levels_is_governed_when_it_appears() {
     agent.wait_event(&[("cgroup_id", json!(x.id())), ("port", json!(8081))]);
 }
 
-/// A reload that adds a `cgroup:` policy below a parent no policy named
-/// before: that parent is watched from the reload on (the watcher keeps
-/// the `cgroup:` selectors' parents while the selectors are the same, and
-/// must see that they are not), so the cgroup is governed when it appears,
-/// not at the next `--rescan-interval`.
+/// A reload that puts a `cgroup:` policy below a parent no policy named
+/// before, in place of another (as many policies as before): that parent
+/// is watched from the reload on (the watcher keeps the `cgroup:`
+/// selectors' parents while the selectors are the same, and must see that
+/// they are not), so the cgroup is governed when it appears, not at the
+/// next `--rescan-interval`.
 #[test]
 fn a_cgroup_added_by_a_reload_below_a_new_parent_is_governed_when_it_appears() {
     require_root!();
     let first = Cgroup::new("watchfirst");
     let a = first.planned_child("a");
+    let x = first.planned_child("x");
     let second = Cgroup::new("watchsecond");
     let b = second.planned_child("b");
     let line = |name: &str, cg: &Cgroup| {
@@ -253,7 +255,7 @@ fn a_cgroup_added_by_a_reload_below_a_new_parent_is_governed_when_it_appears() {
         )
     };
     let mut agent = Agent::start_with(
-        &format!("policies:\n{}", line("a", &a)),
+        &format!("policies:\n{}{}", line("a", &a), line("x", &x)),
         &["--rescan-interval", "1h"],
     );
     // Another cgroup change first, so the watcher computes what it watches
