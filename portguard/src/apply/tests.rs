@@ -376,84 +376,8 @@ fn duplicate_cgroup_ids_are_rejected() {
     assert!(m.cgroups.is_empty());
 }
 
-/// `apply_one` of one changed policy does what `apply` of every target
-/// does: the same report and the same kernel maps, change after change
-/// (new sets, sets shared with other policies, sets freed, mode changes,
-/// the sets of both generations).
-#[test]
-fn apply_one_does_what_apply_of_every_target_does() {
-    // p0 and p5 share their sets at first (the same ports).
-    let text = |p0: &str, mode: &str| {
-        let body: String = (0..10)
-            .map(|i| match i {
-                0 => format!("  - {{name: p0, cgroup: /c0, mode: {mode}, bind: [{{ports: [{p0}]}}], connect: []}}\n"),
-                5 => "  - {name: p5, cgroup: /c5, bind: [{ports: [5000]}], connect: []}\n".to_owned(),
-                _ => format!("  - {{name: p{i}, cgroup: /c{i}, bind: [{{ports: [{}]}}]}}\n", 1000 + i),
-            })
-            .collect();
-        format!("policies:\n{body}")
-    };
-    let ids: Vec<(u64, u32)> = (0..10).map(|i| (100 + i, 1 + (i % 3) as u32)).collect();
-    let start = compiled(&text("5000", "enforce"));
-    let (mut full_maps, mut one_maps) = (FakeMaps::default(), FakeMaps::default());
-    let (mut full, mut one) = (Applier::new(CAPS), Applier::new(CAPS));
-    for _ in 0..2 {
-        full.apply(&mut full_maps, &targets(&start, &ids)).unwrap();
-        one.apply(&mut one_maps, &targets(&start, &ids)).unwrap();
-    }
-    let changes = [
-        ("6000", "enforce"),
-        ("7000", "enforce"),
-        ("1001", "enforce"),
-        ("1001", "audit"),
-        ("5000", "audit"),
-        ("5000", "enforce"),
-        ("\"9000-9999\", 22", "enforce"),
-        ("7000", "enforce"),
-    ];
-    for (ports, mode) in changes {
-        let changed = compiled(&text(ports, mode));
-        let all = targets(&changed, &ids);
-        let expected = full.apply(&mut full_maps, &all).unwrap();
-        let got = one.apply_one(&mut one_maps, &all[0]).unwrap().unwrap();
-        assert_eq!(got, expected, "after {ports} {mode}");
-        assert_eq!(one_maps.state, full_maps.state);
-        assert_eq!(one_maps.cgroups, full_maps.cgroups);
-        assert_eq!(one_maps.policies, full_maps.policies);
-        assert_eq!(one_maps.chunks, full_maps.chunks);
-        assert_eq!(one_maps.writes, full_maps.writes);
-        assert_eq!(one.chunks_in_use(), full.chunks_in_use());
-        // And the kernel decides by the change.
-        assert_eq!(
-            bind(&one_maps, &[1, 100], 7000),
-            bind(&full_maps, &[1, 100], 7000)
-        );
-    }
-}
-
-/// `apply_one` declines what the live generation does not show: a policy
-/// it does not hold, or other cgroups than it governs.
-#[test]
-fn apply_one_declines_a_policy_with_other_cgroups() {
-    let p = compiled(TWO);
-    let ids = [(10, 1), (11, 2), (20, 1)];
-    let mut m = FakeMaps::default();
-    let mut a = Applier::new(CAPS);
-    a.apply(&mut m, &targets(&p, &ids)).unwrap();
-    let writes = m.writes;
-    let mut t = targets(&p, &ids);
-    t[0].cgroups
-        .to_mut()
-        .push(ResolvedCgroup { id: 12, level: 1 });
-    assert!(a.apply_one(&mut m, &t[0]).is_none());
-    t[1].cgroups.to_mut().clear();
-    assert!(a.apply_one(&mut m, &t[1]).is_none());
-    let mut t = targets(&p, &ids);
-    t[2].policy_id = 99;
-    assert!(a.apply_one(&mut m, &t[2]).is_none());
-    assert_eq!(m.writes, writes, "nothing written");
-}
-
+/// The grace period after a flip starts at the flip, on a thread of its
+/// own; the next apply collects it instead of waiting itself.
 /// A sink whose reader barrier runs on the applier's thread of its own.
 #[derive(Default)]
 struct BarrierMaps {
@@ -494,8 +418,6 @@ impl RuleSink for BarrierMaps {
     }
 }
 
-/// The grace period after a flip starts at the flip, on a thread of its
-/// own; the next apply collects it instead of waiting itself.
 #[test]
 fn the_reader_barrier_starts_at_the_flip() {
     let p = compiled(TWO);
@@ -687,58 +609,4 @@ fn a_cgroup_governed_in_the_live_generation_is_kept_or_removed_by_the_next_appli
     assert_eq!(bind(&m, &[1, 10, 13], 9000), Verdict::Audit);
 }
 
-/// A plan takes the record it committed last for a policy whose rules
-/// (the same compiled sets), mode and slot did not change (a rescan of
-/// thousands of policies), instead of making it again: the kernel maps
-/// must be exactly those of an applier that remembers nothing, change after
-/// change (other cgroups; rules recompiled; a policy gone and back, its
-/// set freed and made again under a new id; a mode change).
-#[test]
-fn records_taken_from_the_last_apply_are_those_made_afresh() {
-    let text = |a: &str, mode: &str| {
-        format!(
-            "policies: [{{name: a, cgroup: /a, bind: [{{ports: [{a}]}}]}}, \
-             {{name: b, cgroup: /b, mode: {mode}, bind: [{{ports: [8080, 9000-9099]}}], \
-             connect: [{{ports: [53]}}]}}]"
-        )
-    };
-    let first = compiled(&text("8080", "enforce"));
-    let changed = compiled(&text("8081", "enforce"));
-    let audit = compiled(&text("8081", "audit"));
-    // The same compiled rules (shared sets) with another mode, or other
-    // socket kinds allowed.
-    let mut mode_only = changed.clone();
-    mode_only[1].mode = crate::policy::Mode::Audit;
-    let mut kinds_only = changed.clone();
-    kinds_only[0].allow_sockets ^= 1;
-    let mut remembering = (Applier::new(CAPS), FakeMaps::default());
-    let mut forgetful = (Applier::new(CAPS), FakeMaps::default());
-    // Each step, and how many records its plan makes afresh.
-    let steps: Vec<(Vec<Target<'_>>, usize)> = vec![
-        (targets(&first, &[(10, 1), (20, 1)]), 2),
-        (targets(&first, &[(11, 1), (20, 1)]), 0),
-        (targets(&first, &[(11, 1), (21, 1)]), 0),
-        (targets(&changed, &[(11, 1), (21, 1)]), 2),
-        (targets(&changed[..1], &[(11, 1)]), 0),
-        (targets(&changed[..1], &[(12, 1)]), 0),
-        (targets(&changed, &[(12, 1), (22, 1)]), 1),
-        (targets(&audit, &[(12, 1), (22, 1)]), 2),
-        (targets(&audit, &[(13, 1), (22, 1)]), 0),
-        (targets(&changed, &[(13, 1), (22, 1)]), 2),
-        (targets(&mode_only, &[(13, 1), (22, 1)]), 1),
-        (targets(&kinds_only, &[(13, 1), (22, 1)]), 2),
-    ];
-    for (i, (step, made)) in steps.iter().enumerate() {
-        let plan = remembering.0.plan(step).unwrap();
-        assert_eq!(plan.made.len(), *made, "step {i}: records made afresh");
-        forgetful.0.remembered.clear();
-        let r1 = remembering.0.apply(&mut remembering.1, step).unwrap();
-        let r2 = forgetful.0.apply(&mut forgetful.1, step).unwrap();
-        assert_eq!(r1, r2, "step {i}");
-        assert_eq!(remembering.1.state, forgetful.1.state, "step {i}");
-        assert_eq!(remembering.1.policies, forgetful.1.policies, "step {i}");
-        assert_eq!(remembering.1.cgroups, forgetful.1.cgroups, "step {i}");
-        assert_eq!(remembering.1.chunks, forgetful.1.chunks, "step {i}");
-    }
-    assert_eq!(remembering.0.remembered.len(), 2);
-}
+mod plans;
