@@ -119,6 +119,7 @@ pub(super) async fn serve(
     debug!("daemon: ring buffer fd {}", rb.get_ref().as_raw_fd());
 
     loop {
+        let mut timer_turn = false;
         // This runtime has one thread: the status socket's tasks read a
         // hook's request only while this loop waits. Before the next turn
         // (which may be an inventory pass, a settle, a survey's apply),
@@ -267,21 +268,10 @@ pub(super) async fn serve(
                     pending_rescan = None;
                     surveys.request(agent);
                 }
-                // Here, not after whatever the loop did last: a hook that
-                // came meanwhile is answered first (this select is biased),
-                // instead of waiting for a survey's apply and then for this.
-                if agent.inventory_pending && last_inventory.elapsed() >= INVENTORY_GAP {
-                    inventory_pass(
-                        agent,
-                        &mut rb,
-                        &mut writer,
-                        &mut cri_link,
-                        opts,
-                        &mut buffers,
-                    )
-                    .await;
-                    last_inventory = Instant::now();
-                }
+                // The inventory's turn (below): a hook that came meanwhile
+                // was answered first (this select is biased), instead of
+                // waiting for a survey's apply and then for the inventory.
+                timer_turn = true;
                 if deadline.is_some() {
                     watcher.refresh(agent);
                 }
@@ -379,9 +369,15 @@ pub(super) async fn serve(
         if agent.verify_pending {
             agent.verify();
         }
-        // Not starved by a stream of hooks or cgroup events, which come
-        // before the timer above.
-        if agent.inventory_pending && last_inventory.elapsed() >= INVENTORY_OVERDUE {
+        // On the timer's turn; after any turn once overdue, so that a
+        // stream of hooks or cgroup events (before the timer) cannot starve
+        // it.
+        let gap = if timer_turn {
+            INVENTORY_GAP
+        } else {
+            INVENTORY_OVERDUE
+        };
+        if agent.inventory_pending && last_inventory.elapsed() >= gap {
             inventory_pass(
                 agent,
                 &mut rb,

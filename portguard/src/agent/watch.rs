@@ -82,7 +82,6 @@ impl ParentsCache {
             _ => None,
         });
         let same = self.root == agent.hierarchy.root()
-            && self.paths.len() == paths.clone().count()
             && self.paths.iter().map(String::as_str).eq(paths.clone());
         if !same {
             let mut parents: HashSet<&str> = HashSet::new();
