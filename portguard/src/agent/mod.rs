@@ -57,8 +57,17 @@ mod survey;
 mod watch;
 
 use self::{
-    endpoints::Endpoints, govern::*, inventory::inventory_pass, losses::*, pipeline::*, serve::*,
-    settle::*, start::*, state::*, survey::*, watch::*,
+    endpoints::Endpoints,
+    govern::*,
+    inventory::{inventory_finish, inventory_pass, inventory_start},
+    losses::*,
+    pipeline::*,
+    serve::*,
+    settle::*,
+    start::*,
+    state::*,
+    survey::*,
+    watch::*,
 };
 
 /// Free `x` (thousands of paths: milliseconds) on the runtime's blocking

@@ -116,6 +116,8 @@ pub(super) async fn serve(
     // Later passes (after changes of what is governed) at most every
     // INVENTORY_GAP: pod churn must not keep the loop listing sockets.
     let mut last_inventory = Instant::now();
+    // A pass's listing, while it runs on a blocking thread.
+    let mut inventory_list: Option<tokio::task::JoinHandle<inventory::Listed>> = None;
     debug!("daemon: ring buffer fd {}", rb.get_ref().as_raw_fd());
 
     loop {
@@ -134,8 +136,7 @@ pub(super) async fn serve(
             pending_reload,
             pending_rescan,
             cri_due,
-            agent
-                .inventory_pending
+            (agent.inventory_pending && inventory_list.is_none())
                 .then_some(last_inventory + INVENTORY_GAP),
             agent.aggregator.next_deadline(),
             stop_at,
@@ -305,6 +306,19 @@ pub(super) async fn serve(
                 }
                 watcher.refresh(agent);
             }
+            // A pass's listing is in: judge it (after pending hooks).
+            listed = async {
+                match inventory_list.as_mut() {
+                    Some(list) => list.await.ok(),
+                    None => std::future::pending().await,
+                }
+            } => {
+                inventory_list = None;
+                if let Some(listed) = listed {
+                    inventory_finish(agent, listed, &mut rb, &mut writer, &mut cri_link, opts, &mut buffers).await;
+                }
+                last_inventory = Instant::now();
+            }
             _ = lost_tick.tick() => {
                 agent.sweep_unended();
                 agent.report_hook_failures(&mut writer);
@@ -377,17 +391,11 @@ pub(super) async fn serve(
         } else {
             INVENTORY_OVERDUE
         };
-        if agent.inventory_pending && last_inventory.elapsed() >= gap {
-            inventory_pass(
-                agent,
-                &mut rb,
-                &mut writer,
-                &mut cri_link,
-                opts,
-                &mut buffers,
-            )
-            .await;
-            last_inventory = Instant::now();
+        if agent.inventory_pending && inventory_list.is_none() && last_inventory.elapsed() >= gap {
+            inventory_list = inventory_start(agent);
+            if inventory_list.is_none() {
+                last_inventory = Instant::now();
+            }
         }
     }
     // What was queued when the stop came (at most a ring's worth: a storm
