@@ -485,8 +485,16 @@ impl Agent {
             .loaded
             .attach_points(&points)
             .map_err(|e| crate::apply::ApplyError::Attach(e.to_string()))
-            .and_then(|keep| Ok((self.applier.apply(&mut self.loaded.maps, &targets)?, keep)))
-        {
+            .and_then(|keep| {
+                let maps = &mut self.loaded.maps;
+                // The policies in force again: only their cgroups changed.
+                let report = if again {
+                    self.applier.apply_again(maps, &targets)?
+                } else {
+                    self.applier.apply(maps, &targets)?
+                };
+                Ok((report, keep))
+            }) {
             Ok((r, keep)) => {
                 self.loaded.release_points(&keep);
                 r

@@ -306,6 +306,31 @@ impl Applier {
         self.commit(sink, plan)
     }
 
+    /// [`Applier::apply`] of `targets` whose policies are, id for id, the
+    /// ones the live generation holds (the same rules, mode and socket
+    /// kinds: the policies in force applied again over other cgroups, as a
+    /// rescan does; the caller's word). The same writes and report, planned
+    /// from the live generation's records instead of from every target's
+    /// policy ([`Applier::plan_cgroups`]); when the targets are not the live
+    /// policy set, as [`Applier::apply`]. Debug builds plan both ways and
+    /// check that they agree.
+    pub fn apply_again<S: RuleSink>(
+        &mut self,
+        sink: &mut S,
+        targets: &[Target<'_>],
+    ) -> Result<ApplyReport, ApplyError> {
+        let plan = match self.plan_cgroups(targets) {
+            Some(plan) => {
+                let plan = plan?;
+                #[cfg(debug_assertions)]
+                self.plan(targets)?.assert_same(&plan);
+                plan
+            }
+            None => self.plan(targets)?,
+        };
+        self.commit(sink, plan)
+    }
+
     /// [`Applier::apply`] of the targets last applied with `target` in place
     /// of the one with its policy id, when only its policy's rules or mode
     /// changed (the same cgroups): the same writes and report, planned from

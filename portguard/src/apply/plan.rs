@@ -44,6 +44,26 @@ pub(super) struct Plan {
     pub(super) made: Vec<(u32, Made)>,
 }
 
+#[cfg(debug_assertions)]
+impl Plan {
+    /// Panic unless `other` plans the same writes as this plan.
+    pub(super) fn assert_same(&self, other: &Plan) {
+        assert_eq!(self.policies, other.policies, "planned policies");
+        assert_eq!(self.slots, other.slots, "planned slots");
+        assert_eq!(self.records, other.records, "planned records");
+        assert_eq!(self.cgroups, other.cgroups, "planned cgroups");
+        assert_eq!(
+            (self.min_level, self.max_level),
+            (other.min_level, other.max_level),
+            "planned levels"
+        );
+        let ids = |p: &Plan| p.new_sets.iter().map(|(id, _)| *id).collect::<Vec<_>>();
+        assert_eq!(ids(self), ids(other), "planned new sets");
+        assert_eq!(self.gen_set_ids, other.gen_set_ids, "planned set ids");
+        assert_eq!(self.keep, other.keep, "sets kept");
+    }
+}
+
 /// A record planned for a policy, and what it was made from: the same
 /// rules (the same shared `DirectionSets`, held so that no other can take
 /// their place), mode, socket kinds and slot make the same record while
@@ -168,6 +188,92 @@ impl SetIds<'_> {
     }
 }
 
+/// The cgroup entries of a plan, as its targets are added, and their
+/// levels.
+struct Entries {
+    gen_: usize,
+    base: u32,
+    cgroups: HashMap<CgroupKey, CgroupValue>,
+    min_level: u32,
+    max_level: u32,
+}
+
+impl Entries {
+    fn new(gen_: usize, base: u32, expect: usize) -> Self {
+        Self {
+            gen_,
+            base,
+            // Sized for what the live generation governs (thousands of
+            // entries grown one rehash at a time cost more than the inserts).
+            cgroups: HashMap::with_capacity_and_hasher(expect, Default::default()),
+            min_level: MAX_CGROUP_DEPTH,
+            max_level: 0,
+        }
+    }
+
+    /// Target `t`'s cgroups, governed by its record in `slot`.
+    fn add(
+        &mut self,
+        t: &Target<'_>,
+        slot: u32,
+        slots: &HashMap<u32, u32>,
+    ) -> Result<(), ApplyError> {
+        for cg in t.cgroups.iter() {
+            if cg.level >= MAX_CGROUP_DEPTH {
+                return Err(ApplyError::TooDeep {
+                    cgroup_id: cg.id,
+                    level: cg.level,
+                    max: MAX_CGROUP_DEPTH - 1,
+                });
+            }
+            self.max_level = self.max_level.max(cg.level);
+            self.min_level = self.min_level.min(cg.level);
+            let key = CgroupKey {
+                cgroup_id: cg.id,
+                generation: self.gen_ as u32,
+                _pad: 0,
+            };
+            let value = CgroupValue {
+                policy_index: self.base + slot,
+            };
+            // One map for both: a second policy for a cgroup finds the
+            // first one's entry (its slot names it).
+            if let Some(prev) = self.cgroups.insert(key, value) {
+                let first_slot = prev.policy_index - self.base;
+                let first = slots
+                    .iter()
+                    .find_map(|(id, s)| (*s == first_slot).then_some(*id))
+                    .unwrap_or(t.policy_id);
+                return Err(ApplyError::DuplicateCgroup {
+                    cgroup_id: cg.id,
+                    first,
+                    second: t.policy_id,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The entries and their lowest and highest levels, if they fit.
+    #[allow(clippy::type_complexity)]
+    fn done(self, max: u32) -> Result<(HashMap<CgroupKey, CgroupValue>, u32, u32), ApplyError> {
+        if self.cgroups.len() > max as usize {
+            return Err(ApplyError::Capacity {
+                what: "governed cgroups",
+                needed: self.cgroups.len(),
+                max,
+                flag: "--max-cgroups",
+            });
+        }
+        let min_level = if self.cgroups.is_empty() {
+            0
+        } else {
+            self.min_level
+        };
+        Ok((self.cgroups, min_level, self.max_level))
+    }
+}
+
 impl Applier {
     /// The generation an apply writes (the retired one) and its first
     /// record index.
@@ -227,13 +333,8 @@ impl Applier {
         let mut sets = self.set_ids();
         let mut records: HashMap<u32, PolicyRecord> =
             HashMap::with_capacity_and_hasher(targets.len(), Default::default());
-        // Sized for what the live generation governs (thousands of entries
-        // grown one rehash at a time cost more than the inserts).
         let expect = self.gen_cgroups[1 - gen_].len().max(targets.len());
-        let mut cgroups: HashMap<CgroupKey, CgroupValue> =
-            HashMap::with_capacity_and_hasher(expect, Default::default());
-        let mut max_level = 0u32;
-        let mut min_level = MAX_CGROUP_DEPTH;
+        let mut entries = Entries::new(gen_, base, expect);
         let mut made = Vec::new();
         for t in targets {
             let slot = slots[&t.policy_id];
@@ -265,51 +366,9 @@ impl Applier {
                 }
             };
             records.insert(slot, record);
-            for cg in t.cgroups.iter() {
-                if cg.level >= MAX_CGROUP_DEPTH {
-                    return Err(ApplyError::TooDeep {
-                        cgroup_id: cg.id,
-                        level: cg.level,
-                        max: MAX_CGROUP_DEPTH - 1,
-                    });
-                }
-                max_level = max_level.max(cg.level);
-                min_level = min_level.min(cg.level);
-                let key = CgroupKey {
-                    cgroup_id: cg.id,
-                    generation: gen_ as u32,
-                    _pad: 0,
-                };
-                let value = CgroupValue {
-                    policy_index: base + slot,
-                };
-                // One map for both: a second policy for a cgroup finds the
-                // first one's entry (its slot names it).
-                if let Some(prev) = cgroups.insert(key, value) {
-                    let first_slot = prev.policy_index - base;
-                    let first = slots
-                        .iter()
-                        .find_map(|(id, s)| (*s == first_slot).then_some(*id))
-                        .unwrap_or(t.policy_id);
-                    return Err(ApplyError::DuplicateCgroup {
-                        cgroup_id: cg.id,
-                        first,
-                        second: t.policy_id,
-                    });
-                }
-            }
+            entries.add(t, slot, &slots)?;
         }
-        if cgroups.is_empty() {
-            min_level = 0;
-        }
-        if cgroups.len() > self.caps.cgroups as usize {
-            return Err(ApplyError::Capacity {
-                what: "governed cgroups",
-                needed: cgroups.len(),
-                max: self.caps.cgroups,
-                flag: "--max-cgroups",
-            });
-        }
+        let (cgroups, min_level, max_level) = entries.done(self.caps.cgroups)?;
         let SetIds { new_sets, used, .. } = sets;
         self.with_sets(Plan {
             policies: targets.len(),
@@ -324,6 +383,60 @@ impl Applier {
             keep: HashSet::default(),
             made,
         })
+    }
+
+    /// [`Applier::plan`] of `targets` whose policies are, id for id, those
+    /// the live generation holds records for (the same rules, mode and
+    /// socket kinds, on the caller's word: a rescan applying the policies in
+    /// force again), so that only the cgroups they govern may differ. The
+    /// records, their slots and sets are the live generation's, copied
+    /// whole, instead of each target's looked up: work that grows with the
+    /// cgroups only. `None` when the targets are not the live policy set
+    /// (a policy with no live record, or a live one with no target);
+    /// [`Applier::plan`] applies then.
+    pub(super) fn plan_cgroups(&self, targets: &[Target<'_>]) -> Option<Result<Plan, ApplyError>> {
+        let live = (self.state.generation & 1) as usize;
+        if targets.len() != self.slots.len() {
+            return None;
+        }
+        let (gen_, base) = self.dead_generation();
+        let expect = self.gen_cgroups[live].len().max(targets.len());
+        let mut entries = Entries::new(gen_, base, expect);
+        for t in targets {
+            let slot = *self.slots.get(&t.policy_id)?;
+            if let Err(e) = entries.add(t, slot, &self.slots) {
+                return Some(Err(e));
+            }
+        }
+        // Every live slot has its record in the live generation, which may
+        // still hold records of slots since freed.
+        let records = if self.gen_records[live].len() == self.slots.len() {
+            self.gen_records[live].clone()
+        } else {
+            let mut records =
+                HashMap::with_capacity_and_hasher(self.slots.len(), Default::default());
+            for s in self.slots.values() {
+                records.insert(*s, *self.gen_records[live].get(s)?);
+            }
+            records
+        };
+        let (cgroups, min_level, max_level) = match entries.done(self.caps.cgroups) {
+            Ok(done) => done,
+            Err(e) => return Some(Err(e)),
+        };
+        Some(self.with_sets(Plan {
+            policies: targets.len(),
+            slots: self.slots.clone(),
+            records,
+            cgroups,
+            min_level,
+            max_level,
+            new_sets: Vec::new(),
+            planned_chunks: HashMap::default(),
+            gen_set_ids: self.gen_sets[live].clone(),
+            keep: HashSet::default(),
+            made: Vec::new(),
+        }))
     }
 
     /// Plan the policy set last applied with `target` in place of the policy

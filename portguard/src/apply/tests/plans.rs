@@ -137,3 +137,167 @@ fn records_taken_from_the_last_apply_are_those_made_afresh() {
     }
     assert_eq!(remembering.0.remembered.len(), 2);
 }
+
+/// `apply_again` of the policies in force over other cgroups (a rescan)
+/// does what `apply` of every target does: the same report and kernel
+/// maps, after cgroups come, go and move between policies, after a
+/// policy's rules changed by `apply_one` (its record differs between the
+/// generations), and after a policy left (its slot's record stays in the
+/// map). It plans from the live generation only when the targets are the
+/// live policy set, and its errors are `apply`'s.
+#[test]
+fn apply_again_of_the_policies_in_force_does_what_apply_does() {
+    let text = |p0: &str| {
+        let body: String = (0..4)
+            .map(|i| {
+                let ports = if i == 0 {
+                    p0.to_owned()
+                } else {
+                    format!("{}", 1000 + i)
+                };
+                format!("  - {{name: p{i}, cgroup: /c{i}, bind: [{{ports: [{ports}]}}]}}\n")
+            })
+            .collect();
+        format!("policies:\n{body}")
+    };
+    let first = compiled(&text("5000"));
+    let changed = compiled(&text("6000"));
+    fn at<'a>(policies: &'a [CompiledPolicy], cgroups: &[&[u64]]) -> Vec<Target<'a>> {
+        policies
+            .iter()
+            .zip(cgroups)
+            .enumerate()
+            .map(|(i, (p, ids))| Target {
+                policy_id: i as u32 + 1,
+                policy: p,
+                cgroups: ids
+                    .iter()
+                    .map(|id| ResolvedCgroup {
+                        id: *id,
+                        level: 1 + (*id % 3) as u32,
+                    })
+                    .collect::<Vec<_>>()
+                    .into(),
+            })
+            .collect()
+    }
+    let (mut again, mut full) = (
+        (Applier::new(CAPS), FakeMaps::default()),
+        (Applier::new(CAPS), FakeMaps::default()),
+    );
+    let check = |again: &(Applier, FakeMaps), full: &(Applier, FakeMaps), step: &str| {
+        assert_eq!(again.1.state, full.1.state, "{step}");
+        assert_eq!(again.1.policies, full.1.policies, "{step}");
+        assert_eq!(again.1.cgroups, full.1.cgroups, "{step}");
+        assert_eq!(again.1.chunks, full.1.chunks, "{step}");
+        assert_eq!(again.1.writes, full.1.writes, "{step}");
+    };
+    // (step, the policies in force, each one's cgroups, planned from the
+    // live generation)
+    let start = at(&first, &[&[10], &[20], &[30], &[40]]);
+    for t in [&start, &start] {
+        assert_eq!(
+            again.0.apply(&mut again.1, t).unwrap(),
+            full.0.apply(&mut full.1, t).unwrap()
+        );
+    }
+    type Step<'a> = (&'a str, &'a [CompiledPolicy], Vec<&'a [u64]>, bool);
+    let steps: Vec<Step<'_>> = vec![
+        (
+            "a cgroup's id changes",
+            &first,
+            vec![&[11], &[20], &[30], &[40]],
+            true,
+        ),
+        (
+            "cgroups come",
+            &first,
+            vec![&[11, 12], &[20, 21], &[30], &[40]],
+            true,
+        ),
+        (
+            "a cgroup moves",
+            &first,
+            vec![&[11, 12, 21], &[20], &[30], &[40]],
+            true,
+        ),
+        (
+            "a policy governs none",
+            &first,
+            vec![&[11], &[], &[30], &[40]],
+            true,
+        ),
+        (
+            "and again one",
+            &first,
+            vec![&[11], &[22], &[30], &[40]],
+            true,
+        ),
+        (
+            "after apply_one",
+            &changed,
+            vec![&[11], &[22], &[30], &[40]],
+            true,
+        ),
+        (
+            "once more",
+            &changed,
+            vec![&[13], &[22], &[30], &[40]],
+            true,
+        ),
+        (
+            "a policy left",
+            &changed[..3],
+            vec![&[13], &[22], &[30]],
+            false,
+        ),
+        ("without it", &changed[..3], vec![&[14], &[22], &[31]], true),
+        (
+            "it is back",
+            &changed,
+            vec![&[14], &[22], &[31], &[41]],
+            false,
+        ),
+        (
+            "and stays",
+            &changed,
+            vec![&[15], &[22], &[31], &[41]],
+            true,
+        ),
+    ];
+    for (step, policies, cgroups, from_live) in &steps {
+        let targets = at(policies, cgroups);
+        if *step == "after apply_one" {
+            let one = again
+                .0
+                .apply_one(&mut again.1, &targets[0])
+                .unwrap()
+                .unwrap();
+            assert_eq!(one, full.0.apply(&mut full.1, &targets).unwrap(), "{step}");
+            check(&again, &full, step);
+        }
+        assert_eq!(
+            again.0.plan_cgroups(&targets).is_some(),
+            *from_live,
+            "{step}: planned from the live generation"
+        );
+        let r1 = again.0.apply_again(&mut again.1, &targets).unwrap();
+        let r2 = full.0.apply(&mut full.1, &targets).unwrap();
+        assert_eq!(r1, r2, "{step}");
+        check(&again, &full, step);
+        // And the kernel decides by it.
+        for (c, port) in [(15, 6000), (15, 5000), (22, 1001), (31, 1002), (41, 1003)] {
+            assert_eq!(bind(&again.1, &[1, c], port), bind(&full.1, &[1, c], port));
+        }
+    }
+    // A cgroup two policies claim: refused as by `apply`, nothing written.
+    let writes = again.1.writes;
+    let twice = at(&changed, &[&[15], &[15], &[31], &[41]]);
+    assert!(again.0.plan_cgroups(&twice).is_some());
+    let e = again.0.apply_again(&mut again.1, &twice).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        full.0.apply(&mut full.1, &twice).unwrap_err().to_string()
+    );
+    assert_eq!(again.1.writes, writes, "nothing written");
+}
