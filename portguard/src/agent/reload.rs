@@ -253,6 +253,7 @@ impl Agent {
         };
         self.warn_quiesce();
         self.policies[index] = policy;
+        self.policies_version += 1;
         self.inventory_pending = true;
         self.publish_policy_facts(index, &report);
         debug!(

@@ -383,6 +383,7 @@ impl Agent {
             settle_later: false,
             unsettled: None,
             watch_inputs: 0,
+            policies_version: 0,
             aggregator: events::aggregate::Aggregator::new(opts.aggregate_window, AGGREGATE_KINDS),
             reports: opts
                 .policy_reports

@@ -151,6 +151,10 @@ pub(super) struct Agent {
     /// have changed (an apply, the tree index, a hook's paths): see
     /// `Watcher::refresh`.
     pub(super) watch_inputs: u64,
+    /// Bumped whenever `policies` is replaced or one of them changes (a
+    /// reload, an apply of other policies): the same number, the same
+    /// policies (`Surveys` compares it before 10,000 selectors).
+    pub(super) policies_version: u64,
 }
 
 /// [`resolve::resolve`] against the cgroup filesystem: each path's id and
@@ -352,18 +356,21 @@ impl Agent {
             Vec::new()
         };
         // Pod and unit selectors may find cgroups outside --attach-cgroup,
-        // where the programs do not run: say so and leave them out.
-        for (p, govs) in policies.iter().zip(&mut resolved) {
-            govs.retain(|g| {
-                let ok = crate::policy::builtin::within(&g.path, &self.attach_cgroup);
-                if !ok {
-                    warn!(
-                        "daemon: policy `{}` selects {}, outside --attach-cgroup {}: not enforced there",
-                        p.name, g.path, self.attach_cgroup
-                    );
-                }
-                ok
-            });
+        // where the programs do not run: say so and leave them out. (Every
+        // cgroup is within the root: 10,000 policies' cgroups not visited.)
+        if self.attach_cgroup != "/" {
+            for (p, govs) in policies.iter().zip(&mut resolved) {
+                govs.retain(|g| {
+                    let ok = crate::policy::builtin::within(&g.path, &self.attach_cgroup);
+                    if !ok {
+                        warn!(
+                            "daemon: policy `{}` selects {}, outside --attach-cgroup {}: not enforced there",
+                            p.name, g.path, self.attach_cgroup
+                        );
+                    }
+                    ok
+                });
+            }
         }
         self.last_resolve = (!Self::needs_tree(policies)).then(|| self.resolve_cache.changes());
         resolved
@@ -544,6 +551,9 @@ impl Agent {
         }
         self.quarantine = quarantine;
         let replaced = std::mem::replace(&mut self.policies, policies);
+        if !again {
+            self.policies_version += 1;
+        }
         let before = (
             // Applied again: the policies are the ones that were in force
             // (their place was left empty while they were out).

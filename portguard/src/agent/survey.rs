@@ -59,6 +59,9 @@ pub(super) struct Survey {
     /// the caches.
     outcome: Option<Outcome>,
     sets: Arc<Vec<Vec<CompiledPolicy>>>,
+    /// `Agent::policies_version` that `sets` is a copy of (`None`: not
+    /// known, or a refused set beside it).
+    version: Option<u64>,
     limits: Limits,
     took: Duration,
 }
@@ -72,6 +75,7 @@ struct Inputs {
     /// Each policy set to resolve: the current one, and the policies a
     /// rescan could not apply when the `--fail-closed` stand-ins hold.
     sets: Arc<Vec<Vec<CompiledPolicy>>>,
+    version: Option<u64>,
     tree: Option<(Vec<&'static str>, usize)>,
     cri: Option<Snapshot>,
     limits: Limits,
@@ -95,6 +99,10 @@ pub(super) struct Surveys {
     /// taken again while they say the same (copying 10,000 policies took
     /// over a millisecond of the loop for every survey).
     sets: Arc<Vec<Vec<CompiledPolicy>>>,
+    /// `Agent::policies_version` that `sets` is a copy of, when no refused
+    /// set is beside it: while the agent's is the same, so are the
+    /// policies, and 10,000 selectors need not be compared.
+    version: Option<u64>,
 }
 
 impl Surveys {
@@ -131,10 +139,14 @@ impl Surveys {
     /// What survey `seq` needs from `agent`.
     fn inputs(&mut self, agent: &Agent, seq: u64) -> Inputs {
         let current = std::iter::once(&agent.policies).chain(agent.refused.as_ref());
-        let same = self.sets.len() == 1 + usize::from(agent.refused.is_some())
-            && self.sets.iter().zip(current.clone()).all(|(kept, set)| {
-                kept.len() == set.len() && kept.iter().zip(set).all(|(k, p)| selects_alike(k, p))
-            });
+        let version = agent.refused.is_none().then_some(agent.policies_version);
+        let same = (version.is_some() && self.version == version)
+            || (self.sets.len() == 1 + usize::from(agent.refused.is_some())
+                && self.sets.iter().zip(current.clone()).all(|(kept, set)| {
+                    kept.len() == set.len()
+                        && kept.iter().zip(set).all(|(k, p)| selects_alike(k, p))
+                }));
+        self.version = version;
         if !same {
             self.sets = Arc::new(
                 current
@@ -148,6 +160,7 @@ impl Surveys {
             fresh_resolves: agent.fresh_resolves,
             hierarchy: Hierarchy::new(agent.hierarchy.root().to_path_buf()),
             sets: Arc::clone(&self.sets),
+            version,
             tree: Agent::tree_scope(&agent.policies),
             cri: agent.cri.clone(),
             limits: agent.resolve_limits(&agent.policies),
@@ -277,7 +290,7 @@ impl Surveys {
             .outcome
             .take()
             .filter(|_| !tree_changed)
-            .and_then(|o| up_to_date(agent, o, &seen, &s.sets, s.limits));
+            .and_then(|o| up_to_date(agent, o, &seen, &s.sets, s.version, s.limits));
         let resolved_here = if outcome.is_some() {
             "taken"
         } else {
@@ -323,15 +336,25 @@ fn up_to_date(
     mut o: Outcome,
     seen: &[Seen],
     sets: &[Vec<CompiledPolicy>],
+    version: Option<u64>,
     limits: Limits,
 ) -> Option<Outcome> {
-    let same_policies = sets.first().is_some_and(|set| {
-        set.len() == agent.policies.len()
-            && set
-                .iter()
-                .zip(&agent.policies)
-                .all(|(k, p)| selects_alike(k, p))
-    });
+    let alike = || {
+        sets.first().is_some_and(|set| {
+            set.len() == agent.policies.len()
+                && set
+                    .iter()
+                    .zip(&agent.policies)
+                    .all(|(k, p)| selects_alike(k, p))
+        })
+    };
+    // The same version: the same policies (checked in debug builds).
+    let same_policies = if version == Some(agent.policies_version) {
+        debug_assert!(alike(), "policies_version kept over other selectors");
+        true
+    } else {
+        alike()
+    };
     if agent.refused.is_some()
         || Agent::needs_cri(&agent.policies)
         || !same_policies
@@ -449,6 +472,7 @@ fn walk(i: Inputs) -> Survey {
         writable,
         outcome,
         sets: i.sets,
+        version: i.version,
         limits: i.limits,
         took,
     }
