@@ -49,6 +49,7 @@ mod pipeline;
 mod points;
 mod reload;
 mod reports;
+mod resolving;
 mod serve;
 mod settle;
 mod start;
@@ -62,6 +63,7 @@ use self::{
     inventory::{inventory_finish, inventory_pass, inventory_start},
     losses::*,
     pipeline::*,
+    resolving::*,
     serve::*,
     settle::*,
     start::*,
@@ -227,4 +229,22 @@ pub fn run(opts: RunOptions) -> anyhow::Result<()> {
     shut_down(&opts, pins.as_ref());
     drop(agent);
     result
+}
+
+/// After the serve loop: remove the status socket, say what keeps
+/// enforcing, tell the service manager.
+fn shut_down(opts: &RunOptions, pins: Option<&crate::kernel::pins::PinDir>) {
+    if let Some(p) = &opts.status_socket {
+        let _ = std::fs::remove_file(p);
+    }
+    if let Some(p) = pins {
+        log::info!(
+            "daemon: stopped; enforcement continues through the links pinned in {} (the next \
+             `portguard run` adopts them; `portguard uninstall` removes them)",
+            p.root().display()
+        );
+    } else {
+        log::info!("daemon: detaching programs; enforcement stops (--pin-dir none)");
+    }
+    sd_notify(&[sd_notify::NotifyState::Stopping]);
 }

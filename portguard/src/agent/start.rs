@@ -283,24 +283,6 @@ pub(super) fn program_stats(
         .ok()
 }
 
-/// After the serve loop: remove the status socket, say what keeps
-/// enforcing, tell the service manager.
-pub(super) fn shut_down(opts: &RunOptions, pins: Option<&PinDir>) {
-    if let Some(p) = &opts.status_socket {
-        let _ = std::fs::remove_file(p);
-    }
-    if let Some(p) = pins {
-        info!(
-            "daemon: stopped; enforcement continues through the links pinned in {} (the next \
-             `portguard run` adopts them; `portguard uninstall` removes them)",
-            p.root().display()
-        );
-    } else {
-        info!("daemon: detaching programs; enforcement stops (--pin-dir none)");
-    }
-    sd_notify(&[NotifyState::Stopping]);
-}
-
 impl Agent {
     /// The agent over a freshly loaded kernel object, and the event ring.
     pub(super) fn new(
