@@ -20,8 +20,9 @@
 //!
 //! Every govern answer must say `ok`, the unit's policy and the cgroup's
 //! id, or the run panics. Then the hook as systemd runs it: the agent
-//! binary's `portguard hook unit`, joined to the unit's (new) cgroup before
-//! exec, against `/bin/true` spawned the same way, in alternating order.
+//! binary's `portguard hook unit`, started in the unit's (new) cgroup
+//! (`clone3(CLONE_INTO_CGROUP)`, see `spawn::run_in`), against `/bin/true`
+//! spawned the same way, in alternating order.
 //! The client side (this thread and what it spawns) is pinned to CPU 1,
 //! the agent to CPU 0. Rows with 10,000 cgroups on the host take about a
 //! second a round: rounds are time-boxed (at least [`Rounds::min`]).
@@ -31,7 +32,7 @@ use std::{
     io::{Read as _, Write as _},
     os::unix::{fs::MetadataExt as _, net::UnixStream},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -41,6 +42,7 @@ use portguard_tests::{Agent, Cgroup, agent_bin, cgroup2_root};
 use crate::{
     Opts,
     fixture::{Fixture, make_children, scale_policy, start_agent},
+    spawn::run_in,
     stats::{median, percentile},
 };
 
@@ -145,26 +147,6 @@ fn check(answer: &[u8], id: u64, agent: &Agent) -> Reply {
         );
     }
     r
-}
-
-/// Run `cmd` inside the cgroup at `cg` (joined between fork and exec, as
-/// systemd's children do); wall time from spawn to exit, in ms.
-fn run_in(cg: &Path, mut cmd: Command) -> f64 {
-    portguard_tests::join_before_exec(&mut cmd, cg, None);
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let t0 = Instant::now();
-    let out = cmd.output().expect("spawning into the unit's cgroup");
-    let ms = t0.elapsed().as_secs_f64() * 1e3;
-    assert!(
-        out.status.success(),
-        "{cmd:?} in {}: {}: {}",
-        cg.display(),
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    ms
 }
 
 /// This thread pinned to one CPU (what it spawns inherits it); the former
@@ -452,9 +434,11 @@ pub(crate) fn hook_latency(
          answering. The same cgroup changes also make the agent walk the whole tree \
          (16 levels, for `unit:` policies: its inotify rescan) on a thread of its own at nice \
          10 (a survey: the loop goes on serving requests), then install what it found and \
-         apply it on the loop, and list sockets again (its inventory, after a change of what \
-         is governed, on the loop); a request that arrives while the loop installs a survey \
-         or lists sockets waits for it, hence round trips above the agent's own time.\n\n\
+         apply it on the loop (planned from the live generation's records: only the \
+         cgroups changed), and list sockets again (its inventory, after a change of what is \
+         governed: listed on a blocking thread, judged on the loop); a request that arrives \
+         while the loop installs a survey or judges sockets waits for it, hence round trips \
+         above the agent's own time.\n\n\
          A round sends on the agent's status socket: a govern request for the unit's new \
          cgroup (removed and made again, as systemd does on a restart: a new id) right after \
          the previous round's (\"right after another\": on the full path the agent first waits \
@@ -471,10 +455,15 @@ pub(crate) fn hook_latency(
          loop taking the request to answering). {} rounds per row, fewer when the row's \
          time box ends (after {WARMUP} warm-up rounds).\n\n\
          \"hook process\" is `portguard hook unit --timeout 5s` spawned into the unit's new \
-         cgroup (joined before exec, as systemd runs `ExecStartPre=`) until it exits, against \
-         `/bin/true` spawned the same way, alternating which goes first, {} ms after the last \
-         start; \"hook adds\" is, per start, the hook's time less `/bin/true`'s (up to {} \
-         starts). Unlike the requests above, the hook's request leaves a few ms after the \
+         cgroup (started there by `clone3(CLONE_INTO_CGROUP)`, as systemd 255 and later \
+         start `ExecStartPre=`) until it exits, against `/bin/true` spawned the same way, \
+         alternating which goes first, {} ms after the last start; \"hook adds\" is, per \
+         start, the hook's time less `/bin/true`'s (up to {} starts). Not joined after the \
+         fork, through `cgroup.procs`, as older systemd does: on this VM that migration waits \
+         for an RCU grace period (10-25 ms) unless another came shortly before, so it fell on \
+         whichever of a pair went first, and the difference measured it instead of the hook \
+         (with it, the hook \"added\" 20.9-24.2 ms at p99, and 20.8-25.7 ms with no other \
+         governed cgroup). Unlike the requests above, the hook's request leaves a few ms after the \
          mkdir, when the agent has begun the survey its inotify watch schedules 5 ms after a \
          change. Client pinned to CPU 1; the agent to CPU 0, \
          with its default `--lost-report-interval 1s`.\n\n\

@@ -38,6 +38,7 @@ mod overhead;
 mod packet;
 mod profile;
 mod runner;
+mod spawn;
 mod stats;
 mod storm;
 mod tenants;
