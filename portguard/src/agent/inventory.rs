@@ -13,7 +13,11 @@
 //! ([`Agent::inventory_start`]); the judging ([`inventory_finish`]) runs on
 //! the loop against the policies and cgroups in force when it is in.
 
-use std::{collections::HashSet, net::IpAddr, time::Instant};
+use std::{
+    collections::HashSet,
+    net::IpAddr,
+    time::{Duration, Instant},
+};
 
 use tokio::io::unix::AsyncFd;
 
@@ -43,8 +47,12 @@ struct Tally {
 /// Judged by [`Agent::inventory_judge`] once the events the kernel raised
 /// meanwhile have been handled.
 pub(super) struct Listed {
-    started: Instant,
+    /// How long the listing took (not the wait for the loop after it).
+    took: Duration,
     scan: sockets::ProcScan,
+    /// Each holding process's cgroup, read with the rest of the listing
+    /// (at judging time its pid may name another process).
+    holder_cgroups: FxHashMap<u32, Option<String>>,
     dumps: Vec<(u64, std::fs::File, Vec<sockets::DiagSocket>)>,
 }
 
@@ -65,9 +73,16 @@ pub(super) fn list() -> Listed {
             ),
         }
     }
+    let mut holder_cgroups = FxHashMap::default();
+    for h in scan.holders.values() {
+        holder_cgroups
+            .entry(h.pid)
+            .or_insert_with(|| holder_cgroup(h.pid));
+    }
     Listed {
-        started,
+        took: started.elapsed(),
         scan,
+        holder_cgroups,
         dumps,
     }
 }
@@ -111,13 +126,15 @@ impl Agent {
     /// agent keeps watching as unended, is skipped, so it is never reported
     /// twice. One whose event was lost is not, and is ended here.
     pub(super) fn inventory_judge(&mut self, found: Listed, writer: &mut EventWriter) {
+        let judging = Instant::now();
         let Listed {
-            started,
+            took: listing,
             scan,
+            holder_cgroups,
             dumps,
         } = found;
         let mut tally = Tally::default();
-        let breaches = self.breaches(&scan, &dumps, &mut tally);
+        let breaches = self.breaches(&scan, &holder_cgroups, &dumps, &mut tally);
         let mut still = HashSet::new();
         for b in breaches {
             let (ns_ino, ns, _) = &dumps[b.ns];
@@ -184,7 +201,8 @@ impl Agent {
         // policy, so it is not reported again.
         self.inventory_reported = still;
         let _ = writer.flush();
-        let took = started.elapsed();
+        let judged = judging.elapsed();
+        let took = listing + judged;
         self.shared.update(|f| {
             let inv = &mut f.inventory;
             inv.passes += 1;
@@ -196,8 +214,8 @@ impl Agent {
         let msg = format!(
             "daemon: inventory: {} listening/bound sockets of governed cgroups checked in {} \
              network namespaces, {} break their policy (reported as \"preexisting\"), {} ended, \
-             in {:?}",
-            tally.checked, tally.namespaces, tally.violations, tally.ended, took
+             in {:?} ({:?} listing, {:?} judging)",
+            tally.checked, tally.namespaces, tally.violations, tally.ended, took, listing, judged
         );
         if tally.violations > 0 {
             warn!("{msg}");
@@ -211,6 +229,7 @@ impl Agent {
     fn breaches<'a>(
         &mut self,
         scan: &sockets::ProcScan,
+        holder_cgroups: &FxHashMap<u32, Option<String>>,
         dumps: &'a [(u64, std::fs::File, Vec<sockets::DiagSocket>)],
         tally: &mut Tally,
     ) -> Vec<Breach<'a>> {
@@ -243,7 +262,7 @@ impl Agent {
                             let Some((c, g)) = scan
                                 .holders
                                 .get(&u64::from(d.inode))
-                                .and_then(|h| holder_cgroup(h.pid))
+                                .and_then(|h| holder_cgroups.get(&h.pid)?.clone())
                                 .and_then(|c| governing(&by_path, &c).map(|g| (c, g)))
                             else {
                                 continue;

@@ -172,7 +172,7 @@ pub(super) async fn serve(
             // A survey's apply is settled (logs, event paths, status facts:
             // milliseconds with thousands of policies) after the hooks that
             // came while it ran are answered. Whatever reads what settling
-            // writes settles first (`drain_events`, `inventory_pass`, an
+            // writes settles first (`drain_events`, `inventory_finish`, an
             // apply).
             () = std::future::ready(()), if agent.unsettled.is_some() => {
                 agent.settle();
@@ -314,8 +314,13 @@ pub(super) async fn serve(
                 }
             } => {
                 inventory_list = None;
-                if let Some(listed) = listed {
-                    inventory_finish(agent, listed, &mut rb, &mut writer, &mut cri_link, opts, &mut buffers).await;
+                match listed {
+                    Some(listed) => inventory_finish(agent, listed, &mut rb, &mut writer, &mut cri_link, opts, &mut buffers).await,
+                    None => {
+                        // Its thread died: the pass is due again.
+                        warn!("daemon: inventory: listing the host's sockets failed; trying again");
+                        agent.inventory_pending = true;
+                    }
                 }
                 last_inventory = Instant::now();
             }

@@ -140,12 +140,20 @@ impl Surveys {
     fn inputs(&mut self, agent: &Agent, seq: u64) -> Inputs {
         let current = std::iter::once(&agent.policies).chain(agent.refused.as_ref());
         let version = agent.refused.is_none().then_some(agent.policies_version);
-        let same = (version.is_some() && self.version == version)
-            || (self.sets.len() == 1 + usize::from(agent.refused.is_some())
+        let alike = || {
+            self.sets.len() == 1 + usize::from(agent.refused.is_some())
                 && self.sets.iter().zip(current.clone()).all(|(kept, set)| {
                     kept.len() == set.len()
                         && kept.iter().zip(set).all(|(k, p)| selects_alike(k, p))
-                }));
+                })
+        };
+        // The same version: the same policies (checked in debug builds).
+        let same = if version.is_some() && self.version == version {
+            debug_assert!(alike(), "policies_version kept over other selectors");
+            true
+        } else {
+            alike()
+        };
         self.version = version;
         if !same {
             self.sets = Arc::new(

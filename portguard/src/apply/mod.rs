@@ -323,7 +323,10 @@ impl Applier {
             Some(plan) => {
                 let plan = plan?;
                 #[cfg(debug_assertions)]
-                self.plan(targets)?.assert_same(&plan);
+                match self.plan(targets) {
+                    Ok(full) => full.assert_same(&plan),
+                    Err(e) => panic!("planned from the live generation, but not in full: {e}"),
+                }
                 plan
             }
             None => self.plan(targets)?,

@@ -402,8 +402,14 @@ impl Applier {
         let (gen_, base) = self.dead_generation();
         let expect = self.gen_cgroups[live].len().max(targets.len());
         let mut entries = Entries::new(gen_, base, expect);
+        // One target per live slot: two with one id (a policy of the file
+        // named like a built-in) would leave a live policy out.
+        let mut seen = vec![false; self.caps.policies as usize];
         for t in targets {
             let slot = *self.slots.get(&t.policy_id)?;
+            if std::mem::replace(seen.get_mut(slot as usize)?, true) {
+                return None;
+            }
             if let Err(e) = entries.add(t, slot, &self.slots) {
                 return Some(Err(e));
             }

@@ -301,3 +301,33 @@ fn apply_again_of_the_policies_in_force_does_what_apply_does() {
     );
     assert_eq!(again.1.writes, writes, "nothing written");
 }
+
+/// Targets that are as many as the live policies, each id with a live
+/// slot, but two with one id (one live policy left out, another twice):
+/// not the live policy set, so planned from every target.
+#[test]
+fn apply_again_of_two_targets_with_one_id_plans_in_full() {
+    let policies = compiled(
+        "policies: [{name: a, cgroup: /a, bind: [{ports: [80]}]}, \
+         {name: b, cgroup: /b, bind: []}]",
+    );
+    let mut applier = Applier::new(CAPS);
+    let mut maps = FakeMaps::default();
+    applier
+        .apply(&mut maps, &targets(&policies, &[(10, 1), (20, 1)]))
+        .unwrap();
+    let mut twice = targets(&policies, &[(11, 1), (20, 1)]);
+    twice[1].policy_id = twice[0].policy_id;
+    assert!(applier.plan_cgroups(&twice).is_none());
+    // As `apply` plans them (the last record written for the id wins).
+    let mut full = (Applier::new(CAPS), FakeMaps::default());
+    full.0
+        .apply(&mut full.1, &targets(&policies, &[(10, 1), (20, 1)]))
+        .unwrap();
+    assert_eq!(
+        applier.apply_again(&mut maps, &twice).unwrap(),
+        full.0.apply(&mut full.1, &twice).unwrap()
+    );
+    assert_eq!(maps.policies, full.1.policies);
+    assert_eq!(maps.cgroups, full.1.cgroups);
+}

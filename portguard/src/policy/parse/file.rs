@@ -286,6 +286,23 @@ impl Cx {
             );
             return None;
         }
+        // The built-in policies' names (`portguard:identifying`, the
+        // `--fail-closed` stand-ins): a policy of the file named so would
+        // share their id, and be taken for them.
+        if name.starts_with(RESERVED_PREFIX) {
+            self.err(
+                node,
+                field,
+                format!(
+                    "invalid policy name `{name}`: names starting with `{RESERVED_PREFIX}` are \
+                     reserved for portguard's built-in policies"
+                ),
+            );
+            return None;
+        }
         Some(name)
     }
 }
+
+/// The prefix of the built-in policies' names.
+const RESERVED_PREFIX: &str = "portguard:";

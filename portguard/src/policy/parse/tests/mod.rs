@@ -507,3 +507,31 @@ fn a_key_repeated_in_another_quoting_is_a_duplicate() {
     );
     assert_eq!(f.policies[0].connect, Some(vec![]));
 }
+
+/// The built-in policies' names are reserved: a policy of the file named
+/// like one would share its id (and, named like a `--fail-closed`
+/// stand-in, be taken for one: reported, never enforced on old sockets).
+#[test]
+fn names_of_the_built_in_policies_are_reserved() {
+    for name in [
+        "portguard:identifying",
+        "portguard:fail-closed:unfit",
+        "portguard:fail-closed:web",
+        "portguard:",
+    ] {
+        let d = errs(&format!(
+            "policies:\n  - {{name: \"{name}\", cgroup: /a, bind: []}}\n"
+        ));
+        assert_eq!(d.len(), 1, "{name}: {d:#?}");
+        assert_eq!(d[0].line, 2, "{name}");
+        assert!(
+            d[0].message
+                .contains(&format!("invalid policy name `{name}`"))
+                && d[0].message.contains("reserved"),
+            "{name}: {}",
+            d[0].message
+        );
+    }
+    // Not the prefix: allowed as before.
+    ok("policies:\n  - {name: \"web:portguard:x\", cgroup: /a, bind: []}\n");
+}
