@@ -311,3 +311,54 @@ fn programs_can_be_attached_to_a_subtree_only() {
         "{err}"
     );
 }
+
+/// An attacker who can make cgroups where the agent watches (a delegated
+/// subtree, a runtime it controls) floods inotify's queue, and meanwhile
+/// removes and makes again the directory the agent watches for a policy's
+/// cgroup: the events that said so are lost (the kernel queues one
+/// overflow event instead), and the agent's watch is left on the removed
+/// directory, deaf. On the overflow the agent must watch every directory
+/// anew, or the cgroup the policy names, made there later, waits for
+/// `--rescan-interval` (1 h here). The flood is made while the agent is
+/// stopped (SIGSTOP), so it cannot drain the queue meanwhile.
+#[test]
+fn after_an_inotify_overflow_a_watched_directory_made_again_is_watched_anew() {
+    require_root!();
+    let parent = Cgroup::new("overflow");
+    let mid = parent.child("mid");
+    let svc = mid.planned_child("svc");
+    let agent = Agent::start_with(
+        &format!(
+            "policies:\n  - {{name: svc, cgroup: {}, bind: [{{ports: [8080]}}]}}\n",
+            svc.rel
+        ),
+        &["--rescan-interval", "1h"],
+    );
+    let limit: usize = std::fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(16384);
+    {
+        let _stopped = agent.stop_until_dropped();
+        // Two events (create, delete) each: more than the queue holds.
+        for i in 0..limit / 2 + 64 {
+            let junk = mid.fs.join(format!("junk{i}"));
+            std::fs::create_dir(&junk).expect("making a cgroup");
+            std::fs::remove_dir(&junk).expect("removing it");
+        }
+        std::fs::remove_dir(&mid.fs).expect("removing the watched directory");
+        std::fs::create_dir(&mid.fs).expect("making it again");
+    }
+    // The backlog read, and the rescan it asks for done.
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(
+        agent.stderr().contains("inotify queue overflowed"),
+        "{}",
+        agent.stderr()
+    );
+    svc.create();
+    let took = wait_governed(&svc, "8081");
+    eprintln!("cgroup made after an inotify overflow governed {took:?} after it was made");
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    agent.wait_event(&[("cgroup_id", json!(svc.id())), ("port", json!(8081))]);
+}
