@@ -10,8 +10,9 @@
 //! A pass has two halves. The listing ([`list`]: /proc and every network
 //! namespace's sockets, milliseconds on a busy host) needs nothing of the
 //! agent and runs on a blocking thread while the serve loop answers hooks
-//! ([`Agent::inventory_start`]); the judging ([`inventory_finish`]) runs on
-//! the loop against the policies and cgroups in force when it is in.
+//! (the loop spawns it once [`Agent::inventory_start`] says a pass is due);
+//! the judging ([`inventory_finish`]) runs on the loop against the policies
+//! and cgroups in force when it is in.
 
 use std::{
     collections::HashSet,
@@ -314,14 +315,6 @@ impl Agent {
         }
         out
     }
-}
-
-/// Start a pass when one is pending and due: the listing on a blocking
-/// thread, for the serve loop to await (`None`: none started).
-pub(super) fn inventory_start(agent: &mut Agent) -> Option<tokio::task::JoinHandle<Listed>> {
-    agent
-        .inventory_start()
-        .then(|| tokio::task::spawn_blocking(list))
 }
 
 /// The second half of a pass, once the listing is in. Between listing the

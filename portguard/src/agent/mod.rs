@@ -60,7 +60,7 @@ mod watch;
 use self::{
     endpoints::Endpoints,
     govern::*,
-    inventory::{inventory_finish, inventory_pass, inventory_start},
+    inventory::{inventory_finish, inventory_pass},
     losses::*,
     pipeline::*,
     resolving::*,

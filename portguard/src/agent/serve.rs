@@ -307,12 +307,7 @@ pub(super) async fn serve(
                 watcher.refresh(agent);
             }
             // A pass's listing is in: judge it (after pending hooks).
-            listed = async {
-                match inventory_list.as_mut() {
-                    Some(list) => list.await.ok(),
-                    None => std::future::pending().await,
-                }
-            } => {
+            listed = finished(&mut inventory_list) => {
                 inventory_list = None;
                 match listed {
                     Some(listed) => inventory_finish(agent, listed, &mut rb, &mut writer, &mut cri_link, opts, &mut buffers).await,
@@ -338,12 +333,7 @@ pub(super) async fn serve(
                     }));
                 }
             }
-            reading = async {
-                match lost_read.as_mut() {
-                    Some(read) => read.await.ok(),
-                    None => std::future::pending().await,
-                }
-            } => {
+            reading = finished(&mut lost_read) => {
                 lost_read = None;
                 if let Some(reading) = reading {
                     report_read(agent, &mut writer, &mut lost_seen, reading);
@@ -397,7 +387,9 @@ pub(super) async fn serve(
             INVENTORY_OVERDUE
         };
         if agent.inventory_pending && inventory_list.is_none() && last_inventory.elapsed() >= gap {
-            inventory_list = inventory_start(agent);
+            inventory_list = agent
+                .inventory_start()
+                .then(|| tokio::task::spawn_blocking(inventory::list));
             if inventory_list.is_none() {
                 last_inventory = Instant::now();
             }
@@ -570,4 +562,13 @@ pub(super) struct CriLink {
         k8s_cri::v1::runtime_service_client::RuntimeServiceClient<tonic::transport::Channel>,
     >,
     pub(super) last_event_refresh: Option<Instant>,
+}
+
+/// What a job on a thread of its own returned, once it is in (`None`: it
+/// panicked); pending while there is none.
+async fn finished<T>(job: &mut Option<tokio::task::JoinHandle<T>>) -> Option<T> {
+    match job.as_mut() {
+        Some(job) => job.await.ok(),
+        None => std::future::pending().await,
+    }
 }

@@ -140,20 +140,14 @@ impl Surveys {
     fn inputs(&mut self, agent: &Agent, seq: u64) -> Inputs {
         let current = std::iter::once(&agent.policies).chain(agent.refused.as_ref());
         let version = agent.refused.is_none().then_some(agent.policies_version);
-        let alike = || {
+        let same = unchanged(version.filter(|v| self.version == Some(*v)), agent, || {
             self.sets.len() == 1 + usize::from(agent.refused.is_some())
-                && self.sets.iter().zip(current.clone()).all(|(kept, set)| {
-                    kept.len() == set.len()
-                        && kept.iter().zip(set).all(|(k, p)| selects_alike(k, p))
-                })
-        };
-        // The same version: the same policies (checked in debug builds).
-        let same = if version.is_some() && self.version == version {
-            debug_assert!(alike(), "policies_version kept over other selectors");
-            true
-        } else {
-            alike()
-        };
+                && self
+                    .sets
+                    .iter()
+                    .zip(current.clone())
+                    .all(|(kept, set)| same_selectors(kept, set))
+        });
         self.version = version;
         if !same {
             self.sets = Arc::new(
@@ -347,22 +341,10 @@ fn up_to_date(
     version: Option<u64>,
     limits: Limits,
 ) -> Option<Outcome> {
-    let alike = || {
-        sets.first().is_some_and(|set| {
-            set.len() == agent.policies.len()
-                && set
-                    .iter()
-                    .zip(&agent.policies)
-                    .all(|(k, p)| selects_alike(k, p))
-        })
-    };
-    // The same version: the same policies (checked in debug builds).
-    let same_policies = if version == Some(agent.policies_version) {
-        debug_assert!(alike(), "policies_version kept over other selectors");
-        true
-    } else {
-        alike()
-    };
+    let same_policies = unchanged(version, agent, || {
+        sets.first()
+            .is_some_and(|set| same_selectors(set, &agent.policies))
+    });
     if agent.refused.is_some()
         || Agent::needs_cri(&agent.policies)
         || !same_policies
@@ -402,6 +384,23 @@ fn up_to_date(
         }
     }
     Some(o)
+}
+
+/// Whether copies taken at `Agent::policies_version` `version` still
+/// select as the agent's policies do: while the version is the agent's,
+/// without comparing (debug builds compare all the same); else `alike`.
+fn unchanged(version: Option<u64>, agent: &Agent, alike: impl Fn() -> bool) -> bool {
+    if version == Some(agent.policies_version) {
+        debug_assert!(alike(), "policies_version kept over other selectors");
+        true
+    } else {
+        alike()
+    }
+}
+
+/// `kept` selects as `set` does, policy by policy.
+fn same_selectors(kept: &[CompiledPolicy], set: &[CompiledPolicy]) -> bool {
+    kept.len() == set.len() && kept.iter().zip(set).all(|(k, p)| selects_alike(k, p))
 }
 
 /// A policy's selector and name, without its port sets (a survey only

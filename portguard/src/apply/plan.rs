@@ -414,18 +414,7 @@ impl Applier {
                 return Some(Err(e));
             }
         }
-        // Every live slot has its record in the live generation, which may
-        // still hold records of slots since freed.
-        let records = if self.gen_records[live].len() == self.slots.len() {
-            self.gen_records[live].clone()
-        } else {
-            let mut records =
-                HashMap::with_capacity_and_hasher(self.slots.len(), Default::default());
-            for s in self.slots.values() {
-                records.insert(*s, *self.gen_records[live].get(s)?);
-            }
-            records
-        };
+        let records = self.live_records()?;
         let (cgroups, min_level, max_level) = match entries.done(self.caps.cgroups) {
             Ok(done) => done,
             Err(e) => return Some(Err(e)),
@@ -471,13 +460,9 @@ impl Applier {
         if mine != target.cgroups.len() || !target.cgroups.iter().all(|c| governs(c.id)) {
             return None;
         }
-        // The live generation's records (those of live policies) and cgroup
-        // entries, in the retired generation's index space.
-        let mut records: HashMap<u32, PolicyRecord> =
-            HashMap::with_capacity_and_hasher(self.slots.len(), Default::default());
-        for s in self.slots.values() {
-            records.insert(*s, *self.gen_records[live].get(s)?);
-        }
+        // The live generation's records and cgroup entries, in the retired
+        // generation's index space.
+        let mut records = self.live_records()?;
         let mut sets = self.set_ids();
         let rec = sets.record(target, slot);
         records.insert(slot, rec);
@@ -523,6 +508,21 @@ impl Applier {
             keep: HashSet::default(),
             made: vec![(target.policy_id, Made::new(target, slot, rec))],
         }))
+    }
+
+    /// The live generation's records of the live policies, by slot
+    /// (`None` if one is missing). Every live slot has its record there,
+    /// beside records of slots since freed, if any: then copied one by one.
+    fn live_records(&self) -> Option<HashMap<u32, PolicyRecord>> {
+        let live = &self.gen_records[(self.state.generation & 1) as usize];
+        if live.len() == self.slots.len() {
+            return Some(live.clone());
+        }
+        let mut records = HashMap::with_capacity_and_hasher(self.slots.len(), Default::default());
+        for s in self.slots.values() {
+            records.insert(*s, *live.get(s)?);
+        }
+        Some(records)
     }
 
     /// Complete `plan` with the sets to keep and the chunks of the new ones,
