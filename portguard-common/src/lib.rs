@@ -169,6 +169,24 @@ pub struct SockOffsets {
 }
 const _: () = assert!(size_of::<SockOffsets>() == 32);
 
+/// Name of the cached object's global holding [`CacheOffsets`] (from the
+/// running kernel's BTF).
+pub const GLOBAL_CACHE_OFFSETS: &str = "PORTGUARD_CACHE_OFFSETS";
+
+/// Byte offsets the cached programs follow from the current task to its
+/// cgroup (`task->cgroups->dfl_cgrp`, BTF-typed loads the verifier checks
+/// against the kernel's BTF), from the running kernel's BTF. 0: unknown
+/// (then the agent does not load the cached object).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheOffsets {
+    /// `struct task_struct`: `cgroups` (`struct css_set *`).
+    pub task_cgroups: u32,
+    /// `struct css_set`: `dfl_cgrp` (`struct cgroup *`).
+    pub css_set_dfl_cgrp: u32,
+}
+const _: () = assert!(size_of::<CacheOffsets>() == 8);
+
 /// cgroup programs (the Rust function names in portguard-ebpf) and the
 /// [`Hook`] each one reports. The packet guard is [`GUARD_PROGRAM`].
 pub const PROGRAMS: [(&str, Hook); 9] = [
@@ -404,7 +422,15 @@ pub const fn set_slot(dir: Direction, proto: Proto, family: Family, addr: AddrCl
 pub struct State {
     /// Live generation: 0 or 1.
     pub generation: u32,
-    pub _pad: u32,
+    /// The cache epoch: the per-cgroup policy cache of the cached programs
+    /// ([`cache_word`]) holds answers stamped with the epoch and generation
+    /// they were found in, and only an answer stamped with the current ones
+    /// is used. The agent raises it (never to 0, never back) in the update
+    /// that flips `generation`, and in an update of its own after every
+    /// cgroup entry it inserts into the live generation, so no answer found
+    /// before a change outlives it. 0 (an agent that predates the cache):
+    /// nothing is cached.
+    pub epoch: u32,
     /// Shallowest cgroup level holding a policy, per generation; the ancestor
     /// walk starts there.
     pub min_level: [u32; 2],
@@ -424,6 +450,74 @@ pub struct State {
     pub _pad2: u32,
 }
 const _: () = assert!(size_of::<State>() == 40);
+
+/// The epoch after `epoch` ([`State::epoch`]): one more, skipping 0 (no
+/// cache) when it wraps.
+#[inline(always)]
+pub const fn next_epoch(epoch: u32) -> u32 {
+    match epoch.wrapping_add(1) {
+        0 => 1,
+        e => e,
+    }
+}
+
+const CACHE_GENERATION: u64 = 1 << 31;
+const CACHE_GOVERNED: u64 = 1 << 30;
+const CACHE_LEVEL_SHIFT: u32 = 24;
+const CACHE_LEVEL_MASK: u64 = 0x3f;
+const CACHE_INDEX_MASK: u64 = (1 << 24) - 1;
+
+/// One cgroup's entry in the per-cgroup policy cache: what the ancestor
+/// walk found for it in `epoch` and `generation`, packed into one 64-bit
+/// word so the kernel writes and reads it whole (two CPUs of one cgroup may
+/// write it at once): the epoch in the high 32 bits, then the generation,
+/// a governed flag, the level of the governing cgroup (6 bits: every level
+/// a walk visits is below [`MAX_CGROUP_DEPTH`]) and the policy record index
+/// (24 bits: the agent loads the cached programs only where every index
+/// fits, [`CACHE_MAX_INDEXES`]). Fields are masked, not tested, so the
+/// verifier need not follow a branch per field.
+#[inline(always)]
+pub const fn cache_word(epoch: u32, generation: u32, governing: Option<(u32, u32)>) -> u64 {
+    let high = ((epoch as u64) << 32)
+        | if generation & 1 == 1 {
+            CACHE_GENERATION
+        } else {
+            0
+        };
+    match governing {
+        None => high,
+        Some((level, index)) => {
+            high | CACHE_GOVERNED
+                | (((level as u64) & CACHE_LEVEL_MASK) << CACHE_LEVEL_SHIFT)
+                | (index as u64 & CACHE_INDEX_MASK)
+        }
+    }
+}
+const _: () = assert!(MAX_CGROUP_DEPTH as u64 <= CACHE_LEVEL_MASK + 1);
+
+/// How many policy record indexes a cache word can hold: the cached
+/// programs are loaded only where the policy map has no more entries.
+pub const CACHE_MAX_INDEXES: u64 = CACHE_INDEX_MASK + 1;
+
+/// Whether a cache word was found in `epoch` and `generation`: the only
+/// words a decision may use.
+#[inline(always)]
+pub const fn cache_word_is_current(word: u64, epoch: u32, generation: u32) -> bool {
+    (word >> 32) as u32 == epoch && ((word & CACHE_GENERATION != 0) == (generation & 1 == 1))
+}
+
+/// What a cache word says: `None` (no policy governs the cgroup) or the
+/// governing cgroup's level and the policy record index.
+#[inline(always)]
+pub const fn cache_word_governing(word: u64) -> Option<(u32, u32)> {
+    if word & CACHE_GOVERNED == 0 {
+        return None;
+    }
+    Some((
+        ((word >> CACHE_LEVEL_SHIFT) & CACHE_LEVEL_MASK) as u32,
+        (word & CACHE_INDEX_MASK) as u32,
+    ))
+}
 
 /// Linux's default `ip_local_port_range`, packed as in [`State::ephemeral`].
 pub const DEFAULT_EPHEMERAL: u32 = (32768 << 16) | 60999;
@@ -990,6 +1084,7 @@ mod user {
     // SAFETY: all of these are #[repr(C)], made only of integers, with no
     // padding (sizes asserted above), so any bit pattern is valid.
     unsafe impl aya::Pod for super::State {}
+    unsafe impl aya::Pod for super::CacheOffsets {}
     unsafe impl aya::Pod for super::CgroupKey {}
     unsafe impl aya::Pod for super::CgroupValue {}
     unsafe impl aya::Pod for super::PolicyRecord {}
@@ -1005,6 +1100,30 @@ mod user {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cache_words_keep_what_they_were_given() {
+        for epoch in [1, 2, 0x8000_0000, u32::MAX] {
+            for generation in [0, 1] {
+                let none = cache_word(epoch, generation, None);
+                assert!(cache_word_is_current(none, epoch, generation));
+                assert!(!cache_word_is_current(none, epoch, generation ^ 1));
+                assert!(!cache_word_is_current(none, next_epoch(epoch), generation));
+                assert_eq!(cache_word_governing(none), None);
+                for (level, index) in [(0, 0), (1, 7), (31, 4095), (63, (1 << 24) - 1)] {
+                    let w = cache_word(epoch, generation, Some((level, index)));
+                    assert!(cache_word_is_current(w, epoch, generation));
+                    assert!(!cache_word_is_current(w, epoch, generation ^ 1));
+                    assert!(!cache_word_is_current(w, epoch ^ 1, generation));
+                    assert_eq!(cache_word_governing(w), Some((level, index)));
+                }
+            }
+        }
+        assert_eq!(CACHE_MAX_INDEXES, 1 << 24);
+        assert_eq!(next_epoch(0), 1);
+        assert_eq!(next_epoch(41), 42);
+        assert_eq!(next_epoch(u32::MAX), 1);
+    }
 
     #[test]
     fn sockets_are_allow_listed_and_the_unknown_is_refused() {

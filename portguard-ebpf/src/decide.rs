@@ -17,14 +17,19 @@ use portguard_common::{
     DECISION_DENY, Direction, EMPTY_SET, EVENT_F_AUTOBIND, Event, EventOutcome, Family, Hook,
     MAX_CGROUP_DEPTH, MODE_AUDIT, POLICY_EVENTS_LOST, POLICY_EVENTS_SUPPRESSED, PORTS_PER_CHUNK,
     PolicyRecord, PortChunkKey, Proto, VERDICT_AUDIT, VERDICT_CUT_OFF, VERDICT_DENY, hook_counter,
-    in_ephemeral_range, policy_counter, set_slot,
+    cache_word, cache_word_governing, cache_word_is_current, in_ephemeral_range, policy_counter,
+    set_slot,
 };
 
-use crate::maps::{
+use crate::{
+    cache,
+    maps::{
     PORTGUARD_CGROUPS, PORTGUARD_COUNTERS, PORTGUARD_EVENT_BUCKETS, PORTGUARD_EVENT_BUDGET,
     PORTGUARD_EVENTS, PORTGUARD_POLICIES, PORTGUARD_POLICY_COUNTERS, PORTGUARD_PORTSETS,
     PORTGUARD_STATE,
+    },
 };
+use portguard_common::State;
 
 pub const ALLOW: i32 = 1;
 pub const DENY: i32 = 0;
@@ -61,10 +66,21 @@ pub struct Query {
 }
 
 struct Governing {
-    cgroup_id: u64,
+    /// Level of the governing cgroup in the caller's ancestry (its id, for
+    /// an event, is `bpf_get_current_ancestor_cgroup_id(level)`).
+    level: u32,
     record: *const PolicyRecord,
     /// The host's ephemeral range (`State::ephemeral`).
     ephemeral: u32,
+}
+
+impl Governing {
+    /// Id of the governing cgroup (for events only: a helper call).
+    #[inline(always)]
+    fn cgroup_id(&self) -> u64 {
+        // SAFETY: plain helper call.
+        unsafe { bpf_get_current_ancestor_cgroup_id(self.level as i32) }
+    }
 }
 
 /// The host's ephemeral port range, packed (`State::ephemeral`).
@@ -79,10 +95,15 @@ pub fn host_ephemeral() -> u32 {
 
 /// Nearest ancestor-or-self of the caller's cgroup with a policy in the live
 /// generation. Cost: at most `max_level + 1` hash lookups, bounded by
-/// MAX_CGROUP_DEPTH; independent of the number of policies.
+/// MAX_CGROUP_DEPTH; independent of the number of policies. In the cached
+/// object, a cgroup whose cache word carries the current epoch answers
+/// without the walk (see cache.rs), and a walk leaves its answer there.
 #[inline(always)]
 fn governing() -> Option<Governing> {
     let state = PORTGUARD_STATE.get(0)?;
+    // The epoch before anything the walk reads (cache.rs says why).
+    // SAFETY: `state` points into a live array element.
+    let epoch = unsafe { core::ptr::read_volatile(&state.epoch) };
     // Read the generation once; every lookup below uses the same one, so the
     // whole decision sees one consistent policy set.
     // SAFETY: `state` points into a live array element.
@@ -92,8 +113,48 @@ fn governing() -> Option<Governing> {
     if cgroups == 0 {
         return None;
     }
+    // SAFETY: `state` points into a live array element.
+    let ephemeral = unsafe { core::ptr::read_volatile(&state.ephemeral) };
+    let cgroup = if epoch == 0 {
+        core::ptr::null_mut()
+    } else {
+        cache::current()
+    };
+    if let Some(word) = cache::get(cgroup)
+        && cache_word_is_current(word, epoch, generation)
+    {
+        let (level, index) = cache_word_governing(word)?;
+        let record = PORTGUARD_POLICIES.get_ptr(index)?;
+        return Some(Governing {
+            level,
+            record,
+            ephemeral,
+        });
+    }
+    let found = walk(state, g, generation);
+    if epoch != 0 {
+        cache::put(cgroup, cache_word(epoch, generation, found));
+    }
+    let (level, index) = found?;
+    let record = PORTGUARD_POLICIES.get_ptr(index)?;
+    Some(Governing {
+        level,
+        record,
+        ephemeral,
+    })
+}
+
+/// Always 0: see [`walk`].
+#[unsafe(no_mangle)]
+static PORTGUARD_UNLINK: u32 = 0;
+
+/// The ancestor walk: the deepest governed cgroup among the caller's
+/// ancestors-or-self at the levels generation `g` holds policies at, as
+/// (level, policy record index).
+#[inline(always)]
+fn walk(state: &State, g: usize, generation: u32) -> Option<(u32, u32)> {
     let max_level = state.max_level[g & 1];
-    let mut found_id = 0u64;
+    let mut found_level = 0u32;
     let mut found_index = 0u32;
     let mut found = false;
     // Levels above the shallowest governed cgroup cannot hold a policy.
@@ -114,22 +175,20 @@ fn governing() -> Option<Governing> {
         };
         // SAFETY: value is plain data; we copy it out immediately.
         if let Some(v) = unsafe { PORTGUARD_CGROUPS.get(key) } {
-            found_id = id;
+            // Not a copy of the loop counter: the verifier links a copied
+            // register to its source and would track the found level as
+            // exactly as the counter, one state per level and branch
+            // (bind6 then exceeded its 1M-instruction budget). An ALU
+            // operation with a value LLVM cannot see through makes it a
+            // value of its own.
+            // SAFETY: a global nobody writes (0), read as a plain value.
+            found_level = level ^ unsafe { core::ptr::read_volatile(&PORTGUARD_UNLINK) };
             found_index = v.policy_index;
             found = true;
         }
         level += 1;
     }
-    if !found {
-        return None;
-    }
-    let record = PORTGUARD_POLICIES.get_ptr(found_index)?;
-    Some(Governing {
-        cgroup_id: found_id,
-        record,
-        // SAFETY: `state` points into a live array element.
-        ephemeral: unsafe { core::ptr::read_volatile(&state.ephemeral) },
-    })
+    found.then_some((found_level, found_index))
 }
 
 #[inline(always)]
@@ -361,7 +420,7 @@ fn report_kind(q: &Query, gov: &Governing, record: &PolicyRecord, verdict: u8, s
     entry.write(Event {
         boot_ns,
         cgroup_id,
-        policy_cgroup_id: gov.cgroup_id,
+        policy_cgroup_id: gov.cgroup_id(),
         pid_tgid: bpf_get_current_pid_tgid(),
         uid_gid: bpf_get_current_uid_gid(),
         policy_id: record.policy_id,

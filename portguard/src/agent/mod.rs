@@ -138,6 +138,9 @@ pub struct RunOptions {
     pub pin_dir: Option<PathBuf>,
     /// Load this kernel object instead of the built-in one (upgrade tests).
     pub kernel_object: Option<PathBuf>,
+    /// Load the programs with the per-cgroup policy cache where the kernel
+    /// accepts them (`--no-cgroup-cache`: false).
+    pub cgroup_cache: bool,
     /// When a policy cannot be applied (maps full, a cgroup too deep, a map
     /// write failing), deny every bind in the cgroups it governs instead of
     /// keeping the previous policy (or, at start, exiting).

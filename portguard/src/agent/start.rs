@@ -254,9 +254,20 @@ pub(super) fn load_kernel(opts: &RunOptions, pins: Option<&PinDir>) -> anyhow::R
             object,
             event_rate: opts.event_rate,
             event_burst: opts.event_burst,
+            cgroup_cache: opts.cgroup_cache,
         },
         pins,
     )?;
+    match &loaded.cgroup_cache_off {
+        None => info!(
+            "loader: per-cgroup policy cache on: a decision reads its cgroup's governing policy \
+             from the cgroup's own storage until a policy changes"
+        ),
+        Some(why) => info!(
+            "loader: per-cgroup policy cache off ({why}): every decision walks its cgroup's \
+             ancestry"
+        ),
+    }
     if let Some(p) = pins {
         describe_adoption(p, &loaded.adoption);
     }

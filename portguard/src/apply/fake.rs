@@ -1,11 +1,16 @@
 //! In-memory stand-in for the kernel maps, with the kernel's lookup
-//! algorithm re-stated so tests can ask "what would the kernel decide".
+//! algorithm re-stated so tests can ask "what would the kernel decide":
+//! through the per-cgroup policy cache of the cached programs, as they do
+//! (a word per leaf cgroup, used while it carries the state's epoch and
+//! generation), so every test that decides between applies also checks
+//! that the applier makes stale words stale.
 
-use std::collections::HashMap;
+use std::{cell::RefCell, collections::HashMap};
 
 use portguard_common::{
     AddrClass, CgroupKey, CgroupValue, Direction, EMPTY_SET, Family, MODE_AUDIT, PORTS_PER_CHUNK,
-    PolicyRecord, PortChunk, PortChunkKey, Proto, State, set_slot,
+    PolicyRecord, PortChunk, PortChunkKey, Proto, State, cache_word, cache_word_governing,
+    cache_word_is_current, set_slot,
 };
 
 use super::{RuleSink, SinkError};
@@ -20,6 +25,11 @@ pub struct FakeMaps {
     pub fail_at: Option<usize>,
     pub writes: usize,
     pub max_cgroup_entries: Option<usize>,
+    /// The cached programs' per-cgroup words, by the deciding task's own
+    /// cgroup (the last id of its ancestry).
+    pub cache: RefCell<HashMap<u64, u64>>,
+    /// Decide as the object without the cache does (always walk).
+    pub no_cache: bool,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -71,23 +81,25 @@ impl FakeMaps {
         if self.state.cgroups[g as usize] == 0 {
             return Verdict::Ungoverned;
         }
-        let mut found = None;
-        for (level, id) in ancestry.iter().enumerate() {
-            if (level as u32) < self.state.min_level[g as usize] {
-                continue;
+        let epoch = self.state.epoch;
+        let leaf = ancestry.last().copied().unwrap_or(0);
+        let cached = (epoch != 0 && !self.no_cache)
+            .then(|| self.cache.borrow().get(&leaf).copied())
+            .flatten()
+            .filter(|w| cache_word_is_current(*w, epoch, g));
+        let found = match cached {
+            Some(word) => cache_word_governing(word),
+            None => {
+                let found = self.walk(ancestry);
+                if epoch != 0 && !self.no_cache {
+                    self.cache
+                        .borrow_mut()
+                        .insert(leaf, cache_word(epoch, g, found));
+                }
+                found
             }
-            if level as u32 > self.state.max_level[g as usize] {
-                break;
-            }
-            if let Some(v) = self.cgroups.get(&CgroupKey {
-                cgroup_id: *id,
-                generation: g,
-                _pad: 0,
-            }) {
-                found = Some(v.policy_index);
-            }
-        }
-        let Some(index) = found else {
+        };
+        let Some((_, index)) = found else {
             return Verdict::Ungoverned;
         };
         let rec = self.policies[&index];
@@ -115,6 +127,31 @@ impl FakeMaps {
         } else {
             Verdict::Deny
         }
+    }
+}
+
+impl FakeMaps {
+    /// The kernel's ancestor walk: the deepest governed cgroup of
+    /// `ancestry` in the live generation, as (level, record index).
+    fn walk(&self, ancestry: &[u64]) -> Option<(u32, u32)> {
+        let g = self.state.generation;
+        let mut found = None;
+        for (level, id) in ancestry.iter().enumerate() {
+            if (level as u32) < self.state.min_level[g as usize] {
+                continue;
+            }
+            if level as u32 > self.state.max_level[g as usize] {
+                break;
+            }
+            if let Some(v) = self.cgroups.get(&CgroupKey {
+                cgroup_id: *id,
+                generation: g,
+                _pad: 0,
+            }) {
+                found = Some((level as u32, v.policy_index));
+            }
+        }
+        found
     }
 }
 

@@ -404,6 +404,12 @@ impl Applier {
             }
             return Err(e);
         }
+        // It (or one below it) may hold an answer cached before the insert:
+        // stale from this state update on (State::epoch).
+        let mut state = self.state;
+        state.epoch = portguard_common::next_epoch(state.epoch);
+        sink.put_state(&state)?;
+        self.state = state;
         Ok(true)
     }
 
@@ -525,6 +531,9 @@ impl Applier {
         state.cgroups[gen_] = cgroups.len() as u32;
         sink.put_state(&state)?;
         state.generation = gen_ as u32;
+        // The same update raises the cache epoch: answers cached before the
+        // flip go stale with it (a word names its generation too).
+        state.epoch = portguard_common::next_epoch(state.epoch);
         sink.put_state(&state)?;
         self.state = state;
         self.last_flip = Some(Instant::now());

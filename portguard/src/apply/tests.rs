@@ -609,4 +609,5 @@ fn a_cgroup_governed_in_the_live_generation_is_kept_or_removed_by_the_next_appli
     assert_eq!(bind(&m, &[1, 10, 13], 9000), Verdict::Audit);
 }
 
+mod cache;
 mod plans;

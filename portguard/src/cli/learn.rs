@@ -350,6 +350,7 @@ pub fn run(opts: &LearnOptions) -> anyhow::Result<usize> {
         stop_after: Some(opts.duration),
         pin_dir: None,
         kernel_object: None,
+        cgroup_cache: true,
         program_stats: false,
         fail_closed: false,
     })?;

@@ -252,6 +252,16 @@ pub struct RunArgs {
     /// upgrades over pinned state).
     #[arg(long, value_name = "FILE", hide = true)]
     pub kernel_object: Option<PathBuf>,
+
+    /// Make every decision walk its cgroup's ancestry for the governing
+    /// policy, as on kernels without the per-cgroup policy cache. By
+    /// default, where the kernel accepts it (x86-64, kernel 6.2+ with BTF),
+    /// the decision programs keep each cgroup's answer in the cgroup's own
+    /// storage until a policy changes, which saves a helper call and a hash
+    /// lookup per governed level on every bind, connect and send. The
+    /// agent's log says at start which one runs, and why.
+    #[arg(long)]
+    pub no_cgroup_cache: bool,
 }
 
 /// `--event-rate` default: with aggregation, 100 lines a second per policy
@@ -328,6 +338,7 @@ pub fn execute(a: Box<RunArgs>) -> anyhow::Result<ExitCode> {
         stop_after: None,
         pin_dir: a.pin_dir.0,
         kernel_object: a.kernel_object,
+        cgroup_cache: !a.no_cgroup_cache,
         fail_closed: a.fail_closed,
         policy_reports: a.policy_reports,
         program_stats: a.program_stats,

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use portguard_common::{SOCK_PREFIX_BYTES, SockOffsets};
+use portguard_common::{CacheOffsets, SOCK_PREFIX_BYTES, SockOffsets};
 
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
@@ -142,6 +142,27 @@ pub fn sock_offsets(path: &Path) -> Result<SockOffsets, BtfLookupError> {
     })
 }
 
+/// The offsets the cached programs follow from the current task to its
+/// cgroup2 cgroup: `task_struct.cgroups` and `css_set.dfl_cgrp`, both
+/// pointers on a byte boundary.
+pub fn cache_offsets(path: &Path) -> Result<CacheOffsets, BtfLookupError> {
+    let btf = read_btf(path)?;
+    let pointer_at = |ty: &str, name: &str| -> Result<u32, BtfLookupError> {
+        let missing = || BtfLookupError::Member {
+            member: format!("{ty}.{name}"),
+        };
+        let st = struct_named(&btf, ty).ok_or_else(missing)?;
+        match member_bits(&btf, &st, name) {
+            Some((bits, None | Some(0))) if bits % 8 == 0 && bits > 0 => Ok(bits / 8),
+            _ => Err(missing()),
+        }
+    };
+    Ok(CacheOffsets {
+        task_cgroups: pointer_at("task_struct", "cgroups")?,
+        css_set_dfl_cgrp: pointer_at("css_set", "dfl_cgrp")?,
+    })
+}
+
 /// Byte offset of `sk_userlocks` (a `u8`) in `struct sock`: its
 /// `SOCK_BINDPORT_LOCK` bit tells a port a bind() named from one the kernel
 /// chose.
@@ -231,5 +252,16 @@ mod tests {
         assert!(o.sk_protocol > 100, "{o:?}");
         let locks = userlocks_offset(path).unwrap();
         assert!(locks > 100 && locks < 4096, "sk_userlocks at {locks}");
+        // task_struct is large and config-dependent; css_set begins with
+        // its subsystem states, then the default hierarchy's cgroup.
+        let c = cache_offsets(path).unwrap();
+        assert!(
+            c.task_cgroups > 512 && c.task_cgroups.is_multiple_of(8),
+            "{c:?}"
+        );
+        assert!(
+            c.css_set_dfl_cgrp > 0 && c.css_set_dfl_cgrp.is_multiple_of(8),
+            "{c:?}"
+        );
     }
 }

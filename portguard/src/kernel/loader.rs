@@ -20,12 +20,13 @@ use aya::{
 };
 use log::{debug, warn};
 use portguard_common::{
-    AgentStamp, COUNTERS, CgroupKey, CgroupValue, EventBudget, FENCE_PROGRAM, GLOBAL_SOCK_OFFSETS,
-    GLOBAL_USERLOCKS, GLOBAL_V6ONLY_BIT, GUARD_PROGRAM, Hook, LAYOUT_VERSION, LSM_PROGRAMS,
-    MAP_AGENT, MAP_CGROUPS, MAP_COUNTERS, MAP_EVENT_BUCKETS, MAP_EVENT_BUDGET, MAP_EVENTS,
-    MAP_NAMES, MAP_POLICIES, MAP_POLICY_COUNTERS, MAP_PORTSETS, MAP_SOCKETS, MAP_STATE, MAPS,
-    POLICY_KINDS, PROGRAMS, PolicyName, PolicyRecord, PortChunk, PortChunkKey, SOCK_OPS_PROGRAM,
-    STAMP_MAGIC, SockOffsets, SocketState, State, USERLOCKS_UNKNOWN, V6ONLY_UNKNOWN,
+    AgentStamp, COUNTERS, CgroupKey, CgroupValue, EventBudget, FENCE_PROGRAM, GLOBAL_CACHE_OFFSETS,
+    GLOBAL_SOCK_OFFSETS, GLOBAL_USERLOCKS, GLOBAL_V6ONLY_BIT, GUARD_PROGRAM, Hook, LAYOUT_VERSION,
+    LSM_PROGRAMS, MAP_AGENT, MAP_CGROUPS, MAP_COUNTERS, MAP_EVENT_BUCKETS, MAP_EVENT_BUDGET,
+    MAP_EVENTS, MAP_NAMES, MAP_POLICIES, MAP_POLICY_COUNTERS, MAP_PORTSETS, MAP_SOCKETS, MAP_STATE,
+    MAPS, POLICY_KINDS, PROGRAMS, PolicyName, PolicyRecord, PortChunk, PortChunkKey,
+    SOCK_OPS_PROGRAM, STAMP_MAGIC, SockOffsets, SocketState, State, USERLOCKS_UNKNOWN,
+    V6ONLY_UNKNOWN,
 };
 use sha2::Digest;
 
@@ -51,6 +52,17 @@ pub enum LoaderError {
          with it: {source}"
     )]
     ProgramLoad {
+        name: &'static str,
+        hook: &'static str,
+        #[source]
+        source: Box<ProgramError>,
+    },
+    #[error(
+        "the kernel rejected program {name} (hook cgroup/{hook}) of the object with the \
+         per-cgroup policy cache, which its bind4 passed: run with --no-cgroup-cache to load the \
+         programs without it: {source}"
+    )]
+    CachedProgramLoad {
         name: &'static str,
         hook: &'static str,
         #[source]
@@ -107,6 +119,9 @@ pub struct LoadOptions {
     /// attached (see [`EventBudget`]).
     pub event_rate: u32,
     pub event_burst: u32,
+    /// Load the object with the per-cgroup policy cache where the kernel
+    /// accepts it (`--no-cgroup-cache`: false; see `kernel::cache`).
+    pub cgroup_cache: bool,
 }
 
 /// Entries of the policy-name map for `caps`: every policy of both
@@ -203,6 +218,9 @@ pub struct Loaded {
     /// Where the decision programs must run, while attaching them waits
     /// for the first policy to be written (see `Loaded::defer_points`).
     pub(super) deferred_points: Option<Vec<std::path::PathBuf>>,
+    /// Why the decision programs walk every time (the object without the
+    /// per-cgroup policy cache was loaded), if they do.
+    pub cgroup_cache_off: Option<String>,
 }
 
 /// Try to lift RLIMIT_MEMLOCK for kernels that still charge BPF memory to it
@@ -277,7 +295,12 @@ impl Loaded {
                 SockOffsets::default()
             }
         };
-        let object: &[u8] = opts.object.as_deref().unwrap_or(OBJECT);
+        let choice = cache::choose(
+            OBJECT,
+            opts.cgroup_cache && opts.object.is_none(),
+            opts.capacity.policy_map_entries(),
+        );
+        let object: &[u8] = opts.object.as_deref().unwrap_or(choice.object);
         let mut adoption = Adoption {
             object_sha256: sha2::Sha256::digest(object).into(),
             ..Adoption::default()
@@ -287,6 +310,9 @@ impl Loaded {
             .override_global(GLOBAL_V6ONLY_BIT, &v6only_bit, true)
             .override_global(GLOBAL_SOCK_OFFSETS, &offsets, true)
             .override_global(GLOBAL_USERLOCKS, &userlocks, true);
+        if let Some(offsets) = &choice.offsets {
+            loader.override_global(GLOBAL_CACHE_OFFSETS, offsets, true);
+        }
         // Sized from the same shapes that decide whether a pinned map fits.
         for name in [
             MAP_CGROUPS,
@@ -356,10 +382,21 @@ impl Loaded {
             let prog = ebpf
                 .program_mut(name)
                 .ok_or(LoaderError::MissingProgram { name })?;
-            let load_err = |source: ProgramError| LoaderError::ProgramLoad {
-                name,
-                hook: hook.name(),
-                source: Box::new(source),
+            let cached = choice.offsets.is_some();
+            let load_err = |source: ProgramError| {
+                if cached {
+                    LoaderError::CachedProgramLoad {
+                        name,
+                        hook: hook.name(),
+                        source: Box::new(source),
+                    }
+                } else {
+                    LoaderError::ProgramLoad {
+                        name,
+                        hook: hook.name(),
+                        source: Box::new(source),
+                    }
+                }
             };
             let res = match hook {
                 Hook::PostBind4 | Hook::PostBind6 | Hook::SockCreate => {
@@ -469,6 +506,7 @@ impl Loaded {
             pin_root: pins.map(|p| p.root().to_owned()),
             decision_programs_pinned: false,
             deferred_points: None,
+            cgroup_cache_off: choice.off,
         };
         if let Some(p) = pins {
             loaded.adopt_points(p.root());

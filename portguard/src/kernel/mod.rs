@@ -10,6 +10,7 @@
 mod attach;
 pub mod bpfsys;
 pub mod btf;
+mod cache;
 pub mod caps;
 mod counters;
 mod loader;

@@ -1,0 +1,90 @@
+//! The per-cgroup policy cache of the `portguard-cached` object: what the
+//! ancestor walk of `decide::governing` found for a cgroup, kept in that
+//! cgroup's own storage (`BPF_MAP_TYPE_CGRP_STORAGE`, kernel 6.2+) as one
+//! 64-bit word stamped with the epoch it was found in
+//! (`portguard_common::cache_word`). A decision whose cgroup holds a word of
+//! the current epoch (`State::epoch`) skips the walk: no
+//! `bpf_get_current_ancestor_cgroup_id` and no cgroup-map lookup.
+//!
+//! Why a stale word is never used: the agent raises the epoch in an update
+//! of its own after each change to what the walk reads (a flip of the
+//! generation, a cgroup entry inserted into the live generation), and a
+//! program reads the epoch before anything the walk reads. On x86-64 (the
+//! only architecture the agent loads this object on) loads are not reordered
+//! with older loads and stores become visible in order, so a program that
+//! read the raised epoch sees the change, and a word found before it carries
+//! an older epoch. The cache is keyed by the task's own cgroup
+//! (`task->cgroups->dfl_cgrp`), the cgroup whose ancestry
+//! `bpf_get_current_ancestor_cgroup_id` walks.
+
+use core::ptr::{null_mut, read_volatile, write_volatile};
+
+use aya_ebpf::{
+    bindings::cgroup, btf_maps::CgrpStorage, helpers::generated::bpf_get_current_task_btf,
+    macros::btf_map,
+};
+use portguard_common::CacheOffsets;
+
+/// Each cgroup's cache word; created by the first decision made in it, freed
+/// with the cgroup.
+#[btf_map]
+static PORTGUARD_CGROUP_CACHE: CgrpStorage<u64> = CgrpStorage::new();
+
+/// Set by the agent before load (see portguard-common).
+#[unsafe(no_mangle)]
+static PORTGUARD_CACHE_OFFSETS: CacheOffsets = CacheOffsets {
+    task_cgroups: 0,
+    css_set_dfl_cgrp: 0,
+};
+
+/// The calling task's cgroup on the cgroup2 hierarchy, as a BTF-typed
+/// pointer (null where the offsets are unknown).
+#[inline(always)]
+pub fn current() -> *mut cgroup {
+    // SAFETY: a global the loader patches; read as a plain value.
+    let off = unsafe { read_volatile(&PORTGUARD_CACHE_OFFSETS) };
+    if off.task_cgroups == 0 || off.css_set_dfl_cgrp == 0 {
+        return null_mut();
+    }
+    // SAFETY: BTF-typed loads: the verifier checks each offset against the
+    // kernel's BTF (task_struct.cgroups, css_set.dfl_cgrp) and turns a fault
+    // into a zero read; we run inside the RCU read section that protects
+    // `task->cgroups`.
+    unsafe {
+        let task = bpf_get_current_task_btf().cast::<u8>().cast_const();
+        let css = read_volatile(task.add(off.task_cgroups as usize).cast::<*const u8>());
+        read_volatile(css.add(off.css_set_dfl_cgrp as usize).cast::<*mut cgroup>())
+    }
+}
+
+/// The word cached for `cgroup`, if any.
+#[inline(always)]
+pub fn get(cgroup: *mut cgroup) -> Option<u64> {
+    if cgroup.is_null() {
+        return None;
+    }
+    // SAFETY: the helper checks the pointer's type and creates nothing.
+    let p = unsafe { PORTGUARD_CGROUP_CACHE.get_ptr_mut(cgroup) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: this cgroup's 8-byte storage, read whole.
+    Some(unsafe { read_volatile(p) })
+}
+
+/// Cache `word` for `cgroup` (one 8-byte store: a concurrent reader sees the
+/// old word or the new one). Without memory for the storage nothing is
+/// cached; the next decision walks again.
+#[inline(always)]
+pub fn put(cgroup: *mut cgroup, word: u64) {
+    if cgroup.is_null() {
+        return;
+    }
+    let mut init = word;
+    // SAFETY: the helper checks the pointer's type; `init` is copied.
+    let p = unsafe { PORTGUARD_CGROUP_CACHE.get_or_insert_ptr_mut(cgroup, Some(&mut init)) };
+    if !p.is_null() {
+        // SAFETY: this cgroup's 8-byte storage, written whole.
+        unsafe { write_volatile(p, word) };
+    }
+}

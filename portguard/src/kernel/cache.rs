@@ -1,0 +1,101 @@
+//! Which kernel object the agent loads: `portguard-cached`, whose decisions
+//! keep the answer of the ancestor walk in each cgroup's own storage
+//! (`BPF_MAP_TYPE_CGRP_STORAGE`) until a policy changes, where this kernel
+//! accepts it, else `portguard`, which walks on every decision. Both enforce
+//! the same policies; the cache only saves the walk (a helper call and a
+//! hash lookup per governed level) on the hot path.
+//!
+//! The cached object needs: x86-64 (the epoch protocol in
+//! portguard-ebpf/src/cache.rs leans on its load and store ordering), the
+//! kernel's BTF for two offsets, kernel 6.2+ for the map type, and a
+//! verifier that lets cgroup socket programs call
+//! `bpf_get_current_task_btf` and `bpf_cgrp_storage_get`. Rather than guess
+//! from the release, [`choose`] loads the cached object's bind4 program
+//! once, unattached, and keeps the answer.
+
+use std::path::Path;
+
+use aya::{
+    EbpfLoader,
+    programs::{CgroupSockAddr, ProgramError},
+};
+use portguard_common::{CACHE_MAX_INDEXES, CacheOffsets, GLOBAL_CACHE_OFFSETS};
+
+use crate::kernel::btf::{VMLINUX_BTF, cache_offsets};
+
+/// The kernel object with the per-cgroup policy cache, built by build.rs.
+static OBJECT_CACHED: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portguard-cached"));
+
+/// The object to load and what was decided about the cache.
+pub(super) struct Choice {
+    pub object: &'static [u8],
+    /// The offsets to patch into the cached object (None: the plain one).
+    pub offsets: Option<CacheOffsets>,
+    /// Why the cache is off, when it is.
+    pub off: Option<String>,
+}
+
+/// Choose between the cached object and `plain`. `wanted` false
+/// (`--no-cgroup-cache`, or `--kernel-object` given, which is loaded as it
+/// is): the plain one, without trying.
+pub(super) fn choose(plain: &'static [u8], wanted: bool, policy_entries: u32) -> Choice {
+    let off = |reason: String| Choice {
+        object: plain,
+        offsets: None,
+        off: Some(reason),
+    };
+    if !wanted {
+        return off("--no-cgroup-cache or --kernel-object".to_owned());
+    }
+    if u64::from(policy_entries) > CACHE_MAX_INDEXES {
+        return off(format!(
+            "the policy map's {policy_entries} entries (twice --max-policies) do not fit a cache \
+             word ({CACHE_MAX_INDEXES} at most)"
+        ));
+    }
+    if !cfg!(target_arch = "x86_64") {
+        return off(format!(
+            "the cache is loaded on x86-64 only (this is {}): its epoch check relies on x86-64's \
+             ordering of loads and stores",
+            std::env::consts::ARCH
+        ));
+    }
+    let offsets = match cache_offsets(Path::new(VMLINUX_BTF)) {
+        Ok(o) => o,
+        Err(e) => return off(e.to_string()),
+    };
+    match probe(&offsets) {
+        Ok(()) => Choice {
+            object: OBJECT_CACHED,
+            offsets: Some(offsets),
+            off: None,
+        },
+        Err(e) => off(format!(
+            "the kernel refused the cached programs (kernel 6.2+ with \
+             bpf_get_current_task_btf and bpf_cgrp_storage_get for cgroup socket programs): {e}"
+        )),
+    }
+}
+
+/// Load the cached object's bind4 program, unattached, with its own small
+/// maps, and drop it: whether this kernel has the map type and lets a cgroup
+/// socket program call the two helpers. (The other programs decide through
+/// the same code; loading all of them here would double the agent's
+/// start-up.) Globals the cache does not read keep their defaults.
+fn probe(offsets: &CacheOffsets) -> Result<(), String> {
+    let mut loader = EbpfLoader::new();
+    loader.override_global(GLOBAL_CACHE_OFFSETS, offsets, true);
+    let mut ebpf = loader.load(OBJECT_CACHED).map_err(|e| e.to_string())?;
+    let prog: &mut CgroupSockAddr = ebpf
+        .program_mut("portguard_bind4")
+        .ok_or("the cached object has no portguard_bind4")?
+        .try_into()
+        .map_err(|e: ProgramError| e.to_string())?;
+    prog.load().map_err(|e| {
+        // The verifier's log is long; its last lines say why.
+        let text = format!("{e:#}");
+        let tail: Vec<&str> = text.lines().rev().take(3).collect();
+        tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
+    })
+}
