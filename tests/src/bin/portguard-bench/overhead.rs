@@ -264,9 +264,13 @@ fn design(report: &mut String, breakdown: &[(&str, Vec<ProgramCost>)]) {
          1b). Under an attach point, an allowed explicit `bind()` runs `sock_create` at \
          `socket()` (family, type and protocol; it returns at once for TCP and UDP, and exists \
          to deny raw/SCTP/L2TP sockets, whose own bind escapes every bind hook, which Landlock \
-         does not address), `bind4` (the live generation from an array; for each cgroup level \
-         from the shallowest to the deepest governed level one \
-         `bpf_get_current_ancestor_cgroup_id` and one hash lookup; the policy record, an \
+         does not address), `bind4` (the live generation and the cache epoch from an array; \
+         the calling task's cgroup (`bpf_get_current_task_btf`, two BTF-typed loads) and its \
+         cache word (`bpf_cgrp_storage_get`): while the word carries the current epoch it \
+         names the governing policy, else, as on kernels without the cache, for each cgroup \
+         level from the shallowest to the deepest governed level one \
+         `bpf_get_current_ancestor_cgroup_id` and one hash lookup, and the answer is cached; \
+         the policy record, an \
          array, which holds a port set of up to two ranges inline (`[8080]`, `[ephemeral, \
          8080]`), so the port is tested without a further lookup; only a larger set costs one \
          port-set chunk, a hash lookup; two per-CPU counters) and `post_bind4` \
