@@ -174,9 +174,10 @@ const _: () = assert!(size_of::<SockOffsets>() == 32);
 pub const GLOBAL_CACHE_OFFSETS: &str = "PORTGUARD_CACHE_OFFSETS";
 
 /// Byte offsets the cached programs follow from the current task to its
-/// cgroup (`task->cgroups->dfl_cgrp`, BTF-typed loads the verifier checks
-/// against the kernel's BTF), from the running kernel's BTF. 0: unknown
-/// (then the agent does not load the cached object).
+/// cgroup (`task->cgroups->dfl_cgrp`) and from a cgroup to its id, level
+/// and parent (BTF-typed loads the verifier checks against the kernel's
+/// BTF), from the running kernel's BTF. 0 in `task_cgroups`: unknown (then
+/// the agent does not load the cached object).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CacheOffsets {
@@ -184,8 +185,19 @@ pub struct CacheOffsets {
     pub task_cgroups: u32,
     /// `struct css_set`: `dfl_cgrp` (`struct cgroup *`).
     pub css_set_dfl_cgrp: u32,
+    /// `struct cgroup`: `level` (int).
+    pub cgroup_level: u32,
+    /// `struct cgroup`: `kn` (`struct kernfs_node *`).
+    pub cgroup_kn: u32,
+    /// `struct kernfs_node`: `id` (u64, the cgroup id).
+    pub kernfs_node_id: u32,
+    /// `struct cgroup`: `self.parent` (`struct cgroup_subsys_state *`).
+    pub cgroup_parent_css: u32,
+    /// `struct cgroup_subsys_state`: `cgroup` (`struct cgroup *`).
+    pub css_cgroup: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<CacheOffsets>() == 8);
+const _: () = assert!(size_of::<CacheOffsets>() == 32);
 
 /// cgroup programs (the Rust function names in portguard-ebpf) and the
 /// [`Hook`] each one reports. The packet guard is [`GUARD_PROGRAM`].

@@ -14,8 +14,11 @@
 //! with older loads and stores become visible in order, so a program that
 //! read the raised epoch sees the change, and a word found before it carries
 //! an older epoch. The cache is keyed by the task's own cgroup
-//! (`task->cgroups->dfl_cgrp`), the cgroup whose ancestry
-//! `bpf_get_current_ancestor_cgroup_id` walks.
+//! (`task->cgroups->dfl_cgrp`), and a miss walks up from that same cgroup
+//! ([`walk`]: its level, its id, its parent), so the answer stored is that
+//! cgroup's even when another thread moves the task meanwhile (the
+//! `bpf_get_current_ancestor_cgroup_id` walk of the plain object reads the
+//! task's cgroup anew at every level).
 
 use core::ptr::{null_mut, read_volatile, write_volatile};
 
@@ -23,7 +26,9 @@ use aya_ebpf::{
     bindings::cgroup, btf_maps::CgrpStorage, helpers::generated::bpf_get_current_task_btf,
     macros::btf_map,
 };
-use portguard_common::CacheOffsets;
+use portguard_common::{CacheOffsets, CgroupKey, MAX_CGROUP_DEPTH, State};
+
+use crate::maps::PORTGUARD_CGROUPS;
 
 /// Each cgroup's cache word; created by the first decision made in it, freed
 /// with the cgroup.
@@ -35,7 +40,63 @@ static PORTGUARD_CGROUP_CACHE: CgrpStorage<u64> = CgrpStorage::new();
 static PORTGUARD_CACHE_OFFSETS: CacheOffsets = CacheOffsets {
     task_cgroups: 0,
     css_set_dfl_cgrp: 0,
+    cgroup_level: 0,
+    cgroup_kn: 0,
+    kernfs_node_id: 0,
+    cgroup_parent_css: 0,
+    css_cgroup: 0,
+    _pad: 0,
 };
+
+/// A BTF-typed load of a `T` at `off` bytes into the kernel object at `p`
+/// (the verifier checks the offset against the kernel's BTF and turns a
+/// fault into a zero read).
+#[inline(always)]
+unsafe fn field<T: Copy>(p: *const u8, off: u32) -> T {
+    // SAFETY: the caller's promise: `p` is a BTF-typed pointer the verifier
+    // knows, and `off` a member of its type holding a `T`.
+    unsafe { read_volatile(p.add(off as usize).cast::<T>()) }
+}
+
+/// The deepest governed cgroup among `cgroup` and its ancestors in
+/// generation `g`, as (level, policy record index): up from `cgroup`, one
+/// parent per step, skipping the levels no policy is at (outside
+/// `State::min_level..=max_level`); the first hit is the deepest.
+#[inline(always)]
+pub fn walk(cgroup: *mut cgroup, state: &State, g: usize, generation: u32) -> Option<(u32, u32)> {
+    // SAFETY: a global the loader patches; read as a plain value.
+    let off = unsafe { read_volatile(&PORTGUARD_CACHE_OFFSETS) };
+    let (min_level, max_level) = (state.min_level[g & 1], state.max_level[g & 1]);
+    let mut c = cgroup.cast::<u8>().cast_const();
+    let mut steps = 0;
+    while steps <= MAX_CGROUP_DEPTH && !c.is_null() {
+        // SAFETY: `c` is a BTF-typed `struct cgroup *` (the task's, or a
+        // parent reached below); the offsets are its members'.
+        let level: u32 = unsafe { field(c, off.cgroup_level) };
+        if level < min_level {
+            break;
+        }
+        if level <= max_level {
+            // SAFETY: as above; `kn` is a `struct kernfs_node *`.
+            let id: u64 =
+                unsafe { field(field::<*const u8>(c, off.cgroup_kn), off.kernfs_node_id) };
+            let key = CgroupKey {
+                cgroup_id: id,
+                generation,
+                _pad: 0,
+            };
+            // SAFETY: value is plain data; we copy it out immediately.
+            if let Some(v) = unsafe { PORTGUARD_CGROUPS.get(key) } {
+                return Some((level, v.policy_index));
+            }
+        }
+        // SAFETY: as above; `self.parent` is a `struct cgroup_subsys_state *`
+        // (null at the root), whose `cgroup` is the parent cgroup.
+        c = unsafe { field(field::<*const u8>(c, off.cgroup_parent_css), off.css_cgroup) };
+        steps += 1;
+    }
+    None
+}
 
 /// The calling task's cgroup on the cgroup2 hierarchy, as a BTF-typed
 /// pointer (null where the offsets are unknown).

@@ -115,12 +115,11 @@ fn governing() -> Option<Governing> {
     }
     // SAFETY: `state` points into a live array element.
     let ephemeral = unsafe { core::ptr::read_volatile(&state.ephemeral) };
-    let cgroup = if epoch == 0 {
-        core::ptr::null_mut()
-    } else {
-        cache::current()
-    };
-    if let Some(word) = cache::get(cgroup)
+    // The cached object's cgroup: the cache's key, and where its walk
+    // starts (null in the plain object).
+    let cgroup = cache::current();
+    if epoch != 0
+        && let Some(word) = cache::get(cgroup)
         && cache_word_is_current(word, epoch, generation)
     {
         let (level, index) = cache_word_governing(word)?;
@@ -131,10 +130,19 @@ fn governing() -> Option<Governing> {
             ephemeral,
         });
     }
-    let found = walk(state, g, generation);
-    if epoch != 0 {
-        cache::put(cgroup, cache_word(epoch, generation, found));
-    }
+    let found = if cgroup.is_null() {
+        walk(state, g, generation)
+    } else {
+        // Up from the very cgroup the answer is cached for: a task that
+        // another thread moves to another cgroup meanwhile cannot leave
+        // that cgroup's answer here (the helper reads the task's cgroup
+        // anew at every call).
+        let found = cache::walk(cgroup, state, g, generation);
+        if epoch != 0 {
+            cache::put(cgroup, cache_word(epoch, generation, found));
+        }
+        found
+    };
     let (level, index) = found?;
     let record = PORTGUARD_POLICIES.get_ptr(index)?;
     Some(Governing {

@@ -41,4 +41,14 @@ mod cache {
 
     #[inline(always)]
     pub fn put(_cgroup: *mut cgroup, _word: u64) {}
+
+    #[inline(always)]
+    pub fn walk(
+        _cgroup: *mut cgroup,
+        _state: &portguard_common::State,
+        _g: usize,
+        _generation: u32,
+    ) -> Option<(u32, u32)> {
+        None
+    }
 }

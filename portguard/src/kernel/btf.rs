@@ -143,23 +143,31 @@ pub fn sock_offsets(path: &Path) -> Result<SockOffsets, BtfLookupError> {
 }
 
 /// The offsets the cached programs follow from the current task to its
-/// cgroup2 cgroup: `task_struct.cgroups` and `css_set.dfl_cgrp`, both
-/// pointers on a byte boundary.
+/// cgroup2 cgroup (`task_struct.cgroups`, `css_set.dfl_cgrp`) and up its
+/// ancestry (`cgroup.level`, `cgroup.kn`, `kernfs_node.id`,
+/// `cgroup.self.parent`, `cgroup_subsys_state.cgroup`), each on a byte
+/// boundary.
 pub fn cache_offsets(path: &Path) -> Result<CacheOffsets, BtfLookupError> {
     let btf = read_btf(path)?;
-    let pointer_at = |ty: &str, name: &str| -> Result<u32, BtfLookupError> {
+    let at = |ty: &str, name: &str| -> Result<u32, BtfLookupError> {
         let missing = || BtfLookupError::Member {
             member: format!("{ty}.{name}"),
         };
         let st = struct_named(&btf, ty).ok_or_else(missing)?;
         match member_bits(&btf, &st, name) {
-            Some((bits, None | Some(0))) if bits % 8 == 0 && bits > 0 => Ok(bits / 8),
+            Some((bits, None | Some(0))) if bits % 8 == 0 => Ok(bits / 8),
             _ => Err(missing()),
         }
     };
     Ok(CacheOffsets {
-        task_cgroups: pointer_at("task_struct", "cgroups")?,
-        css_set_dfl_cgrp: pointer_at("css_set", "dfl_cgrp")?,
+        task_cgroups: at("task_struct", "cgroups")?,
+        css_set_dfl_cgrp: at("css_set", "dfl_cgrp")?,
+        cgroup_level: at("cgroup", "level")?,
+        cgroup_kn: at("cgroup", "kn")?,
+        kernfs_node_id: at("kernfs_node", "id")?,
+        cgroup_parent_css: at("cgroup", "self")? + at("cgroup_subsys_state", "parent")?,
+        css_cgroup: at("cgroup_subsys_state", "cgroup")?,
+        _pad: 0,
     })
 }
 
@@ -263,5 +271,12 @@ mod tests {
             c.css_set_dfl_cgrp > 0 && c.css_set_dfl_cgrp.is_multiple_of(8),
             "{c:?}"
         );
+        // struct cgroup begins with its own css, whose `cgroup` comes first.
+        assert_eq!(c.css_cgroup, 0, "{c:?}");
+        assert!(
+            c.cgroup_parent_css > 0 && c.cgroup_parent_css < c.cgroup_kn,
+            "{c:?}"
+        );
+        assert!(c.cgroup_level > 0 && c.kernfs_node_id > 0, "{c:?}");
     }
 }
