@@ -68,6 +68,7 @@ mod aggregate;
 mod audit;
 mod bind;
 mod bypass;
+mod cache;
 mod cgroups;
 mod cli;
 mod connect;
