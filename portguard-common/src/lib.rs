@@ -94,7 +94,9 @@ pub const MAPS: [&str; 12] = [
 /// 4: per-policy counters gained the suppressed and lost kinds
 /// ([`POLICY_KINDS`] per slot), and the event budget maps appeared.
 /// 5: [`PolicyRecord`] carries small sets inline ([`PolicyRecord::inline`]).
-pub const LAYOUT_VERSION: u32 = 5;
+/// 6: [`State::epoch`] (was padding): an agent that does not raise it must
+/// not adopt state the cached programs read.
+pub const LAYOUT_VERSION: u32 = 6;
 /// [`AgentStamp::magic`].
 pub const STAMP_MAGIC: u64 = u64::from_le_bytes(*b"PGSTAMP1");
 

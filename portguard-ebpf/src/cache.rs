@@ -59,22 +59,38 @@ unsafe fn field<T: Copy>(p: *const u8, off: u32) -> T {
 }
 
 /// The deepest governed cgroup among `cgroup` and its ancestors in
-/// generation `g`, as (level, policy record index): up from `cgroup`, one
-/// parent per step, skipping the levels no policy is at (outside
-/// `State::min_level..=max_level`); the first hit is the deepest.
+/// generation `g`, as (level, policy record index, its id): up from
+/// `cgroup`, one parent per step, skipping the levels no policy is at
+/// (outside `State::min_level..=max_level`); the first hit is the deepest.
+/// `None`: no cgroup to start from, or not finished within
+/// `MAX_CGROUP_DEPTH + 1` steps (a cgroup that far below the deepest
+/// governed level: a tenant can make one in its own subtree): the caller
+/// walks by level instead and caches nothing.
 #[inline(always)]
-pub fn walk(cgroup: *mut cgroup, state: &State, g: usize, generation: u32) -> Option<(u32, u32)> {
+pub fn walk(
+    cgroup: *mut cgroup,
+    state: &State,
+    g: usize,
+    generation: u32,
+) -> Option<Option<(u32, u32, u64)>> {
+    if cgroup.is_null() {
+        return None;
+    }
     // SAFETY: a global the loader patches; read as a plain value.
     let off = unsafe { read_volatile(&PORTGUARD_CACHE_OFFSETS) };
     let (min_level, max_level) = (state.min_level[g & 1], state.max_level[g & 1]);
     let mut c = cgroup.cast::<u8>().cast_const();
     let mut steps = 0;
-    while steps <= MAX_CGROUP_DEPTH && !c.is_null() {
+    while steps <= MAX_CGROUP_DEPTH {
+        if c.is_null() {
+            // Past the root.
+            return Some(None);
+        }
         // SAFETY: `c` is a BTF-typed `struct cgroup *` (the task's, or a
         // parent reached below); the offsets are its members'.
         let level: u32 = unsafe { field(c, off.cgroup_level) };
         if level < min_level {
-            break;
+            return Some(None);
         }
         if level <= max_level {
             // SAFETY: as above; `kn` is a `struct kernfs_node *`.
@@ -87,7 +103,7 @@ pub fn walk(cgroup: *mut cgroup, state: &State, g: usize, generation: u32) -> Op
             };
             // SAFETY: value is plain data; we copy it out immediately.
             if let Some(v) = unsafe { PORTGUARD_CGROUPS.get(key) } {
-                return Some((level, v.policy_index));
+                return Some(Some((level, v.policy_index, id)));
             }
         }
         // SAFETY: as above; `self.parent` is a `struct cgroup_subsys_state *`

@@ -66,18 +66,24 @@ pub struct Query {
 }
 
 struct Governing {
-    /// Level of the governing cgroup in the caller's ancestry (its id, for
-    /// an event, is `bpf_get_current_ancestor_cgroup_id(level)`).
+    /// Level of the governing cgroup in the caller's ancestry.
     level: u32,
+    /// Its id, as the walk found it; 0 on a cache hit (then
+    /// [`Governing::cgroup_id`] asks for it, for an event only).
+    id: u64,
     record: *const PolicyRecord,
     /// The host's ephemeral range (`State::ephemeral`).
     ephemeral: u32,
 }
 
 impl Governing {
-    /// Id of the governing cgroup (for events only: a helper call).
+    /// Id of the governing cgroup (for events). After a cache hit, a helper
+    /// call: the caller's ancestor at `level`, read now.
     #[inline(always)]
     fn cgroup_id(&self) -> u64 {
+        if self.id != 0 {
+            return self.id;
+        }
         // SAFETY: plain helper call.
         unsafe { bpf_get_current_ancestor_cgroup_id(self.level as i32) }
     }
@@ -126,27 +132,32 @@ fn governing() -> Option<Governing> {
         let record = PORTGUARD_POLICIES.get_ptr(index)?;
         return Some(Governing {
             level,
+            id: 0,
             record,
             ephemeral,
         });
     }
-    let found = if cgroup.is_null() {
-        walk(state, g, generation)
-    } else {
-        // Up from the very cgroup the answer is cached for: a task that
-        // another thread moves to another cgroup meanwhile cannot leave
-        // that cgroup's answer here (the helper reads the task's cgroup
-        // anew at every call).
-        let found = cache::walk(cgroup, state, g, generation);
-        if epoch != 0 {
-            cache::put(cgroup, cache_word(epoch, generation, found));
+    // Up from the very cgroup the answer is cached for: a task that another
+    // thread moves to another cgroup meanwhile cannot leave that cgroup's
+    // answer here (the helper reads the task's cgroup anew at every call).
+    // Where that walk cannot finish, or in the plain object, by level.
+    let found = match cache::walk(cgroup, state, g, generation) {
+        Some(found) => {
+            if epoch != 0 {
+                cache::put(
+                    cgroup,
+                    cache_word(epoch, generation, found.map(|(l, i, _)| (l, i))),
+                );
+            }
+            found
         }
-        found
+        None => walk(state, g, generation),
     };
-    let (level, index) = found?;
+    let (level, index, id) = found?;
     let record = PORTGUARD_POLICIES.get_ptr(index)?;
     Some(Governing {
         level,
+        id,
         record,
         ephemeral,
     })
@@ -158,12 +169,13 @@ static PORTGUARD_UNLINK: u32 = 0;
 
 /// The ancestor walk: the deepest governed cgroup among the caller's
 /// ancestors-or-self at the levels generation `g` holds policies at, as
-/// (level, policy record index).
+/// (level, policy record index, its id).
 #[inline(always)]
-fn walk(state: &State, g: usize, generation: u32) -> Option<(u32, u32)> {
+fn walk(state: &State, g: usize, generation: u32) -> Option<(u32, u32, u64)> {
     let max_level = state.max_level[g & 1];
     let mut found_level = 0u32;
     let mut found_index = 0u32;
+    let mut found_id = 0u64;
     let mut found = false;
     // Levels above the shallowest governed cgroup cannot hold a policy.
     let mut level = state.min_level[g & 1];
@@ -192,11 +204,12 @@ fn walk(state: &State, g: usize, generation: u32) -> Option<(u32, u32)> {
             // SAFETY: a global nobody writes (0), read as a plain value.
             found_level = level ^ unsafe { core::ptr::read_volatile(&PORTGUARD_UNLINK) };
             found_index = v.policy_index;
+            found_id = id;
             found = true;
         }
         level += 1;
     }
-    found.then_some((found_level, found_index))
+    found.then_some((found_level, found_index, found_id))
 }
 
 #[inline(always)]

@@ -48,7 +48,7 @@ mod cache {
         _state: &portguard_common::State,
         _g: usize,
         _generation: u32,
-    ) -> Option<(u32, u32)> {
+    ) -> Option<Option<(u32, u32, u64)>> {
         None
     }
 }

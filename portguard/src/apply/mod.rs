@@ -395,8 +395,8 @@ impl Applier {
             policy_index: live as u32 * self.caps.policies + slot,
         };
         // Mirrored before the write: should it fail, the kernel may hold it
-        // anyway (the mirror says so until a delete succeeds), and the apply
-        // that next rewrites this generation removes it unless it is planned.
+        // (the mirror says so until a delete succeeds); the apply that next
+        // rewrites this generation removes it unless it is planned.
         self.gen_cgroups[live].insert(key, value);
         if let Err(e) = sink.put_cgroup(key, value) {
             if sink.del_cgroup(key).is_ok() {
@@ -404,11 +404,15 @@ impl Applier {
             }
             return Err(e);
         }
-        // It (or one below it) may hold an answer cached before the insert:
-        // stale from this state update on (State::epoch).
+        // Cached answers go stale here (State::epoch), or the insert is undone.
         let mut state = self.state;
         state.epoch = portguard_common::next_epoch(state.epoch);
-        sink.put_state(&state)?;
+        if let Err(e) = sink.put_state(&state) {
+            if sink.del_cgroup(key).is_ok() {
+                self.gen_cgroups[live].remove(&key);
+            }
+            return Err(e);
+        }
         self.state = state;
         Ok(true)
     }

@@ -39,7 +39,7 @@ pub(super) struct Choice {
 /// Choose between the cached object and `plain`. `wanted` false
 /// (`--no-cgroup-cache`, or `--kernel-object` given, which is loaded as it
 /// is): the plain one, without trying.
-pub(super) fn choose(plain: &'static [u8], wanted: bool, policy_entries: u32) -> Choice {
+pub(super) fn choose(plain: &'static [u8], wanted: bool, max_policies: u32) -> Choice {
     let off = |reason: String| Choice {
         object: plain,
         offsets: None,
@@ -48,7 +48,9 @@ pub(super) fn choose(plain: &'static [u8], wanted: bool, policy_entries: u32) ->
     if !wanted {
         return off("--no-cgroup-cache or --kernel-object".to_owned());
     }
-    if u64::from(policy_entries) > CACHE_MAX_INDEXES {
+    // Both generations' records: twice --max-policies (in u64: no wrap).
+    let policy_entries = 2 * u64::from(max_policies);
+    if policy_entries > CACHE_MAX_INDEXES {
         return off(format!(
             "the policy map's {policy_entries} entries (twice --max-policies) do not fit a cache \
              word ({CACHE_MAX_INDEXES} at most)"

@@ -298,7 +298,7 @@ impl Loaded {
         let choice = cache::choose(
             OBJECT,
             opts.cgroup_cache && opts.object.is_none(),
-            opts.capacity.policy_map_entries(),
+            opts.capacity.policies,
         );
         let object: &[u8] = opts.object.as_deref().unwrap_or(choice.object);
         let mut adoption = Adoption {

@@ -462,3 +462,32 @@ fn no_cgroup_cache_turns_the_cache_off_and_still_denies() {
     t.denied(&agent, allowed, &cg, "svc");
     t.allowed(denied);
 }
+
+/// A tenant makes a chain of its own cgroups 40 levels below its governed
+/// cgroup (nothing bounds a subtree's depth by default) and binds from the
+/// bottom. The cached programs walk up from the task's cgroup one parent
+/// per step, at most 33 steps: from that deep they never reach a governed
+/// level, so they must walk by level instead (and cache nothing) rather
+/// than take the cgroup for ungoverned. Denied, twice (the second through
+/// whatever the first left), and the allowed port still binds.
+#[test]
+fn a_cgroup_far_below_its_policy_is_governed_by_it() {
+    require_root!();
+    let (denied, allowed) = (47561, 47562);
+    let top = Cgroup::new("cache-deep");
+    let agent = Agent::start(&file(&[line("deep", &top, &[allowed])]));
+    // Dropped shallowest first: the first drop removes the whole chain.
+    let mut chain: Vec<Cgroup> = Vec::new();
+    for _ in 0..40 {
+        let next = chain.last().unwrap_or(&top).child("d");
+        chain.push(next);
+    }
+    let bottom = chain.last().unwrap();
+    for _ in 0..2 {
+        denied_once(&agent, bottom, denied, "deep");
+    }
+    bind_once(bottom, allowed).assert_ok();
+    let mut t = Tenant::start(bottom);
+    t.denied(&agent, denied, bottom, "deep");
+    t.allowed(allowed);
+}
