@@ -1,24 +1,31 @@
 //! The per-cgroup policy cache of the `portguard-cached` object: what the
 //! ancestor walk of `decide::governing` found for a cgroup, kept in that
 //! cgroup's own storage (`BPF_MAP_TYPE_CGRP_STORAGE`, kernel 6.2+) as one
-//! 64-bit word stamped with the epoch it was found in
+//! 64-bit word stamped with the epoch and generation it was found in
 //! (`portguard_common::cache_word`). A decision whose cgroup holds a word of
-//! the current epoch (`State::epoch`) skips the walk: no
-//! `bpf_get_current_ancestor_cgroup_id` and no cgroup-map lookup.
+//! the current epoch and generation (`State::epoch`, `State::generation`)
+//! skips the walk: no `bpf_get_current_ancestor_cgroup_id` and no
+//! cgroup-map lookup.
 //!
-//! Why a stale word is never used: the agent raises the epoch in an update
-//! of its own after each change to what the walk reads (a flip of the
-//! generation, a cgroup entry inserted into the live generation), and a
-//! program reads the epoch before anything the walk reads. On x86-64 (the
-//! only architecture the agent loads this object on) loads are not reordered
-//! with older loads and stores become visible in order, so a program that
-//! read the raised epoch sees the change, and a word found before it carries
-//! an older epoch. The cache is keyed by the task's own cgroup
-//! (`task->cgroups->dfl_cgrp`), and a miss walks up from that same cgroup
-//! ([`walk`]: its level, its id, its parent), so the answer stored is that
-//! cgroup's even when another thread moves the task meanwhile (the
-//! `bpf_get_current_ancestor_cgroup_id` walk of the plain object reads the
-//! task's cgroup anew at every level).
+//! Why a stale word is never used: the agent raises the epoch after each
+//! change to what the walk reads: in the very update that flips the
+//! generation, and in an update of its own after a cgroup entry it inserts
+//! into the live generation. A program reads the epoch before anything the
+//! walk reads. On x86-64 (the only architecture the agent loads this object
+//! on) loads are not reordered with older loads and stores become visible
+//! in order, so a program that read the raised epoch sees the change, and a
+//! word found before it carries an older epoch. A reader of a half-written
+//! state update may pair a new epoch with the old generation: the word it
+//! leaves then names the old generation, and no reader of the whole update
+//! takes it.
+//!
+//! The cache is keyed by the task's own cgroup (`task->cgroups->dfl_cgrp`),
+//! and a miss walks up from that same cgroup ([`walk`]: its level, its id,
+//! its parent), so the answer stored is that cgroup's even when another
+//! thread moves the task meanwhile (the `bpf_get_current_ancestor_cgroup_id`
+//! walk of the plain object reads the task's cgroup anew at every level).
+//! Where that walk cannot reach a governed level within its bounded steps,
+//! the decision walks by level and caches nothing.
 
 use core::ptr::{null_mut, read_volatile, write_volatile};
 
