@@ -52,13 +52,16 @@ fn is_progress(line: &str) -> bool {
 }
 
 fn main() -> anyhow::Result<()> {
-    // AYA_BUILD_SKIP=1 (the fuzz build, which never loads programs): an
-    // empty object keeps the crate compiling; loading it would fail.
+    // AYA_BUILD_SKIP=1 (the fuzz build, which never loads programs): empty
+    // objects (both builds, see kernel/cache.rs) keep the crate compiling;
+    // loading them would fail.
     println!("cargo:rerun-if-env-changed=AYA_BUILD_SKIP");
     println!("cargo:rerun-if-env-changed=PORTGUARD_EBPF_BUILD_VERBOSE");
     let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").context("OUT_DIR not set")?);
     if std::env::var_os("AYA_BUILD_SKIP").is_some_and(|v| v == "1") {
-        std::fs::write(out_dir.join("portguard"), b"").context("writing the placeholder object")?;
+        for object in ["portguard", "portguard-cached"] {
+            std::fs::write(out_dir.join(object), b"").context("writing the placeholder objects")?;
+        }
         return Ok(());
     }
     let cargo_metadata::Metadata { packages, .. } = cargo_metadata::MetadataCommand::new()
