@@ -1,7 +1,11 @@
 //! Where the binaries under test are: the agent (`$PORTGUARD_BIN` or the
 //! cargo target directory) and the tests crate's own `pgbench` and `pgprobe`.
 
-use std::path::{Path, PathBuf};
+use std::{
+    io::BufReader,
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+};
 
 fn target_dir_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
@@ -48,4 +52,22 @@ pub fn probe_bin() -> PathBuf {
         p.display()
     );
     p
+}
+
+/// `pgprobe batch` started in `cgroup` (its directory), in a network
+/// namespace of its own: one long-lived process that makes every call it is
+/// sent on standard input and answers each with a JSON line.
+pub fn probe_batch(cgroup: &Path) -> (Child, ChildStdin, BufReader<ChildStdout>) {
+    let mut child = Command::new(probe_bin())
+        .arg("--netns")
+        .arg("--cgroup")
+        .arg(cgroup)
+        .arg("batch")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawning pgprobe batch");
+    let stdin = child.stdin.take().expect("stdin");
+    let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    (child, stdin, stdout)
 }

@@ -37,7 +37,7 @@ pub use agent::{
     Agent, EVENT_TIMEOUT, MINIMAL_CAPS, Stopped, TEST_PIN_ROOT, TestBpffs, matches, portguard,
     uninstall,
 };
-pub use binaries::{agent_bin, pgbench_bin, probe_bin};
+pub use binaries::{agent_bin, pgbench_bin, probe_batch, probe_bin};
 pub use cgroups::{Cgroup, cgroup2_root, is_root, join_before_exec};
 pub use k8s::{ApiRequest, ConfigMapVolume, FakeApiServer};
 pub use load::{Loop, Tally};

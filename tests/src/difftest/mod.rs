@@ -29,7 +29,7 @@ use std::{
     io::{BufRead as _, BufReader, Read as _, Seek as _, Write as _},
     net::IpAddr,
     path::{Path, PathBuf},
-    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    process::{Child, ChildStdin, ChildStdout},
     time::{Duration, Instant},
 };
 
@@ -41,7 +41,7 @@ use self::{
     coverage::Coverage,
     oracle::{Model, Prediction, predict},
 };
-use crate::{Agent, Cgroup, probe_bin};
+use crate::{Agent, Cgroup, probe_batch};
 
 /// Name of the marker policy (see the module docs).
 pub const MARKER: &str = "dt-marker";
@@ -182,17 +182,7 @@ struct Executor {
 
 impl Executor {
     fn start(cgroup: &Path) -> Self {
-        let mut child = Command::new(probe_bin())
-            .arg("--netns")
-            .arg("--cgroup")
-            .arg(cgroup)
-            .arg("batch")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawning pgprobe batch");
-        let stdin = child.stdin.take().expect("stdin");
-        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let (child, stdin, stdout) = probe_batch(cgroup);
         Self {
             child,
             stdin,

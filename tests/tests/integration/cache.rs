@@ -18,11 +18,11 @@
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
-    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    process::{Child, ChildStdin, ChildStdout},
     time::Duration,
 };
 
-use portguard_tests::{Agent, Cgroup, Probe, ProbeResult, probe_bin, require_root};
+use portguard_tests::{Agent, Cgroup, Probe, ProbeResult, probe_batch, require_root};
 use serde_json::json;
 
 use super::hooks::Gate;
@@ -94,17 +94,7 @@ struct Answer {
 
 impl Tenant {
     fn start(cg: &Cgroup) -> Self {
-        let mut child = Command::new(probe_bin())
-            .arg("--netns")
-            .arg("--cgroup")
-            .arg(&cg.fs)
-            .arg("batch")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawning pgprobe batch");
-        let stdin = child.stdin.take().expect("stdin");
-        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let (child, stdin, stdout) = probe_batch(&cg.fs);
         Self {
             child,
             stdin,
