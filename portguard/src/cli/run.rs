@@ -258,8 +258,9 @@ pub struct RunArgs {
     /// default, where the kernel accepts it (x86-64, kernel 6.2+ with BTF),
     /// the decision programs keep each cgroup's answer in the cgroup's own
     /// storage until a policy changes, which saves a helper call and a hash
-    /// lookup per governed level on every bind, connect and send. The
-    /// agent's log says at start which one runs, and why.
+    /// lookup per governed level on every bind, connect and send; a kernel
+    /// that refuses any of those programs gets the walking ones instead.
+    /// The agent's log says at start which one runs, and why.
     #[arg(long)]
     pub no_cgroup_cache: bool,
 }

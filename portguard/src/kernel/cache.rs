@@ -11,7 +11,10 @@
 //! verifier that lets cgroup socket programs call
 //! `bpf_get_current_task_btf` and `bpf_cgrp_storage_get`. Rather than guess
 //! from the release, [`choose`] loads the cached object's bind4 program
-//! once, unattached, and keeps the answer.
+//! once, unattached, and keeps the answer. Should the kernel still refuse
+//! another of the cached programs when the object is loaded for real (a
+//! verifier limit bind4 stays under), the loader loads the plain object
+//! instead ([`Choice::plain`]) and says why.
 
 use std::path::Path;
 
@@ -36,15 +39,22 @@ pub(super) struct Choice {
     pub off: Option<String>,
 }
 
+impl Choice {
+    /// The object without the cache, and why.
+    pub(super) fn plain(object: &'static [u8], why: String) -> Self {
+        Self {
+            object,
+            offsets: None,
+            off: Some(why),
+        }
+    }
+}
+
 /// Choose between the cached object and `plain`. `wanted` false
 /// (`--no-cgroup-cache`, or `--kernel-object` given, which is loaded as it
 /// is): the plain one, without trying.
 pub(super) fn choose(plain: &'static [u8], wanted: bool, max_policies: u32) -> Choice {
-    let off = |reason: String| Choice {
-        object: plain,
-        offsets: None,
-        off: Some(reason),
-    };
+    let off = |reason: String| Choice::plain(plain, reason);
     if !wanted {
         return off("--no-cgroup-cache or --kernel-object".to_owned());
     }
@@ -94,10 +104,32 @@ fn probe(offsets: &CacheOffsets) -> Result<(), String> {
         .ok_or("the cached object has no portguard_bind4")?
         .try_into()
         .map_err(|e: ProgramError| e.to_string())?;
-    prog.load().map_err(|e| {
-        // The verifier's log is long; its last lines say why.
-        let text = format!("{e:#}");
-        let tail: Vec<&str> = text.lines().rev().take(3).collect();
-        tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
-    })
+    prog.load().map_err(|e| verifier_tail(&e))
+}
+
+/// A program load's error, short: the verifier's log is long, and its last
+/// lines say why.
+pub(super) fn verifier_tail(e: &ProgramError) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text = format!("{text}: {s}");
+        source = s.source();
+    }
+    let tail: Vec<&str> = text.lines().rev().take(3).collect();
+    tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
+}
+
+/// Debug builds: `PORTGUARD_TEST_REFUSE_CACHED=<program>` in the agent's
+/// environment makes the loader take that program of the cached object as
+/// refused by the kernel (as a verifier limit another kernel hits would),
+/// for the integration test of the fallback. Release builds: never.
+pub(super) fn refused_for_test(name: &str) -> Option<ProgramError> {
+    if !cfg!(debug_assertions) || std::env::var("PORTGUARD_TEST_REFUSE_CACHED").ok()? != name {
+        return None;
+    }
+    Some(ProgramError::SyscallError(aya::sys::SyscallError {
+        call: "bpf_prog_load",
+        io_error: std::io::Error::other("refused for the test (PORTGUARD_TEST_REFUSE_CACHED)"),
+    }))
 }

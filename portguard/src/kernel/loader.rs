@@ -13,20 +13,16 @@ use std::path::Path;
 use aya::{
     Btf, Ebpf, EbpfError, EbpfLoader,
     maps::{Array, HashMap, Map, MapData, MapError, MapInfo, PerCpuArray, RingBuf},
-    programs::{
-        CgroupSkb, CgroupSock, CgroupSockAddr, CgroupSockopt, LsmCgroup, ProgramError, SockOps,
-        links::LinkError,
-    },
+    programs::{LsmCgroup, ProgramError, links::LinkError},
 };
 use log::{debug, warn};
 use portguard_common::{
-    AgentStamp, COUNTERS, CgroupKey, CgroupValue, EventBudget, FENCE_PROGRAM, GLOBAL_CACHE_OFFSETS,
-    GLOBAL_SOCK_OFFSETS, GLOBAL_USERLOCKS, GLOBAL_V6ONLY_BIT, GUARD_PROGRAM, Hook, LAYOUT_VERSION,
-    LSM_PROGRAMS, MAP_AGENT, MAP_CGROUPS, MAP_COUNTERS, MAP_EVENT_BUCKETS, MAP_EVENT_BUDGET,
-    MAP_EVENTS, MAP_NAMES, MAP_POLICIES, MAP_POLICY_COUNTERS, MAP_PORTSETS, MAP_SOCKETS, MAP_STATE,
-    MAPS, POLICY_KINDS, PROGRAMS, PolicyName, PolicyRecord, PortChunk, PortChunkKey,
-    SOCK_OPS_PROGRAM, STAMP_MAGIC, SockOffsets, SocketState, State, USERLOCKS_UNKNOWN,
-    V6ONLY_UNKNOWN,
+    AgentStamp, COUNTERS, CgroupKey, CgroupValue, EventBudget, GLOBAL_CACHE_OFFSETS,
+    GLOBAL_SOCK_OFFSETS, GLOBAL_USERLOCKS, GLOBAL_V6ONLY_BIT, Hook, LAYOUT_VERSION, LSM_PROGRAMS,
+    MAP_AGENT, MAP_CGROUPS, MAP_COUNTERS, MAP_EVENT_BUCKETS, MAP_EVENT_BUDGET, MAP_EVENTS,
+    MAP_NAMES, MAP_POLICIES, MAP_POLICY_COUNTERS, MAP_PORTSETS, MAP_SOCKETS, MAP_STATE, MAPS,
+    POLICY_KINDS, PolicyName, PolicyRecord, PortChunk, PortChunkKey, STAMP_MAGIC, SockOffsets,
+    SocketState, State, USERLOCKS_UNKNOWN, V6ONLY_UNKNOWN,
 };
 use sha2::Digest;
 
@@ -57,10 +53,11 @@ pub enum LoaderError {
         #[source]
         source: Box<ProgramError>,
     },
+    /// Never reaches the user: [`Loaded::load`] loads the object without
+    /// the cache instead.
     #[error(
         "the kernel rejected program {name} (hook cgroup/{hook}) of the object with the \
-         per-cgroup policy cache, which its bind4 passed: run with --no-cgroup-cache to load the \
-         programs without it: {source}"
+         per-cgroup policy cache, which its bind4 passed: {source}"
     )]
     CachedProgramLoad {
         name: &'static str,
@@ -243,6 +240,26 @@ pub(super) fn bump_memlock_rlimit() {
     }
 }
 
+/// Put the pins as a failed load found them: the maps it moved aside back
+/// where they were pinned (the previous programs still run on them),
+/// dropping the new pins in their place, and the maps it pinned where none
+/// was unpinned again, so that a second load (the object without the
+/// cache) or the next agent finds what this one did.
+fn restore_pins(pins: Option<&PinDir>, replaced: &[&'static str], created: &[&'static str]) {
+    let Some(pins) = pins else {
+        return;
+    };
+    for name in created {
+        let _ = std::fs::remove_file(pins.map(name));
+    }
+    for name in replaced {
+        let _ = std::fs::remove_file(pins.map(name));
+        if let Err(e) = pins::move_pin(&pins.old_map(name), &pins.map(name)) {
+            warn!("loader: restoring the pinned map {name}: {e}");
+        }
+    }
+}
+
 pub(super) fn take<T>(
     ebpf: &mut Ebpf,
     name: &'static str,
@@ -260,6 +277,34 @@ impl Loaded {
     /// layout and size match (the policy maps only all together); the
     /// others are moved aside and rebuilt (see [`Adoption`]).
     pub fn load(opts: &LoadOptions, pins: Option<&PinDir>) -> Result<Self, LoaderError> {
+        let choice = cache::choose(
+            OBJECT,
+            opts.cgroup_cache && opts.object.is_none(),
+            opts.capacity.policies,
+        );
+        match Self::load_object(opts, pins, choice) {
+            // The probe passed the cached bind4, but the kernel refused
+            // another of its programs (a verifier limit, a helper): the
+            // object without the cache enforces the same policies.
+            Err(LoaderError::CachedProgramLoad { name, hook, source }) => {
+                let why = format!(
+                    "the kernel refused its program {name} (cgroup/{hook}): {}",
+                    cache::verifier_tail(&source)
+                );
+                warn!("loader: per-cgroup policy cache: {why}; loading the programs without it");
+                Self::load_object(opts, pins, cache::Choice::plain(OBJECT, why))
+            }
+            other => other,
+        }
+    }
+
+    /// [`Loaded::load`] with the object `choice` names. A program the
+    /// kernel refuses puts the pinned maps back as they were.
+    fn load_object(
+        opts: &LoadOptions,
+        pins: Option<&PinDir>,
+        choice: cache::Choice,
+    ) -> Result<Self, LoaderError> {
         let rb = opts.ring_buffer_bytes;
         if rb < 4096 || !rb.is_power_of_two() {
             return Err(LoaderError::RingBufferSize { bytes: rb });
@@ -295,11 +340,6 @@ impl Loaded {
                 SockOffsets::default()
             }
         };
-        let choice = cache::choose(
-            OBJECT,
-            opts.cgroup_cache && opts.object.is_none(),
-            opts.capacity.policies,
-        );
         let object: &[u8] = opts.object.as_deref().unwrap_or(choice.object);
         let mut adoption = Adoption {
             object_sha256: sha2::Sha256::digest(object).into(),
@@ -325,6 +365,8 @@ impl Loaded {
         ] {
             loader.map_max_entries(name, expected_shape(name, opts).2);
         }
+        // Maps pinned where nothing was: unpinned again if the load fails.
+        let mut created: Vec<&'static str> = Vec::new();
         if let Some(pins) = pins {
             adoption.previous = read_stamp(&pins.map(MAP_AGENT));
             let layout_ok = adoption
@@ -358,6 +400,9 @@ impl Loaded {
                     })?;
                     adoption.replaced.push(name);
                 }
+                if reuse.is_none() {
+                    created.push(name);
+                }
                 // Reused when pinned there, created and pinned otherwise.
                 loader.map_pin_path(name, pins.map(name));
             }
@@ -365,80 +410,22 @@ impl Loaded {
         let mut ebpf = match loader.load(object) {
             Ok(e) => e,
             Err(e) => {
-                // Put the pinned state back as it was: the previous programs
-                // still run on the maps moved aside.
-                if let Some(pins) = pins {
-                    for name in &adoption.replaced {
-                        let _ = std::fs::remove_file(pins.map(name));
-                        if let Err(e) = pins::move_pin(&pins.old_map(name), &pins.map(name)) {
-                            warn!("loader: restoring the pinned map {name}: {e}");
-                        }
-                    }
-                }
+                restore_pins(pins, &adoption.replaced, &created);
                 return Err(LoaderError::Load(Box::new(e)));
             }
         };
-        for (name, hook) in PROGRAMS {
-            let prog = ebpf
-                .program_mut(name)
-                .ok_or(LoaderError::MissingProgram { name })?;
-            let cached = choice.offsets.is_some();
-            let load_err = |source: ProgramError| {
-                if cached {
-                    LoaderError::CachedProgramLoad {
-                        name,
-                        hook: hook.name(),
-                        source: Box::new(source),
-                    }
-                } else {
-                    LoaderError::ProgramLoad {
-                        name,
-                        hook: hook.name(),
-                        source: Box::new(source),
-                    }
-                }
-            };
-            let res = match hook {
-                Hook::PostBind4 | Hook::PostBind6 | Hook::SockCreate => {
-                    let p: &mut CgroupSock = prog.try_into().map_err(load_err)?;
-                    p.load()
-                }
-                _ => {
-                    let p: &mut CgroupSockAddr = prog.try_into().map_err(load_err)?;
-                    p.load()
-                }
-            };
-            res.map_err(load_err)?;
-            debug!("loader: loaded {name}");
-        }
-        {
-            let name = GUARD_PROGRAM;
-            let load_err = |source: ProgramError| LoaderError::ProgramLoad {
-                name,
-                hook: "cgroup_skb/ingress",
-                source: Box::new(source),
-            };
-            let prog = ebpf
-                .program_mut(name)
-                .ok_or(LoaderError::MissingProgram { name })?;
-            let p: &mut CgroupSkb = prog.try_into().map_err(load_err)?;
-            p.load().map_err(load_err)?;
-            debug!("loader: loaded {name}");
-        }
-        {
-            let name = FENCE_PROGRAM;
-            let load_err = |source: ProgramError| LoaderError::ProgramLoad {
-                name,
-                hook: "cgroup/setsockopt",
-                source: Box::new(source),
-            };
-            let prog = ebpf
-                .program_mut(name)
-                .ok_or(LoaderError::MissingProgram { name })?;
-            let p: &mut CgroupSockopt = prog.try_into().map_err(load_err)?;
-            p.load().map_err(load_err)?;
-            debug!("loader: loaded {name}");
-        }
+        let (lsm_unavailable, sock_ops_loaded) = match programs::load_programs(
+            &mut ebpf,
+            choice.offsets.is_some(),
+            offsets.valid != 0,
+        ) {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                drop(ebpf);
+                restore_pins(pins, &adoption.replaced, &created);
+                return Err(e);
+            }
+        };
         let maps = KernelMaps {
             names: take(&mut ebpf, MAP_NAMES, HashMap::try_from)?,
             state: take(&mut ebpf, MAP_STATE, Array::try_from)?,
@@ -460,38 +447,6 @@ impl Loaded {
         debug!("loader: event budget {b:?}");
         let events = take(&mut ebpf, MAP_EVENTS, RingBuf::try_from)?;
         let stamp = take(&mut ebpf, MAP_AGENT, Array::try_from)?;
-        let lsm_unavailable = if offsets.valid == 0 {
-            Some("kernel BTF lacks the socket layout the checks read".to_owned())
-        } else {
-            bpf_lsm_active()
-                .and_then(|()| Self::load_lsm(&mut ebpf))
-                .err()
-        };
-        let mut sock_ops_loaded = false;
-        if let Some(why) = &lsm_unavailable {
-            debug!("loader: BPF LSM unusable ({why}); loading the sock_ops listen reporter");
-            match ebpf
-                .program_mut(SOCK_OPS_PROGRAM)
-                .ok_or(LoaderError::MissingProgram {
-                    name: SOCK_OPS_PROGRAM,
-                })
-                .and_then(|p| {
-                    let p: &mut SockOps =
-                        p.try_into().map_err(|source| LoaderError::ProgramLoad {
-                            name: SOCK_OPS_PROGRAM,
-                            hook: "sock_ops",
-                            source: Box::new(source),
-                        })?;
-                    p.load().map_err(|source| LoaderError::ProgramLoad {
-                        name: SOCK_OPS_PROGRAM,
-                        hook: "sock_ops",
-                        source: Box::new(source),
-                    })
-                }) {
-                Ok(()) => sock_ops_loaded = true,
-                Err(e) => warn!("loader: {e}"),
-            }
-        }
         let mut loaded = Self {
             ebpf,
             maps,

@@ -18,6 +18,7 @@ mod lsm;
 mod maps;
 pub mod pins;
 mod points;
+mod programs;
 mod stats;
 mod view;
 

@@ -15,9 +15,12 @@
 //! only the epoch can: the cgroup makes no decision between.
 //!
 //! `--no-cgroup-cache` turns the cache off; the agent says which it runs.
+//! So does a kernel that refuses one of the cached programs: the agent
+//! loads the programs without the cache.
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
+    path::Path,
     process::{Child, ChildStdin, ChildStdout},
     time::Duration,
 };
@@ -434,6 +437,10 @@ fn no_cgroup_cache_turns_the_cache_off_and_still_denies() {
             "{}",
             agent.stderr()
         );
+        assert!(
+            holds_cgroup_storage(agent.pid()),
+            "the cached object has its cache map"
+        );
     } else {
         eprintln!("not x86-64 or no cgroup storage here: not asking for the cache");
     }
@@ -444,6 +451,10 @@ fn no_cgroup_cache_turns_the_cache_off_and_still_denies() {
     let log = agent.stderr();
     assert!(log.contains("per-cgroup policy cache off"), "{log}");
     assert!(!log.contains("per-cgroup policy cache on"), "{log}");
+    assert!(
+        !holds_cgroup_storage(agent.pid()),
+        "the plain object has no cache map"
+    );
     let mut t = Tenant::start(&cg);
     t.allowed(allowed);
     t.denied(&agent, denied, &cg, "svc");
@@ -451,6 +462,84 @@ fn no_cgroup_cache_turns_the_cache_off_and_still_denies() {
     agent.reload(&file(&[line("svc", &cg, &[denied])]));
     t.denied(&agent, allowed, &cg, "svc");
     t.allowed(denied);
+}
+
+/// Whether process `pid` holds a cgroup-storage map (`map_type` 32,
+/// `BPF_MAP_TYPE_CGRP_STORAGE`): the cached object's cache, which the
+/// plain object does not have.
+fn holds_cgroup_storage(pid: i32) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return false;
+    };
+    fds.flatten().any(|f| {
+        std::fs::read_to_string(f.path())
+            .is_ok_and(|info| info.lines().any(|l| l == "map_type:\t32"))
+    })
+}
+
+/// The probe loads only the cached object's bind4; another kernel's
+/// verifier may still refuse one of its other programs (a limit bind4 stays
+/// under) when the object is loaded for real. The agent must not stop, nor
+/// keep half an object: it loads the programs without the cache, names the
+/// program the kernel refused, and enforces the policy (the kernel's EPERM
+/// and the agent's denial event). One decision program, and the sock_ops
+/// listen reporter, whose refusal the plain object only warns about: after
+/// the fallback it is loaded and attached (listen() is cut off, not left
+/// unchecked). Debug builds take the program `PORTGUARD_TEST_REFUSE_CACHED`
+/// names as refused by the kernel.
+#[test]
+fn a_cached_program_the_kernel_refuses_loads_the_programs_without_the_cache() {
+    require_root!();
+    if !cache_possible() {
+        eprintln!("skipped: not x86-64 or no cgroup storage here, so the cache is never loaded");
+        return;
+    }
+    let (allowed, denied) = (47571, 47572);
+    let cg = Cgroup::new("cache-refused");
+    let policy = file(&[line("svc", &cg, &[allowed])]);
+    for program in ["portguard_connect6", "portguard_sock_ops"] {
+        let agent = Agent::start_with_env(
+            &policy,
+            &[],
+            &[("PORTGUARD_TEST_REFUSE_CACHED", Path::new(program))],
+        );
+        let log = agent.stderr();
+        assert!(
+            log.contains(&format!("the kernel refused its program {program}")),
+            "{log}"
+        );
+        assert!(log.contains("per-cgroup policy cache off"), "{log}");
+        assert!(!log.contains("per-cgroup policy cache on"), "{log}");
+        assert!(!log.contains("are NOT checked"), "{log}");
+        assert!(
+            !holds_cgroup_storage(agent.pid()),
+            "the cached object is gone"
+        );
+        // The refused load unpinned what it had pinned: the second one
+        // started from the same empty pin directory (nothing adopted,
+        // nothing moved aside).
+        assert!(!log.contains("adopting the pinned state"), "{log}");
+        let pins = agent
+            .pin_dir
+            .as_ref()
+            .expect("test agents pin")
+            .join("maps");
+        let aside: Vec<String> = std::fs::read_dir(&pins)
+            .expect("the pinned maps")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("old-"))
+            .collect();
+        assert!(
+            aside.is_empty(),
+            "maps left aside in {}: {aside:?}",
+            pins.display()
+        );
+        let mut t = Tenant::start(&cg);
+        t.allowed(allowed);
+        t.denied(&agent, denied, &cg, "svc");
+        denied_once(&agent, &cg, denied, "svc");
+    }
 }
 
 /// A tenant makes a chain of its own cgroups 40 levels below its governed
