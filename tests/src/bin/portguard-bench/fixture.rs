@@ -60,16 +60,18 @@ pub(crate) enum Setup {
     Ranges1000,
     Ancestor5,
     Landlock,
+    Floor,
 }
 
 impl Setup {
-    pub(crate) const ALL: [Self; 6] = [
+    pub(crate) const ALL: [Self; 7] = [
         Self::Baseline,
         Self::OnePolicy,
         Self::Scale10k,
         Self::Ranges1000,
         Self::Ancestor5,
         Self::Landlock,
+        Self::Floor,
     ];
     pub(crate) fn label(self) -> &'static str {
         match self {
@@ -79,10 +81,11 @@ impl Setup {
             Self::Ranges1000 => "portguard, 1 policy with 1,000 disjoint port ranges",
             Self::Ancestor5 => "portguard, policy found on the 5th ancestor",
             Self::Landlock => "Landlock (TCP bind restricted to the same port)",
+            Self::Floor => "empty programs on the same hooks (the dispatch floor)",
         }
     }
     pub(crate) fn agent(self) -> bool {
-        !matches!(self, Self::Baseline | Self::Landlock)
+        !matches!(self, Self::Baseline | Self::Landlock | Self::Floor)
     }
 }
 
@@ -94,6 +97,7 @@ pub(crate) struct Fixture {
     ranges: Cgroup,
     anc: Cgroup,
     anc_leaf: Cgroup,
+    floor: Cgroup,
 }
 
 impl Fixture {
@@ -108,6 +112,8 @@ impl Fixture {
         let ranges = root.child("ranges");
         let anc = root.child("anc");
         let anc_leaf = anc.child("l1/l2/l3/l4/l5");
+        // The dispatch floor's empty programs are attached here only.
+        let floor = root.child("floor");
         Self {
             root,
             plain,
@@ -116,6 +122,7 @@ impl Fixture {
             ranges,
             anc,
             anc_leaf,
+            floor,
         }
     }
 
@@ -137,7 +144,7 @@ impl Fixture {
                 )
             }
             Setup::Ancestor5 => format!("policies:\n{}", policy_line("anc", &self.anc.rel, "8080")),
-            Setup::Baseline | Setup::Landlock => unreachable!(),
+            Setup::Baseline | Setup::Landlock | Setup::Floor => unreachable!(),
         }
     }
 
@@ -148,7 +155,7 @@ impl Fixture {
             Setup::Scale10k => self.scale.rel.clone(),
             Setup::Ranges1000 => self.ranges.rel.clone(),
             Setup::Ancestor5 => self.anc.rel.clone(),
-            Setup::Baseline | Setup::Landlock => unreachable!(),
+            Setup::Baseline | Setup::Landlock | Setup::Floor => unreachable!(),
         }
     }
 
@@ -160,6 +167,7 @@ impl Fixture {
             Setup::Scale10k => self.scale.fs.join("c0"),
             Setup::Ranges1000 => self.ranges.fs.clone(),
             Setup::Ancestor5 => self.anc_leaf.fs.clone(),
+            Setup::Floor => self.floor.fs.clone(),
         }
     }
 }

@@ -9,7 +9,8 @@
 //! 1. per-syscall overhead of an allowed bind and connect, per setup, over
 //!    interleaved rounds (this VM is noisy: setups alternate round by round
 //!    and medians are compared), plus the kernel programs' own run time per
-//!    operation from `kernel.bpf_stats_enabled` (`overhead`);
+//!    operation from `kernel.bpf_stats_enabled` (`overhead`), against the
+//!    dispatch floor: empty programs on the same hooks (`floor`);
 //! 2. the packet path: a TCP request/response loop on a governed socket and
 //!    on an ungoverned one, with the programs on the cgroup2 root (`packet`);
 //! 3. the denied path and a denial storm with every event written (events
@@ -32,6 +33,7 @@
 
 mod apply;
 mod fixture;
+mod floor;
 mod hook;
 mod ledger;
 mod overhead;

@@ -55,23 +55,28 @@ pub(crate) fn program_ns(agent: &Agent, run: impl FnOnce()) -> u64 {
     t1 - t0
 }
 
+/// One run of `iters` operations `op` in `cg`, without warm-up: what the
+/// bpf_stats figures are taken over.
+pub(crate) fn one_run(cg: &Path, op: &str, iters: u64) {
+    pgbench(
+        cg,
+        &[
+            op,
+            "--port",
+            "8080",
+            "--iters",
+            &iters.to_string(),
+            "--warmup",
+            "0",
+            "--reps",
+            "1",
+        ],
+    );
+}
+
 /// Kernel program time per operation: bpf_stats over one extra run.
 pub(crate) fn program_ns_per_op(agent: &Agent, cg: &Path, op: &str, iters: u64) -> f64 {
-    let args = [
-        op,
-        "--port",
-        "8080",
-        "--iters",
-        &iters.to_string(),
-        "--warmup",
-        "0",
-        "--reps",
-        "1",
-    ];
-    program_ns(agent, || {
-        pgbench(cg, &args);
-    }) as f64
-        / iters as f64
+    program_ns(agent, || one_run(cg, op, iters)) as f64 / iters as f64
 }
 
 /// A program's name, its own ns per operation and its runs per operation.
@@ -107,20 +112,9 @@ pub(crate) fn program_breakdown(cg: &Path, op: &str, iters: u64) -> Vec<ProgramC
             })
             .collect()
     };
-    let args = [
-        op,
-        "--port",
-        "8080",
-        "--iters",
-        &iters.to_string(),
-        "--warmup",
-        "0",
-        "--reps",
-        "1",
-    ];
     std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1").expect("enabling bpf_stats");
     let before = snapshot();
-    pgbench(cg, &args);
+    one_run(cg, op, iters);
     let after = snapshot();
     let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0");
     let mut by_name: std::collections::BTreeMap<String, (u64, u64)> = Default::default();

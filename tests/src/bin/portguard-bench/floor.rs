@@ -1,0 +1,126 @@
+//! The dispatch floor: what the kernel charges for running *a* program on
+//! each hook an allowed bind or connect runs, before any portguard logic.
+//!
+//! An empty program (`r0 = 1; exit`: allow) is loaded for each of those
+//! hooks (`sock_create`, `bind4`, `post_bind4`, `connect4`) and attached,
+//! through links that end with this value, to the floor setup's own
+//! cgroup. Measured like every other setup (pairs against the baseline, and
+//! back to back against Landlock), it tells how much of portguard's cost is
+//! the kernel's cgroup-program dispatch, which no program can avoid, and
+//! how much is portguard's own work: portguard's figure less the floor's.
+//! bpf_stats of the empty programs, likewise, is the stats' own clock
+//! reading per run, the least any program shows there.
+
+use std::{
+    fs::File,
+    io,
+    os::fd::{AsFd, FromRawFd, OwnedFd},
+    path::Path,
+};
+
+use portguard::kernel::bpfsys::{attach_type, link_create, prog_run_stats};
+
+/// `BPF_PROG_LOAD`.
+const BPF_PROG_LOAD: libc::c_long = 5;
+/// `BPF_PROG_TYPE_CGROUP_SOCK`, `BPF_PROG_TYPE_CGROUP_SOCK_ADDR`.
+const CGROUP_SOCK: u32 = 9;
+const CGROUP_SOCK_ADDR: u32 = 18;
+
+/// The hooks an allowed bind (`socket` + `bind` + `close`, TCP) and an
+/// allowed connect (`socket` + `connect` + `close`, UDP) run portguard
+/// programs on (section 1's breakdown lists the same ones).
+const HOOKS: [(&str, u32, u32); 4] = [
+    ("sock_create", CGROUP_SOCK, attach_type::INET_SOCK_CREATE),
+    ("bind4", CGROUP_SOCK_ADDR, attach_type::INET4_BIND),
+    ("post_bind4", CGROUP_SOCK, attach_type::INET4_POST_BIND),
+    ("connect4", CGROUP_SOCK_ADDR, attach_type::INET4_CONNECT),
+];
+
+/// Empty programs attached to one cgroup; detached when dropped (the links
+/// are this value's only references).
+pub(crate) struct Floor {
+    /// (hook name, program, link).
+    progs: Vec<(&'static str, OwnedFd, OwnedFd)>,
+}
+
+/// Load `r0 = 1; exit` as a program of `prog_type` for `attach`.
+fn load_empty(prog_type: u32, attach: u32, name: &str) -> io::Result<OwnedFd> {
+    // BPF_ALU64 | BPF_MOV | BPF_K (r0 = 1), then BPF_JMP | BPF_EXIT.
+    let insns: [u64; 2] = [
+        u64::from_le_bytes([0xb7, 0, 0, 0, 1, 0, 0, 0]),
+        u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),
+    ];
+    let license = c"GPL";
+    // union bpf_attr for BPF_PROG_LOAD (uapi): prog_type 0, insn_cnt 4,
+    // insns 8, license 16, prog_name 48 (16 bytes), expected_attach_type 68.
+    #[repr(C, align(8))]
+    struct Attr([u8; 128]);
+    let mut a = Attr([0; 128]);
+    a.0[0..4].copy_from_slice(&prog_type.to_ne_bytes());
+    a.0[4..8].copy_from_slice(&(insns.len() as u32).to_ne_bytes());
+    a.0[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
+    a.0[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
+    let n = name.len().min(15);
+    a.0[48..48 + n].copy_from_slice(&name.as_bytes()[..n]);
+    a.0[68..72].copy_from_slice(&attach.to_ne_bytes());
+    // SAFETY: `a` is a valid bpf_attr of the size passed; the pointers in it
+    // stay alive for the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_LOAD,
+            a.0.as_mut_ptr(),
+            size_of::<Attr>() as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: BPF_PROG_LOAD returned a new fd we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+impl Floor {
+    /// Attach an empty program on each hook of [`HOOKS`] to `cgroup`.
+    pub(crate) fn attach(cgroup: &Path) -> Self {
+        let cg = File::open(cgroup).expect("opening the floor cgroup");
+        let progs = HOOKS
+            .iter()
+            .map(|&(hook, prog_type, attach)| {
+                let prog = load_empty(prog_type, attach, &format!("pgfloor_{hook}"))
+                    .unwrap_or_else(|e| panic!("loading the empty {hook} program: {e}"));
+                let link = link_create(prog.as_fd(), cg.as_fd(), attach)
+                    .unwrap_or_else(|e| panic!("attaching the empty {hook} program: {e}"));
+                (hook, prog, link)
+            })
+            .collect();
+        Self { progs }
+    }
+
+    /// Each empty program's (runs, ns) so far (bpf_stats).
+    fn snapshot(&self) -> Vec<(u64, u64)> {
+        self.progs
+            .iter()
+            .map(|(_, p, _)| prog_run_stats(p.as_fd()).map_or((0, 0), |s| (s.runs, s.run_ns)))
+            .collect()
+    }
+
+    /// bpf_stats of the empty programs while `run` runs: per hook that ran,
+    /// (hook, runs, ns), and the sum of ns.
+    pub(crate) fn program_ns(&self, run: impl FnOnce()) -> (Vec<(&'static str, u64, u64)>, u64) {
+        std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1").expect("enabling bpf_stats");
+        let before = self.snapshot();
+        run();
+        let after = self.snapshot();
+        let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0");
+        let per: Vec<(&'static str, u64, u64)> = self
+            .progs
+            .iter()
+            .zip(before.iter().zip(&after))
+            .filter(|(_, (b, a))| a.0 > b.0)
+            .map(|((hook, _, _), (b, a))| (*hook, a.0 - b.0, a.1 - b.1))
+            .collect();
+        let total = per.iter().map(|p| p.2).sum();
+        (per, total)
+    }
+}
