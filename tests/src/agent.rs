@@ -80,6 +80,19 @@ impl Agent {
             .unwrap_or_else(|e| panic!("agent failed to start:\n{e}"))
     }
 
+    /// Like [`Agent::try_start`], with extra environment variables for the
+    /// agent alone: on failure, the agent's stderr.
+    pub fn try_start_with_env(
+        policy: &str,
+        extra: &[&str],
+        env: &[(&str, &Path)],
+    ) -> Result<Self, String> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let policy_path = dir.path().join("policy.yaml");
+        std::fs::write(&policy_path, policy).expect("writing policy");
+        Self::try_start_in(dir, policy_path, extra, &[], env)
+    }
+
     /// Like [`Agent::start_with`], with the agent's capabilities limited to
     /// `caps` (setpriv's syntax: `+bpf,+net_admin`), as a Kubernetes
     /// `securityContext.capabilities` list would.
@@ -162,6 +175,7 @@ impl Agent {
         }
         // Every agent pins in a directory of its own (agents run side by
         // side), removed again on drop.
+        let named_pin_dir = extra.contains(&"--pin-dir");
         let pin_dir = if let Some(i) = extra.iter().position(|a| *a == "--pin-dir") {
             extra
                 .get(i + 1)
@@ -220,7 +234,14 @@ impl Agent {
         };
         match agent.wait_notify("READY=1", READY_TIMEOUT) {
             Ok(_) => Ok(agent),
-            Err(e) => Err(format!("{e}\n--- agent stderr ---\n{}", agent.stderr())),
+            Err(e) => {
+                // A pin directory the caller named is the caller's to look
+                // at (what a failed start left there) and to clean up.
+                if named_pin_dir {
+                    agent.pin_dir = None;
+                }
+                Err(format!("{e}\n--- agent stderr ---\n{}", agent.stderr()))
+            }
         }
     }
 

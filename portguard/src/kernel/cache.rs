@@ -121,15 +121,25 @@ pub(super) fn verifier_tail(e: &ProgramError) -> String {
 }
 
 /// Debug builds: `PORTGUARD_TEST_REFUSE_CACHED=<program>` in the agent's
-/// environment makes the loader take that program of the cached object as
-/// refused by the kernel (as a verifier limit another kernel hits would),
-/// for the integration test of the fallback. Release builds: never.
-pub(super) fn refused_for_test(name: &str) -> Option<ProgramError> {
-    if !cfg!(debug_assertions) || std::env::var("PORTGUARD_TEST_REFUSE_CACHED").ok()? != name {
+/// environment makes the loader take that program of the cached object
+/// (`cached`) as refused by the kernel, as a verifier limit another kernel
+/// hits would, for the integration test of the fallback;
+/// `PORTGUARD_TEST_REFUSE=<program>`, that program of either object, for
+/// the test of a start that fails. Release builds: never.
+pub(super) fn refused_for_test(name: &str, cached: bool) -> Option<ProgramError> {
+    if !cfg!(debug_assertions) {
         return None;
     }
+    let named = |var: &str| std::env::var(var).is_ok_and(|v| v == name);
+    let var = if cached && named("PORTGUARD_TEST_REFUSE_CACHED") {
+        "PORTGUARD_TEST_REFUSE_CACHED"
+    } else if named("PORTGUARD_TEST_REFUSE") {
+        "PORTGUARD_TEST_REFUSE"
+    } else {
+        return None;
+    };
     Some(ProgramError::SyscallError(aya::sys::SyscallError {
         call: "bpf_prog_load",
-        io_error: std::io::Error::other("refused for the test (PORTGUARD_TEST_REFUSE_CACHED)"),
+        io_error: std::io::Error::other(format!("refused for the test ({var})")),
     }))
 }

@@ -39,13 +39,11 @@ pub(super) fn load_programs(
     socket_layout: bool,
 ) -> Result<(Option<String>, bool), LoaderError> {
     // Debug builds: a refusal the integration tests ask for by name.
-    let injected = |name: &'static str, hook: &'static str| match cached
-        .then(|| cache::refused_for_test(name))
-        .flatten()
-    {
-        Some(e) => Err(refused(true, name, hook, e)),
-        None => Ok(()),
-    };
+    let injected =
+        |name: &'static str, hook: &'static str| match cache::refused_for_test(name, cached) {
+            Some(e) => Err(refused(cached, name, hook, e)),
+            None => Ok(()),
+        };
     for (name, hook) in PROGRAMS {
         let prog = ebpf
             .program_mut(name)

@@ -2,12 +2,15 @@
 //! survive SIGKILL, a restarted agent adopts them without detaching and reads
 //! the events queued meanwhile, an upgraded agent switches programs in place
 //! (and rebuilds maps whose size changed) while binds keep being judged,
-//! a pinned link attached to the wrong cgroup is repaired, and `uninstall`
-//! removes every kernel object.
+//! a pinned link attached to the wrong cgroup is repaired, a start the
+//! kernel refuses a program to leaves the pins as it found them, and
+//! `uninstall` removes every kernel object.
 
 use std::{path::Path, process::Command, time::Duration};
 
-use portguard_tests::{Agent, Cgroup, EVENT_TIMEOUT, Loop, Probe, require_root, uninstall};
+use portguard_tests::{
+    Agent, Cgroup, EVENT_TIMEOUT, Loop, Probe, TestBpffs, require_root, uninstall,
+};
 use serde_json::{Value, json};
 
 fn policy(cg: &Cgroup) -> String {
@@ -357,6 +360,80 @@ fn a_pinned_link_on_the_wrong_cgroup_is_repaired() {
     Probe::in_cgroup(&work)
         .run(&["bind", "tcp", "127.0.0.1", "8080"])
         .assert_ok();
+}
+
+/// The map pins in `dir`, by name (`old-` ones: moved aside).
+fn pinned_maps(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir.join("maps"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// A start whose program the kernel refuses fails, names the program, and
+/// leaves the pin directory as it found it, so that nothing half-installed
+/// is adopted later:
+/// - a first start: nothing pinned;
+/// - a restart over a killed agent's pins whose maps it cannot reuse (that
+///   agent ran with another `--max-policies`, so the restart moves them
+///   aside to build its own): that agent's maps are put back where they
+///   were, its programs keep enforcing on them, and the next agent with its
+///   settings adopts every one of them.
+///
+/// Debug builds take the program `PORTGUARD_TEST_REFUSE` names as refused
+/// by the kernel, in either object (with the cache and without).
+#[test]
+fn a_start_the_kernel_refuses_a_program_to_leaves_the_pins_as_it_found_them() {
+    require_root!();
+    let cg = Cgroup::new("refused");
+    let bpffs = TestBpffs::new("refused");
+    let dir = bpffs.path.join("pins");
+    let pin_dir = ["--pin-dir", dir.to_str().unwrap()];
+    let refuse = [("PORTGUARD_TEST_REFUSE", Path::new("portguard_bind6"))];
+
+    let err = Agent::try_start_with_env(&policy(&cg), &pin_dir, &refuse)
+        .err()
+        .expect("a start with a refused program fails");
+    assert!(err.contains("portguard_bind6"), "{err}");
+    let left = pinned_maps(&dir);
+    assert!(
+        left.is_empty(),
+        "a failed first start left maps pinned: {left:?}"
+    );
+    Probe::in_cgroup(&cg)
+        .run(&["bind", "tcp", "127.0.0.1", "8081"])
+        .assert_ok();
+
+    let small = ["--pin-dir", dir.to_str().unwrap(), "--max-policies", "100"];
+    let mut a = Agent::start_with(&policy(&cg), &small);
+    a.kill9();
+    let before = pinned_maps(&dir);
+    assert!(!before.is_empty());
+    let err = Agent::try_start_with_env(&policy(&cg), &pin_dir, &refuse)
+        .err()
+        .expect("a restart with a refused program fails");
+    assert!(err.contains("portguard_bind6"), "{err}");
+    assert_eq!(pinned_maps(&dir), before, "the killed agent's map pins");
+    Probe::in_cgroup(&cg)
+        .run(&["bind", "tcp", "127.0.0.1", "8081"])
+        .assert_eperm();
+    Probe::in_cgroup(&cg)
+        .run(&["bind", "tcp", "127.0.0.1", "8080"])
+        .assert_ok();
+
+    let b = Agent::start_with(&policy(&cg), &small);
+    let log = b.stderr();
+    assert!(
+        log.contains("adopting the pinned state") && log.contains("every map reused"),
+        "{log}"
+    );
+    Probe::in_cgroup(&cg)
+        .run(&["bind", "tcp", "127.0.0.1", "8081"])
+        .assert_eperm();
 }
 
 /// Objects named in `portguard uninstall --dry-run` output: (kind, id).

@@ -69,7 +69,7 @@ pub(crate) fn overhead(
     let mut vs_floor: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     let floor_cg = fx.cgroup(Setup::Floor);
     // The 1-policy setup's programs, one by one (bpf_stats), per operation,
-    // and the floor's empty programs, by hook.
+    // and the floor's empty programs, by hook: one run per round each.
     let mut breakdown: Vec<(&str, Vec<ProgramCost>)> = Vec::new();
     let mut floor_breakdown: Vec<(&str, Vec<ProgramCost>)> = Vec::new();
     for round in 0..rounds {
@@ -136,11 +136,10 @@ pub(crate) fn overhead(
             if let Some(a) = &agent {
                 prog_bind[i].push(program_ns_per_op(a, &cg, "bind", iters));
                 prog_connect[i].push(program_ns_per_op(a, &cg, "connect", iters));
-                if s == Setup::OnePolicy && round + 1 == rounds {
-                    breakdown = ["bind", "connect"]
-                        .iter()
-                        .map(|op| (*op, program_breakdown(&cg, op, iters)))
-                        .collect();
+                if s == Setup::OnePolicy {
+                    for op in ["bind", "connect"] {
+                        breakdown.push((op, program_breakdown(&cg, op, iters)));
+                    }
                 }
             }
             if s == Setup::Floor
@@ -152,20 +151,18 @@ pub(crate) fn overhead(
                 ] {
                     let (per, total) = f.program_ns(|| one_run(&cg, op, iters));
                     into.push(total as f64 / iters as f64);
-                    if round + 1 == rounds {
-                        floor_breakdown.push((
-                            op,
-                            per.into_iter()
-                                .map(|(hook, runs, ns)| {
-                                    (
-                                        hook.to_owned(),
-                                        ns as f64 / iters as f64,
-                                        runs as f64 / iters as f64,
-                                    )
-                                })
-                                .collect(),
-                        ));
-                    }
+                    floor_breakdown.push((
+                        op,
+                        per.into_iter()
+                            .map(|(hook, runs, ns)| {
+                                (
+                                    hook.to_owned(),
+                                    ns as f64 / iters as f64,
+                                    runs as f64 / iters as f64,
+                                )
+                            })
+                            .collect(),
+                    ));
                 }
             }
             drop(agent);
@@ -302,7 +299,11 @@ pub(crate) fn overhead(
         &[(agent.pid(), "the agent")],
     );
     drop(agent);
-    design(report, &breakdown, &floor_breakdown);
+    design(
+        report,
+        &median_costs(&breakdown),
+        &median_costs(&floor_breakdown),
+    );
     let _ = writeln!(report, "\n{profile}");
     let _ = writeln!(
         report,
@@ -315,9 +316,9 @@ pub(crate) fn overhead(
     // middle half of the pairs (this VM's noise, against the difference).
     let spread = |v: &[f64]| {
         let (lo, mid, hi) = (
-            percentile(&mut v.to_vec(), 25.0),
+            percentile(&mut v.to_vec(), 0.25),
             med(v),
-            percentile(&mut v.to_vec(), 75.0),
+            percentile(&mut v.to_vec(), 0.75),
         );
         format!("{mid:.3} (middle half of the pairs {lo:.3} to {hi:.3})")
     };
@@ -343,6 +344,40 @@ pub(crate) fn overhead(
         pc - fc,
     );
     report.push('\n');
+}
+
+/// Per operation and program, the median over the rounds' runs of its ns
+/// and runs per operation (a program missing from a round counts as none).
+fn median_costs<'a>(rounds: &[(&'a str, Vec<ProgramCost>)]) -> Vec<(&'a str, Vec<ProgramCost>)> {
+    let mut out: Vec<(&str, Vec<ProgramCost>)> = Vec::new();
+    for (op, _) in rounds {
+        if out.iter().any(|(o, _)| o == op) {
+            continue;
+        }
+        let runs: Vec<&Vec<ProgramCost>> = rounds
+            .iter()
+            .filter(|(o, _)| o == op)
+            .map(|(_, p)| p)
+            .collect();
+        let mut names: Vec<&String> = runs.iter().flat_map(|p| p.iter().map(|c| &c.0)).collect();
+        names.sort();
+        names.dedup();
+        let costs = names
+            .into_iter()
+            .map(|name| {
+                let pick = |f: fn(&ProgramCost) -> f64| {
+                    let mut v: Vec<f64> = runs
+                        .iter()
+                        .map(|p| p.iter().find(|c| &c.0 == name).map_or(0.0, f))
+                        .collect();
+                    median(&mut v)
+                };
+                (name.clone(), pick(|c| c.1), pick(|c| c.2))
+            })
+            .collect();
+        out.push((op, costs));
+    }
+    out
 }
 
 /// The design paragraph: what each allowed operation runs, with each
@@ -373,7 +408,8 @@ fn design(
          (one socket-storage lookup: it judges port-0 binds, which bind4 flags). An allowed \
          `connect()` runs `sock_create` and `connect4` (the same decision). None of this \
          depends on the number of policies, cgroups or ranges. Each program's own time per \
-         operation (bpf_stats, one extra run; it includes the two clock reads bpf_stats adds \
+         operation (bpf_stats, the median of one extra run per round; it includes the two clock \
+         reads bpf_stats adds \
          around each run, which is why a program that returns at once still shows tens of \
          ns; \"empty program\" is the dispatch floor's program on the same hook, measured the \
          same way, and \"above it\" the difference: portguard's own work):\n\n\
