@@ -112,8 +112,12 @@ impl Fixture {
         let ranges = root.child("ranges");
         let anc = root.child("anc");
         let anc_leaf = anc.child("l1/l2/l3/l4/l5");
-        // The dispatch floor's empty programs are attached here only.
-        let floor = root.child("floor");
+        // The dispatch floor's empty programs are attached here only:
+        // outside the benchmark's cgroup too, as portguard attaches its
+        // programs to a governed cgroup's parent (`bench` for `one`), so a
+        // process here never runs portguard's programs besides the empty
+        // ones while the 1-policy agent runs for the back-to-back figures.
+        let floor = Cgroup::new("bench-floor");
         Self {
             root,
             plain,
