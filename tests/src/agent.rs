@@ -236,8 +236,14 @@ impl Agent {
             Ok(_) => Ok(agent),
             Err(e) => {
                 // A pin directory the caller named is the caller's to look
-                // at (what a failed start left there) and to clean up.
-                if named_pin_dir {
+                // at (what a start that failed and exited left there) and
+                // to clean up. An agent still running (no READY in time)
+                // may hold links there: uninstalled as before.
+                let exited = agent
+                    .child
+                    .as_mut()
+                    .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
+                if named_pin_dir && exited {
                     agent.pin_dir = None;
                 }
                 Err(format!("{e}\n--- agent stderr ---\n{}", agent.stderr()))

@@ -253,7 +253,7 @@ fn restore_pins(pins: Option<&PinDir>, replaced: &[&'static str], created: &[&'s
         let _ = std::fs::remove_file(pins.map(name));
     }
     for name in replaced {
-        let _ = std::fs::remove_file(pins.map(name));
+        // move_pin replaces the new pin only once it holds the old map.
         if let Err(e) = pins::move_pin(&pins.old_map(name), &pins.map(name)) {
             warn!("loader: restoring the pinned map {name}: {e}");
         }
@@ -414,39 +414,41 @@ impl Loaded {
                 return Err(LoaderError::Load(Box::new(e)));
             }
         };
-        let (lsm_unavailable, sock_ops_loaded) = match programs::load_programs(
-            &mut ebpf,
-            choice.offsets.is_some(),
-            offsets.valid != 0,
-        ) {
-            Ok(loaded) => loaded,
+        // Everything up to here may still fail (a refused program, a map the
+        // object lacks): the pins go back as they were found.
+        let rest = programs::load_programs(&mut ebpf, choice.offsets.is_some(), offsets.valid != 0)
+            .and_then(|programs| {
+                let maps = KernelMaps {
+                    names: take(&mut ebpf, MAP_NAMES, HashMap::try_from)?,
+                    state: take(&mut ebpf, MAP_STATE, Array::try_from)?,
+                    cgroups: take(&mut ebpf, MAP_CGROUPS, HashMap::try_from)?,
+                    policies: take(&mut ebpf, MAP_POLICIES, Array::try_from)?,
+                    portsets: take(&mut ebpf, MAP_PORTSETS, HashMap::try_from)?,
+                    counters: std::sync::Arc::new(CounterMaps {
+                        hooks: take(&mut ebpf, MAP_COUNTERS, PerCpuArray::try_from)?,
+                        policies: take(&mut ebpf, MAP_POLICY_COUNTERS, PerCpuArray::try_from)?,
+                    }),
+                };
+                let mut budget: Array<MapData, EventBudget> =
+                    take(&mut ebpf, MAP_EVENT_BUDGET, Array::try_from)?;
+                let b = EventBudget::new(opts.event_rate, opts.event_burst, rb);
+                budget.set(0, b, 0).map_err(|source| LoaderError::Map {
+                    name: MAP_EVENT_BUDGET,
+                    source,
+                })?;
+                debug!("loader: event budget {b:?}");
+                let events = take(&mut ebpf, MAP_EVENTS, RingBuf::try_from)?;
+                let stamp = take(&mut ebpf, MAP_AGENT, Array::try_from)?;
+                Ok((programs, maps, events, stamp))
+            });
+        let ((lsm_unavailable, sock_ops_loaded), maps, events, stamp) = match rest {
+            Ok(rest) => rest,
             Err(e) => {
                 drop(ebpf);
                 restore_pins(pins, &adoption.replaced, &created);
                 return Err(e);
             }
         };
-        let maps = KernelMaps {
-            names: take(&mut ebpf, MAP_NAMES, HashMap::try_from)?,
-            state: take(&mut ebpf, MAP_STATE, Array::try_from)?,
-            cgroups: take(&mut ebpf, MAP_CGROUPS, HashMap::try_from)?,
-            policies: take(&mut ebpf, MAP_POLICIES, Array::try_from)?,
-            portsets: take(&mut ebpf, MAP_PORTSETS, HashMap::try_from)?,
-            counters: std::sync::Arc::new(CounterMaps {
-                hooks: take(&mut ebpf, MAP_COUNTERS, PerCpuArray::try_from)?,
-                policies: take(&mut ebpf, MAP_POLICY_COUNTERS, PerCpuArray::try_from)?,
-            }),
-        };
-        let mut budget: Array<MapData, EventBudget> =
-            take(&mut ebpf, MAP_EVENT_BUDGET, Array::try_from)?;
-        let b = EventBudget::new(opts.event_rate, opts.event_burst, rb);
-        budget.set(0, b, 0).map_err(|source| LoaderError::Map {
-            name: MAP_EVENT_BUDGET,
-            source,
-        })?;
-        debug!("loader: event budget {b:?}");
-        let events = take(&mut ebpf, MAP_EVENTS, RingBuf::try_from)?;
-        let stamp = take(&mut ebpf, MAP_AGENT, Array::try_from)?;
         let mut loaded = Self {
             ebpf,
             maps,
