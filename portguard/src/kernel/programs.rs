@@ -12,7 +12,9 @@
 
 use aya::{
     Ebpf,
-    programs::{CgroupSkb, CgroupSock, CgroupSockAddr, CgroupSockopt, ProgramError, SockOps},
+    programs::{
+        CgroupSkb, CgroupSock, CgroupSockAddr, CgroupSockopt, Program, ProgramError, SockOps,
+    },
 };
 use log::{debug, warn};
 use portguard_common::{FENCE_PROGRAM, GUARD_PROGRAM, Hook, PROGRAMS, SOCK_OPS_PROGRAM};
@@ -38,52 +40,28 @@ pub(super) fn load_programs(
     cached: bool,
     socket_layout: bool,
 ) -> Result<(Option<String>, bool), LoaderError> {
-    // Debug builds: a refusal the integration tests ask for by name.
-    let injected =
-        |name: &'static str, hook: &'static str| match cache::refused_for_test(name, cached) {
-            Some(e) => Err(refused(cached, name, hook, e)),
-            None => Ok(()),
-        };
     for (name, hook) in PROGRAMS {
-        let prog = ebpf
-            .program_mut(name)
-            .ok_or(LoaderError::MissingProgram { name })?;
-        let err = |e| refused(cached, name, hook.name(), e);
-        injected(name, hook.name())?;
         match hook {
             Hook::PostBind4 | Hook::PostBind6 | Hook::SockCreate => {
-                let p: &mut CgroupSock = prog.try_into().map_err(err)?;
-                p.load().map_err(err)?;
+                load_one(ebpf, cached, name, hook.name(), CgroupSock::load)?;
             }
-            _ => {
-                let p: &mut CgroupSockAddr = prog.try_into().map_err(err)?;
-                p.load().map_err(err)?;
-            }
+            _ => load_one(ebpf, cached, name, hook.name(), CgroupSockAddr::load)?,
         }
-        debug!("loader: loaded {name}");
     }
-    {
-        let (name, hook) = (GUARD_PROGRAM, "cgroup_skb/ingress");
-        let err = |e| refused(cached, name, hook, e);
-        injected(name, hook)?;
-        let prog = ebpf
-            .program_mut(name)
-            .ok_or(LoaderError::MissingProgram { name })?;
-        let p: &mut CgroupSkb = prog.try_into().map_err(err)?;
-        p.load().map_err(err)?;
-        debug!("loader: loaded {name}");
-    }
-    {
-        let (name, hook) = (FENCE_PROGRAM, "cgroup/setsockopt");
-        let err = |e| refused(cached, name, hook, e);
-        injected(name, hook)?;
-        let prog = ebpf
-            .program_mut(name)
-            .ok_or(LoaderError::MissingProgram { name })?;
-        let p: &mut CgroupSockopt = prog.try_into().map_err(err)?;
-        p.load().map_err(err)?;
-        debug!("loader: loaded {name}");
-    }
+    load_one(
+        ebpf,
+        cached,
+        GUARD_PROGRAM,
+        "cgroup_skb/ingress",
+        CgroupSkb::load,
+    )?;
+    load_one(
+        ebpf,
+        cached,
+        FENCE_PROGRAM,
+        "cgroup/setsockopt",
+        CgroupSockopt::load,
+    )?;
     let lsm_unavailable = if socket_layout {
         bpf_lsm_active().and_then(|()| Loaded::load_lsm(ebpf)).err()
     } else {
@@ -92,21 +70,38 @@ pub(super) fn load_programs(
     let mut sock_ops_loaded = false;
     if let Some(why) = &lsm_unavailable {
         debug!("loader: BPF LSM unusable ({why}); loading the sock_ops listen reporter");
-        let (name, hook) = (SOCK_OPS_PROGRAM, "sock_ops");
-        let err = |e| refused(cached, name, hook, e);
-        let res = injected(name, hook).and_then(|()| {
-            let p: &mut SockOps = ebpf
-                .program_mut(name)
-                .ok_or(LoaderError::MissingProgram { name })?
-                .try_into()
-                .map_err(err)?;
-            p.load().map_err(err)
-        });
-        match res {
+        match load_one(ebpf, cached, SOCK_OPS_PROGRAM, "sock_ops", SockOps::load) {
             Ok(()) => sock_ops_loaded = true,
             Err(e @ LoaderError::CachedProgramLoad { .. }) => return Err(e),
             Err(e) => warn!("loader: {e}"),
         }
     }
     Ok((lsm_unavailable, sock_ops_loaded))
+}
+
+/// Load program `name` (hook `hook`) of `ebpf` as a `T` with `load`; debug
+/// builds first ask [`cache::refused_for_test`] whether to take it as
+/// refused.
+fn load_one<'a, T: 'a>(
+    ebpf: &'a mut Ebpf,
+    cached: bool,
+    name: &'static str,
+    hook: &'static str,
+    load: fn(&mut T) -> Result<(), ProgramError>,
+) -> Result<(), LoaderError>
+where
+    &'a mut Program: TryInto<&'a mut T, Error = ProgramError>,
+{
+    let err = |e| refused(cached, name, hook, e);
+    if let Some(e) = cache::refused_for_test(name, cached) {
+        return Err(err(e));
+    }
+    let p: &mut T = ebpf
+        .program_mut(name)
+        .ok_or(LoaderError::MissingProgram { name })?
+        .try_into()
+        .map_err(err)?;
+    load(p).map_err(err)?;
+    debug!("loader: loaded {name}");
+    Ok(())
 }
