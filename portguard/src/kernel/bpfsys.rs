@@ -1,9 +1,10 @@
 //! The bpf(2) commands aya 0.14 does not expose publicly: getting a pinned
 //! object, pinning a raw fd, a link's cgroup and attach type
 //! (`BPF_OBJ_GET_INFO_BY_FD` on a link), a program's run statistics (the
-//! same command on a program fd aya holds), `BPF_LINK_UPDATE`, and reading many
-//! array entries in one call (`BPF_MAP_LOOKUP_BATCH`). Everything else goes
-//! through aya. Layouts are the kernel's stable uapi
+//! same command on a program fd aya holds), `BPF_LINK_UPDATE`, reading many
+//! array entries in one call (`BPF_MAP_LOOKUP_BATCH`), and loading a
+//! program from raw instructions (`BPF_PROG_LOAD`: the benchmark's empty
+//! programs, not an ELF object). Everything else goes through aya. Layouts are the kernel's stable uapi
 //! (`include/uapi/linux/bpf.h`).
 
 use std::{
@@ -16,6 +17,7 @@ use std::{
     path::Path,
 };
 
+const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
@@ -24,6 +26,12 @@ const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 /// `BPF_LINK_TYPE_CGROUP`.
 pub const LINK_TYPE_CGROUP: u32 = 3;
+
+/// `enum bpf_prog_type` values of portguard's cgroup socket programs.
+pub mod prog_type {
+    pub const CGROUP_SOCK: u32 = 9;
+    pub const CGROUP_SOCK_ADDR: u32 = 18;
+}
 
 /// `enum bpf_attach_type` values portguard uses.
 pub mod attach_type {
@@ -80,6 +88,34 @@ fn sys_bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<libc::c_long> {
 fn c_path(path: &Path) -> io::Result<CString> {
     CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
+}
+
+/// `BPF_PROG_LOAD` of raw instructions (8 bytes each, as the kernel reads
+/// them): a GPL program of `prog_type` for `expected_attach`, named `name`
+/// (its first 15 bytes).
+pub fn prog_load(
+    prog_type: u32,
+    expected_attach: u32,
+    name: &str,
+    insns: &[u64],
+) -> io::Result<OwnedFd> {
+    let license = c"GPL";
+    let count = u32::try_from(insns.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "too many instructions"))?;
+    // uapi: prog_type 0, insn_cnt 4, insns 8, license 16, prog_name 48 (16
+    // bytes, NUL-terminated), expected_attach_type 68.
+    let mut attr = Attr::new();
+    attr.put_u32(0, prog_type);
+    attr.put_u32(4, count);
+    attr.put_u64(8, insns.as_ptr() as u64);
+    attr.put_u64(16, license.as_ptr() as u64);
+    let n = name.len().min(15);
+    attr.0[48..48 + n].copy_from_slice(&name.as_bytes()[..n]);
+    attr.put_u32(68, expected_attach);
+    // The pointers in `attr` stay alive for the call.
+    let fd = sys_bpf(BPF_PROG_LOAD, &mut attr)?;
+    // SAFETY: BPF_PROG_LOAD returned a new fd we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// `BPF_OBJ_GET`: open the object pinned at `path`.

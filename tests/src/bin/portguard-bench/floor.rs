@@ -14,17 +14,14 @@
 use std::{
     fs::File,
     io,
-    os::fd::{AsFd, FromRawFd, OwnedFd},
+    os::fd::{AsFd, OwnedFd},
     path::Path,
 };
 
-use portguard::kernel::bpfsys::{attach_type, link_create, prog_run_stats};
-
-/// `BPF_PROG_LOAD`.
-const BPF_PROG_LOAD: libc::c_long = 5;
-/// `BPF_PROG_TYPE_CGROUP_SOCK`, `BPF_PROG_TYPE_CGROUP_SOCK_ADDR`.
-const CGROUP_SOCK: u32 = 9;
-const CGROUP_SOCK_ADDR: u32 = 18;
+use portguard::kernel::bpfsys::{
+    attach_type, link_create, prog_load, prog_run_stats,
+    prog_type::{CGROUP_SOCK, CGROUP_SOCK_ADDR},
+};
 
 /// The hooks an allowed bind (`socket` + `bind` + `close`, TCP) and an
 /// allowed connect (`socket` + `connect` + `close`, UDP) run portguard
@@ -50,34 +47,7 @@ fn load_empty(prog_type: u32, attach: u32, name: &str) -> io::Result<OwnedFd> {
         u64::from_le_bytes([0xb7, 0, 0, 0, 1, 0, 0, 0]),
         u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),
     ];
-    let license = c"GPL";
-    // union bpf_attr for BPF_PROG_LOAD (uapi): prog_type 0, insn_cnt 4,
-    // insns 8, license 16, prog_name 48 (16 bytes), expected_attach_type 68.
-    #[repr(C, align(8))]
-    struct Attr([u8; 128]);
-    let mut a = Attr([0; 128]);
-    a.0[0..4].copy_from_slice(&prog_type.to_ne_bytes());
-    a.0[4..8].copy_from_slice(&(insns.len() as u32).to_ne_bytes());
-    a.0[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
-    a.0[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
-    let n = name.len().min(15);
-    a.0[48..48 + n].copy_from_slice(&name.as_bytes()[..n]);
-    a.0[68..72].copy_from_slice(&attach.to_ne_bytes());
-    // SAFETY: `a` is a valid bpf_attr of the size passed; the pointers in it
-    // stay alive for the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_LOAD,
-            a.0.as_mut_ptr(),
-            size_of::<Attr>() as libc::c_uint,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: BPF_PROG_LOAD returned a new fd we now own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    prog_load(prog_type, attach, name, &insns)
 }
 
 impl Floor {

@@ -8,28 +8,18 @@ use crate::{
     fixture::{Fixture, Setup, start_agent},
     floor::Floor,
     profile::{Perf, Scope},
-    runner::{ProgramCost, one_run, pgbench, program_breakdown, program_ns_per_op, reps_of},
+    runner::{ProgramCost, one_run, pgbench_loop, program_breakdown, program_ns_per_op, reps_of},
     stats::{median, min, percentile},
     storm::PROFILE_HZ,
 };
 
 fn measure_once(cg: &Path, setup: Setup, op: &str, iters: u64, reps: usize) -> Vec<f64> {
-    let mut args = vec![
-        op.to_owned(),
-        "--port".into(),
-        "8080".into(),
-        "--iters".into(),
-        iters.to_string(),
-        "--warmup".into(),
-        (iters / 5).to_string(),
-        "--reps".into(),
-        reps.to_string(),
-    ];
-    if setup == Setup::Landlock {
-        args.extend(["--landlock-bind".into(), "8080".into()]);
-    }
-    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let v = pgbench(cg, &argv);
+    let landlock: &[&str] = if setup == Setup::Landlock {
+        &["--landlock-bind", "8080"]
+    } else {
+        &[]
+    };
+    let v = pgbench_loop(cg, op, 8080, (iters, iters / 5, reps), landlock);
     let n = v["anomalies"].as_u64().unwrap_or(0);
     if n > 0 {
         let mut a = ANOMALIES.lock().unwrap();
@@ -279,20 +269,7 @@ pub(crate) fn overhead(
     let agent = start_agent(&fx.policy(Setup::OnePolicy), &[]);
     let record = Perf::record(Scope::AllCpus, PROFILE_HZ);
     let n = if opts.quick { 100_000 } else { 400_000 };
-    pgbench(
-        &fx.cgroup(Setup::OnePolicy),
-        &[
-            "bind",
-            "--port",
-            "8080",
-            "--iters",
-            &n.to_string(),
-            "--warmup",
-            "0",
-            "--reps",
-            "1",
-        ],
-    );
+    one_run(&fx.cgroup(Setup::OnePolicy), "bind", n);
     let profile = record.record_table(
         &format!("Both CPUs while the 1-policy setup makes {n} allowed binds"),
         25,

@@ -6,20 +6,13 @@ use std::{fmt::Write as _, path::Path};
 use crate::{
     Opts,
     fixture::{Fixture, Setup, start_agent},
-    runner::{pgbench, program_ns, reps_of},
+    runner::{pgbench_loop, program_ns, reps_of},
     stats::{median, min},
 };
 
 /// pgbench `rr` in `cg`: ns per request/response transaction, per rep.
 fn measure_rr(cg: &Path, iters: u64, reps: usize) -> Vec<f64> {
-    let (iters, warmup, reps) = (iters.to_string(), (iters / 5).to_string(), reps.to_string());
-    let v = pgbench(
-        cg,
-        &[
-            "rr", "--port", "8080", "--iters", &iters, "--warmup", &warmup, "--reps", &reps,
-        ],
-    );
-    reps_of(&v)
+    reps_of(&pgbench_loop(cg, "rr", 8080, (iters, iters / 5, reps), &[]))
 }
 
 /// What cutting off sockets costs on the packet path: a TCP

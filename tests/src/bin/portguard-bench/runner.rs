@@ -33,6 +33,28 @@ pub(crate) fn pgbench(cg: &Path, args: &[&str]) -> Value {
     serde_json::from_slice(&out.stdout).expect("pgbench output")
 }
 
+/// pgbench's timed loop in `cg`: `op` on `port`, `reps` repetitions of
+/// `iters` operations each after `warmup` untimed ones, then `extra`.
+pub(crate) fn pgbench_loop(
+    cg: &Path,
+    op: &str,
+    port: u16,
+    (iters, warmup, reps): (u64, u64, usize),
+    extra: &[&str],
+) -> Value {
+    let (port, iters, warmup, reps) = (
+        port.to_string(),
+        iters.to_string(),
+        warmup.to_string(),
+        reps.to_string(),
+    );
+    let mut args = vec![
+        op, "--port", &port, "--iters", &iters, "--warmup", &warmup, "--reps", &reps,
+    ];
+    args.extend_from_slice(extra);
+    pgbench(cg, &args)
+}
+
 /// pgbench's per-repetition ns/op.
 pub(crate) fn reps_of(v: &Value) -> Vec<f64> {
     v["reps"]
@@ -58,20 +80,7 @@ pub(crate) fn program_ns(agent: &Agent, run: impl FnOnce()) -> u64 {
 /// One run of `iters` operations `op` in `cg`, without warm-up: what the
 /// bpf_stats figures are taken over.
 pub(crate) fn one_run(cg: &Path, op: &str, iters: u64) {
-    pgbench(
-        cg,
-        &[
-            op,
-            "--port",
-            "8080",
-            "--iters",
-            &iters.to_string(),
-            "--warmup",
-            "0",
-            "--reps",
-            "1",
-        ],
-    );
+    pgbench_loop(cg, op, 8080, (iters, 0, 1), &[]);
 }
 
 /// Kernel program time per operation: bpf_stats over one extra run.

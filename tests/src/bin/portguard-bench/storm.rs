@@ -9,7 +9,7 @@ use crate::{
     fixture::{Fixture, start_agent},
     ledger::{LogTally, settle},
     profile::{Perf, Scope},
-    runner::pgbench,
+    runner::{pgbench, pgbench_loop},
     stats::{CpuWindow, grouped},
 };
 
@@ -28,35 +28,9 @@ pub(crate) fn denied_and_storm(
     // Denied path, with its event, agent writing to a file.
     let agent = start_agent(&policy, &[]);
     let iters = if opts.quick { 10_000 } else { 20_000 };
-    let v = pgbench(
-        storm_cg,
-        &[
-            "denied",
-            "--port",
-            "9999",
-            "--iters",
-            &iters.to_string(),
-            "--warmup",
-            "2000",
-            "--reps",
-            "5",
-        ],
-    );
+    let v = pgbench_loop(storm_cg, "denied", 9999, (iters, 2000, 5), &[]);
     let denied_ns = v["median_ns"].as_f64().unwrap();
-    let v = pgbench(
-        storm_cg,
-        &[
-            "bind",
-            "--port",
-            "8080",
-            "--iters",
-            &iters.to_string(),
-            "--warmup",
-            "2000",
-            "--reps",
-            "5",
-        ],
-    );
+    let v = pgbench_loop(storm_cg, "bind", 8080, (iters, 2000, 5), &[]);
     let allowed_ns = v["median_ns"].as_f64().unwrap();
     drop(agent);
 

@@ -8,23 +8,18 @@ use std::fmt::Write as _;
 use crate::{
     Opts,
     fixture::{Fixture, Setup, start_agent},
-    runner::{pgbench, program_breakdown, reps_of},
+    runner::{pgbench_loop, program_breakdown, reps_of},
     stats::{median, min},
 };
 
 fn measure(cg: &std::path::Path, op: &str, iters: u64, reps: usize) -> f64 {
-    let argv = [
+    min(&reps_of(&pgbench_loop(
+        cg,
         op,
-        "--port",
-        "8080",
-        "--iters",
-        &iters.to_string(),
-        "--warmup",
-        &(iters / 5).to_string(),
-        "--reps",
-        &reps.to_string(),
-    ];
-    min(&reps_of(&pgbench(cg, &argv)))
+        8080,
+        (iters, iters / 5, reps),
+        &[],
+    )))
 }
 
 pub(crate) fn ungoverned(
