@@ -17,7 +17,13 @@
 //! word found before it carries an older epoch. A reader of a half-written
 //! state update may pair a new epoch with the old generation: the word it
 //! leaves then names the old generation, and no reader of the whole update
-//! takes it.
+//! takes it. Within that one update the kernel's copy (`rep movsb` on CPUs
+//! with fast short string moves) promises no order, nor whole 4-byte
+//! stores, so a racing read of the epoch itself could mix old and new
+//! bytes into a later epoch than any yet written; a walk therefore stamps
+//! its word only with an epoch it read the same before and after the walk
+//! (`decide::governing`). Every read of the state after the epoch is
+//! volatile, so the compiler keeps it after the epoch's.
 //!
 //! The cache is keyed by the task's own cgroup (`task->cgroups->dfl_cgrp`),
 //! and a miss walks up from that same cgroup ([`walk`]: its level, its id,
@@ -85,7 +91,14 @@ pub fn walk(
     }
     // SAFETY: a global the loader patches; read as a plain value.
     let off = unsafe { read_volatile(&PORTGUARD_CACHE_OFFSETS) };
-    let (min_level, max_level) = (state.min_level[g & 1], state.max_level[g & 1]);
+    // SAFETY: `state` points into a live array element; volatile, so that
+    // these reads stay after the epoch's and the generation's.
+    let (min_level, max_level) = unsafe {
+        (
+            read_volatile(&state.min_level[g & 1]),
+            read_volatile(&state.max_level[g & 1]),
+        )
+    };
     let mut c = cgroup.cast::<u8>().cast_const();
     let mut steps = 0;
     while steps <= MAX_CGROUP_DEPTH {

@@ -115,7 +115,10 @@ fn governing() -> Option<Governing> {
     // SAFETY: `state` points into a live array element.
     let generation = unsafe { core::ptr::read_volatile(&state.generation) } & 1;
     let g = generation as usize;
-    let cgroups = state.cgroups[g & 1];
+    // Volatile, like every read of the state here: after the epoch and the
+    // generation, whatever order the compiler would prefer.
+    // SAFETY: `state` points into a live array element.
+    let cgroups = unsafe { core::ptr::read_volatile(&state.cgroups[g & 1]) };
     if cgroups == 0 {
         return None;
     }
@@ -143,7 +146,17 @@ fn governing() -> Option<Governing> {
     // Where that walk cannot finish, or in the plain object, by level.
     let found = match cache::walk(cgroup, state, g, generation) {
         Some(found) => {
-            if epoch != 0 {
+            // Stamped only with an epoch read the same before and after the
+            // walk: the agent writes the state with one map update, which
+            // the kernel copies with `rep movsb` on CPUs with fast short
+            // string moves, whose stores within one copy may become visible
+            // in any order; a read racing it may mix the bytes of the old
+            // epoch and the new one into a later epoch than any written
+            // yet, which a word must never carry (it would be taken as
+            // current once the epoch got there). A read that saw the change
+            // start mid-walk caches nothing; the next decision walks again.
+            // SAFETY: `state` points into a live array element.
+            if epoch != 0 && unsafe { core::ptr::read_volatile(&state.epoch) } == epoch {
                 cache::put(
                     cgroup,
                     cache_word(epoch, generation, found.map(|(l, i, _)| (l, i))),
@@ -172,13 +185,16 @@ static PORTGUARD_UNLINK: u32 = 0;
 /// (level, policy record index, its id).
 #[inline(always)]
 fn walk(state: &State, g: usize, generation: u32) -> Option<(u32, u32, u64)> {
-    let max_level = state.max_level[g & 1];
+    // SAFETY: `state` points into a live array element (volatile: see
+    // `governing`).
+    let max_level = unsafe { core::ptr::read_volatile(&state.max_level[g & 1]) };
     let mut found_level = 0u32;
     let mut found_index = 0u32;
     let mut found_id = 0u64;
     let mut found = false;
     // Levels above the shallowest governed cgroup cannot hold a policy.
-    let mut level = state.min_level[g & 1];
+    // SAFETY: as above.
+    let mut level = unsafe { core::ptr::read_volatile(&state.min_level[g & 1]) };
     while level < MAX_CGROUP_DEPTH {
         if level > max_level {
             break;
