@@ -147,14 +147,10 @@ fn governing() -> Option<Governing> {
     let found = match cache::walk(cgroup, state, g, generation) {
         Some(found) => {
             // Stamped only with an epoch read the same before and after the
-            // walk: the agent writes the state with one map update, which
-            // the kernel copies with `rep movsb` on CPUs with fast short
-            // string moves, whose stores within one copy may become visible
-            // in any order; a read racing it may mix the bytes of the old
-            // epoch and the new one into a later epoch than any written
-            // yet, which a word must never carry (it would be taken as
-            // current once the epoch got there). A read that saw the change
-            // start mid-walk caches nothing; the next decision walks again.
+            // walk (a read racing the agent's write may mix old and new
+            // bytes into a later epoch: see cache.rs). A read that saw the
+            // change start mid-walk caches nothing; the next decision walks
+            // again.
             // SAFETY: `state` points into a live array element.
             if epoch != 0 && unsafe { core::ptr::read_volatile(&state.epoch) } == epoch {
                 cache::put(

@@ -64,19 +64,13 @@ impl Agent {
 
     /// Start and wait for READY=1; on failure return the agent's stderr.
     pub fn try_start(policy: &str, extra: &[&str]) -> Result<Self, String> {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let policy_path = dir.path().join("policy.yaml");
-        std::fs::write(&policy_path, policy).expect("writing policy");
-        Self::try_start_in(dir, policy_path, extra, &[], &[])
+        Self::try_start_with_env(policy, extra, &[])
     }
 
     /// Like [`Agent::start_with`], with extra environment variables for the
     /// agent alone (agents of other tests run side by side).
     pub fn start_with_env(policy: &str, extra: &[&str], env: &[(&str, &Path)]) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let policy_path = dir.path().join("policy.yaml");
-        std::fs::write(&policy_path, policy).expect("writing policy");
-        Self::try_start_in(dir, policy_path, extra, &[], env)
+        Self::try_start_with_env(policy, extra, env)
             .unwrap_or_else(|e| panic!("agent failed to start:\n{e}"))
     }
 

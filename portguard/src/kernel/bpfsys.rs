@@ -4,8 +4,8 @@
 //! same command on a program fd aya holds), `BPF_LINK_UPDATE`, reading many
 //! array entries in one call (`BPF_MAP_LOOKUP_BATCH`), and loading a
 //! program from raw instructions (`BPF_PROG_LOAD`: the benchmark's empty
-//! programs, not an ELF object). Everything else goes through aya. Layouts are the kernel's stable uapi
-//! (`include/uapi/linux/bpf.h`).
+//! programs, not an ELF object). Everything else goes through aya. Layouts
+//! are the kernel's stable uapi (`include/uapi/linux/bpf.h`).
 
 use std::{
     ffi::CString,

@@ -18,6 +18,7 @@ use std::{
     path::Path,
 };
 
+use crate::runner::{ProgramCost, one_run};
 use portguard::kernel::bpfsys::{
     attach_type, link_create, prog_load, prog_run_stats,
     prog_type::{CGROUP_SOCK, CGROUP_SOCK_ADDR},
@@ -75,22 +76,24 @@ impl Floor {
             .collect()
     }
 
-    /// bpf_stats of the empty programs while `run` runs: per hook that ran,
-    /// (hook, runs, ns), and the sum of ns.
-    pub(crate) fn program_ns(&self, run: impl FnOnce()) -> (Vec<(&'static str, u64, u64)>, u64) {
+    /// Each empty program's own run time (ns) and runs per operation while
+    /// one extra run of `op` goes in `cg` (kernel.bpf_stats_enabled), for
+    /// the hooks that ran: as [`crate::runner::program_breakdown`] gives
+    /// portguard's.
+    pub(crate) fn breakdown(&self, cg: &Path, op: &str, iters: u64) -> Vec<ProgramCost> {
         std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1").expect("enabling bpf_stats");
         let before = self.snapshot();
-        run();
+        one_run(cg, op, iters);
         let after = self.snapshot();
         let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0");
-        let per: Vec<(&'static str, u64, u64)> = self
-            .progs
+        let per_op = |n: u64| n as f64 / iters as f64;
+        self.progs
             .iter()
             .zip(before.iter().zip(&after))
             .filter(|(_, (b, a))| a.0 > b.0)
-            .map(|((hook, _, _), (b, a))| (*hook, a.0 - b.0, a.1 - b.1))
-            .collect();
-        let total = per.iter().map(|p| p.2).sum();
-        (per, total)
+            .map(|((hook, _, _), (b, a))| {
+                ((*hook).to_owned(), per_op(a.1 - b.1), per_op(a.0 - b.0))
+            })
+            .collect()
     }
 }

@@ -139,20 +139,9 @@ pub(crate) fn overhead(
                     ("bind", &mut prog_bind[i]),
                     ("connect", &mut prog_connect[i]),
                 ] {
-                    let (per, total) = f.program_ns(|| one_run(&cg, op, iters));
-                    into.push(total as f64 / iters as f64);
-                    floor_breakdown.push((
-                        op,
-                        per.into_iter()
-                            .map(|(hook, runs, ns)| {
-                                (
-                                    hook.to_owned(),
-                                    ns as f64 / iters as f64,
-                                    runs as f64 / iters as f64,
-                                )
-                            })
-                            .collect(),
-                    ));
+                    let costs = f.breakdown(&cg, op, iters);
+                    into.push(costs.iter().map(|c| c.1).sum());
+                    floor_breakdown.push((op, costs));
                 }
             }
             drop(agent);
@@ -386,8 +375,7 @@ fn design(
          `connect()` runs `sock_create` and `connect4` (the same decision). None of this \
          depends on the number of policies, cgroups or ranges. Each program's own time per \
          operation (bpf_stats, the median of one extra run per round; it includes the two clock \
-         reads bpf_stats adds \
-         around each run, which is why a program that returns at once still shows tens of \
+         reads bpf_stats adds around each run, which is why a program that returns at once still shows tens of \
          ns; \"empty program\" is the dispatch floor's program on the same hook, measured the \
          same way, and \"above it\" the difference: portguard's own work):\n\n\
          | operation | program | runs per operation | ns per operation | empty program, same hook | above it |\n\
